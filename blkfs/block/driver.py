@@ -1,0 +1,161 @@
+"""The BlockDriver base class: what a driver implements, and the fallbacks it inherits.
+
+A driver is a small class: a name, flags, declared options and children, and a few async
+methods. The layer (:mod:`blkfs.block.node`) has already checked bounds, read-only state and
+alignment before any method here runs, so drivers may assume a request is in range.
+
+A filter (``is_filter``) that leaves a data method out passes it to its filtered child, as
+QEMU's filters and nbdkit's ``next`` do. A format or protocol driver that leaves an optional
+method out gets the generic behaviour named in its docstring.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from enum import Flag
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+from blkfs.block.options import ChildSpec, Option
+from blkfs.errors import BlockError
+
+if TYPE_CHECKING:
+    from blkfs.block.node import Child, Node
+
+ZERO_CHUNK = 1 << 20
+
+
+class Status(Flag):
+    """What block_status knows of a range (QEMU's BDRV_BLOCK_* bits, simplified)."""
+
+    DATA = 1          # reads return stored data
+    ZERO = 2          # reads return zeros
+    ALLOCATED = 4     # this node (not a backing file) decides the contents
+
+
+@dataclass(frozen=True)
+class Extent:
+    """``length`` bytes from the queried offset share one status."""
+
+    length: int
+    status: Status
+
+
+class BlockDriver:
+    """Base of every driver. Subclasses set ``name`` and override what they implement."""
+
+    name: ClassVar[str]
+    options: ClassVar[Mapping[str, Option]] = {}
+    children: ClassVar[Mapping[str, ChildSpec]] = {}
+    is_filter: ClassVar[bool] = False
+    """A filter passes whatever it does not override to ``filtered_role``."""
+    filtered_role: ClassVar[str] = "file"
+    is_format: ClassVar[bool] = False
+    """A format may be chosen by probing (see :meth:`probe`)."""
+
+    request_alignment: int = 1
+    """Smallest unit the driver can address; the layer read-modify-writes around it."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    # -- helpers for subclasses ----------------------------------------------------------
+
+    def child(self, role: str) -> Child:
+        """The child edge in ``role``; a KeyError means the driver forgot to declare it."""
+        return self.node.children[role]
+
+    @property
+    def filtered(self) -> Child:
+        return self.node.children[self.filtered_role]
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    def probe(cls, header: bytes, filename: str) -> int:
+        """How sure this format is that ``header`` (the first bytes of a file) is its own;
+        0 for no. Only format drivers are asked."""
+        return 0
+
+    async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
+        """Set the driver up from validated option values. Auto children are already attached;
+        ``children`` holds the raw options of the others (missing, None, dict or node name)."""
+
+    async def reopen(self, values: Mapping[str, Any]) -> None:
+        """Apply new option values atomically; the node is drained. The default accepts no
+        driver-specific change: a driver with live-tunable options overrides this."""
+        for name, value in values.items():
+            if self.node.values.get(name) != value:
+                raise BlockError(errno.EINVAL,
+                                 f"{self.name}: option '{name}' cannot be changed on a live node")
+
+    async def close(self) -> None:
+        """Release host resources. Children are closed by the layer afterwards."""
+
+    # -- data path -----------------------------------------------------------------------
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset``."""
+        if not self.is_filter:
+            raise NotImplementedError(f"{self.name} cannot read")
+        await self.filtered.readinto(offset, buf)
+
+    async def write(self, offset: int, data: memoryview) -> None:
+        """Store ``data`` at ``offset``."""
+        if not self.is_filter:
+            raise BlockError(errno.EROFS, f"{self.name} does not support writing")
+        await self.filtered.write(offset, data)
+
+    async def flush(self) -> None:
+        """Make acknowledged writes durable; generic: flush every child."""
+        for child in list(self.node.children.values()):
+            if child.can_write:
+                await child.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Tell the node the range is unused; generic: filters pass it on, others ignore it
+        (discard is advisory: afterwards the range reads as data or zeros)."""
+        if self.is_filter:
+            await self.filtered.discard(offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        """Make the range read as zeros; generic: write zeros (unmap is a hint)."""
+        if self.is_filter:
+            await self.filtered.write_zeroes(offset, length, unmap)
+            return
+        zeros = memoryview(bytes(min(length, ZERO_CHUNK)))
+        end = offset + length
+        while offset < end:
+            chunk = min(end - offset, len(zeros))
+            await self.write(offset, zeros[:chunk])
+            offset += chunk
+
+    async def length(self) -> int:
+        """The node's size in bytes (asked once after open and after each truncate)."""
+        if not self.is_filter:
+            raise NotImplementedError(f"{self.name} has no length")
+        return self.filtered.node.size
+
+    async def truncate(self, length: int) -> None:
+        """Resize the node; generic: not supported."""
+        if self.is_filter:
+            await self.filtered.truncate(length)
+            return
+        raise BlockError(errno.ENOTSUP, f"{self.name} images cannot be resized")
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """The status of a prefix of the range; generic: allocated data."""
+        if self.is_filter:
+            return await self.filtered.block_status(offset, length)
+        return Extent(length, Status.DATA | Status.ALLOCATED)
+
+    async def allocated_bytes(self) -> int | None:
+        """Host bytes this node's image takes, or None if unknown; generic: those of the
+        ``file`` (or filtered) child, never of a backing file."""
+        role = self.filtered_role if self.is_filter else "file"
+        child = self.node.children.get(role)
+        return await child.node.driver.allocated_bytes() if child else None
+
+    def info(self) -> dict[str, Any]:
+        """Driver facts for status output (format details, counters)."""
+        return {}

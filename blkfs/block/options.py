@@ -1,0 +1,320 @@
+"""Node options: the three spellings people use, and the schemas drivers declare.
+
+Ground rules (DESIGN.md section 2):
+
+* Every spelling parses to one nested dict of plain values: ``driver=qcow2,file.filename=/a``
+  (dotted keys, ``,,`` for a literal comma), JSON (``{"driver": "qcow2", ...}``), or a path
+  alone (``/img/a.qcow2``: file protocol, format probed when the tree is opened), optionally
+  followed by dotted options for the top node (``/img/cd.iso,read-only=on``).
+* A driver declares its options as :class:`Option` values keyed by dotted name (``*`` stands
+  for a list index, as in ``inject-error.*.event``) and its children by role. Validation turns
+  the raw dict into typed values; an unknown, missing or ill-typed option raises
+  :class:`~blkfs.errors.OptionError` naming the option and the driver, before anything opens.
+
+Everything here is a function of values: no files, no trio.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from blkfs.errors import OptionError
+
+OptionType = Literal["str", "int", "size", "bool", "enum", "float"]
+Tree = dict[str, Any]
+
+REQUIRED: Any = object()
+"""Default of an option the user must give."""
+
+_SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+                  "p": 1 << 50, "e": 1 << 60}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?\s*$", re.IGNORECASE)
+_TRUE = {"on", "true", "yes", "1"}
+_FALSE = {"off", "false", "no", "0"}
+_MAX_DEPTH = 16
+
+
+@dataclass(frozen=True)
+class Option:
+    """One declared option: its type, its default (``REQUIRED`` if none) and a help line."""
+
+    type: OptionType
+    default: Any = None
+    help: str = ""
+    choices: tuple[str, ...] = ()
+    minimum: int | float | None = None
+
+    def parse(self, driver: str, name: str, raw: Any) -> Any:
+        """Return the typed value of ``raw`` or raise OptionError naming ``name`` and ``driver``."""
+        try:
+            value = _CONVERTERS[self.type](raw, self)
+        except (ValueError, TypeError) as exc:
+            raise OptionError(
+                f"{driver}: option '{name}' {exc} (got {raw!r})") from None
+        if self.minimum is not None and value < self.minimum:
+            raise OptionError(
+                f"{driver}: option '{name}' must be at least {self.minimum} (got {raw!r})")
+        return value
+
+
+def _to_str(raw: Any, opt: Option) -> str:
+    if not isinstance(raw, str):
+        raise TypeError("must be a string")
+    return raw
+
+
+def _to_int(raw: Any, opt: Option) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise TypeError("must be an integer")
+    try:
+        return int(raw, 0) if isinstance(raw, str) else raw
+    except ValueError:
+        raise ValueError("must be an integer") from None
+
+
+def _to_float(raw: Any, opt: Option) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise TypeError("must be a number")
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError("must be a number") from None
+
+
+def parse_size(raw: Any) -> int:
+    """Bytes from an int or a string with an optional binary suffix (``512``, ``64k``, ``10M``)."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise TypeError("must be a size such as 65536, 64k, 10M or 2G")
+    if isinstance(raw, int):
+        if raw < 0:
+            raise ValueError("must not be negative")
+        return raw
+    match = _SIZE_RE.match(raw)
+    if not match:
+        raise ValueError("must be a size such as 65536, 64k, 10M or 2G")
+    number, suffix = match.groups()
+    value = float(number) * _SIZE_SUFFIXES[suffix.lower()]
+    if value != int(value):
+        raise ValueError("must be a whole number of bytes")
+    return int(value)
+
+
+def _to_size(raw: Any, opt: Option) -> int:
+    return parse_size(raw)
+
+
+def parse_bool(raw: Any) -> bool:
+    """on/off, true/false, yes/no, 1/0, or a JSON boolean."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.lower() in _TRUE | _FALSE:
+        return raw.lower() in _TRUE
+    raise ValueError("must be on or off")
+
+
+def _to_bool(raw: Any, opt: Option) -> bool:
+    return parse_bool(raw)
+
+
+def _to_enum(raw: Any, opt: Option) -> str:
+    if raw not in opt.choices:
+        raise ValueError("must be one of " + ", ".join(opt.choices))
+    return str(raw)
+
+
+_CONVERTERS = {"str": _to_str, "int": _to_int, "size": _to_size, "bool": _to_bool,
+               "enum": _to_enum, "float": _to_float}
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """A child role a driver takes. ``auto`` children are opened by the layer before the
+    driver's ``open``; the others (such as qcow2's ``backing``, which defaults to what the
+    image header names) are handed to the driver raw, to open itself."""
+
+    required: bool = True
+    auto: bool = True
+    help: str = ""
+
+
+COMMON_OPTIONS: Mapping[str, Option] = {
+    "driver": Option("str", None, "the block driver of this node"),
+    "node-name": Option("str", None, "a unique name for this node (generated if absent)"),
+    "read-only": Option("bool", False, "open the node read-only"),
+    "detect-zeroes": Option("enum", "off", "turn all-zero writes into write_zeroes",
+                            choices=("off", "on", "unmap")),
+    "discard": Option("enum", "unmap", "pass discard requests down (unmap) or drop them",
+                      choices=("ignore", "unmap")),
+}
+
+
+# -- parsing -----------------------------------------------------------------------------
+
+def parse_options(text: str) -> Tree:
+    """Parse any of the three spellings into a nested dict; raise OptionError if malformed."""
+    text = text.strip()
+    if not text:
+        raise OptionError("no options given: expected a path, key=value pairs or JSON")
+    if text.startswith("{"):
+        return _parse_json(text)
+    items = _split_commas(text)
+    head, rest = items[0], items[1:]
+    if "=" in head:
+        return _nest(_pairs(items))
+    tree = _nest(_pairs(rest))
+    if "file" in tree or "driver" in tree:
+        raise OptionError(
+            f"a path shorthand ('{head}') cannot be combined with 'file' or 'driver' options")
+    tree["file"] = {"driver": "file", "filename": head}
+    return tree
+
+
+def _parse_json(text: str) -> Tree:
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise OptionError("JSON options are nested too deeply") from None
+    except ValueError as exc:
+        raise OptionError(f"invalid JSON options: {exc}") from None
+    if not isinstance(value, dict):
+        raise OptionError("JSON options must be an object")
+    return _normalize(value, 0)
+
+
+def _normalize(value: Any, depth: int) -> Any:
+    """Lists become index-keyed dicts (``inject-error.0``); depth is bounded for hostile input."""
+    if depth > _MAX_DEPTH:
+        raise OptionError(f"options are nested deeper than {_MAX_DEPTH} levels")
+    if isinstance(value, list):
+        value = {str(i): item for i, item in enumerate(value)}
+    if isinstance(value, dict):
+        return {str(k): _normalize(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _split_commas(text: str) -> list[str]:
+    """Split on single commas; ``,,`` stands for a literal comma (QEMU's escaping)."""
+    items, current, i = [], [], 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(text[i])
+        i += 1
+    items.append("".join(current))
+    return items
+
+
+def _pairs(items: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise OptionError(f"expected key=value, got '{item}'")
+        pairs.append((key, value))
+    return pairs
+
+
+def _nest(pairs: list[tuple[str, str]]) -> Tree:
+    tree: Tree = {}
+    for key, value in pairs:
+        parts = key.split(".")
+        if len(parts) > _MAX_DEPTH or any(not p for p in parts):
+            raise OptionError(f"invalid option name '{key}'")
+        node = tree
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise OptionError(f"option '{key}' conflicts with a value given for '{part}'")
+            node = child
+        if parts[-1] in node:
+            raise OptionError(f"option '{key}' is given twice")
+        node[parts[-1]] = value
+    return tree
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The dotted-key view of a nested dict (the inverse of what dotted parsing builds)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def format_options(tree: Mapping[str, Any]) -> str:
+    """Dotted spelling of a tree, for status output and logs."""
+    return ",".join(f"{k}={_format_value(v)}" for k, v in flatten(tree).items())
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "null" if value is None else str(value).replace(",", ",,")
+
+
+# -- validation --------------------------------------------------------------------------
+
+@dataclass
+class Validated:
+    """A node's options after validation: typed values by dotted name, children raw."""
+
+    values: dict[str, Any]
+    children: dict[str, Any] = field(default_factory=dict)
+
+
+def _match(declared: Mapping[str, Option], name: str) -> Option | None:
+    if name in declared:
+        return declared[name]
+    parts = name.split(".")
+    for pattern, opt in declared.items():
+        pat = pattern.split(".")
+        if "*" in pat and len(pat) == len(parts) and all(
+                p == q or (p == "*" and q.isdigit()) for p, q in zip(pat, parts)):
+            return opt
+    return None
+
+
+def validate(driver: str, declared: Mapping[str, Option], roles: Mapping[str, ChildSpec],
+             tree: Mapping[str, Any]) -> Validated:
+    """Type-check ``tree`` against a driver's schema; raise OptionError on the first fault."""
+    schema = {**COMMON_OPTIONS, **declared}
+    result = Validated(values={})
+    for key, raw in tree.items():
+        if key in roles:
+            if raw is not None and not isinstance(raw, (dict, str)):
+                raise OptionError(
+                    f"{driver}: child '{key}' must be options or a node name (got {raw!r})")
+            result.children[key] = raw
+            continue
+        flat = flatten({key: raw}) if isinstance(raw, dict) else {key: raw}
+        for name, value in flat.items():
+            opt = _match(schema, name)
+            if opt is None:
+                known = ", ".join(sorted([*declared, *roles])) or "none besides the common ones"
+                raise OptionError(f"{driver}: unknown option '{name}' (known: {known})")
+            result.values[name] = opt.parse(driver, name, value)
+    for name, opt in schema.items():
+        if "*" in name or name in result.values:
+            continue
+        if opt.default is REQUIRED:
+            raise OptionError(f"{driver}: option '{name}' is required ({opt.help})")
+        result.values[name] = opt.default
+    for role, spec in roles.items():
+        if spec.required and spec.auto and role not in result.children:
+            raise OptionError(f"{driver}: child '{role}' is required ({spec.help})")
+    return result

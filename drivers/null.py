@@ -1,0 +1,39 @@
+"""``null``: reads zeros, drops writes (QEMU's null-co); for tests and benchmarks."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from blkfs.block import BlockDriver, Extent, Option, Status
+
+
+class NullDriver(BlockDriver):
+    name = "null"
+    options = {"size": Option("size", 1 << 30, "the size it claims")}
+
+    async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
+        self.size = values["size"]
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        buf[:] = bytes(buf.nbytes)
+
+    async def write(self, offset: int, data: memoryview) -> None:
+        pass
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        pass
+
+    async def flush(self) -> None:
+        pass
+
+    async def length(self) -> int:
+        return self.size
+
+    async def truncate(self, length: int) -> None:
+        self.size = length
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        return Extent(length, Status.ZERO | Status.ALLOCATED)
+
+    async def allocated_bytes(self) -> int | None:
+        return 0
