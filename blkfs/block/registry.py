@@ -7,6 +7,7 @@ plugs in with no change here.
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 from importlib.metadata import entry_points
 
@@ -14,6 +15,7 @@ from blkfs.block.driver import BlockDriver
 from blkfs.errors import OptionError
 
 GROUP = "blkfs.drivers"
+log = logging.getLogger("blkfs.registry")
 
 
 class DriverRegistry:
@@ -39,8 +41,18 @@ class DriverRegistry:
         return self._loaded[name]
 
     def formats(self) -> list[type[BlockDriver]]:
-        """Every driver that may be chosen by probing."""
-        return [cls for cls in map(self.get, self.names()) if cls.is_format]
+        """Every driver that may be chosen by probing; a plug-in that fails to load is
+        logged and skipped, so one broken package cannot stop every image from opening."""
+        found = []
+        for name in self.names():
+            try:
+                cls = self.get(name)
+            except (ImportError, OptionError) as exc:
+                log.warning("driver %s cannot be loaded: %s", name, exc)
+                continue
+            if cls.is_format:
+                found.append(cls)
+        return found
 
 
 @cache
