@@ -396,6 +396,15 @@ class BlockLayer:
         backend._notify("delete")
         await backend.unref()
 
+    async def reopen(self, node_name: str, options: Options) -> None:
+        """Change the options of a live node atomically (QEMU's blockdev-reopen)."""
+        tree = parse_options(options) if isinstance(options, str) else dict(options)
+        await self.graph.reopen(node_name, tree)
+        log.info("node %s: reopened with %s", node_name, format_options(tree))
+        for backend in self:
+            if backend._root is not None:
+                backend._notify("medium")
+
     async def close(self) -> None:
         """Shut down: delete every backend (each drains, flushes and closes when free)."""
         for backend in list(self._backends.values()):

@@ -1,0 +1,267 @@
+"""``blkfs``: mount, umount, ctl and image commands.
+
+``mount`` returns only once the mount serves (or has failed, with the reason), daemonizing
+unless ``--foreground``. ``umount`` refuses while backend files are open, then asks the daemon
+to drain, flush and unmount, and waits for it to exit. A mount whose daemon died is lazily
+unmounted with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+
+from blkfs import imagecmd
+from blkfs.control import COMMANDS, REPORTS
+from blkfs.server import BackendSpec, MountConfig, serve
+
+log = logging.getLogger("blkfs")
+UMOUNT_TIMEOUT = 120.0
+
+
+class UsageError(Exception):
+    """The user asked for something that cannot be done; the message says why."""
+
+
+def fail(message: str, status: int = 1) -> NoReturn:
+    print(f"blkfs: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+# -- mount ---------------------------------------------------------------------------------
+
+def load_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config {path}: {exc}") from None
+
+
+def build_config(args: argparse.Namespace) -> MountConfig:
+    """Merge the TOML config (if any) with command-line flags, which add to it."""
+    data = load_config(args.config) if args.config else {}
+    unknown = set(data) - {"image-dirs", "allow-other", "backends"}
+    if unknown:
+        raise UsageError(f"config: unknown keys {', '.join(sorted(unknown))} "
+                         "(known: image-dirs, allow-other, backends)")
+    backends = []
+    for name, table in data.get("backends", {}).items():
+        if not isinstance(table, dict) or set(table) - {"options", "read-only"}:
+            raise UsageError(f"config: [backends.{name}] takes 'options' and 'read-only'")
+        backends.append(BackendSpec(name, table.get("options"), bool(table.get("read-only"))))
+    for item in args.backend:
+        name, sep, options = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--backend expects NAME=OPTIONS (or NAME= for an empty drive), "
+                             f"got '{item}'")
+        backends.append(BackendSpec(name, options or None))
+    image_dirs = [*data.get("image-dirs", []), *args.image_dir] or None
+    for directory in image_dirs or ():
+        if not os.path.isdir(directory):
+            raise UsageError(f"--image-dir {directory}: not a directory")
+    return MountConfig(mountpoint=os.path.abspath(args.mountpoint), backends=backends,
+                       image_dirs=image_dirs,
+                       allow_other=args.allow_other or bool(data.get("allow-other")))
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise UsageError("FUSE is not available: /dev/fuse is missing "
+                         "(load the fuse module; install fuse3)")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UsageError(f"mountpoint {path} is not a directory")
+    if os.path.isdir(path) and os.path.ismount(path):
+        raise UsageError(f"mountpoint {path} is busy: something is already mounted there")
+    os.makedirs(path, exist_ok=True)
+
+
+def setup_logging(level: str, log_file: str | None) -> None:
+    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
+                                else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s blkfs[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    check_mountpoint(config.mountpoint)
+    if args.foreground:
+        setup_logging(args.log_level, args.log_file)
+        errors: list[str] = []
+        trio.run(serve, config, lambda message: message and errors.append(message))
+        if errors:
+            raise UsageError(errors[0])
+        return 0
+    return daemonize(config, args)
+
+
+def daemonize(config: MountConfig, args: argparse.Namespace) -> int:
+    """Fork a daemon and wait until it reports that the mount serves, or why it does not."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.read().decode()
+        if report != "ok":
+            os.waitpid(pid, 0)
+            raise UsageError(report or "the daemon exited before the mount was ready")
+        return 0
+    os.close(read_end)
+    os.setsid()
+    setup_logging(args.log_level, args.log_file or os.devnull)
+
+    def ready(message: str | None) -> None:
+        os.write(write_end, (message or "ok").encode())
+        os.close(write_end)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+
+    status = 0
+    try:
+        trio.run(serve, config, ready)
+    except BaseException:
+        log.exception("daemon failed")
+        status = 1
+    os._exit(status)
+
+
+# -- umount and ctl --------------------------------------------------------------------------
+
+def read_status(mountpoint: str) -> dict[str, Any]:
+    with open(os.path.join(mountpoint, ".ctl", "status.json")) as f:
+        return json.load(f)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    try:
+        status = read_status(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            lazy_unmount(mountpoint)
+            print(f"blkfs: the daemon of {mountpoint} had died; lazily unmounted it",
+                  file=sys.stderr)
+            return 0
+        if exc.errno == errno.ENOENT:
+            raise UsageError(f"{mountpoint} is not a blkfs mount") from None
+        raise UsageError(f"cannot reach {mountpoint}: {exc.strerror}") from None
+    busy = [f"{b['name']} ({b['refs'] - 1} open)" for b in status["backends"] if b["refs"] > 1]
+    if busy:
+        raise UsageError(f"{mountpoint} is busy: {', '.join(busy)}; close those files first "
+                         "(nothing was changed)")
+    pid = status["pid"]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + UMOUNT_TIMEOUT
+    while _alive(pid) or os.path.ismount(mountpoint):
+        if time.monotonic() > deadline:
+            raise UsageError(f"the daemon (pid {pid}) did not exit within {UMOUNT_TIMEOUT:.0f}s")
+        time.sleep(0.05)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours (foreground tests) has finished too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def lazy_unmount(mountpoint: str) -> None:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u", "-z", mountpoint] if tool else ["umount", "-l", mountpoint]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise UsageError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    ctl = Path(args.mountpoint, ".ctl")
+    if args.command in REPORTS:
+        try:
+            sys.stdout.write(ctl.joinpath(args.command).read_text())
+        except OSError as exc:
+            raise UsageError(f"cannot read {ctl / args.command}: {exc.strerror}") from None
+        return 0
+    text = " ".join(args.args)
+    try:
+        with open(ctl / args.command, "wb", buffering=0) as f:
+            f.write(text.encode())
+    except OSError as exc:
+        try:
+            lines = ctl.joinpath("error").read_text().splitlines()
+        except OSError:
+            lines = []
+        raise UsageError(lines[-1] if lines else f"{args.command}: {exc.strerror}") from None
+    return 0
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="blkfs", description=__doc__.split("\n")[0])
+    sub = top.add_subparsers(dest="cmd", required=True)
+
+    mount = sub.add_parser("mount", help="mount blkfs and serve backends as files")
+    mount.add_argument("mountpoint")
+    mount.add_argument("--config", help="TOML file naming backends and options")
+    mount.add_argument("--backend", action="append", default=[], metavar="NAME=OPTIONS",
+                       help="a backend to create at start (repeatable)")
+    mount.add_argument("--foreground", "-f", action="store_true", help="do not daemonize")
+    mount.add_argument("--allow-other", action="store_true",
+                       help="let other users reach the mount (needs user_allow_other)")
+    mount.add_argument("--image-dir", action="append", default=[], metavar="DIR",
+                       help="only open host images inside DIR (repeatable)")
+    mount.add_argument("--log-file", help="write the log here (daemon default: none)")
+    mount.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+    mount.set_defaults(func=cmd_mount)
+
+    umount = sub.add_parser("umount", help="drain, flush and unmount")
+    umount.add_argument("mountpoint")
+    umount.set_defaults(func=cmd_umount)
+
+    ctl = sub.add_parser("ctl", help="send a .ctl command (or read a report)")
+    ctl.add_argument("mountpoint")
+    ctl.add_argument("command", choices=COMMANDS + REPORTS)
+    ctl.add_argument("args", nargs="*")
+    ctl.set_defaults(func=cmd_ctl)
+
+    imagecmd.add_parser(sub)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,175 @@
+"""The ``.ctl`` command language, parsed and executed over the backend API.
+
+Ground rules: one write is one command (``NAME`` or ``NAME OPTIONS``, a trailing newline
+allowed); it succeeds only if the command did, and a failed command changes nothing and
+raises :class:`BlockError` with the errno the write fails with. Messages of failures are kept
+for ``.ctl/error``. Nothing here knows about FUSE, so it is tested with plain bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from blkfs.backend import BlockLayer
+from blkfs.errors import BlockError
+
+log = logging.getLogger("blkfs.control")
+
+MAX_COMMAND = 64 * 1024
+ERROR_HISTORY = 32
+
+COMMANDS = ("create", "delete", "change", "eject", "insert", "reopen")
+"""Writable control files, in the order ``ls .ctl`` shows them."""
+REPORTS = ("status", "status.json", "error")
+"""Readable control files."""
+
+USAGE = {
+    "create": "NAME [OPTIONS]",
+    "delete": "NAME",
+    "change": "NAME OPTIONS",
+    "eject": "NAME",
+    "insert": "NAME OPTIONS",
+    "reopen": "NODE-NAME OPTIONS",
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    verb: str
+    name: str
+    options: str | None
+
+
+def parse_command(verb: str, payload: bytes) -> Command:
+    """Decode one control write; BlockError(EINVAL) says what was wrong and what is right."""
+    usage = f"usage: echo '{USAGE[verb]}' > .ctl/{verb}"
+    if len(payload) > MAX_COMMAND:
+        raise BlockError(errno.EINVAL, f"command longer than {MAX_COMMAND} bytes")
+    if b"\0" in payload:
+        raise BlockError(errno.EINVAL, "command contains a NUL byte")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BlockError(errno.EINVAL, "command is not valid UTF-8") from None
+    text = text.rstrip("\r\n")
+    if "\n" in text:
+        raise BlockError(errno.EINVAL, f"one command per write ({usage})")
+    name, _, options = text.strip().partition(" ")
+    options = options.strip() or None
+    if not name:
+        raise BlockError(errno.EINVAL, f"no name given ({usage})")
+    needs_options = "OPTIONS" in USAGE[verb] and "[" not in USAGE[verb]
+    if needs_options and options is None:
+        raise BlockError(errno.EINVAL, f"options missing ({usage})")
+    if "OPTIONS" not in USAGE[verb] and options is not None:
+        raise BlockError(errno.EINVAL, f"takes only a name ({usage})")
+    return Command(verb, name, options)
+
+
+class ControlPlane:
+    """Runs control commands against a BlockLayer and keeps the last error messages."""
+
+    def __init__(self, layer: BlockLayer) -> None:
+        self.layer = layer
+        self.errors: deque[str] = deque(maxlen=ERROR_HISTORY)
+        self._handlers: dict[str, Callable[[Command], Awaitable[None]]] = {
+            "create": self._create, "delete": self._delete, "change": self._change,
+            "eject": self._eject, "insert": self._insert, "reopen": self._reopen,
+        }
+
+    async def run(self, verb: str, payload: bytes) -> None:
+        """Execute one command; on failure record the message and re-raise."""
+        try:
+            command = parse_command(verb, payload)
+            await self._handlers[verb](command)
+        except BlockError as exc:
+            message = f"{verb}: {exc} [{errno.errorcode.get(exc.errno, exc.errno)}]"
+            self.errors.append(message)
+            log.warning("%s failed: %s", verb, message)
+            raise
+
+    async def _create(self, cmd: Command) -> None:
+        await self.layer.create(cmd.name, cmd.options)
+
+    async def _delete(self, cmd: Command) -> None:
+        await self.layer.delete(cmd.name)
+
+    async def _change(self, cmd: Command) -> None:
+        await self.layer.find(cmd.name).change(_given(cmd.options))
+
+    async def _eject(self, cmd: Command) -> None:
+        await self.layer.find(cmd.name).eject()
+
+    async def _insert(self, cmd: Command) -> None:
+        await self.layer.find(cmd.name).insert(_given(cmd.options))
+
+    async def _reopen(self, cmd: Command) -> None:
+        await self.layer.reopen(cmd.name, _given(cmd.options))
+
+    # -- reports -------------------------------------------------------------------------
+
+    async def status(self) -> list[dict[str, Any]]:
+        return await self.layer.status()
+
+    async def status_json(self) -> str:
+        return json.dumps({"pid": os.getpid(), "image-dirs": self.layer.image_dirs,
+                           "backends": await self.status()}, indent=2) + "\n"
+
+    async def status_text(self) -> str:
+        return format_status(await self.status())
+
+    def error_text(self) -> str:
+        return "".join(line + "\n" for line in self.errors)
+
+
+def _given(options: str | None) -> str:
+    assert options is not None, "parse_command guarantees options for this verb"
+    return options
+
+
+def format_status(backends: list[dict[str, Any]]) -> str:
+    """The human table of ``.ctl/status``: one row per backend, then each driver tree."""
+    header = ("BACKEND", "MEDIUM", "RO", "SIZE", "OPEN", "ROOT")
+    rows = [header]
+    for b in backends:
+        tree = b["tree"]
+        rows.append((b["name"], "yes" if b["medium"] else "no", "yes" if b["read-only"] else "no",
+                     human_size(b["size"]), str(b["refs"] - 1),
+                     f"{tree['driver']} {tree['node-name']}" if tree else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    for b in backends:
+        if b["tree"]:
+            lines.append("")
+            lines.append(f"{b['name']}:")
+            lines.extend(_tree_lines(b["tree"], "  ", "root"))
+    return "\n".join(lines) + "\n"
+
+
+def _tree_lines(node: dict[str, Any], indent: str, role: str) -> list[str]:
+    details = [f"{k}={v}" for k, v in node["info"].items()
+               if isinstance(v, (str, int, float)) and not isinstance(v, bool)]
+    flags = " read-only" if node["read-only"] else ""
+    line = (f"{indent}{role}: {node['driver']} [{node['node-name']}] "
+            f"{human_size(node['size'])}{flags}")
+    if details:
+        line += " " + " ".join(details)
+    lines = [line]
+    for child_role, child in node["children"].items():
+        lines.extend(_tree_lines(child, indent + "  ", child_role))
+    return lines
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{size} B" if size < 1024 else f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")

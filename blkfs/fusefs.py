@@ -1,0 +1,357 @@
+"""The FUSE frontend: one regular file per backend, and the ``.ctl`` directory.
+
+Backend files behave like block device nodes (DESIGN.md section 3): they are served with
+direct_io so no stale page of an old medium can be read after a change, O_TRUNC is ignored,
+writes past the end fail with ENOSPC, and fsync flushes the whole tree. Every open file holds
+a reference on its backend, so a deleted backend keeps serving the descriptors already open.
+
+This is the only module that turns :class:`BlockError` into ``FUSEError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import pyfuse3
+import trio
+
+from blkfs.backend import BlockBackend, BlockLayer
+from blkfs.control import COMMANDS, REPORTS, ControlPlane
+from blkfs.errors import BlockError
+
+log = logging.getLogger("blkfs.fuse")
+
+CTL_NAME = ".ctl"
+CTL_INODE = pyfuse3.ROOT_INODE + 1
+CTL_FILE_INODES = {name: CTL_INODE + 1 + i for i, name in enumerate(COMMANDS + REPORTS)}
+CTL_FILE_NAMES = {inode: name for name, inode in CTL_FILE_INODES.items()}
+FIRST_BACKEND_INODE = 1000
+BLKSIZE = 1 << 20
+"""st_blksize: the I/O size cp and cat pick their buffers by; large requests are cheapest."""
+ATTR_TIMEOUT = 1.0
+
+
+@contextmanager
+def fuse_errors(what: str) -> Iterator[None]:
+    """Translate BlockError to FUSEError; a user's mistake is one log line, a bug a traceback."""
+    try:
+        yield
+    except BlockError as exc:
+        log.info("%s: %s", what, exc)
+        raise pyfuse3.FUSEError(exc.errno) from None
+    except pyfuse3.FUSEError:
+        raise
+    except Exception:
+        log.exception("%s: internal error", what)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+@dataclass
+class BackendHandle:
+    backend: BlockBackend
+    writable: bool
+    dirty: bool = False
+
+
+@dataclass
+class ControlHandle:
+    name: str
+    text: bytes = b""
+    """For reports: the snapshot taken at open, so reads at any offset agree."""
+
+
+@dataclass
+class Inodes:
+    """Stable inode numbers for backends, for as long as the backend object lives."""
+
+    by_backend: dict[int, int] = field(default_factory=dict)
+    backends: dict[int, BlockBackend] = field(default_factory=dict)
+    _next: Iterator[int] = field(default_factory=lambda: itertools.count(FIRST_BACKEND_INODE))
+
+    def of(self, backend: BlockBackend) -> int:
+        key = id(backend)
+        if key not in self.by_backend:
+            inode = next(self._next)
+            self.by_backend[key] = inode
+            self.backends[inode] = backend
+        return self.by_backend[key]
+
+    def forget(self, backend: BlockBackend) -> None:
+        inode = self.by_backend.pop(id(backend), None)
+        if inode is not None:
+            self.backends.pop(inode, None)
+
+
+class BlkfsOperations(pyfuse3.Operations):
+    """pyfuse3 handlers over a BlockLayer and its ControlPlane."""
+
+    def __init__(self, layer: BlockLayer, control: ControlPlane,
+                 allow_other: bool = False) -> None:
+        super().__init__()
+        self.layer = layer
+        self.control = control
+        self.allow_other = allow_other
+        self.inodes = Inodes()
+        self.handles: dict[int, BackendHandle | ControlHandle] = {}
+        self._fh = itertools.count(1)
+        self._started_ns = time.time_ns()
+        self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1000)
+        self._watched: set[int] = set()
+
+    # -- change notification -------------------------------------------------------------
+
+    def _watch(self, backend: BlockBackend) -> int:
+        inode = self.inodes.of(backend)
+        if id(backend) not in self._watched:
+            self._watched.add(id(backend))
+            backend.on_change(self._on_change)
+        return inode
+
+    def _on_change(self, backend: BlockBackend, event: str) -> None:
+        if event == "delete":
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, backend.name.encode(),
+                                           ignore_enoent=True)
+            if backend.refcnt == 1:  # no open file: the inode dies with the name
+                self.inodes.forget(backend)
+            return
+        inode = self.inodes.by_backend.get(id(backend))
+        if inode is not None:
+            try:
+                self._invalidate_send.send_nowait(inode)
+            except trio.WouldBlock:
+                log.warning("%s: invalidation queue full", backend.name)
+
+    async def invalidator(self) -> None:
+        """Forward cache invalidations to the kernel from outside any request handler (the
+        kernel may hold locks while it waits for a reply to the request that caused them)."""
+        async for inode in self._invalidate_recv:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("invalidating inode %d: %s", inode, exc)
+
+    # -- attributes ------------------------------------------------------------------------
+
+    def _dir_attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        attr = self._base_attr(inode, stat.S_IFDIR | (0o755 if inode == pyfuse3.ROOT_INODE
+                                                       else 0o700))
+        attr.st_nlink = 2
+        return attr
+
+    def _base_attr(self, inode: int, mode: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.st_mode = mode
+        attr.st_nlink = 1
+        attr.st_uid = os.getuid()
+        attr.st_gid = os.getgid()
+        attr.st_blksize = BLKSIZE
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._started_ns
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.entry_timeout = ATTR_TIMEOUT
+        return attr
+
+    async def _backend_attr(self, backend: BlockBackend) -> pyfuse3.EntryAttributes:
+        inode = self._watch(backend)
+        mode = stat.S_IFREG | (0o444 if backend.read_only else 0o644)
+        attr = self._base_attr(inode, mode)
+        attr.st_size = backend.length()
+        allocated = await backend.allocated_bytes()
+        attr.st_blocks = (allocated if allocated is not None else attr.st_size) // 512
+        attr.st_mtime_ns = attr.st_ctime_ns = backend.changed_ns
+        attr.attr_timeout = 0  # size and mode follow media changes at once
+        return attr
+
+    def _ctl_attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        name = CTL_FILE_NAMES[inode]
+        return self._base_attr(inode, stat.S_IFREG | (0o600 if name in COMMANDS else 0o400))
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
+                      ) -> pyfuse3.EntryAttributes:
+        if inode in (pyfuse3.ROOT_INODE, CTL_INODE):
+            return self._dir_attr(inode)
+        if inode in CTL_FILE_NAMES:
+            return self._ctl_attr(inode)
+        backend = self.inodes.backends.get(inode)
+        if backend is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        with fuse_errors(backend.name):
+            return await self._backend_attr(backend)
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        text = name.decode("utf-8", "surrogateescape")
+        if parent_inode == pyfuse3.ROOT_INODE:
+            if text == CTL_NAME:
+                return self._dir_attr(CTL_INODE)
+            if text in self.layer:
+                return await self._backend_attr(self.layer.find(text))
+        elif parent_inode == CTL_INODE and text in CTL_FILE_INODES:
+            return self._ctl_attr(CTL_FILE_INODES[text])
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        backend = self.inodes.backends.get(inode)
+        if backend is None:
+            if inode in CTL_FILE_NAMES and fields.update_size:
+                return self._ctl_attr(inode)  # the shell's O_TRUNC on `echo > .ctl/x`
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        with fuse_errors(backend.name):
+            if fields.update_size and attr.st_size != backend.length():
+                await backend.truncate(attr.st_size)
+            return await self._backend_attr(backend)
+
+    # -- directories -----------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode not in (pyfuse3.ROOT_INODE, CTL_INODE):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if fh == CTL_INODE:
+            entries = [(name, self._ctl_attr(inode)) for name, inode in CTL_FILE_INODES.items()]
+        else:
+            entries = [(CTL_NAME, self._dir_attr(CTL_INODE))]
+            for backend in self.layer:
+                with fuse_errors(backend.name):
+                    entries.append((backend.name, await self._backend_attr(backend)))
+        for index, (name, attr) in enumerate(entries[start_id:], start_id + 1):
+            if not pyfuse3.readdir_reply(token, name.encode(), attr, index):
+                break
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        """``rm MNT/NAME`` deletes the backend (never an image file)."""
+        text = name.decode("utf-8", "surrogateescape")
+        if parent_inode != pyfuse3.ROOT_INODE or text not in self.layer:
+            raise pyfuse3.FUSEError(errno.EPERM if parent_inode == CTL_INODE else errno.ENOENT)
+        with fuse_errors(text):
+            await self.control.run("delete", name)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        log.info("refused to create '%s': backends are made with .ctl/create",
+                 name.decode("utf-8", "replace"))
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 512
+        data.f_blocks = sum(b.length() for b in self.layer) // 512
+        data.f_files = len(self.layer) + len(CTL_FILE_INODES) + 2
+        data.f_namemax = 128
+        return data
+
+    # -- files -----------------------------------------------------------------------------
+
+    def _new_handle(self, handle: BackendHandle | ControlHandle) -> int:
+        fh = next(self._fh)
+        self.handles[fh] = handle
+        return fh
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if inode in CTL_FILE_NAMES:
+            return await self._open_control(CTL_FILE_NAMES[inode], flags)
+        backend = self.inodes.backends.get(inode)
+        if backend is None or backend.name not in self.layer or \
+                self.layer.find(backend.name) is not backend:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        with fuse_errors(backend.name):
+            if not backend.has_medium:
+                raise BlockError(errno.ENOMEDIUM, f"{backend.name}: no medium")
+            if writable and backend.read_only:
+                raise BlockError(errno.EROFS, f"{backend.name}: read-only medium")
+        backend.ref()  # the open file keeps the backend alive even if it is deleted
+        # O_TRUNC is ignored: a backend file is a disk, and `dd of=` must not empty it.
+        return pyfuse3.FileInfo(fh=self._new_handle(BackendHandle(backend, writable)),
+                                direct_io=True, keep_cache=False)
+
+    async def _open_control(self, name: str, flags: int) -> pyfuse3.FileInfo:
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if (name in COMMANDS) != writing and not (name in COMMANDS and
+                                                  flags & os.O_ACCMODE == os.O_RDWR):
+            raise pyfuse3.FUSEError(errno.EACCES if name in REPORTS else errno.EINVAL)
+        handle = ControlHandle(name)
+        if name == "status":
+            handle.text = (await self.control.status_text()).encode()
+        elif name == "status.json":
+            handle.text = (await self.control.status_json()).encode()
+        elif name == "error":
+            handle.text = self.control.error_text().encode()
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, nonseekable=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+        handle = self.handles[fh]
+        if isinstance(handle, ControlHandle):
+            return handle.text[off:off + size]
+        backend = handle.backend
+        with fuse_errors(backend.name):
+            end = min(off + size, backend.length())
+            if off >= end:
+                if not backend.has_medium:
+                    raise BlockError(errno.ENOMEDIUM, f"{backend.name}: no medium")
+                return b""
+            return await backend.read(off, end - off)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.handles[fh]
+        if isinstance(handle, ControlHandle):
+            with fuse_errors(f".ctl/{handle.name}"):
+                await self.control.run(handle.name, buf)
+            return len(buf)
+        backend = handle.backend
+        with fuse_errors(backend.name):
+            length = backend.length()
+            if off < length < off + len(buf):  # a disk takes what fits, then says ENOSPC
+                buf = memoryview(buf)[:length - off]
+            await backend.write(off, buf)
+        handle.dirty = True
+        backend.touch()
+        return len(buf)
+
+    async def flush(self, fh: int) -> None:
+        """close(): a written backend file is flushed to the host, as a block device is on
+        its last close, so that data is safe once the writer's close returns."""
+        handle = self.handles.get(fh)
+        if isinstance(handle, BackendHandle) and handle.dirty and handle.backend.has_medium:
+            with fuse_errors(handle.backend.name):
+                await handle.backend.flush()
+            handle.dirty = False
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self.handles.get(fh)
+        if isinstance(handle, BackendHandle):
+            with fuse_errors(handle.backend.name):
+                await handle.backend.flush()
+            handle.dirty = False
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if isinstance(handle, BackendHandle):
+            with fuse_errors(handle.backend.name):
+                await handle.backend.unref()
+            if handle.backend.refcnt == 0:
+                self.inodes.forget(handle.backend)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        """Inode numbers stay valid while the backend lives; nothing to free here."""
+
+    async def release_all(self) -> None:
+        """On shutdown: drop every reference open files hold, so backends can close."""
+        for fh in list(self.handles):
+            await self.release(fh)
