@@ -1,0 +1,149 @@
+"""The blkfs command: mount errors, config files, ctl, umount of busy and dead mounts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_fuse
+from tests.helpers import Mount, blkfs, mounted, pattern_image
+
+pytestmark = [needs_fuse, pytest.mark.fuse]
+MiB = 1 << 20
+
+
+def test_mount_creates_the_mountpoint_and_umount_waits_for_the_daemon(
+        tmp_path: Path, images: Path) -> None:
+    image = images / "a.img"
+    data = pattern_image(image, MiB, image_id=1)
+    target = tmp_path / "new" / "mnt"
+    mount = Mount.start(target, "--backend", f"a={image}")
+    try:
+        assert (target / "a").read_bytes() == data
+        with open(target / "a", "r+b", buffering=0) as f:
+            f.write(b"written before umount")
+        result = blkfs("umount", str(target))
+        assert result.returncode == 0
+        assert not mounted(target) and not mount.alive()
+        assert image.read_bytes().startswith(b"written before umount")
+    finally:
+        mount.stop()
+
+
+def test_mount_errors_are_clear_and_leave_nothing(tmp_path: Path, images: Path,
+                                                  mount_factory) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    result = blkfs("mount", str(not_a_dir), check=False)
+    assert result.returncode == 1 and "not a directory" in result.stderr
+
+    busy = mount_factory()
+    result = blkfs("mount", str(busy.path), check=False)
+    assert result.returncode == 1 and "busy" in result.stderr
+
+    target = tmp_path / "bad"
+    result = blkfs("mount", str(target), "--backend", "x=/nonexistent.img", check=False)
+    assert result.returncode == 1 and "/nonexistent.img" in result.stderr
+    assert not mounted(target)
+
+    result = blkfs("mount", str(target), "--backend", "noequals", check=False)
+    assert result.returncode == 1 and "NAME=OPTIONS" in result.stderr
+
+
+def test_umount_of_a_busy_mount_refuses_and_keeps_everything(mount_factory,
+                                                             images: Path) -> None:
+    image = images / "a.img"
+    data = pattern_image(image, MiB, image_id=1)
+    mount = mount_factory("--backend", f"a={image}")
+    with open(mount / "a", "rb") as f:
+        result = blkfs("umount", str(mount.path), check=False)
+        assert result.returncode == 1 and "busy" in result.stderr and "a (1 open)" in result.stderr
+        assert mounted(mount.path) and mount.alive()
+        assert f.read() == data
+
+
+def test_umount_recovers_a_mount_whose_daemon_died(mount_factory, images: Path) -> None:
+    mount = mount_factory()
+    os.kill(mount.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while mount.alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    result = blkfs("umount", str(mount.path), check=False)
+    assert result.returncode == 0 and "had died" in result.stderr
+    assert not mounted(mount.path)
+
+
+def test_sigterm_flushes_and_unmounts(mount_factory, images: Path) -> None:
+    image = images / "a.img"
+    pattern_image(image, MiB, image_id=1)
+    mount = mount_factory("--backend", f"a={image}")
+    with open(mount / "a", "r+b", buffering=0) as f:
+        f.write(b"sigterm")
+    os.kill(mount.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while (mount.alive() or mounted(mount.path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not mount.alive() and not mounted(mount.path)
+    assert image.read_bytes().startswith(b"sigterm")
+
+
+def test_config_file_reproduces_a_mount(mount_factory, images: Path, tmp_path: Path) -> None:
+    a, b = images / "a.img", images / "b.img"
+    pattern_image(a, MiB, image_id=1)
+    pattern_image(b, 2 * MiB, image_id=2)
+    config = tmp_path / "blkfs.toml"
+    config.write_text(f"""
+image-dirs = ["{images}"]
+
+[backends.disk0]
+options = "{a}"
+
+[backends.cd0]
+read-only = true
+options = {{ driver = "raw", file = {{ driver = "file", filename = "{b}" }} }}
+
+[backends.empty]
+""")
+    mount = mount_factory("--config", str(config))
+    backends = mount.backends()
+    assert sorted(backends) == ["cd0", "disk0", "empty"]
+    assert backends["cd0"]["read-only"] and not backends["empty"]["medium"]
+    assert (mount / "cd0").read_bytes() == b.read_bytes()
+    assert mount.status()["image-dirs"] == [str(images.resolve())]
+
+
+def test_ctl_command_prints_the_error(mount_factory, images: Path) -> None:
+    image = images / "a.img"
+    pattern_image(image, MiB, image_id=1)
+    mount = mount_factory()
+    assert blkfs("ctl", str(mount.path), "create", "a", str(image)).returncode == 0
+    result = blkfs("ctl", str(mount.path), "create", "a", str(image), check=False)
+    assert result.returncode == 1 and "already exists" in result.stderr
+    status = blkfs("ctl", str(mount.path), "status").stdout
+    assert "a" in status and "raw" in status
+
+
+def test_dd_and_cat_from_a_shell_script(mount_factory, images: Path) -> None:
+    """The README's media-swap script, as a user runs it."""
+    a, b = images / "a.iso", images / "b.iso"
+    pattern_image(a, MiB, image_id=1)
+    pattern_image(b, MiB, image_id=2)
+    mount = mount_factory()
+    script = f"""
+set -e
+M={mount.path}
+echo "cd0" > $M/.ctl/create
+for iso in {a} {b}; do
+    echo "cd0 $iso,read-only=on" > $M/.ctl/change
+    cmp $M/cd0 $iso
+done
+echo cd0 > $M/.ctl/eject
+! echo "cd0 /no/such.iso" > $M/.ctl/insert
+"""
+    subprocess.run(["bash", "-c", script], check=True)
+    assert "ENOENT" in mount.last_error()

@@ -1,0 +1,123 @@
+"""Backend files through a real mount: dd and cat read and write as on a disk."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_fuse
+from tests.helpers import Mount, errno_of, pattern_image
+
+pytestmark = [needs_fuse, pytest.mark.fuse]
+MiB = 1 << 20
+
+
+@pytest.fixture
+def disk(mount_factory, images: Path) -> tuple[Mount, Path, bytes]:
+    image = images / "disk.img"
+    data = pattern_image(image, 8 * MiB, image_id=1)
+    return mount_factory("--backend", f"disk0={image}"), image, data
+
+
+def test_cat_reads_the_image_byte_for_byte(disk) -> None:
+    mount, image, data = disk
+    out = subprocess.run(["cat", str(mount / "disk0")], capture_output=True, check=True).stdout
+    assert out == data
+    assert os.stat(mount / "disk0").st_size == len(data)
+
+
+def test_dd_writes_reach_the_image_and_o_trunc_is_ignored(disk) -> None:
+    mount, image, data = disk
+    payload = os.urandom(MiB + 12345)
+    src = image.with_name("payload")
+    src.write_bytes(payload)
+    # no conv=notrunc: dd opens with O_TRUNC, which a disk ignores
+    subprocess.run(["dd", f"if={src}", f"of={mount / 'disk0'}", "bs=64k", "seek=3",
+                    "oflag=seek_bytes", "status=none"], check=True)
+    assert os.stat(mount / "disk0").st_size == len(data)
+    expected = data[:3] + payload + data[3 + len(payload):]
+    assert image.read_bytes() == expected
+    assert (mount / "disk0").read_bytes() == expected
+
+
+def test_unaligned_reads_and_short_read_only_at_the_end(disk) -> None:
+    mount, _, data = disk
+    with open(mount / "disk0", "rb", buffering=0) as f:
+        f.seek(4093)
+        assert f.read(10) == data[4093:4103]
+        f.seek(len(data) - 5)
+        assert f.read(100) == data[-5:]
+        assert f.read(100) == b""
+
+
+def test_write_past_the_end_is_enospc_and_changes_nothing_beyond(disk) -> None:
+    mount, image, data = disk
+    fd = os.open(mount / "disk0", os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, b"x" * 10, len(data) - 4) == 4  # a disk takes what fits
+        assert errno_of(os.pwrite, fd, b"y", len(data)) == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert os.stat(mount / "disk0").st_size == len(data)
+    assert image.read_bytes() == data[:-4] + b"xxxx"
+
+
+def test_fsync_reaches_the_host_file(disk) -> None:
+    mount, image, _ = disk
+    fd = os.open(mount / "disk0", os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"durable", 0)
+        os.fsync(fd)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    assert image.read_bytes()[:7] == b"durable"
+    assert mount.backends()["disk0"]["stats"]["flush_ops"] >= 2
+
+
+def test_truncate_resizes_a_resizable_medium(disk) -> None:
+    mount, image, data = disk
+    subprocess.run(["truncate", "-s", "16M", str(mount / "disk0")], check=True)
+    assert os.stat(mount / "disk0").st_size == 16 * MiB
+    assert image.stat().st_size == 16 * MiB
+    assert (mount / "disk0").read_bytes()[:len(data)] == data
+
+
+def test_truncate_of_a_fixed_medium_fails_cleanly(mount_factory) -> None:
+    mount = mount_factory("--backend", "n=driver=raw,offset=4k,size=1M,file.driver=null")
+    result = subprocess.run(["truncate", "-s", "2M", str(mount / "n")], capture_output=True)
+    assert result.returncode != 0
+    assert os.stat(mount / "n").st_size == MiB
+
+
+def test_read_only_medium_is_0444_and_refuses_writes(mount_factory, images: Path) -> None:
+    image = images / "ro.img"
+    data = pattern_image(image, MiB, image_id=2)
+    mount = mount_factory("--backend", f"cd={image},read-only=on")
+    assert os.stat(mount / "cd").st_mode & 0o777 == 0o444
+    assert errno_of(os.open, mount / "cd", os.O_WRONLY) == errno.EROFS
+    assert image.read_bytes() == data
+
+
+def test_st_blocks_follows_allocation(mount_factory, images: Path) -> None:
+    image = images / "sparse.img"
+    with open(image, "wb") as f:
+        f.truncate(64 * MiB)
+    mount = mount_factory("--backend", f"s={image}")
+    before = os.stat(mount / "s").st_blocks
+    with open(mount / "s", "r+b", buffering=0) as f:
+        f.write(os.urandom(MiB))
+    after = os.stat(mount / "s").st_blocks
+    assert before * 512 < MiB <= after * 512 < 64 * MiB
+
+
+def test_mtime_changes_on_write(disk) -> None:
+    mount, _, _ = disk
+    before = os.stat(mount / "disk0").st_mtime_ns
+    with open(mount / "disk0", "r+b", buffering=0) as f:
+        f.write(b"tick")
+    assert os.stat(mount / "disk0").st_mtime_ns > before
