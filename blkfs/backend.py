@@ -269,15 +269,20 @@ class BlockBackend:
     async def change(self, options: Options) -> None:
         """Replace the medium atomically; on an empty backend this is insert.
 
-        The old medium is flushed, the new tree is built fully, and only then swapped in;
-        if flushing or building fails, the old medium stays as it was.
+        The new tree is built fully, the old medium flushed, and only then are they swapped;
+        if building or flushing fails, the old medium stays as it was.
         """
         tree = self.layer.parse(options)
         async with self._graph_lock, self._tracker.drained():
+            new = await self._open_medium(tree)
             old = self._root
             if old is not None:
-                await old.node.flush()
-            self._root = await self._open_medium(tree)
+                try:
+                    await old.node.flush()
+                except BaseException:
+                    await self._release(new)
+                    raise
+            self._root = new
             if old is not None:
                 await self._release(old)
         log.info("%s: changed medium to %s", self.name, format_options(tree))

@@ -49,7 +49,7 @@ class FileDriver(BlockDriver):
 
     async def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            self.node.graph.policy.close(self.fd)
             self.fd = -1
 
     def _error(self, exc: OSError) -> BlockError:
