@@ -11,14 +11,14 @@ This is the only module that turns :class:`BlockError` into ``FUSEError``.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
 import stat
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import pyfuse3
 import trio
@@ -37,21 +37,28 @@ FIRST_BACKEND_INODE = 1000
 BLKSIZE = 1 << 20
 """st_blksize: the I/O size cp and cat pick their buffers by; large requests are cheapest."""
 ATTR_TIMEOUT = 1.0
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
-@contextmanager
-def fuse_errors(what: str) -> Iterator[None]:
-    """Translate BlockError to FUSEError; a user's mistake is one log line, a bug a traceback."""
-    try:
-        yield
-    except BlockError as exc:
-        log.info("%s: %s", what, exc)
-        raise pyfuse3.FUSEError(exc.errno) from None
-    except pyfuse3.FUSEError:
-        raise
-    except Exception:
-        log.exception("%s: internal error", what)
-        raise pyfuse3.FUSEError(errno.EIO) from None
+def fuse_handler(method: Handler) -> Handler:
+    """Wrap a FUSE handler: BlockError becomes FUSEError with its errno (one log line: a
+    user's mistake is no traceback); any other exception is a bug, logged with its traceback
+    and answered with EIO, because an exception escaping a handler would end pyfuse3's loop."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: Any) -> Any:
+        try:
+            return await method(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except BlockError as exc:
+            log.info("%s: %s", method.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("%s: internal error", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
@@ -175,6 +182,7 @@ class BlkfsOperations(pyfuse3.Operations):
         name = CTL_FILE_NAMES[inode]
         return self._base_attr(inode, stat.S_IFREG | (0o600 if name in COMMANDS else 0o400))
 
+    @fuse_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
                       ) -> pyfuse3.EntryAttributes:
         if inode in (pyfuse3.ROOT_INODE, CTL_INODE):
@@ -184,9 +192,9 @@ class BlkfsOperations(pyfuse3.Operations):
         backend = self.inodes.backends.get(inode)
         if backend is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        with fuse_errors(backend.name):
-            return await self._backend_attr(backend)
+        return await self._backend_attr(backend)
 
+    @fuse_handler
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         text = name.decode("utf-8", "surrogateescape")
@@ -199,6 +207,7 @@ class BlkfsOperations(pyfuse3.Operations):
             return self._ctl_attr(CTL_FILE_INODES[text])
         raise pyfuse3.FUSEError(errno.ENOENT)
 
+    @fuse_handler
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -209,38 +218,39 @@ class BlkfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
-        with fuse_errors(backend.name):
-            if fields.update_size and attr.st_size != backend.length():
-                await backend.truncate(attr.st_size)
-            return await self._backend_attr(backend)
+        if fields.update_size and attr.st_size != backend.length():
+            await backend.truncate(attr.st_size)
+        return await self._backend_attr(backend)
 
     # -- directories -----------------------------------------------------------------------
 
+    @fuse_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if inode not in (pyfuse3.ROOT_INODE, CTL_INODE):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @fuse_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         if fh == CTL_INODE:
             entries = [(name, self._ctl_attr(inode)) for name, inode in CTL_FILE_INODES.items()]
         else:
             entries = [(CTL_NAME, self._dir_attr(CTL_INODE))]
             for backend in self.layer:
-                with fuse_errors(backend.name):
-                    entries.append((backend.name, await self._backend_attr(backend)))
+                entries.append((backend.name, await self._backend_attr(backend)))
         for index, (name, attr) in enumerate(entries[start_id:], start_id + 1):
             if not pyfuse3.readdir_reply(token, name.encode(), attr, index):
                 break
 
+    @fuse_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """``rm MNT/NAME`` deletes the backend (never an image file)."""
         text = name.decode("utf-8", "surrogateescape")
         if parent_inode != pyfuse3.ROOT_INODE or text not in self.layer:
             raise pyfuse3.FUSEError(errno.EPERM if parent_inode == CTL_INODE else errno.ENOENT)
-        with fuse_errors(text):
-            await self.control.run("delete", name)
+        await self.control.run("delete", name)
 
+    @fuse_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
@@ -248,6 +258,7 @@ class BlkfsOperations(pyfuse3.Operations):
                  name.decode("utf-8", "replace"))
         raise pyfuse3.FUSEError(errno.EPERM)
 
+    @fuse_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 512
@@ -263,6 +274,7 @@ class BlkfsOperations(pyfuse3.Operations):
         self.handles[fh] = handle
         return fh
 
+    @fuse_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if inode in CTL_FILE_NAMES:
             return await self._open_control(CTL_FILE_NAMES[inode], flags)
@@ -271,11 +283,10 @@ class BlkfsOperations(pyfuse3.Operations):
                 self.layer.find(backend.name) is not backend:
             raise pyfuse3.FUSEError(errno.ENOENT)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
-        with fuse_errors(backend.name):
-            if not backend.has_medium:
-                raise BlockError(errno.ENOMEDIUM, f"{backend.name}: no medium")
-            if writable and backend.read_only:
-                raise BlockError(errno.EROFS, f"{backend.name}: read-only medium")
+        if not backend.has_medium:
+            raise BlockError(errno.ENOMEDIUM, f"{backend.name}: no medium")
+        if writable and backend.read_only:
+            raise BlockError(errno.EROFS, f"{backend.name}: read-only medium")
         backend.ref()  # the open file keeps the backend alive even if it is deleted
         # O_TRUNC is ignored: a backend file is a disk, and `dd of=` must not empty it.
         return pyfuse3.FileInfo(fh=self._new_handle(BackendHandle(backend, writable)),
@@ -295,56 +306,55 @@ class BlkfsOperations(pyfuse3.Operations):
             handle.text = self.control.error_text().encode()
         return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, nonseekable=False)
 
+    @fuse_handler
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         handle = self.handles[fh]
         if isinstance(handle, ControlHandle):
             return handle.text[off:off + size]
         backend = handle.backend
-        with fuse_errors(backend.name):
-            end = min(off + size, backend.length())
-            if off >= end:
-                if not backend.has_medium:
-                    raise BlockError(errno.ENOMEDIUM, f"{backend.name}: no medium")
-                return b""
-            return await backend.read(off, end - off)
+        end = min(off + size, backend.length())
+        if off >= end:
+            if not backend.has_medium:
+                raise BlockError(errno.ENOMEDIUM, f"{backend.name}: no medium")
+            return b""
+        return await backend.read(off, end - off)
 
+    @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles[fh]
         if isinstance(handle, ControlHandle):
-            with fuse_errors(f".ctl/{handle.name}"):
-                await self.control.run(handle.name, buf)
+            await self.control.run(handle.name, buf)
             return len(buf)
         backend = handle.backend
-        with fuse_errors(backend.name):
-            length = backend.length()
-            if off < length < off + len(buf):  # a disk takes what fits, then says ENOSPC
-                buf = memoryview(buf)[:length - off]
-            await backend.write(off, buf)
+        length = backend.length()
+        if off < length < off + len(buf):  # a disk takes what fits, then says ENOSPC
+            buf = memoryview(buf)[:length - off]
+        await backend.write(off, buf)
         handle.dirty = True
         backend.touch()
         return len(buf)
 
+    @fuse_handler
     async def flush(self, fh: int) -> None:
         """close(): a written backend file is flushed to the host, as a block device is on
         its last close, so that data is safe once the writer's close returns."""
         handle = self.handles.get(fh)
         if isinstance(handle, BackendHandle) and handle.dirty and handle.backend.has_medium:
-            with fuse_errors(handle.backend.name):
-                await handle.backend.flush()
+            await handle.backend.flush()
             handle.dirty = False
 
+    @fuse_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handles.get(fh)
         if isinstance(handle, BackendHandle):
-            with fuse_errors(handle.backend.name):
-                await handle.backend.flush()
+            await handle.backend.flush()
             handle.dirty = False
 
+    @fuse_handler
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
         if isinstance(handle, BackendHandle):
-            with fuse_errors(handle.backend.name):
-                await handle.backend.unref()
+            await handle.backend.unref()
             if handle.backend.refcnt == 0:
                 self.inodes.forget(handle.backend)
 
