@@ -60,13 +60,13 @@ class BackendStats:
 class BlockBackend:
     """A named root: the unit frontends open, read, write and change media on."""
 
-    def __init__(self, layer: BlockLayer, name: str) -> None:
+    def __init__(self, layer: BlockLayer, name: str, read_only: bool = False) -> None:
         self.layer = layer
         self.name = name
         self.refcnt = 1
         self.stats = BackendStats()
         self._root: Child | None = None
-        self._read_only = False
+        self._read_only = read_only
         self._tracker = Tracker()
         self._graph_lock = trio.Lock()
         self._listeners: list[Listener] = []
@@ -381,8 +381,7 @@ class BlockLayer:
                              "(not starting with . or -), at most 128 characters")
         if name in self._backends:
             raise BlockError(errno.EEXIST, f"a backend named '{name}' already exists")
-        backend = BlockBackend(self, name)
-        backend._read_only = read_only
+        backend = BlockBackend(self, name, read_only)
         self._backends[name] = backend  # reserve the name while the medium opens
         try:
             if options is not None:
