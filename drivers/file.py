@@ -18,6 +18,7 @@ import trio
 
 from blkfs.block import REQUIRED, BlockDriver, BlockError, Extent, Option, Status
 from blkfs.errors import from_oserror
+from drivers.image_lock import LockConflict, LocksUnsupported, lock_image
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -36,7 +37,11 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 class FileDriver(BlockDriver):
     name = "file"
-    options = {"filename": Option("str", REQUIRED, "path of the host image file")}
+    options = {
+        "filename": Option("str", REQUIRED, "path of the host image file"),
+        "locking": Option("enum", "auto", "QEMU-compatible image locking (auto: where the "
+                          "host filesystem supports it)", choices=("auto", "on", "off")),
+    }
 
     fd = -1
     _is_block_device = False
@@ -45,11 +50,29 @@ class FileDriver(BlockDriver):
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.filename = values["filename"]
         self.fd = self.node.graph.policy.open(self.filename, writable=not self.node.read_only)
-        self._is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+        try:
+            self._is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+            if values["locking"] != "off":
+                self._lock(values["locking"] == "on")
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+
+    def _lock(self, required: bool) -> None:
+        try:
+            lock_image(self.fd, writable=not self.node.read_only)
+        except LockConflict as exc:
+            raise BlockError(errno.EBUSY, f"'{self.filename}' is in use ({exc}; QEMU-compatible "
+                                          "image locking, locking=off overrides)") from None
+        except LocksUnsupported as exc:
+            if required:
+                raise BlockError(errno.ENOTSUP, f"'{self.filename}': locking=on, but the host "
+                                                f"filesystem cannot lock ({exc})") from None
 
     async def close(self) -> None:
         if self.fd >= 0:
-            self.node.graph.policy.close(self.fd)
+            os.close(self.fd)
             self.fd = -1
 
     def _error(self, exc: OSError) -> BlockError:

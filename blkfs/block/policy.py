@@ -8,7 +8,6 @@ host file goes through here: those the user names and those an image names (back
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
 from typing import Iterable
@@ -22,9 +21,6 @@ class HostPolicy:
     def __init__(self, image_dirs: Iterable[str] | None = None) -> None:
         self.image_dirs = (None if image_dirs is None
                            else tuple(os.path.realpath(d) for d in image_dirs))
-        self._writers: dict[tuple[int, int], str] = {}
-        """Host files open for writing, by (device, inode): two writers would corrupt an
-        image (two qcow2 allocators), so a second writable open is refused."""
 
     @staticmethod
     def key(path: str) -> str:
@@ -55,24 +51,11 @@ class HostPolicy:
         try:
             if not self.allows(os.readlink(f"/proc/self/fd/{fd}")):
                 raise self._refuse(path)
-            st = os.fstat(fd)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
                 raise BlockError(errno.EINVAL, f"'{path}' is not a regular file or block device")
-            if writable:
-                key = (st.st_dev, st.st_ino)
-                if key in self._writers:
-                    raise BlockError(errno.EBUSY, f"'{path}' is already open for writing "
-                                                  f"(as '{self._writers[key]}')")
-                self._writers[key] = path
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
             raise
         return fd
-
-    def close(self, fd: int) -> None:
-        """Close a descriptor :meth:`open` gave, forgetting it as a writer."""
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
-            st = os.fstat(fd)
-            self._writers.pop((st.st_dev, st.st_ino), None)
-        os.close(fd)

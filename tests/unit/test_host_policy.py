@@ -1,17 +1,20 @@
-"""Host files: the image-dir allowlist and the one-writer-per-file rule."""
+"""Host files: the image-dir allowlist and QEMU-compatible image locking."""
 
 from __future__ import annotations
 
 import errno
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from tests.conftest import needs_qemu
 
 
-async def test_a_second_writer_of_one_host_file_is_refused(tmp_path: Path) -> None:
+@needs_qemu
+async def test_qemu_image_locks_keep_one_writer_per_host_file(tmp_path: Path) -> None:
     image = tmp_path / "a.img"
     image.write_bytes(bytes(65536))
     (tmp_path / "alias.img").symlink_to(image)
@@ -20,12 +23,19 @@ async def test_a_second_writer_of_one_host_file_is_refused(tmp_path: Path) -> No
         await layer.create("one", str(image))
         with pytest.raises(BlockError) as err:
             await layer.create("two", str(tmp_path / "alias.img"))
-        assert err.value.errno == errno.EBUSY and "already open for writing" in str(err.value)
+        assert err.value.errno == errno.EBUSY and "in use" in str(err.value)
         assert "two" not in layer
-        reader = await layer.create("reader", f"{image},read-only=on")
+        reader = await layer.create("reader", f"{image},read-only=on")  # readers share
         assert bytes(await reader.read(0, 4)) == b"\0\0\0\0"
+        qemu_writer = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 512", str(image)],
+                                     capture_output=True, text=True)
+        assert qemu_writer.returncode != 0 and "lock" in qemu_writer.stderr
         await layer.delete("one")
-        await layer.create("two", str(tmp_path / "alias.img"))  # free again once closed
+        await layer.create("two", str(tmp_path / "alias.img"))
+        await layer.delete("two")
+        unlocked = await layer.create(
+            "forced", f"driver=raw,file.driver=file,file.filename={image},file.locking=off")
+        assert not unlocked.read_only
     finally:
         await layer.close()
 
