@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import Flag
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from blkfs.block.options import ChildSpec, Option
+from blkfs.block.options import COMMON_OPTIONS, ChildSpec, Option
 from blkfs.errors import BlockError
 
 if TYPE_CHECKING:
@@ -82,10 +82,12 @@ class BlockDriver:
         ``children`` holds the raw options of the others (missing, None, dict or node name)."""
 
     async def reopen(self, values: Mapping[str, Any]) -> None:
-        """Apply new option values atomically; the node is drained. The default accepts no
-        driver-specific change: a driver with live-tunable options overrides this."""
+        """Apply new option values (all of them, changed or not) atomically; the node is
+        drained. The default accepts changes to the common options only: a driver with
+        live-tunable options overrides this, and raises without changing anything if it
+        cannot apply them."""
         for name, value in values.items():
-            if self.node.values.get(name) != value:
+            if name not in COMMON_OPTIONS and self.node.values.get(name) != value:
                 raise BlockError(errno.EINVAL,
                                  f"{self.name}: option '{name}' cannot be changed on a live node")
 

@@ -162,6 +162,34 @@ class Graph:
         log.debug("opened node %s (%s)", name, driver)
         return node
 
+    async def reopen(self, name: str, options: Mapping[str, Any]) -> None:
+        """Change the options of a live node atomically (QEMU's blockdev-reopen).
+
+        Options not given keep their current values; children and the driver cannot be
+        changed. The node is drained, then its driver applies the new values or raises and
+        changes nothing.
+        """
+        node = self.find(name)
+        cls = type(node.driver)
+        tree = dict(options)
+        if tree.pop("driver", cls.name) != cls.name:
+            raise OptionError(f"reopen: node '{name}' is a {cls.name} node; "
+                              "its driver cannot be changed")
+        if tree.get("node-name", name) != name:
+            raise OptionError(f"reopen: node '{name}' cannot be renamed")
+        changed_children = set(tree) & set(cls.children)
+        if changed_children:
+            raise OptionError(f"reopen: children cannot be changed ({', '.join(changed_children)})")
+        values = {**node.values,
+                  **validate(cls.name, cls.options, cls.children, tree, partial=True).values}
+        if values["read-only"] != node.read_only:
+            raise BlockError(errno.ENOTSUP, f"reopen: node '{name}': read-only cannot be "
+                                            "changed on a live node; change the medium instead")
+        async with node.drained():
+            await node.driver.reopen(values)
+            node.values = values
+        log.info("reopened node %s", name)
+
     def _generate_name(self) -> str:
         return f"#node{next(self._counter)}"
 

@@ -290,8 +290,9 @@ def _match(declared: Mapping[str, Option], name: str) -> Option | None:
 
 
 def validate(driver: str, declared: Mapping[str, Option], roles: Mapping[str, ChildSpec],
-             tree: Mapping[str, Any]) -> Validated:
-    """Type-check ``tree`` against a driver's schema; raise OptionError on the first fault."""
+             tree: Mapping[str, Any], partial: bool = False) -> Validated:
+    """Type-check ``tree`` against a driver's schema; raise OptionError on the first fault.
+    ``partial`` (for reopen) checks only what is given: no defaults, nothing required."""
     schema = {**COMMON_OPTIONS, **declared}
     result = Validated(values={})
     for key, raw in tree.items():
@@ -308,6 +309,8 @@ def validate(driver: str, declared: Mapping[str, Option], roles: Mapping[str, Ch
                 known = ", ".join(sorted([*declared, *roles])) or "none besides the common ones"
                 raise OptionError(f"{driver}: unknown option '{name}' (known: {known})")
             result.values[name] = opt.parse(driver, name, value)
+    if partial:
+        return result
     for name, opt in schema.items():
         if "*" in name or name in result.values:
             continue

@@ -183,3 +183,19 @@ def test_status_shows_the_tree(mount: Mount, two_images) -> None:
 def test_creating_files_directly_is_refused(mount: Mount) -> None:
     assert errno_of(os.open, mount / "newfile", os.O_CREAT | os.O_WRONLY) == errno.EPERM
     assert listing(mount) == [".ctl"]
+
+
+def test_reopen_turns_on_zero_detection_live(mount: Mount, images: Path) -> None:
+    image = images / "z.img"
+    image.write_bytes(os.urandom(4 * MiB))
+    mount.ctl("create", f"z driver=raw,node-name=zfmt,file.driver=file,file.filename={image}")
+    before = snapshot(mount)
+    assert mount.ctl_errno("reopen", "zfmt offset=4096") == errno.EINVAL
+    assert mount.ctl_errno("reopen", "zfmt detect-zeroes=sometimes") == errno.EINVAL
+    assert snapshot(mount) == before
+    mount.ctl("reopen", "zfmt detect-zeroes=unmap")
+    assert mount.backends()["z"]["tree"]["options"]["detect-zeroes"] == "unmap"
+    subprocess.run(["dd", "if=/dev/zero", f"of={mount / 'z'}", "bs=1M", "count=2",
+                    "conv=notrunc,fsync", "status=none"], check=True)
+    assert image.stat().st_blocks * 512 <= 2 * MiB + 64 * 1024  # the zeroed half was punched
+    assert (mount / "z").read_bytes()[:2 * MiB] == bytes(2 * MiB)
