@@ -1,0 +1,52 @@
+"""The driver setups every driver's conformance run uses; other test modules add theirs.
+
+A setup makes a fresh medium of ``SIZE`` bytes holding ``initial_data(SIZE)`` (or zeros, for
+drivers that keep no data) and says what the driver can do, so one suite checks them all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+SIZE = 1 << 20
+
+
+def initial_data(size: int) -> bytes:
+    """Deterministic, non-repeating contents, so a misplaced read is always visible."""
+    return b"".join(i.to_bytes(4, "little") for i in range(size // 4))
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    make: Callable[[Path], str]
+    """Writes whatever files the medium needs under the path; returns its options."""
+    keeps_data: bool = True
+    resizable: bool = True
+    host_file: str | None = "disk.img"
+    """Where the data lands on the host, byte for byte (None if not a raw mapping)."""
+    host_offset: int = 0
+
+
+def _raw_file(tmp: Path, size: int = SIZE, prefix: bytes = b"") -> Path:
+    path = tmp / "disk.img"
+    path.write_bytes(prefix + initial_data(size))
+    return path
+
+
+SLICE_OFFSET = 12345
+
+
+SETUPS: list[Setup] = [
+    Setup("file", lambda tmp: f"driver=file,filename={_raw_file(tmp)}"),
+    Setup("raw", lambda tmp: f"driver=raw,file.driver=file,file.filename={_raw_file(tmp)}"),
+    Setup("probed", lambda tmp: str(_raw_file(tmp))),
+    Setup("raw-slice",
+          lambda tmp: (f"driver=raw,offset={SLICE_OFFSET},size={SIZE},file.driver=file,"
+                       f"file.filename={_raw_file(tmp, SIZE + 4096, os.urandom(SLICE_OFFSET))}"),
+          resizable=False, host_offset=SLICE_OFFSET),
+    Setup("null", lambda tmp: f"driver=null,size={SIZE}", keeps_data=False, host_file=None),
+]

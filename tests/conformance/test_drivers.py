@@ -1,0 +1,136 @@
+"""One conformance suite that every driver setup passes (tests/conformance/setups.py)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+
+from blkfs.backend import BlockBackend, BlockLayer
+from blkfs.block import Status
+from blkfs.errors import BlockError
+from tests.conformance.setups import SETUPS, SIZE, Setup, initial_data
+
+
+@pytest.fixture(params=SETUPS, ids=lambda s: s.name)
+def setup(request: pytest.FixtureRequest) -> Setup:
+    return request.param
+
+
+@pytest.fixture
+async def medium(setup: Setup, tmp_path: Path) -> AsyncIterator[tuple[BlockBackend, Setup, Path]]:
+    layer = BlockLayer()
+    backend = await layer.create("disk", setup.make(tmp_path))
+    try:
+        yield backend, setup, tmp_path
+    finally:
+        await layer.close()
+    assert layer.graph.nodes == {}
+
+
+def expected_initial(setup: Setup) -> bytearray:
+    return bytearray(initial_data(SIZE) if setup.keeps_data else bytes(SIZE))
+
+
+async def test_reads_return_the_initial_data(medium) -> None:
+    backend, setup, _ = medium
+    assert backend.length() == SIZE
+    assert await backend.read(0, SIZE) == expected_initial(setup)
+
+
+@pytest.mark.parametrize("offset, length", [(0, 1), (511, 2), (4095, 4098), (1, SIZE - 2),
+                                            (SIZE - 7, 7), (65536, 131072)])
+async def test_unaligned_writes_read_back(medium, offset: int, length: int) -> None:
+    backend, setup, _ = medium
+    model = expected_initial(setup)
+    data = os.urandom(length)
+    await backend.write(offset, data)
+    if setup.keeps_data:
+        model[offset:offset + length] = data
+    assert await backend.read(0, SIZE) == model
+    assert await backend.read(offset, length) == model[offset:offset + length]
+
+
+async def test_write_zeroes_and_discard(medium) -> None:
+    backend, setup, _ = medium
+    model = expected_initial(setup)
+    await backend.write_zeroes(1000, 70000)
+    model[1000:71000] = bytes(70000)
+    assert await backend.read(0, SIZE) == model
+    await backend.discard(200000, 8192)
+    after = await backend.read(200000, 8192)
+    assert after in (model[200000:208192], bytes(8192))  # discard is data-or-zero
+
+
+async def test_out_of_range_requests_fail_and_change_nothing(medium) -> None:
+    backend, setup, _ = medium
+    before = await backend.read(0, SIZE)
+    for request, code in [(backend.read(SIZE - 1, 2), errno.EIO),
+                          (backend.write(SIZE, b"x"), errno.ENOSPC),
+                          (backend.write(SIZE - 1, b"xy"), errno.ENOSPC),
+                          (backend.read(-1, 1), errno.EINVAL),
+                          (backend.write_zeroes(SIZE - 10, 11), errno.ENOSPC)]:
+        with pytest.raises(BlockError) as err:
+            await request
+        assert err.value.errno == code
+    assert await backend.read(0, SIZE) == before
+    assert backend.stats.errors == 5
+
+
+async def test_read_only_refuses_writes(setup: Setup, tmp_path: Path) -> None:
+    layer = BlockLayer()
+    try:
+        backend = await layer.create("ro", setup.make(tmp_path), read_only=True)
+        assert backend.read_only
+        for request in (backend.write(0, b"x"), backend.write_zeroes(0, 10),
+                        backend.discard(0, 4096), backend.truncate(2 * SIZE)):
+            with pytest.raises(BlockError) as err:
+                await request
+            assert err.value.errno == errno.EROFS
+        assert await backend.read(0, SIZE) == expected_initial(setup)
+    finally:
+        await layer.close()
+
+
+async def test_flush_reaches_the_host_file(medium) -> None:
+    backend, setup, tmp = medium
+    if setup.host_file is None:
+        await backend.flush()
+        return
+    await backend.write(4096, b"flushed!")
+    await backend.flush()
+    with open(tmp / setup.host_file, "rb") as f:
+        f.seek(setup.host_offset + 4096)
+        assert f.read(8) == b"flushed!"
+
+
+async def test_truncate_where_resizable(medium) -> None:
+    backend, setup, _ = medium
+    if not setup.resizable:
+        with pytest.raises(BlockError) as err:
+            await backend.truncate(2 * SIZE)
+        assert err.value.errno == errno.ENOTSUP
+        assert backend.length() == SIZE
+        return
+    await backend.truncate(2 * SIZE)
+    assert backend.length() == 2 * SIZE
+    grown = await backend.read(0, 2 * SIZE)
+    assert grown[:SIZE] == expected_initial(setup) and grown[SIZE:] == bytes(SIZE)
+    await backend.truncate(SIZE // 2)
+    assert backend.length() == SIZE // 2
+
+
+async def test_block_status_agrees_with_the_data(medium) -> None:
+    backend, setup, _ = medium
+    node = backend._medium()  # conformance looks below the backend, at the root node
+    await backend.write_zeroes(0, 65536, unmap=True)
+    offset = 0
+    while offset < SIZE:
+        extent = await node.block_status(offset, SIZE - offset)
+        assert 0 < extent.length <= SIZE - offset
+        if Status.ZERO in extent.status:
+            assert await backend.read(offset, extent.length) == bytes(extent.length)
+        offset += extent.length

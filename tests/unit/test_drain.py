@@ -1,0 +1,139 @@
+"""Drain is real: a media change under concurrent I/O splits requests cleanly between media."""
+
+from __future__ import annotations
+
+import errno
+import random
+from pathlib import Path
+
+import pytest
+import trio
+
+from blkfs.backend import BlockLayer
+from blkfs.errors import BlockError
+
+BLOCK = 4096
+BLOCKS = 64
+
+
+def stamp(image_id: int, block: int) -> bytes:
+    head = f"img{image_id}:blk{block:05d}:".encode()
+    return head + bytes([image_id]) * (BLOCK - len(head))
+
+
+def chunk(block: int) -> bytes:
+    return (block + 1).to_bytes(4, "little") * (BLOCK // 4)
+
+
+def make_image(path: Path, image_id: int) -> None:
+    path.write_bytes(b"".join(stamp(image_id, b) for b in range(BLOCKS)))
+
+
+async def test_every_request_runs_wholly_against_the_old_or_the_new_medium(
+        tmp_path: Path) -> None:
+    images = [tmp_path / f"m{i}.img" for i in (1, 2)]
+    for i, path in enumerate(images, 1):
+        make_image(path, i)
+    layer = BlockLayer()
+    backend = await layer.create("d", f"{images[0]},read-only=on")
+    seen: list[tuple[int, int]] = []
+    rng = random.Random(7)
+
+    async def reader() -> None:
+        for _ in range(200):
+            block = rng.randrange(BLOCKS)
+            start = rng.randrange(2)  # half of the reads span two blocks
+            data = await backend.read((block - start) % (BLOCKS - 1) * BLOCK, 2 * BLOCK)
+            first, second = data[:BLOCK], data[BLOCK:]
+            ids = {first[3] - ord("0"), second[3] - ord("0")}
+            assert len(ids) == 1, "a request saw two media"
+            seen.append((ids.pop(), block))
+            await trio.sleep(0)
+
+    async def changer() -> None:
+        for i in range(20):
+            await trio.sleep(0)
+            await backend.change(f"{images[(i + 1) % 2]},read-only=on")
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(reader)
+        nursery.start_soon(changer)
+    assert len(seen) == 8 * 200
+    assert {image for image, _ in seen} == {1, 2}
+    assert backend.stats.errors == 0
+    await layer.close()
+
+
+async def test_writes_in_flight_land_in_the_medium_they_started_on(tmp_path: Path) -> None:
+    images = [tmp_path / f"w{i}.img" for i in (1, 2)]
+    for path in images:
+        path.write_bytes(bytes(BLOCKS * BLOCK))
+    layer = BlockLayer()
+    backend = await layer.create("d", str(images[0]))
+    acknowledged: set[int] = set()
+
+    async def writer(block: int) -> None:
+        await backend.write(block * BLOCK, chunk(block))
+        acknowledged.add(block)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            for block in range(BLOCKS):
+                nursery.start_soon(writer, block)
+                if block == BLOCKS // 2:
+                    await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await trio.sleep(0)
+        await backend.change(str(images[1]))
+    await layer.close()
+    contents = [path.read_bytes() for path in images]
+    assert acknowledged == set(range(BLOCKS))
+    landed = []
+    for block in range(BLOCKS):
+        where = [i for i, data in enumerate(contents)
+                 if data[block * BLOCK:(block + 1) * BLOCK] == chunk(block)]
+        assert len(where) == 1, f"block {block} landed in {where}: lost or torn"
+        landed.append(where[0])
+    assert set(landed) == {0, 1}, "the change did not happen in the middle of the writes"
+
+
+async def test_a_failed_change_leaves_the_old_medium_serving(tmp_path: Path) -> None:
+    image = tmp_path / "a.img"
+    make_image(image, 1)
+    layer = BlockLayer()
+    backend = await layer.create("d", f"driver=raw,node-name=keep,file.driver=file,"
+                                      f"file.filename={image}")
+    nodes = set(layer.graph.nodes)
+    for options, code in [(str(tmp_path / "missing.img"), errno.ENOENT),
+                          ("driver=raw,offset=zz,file.driver=null", errno.EINVAL),
+                          ("driver=raw,offset=2G,file.driver=null", errno.EINVAL),
+                          ("driver=raw,node-name=keep,file.driver=null", errno.EEXIST)]:
+        with pytest.raises(BlockError) as err:
+            await backend.change(options)
+        assert err.value.errno == code
+        assert set(layer.graph.nodes) == nodes
+        assert await backend.read(0, BLOCK) == stamp(1, 0)
+    await layer.close()
+
+
+async def test_eject_and_insert(tmp_path: Path) -> None:
+    image = tmp_path / "a.img"
+    make_image(image, 1)
+    layer = BlockLayer()
+    backend = await layer.create("cd", str(image))
+    await backend.eject()
+    assert backend.length() == 0 and not backend.has_medium
+    for request in (backend.read(0, 1), backend.write(0, b"x"), backend.eject()):
+        with pytest.raises(BlockError) as err:
+            await request
+        assert err.value.errno == errno.ENOMEDIUM
+    assert layer.graph.nodes == {}
+    await backend.insert(str(image))
+    with pytest.raises(BlockError) as err:
+        await backend.insert(str(image))
+    assert err.value.errno == errno.EBUSY
+    assert await backend.read(0, BLOCK) == stamp(1, 0)
+    await layer.close()

@@ -1,0 +1,110 @@
+"""The option parser and schemas: properties over generated input, and errors that name names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blkfs.block.options import (ChildSpec, Option, flatten, format_options, parse_options,
+                                 parse_size, validate)
+from blkfs.errors import OptionError
+
+KEY = st.from_regex(r"[a-z][a-z0-9-]{0,8}", fullmatch=True)
+VALUE = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=20).filter(
+    lambda v: v.strip() == v and v not in ("on", "off", "null"))
+
+
+def trees(depth: int = 3) -> st.SearchStrategy[dict]:
+    leaf = st.dictionaries(KEY, VALUE, min_size=1, max_size=4)
+    return st.recursive(leaf, lambda children: st.dictionaries(
+        KEY, st.one_of(VALUE, children), min_size=1, max_size=4), max_leaves=10)
+
+
+@settings(max_examples=300)
+@given(trees())
+def test_dotted_spelling_round_trips(tree: dict) -> None:
+    text = format_options(tree)
+    if not text.split(",")[0].count("="):  # a bare first value would read as a path
+        return
+    assert parse_options(text) == tree
+
+
+@settings(max_examples=200)
+@given(trees())
+def test_json_and_dotted_spellings_agree(tree: dict) -> None:
+    text = format_options(tree)
+    if "=" in text.split(",")[0]:
+        assert parse_options(json.dumps(tree)) == parse_options(text)
+
+
+@settings(max_examples=500)
+@given(st.text(max_size=200))
+def test_garbage_parses_or_raises_option_error(text: str) -> None:
+    try:
+        tree = parse_options(text)
+    except OptionError:
+        return
+    assert isinstance(tree, dict) and flatten(tree) is not None
+
+
+def test_path_shorthand_and_escaped_commas() -> None:
+    assert parse_options("/img/a,,b.qcow2") == {"file": {"driver": "file",
+                                                         "filename": "/img/a,b.qcow2"}}
+    assert parse_options("/iso/x.iso,read-only=on") == {
+        "read-only": "on", "file": {"driver": "file", "filename": "/iso/x.iso"}}
+    assert parse_options('{"driver": "null", "inject": [{"a": 1}, {"a": 2}]}') == {
+        "driver": "null", "inject": {"0": {"a": 1}, "1": {"a": 2}}}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a=1,a=2", "given twice"),
+    ("a=1,a.b=2", "conflicts"),
+    ("a..b=1", "invalid option name"),
+    ("driver=raw,novalue", "expected key=value"),
+    ("/path,driver=raw", "cannot be combined"),
+    ("[1, 2]", "expected key=value"),
+    ('{"a": ' * 50 + "1" + "}" * 50, "nested"),
+    ("{not json", "invalid JSON"),
+    ("", "no options"),
+])
+def test_malformed_spellings(text: str, message: str) -> None:
+    with pytest.raises(OptionError) as err:
+        parse_options(text)
+    assert message in str(err.value)
+
+
+@given(st.integers(min_value=0, max_value=1 << 50),
+       st.sampled_from([("", 1), ("k", 1024), ("K", 1024), ("M", 1 << 20), ("G", 1 << 30)]))
+def test_sizes(number: int, suffix: tuple[str, int]) -> None:
+    assert parse_size(f"{number}{suffix[0]}") == number * suffix[1]
+
+
+SCHEMA = {"size": Option("size", 4096, "bytes"), "mode": Option("enum", "a", choices=("a", "b")),
+          "limit.*.rate": Option("int", None), "name": Option("str", None)}
+
+
+def test_validation_types_defaults_and_wildcards() -> None:
+    checked = validate("demo", SCHEMA, {"file": ChildSpec()},
+                       {"size": "1M", "limit": {"0": {"rate": "10"}}, "file": "n0",
+                        "read-only": "on"})
+    assert checked.values["size"] == 1 << 20 and checked.values["mode"] == "a"
+    assert checked.values["limit.0.rate"] == 10 and checked.values["read-only"] is True
+    assert checked.children == {"file": "n0"}
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"sise": "1", "file": "x"}, "demo: unknown option 'sise'"),
+    ({"size": "big", "file": "x"}, "demo: option 'size'"),
+    ({"mode": "c", "file": "x"}, "must be one of a, b"),
+    ({"limit": {"x": {"rate": "1"}}, "file": "x"}, "unknown option 'limit.x.rate'"),
+    ({"read-only": "maybe", "file": "x"}, "option 'read-only' must be on or off"),
+    ({}, "child 'file' is required"),
+    ({"file": 5}, "child 'file' must be options or a node name"),
+])
+def test_validation_errors_name_the_option_and_the_driver(tree: dict, message: str) -> None:
+    with pytest.raises(OptionError) as err:
+        validate("demo", SCHEMA, {"file": ChildSpec()}, tree)
+    assert message in str(err.value)

@@ -1,0 +1,69 @@
+"""Drivers come from entry points; probing picks formats; a probed raw image stays raw."""
+
+from __future__ import annotations
+
+import errno
+import sys
+from pathlib import Path
+
+import pytest
+
+from blkfs.backend import BlockLayer
+from blkfs.block.registry import DriverRegistry
+from blkfs.errors import BlockError, OptionError
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def test_our_drivers_are_entry_points() -> None:
+    registry = DriverRegistry()
+    assert {"file", "raw", "null"} <= set(registry.names())
+    assert registry.get("raw").name == "raw"
+    with pytest.raises(OptionError) as err:
+        registry.get("nosuch")
+    assert "known: " in str(err.value) and "raw" in str(err.value)
+
+
+def test_a_third_party_driver_plugs_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package that declares a blkfs.drivers entry point is found with no change here."""
+    (tmp_path / "zerodrv.py").write_text(
+        "from drivers.null import NullDriver\n"
+        "class ZeroDriver(NullDriver):\n    name = 'zero'\n")
+    dist = tmp_path / "zerodrv-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: zerodrv\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[blkfs.drivers]\nzero = zerodrv:ZeroDriver\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = DriverRegistry()
+    assert registry.get("zero").name == "zero"
+    monkeypatch.delitem(sys.modules, "zerodrv", raising=False)
+
+
+async def test_probing_and_raw_stickiness(tmp_path: Path) -> None:
+    image = tmp_path / "guest.img"
+    image.write_bytes(bytes(1 << 20))
+    layer = BlockLayer()
+    try:
+        disk = await layer.create("d", str(image))
+        assert (await disk.status())["tree"]["driver"] == "raw"
+        # the guest writes a qcow2 header that names a backing file of its choosing
+        await disk.write(0, QCOW2_MAGIC + b"\0\0\0\3" + (100).to_bytes(8, "big") +
+                         (20).to_bytes(4, "big") + b"/etc/shadow" * 2)
+        await disk.eject()
+        await disk.insert(str(image))
+        assert (await disk.status())["tree"]["driver"] == "raw"
+        assert await disk.read(0, 4) == QCOW2_MAGIC
+    finally:
+        await layer.close()
+
+
+async def test_probe_needs_a_file_and_rejects_format_options(tmp_path: Path) -> None:
+    layer = BlockLayer()
+    for options in ('{"offset": 5}', '{"read-only": true}'):
+        with pytest.raises(BlockError) as err:
+            await layer.create("d", options)
+        assert err.value.errno == errno.EINVAL
+    with pytest.raises(OptionError) as err:
+        await layer.create("d", f"{tmp_path}/x.img,offset=5")
+    assert "explicit driver" in str(err.value)
+    assert layer.graph.nodes == {}
