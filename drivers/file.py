@@ -37,6 +37,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 class FileDriver(BlockDriver):
     name = "file"
+    growable = True
     options = {
         "filename": Option("str", REQUIRED, "path of the host image file"),
         "locking": Option("enum", "auto", "QEMU-compatible image locking (auto: where the "

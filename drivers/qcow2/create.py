@@ -1,0 +1,116 @@
+"""Laying out a new qcow2 image, as ``qemu-img create -f qcow2`` does.
+
+Layout: the header (with extensions and the backing file name) in cluster 0, then the
+refcount table, the refcount blocks that count every metadata cluster, and the L1 table.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import BinaryIO, Mapping
+
+from blkfs.block import BlockError
+from blkfs.block.options import parse_bool, parse_size
+from drivers.qcow2.format import (COMPRESSION_NAMES, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
+                                  MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, Header)
+from drivers.qcow2.layout import OFLAG_COPIED, Geometry, refcount_entries, set_refcount
+
+CREATE_OPTIONS = ("cluster_size", "compat", "compression_type", "extended_l2",
+                  "refcount_bits")
+
+
+def invalid(message: str) -> BlockError:
+    return BlockError(errno.EINVAL, f"qcow2: {message}")
+
+
+def build_header(size: int, options: Mapping[str, str], backing: str | None,
+                 backing_fmt: str | None) -> Header:
+    """A header for a new image from qemu-img style ``-o`` options; EINVAL names the fault."""
+    unknown = set(options) - set(CREATE_OPTIONS)
+    if unknown:
+        raise invalid(f"unknown option(s) {', '.join(sorted(unknown))} "
+                      f"(known: {', '.join(CREATE_OPTIONS)})")
+    try:
+        cluster_size = parse_size(options.get("cluster_size", "64k"))
+        refcount_bits = int(options.get("refcount_bits", "16"))
+        extended_l2 = parse_bool(options.get("extended_l2", "off"))
+    except (TypeError, ValueError) as exc:
+        raise invalid(str(exc)) from None
+    cluster_bits = cluster_size.bit_length() - 1
+    if cluster_size != 1 << cluster_bits or not MIN_CLUSTER_BITS <= cluster_bits <= \
+            MAX_CLUSTER_BITS:
+        raise invalid(f"cluster_size must be a power of two from 512 to 2M (got {cluster_size})")
+    if refcount_bits not in (1, 2, 4, 8, 16, 32, 64):
+        raise invalid(f"refcount_bits must be a power of two up to 64 (got {refcount_bits})")
+    compat = options.get("compat", "1.1")
+    if compat not in ("1.1", "0.10", "v3", "v2"):
+        raise invalid(f"compat must be 1.1 or 0.10 (got {compat})")
+    version = 3 if compat in ("1.1", "v3") else 2
+    compression = options.get("compression_type", "zlib")
+    types = {name: number for number, name in COMPRESSION_NAMES.items()}
+    if compression not in types:
+        raise invalid(f"compression_type must be zlib or zstd (got {compression})")
+    if version == 2 and (refcount_bits != 16 or extended_l2 or compression != "zlib"):
+        raise invalid("compat=0.10 images have 16-bit refcounts, zlib and no extended L2")
+    if extended_l2 and cluster_size < 16384:
+        raise invalid("extended_l2 needs a cluster_size of at least 16k")
+    incompatible = (INCOMPAT_EXTL2 if extended_l2 else 0) | \
+        (INCOMPAT_COMPRESSION if types[compression] else 0)
+    header = Header(version=version, backing_file_offset=0, backing_file_size=0,
+                    cluster_bits=cluster_bits, size=size, crypt_method=0, l1_size=0,
+                    l1_table_offset=0, refcount_table_offset=0, refcount_table_clusters=0,
+                    nb_snapshots=0, snapshots_offset=0, incompatible_features=incompatible,
+                    refcount_order=refcount_bits.bit_length() - 1,
+                    header_length=112 if version == 3 else 72,
+                    compression_type=types[compression])
+    for table in (True, False):
+        header.with_feature_table = table
+        header = header.with_backing(backing, backing_fmt)
+        if len(header.pack()) + header.backing_file_size <= cluster_size:
+            return header
+    raise invalid("the backing file name does not fit in the first cluster")
+
+
+def layout(header: Header) -> bytes:
+    """Every metadata cluster of a new, empty image, cluster 0 first."""
+    cluster = header.cluster_size
+    geometry = Geometry(header.cluster_bits, header.extended_l2)
+    header.l1_size = geometry.l1_size_for(header.size)
+    l1_clusters = max(1, -(-header.l1_size * 8 // cluster))
+    per_block = refcount_entries(header.cluster_bits, header.refcount_order)
+    table_clusters, blocks = 1, 1
+    while True:  # the refcount structures count themselves: iterate to a fixed point
+        total = 1 + table_clusters + blocks + l1_clusters
+        need_blocks = -(-total // per_block)
+        need_table = -(-need_blocks * 8 // cluster)
+        if (need_blocks, need_table) == (blocks, table_clusters):
+            break
+        blocks, table_clusters = max(blocks, need_blocks), max(table_clusters, need_table)
+    header.refcount_table_offset = cluster
+    header.refcount_table_clusters = table_clusters
+    first_block = 1 + table_clusters
+    header.l1_table_offset = (first_block + blocks) * cluster
+    image = bytearray(total * cluster)
+    head = header.pack() + (header.backing_file or "").encode()
+    image[:len(head)] = head
+    for i in range(blocks):
+        entry = (first_block + i) * cluster
+        image[cluster + 8 * i:cluster + 8 * i + 8] = entry.to_bytes(8, "big")
+    refcounts = bytearray(blocks * cluster)
+    for cluster_index in range(total):
+        block, index = divmod(cluster_index, per_block)
+        view = memoryview(refcounts)[block * cluster:(block + 1) * cluster]
+        set_refcount(view, index, header.refcount_order, 1)  # type: ignore[arg-type]
+    image[first_block * cluster:(first_block + blocks) * cluster] = refcounts
+    return bytes(image)
+
+
+def write_image(file: BinaryIO, size: int, options: Mapping[str, str],
+                backing: str | None, backing_format: str | None) -> None:
+    """Lay out a new empty qcow2 image in ``file``."""
+    if size % 512:
+        raise invalid(f"the virtual size must be a multiple of 512 bytes (got {size})")
+    file.write(layout(build_header(size, options, backing, backing_format)))
+
+
+__all__ = ["CREATE_OPTIONS", "write_image"]
