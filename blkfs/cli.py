@@ -26,6 +26,7 @@ import trio
 
 from blkfs import imagecmd
 from blkfs.control import COMMANDS, REPORTS
+from blkfs.errors import BlockError
 from blkfs.server import BackendSpec, MountConfig, serve
 
 log = logging.getLogger("blkfs")
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except UsageError as exc:
+    except (UsageError, BlockError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         return 130

@@ -7,7 +7,7 @@ and nbdkit's offset filter do.
 from __future__ import annotations
 
 import errno
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping
 
 from blkfs.block import BlockDriver, BlockError, ChildSpec, Extent, Option
 
@@ -32,6 +32,18 @@ class RawDriver(BlockDriver):
     @classmethod
     def probe(cls, header: bytes, filename: str) -> int:
         return 1
+
+    @classmethod
+    def create(cls, file: BinaryIO, size: int, options: Mapping[str, str],
+               backing: str | None, backing_format: str | None) -> None:
+        """A sparse file of ``size`` bytes, as ``qemu-img create -f raw``."""
+        if options:
+            raise BlockError(errno.EINVAL, f"raw: unknown option(s) {', '.join(sorted(options))}"
+                                           " (raw images take none)")
+        if backing:
+            raise BlockError(errno.EINVAL, "raw: raw images cannot have a backing file "
+                                           "(use -f qcow2 for an overlay)")
+        file.truncate(size)
 
     async def read(self, offset: int, buf: memoryview) -> None:
         await self.child("file").readinto(self.offset + offset, buf)

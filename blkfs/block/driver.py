@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 from enum import Flag
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Mapping
 
 from blkfs.block.options import COMMON_OPTIONS, ChildSpec, Option
 from blkfs.errors import BlockError
@@ -53,6 +53,10 @@ class BlockDriver:
     is_format: ClassVar[bool] = False
     """A format may be chosen by probing (see :meth:`probe`)."""
 
+    growable: ClassVar[bool] = False
+    """Writes past the end extend the node (a protocol over a host file), as a format driver
+    needs when it appends clusters."""
+
     request_alignment: int = 1
     """Smallest unit the driver can address; the layer read-modify-writes around it."""
 
@@ -76,6 +80,14 @@ class BlockDriver:
         """How sure this format is that ``header`` (the first bytes of a file) is its own;
         0 for no. Only format drivers are asked."""
         return 0
+
+    @classmethod
+    def create(cls, file: BinaryIO, size: int, options: Mapping[str, str],
+               backing: str | None, backing_format: str | None) -> None:
+        """Lay out a new empty image of ``size`` bytes in the (new, empty) ``file``, with
+        ``qemu-img create -o`` style ``options``; raise EINVAL for options it cannot honour.
+        Only format drivers create images; the layer creates, syncs and cleans up the file."""
+        raise BlockError(errno.ENOTSUP, f"{cls.name} cannot create images")
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         """Set the driver up from validated option values. Auto children are already attached;

@@ -108,13 +108,16 @@ class Graph:
                               f"(got {tree['read-only']!r})") from None
         file_node = await self.open_node(tree["file"], read_only=ro)
         try:
-            tree["driver"] = await self._probe(file_node)
+            tree["driver"] = await self.probe(file_node)
             tree["file"] = file_node.name
             return await self._open(tree, read_only)
         finally:
             await self.unref(file_node)
 
-    async def _probe(self, file_node: Node) -> str:
+    async def probe(self, file_node: Node) -> str:
+        """The format of the image in ``file_node``: the best-scoring format driver, else raw
+        (and once raw, always raw for that file: a guest writing a qcow2 header into a raw
+        image must not turn it into a qcow2 next time)."""
         header = bytes(await _read_head(file_node))
         filename = str(file_node.values.get("filename", ""))
         if filename and self.policy.key(filename) in self._probed_raw:

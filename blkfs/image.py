@@ -1,0 +1,125 @@
+"""Creating and inspecting image files (``blkfs image``), with no mount and no QEMU.
+
+Both go through the same graph and drivers as a mount does: ``create`` asks the format
+driver to lay out the new file, ``info`` opens the image read-only (sharing QEMU's image
+locks) and describes each layer of its backing chain.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any, Mapping
+
+from blkfs.block.graph import Graph
+from blkfs.block.node import Node
+from blkfs.block.options import parse_size
+from blkfs.errors import BlockError
+
+__all__ = ["create_image", "image_info"]
+
+
+async def create_image(filename: str, fmt: str, size: int | str | None = None, *,
+                       backing: str | None = None, backing_format: str | None = None,
+                       options: Mapping[str, str] | None = None) -> None:
+    """Create a new image; never replaces an existing file.
+
+    ``backing`` is named as it will be stored (relative names are relative to the new image's
+    directory, as QEMU resolves them). Its format is probed if not given and then recorded,
+    and it gives the size if ``size`` is None.
+    """
+    graph = Graph()
+    cls = graph.drivers.get(fmt)
+    if not cls.is_format:
+        raise BlockError(errno.EINVAL, f"'{fmt}' is not an image format "
+                                       f"(formats: {', '.join(format_names(graph))})")
+    if backing is not None:
+        backing_format, backing_size = await _inspect_backing(graph, filename, backing,
+                                                              backing_format)
+        size = backing_size if size is None else size
+    if size is None:
+        raise BlockError(errno.EINVAL, "a size is needed (or a backing file to take it from)")
+    try:
+        size = parse_size(size)
+    except (TypeError, ValueError) as exc:
+        raise BlockError(errno.EINVAL, f"size {size!r}: {exc}") from None
+    try:
+        file = open(filename, "xb")
+    except FileExistsError:
+        raise BlockError(errno.EEXIST, f"{filename} exists; blkfs never overwrites an image "
+                                       "(remove it first)") from None
+    except OSError as exc:
+        raise BlockError(exc.errno or errno.EIO, f"cannot create {filename}: "
+                                                 f"{exc.strerror}") from None
+    try:
+        with file:
+            cls.create(file, size, dict(options or {}), backing, backing_format)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        os.unlink(filename)
+        raise
+
+
+def format_names(graph: Graph) -> list[str]:
+    return sorted(cls.name for cls in graph.drivers.formats())
+
+
+async def _inspect_backing(graph: Graph, filename: str, backing: str,
+                           backing_format: str | None) -> tuple[str, int]:
+    """The backing file's format and virtual size; it must open."""
+    path = os.path.join(os.path.dirname(os.path.abspath(filename)), backing)
+    file_options = {"driver": "file", "filename": path}
+    root = await graph.open_node({"driver": backing_format, "file": file_options}
+                                 if backing_format else {"file": file_options},
+                                 read_only=True)
+    try:
+        return root.driver.name, root.size
+    finally:
+        await graph.unref(root)
+
+
+async def image_info(filename: str) -> dict[str, Any]:
+    """Format, sizes, format details and the backing chain of an image, as plain data.
+
+    A backing file that cannot be opened does not hide the image's own facts: its layer is
+    reported with the error.
+    """
+    graph = Graph()
+    file_node = await graph.open_node({"driver": "file", "filename": filename,
+                                       "read-only": True})
+    try:
+        fmt = await graph.probe(file_node)
+        tree: dict[str, Any] = {"driver": fmt, "file": file_node.name, "read-only": True}
+        backing_error = None
+        try:
+            root = await graph.open_node(tree)
+        except BlockError as exc:
+            if "backing" not in graph.drivers.get(fmt).children:
+                raise
+            backing_error = str(exc)
+            root = await graph.open_node({**tree, "backing": None})
+    finally:
+        await graph.unref(file_node)
+    try:
+        chain = [await _describe_layer(root)]
+        node = root
+        while "backing" in node.children:
+            node = node.children["backing"].node
+            chain.append(await _describe_layer(node))
+        if backing_error:
+            chain.append({"error": backing_error})
+        return {**chain[0], "backing-chain": chain[1:]}
+    finally:
+        await graph.unref(root)
+
+
+async def _describe_layer(node: Node) -> dict[str, Any]:
+    file = node.children.get("file")
+    return {
+        "filename": file.node.values.get("filename") if file else None,
+        "format": node.driver.name,
+        "virtual-size": node.size,
+        "disk-size": await node.driver.allocated_bytes(),
+        "format-specific": node.driver.info(),
+    }
