@@ -31,6 +31,7 @@ REQUIRED: Any = object()
 
 _SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
                   "p": 1 << 50, "e": 1 << 60}
+_NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?\s*$", re.IGNORECASE)
 _TRUE = {"on", "true", "yes", "1"}
 _FALSE = {"off", "false", "no", "0"}
@@ -300,7 +301,8 @@ def validate(driver: str, declared: Mapping[str, Option], roles: Mapping[str, Ch
             if raw is not None and not isinstance(raw, (dict, str)):
                 raise OptionError(
                     f"{driver}: child '{key}' must be options or a node name (got {raw!r})")
-            result.children[key] = raw
+            # "null" is how the dotted syntax (and status output) spells JSON's null
+            result.children[key] = None if raw == "null" else raw
             continue
         flat = flatten({key: raw}) if isinstance(raw, dict) else {key: raw}
         for name, value in flat.items():
@@ -309,6 +311,10 @@ def validate(driver: str, declared: Mapping[str, Option], roles: Mapping[str, Ch
                 known = ", ".join(sorted([*declared, *roles])) or "none besides the common ones"
                 raise OptionError(f"{driver}: unknown option '{name}' (known: {known})")
             result.values[name] = opt.parse(driver, name, value)
+    node_name = result.values.get("node-name")
+    if node_name is not None and (not _NODE_NAME_RE.match(node_name) or node_name == "null"):
+        raise OptionError(f"{driver}: node-name {node_name!r} is invalid (a letter, then up "
+                          "to 63 letters, digits, '-', '.' or '_'; 'null' means no child)")
     if partial:
         return result
     for name, opt in schema.items():

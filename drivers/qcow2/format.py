@@ -138,8 +138,10 @@ def feature_table() -> bytes:
 
 def parse_header(data: bytes) -> Header:
     """Parse the first cluster of an image; FormatError for anything malformed or hostile."""
-    if len(data) < V2_HEADER.size or data[:4] != MAGIC:
+    if data[:4] != MAGIC:
         raise FormatError("not a qcow2 image (bad magic)")
+    if len(data) < V2_HEADER.size:
+        raise FormatError(f"truncated header ({len(data)} of {V2_HEADER.size} bytes)")
     fields = V2_HEADER.unpack_from(data)
     header = Header(*fields[1:])
     if header.version not in (2, 3):

@@ -1,0 +1,53 @@
+"""Every kind of image qemu-img writes reads through the mount exactly as QEMU reads it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.compat.peers import MATRIX, make_matrix, to_raw
+from tests.conftest import needs_fuse, needs_qemu
+from tests.helpers import Mount, force_unmount, mounted
+
+pytestmark = [needs_fuse, needs_qemu]
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, dict[str, bytes]]]:
+    """One mount serving the whole matrix read-only, and QEMU's reading of each image."""
+    root = tmp_path_factory.mktemp("qcow2-read")
+    images = make_matrix(root / "img")
+    expected = {name: to_raw(path) for name, path in images.items()}
+    config = root / "blkfs.toml"
+    config.write_text("".join(f'[backends.{name}]\noptions = "{path}"\nread-only = true\n'
+                              for name, path in images.items()))
+    mount = Mount.start(root / "mnt", "--config", str(config), "--image-dir", str(root / "img"))
+    try:
+        yield mount, expected
+    finally:
+        mount.stop()
+        if mounted(mount.path):
+            force_unmount(mount.path)
+
+
+@pytest.mark.parametrize("name", sorted(MATRIX))
+def test_cat_equals_qemu_img_convert(matrix: tuple[Mount, dict[str, bytes]], name: str) -> None:
+    mount, expected = matrix
+    data = subprocess.run(["cat", str(mount / name)], capture_output=True, check=True).stdout
+    assert len(data) == len(expected[name])
+    assert data == expected[name]
+
+
+@pytest.mark.parametrize("name", ["zero-kinds-extl2", "subclusters-over-backing", "zlib-c4k"])
+def test_unaligned_reads_across_clusters(matrix: tuple[Mount, dict[str, bytes]],
+                                         name: str) -> None:
+    mount, expected = matrix
+    data = expected[name]
+    with open(mount / name, "rb", buffering=0) as f:
+        for offset, length in [(1, 511), (4095, 2), (65535, 65538), (131071, 300000),
+                               (len(data) - 3, 3)]:
+            assert os.pread(f.fileno(), length, offset) == data[offset:offset + length]

@@ -1,0 +1,225 @@
+"""What blkfs writes, QEMU reads: random writes, zero writes, discards and a resize through
+blkfs leave images that ``qemu-img check`` passes and ``qemu-img compare`` finds identical
+to a raw file that received the same operations."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from blkfs.backend import BlockLayer
+from blkfs.image import create_image
+from tests.compat.peers import MiB, check, convert, create, qemu, qemu_io, source, to_raw
+from tests.conftest import needs_fuse, needs_qemu
+from tests.helpers import Mount, blkfs
+
+pytestmark = [needs_qemu]
+
+VARIANTS: dict[str, Callable[[Path], Path]] = {
+    "v3-64k": lambda d: create(d, "img.qcow2"),
+    "c512": lambda d: create(d, "img.qcow2", "cluster_size=512"),
+    "c4k-refcount1": lambda d: create(d, "img.qcow2", "cluster_size=4k,refcount_bits=1"),
+    "refcount64": lambda d: create(d, "img.qcow2", "refcount_bits=64"),
+    "extl2": lambda d: create(d, "img.qcow2", "extended_l2=on"),
+    "v2": lambda d: create(d, "img.qcow2", "compat=0.10"),
+    "compressed": lambda d: convert(d, "img", "cluster_size=16k", compress=True),
+    "overlay": lambda d: create(d, "img.qcow2", backing=convert(d, "base").name),
+    "overlay-v2": lambda d: create(d, "img.qcow2", "compat=0.10",
+                                   backing=convert(d, "base", "compat=0.10").name),
+    "overlay-extl2": lambda d: create(d, "img.qcow2", "extended_l2=on,cluster_size=32k",
+                                      backing=convert(d, "base").name),
+    "overlay-short-raw-backing": lambda d: create(
+        d, "img.qcow2", backing=source(d / "base.raw", size=MiB).name, backing_fmt="raw"),
+}
+
+
+def random_ops(rng: random.Random, size: int, count: int) -> list[tuple[str, int, int]]:
+    """(kind, offset, length): unaligned data writes, zero writes of every shape, and one
+    resize (offset = new size) somewhere in the middle."""
+    ops: list[tuple[str, int, int]] = []
+    resize_at = count // 2
+    for i in range(count):
+        if i == resize_at:
+            size += rng.choice((64 << 10, MiB + 512, 3 * MiB))
+            ops.append(("resize", size, 0))
+            continue
+        length = rng.choice((1, 511, 4096, 65536, 70000, 300000, MiB + 3))
+        offset = rng.randrange(0, max(1, size - length))
+        if rng.random() < 0.3:
+            offset -= offset % 65536  # cluster-aligned sometimes, so whole clusters change
+        ops.append((rng.choice(("data", "data", "zeros")), offset, min(length, size - offset)))
+    return ops
+
+
+@needs_fuse
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_mount_writes_pass_check_and_compare(mount_factory: Callable[..., Mount],
+                                             images: Path, variant: str) -> None:
+    """Zero writes arrive as write_zeroes with unmap (detect-zeroes=unmap), as a guest's
+    do over virtio-blk with discard=unmap."""
+    image = VARIANTS[variant](images)
+    reference = images / "reference.raw"
+    reference.write_bytes(to_raw(image))
+    mount = mount_factory("--image-dir", str(images), "--backend",
+                          f"d=driver=qcow2,detect-zeroes=unmap,file.driver=file,"
+                          f"file.filename={image}")
+    rng = random.Random(variant)
+    disk = os.open(mount / "d", os.O_RDWR)
+    ref = os.open(reference, os.O_RDWR)
+    try:
+        for kind, offset, length in random_ops(rng, os.fstat(disk).st_size, 40):
+            if kind == "resize":
+                os.truncate(mount / "d", offset)
+                os.ftruncate(ref, offset)
+                continue
+            data = rng.randbytes(length) if kind == "data" else bytes(length)
+            assert os.pwrite(disk, data, offset) == length
+            os.pwrite(ref, data, offset)
+        os.fsync(disk)
+        assert os.pread(disk, os.fstat(ref).st_size + 1, 0) == reference.read_bytes()
+    finally:
+        os.close(disk)
+        os.close(ref)
+    mount.stop()
+    check(image)
+    assert "Images are identical" in qemu("qemu-img", "compare", "-f", "raw", "-F", "qcow2",
+                                          reference, image)
+
+
+@pytest.mark.parametrize("variant", ["v3-64k", "c512", "extl2", "v2", "overlay", "overlay-v2",
+                                     "compressed"])
+async def test_discards_and_zero_writes_through_the_backend_api(images: Path,
+                                                                variant: str) -> None:
+    """Discard is advisory: afterwards each byte reads as before or as zero, and QEMU reads
+    what blkfs reads."""
+    image = VARIANTS[variant](images)
+    model = bytearray(to_raw(image))
+    layer = BlockLayer()
+    backend = await layer.create("d", f"driver=qcow2,file.driver=file,file.filename={image}")
+    rng = random.Random(variant)
+    try:
+        for _ in range(60):
+            kind = rng.choice(("data", "discard", "discard", "zeroes"))
+            length = rng.choice((1, 4096, 65536, 200000, MiB))
+            offset = rng.randrange(len(model) - length)
+            if kind == "data":
+                data = rng.randbytes(length)
+                await backend.write(offset, data)
+                model[offset:offset + length] = data
+            elif kind == "zeroes":
+                await backend.write_zeroes(offset, length, unmap=rng.random() < 0.5)
+                model[offset:offset + length] = bytes(length)
+            else:
+                await backend.discard(offset, length)
+                after = await backend.read(offset, length)
+                before = model[offset:offset + length]
+                assert all(a in (b, 0) for a, b in zip(after, before))
+                model[offset:offset + length] = after
+        assert await backend.read(0, len(model)) == model
+    finally:
+        await layer.close()
+    check(image)
+    assert to_raw(image) == model
+
+
+CREATE_OPTIONS = [
+    "",
+    "cluster_size=512",
+    "cluster_size=2M",
+    "compat=0.10",
+    "refcount_bits=1",
+    "refcount_bits=64,cluster_size=4k",
+    "extended_l2=on",
+    "compression_type=zstd",
+]
+
+
+@pytest.mark.parametrize("options", CREATE_OPTIONS)
+def test_created_images_pass_check_and_show_the_options(images: Path, options: str) -> None:
+    image = images / "new.qcow2"
+    args = ["image", "create", "-f", "qcow2", str(image), "5G"]
+    blkfs(*args, *(["-o", options] if options else []))
+    check(image)
+    info = json.loads(qemu("qemu-img", "info", "--output=json", image))
+    wanted = dict(item.split("=") for item in options.split(",") if item)
+    specific = info["format-specific"]["data"]
+    assert info["virtual-size"] == 5 << 30
+    assert info["cluster-size"] == {"512": 512, "2M": 2 * MiB, "4k": 4096}.get(
+        wanted.get("cluster_size", ""), 65536)
+    assert specific["compat"] == wanted.get("compat", "1.1")
+    assert specific["refcount-bits"] == int(wanted.get("refcount_bits", 16))
+    if specific["compat"] == "1.1":
+        assert specific["extended-l2"] == (wanted.get("extended_l2") == "on")
+        assert specific["compression-type"] == wanted.get("compression_type", "zlib")
+    qemu_io(image, "qcow2", "write -P 0x5a 1G 3M", "read -P 0x5a 1G 3M")
+    check(image)
+
+
+def test_create_refuses_bad_input_and_changes_nothing(images: Path) -> None:
+    image = images / "x.qcow2"
+    for args, message in [
+        (["-o", "cluster_size=3k"], "cluster_size must be a power of two"),
+        (["-o", "refcount_bits=3"], "refcount_bits"),
+        (["-o", "bogus=1"], "unknown option"),
+        (["-o", "compat=0.10,extended_l2=on"], "compat=0.10"),
+        (["-b", "missing.qcow2"], "missing.qcow2"),
+    ]:
+        result = blkfs("image", "create", "-f", "qcow2", *args, str(image), "1M", check=False)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert not image.exists()
+    image.write_bytes(b"precious")
+    result = blkfs("image", "create", "-f", "raw", str(image), "1M", check=False)
+    assert result.returncode == 1 and "never overwrites" in result.stderr
+    assert image.read_bytes() == b"precious"
+
+
+@needs_fuse
+def test_a_chain_blkfs_wrote_reads_back_in_qemu(mount_factory: Callable[..., Mount],
+                                                images: Path) -> None:
+    """base and overlay made by ``blkfs image create``, written through the mount; QEMU's
+    convert of the overlay sees both layers, and ``blkfs image info`` reports the chain."""
+    base, top = images / "base.qcow2", images / "top.qcow2"
+    blkfs("image", "create", "-f", "qcow2", "-o", "cluster_size=4k", str(base), "8M")
+    rng = random.Random(5)
+    model = bytearray(8 * MiB)
+    for image in (base, top):
+        if image is top:
+            blkfs("image", "create", "-f", "qcow2", "-b", base.name, str(top))
+        mount = mount_factory("--image-dir", str(images), "--backend", f"d={image}")
+        with open(mount / "d", "r+b", buffering=0) as disk:
+            for _ in range(30):
+                offset, data = rng.randrange(len(model) - 70000), rng.randbytes(70000)
+                disk.seek(offset)
+                disk.write(data)
+                model[offset:offset + len(data)] = data
+        mount.stop()
+    for image in (base, top):
+        check(image)
+    assert to_raw(top) == model
+    info = json.loads(blkfs("image", "info", "--json", str(top)).stdout)
+    assert info["format-specific"]["backing-filename"] == base.name
+    assert [layer["filename"] for layer in info["backing-chain"]] == [str(base)]
+    qemu_info = json.loads(qemu("qemu-img", "info", "--output=json", top))
+    assert qemu_info["backing-filename-format"] == "qcow2"
+    assert qemu_info["virtual-size"] == info["virtual-size"]
+
+
+def test_image_info_reads_what_qemu_made_and_survives_a_missing_backing(images: Path) -> None:
+    base = convert(images, "base", "cluster_size=8k")
+    top = create(images, "top.qcow2", "compression_type=zstd", backing=base.name)
+    info = json.loads(blkfs("image", "info", "--json", str(top)).stdout)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 4 * MiB
+    assert info["format-specific"]["compression-type"] == "zstd"
+    assert info["backing-chain"][0]["format-specific"]["cluster-size"] == 8192
+    base.unlink()
+    info = json.loads(blkfs("image", "info", "--json", str(top)).stdout)
+    assert info["format"] == "qcow2"
+    assert "base.qcow2" in info["backing-chain"][0]["error"]
+    human = blkfs("image", "info", str(top)).stdout
+    assert "virtual size: 4 MiB" in human and "unreadable" in human
