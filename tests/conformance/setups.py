@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from blkfs.block.registry import default_registry
+
 SIZE = 1 << 20
 
 
@@ -26,6 +28,7 @@ class Setup:
     """Writes whatever files the medium needs under the path; returns its options."""
     keeps_data: bool = True
     resizable: bool = True
+    shrinkable: bool = True
     host_file: str | None = "disk.img"
     """Where the data lands on the host, byte for byte (None if not a raw mapping)."""
     host_offset: int = 0
@@ -40,6 +43,15 @@ def _raw_file(tmp: Path, size: int = SIZE, prefix: bytes = b"") -> Path:
 SLICE_OFFSET = 12345
 
 
+def _qcow2_overlay(tmp: Path, **options: str) -> str:
+    """A qcow2 overlay whose data all comes from a raw backing file, so reads, writes and
+    discards go through the backing chain and copy-on-write."""
+    _raw_file(tmp)
+    with open(tmp / "top.qcow2", "xb") as f:
+        default_registry().get("qcow2").create(f, SIZE, options, "disk.img", "raw")
+    return str(tmp / "top.qcow2")
+
+
 SETUPS: list[Setup] = [
     Setup("file", lambda tmp: f"driver=file,filename={_raw_file(tmp)}"),
     Setup("raw", lambda tmp: f"driver=raw,file.driver=file,file.filename={_raw_file(tmp)}"),
@@ -49,4 +61,13 @@ SETUPS: list[Setup] = [
                        f"file.filename={_raw_file(tmp, SIZE + 4096, os.urandom(SLICE_OFFSET))}"),
           resizable=False, host_offset=SLICE_OFFSET),
     Setup("null", lambda tmp: f"driver=null,size={SIZE}", keeps_data=False, host_file=None),
+    Setup("qcow2", _qcow2_overlay, host_file=None, shrinkable=False),
+    Setup("qcow2-small-clusters",
+          lambda tmp: _qcow2_overlay(tmp, cluster_size="512", refcount_bits="1"),
+          host_file=None, shrinkable=False),
+    Setup("qcow2-subclusters",
+          lambda tmp: _qcow2_overlay(tmp, extended_l2="on", compat="1.1"),
+          host_file=None, shrinkable=False),
+    Setup("qcow2-v2", lambda tmp: _qcow2_overlay(tmp, compat="0.10"),
+          host_file=None, shrinkable=False),
 ]
