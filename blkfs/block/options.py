@@ -16,14 +16,16 @@ Everything here is a function of values: no files, no trio.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Literal, Mapping
 
 from blkfs.errors import OptionError
 
-OptionType = Literal["str", "int", "size", "bool", "enum", "float"]
+OptionType = Literal["str", "int", "size", "bool", "enum", "float", "duration", "errno"]
 Tree = dict[str, Any]
 
 REQUIRED: Any = object()
@@ -97,8 +99,12 @@ def parse_size(raw: Any) -> int:
     if not match:
         raise ValueError("must be a size such as 65536, 64k, 10M or 2G")
     number, suffix = match.groups()
-    value = float(number) * _SIZE_SUFFIXES[suffix.lower()]
-    if value != int(value):
+    if len(number) > 40:  # far beyond 2**64 already; spares int() a huge string
+        raise ValueError("is too large")
+    value = Fraction(number) * _SIZE_SUFFIXES[suffix.lower()]  # exact, unlike float
+    if value >= 1 << 64:
+        raise ValueError("is too large")
+    if value.denominator != 1:
         raise ValueError("must be a whole number of bytes")
     return int(value)
 
@@ -126,8 +132,37 @@ def _to_enum(raw: Any, opt: Option) -> str:
     return str(raw)
 
 
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|us)?\s*$")
+_DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+def _to_duration(raw: Any, opt: Option) -> float:
+    """Seconds from a number or a string with a unit (``0.5``, ``10ms``, ``2s``)."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise TypeError("must be a duration such as 10ms, 0.5s or 2")
+    if isinstance(raw, str):
+        match = _DURATION_RE.match(raw)
+        if not match:
+            raise ValueError("must be a duration such as 10ms, 0.5s or 2")
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if raw < 0:
+        raise ValueError("must not be negative")
+    return float(raw)
+
+
+def _to_errno(raw: Any, opt: Option) -> int:
+    """An errno by number or by name (``5``, ``EIO``, ``enospc``)."""
+    if isinstance(raw, str) and raw.upper() in errno.__dict__ and raw.upper().startswith("E"):
+        return int(errno.__dict__[raw.upper()])
+    value = _to_int(raw, opt)
+    if value not in errno.errorcode:
+        raise ValueError("must be an errno such as EIO, ENOSPC or 5")
+    return value
+
+
 _CONVERTERS = {"str": _to_str, "int": _to_int, "size": _to_size, "bool": _to_bool,
-               "enum": _to_enum, "float": _to_float}
+               "enum": _to_enum, "float": _to_float, "duration": _to_duration,
+               "errno": _to_errno}
 
 
 @dataclass(frozen=True)
@@ -290,13 +325,22 @@ def _match(declared: Mapping[str, Option], name: str) -> Option | None:
     return None
 
 
+def list_options(declared: Mapping[str, Option]) -> set[str]:
+    """The names of a schema's list options (``inject-error`` for ``inject-error.*.event``)."""
+    return {name.split(".*", 1)[0] for name in declared if ".*" in name}
+
+
 def validate(driver: str, declared: Mapping[str, Option], roles: Mapping[str, ChildSpec],
              tree: Mapping[str, Any], partial: bool = False) -> Validated:
     """Type-check ``tree`` against a driver's schema; raise OptionError on the first fault.
-    ``partial`` (for reopen) checks only what is given: no defaults, nothing required."""
+    ``partial`` (for reopen) checks only what is given: no defaults, nothing required.
+    A list option given as ``none`` (or an empty JSON list) is an empty list."""
     schema = {**COMMON_OPTIONS, **declared}
+    lists = list_options(declared)
     result = Validated(values={})
     for key, raw in tree.items():
+        if key in lists and raw in ("none", {}):
+            continue
         if key in roles:
             if raw is not None and not isinstance(raw, (dict, str)):
                 raise OptionError(

@@ -76,10 +76,17 @@ def test_malformed_spellings(text: str, message: str) -> None:
     assert message in str(err.value)
 
 
-@given(st.integers(min_value=0, max_value=1 << 50),
-       st.sampled_from([("", 1), ("k", 1024), ("K", 1024), ("M", 1 << 20), ("G", 1 << 30)]))
-def test_sizes(number: int, suffix: tuple[str, int]) -> None:
-    assert parse_size(f"{number}{suffix[0]}") == number * suffix[1]
+SUFFIXES = [("", 1), ("k", 1024), ("K", 1024), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)]
+
+
+@given(st.integers(min_value=0, max_value=(1 << 64) - 1), st.sampled_from(SUFFIXES))
+def test_sizes_are_exact_up_to_64_bits(number: int, suffix: tuple[str, int]) -> None:
+    text = f"{number}{suffix[0]}"
+    if number * suffix[1] < 1 << 64:
+        assert parse_size(text) == number * suffix[1]
+    else:
+        with pytest.raises(ValueError, match="too large"):
+            parse_size(text)
 
 
 SCHEMA = {"size": Option("size", 4096, "bytes"), "mode": Option("enum", "a", choices=("a", "b")),
