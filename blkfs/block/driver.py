@@ -57,6 +57,10 @@ class BlockDriver:
     """Writes past the end extend the node (a protocol over a host file), as a format driver
     needs when it appends clusters."""
 
+    reopen_drains: ClassVar[bool] = True
+    """Reopen drains the node first. A filter whose requests may wait long (throttle, delay)
+    applies new options between requests instead, so that retuning it takes effect at once."""
+
     request_alignment: int = 1
     """Smallest unit the driver can address; the layer read-modify-writes around it."""
 

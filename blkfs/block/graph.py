@@ -8,6 +8,7 @@ and the graph is as it was.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import errno
 import itertools
@@ -15,7 +16,7 @@ import logging
 from typing import Any, Mapping
 
 from blkfs.block.node import RW, Node, Perm
-from blkfs.block.options import COMMON_OPTIONS, parse_bool, validate
+from blkfs.block.options import COMMON_OPTIONS, list_options, parse_bool, validate
 from blkfs.block.policy import HostPolicy
 from blkfs.block.registry import DriverRegistry, default_registry
 from blkfs.errors import BlockError, OptionError
@@ -168,9 +169,11 @@ class Graph:
     async def reopen(self, name: str, options: Mapping[str, Any]) -> None:
         """Change the options of a live node atomically (QEMU's blockdev-reopen).
 
-        Options not given keep their current values; children and the driver cannot be
-        changed. The node is drained, then its driver applies the new values or raises and
-        changes nothing.
+        Options not given keep their current values, except that a list option given at all
+        (``inject-error.0.event=...``, or ``inject-error=none``) replaces the whole list;
+        children and the driver cannot be changed. The node is drained (unless its driver
+        applies changes between requests itself, as filters whose requests may wait do), then
+        its driver applies the new values or raises and changes nothing.
         """
         node = self.find(name)
         cls = type(node.driver)
@@ -183,12 +186,15 @@ class Graph:
         changed_children = set(tree) & set(cls.children)
         if changed_children:
             raise OptionError(f"reopen: children cannot be changed ({', '.join(changed_children)})")
-        values = {**node.values,
-                  **validate(cls.name, cls.options, cls.children, tree, partial=True).values}
+        given = validate(cls.name, cls.options, cls.children, tree, partial=True).values
+        replaced = tuple(f"{name}." for name in list_options(cls.options) if name in tree)
+        values = {key: value for key, value in node.values.items()
+                  if not key.startswith(replaced)}
+        values.update(given)
         if values["read-only"] != node.read_only:
             raise BlockError(errno.ENOTSUP, f"reopen: node '{name}': read-only cannot be "
                                             "changed on a live node; change the medium instead")
-        async with node.drained():
+        async with node.drained() if node.driver.reopen_drains else contextlib.nullcontext():
             await node.driver.reopen(values)
             node.values = values
         log.info("reopened node %s", name)
