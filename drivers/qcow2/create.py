@@ -7,20 +7,36 @@ refcount table, the refcount blocks that count every metadata cluster, and the L
 from __future__ import annotations
 
 import errno
-from typing import BinaryIO, Mapping
+from typing import BinaryIO, Callable, Mapping, TypeVar
 
 from blkfs.block import BlockError
 from blkfs.block.options import parse_bool, parse_size
 from drivers.qcow2.format import (COMPRESSION_NAMES, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
-                                  MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, Header)
+                                  MAX_BACKING_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
+                                  Header)
 from drivers.qcow2.layout import OFLAG_COPIED, Geometry, refcount_entries, set_refcount
 
+T = TypeVar("T")
 CREATE_OPTIONS = ("cluster_size", "compat", "compression_type", "extended_l2",
                   "refcount_bits")
 
 
 def invalid(message: str) -> BlockError:
     return BlockError(errno.EINVAL, f"qcow2: {message}")
+
+
+def _parse_int(raw: str) -> int:
+    if not raw.strip().isdigit():
+        raise ValueError("must be a whole number")
+    return int(raw)
+
+
+def _parsed(options: Mapping[str, str], name: str, default: str,
+            parse: Callable[[str], T]) -> T:
+    try:
+        return parse(options.get(name, default))
+    except (TypeError, ValueError) as exc:
+        raise invalid(f"{name} {exc} (got {options[name]!r})") from None
 
 
 def build_header(size: int, options: Mapping[str, str], backing: str | None,
@@ -30,15 +46,12 @@ def build_header(size: int, options: Mapping[str, str], backing: str | None,
     if unknown:
         raise invalid(f"unknown option(s) {', '.join(sorted(unknown))} "
                       f"(known: {', '.join(CREATE_OPTIONS)})")
-    try:
-        cluster_size = parse_size(options.get("cluster_size", "64k"))
-        refcount_bits = int(options.get("refcount_bits", "16"))
-        extended_l2 = parse_bool(options.get("extended_l2", "off"))
-    except (TypeError, ValueError) as exc:
-        raise invalid(str(exc)) from None
+    cluster_size = _parsed(options, "cluster_size", "64k", parse_size)
+    refcount_bits = _parsed(options, "refcount_bits", "16", _parse_int)
+    extended_l2 = _parsed(options, "extended_l2", "off", parse_bool)
     cluster_bits = cluster_size.bit_length() - 1
-    if cluster_size != 1 << cluster_bits or not MIN_CLUSTER_BITS <= cluster_bits <= \
-            MAX_CLUSTER_BITS:
+    if cluster_size <= 0 or cluster_size != 1 << cluster_bits or \
+            not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
         raise invalid(f"cluster_size must be a power of two from 512 to 2M (got {cluster_size})")
     if refcount_bits not in (1, 2, 4, 8, 16, 32, 64):
         raise invalid(f"refcount_bits must be a power of two up to 64 (got {refcount_bits})")
@@ -63,6 +76,8 @@ def build_header(size: int, options: Mapping[str, str], backing: str | None,
                     refcount_order=refcount_bits.bit_length() - 1,
                     header_length=112 if version == 3 else 72,
                     compression_type=types[compression])
+    if backing is not None and len(backing.encode()) > MAX_BACKING_NAME:
+        raise invalid(f"the backing file name is longer than {MAX_BACKING_NAME} bytes")
     for table in (True, False):
         header.with_feature_table = table
         header = header.with_backing(backing, backing_fmt)
