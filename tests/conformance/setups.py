@@ -29,6 +29,7 @@ class Setup:
     keeps_data: bool = True
     resizable: bool = True
     shrinkable: bool = True
+    can_be_read_only: bool = True
     host_file: str | None = "disk.img"
     """Where the data lands on the host, byte for byte (None if not a raw mapping)."""
     host_offset: int = 0
@@ -70,4 +71,15 @@ SETUPS: list[Setup] = [
           host_file=None, shrinkable=False),
     Setup("qcow2-v2", lambda tmp: _qcow2_overlay(tmp, compat="0.10"),
           host_file=None, shrinkable=False),
+    Setup("throttle",
+          lambda tmp: (f"driver=throttle,limits.bps-total=1G,limits.iops-total=100000,"
+                       f"file.driver=file,file.filename={_raw_file(tmp)}")),
+    Setup("blkdebug", lambda tmp: f"driver=blkdebug,image.driver=file,"
+                                  f"image.filename={_raw_file(tmp)}"),
+    Setup("blkdebug-align-4k",
+          lambda tmp: f"driver=blkdebug,align=4k,image.driver=file,image.filename={_raw_file(tmp)}"),
+    Setup("copy-on-read",
+          lambda tmp: f"driver=copy-on-read,file.driver=qcow2,file.file.driver=file,"
+                      f"file.file.filename={_qcow2_overlay(tmp)}",
+          host_file=None, shrinkable=False, can_be_read_only=False),
 ]
