@@ -1,4 +1,4 @@
-"""``blkfs image create`` and ``blkfs image info``: qemu-img's two everyday verbs, no QEMU
+"""``blkfs image create``, ``info`` and ``check``: qemu-img's everyday verbs, no QEMU
 needed."""
 
 from __future__ import annotations
@@ -6,12 +6,16 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import sys
 from typing import Any
 
 import trio
 
 from blkfs.errors import BlockError
-from blkfs.image import create_image, image_info
+from blkfs.image import check_image, create_image, image_info
+
+CHECK_CLEAN, CHECK_FAILED, CHECK_CORRUPT, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 1, 2, 3, 63
+"""``blkfs image check`` exit statuses, those of ``qemu-img check``."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +38,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("file")
     info.set_defaults(func=cmd_info)
+
+    check = verbs.add_parser(
+        "check", help="check an image's metadata; repair leaked clusters",
+        description="Exit status as qemu-img check: 0 clean, 2 corruptions, 3 leaked "
+                    "clusters only, 1 the check could not be done, 63 the format has no "
+                    "metadata to check.")
+    check.add_argument("-r", "--repair", choices=["leaks"],
+                       help="lower leaked refcounts (only on an image with no corruption)")
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check)
 
 
 def parse_create_options(items: list[str]) -> dict[str, str]:
@@ -64,6 +79,62 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print(describe(info))
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    repair = args.repair == "leaks"
+    try:
+        report = trio.run(check_image, args.file, repair)
+        if report["leaks-fixed"]:
+            fixed = report
+            report = trio.run(check_image, args.file, False)  # double-check, as qemu-img
+            report["leaks-fixed"] = fixed["leaks-fixed"]
+    except BlockError as exc:
+        if exc.errno == errno.ENOTSUP:
+            print(f"blkfs: {args.file}: {exc}", file=sys.stderr)
+            return CHECK_UNSUPPORTED
+        if args.json:
+            print(json.dumps({"filename": args.file, "error": str(exc)}, indent=2))
+        print(f"blkfs: check failed: {exc}", file=sys.stderr)
+        return CHECK_FAILED
+    print(json.dumps(report, indent=2) if args.json else describe_check(report, repair))
+    if report["check-errors"]:
+        return CHECK_FAILED
+    if report["corruptions"]:
+        return CHECK_CORRUPT
+    return CHECK_LEAKS if report["leaks"] else CHECK_CLEAN
+
+
+def describe_check(report: dict[str, Any], repair: bool) -> str:
+    """The human form, worded like ``qemu-img check``."""
+    lines = list(report["messages"])
+    if lines:
+        lines.append("")
+    if report["leaks-fixed"]:
+        lines += ["The following inconsistencies were found and repaired:", "",
+                  f"    {report['leaks-fixed']} leaked clusters", "    0 corruptions", ""]
+    if report["corruptions"]:
+        lines += [f"{report['corruptions']} errors were found on the image.",
+                  "Data may be corrupted, or further writes to the image may corrupt it."]
+        if repair and report["leaks"]:
+            lines.append("Leaks are not repaired on a corrupt image.")
+        lines.append("")
+    if report["leaks"]:
+        lines += [f"{report['leaks']} leaked clusters were found on the image.",
+                  "This means waste of disk space, but no harm to data.", ""]
+    if report["check-errors"]:
+        lines += [f"{report['check-errors']} internal errors have occurred during the check.",
+                  ""]
+    if not (report["corruptions"] or report["leaks"] or report["check-errors"]):
+        lines.append("No errors were found on the image.")
+    total = report["total-clusters"]
+    allocated = report["allocated-clusters"]
+    share = 100 * allocated / total if total else 0.0
+    compressed = 100 * report["compressed-clusters"] / allocated if allocated else 0.0
+    lines.append(f"{allocated}/{total} = {share:.2f}% allocated, {compressed:.2f}% "
+                 "compressed clusters")
+    lines.append(f"Image end offset: {report['image-end-offset']}")
+    return "\n".join(lines)
 
 
 def describe(info: dict[str, Any]) -> str:

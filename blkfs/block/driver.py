@@ -93,6 +93,14 @@ class BlockDriver:
         Only format drivers create images; the layer creates, syncs and cleans up the file."""
         raise BlockError(errno.ENOTSUP, f"{cls.name} cannot create images")
 
+    @classmethod
+    async def check(cls, file: Child, repair: bool) -> dict[str, Any]:
+        """Check the metadata of the image in ``file`` as ``qemu-img check`` does, and with
+        ``repair`` lower leaked refcounts; returns qemu-img's JSON fields (``corruptions``,
+        ``leaks``, ``leaks-fixed``, ``check-errors``, ``messages``, ...). Only formats with
+        metadata check anything."""
+        raise BlockError(errno.ENOTSUP, f"{cls.name} images have no metadata to check")
+
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         """Set the driver up from validated option values. Auto children are already attached;
         ``children`` holds the raw options of the others (missing, None, dict or node name)."""

@@ -26,8 +26,10 @@ from typing import Any, BinaryIO, Mapping
 import trio
 import zstandard
 
-from blkfs.block import BlockDriver, BlockError, ChildSpec, Extent, Option, Perm, Status
+from blkfs.block import (BlockDriver, BlockError, Child, ChildSpec, Extent, Option, Perm,
+                         Status)
 from drivers.qcow2.cache import TableCache
+from drivers.qcow2.check import check_child, repair_on_open
 from drivers.qcow2.create import write_image
 from drivers.qcow2.format import (COMPRESSION_NAMES, COMPRESSION_ZSTD, INCOMPAT_CORRUPT,
                                   INCOMPAT_DIRTY, INCOMPAT_KNOWN, INCOMPAT_NAMES, MAGIC,
@@ -85,6 +87,10 @@ class Qcow2Driver(BlockDriver):
                backing: str | None, backing_format: str | None) -> None:
         write_image(file, size, options, backing, backing_format)
 
+    @classmethod
+    async def check(cls, file: Child, repair: bool) -> dict[str, Any]:
+        return await check_child(file, repair)
+
     # -- open and close ---------------------------------------------------------------------
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
@@ -98,12 +104,14 @@ class Qcow2Driver(BlockDriver):
         except FormatError as exc:
             raise BlockError(errno.EINVAL, f"qcow2: {exc}") from None
         self.header = header
-        self._check_features(header)
+        self._check_features(header, writable=not self.node.read_only)
         self.geometry = Geometry(header.cluster_bits, header.extended_l2)
         self.cluster_size = header.cluster_size
         self.lock = trio.Lock()
         self.l1 = await self._load_l1(header)
         self.reftable = await self._load_reftable(header)
+        if not self.node.read_only:
+            await repair_on_open(self.file)
         self.refblock_entries = refcount_entries(header.cluster_bits, header.refcount_order)
         cluster = self.cluster_size
         self.l2_cache: TableCache[array] = TableCache(values["l2-cache-size"] // cluster)
@@ -119,7 +127,7 @@ class Qcow2Driver(BlockDriver):
         elif header.backing_file:
             await self._open_backing(self._backing_options(header.backing_file))
 
-    def _check_features(self, header: Header) -> None:
+    def _check_features(self, header: Header, writable: bool) -> None:
         unknown = header.incompatible_features & ~INCOMPAT_KNOWN
         if header.crypt_method:
             raise BlockError(errno.ENOTSUP, "qcow2: encrypted images are not supported")
@@ -128,7 +136,6 @@ class Qcow2Driver(BlockDriver):
                      for bit in range(64) if unknown >> bit & 1]
             raise BlockError(errno.ENOTSUP, "qcow2: unsupported incompatible features: "
                                             + ", ".join(names))
-        writable = not self.node.read_only
         if writable and header.incompatible_features & INCOMPAT_CORRUPT:
             raise BlockError(errno.EROFS, "qcow2: the image is marked corrupt; open it "
                                           "read-only, or repair it with qemu-img check -r all")
@@ -185,6 +192,20 @@ class Qcow2Driver(BlockDriver):
         if self.header.backing_format:
             options["driver"] = self.header.backing_format
         return options
+
+    async def reopen(self, values: Mapping[str, Any]) -> None:
+        """Cache sizes stay; read-only may change: writing back first when it turns on,
+        checking as a writable open does (dirty, corrupt, leaks) when it turns off."""
+        await super().reopen(values)
+        if values["read-only"] == self.node.read_only:
+            return
+        async with self.lock:
+            if values["read-only"]:
+                await self._write_back()
+            else:
+                self._check_features(self.header, writable=True)
+                if await repair_on_open(self.file):  # refcount blocks changed under the cache
+                    self.refcount_cache = TableCache(self.refcount_cache.capacity)
 
     async def close(self) -> None:
         if not self.node.read_only:
