@@ -50,19 +50,33 @@ class FileDriver(BlockDriver):
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.filename = values["filename"]
-        self.fd = self.node.graph.policy.open(self.filename, writable=not self.node.read_only)
-        try:
-            self._is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
-            if values["locking"] != "off":
-                self._lock(values["locking"] == "on")
-        except BaseException:
-            os.close(self.fd)
-            self.fd = -1
-            raise
+        self.fd = self._open_fd(values)
+        self._is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
 
-    def _lock(self, required: bool) -> None:
+    async def reopen(self, values: Mapping[str, Any]) -> None:
+        """Only read-only may change: a new descriptor with the new access mode and locks
+        replaces the old one, which keeps working if the new one cannot be had."""
+        await super().reopen(values)
+        if values["read-only"] != self.node.read_only:
+            fd = self._open_fd(values)
+            os.close(self.fd)
+            self.fd = fd
+
+    def _open_fd(self, values: Mapping[str, Any]) -> int:
+        """Open the host file (through the host policy) and take QEMU's image locks."""
+        writable = not values["read-only"]
+        fd = self.node.graph.policy.open(self.filename, writable=writable)
         try:
-            lock_image(self.fd, writable=not self.node.read_only)
+            if values["locking"] != "off":
+                self._lock(fd, writable, required=values["locking"] == "on")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _lock(self, fd: int, writable: bool, required: bool) -> None:
+        try:
+            lock_image(fd, writable=writable)
         except LockConflict as exc:
             raise BlockError(errno.EBUSY, f"'{self.filename}' is in use ({exc}; QEMU-compatible "
                                           "image locking, locking=off overrides)") from None

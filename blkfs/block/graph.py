@@ -15,7 +15,7 @@ import itertools
 import logging
 from typing import Any, Mapping
 
-from blkfs.block.node import RW, Node, Perm
+from blkfs.block.node import RW, Child, Node, Perm
 from blkfs.block.options import COMMON_OPTIONS, list_options, parse_bool, validate
 from blkfs.block.policy import HostPolicy
 from blkfs.block.registry import DriverRegistry, default_registry
@@ -117,8 +117,8 @@ class Graph:
 
     async def probe(self, file_node: Node) -> str:
         """The format of the image in ``file_node``: the best-scoring format driver, else raw
-        (and once raw, always raw for that file: a guest writing a qcow2 header into a raw
-        image must not turn it into a qcow2 next time)."""
+        (and once opened as raw, always raw for that file: a guest writing a qcow2 header into
+        a raw image must not turn it into a qcow2 next time)."""
         header = bytes(await _read_head(file_node))
         filename = str(file_node.values.get("filename", ""))
         if filename and self.policy.key(filename) in self._probed_raw:
@@ -127,8 +127,6 @@ class Graph:
         score, name = max(scores, default=(0, "raw"))
         if score <= 0:
             name = "raw"
-        if name == "raw" and filename:
-            self._probed_raw.add(self.policy.key(filename))
         log.debug("probed %s as %s", filename or file_node.name, name)
         return name
 
@@ -163,6 +161,10 @@ class Graph:
         finally:
             self._reserved.discard(name)
         self.nodes[name] = node
+        if driver == "raw" and "file" in node.children:  # probed or chosen, raw stays raw
+            filename = node.children["file"].node.values.get("filename")
+            if filename:
+                self._probed_raw.add(self.policy.key(filename))
         log.debug("opened node %s (%s)", name, driver)
         return node
 
@@ -174,6 +176,11 @@ class Graph:
         children and the driver cannot be changed. The node is drained (unless its driver
         applies changes between requests itself, as filters whose requests may wait do), then
         its driver applies the new values or raises and changes nothing.
+
+        ``read-only`` switches the node together with the children it writes through (its
+        ``auto`` children, recursively; a backing file stays read-only), as QEMU's reopen
+        does for children that inherit it. Making a node read-only flushes it first, and is
+        refused while a parent outside that subtree writes to it.
         """
         node = self.find(name)
         cls = type(node.driver)
@@ -192,12 +199,44 @@ class Graph:
                   if not key.startswith(replaced)}
         values.update(given)
         if values["read-only"] != node.read_only:
-            raise BlockError(errno.ENOTSUP, f"reopen: node '{name}': read-only cannot be "
-                                            "changed on a live node; change the medium instead")
-        async with node.drained() if node.driver.reopen_drains else contextlib.nullcontext():
-            await node.driver.reopen(values)
-            node.values = values
+            async with node.drained():
+                await self._switch_read_only(node, values)
+        else:
+            async with node.drained() if node.driver.reopen_drains else contextlib.nullcontext():
+                await node.driver.reopen(values)
+                node.values = values
         log.info("reopened node %s", name)
+
+    async def _switch_read_only(self, top: Node, values: dict[str, Any]) -> None:
+        """Reopen ``top`` with ``values`` and its write path with the new read-only flag,
+        all or nothing: writers switch bottom-up (a child is writable before its parent
+        writes), read-only top-down (a parent writes back its caches first)."""
+        read_only = bool(values["read-only"])
+        path, edges = _write_path(top)
+        for node in path[1:] if not read_only else path:
+            writer = next((edge.parent for edge in node.parents
+                           if edge.can_write and edge not in edges and edge.role != "root"),
+                          None)
+            if writer is not None:
+                raise BlockError(errno.EBUSY, f"reopen: node '{node.name}' is written by "
+                                              f"'{writer}'" + ("; reopen that read-only first"
+                                                               if read_only else ""))
+        if read_only:
+            await top.driver.flush()  # the node is drained: its own request path is closed
+        done: list[tuple[Node, dict[str, Any]]] = []
+        try:
+            for node in path if read_only else path[::-1]:
+                new = values if node is top else {**node.values, "read-only": read_only}
+                await node.driver.reopen(new)
+                done.append((node, node.values))
+                node.values = new
+        except BaseException:
+            for node, old in reversed(done):
+                await node.driver.reopen(old)
+                node.values = old
+            raise
+        for edge in edges:
+            edge.perm = Perm.READ if read_only else RW
 
     def _generate_name(self) -> str:
         return f"#node{next(self._counter)}"
@@ -220,6 +259,19 @@ class Graph:
         finally:
             for role in list(node.children):
                 await node.close_child(role)
+
+
+def _write_path(top: Node) -> tuple[list[Node], list[Child]]:
+    """``top`` and the nodes it writes through (``auto`` children, recursively), top-down,
+    with the edges that lead to them."""
+    path, edges = [top], []
+    for node in path:
+        specs = type(node.driver).children
+        for role, edge in node.children.items():
+            if specs[role].auto and edge.node not in path:
+                path.append(edge.node)
+                edges.append(edge)
+    return path, edges
 
 
 async def _read_head(node: Node) -> bytearray:

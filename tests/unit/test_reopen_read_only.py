@@ -1,0 +1,118 @@
+"""read-only on and off through reopen: the node and the children it writes through switch
+together, host descriptors and QEMU image locks follow, and a refused switch changes nothing.
+qemu-io is the peer that sees the locks."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from blkfs.backend import BlockLayer
+from blkfs.errors import BlockError
+from tests.conftest import needs_qemu
+
+MiB = 1 << 20
+
+
+def qemu_io_write(image: Path, fmt: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-io", "-f", fmt, "-c", "write -P 7 0 4k", str(image)],
+                          capture_output=True, text=True)
+
+
+def node_modes(layer: BlockLayer) -> dict[str, bool]:
+    return {name: node.read_only for name, node in layer.graph.nodes.items()}
+
+
+@needs_qemu
+async def test_a_raw_medium_switches_and_its_lock_follows(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MiB))
+    layer = BlockLayer()
+    try:
+        backend = await layer.create(
+            "d", f"driver=raw,node-name=top,file.driver=file,file.node-name=host,"
+                 f"file.filename={image}")
+        await backend.write(0, b"A" * 4096)
+        assert "lock" in qemu_io_write(image, "raw").stderr  # blkfs holds the write lock
+
+        await layer.reopen("top", "read-only=on")
+        assert backend.read_only and node_modes(layer) == {"top": True, "host": True}
+        with pytest.raises(BlockError) as refused:
+            await backend.write(0, b"B")
+        assert refused.value.errno == errno.EROFS
+        assert image.read_bytes()[:4096] == b"A" * 4096  # flushed before switching
+        assert qemu_io_write(image, "raw").returncode == 0  # the lock is shared now
+        assert bytes(await backend.read(0, 4096)) == b"\x07" * 4096
+
+        await layer.reopen("top", "read-only=off")
+        assert not backend.read_only and node_modes(layer) == {"top": False, "host": False}
+        await backend.write(4096, b"C" * 4096)
+        await backend.flush()
+        assert image.read_bytes()[4096:8192] == b"C" * 4096
+        assert "lock" in qemu_io_write(image, "raw").stderr
+    finally:
+        await layer.close()
+
+
+@needs_qemu
+async def test_a_filter_over_qcow2_switches_its_whole_write_path_not_the_backing(
+        tmp_path: Path) -> None:
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(top)], check=True)
+    layer = BlockLayer()
+    try:
+        backend = await layer.create(
+            "d", f"driver=throttle,node-name=t,file.driver=qcow2,file.node-name=q,"
+                 f"file.file.driver=file,file.file.node-name=f,file.file.filename={top}")
+        backing = {name for name, ro in node_modes(layer).items() if ro}
+        assert len(backing) == 2  # the backing qcow2 and its file, read-only from the start
+        await backend.write(0, b"x" * 65536)
+
+        with pytest.raises(BlockError) as busy:
+            await layer.reopen("q", "read-only=on")  # the throttle node still writes to it
+        assert busy.value.errno == errno.EBUSY and "'t'" in busy.value.message
+        assert not any(node_modes(layer)[name] for name in ("t", "q", "f"))
+
+        await layer.reopen("t", "read-only=on")
+        assert all(node_modes(layer).values()) and backend.read_only
+        check = subprocess.run(["qemu-img", "check", str(top)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout  # metadata written back before the switch
+
+        await layer.reopen("t", "read-only=off")
+        assert {name for name, ro in node_modes(layer).items() if ro} == backing
+        await backend.write(65536, b"y" * 65536)
+        assert bytes(await backend.read(0, 131072)) == b"x" * 65536 + b"y" * 65536
+    finally:
+        await layer.close()
+
+
+@needs_qemu
+async def test_a_refused_switch_to_writable_rolls_back_every_node(tmp_path: Path) -> None:
+    image = tmp_path / "dirty.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"], check=True)
+    with image.open("r+b") as header:  # incompatible feature bit 0: dirty
+        header.seek(72)
+        header.write((1).to_bytes(8, "big"))
+    layer = BlockLayer()
+    try:
+        backend = await layer.create(
+            "d", f"driver=qcow2,node-name=q,file.driver=file,file.node-name=f,"
+                 f"file.filename={image}", read_only=True)
+        with pytest.raises(BlockError) as refused:
+            await layer.reopen("q", "read-only=off")
+        assert refused.value.errno == errno.EROFS and "not closed cleanly" in refused.value.message
+        assert node_modes(layer) == {"q": True, "f": True} and backend.read_only
+        assert bytes(await backend.read(0, 512)) == bytes(512)
+        # the file node's write lock was given back: another writer can open the image
+        other = BlockLayer()
+        try:
+            await other.create("w", f"driver=file,filename={image}")
+        finally:
+            await other.close()
+    finally:
+        await layer.close()
