@@ -332,7 +332,7 @@ def _describe(node: Node) -> dict[str, Any]:
         "driver": node.driver.name,
         "read-only": node.read_only,
         "size": node.size,
-        "options": {k: v for k, v in node.values.items() if v is not None},
+        "options": node.given_options(),
         "info": node.driver.info(),
         "stats": asdict(node.stats),
         "children": {role: _describe(edge.node) for role, edge in node.children.items()},
@@ -393,8 +393,16 @@ class BlockLayer:
         return backend
 
     async def delete(self, name: str) -> None:
-        """Remove the name; the backend lives on while references remain."""
+        """Remove the name; the backend lives on while references remain. When the name is
+        the last reference, the medium is flushed first, so a flush that fails (a full host
+        disk) fails the delete and changes nothing."""
         backend = self.find(name)
+        if backend.refcnt == 1 and backend.has_medium:
+            await backend.flush()
+        await self._drop(backend)
+
+    async def _drop(self, backend: BlockBackend) -> None:
+        name = backend.name
         del self._backends[name]
         log.info("%s: deleted", name)
         backend._notify("delete")
@@ -405,14 +413,24 @@ class BlockLayer:
         tree = parse_options(options) if isinstance(options, str) else dict(options)
         await self.graph.reopen(node_name, tree)
         log.info("node %s: reopened with %s", node_name, format_options(tree))
+        node = self.graph.find(node_name)
         for backend in self:
+            if backend._root is not None and backend._root.node is node:
+                # a backend follows its root node's read-only flag, switch included
+                backend._root.perm = Perm.READ if node.read_only else RW
+                backend._read_only = node.read_only
             if backend._root is not None:
                 backend._notify("medium")
 
     async def close(self) -> None:
-        """Shut down: delete every backend (each drains, flushes and closes when free)."""
+        """Shut down: drop every backend (each drains, flushes and closes when free). One
+        that fails to flush is logged and closed anyway; the others still close cleanly."""
         for backend in list(self._backends.values()):
-            await self.delete(backend.name)
+            try:
+                await self._drop(backend)
+            except BlockError as exc:
+                log.error("%s: closed, but the final flush failed: %s", backend.name,
+                          exc.message)
 
     async def status(self) -> list[dict[str, Any]]:
         return [await b.status() for b in self]

@@ -21,6 +21,7 @@ import trio
 
 from blkfs.block.driver import BlockDriver, Extent
 from blkfs.block.io import Tracker, align_down, align_up, is_aligned, is_zero
+from blkfs.block.options import COMMON_OPTIONS
 from blkfs.errors import BlockError
 
 if TYPE_CHECKING:
@@ -124,6 +125,12 @@ class Node:
     @property
     def read_only(self) -> bool:
         return bool(self.values["read-only"])
+
+    def given_options(self) -> dict[str, Any]:
+        """The option values that differ from their defaults: what status shows."""
+        schema = {**COMMON_OPTIONS, **self.driver.options}
+        return {key: value for key, value in self.values.items()
+                if value is not None and (key not in schema or value != schema[key].default)}
 
     @property
     def in_flight(self) -> int:
