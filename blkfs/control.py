@@ -89,9 +89,12 @@ class ControlPlane:
             command = parse_command(verb, payload)
             await self._handlers[verb](command)
         except BlockError as exc:
-            message = f"{verb}: {exc} [{errno.errorcode.get(exc.errno, exc.errno)}]"
+            text = one_line(str(exc))
+            message = f"{verb}: {text} [{errno.errorcode.get(exc.errno, exc.errno)}]"
             self.errors.append(message)
             log.warning("%s failed: %s", verb, message)
+            if text != str(exc):  # a name or value with line breaks must not forge lines
+                raise BlockError(exc.errno, text) from None
             raise
 
     async def _create(self, cmd: Command) -> None:
@@ -128,6 +131,16 @@ class ControlPlane:
         return "".join(line + "\n" for line in self.errors)
 
 
+def one_line(text: str) -> str:
+    """``text`` with every unprintable character escaped, so that a message quoting user
+    input stays one line in ``.ctl/error`` and the log (no CR, LF, NUL or Unicode line
+    separators)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def _given(options: str | None) -> str:
     assert options is not None, "parse_command guarantees options for this verb"
     return options
@@ -153,11 +166,14 @@ def format_status(backends: list[dict[str, Any]]) -> str:
 
 
 def _tree_lines(node: dict[str, Any], indent: str, role: str) -> list[str]:
+    options = [f"{k}={v}" for k, v in node["options"].items() if k != "node-name"]
     details = [f"{k}={v}" for k, v in node["info"].items()
                if isinstance(v, (str, int, float)) and not isinstance(v, bool)]
     flags = " read-only" if node["read-only"] else ""
     line = (f"{indent}{role}: {node['driver']} [{node['node-name']}] "
             f"{human_size(node['size'])}{flags}")
+    if options:
+        line += " (" + ",".join(options) + ")"
     if details:
         line += " " + " ".join(details)
     lines = [line]

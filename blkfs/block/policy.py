@@ -24,13 +24,28 @@ class HostPolicy:
 
     @staticmethod
     def key(path: str) -> str:
-        """The identity of a host file for remembering facts about it (symlinks resolved)."""
-        return os.path.realpath(path)
+        """The identity of a host file for remembering facts about it (such as "probed raw"):
+        its device and inode, so that a symlink, a hard link or a bind mount of the same file
+        is the same file; the resolved path if it cannot be stat'ed."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return os.path.realpath(path)
+        return f"{st.st_dev}:{st.st_ino}"
 
     def allows(self, path: str) -> bool:
+        """Whether ``path``, with symlinks and ``..`` resolved now, lies inside the allowlist
+        (False if it cannot be resolved); a hint only, :meth:`open` decides on the descriptor."""
         if self.image_dirs is None:
             return True
-        real = os.path.realpath(path)
+        try:
+            return self._inside(os.path.realpath(path))
+        except OSError:  # a symlink swapped while being resolved
+            return False
+
+    def _inside(self, real: str) -> bool:
+        """Whether an already resolved path lies inside the allowlist."""
+        assert self.image_dirs is not None
         return any(real == d or real.startswith(d.rstrip("/") + "/") for d in self.image_dirs)
 
     def _refuse(self, path: str) -> BlockError:
@@ -39,8 +54,13 @@ class HostPolicy:
 
     def open(self, path: str, writable: bool) -> int:
         """A descriptor for the image at ``path``; BlockError with a fitting errno if not."""
-        if not self.allows(path):
-            raise self._refuse(path)
+        if self.image_dirs is not None:
+            try:
+                named = os.path.realpath(path)
+            except OSError:  # swapped while being resolved: the descriptor check decides
+                named = None
+            if named is not None and not self._inside(named):
+                raise self._refuse(path)  # before opening: no hint whether it exists
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             fd = os.open(path, flags)
@@ -49,7 +69,10 @@ class HostPolicy:
         except OSError as exc:
             raise from_oserror(exc, f"cannot open '{path}'") from None
         try:
-            if not self.allows(os.readlink(f"/proc/self/fd/{fd}")):
+            # the kernel's name of the file actually opened; resolving it again would
+            # follow whatever symlink was swapped in since
+            if self.image_dirs is not None and \
+                    not self._inside(os.readlink(f"/proc/self/fd/{fd}")):
                 raise self._refuse(path)
             mode = os.fstat(fd).st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
