@@ -85,11 +85,22 @@ def check_mountpoint(path: str) -> None:
     if not os.path.exists("/dev/fuse"):
         raise UsageError("FUSE is not available: /dev/fuse is missing "
                          "(load the fuse module; install fuse3)")
+    if os.path.ismount(path) and _dead_fuse_mount(path):
+        raise UsageError(f"mountpoint {path} is a mount whose daemon died (Transport "
+                         f"endpoint is not connected); 'blkfs umount {path}' frees it")
     if os.path.lexists(path) and not os.path.isdir(path):
         raise UsageError(f"mountpoint {path} is not a directory")
-    if os.path.isdir(path) and os.path.ismount(path):
+    if os.path.ismount(path):
         raise UsageError(f"mountpoint {path} is busy: something is already mounted there")
     os.makedirs(path, exist_ok=True)
+
+
+def _dead_fuse_mount(path: str) -> bool:
+    try:
+        os.listdir(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
 
 
 def setup_logging(level: str, log_file: str | None) -> None:
@@ -162,7 +173,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             lazy_unmount(mountpoint)
-            print(f"blkfs: the daemon of {mountpoint} had died; lazily unmounted it",
+            print(f"blkfs: the daemon of {mountpoint} had died (Transport endpoint is not "
+                  "connected); lazily unmounted the dead mount, the mountpoint is free again",
                   file=sys.stderr)
             return 0
         if exc.errno == errno.ENOENT:

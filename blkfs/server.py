@@ -80,11 +80,13 @@ async def serve(config: MountConfig, ready: Callable[[str | None], None]) -> Non
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
-            await ops.release_all()
-            await layer.close()
-        pyfuse3.close(unmount=True)
-        log.info("unmounted %s", config.mountpoint)
+        try:
+            with trio.CancelScope(shield=True):
+                await ops.release_all()
+                await layer.close()
+        finally:  # a failed final flush (a full host disk) must not leave a dead mount
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", config.mountpoint)
 
 
 async def _stop_on_signal() -> None:
