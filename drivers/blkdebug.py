@@ -55,14 +55,15 @@ class Rule:
 
 def parse_rules(values: Mapping[str, Any]) -> list[Rule]:
     """The error rules in ``values``; EINVAL names the first rule that makes no sense."""
-    indexes = sorted({int(key.split(".")[1]) for key in values
-                      if key.startswith("inject-error.")})
+    keys = sorted({key.split(".")[1] for key in _rule_values(values)}, key=int)
     rules = []
-    for index in indexes:
+    for key in keys:  # as given: "01" and "1" are two rules, as they are two option names
+        index = int(key)
+
         def get(field: str, default: Any = None) -> Any:
-            value = values.get(f"inject-error.{index}.{field}")
+            value = values.get(f"inject-error.{key}.{field}")
             return default if value is None else value
-        where = f"blkdebug: inject-error.{index}"
+        where = f"blkdebug: inject-error.{key}"
         event = get("event")
         if event is None:
             raise BlockError(errno.EINVAL, f"{where}.event is required "
@@ -86,6 +87,11 @@ def parse_rules(values: Mapping[str, Any]) -> list[Rule]:
         rules.append(Rule(index, event, get("errno", errno.EIO), start, end, get("once", False),
                           probability, random.Random(seed if seed is not None else index)))
     return rules
+
+
+def _rule_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items()
+            if key.startswith("inject-error.") and value is not None}
 
 
 class BlkdebugDriver(BlockDriver):
@@ -117,14 +123,17 @@ class BlkdebugDriver(BlockDriver):
         self._apply(values)
 
     async def reopen(self, values: Mapping[str, Any]) -> None:
-        self._apply(values)
+        """New values apply to the next request. Rules whose options did not change keep
+        their state (a spent ``once`` rule stays spent, a seeded sequence goes on)."""
+        unchanged = _rule_values(values) == _rule_values(self.node.values)
+        self._apply(values, keep_rules=unchanged)
 
-    def _apply(self, values: Mapping[str, Any]) -> None:
+    def _apply(self, values: Mapping[str, Any], keep_rules: bool = False) -> None:
         align = values["align"]
         if align & (align - 1):
             raise BlockError(errno.EINVAL, f"blkdebug: align must be a power of two "
                                            f"(got {align})")
-        rules = parse_rules(values)  # raises before anything changes
+        rules = self.rules if keep_rules else parse_rules(values)  # raises before any change
         self.rules = rules
         self.delays = {event: values[f"delay.{event}"] for event in EVENTS}
         self.drop_writes = values["drop-writes"]
@@ -170,6 +179,12 @@ class BlkdebugDriver(BlockDriver):
     async def flush(self) -> None:
         await self._enter("flush", 0, 0)
         await self.filtered.flush()
+
+    @property  # type: ignore[misc]
+    def growable(self) -> bool:
+        """As the node below: a filter between a format and its host file must let the
+        format append clusters."""
+        return self.filtered.node.driver.growable
 
     def info(self) -> dict[str, Any]:
         return {

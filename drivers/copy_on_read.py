@@ -2,9 +2,11 @@
 next read of it is local (QEMU's copy-on-read filter; dm-clone's hydration).
 
 The filter sits on the top format node (``file`` child). After a read, the ranges the top
-image does not hold itself (block_status without ALLOCATED, but with data from below) are
-written to it with the bytes just read. A copy-up and a write to an overlapping range never
-run at once, so a copy-up cannot bring back stale data over a newer write.
+image does not hold itself (block_status without ALLOCATED) but some image of its backing
+chain holds as data are written to it with the bytes just read; ranges unallocated in the
+whole chain stay unallocated, so a sparse image stays sparse. A copy-up and a write to an
+overlapping range never run at once, so a copy-up cannot bring back stale data over a newer
+write.
 """
 
 from __future__ import annotations
@@ -15,7 +17,26 @@ from typing import Any, AsyncIterator, Mapping
 
 import trio
 
-from blkfs.block import BlockDriver, BlockError, ChildSpec, Status
+from blkfs.block import BlockDriver, BlockError, Child, ChildSpec, Status
+
+
+async def _status_below(top: Child, offset: int, length: int) -> tuple[int, bool]:
+    """For a range ``top`` does not allocate: (a prefix length, whether some image of the
+    backing chain holds data there). An overlay's block_status answers DATA for all it
+    leaves to its backing file, holes included, so ask down the chain (QEMU's
+    bdrv_is_allocated_above)."""
+    node = top.node
+    while node.driver.is_filter:  # copy-on-read over throttle over qcow2, say
+        node = node.driver.filtered.node
+    backing = node.children.get("backing")
+    if backing is None:
+        return length, False
+    if offset >= backing.node.size:  # past a shorter backing file: zeros
+        return length, False
+    extent = await backing.block_status(offset, min(length, backing.node.size - offset))
+    if Status.ALLOCATED in extent.status:
+        return extent.length, Status.DATA in extent.status
+    return await _status_below(backing, offset, extent.length)
 
 
 class RangeLocks:
@@ -56,6 +77,12 @@ class CopyOnReadDriver(BlockDriver):
         self.copied_bytes = 0
         self.copy_ups = 0
 
+    async def reopen(self, values: Mapping[str, Any]) -> None:
+        if values["read-only"]:
+            raise BlockError(errno.EINVAL, "copy-on-read: the node must stay writable (it "
+                                           "writes what it reads into the top image)")
+        await super().reopen(values)
+
     async def read(self, offset: int, buf: memoryview) -> None:
         length = buf.nbytes
         from_below = await self._from_below(offset, length)
@@ -75,13 +102,22 @@ class CopyOnReadDriver(BlockDriver):
         position, end = offset, offset + length
         while position < end:
             extent = await self.filtered.block_status(position, end - position)
-            if Status.DATA in extent.status and Status.ALLOCATED not in extent.status:
-                if pieces and pieces[-1][0] + pieces[-1][1] == position:
-                    pieces[-1] = (pieces[-1][0], pieces[-1][1] + extent.length)
-                else:
-                    pieces.append((position, extent.length))
-            position += extent.length
+            span = extent.length
+            if Status.ALLOCATED not in extent.status:
+                span, below = await _status_below(self.filtered, position, span)
+                if below:
+                    if pieces and pieces[-1][0] + pieces[-1][1] == position:
+                        pieces[-1] = (pieces[-1][0], pieces[-1][1] + span)
+                    else:
+                        pieces.append((position, span))
+            position += span
         return pieces
+
+    @property  # type: ignore[misc]
+    def growable(self) -> bool:
+        """As the node below: a filter between a format and its host file must let the
+        format append clusters."""
+        return self.filtered.node.driver.growable
 
     async def write(self, offset: int, data: memoryview) -> None:
         async with self.locks.hold(offset, data.nbytes):

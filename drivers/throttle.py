@@ -117,11 +117,11 @@ class ThrottleGroup:
         self._changed = trio.Event()
 
     async def admit(self, kind: Kind, nbytes: int) -> float:
-        """Wait until the group's budget allows a request; return the seconds waited."""
+        """Wait until the group's budget allows a request; return the seconds waited (0 if
+        it did not wait for the budget)."""
         async with self.queues[kind]:
-            start = trio.current_time()
+            start = now = trio.current_time()
             while True:
-                now = trio.current_time()
                 draws = [(bucket, nbytes if limit.startswith("bps") else 1)
                          for limit in PER_KIND[kind]
                          if (bucket := self.buckets.get(limit)) is not None]
@@ -133,6 +133,7 @@ class ThrottleGroup:
                 changed = self._changed
                 with trio.move_on_after(wait):
                     await changed.wait()
+                now = trio.current_time()
             for bucket, cost in draws:
                 bucket.level -= cost
             return now - start
@@ -211,6 +212,12 @@ class ThrottleDriver(BlockDriver):
     async def discard(self, offset: int, length: int) -> None:
         await self._throttle("write", length)
         await self.filtered.discard(offset, length)
+
+    @property  # type: ignore[misc]
+    def growable(self) -> bool:
+        """As the node below: a filter between a format and its host file must let the
+        format append clusters."""
+        return self.filtered.node.driver.growable
 
     def info(self) -> dict[str, Any]:
         group = self.group
