@@ -27,6 +27,12 @@ read from /proc/PID.
 ``--sparse-rss`` (also run at the end of a normal run unless ``--no-sparse-rss``): a 1 TiB
 sparse qcow2 made by ``blkfs image create``, mounted in blkfs, 4k random reads over the whole
 1 TiB, then 4k random writes at spread offsets; reports the daemon's VmHWM (target < 150 MiB).
+
+``--throttle`` (also run at the end of a normal run unless ``--no-throttle``): a blkfs backend
+``driver=throttle,limits.bps-read=N`` over a sparse raw image (N from ``--throttle-rate``,
+default 50M, binary units as in blkfs options); ``dd bs=1M`` for about 5 s must read at N
+within 10%. Then, while another dd runs, ``.ctl/reopen`` retunes the limit to N/2, and the rate
+of the second half (from the backend's read_bytes in status.json) must be N/2 within 10%.
 """
 
 from __future__ import annotations
@@ -503,6 +509,87 @@ def sparse_rss(work: Path, runtime: float) -> dict:
     return out
 
 
+THROTTLE_SECONDS = 5.0
+THROTTLE_TOLERANCE = 0.10
+
+
+def throttle_check(work: Path, rate: int) -> dict:
+    """The throttle filter in real time: a first dd at ``rate``, then a retune to rate/2
+    through .ctl/reopen while a second dd runs."""
+    d = work / "throttle"
+    d.mkdir(parents=True)
+    CLEANUP.add("dir", str(d))
+    img = d / "sparse.img"  # holes read at host speed: the filter is what is measured
+    with open(img, "wb") as f:
+        f.truncate(4 * rate * int(THROTTLE_SECONDS) + 64 * MiB)
+    mnt = d / "mnt"
+    mnt.mkdir()
+    CLEANUP.add("blkfs", str(mnt))
+    run([BLKFS, "mount", str(mnt), "--backend", f"thr=driver=throttle,node-name=thr,"
+         f"limits.bps-read={rate},file.driver=file,file.filename={img}"], timeout=120)
+    f = str(mnt / "thr")
+    out: dict = {"limit_bps": rate, "seconds": THROTTLE_SECONDS,
+                 "tolerance": THROTTLE_TOLERANCE}
+
+    def read_bytes() -> int:
+        with open(mnt / ".ctl" / "status.json") as st:
+            return int(json.load(st)["backends"][0]["stats"]["read_bytes"])
+
+    try:
+        count = int(rate * THROTTLE_SECONDS) // MiB
+        start = time.monotonic()
+        run(["dd", f"if={f}", "of=/dev/null", "bs=1M", f"count={count}", "status=none"])
+        out["first_bps"] = count * MiB / (time.monotonic() - start)
+        log(f"  throttle {fmt_size(rate)}/s:  dd {count} MiB: "
+            f"{out['first_bps'] / MiB:7.2f} MiB/s ({out['first_bps'] / rate:.3f} of the limit)")
+
+        # second dd: half the time at the limit, then (after the retune) long enough at the
+        # half rate to measure a window and still be running at its end
+        half = THROTTLE_SECONDS / 2
+        count = int(rate * half + rate / 2 * (half + 2)) // MiB
+        skip = int(rate * THROTTLE_SECONDS) // MiB + 1  # no page of the first pass reused
+        dd = subprocess.Popen(["dd", f"if={f}", "of=/dev/null", "bs=1M", f"count={count}",
+                               f"skip={skip}", "status=none"])
+        try:
+            time.sleep(half)
+            with open(mnt / ".ctl" / "reopen", "w") as ctl:
+                ctl.write(f"thr limits.bps-read={rate // 2}\n")
+            time.sleep(0.2)  # the burst bucket empties at the new rate
+            t0, b0 = time.monotonic(), read_bytes()
+            time.sleep(half)
+            t1, b1 = time.monotonic(), read_bytes()
+            running = dd.poll() is None
+        except BaseException:
+            dd.kill()
+            raise
+        finally:
+            dd.wait(timeout=60)
+        if dd.returncode != 0:
+            raise RuntimeError(f"dd through the throttled backend failed ({dd.returncode})")
+        if not running:
+            raise RuntimeError("the second dd ended before the measuring window did")
+        out["retuned_bps"] = (b1 - b0) / (t1 - t0)
+        log(f"  throttle retuned to {fmt_size(rate // 2)}/s while dd runs: second half "
+            f"{out['retuned_bps'] / MiB:7.2f} MiB/s "
+            f"({out['retuned_bps'] / (rate // 2):.3f} of the new limit)")
+        with open(mnt / ".ctl" / "status.json") as st:
+            info = json.load(st)["backends"][0]["tree"]["info"]
+        out["limits_after"] = info["limits"]
+        out["throttled_s"] = round(info["throttled-ns"] / 1e9, 2)
+    except Exception as exc:
+        out["error"] = str(exc)[-1000:]
+        log(f"  throttle FAILED: {exc}")
+    finally:
+        CLEANUP.remove("blkfs", str(mnt))
+        blkfs_umount(str(mnt))
+        CLEANUP.remove("dir", str(d))
+        shutil.rmtree(d, ignore_errors=True)
+    out["ok"] = ("error" not in out
+                 and abs(out["first_bps"] / rate - 1) <= THROTTLE_TOLERANCE
+                 and abs(out["retuned_bps"] / (rate // 2) - 1) <= THROTTLE_TOLERANCE)
+    return out
+
+
 # -- report ----------------------------------------------------------------------------------
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -568,6 +655,11 @@ def main() -> int:
     ap.add_argument("--sparse-rss", action="store_true",
                     help="only the 1 TiB sparse qcow2 RSS check")
     ap.add_argument("--no-sparse-rss", action="store_true", help="skip the sparse RSS check")
+    ap.add_argument("--throttle", action="store_true",
+                    help="only the real-time throttle check (rate, then a live retune)")
+    ap.add_argument("--no-throttle", action="store_true", help="skip the throttle check")
+    ap.add_argument("--throttle-rate", type=parse_size, default=50 * MiB,
+                    help="the throttle check's limits.bps-read (default 50M)")
     args = ap.parse_args()
 
     size = args.size or (256 * MiB if args.quick else GiB)
@@ -599,7 +691,8 @@ def main() -> int:
         work = Path(tempfile.mkdtemp(prefix="blkfs-bench-", dir="/var/tmp"))
     CLEANUP.add("dir", str(work))
     free = shutil.disk_usage(work).free
-    need = size * (1 + 2 * len(images) + 3 * 3) if not args.sparse_rss else 4 * GiB
+    only_one = args.sparse_rss or args.throttle
+    need = size * (1 + 2 * len(images) + 3 * 3) if not only_one else 4 * GiB
     if free < need:
         log(f"warning: {work} has {free / GiB:.1f} GiB free, this run may need "
             f"{need / GiB:.1f} GiB")
@@ -623,7 +716,7 @@ def main() -> int:
 
     t_start = time.monotonic()
     try:
-        if not args.sparse_rss:
+        if not only_one:
             log("making images")
             srcs = make_images(work, size, images)
             log("measuring")
@@ -649,7 +742,7 @@ def main() -> int:
             print()
             print("daemons (one per image, 3 images open: reads, randwrite, seqwrite copies):")
             print(daemon_table(results, images))
-        if args.sparse_rss or not args.no_sparse_rss:
+        if args.sparse_rss or not (args.no_sparse_rss or args.throttle):
             log("sparse 1 TiB qcow2 RSS check")
             sp = sparse_rss(work, runtime)
             results["sparse_rss"] = sp
@@ -660,6 +753,19 @@ def main() -> int:
                   f"{sp.get('randwrite_iops', 0):,.0f} IOPS ({sp.get('randwrite_ios', 0)} "
                   f"writes, image grew to {sp.get('host_file_mib', '?')} MiB)"
                   + (f"; error: {sp['error']}" if "error" in sp else ""))
+        if args.throttle or not (args.no_throttle or args.sparse_rss):
+            log("throttle real-time check")
+            th = throttle_check(work, args.throttle_rate)
+            results["throttle"] = th
+            print()
+            rate = args.throttle_rate
+            print(f"throttle limits.bps-read={fmt_size(rate)} in blkfs: dd "
+                  f"{th.get('first_bps', 0) / MiB:.2f} MiB/s ({th.get('first_bps', 0) / rate:.3f}"
+                  f" of the limit); retuned to {fmt_size(rate // 2)} while dd runs: "
+                  f"{th.get('retuned_bps', 0) / MiB:.2f} MiB/s "
+                  f"({th.get('retuned_bps', 0) / (rate // 2):.3f} of the new limit); target "
+                  f"within {THROTTLE_TOLERANCE:.0%}: {'OK' if th['ok'] else 'FAILED'}"
+                  + (f"; error: {th['error']}" if "error" in th else ""))
     except KeyboardInterrupt as exc:
         log(f"interrupted ({exc or 'SIGINT'}); cleaning up")
         results["interrupted"] = True
