@@ -5,8 +5,10 @@ Ground rules:
 * Metadata (L2 tables, refcount blocks) lives in bounded write-back caches. It reaches the
   image in the order a crash at any moment needs (DESIGN.md section 6, QEMU's cache
   dependencies): guest data and refcount blocks first, then an fsync barrier, then the L2
-  tables and L1 entries that reference new clusters, then another barrier. A crash therefore
-  leaves at worst leaked clusters, never a reference to a cluster without a refcount.
+  tables and L1 entries that reference new clusters, then another barrier, and only then the
+  refcount decreases for clusters those tables no longer reference. A crash (or kill -9) at
+  any point therefore leaves at worst leaked clusters, never a reference to a cluster
+  without a refcount.
 * New clusters are appended at the end of the image and freed clusters are never reused while
   the image is open; their space is returned to the host (hole punching) once no durable
   metadata references them. So a read that mapped a cluster just before a concurrent discard
@@ -121,6 +123,9 @@ class Qcow2Driver(BlockDriver):
         self.dirty_l1: set[int] = set()
         self.reftable_dirty = False
         self.freed: list[int] = []
+        self.dropped: list[int] = []
+        """Host clusters whose reference was dropped in cached metadata; their refcounts
+        fall once metadata without the reference is on disk."""
         self.backing_size = 0
         if "backing" in children:  # the user's choice: options, a node name, or None
             await self._open_backing(children["backing"])
@@ -373,7 +378,7 @@ class Qcow2Driver(BlockDriver):
             old, _ = self._entry(table, index + i)
             self._set_entry(table, index + i, (host + i * cluster) | OFLAG_COPIED,
                             ALL_ALLOCATED)
-            await self._release(old)
+            self._release(old)
         self.l2_cache.mark_dirty(table_offset)
         return tail - head
 
@@ -398,13 +403,12 @@ class Qcow2Driver(BlockDriver):
         self.l1[l1_index] = new | OFLAG_COPIED
         self.dirty_l1.add(l1_index)
         if offset:
-            await self._update_refcount(offset, -1)
+            self.dropped.append(offset)
         return new, table
 
-    async def _release(self, entry: int) -> None:
-        """Drop the reference an L2 entry held on its host cluster(s)."""
-        for cluster in self._host_clusters(entry):
-            await self._update_refcount(cluster, -1)
+    def _release(self, entry: int) -> None:
+        """Drop the reference an L2 entry held on its host cluster(s), once durable."""
+        self.dropped.extend(self._host_clusters(entry))
 
     async def _reference(self, entry: int) -> None:
         for cluster in self._host_clusters(entry):
@@ -444,7 +448,7 @@ class Qcow2Driver(BlockDriver):
                     old, _ = self._entry(table, index)
                     self._set_entry(table, index, *new)
                     self.l2_cache.mark_dirty(table_offset)
-                    await self._release(old)
+                    self._release(old)
                 elif partial == "write":
                     await self._write_locked(position, memoryview(bytes(chunk)))
                 position += chunk
@@ -559,9 +563,10 @@ class Qcow2Driver(BlockDriver):
                 if cache is self.l2_cache:
                     await self._write_refcounts()
                     await self.file.flush()
-                await self._write_table(cache, victim)
                 if cache is self.refcount_cache and self.reftable_dirty:
-                    await self._write_reftable()
+                    await self._write_refcounts()  # the table may name other new blocks
+                else:
+                    await self._write_table(cache, victim)
             cache.pop(victim)
 
     async def _write_table(self, cache: TableCache, offset: int) -> None:
@@ -575,16 +580,19 @@ class Qcow2Driver(BlockDriver):
         self.reftable_dirty = False
 
     async def _write_refcounts(self, force_table: bool = False) -> None:
+        """Refcount blocks, then (after a barrier, as it may point at new blocks) the
+        refcount table."""
         for offset, _ in self.refcount_cache.dirty_items():
             await self._write_table(self.refcount_cache, offset)
         if self.reftable_dirty or force_table:
+            await self.file.flush()
             await self._write_reftable()
 
     async def _write_back(self) -> bool:
         """Everything cached reaches the image, in crash-safe order (lock held); True if
         that ended with a flush of the image file."""
         if not (self.l2_cache.dirty or self.dirty_l1 or self.refcount_cache.dirty or
-                self.reftable_dirty):
+                self.reftable_dirty or self.dropped):
             return False
         await self._write_refcounts()
         await self.file.flush()
@@ -595,6 +603,12 @@ class Qcow2Driver(BlockDriver):
                                   self.l1[index].to_bytes(8, "big"))
         self.dirty_l1.clear()
         await self.file.flush()
+        if self.dropped:  # no durable metadata references these any more
+            dropped, self.dropped = self.dropped, []
+            for host in dropped:
+                await self._update_refcount(host, -1)
+            await self._write_refcounts()
+            await self.file.flush()
         freed, self.freed = self.freed, []
         for host in freed:
             await self.file.discard(host, self.cluster_size)
