@@ -175,7 +175,9 @@ class BlkfsOperations(pyfuse3.Operations):
         allocated = await backend.allocated_bytes()
         attr.st_blocks = (allocated if allocated is not None else attr.st_size) // 512
         attr.st_mtime_ns = attr.st_ctime_ns = backend.changed_ns
-        attr.attr_timeout = 0  # size and mode follow media changes at once
+        # size and mode follow media changes at once, and a name deleted and created again
+        # names the new backend at once (an entry invalidation would race with the next open)
+        attr.attr_timeout = attr.entry_timeout = 0
         return attr
 
     def _ctl_attr(self, inode: int) -> pyfuse3.EntryAttributes:

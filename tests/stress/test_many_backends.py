@@ -172,10 +172,6 @@ def test_a_thousand_backends_created_used_and_deleted_concurrently(
     assert (mount / "canary").read_bytes() == canary
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after delete and create of the same name, the "
-                   "kernel's cached entry (entry_timeout 1 s) still names the deleted backend's "
-                   "inode, whose open fails with ENOENT (blkfs/fusefs.py: the entry "
-                   "invalidation is asynchronous and the ctl write returns before it is done)")
 def test_a_name_deleted_and_created_again_opens_at_once(
         mount_factory: Callable[..., Mount], images: Path) -> None:
     image = images / "a.img"
