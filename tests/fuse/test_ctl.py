@@ -199,3 +199,19 @@ def test_reopen_turns_on_zero_detection_live(mount: Mount, images: Path) -> None
                     "conv=notrunc,fsync", "status=none"], check=True)
     assert image.stat().st_blocks * 512 <= 2 * MiB + 64 * 1024  # the zeroed half was punched
     assert (mount / "z").read_bytes()[:2 * MiB] == bytes(2 * MiB)
+
+
+def test_reopen_switches_a_backend_read_only_and_back(mount: Mount, images: Path) -> None:
+    image = images / "r.img"
+    image.write_bytes(bytes(MiB))
+    mount.ctl("create", f"r driver=raw,node-name=rfmt,file.driver=file,file.filename={image}")
+    disk = mount / "r"
+    mount.ctl("reopen", "rfmt read-only=on")
+    assert disk.stat().st_mode & 0o777 == 0o444
+    assert errno_of(os.open, disk, os.O_WRONLY) == errno.EROFS
+    assert mount.backends()["r"]["read-only"]
+    mount.ctl("reopen", "rfmt read-only=off")
+    assert disk.stat().st_mode & 0o777 == 0o644
+    subprocess.run(["dd", "if=/dev/urandom", f"of={disk}", "bs=64k", "count=1",
+                    "conv=notrunc,fsync", "status=none"], check=True)
+    assert disk.read_bytes()[:65536] == image.read_bytes()[:65536] != bytes(65536)
