@@ -13,7 +13,9 @@ Ground rules:
   the image is open; their space is returned to the host (hole punching) once no durable
   metadata references them. So a read that mapped a cluster just before a concurrent discard
   never sees another cluster's data.
-* One metadata lock per image serialises mapping changes; reads hold it only while mapping.
+* One metadata lock per image serialises mapping changes. Reads and in-place writes map
+  from cached L2 tables without it (no await, so nothing interleaves) and take it only
+  to load a table; either way they hold it only while mapping, never during data I/O.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from drivers.qcow2.layout import (ALL_ALLOCATED, ALL_ZERO, OFFSET_MASK, OFLAG_CO
                                   set_refcount)
 
 DEFAULT_CACHE = 8 << 20
+UNALLOCATED = Mapping(Kind.UNALLOCATED)
 BIG_ENDIAN = sys.byteorder == "big"
 
 
@@ -254,28 +257,55 @@ class Qcow2Driver(BlockDriver):
         else:
             table[index] = entry
 
-    async def _map(self, offset: int) -> tuple[Mapping, int]:
-        """Mapping of the (sub)cluster at ``offset`` and how many bytes from there it spans."""
-        geometry = self.geometry
-        unit = geometry.subcluster_size
-        span = unit - offset % unit
-        found = await self._l2_table(geometry.l1_index(offset))
-        if found is None:
-            return Mapping(Kind.UNALLOCATED), span
-        entry, bitmap = self._entry(found[1], geometry.l2_index(offset))
-        subcluster = (offset % self.cluster_size) // unit
-        mapping = decode(entry, bitmap, geometry, subcluster)
-        if mapping.kind is Kind.NORMAL:
-            self._check_offset(mapping.host, "data cluster")
-        return mapping, span
-
     async def _extents(self, offset: int, length: int) -> list[tuple[int, int, Mapping]]:
-        """The request cut into (guest offset, length, mapping), contiguous host data merged."""
+        """The request cut into (guest offset, length, mapping), contiguous host data merged
+        (lock held: L2 tables are loaded as needed)."""
         extents: list[tuple[int, int, Mapping]] = []
         end = offset + length
         while offset < end:
-            mapping, span = await self._map(offset)
-            span = min(span, end - offset)
+            found = await self._l2_table(self.geometry.l1_index(offset))
+            offset = self._map_table(extents, offset, end, found[1] if found else None)
+        return extents
+
+    def _cached_extents(self, offset: int, length: int) -> list[tuple[int, int, Mapping]] | None:
+        """As :meth:`_extents` from cached L2 tables only, or None if one is not cached.
+
+        It never awaits, so it needs no lock: trio switches tasks only at an await, so no
+        mapping change can interleave, and a writer holding the lock is between whole steps
+        (each L2 entry is either old or new, and new ones point at data already written)."""
+        extents: list[tuple[int, int, Mapping]] = []
+        end = offset + length
+        while offset < end:
+            table = self._cached_l2(self.geometry.l1_index(offset))
+            if table is False:
+                return None
+            offset = self._map_table(extents, offset, end, table)
+        return extents
+
+    def _cached_l2(self, l1_index: int) -> array | None | bool:
+        """The cached L2 table for ``l1_index``; None if there is none, False if not cached."""
+        entry = self.l1[l1_index] if l1_index < len(self.l1) else 0
+        if not entry & OFFSET_MASK:
+            return None
+        table = self.l2_cache.get(entry & OFFSET_MASK)
+        return False if table is None else table
+
+    def _map_table(self, extents: list[tuple[int, int, Mapping]], offset: int, end: int,
+                   table: array | None) -> int:
+        """Append the mappings of ``offset`` up to ``end`` or the end of the range ``table``
+        (the L2 table of ``offset``, or None) maps; return where that stopped."""
+        geometry = self.geometry
+        unit = geometry.subcluster_size
+        stop = min(end, (geometry.l1_index(offset) + 1) * geometry.l2_entries * self.cluster_size)
+        while offset < stop:
+            span = min(unit - offset % unit, stop - offset)
+            if table is None:
+                mapping = UNALLOCATED
+            else:
+                entry, bitmap = self._entry(table, geometry.l2_index(offset))
+                mapping = decode(entry, bitmap, geometry, (offset % self.cluster_size) // unit)
+                if mapping.kind is Kind.NORMAL:
+                    self._check_offset(mapping.host, "data cluster")
             if extents:
                 last_off, last_len, last = extents[-1]
                 if (mapping.kind is last.kind and mapping.kind is not Kind.COMPRESSED and
@@ -287,13 +317,15 @@ class Qcow2Driver(BlockDriver):
                     continue
             extents.append((offset, span, mapping))
             offset += span
-        return extents
+        return offset
 
     # -- reading ----------------------------------------------------------------------------
 
     async def read(self, offset: int, buf: memoryview) -> None:
-        async with self.lock:
-            extents = await self._extents(offset, buf.nbytes)
+        extents = self._cached_extents(offset, buf.nbytes)
+        if extents is None:
+            async with self.lock:
+                extents = await self._extents(offset, buf.nbytes)
         await self._read_extents(offset, buf, extents)
 
     async def _read_extents(self, start: int, buf: memoryview,
@@ -335,45 +367,87 @@ class Qcow2Driver(BlockDriver):
     # -- writing ----------------------------------------------------------------------------
 
     async def write(self, offset: int, data: memoryview) -> None:
-        async with self.lock:
-            await self._write_locked(offset, data)
+        runs = self._cached_in_place(offset, data.nbytes)
+        if runs is None:
+            async with self.lock:
+                await self._write_locked(offset, data)
+            return
+        done = 0
+        for host, length in runs:  # no mapping changes: no lock (see _cached_extents)
+            await self.file.write(host, data[done:done + length])
+            done += length
+
+    def _cached_in_place(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """(host offset, length) runs for a write that lands wholly in allocated clusters
+        of cached, unshared L2 tables; None if anything must be allocated or loaded."""
+        runs: list[tuple[int, int]] = []
+        end = offset + length
+        while offset < end:
+            l1_index = self.geometry.l1_index(offset)
+            entry = self.l1[l1_index] if l1_index < len(self.l1) else 0
+            table = self.l2_cache.get(entry & OFFSET_MASK) if entry & OFLAG_COPIED else None
+            run = None if table is None else self._in_place_run(offset, end, table)
+            if run is None:
+                return None
+            runs.append(run)
+            offset += run[1]
+        return runs
+
+    def _in_place_run(self, offset: int, end: int, table: array) -> tuple[int, int] | None:
+        """(host offset, length) of the longest run from ``offset`` towards ``end`` that
+        ``table`` maps to allocated clusters, contiguous on the host; None if the first
+        cluster cannot be written in place."""
+        geometry, cluster = self.geometry, self.cluster_size
+        index = geometry.l2_index(offset)
+        entry, bitmap = self._entry(table, index)
+        if not fully_allocated(entry, bitmap, geometry):
+            return None
+        self._check_offset(entry & OFFSET_MASK, "data cluster")
+        host = (entry & OFFSET_MASK) + offset % cluster
+        length = min(end - offset, cluster - offset % cluster)
+        while offset + length < end and index + 1 < geometry.l2_entries:
+            index += 1
+            entry, bitmap = self._entry(table, index)
+            if (not fully_allocated(entry, bitmap, geometry) or
+                    entry & OFFSET_MASK != host + length):
+                break
+            length += min(end - offset - length, cluster)
+        return host, length
 
     async def _write_locked(self, offset: int, data: memoryview) -> None:
-        cluster = self.cluster_size
         end = offset + data.nbytes
         position = offset
         while position < end:
             table_offset, table = await self._l2_for_write(self.geometry.l1_index(position))
-            index = self.geometry.l2_index(position)
-            entry, bitmap = self._entry(table, index)
-            chunk = min(end - position, cluster - position % cluster)
-            if fully_allocated(entry, bitmap, self.geometry):
-                host = (entry & OFFSET_MASK) + position % cluster
+            run = self._in_place_run(position, end, table)
+            if run is not None:
+                host, chunk = run
                 await self.file.write(host, data[position - offset:position - offset + chunk])
             else:
                 chunk = await self._write_allocating(position, end, data[position - offset:],
-                                                     table_offset, table, index)
+                                                     table_offset, table,
+                                                     self.geometry.l2_index(position))
             position += chunk
 
     async def _write_allocating(self, position: int, end: int, data: memoryview,
                                 table_offset: int, table: array, index: int) -> int:
         """Write into new clusters: as many consecutive ones of this L2 table as the request
-        covers; partial first and last clusters are filled from their old contents."""
+        covers. Only the first may be partial (the loop takes further clusters only whole);
+        it is merged with its old contents, and the rest is written straight from ``data``."""
         cluster = self.cluster_size
         start = position - position % cluster
         count = 1
         while (index + count < self.geometry.l2_entries and start + (count + 1) * cluster <= end
                and not fully_allocated(*self._entry(table, index + count), self.geometry)):
             count += 1
-        span = count * cluster
-        merged = bytearray(span)
-        head, tail = position - start, min(end, start + span) - start
-        if head or tail < span:
-            extents = await self._extents(start, span)
-            await self._read_extents(start, memoryview(merged), extents)
-        merged[head:tail] = data[:tail - head]
+        head, tail = position - start, min(end, start + count * cluster) - start
         host = await self._allocate(count)
-        await self.file.write(host, merged)
+        whole_from = 0
+        if head or tail < cluster:
+            whole_from = min(tail, cluster)
+            await self._write_merged(start, host, head, data[:whole_from - head])
+        if whole_from < tail:
+            await self.file.write(host + whole_from, data[whole_from - head:tail - head])
         for i in range(count):
             old, _ = self._entry(table, index + i)
             self._set_entry(table, index + i, (host + i * cluster) | OFLAG_COPIED,
@@ -381,6 +455,20 @@ class Qcow2Driver(BlockDriver):
             self._release(old)
         self.l2_cache.mark_dirty(table_offset)
         return tail - head
+
+    async def _write_merged(self, start: int, host: int, within: int, data: memoryview) -> None:
+        """Write the guest cluster at ``start`` to the new cluster ``host``: ``data`` at
+        ``within``, and around it only the old bytes the write does not cover (QEMU's COW
+        regions), so a small write over a backing file reads little of it."""
+        merged = bytearray(self.cluster_size)
+        view = memoryview(merged)
+        edge = within + data.nbytes
+        for lo, hi in ((0, within), (edge, self.cluster_size)):
+            if lo < hi:
+                await self._read_extents(start + lo, view[lo:hi],
+                                         await self._extents(start + lo, hi - lo))
+        view[within:edge] = data
+        await self.file.write(host, view)
 
     async def _l2_for_write(self, l1_index: int) -> tuple[int, array]:
         """The L2 table for ``l1_index``, allocated (or copied, if shared) as needed."""
