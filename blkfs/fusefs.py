@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 import pyfuse3
 import trio
 
+from blkfs import fuseloop
 from blkfs.backend import BlockBackend, BlockLayer
 from blkfs.control import COMMANDS, REPORTS, ControlPlane
 from blkfs.errors import BlockError
@@ -112,6 +113,10 @@ class BlkfsOperations(pyfuse3.Operations):
         self._started_ns = time.time_ns()
         self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1000)
         self._watched: set[int] = set()
+
+    def init(self) -> None:
+        """The session is mounted and serving: take requests the faster way from now on."""
+        fuseloop.install()
 
     # -- change notification -------------------------------------------------------------
 

@@ -1,0 +1,147 @@
+"""Take a queued FUSE request without a trip through trio's scheduler.
+
+pyfuse3 3.x's session loop awaits its private ``_wait_fuse_readable()`` before reading each
+request. That takes a trio Lock (a checkpoint: one pass of trio's run loop, with an
+``epoll_wait``) and then waits in epoll (a second pass and an ``epoll_ctl``), so every
+request pays two scheduler passes even while the kernel holds a queue of them; with four
+readers that was where the daemon's one core went.
+
+:func:`install` puts a :class:`FuseWait` in its place, which polls the /dev/fuse descriptor
+without blocking first: a queued request is read at once, and only an idle daemon waits in
+epoll. It also wraps ``pyfuse3.terminate`` so that the wait learns the session is ending
+(pyfuse3 checks that inside its own wait, with state Python cannot read). If pyfuse3 no
+longer has the hook, nothing is replaced and its own loop runs unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+from collections import deque
+
+import pyfuse3
+import trio
+
+log = logging.getLogger("blkfs.fuse")
+
+FAIR_SPAN = 16
+"""Requests taken back to back before the taker lets the scheduler run other tasks (flushes
+in worker threads, signals, invalidations), which would otherwise wait for an idle moment."""
+
+SPARE_WORKERS = 4
+"""Idle workers kept besides the one waiting in epoll; pyfuse3 starts one per request."""
+
+_stock_terminate = pyfuse3.terminate
+
+
+class FuseWait:
+    """pyfuse3's ``_wait_fuse_readable``, faster: True once a request can be read without
+    blocking, False when the session ends (or, for a spare worker, when pyfuse3 should end
+    it).
+
+    One task at a time waits in epoll (trio allows one reader per fd); the others park, and
+    the waiter wakes one when it leaves. pyfuse3 starts a worker after every request it
+    reads while no task is inside its own wait, which with this wait is always; workers
+    that have never served park below the others and beyond ``SPARE_WORKERS`` end at once,
+    so a few workers take turns and the 1 MiB request buffers stay few.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+        self._epoll_waiter = False
+        self._yielding = 0
+        self._parked: deque[trio.Event] = deque()
+        self._served: set[trio.lowlevel.Task] = set()
+        self._closed = False
+        self._streak = 0
+
+    def close(self) -> None:
+        """The session ends: every wait, now and later, returns False."""
+        self._closed = True
+        while self._parked:
+            self._parked.pop().set()
+
+    async def __call__(self) -> bool:
+        task = trio.lowlevel.current_task()
+        if self._streak >= FAIR_SPAN:
+            self._streak = 0
+            self._yielding += 1  # this one comes back: spare workers need not step in
+            try:
+                await trio.lowlevel.checkpoint()
+            finally:
+                self._yielding -= 1
+        while not self._closed:
+            served = task in self._served
+            if not served and (self._epoll_waiter or self._yielding):
+                if len(self._parked) >= SPARE_WORKERS:
+                    return False  # pyfuse3 ends this worker, as it ends idle ones itself
+                await self._park(served)
+                continue
+            # Nothing between this poll and pyfuse3's read of the request awaits, so no
+            # other task can take the request this poll saw.
+            if self._poll.poll(0):
+                self._streak += 1
+                self._served.add(task)
+                if self._parked and not self._epoll_waiter:
+                    self._parked.pop().set()  # someone must watch for the next request
+                return True
+            self._streak = 0
+            if self._epoll_waiter:
+                await self._park(served)
+                continue
+            self._epoll_waiter = True
+            try:
+                await trio.lowlevel.wait_readable(self.fd)
+            except trio.ClosedResourceError:  # pyfuse3.terminate() closing the fd
+                self.close()
+            finally:
+                self._epoll_waiter = False
+                if self._parked:
+                    self._parked.pop().set()
+        return False
+
+    async def _park(self, served: bool) -> None:
+        event = trio.Event()
+        if served:
+            self._parked.append(event)
+        else:
+            self._parked.appendleft(event)
+        try:
+            await event.wait()
+        except BaseException:  # cancelled: a later wake must not go to this task
+            if event in self._parked:
+                self._parked.remove(event)
+            raise
+
+
+def fuse_fd() -> int | None:
+    """The process's /dev/fuse descriptor (pyfuse3 does not expose it)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+        except OSError:
+            continue
+    return None
+
+
+def install() -> bool:
+    """Put a :class:`FuseWait` into pyfuse3; call it once the session is mounted and
+    before a worker waits a second time (``Operations.init`` is such a place). True if
+    installed."""
+    fd = fuse_fd()
+    if fd is None or not hasattr(pyfuse3, "_wait_fuse_readable"):
+        log.debug("pyfuse3's request loop left as it is")
+        return False
+    wait = FuseWait(fd)
+
+    def terminate() -> None:
+        wait.close()
+        _stock_terminate()
+
+    pyfuse3._wait_fuse_readable = wait  # type: ignore[attr-defined]
+    pyfuse3.terminate = terminate
+    return True
