@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.helpers import Mount, force_unmount, mounted
+from tests.helpers import Mount, mounts_in
 
 needs_fuse = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -30,21 +30,8 @@ def images(tmp_path: Path) -> Path:
 def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     """Start blkfs mounts with given arguments; all are stopped after the test, even when
     it fails, and no daemon outlives it."""
-    started: list[Mount] = []
-    counter = iter(range(1000))
-
-    def start(*args: str) -> Mount:
-        mount = Mount.start(tmp_path / f"mnt{next(counter)}", *args)
-        started.append(mount)
-        return mount
-
-    yield start
-    for mount in started:
-        mount.stop()
-    leftovers = [m.path for m in started if mounted(m.path) or m.alive()]
-    for path in leftovers:
-        force_unmount(path)
-    assert not leftovers, f"mounts left behind: {leftovers}"
+    with mounts_in(tmp_path) as start:
+        yield start
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 BLKFS = [sys.executable, "-m", "blkfs"]
 
@@ -132,3 +133,25 @@ def pattern_image(path: Path, size: int, image_id: int, block: int = 4096) -> by
 
 __all__ = ["Mount", "MountError", "blkfs", "errno", "errno_of", "force_unmount",
            "mounted", "pattern_image"]
+
+
+@contextmanager
+def mounts_in(base: Path) -> Iterator[Callable[..., Mount]]:
+    """Start blkfs mounts under ``base`` with given arguments; all are stopped on exit, even
+    when the body failed, and no daemon outlives it."""
+    started: list[Mount] = []
+
+    def start(*args: str) -> Mount:
+        mount = Mount.start(base / f"mnt{len(started)}", *args)
+        started.append(mount)
+        return mount
+
+    try:
+        yield start
+    finally:
+        for mount in started:
+            mount.stop()
+        leftovers = [m.path for m in started if mounted(m.path) or m.alive()]
+        for path in leftovers:
+            force_unmount(path)
+    assert not leftovers, f"mounts left behind: {leftovers}"

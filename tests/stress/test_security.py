@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import needs_fuse
 from drivers.qcow2.create import write_image
-from tests.helpers import Mount, force_unmount, mounted, pattern_image
+from tests.helpers import Mount, mounts_in, pattern_image
 
 pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.stress]
 needs_setpriv = pytest.mark.skipif(
@@ -73,21 +73,11 @@ def public_mounts(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     """Like mount_factory, but the mountpoints are in a directory other users may traverse."""
     base = Path(tempfile.mkdtemp(prefix="blkfs-sec-", dir="/tmp"))
     base.chmod(0o755)
-    started: list[Mount] = []
-
-    def start(*args: str) -> Mount:
-        mount = Mount.start(base / f"mnt{len(started)}", *args)
-        started.append(mount)
-        return mount
-
-    yield start
-    for mount in started:
-        mount.stop()
-    leftovers = [m.path for m in started if mounted(m.path) or m.alive()]
-    for path in leftovers:
-        force_unmount(path)
-    shutil.rmtree(base, ignore_errors=True)
-    assert not leftovers, f"mounts left behind: {leftovers}"
+    try:
+        with mounts_in(base) as start:
+            yield start
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def shape(value: Any) -> Any:
