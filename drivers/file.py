@@ -59,6 +59,11 @@ class FileDriver(BlockDriver):
         await super().reopen(values)
         if values["read-only"] != self.node.read_only:
             fd = self._open_fd(values)
+            old, new = os.fstat(self.fd), os.fstat(fd)
+            if (old.st_dev, old.st_ino) != (new.st_dev, new.st_ino):
+                os.close(fd)
+                raise BlockError(errno.EBUSY, f"'{self.filename}' now names another file; "
+                                              "change the medium to use that one")
             os.close(self.fd)
             self.fd = fd
 

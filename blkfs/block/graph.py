@@ -15,6 +15,8 @@ import itertools
 import logging
 from typing import Any, Mapping
 
+import trio
+
 from blkfs.block.node import RW, Child, Node, Perm
 from blkfs.block.options import COMMON_OPTIONS, list_options, parse_bool, validate
 from blkfs.block.policy import HostPolicy
@@ -213,14 +215,24 @@ class Graph:
         writes), read-only top-down (a parent writes back its caches first)."""
         read_only = bool(values["read-only"])
         path, edges = _write_path(top)
-        for node in path[1:] if not read_only else path:
-            writer = next((edge.parent for edge in node.parents
-                           if edge.can_write and edge not in edges and edge.role != "root"),
-                          None)
-            if writer is not None:
-                raise BlockError(errno.EBUSY, f"reopen: node '{node.name}' is written by "
-                                              f"'{writer}'" + ("; reopen that read-only first"
-                                                               if read_only else ""))
+        if read_only:
+            for node in path:
+                writer = next((edge.parent for edge in node.parents if edge.can_write
+                               and edge not in edges and edge.role != "root"), None)
+                if writer is not None:
+                    raise BlockError(errno.EBUSY, f"reopen: node '{node.name}' is written by "
+                                                  f"'{writer}'; reopen that read-only first")
+        else:  # the new writer must be the only user of what it will write
+            others = [edge.parent for edge in top.parents if edge.role != "root"]
+            if others or len(top.parents) > 1:
+                raise BlockError(errno.EBUSY, f"reopen: node '{top.name}' is used by "
+                                              f"{', '.join(others) or 'several backends'}; "
+                                              "only a node with one user can become writable")
+            for node in path[1:]:
+                other = next((edge.parent for edge in node.parents if edge not in edges), None)
+                if other is not None:
+                    raise BlockError(errno.EBUSY, f"reopen: node '{node.name}' is also used "
+                                                  f"by '{other}'")
         if read_only:
             await top.driver.flush()  # the node is drained: its own request path is closed
         done: list[tuple[Node, dict[str, Any]]] = []
@@ -230,10 +242,16 @@ class Graph:
                 await node.driver.reopen(new)
                 done.append((node, node.values))
                 node.values = new
+                await node.refresh_size()
         except BaseException:
-            for node, old in reversed(done):
-                await node.driver.reopen(old)
-                node.values = old
+            with trio.CancelScope(shield=True):
+                for node, old in reversed(done):
+                    try:
+                        await node.driver.reopen(old)
+                        node.values = old
+                    except BlockError as exc:
+                        log.error("reopen: node %s could not be switched back: %s",
+                                  node.name, exc.message)
             raise
         for edge in edges:
             edge.perm = Perm.READ if read_only else RW

@@ -100,6 +100,18 @@ class Qcow2Driver(BlockDriver):
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.file = self.child("file")
+        self.lock = trio.Lock()
+        self.readers = 0
+        """Reads in flight: they may have mapped a cluster that a write has since dropped,
+        so freed clusters are punched only while there are none."""
+        self.backing_size = 0
+        await self._load_metadata(self.node.read_only, values)
+        if "backing" in children:  # the user's choice: options, a node name, or None
+            await self._open_backing(children["backing"])
+        elif self.header.backing_file:
+            await self._open_backing(self._backing_options(self.header.backing_file))
+
+    async def _read_header(self) -> Header:
         head = bytes(await self.file.read(0, min(self.file.node.size, 4096)))
         try:
             header = parse_header(head)
@@ -108,14 +120,19 @@ class Qcow2Driver(BlockDriver):
                     0, min(self.file.node.size, header.cluster_size))))
         except FormatError as exc:
             raise BlockError(errno.EINVAL, f"qcow2: {exc}") from None
+        return header
+
+    async def _load_metadata(self, read_only: bool, values: Mapping[str, Any]) -> None:
+        """Header, tables and empty caches from the image (at open, and when a read-only
+        node turns writable: another program may have written the image meanwhile)."""
+        header = await self._read_header()
+        self._check_features(header, writable=not read_only)
         self.header = header
-        self._check_features(header, writable=not self.node.read_only)
         self.geometry = Geometry(header.cluster_bits, header.extended_l2)
         self.cluster_size = header.cluster_size
-        self.lock = trio.Lock()
         self.l1 = await self._load_l1(header)
         self.reftable = await self._load_reftable(header)
-        if not self.node.read_only:
+        if not read_only:
             await repair_on_open(self.file)
         self.refblock_entries = refcount_entries(header.cluster_bits, header.refcount_order)
         cluster = self.cluster_size
@@ -129,11 +146,6 @@ class Qcow2Driver(BlockDriver):
         self.dropped: list[int] = []
         """Host clusters whose reference was dropped in cached metadata; their refcounts
         fall once metadata without the reference is on disk."""
-        self.backing_size = 0
-        if "backing" in children:  # the user's choice: options, a node name, or None
-            await self._open_backing(children["backing"])
-        elif header.backing_file:
-            await self._open_backing(self._backing_options(header.backing_file))
 
     def _check_features(self, header: Header, writable: bool) -> None:
         unknown = header.incompatible_features & ~INCOMPAT_KNOWN
@@ -203,17 +215,23 @@ class Qcow2Driver(BlockDriver):
 
     async def reopen(self, values: Mapping[str, Any]) -> None:
         """Cache sizes stay; read-only may change: writing back first when it turns on,
-        checking as a writable open does (dirty, corrupt, leaks) when it turns off."""
+        loading and checking the image as a writable open does when it turns off. The image
+        must still be the one this node describes (same geometry and backing file)."""
         await super().reopen(values)
         if values["read-only"] == self.node.read_only:
             return
         async with self.lock:
             if values["read-only"]:
                 await self._write_back()
-            else:
-                self._check_features(self.header, writable=True)
-                if await repair_on_open(self.file):  # refcount blocks changed under the cache
-                    self.refcount_cache = TableCache(self.refcount_cache.capacity)
+                return
+            old = self.header
+            new = await self._read_header()
+            if (new.cluster_bits, new.extended_l2, new.backing_file, new.size) != \
+                    (old.cluster_bits, old.extended_l2, old.backing_file, old.size):
+                raise BlockError(errno.EBUSY, "qcow2: the image was changed by another "
+                                              "program while read-only here; change the "
+                                              "medium to use it writable")
+            await self._load_metadata(False, values)
 
     async def close(self) -> None:
         if not self.node.read_only:
@@ -322,11 +340,15 @@ class Qcow2Driver(BlockDriver):
     # -- reading ----------------------------------------------------------------------------
 
     async def read(self, offset: int, buf: memoryview) -> None:
-        extents = self._cached_extents(offset, buf.nbytes)
-        if extents is None:
-            async with self.lock:
-                extents = await self._extents(offset, buf.nbytes)
-        await self._read_extents(offset, buf, extents)
+        self.readers += 1
+        try:
+            extents = self._cached_extents(offset, buf.nbytes)
+            if extents is None:
+                async with self.lock:
+                    extents = await self._extents(offset, buf.nbytes)
+            await self._read_extents(offset, buf, extents)
+        finally:
+            self.readers -= 1
 
     async def _read_extents(self, start: int, buf: memoryview,
                             extents: list[tuple[int, int, Mapping]]) -> None:
@@ -681,6 +703,7 @@ class Qcow2Driver(BlockDriver):
         that ended with a flush of the image file."""
         if not (self.l2_cache.dirty or self.dirty_l1 or self.refcount_cache.dirty or
                 self.reftable_dirty or self.dropped):
+            await self._punch_freed()
             return False
         await self._write_refcounts()
         await self.file.flush()
@@ -697,10 +720,18 @@ class Qcow2Driver(BlockDriver):
                 await self._update_refcount(host, -1)
             await self._write_refcounts()
             await self.file.flush()
+        await self._punch_freed()
+        return True
+
+    async def _punch_freed(self) -> None:
+        """Give freed clusters' space back to the host, unless a read in flight may still
+        read one it mapped before the cluster was dropped (it then waits for a later
+        write-back, at the latest close)."""
+        if self.readers:
+            return
         freed, self.freed = self.freed, []
         for host in freed:
             await self.file.discard(host, self.cluster_size)
-        return True
 
     async def _write_header(self) -> None:
         header = self.header

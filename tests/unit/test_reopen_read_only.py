@@ -116,3 +116,45 @@ async def test_a_refused_switch_to_writable_rolls_back_every_node(tmp_path: Path
             await other.close()
     finally:
         await layer.close()
+
+
+@needs_qemu
+async def test_a_node_becomes_writable_only_if_nothing_else_uses_what_it_writes(
+        tmp_path: Path) -> None:
+    image = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"], check=True)
+    layer = BlockLayer()
+    try:
+        await layer.create("raw", f"driver=file,node-name=f0,filename={image},locking=off")
+        backend = await layer.create("q", "driver=qcow2,node-name=q,file=f0", read_only=True)
+        with pytest.raises(BlockError) as busy:
+            await layer.reopen("q", "read-only=off")  # f0 is written by backend 'raw' too
+        assert busy.value.errno == errno.EBUSY and "'raw'" in busy.value.message
+        assert backend.read_only and node_modes(layer) == {"f0": False, "q": True}
+    finally:
+        await layer.close()
+
+
+@needs_qemu
+async def test_turning_writable_reloads_what_another_program_wrote_meanwhile(
+        tmp_path: Path) -> None:
+    image = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"], check=True)
+    layer = BlockLayer()
+    try:
+        backend = await layer.create("d", f"driver=qcow2,node-name=q,file.driver=file,"
+                                          f"file.filename={image}", read_only=True)
+        assert bytes(await backend.read(0, 4096)) == bytes(4096)  # L2 state cached here
+        assert qemu_io_write(image, "qcow2").returncode == 0  # allocates while we read
+        await layer.reopen("q", "read-only=off")
+        assert bytes(await backend.read(0, 4096)) == b"\x07" * 4096
+        await backend.write(1 << 20, b"z" * 65536)
+        await backend.flush()
+    finally:
+        await layer.close()
+    check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    data = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 7 0 4k",
+                           "-c", "read -P 0x7a 1M 64k", str(image)],
+                          capture_output=True, text=True)
+    assert "Pattern verification failed" not in data.stdout and data.returncode == 0
