@@ -399,6 +399,8 @@ class BlockLayer:
         backend = self.find(name)
         if backend.refcnt == 1 and backend.has_medium:
             await backend.flush()
+            if self._backends.get(name) is not backend:  # deleted meanwhile
+                raise BlockError(errno.ENOENT, f"no backend named '{name}'")
         await self._drop(backend)
 
     async def _drop(self, backend: BlockBackend) -> None:
@@ -431,6 +433,8 @@ class BlockLayer:
             except BlockError as exc:
                 log.error("%s: closed, but the final flush failed: %s", backend.name,
                           exc.message)
+            except Exception:  # a bug: say so, and still close the others
+                log.exception("%s: closing failed", backend.name)
 
     async def status(self) -> list[dict[str, Any]]:
         return [await b.status() for b in self]
