@@ -77,17 +77,22 @@ async def test_writes_in_flight_land_in_the_medium_they_started_on(tmp_path: Pat
         await backend.write(block * BLOCK, chunk(block))
         acknowledged.add(block)
 
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            for block in range(BLOCKS):
-                nursery.start_soon(writer, block)
-                if block == BLOCKS // 2:
-                    await trio.sleep(0)
-
+    third = BLOCKS // 3
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run)
-        await trio.sleep(0)
-        await backend.change(str(images[1]))
+        for block in range(third):  # the first third starts on the old medium
+            nursery.start_soon(writer, block)
+        while not acknowledged:
+            await trio.sleep(0)
+        before = set(acknowledged)
+
+        async def change_then_write_the_last_third() -> None:
+            await backend.change(str(images[1]))
+            for block in range(2 * third, BLOCKS):
+                nursery.start_soon(writer, block)
+
+        nursery.start_soon(change_then_write_the_last_third)
+        for block in range(third, 2 * third):  # in flight around the change
+            nursery.start_soon(writer, block)
     await layer.close()
     contents = [path.read_bytes() for path in images]
     assert acknowledged == set(range(BLOCKS))
@@ -97,7 +102,8 @@ async def test_writes_in_flight_land_in_the_medium_they_started_on(tmp_path: Pat
                  if data[block * BLOCK:(block + 1) * BLOCK] == chunk(block)]
         assert len(where) == 1, f"block {block} landed in {where}: lost or torn"
         landed.append(where[0])
-    assert set(landed) == {0, 1}, "the change did not happen in the middle of the writes"
+    assert all(landed[block] == 0 for block in before)
+    assert all(landed[block] == 1 for block in range(2 * third, BLOCKS))
 
 
 async def test_a_failed_change_leaves_the_old_medium_serving(tmp_path: Path) -> None:
