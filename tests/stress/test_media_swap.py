@@ -15,6 +15,7 @@ are ambiguous and only constrain the final contents (they may be in either mediu
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import mmap
@@ -41,7 +42,7 @@ TAG = 23
 RSS_GROWTH_KIB = 16 * 1024
 """How much the daemon's RSS may grow after warm-up over the whole run."""
 WORKER_SOURCE = r'''
-import errno, json, mmap, os, random, struct, subprocess, sys, time
+import ctypes, errno, json, mmap, os, random, struct, subprocess, sys, time
 
 BLOCK, TAG = 4096, 23
 cfg = json.loads(sys.argv[1])
@@ -49,10 +50,11 @@ path, blocks = cfg["path"], cfg["blocks"]
 images = set(cfg["images"])
 shared = open(cfg["shared"], "r+b")
 mm = mmap.mmap(shared.fileno(), 16)
+shared_counter = ctypes.c_uint64.from_buffer(mm)  # one aligned 8-byte load: never torn
 
 
 def counter():
-    return struct.unpack_from("<Q", mm, 0)[0]
+    return shared_counter.value
 
 
 def stopped():
@@ -265,24 +267,27 @@ class Media:
         shared.write_bytes(bytes(16))
         self._file = open(shared, "r+b")
         self._mm = mmap.mmap(self._file.fileno(), 16)
+        self._counter = ctypes.c_uint64.from_buffer(self._mm)
+        """Read and written as one aligned 8-byte word: struct.pack_into may store byte by
+        byte, and a worker reading mid-store (255 -> 256) would see a counter go back."""
         self.by_generation: list[int | None] = [0]
         self.empty: list[tuple[float, float]] = []
         self.changes = self.ejects = 0
 
     @property
     def counter(self) -> int:
-        return struct.unpack_from("<Q", self._mm, 0)[0]
+        return self._counter.value
 
     def run(self, verb: str, text: str, medium: int | None) -> None:
         """One media command inside the seqlock; a failed command leaves the old medium."""
-        struct.pack_into("<Q", self._mm, 0, self.counter + 1)
+        self._counter.value += 1
         done = False
         try:
             self.mount.ctl(verb, text)
             done = True
         finally:
             self.by_generation.append(medium if done else self.by_generation[-1])
-            struct.pack_into("<Q", self._mm, 0, self.counter + 1)
+            self._counter.value += 1
 
     def change(self, index: int) -> None:
         image = self.images[index]
@@ -305,6 +310,7 @@ class Media:
         struct.pack_into("<Q", self._mm, 8, 1)
 
     def close(self) -> None:
+        del self._counter  # the mmap cannot close while a ctypes view exports its buffer
         self._mm.close()
         self._file.close()
 
