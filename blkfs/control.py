@@ -166,9 +166,11 @@ def format_status(backends: list[dict[str, Any]]) -> str:
 
 
 def _tree_lines(node: dict[str, Any], indent: str, role: str) -> list[str]:
-    options = [f"{k}={v}" for k, v in node["options"].items() if k != "node-name"]
+    options = [f"{k}={v}" for k, v in node["options"].items()
+               if k not in ("node-name", "driver")]
     details = [f"{k}={v}" for k, v in node["info"].items()
-               if isinstance(v, (str, int, float)) and not isinstance(v, bool)]
+               if isinstance(v, (str, int, float)) and not isinstance(v, bool)
+               and node["options"].get(k) != v]
     flags = " read-only" if node["read-only"] else ""
     line = (f"{indent}{role}: {node['driver']} [{node['node-name']}] "
             f"{human_size(node['size'])}{flags}")
