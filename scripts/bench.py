@@ -271,7 +271,8 @@ def copy_set(image: Path, dst_dir: Path) -> Path:
 
 # -- peers -----------------------------------------------------------------------------------
 
-def blkfs_mount(mnt: Path, backends: dict[str, Path]) -> int:
+def blkfs_mount(mnt: Path, backends: dict[str, Path | str]) -> int:
+    """Mount blkfs with backends given as image paths or option strings; the daemon's pid."""
     mnt.mkdir(parents=True, exist_ok=True)
     cmd = [BLKFS, "mount", str(mnt)]
     for name, img in backends.items():
@@ -280,6 +281,14 @@ def blkfs_mount(mnt: Path, backends: dict[str, Path]) -> int:
     run(cmd, timeout=120)
     with open(mnt / ".ctl" / "status.json") as f:
         return int(json.load(f)["pid"])
+
+
+def drop_scratch_mount(mnt: Path, d: Path) -> None:
+    """Unmount a check's own mount and remove its scratch directory."""
+    CLEANUP.remove("blkfs", str(mnt))
+    blkfs_umount(str(mnt))
+    CLEANUP.remove("dir", str(d))
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def blkfs_umount(mnt: str) -> None:
@@ -498,10 +507,7 @@ def sparse_rss(work: Path, runtime: float) -> dict:
         out["error"] = str(exc)[-1000:]
         log(f"  sparse 1T FAILED: {exc}")
     finally:
-        CLEANUP.remove("blkfs", str(mnt))
-        blkfs_umount(str(mnt))
-        CLEANUP.remove("dir", str(d))
-        shutil.rmtree(d, ignore_errors=True)
+        drop_scratch_mount(mnt, d)
     out["peak_rss_mib"] = round(max(out.get(k, {}).get("VmHWM", 0) for k in
                                     ("after_mount", "after_randread", "after_randwrite")), 1)
     out["target_mib"] = 150
@@ -523,10 +529,8 @@ def throttle_check(work: Path, rate: int) -> dict:
     with open(img, "wb") as f:
         f.truncate(4 * rate * int(THROTTLE_SECONDS) + 64 * MiB)
     mnt = d / "mnt"
-    mnt.mkdir()
-    CLEANUP.add("blkfs", str(mnt))
-    run([BLKFS, "mount", str(mnt), "--backend", f"thr=driver=throttle,node-name=thr,"
-         f"limits.bps-read={rate},file.driver=file,file.filename={img}"], timeout=120)
+    blkfs_mount(mnt, {"thr": f"driver=throttle,node-name=thr,limits.bps-read={rate},"
+                             f"file.driver=file,file.filename={img}"})
     f = str(mnt / "thr")
     out: dict = {"limit_bps": rate, "seconds": THROTTLE_SECONDS,
                  "tolerance": THROTTLE_TOLERANCE}
@@ -580,10 +584,7 @@ def throttle_check(work: Path, rate: int) -> dict:
         out["error"] = str(exc)[-1000:]
         log(f"  throttle FAILED: {exc}")
     finally:
-        CLEANUP.remove("blkfs", str(mnt))
-        blkfs_umount(str(mnt))
-        CLEANUP.remove("dir", str(d))
-        shutil.rmtree(d, ignore_errors=True)
+        drop_scratch_mount(mnt, d)
     out["ok"] = ("error" not in out
                  and abs(out["first_bps"] / rate - 1) <= THROTTLE_TOLERANCE
                  and abs(out["retuned_bps"] / (rate // 2) - 1) <= THROTTLE_TOLERANCE)
