@@ -128,9 +128,7 @@ class BlkfsOperations(pyfuse3.Operations):
         return inode
 
     def _on_change(self, backend: BlockBackend, event: str) -> None:
-        if event == "delete":
-            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, backend.name.encode(),
-                                           ignore_enoent=True)
+        if event == "delete":  # backend entries are never cached: nothing to invalidate
             if backend.refcnt == 1:  # no open file: the inode dies with the name
                 self.inodes.forget(backend)
             return
