@@ -12,6 +12,7 @@ import pytest
 
 from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from tests.compat.peers import create
 from tests.conftest import needs_qemu
 
 MiB = 1 << 20
@@ -60,10 +61,8 @@ async def test_a_raw_medium_switches_and_its_lock_follows(tmp_path: Path) -> Non
 @needs_qemu
 async def test_a_filter_over_qcow2_switches_its_whole_write_path_not_the_backing(
         tmp_path: Path) -> None:
-    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M"], check=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
-                    str(top)], check=True)
+    base = create(tmp_path, "base.qcow2", size=4 * MiB)
+    top = create(tmp_path, "top.qcow2", size=4 * MiB, backing=str(base))
     layer = BlockLayer()
     try:
         backend = await layer.create(
@@ -93,8 +92,7 @@ async def test_a_filter_over_qcow2_switches_its_whole_write_path_not_the_backing
 
 @needs_qemu
 async def test_a_refused_switch_to_writable_rolls_back_every_node(tmp_path: Path) -> None:
-    image = tmp_path / "dirty.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"], check=True)
+    image = create(tmp_path, "dirty.qcow2", size=4 * MiB)
     with image.open("r+b") as header:  # incompatible feature bit 0: dirty
         header.seek(72)
         header.write((1).to_bytes(8, "big"))
@@ -121,8 +119,7 @@ async def test_a_refused_switch_to_writable_rolls_back_every_node(tmp_path: Path
 @needs_qemu
 async def test_a_node_becomes_writable_only_if_nothing_else_uses_what_it_writes(
         tmp_path: Path) -> None:
-    image = tmp_path / "d.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"], check=True)
+    image = create(tmp_path, "d.qcow2", size=4 * MiB)
     layer = BlockLayer()
     try:
         await layer.create("raw", f"driver=file,node-name=f0,filename={image},locking=off")
@@ -138,8 +135,7 @@ async def test_a_node_becomes_writable_only_if_nothing_else_uses_what_it_writes(
 @needs_qemu
 async def test_turning_writable_reloads_what_another_program_wrote_meanwhile(
         tmp_path: Path) -> None:
-    image = tmp_path / "d.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"], check=True)
+    image = create(tmp_path, "d.qcow2", size=4 * MiB)
     layer = BlockLayer()
     try:
         backend = await layer.create("d", f"driver=qcow2,node-name=q,file.driver=file,"
