@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
+from typing import NamedTuple
 
 OFFSET_MASK = 0x00FFFFFFFFFFFE00  # L1E_OFFSET_MASK / L2E_OFFSET_MASK
 OFLAG_COPIED = 1 << 63
@@ -28,35 +30,42 @@ class Kind(Enum):
 
 @dataclass(frozen=True)
 class Geometry:
-    """The numbers every mapping needs, from cluster_bits and the L2 entry width."""
+    """The numbers every mapping needs, from cluster_bits and the L2 entry width.
+
+    Derived values are cached: every request computes indexes from them."""
 
     cluster_bits: int
     extended_l2: bool = False
 
-    @property
+    @cached_property
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
 
-    @property
+    @cached_property
     def l2_entry_size(self) -> int:
         return 16 if self.extended_l2 else 8
 
-    @property
+    @cached_property
     def l2_entries(self) -> int:
         """Guest clusters one L2 table maps."""
         return self.cluster_size // self.l2_entry_size
 
-    @property
+    @cached_property
     def subcluster_size(self) -> int:
         return self.cluster_size // SUBCLUSTERS if self.extended_l2 else self.cluster_size
 
-    @property
+    @cached_property
     def csize_shift(self) -> int:
         """Where the sector count starts in a compressed descriptor (spec: x = 62 - (b - 8))."""
         return 62 - (self.cluster_bits - 8)
 
+    @cached_property
+    def l1_shift(self) -> int:
+        """log2 of the guest bytes one L2 table maps."""
+        return self.cluster_bits + self.cluster_bits - (4 if self.extended_l2 else 3)
+
     def l1_index(self, offset: int) -> int:
-        return offset >> (self.cluster_bits + self.cluster_bits - (4 if self.extended_l2 else 3))
+        return offset >> self.l1_shift
 
     def l2_index(self, offset: int) -> int:
         return (offset >> self.cluster_bits) & (self.l2_entries - 1)
@@ -74,9 +83,10 @@ class Geometry:
         return offset, sectors * SECTOR - (offset & (SECTOR - 1))
 
 
-@dataclass(frozen=True)
-class Mapping:
-    """One guest cluster (or the part a request touches) and where its bytes come from."""
+class Mapping(NamedTuple):
+    """One guest cluster (or the part a request touches) and where its bytes come from.
+
+    A named tuple, not a dataclass: one is made per cluster a request touches."""
 
     kind: Kind
     host: int = 0
