@@ -184,6 +184,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if busy:
         raise UsageError(f"{mountpoint} is busy: {', '.join(busy)}; close those files first "
                          "(nothing was changed)")
+    unflushed = flush_backends(mountpoint, status["backends"])
+    if unflushed:
+        raise UsageError(f"cannot flush {', '.join(unflushed)}; {mountpoint} stays mounted "
+                         "so that nothing is lost: fix the cause (a full or failing host disk?) "
+                         "and run blkfs umount again")
     pid = status["pid"]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + UMOUNT_TIMEOUT
@@ -192,6 +197,26 @@ def cmd_umount(args: argparse.Namespace) -> int:
             raise UsageError(f"the daemon (pid {pid}) did not exit within {UMOUNT_TIMEOUT:.0f}s")
         time.sleep(0.05)
     return 0
+
+
+def flush_backends(mountpoint: str, backends: list[dict[str, Any]]) -> list[str]:
+    """fsync every writable backend through the mount; name those that fail.
+
+    The daemon flushes again as it exits, but by then a failure can only be logged: flushing
+    first lets umount refuse while the data can still be saved."""
+    failed = []
+    for backend in backends:
+        if not backend["medium"] or backend["read-only"]:
+            continue
+        try:
+            fd = os.open(os.path.join(mountpoint, backend["name"]), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            failed.append(f"{backend['name']} ({exc.strerror})")
+    return failed
 
 
 def _alive(pid: int) -> bool:

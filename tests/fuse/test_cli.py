@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -65,6 +66,32 @@ def test_umount_of_a_busy_mount_refuses_and_keeps_everything(mount_factory,
         assert result.returncode == 1 and "busy" in result.stderr and "a (1 open)" in result.stderr
         assert mounted(mount.path) and mount.alive()
         assert f.read() == data
+
+
+def test_umount_that_cannot_flush_refuses_and_keeps_the_data(mount_factory,
+                                                             images: Path) -> None:
+    image = images / "a.img"
+    pattern_image(image, MiB, image_id=1)
+    pattern_image(images / "b.img", MiB, image_id=2)
+    mount = mount_factory("--backend", f"a=driver=blkdebug,node-name=dbg,"
+                          "inject-error.0.event=flush,inject-error.0.errno=EIO,"
+                          f"image.driver=file,image.filename={image}",
+                          "--backend", f"b={images / 'b.img'}")
+    fd = os.open(mount / "a", os.O_WRONLY)
+    os.write(fd, b"not yet on disk")
+    with pytest.raises(OSError) as closing:  # close flushes a written file: the writer is told
+        os.close(fd)
+    assert closing.value.errno == errno.EIO
+    result = blkfs("umount", str(mount.path), check=False)
+    assert result.returncode == 1
+    assert "cannot flush a (Input/output error)" in result.stderr and "b (" not in result.stderr
+    assert mounted(mount.path) and mount.alive()
+    assert (mount / "a").read_bytes().startswith(b"not yet on disk")
+
+    mount.ctl("reopen", "dbg inject-error=none")
+    assert blkfs("umount", str(mount.path)).returncode == 0
+    assert not mounted(mount.path) and not mount.alive()
+    assert image.read_bytes().startswith(b"not yet on disk")
 
 
 def test_umount_recovers_a_mount_whose_daemon_died(mount_factory, images: Path) -> None:
