@@ -29,22 +29,20 @@ FAIR_SPAN = 16
 """Requests taken back to back before the taker lets the scheduler run other tasks (flushes
 in worker threads, signals, invalidations), which would otherwise wait for an idle moment."""
 
-SPARE_WORKERS = 4
-"""Idle workers kept besides the one waiting in epoll; pyfuse3 starts one per request."""
-
 _stock_terminate = pyfuse3.terminate
 
 
 class FuseWait:
     """pyfuse3's ``_wait_fuse_readable``, faster: True once a request can be read without
-    blocking, False when the session ends (or, for a spare worker, when pyfuse3 should end
-    it).
+    blocking, False when the session ends.
 
     One task at a time waits in epoll (trio allows one reader per fd); the others park, and
-    the waiter wakes one when it leaves. pyfuse3 starts a worker after every request it
-    reads while no task is inside its own wait, which with this wait is always; workers
-    that have never served park below the others and beyond ``SPARE_WORKERS`` end at once,
-    so a few workers take turns and the 1 MiB request buffers stay few.
+    the waiter wakes one when it leaves. No worker ends while the session lives: pyfuse3
+    starts a new worker after every request it reads while none is inside its own wait
+    (with this wait, always), up to its ``max_tasks``, so a worker that ended would be
+    replaced by a new task for the next request. Workers that have served park above those
+    that have not and are woken first, so a few take turns and few 1 MiB request buffers
+    are ever touched.
     """
 
     def __init__(self, fd: int) -> None:
@@ -68,7 +66,7 @@ class FuseWait:
         task = trio.lowlevel.current_task()
         if self._streak >= FAIR_SPAN:
             self._streak = 0
-            self._yielding += 1  # this one comes back: spare workers need not step in
+            self._yielding += 1  # this one comes back: parked workers need not step in
             try:
                 await trio.lowlevel.checkpoint()
             finally:
@@ -76,8 +74,6 @@ class FuseWait:
         while not self._closed:
             served = task in self._served
             if not served and (self._epoll_waiter or self._yielding):
-                if len(self._parked) >= SPARE_WORKERS:
-                    return False  # pyfuse3 ends this worker, as it ends idle ones itself
                 await self._park(served)
                 continue
             # Nothing between this poll and pyfuse3's read of the request awaits, so no

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from blkfs.fuseloop import SPARE_WORKERS, FuseWait
+from blkfs.fuseloop import FuseWait
 
 
 @pytest.fixture
@@ -52,16 +52,29 @@ async def test_close_ends_every_waiter_now_and_later(pipe: tuple[int, int]) -> N
     assert await wait() is False
 
 
-async def test_spare_workers_beyond_the_limit_end(pipe: tuple[int, int]) -> None:
+async def test_idle_workers_park_and_one_takes_each_request(pipe: tuple[int, int]) -> None:
+    """No worker ends while idle: pyfuse3 would start a new task for the next request."""
     wait = FuseWait(pipe[0])
     results: list[bool] = []
+
+    async def take() -> None:  # as pyfuse3 does: wait, then read the request
+        while await wait():
+            os.read(pipe[0], 1)
+            results.append(True)
+        results.append(False)
+
     async with trio.open_nursery() as nursery:
-        for _ in range(SPARE_WORKERS + 3):
-            nursery.start_soon(lambda: _record(wait, results))
+        for _ in range(8):
+            nursery.start_soon(take)
         await trio.testing.wait_all_tasks_blocked()
-        assert results == [False] * 2  # one waits in epoll, SPARE_WORKERS park
+        assert results == []
+        for taken in range(1, 4):
+            os.write(pipe[1], b"x")
+            await trio.testing.wait_all_tasks_blocked()
+            assert results == [True] * taken
         wait.close()
         trio.lowlevel.notify_closing(pipe[0])
+    assert results == [True] * 3 + [False] * 8
 
 
 async def _record(wait: FuseWait, results: list[bool]) -> None:
