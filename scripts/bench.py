@@ -12,15 +12,16 @@ peers     host     the raw image file itself, no FUSE (the limit; measured once,
           qsd      ``qemu-storage-daemon --export type=fuse`` (one daemon per image)
           nbdfuse  only if nbdfuse and nbdkit are installed (otherwise skipped with a note)
 workloads seqread  dd if=F of=/dev/null bs=1M after drop_caches          -> MB/s
+          seqread-warm  the same with the image files in the host page cache -> MB/s
           seqwrite fio --rw=write --bs=1M --end_fsync=1, one full pass     -> MB/s (incl. fsync)
           randread fio psync 4k QD1 1 job, time based                     -> IOPS
           randread4 same, --numjobs=4 --group_reporting                   -> IOPS
           randwrite fio psync 4k QD1 1 job, time based                    -> IOPS
 
 Reads use one copy of the image; randwrite and seqwrite each get a fresh copy, so writes never
-change what a later measurement sees. The page cache is dropped before the sequential workloads
-(they include the disk); before the random ones the image files are read once on the host, so
-those measure each layer's per-request cost rather than the disk's latency. All fio runs use
+change what a later measurement sees. The page cache is dropped before seqread and seqwrite
+(they include the disk); before the others the image files are read once on the host, so
+those measure each layer's own cost rather than the disk's. All fio runs use
 --direct=0 (FUSE files). For the daemons, peak RSS (VmHWM) and CPU seconds (utime+stime) are
 read from /proc/PID.
 
@@ -56,8 +57,8 @@ BLKFS = str(REPO / ".venv" / "bin" / "blkfs")
 MiB = 1 << 20
 GiB = 1 << 30
 
-WORKLOADS = ["seqread", "seqwrite", "randread", "randread4", "randwrite"]
-UNITS = {"seqread": "MB/s", "seqwrite": "MB/s", "randread": "IOPS", "randread4": "IOPS",
+WORKLOADS = ["seqread", "seqread-warm", "seqwrite", "randread", "randread4", "randwrite"]
+UNITS = {"seqread": "MB/s", "seqread-warm": "MB/s", "seqwrite": "MB/s", "randread": "IOPS", "randread4": "IOPS",
          "randwrite": "IOPS"}
 IMAGES = ["raw", "qcow2", "chain"]
 
@@ -384,11 +385,11 @@ def warm(host_dir: Path) -> None:
 
 
 def workload(name: str, f: str, size: int, runtime: float, host_dir: Path) -> float:
-    if name.startswith("seq"):
+    if name in ("seqread", "seqwrite"):
         drop_caches()
     else:
         warm(host_dir)
-    if name == "seqread":
+    if name in ("seqread", "seqread-warm"):
         t0 = time.monotonic()
         run(["dd", f"if={f}", "of=/dev/null", "bs=1M"], timeout=3600)
         return size / (time.monotonic() - t0) / 1e6
@@ -415,7 +416,7 @@ def run_peer(peer: str, image: str, src: Path, work: Path, size: int, runtime: f
     try:
         # r: the reads; w1: randwrite; w2: seqwrite -- each on its own fresh copy
         imgs = {g: copy_set(src, d / f"img-{g}") for g in ("r", "w1", "w2")}
-        order = [("seqread", "r"), ("randread", "r"), ("randread4", "r"),
+        order = [("seqread", "r"), ("seqread-warm", "r"), ("randread", "r"), ("randread4", "r"),
                  ("randwrite", "w1"), ("seqwrite", "w2")]
         pid = None
         handle: object = None
@@ -440,7 +441,7 @@ def run_peer(peer: str, image: str, src: Path, work: Path, size: int, runtime: f
             try:
                 value = workload(wl, files[g], size, runtime, imgs[g].parent)
             except Exception as exc:
-                log(f"  {image:6} {peer:6} {wl:10} FAILED: {exc}")
+                log(f"  {image:6} {peer:6} {wl:12} FAILED: {exc}")
                 res.setdefault(wl, {})[peer] = None
                 res[wl].setdefault("errors", {})[peer] = str(exc)[-500:]
                 continue
@@ -451,7 +452,7 @@ def run_peer(peer: str, image: str, src: Path, work: Path, size: int, runtime: f
                 cpu = after.get("cpu_s", 0) - before.get("cpu_s", 0)
                 res[wl].setdefault("cpu_s", {})[peer] = round(cpu, 2)
                 extra = f"  cpu {cpu:6.2f}s  hwm {after.get('VmHWM', 0):6.1f} MiB"
-            log(f"  {image:6} {peer:6} {wl:10} {value:12.1f} {UNITS[wl]}{extra}")
+            log(f"  {image:6} {peer:6} {wl:12} {value:12.1f} {UNITS[wl]}{extra}")
         if pid:
             st = proc_stats(pid)
             daemon = {"peak_rss_mib": round(st.get("VmHWM", 0), 1),
