@@ -51,7 +51,7 @@ class FuseWait:
         self._poll.register(fd, select.POLLIN)
         self._epoll_waiter = False
         self._yielding = 0
-        self._parked: deque[trio.Event] = deque()
+        self._parked: deque[trio.lowlevel.Task] = deque()
         self._served: set[trio.lowlevel.Task] = set()
         self._closed = False
         self._streak = 0
@@ -60,7 +60,7 @@ class FuseWait:
         """The session ends: every wait, now and later, returns False."""
         self._closed = True
         while self._parked:
-            self._parked.pop().set()
+            self._wake_one()
 
     async def __call__(self) -> bool:
         task = trio.lowlevel.current_task()
@@ -81,8 +81,8 @@ class FuseWait:
             if self._poll.poll(0):
                 self._streak += 1
                 self._served.add(task)
-                if self._parked and not self._epoll_waiter:
-                    self._parked.pop().set()  # someone must watch for the next request
+                if not self._epoll_waiter:
+                    self._wake_one()  # someone must watch for the next request
                 return True
             self._streak = 0
             if self._epoll_waiter:
@@ -95,22 +95,26 @@ class FuseWait:
                 self.close()
             finally:
                 self._epoll_waiter = False
-                if self._parked:
-                    self._parked.pop().set()
+                self._wake_one()
         return False
 
+    def _wake_one(self) -> None:
+        if self._parked:
+            trio.lowlevel.reschedule(self._parked.pop())
+
     async def _park(self, served: bool) -> None:
-        event = trio.Event()
+        """Sleep until a wake reschedules this task (lighter than a trio.Event per park)."""
+        task = trio.lowlevel.current_task()
         if served:
-            self._parked.append(event)
+            self._parked.append(task)
         else:
-            self._parked.appendleft(event)
-        try:
-            await event.wait()
-        except BaseException:  # cancelled: a later wake must not go to this task
-            if event in self._parked:
-                self._parked.remove(event)
-            raise
+            self._parked.appendleft(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:  # cancelled: no later wake may find it
+            self._parked.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 def fuse_fd() -> int | None:
