@@ -313,23 +313,26 @@ class Qcow2Driver(BlockDriver):
         """Append the mappings of ``offset`` up to ``end`` or the end of the range ``table``
         (the L2 table of ``offset``, or None) maps; return where that stopped."""
         geometry = self.geometry
+        cluster_size = self.cluster_size
         unit = geometry.subcluster_size
-        stop = min(end, (geometry.l1_index(offset) + 1) * geometry.l2_entries * self.cluster_size)
+        shift = geometry.l1_shift
+        stop = min(end, ((offset >> shift) + 1) << shift)
         while offset < stop:
             span = min(unit - offset % unit, stop - offset)
             if table is None:
                 mapping = UNALLOCATED
             else:
                 entry, bitmap = self._entry(table, geometry.l2_index(offset))
-                mapping = decode(entry, bitmap, geometry, (offset % self.cluster_size) // unit)
+                mapping = decode(entry, bitmap, geometry, (offset % cluster_size) // unit)
                 if mapping.kind is Kind.NORMAL:
                     self._check_offset(mapping.host, "data cluster")
             if extents:
                 last_off, last_len, last = extents[-1]
-                if (mapping.kind is last.kind and mapping.kind is not Kind.COMPRESSED and
-                        (mapping.kind is not Kind.NORMAL or
-                         mapping.host + offset % self.cluster_size ==
-                         last.host + (last_off % self.cluster_size) + last_len)):
+                kind = mapping.kind
+                if (kind is last.kind and kind is not Kind.COMPRESSED and
+                        (kind is not Kind.NORMAL or
+                         mapping.host + offset % cluster_size ==
+                         last.host + (last_off % cluster_size) + last_len)):
                     extents[-1] = (last_off, last_len + span, last)
                     offset += span
                     continue
@@ -352,20 +355,23 @@ class Qcow2Driver(BlockDriver):
 
     async def _read_extents(self, start: int, buf: memoryview,
                             extents: list[tuple[int, int, Mapping]]) -> None:
+        cluster_size = self.cluster_size
         for guest, length, mapping in extents:
             view = buf[guest - start:guest - start + length]
-            if mapping.kind is Kind.NORMAL:
-                host = mapping.host + guest % self.cluster_size
+            kind = mapping.kind
+            if kind is Kind.NORMAL:
+                host = mapping.host + guest % cluster_size
                 self._check_in_file(host, length, "data")
                 await self.file.readinto(host, view)
-            elif mapping.kind is Kind.COMPRESSED:
-                data = await self._decompress(mapping)
-                within = guest % self.cluster_size
-                view[:] = data[within:within + length]
-            elif mapping.kind is Kind.UNALLOCATED and guest < self.backing_size:
+            elif kind is Kind.UNALLOCATED and guest < self.backing_size:
                 inside = min(length, self.backing_size - guest)
                 await self.child("backing").readinto(guest, view[:inside])
-                view[inside:] = bytes(length - inside)
+                if inside < length:  # a backing file shorter than this image
+                    view[inside:] = bytes(length - inside)
+            elif kind is Kind.COMPRESSED:
+                data = await self._decompress(mapping)
+                within = guest % cluster_size
+                view[:] = data[within:within + length]
             else:
                 view[:] = bytes(length)
 
