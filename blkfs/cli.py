@@ -215,7 +215,8 @@ def flush_backends(mountpoint: str, backends: list[dict[str, Any]]) -> list[str]
             finally:
                 os.close(fd)
         except OSError as exc:
-            failed.append(f"{backend['name']} ({exc.strerror})")
+            if exc.errno not in (errno.ENOENT, errno.ENOMEDIUM):  # deleted or ejected since
+                failed.append(f"{backend['name']} ({exc.strerror})")
     return failed
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from blkfs.cli import flush_backends
 from tests.conftest import needs_fuse
 from tests.helpers import Mount, blkfs, mounted, pattern_image
 
@@ -92,6 +93,14 @@ def test_umount_that_cannot_flush_refuses_and_keeps_the_data(mount_factory,
     assert blkfs("umount", str(mount.path)).returncode == 0
     assert not mounted(mount.path) and not mount.alive()
     assert image.read_bytes().startswith(b"not yet on disk")
+
+
+def test_umount_does_not_count_backends_gone_since_its_status_read(mount_factory,
+                                                                    images: Path) -> None:
+    pattern_image(images / "a.img", MiB, image_id=1)
+    mount = mount_factory("--backend", f"a={images / 'a.img'}", "--backend", "empty=")
+    stale = [{"name": name, "medium": True, "read-only": False} for name in ("a", "empty", "gone")]
+    assert flush_backends(str(mount.path), stale) == []
 
 
 def test_umount_recovers_a_mount_whose_daemon_died(mount_factory, images: Path) -> None:
