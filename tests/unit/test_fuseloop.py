@@ -77,5 +77,37 @@ async def test_idle_workers_park_and_one_takes_each_request(pipe: tuple[int, int
     assert results == [True] * 3 + [False] * 8
 
 
+async def test_a_cancelled_parked_worker_is_never_woken(pipe: tuple[int, int]) -> None:
+    wait = FuseWait(pipe[0])
+    results: list[str] = []
+
+    async def take(name: str) -> None:
+        while await wait():
+            os.read(pipe[0], 1)
+            results.append(name)
+        results.append(f"{name} ended")
+
+    async def cancellable(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await take("cancelled")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "watcher")  # waits in epoll
+        await trio.testing.wait_all_tasks_blocked()
+        scope = await nursery.start(cancellable)
+        await trio.testing.wait_all_tasks_blocked()  # parked
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()  # gone: a wake for it would crash trio
+        nursery.start_soon(take, "spare")
+        await trio.testing.wait_all_tasks_blocked()
+        os.write(pipe[1], b"x")
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == ["watcher"]
+        wait.close()
+        trio.lowlevel.notify_closing(pipe[0])
+    assert sorted(results) == ["spare ended", "watcher", "watcher ended"]
+
+
 async def _record(wait: FuseWait, results: list[bool]) -> None:
     results.append(await wait())
