@@ -12,7 +12,7 @@ peers     host     the raw image file itself, no FUSE (the limit; measured once,
           qsd      ``qemu-storage-daemon --export type=fuse`` (one daemon per image)
           nbdfuse  only if nbdfuse and nbdkit are installed (otherwise skipped with a note)
 workloads seqread  dd if=F of=/dev/null bs=1M after drop_caches          -> MB/s
-          seqread-warm  the same with the image files in the host page cache -> MB/s
+          seqread-warm  the same, image files in the host page cache      -> MB/s
           seqwrite fio --rw=write --bs=1M --end_fsync=1, one full pass     -> MB/s (incl. fsync)
           randread fio psync 4k QD1 1 job, time based                     -> IOPS
           randread4 same, --numjobs=4 --group_reporting                   -> IOPS
@@ -58,8 +58,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 WORKLOADS = ["seqread", "seqread-warm", "seqwrite", "randread", "randread4", "randwrite"]
-UNITS = {"seqread": "MB/s", "seqread-warm": "MB/s", "seqwrite": "MB/s", "randread": "IOPS", "randread4": "IOPS",
-         "randwrite": "IOPS"}
+UNITS = {"seqread": "MB/s", "seqread-warm": "MB/s", "seqwrite": "MB/s", "randread": "IOPS",
+         "randread4": "IOPS", "randwrite": "IOPS"}
 IMAGES = ["raw", "qcow2", "chain"]
 
 
