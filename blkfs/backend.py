@@ -145,13 +145,20 @@ class BlockBackend:
 
     async def read(self, offset: int, length: int) -> bytearray:
         """``length`` bytes at ``offset``; the whole range must lie within the medium."""
+        buf = bytearray(length)
+        await self.readinto(offset, memoryview(buf))
+        return buf
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset`` (every byte is written, so a reused
+        buffer needs no clearing); the whole range must lie within the medium."""
         await self._tracker.enter()
         start = time.perf_counter_ns()
+        length = buf.nbytes
         try:
             node = self._medium()
             self._check_range(node, offset, length, write=False)
-            buf = bytearray(length)
-            await node.readinto(offset, memoryview(buf))
+            await node.readinto(offset, buf)
         except BaseException:
             self.stats.errors += 1
             raise
@@ -161,7 +168,6 @@ class BlockBackend:
         stats.read_ops += 1
         stats.read_bytes += length
         stats.read_ns += time.perf_counter_ns() - start
-        return buf
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``offset``; past the end is ENOSPC, as on a disk."""

@@ -41,6 +41,17 @@ async def test_reads_return_the_initial_data(medium) -> None:
     assert await backend.read(0, SIZE) == expected_initial(setup)
 
 
+async def test_readinto_writes_every_byte_of_a_reused_buffer(medium) -> None:
+    """The FUSE frontend reuses reply buffers: stale bytes must never show through."""
+    backend, setup, _ = medium
+    model = expected_initial(setup)
+    buf = bytearray(b"\xa5" * SIZE)
+    for offset, length in [(0, SIZE), (1, 4097), (SIZE - 513, 513), (65536, 131072)]:
+        view = memoryview(buf)[:length]
+        await backend.readinto(offset, view)
+        assert view == model[offset:offset + length]
+
+
 @pytest.mark.parametrize("offset, length", [(0, 1), (511, 2), (4095, 4098), (1, SIZE - 2),
                                             (SIZE - 7, 7), (65536, 131072)])
 async def test_unaligned_writes_read_back(medium, offset: int, length: int) -> None:
