@@ -41,8 +41,8 @@ from drivers.qcow2.format import (COMPRESSION_NAMES, COMPRESSION_ZSTD, INCOMPAT_
                                   Header, feature_list, parse_header)
 from drivers.qcow2.layout import (ALL_ALLOCATED, ALL_ZERO, OFFSET_MASK, OFLAG_COMPRESSED,
                                   OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, Geometry, Kind, Mapping,
-                                  decode, fully_allocated, get_refcount, refcount_entries,
-                                  set_refcount)
+                                  data_run, decode, fully_allocated, get_refcount,
+                                  refcount_entries, set_refcount)
 
 DEFAULT_CACHE = 8 << 20
 UNALLOCATED = Mapping(Kind.UNALLOCATED)
@@ -322,10 +322,16 @@ class Qcow2Driver(BlockDriver):
             if table is None:
                 mapping = UNALLOCATED
             else:
-                entry, bitmap = self._entry(table, geometry.l2_index(offset))
+                index = geometry.l2_index(offset)
+                entry, bitmap = self._entry(table, index)
                 mapping = decode(entry, bitmap, geometry, (offset % cluster_size) // unit)
                 if mapping.kind is Kind.NORMAL:
                     self._check_offset(mapping.host, "data cluster")
+                    if not geometry.extended_l2 and offset + span < stop:
+                        more = -(-(stop - offset - span) // cluster_size)
+                        run = data_run(table, index + 1, index + 1 + more,
+                                       mapping.host + cluster_size, cluster_size)
+                        span = min(stop - offset, span + run * cluster_size)
             if extents:
                 last_off, last_len, last = extents[-1]
                 kind = mapping.kind

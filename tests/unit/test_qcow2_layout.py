@@ -24,7 +24,7 @@ from drivers.qcow2.format import (INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, MAGIC,
                                   MAX_BACKING_NAME, FormatError, Header, parse_header)
 from drivers.qcow2.layout import (ALL_ALLOCATED, ALL_ZERO, OFFSET_MASK, OFLAG_COMPRESSED,
                                   OFLAG_COPIED, OFLAG_ZERO, SECTOR, SUBCLUSTERS, Geometry,
-                                  Kind, decode, fully_allocated, get_refcount,
+                                  Kind, data_run, decode, fully_allocated, get_refcount,
                                   refcount_entries, set_refcount)
 from tests.conftest import needs_qemu
 
@@ -151,6 +151,46 @@ def test_standard_entries_ignore_the_bitmap_and_subcluster(
         bits: int, entry: int, bitmap: int, other: int, sc: int) -> None:
     g = Geometry(bits)
     assert decode(entry, bitmap, g, sc) == decode(entry, other, g, 0)
+
+
+@st.composite
+def l2_runs(draw: st.DrawFn) -> tuple[Geometry, list[int], int]:
+    """A standard L2 table of data clusters mostly back to back on disk, broken now and then
+    by a zero, compressed, unallocated or elsewhere-allocated entry; and a host start."""
+    g = Geometry(draw(st.integers(9, 21)))
+    start = draw(st.integers(1, 1 << 20)) * g.cluster_size
+    table, host = [], start
+    for kind in draw(st.lists(st.sampled_from(["next"] * 6 + ["zero", "compressed", "unalloc",
+                                                              "jump", "copied"]),
+                              min_size=1, max_size=40)):
+        entry = host | (OFLAG_COPIED if kind == "copied" else 0)
+        if kind == "zero":
+            entry |= OFLAG_ZERO
+        elif kind == "compressed":
+            entry = OFLAG_COMPRESSED | draw(st.integers(0, (1 << 40) - 1))
+        elif kind == "unalloc":
+            entry = 0
+        elif kind == "jump":
+            entry = host + g.cluster_size * draw(st.integers(1, 8))
+        table.append(entry)
+        host += g.cluster_size
+    return g, table, start
+
+
+@FAST
+@given(l2_runs(), st.integers(0, 45))
+def test_a_data_run_counts_what_decode_calls_contiguous_data(
+        case: tuple[Geometry, list[int], int], limit: int) -> None:
+    g, table, start = case
+    limit = min(limit, len(table))
+    expected, host = 0, start
+    for entry in table[:limit]:
+        mapping = decode(entry, 0, g, 0)
+        if mapping.kind is not Kind.NORMAL or mapping.host != host:
+            break
+        expected += 1
+        host += g.cluster_size
+    assert data_run(table, 0, limit, start, g.cluster_size) == expected
 
 
 @FAST
