@@ -10,7 +10,8 @@ images    raw      random data, SIZE bytes
 peers     host     the raw image file itself, no FUSE (the limit; measured once, shown per row)
           blkfs    ``blkfs mount`` (one daemon per image, one backend per workload group)
           qsd      ``qemu-storage-daemon --export type=fuse`` (one daemon per image)
-          nbdfuse  only if nbdfuse and nbdkit are installed (otherwise skipped with a note)
+          nbdfuse  nbdfuse (libnbd) over nbdkit's file plugin for raw; nbdkit 1.32 cannot
+                   read qcow2, so over ``qemu-nbd -f qcow2`` for qcow2 and the chain
 workloads seqread  dd if=F of=/dev/null bs=1M after drop_caches          -> MB/s
           seqread-warm  the same, image files in the host page cache      -> MB/s
           seqwrite fio --rw=write --bs=1M --end_fsync=1, one full pass     -> MB/s (incl. fsync)
@@ -51,6 +52,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BLKFS = str(REPO / ".venv" / "bin" / "blkfs")
@@ -61,6 +63,7 @@ WORKLOADS = ["seqread", "seqread-warm", "seqwrite", "randread", "randread4", "ra
 UNITS = {"seqread": "MB/s", "seqread-warm": "MB/s", "seqwrite": "MB/s", "randread": "IOPS",
          "randread4": "IOPS", "randwrite": "IOPS"}
 IMAGES = ["raw", "qcow2", "chain"]
+PEERS = ["host", "blkfs", "qsd", "nbdfuse"]
 
 
 def log(*args: object) -> None:
@@ -88,10 +91,8 @@ class Cleanup:
         while self.items:
             kind, obj = self.items.pop()
             try:
-                if kind == "blkfs":
-                    blkfs_umount(obj)  # type: ignore[arg-type]
-                elif kind == "qsd":
-                    qsd_stop(obj)  # type: ignore[arg-type]
+                if kind in STOPS:
+                    STOPS[kind](obj)
                 elif kind == "dir":
                     shutil.rmtree(obj, ignore_errors=True)  # type: ignore[arg-type]
             except BaseException as exc:  # keep cleaning the rest
@@ -358,6 +359,78 @@ def qsd_stop(q: Qsd) -> None:
             subprocess.run(["fusermount3", "-u", "-z", f], capture_output=True)
 
 
+class Nbd:
+    """nbdfuse mounts (one per image), each with its NBD server."""
+
+    def __init__(self, d: Path) -> None:
+        self.d = d
+        self.files: list[str] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+
+def nbd_start(d: Path, exports: dict[str, Path], fmt: str) -> Nbd:
+    """nbdfuse serving each image as ``d/nbd-NAME/disk``: raw through ``nbdkit -s file``
+    (NBD on nbdfuse's stdin/stdout), qcow2 through a ``qemu-nbd`` unix socket."""
+    nbd = Nbd(d)
+    CLEANUP.add("nbd", nbd)
+    for name, img in exports.items():
+        mnt = d / f"nbd-{name}"
+        mnt.mkdir()
+        logf = open(d / f"nbd-{name}.log", "wb")
+        if fmt == "raw":
+            cmd = ["nbdfuse", f"{mnt}/disk", "--command", "nbdkit", "-s", "file", str(img)]
+        else:
+            sock = d / f"nbd-{name}.sock"
+            nbd.procs.append(subprocess.Popen(
+                ["qemu-nbd", "-f", fmt, "-t", "-k", str(sock), str(img)], stdout=logf,
+                stderr=subprocess.STDOUT, start_new_session=True))
+            deadline = time.monotonic() + 30
+            while not sock.exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"qemu-nbd did not listen on {sock} within 30s")
+                time.sleep(0.05)
+            cmd = ["nbdfuse", f"{mnt}/disk", "--unix", str(sock)]
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        nbd.procs.append(proc)
+        nbd.files.append(str(mnt / "disk"))
+        deadline = time.monotonic() + 60
+        while not is_mounted(str(mnt)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nbdfuse did not mount {mnt}: "
+                                   f"{(d / f'nbd-{name}.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+    return nbd
+
+
+def nbd_stop(nbd: Nbd) -> None:
+    for f in nbd.files:
+        mnt = os.path.dirname(f)
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+    for proc in nbd.procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+STOPS: dict[str, Any] = {"blkfs": blkfs_umount, "qsd": qsd_stop, "nbd": nbd_stop}
+"""How to stop each kind of started peer (Cleanup and run_peer's finally use it)."""
+
+
+def peer_path(kind: str, obj: Any) -> str:
+    """Where a started peer lives: its mountpoint, directory or first export."""
+    if kind == "blkfs":
+        return str(obj)
+    if kind == "nbd":
+        return str(obj.d)
+    return obj.files[0] if obj.files else ""
+
+
 # -- workloads -------------------------------------------------------------------------------
 
 def fio(filename: str, size: int, rw: str, bs: str, runtime: float | None,
@@ -432,6 +505,9 @@ def run_peer(peer: str, image: str, src: Path, work: Path, size: int, runtime: f
             q = qsd_start(d, imgs, fmt)
             pid, handle = q.proc.pid, q
             files = {g: str(d / g) for g in imgs}
+        elif peer == "nbdfuse":
+            handle = nbd_start(d, imgs, "raw" if image == "raw" else "qcow2")
+            files = dict(zip(imgs, handle.files))  # type: ignore[attr-defined]
         else:
             raise ValueError(peer)
         res = results.setdefault(image, {})
@@ -465,13 +541,15 @@ def run_peer(peer: str, image: str, src: Path, work: Path, size: int, runtime: f
         elif peer == "qsd":
             CLEANUP.remove("qsd", handle)
             qsd_stop(handle)  # type: ignore[arg-type]
+        elif peer == "nbdfuse":
+            CLEANUP.remove("nbd", handle)
+            nbd_stop(handle)  # type: ignore[arg-type]
     finally:
         for kind, obj in list(CLEANUP.items):
-            if (kind == "blkfs" and str(obj).startswith(str(d))) or \
-               (kind == "qsd" and any(f.startswith(str(d)) for f in obj.files)):  # type: ignore[attr-defined]
+            if kind in STOPS and peer_path(kind, obj).startswith(str(d)):
                 CLEANUP.remove(kind, obj)
                 try:
-                    blkfs_umount(obj) if kind == "blkfs" else qsd_stop(obj)  # type: ignore[arg-type]
+                    STOPS[kind](obj)
                 except Exception as exc:
                     log(f"cleanup: {exc}")
         CLEANUP.remove("dir", str(d))
@@ -605,15 +683,17 @@ def num(v: float | None) -> str:
 
 
 def table(results: dict, images: list[str], peers: list[str]) -> str:
-    rows = [["image", "workload", "unit", "host", "blkfs", "qsd", "blkfs/qsd", "blkfs/host",
-             "blkfs cpu s", "qsd cpu s"]]
+    shown = [p for p in ("host", "blkfs", "qsd", "nbdfuse") if p in peers]
+    others = [p for p in ("qsd", "nbdfuse") if p in peers]
+    rows = [["image", "workload", "unit", *shown, *(f"blkfs/{p}" for p in others),
+             "blkfs/host", "blkfs cpu s", "qsd cpu s"]]
     for image in images:
         for wl in WORKLOADS:
             r = results.get(image, {}).get(wl, {})
             cpu = r.get("cpu_s", {})
-            rows.append([image, wl, UNITS[wl],
-                         *(num(r.get(p)) if p in peers else "-" for p in ("host", "blkfs", "qsd")),
-                         ratio(r.get("blkfs"), r.get("qsd")), ratio(r.get("blkfs"), r.get("host")),
+            rows.append([image, wl, UNITS[wl], *(num(r.get(p)) for p in shown),
+                         *(ratio(r.get("blkfs"), r.get(p)) for p in others),
+                         ratio(r.get("blkfs"), r.get("host")),
                          f"{cpu['blkfs']:.1f}" if "blkfs" in cpu else "-",
                          f"{cpu['qsd']:.1f}" if "qsd" in cpu else "-"])
     return md_table(rows, right_from=3)
@@ -651,7 +731,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="256 MiB, 3 s fio runs: a smoke run")
     ap.add_argument("--only", default=",".join(IMAGES),
                     help="images to measure, comma separated (raw,qcow2,chain)")
-    ap.add_argument("--peers", default="host,blkfs,qsd", help="peers (host,blkfs,qsd)")
+    ap.add_argument("--peers", default=",".join(PEERS),
+                    help=f"peers, comma separated ({','.join(PEERS)})")
     ap.add_argument("--json", help="write all results to this file")
     ap.add_argument("--dir", help="scratch directory (default: a new temp dir in /var/tmp)")
     ap.add_argument("--sparse-rss", action="store_true",
@@ -672,8 +753,8 @@ def main() -> int:
         if i not in IMAGES:
             ap.error(f"unknown image {i!r} (choose from {', '.join(IMAGES)})")
     for p in peers:
-        if p not in ("host", "blkfs", "qsd"):
-            ap.error(f"unknown peer {p!r}")
+        if p not in PEERS:
+            ap.error(f"unknown peer {p!r} (choose from {', '.join(PEERS)})")
     if os.geteuid() != 0:
         ap.error("must run as root (drops the page cache and mounts FUSE)")
     for tool in ("fio", "qemu-img", "qemu-io", "qemu-storage-daemon", "fusermount3"):
@@ -702,19 +783,17 @@ def main() -> int:
 
     info = machine_info()
     results: dict = {"machine": info, "size": size, "runtime_s": runtime,
-                     "scratch": f"{work} ({fstype})", "notes": []}
+                     "scratch": f"{work} ({fstype})"}
     print("machine:", file=sys.stdout)
     for k, v in info.items():
         print(f"  {k:8} {v}")
     print(f"  scratch  {work} ({fstype})")
     print(f"size {fmt_size(size)}, fio runtime {runtime:g}s, images {','.join(images)}, "
           f"peers {','.join(peers)}", flush=True)
-    if shutil.which("nbdfuse") and shutil.which("nbdkit"):
-        note = "nbdfuse and nbdkit are installed, but this script does not measure them yet"
-    else:
-        note = "nbdfuse/nbdkit peer skipped: not installed"
-    results["notes"].append(note)
-    print(note, flush=True)
+    if "nbdfuse" in peers:
+        for tool in ("nbdfuse", "nbdkit", "qemu-nbd"):
+            if not shutil.which(tool):
+                ap.error(f"{tool} is not installed (scripts/bench installs it)")
 
     t_start = time.monotonic()
     try:
