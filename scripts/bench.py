@@ -372,26 +372,26 @@ def nbd_start(d: Path, exports: dict[str, Path], fmt: str) -> Nbd:
     """nbdfuse serving each image as ``d/nbd-NAME/disk``: raw through ``nbdkit -s file``
     (NBD on nbdfuse's stdin/stdout), qcow2 through a ``qemu-nbd`` unix socket."""
     nbd = Nbd(d)
-    CLEANUP.add("nbd", nbd)
+    CLEANUP.add("nbdfuse", nbd)
     for name, img in exports.items():
         mnt = d / f"nbd-{name}"
         mnt.mkdir()
-        logf = open(d / f"nbd-{name}.log", "wb")
-        if fmt == "raw":
-            cmd = ["nbdfuse", f"{mnt}/disk", "--command", "nbdkit", "-s", "file", str(img)]
-        else:
-            sock = d / f"nbd-{name}.sock"
-            nbd.procs.append(subprocess.Popen(
-                ["qemu-nbd", "-f", fmt, "-t", "-k", str(sock), str(img)], stdout=logf,
-                stderr=subprocess.STDOUT, start_new_session=True))
-            deadline = time.monotonic() + 30
-            while not sock.exists():
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"qemu-nbd did not listen on {sock} within 30s")
-                time.sleep(0.05)
-            cmd = ["nbdfuse", f"{mnt}/disk", "--unix", str(sock)]
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        with open(d / f"nbd-{name}.log", "wb") as logf:  # the children keep their copies
+            if fmt == "raw":
+                cmd = ["nbdfuse", f"{mnt}/disk", "--command", "nbdkit", "-s", "file", str(img)]
+            else:
+                sock = d / f"nbd-{name}.sock"
+                nbd.procs.append(subprocess.Popen(
+                    ["qemu-nbd", "-f", fmt, "-t", "-k", str(sock), str(img)], stdout=logf,
+                    stderr=subprocess.STDOUT, start_new_session=True))
+                deadline = time.monotonic() + 30
+                while not sock.exists():
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"qemu-nbd did not listen on {sock} within 30s")
+                    time.sleep(0.05)
+                cmd = ["nbdfuse", f"{mnt}/disk", "--unix", str(sock)]
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         nbd.procs.append(proc)
         nbd.files.append(str(mnt / "disk"))
         deadline = time.monotonic() + 60
@@ -418,15 +418,15 @@ def nbd_stop(nbd: Nbd) -> None:
             proc.wait()
 
 
-STOPS: dict[str, Any] = {"blkfs": blkfs_umount, "qsd": qsd_stop, "nbd": nbd_stop}
-"""How to stop each kind of started peer (Cleanup and run_peer's finally use it)."""
+STOPS: dict[str, Any] = {"blkfs": blkfs_umount, "qsd": qsd_stop, "nbdfuse": nbd_stop}
+"""How to stop each started peer, by peer name (Cleanup and run_peer use it)."""
 
 
 def peer_path(kind: str, obj: Any) -> str:
     """Where a started peer lives: its mountpoint, directory or first export."""
     if kind == "blkfs":
         return str(obj)
-    if kind == "nbd":
+    if kind == "nbdfuse":
         return str(obj.d)
     return obj.files[0] if obj.files else ""
 
@@ -535,15 +535,9 @@ def run_peer(peer: str, image: str, src: Path, work: Path, size: int, runtime: f
                       "rss_mib": round(st.get("VmRSS", 0), 1),
                       "cpu_s": round(st.get("cpu_s", 0), 2)}
             results.setdefault("_daemons", {}).setdefault(image, {})[peer] = daemon
-        if peer == "blkfs":
-            CLEANUP.remove("blkfs", handle)
-            blkfs_umount(handle)  # type: ignore[arg-type]
-        elif peer == "qsd":
-            CLEANUP.remove("qsd", handle)
-            qsd_stop(handle)  # type: ignore[arg-type]
-        elif peer == "nbdfuse":
-            CLEANUP.remove("nbd", handle)
-            nbd_stop(handle)  # type: ignore[arg-type]
+        if handle is not None:  # every peer but host: stop it, errors included
+            CLEANUP.remove(peer, handle)
+            STOPS[peer](handle)
     finally:
         for kind, obj in list(CLEANUP.items):
             if kind in STOPS and peer_path(kind, obj).startswith(str(d)):
@@ -683,8 +677,8 @@ def num(v: float | None) -> str:
 
 
 def table(results: dict, images: list[str], peers: list[str]) -> str:
-    shown = [p for p in ("host", "blkfs", "qsd", "nbdfuse") if p in peers]
-    others = [p for p in ("qsd", "nbdfuse") if p in peers]
+    shown = [p for p in PEERS if p in peers]
+    others = [p for p in shown if p not in ("host", "blkfs")]
     rows = [["image", "workload", "unit", *shown, *(f"blkfs/{p}" for p in others),
              "blkfs/host", "blkfs cpu s", "qsd cpu s"]]
     for image in images:
