@@ -16,6 +16,38 @@ needs_fuse = pytest.mark.skipif(
     reason="FUSE is not available (/dev/fuse or fusermount3 missing; run scripts/setup)")
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None,
                                 reason="qemu-img is missing (run scripts/setup)")
+needs_loop = pytest.mark.skipif(
+    os.geteuid() != 0 or any(shutil.which(t) is None for t in ("losetup", "mkfs.ext4")),
+    reason="needs root, losetup and mkfs.ext4")
+MUST_RUN_IN_CI = ("fuse", "loop")
+"""Markers of tests that CI must run: under CI=true, skipping one of them fails it."""
+CI_TOOLS = ("fusermount3", "losetup", "qemu-img", "qemu-io", "qemu-storage-daemon")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under CI=true, a machine without FUSE, loop devices or QEMU's tools fails the run at
+    once instead of skipping the tests that need them."""
+    if os.environ.get("CI") != "true":
+        return
+    missing = [tool for tool in CI_TOOLS if shutil.which(tool) is None]
+    missing += [dev for dev in ("/dev/fuse", "/dev/loop-control") if not os.path.exists(dev)]
+    if missing:
+        pytest.exit(f"CI=true, but {', '.join(missing)} missing: the tests that need them "
+                    "would skip (run scripts/setup; /dev/fuse needs the fuse module)", 1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A test that needs /dev/fuse, a loop device or QEMU's tools must not pass in CI by
+    skipping: a green run would then prove nothing about what users run."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    needed = [m for m in MUST_RUN_IN_CI if item.get_closest_marker(m)]
+    if report.skipped and needed and os.environ.get("CI") == "true":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (f"skipped under CI=true, but it needs {', '.join(needed)}, which "
+                           f"CI must provide: {reason}")
 
 
 @pytest.fixture
