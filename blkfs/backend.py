@@ -9,6 +9,11 @@ root node.
 Graph changes (insert, eject, change, delete) drain the backend first: new requests wait, the
 ones in flight finish, the tree is replaced, then the waiting requests run against the new
 medium. A change that fails leaves the old medium untouched.
+
+A backend counts its references: its name (while it is not deleted) and every open user (a
+frontend's open file). Users that write are counted apart: while one is open, ejecting or
+changing to other media is refused (EBUSY) unless forced, as QEMU refuses to eject a locked
+tray, because a filesystem mounted on the disk would lose what it has not written yet.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import trio
 
 from blkfs.block.graph import Graph
 from blkfs.block.io import Tracker
-from blkfs.block.node import RW, Child, Node, Perm
-from blkfs.block.options import format_options, parse_options
+from blkfs.block.node import RW, Child, Node
+from blkfs.block.options import format_options, parse_bool, parse_options, parse_size
+from blkfs.block.perm import ALL, FILTERED, WRITERS, Perm
 from blkfs.block.policy import HostPolicy
 from blkfs.errors import BlockError, OptionError
 
-__all__ = ["BlockBackend", "BlockError", "BlockLayer", "OptionError", "parse_options"]
+__all__ = ["BlockBackend", "BlockError", "BlockLayer", "OptionError", "parse_bool",
+           "parse_options", "parse_size"]
 
 log = logging.getLogger("blkfs.backend")
 
@@ -64,6 +71,10 @@ class BlockBackend:
         self.layer = layer
         self.name = name
         self.refcnt = 1
+        """References: the name while the backend is not deleted, and each open user."""
+        self.named = True
+        self.writers = 0
+        """Open users that write (a loop device, a writable descriptor)."""
         self.stats = BackendStats()
         self._root: Child | None = None
         self._read_only = read_only
@@ -95,12 +106,10 @@ class BlockBackend:
     def resizable(self) -> bool:
         return self._root is not None and Perm.RESIZE in self._root.perm
 
-    def set_read_only(self, read_only: bool) -> None:
-        """The read-only switch; a medium opened read-only cannot be made writable here."""
-        if not read_only and self._root is not None and not self._root.can_write:
-            raise BlockError(errno.EROFS, f"{self.name}: the medium was opened read-only; "
-                                          "change it with read-only=off to write")
-        self._read_only = read_only
+    @property
+    def open_count(self) -> int:
+        """Users that have the backend open (its name is not one)."""
+        return self.refcnt - self.named
 
     def on_change(self, listener: Listener) -> None:
         """Register a callback for medium, size and delete events (cache invalidation)."""
@@ -113,15 +122,24 @@ class BlockBackend:
 
     # -- references ----------------------------------------------------------------------
 
-    def ref(self) -> None:
+    def ref(self, writer: bool = False) -> None:
+        """A new user; a ``writer`` keeps the medium from being ejected or changed."""
         self.refcnt += 1
+        self.writers += writer
 
-    async def unref(self) -> None:
+    async def unref(self, writer: bool = False) -> None:
         """Drop a reference; the last one drains, flushes and closes the medium."""
         self.refcnt -= 1
+        self.writers -= writer
         if self.refcnt == 0:
+            self.layer._forget(self)
             async with self._graph_lock, self._tracker.drained():
-                await self._close_medium()
+                root, self._root = self._root, None
+                if root is not None:
+                    try:
+                        await root.node.flush()
+                    finally:
+                        await self._release(root)
             log.info("%s: closed", self.name)
 
     # -- I/O -----------------------------------------------------------------------------
@@ -228,15 +246,33 @@ class BlockBackend:
         self.stats.discard_bytes += length
         self.stats.discard_ns += time.perf_counter_ns() - start
 
-    async def truncate(self, length: int) -> None:
-        """Resize the medium if its tree can; the size listeners hear of it."""
+    async def truncate(self, length: int, shrink: bool = False) -> None:
+        """Resize the medium if its tree can; the size listeners hear of it. A disk shrinks
+        only when asked to with ``shrink``, as ``qemu-img resize --shrink``: a truncate to a
+        smaller size is what ``dd`` without ``conv=notrunc`` does to its output, and it
+        would throw away the end of the disk."""
         async with self._graph_lock, self._tracker.drained():
             node = self._medium()
             if self.read_only:
                 raise BlockError(errno.EROFS, f"{self.name}: read-only medium")
+            if length < node.size and not shrink:
+                raise BlockError(errno.EPERM, f"{self.name}: refusing to shrink the disk from "
+                                              f"{node.size} to {length} bytes; write in place "
+                                              "(dd conv=notrunc) or shrink explicitly with "
+                                              f"'{self.name} {length} shrink=on' > .ctl/resize")
             await node.truncate(length)
         log.info("%s: resized to %d bytes", self.name, length)
         self._notify("size")
+
+    async def refresh_size(self) -> None:
+        """Take the size the medium has now (an image resized on the host), as
+        ``losetup -c`` does."""
+        async with self._graph_lock, self._tracker.drained():
+            old = self.length()
+            await self.layer.graph.refresh_sizes(self._medium())
+        if self.length() != old:
+            log.info("%s: size is now %d bytes", self.name, self.length())
+            self._notify("size")
 
     async def allocated_bytes(self) -> int | None:
         """Host bytes the medium's image takes, if its tree knows."""
@@ -262,54 +298,124 @@ class BlockBackend:
         log.info("%s: inserted %s", self.name, format_options(tree))
         self._notify("medium")
 
-    async def eject(self) -> None:
-        """Remove the medium: drain, flush, close. The backend stays, with size 0."""
+    async def eject(self, force: bool = False) -> None:
+        """Remove the medium: drain, flush, close; the backend stays, with size 0. Refused
+        while a user writes, and if the flush fails (the medium stays and serves), unless
+        ``force``."""
         async with self._graph_lock:
             if self._root is None:
                 raise BlockError(errno.ENOMEDIUM, f"{self.name}: no medium to eject")
+            self._check_writers("eject", force)
             async with self._tracker.drained():
-                await self._close_medium()
-        log.info("%s: ejected", self.name)
+                await self._flush_outgoing(force)
+                root, self._root = self._root, None
+                await self._release(root)
+        log.info("%s: ejected%s", self.name, " (forced)" if force else "")
         self._notify("medium")
 
-    async def change(self, options: Options) -> None:
+    async def change(self, options: Options, force: bool = False) -> None:
         """Replace the medium atomically; on an empty backend this is insert.
 
-        The new tree is built fully, the old medium flushed, and only then are they swapped;
-        if building or flushing fails, the old medium stays as it was.
+        The outgoing tree is drained and flushed before anything opens the new one, which
+        may take over the outgoing tree's nodes (a filter put in front of the same image, an
+        overlay on top of it) instead of opening their images again. While a user writes,
+        only such a change is allowed unless ``force``: one whose new tree keeps the old
+        medium's root, or whose root lies in the old tree. If building the new tree fails,
+        the old medium stays as it was.
         """
         tree = self.layer.parse(options)
         async with self._graph_lock, self._tracker.drained():
-            new = await self._open_medium(tree)
             old = self._root
-            if old is not None:
-                try:
-                    await old.node.flush()
-                except BaseException:
-                    await self._release(new)
-                    raise
-            self._root = new
-            if old is not None:
+            if old is None:
+                self._root = await self._open_medium(tree)
+            else:
+                await self._flush_outgoing(force)
+                kept = self.layer.graph.subtree(old.node)
+                self._root = await self._replace(old, tree, force)
                 await self._release(old)
+                await self._settle(kept)
         log.info("%s: changed medium to %s", self.name, format_options(tree))
         self._notify("medium")
+
+    async def _settle(self, nodes: list[Node]) -> None:
+        """Nodes the new medium took over from the old one and nobody writes any more (the
+        old top under a new overlay) become read-only, as QEMU's blockdev-snapshot leaves
+        them, so that their images are locked for reading only."""
+        for node in nodes:
+            if node.refcnt and not node.read_only and not node.perm & WRITERS:
+                try:
+                    await self.layer.graph.reopen(node.name, {"read-only": True})
+                except BlockError as exc:
+                    log.warning("%s: node %s stays writable: %s", self.name, node.name,
+                                exc.message)
+
+    async def _replace(self, old: Child, tree: Mapping[str, Any], force: bool) -> Child:
+        """The new root edge for ``tree``, checked as the final graph will be; on failure the
+        old tree holds its permissions (and image locks) again."""
+        graph = self.layer.graph
+        try:
+            with graph.departing(old):
+                graph.refresh_perms([old.node])  # give up what only the old tree needed
+                new = await self._open_medium(tree)
+            try:
+                if not force and self.writers and not _related(old.node, new.node):
+                    self._check_writers("change to other media", force)
+                with graph.departing(old):
+                    graph.refresh_perms([new.node, old.node])
+            except BaseException:
+                await self._release(new)
+                raise
+        except BaseException:
+            try:
+                graph.refresh_perms([old.node])
+            except BlockError as exc:
+                log.error("%s: the medium could not take its image locks back: %s",
+                          self.name, exc.message)
+            raise
+        return new
+
+    def _check_writers(self, what: str, force: bool) -> None:
+        if self.writers and not force:
+            users = f"{self.writers} writer{'s' if self.writers > 1 else ''}"
+            raise BlockError(errno.EBUSY, f"{self.name}: open for writing ({users}; a loop "
+                                          "device does not show in lsof: losetup -j shows "
+                                          f"it); refusing to {what}: a filesystem on it would "
+                                          "lose what it has not written yet. Unmount and "
+                                          "close it first, or add force=on")
+
+    async def _flush_outgoing(self, force: bool) -> None:
+        """Flush the medium before it goes; a failure stops the command unless ``force``."""
+        assert self._root is not None
+        try:
+            await self._root.node.flush()
+        except BlockError as exc:
+            if not force:
+                raise
+            log.warning("%s: flush failed, replacing the medium anyway (force=on): %s",
+                        self.name, exc.message)
+
+    def _root_perm(self, node: Node) -> Perm:
+        return Perm.CONSISTENT_READ if self._read_only or node.read_only else RW
+
+    @staticmethod
+    def _root_shared(perm: Perm) -> Perm:
+        """A writable backend is a disk with one writer, as a VM's disk is in QEMU (no
+        share-rw): nobody else may write its image. A read-only one shares everything, so
+        a CD can be read by many. (qemu-storage-daemon's FUSE export shares write too.)"""
+        return ALL & ~Perm.WRITE if Perm.WRITE in perm else ALL
 
     async def _open_medium(self, tree: Mapping[str, Any]) -> Child:
         graph = self.layer.graph
         node = await graph.open_node(tree, read_only=self._read_only)
+        perm = self._root_perm(node)
+        edge = node.attach(None, f"backend '{self.name}'", "root", FILTERED, perm,
+                           self._root_shared(perm))
         try:
-            return node.attach(self.name, "root", Perm.READ if node.read_only else RW)
+            graph.refresh_perms([node])
         except BaseException:
-            await graph.unref(node)
+            await self._release(edge)
             raise
-
-    async def _close_medium(self) -> None:
-        root, self._root = self._root, None
-        if root is not None:
-            try:
-                await root.node.flush()
-            finally:
-                await self._release(root)
+        return edge
 
     async def _release(self, edge: Child) -> None:
         edge.node.detach(edge)
@@ -321,14 +427,25 @@ class BlockBackend:
         """Everything status files show of this backend, as plain data."""
         return {
             "name": self.name,
+            "deleted": not self.named,
             "medium": self.has_medium,
             "read-only": self.read_only,
             "size": self.length(),
             "allocated": await self.allocated_bytes(),
-            "refs": self.refcnt,
+            "open": self.open_count,
+            "writers": self.writers,
             "stats": asdict(self.stats),
             "tree": _describe(self._root.node) if self._root else None,
         }
+
+
+def _related(a: Node, b: Node) -> bool:
+    """Whether one node lies in the other's tree (a filter put in or taken out)."""
+    return _in_tree(a, b) or _in_tree(b, a)
+
+
+def _in_tree(node: Node, root: Node) -> bool:
+    return node is root or any(_in_tree(node, edge.node) for edge in root.children.values())
 
 
 def _describe(node: Node) -> dict[str, Any]:
@@ -351,6 +468,8 @@ class BlockLayer:
     def __init__(self, image_dirs: list[str] | None = None) -> None:
         self.graph = Graph(policy=HostPolicy(image_dirs))
         self._backends: dict[str, BlockBackend] = {}
+        self._deleted: set[BlockBackend] = set()
+        """Deleted backends that users still hold open."""
 
     @property
     def image_dirs(self) -> tuple[str, ...] | None:
@@ -398,35 +517,69 @@ class BlockLayer:
         log.info("%s: created", name)
         return backend
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, name: str, force: bool = False) -> None:
         """Remove the name; the backend lives on while references remain. When the name is
         the last reference, the medium is flushed first, so a flush that fails (a full host
-        disk) fails the delete and changes nothing."""
+        disk) fails the delete and changes nothing, unless ``force``."""
         backend = self.find(name)
         if backend.refcnt == 1 and backend.has_medium:
-            await backend.flush()
+            try:
+                await backend.flush()
+            except BlockError as exc:
+                if not force:
+                    raise
+                log.warning("%s: flush failed, deleting anyway (force=on): %s", name,
+                            exc.message)
             if self._backends.get(name) is not backend:  # deleted meanwhile
                 raise BlockError(errno.ENOENT, f"no backend named '{name}'")
-        await self._drop(backend)
+        try:
+            await self._drop(backend)
+        except BlockError as exc:  # the closing flush: the name is gone either way
+            if not force:
+                raise
+            log.warning("%s: closed without a successful flush: %s", name, exc.message)
 
     async def _drop(self, backend: BlockBackend) -> None:
         name = backend.name
         del self._backends[name]
+        backend.named = False
+        self._deleted.add(backend)
         log.info("%s: deleted", name)
-        backend._notify("delete")
-        await backend.unref()
+        try:
+            await backend.unref()
+        finally:
+            backend._notify("delete")
+
+    def _forget(self, backend: BlockBackend) -> None:
+        """The last reference of a deleted backend went: it is closed."""
+        self._deleted.discard(backend)
 
     async def reopen(self, node_name: str, options: Options) -> None:
-        """Change the options of a live node atomically (QEMU's blockdev-reopen)."""
+        """Change the options of a live node atomically (QEMU's blockdev-reopen). A backend
+        follows its root node's read-only flag, its switch included: it stops writing
+        before the node turns read-only, and writes again once the node is writable."""
         tree = parse_options(options) if isinstance(options, str) else dict(options)
-        await self.graph.reopen(node_name, tree)
-        log.info("node %s: reopened with %s", node_name, format_options(tree))
         node = self.graph.find(node_name)
-        for backend in self:
-            if backend._root is not None and backend._root.node is node:
-                # a backend follows its root node's read-only flag, switch included
-                backend._root.perm = Perm.READ if node.read_only else RW
+        roots = [b for b in self if b._root is not None and b._root.node is node]
+        try:
+            to_read_only = parse_bool(tree.get("read-only", node.read_only))
+        except ValueError:
+            to_read_only = node.read_only  # the reopen itself reports the bad value
+        for backend in roots:
+            if to_read_only:
+                assert backend._root is not None
+                backend._root.perm, backend._root.shared = Perm.CONSISTENT_READ, ALL
+        try:
+            await self.graph.reopen(node_name, tree)
+        finally:
+            for backend in roots:
+                assert backend._root is not None
                 backend._read_only = node.read_only
+                backend._root.perm = backend._root_perm(node)
+                backend._root.shared = backend._root_shared(backend._root.perm)
+            self.graph.refresh_perms([node])
+        log.info("node %s: reopened with %s", node_name, format_options(tree))
+        for backend in self:
             if backend._root is not None:
                 backend._notify("medium")
 
@@ -443,4 +596,5 @@ class BlockLayer:
                 log.exception("%s: closing failed", backend.name)
 
     async def status(self) -> list[dict[str, Any]]:
-        return [await b.status() for b in self]
+        """Every backend, and those deleted that users still hold open."""
+        return [await b.status() for b in [*self._backends.values(), *self._deleted]]

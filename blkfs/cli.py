@@ -85,7 +85,7 @@ def check_mountpoint(path: str) -> None:
     if not os.path.exists("/dev/fuse"):
         raise UsageError("FUSE is not available: /dev/fuse is missing "
                          "(load the fuse module; install fuse3)")
-    if os.path.ismount(path) and _dead_fuse_mount(path):
+    if _dead_fuse_mount(path):  # before anything stats it: ismount() is False on ENOTCONN
         raise UsageError(f"mountpoint {path} is a mount whose daemon died (Transport "
                          f"endpoint is not connected); 'blkfs umount {path}' frees it")
     if os.path.lexists(path) and not os.path.isdir(path):
@@ -97,7 +97,9 @@ def check_mountpoint(path: str) -> None:
 
 def _dead_fuse_mount(path: str) -> bool:
     try:
-        os.listdir(path)
+        os.stat(path)
+        if os.path.isdir(path):
+            os.listdir(path)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
@@ -180,7 +182,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if exc.errno == errno.ENOENT:
             raise UsageError(f"{mountpoint} is not a blkfs mount") from None
         raise UsageError(f"cannot reach {mountpoint}: {exc.strerror}") from None
-    busy = [f"{b['name']} ({b['refs'] - 1} open)" for b in status["backends"] if b["refs"] > 1]
+    busy = [f"{b['name']} ({'deleted, ' if b['deleted'] else ''}{b['open']} open)"
+            for b in status["backends"] if b["open"]]
     if busy:
         raise UsageError(f"{mountpoint} is busy: {', '.join(busy)}; close those files first "
                          "(nothing was changed)")

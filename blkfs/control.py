@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from blkfs.backend import BlockLayer
+from blkfs.backend import BlockLayer, parse_bool, parse_options, parse_size
 from blkfs.errors import BlockError
 
 log = logging.getLogger("blkfs.control")
@@ -24,19 +24,24 @@ log = logging.getLogger("blkfs.control")
 MAX_COMMAND = 64 * 1024
 ERROR_HISTORY = 32
 
-COMMANDS = ("create", "delete", "change", "eject", "insert", "reopen")
+COMMANDS = ("create", "delete", "change", "eject", "insert", "reopen", "resize")
 """Writable control files, in the order ``ls .ctl`` shows them."""
 REPORTS = ("status", "status.json", "error")
 """Readable control files."""
 
 USAGE = {
     "create": "NAME [OPTIONS]",
-    "delete": "NAME",
-    "change": "NAME OPTIONS",
-    "eject": "NAME",
+    "delete": "NAME [force=on]",
+    "change": "NAME OPTIONS[,force=on]",
+    "eject": "NAME [force=on]",
     "insert": "NAME OPTIONS",
     "reopen": "NODE-NAME OPTIONS",
+    "resize": "NAME [SIZE] [shrink=on]",
 }
+
+
+FLAGS = {"delete": ("force",), "eject": ("force",)}
+"""Verbs that take only ``key=on|off`` words after the name."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class Command:
     verb: str
     name: str
     options: str | None
+    flags: dict[str, bool]
 
 
 def parse_command(verb: str, payload: bytes) -> Command:
@@ -64,12 +70,26 @@ def parse_command(verb: str, payload: bytes) -> Command:
     options = options.strip() or None
     if not name:
         raise BlockError(errno.EINVAL, f"no name given ({usage})")
-    needs_options = "OPTIONS" in USAGE[verb] and "[" not in USAGE[verb]
+    needs_options = "OPTIONS" in USAGE[verb] and "[OPTIONS]" not in USAGE[verb]
     if needs_options and options is None:
         raise BlockError(errno.EINVAL, f"options missing ({usage})")
-    if "OPTIONS" not in USAGE[verb] and options is not None:
-        raise BlockError(errno.EINVAL, f"takes only a name ({usage})")
-    return Command(verb, name, options)
+    return Command(verb, name, options, flags(verb, options, FLAGS[verb])
+                   if verb in FLAGS else {})
+
+
+def flags(verb: str, text: str | None, known: tuple[str, ...]) -> dict[str, bool]:
+    """``key=on|off`` words after a name (``force=on``), each of ``known``; EINVAL else."""
+    given = {key: False for key in known}
+    for word in (text or "").split():
+        key, sep, value = word.partition("=")
+        if not sep or key not in known:
+            raise BlockError(errno.EINVAL, f"takes only a name and {' '.join(known)}=on "
+                                           f"(got '{word}'; usage: {USAGE[verb]})")
+        try:
+            given[key] = parse_bool(value)
+        except ValueError:
+            raise BlockError(errno.EINVAL, f"{key} must be on or off (got '{value}')") from None
+    return given
 
 
 class ControlPlane:
@@ -81,6 +101,7 @@ class ControlPlane:
         self._handlers: dict[str, Callable[[Command], Awaitable[None]]] = {
             "create": self._create, "delete": self._delete, "change": self._change,
             "eject": self._eject, "insert": self._insert, "reopen": self._reopen,
+            "resize": self._resize,
         }
 
     async def run(self, verb: str, payload: bytes) -> None:
@@ -89,25 +110,50 @@ class ControlPlane:
             command = parse_command(verb, payload)
             await self._handlers[verb](command)
         except BlockError as exc:
-            text = one_line(str(exc))
-            message = f"{verb}: {text} [{errno.errorcode.get(exc.errno, exc.errno)}]"
-            self.errors.append(message)
-            log.warning("%s failed: %s", verb, message)
-            if text != str(exc):  # a name or value with line breaks must not forge lines
-                raise BlockError(exc.errno, text) from None
-            raise
+            raise self.record(verb, exc) from None
+
+    def record(self, what: str, exc: BlockError) -> BlockError:
+        """Keep a failure's message for ``.ctl/error`` and the log (also for failures a
+        frontend met outside a command, such as a refused truncate); returns the error to
+        raise, its message made one line."""
+        text = one_line(str(exc))
+        message = f"{what}: {text} [{errno.errorcode.get(exc.errno, exc.errno)}]"
+        self.errors.append(message)
+        log.warning("%s failed: %s", what, message)
+        return exc if text == str(exc) else BlockError(exc.errno, text)
 
     async def _create(self, cmd: Command) -> None:
         await self.layer.create(cmd.name, cmd.options)
 
     async def _delete(self, cmd: Command) -> None:
-        await self.layer.delete(cmd.name)
+        await self.layer.delete(cmd.name, **cmd.flags)
 
     async def _change(self, cmd: Command) -> None:
-        await self.layer.find(cmd.name).change(_given(cmd.options))
+        tree = parse_options(_given(cmd.options))
+        try:
+            force = parse_bool(tree.pop("force", False))
+        except ValueError:
+            raise BlockError(errno.EINVAL, "force must be on or off") from None
+        await self.layer.find(cmd.name).change(tree, force=force)
 
     async def _eject(self, cmd: Command) -> None:
-        await self.layer.find(cmd.name).eject()
+        await self.layer.find(cmd.name).eject(**cmd.flags)
+
+    async def _resize(self, cmd: Command) -> None:
+        words = (cmd.options or "").split()
+        size = words.pop(0) if words and "=" not in words[0] else None
+        shrink = flags("resize", " ".join(words), ("shrink",))["shrink"]
+        backend = self.layer.find(cmd.name)
+        if size is None:
+            if shrink:
+                raise BlockError(errno.EINVAL, f"shrink=on needs a size ({USAGE['resize']})")
+            await backend.refresh_size()
+            return
+        try:
+            length = parse_size(size)
+        except ValueError as exc:
+            raise BlockError(errno.EINVAL, f"size '{size}': {exc}") from None
+        await backend.truncate(length, shrink=shrink)
 
     async def _insert(self, cmd: Command) -> None:
         await self.layer.find(cmd.name).insert(_given(cmd.options))
@@ -153,7 +199,7 @@ def format_status(backends: list[dict[str, Any]]) -> str:
     for b in backends:
         tree = b["tree"]
         rows.append((b["name"], "yes" if b["medium"] else "no", "yes" if b["read-only"] else "no",
-                     human_size(b["size"]), str(b["refs"] - 1),
+                     human_size(b["size"]), str(b["open"]),
                      f"{tree['driver']} {tree['node-name']}" if tree else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

@@ -80,20 +80,21 @@ class ControlHandle:
 class Inodes:
     """Stable inode numbers for backends, for as long as the backend object lives."""
 
-    by_backend: dict[int, int] = field(default_factory=dict)
+    by_backend: dict[BlockBackend, int] = field(default_factory=dict)
     backends: dict[int, BlockBackend] = field(default_factory=dict)
     _next: Iterator[int] = field(default_factory=lambda: itertools.count(FIRST_BACKEND_INODE))
 
-    def of(self, backend: BlockBackend) -> int:
-        key = id(backend)
-        if key not in self.by_backend:
-            inode = next(self._next)
-            self.by_backend[key] = inode
-            self.backends[inode] = backend
-        return self.by_backend[key]
+    def of(self, backend: BlockBackend) -> tuple[int, bool]:
+        """The backend's inode, and whether it was just given one."""
+        inode = self.by_backend.get(backend)
+        if inode is not None:
+            return inode, False
+        inode = self.by_backend[backend] = next(self._next)
+        self.backends[inode] = backend
+        return inode, True
 
     def forget(self, backend: BlockBackend) -> None:
-        inode = self.by_backend.pop(id(backend), None)
+        inode = self.by_backend.pop(backend, None)
         if inode is not None:
             self.backends.pop(inode, None)
 
@@ -113,7 +114,6 @@ class BlkfsOperations(pyfuse3.Operations):
         self._fh = itertools.count(1)
         self._started_ns = time.time_ns()
         self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1000)
-        self._watched: set[int] = set()
 
     def init(self) -> None:
         """The session is mounted and serving: take requests the faster way from now on."""
@@ -122,18 +122,18 @@ class BlkfsOperations(pyfuse3.Operations):
     # -- change notification -------------------------------------------------------------
 
     def _watch(self, backend: BlockBackend) -> int:
-        inode = self.inodes.of(backend)
-        if id(backend) not in self._watched:
-            self._watched.add(id(backend))
+        """The backend's inode; a backend given one is watched for changes from then on."""
+        inode, new = self.inodes.of(backend)
+        if new:
             backend.on_change(self._on_change)
         return inode
 
     def _on_change(self, backend: BlockBackend, event: str) -> None:
         if event == "delete":  # backend entries are never cached: nothing to invalidate
-            if backend.refcnt == 1:  # no open file: the inode dies with the name
+            if not backend.open_count:  # no open file: the inode dies with the name
                 self.inodes.forget(backend)
             return
-        inode = self.inodes.by_backend.get(id(backend))
+        inode = self.inodes.by_backend.get(backend)
         if inode is not None:
             try:
                 self._invalidate_send.send_nowait(inode)
@@ -225,7 +225,10 @@ class BlkfsOperations(pyfuse3.Operations):
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_size and attr.st_size != backend.length():
-            await backend.truncate(attr.st_size)
+            try:
+                await backend.truncate(attr.st_size)
+            except BlockError as exc:  # dd's truncate: say in .ctl/error what to do instead
+                raise self.control.record(f"truncate {backend.name}", exc) from None
         return await self._backend_attr(backend)
 
     # -- directories -----------------------------------------------------------------------
@@ -293,7 +296,7 @@ class BlkfsOperations(pyfuse3.Operations):
             raise BlockError(errno.ENOMEDIUM, f"{backend.name}: no medium")
         if writable and backend.read_only:
             raise BlockError(errno.EROFS, f"{backend.name}: read-only medium")
-        backend.ref()  # the open file keeps the backend alive even if it is deleted
+        backend.ref(writer=writable)  # the open file keeps the backend alive when deleted
         # O_TRUNC is ignored: a backend file is a disk, and `dd of=` must not empty it.
         return pyfuse3.FileInfo(fh=self._new_handle(BackendHandle(backend, writable)),
                                 direct_io=True, keep_cache=False)
@@ -372,7 +375,7 @@ class BlkfsOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
         if isinstance(handle, BackendHandle):
-            await handle.backend.unref()
+            await handle.backend.unref(writer=handle.writable)
             if handle.backend.refcnt == 0:
                 self.inodes.forget(handle.backend)
 

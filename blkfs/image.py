@@ -13,7 +13,8 @@ import os
 from typing import Any, Mapping
 
 from blkfs.block.graph import Graph
-from blkfs.block.node import Node, Perm
+from blkfs.block.node import Node
+from blkfs.block.perm import ALL, IMAGE, Perm
 from blkfs.block.options import parse_size
 from blkfs.errors import BlockError
 
@@ -57,9 +58,18 @@ async def create_image(filename: str, fmt: str, size: int | str | None = None, *
             cls.create(file, size, dict(options or {}), backing, backing_format)
             file.flush()
             os.fsync(file.fileno())
+        _fsync_directory(filename)  # the new name survives a power cut too
     except BaseException:
         os.unlink(filename)
         raise
+
+
+def _fsync_directory(filename: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(filename)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def format_names(graph: Graph) -> list[str]:
@@ -71,9 +81,10 @@ async def _inspect_backing(graph: Graph, filename: str, backing: str,
     """The backing file's format and virtual size; it must open."""
     path = os.path.join(os.path.dirname(os.path.abspath(filename)), backing)
     file_options = {"driver": "file", "filename": path}
-    root = await graph.open_node({"driver": backing_format, "file": file_options}
-                                 if backing_format else {"file": file_options},
-                                 read_only=True)
+    tree: dict[str, Any] = {"file": file_options, "force-share": True}  # as qemu-img create:
+    if backing_format:  # the backing file may be in use (the overlay goes on a live image)
+        tree["driver"] = backing_format
+    root = await graph.open_node(tree, read_only=True)
     try:
         return root.driver.name, root.size
     finally:
@@ -118,7 +129,7 @@ async def image_info(filename: str) -> dict[str, Any]:
 async def _describe_layer(node: Node) -> dict[str, Any]:
     file = node.children.get("file")
     return {
-        "filename": file.node.values.get("filename") if file else None,
+        "filename": file.node.filename() if file else None,
         "format": node.driver.name,
         "virtual-size": node.size,
         "disk-size": await node.driver.allocated_bytes(),
@@ -136,8 +147,11 @@ async def check_image(filename: str, repair: bool = False) -> dict[str, Any]:
                                        "read-only": not repair})
     try:
         fmt = await graph.probe(file_node)
-        edge = file_node.attach("check", "file", Perm.READ | Perm.WRITE if repair else Perm.READ)
+        perm = Perm.CONSISTENT_READ | (Perm.WRITE | Perm.RESIZE if repair else Perm(0))
+        edge = file_node.attach(None, "blkfs image check", "file", IMAGE, perm,
+                                ALL & ~(Perm.WRITE | Perm.RESIZE))
         try:
+            graph.refresh_perms([file_node])
             report = await graph.drivers.get(fmt).check(edge, repair)
         finally:
             file_node.detach(edge)

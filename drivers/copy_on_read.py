@@ -12,12 +12,9 @@ write.
 from __future__ import annotations
 
 import errno
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, Mapping
 
-import trio
-
-from blkfs.block import BlockDriver, BlockError, Child, ChildSpec, Status
+from blkfs.block import BlockDriver, BlockError, Child, ChildSpec, Perm, RangeLocks, Status
 
 
 async def _status_below(top: Child, offset: int, length: int) -> tuple[int, bool]:
@@ -37,31 +34,6 @@ async def _status_below(top: Child, offset: int, length: int) -> tuple[int, bool
     if Status.ALLOCATED in extent.status:
         return extent.length, Status.DATA in extent.status
     return await _status_below(backing, offset, extent.length)
-
-
-class RangeLocks:
-    """Exclusive byte ranges: a holder waits for every overlapping holder to finish."""
-
-    def __init__(self) -> None:
-        self._held: dict[int, tuple[int, int, trio.Event]] = {}
-        self._ids = 0
-
-    @asynccontextmanager
-    async def hold(self, offset: int, length: int) -> AsyncIterator[None]:
-        end = offset + length
-        while True:
-            busy = next((done for start, stop, done in self._held.values()
-                         if start < end and offset < stop), None)
-            if busy is None:
-                break
-            await busy.wait()
-        self._ids += 1
-        key = self._ids
-        self._held[key] = (offset, end, trio.Event())
-        try:
-            yield
-        finally:
-            self._held.pop(key)[2].set()
 
 
 class CopyOnReadDriver(BlockDriver):
@@ -112,6 +84,13 @@ class CopyOnReadDriver(BlockDriver):
                         pieces.append((position, span))
             position += span
         return pieces
+
+    def child_perm(self, child: Child, writable: bool, perm: Perm,
+                   shared: Perm) -> tuple[Perm, Perm]:
+        """Its parents' needs, and writing unchanged data, which is what a copy-up does, while
+        the node may write (reference: cor_child_perm)."""
+        passthrough = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+        return (perm & passthrough) | (Perm.WRITE_UNCHANGED if writable else Perm(0)), shared
 
     @property  # type: ignore[misc]
     def growable(self) -> bool:

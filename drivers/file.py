@@ -16,9 +16,9 @@ from typing import Any, Mapping
 
 import trio
 
-from blkfs.block import REQUIRED, BlockDriver, BlockError, Extent, Option, Status
+from blkfs.block import REQUIRED, BlockDriver, BlockError, Extent, Option, Perm, Status
 from blkfs.errors import from_oserror
-from drivers.image_lock import LockConflict, LocksUnsupported, lock_image
+from drivers.image_lock import ImageLocks, LockConflict, LocksUnsupported
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -47,52 +47,72 @@ class FileDriver(BlockDriver):
     fd = -1
     _is_block_device = False
     _can_punch = True
+    flush_error: str | None = None
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.filename = values["filename"]
-        self.fd = self._open_fd(values)
+        self.use_locks = values["locking"] != "off"
+        self.locks = ImageLocks()
+        self.fd = self.node.graph.open_host_file(self.node, self.filename,
+                                                 writable=not values["read-only"])
         self._is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
 
+    @classmethod
+    def same_node(cls, values: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+        """The same host file, however it is named, with the same options."""
+        try:
+            same_file = os.path.samefile(values["filename"], wanted["filename"])
+        except OSError:
+            return False
+        return same_file and super().same_node({**values, "filename": ""},
+                                               {**wanted, "filename": ""})
+
     async def reopen(self, values: Mapping[str, Any]) -> None:
-        """Only read-only may change: a new descriptor with the new access mode and locks
-        replaces the old one, which keeps working if the new one cannot be had."""
+        """Only read-only may change: a new descriptor with the new access mode and the same
+        locks replaces the old one, which keeps working if the new one cannot be had."""
         await super().reopen(values)
         if values["read-only"] != self.node.read_only:
-            fd = self._open_fd(values)
-            old, new = os.fstat(self.fd), os.fstat(fd)
-            if (old.st_dev, old.st_ino) != (new.st_dev, new.st_ino):
+            fd = self.node.graph.policy.open(self.filename, writable=not values["read-only"])
+            try:
+                old, new = os.fstat(self.fd), os.fstat(fd)
+                if (old.st_dev, old.st_ino) != (new.st_dev, new.st_ino):
+                    raise BlockError(errno.EBUSY, f"'{self.filename}' now names another "
+                                                  "file; change the medium to use that one")
+                self.locks.copy_to(fd)
+            except BaseException:
                 os.close(fd)
-                raise BlockError(errno.EBUSY, f"'{self.filename}' now names another file; "
-                                              "change the medium to use that one")
+                raise
             os.close(self.fd)
             self.fd = fd
 
-    def _open_fd(self, values: Mapping[str, Any]) -> int:
-        """Open the host file (through the host policy) and take QEMU's image locks."""
-        writable = not values["read-only"]
-        fd = self.node.graph.policy.open(self.filename, writable=writable)
-        try:
-            if values["locking"] != "off":
-                self._lock(fd, writable, required=values["locking"] == "on")
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+    # -- QEMU's image locks, following the node's permissions ------------------------------
 
-    def _lock(self, fd: int, writable: bool, required: bool) -> None:
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
+        if not self.use_locks:
+            return
         try:
-            lock_image(fd, writable=writable)
+            self.locks.prepare(self.fd, perm, shared)
         except LockConflict as exc:
-            raise BlockError(errno.EBUSY, f"'{self.filename}' is in use ({exc}; QEMU-compatible "
-                                          "image locking, locking=off overrides)") from None
+            raise BlockError(errno.EBUSY, f"'{self.filename}' is in use by another program "
+                                          f"or node ({exc}; QEMU-compatible image locking)"
+                             ) from None
         except LocksUnsupported as exc:
-            if required:
+            if self.node.values["locking"] == "on":
                 raise BlockError(errno.ENOTSUP, f"'{self.filename}': locking=on, but the host "
                                                 f"filesystem cannot lock ({exc})") from None
+            self.use_locks = False  # auto: where the host can
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        if self.use_locks:
+            self.locks.commit(self.fd, perm, shared)
+
+    def abort_perm(self) -> None:
+        if self.use_locks:
+            self.locks.abort(self.fd)
 
     async def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            self.node.graph.close_host_file(self.node, self.fd)
             self.fd = -1
 
     def _error(self, exc: OSError) -> BlockError:
@@ -119,10 +139,23 @@ class FileDriver(BlockDriver):
             raise self._error(exc) from None
 
     async def flush(self) -> None:
+        """fdatasync; a failure stays: Linux reports a failed writeback once, marks the
+        pages clean and lets the next fdatasync succeed ("fsyncgate"), so what was written
+        before it may be lost whatever a retry says. As QEMU's file-posix (and PostgreSQL)
+        do, every later flush fails until the image is opened again (a media change)."""
+        if self.flush_error is not None:
+            raise BlockError(errno.EIO, f"'{self.filename}': an earlier flush failed "
+                                        f"({self.flush_error}); what was written before it "
+                                        "may be lost, so no flush succeeds until the medium "
+                                        "is changed (or ejected and inserted)")
         try:
             await trio.to_thread.run_sync(os.fdatasync, self.fd)
         except OSError as exc:
+            self.flush_error = os.strerror(exc.errno or errno.EIO)
             raise self._error(exc) from None
+
+    def reusable(self) -> bool:
+        return self.flush_error is None
 
     async def discard(self, offset: int, length: int) -> None:
         if self._can_punch and not self._is_block_device:

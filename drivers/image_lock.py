@@ -1,11 +1,14 @@
 """QEMU's image locking, so blkfs and QEMU never write one image at the same time.
 
-QEMU (block/file-posix.c) takes shared open-file-description locks on single bytes of every
-image it opens: byte 100+n while it holds permission n, byte 200+n while it refuses to share
-permission n with anyone else. A user conflicts with a holder when it takes a permission the
-holder does not share, or refuses one the holder holds. Doing the same makes ``qemu-img`` refuse
-an image that blkfs writes (``Failed to get "write" lock``), and blkfs refuse one a VM writes.
-OFD locks belong to an open file description, so two nodes of one blkfs conflict the same way.
+QEMU (block/file-posix.c, ``raw_apply_lock_bytes``) takes shared open-file-description locks
+on single bytes of every image it opens: byte 100+n while the node holds permission n, byte
+200+n while it refuses to share permission n with anyone else (n = 0..3, the bits of
+:class:`~blkfs.block.perm.Perm`). A user conflicts with a holder when it takes a permission
+the holder does not share, or refuses one the holder holds. The bytes follow the node's
+permissions as they change (``raw_handle_perm_lock``): a change first takes the union of the
+old and new bytes and checks, then drops what is no longer needed, so that nobody can slip in
+between. OFD locks belong to an open file description, so two nodes of one blkfs conflict
+the same way as two processes.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import fcntl
 import os
 import struct
 
+from blkfs.block.perm import ALL, PERM_NAMES, Perm
+
 PERM_BASE = 100
 SHARED_BASE = 200
-CONSISTENT_READ, WRITE, RESIZE = 0, 1, 3
-"""Bit numbers of QEMU's BLK_PERM_CONSISTENT_READ, BLK_PERM_WRITE and BLK_PERM_RESIZE."""
 _FLOCK = "hhqqi4x"  # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid
 
 
@@ -43,19 +46,62 @@ def _fcntl(fd: int, command: int, kind: int, offset: int) -> int:
     return struct.unpack(_FLOCK, answer)[0]
 
 
-def lock_image(fd: int, writable: bool) -> None:
-    """Take QEMU's locks: a reader holds consistent read and shares everything (as
-    ``qemu-img info`` and ``qemu-io -r`` do); a writer holds read, write and resize and shares
-    neither write nor resize (as a VM's disk does). Raises LockConflict; closing the
-    descriptor drops whatever was taken."""
-    held = (CONSISTENT_READ, WRITE, RESIZE) if writable else (CONSISTENT_READ,)
-    unshared = (WRITE, RESIZE) if writable else ()
-    for offset in [PERM_BASE + n for n in held] + [SHARED_BASE + n for n in unshared]:
-        _fcntl(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, offset)
-    names = {CONSISTENT_READ: "consistent read", WRITE: "write", RESIZE: "resize"}
-    for n in held:
-        if _fcntl(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, SHARED_BASE + n) != fcntl.F_UNLCK:
-            raise LockConflict(f"another user refuses to share the {names[n]} permission")
-    for n in unshared:
-        if _fcntl(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, PERM_BASE + n) != fcntl.F_UNLCK:
-            raise LockConflict(f"another user holds the {names[n]} permission")
+def lock_bytes(perm: Perm, shared: Perm) -> set[int]:
+    """The bytes a node holding ``perm`` and sharing ``shared`` locks."""
+    return ({PERM_BASE + bit.value.bit_length() - 1 for bit in PERM_NAMES if bit in perm} |
+            {SHARED_BASE + bit.value.bit_length() - 1 for bit in PERM_NAMES
+             if bit not in shared & ALL})
+
+
+class ImageLocks:
+    """The lock bytes one descriptor holds, changed as QEMU changes them."""
+
+    def __init__(self) -> None:
+        self.held: set[int] = set()
+        self._before: set[int] | None = None
+
+    def prepare(self, fd: int, perm: Perm, shared: Perm) -> None:
+        """Take the bytes for ``perm``/``shared`` beside those held, and check that no other
+        open file description refuses what we need or holds what we refuse; LockConflict
+        (with nothing changed) if one does."""
+        wanted = lock_bytes(perm, shared)
+        self._before = set(self.held)
+        try:
+            for offset in sorted(wanted - self.held):
+                _fcntl(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, offset)
+                self.held.add(offset)
+            for bit, name in PERM_NAMES.items():
+                number = bit.value.bit_length() - 1
+                if bit in perm and self._taken(fd, SHARED_BASE + number):
+                    raise LockConflict(f'failed to get "{name}" lock')
+                if bit not in shared & ALL and self._taken(fd, PERM_BASE + number):
+                    raise LockConflict(f'failed to get shared "{name}" lock')
+        except BaseException:
+            self.abort(fd)
+            raise
+
+    def commit(self, fd: int, perm: Perm, shared: Perm) -> None:
+        """Keep only the bytes ``perm``/``shared`` need (after :meth:`prepare`)."""
+        self._release(fd, self.held - lock_bytes(perm, shared))
+        self._before = None
+
+    def abort(self, fd: int) -> None:
+        """Back to the bytes held before :meth:`prepare`."""
+        if self._before is not None:
+            self._release(fd, self.held - self._before)
+            self._before = None
+
+    def copy_to(self, fd: int) -> None:
+        """Take the same bytes on another descriptor of the file (a reopen's new one)."""
+        for offset in sorted(self.held):
+            _fcntl(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, offset)
+
+    def _release(self, fd: int, offsets: set[int]) -> None:
+        for offset in sorted(offsets):
+            _fcntl(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, offset)
+            self.held.discard(offset)
+
+    @staticmethod
+    def _taken(fd: int, offset: int) -> bool:
+        """Whether another open file description holds ``offset`` (ours never conflict)."""
+        return _fcntl(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, offset) != fcntl.F_UNLCK

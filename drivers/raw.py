@@ -2,6 +2,12 @@
 
 With ``offset`` and ``size`` it shows one partition of a disk image, as QEMU's raw driver
 and nbdkit's offset filter do.
+
+An image whose format was probed, not named, could be turned into another format by what a
+guest writes into it: a qcow2 header naming ``/etc/shadow`` as its backing file would be
+followed the next time the image is probed. As QEMU does (raw_co_pwritev), a probed raw node
+works in whole sectors and refuses (EPERM) a write of a first sector that would probe as
+another format; ``driver=raw`` is the way to give a guest a disk it may write anything to.
 """
 
 from __future__ import annotations
@@ -9,7 +15,10 @@ from __future__ import annotations
 import errno
 from typing import Any, BinaryIO, Mapping
 
-from blkfs.block import BlockDriver, BlockError, ChildSpec, Extent, Option
+from blkfs.block import BlockDriver, BlockError, Child, ChildSpec, Extent, Option, Perm, Role
+from blkfs.block.perm import child_perm
+
+PROBE_SECTOR = 512
 
 
 class RawDriver(BlockDriver):
@@ -28,6 +37,8 @@ class RawDriver(BlockDriver):
         if self.offset > end or (self.size is not None and self.offset + self.size > end):
             raise BlockError(errno.EINVAL, f"raw: offset {self.offset} + size {self.size} "
                                            f"is beyond the end of the file ({end} bytes)")
+        if self.node.probed:
+            self.request_alignment = PROBE_SECTOR
 
     @classmethod
     def probe(cls, header: bytes, filename: str) -> int:
@@ -45,10 +56,29 @@ class RawDriver(BlockDriver):
                                            "(use -f qcow2 for an overlay)")
         file.truncate(size)
 
+    def child_perm(self, child: Child, writable: bool, perm: Perm,
+                   shared: Perm) -> tuple[Perm, Perm]:
+        """A slice (offset/size) is its file's data, not all of it; either way raw needs write
+        and resize of the file only when its parents do (reference: raw_child_perm)."""
+        values = self.node.values  # asked before open, when the child is attached
+        sliced = values["offset"] or values["size"] is not None
+        role = Role.DATA | Role.PRIMARY if sliced else child.role
+        nperm, nshared = child_perm(role, writable, perm, shared)
+        grow = Perm.WRITE | Perm.RESIZE
+        return (nperm & ~grow) | (perm & grow), nshared
+
     async def read(self, offset: int, buf: memoryview) -> None:
         await self.child("file").readinto(self.offset + offset, buf)
 
     async def write(self, offset: int, data: memoryview) -> None:
+        if self.node.probed and offset == 0:  # aligned: the whole first sector
+            fmt = self.node.graph.probe_bytes(bytes(data[:PROBE_SECTOR]))
+            if fmt != self.name:
+                raise BlockError(errno.EPERM, f"raw: refusing a write that would make the "
+                                              f"probed raw image look like {fmt} (a guest "
+                                              "could make it open host files); name the "
+                                              "format (driver=raw) for a disk that may hold "
+                                              "any data")
         await self.child("file").write(self.offset + offset, data)
 
     async def discard(self, offset: int, length: int) -> None:

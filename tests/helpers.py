@@ -121,6 +121,17 @@ def errno_of(func: Any, *args: Any) -> int:
     return 0
 
 
+def without_stats(value: Any) -> Any:
+    """Status without its request counters, for "a failed command changed nothing": a
+    change flushes the outgoing medium before it opens anything, so a change that fails has
+    still counted a flush."""
+    if isinstance(value, dict):
+        return {k: without_stats(v) for k, v in value.items() if k != "stats"}
+    if isinstance(value, list):
+        return [without_stats(v) for v in value]
+    return value
+
+
 def pattern_image(path: Path, size: int, image_id: int, block: int = 4096) -> bytes:
     """A raw image whose every block starts with its image id and block number."""
     data = bytearray(size)
@@ -131,8 +142,79 @@ def pattern_image(path: Path, size: int, image_id: int, block: int = 4096) -> by
     return bytes(data)
 
 
-__all__ = ["Mount", "MountError", "blkfs", "errno", "errno_of", "force_unmount",
-           "mounted", "pattern_image"]
+def run(*args: str | Path) -> str:
+    """Run a system tool; its stdout, or CalledProcessError with what it printed."""
+    return subprocess.run([str(a) for a in args], check=True, capture_output=True,
+                          text=True, timeout=300).stdout.strip()
+
+
+@contextmanager
+def loop_device(path: Path) -> Iterator[str]:
+    """A loop device over ``path`` for the body; detached afterwards, even on failure."""
+    device = run("losetup", "--find", "--show", path)
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+@contextmanager
+def mounted_fs(device: str, where: Path) -> Iterator[Path]:
+    """The filesystem on ``device`` mounted on ``where`` for the body; unmounted afterwards,
+    even on failure."""
+    where.mkdir(exist_ok=True)
+    run("mount", device, where)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], capture_output=True)
+
+
+@contextmanager
+def flaky_disk(directory: Path, size: int = 64 << 20) -> Iterator[tuple[Path, Path]]:
+    """A host file whose fdatasync fails while a trigger file exists: nbdfuse serving a file
+    through nbdkit's eval plugin, whose flush fails with EIO then (nbdkit 1.32's error filter
+    cannot fail flushes). Yields (disk, trigger); the FUSE mount and nbdkit are gone
+    afterwards, even on failure."""
+    mnt, trigger, store = directory / "flaky", directory / "flaky-trigger", directory / "store"
+    mnt.mkdir()
+    with open(store, "wb") as f:
+        f.truncate(size)
+    log = directory / "flaky.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["nbdfuse", f"{mnt}/disk", "--command", "nbdkit", "-s", "eval",
+             f"get_size=echo {size}",
+             f"pread=dd if={store} skip=$4 count=$3 iflag=count_bytes,skip_bytes status=none",
+             f"pwrite=dd of={store} seek=$4 conv=notrunc oflag=seek_bytes status=none",
+             "can_flush=exit 0",
+             f"flush=if [ -e {trigger} ]; then echo EIO injected >&2; exit 1; fi"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: mounted(mnt) or proc.poll() is not None, "nbdfuse to mount")
+        assert mounted(mnt), log.read_text()
+        yield mnt / "disk", trigger
+    finally:
+        force_unmount(mnt)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_until(condition: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
+    """Poll ``condition`` (the kernel lets go of loop devices asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+__all__ = ["Mount", "MountError", "blkfs", "errno", "errno_of", "flaky_disk", "force_unmount",
+           "loop_device", "mounted", "mounted_fs", "pattern_image", "run", "wait_until",
+           "without_stats"]
 
 
 @contextmanager

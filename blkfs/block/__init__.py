@@ -3,9 +3,12 @@ layer only; frontends use :mod:`blkfs.backend`."""
 
 from blkfs.block.driver import BlockDriver, Extent, Status
 from blkfs.block.graph import Graph
-from blkfs.block.node import Child, Node, Perm
+from blkfs.block.io import RangeLocks
+from blkfs.block.node import Child, Node
 from blkfs.block.options import REQUIRED, ChildSpec, Option
+from blkfs.block.perm import FILTERED, IMAGE, Perm, Role
 from blkfs.errors import BlockError, OptionError
 
-__all__ = ["BlockDriver", "BlockError", "Child", "ChildSpec", "Extent", "Graph", "Node",
-           "Option", "OptionError", "Perm", "REQUIRED", "Status"]
+__all__ = ["BlockDriver", "BlockError", "Child", "ChildSpec", "Extent", "FILTERED", "Graph",
+           "IMAGE", "Node", "Option", "OptionError", "Perm", "REQUIRED", "RangeLocks", "Role",
+           "Status"]

@@ -17,6 +17,7 @@ from enum import Flag
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Mapping
 
 from blkfs.block.options import COMMON_OPTIONS, ChildSpec, Option
+from blkfs.block.perm import Perm, child_perm
 from blkfs.errors import BlockError
 
 if TYPE_CHECKING:
@@ -101,6 +102,20 @@ class BlockDriver:
         metadata check anything."""
         raise BlockError(errno.ENOTSUP, f"{cls.name} images have no metadata to check")
 
+    @classmethod
+    def same_node(cls, values: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+        """Whether a node opened with ``values`` is what ``wanted`` asks for (the same image,
+        the same options), so that a new medium may take it over; node name and read-only
+        state are compared by the layer."""
+        ignored = ("node-name", "read-only")
+        return ({k: v for k, v in values.items() if k not in ignored} ==
+                {k: v for k, v in wanted.items() if k not in ignored})
+
+    def reusable(self) -> bool:
+        """Whether a new medium may take this node over (see :meth:`same_node`); one whose
+        host file failed a flush must be opened afresh."""
+        return True
+
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         """Set the driver up from validated option values. Auto children are already attached;
         ``children`` holds the raw options of the others (missing, None, dict or node name)."""
@@ -117,6 +132,26 @@ class BlockDriver:
 
     async def close(self) -> None:
         """Release host resources. Children are closed by the layer afterwards."""
+
+    # -- permissions ---------------------------------------------------------------------
+
+    def child_perm(self, child: Child, writable: bool, perm: Perm,
+                   shared: Perm) -> tuple[Perm, Perm]:
+        """What this node, holding ``perm`` and sharing ``shared`` (and open for writing if
+        ``writable``), needs of ``child`` and lets others do to it; generic: QEMU's rules for
+        the child's role."""
+        return child_perm(child.role, writable, perm, shared)
+
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
+        """Prepare to hold ``perm`` and refuse what is not in ``shared`` on whatever the
+        driver holds outside the graph (a protocol driver's host file); raise BlockError if
+        another user refuses. Either :meth:`set_perm` or :meth:`abort_perm` follows."""
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """Hold exactly what the last :meth:`check_perm` prepared."""
+
+    def abort_perm(self) -> None:
+        """Go back to what was held before the last :meth:`check_perm`."""
 
     # -- data path -----------------------------------------------------------------------
 

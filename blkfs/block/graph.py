@@ -4,6 +4,15 @@ Opening is two-phase. :meth:`Graph.validate` walks the whole option tree first, 
 unknown driver or a mistyped option fails before any file is opened; then :meth:`open_node`
 opens children before parents. If anything fails part-way, what was opened is closed again
 and the graph is as it was.
+
+Permissions (:mod:`blkfs.block.perm`) are recomputed by :meth:`Graph.refresh_perms` whenever
+an edge comes or goes, all or nothing, as QEMU's bdrv_refresh_perms does: a conflict between
+two users of a node, a writer of a read-only node, or two nodes whose uses of one host file
+conflict fail the change that caused it. While a backend replaces its medium, the edges of
+the outgoing tree are :class:`Departure`: they do not count, and nodes of that tree may be
+taken over by the new one (:meth:`open_node` reuses a node that the new options describe
+exactly, and a file node of the same host file), so that a filter can be put in front of a
+live image and an overlay on top of it without the image being opened twice.
 """
 
 from __future__ import annotations
@@ -13,12 +22,15 @@ import contextvars
 import errno
 import itertools
 import logging
-from typing import Any, Mapping
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping
 
 import trio
 
-from blkfs.block.node import RW, Child, Node, Perm
+from blkfs.block.node import Child, Node
 from blkfs.block.options import COMMON_OPTIONS, list_options, parse_bool, validate
+from blkfs.block.perm import ALL, WRITERS, Perm, Use, conflict, cumulative
 from blkfs.block.policy import HostPolicy
 from blkfs.block.registry import DriverRegistry, default_registry
 from blkfs.errors import BlockError, OptionError
@@ -32,6 +44,30 @@ PROBE_BYTES = 512
 _depth = contextvars.ContextVar("blkfs_open_depth", default=0)
 
 
+@dataclass(frozen=True)
+class Departure:
+    """The part of the graph that goes when an edge is dropped: the edge, the nodes that then
+    close, and their edges to their children."""
+
+    edges: frozenset[Child] = frozenset()
+    nodes: frozenset[Node] = frozenset()
+
+
+_departing: contextvars.ContextVar[Departure] = contextvars.ContextVar(
+    "blkfs_departing", default=Departure())
+_chain: contextvars.ContextVar[frozenset[tuple[int, int]]] = contextvars.ContextVar(
+    "blkfs_chain", default=frozenset())
+"""Host files of the images whose backing files are being opened (to find a loop)."""
+
+
+@dataclass
+class HostFile:
+    """One host file and the nodes that have it open."""
+
+    path: str
+    nodes: list[Node] = field(default_factory=list)
+
+
 class Graph:
     """All nodes of one blkfs instance, by name."""
 
@@ -42,7 +78,8 @@ class Graph:
         self.nodes: dict[str, Node] = {}
         self._reserved: set[str] = set()
         self._counter = itertools.count()
-        self._probed_raw: set[str] = set()
+        self.host_files: dict[tuple[int, int], HostFile] = {}
+        """Open host files by (device, inode), to find two nodes using one image."""
 
     def find(self, name: str) -> Node:
         node = self.nodes.get(name)
@@ -106,54 +143,71 @@ class Graph:
         tree = dict(options)
         try:
             ro = read_only or parse_bool(tree.get("read-only", False))
+            shares = parse_bool(tree.get("force-share", False))
         except ValueError:
-            raise OptionError(f"option 'read-only' must be on or off "
-                              f"(got {tree['read-only']!r})") from None
+            raise OptionError("options 'read-only' and 'force-share' must be on or off") \
+                from None
+        if shares and isinstance(tree["file"], dict):
+            tree["file"] = {**tree["file"], "force-share": True}
         file_node = await self.open_node(tree["file"], read_only=ro)
         try:
             tree["driver"] = await self.probe(file_node)
             tree["file"] = file_node.name
-            return await self._open(tree, read_only)
+            return await self._open(tree, read_only, probed=True)
         finally:
             await self.unref(file_node)
 
     async def probe(self, file_node: Node) -> str:
-        """The format of the image in ``file_node``: the best-scoring format driver, else raw
-        (and once opened as raw, always raw for that file: a guest writing a qcow2 header into
-        a raw image must not turn it into a qcow2 next time)."""
-        header = bytes(await _read_head(file_node))
+        """The format of the image in ``file_node``, from its first bytes."""
         filename = str(file_node.values.get("filename", ""))
-        if filename and self.policy.key(filename) in self._probed_raw:
-            return "raw"
-        scores = [(cls.probe(header, filename), cls.name) for cls in self.drivers.formats()]
-        score, name = max(scores, default=(0, "raw"))
-        if score <= 0:
-            name = "raw"
+        name = self.probe_bytes(bytes(await _read_head(file_node)), filename)
         log.debug("probed %s as %s", filename or file_node.name, name)
         return name
 
-    async def _open(self, options: Mapping[str, Any], read_only: bool) -> Node:
+    def probe_bytes(self, header: bytes, filename: str = "") -> str:
+        """The best-scoring format for an image starting with ``header``, else raw (QEMU's
+        bdrv_probe_all)."""
+        scores = [(cls.probe(header, filename), cls.name) for cls in self.drivers.formats()]
+        score, name = max(scores, default=(0, "raw"))
+        return name if score > 0 else "raw"
+
+    async def _open(self, options: Mapping[str, Any], read_only: bool,
+                    probed: bool = False) -> Node:
         driver = options["driver"]
         cls = self.drivers.get(driver)
         tree = dict(options)
         if read_only:
             tree["read-only"] = True
         checked = validate(driver, cls.options, cls.children, tree)
-        name = checked.values["node-name"] or self._generate_name()
+        if checked.values["force-share"] and not checked.values["read-only"]:
+            raise OptionError(f"{driver}: force-share=on needs read-only=on (a writer must "
+                              "not let others write under it)")
+        given_name = checked.values["node-name"]
+        if not cls.children:
+            reused = self._reusable(cls, checked.values, {})
+            if reused is not None:
+                return reused
+        name = given_name or self._generate_name()
         if name in self.nodes or name in self._reserved:
             raise BlockError(errno.EEXIST, f"node name '{name}' is already in use")
         checked.values["node-name"] = name
         self._reserved.add(name)
         node = Node(self, name, cls, checked.values, tree)
-        child_perm = Perm.READ if node.read_only else RW
+        node.probed = probed
         opened = False
         try:
             for role, spec in cls.children.items():
                 child_opts = checked.children.get(role)
                 if spec.auto and child_opts is not None:
-                    await node.open_child(role, child_opts, child_perm)
+                    await node.open_child(role, child_opts, spec.role)
             raw_children = {role: checked.children[role] for role, spec in cls.children.items()
                             if not spec.auto and role in checked.children}
+            if cls.children and not raw_children:
+                reused = self._reusable(cls, {**checked.values, "node-name": given_name},
+                                        {role: edge.node for role, edge in node.children.items()})
+                if reused is not None:
+                    await self._close(node, opened=False)
+                    return reused
             await node.driver.open(checked.values, raw_children)
             opened = True
             await node.refresh_size()
@@ -163,12 +217,29 @@ class Graph:
         finally:
             self._reserved.discard(name)
         self.nodes[name] = node
-        if driver == "raw" and "file" in node.children:  # probed or chosen, raw stays raw
-            filename = node.children["file"].node.values.get("filename")
-            if filename:
-                self._probed_raw.add(self.policy.key(filename))
         log.debug("opened node %s (%s)", name, driver)
         return node
+
+    def _reusable(self, cls: type, values: Mapping[str, Any],
+                  children: Mapping[str, Node]) -> Node | None:
+        """A node of the departing tree that ``values`` and ``children`` describe exactly
+        (with one more reference), so that a new medium takes it over instead of opening its
+        image a second time; a read-only request may take over a writable node."""
+        for node in _departing.get().nodes:
+            if type(node.driver) is not cls or node.name not in self.nodes:
+                continue
+            if values["node-name"] not in (None, node.name):
+                continue
+            if node.read_only and not values["read-only"]:
+                continue
+            if {role: edge.node for role, edge in node.children.items()} != dict(children):
+                continue
+            if not cls.same_node(node.values, values) or not node.driver.reusable():
+                continue
+            node.refcnt += 1
+            log.debug("reusing node %s", node.name)
+            return node
+        return None
 
     async def reopen(self, name: str, options: Mapping[str, Any]) -> None:
         """Change the options of a live node atomically (QEMU's blockdev-reopen).
@@ -212,28 +283,33 @@ class Graph:
     async def _switch_read_only(self, top: Node, values: dict[str, Any]) -> None:
         """Reopen ``top`` with ``values`` and its write path with the new read-only flag,
         all or nothing: writers switch bottom-up (a child is writable before its parent
-        writes), read-only top-down (a parent writes back its caches first)."""
+        writes), read-only top-down (a parent writes back its caches first). The permissions
+        of the new state are checked before anything switches; a node becoming writable
+        takes its image locks first, one becoming read-only drops them last."""
         read_only = bool(values["read-only"])
         path, edges = _write_path(top)
         if read_only:
             for node in path:
-                writer = next((edge.parent for edge in node.parents if edge.can_write
-                               and edge not in edges and edge.role != "root"), None)
+                writer = next((edge.label for edge in node.parents if edge.can_write
+                               and edge not in edges and edge.parent is not None), None)
                 if writer is not None:
                     raise BlockError(errno.EBUSY, f"reopen: node '{node.name}' is written by "
                                                   f"'{writer}'; reopen that read-only first")
         else:  # the new writer must be the only user of what it will write
-            others = [edge.parent for edge in top.parents if edge.role != "root"]
+            others = [edge.label for edge in top.parents if edge.parent is not None]
             if others or len(top.parents) > 1:
                 raise BlockError(errno.EBUSY, f"reopen: node '{top.name}' is used by "
                                               f"{', '.join(others) or 'several backends'}; "
                                               "only a node with one user can become writable")
             for node in path[1:]:
-                other = next((edge.parent for edge in node.parents if edge not in edges), None)
+                other = next((edge.label for edge in node.parents if edge not in edges), None)
                 if other is not None:
                     raise BlockError(errno.EBUSY, f"reopen: node '{node.name}' is also used "
                                                   f"by '{other}'")
-        if read_only:
+        plan = self._plan_perms([top], read_only={node: read_only for node in path})
+        if not read_only:
+            self._apply_perms(plan)
+        else:
             await top.driver.flush()  # the node is drained: its own request path is closed
         done: list[tuple[Node, dict[str, Any]]] = []
         try:
@@ -252,9 +328,149 @@ class Graph:
                     except BlockError as exc:
                         log.error("reopen: node %s could not be switched back: %s",
                                   node.name, exc.message)
+                self.refresh_perms([top])
             raise
-        for edge in edges:
-            edge.perm = Perm.READ if read_only else RW
+        if read_only:
+            self._apply_perms(plan)
+
+    # -- permissions ---------------------------------------------------------------------
+
+    def refresh_perms(self, start: Iterable[Node]) -> None:
+        """Recompute, check and apply the permissions of ``start`` and every node below it,
+        all or nothing; BlockError (EBUSY, EROFS) names the conflict, and then nothing
+        changed."""
+        self._apply_perms(self._plan_perms(start))
+
+    def _plan_perms(self, start: Iterable[Node],
+                    read_only: Mapping[Node, bool] | None = None) -> _PermPlan:
+        """The permissions of every edge and node below ``start`` (as if the nodes in
+        ``read_only`` had that flag), checked: two uses of one node, a writer of a read-only
+        node, two nodes' uses of one host file."""
+        departing = _departing.get()
+        flags = read_only or {}
+        plan = _PermPlan()
+        for node in _below(start):
+            uses = [edge.use(*plan.edges.get(edge, (None, None)))
+                    for edge in node.parents if edge not in departing.edges]
+            perm, shared = cumulative(uses)
+            writable = not flags.get(node, node.read_only)
+            if perm & WRITERS and not writable:
+                writer = next(use.who for use in uses if use.perm & WRITERS)
+                raise BlockError(errno.EROFS, f"node '{node.name}' is read-only, but {writer} "
+                                              "needs to write it")
+            writers = [use.who for use in uses if Perm.WRITE in use.perm]
+            if len(writers) > 1:  # a node has one writer (DESIGN.md), wherever QEMU shares
+                raise BlockError(errno.EBUSY, f"node '{node.name}' is already written by "
+                                              f"{writers[0]}; {writers[1]} cannot write it too")
+            problem = conflict(uses)
+            if problem:
+                raise BlockError(errno.EBUSY, f"node '{node.name}': {problem}")
+            plan.nodes[node] = (perm, shared)
+            for edge in node.children.values():
+                nperm, nshared = node.driver.child_perm(edge, writable, perm, shared)
+                plan.edges[edge] = nperm, ALL if edge.node.values["force-share"] else nshared
+        for key, host in self.host_files.items():
+            users = [n for n in host.nodes if n not in departing.nodes]
+            if len(users) > 1 and any(n in plan.nodes for n in users):
+                problem = conflict([Use(*plan.nodes.get(n, (n.perm, n.shared)),
+                                        f"node '{n.name}'") for n in users])
+                if problem:
+                    raise BlockError(errno.EBUSY, f"'{host.path}' is in use: {problem}")
+        return plan
+
+    def _apply_perms(self, plan: _PermPlan) -> None:
+        """Take the host locks the plan needs (all or none), then record it."""
+        prepared: list[Node] = []
+        try:
+            for node, (perm, shared) in plan.nodes.items():
+                node.driver.check_perm(perm, shared)
+                prepared.append(node)
+        except BaseException:
+            for node in prepared:
+                node.driver.abort_perm()
+            raise
+        for edge, (perm, shared) in plan.edges.items():
+            edge.perm, edge.shared = perm, shared
+        for node, (perm, shared) in plan.nodes.items():
+            node.perm, node.shared = perm, shared
+            node.driver.set_perm(perm, shared)
+
+    @contextlib.contextmanager
+    def departing(self, edge: Child) -> Iterator[Departure]:
+        """While the body runs, ``edge`` and what would close without it do not count in
+        permissions, and :meth:`open_node` may take over its nodes (a medium change)."""
+        departure = self.departure(edge)
+        token = _departing.set(departure)
+        try:
+            yield departure
+        finally:
+            _departing.reset(token)
+
+    @staticmethod
+    def departure(edge: Child) -> Departure:
+        """What dropping ``edge`` would close: every node below it that nothing else holds."""
+        drops: dict[Node, int] = {}
+        closing: set[Node] = set()
+        edges = {edge}
+        pending = [edge.node]
+        while pending:
+            node = pending.pop()
+            drops[node] = drops.get(node, 0) + 1
+            if node.refcnt - drops[node] == 0 and node not in closing:
+                closing.add(node)
+                for child in node.children.values():
+                    edges.add(child)
+                    pending.append(child.node)
+        return Departure(frozenset(edges), frozenset(closing))
+
+    @staticmethod
+    def subtree(node: Node) -> list[Node]:
+        """``node`` and every node below it, parents first."""
+        return _below([node])
+
+    # -- host files ----------------------------------------------------------------------
+
+    def open_host_file(self, node: Node, path: str, writable: bool) -> int:
+        """A descriptor for the host file at ``path`` for ``node``, through the allowlist;
+        the graph remembers who has which file open, so that two nodes cannot use one image
+        in conflicting ways even where the host has no locks."""
+        fd = self.policy.open(path, writable)
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key in _chain.get():
+            os.close(fd)
+            raise BlockError(errno.ELOOP, f"'{path}' is in its own backing chain (a loop)")
+        host = self.host_files.setdefault(key, HostFile(path))
+        host.nodes.append(node)
+        return fd
+
+    @contextlib.contextmanager
+    def opening_backing_of(self, node: Node) -> Iterator[None]:
+        """While the body opens ``node``'s backing chain, none of the host files ``node``
+        stands on may be opened again: that would be a loop."""
+        keys = {key for key, host in self.host_files.items()
+                if any(n in host.nodes for n in _below([node]))}
+        token = _chain.set(_chain.get() | keys)
+        try:
+            yield
+        finally:
+            _chain.reset(token)
+
+    def close_host_file(self, node: Node, fd: int) -> None:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        host = self.host_files.get(key)
+        if host is not None and node in host.nodes:
+            host.nodes.remove(node)
+            if not host.nodes:
+                del self.host_files[key]
+        os.close(fd)
+
+    async def refresh_sizes(self, top: Node) -> None:
+        """Ask every node below ``top`` for its size again, children first (a host file that
+        was resized behind our back)."""
+        for node in reversed(_below([top])):
+            await node.refresh_size()
 
     def _generate_name(self) -> str:
         return f"#node{next(self._counter)}"
@@ -262,9 +478,11 @@ class Graph:
     # -- closing -------------------------------------------------------------------------
 
     async def unref(self, node: Node) -> None:
-        """Drop one reference; the last one closes the node, then its children."""
+        """Drop one reference; the last one closes the node, then its children. A node that
+        stays gives up the permissions its departed parents needed."""
         node.refcnt -= 1
         if node.refcnt > 0:
+            self.refresh_perms([node])
             return
         self.nodes.pop(node.name, None)
         await self._close(node, opened=True)
@@ -277,6 +495,38 @@ class Graph:
         finally:
             for role in list(node.children):
                 await node.close_child(role)
+
+
+@dataclass
+class _PermPlan:
+    """Permissions computed and checked by :meth:`Graph._plan_perms`, not yet applied."""
+
+    edges: dict[Child, tuple[Perm, Perm]] = field(default_factory=dict)
+    nodes: dict[Node, tuple[Perm, Perm]] = field(default_factory=dict)
+
+
+def _below(start: Iterable[Node]) -> list[Node]:
+    """``start`` and every node below it, each after all its parents among them."""
+    found: dict[Node, None] = {}
+    stack = list(start)
+    while stack:
+        node = stack.pop()
+        if node not in found:
+            found[node] = None
+            stack.extend(edge.node for edge in node.children.values())
+    waiting = {node: sum(1 for edge in node.parents if edge.parent in found) for node in found}
+    ready = [node for node, count in waiting.items() if count == 0]
+    order = []
+    while ready:
+        node = ready.pop()
+        order.append(node)
+        for edge in node.children.values():
+            waiting[edge.node] -= 1
+            if waiting[edge.node] == 0:
+                ready.append(edge.node)
+    if len(order) != len(found):
+        raise BlockError(errno.ELOOP, "the node graph has a cycle")
+    return order
 
 
 def _write_path(top: Node) -> tuple[list[Node], list[Child]]:

@@ -53,6 +53,32 @@ class Tracker:
                 self._resume.set()
 
 
+class RangeLocks:
+    """Exclusive byte ranges: a holder waits for every overlapping holder to finish (so a
+    read-modify-write and a write into the same block never interleave)."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[int, int, trio.Event]] = {}
+        self._ids = 0
+
+    @asynccontextmanager
+    async def hold(self, offset: int, length: int) -> AsyncIterator[None]:
+        end = offset + length
+        while True:
+            busy = next((done for start, stop, done in self._held.values()
+                         if start < end and offset < stop), None)
+            if busy is None:
+                break
+            await busy.wait()
+        self._ids += 1
+        key = self._ids
+        self._held[key] = (offset, end, trio.Event())
+        try:
+            yield
+        finally:
+            self._held.pop(key)[2].set()
+
+
 def align_down(value: int, align: int) -> int:
     return value - value % align
 

@@ -12,31 +12,24 @@ may hold the WRITE permission, and none may if the node is read-only.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
-from enum import Flag
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import trio
 
 from blkfs.block.driver import BlockDriver, Extent
-from blkfs.block.io import Tracker, align_down, align_up, is_aligned, is_zero
+from blkfs.block.io import RangeLocks, Tracker, align_down, align_up, is_aligned, is_zero
 from blkfs.block.options import COMMON_OPTIONS
+from blkfs.block.perm import ALL, NO_PERM, Perm, Role, Use
 from blkfs.errors import BlockError
 
 if TYPE_CHECKING:
     from blkfs.block.graph import Graph
 
 
-class Perm(Flag):
-    """What a parent needs of its child."""
-
-    READ = 1
-    WRITE = 2
-    RESIZE = 4
-
-
-RW = Perm.READ | Perm.WRITE | Perm.RESIZE
+RW = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+"""What a writer of a whole disk needs: a backend with a writable medium."""
 
 
 @dataclass
@@ -54,23 +47,42 @@ class NodeStats:
 
 
 class Child:
-    """An edge from a parent (node or backend) to a node, in a role, with permissions.
+    """An edge from a parent (a node, or a backend) to a node: the child's name in the parent
+    ("file", "backing", "root"), its :class:`Role`, and the permissions the parent holds on it
+    and shares with others (set by :meth:`Graph.refresh_perms`).
 
     Drivers talk to their children only through this object, so every child request goes
     through the child node's request path.
     """
 
-    __slots__ = ("parent", "node", "role", "perm")
+    __slots__ = ("parent", "label", "node", "name", "role", "perm", "shared")
 
-    def __init__(self, parent: str, node: Node, role: str, perm: Perm) -> None:
+    def __init__(self, parent: Node | None, label: str, node: Node, name: str, role: Role,
+                 perm: Perm = NO_PERM, shared: Perm = ALL) -> None:
         self.parent = parent
+        """The parent node; None for a backend's root edge, whose permissions are set by
+        the backend."""
+        self.label = label
         self.node = node
+        self.name = name
         self.role = role
         self.perm = perm
+        self.shared = shared
+
+    def __repr__(self) -> str:
+        return f"<Child {self.label} -> {self.node.name} as {self.name}>"
 
     @property
     def can_write(self) -> bool:
         return Perm.WRITE in self.perm
+
+    def use(self, perm: Perm | None = None, shared: Perm | None = None) -> Use:
+        """This edge's permissions (or the given ones) as :mod:`blkfs.block.perm` compares
+        them."""
+        who = (f"node '{self.label}' (as its '{self.name}')" if self.parent is not None
+               else self.label)
+        return Use(self.perm if perm is None else perm,
+                   self.shared if shared is None else shared, who)
 
     async def read(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
@@ -113,11 +125,16 @@ class Node:
         self.driver = driver_cls(self)
         self.children: dict[str, Child] = {}
         self.parents: list[Child] = []
+        self.probed = False
+        """The format was chosen by probing the image's first bytes (see the raw driver)."""
+        self.perm = NO_PERM
+        self.shared = ALL
+        """What the parents need together and let others do (applied by the graph)."""
         self.refcnt = 1
         self.size = 0
         self.stats = NodeStats()
         self._tracker = Tracker()
-        self._rmw_lock = trio.Lock()
+        self._write_ranges = RangeLocks()
 
     def __repr__(self) -> str:
         return f"<Node {self.name} {self.driver.name}>"
@@ -132,42 +149,59 @@ class Node:
         return {key: value for key, value in self.values.items()
                 if value is not None and (key not in schema or value != schema[key].default)}
 
+    def filename(self) -> str | None:
+        """The host file this node's data lives in, looking through filters (QEMU's
+        bs->filename): what a relative backing file name is relative to."""
+        node = self
+        while "filename" not in node.values:
+            if not node.driver.is_filter:
+                return None
+            node = node.driver.filtered.node
+        return str(node.values["filename"])
+
     @property
     def in_flight(self) -> int:
         return self._tracker.in_flight
 
     # -- graph -------------------------------------------------------------------------
 
-    def attach(self, parent: str, role: str, perm: Perm) -> Child:
-        """Add a parent edge, enforcing read-only state and the single writer rule."""
-        if Perm.WRITE in perm:
-            if self.read_only:
-                raise BlockError(errno.EROFS, f"node '{self.name}' is read-only")
-            writer = next((c.parent for c in self.parents if c.can_write), None)
-            if writer is not None:
-                raise BlockError(errno.EBUSY,
-                                 f"node '{self.name}' is already written by '{writer}'")
-        edge = Child(parent, self, role, perm)
+    def attach(self, parent: Node | None, label: str, name: str, role: Role,
+               perm: Perm = NO_PERM, shared: Perm = ALL) -> Child:
+        """Add a parent edge. Its permissions are checked and applied by
+        :meth:`Graph.refresh_perms`, which the caller runs next."""
+        edge = Child(parent, label, self, name, role, perm, shared)
         self.parents.append(edge)
         return edge
 
     def detach(self, edge: Child) -> None:
         self.parents.remove(edge)
 
-    async def open_child(self, role: str, options: dict[str, Any] | str, perm: Perm) -> Child:
-        """Open (or reference, for a node name) a child in ``role``; drivers call this for
-        children they open themselves, such as a backing file named in an image header."""
-        child = await self.graph.open_node(options, read_only=Perm.WRITE not in perm)
+    async def open_child(self, name: str, options: dict[str, Any] | str, role: Role, *,
+                         read_only: bool = False) -> Child:
+        """Open (or reference, for a node name) a child and attach it as ``name``; drivers
+        call this for children they open themselves, such as a backing file named in an
+        image header (opened read-only, and never one of this node's own images: a loop).
+        The child's permissions follow from ``role`` and this node's."""
+        if self.values["force-share"] and isinstance(options, dict):
+            options = {**options, "force-share": True}  # the children share as it does
+        if Role.COW in role:
+            with self.graph.opening_backing_of(self):
+                child = await self.graph.open_node(options, read_only=True)
+        else:
+            child = await self.graph.open_node(options, read_only=read_only or self.read_only)
+        edge = child.attach(self, self.name, name, role)
+        self.children[name] = edge
         try:
-            edge = child.attach(self.name, role, perm)
+            self.graph.refresh_perms([self])
         except BaseException:
+            del self.children[name]
+            child.detach(edge)
             await self.graph.unref(child)
             raise
-        self.children[role] = edge
         return edge
 
-    async def close_child(self, role: str) -> None:
-        edge = self.children.pop(role)
+    async def close_child(self, name: str) -> None:
+        edge = self.children.pop(name)
         edge.node.detach(edge)
         await self.graph.unref(edge.node)
 
@@ -217,10 +251,10 @@ class Node:
         await self._tracker.enter()
         try:
             align = self.driver.request_alignment
-            if align == 1 or is_aligned(offset, length, align):
+            if align == 1:
                 await self.driver.write(offset, view)
             else:
-                await self._write_unaligned(offset, view, align)
+                await self._write_aligned(offset, view, align)
             if offset + length > self.size:  # a growable node grew
                 self.size = offset + length
             self.stats.write_ops += 1
@@ -231,12 +265,16 @@ class Node:
         finally:
             self._tracker.leave()
 
-    async def _write_unaligned(self, offset: int, view: memoryview, align: int) -> None:
-        """Read-modify-write the aligned blocks around ``view``, serialised so two unaligned
-        writes into one block cannot lose each other's bytes."""
+    async def _write_aligned(self, offset: int, view: memoryview, align: int) -> None:
+        """Write whole ``align`` blocks, read-modify-writing the ones ``view`` covers only
+        in part. Writes to overlapping blocks run one at a time, so a write landing between
+        a read-modify-write's read and its write is not overwritten by the stale merge."""
         start = align_down(offset, align)
-        end = min(align_up(offset + view.nbytes, align), self.size)
-        async with self._rmw_lock:
+        end = min(align_up(offset + view.nbytes, align), max(self.size, offset + view.nbytes))
+        async with self._write_ranges.hold(start, end - start):
+            if start == offset and end == offset + view.nbytes:
+                await self.driver.write(offset, view)
+                return
             bounce = bytearray(end - start)
             await self.driver.read(start, memoryview(bounce))
             bounce[offset - start:offset - start + view.nbytes] = view

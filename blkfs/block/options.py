@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal, Mapping
 
+from blkfs.block.perm import FILTERED, Role
 from blkfs.errors import OptionError
 
 OptionType = Literal["str", "int", "size", "bool", "enum", "float", "duration", "errno"]
@@ -167,19 +168,23 @@ _CONVERTERS = {"str": _to_str, "int": _to_int, "size": _to_size, "bool": _to_boo
 
 @dataclass(frozen=True)
 class ChildSpec:
-    """A child role a driver takes. ``auto`` children are opened by the layer before the
+    """A child a driver takes, by name. ``auto`` children are opened by the layer before the
     driver's ``open``; the others (such as qcow2's ``backing``, which defaults to what the
-    image header names) are handed to the driver raw, to open itself."""
+    image header names) are handed to the driver raw, to open itself. ``role`` says what
+    the child is to the driver, and so which permissions the driver needs of it."""
 
     required: bool = True
     auto: bool = True
     help: str = ""
+    role: Role = FILTERED
 
 
 COMMON_OPTIONS: Mapping[str, Option] = {
     "driver": Option("str", None, "the block driver of this node"),
     "node-name": Option("str", None, "a unique name for this node (generated if absent)"),
     "read-only": Option("bool", False, "open the node read-only"),
+    "force-share": Option("bool", False, "let others write the image while this read-only "
+                                         "node reads it (QEMU's force-share, qemu-img -U)"),
     "detect-zeroes": Option("enum", "off", "turn all-zero writes into write_zeroes",
                             choices=("off", "on", "unmap")),
     "discard": Option("enum", "unmap", "pass discard requests down (unmap) or drop them",

@@ -1,8 +1,10 @@
 """Which host files the graph may open: the ``--image-dir`` allowlist.
 
 The check runs on the opened descriptor (``/proc/self/fd``), not only on the name, so a
-symlink or ``..`` swapped in between check and open cannot lead outside the allowlist. Every
-host file goes through here: those the user names and those an image names (backing files).
+symlink or ``..`` swapped in between check and open cannot lead outside the allowlist. A hard
+link cannot be told from its other names, so with an allowlist a regular file with more than
+one link is refused. Every host file goes through here: those the user names and those an
+image names (backing files).
 """
 
 from __future__ import annotations
@@ -21,27 +23,6 @@ class HostPolicy:
     def __init__(self, image_dirs: Iterable[str] | None = None) -> None:
         self.image_dirs = (None if image_dirs is None
                            else tuple(os.path.realpath(d) for d in image_dirs))
-
-    @staticmethod
-    def key(path: str) -> str:
-        """The identity of a host file for remembering facts about it (such as "probed raw"):
-        its device and inode, so that a symlink, a hard link or a bind mount of the same file
-        is the same file; the resolved path if it cannot be stat'ed."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            return os.path.realpath(path)
-        return f"{st.st_dev}:{st.st_ino}"
-
-    def allows(self, path: str) -> bool:
-        """Whether ``path``, with symlinks and ``..`` resolved now, lies inside the allowlist
-        (False if it cannot be resolved); a hint only, :meth:`open` decides on the descriptor."""
-        if self.image_dirs is None:
-            return True
-        try:
-            return self._inside(os.path.realpath(path))
-        except OSError:  # a symlink swapped while being resolved
-            return False
 
     def _inside(self, real: str) -> bool:
         """Whether an already resolved path lies inside the allowlist."""
@@ -74,9 +55,13 @@ class HostPolicy:
             if self.image_dirs is not None and \
                     not self._inside(os.readlink(f"/proc/self/fd/{fd}")):
                 raise self._refuse(path)
-            mode = os.fstat(fd).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            st = os.fstat(fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise BlockError(errno.EINVAL, f"'{path}' is not a regular file or block device")
+            if self.image_dirs is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                raise BlockError(errno.EACCES, f"'{path}' has {st.st_nlink} hard links; with "
+                                               "image directories, only files with one link "
+                                               "are opened (another link may lie outside)")
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)

@@ -543,7 +543,7 @@ async def repair_on_open(file: Child) -> int:
     """Before an image is opened writable: refuse it if corrupt (EUCLEAN, naming the command
     that says why), else repair its leaks. Returns the number of leaked clusters repaired."""
     result = await check(ChildFile(file), repair=True)
-    filename = file.node.values.get("filename") or file.node.name
+    filename = file.node.filename() or file.node.name
     if result.corruptions or result.check_errors:
         first = next((m for m in result.messages if m.startswith("ERROR")), "")
         raise BlockError(errno.EUCLEAN,

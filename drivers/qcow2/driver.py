@@ -30,8 +30,8 @@ from typing import Any, BinaryIO, Mapping
 import trio
 import zstandard
 
-from blkfs.block import (BlockDriver, BlockError, Child, ChildSpec, Extent, Option, Perm,
-                         Status)
+from blkfs.block import (IMAGE, BlockDriver, BlockError, Child, ChildSpec, Extent, Option,
+                         Role, Status)
 from drivers.qcow2.cache import TableCache
 from drivers.qcow2.check import check_child, repair_on_open
 from drivers.qcow2.create import write_image
@@ -77,8 +77,8 @@ class Qcow2Driver(BlockDriver):
                                       "memory for cached refcount blocks"),
     }
     children = {
-        "file": ChildSpec(help="the image file"),
-        "backing": ChildSpec(required=False, auto=False,
+        "file": ChildSpec(help="the image file", role=IMAGE),
+        "backing": ChildSpec(required=False, auto=False, role=Role.COW,
                              help="the backing image (default: as the header names it; "
                                   "null for none)"),
     }
@@ -197,14 +197,14 @@ class Qcow2Driver(BlockDriver):
     async def _open_backing(self, backing: Any) -> None:
         if backing is None:
             return
-        edge = await self.node.open_child("backing", backing, Perm.READ)
+        edge = await self.node.open_child("backing", backing, Role.COW)
         self.backing_size = edge.node.size
 
     def _backing_options(self, name: str) -> dict[str, Any]:
         """Options for the backing file the header names: relative to the overlay's
         directory, read-only, through the graph (so --image-dir applies), format from the
         header extension or probed."""
-        base = self.file.node.values.get("filename")
+        base = self.file.node.filename()
         if base and not os.path.isabs(name):
             name = os.path.join(os.path.dirname(base), name)
         options: dict[str, Any] = {"file": {"driver": "file", "filename": name},

@@ -88,7 +88,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], Path], str]] = {
                                               16, ">I", 100), "backing"),
     "backing-name-huge": (lambda d: patch(patch(create(d, "i.qcow2"), 8, ">Q", 512),
                                           16, ">I", 1 << 30), "backing"),
-    "backing-loop": (loop, "deeper than"),
+    "backing-loop": (loop, "loop"),
     "chain-over-depth-limit": (deep, "deeper than"),
     "virtual-size-huge": (lambda d: patch(create(d, "i.qcow2"), 24, ">Q", 1 << 63), "size"),
 }

@@ -9,7 +9,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.compat.peers import MATRIX, make_matrix, to_raw
+from blkfs.backend import BlockLayer
+from tests.compat.peers import MATRIX, convert, create, make_matrix, to_raw
 from tests.conftest import needs_fuse, needs_qemu
 from tests.helpers import Mount, force_unmount, mounted
 
@@ -51,3 +52,21 @@ def test_unaligned_reads_across_clusters(matrix: tuple[Mount, dict[str, bytes]],
         for offset, length in [(1, 511), (4095, 2), (65535, 65538), (131071, 300000),
                                (len(data) - 3, 3)]:
             assert os.pread(f.fileno(), length, offset) == data[offset:offset + length]
+
+
+async def test_a_relative_backing_name_is_relative_to_the_image_behind_a_filter(
+        images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = convert(images, "base")
+    top = create(images, "top.qcow2", backing=base.name)  # stored as "base.qcow2"
+    expected = to_raw(top)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    layer = BlockLayer()
+    try:
+        backend = await layer.create(
+            "d", f"driver=qcow2,file.driver=throttle,file.file.driver=file,"
+                 f"file.file.filename={top}")
+        assert bytes(await backend.read(0, backend.length())) == expected
+    finally:
+        await layer.close()

@@ -137,13 +137,16 @@ async def test_truncate_where_resizable(medium) -> None:
     assert backend.length() == 2 * SIZE
     grown = await backend.read(0, 2 * SIZE)
     assert grown[:SIZE] == expected_initial(setup) and grown[SIZE:] == bytes(SIZE)
+    with pytest.raises(BlockError) as err:  # a disk shrinks only when asked to
+        await backend.truncate(SIZE // 2)
+    assert err.value.errno == errno.EPERM and backend.length() == 2 * SIZE
     if not setup.shrinkable:
         with pytest.raises(BlockError) as err:
-            await backend.truncate(SIZE // 2)
+            await backend.truncate(SIZE // 2, shrink=True)
         assert err.value.errno == errno.ENOTSUP
         assert backend.length() == 2 * SIZE
         return
-    await backend.truncate(SIZE // 2)
+    await backend.truncate(SIZE // 2, shrink=True)
     assert backend.length() == SIZE // 2
 
 

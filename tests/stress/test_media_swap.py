@@ -262,8 +262,10 @@ class Media:
     every generation recorded, and the intervals during which the drive was empty."""
 
     def __init__(self, mount: Mount, name: str, images: list[Path], shared: Path,
-                 extra: str = "") -> None:
+                 extra: str = "", force: bool = False) -> None:
         self.mount, self.name, self.images, self.extra = mount, name, images, extra
+        self.force = force
+        """Change and eject under writers, which only force=on may."""
         shared.write_bytes(bytes(16))
         self._file = open(shared, "r+b")
         self._mm = mmap.mmap(self._file.fileno(), 16)
@@ -294,13 +296,13 @@ class Media:
         spelled = (f"{self.name} {image}" if self.changes % 2 else
                    f"{self.name} driver={'qcow2' if image.suffix == '.qcow2' else 'raw'},"
                    f"file.driver=file,file.filename={image}")
-        self.run("change", spelled + self.extra, index)
+        self.run("change", spelled + self.extra + (",force=on" if self.force else ""), index)
         self.changes += 1
 
     def eject_insert(self, index: int, pause: float) -> None:
         """An explicit empty phase: eject, leave the drive empty briefly, insert."""
         start = time.monotonic()
-        self.run("eject", self.name, None)
+        self.run("eject", self.name + (" force=on" if self.force else ""), None)
         time.sleep(pause)
         self.run("insert", f"{self.name} {self.images[index]}{self.extra}", index)
         self.empty.append((start, time.monotonic()))
@@ -517,7 +519,7 @@ def test_writes_land_in_the_medium_they_went_to(
         stress_seconds: Callable[[float], float], figures: dict[str, Any]) -> None:
     paths = make_images(images, 3, qcow2=True)
     mount = mount_factory("--backend", f"disk={paths[0]}")
-    media = Media(mount, "disk", paths, tmp_path / "shared")
+    media = Media(mount, "disk", paths, tmp_path / "shared", force=True)
     nwriters = 2
     logs = [tmp_path / f"writer{w}.log" for w in range(nwriters)]
     try:

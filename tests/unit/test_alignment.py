@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import pytest
 import trio
+import trio.testing
 
 from blkfs.block import BlockDriver, ChildSpec, Graph
 from blkfs.block.registry import DriverRegistry
@@ -24,6 +25,7 @@ class AlignedDriver(BlockDriver):
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.requests: list[tuple[str, int, int]] = []
+        self.gate: trio.Event | None = None
 
     def _record(self, kind: str, offset: int, length: int) -> None:
         assert offset % ALIGN == 0 and (length % ALIGN == 0 or offset + length == self.node.size)
@@ -32,6 +34,8 @@ class AlignedDriver(BlockDriver):
     async def read(self, offset: int, buf: memoryview) -> None:
         self._record("read", offset, buf.nbytes)
         await trio.sleep(0)  # let concurrent requests interleave
+        if self.gate is not None:
+            await self.gate.wait()
         await self.child("file").readinto(offset, buf)
 
     async def write(self, offset: int, data: memoryview) -> None:
@@ -86,3 +90,22 @@ async def test_concurrent_unaligned_writes_into_one_block_lose_nothing(aligned) 
     await node.readinto(2 * ALIGN, memoryview(buf))
     assert buf[:512] == b"".join(bytes([i + 1]) * 8 for i in range(64))
     assert buf[512:] == model[2 * ALIGN + 512:3 * ALIGN]
+
+
+async def test_an_aligned_write_during_a_read_modify_write_is_not_lost(aligned) -> None:
+    """An unaligned write reads its block, merges and writes it back; an aligned write to
+    that block landing in between must not be overwritten by the stale merge."""
+    node, model = aligned
+    driver = node.driver
+    driver.gate = trio.Event()  # the read-modify-write's read waits here
+    whole = os.urandom(ALIGN)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.write, 100, b"\xee" * 8)
+        await trio.testing.wait_all_tasks_blocked()
+        assert driver.requests == [("read", 0, ALIGN)]  # stopped between read and write
+        nursery.start_soon(node.write, 0, whole)
+        await trio.testing.wait_all_tasks_blocked()
+        driver.gate.set()
+    buf = bytearray(ALIGN)
+    await node.readinto(0, memoryview(buf))
+    assert bytes(buf) == whole  # the aligned write waited, then won

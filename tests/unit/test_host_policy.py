@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 from pathlib import Path
 
@@ -57,3 +58,27 @@ async def test_image_dirs_refuse_paths_outside(tmp_path: Path) -> None:
         assert len(layer.graph.nodes) == 2
     finally:
         await layer.close()
+
+
+async def test_image_dirs_refuse_a_hard_link_to_a_file_outside(tmp_path: Path) -> None:
+    """A hard link is indistinguishable from the file it links to, so with an allowlist only
+    files with one link are opened."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    secret = tmp_path / "secret.img"
+    secret.write_bytes(b"host secret" + bytes(4085))
+    os.link(secret, allowed / "innocent.img")
+    layer = BlockLayer(image_dirs=[str(allowed)])
+    try:
+        with pytest.raises(BlockError) as err:
+            await layer.create("bad", str(allowed / "innocent.img"))
+        assert err.value.errno == errno.EACCES and "hard link" in str(err.value)
+        assert len(layer) == 0 and not layer.graph.nodes
+    finally:
+        await layer.close()
+    unrestricted = BlockLayer()
+    try:  # without an allowlist every file may be opened anyway
+        backend = await unrestricted.create("ok", str(allowed / "innocent.img"))
+        assert bytes(await backend.read(0, 11)) == b"host secret"
+    finally:
+        await unrestricted.close()

@@ -1,4 +1,5 @@
-"""Drivers come from entry points; probing picks formats; a probed raw image stays raw."""
+"""Drivers come from entry points; probing picks formats; a probed raw image cannot be turned
+into another format by what is written into it."""
 
 from __future__ import annotations
 
@@ -39,20 +40,45 @@ def test_a_third_party_driver_plugs_in(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delitem(sys.modules, "zerodrv", raising=False)
 
 
-async def test_probing_and_raw_stickiness(tmp_path: Path) -> None:
+EVIL_HEADER = (QCOW2_MAGIC + b"\0\0\0\3" + (100).to_bytes(8, "big") + (20).to_bytes(4, "big")
+               + b"/etc/shadow" * 2)
+"""A qcow2 header naming a backing file of a guest's choosing."""
+
+
+@pytest.mark.parametrize("offset, data", [
+    (0, EVIL_HEADER + bytes(512 - len(EVIL_HEADER))),  # a whole sector
+    (0, EVIL_HEADER),                                  # a partial one: read-modify-write
+    (0, EVIL_HEADER + bytes(65536)),                   # and on into the disk
+])
+async def test_a_probed_raw_image_refuses_a_first_sector_of_another_format(
+        tmp_path: Path, offset: int, data: bytes) -> None:
     image = tmp_path / "guest.img"
-    image.write_bytes(bytes(1 << 20))
+    image.write_bytes(b"\1" * (1 << 20))
     layer = BlockLayer()
     try:
         disk = await layer.create("d", str(image))
         assert (await disk.status())["tree"]["driver"] == "raw"
-        # the guest writes a qcow2 header that names a backing file of its choosing
-        await disk.write(0, QCOW2_MAGIC + b"\0\0\0\3" + (100).to_bytes(8, "big") +
-                         (20).to_bytes(4, "big") + b"/etc/shadow" * 2)
+        with pytest.raises(BlockError) as refused:
+            await disk.write(offset, data)
+        assert refused.value.errno == errno.EPERM and "driver=raw" in str(refused.value)
+        assert image.read_bytes() == b"\1" * (1 << 20)
+        await disk.write(0, b"plain boot sector" + bytes(1000))  # other data is fine
+        await disk.write(100, QCOW2_MAGIC)  # the magic elsewhere in the sector is, too
         await disk.eject()
         await disk.insert(str(image))
         assert (await disk.status())["tree"]["driver"] == "raw"
-        assert await disk.read(0, 4) == QCOW2_MAGIC
+    finally:
+        await layer.close()
+
+
+async def test_a_named_raw_image_takes_any_first_sector(tmp_path: Path) -> None:
+    image = tmp_path / "guest.img"
+    image.write_bytes(bytes(1 << 20))
+    layer = BlockLayer()
+    try:
+        disk = await layer.create("d", f"driver=raw,file.driver=file,file.filename={image}")
+        await disk.write(0, EVIL_HEADER)
+        assert bytes(await disk.read(0, 4)) == QCOW2_MAGIC
     finally:
         await layer.close()
 

@@ -14,6 +14,7 @@ from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
 from tests.compat.peers import create
 from tests.conftest import needs_qemu
+from tests.locks import lock_bytes
 
 MiB = 1 << 20
 
@@ -106,12 +107,8 @@ async def test_a_refused_switch_to_writable_rolls_back_every_node(tmp_path: Path
         assert refused.value.errno == errno.EROFS and "not closed cleanly" in refused.value.message
         assert node_modes(layer) == {"q": True, "f": True} and backend.read_only
         assert bytes(await backend.read(0, 512)) == bytes(512)
-        # the file node's write lock was given back: another writer can open the image
-        other = BlockLayer()
-        try:
-            await other.create("w", f"driver=file,filename={image}")
-        finally:
-            await other.close()
+        # the write lock taken for the switch was given back: the locks of a read-only qcow2
+        assert lock_bytes(image) == ({"consistent read"}, {"write", "resize"})
     finally:
         await layer.close()
 
@@ -122,12 +119,15 @@ async def test_a_node_becomes_writable_only_if_nothing_else_uses_what_it_writes(
     image = create(tmp_path, "d.qcow2", size=4 * MiB)
     layer = BlockLayer()
     try:
-        await layer.create("raw", f"driver=file,node-name=f0,filename={image},locking=off")
+        await layer.create("raw", f"driver=file,node-name=f0,filename={image},read-only=on")
         backend = await layer.create("q", "driver=qcow2,node-name=q,file=f0", read_only=True)
         with pytest.raises(BlockError) as busy:
-            await layer.reopen("q", "read-only=off")  # f0 is written by backend 'raw' too
+            await layer.reopen("q", "read-only=off")  # f0 is read by backend 'raw' too
         assert busy.value.errno == errno.EBUSY and "'raw'" in busy.value.message
-        assert backend.read_only and node_modes(layer) == {"f0": False, "q": True}
+        assert backend.read_only and node_modes(layer) == {"f0": True, "q": True}
+        with pytest.raises(BlockError) as busy:  # a read-only qcow2 lets nobody write f0
+            await layer.create("w", "driver=raw,file=f0")
+        assert busy.value.errno in (errno.EBUSY, errno.EROFS)
     finally:
         await layer.close()
 
@@ -140,6 +140,11 @@ async def test_turning_writable_reloads_what_another_program_wrote_meanwhile(
     try:
         backend = await layer.create("d", f"driver=qcow2,node-name=q,file.driver=file,"
                                           f"file.filename={image}", read_only=True)
+        assert "lock" in qemu_io_write(image, "qcow2").stderr  # a read-only qcow2 unshares
+        await layer.delete("d")  # writes, as QEMU's; without locks, another program can:
+        backend = await layer.create("d", f"driver=qcow2,node-name=q,file.driver=file,"
+                                          f"file.locking=off,file.filename={image}",
+                                     read_only=True)
         assert bytes(await backend.read(0, 4096)) == bytes(4096)  # L2 state cached here
         assert qemu_io_write(image, "qcow2").returncode == 0  # allocates while we read
         await layer.reopen("q", "read-only=off")

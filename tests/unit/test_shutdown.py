@@ -49,3 +49,21 @@ async def test_shutdown_closes_every_backend_when_one_flush_fails(
     assert len(layer) == 0 and not layer.graph.nodes
     assert images[1].read_bytes()[:512] == b"y" * 512
     assert any("a: closed, but the final flush failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_eject_whose_flush_fails_leaves_the_medium_serving(tmp_path: Path) -> None:
+    image = tmp_path / "a.img"
+    image.write_bytes(bytes(65536))
+    layer = BlockLayer()
+    try:
+        backend = await layer.create("d", FAILING_FLUSH.format(image=image))
+        await backend.write(0, b"x" * 512)
+        with pytest.raises(BlockError) as refused:
+            await backend.eject()
+        assert refused.value.errno == errno.ENOSPC
+        assert backend.has_medium and bytes(await backend.read(0, 512)) == b"x" * 512
+        await layer.reopen("dbg", "inject-error=none")
+        await backend.eject()
+        assert not backend.has_medium and image.read_bytes()[:512] == b"x" * 512
+    finally:
+        await layer.close()

@@ -1,0 +1,110 @@
+"""Permissions between nodes, as QEMU 7.2 computes them (block.c, ``bdrv_default_perms``).
+
+Every edge (a parent's use of a node) says what the parent needs (``perm``) and what it lets
+other users of the node do (``shared``). A node's cumulative permissions are the union of its
+parents' needs and the intersection of what they share; two edges on one node conflict when
+one needs what the other does not share. What a node needs of a child follows from the role
+the child plays (:class:`Role`): a filter passes its parents' needs through, a format needs
+to write its image file while it is writable and lets nobody else write it, a backing file
+is only read. The host file locks (:mod:`drivers.image_lock`) are a file node's cumulative
+permissions, so that QEMU's tools and blkfs see each other's use of an image.
+
+Everything here is a function of values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Flag
+from typing import Iterable
+
+
+class Perm(Flag):
+    """QEMU's BLK_PERM_* bits (same values: they number the lock bytes)."""
+
+    CONSISTENT_READ = 0x01
+    WRITE = 0x02
+    WRITE_UNCHANGED = 0x04
+    RESIZE = 0x08
+
+
+NO_PERM = Perm(0)
+ALL = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE
+WRITERS = Perm.WRITE | Perm.WRITE_UNCHANGED
+"""Permissions that need a writable node."""
+
+PERM_NAMES = {Perm.CONSISTENT_READ: "consistent read", Perm.WRITE: "write",
+              Perm.WRITE_UNCHANGED: "write unchanged", Perm.RESIZE: "resize"}
+
+
+class Role(Flag):
+    """What a child is to its parent (QEMU's BDRV_CHILD_*)."""
+
+    DATA = 0x01
+    METADATA = 0x02
+    FILTERED = 0x04
+    COW = 0x08
+    PRIMARY = 0x10
+
+
+IMAGE = Role.DATA | Role.METADATA | Role.PRIMARY
+"""A format's image file: its data and its metadata."""
+FILTERED = Role.FILTERED | Role.PRIMARY
+"""What a filter (or raw without offset/size) passes requests to unchanged."""
+
+
+@dataclass(frozen=True)
+class Use:
+    """One edge's permissions, as :func:`conflict` compares them."""
+
+    perm: Perm
+    shared: Perm
+    who: str
+    """Says who the user is, for messages: "backend 'disk0'" or "node 'top' (as 'file')"."""
+
+
+def names(perm: Perm) -> str:
+    return ", ".join(name for bit, name in PERM_NAMES.items() if bit in perm)
+
+
+def child_perm(role: Role, writable: bool, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+    """What a node with cumulative ``perm`` and ``shared`` needs of and shares on a child in
+    ``role``; ``writable`` is whether the node itself is open for writing (reference:
+    bdrv_default_perms, bdrv_default_perms_for_cow, bdrv_default_perms_for_storage)."""
+    if Role.FILTERED in role:
+        return perm & ALL, shared & ALL
+    if Role.COW in role:
+        return (perm & Perm.CONSISTENT_READ,
+                (Perm.WRITE | Perm.RESIZE if Perm.WRITE in shared else NO_PERM)
+                | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+    if Role.METADATA in role:
+        if writable:  # a format writes its metadata even when no parent writes
+            perm |= Perm.WRITE | Perm.RESIZE
+        perm |= Perm.CONSISTENT_READ
+        shared &= ~(Perm.WRITE | Perm.RESIZE)
+    if Role.DATA in role:
+        shared &= ~Perm.RESIZE
+        if Perm.WRITE_UNCHANGED in perm:
+            perm |= Perm.WRITE
+        if Perm.WRITE in perm:
+            perm |= Perm.RESIZE
+    return perm, shared
+
+
+def cumulative(uses: Iterable[Use]) -> tuple[Perm, Perm]:
+    """The union of what the uses need and the intersection of what they share."""
+    perm, shared = NO_PERM, ALL
+    for use in uses:
+        perm |= use.perm
+        shared &= use.shared
+    return perm, shared
+
+
+def conflict(uses: list[Use]) -> str | None:
+    """Why these uses of one node cannot coexist, or None (reference: bdrv_a_allow_b)."""
+    for a in uses:
+        for b in uses:
+            if a is not b and a.perm & ~b.shared:
+                return (f"permissions '{names(a.perm & ~b.shared)}' are both required by "
+                        f"{a.who} and unshared by {b.who}")
+    return None

@@ -1,0 +1,129 @@
+"""Image locks as QEMU takes them: the same lock bytes on every image file as a running
+qemu-storage-daemon holds for the same tree, so that QEMU's tools and blkfs see each other's
+use of an image; and inside blkfs, no writer of an image some node reads as backing."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from blkfs.backend import BlockLayer
+from blkfs.errors import BlockError
+from tests.compat.peers import MiB, create
+from tests.conftest import needs_qemu
+from tests.helpers import wait_until
+from tests.locks import lock_bytes
+
+pytestmark = [needs_qemu]
+
+READ, WRITE, RESIZE = "consistent read", "write", "resize"
+
+
+@contextmanager
+def storage_daemon(tmp_path: Path, *blockdevs: str) -> Iterator[None]:
+    """qemu-storage-daemon holding ``blockdevs`` open until the body ends."""
+    pidfile = tmp_path / "qsd.pid"
+    args = ["qemu-storage-daemon", "--pidfile", str(pidfile)]
+    for blockdev in blockdevs:
+        args += ["--blockdev", blockdev]
+    log = tmp_path / "qsd.log"
+    with open(log, "w") as out:
+        daemon = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: pidfile.exists() or daemon.poll() is not None, "qemu-storage-daemon")
+        assert daemon.poll() is None, log.read_text()
+        yield
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+
+
+async def blkfs_locks(images: list[Path], options: str, read_only: bool = False
+                      ) -> list[tuple[set[str], set[str]]]:
+    layer = BlockLayer()
+    try:
+        await layer.create("d", options, read_only=read_only)
+        return [lock_bytes(image) for image in images]
+    finally:
+        await layer.close()
+
+
+def qsd_locks(tmp_path: Path, images: list[Path], *blockdevs: str
+              ) -> list[tuple[set[str], set[str]]]:
+    with storage_daemon(tmp_path, *blockdevs):
+        return [lock_bytes(image) for image in images]
+
+
+async def test_a_writable_qcow2_chain_locks_as_qemu_does(tmp_path: Path) -> None:
+    base = create(tmp_path, "base.qcow2", size=4 * MiB)
+    top = create(tmp_path, "top.qcow2", size=4 * MiB, backing=str(base))
+    qsd = qsd_locks(tmp_path, [top, base], f"driver=qcow2,node-name=q,file.driver=file,"
+                                           f"file.filename={top}")
+    ours = await blkfs_locks([top, base], str(top))
+    assert ours == qsd == [({READ, WRITE, RESIZE}, {WRITE, RESIZE}), ({READ}, {WRITE, RESIZE})]
+
+
+async def test_a_read_only_qcow2_locks_as_qemu_does(tmp_path: Path) -> None:
+    image = create(tmp_path, "a.qcow2", size=4 * MiB)
+    qsd = qsd_locks(tmp_path, [image], f"driver=qcow2,node-name=q,read-only=on,"
+                                       f"file.driver=file,file.filename={image}")
+    ours = await blkfs_locks([image], str(image), read_only=True)
+    assert ours == qsd == [({READ}, {WRITE, RESIZE})]
+
+
+async def test_a_read_only_raw_image_locks_as_qemu_does(tmp_path: Path) -> None:
+    image = tmp_path / "cd.iso"
+    image.write_bytes(bytes(MiB))
+    qsd = qsd_locks(tmp_path, [image], f"driver=raw,node-name=r,read-only=on,"
+                                       f"file.driver=file,file.filename={image}")
+    ours = await blkfs_locks([image], str(image), read_only=True)
+    # qsd with no user takes nothing; blkfs's backend reads it, as a FUSE export would
+    assert qsd == [(set(), set())] and ours == [({READ}, set())]
+
+
+async def test_a_writable_raw_disk_has_one_writer_unlike_a_qsd_export(tmp_path: Path) -> None:
+    """qemu-storage-daemon's FUSE export lets others write a raw image it writes; blkfs's
+    backend is a disk with one writer, as a VM's disk is in QEMU, so qemu-io cannot."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MiB))
+    ours = await blkfs_locks([image], str(image))
+    assert ours == [({READ, WRITE, RESIZE}, {WRITE})]
+    layer = BlockLayer()
+    try:
+        await layer.create("d", str(image))
+        qemu_io = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 512", str(image)],
+                                 capture_output=True, text=True)
+        assert qemu_io.returncode != 0 and 'Failed to get "write" lock' in qemu_io.stderr
+    finally:
+        await layer.close()
+
+
+async def test_a_base_in_use_as_backing_cannot_be_written(tmp_path: Path) -> None:
+    base = create(tmp_path, "base.qcow2", size=4 * MiB)
+    clones = [create(tmp_path, f"clone{i}.qcow2", size=4 * MiB, backing=str(base))
+              for i in range(2)]
+    for locking in ("auto", "off"):  # the graph refuses it even where nothing locks
+        layer = BlockLayer()
+        try:
+            for i, clone in enumerate(clones):
+                await layer.create(f"c{i}", f"driver=qcow2,file.driver=file,"
+                                            f"file.locking={locking},file.filename={clone}")
+            with pytest.raises(BlockError) as err:
+                await layer.create("w", f"driver=qcow2,file.driver=file,"
+                                        f"file.locking={locking},file.filename={base}")
+            assert err.value.errno == errno.EBUSY and "base.qcow2" in str(err.value)
+            assert "w" not in layer
+            if locking == "auto":
+                qemu_io = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 0 512",
+                                          str(base)], capture_output=True, text=True)
+                assert qemu_io.returncode != 0 and "lock" in qemu_io.stderr
+                commit = subprocess.run(["qemu-img", "commit", str(clones[0])],
+                                        capture_output=True, text=True)
+                assert commit.returncode != 0 and "lock" in commit.stderr
+        finally:
+            await layer.close()
