@@ -40,6 +40,10 @@ class TableCache(Generic[T]):
     def mark_dirty(self, offset: int) -> None:
         self.dirty.add(offset)
 
+    def clean(self, offsets: list[int]) -> None:
+        """These tables' writes are durable (a barrier after them succeeded)."""
+        self.dirty.difference_update(offsets)
+
     def victim(self) -> int | None:
         """The least recently used table if the cache is over capacity, else None."""
         if len(self._tables) <= self.capacity:

@@ -512,11 +512,11 @@ class Qcow2Driver(BlockDriver):
             found = await self._l2_table(l1_index)
             assert found is not None
             return found
-        if offset:  # shared with a snapshot: copy it, and the copy references its clusters too
+        if offset:  # shared with a snapshot: copy it. Its clusters are counted once for
+            # each L1 table that reaches them, so the copy adds no reference; the old table
+            # loses the active L1's reference once the new one is durable
             self._check_offset(offset, "L2 table")
             table = array("Q", await self._load(self.l2_cache, offset, True))
-            for index in range(self.geometry.l2_entries):
-                await self._reference(self._entry(table, index)[0])
         else:
             table = array("Q", bytes(self.cluster_size))
         new = await self._allocate(1)
@@ -531,10 +531,6 @@ class Qcow2Driver(BlockDriver):
     def _release(self, entry: int) -> None:
         """Drop the reference an L2 entry held on its host cluster(s), once durable."""
         self.dropped.extend(self._host_clusters(entry))
-
-    async def _reference(self, entry: int) -> None:
-        for cluster in self._host_clusters(entry):
-            await self._update_refcount(cluster, 1)
 
     def _host_clusters(self, entry: int) -> range:
         if entry & OFLAG_COMPRESSED:
@@ -654,7 +650,7 @@ class Qcow2Driver(BlockDriver):
         for i in range(clusters):
             await self._update_refcount(host + i * cluster, 1)
         await self._write_refcounts(force_table=True)
-        await self.file.flush()
+        await self._barrier_after_refcounts()
         await self._write_header()
         for i in range(old_clusters):
             await self._update_refcount(old_offset + i * cluster, -1)
@@ -684,7 +680,7 @@ class Qcow2Driver(BlockDriver):
             if victim in cache.dirty:
                 if cache is self.l2_cache:
                     await self._write_refcounts()
-                    await self.file.flush()
+                    await self._barrier_after_refcounts()
                 if cache is self.refcount_cache and self.reftable_dirty:
                     await self._write_refcounts()  # the table may name other new blocks
                 else:
@@ -692,46 +688,58 @@ class Qcow2Driver(BlockDriver):
             cache.pop(victim)
 
     async def _write_table(self, cache: TableCache, offset: int) -> None:
+        """Write a cached table; it stays dirty until a barrier after the write succeeds
+        (a failed flush may have dropped the write from the host's cache)."""
         table = cache.get(offset)
         data = _encode_table(table) if isinstance(table, array) else table
         await self.file.write(offset, data)
-        cache.dirty.discard(offset)
-
-    async def _write_reftable(self) -> None:
-        await self.file.write(self.header.refcount_table_offset, _encode_table(self.reftable))
-        self.reftable_dirty = False
 
     async def _write_refcounts(self, force_table: bool = False) -> None:
         """Refcount blocks, then (after a barrier, as it may point at new blocks) the
-        refcount table."""
+        refcount table; clean once a barrier after them succeeds."""
         for offset, _ in self.refcount_cache.dirty_items():
             await self._write_table(self.refcount_cache, offset)
         if self.reftable_dirty or force_table:
             await self.file.flush()
-            await self._write_reftable()
+            await self.file.write(self.header.refcount_table_offset,
+                                  _encode_table(self.reftable))
+
+    async def _barrier_after_refcounts(self) -> None:
+        written = [offset for offset, _ in self.refcount_cache.dirty_items()]
+        await self.file.flush()
+        self.refcount_cache.clean(written)
+        self.reftable_dirty = False
 
     async def _write_back(self) -> bool:
-        """Everything cached reaches the image, in crash-safe order (lock held); True if
-        that ended with a flush of the image file."""
+        """Everything cached reaches the image in crash-safe order (lock held), each kind
+        after a barrier: refcounts, then the L2 tables that use the clusters they count,
+        then the L1 entries that point to those tables, then the refcount decreases of
+        clusters no durable table references any more. True if that ended with a flush of
+        the image file."""
         if not (self.l2_cache.dirty or self.dirty_l1 or self.refcount_cache.dirty or
                 self.reftable_dirty or self.dropped):
             await self._punch_freed()
             return False
         await self._write_refcounts()
-        await self.file.flush()
-        for offset, _ in self.l2_cache.dirty_items():
+        await self._barrier_after_refcounts()
+        tables = [offset for offset, _ in self.l2_cache.dirty_items()]
+        for offset in tables:
             await self._write_table(self.l2_cache, offset)
-        for index in sorted(self.dirty_l1):
-            await self.file.write(self.header.l1_table_offset + index * 8,
-                                  self.l1[index].to_bytes(8, "big"))
-        self.dirty_l1.clear()
+        if self.dirty_l1:
+            await self.file.flush()  # a new L2 table is on disk before an L1 entry names it
+            self.l2_cache.clean(tables)
+            for index in sorted(self.dirty_l1):
+                await self.file.write(self.header.l1_table_offset + index * 8,
+                                      self.l1[index].to_bytes(8, "big"))
         await self.file.flush()
+        self.l2_cache.clean(tables)
+        self.dirty_l1.clear()
         if self.dropped:  # no durable metadata references these any more
             dropped, self.dropped = self.dropped, []
             for host in dropped:
                 await self._update_refcount(host, -1)
             await self._write_refcounts()
-            await self.file.flush()
+            await self._barrier_after_refcounts()
         await self._punch_freed()
         return True
 

@@ -223,3 +223,23 @@ def test_image_info_reads_what_qemu_made_and_survives_a_missing_backing(images: 
     assert "base.qcow2" in info["backing-chain"][0]["error"]
     human = blkfs("image", "info", str(top)).stdout
     assert "virtual size: 4 MiB" in human and "unreadable" in human
+
+
+async def test_writing_over_an_internal_snapshot_leaks_nothing(images: Path) -> None:
+    """An L2 table shared with an internal snapshot is copied on the first write; the copy's
+    data clusters were already counted for both tables, so copying adds no reference."""
+    image = create(images, "snap.qcow2", size=4 * MiB)
+    qemu_io(image, "qcow2", "write -P 1 0 3M")
+    qemu("qemu-img", "snapshot", "-c", "before", image)
+    layer = BlockLayer()
+    try:
+        backend = await layer.create("d", f"driver=qcow2,file.driver=file,file.filename={image}")
+        await backend.write(65536, b"\2" * 4096)
+    finally:
+        await layer.close()
+    assert "No errors were found" in check(image)
+    data = to_raw(image)
+    assert data[65536:69632] == b"\2" * 4096
+    assert data[:65536] == b"\1" * 65536 and data[69632:3 * MiB] == b"\1" * (3 * MiB - 69632)
+    qemu("qemu-img", "snapshot", "-a", "before", image)  # the snapshot still has the old data
+    assert to_raw(image)[:3 * MiB] == b"\1" * (3 * MiB)
