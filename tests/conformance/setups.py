@@ -41,6 +41,13 @@ def _raw_file(tmp: Path, size: int = SIZE, prefix: bytes = b"") -> Path:
     return path
 
 
+def _log(tmp: Path) -> Path:
+    """An empty log image for blklogwrites."""
+    path = tmp / "writes.log"
+    path.write_bytes(b"")
+    return path
+
+
 SLICE_OFFSET = 12345
 
 
@@ -82,4 +89,16 @@ SETUPS: list[Setup] = [
           lambda tmp: f"driver=copy-on-read,file.driver=qcow2,file.file.driver=file,"
                       f"file.file.filename={_qcow2_overlay(tmp)}",
           host_file=None, shrinkable=False, can_be_read_only=False),
+    Setup("blklogwrites",
+          lambda tmp: f"driver=blklogwrites,file.driver=file,file.filename={_raw_file(tmp)},"
+                      f"log.driver=file,log.filename={_log(tmp)}"),
+    Setup("blklogwrites-4k",
+          lambda tmp: f"driver=blklogwrites,log-sector-size=4k,file.driver=file,"
+                      f"file.filename={_raw_file(tmp)},log.driver=file,"
+                      f"log.filename={_log(tmp)}"),
+    Setup("qcow2-over-blklogwrites",
+          lambda tmp: f"driver=qcow2,file.driver=blklogwrites,file.file.driver=file,"
+                      f"file.file.filename={_qcow2_overlay(tmp)},file.log.driver=file,"
+                      f"file.log.filename={_log(tmp)}",
+          host_file=None, shrinkable=False),
 ]
