@@ -541,35 +541,53 @@ class Qcow2Driver(BlockDriver):
         return range(host, host + 1 if host else host, self.cluster_size)
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        await self._zero_clusters(offset, length, partial="write")
-
-    async def discard(self, offset: int, length: int) -> None:
-        await self._zero_clusters(offset, length, partial="skip")
-
-    async def _zero_clusters(self, offset: int, length: int, partial: str) -> None:
-        """Whole clusters become zero clusters (their host clusters are freed): the zero
-        flag (v3), or unallocated where no backing file shows through (v2). Partial clusters
-        get zeros written (write_zeroes) or are left alone (discard is advisory)."""
-        cluster = self.cluster_size
-        end = offset + length
         async with self.lock:
-            position = offset
-            while position < end:
-                chunk = min(end - position, cluster - position % cluster)
-                whole = chunk == cluster or (position % cluster == 0 and
-                                             position + chunk == self.header.size)
-                new = self._zero_entry() if whole else None
-                if new is not None:
-                    table_offset, table = await self._l2_for_write(
-                        self.geometry.l1_index(position))
-                    index = self.geometry.l2_index(position)
-                    old, _ = self._entry(table, index)
-                    self._set_entry(table, index, *new)
-                    self.l2_cache.mark_dirty(table_offset)
-                    self._release(old)
-                elif partial == "write":
+            await self._zero_clusters(offset, length)
+            position, end = offset, offset + length
+            zero_entry = self._zero_entry() is not None
+            while position < end:  # what a zero entry cannot cover: parts of clusters, or
+                # whole ones of a v2 image over a backing file
+                chunk = min(end - position, self.cluster_size - position % self.cluster_size)
+                covered = zero_entry and self._whole_cluster(position, chunk)
+                if not covered and not await self._reads_zeros(position, chunk):
                     await self._write_locked(position, memoryview(bytes(chunk)))
                 position += chunk
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Whole clusters only: discard is advisory."""
+        async with self.lock:
+            await self._zero_clusters(offset, length)
+
+    def _whole_cluster(self, position: int, chunk: int) -> bool:
+        return chunk == self.cluster_size or (position % self.cluster_size == 0 and
+                                              position + chunk == self.header.size)
+
+    async def _reads_zeros(self, offset: int, length: int) -> bool:
+        """Whether the range reads as zeros without holding any data (lock held)."""
+        return all(mapping.kind is Kind.ZERO or
+                   (mapping.kind is Kind.UNALLOCATED and not self.backing_size)
+                   for _, _, mapping in await self._extents(offset, length))
+
+    async def _zero_clusters(self, offset: int, length: int) -> None:
+        """The whole clusters in the range become zero clusters, their host clusters freed
+        (lock held): the zero flag (v3), or unallocated where no backing file shows through
+        (v2), as QEMU's discard_in_l2_slice. Clusters that read as zeros already are left
+        as they are, so zeroing a sparse image allocates no L2 table."""
+        cluster = self.cluster_size
+        end = offset + length
+        position = offset
+        while position < end:
+            chunk = min(end - position, cluster - position % cluster)
+            new = self._zero_entry() if self._whole_cluster(position, chunk) else None
+            if new is not None and not await self._reads_zeros(position, chunk):
+                table_offset, table = await self._l2_for_write(
+                    self.geometry.l1_index(position))
+                index = self.geometry.l2_index(position)
+                old, _ = self._entry(table, index)
+                self._set_entry(table, index, *new)
+                self.l2_cache.mark_dirty(table_offset)
+                self._release(old)
+            position += chunk
 
     def _zero_entry(self) -> tuple[int, int] | None:
         """(entry, bitmap) that reads as zeros with no host cluster, if the image has one."""
@@ -770,6 +788,9 @@ class Qcow2Driver(BlockDriver):
     # -- status ---------------------------------------------------------------------------
 
     async def block_status(self, offset: int, length: int) -> Extent:
+        """What this image holds for a prefix of the range; where it leaves the range to
+        its backing file, what the backing chain holds there, not allocated here (QEMU's
+        bdrv_co_block_status_above), so a sparse copy of an overlay skips the base's holes."""
         async with self.lock:
             extents = await self._extents(offset, length)
         status = self._status(extents[0][2])
@@ -778,14 +799,21 @@ class Qcow2Driver(BlockDriver):
             if self._status(mapping) != status:
                 break
             total += span
-        return Extent(total, status)
+        if status is not None:
+            return Extent(total, status)
+        if offset >= self.backing_size:  # past a shorter backing file: zeros
+            return Extent(total, Status.ZERO)
+        below = await self.child("backing").block_status(
+            offset, min(total, self.backing_size - offset))
+        return Extent(below.length, below.status & ~Status.ALLOCATED)
 
-    def _status(self, mapping: Mapping) -> Status:
+    def _status(self, mapping: Mapping) -> Status | None:
+        """The status of a mapping, or None where the backing file decides."""
         if mapping.kind in (Kind.NORMAL, Kind.COMPRESSED):
             return Status.DATA | Status.ALLOCATED
         if mapping.kind is Kind.ZERO:
             return Status.ZERO | Status.ALLOCATED
-        return Status.DATA if self.backing_size else Status.ZERO
+        return None if self.backing_size else Status.ZERO
 
     def info(self) -> dict[str, Any]:
         header = self.header
