@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import trio
 
+from blkfs.block.driver import Extent, Status
 from blkfs.block.graph import Graph
 from blkfs.block.io import Tracker
 from blkfs.block.node import RW, Child, Node
@@ -35,8 +36,8 @@ from blkfs.block.perm import ALL, FILTERED, WRITERS, Perm
 from blkfs.block.policy import HostPolicy
 from blkfs.errors import BlockError, OptionError
 
-__all__ = ["BlockBackend", "BlockError", "BlockLayer", "OptionError", "parse_bool",
-           "parse_options", "parse_size"]
+__all__ = ["BlockBackend", "BlockError", "BlockLayer", "Extent", "OptionError", "Status",
+           "parse_bool", "parse_options", "parse_size"]
 
 log = logging.getLogger("blkfs.backend")
 
@@ -44,6 +45,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+:-]{0,127}$")
 Listener = Callable[["BlockBackend", str], None]
 """Called with the backend and the event: 'medium', 'size' or 'delete'."""
 Options = str | Mapping[str, Any]
+Medium = str | Mapping[str, Any]
+"""A validated medium: an option tree, or the name of an existing node."""
+ON_CHANGE = "on-change"
+ON_CHANGE_CHOICES = ("follow", "error")
 
 
 @dataclass
@@ -67,9 +72,16 @@ class BackendStats:
 class BlockBackend:
     """A named root: the unit frontends open, read, write and change media on."""
 
-    def __init__(self, layer: BlockLayer, name: str, read_only: bool = False) -> None:
+    def __init__(self, layer: BlockLayer, name: str, read_only: bool = False,
+                 on_change: str = "follow") -> None:
         self.layer = layer
         self.name = name
+        self.on_change = on_change
+        """What users that opened the backend before a media change see after it: the new
+        medium ("follow", as a drive), or ESTALE until they open it again ("error")."""
+        self.generation = 0
+        """Counts media changes (insert, eject, change), so a user can tell which medium
+        it opened."""
         self.refcnt = 1
         """References: the name while the backend is not deleted, and each open user."""
         self.named = True
@@ -111,9 +123,17 @@ class BlockBackend:
         """Users that have the backend open (its name is not one)."""
         return self.refcnt - self.named
 
-    def on_change(self, listener: Listener) -> None:
+    def add_listener(self, listener: Listener) -> None:
         """Register a callback for medium, size and delete events (cache invalidation)."""
         self._listeners.append(listener)
+
+    def stale(self, generation: int) -> bool:
+        """Whether a user that opened the backend at ``generation`` must open it again."""
+        return self.on_change == "error" and generation != self.generation
+
+    def _media_changed(self) -> None:
+        self.generation += 1
+        self._notify("medium")
 
     def _notify(self, event: str) -> None:
         self.changed_ns = time.time_ns()
@@ -246,6 +266,17 @@ class BlockBackend:
         self.stats.discard_bytes += length
         self.stats.discard_ns += time.perf_counter_ns() - start
 
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """What a prefix of the range holds (data, zeros; allocated in the top image or
+        not), for sparse copies (SEEK_DATA/SEEK_HOLE) and servers that report allocation."""
+        await self._tracker.enter()
+        try:
+            node = self._medium()
+            self._check_range(node, offset, length, write=False)
+            return await node.block_status(offset, length)
+        finally:
+            self._tracker.leave()
+
     async def truncate(self, length: int, shrink: bool = False) -> None:
         """Resize the medium if its tree can; the size listeners hear of it. A disk shrinks
         only when asked to with ``shrink``, as ``qemu-img resize --shrink``: a truncate to a
@@ -295,8 +326,8 @@ class BlockBackend:
                                               "(use change to replace it, or eject first)")
             async with self._tracker.drained():
                 self._root = await self._open_medium(tree)
-        log.info("%s: inserted %s", self.name, format_options(tree))
-        self._notify("medium")
+        log.info("%s: inserted %s", self.name, _spelled(tree))
+        self._media_changed()
 
     async def eject(self, force: bool = False) -> None:
         """Remove the medium: drain, flush, close; the backend stays, with size 0. Refused
@@ -311,7 +342,7 @@ class BlockBackend:
                 root, self._root = self._root, None
                 await self._release(root)
         log.info("%s: ejected%s", self.name, " (forced)" if force else "")
-        self._notify("medium")
+        self._media_changed()
 
     async def change(self, options: Options, force: bool = False) -> None:
         """Replace the medium atomically; on an empty backend this is insert.
@@ -320,7 +351,7 @@ class BlockBackend:
         may take over the outgoing tree's nodes (a filter put in front of the same image, an
         overlay on top of it) instead of opening their images again. While a user writes,
         only such a change is allowed unless ``force``: one whose new tree keeps the old
-        medium's root, or whose root lies in the old tree. If building the new tree fails,
+        medium's image (see :func:`_same_medium`). If building the new tree fails,
         the old medium stays as it was.
         """
         tree = self.layer.parse(options)
@@ -334,8 +365,8 @@ class BlockBackend:
                 self._root = await self._replace(old, tree, force)
                 await self._release(old)
                 await self._settle(kept)
-        log.info("%s: changed medium to %s", self.name, format_options(tree))
-        self._notify("medium")
+        log.info("%s: changed medium to %s", self.name, _spelled(tree))
+        self._media_changed()
 
     async def _settle(self, nodes: list[Node]) -> None:
         """Nodes the new medium took over from the old one and nobody writes any more (the
@@ -349,23 +380,25 @@ class BlockBackend:
                     log.warning("%s: node %s stays writable: %s", self.name, node.name,
                                 exc.message)
 
-    async def _replace(self, old: Child, tree: Mapping[str, Any], force: bool) -> Child:
+    async def _replace(self, old: Child, tree: Medium, force: bool) -> Child:
         """The new root edge for ``tree``, checked as the final graph will be; on failure the
         old tree holds its permissions (and image locks) again."""
         graph = self.layer.graph
+        shadowed: dict[str, Node] = {}
         try:
-            with graph.departing(old):
+            with graph.departing(old, shadowed):
                 graph.refresh_perms([old.node])  # give up what only the old tree needed
                 new = await self._open_medium(tree)
             try:
-                if not force and self.writers and not _related(old.node, new.node):
+                if not force and self.writers and not _same_medium(old.node, new.node):
                     self._check_writers("change to other media", force)
-                with graph.departing(old):
+                with graph.departing(old, shadowed):
                     graph.refresh_perms([new.node, old.node])
             except BaseException:
                 await self._release(new)
                 raise
         except BaseException:
+            graph.unshadow(shadowed)
             try:
                 graph.refresh_perms([old.node])
             except BlockError as exc:
@@ -404,7 +437,7 @@ class BlockBackend:
         a CD can be read by many. (qemu-storage-daemon's FUSE export shares write too.)"""
         return ALL & ~Perm.WRITE if Perm.WRITE in perm else ALL
 
-    async def _open_medium(self, tree: Mapping[str, Any]) -> Child:
+    async def _open_medium(self, tree: Medium) -> Child:
         graph = self.layer.graph
         node = await graph.open_node(tree, read_only=self._read_only)
         perm = self._root_perm(node)
@@ -434,14 +467,27 @@ class BlockBackend:
             "allocated": await self.allocated_bytes(),
             "open": self.open_count,
             "writers": self.writers,
+            "generation": self.generation,
+            "on-change": self.on_change,
             "stats": asdict(self.stats),
             "tree": _describe(self._root.node) if self._root else None,
         }
 
 
-def _related(a: Node, b: Node) -> bool:
-    """Whether one node lies in the other's tree (a filter put in or taken out)."""
-    return _in_tree(a, b) or _in_tree(b, a)
+def _spelled(medium: Medium) -> str:
+    return f"node {medium}" if isinstance(medium, str) else format_options(medium)
+
+
+def _same_medium(a: Node, b: Node) -> bool:
+    """Whether two trees serve one medium: the image under one's filters lies in the other's
+    tree (a filter put in, taken out or replaced; an overlay put on top)."""
+    return _in_tree(_under_filters(a), b) or _in_tree(_under_filters(b), a)
+
+
+def _under_filters(node: Node) -> Node:
+    while node.driver.is_filter:
+        node = node.driver.filtered.node
+    return node
 
 
 def _in_tree(node: Node, root: Node) -> bool:
@@ -475,9 +521,16 @@ class BlockLayer:
     def image_dirs(self) -> tuple[str, ...] | None:
         return self.graph.policy.image_dirs
 
-    def parse(self, options: Options) -> dict[str, Any]:
-        """Parse (if text) and validate options for a medium; OptionError if they are bad."""
+    def parse(self, options: Options) -> Medium:
+        """Parse (if text) and validate options for a medium; OptionError if they are bad.
+        ``node=NAME`` alone names an existing node as the whole medium (as QMP's
+        blockdev-insert-medium takes a node name): the name is returned."""
         tree = parse_options(options) if isinstance(options, str) else dict(options)
+        if "node" in tree:
+            if len(tree) > 1 or not isinstance(tree["node"], str):
+                raise OptionError("node=NAME names an existing node as the whole medium and "
+                                  "takes no other options")
+            tree = tree["node"]
         self.graph.validate(tree)
         return tree
 
@@ -506,11 +559,17 @@ class BlockLayer:
                              "(not starting with . or -), at most 128 characters")
         if name in self._backends:
             raise BlockError(errno.EEXIST, f"a backend named '{name}' already exists")
-        backend = BlockBackend(self, name, read_only)
+        tree = None if options is None else (
+            parse_options(options) if isinstance(options, str) else dict(options))
+        on_change = tree.pop(ON_CHANGE, "follow") if tree is not None else "follow"
+        if on_change not in ON_CHANGE_CHOICES:
+            raise OptionError(f"{ON_CHANGE} must be {' or '.join(ON_CHANGE_CHOICES)} "
+                              f"(got {on_change!r})")
+        backend = BlockBackend(self, name, read_only, on_change)
         self._backends[name] = backend  # reserve the name while the medium opens
         try:
-            if options is not None:
-                await backend.insert(options)
+            if tree:
+                await backend.insert(tree)
         except BaseException:
             del self._backends[name]
             raise

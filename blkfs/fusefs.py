@@ -24,7 +24,7 @@ import pyfuse3
 import trio
 
 from blkfs import fuseloop
-from blkfs.backend import BlockBackend, BlockLayer
+from blkfs.backend import BlockBackend, BlockLayer, Status
 from blkfs.control import COMMANDS, REPORTS, ControlPlane
 from blkfs.errors import BlockError
 
@@ -38,6 +38,10 @@ FIRST_BACKEND_INODE = 1000
 BLKSIZE = 1 << 20
 """st_blksize: the I/O size cp and cat pick their buffers by; large requests are cheapest."""
 ATTR_TIMEOUT = 1.0
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+SEEK_STEP = 1 << 30
+"""Most one block status query of SEEK_DATA/SEEK_HOLE asks about (a qcow2 image loads the
+L2 tables of what it is asked)."""
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
@@ -66,7 +70,18 @@ def fuse_handler(method: Handler) -> Handler:
 class BackendHandle:
     backend: BlockBackend
     writable: bool
+    generation: int
+    """The backend's media generation when it was opened (see on-change=error)."""
     dirty: bool = False
+
+    def current(self) -> BlockBackend:
+        """The backend, unless its medium changed since the open and it asks its users to
+        open it again (ESTALE), as a reader that must never mix two media does."""
+        if self.backend.stale(self.generation):
+            raise BlockError(errno.ESTALE, f"{self.backend.name}: the medium changed since "
+                                           "this file was opened (on-change=error); open it "
+                                           "again")
+        return self.backend
 
 
 @dataclass
@@ -114,6 +129,13 @@ class BlkfsOperations(pyfuse3.Operations):
         self._fh = itertools.count(1)
         self._started_ns = time.time_ns()
         self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1000)
+        self.nursery: trio.Nursery | None = None
+        """Where requests pyfuse3 does not dispatch (fallocate, lseek) run."""
+
+    def spawn(self, request: Callable[[], Awaitable[None]]) -> None:
+        """Run a fallocate or lseek request (see :mod:`blkfs.fuseops`)."""
+        assert self.nursery is not None, "requests come only while the session runs"
+        self.nursery.start_soon(request)
 
     def init(self) -> None:
         """The session is mounted and serving: take requests the faster way from now on."""
@@ -125,7 +147,7 @@ class BlkfsOperations(pyfuse3.Operations):
         """The backend's inode; a backend given one is watched for changes from then on."""
         inode, new = self.inodes.of(backend)
         if new:
-            backend.on_change(self._on_change)
+            backend.add_listener(self._on_change)
         return inode
 
     def _on_change(self, backend: BlockBackend, event: str) -> None:
@@ -298,7 +320,8 @@ class BlkfsOperations(pyfuse3.Operations):
             raise BlockError(errno.EROFS, f"{backend.name}: read-only medium")
         backend.ref(writer=writable)  # the open file keeps the backend alive when deleted
         # O_TRUNC is ignored: a backend file is a disk, and `dd of=` must not empty it.
-        return pyfuse3.FileInfo(fh=self._new_handle(BackendHandle(backend, writable)),
+        handle = BackendHandle(backend, writable, backend.generation)
+        return pyfuse3.FileInfo(fh=self._new_handle(handle),
                                 direct_io=True, keep_cache=False)
 
     async def _open_control(self, name: str, flags: int) -> pyfuse3.FileInfo:
@@ -320,7 +343,7 @@ class BlkfsOperations(pyfuse3.Operations):
         handle = self.handles[fh]
         if isinstance(handle, ControlHandle):
             return handle.text[off:off + size]
-        backend = handle.backend
+        backend = handle.current()
         end = min(off + size, backend.length())
         if off >= end:
             if not backend.has_medium:
@@ -346,7 +369,7 @@ class BlkfsOperations(pyfuse3.Operations):
         if isinstance(handle, ControlHandle):
             await self.control.run(handle.name, buf)
             return len(buf)
-        backend = handle.backend
+        backend = handle.current()
         length = backend.length()
         if off < length < off + len(buf):  # a disk takes what fits, then says ENOSPC
             buf = memoryview(buf)[:length - off]
@@ -355,12 +378,61 @@ class BlkfsOperations(pyfuse3.Operations):
         backend.touch()
         return len(buf)
 
+    def _backend_handle(self, fh: int) -> BackendHandle:
+        handle = self.handles.get(fh)
+        if not isinstance(handle, BackendHandle):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        handle.current()
+        return handle
+
+    @fuse_handler
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2), as a loop device sends it for discard (fstrim, blkdiscard: a punched
+        hole) and write-zeroes (blkdiscard -z, mkfs: a zeroed range). Both read as zeros
+        afterwards, so both are write_zeroes; a punched hole may unmap, which gives the space
+        back (freed qcow2 clusters, holes in a raw file). Allocating is a no-op on a thin
+        disk; past the end, without KEEP_SIZE, it grows a resizable medium as truncate does."""
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        handle = self._backend_handle(fh)
+        backend = handle.backend
+        end = offset + length
+        if end > backend.length():
+            if mode & FALLOC_FL_KEEP_SIZE:
+                end = backend.length()
+            else:
+                await backend.truncate(end)
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and offset < end:
+            await backend.write_zeroes(offset, end - offset,
+                                       unmap=bool(mode & FALLOC_FL_PUNCH_HOLE))
+            handle.dirty = True
+
+    @fuse_handler
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA and SEEK_HOLE from the medium's block status, so cp --sparse, tar -S
+        and qemu-img convert skip what reads as zeros without holding data."""
+        backend = self._backend_handle(fh).backend
+        size = backend.length()
+        if offset >= size:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        want_data = whence == os.SEEK_DATA
+        position = offset
+        while position < size:
+            extent = await backend.block_status(position, min(size - position, SEEK_STEP))
+            if (Status.DATA in extent.status) == want_data:
+                return position
+            position += extent.length
+        if want_data:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return size  # the end of a file is a hole
+
     @fuse_handler
     async def flush(self, fh: int) -> None:
         """close(): a written backend file is flushed to the host, as a block device is on
         its last close, so that data is safe once the writer's close returns."""
         handle = self.handles.get(fh)
-        if isinstance(handle, BackendHandle) and handle.dirty and handle.backend.has_medium:
+        if isinstance(handle, BackendHandle) and handle.dirty and handle.backend.has_medium \
+                and not handle.backend.stale(handle.generation):  # a change flushed it
             await handle.backend.flush()
             handle.dirty = False
 
@@ -368,7 +440,7 @@ class BlkfsOperations(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handles.get(fh)
         if isinstance(handle, BackendHandle):
-            await handle.backend.flush()
+            await handle.current().flush()
             handle.dirty = False
 
     @fuse_handler

@@ -16,6 +16,7 @@ from typing import Callable
 import pyfuse3
 import trio
 
+from blkfs import fuseops
 from blkfs.backend import BlockLayer
 from blkfs.control import ControlPlane
 from blkfs.fusefs import BlkfsOperations
@@ -65,7 +66,8 @@ async def serve(config: MountConfig, ready: Callable[[str | None], None]) -> Non
     if config.allow_other:
         options.add("allow_other")
     try:
-        pyfuse3.init(ops, config.mountpoint, options)
+        with fuseops.install(fallocate=ops.fallocate, lseek=ops.lseek, spawn=ops.spawn):
+            pyfuse3.init(ops, config.mountpoint, options)
     except RuntimeError as exc:
         await layer.close()
         ready(f"cannot mount {config.mountpoint}: {exc}")
@@ -74,6 +76,7 @@ async def serve(config: MountConfig, ready: Callable[[str | None], None]) -> Non
     log.info("mounted %s with %d backend(s)", config.mountpoint, len(layer))
     try:
         async with trio.open_nursery() as nursery:
+            ops.nursery = nursery
             nursery.start_soon(ops.invalidator)
             nursery.start_soon(_stop_on_signal)
             ready(None)
