@@ -12,6 +12,7 @@ import argparse
 import errno
 import json
 import logging
+import logging.handlers
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from typing import Any, NoReturn
 import trio
 
 from blkfs import imagecmd
+from blkfs.backend import parse_options
 from blkfs.control import COMMANDS, REPORTS
 from blkfs.errors import BlockError
 from blkfs.server import BackendSpec, MountConfig, serve
@@ -81,7 +83,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
                        allow_other=args.allow_other or bool(data.get("allow-other")))
 
 
-def check_mountpoint(path: str) -> None:
+def check_mountpoint(path: str, nonempty: bool = False) -> None:
     if not os.path.exists("/dev/fuse"):
         raise UsageError("FUSE is not available: /dev/fuse is missing "
                          "(load the fuse module; install fuse3)")
@@ -92,6 +94,12 @@ def check_mountpoint(path: str) -> None:
         raise UsageError(f"mountpoint {path} is not a directory")
     if os.path.ismount(path):
         raise UsageError(f"mountpoint {path} is busy: something is already mounted there")
+    hidden = os.listdir(path) if os.path.isdir(path) else []
+    if hidden and not nonempty:
+        raise UsageError(f"mountpoint {path} is not empty: the mount would hide "
+                         f"{len(hidden)} entr{'y' if len(hidden) == 1 else 'ies'} "
+                         f"({', '.join(sorted(hidden)[:3])}{', ...' if len(hidden) > 3 else ''})"
+                         "; mount on an empty directory, or add --nonempty")
     os.makedirs(path, exist_ok=True)
 
 
@@ -105,19 +113,36 @@ def _dead_fuse_mount(path: str) -> bool:
     return False
 
 
-def setup_logging(level: str, log_file: str | None) -> None:
-    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
-                                else logging.StreamHandler(sys.stderr))
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s blkfs[%(process)d] %(levelname)s %(name)s: %(message)s"))
+def setup_logging(level: str, log_file: str | None, daemon: bool = False) -> str:
+    """One line per event: to ``log_file``; else to stderr in the foreground, and as a daemon
+    to syslog, which is also how the systemd journal takes it (its socket is
+    ``$BLKFS_SYSLOG_SOCKET``, default /dev/log), or where the machine has neither, to a file
+    in ``$XDG_STATE_HOME/blkfs`` (~/.local/state/blkfs). Returns where the log goes."""
+    line = "%(levelname)s %(name)s: %(message)s"
+    socket = os.environ.get("BLKFS_SYSLOG_SOCKET", "/dev/log")
+    handler: logging.Handler
+    if not log_file and daemon and os.path.exists(socket):
+        handler = logging.handlers.SysLogHandler(address=socket)
+        handler.setFormatter(logging.Formatter(f"blkfs[%(process)d]: {line}"))
+        where = f"syslog ({socket})"
+    else:
+        if not log_file and daemon:
+            state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state")
+            state.joinpath("blkfs").mkdir(parents=True, exist_ok=True)
+            log_file = str(state / "blkfs" / "blkfs.log")
+        handler = (logging.FileHandler(log_file) if log_file
+                   else logging.StreamHandler(sys.stderr))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s blkfs[%(process)d] {line}"))
+        where = log_file or "stderr"
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    return where
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     config = build_config(args)
-    check_mountpoint(config.mountpoint)
+    check_mountpoint(config.mountpoint, args.nonempty)
     if args.foreground:
         setup_logging(args.log_level, args.log_file)
         errors: list[str] = []
@@ -142,7 +167,7 @@ def daemonize(config: MountConfig, args: argparse.Namespace) -> int:
         return 0
     os.close(read_end)
     os.setsid()
-    setup_logging(args.log_level, args.log_file or os.devnull)
+    setup_logging(args.log_level, args.log_file, daemon=True)
 
     def ready(message: str | None) -> None:
         os.write(write_end, (message or "ok").encode())
@@ -182,10 +207,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if exc.errno == errno.ENOENT:
             raise UsageError(f"{mountpoint} is not a blkfs mount") from None
         raise UsageError(f"cannot reach {mountpoint}: {exc.strerror}") from None
-    busy = [f"{b['name']} ({'deleted, ' if b['deleted'] else ''}{b['open']} open)"
-            for b in status["backends"] if b["open"]]
+    busy = [describe_users(mountpoint, b) for b in status["backends"] if b["open"]]
     if busy:
-        raise UsageError(f"{mountpoint} is busy: {', '.join(busy)}; close those files first "
+        raise UsageError(f"{mountpoint} is busy: {'; '.join(busy)}; close those files first "
                          "(nothing was changed)")
     unflushed = flush_backends(mountpoint, status["backends"])
     if unflushed:
@@ -200,6 +224,30 @@ def cmd_umount(args: argparse.Namespace) -> int:
             raise UsageError(f"the daemon (pid {pid}) did not exit within {UMOUNT_TIMEOUT:.0f}s")
         time.sleep(0.05)
     return 0
+
+
+def describe_users(mountpoint: str, backend: dict[str, Any]) -> str:
+    """Who has a backend open, naming the loop devices, which lsof does not show."""
+    text = f"{backend['name']} ({'deleted, ' if backend['deleted'] else ''}" \
+           f"{backend['open']} open"
+    loops = loop_devices(os.path.join(mountpoint, backend["name"]))
+    if loops:
+        text += f"; loop device {', '.join(loops)}: losetup -d {' '.join(loops)}"
+    return text + ")"
+
+
+def loop_devices(path: str) -> list[str]:
+    """The loop devices whose backing file is ``path`` (/sys/block/loop*/loop/backing_file;
+    the kernel adds " (deleted)" once the file was removed)."""
+    found = []
+    for backing in sorted(Path("/sys/block").glob("loop*/loop/backing_file")):
+        try:
+            name = backing.read_text().rstrip("\n").removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if name == path:
+            found.append(f"/dev/{backing.parent.parent.name}")
+    return found
 
 
 def flush_backends(mountpoint: str, backends: list[dict[str, Any]]) -> list[str]:
@@ -243,6 +291,37 @@ def lazy_unmount(mountpoint: str) -> None:
         raise UsageError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
 
 
+TREE_VERBS = ("create", "change", "insert")
+"""Commands whose options may name host files."""
+
+
+def absolute_filenames(text: str) -> str:
+    """``NAME OPTIONS`` with every relative ``filename`` made absolute here: the daemon
+    resolves names in its own working directory, not the caller's. Options that do not
+    parse go as they are, for the daemon to say what is wrong."""
+    name, _, options = text.strip().partition(" ")
+    if not options.strip():
+        return text
+    try:
+        tree = parse_options(options)
+    except BlockError:
+        return text
+    if not _absolutize(tree):
+        return text
+    return f"{name} {json.dumps(tree)}"
+
+
+def _absolutize(tree: dict[str, Any]) -> bool:
+    changed = False
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            changed |= _absolutize(value)
+        elif key == "filename" and isinstance(value, str) and not os.path.isabs(value):
+            tree[key] = os.path.abspath(value)
+            changed = True
+    return changed
+
+
 def cmd_ctl(args: argparse.Namespace) -> int:
     ctl = Path(args.mountpoint, ".ctl")
     if args.command in REPORTS:
@@ -251,7 +330,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"cannot read {ctl / args.command}: {exc.strerror}") from None
         return 0
-    text = " ".join(args.args)
+    text = absolute_filenames(" ".join(args.args)) if args.command in TREE_VERBS \
+        else " ".join(args.args)
     try:
         with open(ctl / args.command, "wb", buffering=0) as f:
             f.write(text.encode())
@@ -280,7 +360,10 @@ def parser() -> argparse.ArgumentParser:
                        help="let other users reach the mount (needs user_allow_other)")
     mount.add_argument("--image-dir", action="append", default=[], metavar="DIR",
                        help="only open host images inside DIR (repeatable)")
-    mount.add_argument("--log-file", help="write the log here (daemon default: none)")
+    mount.add_argument("--nonempty", action="store_true",
+                       help="mount even on a directory that is not empty (hiding it)")
+    mount.add_argument("--log-file", help="write the log here (default: stderr in the "
+                                          "foreground, syslog or the journal as a daemon)")
     mount.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     mount.set_defaults(func=cmd_mount)

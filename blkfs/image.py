@@ -31,10 +31,10 @@ async def create_image(filename: str, fmt: str, size: int | str | None = None, *
     and it gives the size if ``size`` is None.
     """
     graph = Graph()
-    cls = graph.drivers.get(fmt)
-    if not cls.is_format:
-        raise BlockError(errno.EINVAL, f"'{fmt}' is not an image format "
+    if fmt not in format_names(graph):
+        raise BlockError(errno.EINVAL, f"'{fmt}' is not an image format blkfs can create "
                                        f"(formats: {', '.join(format_names(graph))})")
+    cls = graph.drivers.get(fmt)
     if backing is not None:
         backing_format, backing_size = await _inspect_backing(graph, filename, backing,
                                                               backing_format)

@@ -29,7 +29,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import trio
 
 from blkfs.block.node import Child, Node
-from blkfs.block.options import COMMON_OPTIONS, list_options, parse_bool, validate
+from blkfs.block.options import (COMMON_OPTIONS, closest, list_options, parse_bool,
+                                 unknown_option, validate)
 from blkfs.block.perm import ALL, WRITERS, Perm, Use, conflict, cumulative
 from blkfs.block.policy import HostPolicy
 from blkfs.block.registry import DriverRegistry, default_registry
@@ -47,10 +48,12 @@ _depth = contextvars.ContextVar("blkfs_open_depth", default=0)
 @dataclass(frozen=True)
 class Departure:
     """The part of the graph that goes when an edge is dropped: the edge, the nodes that then
-    close, and their edges to their children."""
+    close, and their edges to their children; and the names of departing nodes that a new
+    node took meanwhile (given back if the change fails)."""
 
     edges: frozenset[Child] = frozenset()
     nodes: frozenset[Node] = frozenset()
+    shadowed: dict[str, Node] = field(default_factory=dict, compare=False)
 
 
 _departing: contextvars.ContextVar[Departure] = contextvars.ContextVar(
@@ -97,10 +100,14 @@ class Graph:
             return
         driver = options.get("driver")
         if driver is None:
-            unknown = set(options) - set(COMMON_OPTIONS) - {"file"}
+            unknown = sorted(set(options) - set(COMMON_OPTIONS) - {"file"})
             if unknown:
-                raise OptionError(f"options {', '.join(sorted(unknown))} need an explicit "
-                                  "driver (the format is only probed for a plain path)")
+                known = [*COMMON_OPTIONS, "file"]
+                if closest(unknown[0], known) is None:
+                    raise OptionError(f"option '{unknown[0]}' needs an explicit driver: "
+                                      "after a plain path only the common options "
+                                      f"({', '.join(sorted(COMMON_OPTIONS))}) may follow")
+                raise OptionError(unknown_option(unknown[0], known))
             if "file" not in options:
                 raise OptionError("option 'driver' is required")
             self.validate(options["file"])
@@ -188,8 +195,12 @@ class Graph:
             if reused is not None:
                 return reused
         name = given_name or self._generate_name()
-        if name in self.nodes or name in self._reserved:
+        departing = _departing.get()
+        clash = self.nodes.get(name)
+        if name in self._reserved or (clash is not None and clash not in departing.nodes):
             raise BlockError(errno.EEXIST, f"node name '{name}' is already in use")
+        if clash is not None:  # a node of the outgoing tree: the new one may take its name
+            departing.shadowed[name] = self.nodes.pop(name)
         checked.values["node-name"] = name
         self._reserved.add(name)
         node = Node(self, name, cls, checked.values, tree)
@@ -225,8 +236,11 @@ class Graph:
         """A node of the departing tree that ``values`` and ``children`` describe exactly
         (with one more reference), so that a new medium takes it over instead of opening its
         image a second time; a read-only request may take over a writable node."""
-        for node in _departing.get().nodes:
-            if type(node.driver) is not cls or node.name not in self.nodes:
+        departing = _departing.get()
+        for node in departing.nodes:
+            named = self.nodes.get(node.name) is node or \
+                departing.shadowed.get(node.name) is node
+            if type(node.driver) is not cls or not named:
                 continue
             if values["node-name"] not in (None, node.name):
                 continue
@@ -236,6 +250,8 @@ class Graph:
                 continue
             if not cls.same_node(node.values, values) or not node.driver.reusable():
                 continue
+            if departing.shadowed.get(node.name) is node:
+                self.nodes[node.name] = departing.shadowed.pop(node.name)
             node.refcnt += 1
             log.debug("reusing node %s", node.name)
             return node
@@ -396,18 +412,26 @@ class Graph:
             node.driver.set_perm(perm, shared)
 
     @contextlib.contextmanager
-    def departing(self, edge: Child) -> Iterator[Departure]:
+    def departing(self, edge: Child, shadowed: dict[str, Node]) -> Iterator[Departure]:
         """While the body runs, ``edge`` and what would close without it do not count in
-        permissions, and :meth:`open_node` may take over its nodes (a medium change)."""
-        departure = self.departure(edge)
+        permissions, and :meth:`open_node` may take over its nodes or their names (a medium
+        change); the names it takes are noted in ``shadowed``, for :meth:`unshadow`."""
+        departure = self.departure(edge, shadowed)
         token = _departing.set(departure)
         try:
             yield departure
         finally:
             _departing.reset(token)
 
+    def unshadow(self, shadowed: dict[str, Node]) -> None:
+        """A change failed: departing nodes get back the names new nodes had taken."""
+        for name, node in shadowed.items():
+            if node.refcnt and name not in self.nodes:
+                self.nodes[name] = node
+        shadowed.clear()
+
     @staticmethod
-    def departure(edge: Child) -> Departure:
+    def departure(edge: Child, shadowed: dict[str, Node]) -> Departure:
         """What dropping ``edge`` would close: every node below it that nothing else holds."""
         drops: dict[Node, int] = {}
         closing: set[Node] = set()
@@ -421,7 +445,7 @@ class Graph:
                 for child in node.children.values():
                     edges.add(child)
                     pending.append(child.node)
-        return Departure(frozenset(edges), frozenset(closing))
+        return Departure(frozenset(edges), frozenset(closing), shadowed)
 
     @staticmethod
     def subtree(node: Node) -> list[Node]:
@@ -484,7 +508,8 @@ class Graph:
         if node.refcnt > 0:
             self.refresh_perms([node])
             return
-        self.nodes.pop(node.name, None)
+        if self.nodes.get(node.name) is node:  # a new node may have taken its name
+            del self.nodes[node.name]
         await self._close(node, opened=True)
         log.debug("closed node %s", node.name)
 

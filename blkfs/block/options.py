@@ -16,6 +16,7 @@ Everything here is a function of values: no files, no trio.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import json
 import re
@@ -35,7 +36,9 @@ REQUIRED: Any = object()
 _SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
                   "p": 1 << 50, "e": 1 << 60}
 _NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([bkmgtpe]?)$", re.IGNORECASE)
+"""QEMU's sizes (qemu_strtosz): a number and one optional binary suffix, nothing else."""
+_SIZE_HELP = "must be a size such as 65536, 64k, 10M or 2G (one suffix of B, K, M, G, T, P, E)"
 _TRUE = {"on", "true", "yes", "1"}
 _FALSE = {"off", "false", "no", "0"}
 _MAX_DEPTH = 16
@@ -89,16 +92,17 @@ def _to_float(raw: Any, opt: Option) -> float:
 
 
 def parse_size(raw: Any) -> int:
-    """Bytes from an int or a string with an optional binary suffix (``512``, ``64k``, ``10M``)."""
+    """Bytes from an int or a string with an optional binary suffix (``512``, ``64k``, ``10M``),
+    as QEMU spells them: ``10MB``, ``10Mb`` and ``10 M`` are refused, not taken for 10 MiB."""
     if isinstance(raw, bool) or not isinstance(raw, (int, str)):
-        raise TypeError("must be a size such as 65536, 64k, 10M or 2G")
+        raise TypeError(_SIZE_HELP)
     if isinstance(raw, int):
         if raw < 0:
             raise ValueError("must not be negative")
         return raw
     match = _SIZE_RE.match(raw)
     if not match:
-        raise ValueError("must be a size such as 65536, 64k, 10M or 2G")
+        raise ValueError(_SIZE_HELP)
     number, suffix = match.groups()
     if len(number) > 40:  # far beyond 2**64 already; spares int() a huge string
         raise ValueError("is too large")
@@ -153,12 +157,20 @@ def _to_duration(raw: Any, opt: Option) -> float:
 
 def _to_errno(raw: Any, opt: Option) -> int:
     """An errno by number or by name (``5``, ``EIO``, ``enospc``)."""
-    if isinstance(raw, str) and raw.upper() in errno.__dict__ and raw.upper().startswith("E"):
-        return int(errno.__dict__[raw.upper()])
+    if isinstance(raw, str) and not raw.strip().lstrip("-").isdigit():
+        name = raw.strip().upper()
+        if name not in _ERRNO_NAMES:
+            close = closest(name, list(_ERRNO_NAMES))
+            raise ValueError("is an unknown errno name" +
+                             (f" (did you mean {close}?)" if close else ""))
+        return _ERRNO_NAMES[name]
     value = _to_int(raw, opt)
     if value not in errno.errorcode:
         raise ValueError("must be an errno such as EIO, ENOSPC or 5")
     return value
+
+
+_ERRNO_NAMES = {name: number for number, name in errno.errorcode.items()}
 
 
 _CONVERTERS = {"str": _to_str, "int": _to_int, "size": _to_size, "bool": _to_bool,
@@ -330,6 +342,23 @@ def _match(declared: Mapping[str, Option], name: str) -> Option | None:
     return None
 
 
+def closest(name: str, known: list[str]) -> str | None:
+    """The known name ``name`` is most likely a typo of: the same letters swapped
+    (``read-onyl``, ``EOI``), else the most similar one, if any is similar enough."""
+    swapped = [k for k in known if len(k) == len(name) and sorted(k) == sorted(name)]
+    if swapped:
+        return swapped[0]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
+def unknown_option(name: str, known: list[str]) -> str:
+    """The sentence for an option nobody declares, with the closest known name if any."""
+    close = closest(name, known)
+    hint = f"did you mean '{close}'? " if close else ""
+    return f"unknown option '{name}' ({hint}known: {', '.join(sorted(known))})"
+
+
 def list_options(declared: Mapping[str, Option]) -> set[str]:
     """The names of a schema's list options (``inject-error`` for ``inject-error.*.event``)."""
     return {name.split(".*", 1)[0] for name in declared if ".*" in name}
@@ -357,8 +386,7 @@ def validate(driver: str, declared: Mapping[str, Option], roles: Mapping[str, Ch
         for name, value in flat.items():
             opt = _match(schema, name)
             if opt is None:
-                known = ", ".join(sorted([*declared, *roles])) or "none besides the common ones"
-                raise OptionError(f"{driver}: unknown option '{name}' (known: {known})")
+                raise OptionError(f"{driver}: {unknown_option(name, [*schema, *roles])}")
             result.values[name] = opt.parse(driver, name, value)
     node_name = result.values.get("node-name")
     if node_name is not None and (not _NODE_NAME_RE.match(node_name) or node_name == "null"):

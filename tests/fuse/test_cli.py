@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from blkfs.cli import flush_backends
 from tests.conftest import needs_fuse
-from tests.helpers import Mount, blkfs, mounted, pattern_image
+from tests.helpers import BLKFS, Mount, blkfs, mounted, pattern_image
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 MiB = 1 << 20
@@ -183,3 +184,60 @@ echo cd0 > $M/.ctl/eject
 """
     subprocess.run(["bash", "-c", script], check=True)
     assert "ENOENT" in mount.last_error()
+
+
+def test_ctl_resolves_relative_names_in_the_callers_directory(mount_factory,
+                                                              images: Path) -> None:
+    data = pattern_image(images / "rel.img", MiB, image_id=3)
+    mount = mount_factory()
+    blkfs("ctl", str(mount.path), "create", "r", "rel.img", cwd=images)
+    blkfs("ctl", str(mount.path), "create", "s",
+          "driver=raw,file.driver=file,file.filename=rel.img,read-only=on", cwd=images)
+    assert (mount / "r").read_bytes() == data == (mount / "s").read_bytes()
+    tree = mount.backends()["r"]["tree"]
+    assert tree["children"]["file"]["options"]["filename"] == str(images / "rel.img")
+
+
+def test_mounting_on_a_non_empty_directory_needs_nonempty(tmp_path: Path) -> None:
+    target = tmp_path / "full"
+    target.mkdir()
+    (target / "precious.txt").write_text("do not hide me")
+    result = blkfs("mount", str(target), check=False)
+    assert result.returncode == 1 and "not empty" in result.stderr
+    assert "precious.txt" in result.stderr and "--nonempty" in result.stderr
+    assert not mounted(target)
+    mount = Mount.start(target, "--nonempty")
+    try:
+        assert os.listdir(target) == [".ctl"]
+    finally:
+        mount.stop()
+    assert (target / "precious.txt").read_text() == "do not hide me"
+
+
+def test_a_daemon_without_a_log_file_logs_to_syslog(tmp_path: Path, images: Path) -> None:
+    """One line per event, naming the backend; the test listens where syslog would."""
+    pattern_image(images / "a.img", MiB, image_id=1)
+    socket_path = tmp_path / "syslog.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(socket_path))
+        listener.settimeout(10)
+        target = tmp_path / "mnt"
+        env = {**os.environ, "BLKFS_SYSLOG_SOCKET": str(socket_path)}
+        subprocess.run([*BLKFS, "mount", str(target), "--backend", f"disk={images / 'a.img'}"],
+                       check=True, env=env, capture_output=True, timeout=60)
+        try:
+            lines = []
+            while not any("disk: created" in line for line in lines):
+                lines.append(listener.recv(4096).decode())
+        finally:
+            blkfs("umount", str(target))
+    assert all(line.startswith("<") and "blkfs[" in line for line in lines)
+    assert all("\n" not in line.rstrip("\n\0") for line in lines)
+
+
+def test_image_create_lists_only_formats(images: Path) -> None:
+    for fmt in ("vmdk", "throttle", "file"):
+        result = blkfs("image", "create", "-f", fmt, str(images / "x.img"), "1M", check=False)
+        assert result.returncode == 1 and "formats: qcow2, raw" in result.stderr, fmt
+        assert "throttle" not in result.stderr.split("formats:")[1]
+    assert not (images / "x.img").exists()

@@ -215,3 +215,25 @@ def test_reopen_switches_a_backend_read_only_and_back(mount: Mount, images: Path
     subprocess.run(["dd", "if=/dev/urandom", f"of={disk}", "bs=64k", "count=1",
                     "conv=notrunc,fsync", "status=none"], check=True)
     assert disk.read_bytes()[:65536] == image.read_bytes()[:65536] != bytes(65536)
+
+
+def test_on_change_error_makes_old_descriptors_stale(mount: Mount, two_images) -> None:
+    """A reader that must never mix two media asks for ESTALE after a change (a drive's
+    users follow the new medium by default, as the test above shows)."""
+    a, b = two_images
+    mount.ctl("create", f"cd {a},read-only=on,on-change=error")
+    status = mount.backends()["cd"]
+    assert status["on-change"] == "error" and status["generation"] == 1
+    mtime = os.stat(mount / "cd").st_mtime_ns
+    with open(mount / "cd", "rb", buffering=0) as old:
+        assert old.read(16) == a.read_bytes()[:16]
+        mount.ctl("change", f"cd {b},read-only=on")
+        assert errno_of(old.read, 16) == errno.ESTALE
+        with open(mount / "cd", "rb", buffering=0) as new:  # opened again: the new medium
+            assert new.read(16) == b.read_bytes()[:16]
+        assert errno_of(old.read, 16) == errno.ESTALE
+    assert mount.backends()["cd"]["generation"] == 2
+    assert os.stat(mount / "cd").st_mtime_ns > mtime
+    mount.ctl("create", "empty on-change=error")
+    assert mount.backends()["empty"]["medium"] is False
+    assert mount.ctl_errno("create", "bad on-change=sometimes") == errno.EINVAL

@@ -163,7 +163,8 @@ def test_a_mounted_filesystem_on_a_loop_device_keeps_its_medium(
         deleted = [b for b in mount.status()["backends"] if b["name"] == "vol"]
         assert deleted and deleted[0]["deleted"] and deleted[0]["open"] == 1
         umount = blkfs("umount", str(mount.path), check=False)
-        assert umount.returncode == 1 and "vol" in umount.stderr
+        assert umount.returncode == 1 and "vol (deleted, 1 open" in umount.stderr
+        assert f"loop device {device}" in umount.stderr  # lsof would not show it
         assert mounted(mount.path)
         with mounted_fs(device, tmp_path / "fs") as fs:
             assert len((fs / "payload").read_bytes()) == MiB

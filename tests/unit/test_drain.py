@@ -112,11 +112,14 @@ async def test_a_failed_change_leaves_the_old_medium_serving(tmp_path: Path) -> 
     layer = BlockLayer()
     backend = await layer.create("d", f"driver=raw,node-name=keep,file.driver=file,"
                                       f"file.filename={image}")
+    await layer.create("o", "driver=null,node-name=elsewhere")  # a name the change may not take
     nodes = set(layer.graph.nodes)
     for options, code in [(str(tmp_path / "missing.img"), errno.ENOENT),
                           ("driver=raw,offset=zz,file.driver=null", errno.EINVAL),
                           ("driver=raw,offset=2G,file.driver=null", errno.EINVAL),
-                          ("driver=raw,node-name=keep,file.driver=null", errno.EEXIST)]:
+                          ("driver=raw,node-name=elsewhere,file.driver=null", errno.EEXIST),
+                          ("driver=raw,node-name=keep,file.driver=file,"
+                           f"file.filename={tmp_path / 'missing.img'}", errno.ENOENT)]:
         with pytest.raises(BlockError) as err:
             await backend.change(options)
         assert err.value.errno == code

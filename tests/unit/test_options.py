@@ -115,3 +115,31 @@ def test_validation_errors_name_the_option_and_the_driver(tree: dict, message: s
     with pytest.raises(OptionError) as err:
         validate("demo", SCHEMA, {"file": ChildSpec()}, tree)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["10Mb", "10MB", "10 M", "10MiB", " 10M", "10M ", "0x10",
+                                  "10MM", "1e3"])
+def test_sizes_are_spelled_as_qemu_spells_them(text: str) -> None:
+    with pytest.raises(ValueError, match="one suffix of B, K, M, G, T, P, E"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("text, size", [("10M", 10 << 20), ("10m", 10 << 20), ("1.5G", 3 << 29),
+                                        ("512", 512), ("4k", 4096), ("7B", 7)])
+def test_qemu_sizes_parse(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_a_mistyped_errno_name_says_so_and_suggests() -> None:
+    schema = {"errno": Option("errno", None)}
+    with pytest.raises(OptionError) as err:
+        validate("blkdebug", schema, {}, {"errno": "EOI"})
+    assert "unknown errno name" in str(err.value) and "did you mean EIO?" in str(err.value)
+    assert validate("blkdebug", schema, {}, {"errno": "enospc"}).values["errno"] == 28
+    assert validate("blkdebug", schema, {}, {"errno": "5"}).values["errno"] == 5
+
+
+def test_a_mistyped_option_is_unknown_with_the_close_match() -> None:
+    with pytest.raises(OptionError) as err:
+        validate("demo", SCHEMA, {"file": ChildSpec()}, {"szie": "1", "file": "x"})
+    assert "unknown option 'szie' (did you mean 'size'?" in str(err.value)

@@ -19,7 +19,7 @@ async def test_a_deleted_backend_serves_its_references_then_flushes_and_closes(
     backend = await layer.create("d", str(image))
     backend.ref()  # as an open file does
     events: list[str] = []
-    backend.on_change(lambda b, event: events.append(event))
+    backend.add_listener(lambda b, event: events.append(event))
     await layer.delete("d")
     assert "d" not in layer and events == ["delete"]
     await backend.write(100, b"still here")

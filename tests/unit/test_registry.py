@@ -93,3 +93,14 @@ async def test_probe_needs_a_file_and_rejects_format_options(tmp_path: Path) -> 
         await layer.create("d", f"{tmp_path}/x.img,offset=5")
     assert "explicit driver" in str(err.value)
     assert layer.graph.nodes == {}
+
+
+async def test_a_mistyped_option_after_a_path_is_unknown_with_the_close_match(
+        tmp_path: Path) -> None:
+    image = tmp_path / "x.img"
+    image.write_bytes(bytes(4096))
+    layer = BlockLayer()
+    with pytest.raises(OptionError) as err:
+        await layer.create("d", f"{image},read-onyl=on")
+    assert "unknown option 'read-onyl' (did you mean 'read-only'?" in str(err.value)
+    assert layer.graph.nodes == {} and len(layer) == 0
