@@ -22,22 +22,22 @@ import errno
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import trio
 
 from blkfs.block.driver import Extent, Status
 from blkfs.block.graph import Graph
-from blkfs.block.io import Tracker
+from blkfs.block.request import Requests
 from blkfs.block.node import RW, Child, Node
 from blkfs.block.options import format_options, parse_bool, parse_options, parse_size
 from blkfs.block.perm import ALL, FILTERED, WRITERS, Perm
 from blkfs.block.policy import HostPolicy
 from blkfs.errors import BlockError, OptionError
 
-__all__ = ["BlockBackend", "BlockError", "BlockLayer", "Extent", "OptionError", "Status",
-           "parse_bool", "parse_options", "parse_size"]
+__all__ = ["BlockBackend", "BlockError", "BlockLayer", "Extent", "Limits", "OptionError",
+           "Status", "parse_bool", "parse_options", "parse_size"]
 
 log = logging.getLogger("blkfs.backend")
 
@@ -47,26 +47,23 @@ Listener = Callable[["BlockBackend", str], None]
 Options = str | Mapping[str, Any]
 Medium = str | Mapping[str, Any]
 """A validated medium: an option tree, or the name of an existing node."""
-ON_CHANGE = "on-change"
 ON_CHANGE_CHOICES = ("follow", "error")
 
 
-@dataclass
-class BackendStats:
-    """Per-backend counters, like QMP's query-blockstats."""
+MAX_TRANSFER = 32 << 20
+"""The largest request a frontend should send (as QEMU's BDRV_REQUEST_MAX_BYTES bounds
+them); larger ones work, but hold a buffer of that size."""
 
-    read_ops: int = 0
-    read_bytes: int = 0
-    read_ns: int = 0
-    write_ops: int = 0
-    write_bytes: int = 0
-    write_ns: int = 0
-    flush_ops: int = 0
-    flush_ns: int = 0
-    discard_ops: int = 0
-    discard_bytes: int = 0
-    discard_ns: int = 0
-    errors: int = 0
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits of a medium, as a server tells its clients (NBD's block sizes)."""
+
+    request_alignment: int
+    """Smaller or unaligned requests are read-modify-written."""
+    max_transfer: int
+    discard_granularity: int
+    """Smallest unit a discard frees."""
 
 
 class BlockBackend:
@@ -87,10 +84,10 @@ class BlockBackend:
         self.named = True
         self.writers = 0
         """Open users that write (a loop device, a writable descriptor)."""
-        self.stats = BackendStats()
+        self._requests = Requests()
+        self.stats = self._requests.stats
         self._root: Child | None = None
         self._read_only = read_only
-        self._tracker = Tracker()
         self._graph_lock = trio.Lock()
         self._listeners: list[Listener] = []
         self.changed_ns = time.time_ns()
@@ -153,7 +150,7 @@ class BlockBackend:
         self.writers -= writer
         if self.refcnt == 0:
             self.layer._forget(self)
-            async with self._graph_lock, self._tracker.drained():
+            async with self._graph_lock, self._requests.tracker.drained():
                 root, self._root = self._root, None
                 if root is not None:
                     try:
@@ -190,99 +187,78 @@ class BlockBackend:
     async def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the bytes at ``offset`` (every byte is written, so a reused
         buffer needs no clearing); the whole range must lie within the medium."""
-        await self._tracker.enter()
-        start = time.perf_counter_ns()
-        length = buf.nbytes
-        try:
-            node = self._medium()
-            self._check_range(node, offset, length, write=False)
-            await node.readinto(offset, buf)
-        except BaseException:
-            self.stats.errors += 1
-            raise
-        finally:
-            self._tracker.leave()
-        stats = self.stats
-        stats.read_ops += 1
-        stats.read_bytes += length
-        stats.read_ns += time.perf_counter_ns() - start
+        await self._requests.run(self.stats.read, buf.nbytes, self._readinto, offset, buf)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write all of ``data`` at ``offset``; past the end is ENOSPC, as on a disk."""
-        await self._tracker.enter()
-        start = time.perf_counter_ns()
-        length = len(data)
-        try:
-            node = self._medium()
-            self._check_write(node, offset, length)
-            await node.write(offset, data)
-        except BaseException:
-            self.stats.errors += 1
-            raise
-        finally:
-            self._tracker.leave()
-        stats = self.stats
-        stats.write_ops += 1
-        stats.write_bytes += length
-        stats.write_ns += time.perf_counter_ns() - start
+    async def _readinto(self, offset: int, buf: memoryview) -> None:
+        node = self._medium()
+        self._check_range(node, offset, buf.nbytes, write=False)
+        await node.readinto(offset, buf)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+                    fua: bool = False) -> None:
+        """Write all of ``data`` at ``offset``; past the end is ENOSPC, as on a disk. With
+        ``fua`` (NBD's force unit access), the write is durable when this returns."""
+        await self._requests.run(self.stats.write, len(data), self._write, offset, data, fua)
+
+    async def _write(self, offset: int, data: bytes | bytearray | memoryview,
+                     fua: bool) -> None:
+        node = self._medium()
+        self._check_write(node, offset, len(data))
+        await node.write(offset, data)
+        self.changed_ns = time.time_ns()
+        if fua:
+            await node.flush()
 
     async def flush(self) -> None:
         """Make every acknowledged write durable in the host files."""
-        await self._tracker.enter()
-        start = time.perf_counter_ns()
-        try:
-            if self._root is not None:
-                await self._root.node.flush()
-        except BaseException:
-            self.stats.errors += 1
-            raise
-        finally:
-            self._tracker.leave()
-        self.stats.flush_ops += 1
-        self.stats.flush_ns += time.perf_counter_ns() - start
+        await self._requests.run(self.stats.flush, 0, self._flush)
+
+    async def _flush(self) -> None:
+        if self._root is not None:
+            await self._root.node.flush()
 
     async def discard(self, offset: int, length: int) -> None:
-        await self._zero_or_discard(offset, length, None)
+        """Tell the medium the range is unused (advisory: it may read as before or as
+        zeros afterwards); it may give the space back."""
+        await self._requests.run(self.stats.discard, length, self._zero_or_discard, offset,
+                                 length, None)
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
-        await self._zero_or_discard(offset, length, unmap)
+        """Make the range read as zeros; with ``unmap`` (may-unmap), the medium may give
+        its space back, as a discard."""
+        await self._requests.run(self.stats.zero, length, self._zero_or_discard, offset,
+                                 length, unmap)
 
     async def _zero_or_discard(self, offset: int, length: int, unmap: bool | None) -> None:
-        await self._tracker.enter()
-        start = time.perf_counter_ns()
-        try:
-            node = self._medium()
-            self._check_write(node, offset, length)
-            if unmap is None:
-                await node.discard(offset, length)
-            else:
-                await node.write_zeroes(offset, length, unmap)
-        except BaseException:
-            self.stats.errors += 1
-            raise
-        finally:
-            self._tracker.leave()
-        self.stats.discard_ops += 1
-        self.stats.discard_bytes += length
-        self.stats.discard_ns += time.perf_counter_ns() - start
+        node = self._medium()
+        self._check_write(node, offset, length)
+        if unmap is None:
+            await node.discard(offset, length)
+        else:
+            await node.write_zeroes(offset, length, unmap)
+        self.changed_ns = time.time_ns()
 
     async def block_status(self, offset: int, length: int) -> Extent:
         """What a prefix of the range holds (data, zeros; allocated in the top image or
         not), for sparse copies (SEEK_DATA/SEEK_HOLE) and servers that report allocation."""
-        await self._tracker.enter()
-        try:
-            node = self._medium()
-            self._check_range(node, offset, length, write=False)
-            return await node.block_status(offset, length)
-        finally:
-            self._tracker.leave()
+        return await self._requests.run(None, 0, self._block_status, offset, length)
+
+    async def _block_status(self, offset: int, length: int) -> Extent:
+        node = self._medium()
+        self._check_range(node, offset, length, write=False)
+        return await node.block_status(offset, length)
+
+    def limits(self) -> Limits:
+        """What a server should tell its clients about requests to this medium."""
+        node = self._medium()
+        return Limits(node.request_alignment, MAX_TRANSFER, node.discard_granularity)
 
     async def truncate(self, length: int, shrink: bool = False) -> None:
         """Resize the medium if its tree can; the size listeners hear of it. A disk shrinks
         only when asked to with ``shrink``, as ``qemu-img resize --shrink``: a truncate to a
         smaller size is what ``dd`` without ``conv=notrunc`` does to its output, and it
         would throw away the end of the disk."""
-        async with self._graph_lock, self._tracker.drained():
+        async with self._graph_lock, self._requests.tracker.drained():
             node = self._medium()
             if self.read_only:
                 raise BlockError(errno.EROFS, f"{self.name}: read-only medium")
@@ -298,7 +274,7 @@ class BlockBackend:
     async def refresh_size(self) -> None:
         """Take the size the medium has now (an image resized on the host), as
         ``losetup -c`` does."""
-        async with self._graph_lock, self._tracker.drained():
+        async with self._graph_lock, self._requests.tracker.drained():
             old = self.length()
             await self.layer.graph.refresh_sizes(self._medium())
         if self.length() != old:
@@ -311,10 +287,6 @@ class BlockBackend:
             return 0
         return await self._root.node.driver.allocated_bytes()
 
-    def touch(self) -> None:
-        """Record that contents changed (the frontend calls this after writes it served)."""
-        self.changed_ns = time.time_ns()
-
     # -- media ---------------------------------------------------------------------------
 
     async def insert(self, options: Options) -> None:
@@ -324,7 +296,7 @@ class BlockBackend:
             if self._root is not None:
                 raise BlockError(errno.EBUSY, f"{self.name}: already has a medium "
                                               "(use change to replace it, or eject first)")
-            async with self._tracker.drained():
+            async with self._requests.tracker.drained():
                 self._root = await self._open_medium(tree)
         log.info("%s: inserted %s", self.name, _spelled(tree))
         self._media_changed()
@@ -337,7 +309,7 @@ class BlockBackend:
             if self._root is None:
                 raise BlockError(errno.ENOMEDIUM, f"{self.name}: no medium to eject")
             self._check_writers("eject", force)
-            async with self._tracker.drained():
+            async with self._requests.tracker.drained():
                 await self._flush_outgoing(force)
                 root, self._root = self._root, None
                 await self._release(root)
@@ -355,7 +327,7 @@ class BlockBackend:
         the old medium stays as it was.
         """
         tree = self.layer.parse(options)
-        async with self._graph_lock, self._tracker.drained():
+        async with self._graph_lock, self._requests.tracker.drained():
             old = self._root
             if old is None:
                 self._root = await self._open_medium(tree)
@@ -469,7 +441,7 @@ class BlockBackend:
             "writers": self.writers,
             "generation": self.generation,
             "on-change": self.on_change,
-            "stats": asdict(self.stats),
+            "stats": self.stats.as_dict(),
             "tree": _describe(self._root.node) if self._root else None,
         }
 
@@ -503,7 +475,7 @@ def _describe(node: Node) -> dict[str, Any]:
         "size": node.size,
         "options": node.given_options(),
         "info": node.driver.info(),
-        "stats": asdict(node.stats),
+        "stats": node.stats.as_dict(),
         "children": {role: _describe(edge.node) for role, edge in node.children.items()},
     }
 
@@ -550,7 +522,7 @@ class BlockLayer:
         return backend
 
     async def create(self, name: str, options: Options | None = None, *,
-                     read_only: bool = False) -> BlockBackend:
+                     read_only: bool = False, on_change: str = "follow") -> BlockBackend:
         """A new backend, with a medium from ``options`` or empty; nothing is left behind
         if the medium cannot be opened."""
         if not NAME_RE.match(name):
@@ -559,17 +531,14 @@ class BlockLayer:
                              "(not starting with . or -), at most 128 characters")
         if name in self._backends:
             raise BlockError(errno.EEXIST, f"a backend named '{name}' already exists")
-        tree = None if options is None else (
-            parse_options(options) if isinstance(options, str) else dict(options))
-        on_change = tree.pop(ON_CHANGE, "follow") if tree is not None else "follow"
         if on_change not in ON_CHANGE_CHOICES:
-            raise OptionError(f"{ON_CHANGE} must be {' or '.join(ON_CHANGE_CHOICES)} "
+            raise OptionError(f"on-change must be {' or '.join(ON_CHANGE_CHOICES)} "
                               f"(got {on_change!r})")
         backend = BlockBackend(self, name, read_only, on_change)
         self._backends[name] = backend  # reserve the name while the medium opens
         try:
-            if tree:
-                await backend.insert(tree)
+            if options is not None:
+                await backend.insert(options)
         except BaseException:
             del self._backends[name]
             raise
@@ -642,17 +611,22 @@ class BlockLayer:
             if backend._root is not None:
                 backend._notify("medium")
 
-    async def close(self) -> None:
+    async def close(self) -> list[str]:
         """Shut down: drop every backend (each drains, flushes and closes when free). One
-        that fails to flush is logged and closed anyway; the others still close cleanly."""
+        that fails to flush is closed anyway, and named in the list returned (and the log);
+        the others still close cleanly."""
+        failures = []
         for backend in list(self._backends.values()):
             try:
                 await self._drop(backend)
             except BlockError as exc:
                 log.error("%s: closed, but the final flush failed: %s", backend.name,
                           exc.message)
+                failures.append(f"{backend.name}: {exc.message}")
             except Exception:  # a bug: say so, and still close the others
                 log.exception("%s: closing failed", backend.name)
+                failures.append(f"{backend.name}: closing failed (a bug; see the log)")
+        return failures
 
     async def status(self) -> list[dict[str, Any]]:
         """Every backend, and those deleted that users still hold open."""

@@ -26,10 +26,12 @@ from typing import Any, NoReturn
 import trio
 
 from blkfs import imagecmd
-from blkfs.backend import parse_options
-from blkfs.control import COMMANDS, REPORTS
+from blkfs.backend import BlockLayer, parse_options
+from blkfs.commands import COMMANDS, Commands
+from blkfs.daemon import Daemon, DaemonConfig
 from blkfs.errors import BlockError
-from blkfs.server import BackendSpec, MountConfig, serve
+from blkfs.frontends import ctl
+from blkfs.frontends.fuse import FuseFrontend
 
 log = logging.getLogger("blkfs")
 UMOUNT_TIMEOUT = 120.0
@@ -56,8 +58,9 @@ def load_config(path: str) -> dict[str, Any]:
         raise UsageError(f"config {path}: {exc}") from None
 
 
-def build_config(args: argparse.Namespace) -> MountConfig:
-    """Merge the TOML config (if any) with command-line flags, which add to it."""
+def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
+    """The daemon's configuration and the mountpoint, from the TOML config (if any) and the
+    command line, whose flags add to it."""
     data = load_config(args.config) if args.config else {}
     unknown = set(data) - {"image-dirs", "allow-other", "backends"}
     if unknown:
@@ -67,20 +70,39 @@ def build_config(args: argparse.Namespace) -> MountConfig:
     for name, table in data.get("backends", {}).items():
         if not isinstance(table, dict) or set(table) - {"options", "read-only"}:
             raise UsageError(f"config: [backends.{name}] takes 'options' and 'read-only'")
-        backends.append(BackendSpec(name, table.get("options"), bool(table.get("read-only"))))
+        options = table.get("options")
+        backends.append(create_args(name, json.dumps(options) if isinstance(options, dict)
+                                    else options, bool(table.get("read-only"))))
     for item in args.backend:
         name, sep, options = item.partition("=")
         if not sep or not name:
             raise UsageError(f"--backend expects NAME=OPTIONS (or NAME= for an empty drive), "
                              f"got '{item}'")
-        backends.append(BackendSpec(name, options or None))
+        backends.append(create_args(name, options))
     image_dirs = [*data.get("image-dirs", []), *args.image_dir] or None
     for directory in image_dirs or ():
         if not os.path.isdir(directory):
             raise UsageError(f"--image-dir {directory}: not a directory")
-    return MountConfig(mountpoint=os.path.abspath(args.mountpoint), backends=backends,
-                       image_dirs=image_dirs,
-                       allow_other=args.allow_other or bool(data.get("allow-other")))
+    mountpoint = os.path.abspath(args.mountpoint)
+    allow_other = args.allow_other or bool(data.get("allow-other"))
+
+    def fuse(layer: BlockLayer, commands: Commands) -> FuseFrontend:
+        return FuseFrontend(layer, commands, mountpoint, allow_other)
+    return DaemonConfig(backends=backends, image_dirs=image_dirs, frontends=[fuse]), mountpoint
+
+
+def create_args(name: str, options: str | None, read_only: bool = False) -> dict[str, Any]:
+    """The ``create`` command's arguments for a configured backend: its options spelled as
+    in ``.ctl/create``, read-only if the config says so."""
+    try:
+        args = ctl.parse("create", f"{name} {options or ''}".encode())
+    except BlockError as exc:
+        raise UsageError(f"backend '{name}': {exc}") from None
+    if read_only:
+        if "medium" not in args:
+            raise UsageError(f"backend '{name}': read-only needs a medium")
+        args["medium"]["read-only"] = True
+    return args
 
 
 def check_mountpoint(path: str, nonempty: bool = False) -> None:
@@ -141,19 +163,22 @@ def setup_logging(level: str, log_file: str | None, daemon: bool = False) -> str
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    config = build_config(args)
-    check_mountpoint(config.mountpoint, args.nonempty)
+    config, mountpoint = build_config(args)
+    check_mountpoint(mountpoint, args.nonempty)
     if args.foreground:
         setup_logging(args.log_level, args.log_file)
         errors: list[str] = []
-        trio.run(serve, config, lambda message: message and errors.append(message))
+        failures = trio.run(Daemon(config).run,
+                            lambda message: message and errors.append(message))
         if errors:
             raise UsageError(errors[0])
+        if failures:
+            raise UsageError(f"the final flush failed: {'; '.join(failures)}")
         return 0
     return daemonize(config, args)
 
 
-def daemonize(config: MountConfig, args: argparse.Namespace) -> int:
+def daemonize(config: DaemonConfig, args: argparse.Namespace) -> int:
     """Fork a daemon and wait until it reports that the mount serves, or why it does not."""
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -179,7 +204,8 @@ def daemonize(config: MountConfig, args: argparse.Namespace) -> int:
 
     status = 0
     try:
-        trio.run(serve, config, ready)
+        if trio.run(Daemon(config).run, ready):
+            status = 1  # the final flush failed: said in the log
     except BaseException:
         log.exception("daemon failed")
         status = 1
@@ -323,21 +349,21 @@ def _absolutize(tree: dict[str, Any]) -> bool:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    ctl = Path(args.mountpoint, ".ctl")
-    if args.command in REPORTS:
+    folder = Path(args.mountpoint, ".ctl")
+    if args.command in ctl.REPORTS:
         try:
-            sys.stdout.write(ctl.joinpath(args.command).read_text())
+            sys.stdout.write(folder.joinpath(args.command).read_text())
         except OSError as exc:
-            raise UsageError(f"cannot read {ctl / args.command}: {exc.strerror}") from None
+            raise UsageError(f"cannot read {folder / args.command}: {exc.strerror}") from None
         return 0
     text = absolute_filenames(" ".join(args.args)) if args.command in TREE_VERBS \
         else " ".join(args.args)
     try:
-        with open(ctl / args.command, "wb", buffering=0) as f:
+        with open(folder / args.command, "wb", buffering=0) as f:
             f.write(text.encode())
     except OSError as exc:
         try:
-            lines = ctl.joinpath("error").read_text().splitlines()
+            lines = folder.joinpath("error").read_text().splitlines()
         except OSError:
             lines = []
         raise UsageError(lines[-1] if lines else f"{args.command}: {exc.strerror}") from None
@@ -372,11 +398,16 @@ def parser() -> argparse.ArgumentParser:
     umount.add_argument("mountpoint")
     umount.set_defaults(func=cmd_umount)
 
-    ctl = sub.add_parser("ctl", help="send a .ctl command (or read a report)")
-    ctl.add_argument("mountpoint")
-    ctl.add_argument("command", choices=COMMANDS + REPORTS)
-    ctl.add_argument("args", nargs="*")
-    ctl.set_defaults(func=cmd_ctl)
+    commands = sub.add_parser(
+        "ctl", help="send a .ctl command (or read a report)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(
+            f"  {verb} {COMMANDS[verb].usage()}\n      {COMMANDS[verb].help.splitlines()[0]}"
+            for verb in ctl.VERBS) + f"\nreports: {', '.join(ctl.REPORTS)}")
+    commands.add_argument("mountpoint")
+    commands.add_argument("command", choices=ctl.VERBS + ctl.REPORTS)
+    commands.add_argument("args", nargs="*")
+    commands.set_defaults(func=cmd_ctl)
 
     imagecmd.add_parser(sub)
     return top

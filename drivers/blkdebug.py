@@ -180,11 +180,6 @@ class BlkdebugDriver(BlockDriver):
         await self._enter("flush", 0, 0)
         await self.filtered.flush()
 
-    @property  # type: ignore[misc]
-    def growable(self) -> bool:
-        """As the node below: a filter between a format and its host file must let the
-        format append clusters."""
-        return self.filtered.node.driver.growable
 
     def info(self) -> dict[str, Any]:
         return {

@@ -262,11 +262,6 @@ class BlklogwritesDriver(BlockDriver):
         await self.log.write(at, self._entry(0, 0, FLUSH))
         await self._write_super(flush=True)
 
-    @property  # type: ignore[misc]
-    def growable(self) -> bool:
-        """As the node below: a filter between a format and its host file must let the
-        format append clusters."""
-        return self.filtered.node.driver.growable
 
     def info(self) -> dict[str, Any]:
         return {"log-sector-size": self.sector_size, "log-entries": self.entries}

@@ -2,9 +2,10 @@
 next read of it is local (QEMU's copy-on-read filter; dm-clone's hydration).
 
 The filter sits on the top format node (``file`` child). After a read, the ranges the top
-image does not hold itself (block_status without ALLOCATED) but some image of its backing
-chain holds as data are written to it with the bytes just read; ranges unallocated in the
-whole chain stay unallocated, so a sparse image stays sparse. A copy-up and a write to an
+image does not hold itself but some image of its backing chain holds as data (block_status:
+DATA without ALLOCATED, as a format reports what it leaves to its backing file) are written
+to it with the bytes just read; ranges that read as zeros in the whole chain stay
+unallocated, so a sparse image stays sparse. A copy-up and a write to an
 overlapping range never run at once, so a copy-up cannot bring back stale data over a newer
 write.
 """
@@ -15,25 +16,6 @@ import errno
 from typing import Any, Mapping
 
 from blkfs.block import BlockDriver, BlockError, Child, ChildSpec, Perm, RangeLocks, Status
-
-
-async def _status_below(top: Child, offset: int, length: int) -> tuple[int, bool]:
-    """For a range ``top`` does not allocate: (a prefix length, whether some image of the
-    backing chain holds data there). An overlay's block_status answers DATA for all it
-    leaves to its backing file, holes included, so ask down the chain (QEMU's
-    bdrv_is_allocated_above)."""
-    node = top.node
-    while node.driver.is_filter:  # copy-on-read over throttle over qcow2, say
-        node = node.driver.filtered.node
-    backing = node.children.get("backing")
-    if backing is None:
-        return length, False
-    if offset >= backing.node.size:  # past a shorter backing file: zeros
-        return length, False
-    extent = await backing.block_status(offset, min(length, backing.node.size - offset))
-    if Status.ALLOCATED in extent.status:
-        return extent.length, Status.DATA in extent.status
-    return await _status_below(backing, offset, extent.length)
 
 
 class CopyOnReadDriver(BlockDriver):
@@ -70,19 +52,16 @@ class CopyOnReadDriver(BlockDriver):
 
     async def _from_below(self, offset: int, length: int) -> list[tuple[int, int]]:
         """The (offset, length) pieces of the range whose data comes from a backing file."""
-        pieces = []
+        pieces: list[tuple[int, int]] = []
         position, end = offset, offset + length
         while position < end:
             extent = await self.filtered.block_status(position, end - position)
-            span = extent.length
-            if Status.ALLOCATED not in extent.status:
-                span, below = await _status_below(self.filtered, position, span)
-                if below:
-                    if pieces and pieces[-1][0] + pieces[-1][1] == position:
-                        pieces[-1] = (pieces[-1][0], pieces[-1][1] + span)
-                    else:
-                        pieces.append((position, span))
-            position += span
+            if Status.ALLOCATED not in extent.status and Status.DATA in extent.status:
+                if pieces and pieces[-1][0] + pieces[-1][1] == position:
+                    pieces[-1] = (pieces[-1][0], pieces[-1][1] + extent.length)
+                else:
+                    pieces.append((position, extent.length))
+            position += extent.length
         return pieces
 
     def child_perm(self, child: Child, writable: bool, perm: Perm,
@@ -92,11 +71,6 @@ class CopyOnReadDriver(BlockDriver):
         passthrough = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
         return (perm & passthrough) | (Perm.WRITE_UNCHANGED if writable else Perm(0)), shared
 
-    @property  # type: ignore[misc]
-    def growable(self) -> bool:
-        """As the node below: a filter between a format and its host file must let the
-        format append clusters."""
-        return self.filtered.node.driver.growable
 
     async def write(self, offset: int, data: memoryview) -> None:
         async with self.locks.hold(offset, data.nbytes):

@@ -53,9 +53,10 @@ class FileDriver(BlockDriver):
         self.filename = values["filename"]
         self.use_locks = values["locking"] != "off"
         self.locks = ImageLocks()
-        self.fd = self.node.graph.open_host_file(self.node, self.filename,
-                                                 writable=not values["read-only"])
-        self._is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+        self.fd = self.node.open_host_file(self.filename, writable=not values["read-only"])
+        st = os.fstat(self.fd)
+        self._is_block_device = stat.S_ISBLK(st.st_mode)
+        self.discard_granularity = st.st_blksize  # the host's unit of hole punching
 
     @classmethod
     def same_node(cls, values: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
@@ -72,7 +73,7 @@ class FileDriver(BlockDriver):
         locks replaces the old one, which keeps working if the new one cannot be had."""
         await super().reopen(values)
         if values["read-only"] != self.node.read_only:
-            fd = self.node.graph.policy.open(self.filename, writable=not values["read-only"])
+            fd = self.node.reopen_host_file(self.filename, writable=not values["read-only"])
             try:
                 old, new = os.fstat(self.fd), os.fstat(fd)
                 if (old.st_dev, old.st_ino) != (new.st_dev, new.st_ino):
@@ -112,7 +113,7 @@ class FileDriver(BlockDriver):
 
     async def close(self) -> None:
         if self.fd >= 0:
-            self.node.graph.close_host_file(self.node, self.fd)
+            self.node.close_host_file(self.fd)
             self.fd = -1
 
     def _error(self, exc: OSError) -> BlockError:

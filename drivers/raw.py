@@ -39,6 +39,7 @@ class RawDriver(BlockDriver):
                                            f"is beyond the end of the file ({end} bytes)")
         if self.node.probed:
             self.request_alignment = PROBE_SECTOR
+        self.discard_granularity = self.child("file").node.discard_granularity
 
     @classmethod
     def probe(cls, header: bytes, filename: str) -> int:
@@ -72,7 +73,7 @@ class RawDriver(BlockDriver):
 
     async def write(self, offset: int, data: memoryview) -> None:
         if self.node.probed and offset == 0:  # aligned: the whole first sector
-            fmt = self.node.graph.probe_bytes(bytes(data[:PROBE_SECTOR]))
+            fmt = self.node.probe_format(bytes(data[:PROBE_SECTOR]))
             if fmt != self.name:
                 raise BlockError(errno.EPERM, f"raw: refusing a write that would make the "
                                               f"probed raw image look like {fmt} (a guest "

@@ -18,13 +18,12 @@ New limits (``.ctl/reopen``) apply at once, also to requests already waiting.
 from __future__ import annotations
 
 import errno
-import weakref
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 import trio
 
-from blkfs.block import BlockDriver, BlockError, ChildSpec, Graph, Option
+from blkfs.block import BlockDriver, BlockError, ChildSpec, Option
 
 Kind = Literal["read", "write"]
 RESOLUTION = 1e-9  # seconds; a wait shorter than this is rounding, not throttling
@@ -139,9 +138,6 @@ class ThrottleGroup:
             return now - start
 
 
-_groups: weakref.WeakKeyDictionary[Graph, dict[str, ThrottleGroup]] = weakref.WeakKeyDictionary()
-
-
 class ThrottleDriver(BlockDriver):
     name = "throttle"
     is_filter = True
@@ -170,7 +166,7 @@ class ThrottleDriver(BlockDriver):
 
     def _join(self, values: Mapping[str, Any]) -> None:
         name = values["throttle-group"] or f"#{self.node.name}"
-        groups = _groups.setdefault(self.node.graph, {})
+        groups = self.node.registry("throttle-group")
         group = groups.get(name) or ThrottleGroup(name)
         limits = parse_limits(values)  # raises before anything changes
         if limits or not group.members:
@@ -184,7 +180,7 @@ class ThrottleDriver(BlockDriver):
             return
         group.members -= 1
         if not group.members:
-            del _groups[self.node.graph][group.name]
+            del self.node.registry("throttle-group")[group.name]
 
     async def close(self) -> None:
         self._leave(self.group)
@@ -213,11 +209,6 @@ class ThrottleDriver(BlockDriver):
         await self._throttle("write", length)
         await self.filtered.discard(offset, length)
 
-    @property  # type: ignore[misc]
-    def growable(self) -> bool:
-        """As the node below: a filter between a format and its host file must let the
-        format append clusters."""
-        return self.filtered.node.driver.growable
 
     def info(self) -> dict[str, Any]:
         group = self.group

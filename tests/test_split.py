@@ -6,8 +6,11 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = {"backend.py", "errors.py", "image.py", "__init__.py"}
-"""Modules of blkfs/ outside blkfs/block that are the core, not a frontend."""
+FRONTENDS = sorted([*(ROOT / "blkfs" / "frontends").rglob("*.py"),
+                    ROOT / "blkfs" / "cli.py", ROOT / "blkfs" / "imagecmd.py"])
+"""Every way in: the frontends folder and the command line."""
+OVER_THE_BACKEND_API = [ROOT / "blkfs" / "commands.py", ROOT / "blkfs" / "daemon.py"]
+"""The command layer and the daemon: they too stand on the backend API alone."""
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -25,25 +28,27 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def frontend_modules() -> list[Path]:
-    return [p for p in sorted((ROOT / "blkfs").glob("*.py")) if p.name not in CORE]
-
-
 def touches(modules: set[str], forbidden: str) -> list[str]:
     return sorted(m for m in modules if m == forbidden or m.startswith(forbidden + "."))
 
 
 def test_frontends_never_import_the_driver_api_or_a_driver() -> None:
-    frontends = frontend_modules()
-    assert {"fusefs.py", "control.py", "cli.py"} <= {p.name for p in frontends}
-    for path in frontends:
+    names = {p.relative_to(ROOT / "blkfs").as_posix() for p in FRONTENDS}
+    assert {"frontends/fuse/operations.py", "frontends/ctl.py", "cli.py"} <= names
+    for path in FRONTENDS + OVER_THE_BACKEND_API:
         modules = imported_modules(path)
         assert not touches(modules, "blkfs.block"), f"{path.name} imports the driver API"
         assert not touches(modules, "drivers"), f"{path.name} imports a driver"
 
 
+def test_the_core_never_imports_a_frontend() -> None:
+    for path in OVER_THE_BACKEND_API + [ROOT / "blkfs" / "backend.py"]:
+        assert not touches(imported_modules(path), "blkfs.frontends"), path.name
+
+
 def test_drivers_never_import_the_backend_api_or_a_frontend() -> None:
-    forbidden = ["blkfs.backend"] + [f"blkfs.{p.stem}" for p in frontend_modules()]
+    forbidden = ["blkfs.backend", "blkfs.commands", "blkfs.daemon", "blkfs.frontends",
+                 "blkfs.cli"]
     for path in sorted((ROOT / "drivers").rglob("*.py")):
         modules = imported_modules(path)
         for name in forbidden:

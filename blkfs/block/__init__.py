@@ -3,7 +3,7 @@ layer only; frontends use :mod:`blkfs.backend`."""
 
 from blkfs.block.driver import BlockDriver, Extent, Status
 from blkfs.block.graph import Graph
-from blkfs.block.io import RangeLocks
+from blkfs.block.request import RangeLocks
 from blkfs.block.node import Child, Node
 from blkfs.block.options import REQUIRED, ChildSpec, Option
 from blkfs.block.perm import FILTERED, IMAGE, Perm, Role

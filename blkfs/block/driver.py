@@ -21,7 +21,8 @@ from blkfs.block.perm import Perm, child_perm
 from blkfs.errors import BlockError
 
 if TYPE_CHECKING:
-    from blkfs.block.node import Child, Node
+    from blkfs.block.context import NodeContext
+    from blkfs.block.node import Child
 
 ZERO_CHUNK = 1 << 20
 
@@ -56,7 +57,7 @@ class BlockDriver:
 
     growable: ClassVar[bool] = False
     """Writes past the end extend the node (a protocol over a host file), as a format driver
-    needs when it appends clusters."""
+    needs when it appends clusters. A filter is as growable as the node below it."""
 
     reopen_drains: ClassVar[bool] = True
     """Reopen drains the node first. A filter whose requests may wait long (throttle, delay)
@@ -65,8 +66,12 @@ class BlockDriver:
     request_alignment: int = 1
     """Smallest unit the driver can address; the layer read-modify-writes around it."""
 
-    def __init__(self, node: Node) -> None:
+    discard_granularity: int = 1
+    """Smallest unit a discard frees (a qcow2 cluster): what users of the medium are told."""
+
+    def __init__(self, node: NodeContext) -> None:
         self.node = node
+        """This driver's node, as far as a driver may see it."""
 
     # -- helpers for subclasses ----------------------------------------------------------
 

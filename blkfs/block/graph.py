@@ -83,6 +83,8 @@ class Graph:
         self._counter = itertools.count()
         self.host_files: dict[tuple[int, int], HostFile] = {}
         """Open host files by (device, inode), to find two nodes using one image."""
+        self.registries: dict[str, dict[str, Any]] = {}
+        """What drivers share between the nodes of this graph (throttle groups), by kind."""
 
     def find(self, name: str) -> Node:
         node = self.nodes.get(name)
@@ -221,6 +223,7 @@ class Graph:
                     return reused
             await node.driver.open(checked.values, raw_children)
             opened = True
+            node.learn_limits()
             await node.refresh_size()
         except BaseException:
             await self._close(node, opened)
@@ -294,6 +297,8 @@ class Graph:
             async with node.drained() if node.driver.reopen_drains else contextlib.nullcontext():
                 await node.driver.reopen(values)
                 node.values = values
+        for above in _above(node):  # a filter's limits follow the node below it
+            above.learn_limits()
         log.info("reopened node %s", name)
 
     async def _switch_read_only(self, top: Node, values: dict[str, Any]) -> None:
@@ -552,6 +557,15 @@ def _below(start: Iterable[Node]) -> list[Node]:
     if len(order) != len(found):
         raise BlockError(errno.ELOOP, "the node graph has a cycle")
     return order
+
+
+def _above(node: Node) -> list[Node]:
+    """``node`` and every node above it, children first."""
+    found = [node]
+    for below in found:
+        found.extend(edge.parent for edge in below.parents
+                     if edge.parent is not None and edge.parent not in found)
+    return found
 
 
 def _write_path(top: Node) -> tuple[list[Node], list[Child]]:

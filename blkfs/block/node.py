@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import errno
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
-
-import trio
+from typing import TYPE_CHECKING, Any, Mapping
 
 from blkfs.block.driver import BlockDriver, Extent
-from blkfs.block.io import RangeLocks, Tracker, align_down, align_up, is_aligned, is_zero
 from blkfs.block.options import COMMON_OPTIONS
 from blkfs.block.perm import ALL, NO_PERM, Perm, Role, Use
+from blkfs.block.request import (RangeLocks, Requests, align_down, align_up, is_aligned,
+                                 is_zero)
 from blkfs.errors import BlockError
 
 if TYPE_CHECKING:
@@ -30,20 +28,6 @@ if TYPE_CHECKING:
 
 RW = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
 """What a writer of a whole disk needs: a backend with a writable medium."""
-
-
-@dataclass
-class NodeStats:
-    """Per-node request counters (status.json shows them)."""
-
-    read_ops: int = 0
-    read_bytes: int = 0
-    write_ops: int = 0
-    write_bytes: int = 0
-    flush_ops: int = 0
-    discard_ops: int = 0
-    zero_ops: int = 0
-    errors: int = 0
 
 
 class Child:
@@ -132,8 +116,12 @@ class Node:
         """What the parents need together and let others do (applied by the graph)."""
         self.refcnt = 1
         self.size = 0
-        self.stats = NodeStats()
-        self._tracker = Tracker()
+        self.request_alignment = 1
+        self.growable = False
+        self.discard_granularity = 1
+        """Limits, asked of the driver once at open (see :meth:`learn_limits`)."""
+        self._requests = Requests()
+        self.stats = self._requests.stats
         self._write_ranges = RangeLocks()
 
     def __repr__(self) -> str:
@@ -161,7 +149,21 @@ class Node:
 
     @property
     def in_flight(self) -> int:
-        return self._tracker.in_flight
+        return self._requests.tracker.in_flight
+
+    def learn_limits(self) -> None:
+        """Ask the driver its limits once (after open and reopen), as nbdkit asks a plugin's
+        capabilities once: a filter inherits growth, and the coarser alignment, from the node
+        it filters, so no filter has to say so itself."""
+        driver = self.driver
+        self.request_alignment = driver.request_alignment
+        self.growable = driver.growable
+        self.discard_granularity = max(driver.discard_granularity, self.request_alignment)
+        if driver.is_filter:
+            below = driver.filtered.node
+            self.request_alignment = max(self.request_alignment, below.request_alignment)
+            self.growable = below.growable
+            self.discard_granularity = max(self.discard_granularity, below.discard_granularity)
 
     # -- graph -------------------------------------------------------------------------
 
@@ -200,6 +202,21 @@ class Node:
             raise
         return edge
 
+    def open_host_file(self, path: str, writable: bool) -> int:
+        return self.graph.open_host_file(self, path, writable)
+
+    def reopen_host_file(self, path: str, writable: bool) -> int:
+        return self.graph.policy.open(path, writable)
+
+    def close_host_file(self, fd: int) -> None:
+        self.graph.close_host_file(self, fd)
+
+    def probe_format(self, header: bytes) -> str:
+        return self.graph.probe_bytes(header)
+
+    def registry(self, kind: str) -> dict[str, Any]:
+        return self.graph.registries.setdefault(kind, {})
+
     async def close_child(self, name: str) -> None:
         edge = self.children.pop(name)
         edge.node.detach(edge)
@@ -210,7 +227,7 @@ class Node:
 
     def drained(self) -> AbstractAsyncContextManager[None]:
         """Hold new requests to this node and wait for those in flight (for reopen)."""
-        return self._tracker.drained()
+        return self._requests.tracker.drained()
 
     # -- request path ------------------------------------------------------------------
 
@@ -219,26 +236,27 @@ class Node:
             raise BlockError(errno.EIO, f"node '{self.name}': request {offset}+{length} "
                                         f"is outside its {self.size} bytes")
 
-    async def readinto(self, offset: int, buf: memoryview) -> None:
-        length = buf.nbytes
+    def _check_write(self, offset: int, length: int) -> None:
+        if self.read_only:
+            raise BlockError(errno.EROFS, f"node '{self.name}' is read-only")
+        if self.growable and offset >= 0 and length >= 0:
+            return
         self._check(offset, length)
-        await self._tracker.enter()
-        try:
-            align = self.driver.request_alignment
-            if align == 1 or is_aligned(offset, length, align):
-                await self.driver.read(offset, buf)
-            else:
-                start = align_down(offset, align)
-                bounce = bytearray(min(align_up(offset + length, align), self.size) - start)
-                await self.driver.read(start, memoryview(bounce))
-                buf[:] = bounce[offset - start:offset - start + length]
-            self.stats.read_ops += 1
-            self.stats.read_bytes += length
-        except BaseException:
-            self.stats.errors += 1
-            raise
-        finally:
-            self._tracker.leave()
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        self._check(offset, buf.nbytes)
+        await self._requests.run(self.stats.read, buf.nbytes, self._read, offset, buf)
+
+    async def _read(self, offset: int, buf: memoryview) -> None:
+        align = self.request_alignment
+        length = buf.nbytes
+        if align == 1 or is_aligned(offset, length, align):
+            await self.driver.read(offset, buf)
+            return
+        start = align_down(offset, align)
+        bounce = bytearray(min(align_up(offset + length, align), self.size) - start)
+        await self.driver.read(start, memoryview(bounce))
+        buf[:] = bounce[offset - start:offset - start + length]
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = data if isinstance(data, memoryview) else memoryview(data)
@@ -248,22 +266,16 @@ class Node:
         if detect != "off" and length and is_zero(view):
             await self.write_zeroes(offset, length, unmap=detect == "unmap")
             return
-        await self._tracker.enter()
-        try:
-            align = self.driver.request_alignment
-            if align == 1:
-                await self.driver.write(offset, view)
-            else:
-                await self._write_aligned(offset, view, align)
-            if offset + length > self.size:  # a growable node grew
-                self.size = offset + length
-            self.stats.write_ops += 1
-            self.stats.write_bytes += length
-        except BaseException:
-            self.stats.errors += 1
-            raise
-        finally:
-            self._tracker.leave()
+        await self._requests.run(self.stats.write, length, self._write, offset, view)
+
+    async def _write(self, offset: int, view: memoryview) -> None:
+        align = self.request_alignment
+        if align == 1:
+            await self.driver.write(offset, view)
+        else:
+            await self._write_aligned(offset, view, align)
+        if offset + view.nbytes > self.size:  # a growable node grew
+            self.size = offset + view.nbytes
 
     async def _write_aligned(self, offset: int, view: memoryview, align: int) -> None:
         """Write whole ``align`` blocks, read-modify-writing the ones ``view`` covers only
@@ -280,55 +292,29 @@ class Node:
             bounce[offset - start:offset - start + view.nbytes] = view
             await self.driver.write(start, memoryview(bounce))
 
-    def _check_write(self, offset: int, length: int) -> None:
-        if self.read_only:
-            raise BlockError(errno.EROFS, f"node '{self.name}' is read-only")
-        if self.driver.growable and offset >= 0 and length >= 0:
-            return
-        self._check(offset, length)
-
     async def flush(self) -> None:
-        await self._tracker.enter()
-        try:
-            await self.driver.flush()
-            self.stats.flush_ops += 1
-        except BaseException:
-            self.stats.errors += 1
-            raise
-        finally:
-            self._tracker.leave()
+        await self._requests.run(self.stats.flush, 0, self.driver.flush)
 
     async def discard(self, offset: int, length: int) -> None:
         self._check_write(offset, length)
         if self.values["discard"] == "ignore":
             return
-        await self._run(self.driver.discard, offset, length)
-        self.stats.discard_ops += 1
+        await self._requests.run(self.stats.discard, length, self.driver.discard, offset,
+                                 length)
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check_write(offset, length)
-        await self._run(self.driver.write_zeroes, offset, length,
-                        unmap and self.values["discard"] == "unmap")
-        self.stats.zero_ops += 1
+        await self._requests.run(self.stats.zero, length, self.driver.write_zeroes, offset,
+                                 length, unmap and self.values["discard"] == "unmap")
 
     async def truncate(self, length: int) -> None:
         if self.read_only:
             raise BlockError(errno.EROFS, f"node '{self.name}' is read-only")
         if length < 0:
             raise BlockError(errno.EINVAL, f"node '{self.name}': negative size {length}")
-        await self._run(self.driver.truncate, length)
+        await self._requests.run(None, 0, self.driver.truncate, length)
         await self.refresh_size()
 
     async def block_status(self, offset: int, length: int) -> Extent:
         self._check(offset, length)
         return await self.driver.block_status(offset, length)
-
-    async def _run(self, method: Callable[..., Any], *args: Any) -> Any:
-        await self._tracker.enter()
-        try:
-            return await method(*args)
-        except BaseException:
-            self.stats.errors += 1
-            raise
-        finally:
-            self._tracker.leave()

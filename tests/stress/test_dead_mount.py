@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from blkfs.fusefs import ATTR_TIMEOUT
+from blkfs.frontends.fuse.operations import ATTR_TIMEOUT
 from tests.conftest import needs_fuse
 from tests.helpers import Mount, blkfs, errno_of, mounted, pid_alive
 

@@ -270,7 +270,7 @@ async def test_drop_writes_acknowledges_and_loses_writes_zero_writes_and_discard
         assert await backend.read(0, SIZE) == original
         assert image.read_bytes() == original
         assert (await info(backend))["dropped-writes"] == 3
-        assert backend.stats.write_ops == 1 and backend.stats.errors == 0
+        assert backend.stats.write.ops == 1 and backend.stats.errors == 0
 
         await layer.reopen("dbg", "drop-writes=off")
         await backend.write(4096, b"kept" * 1024)

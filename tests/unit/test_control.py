@@ -1,4 +1,5 @@
-"""The .ctl command language without FUSE: parsing, execution, and failures that change nothing."""
+"""The command layer and the .ctl text grammar without FUSE: parsing, execution, and failures
+that change nothing."""
 
 from __future__ import annotations
 
@@ -10,24 +11,50 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blkfs.backend import BlockLayer
-from blkfs.control import COMMANDS, ControlPlane, format_status, parse_command
+from blkfs.commands import COMMANDS, Commands
+from blkfs.frontends.ctl import VERBS, ControlFiles, format_status, parse
 from blkfs.errors import BlockError
 from tests.helpers import without_stats
 
 
-@pytest.mark.parametrize("payload, name, options", [
-    (b"disk0 /img/a.qcow2\n", "disk0", "/img/a.qcow2"),
-    (b"  cd0   driver=null,size=1M  \r\n", "cd0", "driver=null,size=1M"),
-    (b"cd0", "cd0", None),
+@pytest.mark.parametrize("payload, args", [
+    (b"disk0 /img/a.qcow2\n",
+     {"name": "disk0", "medium": {"file": {"driver": "file", "filename": "/img/a.qcow2"}}}),
+    (b"  cd0   driver=null,size=1M  \r\n",
+     {"name": "cd0", "medium": {"driver": "null", "size": "1M"}}),
+    (b"cd0", {"name": "cd0"}),
+    (b"cd0 on-change=error", {"name": "cd0", "on-change": "error"}),
+    (b"cd0 /i.iso,read-only=on,on-change=error",
+     {"name": "cd0", "on-change": "error",
+      "medium": {"read-only": "on", "file": {"driver": "file", "filename": "/i.iso"}}}),
 ])
-def test_parse_create(payload: bytes, name: str, options: str | None) -> None:
-    command = parse_command("create", payload)
-    assert (command.name, command.options) == (name, options)
+def test_parse_create(payload: bytes, args: dict) -> None:
+    assert parse("create", payload) == args
+
+
+@pytest.mark.parametrize("verb, payload, args", [
+    ("eject", b"cd0 force=on", {"name": "cd0", "force": "on"}),
+    ("resize", b"d 10M shrink=on", {"name": "d", "size": "10M", "shrink": "on"}),
+    ("resize", b"d", {"name": "d"}),
+    ("change", b"d x.img,force=on", {"name": "d", "force": "on", "medium": {
+        "file": {"driver": "file", "filename": "x.img"}}}),
+    ("reopen", b"n0 detect-zeroes=on", {"node": "n0", "options": {"detect-zeroes": "on"}}),
+])
+def test_parse_the_other_commands(verb: str, payload: bytes, args: dict) -> None:
+    assert parse(verb, payload) == args
+
+
+def test_every_command_is_declared_once_with_its_usage() -> None:
+    assert VERBS == ("create", "delete", "change", "eject", "insert", "reopen", "resize")
+    assert COMMANDS["resize"].usage() == "NAME [SIZE] [shrink=on]"
+    assert COMMANDS["create"].usage() == "NAME [OPTIONS] [on-change=follow|error]"
+    assert all(command.help for command in COMMANDS.values())
 
 
 @pytest.mark.parametrize("verb, payload, fragment", [
     ("change", b"disk0\n", "options missing"),
-    ("delete", b"disk0 extra", "takes only a name"),
+    ("delete", b"disk0 extra", "takes only NAME [force=on]"),
+    ("resize", b"disk0 1M 2M", "takes only NAME [SIZE] [shrink=on]"),
     ("create", b"\n", "no name"),
     ("create", b"a\nb\n", "one command per write"),
     ("create", b"\xff", "not valid UTF-8"),
@@ -36,15 +63,15 @@ def test_parse_create(payload: bytes, name: str, options: str | None) -> None:
 ])
 def test_parse_errors_say_what_is_right(verb: str, payload: bytes, fragment: str) -> None:
     with pytest.raises(BlockError) as err:
-        parse_command(verb, payload)
+        parse(verb, payload)
     assert err.value.errno == errno.EINVAL and fragment in str(err.value)
 
 
 @settings(max_examples=300, deadline=None)
-@given(verb=st.sampled_from(COMMANDS), payload=st.binary(max_size=300))
+@given(verb=st.sampled_from(VERBS), payload=st.binary(max_size=300))
 def test_any_bytes_parse_or_fail_with_einval(verb: str, payload: bytes) -> None:
     try:
-        parse_command(verb, payload)
+        parse(verb, payload)
     except BlockError as exc:
         assert exc.errno == errno.EINVAL
 
@@ -53,9 +80,9 @@ async def test_failed_commands_are_recorded_and_change_nothing(tmp_path: Path) -
     image = tmp_path / "a.img"
     image.write_bytes(bytes(1 << 20))
     layer = BlockLayer()
-    control = ControlPlane(layer)
+    control = ControlFiles(Commands(layer))
     try:
-        await control.run("create", f"disk0 {image}".encode())
+        await control.write("create", f"disk0 {image}".encode())
         before = without_stats(await layer.status())
         for verb, payload, code in [
             ("create", f"disk0 {image}", errno.EEXIST),
@@ -66,12 +93,12 @@ async def test_failed_commands_are_recorded_and_change_nothing(tmp_path: Path) -
             ("eject", "nosuch", errno.ENOENT),
         ]:
             with pytest.raises(BlockError) as err:
-                await control.run(verb, payload.encode())
+                await control.write(verb, payload.encode())
             assert err.value.errno == code
-            assert control.errors[-1].startswith(f"{verb}: ")
+            assert control.commands.errors[-1].startswith(f"{verb}: ")
             assert without_stats(await layer.status()) == before
-        assert len(control.errors) == 5
-        assert "EEXIST" in control.error_text().splitlines()[0]
+        assert len(control.commands.errors) == 5
+        assert "EEXIST" in (await control.read("error")).splitlines()[0]
     finally:
         await layer.close()
 
@@ -87,5 +114,26 @@ async def test_status_table_lists_backends_and_trees(tmp_path: Path) -> None:
         assert lines[1].split()[:3] == ["empty", "no", "no"]
         assert lines[2].split() == ["n", "yes", "no", "2.0", "MiB", "0", "raw", "fmt"]
         assert "    file: null [" in text
+    finally:
+        await layer.close()
+
+
+async def test_arguments_are_checked_before_anything_runs() -> None:
+    layer = BlockLayer()
+    commands = Commands(layer)
+    try:
+        await commands.run("create", {"name": "d", "medium": {"driver": "null"}})
+        for name, args, fragment in [
+            ("eject", {"name": "d", "force": "maybe"}, "force must be on or off"),
+            ("eject", {"name": "d", "forse": "on"}, "takes no argument 'forse'"),
+            ("resize", {"name": "d", "size": "10MB"}, "size must be a size"),
+            ("create", {"name": "e", "on-change": "later"}, "on-change must be follow or error"),
+            ("eject", {}, "NAME missing"),
+            ("nosuch", {}, "unknown command"),
+        ]:
+            with pytest.raises(BlockError) as err:
+                await commands.run(name, args)
+            assert err.value.errno == errno.EINVAL and fragment in str(err.value), name
+        assert [b.name for b in layer] == ["d"] and layer.find("d").has_medium
     finally:
         await layer.close()

@@ -6,13 +6,14 @@ from __future__ import annotations
 import pyfuse3
 
 from blkfs.backend import BlockLayer
-from blkfs.control import ControlPlane
-from blkfs.fusefs import BlkfsOperations
+from blkfs.commands import Commands
+from blkfs.frontends.ctl import ControlFiles
+from blkfs.frontends.fuse.operations import BlkfsOperations
 
 
 async def test_every_new_backend_is_watched_and_its_inode_freed() -> None:
     layer = BlockLayer()
-    ops = BlkfsOperations(layer, ControlPlane(layer))
+    ops = BlkfsOperations(layer, ControlFiles(Commands(layer)))
     try:
         for round_ in range(200):  # a freed backend's address comes back for a new one
             backend = await layer.create("d", "driver=null,size=1M")

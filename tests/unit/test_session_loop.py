@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from blkfs.fuseloop import FuseWait
+from blkfs.frontends.fuse.session_loop import FuseWait
 
 
 @pytest.fixture

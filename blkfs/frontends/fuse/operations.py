@@ -23,16 +23,16 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 import pyfuse3
 import trio
 
-from blkfs import fuseloop
 from blkfs.backend import BlockBackend, BlockLayer, Status
-from blkfs.control import COMMANDS, REPORTS, ControlPlane
 from blkfs.errors import BlockError
+from blkfs.frontends.ctl import REPORTS, VERBS, ControlFiles
+from blkfs.frontends.fuse import session_loop
 
 log = logging.getLogger("blkfs.fuse")
 
 CTL_NAME = ".ctl"
 CTL_INODE = pyfuse3.ROOT_INODE + 1
-CTL_FILE_INODES = {name: CTL_INODE + 1 + i for i, name in enumerate(COMMANDS + REPORTS)}
+CTL_FILE_INODES = {name: CTL_INODE + 1 + i for i, name in enumerate(VERBS + REPORTS)}
 CTL_FILE_NAMES = {inode: name for name, inode in CTL_FILE_INODES.items()}
 FIRST_BACKEND_INODE = 1000
 BLKSIZE = 1 << 20
@@ -117,7 +117,7 @@ class Inodes:
 class BlkfsOperations(pyfuse3.Operations):
     """pyfuse3 handlers over a BlockLayer and its ControlPlane."""
 
-    def __init__(self, layer: BlockLayer, control: ControlPlane,
+    def __init__(self, layer: BlockLayer, control: ControlFiles,
                  allow_other: bool = False) -> None:
         super().__init__()
         self.layer = layer
@@ -133,13 +133,13 @@ class BlkfsOperations(pyfuse3.Operations):
         """Where requests pyfuse3 does not dispatch (fallocate, lseek) run."""
 
     def spawn(self, request: Callable[[], Awaitable[None]]) -> None:
-        """Run a fallocate or lseek request (see :mod:`blkfs.fuseops`)."""
+        """Run a fallocate or lseek request (see :mod:`blkfs.frontends.fuse.extra_ops`)."""
         assert self.nursery is not None, "requests come only while the session runs"
         self.nursery.start_soon(request)
 
     def init(self) -> None:
         """The session is mounted and serving: take requests the faster way from now on."""
-        fuseloop.install()
+        session_loop.install()
 
     # -- change notification -------------------------------------------------------------
 
@@ -208,7 +208,7 @@ class BlkfsOperations(pyfuse3.Operations):
 
     def _ctl_attr(self, inode: int) -> pyfuse3.EntryAttributes:
         name = CTL_FILE_NAMES[inode]
-        return self._base_attr(inode, stat.S_IFREG | (0o600 if name in COMMANDS else 0o400))
+        return self._base_attr(inode, stat.S_IFREG | (0o600 if name in VERBS else 0o400))
 
     @fuse_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
@@ -250,7 +250,7 @@ class BlkfsOperations(pyfuse3.Operations):
             try:
                 await backend.truncate(attr.st_size)
             except BlockError as exc:  # dd's truncate: say in .ctl/error what to do instead
-                raise self.control.record(f"truncate {backend.name}", exc) from None
+                raise self.control.commands.record(f"truncate {backend.name}", exc) from None
         return await self._backend_attr(backend)
 
     # -- directories -----------------------------------------------------------------------
@@ -279,7 +279,7 @@ class BlkfsOperations(pyfuse3.Operations):
         text = name.decode("utf-8", "surrogateescape")
         if parent_inode != pyfuse3.ROOT_INODE or text not in self.layer:
             raise pyfuse3.FUSEError(errno.EPERM if parent_inode == CTL_INODE else errno.ENOENT)
-        await self.control.run("delete", name)
+        await self.control.write("delete", name)
 
     @fuse_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -326,16 +326,12 @@ class BlkfsOperations(pyfuse3.Operations):
 
     async def _open_control(self, name: str, flags: int) -> pyfuse3.FileInfo:
         writing = flags & os.O_ACCMODE != os.O_RDONLY
-        if (name in COMMANDS) != writing and not (name in COMMANDS and
+        if (name in VERBS) != writing and not (name in VERBS and
                                                   flags & os.O_ACCMODE == os.O_RDWR):
             raise pyfuse3.FUSEError(errno.EACCES if name in REPORTS else errno.EINVAL)
         handle = ControlHandle(name)
-        if name == "status":
-            handle.text = (await self.control.status_text()).encode()
-        elif name == "status.json":
-            handle.text = (await self.control.status_json()).encode()
-        elif name == "error":
-            handle.text = self.control.error_text().encode()
+        if name in REPORTS:
+            handle.text = (await self.control.read(name)).encode()
         return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, nonseekable=False)
 
     @fuse_handler
@@ -367,7 +363,7 @@ class BlkfsOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles[fh]
         if isinstance(handle, ControlHandle):
-            await self.control.run(handle.name, buf)
+            await self.control.write(handle.name, buf)
             return len(buf)
         backend = handle.current()
         length = backend.length()
@@ -375,7 +371,6 @@ class BlkfsOperations(pyfuse3.Operations):
             buf = memoryview(buf)[:length - off]
         await backend.write(off, buf)
         handle.dirty = True
-        backend.touch()
         return len(buf)
 
     def _backend_handle(self, fh: int) -> BackendHandle:

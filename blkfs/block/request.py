@@ -1,4 +1,5 @@
-"""Request-path helpers shared by nodes and backends: in-flight tracking, drain, alignment.
+"""The request path's accounting, written once for backends and nodes: in-flight tracking
+for drain, per-kind statistics, errors; and the alignment helpers.
 
 Drain is how a graph change stays atomic for I/O (QEMU's bdrv_drained_begin, device-mapper's
 suspend): while a :meth:`Tracker.drained` block runs, new requests wait at the door, and the
@@ -7,10 +8,15 @@ block only starts once the requests already inside have finished.
 
 from __future__ import annotations
 
+import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from dataclasses import dataclass, field, fields
+from typing import AsyncIterator, Awaitable, Callable, ParamSpec, TypeVar
 
 import trio
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class Tracker:
@@ -51,6 +57,70 @@ class Tracker:
             self._quiesced -= 1
             if self._quiesced == 0:
                 self._resume.set()
+
+
+@dataclass
+class KindStats:
+    """One kind of request: how many, how many bytes, how long in total."""
+
+    ops: int = 0
+    bytes: int = 0
+    ns: int = 0
+
+
+@dataclass
+class RequestStats:
+    """Per-kind counters of a backend or a node (QMP's query-blockstats); a request that
+    failed counts as an error only, a cancelled one not at all."""
+
+    read: KindStats = field(default_factory=KindStats)
+    write: KindStats = field(default_factory=KindStats)
+    flush: KindStats = field(default_factory=KindStats)
+    discard: KindStats = field(default_factory=KindStats)
+    zero: KindStats = field(default_factory=KindStats)
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """Flat, for status output: ``read_ops``, ``read_bytes``, ``read_ns``, ..."""
+        flat = {}
+        for kind in fields(self)[:-1]:
+            counters = getattr(self, kind.name)
+            for counter in fields(KindStats):
+                flat[f"{kind.name}_{counter.name}"] = getattr(counters, counter.name)
+        flat["errors"] = self.errors
+        return flat
+
+
+class Requests:
+    """The door every request to a backend or a node goes through: counted in flight (so a
+    drain can wait for it), then, once done, counted and timed in its kind's statistics."""
+
+    __slots__ = ("tracker", "stats")
+
+    def __init__(self) -> None:
+        self.tracker = Tracker()
+        self.stats = RequestStats()
+
+    async def run(self, kind: KindStats | None, nbytes: int, call: Callable[P, Awaitable[T]],
+                  *args: P.args, **kwargs: P.kwargs) -> T:
+        """``await call(*args)`` as one request of ``kind`` (None: tracked, not counted)."""
+        tracker = self.tracker
+        await tracker.enter()
+        start = time.perf_counter_ns()
+        try:
+            result = await call(*args, **kwargs)
+        except trio.Cancelled:
+            raise
+        except BaseException:
+            self.stats.errors += 1
+            raise
+        finally:
+            tracker.leave()
+        if kind is not None:
+            kind.ops += 1
+            kind.bytes += nbytes
+            kind.ns += time.perf_counter_ns() - start
+        return result
 
 
 class RangeLocks:

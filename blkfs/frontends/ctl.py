@@ -1,0 +1,155 @@
+"""The ``.ctl`` text grammar: an adapter from one line of text to the command layer.
+
+Ground rules: one write to ``.ctl/COMMAND`` is one command (a trailing newline allowed); it
+succeeds only if the command did, and a failed command changes nothing and raises
+:class:`BlockError` with the errno the write fails with. The first word is the command's
+first argument (a backend or node name). For a command that takes options (create, change,
+insert, reopen), the rest of the line is one option string in any spelling (a path, dotted
+keys, JSON), out of which the command's own arguments are taken (``force=on``,
+``on-change=error``); for the others, the rest is words: a size, then ``key=value`` words.
+Everything about a command (its arguments, their types, its usage line) comes from the
+command table (:mod:`blkfs.commands`); nothing here knows FUSE, so it is tested with plain
+bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from typing import Any
+
+from blkfs.backend import parse_options
+from blkfs.commands import COMMANDS, Command, Commands, Kind
+from blkfs.errors import BlockError
+
+MAX_COMMAND = 64 * 1024
+VERBS = tuple(name for name, command in COMMANDS.items() if not command.report)
+"""Writable control files, in the order ``ls .ctl`` shows them."""
+REPORTS = ("status", "status.json", "error")
+"""Readable control files."""
+
+
+def usage(verb: str) -> str:
+    return f"usage: echo '{COMMANDS[verb].usage()}' > .ctl/{verb}"
+
+
+def parse(verb: str, payload: bytes) -> dict[str, Any]:
+    """The arguments of one control write, by name; BlockError(EINVAL) says what was wrong
+    and what is right."""
+    if len(payload) > MAX_COMMAND:
+        raise BlockError(errno.EINVAL, f"command longer than {MAX_COMMAND} bytes")
+    if b"\0" in payload:
+        raise BlockError(errno.EINVAL, "command contains a NUL byte")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BlockError(errno.EINVAL, "command is not valid UTF-8") from None
+    text = text.rstrip("\r\n")
+    if "\n" in text:
+        raise BlockError(errno.EINVAL, f"one command per write ({usage(verb)})")
+    first, _, rest = text.strip().partition(" ")
+    if not first:
+        raise BlockError(errno.EINVAL, f"no name given ({usage(verb)})")
+    command = COMMANDS[verb]
+    args: dict[str, Any] = {command.params[0].name: first}
+    options = next((p for p in command.params if p.kind in (Kind.MEDIUM, Kind.OPTIONS)), None)
+    if options is None:
+        args.update(_words(command, rest.split()))
+    elif rest.strip():
+        tree = parse_options(rest)
+        for param in command.params[1:]:
+            if param is not options and param.name in tree:
+                args[param.name] = tree.pop(param.name)
+        if tree:
+            args[options.name] = tree
+    if options is not None and options.required and options.name not in args:
+        raise BlockError(errno.EINVAL, f"options missing ({usage(verb)})")
+    return args
+
+
+def _words(command: Command, words: list[str]) -> dict[str, str]:
+    """``SIZE`` and ``key=value`` words after the name."""
+    positional = [p for p in command.params[1:] if p.kind is Kind.SIZE]
+    named = {p.name for p in command.params[1:] if p.kind not in (Kind.SIZE,)}
+    args = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if sep and key in named:
+            args[key] = value
+        elif not sep and positional:
+            args[positional.pop(0).name] = word
+        else:
+            raise BlockError(errno.EINVAL, f"takes only {command.usage()} (got '{word}'; "
+                                           f"{usage(command.name)})")
+    return args
+
+
+class ControlFiles:
+    """What ``.ctl/`` serves: a write runs a command, a read gives a report."""
+
+    def __init__(self, commands: Commands) -> None:
+        self.commands = commands
+
+    async def write(self, verb: str, payload: bytes) -> None:
+        """Run one command; on failure it is recorded (``.ctl/error``) and raised."""
+        try:
+            args = parse(verb, payload)
+        except BlockError as exc:
+            raise self.commands.record(verb, exc) from None
+        await self.commands.run(verb, args)
+
+    async def read(self, report: str) -> str:
+        if report == "error":
+            return "".join(line + "\n" for line in self.commands.errors)
+        status = await self.commands.run("query-status", {})
+        if report == "status.json":
+            return json.dumps(status, indent=2) + "\n"
+        return format_status(status["backends"])
+
+
+def format_status(backends: list[dict[str, Any]]) -> str:
+    """The human table of ``.ctl/status``: one row per backend, then each driver tree."""
+    header = ("BACKEND", "MEDIUM", "RO", "SIZE", "OPEN", "ROOT")
+    rows = [header]
+    for b in backends:
+        tree = b["tree"]
+        name = b["name"] + (" (deleted)" if b["deleted"] else "")
+        rows.append((name, "yes" if b["medium"] else "no", "yes" if b["read-only"] else "no",
+                     human_size(b["size"]), str(b["open"]),
+                     f"{tree['driver']} {tree['node-name']}" if tree else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    for b in backends:
+        if b["tree"]:
+            lines.append("")
+            lines.append(f"{b['name']}:")
+            lines.extend(_tree_lines(b["tree"], "  ", "root"))
+    return "\n".join(lines) + "\n"
+
+
+def _tree_lines(node: dict[str, Any], indent: str, role: str) -> list[str]:
+    options = [f"{k}={v}" for k, v in node["options"].items()
+               if k not in ("node-name", "driver")]
+    details = [f"{k}={v}" for k, v in node["info"].items()
+               if isinstance(v, (str, int, float)) and not isinstance(v, bool)
+               and node["options"].get(k) != v]
+    flags = " read-only" if node["read-only"] else ""
+    line = (f"{indent}{role}: {node['driver']} [{node['node-name']}] "
+            f"{human_size(node['size'])}{flags}")
+    if options:
+        line += " (" + ",".join(options) + ")"
+    if details:
+        line += " " + " ".join(details)
+    lines = [line]
+    for child_role, child in node["children"].items():
+        lines.extend(_tree_lines(child, indent + "  ", child_role))
+    return lines
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{size} B" if size < 1024 else f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
