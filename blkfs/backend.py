@@ -22,18 +22,19 @@ import errno
 import logging
 import re
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import trio
 
 from blkfs.block.driver import Extent, Status
 from blkfs.block.graph import Graph
-from blkfs.block.request import Requests
 from blkfs.block.node import RW, Child, Node
 from blkfs.block.options import format_options, parse_bool, parse_options, parse_size
 from blkfs.block.perm import ALL, FILTERED, WRITERS, Perm
 from blkfs.block.policy import HostPolicy
+from blkfs.block.request import Requests
 from blkfs.errors import BlockError, OptionError
 
 __all__ = ["BlockBackend", "BlockError", "BlockLayer", "Extent", "Limits", "OptionError",
@@ -498,13 +499,14 @@ class BlockLayer:
         ``node=NAME`` alone names an existing node as the whole medium (as QMP's
         blockdev-insert-medium takes a node name): the name is returned."""
         tree = parse_options(options) if isinstance(options, str) else dict(options)
+        medium: Medium = tree
         if "node" in tree:
             if len(tree) > 1 or not isinstance(tree["node"], str):
                 raise OptionError("node=NAME names an existing node as the whole medium and "
                                   "takes no other options")
-            tree = tree["node"]
-        self.graph.validate(tree)
-        return tree
+            medium = tree["node"]
+        self.graph.validate(medium)
+        return medium
 
     def __iter__(self) -> Iterator[BlockBackend]:
         return iter(list(self._backends.values()))

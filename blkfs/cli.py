@@ -168,8 +168,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.foreground:
         setup_logging(args.log_level, args.log_file)
         errors: list[str] = []
-        failures = trio.run(Daemon(config).run,
-                            lambda message: message and errors.append(message))
+
+        def ready(message: str | None) -> None:
+            if message:
+                errors.append(message)
+        failures = trio.run(Daemon(config).run, ready)
         if errors:
             raise UsageError(errors[0])
         if failures:
@@ -216,7 +219,8 @@ def daemonize(config: DaemonConfig, args: argparse.Namespace) -> int:
 
 def read_status(mountpoint: str) -> dict[str, Any]:
     with open(os.path.join(mountpoint, ".ctl", "status.json")) as f:
-        return json.load(f)
+        status: dict[str, Any] = json.load(f)
+    return status
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -312,7 +316,7 @@ def _alive(pid: int) -> bool:
 def lazy_unmount(mountpoint: str) -> None:
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     command = [tool, "-u", "-z", mountpoint] if tool else ["umount", "-l", mountpoint]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
         raise UsageError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
 
@@ -416,7 +420,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
     except (UsageError, BlockError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:

@@ -20,11 +20,19 @@ import inspect
 import logging
 import os
 from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from types import UnionType
-from typing import (Annotated, Any, Awaitable, Callable, Literal, Mapping, Union, get_args,
-                    get_origin, get_type_hints)
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from blkfs.backend import BlockLayer, Medium, OptionError, parse_bool, parse_size
 from blkfs.errors import BlockError
@@ -35,21 +43,25 @@ ERROR_HISTORY = 32
 
 
 class Kind(Enum):
-    """What an argument is, beyond its Python type."""
+    """What an argument is, beyond its Python type; the value is how usage lines show it."""
 
     NAME = "NAME"            # a backend's name: the first word
     NODE = "NODE-NAME"       # a node's name: the first word
     MEDIUM = "OPTIONS"       # the options of a medium (or node=NAME): the rest of the line
-    OPTIONS = "OPTIONS"      # option values for a live node (reopen)
+    NODE_OPTIONS = "OPTIONS "  # option values for a live node (reopen); shown as OPTIONS
     SIZE = "SIZE"            # bytes, with QEMU's suffixes
     FLAG = "on|off"          # key=on|off
     CHOICE = "word"          # key=one-of-some-words
+
+    @property
+    def word(self) -> str:
+        return str(self.value).strip()
 
 
 BackendName = Annotated[str, Kind.NAME]
 NodeName = Annotated[str, Kind.NODE]
 MediumOptions = Annotated[Medium, Kind.MEDIUM]
-NodeOptions = Annotated[Mapping[str, Any], Kind.OPTIONS]
+NodeOptions = Annotated[Mapping[str, Any], Kind.NODE_OPTIONS]
 Size = Annotated[int, Kind.SIZE]
 OnChange = Literal["follow", "error"]
 
@@ -98,8 +110,9 @@ class Command:
         """``NAME [OPTIONS] [on-change=follow|error]``: the first words, then key=value."""
         words = []
         for param in self.params:
-            if param.kind in (Kind.NAME, Kind.NODE, Kind.MEDIUM, Kind.OPTIONS, Kind.SIZE):
-                words.append(param.kind.value if param.required else f"[{param.kind.value}]")
+            if param.kind in (Kind.NAME, Kind.NODE, Kind.MEDIUM, Kind.NODE_OPTIONS, Kind.SIZE):
+                word = param.kind.word
+                words.append(word if param.required else f"[{word}]")
             else:
                 value = "|".join(param.choices) if param.kind is Kind.CHOICE else "on"
                 words.append(f"[{param.name}={value}]")
@@ -169,7 +182,7 @@ class Commands:
                 typed[param.name.replace("-", "_")] = param.convert(command.name,
                                                                    args[param.name])
             elif param.required:
-                raise BlockError(errno.EINVAL, f"{command.name}: {param.kind.value} missing "
+                raise BlockError(errno.EINVAL, f"{command.name}: {param.kind.word} missing "
                                                f"(usage: {command.usage()})")
         return typed
 

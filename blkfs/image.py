@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from blkfs.block.graph import Graph
 from blkfs.block.node import Node
-from blkfs.block.perm import ALL, IMAGE, Perm
 from blkfs.block.options import parse_size
+from blkfs.block.perm import ALL, IMAGE, Perm
 from blkfs.errors import BlockError
 
 __all__ = ["check_image", "create_image", "image_info"]
@@ -46,7 +47,7 @@ async def create_image(filename: str, fmt: str, size: int | str | None = None, *
     except (TypeError, ValueError) as exc:
         raise BlockError(errno.EINVAL, f"size {size!r}: {exc}") from None
     try:
-        file = open(filename, "xb")
+        file = open(filename, "xb")  # noqa: SIM115 (closed below, and removed on failure)
     except FileExistsError:
         raise BlockError(errno.EEXIST, f"{filename} exists; blkfs never overwrites an image "
                                        "(remove it first)") from None
@@ -79,7 +80,7 @@ def format_names(graph: Graph) -> list[str]:
 async def _inspect_backing(graph: Graph, filename: str, backing: str,
                            backing_format: str | None) -> tuple[str, int]:
     """The backing file's format and virtual size; it must open."""
-    path = os.path.join(os.path.dirname(os.path.abspath(filename)), backing)
+    path = os.path.join(os.path.dirname(os.path.abspath(filename)), backing)  # noqa: ASYNC240 (no I/O)
     file_options = {"driver": "file", "filename": path}
     tree: dict[str, Any] = {"file": file_options, "force-share": True}  # as qemu-img create:
     if backing_format:  # the backing file may be in use (the overlay goes on a live image)

@@ -18,7 +18,7 @@ CHECK_CLEAN, CHECK_FAILED, CHECK_CORRUPT, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 1,
 """``blkfs image check`` exit statuses, those of ``qemu-img check``."""
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     image = sub.add_parser("image", help="create or inspect image files")
     verbs = image.add_subparsers(dest="verb", required=True)
 
@@ -58,7 +58,8 @@ def parse_create_options(items: list[str]) -> dict[str, str]:
             continue
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise BlockError(errno.EINVAL, f"-o expects KEY=VALUE pairs separated by commas, got '{item}'")
+            raise BlockError(errno.EINVAL, "-o expects KEY=VALUE pairs separated by commas, "
+                                           f"got '{item}'")
         options[key] = value
     return options
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import errno
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import trio
 
@@ -60,7 +61,7 @@ def parse_rules(values: Mapping[str, Any]) -> list[Rule]:
     for key in keys:  # as given: "01" and "1" are two rules, as they are two option names
         index = int(key)
 
-        def get(field: str, default: Any = None) -> Any:
+        def get(field: str, default: Any = None, key: str = key) -> Any:
             value = values.get(f"inject-error.{key}.{field}")
             return default if value is None else value
         where = f"blkdebug: inject-error.{key}"
@@ -96,6 +97,7 @@ def _rule_values(values: Mapping[str, Any]) -> dict[str, Any]:
 
 class BlkdebugDriver(BlockDriver):
     name = "blkdebug"
+    rules: list[Rule]
     is_filter = True
     filtered_role = "image"
     reopen_drains = False

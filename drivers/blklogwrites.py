@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import trio
 
@@ -75,7 +76,7 @@ class BlklogwritesDriver(BlockDriver):
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.file = self.child("file")
         self.log = self.child("log")
-        size = values["log-sector-size"]
+        size: int | None = values["log-sector-size"]
         self.entries = 0
         self.next_sector = 1
         if values["log-append"]:
@@ -106,7 +107,8 @@ class BlklogwritesDriver(BlockDriver):
         if self.log.node.size == 0:
             return DEFAULT_SECTOR
         head = await self.log.read(0, min(SUPER.size, self.log.node.size))
-        magic, version, entries, size = SUPER.unpack(bytes(head).ljust(SUPER.size, b"\0"))
+        fields: tuple[int, int, int, int] = SUPER.unpack(bytes(head).ljust(SUPER.size, b"\0"))
+        magic, version, entries, size = fields
         if magic != MAGIC:
             raise BlockError(errno.EINVAL, "blklogwrites: invalid log super block magic")
         if version != VERSION:
@@ -155,7 +157,7 @@ class BlklogwritesDriver(BlockDriver):
         await self._put(at, offset, length, flags, data)
 
     async def _put(self, at: int, offset: int, length: int, flags: int,
-                   data: memoryview | bytes | None) -> None:
+                   data: memoryview | bytes | bytearray | None) -> None:
         """Write an entry into the place :meth:`_reserve` gave it."""
         entry = self._entry(offset >> self.bits, length >> self.bits, flags)
         if data is not None:

@@ -13,7 +13,8 @@ write.
 from __future__ import annotations
 
 import errno
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from blkfs.block import BlockDriver, BlockError, Child, ChildSpec, Perm, RangeLocks, Status
 

@@ -12,7 +12,8 @@ import ctypes
 import errno
 import os
 import stat
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import trio
 

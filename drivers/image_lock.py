@@ -43,7 +43,8 @@ def _fcntl(fd: int, command: int, kind: int, offset: int) -> int:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             raise LockConflict(f"byte {offset} is locked exclusively") from None
         raise
-    return struct.unpack(_FLOCK, answer)[0]
+    l_type: int = struct.unpack(_FLOCK, answer)[0]
+    return l_type
 
 
 def lock_bytes(perm: Perm, shared: Perm) -> set[int]:

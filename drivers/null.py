@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from blkfs.block import BlockDriver, Extent, Option, Status
 
@@ -12,7 +13,7 @@ class NullDriver(BlockDriver):
     options = {"size": Option("size", 1 << 30, "the size it claims")}
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
-        self.size = values["size"]
+        self.size: int = values["size"]
 
     async def read(self, offset: int, buf: memoryview) -> None:
         buf[:] = bytes(buf.nbytes)

@@ -13,7 +13,8 @@ another format; ``driver=raw`` is the way to give a guest a disk it may write an
 from __future__ import annotations
 
 import errno
-from typing import Any, BinaryIO, Mapping
+from collections.abc import Mapping
+from typing import Any, BinaryIO
 
 from blkfs.block import BlockDriver, BlockError, Child, ChildSpec, Extent, Option, Perm, Role
 from blkfs.block.perm import child_perm
@@ -31,8 +32,8 @@ class RawDriver(BlockDriver):
     children = {"file": ChildSpec(help="the image holding the data")}
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
-        self.offset = values["offset"]
-        self.size = values["size"]
+        self.offset: int = values["offset"]
+        self.size: int | None = values["size"]
         end = self.child("file").node.size
         if self.offset > end or (self.size is not None and self.offset + self.size > end):
             raise BlockError(errno.EINVAL, f"raw: offset {self.offset} + size {self.size} "

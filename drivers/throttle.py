@@ -18,8 +18,9 @@ New limits (``.ctl/reopen``) apply at once, also to requests already waiting.
 from __future__ import annotations
 
 import errno
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import trio
 

@@ -507,7 +507,7 @@ def run_peer(peer: str, image: str, src: Path, work: Path, size: int, runtime: f
             files = {g: str(d / g) for g in imgs}
         elif peer == "nbdfuse":
             handle = nbd_start(d, imgs, "raw" if image == "raw" else "qcow2")
-            files = dict(zip(imgs, handle.files))  # type: ignore[attr-defined]
+            files = dict(zip(imgs, handle.files, strict=False))  # type: ignore[attr-defined]
         else:
             raise ValueError(peer)
         res = results.setdefault(image, {})
@@ -707,7 +707,7 @@ def md_table(rows: list[list[str]], right_from: int) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     def line(r: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if i >= right_from else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(r, widths))) + " |"
+                                 for i, (c, w) in enumerate(zip(r, widths, strict=False))) + " |"
     sep = "| " + " | ".join(("-" * (w - 1) + ":") if i >= right_from else "-" * w
                             for i, w in enumerate(widths)) + " |"
     return "\n".join([line(rows[0]), sep, *(line(r) for r in rows[1:])])

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Collection, Iterable, Sequence
 
 SUPER = struct.Struct("<QQQI")
 ENTRY = struct.Struct("<QQQQ")

@@ -3,12 +3,27 @@ layer only; frontends use :mod:`blkfs.backend`."""
 
 from blkfs.block.driver import BlockDriver, Extent, Status
 from blkfs.block.graph import Graph
-from blkfs.block.request import RangeLocks
 from blkfs.block.node import Child, Node
 from blkfs.block.options import REQUIRED, ChildSpec, Option
 from blkfs.block.perm import FILTERED, IMAGE, Perm, Role
+from blkfs.block.request import RangeLocks
 from blkfs.errors import BlockError, OptionError
 
-__all__ = ["BlockDriver", "BlockError", "Child", "ChildSpec", "Extent", "FILTERED", "Graph",
-           "IMAGE", "Node", "Option", "OptionError", "Perm", "REQUIRED", "RangeLocks", "Role",
-           "Status"]
+__all__ = [
+           "FILTERED",
+           "IMAGE",
+           "REQUIRED",
+           "BlockDriver",
+           "BlockError",
+           "Child",
+           "ChildSpec",
+           "Extent",
+           "Graph",
+           "Node",
+           "Option",
+           "OptionError",
+           "Perm",
+           "RangeLocks",
+           "Role",
+           "Status",
+]

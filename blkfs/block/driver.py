@@ -12,9 +12,10 @@ method out gets the generic behaviour named in its docstring.
 from __future__ import annotations
 
 import errno
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Flag
-from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from blkfs.block.options import COMMON_OPTIONS, ChildSpec, Option
 from blkfs.block.perm import Perm, child_perm

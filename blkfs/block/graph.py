@@ -23,14 +23,21 @@ import errno
 import itertools
 import logging
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import trio
 
 from blkfs.block.node import Child, Node
-from blkfs.block.options import (COMMON_OPTIONS, closest, list_options, parse_bool,
-                                 unknown_option, validate)
+from blkfs.block.options import (
+    COMMON_OPTIONS,
+    closest,
+    list_options,
+    parse_bool,
+    unknown_option,
+    validate,
+)
 from blkfs.block.perm import ALL, WRITERS, Perm, Use, conflict, cumulative
 from blkfs.block.policy import HostPolicy
 from blkfs.block.registry import DriverRegistry, default_registry
@@ -56,8 +63,13 @@ class Departure:
     shadowed: dict[str, Node] = field(default_factory=dict, compare=False)
 
 
-_departing: contextvars.ContextVar[Departure] = contextvars.ContextVar(
-    "blkfs_departing", default=Departure())
+_departing: contextvars.ContextVar[Departure | None] = contextvars.ContextVar(
+    "blkfs_departing", default=None)
+
+
+def _departure() -> Departure:
+    """The departing part of the graph while a medium changes; nothing otherwise."""
+    return _departing.get() or Departure()
 _chain: contextvars.ContextVar[frozenset[tuple[int, int]]] = contextvars.ContextVar(
     "blkfs_chain", default=frozenset())
 """Host files of the images whose backing files are being opened (to find a loop)."""
@@ -118,7 +130,7 @@ class Graph:
             raise OptionError(f"option 'driver' must be a string (got {driver!r})")
         cls = self.drivers.get(driver)
         checked = validate(driver, cls.options, cls.children, options)
-        for role, spec in cls.children.items():
+        for role in cls.children:
             child = checked.children.get(role)
             if child is not None:
                 self.validate(child)
@@ -197,7 +209,7 @@ class Graph:
             if reused is not None:
                 return reused
         name = given_name or self._generate_name()
-        departing = _departing.get()
+        departing = _departure()
         clash = self.nodes.get(name)
         if name in self._reserved or (clash is not None and clash not in departing.nodes):
             raise BlockError(errno.EEXIST, f"node name '{name}' is already in use")
@@ -239,7 +251,7 @@ class Graph:
         """A node of the departing tree that ``values`` and ``children`` describe exactly
         (with one more reference), so that a new medium takes it over instead of opening its
         image a second time; a read-only request may take over a writable node."""
-        departing = _departing.get()
+        departing = _departure()
         for node in departing.nodes:
             named = self.nodes.get(node.name) is node or \
                 departing.shadowed.get(node.name) is node
@@ -367,7 +379,7 @@ class Graph:
         """The permissions of every edge and node below ``start`` (as if the nodes in
         ``read_only`` had that flag), checked: two uses of one node, a writer of a read-only
         node, two nodes' uses of one host file."""
-        departing = _departing.get()
+        departing = _departure()
         flags = read_only or {}
         plan = _PermPlan()
         for node in _below(start):
@@ -390,7 +402,7 @@ class Graph:
             for edge in node.children.values():
                 nperm, nshared = node.driver.child_perm(edge, writable, perm, shared)
                 plan.edges[edge] = nperm, ALL if edge.node.values["force-share"] else nshared
-        for key, host in self.host_files.items():
+        for host in self.host_files.values():
             users = [n for n in host.nodes if n not in departing.nodes]
             if len(users) > 1 and any(n in plan.nodes for n in users):
                 problem = conflict([Use(*plan.nodes.get(n, (n.perm, n.shared)),

@@ -12,14 +12,14 @@ may hold the WRITE permission, and none may if the node is read-only.
 from __future__ import annotations
 
 import errno
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from blkfs.block.driver import BlockDriver, Extent
 from blkfs.block.options import COMMON_OPTIONS
 from blkfs.block.perm import ALL, NO_PERM, Perm, Role, Use
-from blkfs.block.request import (RangeLocks, Requests, align_down, align_up, is_aligned,
-                                 is_zero)
+from blkfs.block.request import RangeLocks, Requests, align_down, align_up, is_aligned, is_zero
 from blkfs.errors import BlockError
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class Child:
     through the child node's request path.
     """
 
-    __slots__ = ("parent", "label", "node", "name", "role", "perm", "shared")
+    __slots__ = ("label", "name", "node", "parent", "perm", "role", "shared")
 
     def __init__(self, parent: Node | None, label: str, node: Node, name: str, role: Role,
                  perm: Perm = NO_PERM, shared: Perm = ALL) -> None:

@@ -20,9 +20,10 @@ import difflib
 import errno
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from blkfs.block.perm import FILTERED, Role
 from blkfs.errors import OptionError
@@ -57,7 +58,7 @@ class Option:
     def parse(self, driver: str, name: str, raw: Any) -> Any:
         """Return the typed value of ``raw`` or raise OptionError naming ``name`` and ``driver``."""
         try:
-            value = _CONVERTERS[self.type](raw, self)
+            value: Any = _CONVERTERS[self.type](raw, self)
         except (ValueError, TypeError) as exc:
             raise OptionError(
                 f"{driver}: option '{name}' {exc} (got {raw!r})") from None
@@ -234,7 +235,8 @@ def _parse_json(text: str) -> Tree:
         raise OptionError(f"invalid JSON options: {exc}") from None
     if not isinstance(value, dict):
         raise OptionError("JSON options must be an object")
-    return _normalize(value, 0)
+    tree: Tree = _normalize(value, 0)
+    return tree
 
 
 def _normalize(value: Any, depth: int) -> Any:
@@ -337,7 +339,7 @@ def _match(declared: Mapping[str, Option], name: str) -> Option | None:
     for pattern, opt in declared.items():
         pat = pattern.split(".")
         if "*" in pat and len(pat) == len(parts) and all(
-                p == q or (p == "*" and q.isdigit()) for p, q in zip(pat, parts)):
+                p == q or (p == "*" and q.isdigit()) for p, q in zip(pat, parts, strict=True)):
             return opt
     return None
 

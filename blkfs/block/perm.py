@@ -14,9 +14,9 @@ Everything here is a function of values.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Flag
-from typing import Iterable
 
 
 class Perm(Flag):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Iterable
+from collections.abc import Iterable
 
 from blkfs.errors import BlockError, from_oserror
 

@@ -9,9 +9,10 @@ block only starts once the requests already inside have finished.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
-from typing import AsyncIterator, Awaitable, Callable, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import trio
 
@@ -22,7 +23,7 @@ T = TypeVar("T")
 class Tracker:
     """Counts requests in flight; :meth:`drained` holds new ones and waits for the rest."""
 
-    __slots__ = ("in_flight", "_quiesced", "_idle", "_resume")
+    __slots__ = ("_idle", "_quiesced", "_resume", "in_flight")
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -95,7 +96,7 @@ class Requests:
     """The door every request to a backend or a node goes through: counted in flight (so a
     drain can wait for it), then, once done, counted and timed in its kind's statistics."""
 
-    __slots__ = ("tracker", "stats")
+    __slots__ = ("stats", "tracker")
 
     def __init__(self) -> None:
         self.tracker = Tracker()

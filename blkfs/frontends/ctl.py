@@ -52,7 +52,8 @@ def parse(verb: str, payload: bytes) -> dict[str, Any]:
         raise BlockError(errno.EINVAL, f"no name given ({usage(verb)})")
     command = COMMANDS[verb]
     args: dict[str, Any] = {command.params[0].name: first}
-    options = next((p for p in command.params if p.kind in (Kind.MEDIUM, Kind.OPTIONS)), None)
+    options = next((p for p in command.params
+                    if p.kind in (Kind.MEDIUM, Kind.NODE_OPTIONS)), None)
     if options is None:
         args.update(_words(command, rest.split()))
     elif rest.strip():
@@ -118,7 +119,8 @@ def format_status(backends: list[dict[str, Any]]) -> str:
                      human_size(b["size"]), str(b["open"]),
                      f"{tree['driver']} {tree['node-name']}" if tree else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
     for b in backends:
         if b["tree"]:
             lines.append("")

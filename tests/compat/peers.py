@@ -10,8 +10,8 @@ import os
 import random
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 4 * MiB
@@ -185,7 +185,7 @@ def _deep_chain(d: Path, name: str, depth: int = 8) -> Path:
 
 
 MATRIX: dict[str, Callable[[Path, str], Path]] = {
-    "v3-64k": lambda d, n: convert(d, n),
+    "v3-64k": convert,
     "v2": lambda d, n: convert(d, n, "compat=0.10"),
     "c512": lambda d, n: convert(d, n, "cluster_size=512"),
     "c4k-refcount1": lambda d, n: convert(d, n, "cluster_size=4k,refcount_bits=1"),

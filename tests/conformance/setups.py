@@ -7,9 +7,9 @@ drivers that keep no data) and says what the driver can do, so one suite checks 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from blkfs.block.registry import default_registry
 
@@ -84,7 +84,8 @@ SETUPS: list[Setup] = [
     Setup("blkdebug", lambda tmp: f"driver=blkdebug,image.driver=file,"
                                   f"image.filename={_raw_file(tmp)}"),
     Setup("blkdebug-align-4k",
-          lambda tmp: f"driver=blkdebug,align=4k,image.driver=file,image.filename={_raw_file(tmp)}"),
+          lambda tmp: f"driver=blkdebug,align=4k,image.driver=file,"
+                      f"image.filename={_raw_file(tmp)}"),
     Setup("copy-on-read",
           lambda tmp: f"driver=copy-on-read,file.driver=qcow2,file.file.driver=file,"
                       f"file.file.filename={_qcow2_overlay(tmp)}",

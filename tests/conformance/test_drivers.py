@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 
@@ -79,7 +79,7 @@ async def test_write_zeroes_and_discard(medium) -> None:
 
 
 async def test_out_of_range_requests_fail_and_change_nothing(medium) -> None:
-    backend, setup, _ = medium
+    backend, _setup, _ = medium
     before = await backend.read(0, SIZE)
     for request, code in [(backend.read(SIZE - 1, 2), errno.EIO),
                           (backend.write(SIZE, b"x"), errno.ENOSPC),
@@ -151,7 +151,7 @@ async def test_truncate_where_resizable(medium) -> None:
 
 
 async def test_block_status_agrees_with_the_data(medium) -> None:
-    backend, setup, _ = medium
+    backend, _setup, _ = medium
     node = backend._medium()  # conformance looks below the backend, at the root node
     await backend.write_zeroes(0, 65536, unmap=True)
     offset = 0

@@ -14,7 +14,7 @@ import pytest
 
 from tests.compat.peers import qemu, qemu_io
 from tests.conftest import needs_fuse, needs_loop, needs_qemu
-from tests.helpers import Mount, errno_of, loop_device, mounted_fs, run
+from tests.helpers import errno_of, loop_device, mounted_fs, run
 
 pytestmark = [needs_fuse, pytest.mark.fuse, needs_qemu]
 MiB = 1 << 20

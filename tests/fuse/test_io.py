@@ -24,7 +24,7 @@ def disk(mount_factory, images: Path) -> tuple[Mount, Path, bytes]:
 
 
 def test_cat_reads_the_image_byte_for_byte(disk) -> None:
-    mount, image, data = disk
+    mount, _image, data = disk
     out = subprocess.run(["cat", str(mount / "disk0")], capture_output=True, check=True).stdout
     assert out == data
     assert os.stat(mount / "disk0").st_size == len(data)

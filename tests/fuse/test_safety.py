@@ -20,8 +20,18 @@ import pytest
 
 from tests.compat.peers import check as qemu_img_check
 from tests.conftest import needs_fuse, needs_loop, needs_qemu
-from tests.helpers import (Mount, blkfs, errno_of, flaky_disk, loop_device, mounted,
-                           mounted_fs, pattern_image, run, wait_until)
+from tests.helpers import (
+    Mount,
+    blkfs,
+    errno_of,
+    flaky_disk,
+    loop_device,
+    mounted,
+    mounted_fs,
+    pattern_image,
+    run,
+    wait_until,
+)
 from tests.slow_writer import CHUNKS, chunk
 
 ROOT = Path(__file__).resolve().parents[2]

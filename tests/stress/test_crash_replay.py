@@ -31,9 +31,10 @@ import struct
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -244,7 +245,7 @@ class Replayer:
         """Check every crash point, with as many extra subsets as ``seconds`` allows;
         return the number of points."""
         entries = self.log.entries
-        points = [-1] + self.log.flush_points()  # -1: before the first flush
+        points = [-1, *self.log.flush_points()]  # -1: before the first flush
         deadline = time.monotonic() + seconds
         started = time.monotonic()
         for number, flush in enumerate(points):

@@ -14,8 +14,9 @@ import errno
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -24,8 +25,8 @@ from hypothesis import strategies as st
 
 from blkfs.backend import BlockLayer
 from blkfs.commands import Commands
-from blkfs.frontends.ctl import VERBS, ControlFiles, parse
 from blkfs.errors import BlockError
+from blkfs.frontends.ctl import VERBS, ControlFiles, parse
 from tests.conftest import needs_fuse
 from tests.helpers import Mount, blkfs, pattern_image, without_stats
 

@@ -9,8 +9,9 @@ import errno
 import os
 import random
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_a_full_host_filesystem_fails_the_write_with_enospc_and_nothing_else(
     try:
         written: dict[int, bytes] = {}
         failure = 0
-        for index in range(0, VIRTUAL // CHUNK):  # fill until the host refuses
+        for index in range(VIRTUAL // CHUNK):  # fill until the host refuses
             try:
                 os.pwrite(fd, pattern(index), index * CHUNK)
             except OSError as exc:
@@ -97,7 +98,7 @@ def test_a_full_host_filesystem_fails_the_write_with_enospc_and_nothing_else(
             assert check.returncode in (0, 3), check.stdout + check.stderr
 
         filler.unlink()  # space returns: the same writes now succeed
-        for index in range(0, VIRTUAL // CHUNK):
+        for index in range(VIRTUAL // CHUNK):
             os.pwrite(fd, pattern(index), index * CHUNK)
             written[index] = pattern(index)
         os.fsync(fd)
@@ -201,7 +202,7 @@ def test_eio_from_under_qcow2_keeps_its_metadata_consistent(
         mask[start:end] = b"\1" * (end - start)
     lost = [o for o in range(0, 8 * MiB, 4096) if any(
         a != e and not m for a, e, m in zip(actual[o:o + 4096], expected[o:o + 4096],
-                                             mask[o:o + 4096]))
+                                             mask[o:o + 4096], strict=False))
         and actual[o:o + 4096] != expected[o:o + 4096]]
     assert not lost, f"acknowledged writes lost at {lost[:10]}"
     assert counts["write_eio"] and counts["fsync_eio"], counts

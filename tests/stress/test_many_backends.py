@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -155,7 +156,7 @@ def test_a_thousand_backends_created_used_and_deleted_concurrently(
                 proc.kill()
                 proc.wait()
     seconds = time.monotonic() - started
-    for proc, (_, err) in zip(procs, results):
+    for proc, (_, err) in zip(procs, results, strict=False):
         assert proc.returncode == 0, err
     ops = sum(int(out.split()[0]) for out, _ in results)
     rounds = min(int(out.split()[1]) for out, _ in results)

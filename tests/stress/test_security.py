@@ -17,13 +17,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
-from tests.conftest import needs_fuse
 from drivers.qcow2.create import write_image
+from tests.conftest import needs_fuse
 from tests.helpers import Mount, mounts_in, pattern_image, without_stats
 
 pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.stress]
@@ -203,8 +204,8 @@ def test_backing_files_named_inside_images_obey_the_image_dir(mount_factory, jai
         qcow2_over(inside / "as-file.qcow2", secret, fmt="file"),
         qcow2_over(inside / "proc.qcow2", f"/proc/self/root{secret}"),
         qcow2_over(inside / "json.qcow2",
-                   'json:{"driver": "raw", "file": {"driver": "file", "filename": "%s"}}'
-                   % secret, fmt=None),
+                   f'json:{{"driver": "raw", "file": {{"driver": "file", '
+                   f'"filename": "{secret}"}}}}', fmt=None),
     ]
     # deeper: inside -> inside -> outside
     qcow2_over(inside / "mid.qcow2", secret)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 WRITER = r"""
 import os, random, sys
-path, journal, seed, ops, cluster = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+path, journal = sys.argv[1], sys.argv[2]
+seed, ops, cluster = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 rng = random.Random(seed)
 log = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 fd = os.open(path, os.O_RDWR)
@@ -114,7 +115,8 @@ def mismatches(actual: bytes, state: Replay) -> list[int]:
         got, want = actual[block:block + 4096], state.model[block:block + 4096]
         if got == want:
             continue
-        if any(g != w and not m for g, w, m in zip(got, want, mask[block:block + 4096])):
+        if any(g != w and not m
+               for g, w, m in zip(got, want, mask[block:block + 4096], strict=False)):
             bad.append(block)
             if len(bad) == 10:
                 break

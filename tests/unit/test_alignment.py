@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pytest
 import trio
@@ -95,7 +96,7 @@ async def test_concurrent_unaligned_writes_into_one_block_lose_nothing(aligned) 
 async def test_an_aligned_write_during_a_read_modify_write_is_not_lost(aligned) -> None:
     """An unaligned write reads its block, merges and writes it back; an aligned write to
     that block landing in between must not be overwritten by the stale merge."""
-    node, model = aligned
+    node, _model = aligned
     driver = node.driver
     driver.gate = trio.Event()  # the read-modify-write's read waits here
     whole = os.urandom(ALIGN)

@@ -76,10 +76,10 @@ async def run_requests(options: str, requests: list[tuple[str, int, int]]) -> li
     layer = BlockLayer()
     try:
         backend = await layer.create("d", f"driver=blkdebug,{options},{NULL}")
-        calls = {"read": lambda o, n: backend.read(o, n),
+        calls = {"read": backend.read,
                  "write": lambda o, n: backend.write(o, bytes([1]) * n),
-                 "zero-write": lambda o, n: backend.write_zeroes(o, n),
-                 "discard": lambda o, n: backend.discard(o, n)}
+                 "zero-write": backend.write_zeroes,
+                 "discard": backend.discard}
         return [await failure(calls[kind], offset, length) for kind, offset, length in requests]
     finally:
         await layer.close()

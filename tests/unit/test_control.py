@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from blkfs.backend import BlockLayer
 from blkfs.commands import COMMANDS, Commands
-from blkfs.frontends.ctl import VERBS, ControlFiles, format_status, parse
 from blkfs.errors import BlockError
+from blkfs.frontends.ctl import VERBS, ControlFiles, format_status, parse
 from tests.helpers import without_stats
 
 

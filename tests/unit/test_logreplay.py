@@ -5,14 +5,27 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.logreplay import (DISCARD, FLUSH, FUA, MARK, Entry, Log, LogError, apply_to,
-                             apply_to_file, build, crash_state, parse, undo)
+from tests.logreplay import (
+    DISCARD,
+    FLUSH,
+    FUA,
+    MARK,
+    Entry,
+    Log,
+    LogError,
+    apply_to,
+    apply_to_file,
+    build,
+    crash_state,
+    parse,
+    undo,
+)
 
 SECTORS = 64  # the device, in log sectors
 

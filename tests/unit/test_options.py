@@ -8,8 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blkfs.block.options import (ChildSpec, Option, flatten, format_options, parse_options,
-                                 parse_size, validate)
+from blkfs.block.options import (
+    ChildSpec,
+    Option,
+    flatten,
+    format_options,
+    parse_options,
+    parse_size,
+    validate,
+)
 from blkfs.errors import OptionError
 
 KEY = st.from_regex(r"[a-z][a-z0-9-]{0,8}", fullmatch=True)

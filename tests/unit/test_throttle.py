@@ -49,7 +49,7 @@ def test_admissions_never_exceed_the_rate_over_any_window(
     capacity = config["bps-total"][1]
     admitted = run_on_fake_clock(admit_all, config, batch)
     assert len(admitted) == len(batch)
-    allowance = max(capacity, max(cost for _, cost in admitted))
+    allowance = max(capacity, *(cost for _, cost in admitted))
     times = sorted(admitted)
     for i, (start, _) in enumerate(times):
         total = 0

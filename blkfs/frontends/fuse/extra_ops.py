@@ -61,8 +61,9 @@ import itertools
 import logging
 import os
 import struct
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio

@@ -17,8 +17,9 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -335,7 +336,8 @@ class BlkfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, nonseekable=False)
 
     @fuse_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(  # type: ignore[override]  # pyfuse3 replies with any buffer
+            self, fh: int, off: int, size: int) -> bytes | memoryview:
         handle = self.handles[fh]
         if isinstance(handle, ControlHandle):
             return handle.text[off:off + size]
@@ -367,11 +369,12 @@ class BlkfsOperations(pyfuse3.Operations):
             return len(buf)
         backend = handle.current()
         length = backend.length()
+        data = memoryview(buf)
         if off < length < off + len(buf):  # a disk takes what fits, then says ENOSPC
-            buf = memoryview(buf)[:length - off]
-        await backend.write(off, buf)
+            data = data[:length - off]
+        await backend.write(off, data)
         handle.dirty = True
-        return len(buf)
+        return data.nbytes
 
     def _backend_handle(self, fh: int) -> BackendHandle:
         handle = self.handles.get(fh)
@@ -446,7 +449,7 @@ class BlkfsOperations(pyfuse3.Operations):
             if handle.backend.refcnt == 0:
                 self.inodes.forget(handle.backend)
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """Inode numbers stay valid while the backend lives; nothing to free here."""
 
     async def release_all(self) -> None:

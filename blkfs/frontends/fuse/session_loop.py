@@ -145,6 +145,6 @@ def install() -> bool:
         wait.close()
         _stock_terminate()
 
-    pyfuse3._wait_fuse_readable = wait  # type: ignore[attr-defined]
+    pyfuse3._wait_fuse_readable = wait
     pyfuse3.terminate = terminate
     return True
