@@ -1,8 +1,17 @@
 """qcow2: QEMU's copy-on-write format, read and written interchangeably with qemu-img.
 
-``format`` declares the on-disk structures, ``layout`` the pure address and refcount
-arithmetic, ``cache`` the bounded metadata cache, ``create`` new images, ``driver`` the
-driver itself.
+The pieces, after QEMU's block/qcow2*.c:
+
+* ``ondisk``: every on-disk structure (header, extensions, snapshot and bitmap directory
+  entries, tables, refcount entries), packed and unpacked; no I/O.
+* ``mapping``: cluster mapping, from guest offsets through L2 entries to host offsets; no I/O.
+* ``cache``: the metadata cache and its write-back, in the order each kind declares.
+* ``refcount``: the refcount allocator.
+* ``metadata``: an open image's metadata: loaded at open, the write-back order declared.
+* ``imagefile``: the image file as the metadata code sees it; header reads and writes.
+* ``driver``: the driver, whose requests use the pieces above.
+* ``check``: ``qemu-img check`` and leak repair.
+* ``create``: new images.
 """
 
 from drivers.qcow2.driver import Qcow2Driver

@@ -19,34 +19,42 @@ Ground rules:
   the host (hole punching), as QEMU's repair discards them.
 * Memory: a 32-bit counter and a flag byte per host cluster of the file, and one table at a
   time. Messages are capped; counts are exact.
+* It runs when asked: ``blkfs image check``, and a writable open with ``repair=leaks``
+  (:func:`repair_on_open`), as QEMU checks an image at open only when told to repair it.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import struct
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from blkfs.block import BlockError, Child
-from drivers.qcow2.format import (EXT_BITMAPS, EXT_CRYPTO, EXT_END, EXTENSION, MAX_L1_BYTES,
-                                  MAX_REFTABLE_BYTES, V2_HEADER, FormatError, Header,
-                                  parse_header)
-from drivers.qcow2.layout import (OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, SUBCLUSTERS,
-                                  Geometry, get_refcount, refcount_entries, set_refcount)
+from drivers.qcow2.imagefile import ChildFile, ImageFile, read_header
+from drivers.qcow2.mapping import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, SUBCLUSTERS, Geometry
+from drivers.qcow2.ondisk import (
+    EXT_BITMAPS,
+    EXT_CRYPTO,
+    MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES,
+    MAX_SNAPSHOTS,
+    BitmapDirEntry,
+    BitmapsExtension,
+    CryptoExtension,
+    Header,
+    SnapshotHeader,
+    decode_table,
+    get_refcount,
+    refcount_entries,
+    set_refcount,
+)
 
 log = logging.getLogger("blkfs.qcow2")
 
 MAX_MESSAGES = 100
-MAX_SNAPSHOTS = 65536                      # QEMU's QCOW_MAX_SNAPSHOTS
-SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")  # l1_table_offset .. extra_data_size: 40 bytes
-BITMAPS_EXT = struct.Struct(">IIQQ")         # nb_bitmaps, reserved, directory size, offset
-BITMAP_ENTRY = struct.Struct(">QIIBBHI")     # table offset, table size, flags .. extra size
-CRYPTO_EXT = struct.Struct(">QQ")
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-BME_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00  # of a refcount table entry (spec: "Refcount table")
 
 # Per-cluster flags, beside the counts.
 ACTIVE_COPIED = 1        # an active L2 entry with OFLAG_COPIED points here
@@ -153,7 +161,7 @@ class Tally:
                                     "(overlapping metadata)")
         return True
 
-    def l2_table(self, table: array, geometry: Geometry, active: bool) -> None:
+    def l2_table(self, table: array[int], geometry: Geometry, active: bool) -> None:
         """Count the clusters one L2 table references and check its entries' form."""
         extended = geometry.extended_l2
         step = 2 if extended else 1
@@ -283,54 +291,12 @@ def highest_used(block: bytes | bytearray, refcount_order: int) -> int:
                if get_refcount(block, i, refcount_order))
 
 
-class ImageFile(Protocol):
-    """What the check needs of the image's file: its size, reads, and for repair writes."""
-
-    @property
-    def size(self) -> int: ...
-    async def read(self, offset: int, length: int) -> bytes | bytearray: ...
-    async def write(self, offset: int, data: bytes | bytearray) -> None: ...
-    async def flush(self) -> None: ...
-    async def discard(self, offset: int, length: int) -> None: ...
-
-
-class ChildFile:
-    """An :class:`ImageFile` over a driver's child edge."""
-
-    def __init__(self, child: Child) -> None:
-        self.child = child
-
-    @property
-    def size(self) -> int:
-        return self.child.node.size
-
-    async def read(self, offset: int, length: int) -> bytes | bytearray:
-        return await self.child.read(offset, length)
-
-    async def write(self, offset: int, data: bytes | bytearray) -> None:
-        await self.child.write(offset, data)
-
-    async def flush(self) -> None:
-        await self.child.flush()
-
-    async def discard(self, offset: int, length: int) -> None:
-        await self.child.discard(offset, length)
-
-
-def _decode(data: bytes | bytearray) -> array:
-    table = array("Q", bytes(data))
-    if struct.pack("=I", 1) != struct.pack(">I", 1):
-        table.byteswap()
-    return table
-
-
 class _Walk:
     """One check of one image: the reads, around a :class:`Tally`."""
 
-    def __init__(self, file: ImageFile, header: Header, head: bytes) -> None:
+    def __init__(self, file: ImageFile, header: Header) -> None:
         self.file = file
         self.header = header
-        self.head = head
         self.geometry = Geometry(header.cluster_bits, header.extended_l2)
         self.cluster = header.cluster_size
         self.result = CheckResult()
@@ -354,7 +320,7 @@ class _Walk:
         if not self._in_file(offset, size * 8, what):
             return
         self.tally.metadata(offset, size * 8, what)
-        l1 = _decode(await self.file.read(offset, size * 8))
+        l1 = decode_table(await self.file.read(offset, size * 8))
         for index, entry in enumerate(l1):
             l2 = entry & OFFSET_MASK
             if not l2:
@@ -364,7 +330,7 @@ class _Walk:
             self.tally.metadata(l2, self.cluster, "L2 table")
             if active:
                 self.l1_copied.append((index, l2 // self.cluster, bool(entry & OFLAG_COPIED)))
-            table = _decode(await self.file.read(l2, self.cluster))
+            table = decode_table(await self.file.read(l2, self.cluster))
             self.tally.l2_table(table, self.geometry, active)
 
     async def snapshots(self) -> None:
@@ -380,36 +346,28 @@ class _Walk:
             return
         position = offset
         for number in range(header.nb_snapshots):
-            data = await self.file.read(position, min(SNAPSHOT_ENTRY.size,
+            data = await self.file.read(position, min(SnapshotHeader.STRUCT.size,
                                                       self.file.size - position))
-            if len(data) < SNAPSHOT_ENTRY.size:
+            if len(data) < SnapshotHeader.STRUCT.size:
                 self.result.corrupt(f"snapshot {number} lies past the end of the file")
                 return
-            (l1_offset, l1_size, id_size, name_size, _, _, _, _,
-             extra_size) = SNAPSHOT_ENTRY.unpack(data)
-            await self.l1_table(l1_offset, l1_size, active=False)
-            length = SNAPSHOT_ENTRY.size + extra_size + id_size + name_size
-            position += length + (-length % 8)
+            snapshot = SnapshotHeader.unpack(data)
+            await self.l1_table(snapshot.l1_table_offset, snapshot.l1_size, active=False)
+            position += snapshot.entry_size
         self.tally.metadata(offset, position - offset, "snapshot table")
 
     async def extensions(self) -> None:
         """Clusters named by header extensions: bitmaps and the crypto header."""
-        header, head = self.header, self.head
-        offset = header.header_length if header.version == 3 else V2_HEADER.size
-        end = min(len(head), self.cluster)
-        while offset + EXTENSION.size <= end:
-            kind, length = EXTENSION.unpack_from(head, offset)
-            offset += EXTENSION.size
-            if kind == EXT_END or offset + length > end:
-                return
-            if kind == EXT_CRYPTO and length >= CRYPTO_EXT.size:
-                start, size = CRYPTO_EXT.unpack_from(head, offset)
-                self.tally.metadata(start, size, "crypto header")
-            elif kind == EXT_BITMAPS and length >= BITMAPS_EXT.size:
-                await self.bitmaps(*BITMAPS_EXT.unpack_from(head, offset))
-            offset += length + (-length % 8)
+        for extension in self.header.extensions:
+            length = len(extension.data)
+            if extension.type == EXT_CRYPTO and length >= CryptoExtension.STRUCT.size:
+                crypto = CryptoExtension.unpack(extension.data)
+                self.tally.metadata(crypto.offset, crypto.length, "crypto header")
+            elif extension.type == EXT_BITMAPS and length >= BitmapsExtension.STRUCT.size:
+                await self.bitmaps(BitmapsExtension.unpack(extension.data))
 
-    async def bitmaps(self, count: int, _: int, size: int, offset: int) -> None:
+    async def bitmaps(self, bitmaps: BitmapsExtension) -> None:
+        size, offset = bitmaps.bitmap_directory_size, bitmaps.bitmap_directory_offset
         if not size:
             return
         if size > 64 << 20 or not self._in_file(offset, size, "bitmap directory"):
@@ -417,22 +375,22 @@ class _Walk:
         self.tally.metadata(offset, size, "bitmap directory")
         directory = await self.file.read(offset, size)
         position = 0
-        for _number in range(count):
-            if position + BITMAP_ENTRY.size > len(directory):
+        for _number in range(bitmaps.nb_bitmaps):
+            if position + BitmapDirEntry.STRUCT.size > len(directory):
                 self.result.corrupt("bitmap directory entry runs past the directory")
                 return
-            (table_offset, table_size, _, _, _, name_size,
-             extra_size) = BITMAP_ENTRY.unpack_from(directory, position)
-            length = BITMAP_ENTRY.size + extra_size + name_size
-            position += length + (-length % 8)
+            entry = BitmapDirEntry.unpack(directory, position)
+            position += entry.entry_size
+            table_offset, table_size = entry.bitmap_table_offset, entry.bitmap_table_size
             if not table_size:
                 continue
             if table_size * 8 > MAX_L1_BYTES or not self._in_file(
                     table_offset, table_size * 8, "bitmap table"):
                 continue
             self.tally.metadata(table_offset, table_size * 8, "bitmap table")
-            for entry in _decode(await self.file.read(table_offset, table_size * 8)):
-                data = entry & BME_TABLE_OFFSET_MASK
+            for table_entry in decode_table(await self.file.read(table_offset,
+                                                                 table_size * 8)):
+                data = table_entry & BitmapDirEntry.TABLE_OFFSET_MASK
                 if data and self._in_file(data, self.cluster, "bitmap data cluster"):
                     self.tally.metadata(data, self.cluster, "bitmap data")
 
@@ -492,7 +450,8 @@ class _Walk:
             result.failed("the refcount table cannot be read; refcounts were not compared")
             return result
         tally.metadata(header.refcount_table_offset, length, "refcount table")
-        self.reftable = _decode(await self.file.read(header.refcount_table_offset, length))
+        self.reftable = decode_table(await self.file.read(header.refcount_table_offset,
+                                                          length))
         rewrites = await self.refcounts()
         tally.finish(self.l1_copied, leaks_repaired=repair)
         if repair and rewrites and not result.corruptions and not result.check_errors:
@@ -513,25 +472,12 @@ class _Walk:
         self.result.leaks = 0
 
 
-async def read_header(file: ImageFile) -> tuple[Header, bytes]:
-    """The image's header and first cluster; FormatError if it is not a usable qcow2."""
-    head = bytes(await file.read(0, min(file.size, 4096)))
-    header = parse_header(head)
-    if header.cluster_size > len(head):
-        head = bytes(await file.read(0, min(file.size, header.cluster_size)))
-        header = parse_header(head)
-    return header, head
-
-
 async def check(file: ImageFile, repair: bool = False) -> CheckResult:
     """Check the image in ``file``; with ``repair``, lower leaked refcounts if the image has
     no corruption. Raises BlockError (EINVAL) if the header is not a qcow2 header; I/O errors
     propagate."""
-    try:
-        header, head = await read_header(file)
-    except FormatError as exc:
-        raise BlockError(errno.EINVAL, f"qcow2: {exc}") from None
-    return await _Walk(file, header, head).run(repair)
+    header, _ = await read_header(file)
+    return await _Walk(file, header).run(repair)
 
 
 async def check_child(file: Child, repair: bool) -> dict[str, Any]:
@@ -540,21 +486,29 @@ async def check_child(file: Child, repair: bool) -> dict[str, Any]:
 
 
 async def repair_on_open(file: Child) -> int:
-    """Before an image is opened writable: refuse it if corrupt (EUCLEAN, naming the command
-    that says why), else repair its leaks. Returns the number of leaked clusters repaired."""
+    """Before an image is opened writable with ``repair=leaks``: refuse it if corrupt
+    (EUCLEAN, naming the command that says why), else repair its leaks. Returns the number
+    of leaked clusters repaired."""
     result = await check(ChildFile(file), repair=True)
     filename = file.node.filename() or file.node.name
     if result.corruptions or result.check_errors:
         first = next((m for m in result.messages if m.startswith("ERROR")), "")
+        errors = f", {result.check_errors} check error(s)" if result.check_errors else ""
         raise BlockError(errno.EUCLEAN,
                          f"qcow2: corrupt image {filename}: {result.corruptions} corruption(s)"
-                         f"{f', {result.check_errors} check error(s)' if result.check_errors else ''}"
-                         f" ({first.removeprefix('ERROR ')}); it opens read-only only; "
+                         f"{errors} ({first.removeprefix('ERROR ')}); it opens read-only only; "
                          f"'blkfs image check {filename}' lists the problems")
     if result.leaks_fixed:
         log.info("qcow2: %s: repaired %d leaked cluster(s)", filename, result.leaks_fixed)
     return result.leaks_fixed
 
 
-__all__ = ["CheckResult", "ChildFile", "ImageFile", "Tally", "check", "compare_block",
-           "check_child", "highest_used", "repair_on_open"]
+__all__ = [
+    "CheckResult",
+    "Tally",
+    "check",
+    "check_child",
+    "compare_block",
+    "highest_used",
+    "repair_on_open",
+]

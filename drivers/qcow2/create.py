@@ -1,20 +1,32 @@
-"""Laying out a new qcow2 image, as ``qemu-img create -f qcow2`` does.
+"""Making a new qcow2 image, as ``qemu-img create -f qcow2`` does.
 
-Layout: the header (with extensions and the backing file name) in cluster 0, then the
-refcount table, the refcount blocks that count every metadata cluster, and the L1 table.
+A new image holds the header (with extensions and the backing file name) in cluster 0, then
+the refcount table, the refcount blocks that count every metadata cluster, and the L1 table.
 """
 
 from __future__ import annotations
 
 import errno
-from typing import BinaryIO, Callable, Mapping, TypeVar
+from collections.abc import Callable, Mapping
+from typing import BinaryIO, TypeVar
 
 from blkfs.block import BlockError
 from blkfs.block.options import parse_bool, parse_size
-from drivers.qcow2.format import (COMPRESSION_NAMES, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
-                                  MAX_BACKING_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
-                                  Header)
-from drivers.qcow2.layout import OFLAG_COPIED, Geometry, refcount_entries, set_refcount
+from drivers.qcow2.mapping import Geometry
+from drivers.qcow2.ondisk import (
+    COMPRESSION_NAMES,
+    INCOMPAT_COMPRESSION,
+    INCOMPAT_EXTL2,
+    MAX_BACKING_NAME,
+    MAX_CLUSTER_BITS,
+    MIN_CLUSTER_BITS,
+    V2_HEADER_LENGTH,
+    V3_HEADER_LENGTH,
+    Header,
+    encode_entry,
+    refcount_entries,
+    set_refcount,
+)
 
 T = TypeVar("T")
 CREATE_OPTIONS = ("cluster_size", "compat", "compression_type", "extended_l2",
@@ -74,19 +86,19 @@ def build_header(size: int, options: Mapping[str, str], backing: str | None,
                     l1_table_offset=0, refcount_table_offset=0, refcount_table_clusters=0,
                     nb_snapshots=0, snapshots_offset=0, incompatible_features=incompatible,
                     refcount_order=refcount_bits.bit_length() - 1,
-                    header_length=112 if version == 3 else 72,
+                    header_length=V3_HEADER_LENGTH if version == 3 else V2_HEADER_LENGTH,
                     compression_type=types[compression])
     if backing is not None and len(backing.encode()) > MAX_BACKING_NAME:
         raise invalid(f"the backing file name is longer than {MAX_BACKING_NAME} bytes")
     for table in (True, False):
         header.with_feature_table = table
         header = header.with_backing(backing, backing_fmt)
-        if len(header.pack()) + header.backing_file_size <= cluster_size:
+        if len(header.pack()) <= cluster_size:
             return header
     raise invalid("the backing file name does not fit in the first cluster")
 
 
-def layout(header: Header) -> bytes:
+def empty_image(header: Header) -> bytes:
     """Every metadata cluster of a new, empty image, cluster 0 first."""
     cluster = header.cluster_size
     geometry = Geometry(header.cluster_bits, header.extended_l2)
@@ -106,16 +118,16 @@ def layout(header: Header) -> bytes:
     first_block = 1 + table_clusters
     header.l1_table_offset = (first_block + blocks) * cluster
     image = bytearray(total * cluster)
-    head = header.pack() + (header.backing_file or "").encode()
+    head = header.pack()
     image[:len(head)] = head
     for i in range(blocks):
         entry = (first_block + i) * cluster
-        image[cluster + 8 * i:cluster + 8 * i + 8] = entry.to_bytes(8, "big")
+        image[cluster + 8 * i:cluster + 8 * i + 8] = encode_entry(entry)
     refcounts = bytearray(blocks * cluster)
     for cluster_index in range(total):
         block, index = divmod(cluster_index, per_block)
         view = memoryview(refcounts)[block * cluster:(block + 1) * cluster]
-        set_refcount(view, index, header.refcount_order, 1)  # type: ignore[arg-type]
+        set_refcount(view, index, header.refcount_order, 1)
     image[first_block * cluster:(first_block + blocks) * cluster] = refcounts
     return bytes(image)
 
@@ -125,7 +137,7 @@ def write_image(file: BinaryIO, size: int, options: Mapping[str, str],
     """Lay out a new empty qcow2 image in ``file``."""
     if size % 512:
         raise invalid(f"the virtual size must be a multiple of 512 bytes (got {size})")
-    file.write(layout(build_header(size, options, backing, backing_format)))
+    file.write(empty_image(build_header(size, options, backing, backing_format)))
 
 
 __all__ = ["CREATE_OPTIONS", "write_image"]

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from blkfs.backend import BlockLayer
-from blkfs.image import create_image
 from tests.compat.peers import MiB, check, convert, create, qemu, qemu_io, source, to_raw
 from tests.conftest import needs_fuse, needs_qemu
 from tests.helpers import Mount, blkfs
@@ -118,7 +117,7 @@ async def test_discards_and_zero_writes_through_the_backend_api(images: Path,
                 await backend.discard(offset, length)
                 after = await backend.read(offset, length)
                 before = model[offset:offset + length]
-                assert all(a in (b, 0) for a, b in zip(after, before))
+                assert all(a in (b, 0) for a, b in zip(after, before, strict=True))
                 model[offset:offset + length] = after
         assert await backend.read(0, len(model)) == model
     finally:

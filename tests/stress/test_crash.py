@@ -1,11 +1,11 @@
 """Crash consistency: ``kill -9`` of the daemon at random moments under a journaled writer.
 
-Each iteration mounts the image (a writable open, so blkfs repairs the leaks the last crash
-left), checks with ``qemu-img check`` that the image is now leak-free, reads the whole disk
-back through the mount and compares it with the journal's durable state, starts the writer
-(random writes, zero writes, whole-cluster zero writes that free clusters, fsyncs), kills the
-daemon at a random moment, recovers the dead mount with ``blkfs umount``, and has
-``qemu-img check`` confirm that the crash left no corruption (leaks are allowed).
+Each iteration mounts the image (a writable open with ``repair=leaks``, so blkfs repairs the
+leaks the last crash left), checks with ``qemu-img check`` that the image is now leak-free,
+reads the whole disk back through the mount and compares it with the journal's durable state,
+starts the writer (random writes, zero writes, whole-cluster zero writes that free clusters,
+fsyncs), kills the daemon at a random moment, recovers the dead mount with ``blkfs umount``,
+and has ``qemu-img check`` confirm that the crash left no corruption (leaks are allowed).
 ``BLKFS_STRESS_SEED`` replays a run.
 """
 
@@ -18,8 +18,9 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -71,17 +72,19 @@ def raw(images: Path) -> tuple[Path, bytes]:
 
 
 PLAIN = "{image},detect-zeroes={zeroes}"
-SLOW_FLUSH = ("driver=qcow2,detect-zeroes={zeroes},file.driver=blkdebug,file.delay.flush=25ms,"
-              "file.image.driver=file,file.image.filename={image}")
+QCOW2 = "driver=qcow2,repair=leaks,detect-zeroes={zeroes},file.driver=file,file.filename={image}"
+SLOW_FLUSH = ("driver=qcow2,repair=leaks,detect-zeroes={zeroes},file.driver=blkdebug,"
+              "file.delay.flush=25ms,file.image.driver=file,file.image.filename={image}")
 
 VARIANTS: dict[str, tuple[Callable[[Path], tuple[Path, bytes]], int, str, str, float]] = {
-    "qcow2": (plain_qcow2, 65536, PLAIN, "off", 25.0),
-    "qcow2-backing": (qcow2_over_backing, 4096, PLAIN, "off", 25.0),
+    "qcow2": (plain_qcow2, 65536, QCOW2, "off", 25.0),
+    "qcow2-backing": (qcow2_over_backing, 4096, QCOW2, "off", 25.0),
     "qcow2-slow-flush": (plain_qcow2, 65536, SLOW_FLUSH, "off", 20.0),
-    "qcow2-frees": (plain_qcow2, 65536, PLAIN, "unmap", 30.0),
+    "qcow2-frees": (plain_qcow2, 65536, QCOW2, "unmap", 30.0),
     "raw": (raw, 65536, PLAIN, "unmap", 10.0),
 }
-"""Image maker, the cluster size the writer's discards align to, the backend's options,
+"""Image maker, the cluster size the writer's discards align to, the backend's options (qcow2
+with ``repair=leaks``: each mount repairs the leaks the last kill left),
 ``detect-zeroes`` (with ``unmap`` zero writes of whole clusters free them: the discard path;
 with ``off`` they are data), CI seconds. ``qcow2-slow-flush`` puts blkdebug's flush delay
 under the image, as a slow disk would, so that kills land between the write-back's barriers
@@ -107,8 +110,9 @@ def test_kill_9_loses_nothing_fsynced_and_corrupts_nothing(
     rng = random.Random(seed)
     where = f"(BLKFS_STRESS_SEED={seed})"
     state = Replay(bytearray(initial), [])
-    totals = {"iterations": 0, "kills_in_fsync": 0, "writes": 0, "zero_writes": 0, "discards": 0, "fsyncs": 0,
-              "leaks_found": 0, "leaks_repaired": 0, "corruptions": 0, "verified_mib": 0}
+    totals = {"iterations": 0, "kills_in_fsync": 0, "writes": 0, "zero_writes": 0,
+              "discards": 0, "fsyncs": 0, "leaks_found": 0, "leaks_repaired": 0,
+              "corruptions": 0, "verified_mib": 0}
     deadline = time.monotonic() + stress_seconds(default_seconds)
     previous_leaks = 0
     while True:

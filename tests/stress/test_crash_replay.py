@@ -2,7 +2,8 @@
 dm-log-writes (xfstests' replay-log, CrashMonkey): a power cut, not a process kill.
 
 A seeded workload (writes of 512 B to 256 KiB, most into new clusters, overwrites, zero
-writes, discards, fsyncs) runs in-process through ``FORMAT -> blklogwrites -> file``, so the
+writes, discards, fsyncs; an image made smaller than the workload grows half-way) runs
+in-process through ``FORMAT -> blklogwrites -> file``, so the
 log holds every write the format driver made to its image file, metadata included, and every
 barrier it asked for. After each fsync returns, the log's length is noted. Then the image is
 rebuilt, from a copy taken before the workload, at every flush point of the log and in
@@ -56,10 +57,10 @@ MAX_FAILURES = 12
 
 # -- images -----------------------------------------------------------------------------
 
-def plain_qcow2(d: Path, options: str = "") -> tuple[Path, bytes]:
+def plain_qcow2(d: Path, options: str = "", size: int = SIZE) -> tuple[Path, bytes]:
     image = d / "disk.qcow2"
     qemu("qemu-img", "create", "-q", "-f", "qcow2", *(["-o", options] if options else []),
-         image, str(SIZE))
+         image, str(size))
     return image, bytes(SIZE)
 
 
@@ -87,11 +88,14 @@ VARIANTS: dict[str, tuple[Callable[[Path], tuple[Path, bytes]], str, float]] = {
     "qcow2": (plain_qcow2, "qcow2", 25.0),
     "qcow2-c512": (lambda d: plain_qcow2(d, "cluster_size=512"), "qcow2", 25.0),
     "qcow2-backing": (qcow2_over_backing, "qcow2", 25.0),
+    "qcow2-grows": (lambda d: plain_qcow2(d, "cluster_size=512", SIZE // 2), "qcow2", 25.0),
     "raw": (raw, "raw", 8.0),
 }
 """Image maker, format, CI seconds for the replay phase. 512-byte clusters make metadata
 dense (an L2 table maps 32 KiB, a refcount block 128 KiB, a refcount table cluster 8 MiB),
-so new L2 tables, refcount blocks and a moved refcount table come with most writes."""
+so new L2 tables, refcount blocks and a moved refcount table come with most writes. An image
+made smaller than ``SIZE`` is grown to it half-way through the workload (its L1 table moves:
+one L1 cluster maps 2 MiB)."""
 
 
 def tree(fmt: str, image: Path, log: Path) -> str:
@@ -134,8 +138,8 @@ def _length(rng: random.Random) -> int:
     return rng.randint(512, 256 * KiB)
 
 
-def _offset(rng: random.Random, length: int) -> int:
-    offset = rng.randrange(0, SIZE - length + 1)
+def _offset(rng: random.Random, length: int, size: int) -> int:
+    offset = rng.randrange(0, size - length + 1)
     align = rng.choice((4096, 4096, 512, 1))
     return offset - offset % align
 
@@ -150,9 +154,16 @@ async def run_workload(options: str, initial: bytes, seed: int) -> Workload:
     backend = await layer.create("disk", options)
     logger = layer.graph.find("logwrites").driver
     assert isinstance(logger, BlklogwritesDriver)
+    size = backend.length()
     try:
-        for _ in range(OPERATIONS):
-            op = _next_op(rng, written)
+        for number in range(OPERATIONS):
+            if size < SIZE and number == OPERATIONS // 2:
+                op = Op("truncate", start=logger.entries)
+                await backend.truncate(SIZE)
+                size = SIZE
+                op.end = logger.entries
+                work.ops.append(op)
+            op = _next_op(rng, written, size)
             op.start = logger.entries
             await _do(backend, op, rng)
             op.end = logger.entries
@@ -171,7 +182,7 @@ async def run_workload(options: str, initial: bytes, seed: int) -> Workload:
     return work
 
 
-def _next_op(rng: random.Random, written: list[tuple[int, int]]) -> Op:
+def _next_op(rng: random.Random, written: list[tuple[int, int]], size: int) -> Op:
     pick = rng.random()
     if pick < 0.12:
         return Op("fsync")
@@ -181,12 +192,12 @@ def _next_op(rng: random.Random, written: list[tuple[int, int]]) -> Op:
         return Op("write", start, rng.randint(1, offset + length - start))
     if pick < 0.37:
         length = _length(rng)
-        return Op("zero", _offset(rng, length), length)
+        return Op("zero", _offset(rng, length, size), length)
     if pick < 0.44:
         length = rng.choice((4 * KiB, 64 * KiB, 128 * KiB, rng.randint(512, 256 * KiB)))
-        return Op("discard", _offset(rng, length), length)
+        return Op("discard", _offset(rng, length, size), length)
     length = _length(rng)
-    return Op("write", _offset(rng, length), length)
+    return Op("write", _offset(rng, length, size), length)
 
 
 async def _do(backend: BlockBackend, op: Op, rng: random.Random) -> None:

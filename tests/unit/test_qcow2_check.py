@@ -3,6 +3,7 @@ whole checks of images laid out in memory."""
 
 from __future__ import annotations
 
+import errno
 import struct
 from pathlib import Path
 
@@ -13,11 +14,16 @@ from hypothesis import strategies as st
 from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
 from drivers.qcow2.check import CheckResult, Tally, check, compare_block, highest_used
-from drivers.qcow2.create import build_header, layout
-from drivers.qcow2.format import parse_header
-from drivers.qcow2.layout import OFLAG_COPIED, get_refcount, set_refcount
+from drivers.qcow2.create import build_header, empty_image
+from drivers.qcow2.mapping import OFLAG_COPIED
+from drivers.qcow2.ondisk import Header, get_refcount, set_refcount
 
 CLUSTER = 4096
+
+
+def qcow2(path: Path, options: str) -> str:
+    """A qcow2 node over ``path`` with driver options (a plain path takes common ones only)."""
+    return f"driver=qcow2,{options},file.driver=file,file.filename={path}"
 
 
 class MemFile:
@@ -49,13 +55,13 @@ class MemFile:
 
 
 class Image:
-    """A 4k-cluster v3 image built by the create layout, with clusters allocated by hand."""
+    """A new 4k-cluster v3 image as create makes it, with clusters allocated by hand."""
 
     def __init__(self, size: int = 1 << 20, order: int = 4) -> None:
         header = build_header(size, {"cluster_size": "4k", "refcount_bits": str(1 << order)},
                               None, None)
-        self.file = MemFile(layout(header))
-        self.header = parse_header(bytes(self.file.data[:CLUSTER]))
+        self.file = MemFile(empty_image(header))
+        self.header = Header.unpack(bytes(self.file.data[:CLUSTER]))
         self.refblock = struct.unpack_from(">Q", self.file.data,
                                            self.header.refcount_table_offset)[0]
 
@@ -87,7 +93,7 @@ class Image:
         return host
 
 
-async def test_a_fresh_layout_is_clean() -> None:
+async def test_a_new_image_is_clean() -> None:
     image = Image()
     result = await check(image.file)
     assert result.clean and result.messages == []
@@ -159,7 +165,7 @@ def test_compare_block_classifies_every_refcount(order: int, data: st.DataObject
     repaired, freed = compare_block(block, 0, tally, order, result)
     leaks = [i for i in range(count) if stored[i] > expected[i]]
     assert result.leaks == len(leaks)
-    assert result.corruptions == sum(s < e for s, e in zip(stored, expected))
+    assert result.corruptions == sum(s < e for s, e in zip(stored, expected, strict=True))
     assert freed == [i for i in leaks if expected[i] == 0]
     assert (repaired is None) == (not leaks)
     after = repaired if repaired is not None else block
@@ -171,7 +177,8 @@ def test_compare_block_classifies_every_refcount(order: int, data: st.DataObject
     assert highest_used(block, order) == (used[-1] if used else -1)
 
 
-async def test_a_writable_open_repairs_leaks_and_refuses_corruption(tmp_path: Path) -> None:
+async def test_with_repair_leaks_a_writable_open_repairs_leaks_and_refuses_corruption(
+        tmp_path: Path) -> None:
     image = Image()
     image.map(0)
     leaked = image.new_cluster()
@@ -179,7 +186,7 @@ async def test_a_writable_open_repairs_leaks_and_refuses_corruption(tmp_path: Pa
     path.write_bytes(image.file.data)
     layer = BlockLayer()
     try:
-        await layer.create("d", str(path))
+        await layer.create("d", qcow2(path, "repair=leaks"))
     finally:
         await layer.close()
     with open(path, "rb") as f:
@@ -193,11 +200,47 @@ async def test_a_writable_open_repairs_leaks_and_refuses_corruption(tmp_path: Pa
     layer = BlockLayer()
     try:
         with pytest.raises(BlockError) as refused:
-            await layer.create("d", str(path))
-        assert refused.value.errno == 117  # EUCLEAN
+            await layer.create("d", qcow2(path, "repair=leaks"))
+        assert refused.value.errno == errno.EUCLEAN
         assert "blkfs image check" in refused.value.message
         assert "d" not in layer
-        await layer.create("ro", f"{path},read-only=on")  # read-only still opens
+        await layer.create("ro", qcow2(path, "read-only=on,repair=leaks"))  # read-only still opens
     finally:
         await layer.close()
     assert path.read_bytes() == bytes(image.file.data)  # nothing was repaired
+
+
+async def test_without_repair_a_writable_open_checks_nothing(tmp_path: Path) -> None:
+    """As QEMU without its repair option: leaks stay, and an image whose refcounts are
+    corrupt (but whose header has no corrupt bit) opens writable."""
+    image = Image()
+    image.map(0)
+    leaked = image.new_cluster()
+    image.set_refcount(3, 0)  # the refcount table's cluster
+    path = tmp_path / "leaky.qcow2"
+    path.write_bytes(image.file.data)
+    layer = BlockLayer()
+    try:
+        backend = await layer.create("d", str(path))
+        assert not backend.read_only
+    finally:
+        await layer.close()
+    assert path.read_bytes() == bytes(image.file.data)
+    assert image.refcount(leaked // CLUSTER) == 1
+
+
+async def test_the_corrupt_bit_refuses_a_writable_open_whatever_repair_says(
+        tmp_path: Path) -> None:
+    image = Image()
+    struct.pack_into(">Q", image.file.data, 72, 1 << 1)  # incompatible_features: corrupt
+    path = tmp_path / "marked.qcow2"
+    path.write_bytes(image.file.data)
+    layer = BlockLayer()
+    try:
+        for repair in ("off", "leaks"):
+            with pytest.raises(BlockError) as refused:
+                await layer.create("d", qcow2(path, f"repair={repair}"))
+            assert refused.value.errno == errno.EROFS and "corrupt" in refused.value.message
+        await layer.create("ro", f"{path},read-only=on")
+    finally:
+        await layer.close()

@@ -1,0 +1,143 @@
+"""An open image's metadata in memory: loaded and checked at open, written back in one order.
+
+Ground rules:
+
+* :meth:`Metadata.load` reads the header and the L1 and refcount tables, and refuses what
+  blkfs cannot open (QEMU's qcow2_do_open): encryption, unknown incompatible features, tables
+  out of bounds, and, for writing, an image marked corrupt or dirty.
+* The write-back order (DESIGN.md section 6) is declared here, once, as the dependencies of
+  the metadata kinds (:mod:`drivers.qcow2.cache`): refcount blocks, then the refcount table
+  that names them, then the L2 tables that use the clusters they count (after a barrier even
+  when no refcount changed: guest data in new clusters comes first), then the L1 entries that
+  name new L2 tables, then the refcount decreases of clusters those no longer reference; a
+  barrier between each, and one at the end.
+"""
+
+from __future__ import annotations
+
+import errno
+from array import array
+
+from blkfs.block import BlockError
+from drivers.qcow2.cache import Barrier, CachedTables, L1Table, RefcountTable
+from drivers.qcow2.imagefile import ImageFile, read_header
+from drivers.qcow2.mapping import Geometry, corrupt
+from drivers.qcow2.ondisk import (
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    INCOMPAT_KNOWN,
+    INCOMPAT_NAMES,
+    MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES,
+    Feature,
+    Header,
+    decode_table,
+    encode_table,
+)
+from drivers.qcow2.refcount import DeferredDecreases, RefcountAllocator
+
+
+def _refcount_block(data: bytes | bytearray) -> bytearray:
+    """A refcount block is kept as the bytes it is on disk (refcounts are packed in place)."""
+    return data if isinstance(data, bytearray) else bytearray(data)
+
+
+def _as_is(block: bytearray) -> bytearray:
+    return block
+
+
+class Metadata:
+    """The header, the tables and caches, the allocator, and their write-back order."""
+
+    def __init__(self, file: ImageFile, header: Header, l1: array[int], reftable: array[int],
+                 l2_cache_size: int, refcount_cache_size: int) -> None:
+        self.file = file
+        self.header = header
+        self.geometry = Geometry(header.cluster_bits, header.extended_l2)
+        cluster = header.cluster_size
+        self.barrier = barrier = Barrier(file)
+        # The write-back order, declared once: each kind names what it waits for.
+        self.refcount_blocks: CachedTables[bytearray] = CachedTables(
+            barrier, file, refcount_cache_size // cluster, cluster, _refcount_block, _as_is)
+        self.refcount_table = RefcountTable(barrier, file, header, reftable,
+                                            depends_on=self.refcount_blocks)
+        self.l2_tables: CachedTables[array[int]] = CachedTables(
+            barrier, file, l2_cache_size // cluster, cluster, decode_table, encode_table,
+            depends_on=self.refcount_table, depends_on_flush=True)
+        self.l1_table = L1Table(barrier, file, header, l1, depends_on=self.l2_tables)
+        self.allocator = RefcountAllocator(file, header, self.refcount_table,
+                                           self.refcount_blocks, barrier)
+        self.decreases = DeferredDecreases(barrier, self.allocator, depends_on=self.l1_table)
+        """The last kind: every other one comes before it."""
+
+    @classmethod
+    async def load(cls, file: ImageFile, writable: bool, l2_cache_size: int,
+                   refcount_cache_size: int) -> Metadata:
+        """The metadata of the image in ``file``, with empty caches."""
+        header, _ = await read_header(file)
+        check_features(header, writable)
+        geometry = Geometry(header.cluster_bits, header.extended_l2)
+        l1 = await _load_l1(file, header, geometry)
+        reftable = await _load_reftable(file, header, geometry)
+        return cls(file, header, l1, reftable, l2_cache_size, refcount_cache_size)
+
+    def pending(self) -> bool:
+        return any(kind.pending() for kind in self.barrier.kinds)
+
+    async def write_back(self) -> bool:
+        """Everything cached reaches the image in the declared order (lock held). True if
+        anything did, which ends with a flush of the image file."""
+        if not self.pending():
+            return False
+        await self.decreases.write_back()
+        await self.barrier()
+        return True
+
+
+def check_features(header: Header, writable: bool) -> None:
+    """Refuse what blkfs cannot open, or cannot open for writing, with a message naming it."""
+    unknown = header.incompatible_features & ~INCOMPAT_KNOWN
+    if header.crypt_method:
+        raise BlockError(errno.ENOTSUP, "qcow2: encrypted images are not supported")
+    if unknown:
+        names = [header.feature_names.get((Feature.INCOMPATIBLE, bit),
+                                          INCOMPAT_NAMES.get(bit, f"bit {bit}"))
+                 for bit in range(64) if unknown >> bit & 1]
+        raise BlockError(errno.ENOTSUP, "qcow2: unsupported incompatible features: "
+                                        + ", ".join(names))
+    if writable and header.incompatible_features & INCOMPAT_CORRUPT:
+        raise BlockError(errno.EROFS, "qcow2: the image is marked corrupt; open it "
+                                      "read-only, or repair it with qemu-img check -r all")
+    if writable and header.incompatible_features & INCOMPAT_DIRTY:
+        raise BlockError(errno.EROFS, "qcow2: the image was not closed cleanly (dirty "
+                                      "bit of lazy refcounts); open it read-only, or "
+                                      "repair it with qemu-img check -r all")
+    if header.size > 1 << 61:
+        raise BlockError(errno.EINVAL, f"qcow2: virtual size {header.size} is too large")
+
+
+def _check_in_file(file: ImageFile, offset: int, length: int, what: str) -> None:
+    if offset + length > file.size:
+        raise corrupt(f"{what} at {offset}+{length} lies past the end of the file")
+
+
+async def _load_l1(file: ImageFile, header: Header, geometry: Geometry) -> array[int]:
+    if header.l1_size * 8 > MAX_L1_BYTES:
+        raise corrupt(f"L1 table of {header.l1_size} entries is too large")
+    if header.l1_size < geometry.l1_size_for(header.size):
+        raise corrupt(f"L1 table of {header.l1_size} entries cannot map "
+                      f"{header.size} bytes")
+    if not header.l1_size:
+        return array("Q")
+    geometry.check_cluster(header.l1_table_offset, "L1 table")
+    _check_in_file(file, header.l1_table_offset, header.l1_size * 8, "L1 table")
+    return decode_table(await file.read(header.l1_table_offset, header.l1_size * 8))
+
+
+async def _load_reftable(file: ImageFile, header: Header, geometry: Geometry) -> array[int]:
+    length = header.refcount_table_clusters * header.cluster_size
+    if not length or length > MAX_REFTABLE_BYTES:
+        raise corrupt(f"refcount table of {header.refcount_table_clusters} clusters")
+    geometry.check_cluster(header.refcount_table_offset, "refcount table")
+    _check_in_file(file, header.refcount_table_offset, length, "refcount table")
+    return decode_table(await file.read(header.refcount_table_offset, length))
