@@ -92,7 +92,7 @@ def build_header(size: int, options: Mapping[str, str], backing: str | None,
         raise invalid(f"the backing file name is longer than {MAX_BACKING_NAME} bytes")
     for table in (True, False):
         header.with_feature_table = table
-        header = header.with_backing(backing, backing_fmt)
+        header.set_backing(backing, backing_fmt)
         if len(header.pack()) <= cluster_size:
             return header
     raise invalid("the backing file name does not fit in the first cluster")

@@ -64,6 +64,7 @@ from drivers.qcow2.ondisk import (
     COMPRESSION_NAMES,
     COMPRESSION_ZSTD,
     MAGIC,
+    MAX_BACKING_NAME,
     MAX_L1_BYTES,
     feature_list,
 )
@@ -129,6 +130,7 @@ class Qcow2Driver(BlockDriver):
         self.header = metadata.header
         self.geometry = metadata.geometry
         self.cluster_size = metadata.header.cluster_size
+        self.discard_granularity = self.cluster_size  # discard frees whole clusters only
         self.allocator = metadata.allocator
         self.l1_table = metadata.l1_table
         self.l1 = metadata.l1_table.entries
@@ -440,6 +442,52 @@ class Qcow2Driver(BlockDriver):
                 self.l2_cache.mark_dirty(table_offset)
                 self.allocator.drop(host_clusters(self.geometry, old))
             position += chunk
+
+    async def make_empty(self) -> None:
+        """Every guest cluster becomes unallocated, its host cluster freed, so the image
+        shows its backing file again (QEMU's qcow2_make_empty with full discard; the L2
+        tables stay). The freeing follows the usual barrier: L2 tables first."""
+        extended = self.geometry.extended_l2
+        async with self.lock:
+            for l1_index, entry in enumerate(self.l1):
+                if not entry & OFFSET_MASK:
+                    continue
+                table_offset, table = await self._l2_for_write(l1_index)
+                for index in range(self.geometry.l2_entries):
+                    old, _ = l2_entry(table, index, extended)
+                    set_l2_entry(table, index, extended, 0, 0)
+                    self.allocator.drop(host_clusters(self.geometry, old))
+                self.l2_cache.mark_dirty(table_offset)
+            await self._write_back()
+            await self.file.flush()
+
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite the first cluster naming the new backing file (QEMU's
+        qcow2_change_backing_file); extensions blkfs does not know are kept."""
+        if name is not None and len(name.encode()) > MAX_BACKING_NAME:
+            raise BlockError(errno.ENAMETOOLONG,
+                             f"qcow2: a backing file name is at most {MAX_BACKING_NAME} bytes")
+        async with self.lock:
+            header = self.header
+            previous = header.backing_file, header.backing_format
+            header.set_backing(name, fmt)
+            head = header.pack()
+            if len(head) > self.cluster_size:  # small clusters: drop the feature name table
+                header.with_feature_table = False
+                header.set_backing(name, fmt)
+                head = header.pack()
+            if len(head) > self.cluster_size:
+                header.set_backing(*previous)
+                raise BlockError(errno.ENAMETOOLONG, "qcow2: the backing file name does not "
+                                                     "fit in the first cluster")
+            if not await self._write_back():  # what the new backing file covers is
+                await self.file.flush()  # durable before the header names it
+            await self.file.write(0, memoryview(head + bytes(self.cluster_size - len(head))))
+            await self.file.flush()
+
+    def children_changed(self) -> None:
+        backing = self.node.children.get("backing")
+        self.backing_size = backing.node.size if backing is not None else 0
 
     # -- growing ----------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 MAGIC = b"QFI\xfb"
@@ -251,21 +251,22 @@ class Header:
             out += bytes([self.compression_type]) + bytes(V3_HEADER_LENGTH - _V3_FIELDS_END - 1)
         if self.backing_format:
             out += HeaderExtension(EXT_BACKING_FORMAT, self.backing_format.encode()).pack()
+        for extension in self.extensions:  # what the image had that pack does not write
+            if extension.type not in (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE):
+                out += extension.pack()
         if self.version >= 3 and self.with_feature_table:
             out += HeaderExtension(EXT_FEATURE_TABLE,
                                    b"".join(f.pack() for f in KNOWN_FEATURES)).pack()
         out += HeaderExtension(EXT_END).pack()
         return bytes(out)
 
-    def with_backing(self, name: str | None, fmt: str | None) -> Header:
-        """This header naming a backing file; the name is stored after the extensions."""
-        header = replace(self, backing_file=name, backing_format=fmt if name else None,
-                         backing_file_offset=0, backing_file_size=0)
+    def set_backing(self, name: str | None, fmt: str | None) -> None:
+        """Name a backing file (or none); the name is stored after the extensions."""
+        self.backing_file, self.backing_format = name, fmt if name else None
+        self.backing_file_offset = self.backing_file_size = 0
         if name:
-            encoded = name.encode()
-            header.backing_file_offset = len(header._pack_header())
-            header.backing_file_size = len(encoded)
-        return header
+            self.backing_file_offset = len(self._pack_header())
+            self.backing_file_size = len(name.encode())
 
     @classmethod
     def unpack(cls, data: bytes) -> Header:
