@@ -22,7 +22,7 @@ import errno
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from blkfs.block.perm import ALL, FILTERED, WRITERS, Perm
 from blkfs.block.policy import HostPolicy
 from blkfs.block.request import Requests
 from blkfs.errors import BlockError, OptionError
+from blkfs.jobs.manager import JobManager
 
 __all__ = ["BlockBackend", "BlockError", "BlockLayer", "Extent", "Limits", "OptionError",
            "Status", "parse_bool", "parse_options", "parse_size"]
@@ -161,6 +162,18 @@ class BlockBackend:
             log.info("%s: closed", self.name)
 
     # -- I/O -----------------------------------------------------------------------------
+
+    def root_node(self) -> Node:
+        """The medium's root node: for block jobs and snapshots (the core), never a
+        frontend, which knows no nodes."""
+        return self._medium()
+
+    async def quiesced(self, call: Callable[[], Awaitable[None]]) -> None:
+        """Run ``call`` with the backend drained and its graph still (a rollback)."""
+        async with self._graph_lock, self._requests.tracker.drained():
+            self._medium()
+            await call()
+        self._notify("medium")
 
     def _medium(self) -> Node:
         if self._root is None:
@@ -317,7 +330,8 @@ class BlockBackend:
         log.info("%s: ejected%s", self.name, " (forced)" if force else "")
         self._media_changed()
 
-    async def change(self, options: Options, force: bool = False) -> None:
+    async def change(self, options: Options, force: bool = False, *, same_data: bool = False,
+                     before_swap: Callable[[], Awaitable[None]] | None = None) -> None:
         """Replace the medium atomically; on an empty backend this is insert.
 
         The outgoing tree is drained and flushed before anything opens the new one, which
@@ -326,6 +340,10 @@ class BlockBackend:
         only such a change is allowed unless ``force``: one whose new tree keeps the old
         medium's image (see :func:`_same_medium`). If building the new tree fails,
         the old medium stays as it was.
+
+        A block job's switch passes ``same_data`` (the new medium holds the same data: not a
+        media change, whoever writes) and may run ``before_swap`` while the backend is
+        drained (a mirror's last copy).
         """
         tree = self.layer.parse(options)
         async with self._graph_lock, self._requests.tracker.drained():
@@ -333,13 +351,18 @@ class BlockBackend:
             if old is None:
                 self._root = await self._open_medium(tree)
             else:
+                if before_swap is not None:
+                    await before_swap()
                 await self._flush_outgoing(force)
                 kept = self.layer.graph.subtree(old.node)
-                self._root = await self._replace(old, tree, force)
+                self._root = await self._replace(old, tree, force or same_data)
                 await self._release(old)
                 await self._settle(kept)
         log.info("%s: changed medium to %s", self.name, _spelled(tree))
-        self._media_changed()
+        if same_data:
+            self._notify("medium")
+        else:
+            self._media_changed()
 
     async def _settle(self, nodes: list[Node]) -> None:
         """Nodes the new medium took over from the old one and nobody writes any more (the
@@ -486,6 +509,7 @@ class BlockLayer:
 
     def __init__(self, image_dirs: list[str] | None = None) -> None:
         self.graph = Graph(policy=HostPolicy(image_dirs))
+        self.jobs = JobManager(self)
         self._backends: dict[str, BlockBackend] = {}
         self._deleted: set[BlockBackend] = set()
         """Deleted backends that users still hold open."""

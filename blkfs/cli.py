@@ -25,13 +25,15 @@ from typing import Any, NoReturn
 
 import trio
 
-from blkfs import imagecmd
+from blkfs import imagecmd, jobcmd
 from blkfs.backend import BlockLayer, parse_options
 from blkfs.commands import COMMANDS, Commands
-from blkfs.daemon import Daemon, DaemonConfig
+from blkfs.daemon import Daemon, DaemonConfig, FrontendFactory
 from blkfs.errors import BlockError
 from blkfs.frontends import ctl
 from blkfs.frontends.fuse import FuseFrontend
+from blkfs.frontends.nbd import NbdFrontend
+from blkfs.frontends.nbd.export import parse_address, socket_mode
 
 log = logging.getLogger("blkfs")
 UMOUNT_TIMEOUT = 120.0
@@ -62,10 +64,11 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
     """The daemon's configuration and the mountpoint, from the TOML config (if any) and the
     command line, whose flags add to it."""
     data = load_config(args.config) if args.config else {}
-    unknown = set(data) - {"image-dirs", "allow-other", "backends"}
+    unknown = set(data) - {"image-dirs", "allow-other", "backends", "nbd", "nbd-mode",
+                           "exports"}
     if unknown:
         raise UsageError(f"config: unknown keys {', '.join(sorted(unknown))} "
-                         "(known: image-dirs, allow-other, backends)")
+                         "(known: image-dirs, allow-other, backends, nbd, nbd-mode, exports)")
     backends = []
     for name, table in data.get("backends", {}).items():
         if not isinstance(table, dict) or set(table) - {"options", "read-only"}:
@@ -88,7 +91,35 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
 
     def fuse(layer: BlockLayer, commands: Commands) -> FuseFrontend:
         return FuseFrontend(layer, commands, mountpoint, allow_other)
-    return DaemonConfig(backends=backends, image_dirs=image_dirs, frontends=[fuse]), mountpoint
+    return DaemonConfig(backends=backends, image_dirs=image_dirs,
+                        frontends=[fuse, nbd_frontend(data, args)]), mountpoint
+
+
+def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> FrontendFactory:
+    """The NBD frontend: the mount's NBD server (``--nbd``, ``nbd`` in the config; none by
+    default) and the exports to make at start (``--export``, ``[exports.NAME]`` tables of
+    the ``export`` command's arguments)."""
+    exports = []
+    for name, table in data.get("exports", {}).items():
+        if not isinstance(table, dict):
+            raise UsageError(f"config: [exports.{name}] must be a table of export arguments")
+        exports.append({"name": name, **{key: str(value) if type(value) is int else value
+                                         for key, value in table.items()}})
+    for text in args.export:
+        try:
+            exports.append(ctl.parse("export", text.encode()))
+        except BlockError as exc:
+            raise UsageError(f"--export '{text}': {exc}") from None
+    where = args.nbd or data.get("nbd")
+    try:
+        server = parse_address(where) if where else None
+        mode = socket_mode(args.nbd_mode or data.get("nbd-mode"))
+    except BlockError as exc:
+        raise UsageError(f"--nbd: {exc}") from None
+
+    def nbd(layer: BlockLayer, commands: Commands) -> NbdFrontend:
+        return NbdFrontend(layer, commands, server, exports, mode)
+    return nbd
 
 
 def create_args(name: str, options: str | None, read_only: bool = False) -> dict[str, Any]:
@@ -237,7 +268,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if exc.errno == errno.ENOENT:
             raise UsageError(f"{mountpoint} is not a blkfs mount") from None
         raise UsageError(f"cannot reach {mountpoint}: {exc.strerror}") from None
-    busy = [describe_users(mountpoint, b) for b in status["backends"] if b["open"]]
+    busy = [describe_users(mountpoint, b, status.get("exports", []))
+            for b in status["backends"] if b["open"]]
     if busy:
         raise UsageError(f"{mountpoint} is busy: {'; '.join(busy)}; close those files first "
                          "(nothing was changed)")
@@ -256,13 +288,20 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_users(mountpoint: str, backend: dict[str, Any]) -> str:
-    """Who has a backend open, naming the loop devices, which lsof does not show."""
+def describe_users(mountpoint: str, backend: dict[str, Any],
+                   exports: list[dict[str, Any]]) -> str:
+    """Who has a backend open, naming the loop devices, which lsof does not show, and the
+    NBD clients."""
     text = f"{backend['name']} ({'deleted, ' if backend['deleted'] else ''}" \
            f"{backend['open']} open"
     loops = loop_devices(os.path.join(mountpoint, backend["name"]))
     if loops:
         text += f"; loop device {', '.join(loops)}: losetup -d {' '.join(loops)}"
+    for export in exports:
+        if export["backend"] == backend["name"] and export["clients"]:
+            peers = ", ".join(client["peer"] for client in export["clients"])
+            text += f"; NBD clients of export '{export['name']}': {peers}" + (
+                "" if export["retired"] else f": export-del {export['name']} force=on")
     return text + ")"
 
 
@@ -360,8 +399,10 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"cannot read {folder / args.command}: {exc.strerror}") from None
         return 0
-    text = absolute_filenames(" ".join(args.args)) if args.command in TREE_VERBS \
-        else " ".join(args.args)
+    words = [f"socket={os.path.abspath(word[7:])}" if args.command == "export" and
+             word.startswith("socket=") else word for word in args.args]
+    text = absolute_filenames(" ".join(words)) if args.command in TREE_VERBS \
+        else " ".join(words)
     try:
         with open(folder / args.command, "wb", buffering=0) as f:
             f.write(text.encode())
@@ -390,6 +431,12 @@ def parser() -> argparse.ArgumentParser:
                        help="let other users reach the mount (needs user_allow_other)")
     mount.add_argument("--image-dir", action="append", default=[], metavar="DIR",
                        help="only open host images inside DIR (repeatable)")
+    mount.add_argument("--nbd", metavar="unix:PATH|HOST:PORT",
+                       help="serve NBD here; exports go here unless they name a socket")
+    mount.add_argument("--nbd-mode", metavar="MODE",
+                       help="permissions of the --nbd unix socket (default 0600)")
+    mount.add_argument("--export", action="append", default=[], metavar="'NAME [ARGS]'",
+                       help="export a backend over NBD at start, as .ctl/export (repeatable)")
     mount.add_argument("--nonempty", action="store_true",
                        help="mount even on a directory that is not empty (hiding it)")
     mount.add_argument("--log-file", help="write the log here (default: stderr in the "
@@ -413,6 +460,7 @@ def parser() -> argparse.ArgumentParser:
     commands.add_argument("args", nargs="*")
     commands.set_defaults(func=cmd_ctl)
 
+    jobcmd.add_parsers(sub)
     imagecmd.add_parser(sub)
     return top
 
@@ -422,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status: int = args.func(args)
         return status
-    except (UsageError, BlockError) as exc:
+    except (UsageError, BlockError, jobcmd.JobError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         return 130

@@ -28,14 +28,22 @@ from typing import (
     Annotated,
     Any,
     Literal,
+    Protocol,
     Union,
     get_args,
     get_origin,
     get_type_hints,
 )
+from weakref import WeakKeyDictionary
 
-from blkfs.backend import BlockLayer, Medium, OptionError, parse_bool, parse_size
+from blkfs.backend import BlockBackend, BlockLayer, Medium, OptionError, parse_bool, parse_size
 from blkfs.errors import BlockError
+from blkfs.jobs.backup import BackupJob
+from blkfs.jobs.commit import commit as commit_job
+from blkfs.jobs.mirror import MirrorJob, start_copy
+from blkfs.jobs.snapshot import rollback as rollback_medium
+from blkfs.jobs.snapshot import snapshot as snapshot_medium
+from blkfs.jobs.stream import stream as stream_job
 
 log = logging.getLogger("blkfs.commands")
 
@@ -52,17 +60,30 @@ class Kind(Enum):
     SIZE = "SIZE"            # bytes, with QEMU's suffixes
     FLAG = "on|off"          # key=on|off
     CHOICE = "word"          # key=one-of-some-words
+    EXPORT = "NAME-OR-EXPORT"  # a backend's name or an export's: the first word
+    JOB = "JOB-ID"           # a job's id: the first word
+    PATH = "PATH"            # an absolute host path: a word after the name
+    TEXT = "text"            # key=text (a path, a host); shown as key=KEY
+    RATE = "RATE"            # key=bytes per second, with QEMU's suffixes (0: no limit)
 
     @property
     def word(self) -> str:
         return str(self.value).strip()
 
 
+POSITIONAL = frozenset({Kind.NAME, Kind.NODE, Kind.EXPORT, Kind.JOB, Kind.MEDIUM,
+                        Kind.NODE_OPTIONS, Kind.SIZE, Kind.PATH})
+"""Kinds given by position (the first word, the words after it, the rest of the line); the
+others are ``key=value``."""
+
 BackendName = Annotated[str, Kind.NAME]
 NodeName = Annotated[str, Kind.NODE]
 MediumOptions = Annotated[Medium, Kind.MEDIUM]
 NodeOptions = Annotated[Mapping[str, Any], Kind.NODE_OPTIONS]
 Size = Annotated[int, Kind.SIZE]
+JobId = Annotated[str, Kind.JOB]
+HostPath = Annotated[str, Kind.PATH]
+Rate = Annotated[int, Kind.RATE]
 OnChange = Literal["follow", "error"]
 
 
@@ -72,6 +93,8 @@ class Param:
 
     name: str
     """As users spell it: ``on-change`` for the handler's ``on_change``."""
+    arg: str
+    """As the handler spells it (``format_`` for ``format``)."""
     kind: Kind
     required: bool
     default: Any
@@ -80,7 +103,7 @@ class Param:
     def convert(self, command: str, raw: Any) -> Any:
         """The typed value of ``raw``; EINVAL naming the argument if it is not one."""
         try:
-            if self.kind is Kind.SIZE:
+            if self.kind in (Kind.SIZE, Kind.RATE):
                 return parse_size(raw)
             if self.kind is Kind.FLAG:
                 return parse_bool(raw)
@@ -90,8 +113,10 @@ class Param:
         if self.kind is Kind.CHOICE and raw not in self.choices:
             raise BlockError(errno.EINVAL, f"{command}: {self.name} must be "
                                            f"{' or '.join(self.choices)} (got {raw!r})")
-        if self.kind in (Kind.NAME, Kind.NODE) and not isinstance(raw, str):
-            raise BlockError(errno.EINVAL, f"{command}: {self.name} must be a name")
+        if self.kind in (Kind.NAME, Kind.NODE, Kind.EXPORT, Kind.JOB, Kind.PATH, Kind.TEXT) \
+                and not isinstance(raw, str):
+            raise BlockError(errno.EINVAL, f"{command}: {self.name} must be "
+                                           f"{'text' if self.kind is Kind.TEXT else 'a name'}")
         return raw
 
 
@@ -110,12 +135,14 @@ class Command:
         """``NAME [OPTIONS] [on-change=follow|error]``: the first words, then key=value."""
         words = []
         for param in self.params:
-            if param.kind in (Kind.NAME, Kind.NODE, Kind.MEDIUM, Kind.NODE_OPTIONS, Kind.SIZE):
+            if param.kind in POSITIONAL:
                 word = param.kind.word
                 words.append(word if param.required else f"[{word}]")
             else:
-                value = "|".join(param.choices) if param.kind is Kind.CHOICE else "on"
-                words.append(f"[{param.name}={value}]")
+                value = {Kind.CHOICE: "|".join(param.choices), Kind.TEXT: param.name.upper(),
+                         Kind.RATE: "RATE"}.get(param.kind, "on")
+                word = f"{param.name}={value}"
+                words.append(word if param.required else f"[{word}]")
         return " ".join(words)
 
 
@@ -136,18 +163,20 @@ def command(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
     return handler
 
 
-def _param(name: str, hint: Any, default: Any) -> Param:
+def _param(arg: str, hint: Any, default: Any) -> Param:
     required = default is inspect.Parameter.empty
-    spelled = name.replace("_", "-")
+    name = arg.rstrip("_").replace("_", "-")
     if get_origin(hint) in (Union, UnionType):  # X | None: optional, as its default says
-        hint = next(arg for arg in get_args(hint) if arg is not type(None))
+        hint = next(a for a in get_args(hint) if a is not type(None))
     if get_origin(hint) is Annotated:
-        return Param(spelled, get_args(hint)[1], required, None if required else default)
+        return Param(name, arg, get_args(hint)[1], required, None if required else default)
     if get_origin(hint) is Literal:
-        return Param(spelled, Kind.CHOICE, required, default, tuple(get_args(hint)))
+        return Param(name, arg, Kind.CHOICE, required, default, tuple(get_args(hint)))
     if hint is bool:
-        return Param(spelled, Kind.FLAG, required, default)
-    raise TypeError(f"command parameter {name}: no argument kind for {hint!r}")
+        return Param(name, arg, Kind.FLAG, required, default)
+    if hint is str:
+        return Param(name, arg, Kind.TEXT, required, default)
+    raise TypeError(f"command parameter {arg}: no argument kind for {hint!r}")
 
 
 class Commands:
@@ -179,8 +208,7 @@ class Commands:
         typed = {}
         for param in command.params:
             if param.name in args and args[param.name] is not None:
-                typed[param.name.replace("-", "_")] = param.convert(command.name,
-                                                                   args[param.name])
+                typed[param.arg] = param.convert(command.name, args[param.name])
             elif param.required:
                 raise BlockError(errno.EINVAL, f"{command.name}: {param.kind.word} missing "
                                                f"(usage: {command.usage()})")
@@ -279,6 +307,191 @@ async def resize(layer: BlockLayer, name: BackendName, size: Size | None = None,
 async def query_status(layer: BlockLayer) -> dict[str, Any]:
     """The daemon and every backend: medium, size, users, driver tree, statistics.
 
-    Deleted backends that users still hold open are listed too."""
+    Deleted backends that users still hold open are listed too, and the NBD exports with
+    their clients and counters."""
+    exporter = _EXPORTERS.get(layer)
     return {"pid": os.getpid(), "image-dirs": layer.image_dirs,
-            "backends": await layer.status()}
+            "backends": await layer.status(),
+            "exports": exporter.status() if exporter else []}
+
+
+# -- snapshots and block jobs ---------------------------------------------------------------
+
+MirrorSync = Literal["full", "top", "none"]
+BackupSync = Literal["full", "top"]
+MirrorMode = Literal["background", "write-blocking"]
+ImageFormat = Literal["qcow2", "raw"]
+
+
+@command
+async def snapshot(layer: BlockLayer, name: BackendName, path: HostPath) -> None:
+    """A live external snapshot: a new qcow2 overlay at PATH over the medium.
+
+    The image now in use becomes its read-only backing file and keeps the data of this
+    moment; users of the backend see no interruption."""
+    await snapshot_medium(layer, layer.find(name), path)
+
+
+@command
+async def rollback(layer: BlockLayer, name: BackendName) -> None:
+    """Drop what was written since the last snapshot (the active overlay is emptied).
+
+    A filesystem mounted from the backend must be unmounted first: its cache would not
+    match the disk any more."""
+    await rollback_medium(layer.find(name))
+
+
+@command
+async def commit(layer: BlockLayer, name: BackendName, top: str | None = None,
+                 base: str | None = None, speed: Rate = 0, job_id: str | None = None) -> None:
+    """A job copying the images from top down to base into the base, which replaces them.
+
+    top (default: the active image) and base (default: the last backing file) are node
+    names or image file names. Committing the active image goes ready; job-complete then
+    switches the backend to the base."""
+    await layer.jobs.launch(commit_job(layer.jobs, layer.find(name), job_id, top, base,
+                                       speed))
+
+
+@command
+async def stream(layer: BlockLayer, name: BackendName, base: str | None = None,
+                 speed: Rate = 0, job_id: str | None = None) -> None:
+    """A job copying what the backing files above base hold into the active image.
+
+    The streamed files then leave the chain (all of them without base=: the image stands
+    alone)."""
+    await layer.jobs.launch(stream_job(layer.jobs, layer.find(name), job_id, base, speed))
+
+
+@command
+async def mirror(layer: BlockLayer, name: BackendName, target: HostPath,
+                 sync: MirrorSync = "full", mode: MirrorMode = "background",
+                 format_: ImageFormat | None = None, existing: bool = False, speed: Rate = 0,
+                 job_id: str | None = None) -> None:
+    """A job copying the live medium to a new image at TARGET, then switching to it.
+
+    It goes ready once in sync; job-complete switches the backend to the target, job-cancel
+    then leaves the target as a copy of that moment. sync=top|none: only the active image's
+    data (the target shares its backing file); mode=write-blocking: writes reach both before
+    they complete. existing=on: TARGET is an image already (at least as large)."""
+    await start_copy(MirrorJob, layer.jobs, layer.find(name), job_id, target, format_, sync,
+                     mode, existing, speed)
+
+
+@command
+async def backup(layer: BlockLayer, name: BackendName, target: HostPath,
+                 sync: BackupSync = "full", format_: ImageFormat | None = None,
+                 existing: bool = False, speed: Rate = 0, job_id: str | None = None) -> None:
+    """A job copying the medium as it is now to a new image at TARGET, while it is used.
+
+    Writes meanwhile first save the old data to the target: it ends as a copy of the moment
+    the job started."""
+    await start_copy(BackupJob, layer.jobs, layer.find(name), job_id, target, format_, sync,
+                     "background", existing, speed)
+
+
+@command
+async def job_pause(layer: BlockLayer, job: JobId) -> None:
+    """Pause a job (its copy; the backend keeps serving)."""
+    layer.jobs.find(job).pause()
+
+
+@command
+async def job_resume(layer: BlockLayer, job: JobId) -> None:
+    """Resume a paused job."""
+    layer.jobs.find(job).resume()
+
+
+@command
+async def job_cancel(layer: BlockLayer, job: JobId) -> None:
+    """Stop a job; the backend stays as it was (a ready mirror keeps its target in sync
+    up to now, without switching)."""
+    layer.jobs.find(job).cancel()
+
+
+@command
+async def job_complete(layer: BlockLayer, job: JobId) -> None:
+    """Finish a ready mirror or active commit: switch the backend to its target."""
+    layer.jobs.find(job).complete()
+
+
+@command
+async def job_set_speed(layer: BlockLayer, job: JobId, speed: Rate) -> None:
+    """Limit a job's copy to RATE bytes per second (0: no limit)."""
+    layer.jobs.find(job).set_speed(speed)
+
+
+@command
+async def job_dismiss(layer: BlockLayer, job: JobId) -> None:
+    """Forget a concluded job."""
+    layer.jobs.dismiss(job)
+
+
+@command
+async def query_jobs(layer: BlockLayer) -> list[dict[str, Any]]:
+    """Every job: type, backend, status, progress, speed, error."""
+    return layer.jobs.status()
+
+
+# -- exports --------------------------------------------------------------------------------
+
+ExportOrBackend = Annotated[str, Kind.EXPORT]
+
+
+class Exporter(Protocol):
+    """What serves NBD exports (the NBD frontend). It registers itself for its layer with
+    :func:`serve_exports`, so that the export commands reach it without knowing it."""
+
+    async def add(self, backend: BlockBackend, export_name: str, writable: bool, *,
+                  socket: str | None, host: str | None, port: str | None,
+                  mode: str | None) -> None:
+        """Serve ``backend`` at the address given, or on the default server."""
+
+    async def remove(self, name: str, force: bool) -> None:
+        """Stop serving the export ``name``, or every export of the backend ``name``."""
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every export, its clients and its counters."""
+
+
+_EXPORTERS: WeakKeyDictionary[BlockLayer, Exporter] = WeakKeyDictionary()
+
+
+def serve_exports(layer: BlockLayer, exporter: Exporter) -> None:
+    """Make ``exporter`` the one the export commands of ``layer`` drive."""
+    _EXPORTERS[layer] = exporter
+
+
+def _exporter(layer: BlockLayer) -> Exporter:
+    exporter = _EXPORTERS.get(layer)
+    if exporter is None:
+        raise BlockError(errno.ENOTSUP, "this daemon serves no NBD exports")
+    return exporter
+
+
+@command
+async def export(layer: BlockLayer, name: BackendName, socket: str | None = None,
+                 host: str | None = None, port: str | None = None, mode: str | None = None,
+                 writable: bool = False, export_name: str | None = None) -> None:
+    """Serve the backend over NBD, to QEMU, nbd-client, nbdcopy or another blkfs.
+
+    On the mount's NBD server (blkfs mount --nbd), or on a unix socket (socket=PATH, mode
+    0600 unless mode= says otherwise) or TCP address (host= port=) of its own. Read-only
+    unless writable=on; clients ask for it by export-name (default: NAME)."""
+    backend = layer.find(name)
+    if socket is not None and (host is not None or port is not None):
+        raise BlockError(errno.EINVAL, "export: give socket=PATH or host= port=, not both")
+    if writable and backend.read_only:
+        raise BlockError(errno.EROFS, f"{name}: read-only medium; export it without "
+                                      "writable=on")
+    await _exporter(layer).add(backend, export_name or name, writable, socket=socket,
+                               host=host, port=port, mode=mode)
+
+
+@command
+async def export_del(layer: BlockLayer, name: ExportOrBackend, force: bool = False) -> None:
+    """Stop serving an export, named by its export name or by its backend's name.
+
+    Refused while clients are connected (EBUSY) unless force=on, which disconnects them
+    once their requests in flight are answered."""
+    await _exporter(layer).remove(name, force)

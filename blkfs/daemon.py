@@ -1,13 +1,13 @@
 """The daemon: one BlockLayer, its frontends in one nursery, one shutdown.
 
 The daemon creates the configured backends (through the command layer, as any frontend
-would), starts each frontend and tells its caller the mount serves (or why it could not: then
-nothing is left open). A signal (SIGTERM, SIGINT, SIGHUP), or a frontend that ends (the FUSE
-mount unmounted from outside), stops them all. Shutdown is one path: the frontends stop
-taking requests and let go of what they hold, the layer drains, flushes and closes every
-backend, and only then do the frontends give up their resources (unmount), so that no
-acknowledged write is left in a cache. A backend whose final flush fails is reported to the
-caller (who exits non-zero), not just logged.
+would), runs the block jobs' manager and each frontend, and tells its caller the mount
+serves (or why it could not: then nothing is left open). A signal (SIGTERM, SIGINT, SIGHUP),
+or a frontend that ends (the FUSE mount unmounted from outside), stops them all. Shutdown is
+one path: the frontends stop taking requests and let go of what they hold, the layer drains,
+flushes and closes every backend, and only then do the frontends give up their resources
+(unmount), so that no acknowledged write is left in a cache. A backend whose final flush
+fails is reported to the caller (who exits non-zero), not just logged.
 
 Frontends (:mod:`blkfs.frontends`) are made by the caller from the configuration; the daemon
 knows them only as :class:`Frontend`.
@@ -82,6 +82,7 @@ class Daemon:
         failures: list[str] = []
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.layer.jobs.serve)
                 for frontend in self.frontends:
                     await nursery.start(self._serve, frontend)
                 nursery.start_soon(self._stop_on_signal)
@@ -98,8 +99,10 @@ class Daemon:
         return failures
 
     def stop(self) -> None:
-        """Stop every frontend; :meth:`run` then shuts down."""
+        """Stop every frontend and cancel the jobs (each leaves its images consistent);
+        :meth:`run` then shuts down."""
         self._signals.cancel()
+        self.layer.jobs.stop()
         for frontend in self.frontends:
             frontend.stop()
 

@@ -92,6 +92,22 @@ async def _inspect_backing(graph: Graph, filename: str, backing: str,
         await graph.unref(root)
 
 
+async def set_backing_file(filename: str, backing: str | None,
+                           backing_format: str | None) -> None:
+    """Name another backing file (or none) in the image's header, its data untouched
+    (``qemu-img rebase -u``). The new backing file must open; its format is probed if not
+    given, then recorded."""
+    graph = Graph()
+    if backing is not None:
+        backing_format, _ = await _inspect_backing(graph, filename, backing, backing_format)
+    root = await graph.open_node({"file": {"driver": "file", "filename": filename},
+                                  "backing": None})
+    try:
+        await root.driver.change_backing_file(backing, backing_format)
+    finally:
+        await graph.unref(root)
+
+
 async def image_info(filename: str) -> dict[str, Any]:
     """Format, sizes, format details and the backing chain of an image, as plain data.
 

@@ -30,6 +30,12 @@ read from /proc/PID.
 sparse qcow2 made by ``blkfs image create``, mounted in blkfs, 4k random reads over the whole
 1 TiB, then 4k random writes at spread offsets; reports the daemon's VmHWM (target < 150 MiB).
 
+``--nbd`` (also run at the end of a normal run unless ``--no-nbd``): NBD, on raw and qcow2
+images of SIZE, every pair served by one qemu-nbd or read the same way. blkfs with a backend
+``nbd+unix:///?socket=S`` versus nbdfuse on the same qemu-nbd socket (seqread-warm, randread,
+randread4, randwrite through each FUSE file); then blkfs's NBD export of the image versus
+``qemu-nbd -r`` serving it, each read whole by ``nbdcopy URI null:`` (image warm) -> MB/s.
+
 ``--throttle`` (also run at the end of a normal run unless ``--no-throttle``): a blkfs backend
 ``driver=throttle,limits.bps-read=N`` over a sparse raw image (N from ``--throttle-rate``,
 default 50M, binary units as in blkfs options); ``dd bs=1M`` for about 5 s must read at N
@@ -273,10 +279,11 @@ def copy_set(image: Path, dst_dir: Path) -> Path:
 
 # -- peers -----------------------------------------------------------------------------------
 
-def blkfs_mount(mnt: Path, backends: dict[str, Path | str]) -> int:
-    """Mount blkfs with backends given as image paths or option strings; the daemon's pid."""
+def blkfs_mount(mnt: Path, backends: dict[str, Path | str], *extra: str) -> int:
+    """Mount blkfs with backends given as image paths or option strings, and ``extra``
+    mount arguments; the daemon's pid."""
     mnt.mkdir(parents=True, exist_ok=True)
-    cmd = [BLKFS, "mount", str(mnt)]
+    cmd = [BLKFS, "mount", str(mnt), *extra]
     for name, img in backends.items():
         cmd += ["--backend", f"{name}={img}"]
     CLEANUP.add("blkfs", str(mnt))
@@ -375,32 +382,45 @@ def nbd_start(d: Path, exports: dict[str, Path], fmt: str) -> Nbd:
     CLEANUP.add("nbdfuse", nbd)
     for name, img in exports.items():
         mnt = d / f"nbd-{name}"
-        mnt.mkdir()
         with open(d / f"nbd-{name}.log", "wb") as logf:  # the children keep their copies
             if fmt == "raw":
                 cmd = ["nbdfuse", f"{mnt}/disk", "--command", "nbdkit", "-s", "file", str(img)]
             else:
-                sock = d / f"nbd-{name}.sock"
-                nbd.procs.append(subprocess.Popen(
-                    ["qemu-nbd", "-f", fmt, "-t", "-k", str(sock), str(img)], stdout=logf,
-                    stderr=subprocess.STDOUT, start_new_session=True))
-                deadline = time.monotonic() + 30
-                while not sock.exists():
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"qemu-nbd did not listen on {sock} within 30s")
-                    time.sleep(0.05)
+                proc, sock = qemu_nbd_serve(d / f"nbd-{name}.sock", img, fmt, logf)
+                nbd.procs.append(proc)
                 cmd = ["nbdfuse", f"{mnt}/disk", "--unix", str(sock)]
-            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        nbd.procs.append(proc)
-        nbd.files.append(str(mnt / "disk"))
-        deadline = time.monotonic() + 60
-        while not is_mounted(str(mnt)):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nbdfuse did not mount {mnt}: "
-                                   f"{(d / f'nbd-{name}.log').read_text()[-2000:]}")
-            time.sleep(0.05)
+        nbdfuse_mount(nbd, mnt, cmd, d / f"nbd-{name}.log")
     return nbd
+
+
+def qemu_nbd_serve(sock: Path, img: Path, fmt: str, logf: Any,
+                   *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """qemu-nbd serving IMG as the default export on SOCK, to up to 8 clients at once."""
+    proc = subprocess.Popen(["qemu-nbd", "-f", fmt, "-t", "-e", "8", "-k", str(sock), *extra,
+                             str(img)], stdout=logf, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"qemu-nbd did not listen on {sock} within 30s")
+        time.sleep(0.05)
+    return proc, sock
+
+
+def nbdfuse_mount(nbd: Nbd, mnt: Path, cmd: list[str], log_path: Path) -> None:
+    """Start nbdfuse (CMD) on MNT/disk and wait until it serves."""
+    mnt.mkdir(exist_ok=True)
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    nbd.procs.append(proc)
+    nbd.files.append(str(mnt / "disk"))
+    deadline = time.monotonic() + 60
+    while not is_mounted(str(mnt)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"nbdfuse did not mount {mnt}: {log_path.read_text()[-2000:]}")
+        time.sleep(0.05)
 
 
 def nbd_stop(nbd: Nbd) -> None:
@@ -664,6 +684,91 @@ def throttle_check(work: Path, rate: int) -> dict:
     return out
 
 
+NBD_WORKLOADS = ["seqread-warm", "randread", "randread4", "randwrite"]
+
+
+def nbd_check(work: Path, size: int, runtime: float) -> dict:
+    """blkfs's nbd driver against nbdfuse, both clients of one qemu-nbd; and blkfs's NBD
+    export against qemu-nbd, both read whole by nbdcopy. On a raw and a qcow2 image."""
+    d = work / "nbd"
+    d.mkdir(parents=True)
+    CLEANUP.add("dir", str(d))
+    srcs = make_images(d, size, ["qcow2"])
+    out: dict = {}
+    try:
+        for fmt in ("raw", "qcow2"):
+            img = srcs[fmt]
+            rows = out.setdefault(fmt, {})
+            nbd = Nbd(d)
+            CLEANUP.add("nbdfuse", nbd)
+            with open(d / f"qemu-nbd-{fmt}.log", "wb") as logf:
+                proc, sock = qemu_nbd_serve(d / f"{fmt}.sock", img, fmt, logf)
+            nbd.procs.append(proc)  # stopped with nbdfuse, after it
+            nbdfuse_mount(nbd, d / f"nbdfuse-{fmt}", ["nbdfuse", str(d / f"nbdfuse-{fmt}/disk"),
+                                                       "--unix", str(sock)],
+                          d / f"nbdfuse-{fmt}.log")
+            mnt = d / f"blkfs-{fmt}"
+            blkfs_mount(mnt, {"d": f"nbd+unix:///?socket={sock}"})
+            for wl in NBD_WORKLOADS:
+                for peer, f in (("blkfs", str(mnt / "d")), ("nbdfuse", nbd.files[0])):
+                    rows.setdefault(wl, {})[peer] = workload(wl, f, size, runtime, img.parent)
+                log(f"  nbd {fmt:5} {wl:12} blkfs {rows[wl]['blkfs']:10.1f}  nbdfuse "
+                    f"{rows[wl]['nbdfuse']:10.1f} {UNITS[wl]}")
+            CLEANUP.remove("blkfs", str(mnt))
+            blkfs_umount(str(mnt))
+            CLEANUP.remove("nbdfuse", nbd)
+            nbd_stop(nbd)
+            rows["nbdcopy"] = export_reads(d, img, fmt, size)
+            log(f"  nbd {fmt:5} nbdcopy      blkfs {rows['nbdcopy']['blkfs']:10.1f}  qemu-nbd "
+                f"{rows['nbdcopy']['qemu-nbd']:10.1f} MB/s")
+    except Exception as exc:
+        out["error"] = str(exc)[-1000:]
+        log(f"  nbd FAILED: {exc}")
+    finally:
+        for kind, obj in list(CLEANUP.items):
+            if kind in STOPS and peer_path(kind, obj).startswith(str(d)):
+                CLEANUP.remove(kind, obj)
+                STOPS[kind](obj)
+        CLEANUP.remove("dir", str(d))
+        shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+def export_reads(d: Path, img: Path, fmt: str, size: int) -> dict[str, float]:
+    """MB/s of ``nbdcopy URI null:`` from blkfs's export of IMG and from qemu-nbd -r (both
+    read-only, so that both may hold the image at once)."""
+    rates = {}
+    mnt, sock = d / f"export-{fmt}", d / f"export-{fmt}.sock"
+    blkfs_mount(mnt, {"d": f"{img},read-only=on"}, "--nbd", f"unix:{sock}", "--export", "d")
+    nbd = Nbd(d)
+    CLEANUP.add("nbdfuse", nbd)
+    with open(d / f"qemu-nbd-ro-{fmt}.log", "wb") as logf:
+        nbd.procs.append(qemu_nbd_serve(d / f"ro-{fmt}.sock", img, fmt, logf, "-r")[0])
+    for peer, uri in (("blkfs", f"nbd+unix:///d?socket={sock}"),
+                      ("qemu-nbd", f"nbd+unix:///?socket={d / f'ro-{fmt}.sock'}")):
+        warm(img.parent)
+        t0 = time.monotonic()
+        run(["nbdcopy", uri, "null:"], timeout=3600)
+        rates[peer] = size / (time.monotonic() - t0) / 1e6
+    CLEANUP.remove("blkfs", str(mnt))
+    blkfs_umount(str(mnt))
+    CLEANUP.remove("nbdfuse", nbd)
+    nbd_stop(nbd)
+    return rates
+
+
+def nbd_table(nbd: dict) -> str:
+    rows = [["image", "workload", "unit", "blkfs", "peer", "peer value", "blkfs/peer"]]
+    for fmt in ("raw", "qcow2"):
+        for wl in [*NBD_WORKLOADS, "nbdcopy"]:
+            r = nbd.get(fmt, {}).get(wl, {})
+            peer = "qemu-nbd" if wl == "nbdcopy" else "nbdfuse"
+            rows.append([fmt, "nbdcopy read" if wl == "nbdcopy" else wl,
+                         UNITS.get(wl, "MB/s"), num(r.get("blkfs")), peer, num(r.get(peer)),
+                         ratio(r.get("blkfs"), r.get(peer))])
+    return md_table(rows, right_from=3)
+
+
 # -- report ----------------------------------------------------------------------------------
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -732,6 +837,9 @@ def main() -> int:
     ap.add_argument("--sparse-rss", action="store_true",
                     help="only the 1 TiB sparse qcow2 RSS check")
     ap.add_argument("--no-sparse-rss", action="store_true", help="skip the sparse RSS check")
+    ap.add_argument("--nbd", action="store_true",
+                    help="only the NBD rows (driver vs nbdfuse, export vs qemu-nbd)")
+    ap.add_argument("--no-nbd", action="store_true", help="skip the NBD rows")
     ap.add_argument("--throttle", action="store_true",
                     help="only the real-time throttle check (rate, then a live retune)")
     ap.add_argument("--no-throttle", action="store_true", help="skip the throttle check")
@@ -768,7 +876,7 @@ def main() -> int:
         work = Path(tempfile.mkdtemp(prefix="blkfs-bench-", dir="/var/tmp"))
     CLEANUP.add("dir", str(work))
     free = shutil.disk_usage(work).free
-    only_one = args.sparse_rss or args.throttle
+    only_one = args.sparse_rss or args.throttle or args.nbd
     need = size * (1 + 2 * len(images) + 3 * 3) if not only_one else 4 * GiB
     if free < need:
         log(f"warning: {work} has {free / GiB:.1f} GiB free, this run may need "
@@ -817,7 +925,17 @@ def main() -> int:
             print()
             print("daemons (one per image, 3 images open: reads, randwrite, seqwrite copies):")
             print(daemon_table(results, images))
-        if args.sparse_rss or not (args.no_sparse_rss or args.throttle):
+        if args.nbd or not (args.no_nbd or args.sparse_rss or args.throttle):
+            for tool in ("qemu-nbd", "nbdfuse", "nbdcopy"):
+                if not shutil.which(tool):
+                    ap.error(f"{tool} is not installed (scripts/bench installs it)")
+            log("NBD: blkfs's driver vs nbdfuse, blkfs's export vs qemu-nbd")
+            results["nbd"] = nbd_check(work, size, runtime)
+            print()
+            print("NBD: blkfs over the nbd driver vs nbdfuse (both clients of one qemu-nbd); "
+                  "blkfs's export vs qemu-nbd -r, both read by nbdcopy:")
+            print(nbd_table(results["nbd"]))
+        if args.sparse_rss or not (args.no_sparse_rss or args.throttle or args.nbd):
             log("sparse 1 TiB qcow2 RSS check")
             sp = sparse_rss(work, runtime)
             results["sparse_rss"] = sp
@@ -828,7 +946,7 @@ def main() -> int:
                   f"{sp.get('randwrite_iops', 0):,.0f} IOPS ({sp.get('randwrite_ios', 0)} "
                   f"writes, image grew to {sp.get('host_file_mib', '?')} MiB)"
                   + (f"; error: {sp['error']}" if "error" in sp else ""))
-        if args.throttle or not (args.no_throttle or args.sparse_rss):
+        if args.throttle or not (args.no_throttle or args.sparse_rss or args.nbd):
             log("throttle real-time check")
             th = throttle_check(work, args.throttle_rate)
             results["throttle"] = th

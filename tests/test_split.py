@@ -7,7 +7,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FRONTENDS = sorted([*(ROOT / "blkfs" / "frontends").rglob("*.py"),
-                    ROOT / "blkfs" / "cli.py", ROOT / "blkfs" / "imagecmd.py"])
+                    *(ROOT / "blkfs" / name for name in ("cli.py", "imagecmd.py",
+                                                         "imagejobs.py", "jobcmd.py",
+                                                         "progress.py"))])
 """Every way in: the frontends folder and the command line."""
 OVER_THE_BACKEND_API = [ROOT / "blkfs" / "commands.py", ROOT / "blkfs" / "daemon.py"]
 """The command layer and the daemon: they too stand on the backend API alone."""
@@ -52,6 +54,39 @@ def test_drivers_never_import_the_backend_api_or_a_frontend() -> None:
     for path in sorted((ROOT / "drivers").rglob("*.py")):
         modules = imported_modules(path)
         for name in forbidden:
+            assert not touches(modules, name), f"{path.relative_to(ROOT)} imports {name}"
+
+
+def blkfs_modules(path: Path) -> set[str]:
+    return {m for m in imported_modules(path) if m == "blkfs" or m.startswith("blkfs.")}
+
+
+def within(modules: set[str], allowed: list[str]) -> list[str]:
+    """The modules that are none of ``allowed`` nor inside one of them."""
+    return sorted(m for m in modules if not any(touches({m}, a) for a in allowed))
+
+
+def test_drivers_use_only_the_driver_api_the_errors_and_the_protocol_modules() -> None:
+    for path in sorted((ROOT / "drivers").rglob("*.py")):
+        assert not within(blkfs_modules(path), ["blkfs.block", "blkfs.errors", "blkfs.nbd"]), \
+            path.relative_to(ROOT)
+
+
+def test_frontends_use_only_the_backend_api_the_commands_and_the_protocol_modules() -> None:
+    allowed = ["blkfs.backend", "blkfs.commands", "blkfs.errors", "blkfs.frontends",
+               "blkfs.nbd"]
+    for path in sorted((ROOT / "blkfs" / "frontends").rglob("*.py")):
+        assert not within(blkfs_modules(path), allowed), path.relative_to(ROOT)
+
+
+def test_the_nbd_protocol_is_sans_io() -> None:
+    """blkfs.nbd is bytes in, bytes out: no blkfs layer, no frontend, no socket or trio."""
+    paths = sorted((ROOT / "blkfs" / "nbd").rglob("*.py"))
+    assert paths
+    for path in paths:
+        modules = imported_modules(path)
+        assert not within(blkfs_modules(path), ["blkfs.nbd"]), path.relative_to(ROOT)
+        for name in ("trio", "socket", "asyncio", "selectors"):
             assert not touches(modules, name), f"{path.relative_to(ROOT)} imports {name}"
 
 

@@ -223,6 +223,20 @@ class BlockDriver:
         child = self.node.children.get(role)
         return await child.node.driver.allocated_bytes() if child else None
 
+    async def make_empty(self) -> None:
+        """Drop everything this image holds, so it shows its backing file again (QEMU's
+        bdrv_make_empty); the node is drained. Generic: not supported."""
+        raise BlockError(errno.ENOTSUP, f"{self.name} images cannot be emptied")
+
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Record another backing file (or none) in the image header (QEMU's
+        bdrv_change_backing_file); the layer has switched the backing child already.
+        Generic: not supported."""
+        raise BlockError(errno.ENOTSUP, f"{self.name} images name no backing file")
+
+    def children_changed(self) -> None:
+        """A child was replaced (a job's switch): forget what was learnt from the old one."""
+
     def info(self) -> dict[str, Any]:
         """Driver facts for status output (format details, counters)."""
         return {}

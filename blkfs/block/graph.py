@@ -38,7 +38,7 @@ from blkfs.block.options import (
     unknown_option,
     validate,
 )
-from blkfs.block.perm import ALL, WRITERS, Perm, Use, conflict, cumulative
+from blkfs.block.perm import ALL, WRITERS, Perm, Role, Use, conflict, cumulative
 from blkfs.block.policy import HostPolicy
 from blkfs.block.registry import DriverRegistry, default_registry
 from blkfs.errors import BlockError, OptionError
@@ -97,6 +97,10 @@ class Graph:
         """Open host files by (device, inode), to find two nodes using one image."""
         self.registries: dict[str, dict[str, Any]] = {}
         """What drivers share between the nodes of this graph (throttle groups), by kind."""
+
+    def registry(self, kind: str) -> dict[str, Any]:
+        """What the nodes of this graph share, by kind (throttle groups, running jobs)."""
+        return self.registries.setdefault(kind, {})
 
     def find(self, name: str) -> Node:
         node = self.nodes.get(name)
@@ -328,8 +332,11 @@ class Graph:
                 if writer is not None:
                     raise BlockError(errno.EBUSY, f"reopen: node '{node.name}' is written by "
                                                   f"'{writer}'; reopen that read-only first")
-        else:  # the new writer must be the only user of what it will write
-            others = [edge.label for edge in top.parents if edge.parent is not None]
+        else:  # the new writer must be the only user of what it will write; an overlay
+            # only reads its backing file, and its permissions say whether it lets others
+            # write it (a commit job writes only what the overlay shows already)
+            others = [edge.label for edge in top.parents
+                      if edge.parent is not None and Role.COW not in edge.role]
             if others or len(top.parents) > 1:
                 raise BlockError(errno.EBUSY, f"reopen: node '{top.name}' is used by "
                                               f"{', '.join(others) or 'several backends'}; "
@@ -506,6 +513,25 @@ class Graph:
             if not host.nodes:
                 del self.host_files[key]
         os.close(fd)
+
+    async def set_backing(self, node: Node, backing: Node | None,
+                          recorded: tuple[str, str] | None) -> None:
+        """Make ``backing`` (or nothing) ``node``'s backing file: in its image header first
+        (``recorded``: the name and format to write there), then in the graph; the old
+        backing node is released. For commit and stream, whose copies made the two equal."""
+        old = node.children.get("backing")
+        async with node.drained():
+            await node.driver.change_backing_file(*(recorded or (None, None)))
+            if old is not None:
+                del node.children["backing"]
+                old.node.detach(old)
+            if backing is not None:
+                backing.refcnt += 1
+                node.children["backing"] = backing.attach(node, node.name, "backing", Role.COW)
+            self.refresh_perms([node])
+            node.driver.children_changed()
+        if old is not None:
+            await self.unref(old.node)
 
     async def refresh_sizes(self, top: Node) -> None:
         """Ask every node below ``top`` for its size again, children first (a host file that

@@ -138,13 +138,17 @@ class Node:
                 if value is not None and (key not in schema or value != schema[key].default)}
 
     def filename(self) -> str | None:
-        """The host file this node's data lives in, looking through filters (QEMU's
-        bs->filename): what a relative backing file name is relative to."""
+        """The host file this node's data lives in, looking through filters and from a
+        format node to its ``file`` child (QEMU's bs->filename): what a relative backing
+        file name is relative to, what a header names as backing file."""
         node = self
         while "filename" not in node.values:
-            if not node.driver.is_filter:
+            if node.driver.is_filter:
+                node = node.driver.filtered.node
+            elif "file" in node.children:
+                node = node.children["file"].node
+            else:
                 return None
-            node = node.driver.filtered.node
         return str(node.values["filename"])
 
     @property
@@ -215,7 +219,7 @@ class Node:
         return self.graph.probe_bytes(header)
 
     def registry(self, kind: str) -> dict[str, Any]:
-        return self.graph.registries.setdefault(kind, {})
+        return self.graph.registry(kind)
 
     async def close_child(self, name: str) -> None:
         edge = self.children.pop(name)

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from blkfs.block.perm import FILTERED, Role
 from blkfs.errors import OptionError
@@ -208,7 +209,9 @@ COMMON_OPTIONS: Mapping[str, Option] = {
 # -- parsing -----------------------------------------------------------------------------
 
 def parse_options(text: str) -> Tree:
-    """Parse any of the three spellings into a nested dict; raise OptionError if malformed."""
+    """Parse any of the three spellings into a nested dict; raise OptionError if malformed.
+    A path that is an NBD URI (``nbd://HOST[:PORT]/EXPORT``,
+    ``nbd+unix:///EXPORT?socket=PATH``) means an ``nbd`` node, as in QEMU."""
     text = text.strip()
     if not text:
         raise OptionError("no options given: expected a path, key=value pairs or JSON")
@@ -216,6 +219,8 @@ def parse_options(text: str) -> Tree:
         return _parse_json(text)
     items = _split_commas(text)
     head, rest = items[0], items[1:]
+    if _NBD_URI_RE.match(head):
+        return _nbd_uri(head, _nest(_pairs(rest)))
     if "=" in head:
         return _nest(_pairs(items))
     tree = _nest(_pairs(rest))
@@ -224,6 +229,34 @@ def parse_options(text: str) -> Tree:
             f"a path shorthand ('{head}') cannot be combined with 'file' or 'driver' options")
     tree["file"] = {"driver": "file", "filename": head}
     return tree
+
+
+_NBD_URI_RE = re.compile(r"^nbd(\+tcp|\+unix)?://", re.IGNORECASE)
+
+
+def _nbd_uri(uri: str, tree: Tree) -> Tree:
+    """The nbd node a URI names (QEMU's spelling), with the options after it."""
+    if {"driver", "server", "export"} & set(tree):
+        raise OptionError(f"an NBD URI ('{uri}') names the driver, server and export itself")
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError as exc:
+        raise OptionError(f"invalid NBD URI '{uri}': {exc}") from None
+    query = parse_qs(parts.query, keep_blank_values=True)
+    export = unquote(parts.path[1:])
+    if parts.scheme.lower() == "nbd+unix":
+        if parts.netloc or set(query) != {"socket"} or len(query["socket"]) != 1:
+            raise OptionError(f"invalid NBD URI '{uri}': expected "
+                              "nbd+unix:///EXPORT?socket=PATH")
+        server = {"type": "unix", "path": query["socket"][0]}
+    else:
+        if not parts.hostname or query:
+            raise OptionError(f"invalid NBD URI '{uri}': expected nbd://HOST[:PORT]/EXPORT")
+        server = {"type": "inet", "host": parts.hostname}
+        if port is not None:
+            server["port"] = str(port)
+    return {"driver": "nbd", "server": server, "export": export, **tree}
 
 
 def _parse_json(text: str) -> Tree:

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import errno
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from blkfs.backend import parse_options
-from blkfs.commands import COMMANDS, Command, Commands, Kind
+from blkfs.commands import COMMANDS, POSITIONAL, Command, Commands, Kind
 from blkfs.errors import BlockError
 
 MAX_COMMAND = 64 * 1024
 VERBS = tuple(name for name, command in COMMANDS.items() if not command.report)
 """Writable control files, in the order ``ls .ctl`` shows them."""
-REPORTS = ("status", "status.json", "error")
+REPORTS = ("status", "status.json", "jobs", "jobs.json", "error")
 """Readable control files."""
 
 
@@ -69,15 +70,15 @@ def parse(verb: str, payload: bytes) -> dict[str, Any]:
 
 
 def _words(command: Command, words: list[str]) -> dict[str, str]:
-    """``SIZE`` and ``key=value`` words after the name."""
-    positional = [p for p in command.params[1:] if p.kind is Kind.SIZE]
-    named = {p.name for p in command.params[1:] if p.kind not in (Kind.SIZE,)}
+    """Positional words (a size, a path) and ``key=value`` words after the name."""
+    positional = [p for p in command.params[1:] if p.kind in POSITIONAL]
+    named = {p.name for p in command.params[1:] if p.kind not in POSITIONAL}
     args = {}
     for word in words:
         key, sep, value = word.partition("=")
         if sep and key in named:
             args[key] = value
-        elif not sep and positional:
+        elif positional:  # a path, or a target's options (driver=...)
             args[positional.pop(0).name] = word
         else:
             raise BlockError(errno.EINVAL, f"takes only {command.usage()} (got '{word}'; "
@@ -102,10 +103,14 @@ class ControlFiles:
     async def read(self, report: str) -> str:
         if report == "error":
             return "".join(line + "\n" for line in self.commands.errors)
+        if report.startswith("jobs"):
+            jobs = await self.commands.run("query-jobs", {})
+            return (json.dumps(jobs, indent=2) + "\n" if report == "jobs.json"
+                    else format_jobs(jobs))
         status = await self.commands.run("query-status", {})
         if report == "status.json":
             return json.dumps(status, indent=2) + "\n"
-        return format_status(status["backends"])
+        return format_status(status["backends"]) + format_exports(status["exports"])
 
 
 def format_status(backends: list[dict[str, Any]]) -> str:
@@ -118,15 +123,47 @@ def format_status(backends: list[dict[str, Any]]) -> str:
         rows.append((name, "yes" if b["medium"] else "no", "yes" if b["read-only"] else "no",
                      human_size(b["size"]), str(b["open"]),
                      f"{tree['driver']} {tree['node-name']}" if tree else "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = _table(rows)
     for b in backends:
         if b["tree"]:
             lines.append("")
             lines.append(f"{b['name']}:")
             lines.extend(_tree_lines(b["tree"], "  ", "root"))
     return "\n".join(lines) + "\n"
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
+
+
+def format_exports(exports: list[dict[str, Any]]) -> str:
+    """The NBD exports under ``.ctl/status``: one row each, then a line per client."""
+    if not exports:
+        return ""
+    rows = [("EXPORT", "BACKEND", "ADDRESS", "RW", "CLIENTS", "CONNECTIONS", "ERRORS"),
+            *((e["name"] + (" (withdrawn)" if e["retired"] else ""), e["backend"],
+               e["address"], "yes" if e["writable"] else "no", str(len(e["clients"])),
+               str(e["stats"]["connections"]), str(e["stats"]["errors"])) for e in exports)]
+    lines = ["", *_table(rows)]
+    for e in exports:
+        lines.extend(f"{e['name']}: client {c['peer']}, {c['in-flight']} in flight"
+                     for c in e["clients"])
+    return "\n".join(lines) + "\n"
+
+
+def format_jobs(jobs: list[dict[str, Any]]) -> str:
+    """The table of ``.ctl/jobs``: one row per job."""
+    rows = [("JOB", "TYPE", "BACKEND", "STATUS", "PROGRESS", "SPEED", "ERROR")]
+    for job in jobs:
+        done, total = job["current-progress"], job["total-progress"]
+        rows.append((job["id"], job["type"], job["device"], job["status"],
+                     f"{human_size(done)}/{human_size(total)}"
+                     f" ({100 * done // total if total else 100}%)",
+                     f"{human_size(job['speed'])}/s" if job["speed"] else "-",
+                     job["error"] or "-"))
+    return "\n".join(_table(rows)) + "\n"
 
 
 def _tree_lines(node: dict[str, Any], indent: str, role: str) -> list[str]:

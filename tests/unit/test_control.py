@@ -39,15 +39,27 @@ def test_parse_create(payload: bytes, args: dict) -> None:
     ("change", b"d x.img,force=on", {"name": "d", "force": "on", "medium": {
         "file": {"driver": "file", "filename": "x.img"}}}),
     ("reopen", b"n0 detect-zeroes=on", {"node": "n0", "options": {"detect-zeroes": "on"}}),
+    ("snapshot", b"vol /img/s1.qcow2\n", {"name": "vol", "path": "/img/s1.qcow2"}),
+    ("mirror", b"vol /img/m.qcow2 sync=top speed=10M",
+     {"name": "vol", "target": "/img/m.qcow2", "sync": "top", "speed": "10M"}),
+    ("mirror", b"vol driver=qcow2,file.filename=/m format=raw",  # node options as the target
+     {"name": "vol", "target": "driver=qcow2,file.filename=/m", "format": "raw"}),
+    ("commit", b"vol base=/img/base.qcow2 job-id=c1",
+     {"name": "vol", "base": "/img/base.qcow2", "job-id": "c1"}),
+    ("job-set-speed", b"c1 speed=0", {"job": "c1", "speed": "0"}),
 ])
 def test_parse_the_other_commands(verb: str, payload: bytes, args: dict) -> None:
     assert parse(verb, payload) == args
 
 
 def test_every_command_is_declared_once_with_its_usage() -> None:
-    assert VERBS == ("create", "delete", "change", "eject", "insert", "reopen", "resize")
+    assert VERBS[:7] == ("create", "delete", "change", "eject", "insert", "reopen", "resize")
+    assert {"export", "export-del"} <= set(VERBS)
     assert COMMANDS["resize"].usage() == "NAME [SIZE] [shrink=on]"
     assert COMMANDS["create"].usage() == "NAME [OPTIONS] [on-change=follow|error]"
+    assert COMMANDS["job-set-speed"].usage() == "JOB-ID speed=RATE"
+    assert COMMANDS["backup"].usage() == ("NAME PATH [sync=full|top] [format=qcow2|raw] "
+                                          "[existing=on] [speed=RATE] [job-id=JOB-ID]")
     assert all(command.help for command in COMMANDS.values())
 
 
@@ -60,6 +72,8 @@ def test_every_command_is_declared_once_with_its_usage() -> None:
     ("create", b"\xff", "not valid UTF-8"),
     ("create", b"a\0b", "NUL"),
     ("create", b"x" * (64 * 1024 + 1), "longer than"),
+    ("snapshot", b"vol /a /b", "takes only NAME PATH"),
+    ("mirror", b"vol /m sped=1M", "takes only NAME PATH"),
 ])
 def test_parse_errors_say_what_is_right(verb: str, payload: bytes, fragment: str) -> None:
     with pytest.raises(BlockError) as err:

@@ -1,0 +1,245 @@
+"""Exports and the sockets they are offered on.
+
+An :class:`Export` offers one backend under a name; a :class:`Listener` is one listening
+socket and the exports a client may choose from there (``NBD_OPT_LIST`` shows them, and the
+empty name is the only one, if there is one). What a client is told of an export is asked of
+the backend at the moment it asks: its size, whether it is writable, its limits.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from blkfs.backend import BlockBackend
+from blkfs.errors import BlockError
+from blkfs.nbd import (
+    DEFAULT_MAX_PAYLOAD,
+    DEFAULT_PORT,
+    Catalog,
+    ExportInfo,
+    Refused,
+    Rep,
+    TransmissionFlag,
+)
+
+if TYPE_CHECKING:
+    from blkfs.frontends.nbd.session import Session
+
+SERVED = (TransmissionFlag.SEND_FLUSH | TransmissionFlag.CAN_MULTI_CONN)
+"""Offered on every export: one backend serves every connection, so a flush on one covers
+writes acknowledged on another (NBD_FLAG_CAN_MULTI_CONN)."""
+WRITING = (TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM |
+           TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO)
+"""Offered on writable exports."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where a listener listens: a unix socket, or a TCP host and port."""
+
+    path: str | None = None
+    host: str | None = None
+    port: int = DEFAULT_PORT
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in (self.host or "") else \
+            f"{self.host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    """``unix:PATH``, ``HOST:PORT`` or ``[IPV6]:PORT``, as ``blkfs mount --nbd`` takes it."""
+    if text.startswith("unix:"):
+        return address(socket_path=text[5:])
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise BlockError(errno.EINVAL, f"NBD address '{text}': expected unix:PATH or "
+                                       "HOST:PORT")
+    return address(host=host.removeprefix("[").removesuffix("]"), port=port)
+
+
+def address(socket_path: str | None = None, host: str | None = None,
+            port: str | None = None) -> Address:
+    """An address from the export command's words; EINVAL saying what is wrong."""
+    if socket_path is not None:
+        if not os.path.isabs(socket_path):
+            raise BlockError(errno.EINVAL, f"socket path '{socket_path}' must be absolute")
+        return Address(path=socket_path)
+    if not host:
+        raise BlockError(errno.EINVAL, "a TCP export needs host= (blkfs listens only where "
+                                       "told)")
+    try:
+        number = DEFAULT_PORT if port is None else int(port)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise BlockError(errno.EINVAL, f"port must be a number from 0 to 65535 (got {port!r})")
+    return Address(host=host, port=number)
+
+
+def socket_mode(text: str | None) -> int:
+    """A unix socket's permission bits from octal text (``0660``); 0600 if not given."""
+    if text is None:
+        return 0o600
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise BlockError(errno.EINVAL, f"mode must be octal permission bits such as 0660 "
+                                       f"(got {text!r})")
+    return mode
+
+
+@dataclass
+class ExportStats:
+    """Requests through one export, by kind (its clients together)."""
+
+    ops: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    errors: int = 0
+    connections: int = 0
+
+    def count(self, kind: str, nbytes: int) -> None:
+        self.ops[kind] = self.ops.get(kind, 0) + 1
+        self.bytes[kind] = self.bytes.get(kind, 0) + nbytes
+
+    def as_dict(self) -> dict[str, int]:
+        flat = {f"{kind}_ops": ops for kind, ops in self.ops.items()}
+        flat.update({f"{kind}_bytes": n for kind, n in self.bytes.items()})
+        flat["errors"] = self.errors
+        flat["connections"] = self.connections
+        return flat
+
+
+@dataclass(eq=False)
+class Export:
+    """A backend offered to NBD clients under ``name``."""
+
+    name: str
+    backend: BlockBackend
+    writable: bool
+    listener: Listener
+    sessions: set[Session] = field(default_factory=set)
+    stats: ExportStats = field(default_factory=ExportStats)
+    retired: bool = False
+    """No longer offered (export-del, or its backend deleted); its clients may remain."""
+
+    def info(self) -> ExportInfo:
+        """What a client is told now; Refused if the backend has no medium to serve."""
+        backend = self.backend
+        if not backend.has_medium:
+            raise Refused(Rep.ERR_UNKNOWN, f"{backend.name}: no medium")
+        limits = backend.limits()
+        flags = SERVED
+        if self.writable and not backend.read_only:
+            flags |= WRITING
+        else:
+            flags |= TransmissionFlag.READ_ONLY
+        preferred = 1 << max(12, (limits.request_alignment - 1).bit_length())
+        return ExportInfo(self.name, backend.length(), flags, min_block=1,
+                          preferred_block=preferred,
+                          max_payload=max(preferred, min(limits.max_transfer,
+                                                         DEFAULT_MAX_PAYLOAD)),
+                          description=f"blkfs backend {backend.name}")
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "backend": self.backend.name, "writable": self.writable,
+                "address": str(self.listener.address), "retired": self.retired,
+                "clients": [s.status() for s in self.sessions], "stats": self.stats.as_dict()}
+
+
+class Listener(Catalog):
+    """One listening socket and the exports offered on it."""
+
+    def __init__(self, where: Address, permanent: bool) -> None:
+        self.address = where
+        self.permanent = permanent
+        """The mount's own server (--nbd): it stays when its last export goes."""
+        self.exports: dict[str, Export] = {}
+        self.sessions: set[Session] = set()
+        self.scope = trio.CancelScope()
+        self.listeners: list[trio.SocketListener] = []
+
+    def lookup(self, name: str) -> ExportInfo:
+        export = self.exports.get(name)
+        if export is None and not name and len(self.exports) == 1:
+            export = next(iter(self.exports.values()))
+        if export is None:
+            raise Refused(Rep.ERR_UNKNOWN, f"no export named '{name}' here")
+        return export.info()
+
+    def list(self) -> list[ExportInfo]:
+        return [ExportInfo(e.name, 0, TransmissionFlag(0), description=f"blkfs backend "
+                                                                       f"{e.backend.name}")
+                for e in self.exports.values()]
+
+    async def open(self, mode: int) -> None:
+        """Bind and listen; a unix socket gets ``mode`` before anyone can connect."""
+        try:
+            if self.address.path is not None:
+                self.listeners = [await self._unix(self.address.path, mode)]
+            else:
+                assert self.address.host is not None
+                self.listeners = await trio.open_tcp_listeners(self.address.port,
+                                                               host=self.address.host)
+                if not self.address.port:  # port 0: the one the system chose
+                    port = self.listeners[0].socket.getsockname()[1]
+                    self.address = Address(host=self.address.host, port=port)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            raise BlockError(code, f"cannot listen on {self.address}: "
+                                   f"{os.strerror(code)}") from None
+
+    @staticmethod
+    async def _unix(path: str, mode: int) -> trio.SocketListener:
+        await _clear_stale_socket(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            os.chmod(path, mode)  # before listen(): until then nobody can connect
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketListener(sock)
+
+    def close(self) -> None:
+        """Stop accepting; a unix socket's file goes with it."""
+        self.scope.cancel()
+        for listener in self.listeners:
+            listener.socket.close()
+        self.listeners = []
+        if self.address.path is not None:
+            try:
+                os.unlink(self.address.path)
+            except FileNotFoundError:
+                pass
+
+
+async def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file nobody listens on any more (a daemon that was killed); anything
+    else at ``path`` is an error."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))

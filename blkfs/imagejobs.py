@@ -1,0 +1,153 @@
+"""``blkfs image commit``, ``rebase`` and ``convert``: qemu-img's verbs that copy data, run
+as the daemon's block jobs on a backend in this process (as qemu-img runs QEMU's commit
+job), through the same commands a mount takes."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from blkfs import progress
+from blkfs.backend import BlockLayer
+from blkfs.commands import Commands
+from blkfs.errors import BlockError
+from blkfs.image import image_info, set_backing_file
+
+NAME = "image"
+"""The in-process backend's name (and so its job's id)."""
+
+
+def add_parsers(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    commit = verbs.add_parser("commit", help="merge an overlay into its backing file")
+    commit.add_argument("-b", dest="base", help="commit down into this image of the chain "
+                                                "(default: the backing file)")
+    commit.add_argument("-d", dest="keep", action="store_true",
+                        help="leave the overlay as it is (default: emptied afterwards)")
+    commit.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    commit.add_argument("file")
+    commit.set_defaults(func=cmd_commit)
+
+    rebase = verbs.add_parser("rebase", help="give an image another backing file")
+    rebase.add_argument("-b", dest="backing", required=True,
+                        help="the new backing file ('' for none): relative to FILE's "
+                             "directory; safe mode needs it in FILE's chain")
+    rebase.add_argument("-F", dest="backing_format", help="its format (with -u)")
+    rebase.add_argument("-u", dest="unsafe", action="store_true",
+                        help="only rewrite the header (the new file must hold the same data)")
+    rebase.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    rebase.add_argument("file")
+    rebase.set_defaults(func=cmd_rebase)
+
+    convert = verbs.add_parser("convert", help="copy an image (and its chain) into a new one")
+    convert.add_argument("-f", dest="format", help="the source's format (default: probed)")
+    convert.add_argument("-O", dest="output_format", default="raw", choices=("raw", "qcow2"))
+    convert.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    convert.add_argument("source")
+    convert.add_argument("target", help="a new file (never overwritten)")
+    convert.set_defaults(func=cmd_convert)
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    async def commit(commands: Commands) -> None:
+        base = args.base
+        if base is None:
+            chain = (await image_info(args.file))["backing-chain"]
+            if not chain:
+                raise BlockError(errno.EINVAL, f"{args.file} has no backing file to commit to")
+            base = chain[0]["filename"]
+        await open_image(commands, args.file)
+        await run_job(commands, "commit", {"base": absolute(args.file, base)}, args.progress)
+        if not args.keep:  # the overlay again, over the base that holds its data now
+            await commands.run("change", {"name": NAME, "medium": file_medium(args.file),
+                                          "force": True})
+            await commands.run("rollback", {"name": NAME})
+    run_commands(commit)
+    print("Image committed.")
+    return 0
+
+
+def cmd_rebase(args: argparse.Namespace) -> int:
+    if args.unsafe:
+        trio.run(set_backing_file, args.file, args.backing or None, args.backing_format)
+        return 0
+
+    async def rebase(commands: Commands) -> None:
+        await open_image(commands, args.file)
+        await run_job(commands, "stream",
+                      {"base": absolute(args.file, args.backing) if args.backing else None},
+                      args.progress)
+    run_commands(rebase)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    target = os.path.abspath(args.target)
+
+    async def convert(commands: Commands) -> None:
+        medium = {**file_medium(args.source), "read-only": True}
+        if args.format:
+            medium["driver"] = args.format
+        await commands.run("create", {"name": NAME, "medium": medium})
+        await run_job(commands, "backup", {"target": target, "format": args.output_format},
+                      args.progress)
+    run_commands(convert)
+    return 0
+
+
+def absolute(image: str, name: str) -> str:
+    """A backing file name as an image header has it: relative to the image's directory."""
+    return os.path.join(os.path.dirname(os.path.abspath(image)), name)
+
+
+def file_medium(path: str) -> dict[str, Any]:
+    return {"file": {"driver": "file", "filename": os.path.abspath(path)}}
+
+
+async def open_image(commands: Commands, path: str) -> None:
+    await commands.run("create", {"name": NAME, "medium": file_medium(path)})
+
+
+async def run_job(commands: Commands, verb: str, args: dict[str, Any], show: bool) -> None:
+    """Start the job and follow it to its end (completing it once ready)."""
+    await commands.run(verb, {"name": NAME, **args})
+
+    async def entry() -> dict[str, Any]:
+        return next(job for job in await commands.run("query-jobs", {}) if job["id"] == NAME)
+
+    async def complete() -> None:
+        await commands.run("job-complete", {"job": NAME})
+
+    job = await progress.follow(NAME, entry, complete, show)
+    failure = progress.job_failure(job)
+    if failure is not None:
+        raise failure
+
+
+def run_commands(script: Callable[[Commands], Awaitable[None]]) -> None:
+    """Run ``script`` against a block layer of this process whose jobs run meanwhile; the
+    layer is closed (flushing everything) afterwards, even on failure."""
+    async def main() -> None:
+        layer = BlockLayer()
+        failed: BlockError | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(layer.jobs.serve)
+                try:
+                    await script(Commands(layer))
+                except BlockError as exc:  # raised as it is, not in the nursery's group
+                    failed = exc
+                finally:
+                    layer.jobs.stop()  # a job still running is cancelled, and undone
+        finally:
+            with trio.CancelScope(shield=True):
+                failures = await layer.close()
+        if failed is not None:
+            raise failed
+        if failures:
+            raise BlockError(errno.EIO, f"the final flush failed: {'; '.join(failures)}")
+    trio.run(main)

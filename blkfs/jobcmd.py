@@ -1,0 +1,202 @@
+"""``blkfs snapshot|rollback|commit|stream|mirror|backup`` and ``blkfs job``: the snapshot
+and block job commands of a mount, from the shell.
+
+Each writes its ``.ctl`` command (as ``blkfs ctl`` does) and, for a job, by default follows
+it to its end: a progress bar on a terminal, plain lines otherwise; a job that goes ready (a
+mirror, an active commit) is completed when ready unless ``--no-complete``. The exit status
+is non-zero if the job failed or was cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from blkfs import progress
+
+
+class JobError(Exception):
+    """A command or a job failed; the message says why."""
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    snapshot = sub.add_parser("snapshot", help="live external snapshot: a new qcow2 overlay")
+    _mount_and_name(snapshot)
+    snapshot.add_argument("path", help="the new overlay (it must not exist)")
+    snapshot.set_defaults(func=cmd_snapshot)
+
+    rollback = sub.add_parser("rollback", help="drop what was written since the last snapshot")
+    _mount_and_name(rollback)
+    rollback.set_defaults(func=cmd_rollback)
+
+    commit = sub.add_parser("commit", help="merge images of the chain down into a base")
+    _mount_and_name(commit)
+    commit.add_argument("--top", help="the highest image to commit (default: the active one)")
+    commit.add_argument("--base", help="the image to commit into (default: the last one)")
+    _job_options(commit, completes=True)
+
+    stream = sub.add_parser("stream", help="pull the backing chain's data into the top")
+    _mount_and_name(stream)
+    stream.add_argument("--base", help="stream the images above this one (default: all)")
+    _job_options(stream, completes=False)
+
+    for verb, syncs, text in (("mirror", ("full", "top", "none"),
+                               "copy the live backend to a new image and switch to it"),
+                              ("backup", ("full", "top"),
+                               "point-in-time copy of the live backend")):
+        parser = sub.add_parser(verb, help=text)
+        _mount_and_name(parser)
+        parser.add_argument("target", help="the target image: a new file, or with --existing "
+                                           "an image that exists")
+        parser.add_argument("--sync", choices=syncs, default="full")
+        if verb == "mirror":
+            parser.add_argument("--mode", choices=("background", "write-blocking"),
+                                default="background")
+        parser.add_argument("--format", choices=("qcow2", "raw"),
+                            help="of a new target (default: the active image's)")
+        parser.add_argument("--existing", action="store_true",
+                            help="the target exists (at least as large as the backend)")
+        _job_options(parser, completes=verb == "mirror")
+
+    job = sub.add_parser("job", help="list, follow and steer a mount's block jobs")
+    verbs = job.add_subparsers(dest="verb", required=True)
+    listing = verbs.add_parser("list", help="every job and where it stands")
+    listing.add_argument("mountpoint")
+    listing.set_defaults(func=cmd_job_list)
+    for verb, text in (("wait", "follow a job to its end (exit 1 if it failed)"),
+                       ("pause", "pause a job"), ("resume", "resume a paused job"),
+                       ("cancel", "stop a job (a ready mirror keeps its copy, unswitched)"),
+                       ("complete", "switch a ready mirror or active commit to its target"),
+                       ("dismiss", "forget a concluded job")):
+        parser = verbs.add_parser(verb, help=text)
+        parser.add_argument("mountpoint")
+        parser.add_argument("job", help="the job's id (by default its backend's name)")
+        parser.set_defaults(func=cmd_job_wait if verb == "wait" else cmd_job_control)
+    speed = verbs.add_parser("speed", help="limit a job's copy rate (0: no limit)")
+    speed.add_argument("mountpoint")
+    speed.add_argument("job")
+    speed.add_argument("rate", help="bytes per second, with K, M, G suffixes")
+    speed.set_defaults(func=cmd_job_control)
+
+
+def _mount_and_name(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mountpoint")
+    parser.add_argument("name", help="the backend")
+
+
+def _job_options(parser: argparse.ArgumentParser, completes: bool) -> None:
+    parser.add_argument("--speed", metavar="RATE", help="bytes per second (K, M, G suffixes)")
+    parser.add_argument("--job-id", help="the job's id (default: the backend's name)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="return once the job runs (follow it with blkfs job wait)")
+    if completes:
+        parser.add_argument("--no-complete", action="store_true",
+                            help="stop following once the job is ready; blkfs job complete "
+                                 "switches it later")
+    parser.set_defaults(func=cmd_start_job)
+
+
+# -- the commands ---------------------------------------------------------------------------
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    send(args.mountpoint, "snapshot", f"{args.name} {os.path.abspath(args.path)}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    send(args.mountpoint, "rollback", args.name)
+    return 0
+
+
+def cmd_start_job(args: argparse.Namespace) -> int:
+    verb = args.cmd
+    words = [args.name]
+    if verb in ("mirror", "backup"):
+        target = args.target
+        words.append(target if "=" in target or target.startswith("{")
+                     else os.path.abspath(target))
+    for option in ("top", "base", "sync", "mode", "format", "speed", "job_id"):
+        value = getattr(args, option, None)
+        if value is not None:
+            words.append(f"{option.replace('_', '-')}={_absolute_image(option, value)}")
+    if getattr(args, "existing", False):
+        words.append("existing=on")
+    send(args.mountpoint, verb, " ".join(words))
+    if args.no_wait:
+        return 0
+    return follow(args.mountpoint, args.job_id or args.name,
+                  complete=not getattr(args, "no_complete", True))
+
+
+def _absolute_image(option: str, value: str) -> str:
+    """--top and --base name a node or an image file; a file name is made absolute (the
+    daemon's working directory is not the caller's)."""
+    if option in ("top", "base") and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
+def cmd_job_list(args: argparse.Namespace) -> int:
+    sys.stdout.write(read_ctl(args.mountpoint, "jobs"))
+    return 0
+
+
+def cmd_job_wait(args: argparse.Namespace) -> int:
+    return follow(args.mountpoint, args.job, complete=False)
+
+
+def cmd_job_control(args: argparse.Namespace) -> int:
+    verb = "set-speed" if args.verb == "speed" else args.verb
+    send(args.mountpoint, f"job-{verb}",
+         f"{args.job} speed={args.rate}" if verb == "set-speed" else args.job)
+    return 0
+
+
+# -- talking to the mount ---------------------------------------------------------------------
+
+def send(mountpoint: str, verb: str, text: str) -> None:
+    """One ``.ctl`` command; JobError with the daemon's reason if it failed."""
+    folder = Path(mountpoint, ".ctl")
+    try:
+        with open(folder / verb, "wb", buffering=0) as f:
+            f.write(text.encode())
+    except OSError as exc:
+        lines = read_ctl(mountpoint, "error").splitlines() if folder.is_dir() else []
+        raise JobError(lines[-1] if lines else f"{verb}: {exc.strerror}") from None
+
+
+def read_ctl(mountpoint: str, report: str) -> str:
+    try:
+        return Path(mountpoint, ".ctl", report).read_text()
+    except OSError as exc:
+        raise JobError(f"cannot read {mountpoint}/.ctl/{report}: {exc.strerror} "
+                       "(is it a blkfs mount?)") from None
+
+
+def job_entry(mountpoint: str, job_id: str) -> dict[str, Any]:
+    for job in json.loads(read_ctl(mountpoint, "jobs.json")):
+        if job["id"] == job_id:
+            return dict(job)
+    raise JobError(f"no job '{job_id}' on {mountpoint} (dismissed?)")
+
+
+def follow(mountpoint: str, job_id: str, complete: bool) -> int:
+    """Follow a job until it concludes (or, unless ``complete``, goes ready); complete it
+    once ready if ``complete``. 0 if it succeeded."""
+    async def entry() -> dict[str, Any]:
+        return job_entry(mountpoint, job_id)
+
+    async def completing() -> None:
+        send(mountpoint, "job-complete", job_id)
+
+    job = trio.run(progress.follow, job_id, entry, completing if complete else None)
+    failure = progress.job_failure(job)
+    if failure is not None:
+        raise JobError(str(failure))
+    return 0

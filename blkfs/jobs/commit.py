@@ -1,0 +1,72 @@
+"""Commit (QEMU's block-commit): the data the images from ``top`` down to ``base`` hold
+is copied into the base, and those images leave the chain.
+
+With ``top`` the active image this is an active commit, a mirror into the base
+(:class:`~blkfs.jobs.mirror.ActiveCommitJob`): it goes ready and, completed, switches the
+backend to the base. Below the active image nothing writes the committed images (they are
+backing files), so no filter is needed: the base is written only with what the chain above
+shows already, so readers see no change at any moment, and at the end the image above
+``top`` takes the base as its backing file (in the graph and in its header). Failed or
+cancelled, the chain is as it was (the base may hold some of the data, which the chain above
+still covers).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from blkfs.block import Node
+from blkfs.errors import BlockError
+from blkfs.jobs.chain import backing_name, chain, find_layer, overlay_of
+from blkfs.jobs.mirror import ActiveCommitJob
+
+if TYPE_CHECKING:
+    from blkfs.backend import BlockBackend
+    from blkfs.jobs.manager import JobManager
+
+
+class CommitJob(ActiveCommitJob):
+    needs_completion = False
+
+    def __init__(self, manager: JobManager, job_id: str, backend: BlockBackend, top: Node,
+                 base: Node, speed: int = 0) -> None:
+        super().__init__(manager, job_id, backend, base, speed)
+        self.top = top
+        self.overlay = overlay_of(top)
+
+    async def prepare(self) -> None:
+        self.source = self.top
+        self.target = await self.open_target()
+        self.attach_target()
+
+    async def work(self) -> None:
+        await self.add_allocated(self.top, self.base)
+        await self.copy_dirty()
+
+    async def finish(self) -> None:
+        """The image above ``top`` takes the base as its backing file."""
+        assert self.target is not None
+        await self.target.flush()
+        self.detach_target()
+        await self.graph.set_backing(self.overlay, self.base,
+                                     backing_name(self.overlay, self.base))
+        await self.close_target()
+        await self.restore_base()
+
+
+def commit(manager: JobManager, backend: BlockBackend, job_id: str | None, top: str | None,
+           base: str | None, speed: int) -> ActiveCommitJob:
+    """The commit job asked for: ``top`` defaults to the active image, ``base`` to the last
+    backing file (QEMU's defaults); both are node names or image file names."""
+    layers = chain(backend)
+    top_node = find_layer(backend, layers, top, "top") if top else layers[0]
+    base_node = find_layer(backend, layers, base, "base") if base else layers[-1]
+    if layers.index(base_node) <= layers.index(top_node):
+        raise BlockError(errno.EINVAL, f"commit: the base ('{base_node.name}') must lie below "
+                                       f"the top ('{top_node.name}') in {backend.name}'s chain"
+                                       f"{'' if len(layers) > 1 else ' (it has one image)'}")
+    job_id = manager.new_id(job_id, backend.name)
+    if top_node is layers[0]:
+        return ActiveCommitJob(manager, job_id, backend, base_node, speed)
+    return CommitJob(manager, job_id, backend, top_node, base_node, speed)

@@ -1,0 +1,257 @@
+"""Mirror (QEMU's blockdev-mirror) and active commit, which is a mirror into the base.
+
+The job puts a ``mirror-top`` filter in front of the source; every write that passes it
+marks its range dirty (or, with ``mode=write-blocking``, is copied to the target before it
+completes, so the job converges whatever the guest writes). The job copies what ``sync``
+asks (``full``: everything; ``top``: what the top image holds; ``none``: only what is
+written from now on), then whatever became dirty meanwhile, and goes ready. Until
+job-complete it keeps the target in sync; then, with the backend drained, it copies what is
+left and switches the backend to the target, in one step. A copy in flight and a guest
+write to the same range never interleave (one range lock), so the target never gets stale
+data over a newer write. Cancelled or failed, the filter goes and the source is as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from blkfs.block import FILTERED, Child, Graph, Node, Perm, RangeLocks
+from blkfs.block.perm import ALL
+from blkfs.errors import BlockError
+from blkfs.jobs.copy import CHUNK, allocated_above, copy_range
+from blkfs.jobs.job import Job
+from blkfs.jobs.ranges import RangeSet
+from blkfs.jobs.target import target_options
+
+if TYPE_CHECKING:
+    from blkfs.backend import BlockBackend
+    from blkfs.jobs.manager import JobManager
+
+Sync = Literal["full", "top", "none"]
+Mode = Literal["background", "write-blocking"]
+GRANULARITY = 64 * 1024
+"""Writes dirty whole units of this size."""
+
+
+class MirrorJob(Job):
+    type = "mirror"
+    needs_completion = True
+    filter_driver = "mirror-top"
+    target_perm = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+    """A mirror writes new data into its target."""
+
+    def __init__(self, manager: JobManager, job_id: str, backend: BlockBackend,
+                 target: dict[str, Any] | str, sync: Sync = "full",
+                 mode: Mode = "background", speed: int = 0) -> None:
+        super().__init__(manager, job_id, backend.name, speed)
+        self.backend_obj = backend
+        self.target_spec = target
+        self.sync = sync
+        self.mode = mode
+        self.dirty = RangeSet()
+        self.locks = RangeLocks()
+        self.source: Node | None = None
+        self.target: Node | None = None
+        """The target while the job holds a reference on it."""
+        self.edge: Child | None = None
+        """The job's edge to the target, through which it writes."""
+        self.filtered = False
+        self.buf = bytearray(CHUNK)
+        self.draining = False
+
+    @property
+    def graph(self) -> Graph:
+        return self.manager.layer.graph
+
+    # -- the target -------------------------------------------------------------------------
+
+    async def open_target(self) -> Node:
+        """The node the job writes, with a reference for the job: a new node (a mirror)."""
+        return await self.graph.open_node(self.target_spec)
+
+    def attach_target(self) -> None:
+        assert self.target is not None
+        if self.target.size < self.backend_obj.length():
+            raise BlockError(errno.EINVAL, f"{self.type}: the target ({self.target.size} "
+                                           f"bytes) is smaller than {self.backend} "
+                                           f"({self.backend_obj.length()} bytes)")
+        self.edge = self.target.attach(None, f"job '{self.id}'", "target", FILTERED,
+                                       self.target_perm, ALL & ~Perm.WRITE)
+        try:
+            self.graph.refresh_perms([self.target])
+        except BaseException:
+            self.detach_target()
+            raise
+
+    def detach_target(self) -> None:
+        if self.edge is not None:
+            edge, self.edge = self.edge, None
+            edge.node.detach(edge)
+            self.graph.refresh_perms([edge.node])
+
+    async def close_target(self) -> None:
+        """Give up the target: the job's edge and its reference."""
+        self.detach_target()
+        target, self.target = self.target, None
+        if target is not None:
+            await self.graph.unref(target)
+
+    # -- the work ---------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Open the target and put the job's filter in front of the source."""
+        backend = self.backend_obj
+        self.source = backend.root_node()
+        self.target = await self.open_target()
+        self.attach_target()
+        self.graph.registry("jobs")[self.id] = self
+        await backend.change({"driver": self.filter_driver, "job": self.id,
+                              "file": self.source.name, "read-only": self.source.read_only},
+                             same_data=True)
+        self.filtered = True
+
+    async def work(self) -> None:
+        await self.plan()
+        await self.copy_dirty()
+        await self.wait_until_completed(self.copy_dirty)
+
+    async def plan(self) -> None:
+        """What to copy first, by ``sync``."""
+        assert self.source is not None
+        size = self.source.size
+        if self.sync == "full":
+            self.total += self.dirty.add(0, size)
+        elif self.sync == "top":
+            await self.add_allocated(self.source, self.bottom())
+
+    async def add_allocated(self, top: Node, base: Node | None) -> None:
+        """Mark what the layers from ``top`` down to ``base`` (not included) hold."""
+        position, size = 0, top.size
+        while position < size:
+            length, here = await allocated_above(top, base, position, size)
+            if here:
+                self.total += self.dirty.add(position, position + length)
+            position += length
+
+    def bottom(self) -> Node | None:
+        """What sync=top copies down to (not included): the source's backing file."""
+        assert self.source is not None
+        backing = self.source.children.get("backing")
+        return backing.node if backing is not None else None
+
+    async def copy_dirty(self) -> None:
+        """Copy until nothing is dirty (new writes may add ranges meanwhile)."""
+        assert self.source is not None and self.edge is not None
+        while (span := self.dirty.pop_first(CHUNK)) is not None:
+            start, end = span
+            async with self.locks.hold(start, end - start):
+                await copy_range(self.source, self.edge, start, end, self.buf)
+            if self.draining:  # the backend waits: no speed limit, no pause
+                self.done += end - start
+            else:
+                await self.step(end - start)
+
+    async def intercept(self, offset: int, length: int,
+                        call: Callable[[], Awaitable[None]]) -> None:
+        """A guest write through the filter: under the range lock, then dirty (or copied
+        at once, in write-blocking mode)."""
+        assert self.source is not None
+        start = offset - offset % GRANULARITY
+        end = min(-(-(offset + length) // GRANULARITY) * GRANULARITY,
+                  max(self.source.size, offset + length))
+        async with self.locks.hold(start, end - start):
+            await call()
+            if self.mode == "write-blocking" and self.edge is not None:
+                await copy_range(self.source, self.edge, start, end, bytearray(end - start))
+            else:
+                self.total += self.dirty.add(start, end)
+
+    # -- the switch, or the undo ------------------------------------------------------------
+
+    async def finish(self) -> None:
+        """job-complete: with the backend drained, copy what is left and switch the backend
+        to the target (or, cancelled once ready, back to the source: the target keeps the
+        copy of this moment)."""
+        assert self.target is not None and self.source is not None
+        target = self.target
+
+        async def last_copy() -> None:
+            self.draining = True
+            await self.copy_dirty()
+            await target.flush()
+            self.detach_target()  # the backend's edge replaces the job's
+
+        new = target if self.switch else self.source
+        await self.backend_obj.change(f"node={new.name}", same_data=True,
+                                      before_swap=last_copy)
+        self.filtered = False
+        self.graph.registry("jobs").pop(self.id, None)
+        await self.close_target()  # the job's reference: the backend holds its own
+
+    async def abort(self) -> None:
+        if self.filtered and self.source is not None:
+            await self.backend_obj.change(f"node={self.source.name}", same_data=True)
+            self.filtered = False
+        self.graph.registry("jobs").pop(self.id, None)
+        await self.close_target()
+
+
+class ActiveCommitJob(MirrorJob):
+    """Commit of the active layer (QEMU's block-commit with top = the active layer): a mirror
+    of what the layers above the base hold into the base, then a switch to the base, and the
+    layers above it leave the chain."""
+
+    type = "commit"
+    target_perm = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+    """It writes into the base what the chain above shows already: readers of the chain see
+    no change, so the overlays that read the base as backing file need not share write."""
+
+    def __init__(self, manager: JobManager, job_id: str, backend: BlockBackend, base: Node,
+                 speed: int = 0) -> None:
+        super().__init__(manager, job_id, backend, base.name, "top", "background", speed)
+        self.base = base
+        self.was_read_only = base.read_only
+
+    async def open_target(self) -> Node:
+        if self.was_read_only:
+            await self.graph.reopen(self.base.name, {"read-only": False})
+        self.base.refcnt += 1  # the job's reference
+        return self.base
+
+    async def plan(self) -> None:
+        assert self.source is not None
+        await self.add_allocated(self.source, self.base)
+
+    async def finish(self) -> None:
+        await super().finish()
+        if not self.switch:
+            await self.restore_base()
+
+    async def abort(self) -> None:
+        await super().abort()
+        await self.restore_base()
+
+    async def restore_base(self) -> None:
+        """The base turns read-only again if the job made it writable."""
+        if self.was_read_only and self.base.refcnt and not self.base.read_only:
+            await self.graph.reopen(self.base.name, {"read-only": True})
+
+
+async def start_copy(cls: type[MirrorJob], manager: JobManager, backend: BlockBackend,
+                     job_id: str | None, target: str, fmt: str | None, sync: Sync,
+                     mode: Mode, existing: bool, speed: int) -> MirrorJob:
+    """Start a mirror or a backup to the image ``target``, made for it unless ``existing``;
+    if the job cannot start, an image made for it is removed again."""
+    job_id = manager.new_id(job_id, backend.name)
+    options, created = await target_options(backend, target, fmt, sync, existing)
+    try:
+        job = cls(manager, job_id, backend, options, sync, mode, speed)
+        await manager.launch(job)
+    except BaseException:
+        if created:
+            os.unlink(target)
+        raise
+    return job

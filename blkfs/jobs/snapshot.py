@@ -1,0 +1,65 @@
+"""Live external snapshots and rollback: not jobs, but graph changes of a moment.
+
+A snapshot makes a new qcow2 overlay over the backend's medium (the image file is created
+first, its header naming the active image as backing file) and switches the backend to it,
+with the old medium as its backing node; the old active image turns read-only (as after
+QEMU's blockdev-snapshot-sync). The backend is drained only for the switch: open files, loop
+devices and mounted filesystems see no interruption. A rollback (which QEMU has not) drops
+what was written since: with the backend drained, the active overlay is emptied in place
+(QEMU's bdrv_make_empty), so the backend shows its backing file's content again.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from blkfs.errors import BlockError
+from blkfs.image import create_image
+from blkfs.jobs.chain import chain, header_name
+
+if TYPE_CHECKING:
+    from blkfs.backend import BlockBackend, BlockLayer
+
+log = logging.getLogger("blkfs.jobs")
+
+
+async def snapshot(layer: BlockLayer, backend: BlockBackend, overlay: str) -> None:
+    """Put a new qcow2 overlay at ``overlay`` (a new file) on top of the backend's medium."""
+    if not os.path.isabs(overlay):
+        raise BlockError(errno.EINVAL, f"snapshot: '{overlay}': an absolute path is needed "
+                                       "(the daemon's working directory is not yours)")
+    root = backend.root_node()
+    active = chain(backend)[0]
+    image = active.filename()
+    if image is None:
+        raise BlockError(errno.EINVAL, f"snapshot: {backend.name}'s medium has no image file "
+                                       "to name as backing file")
+    await create_image(overlay, "qcow2", backend.length(), backing=header_name(overlay, image),
+                       backing_format=active.driver.name)
+    try:
+        await backend.change({"driver": "qcow2",
+                              "file": {"driver": "file", "filename": overlay},
+                              "backing": root.name}, same_data=True)
+    except BaseException:
+        os.unlink(overlay)
+        raise
+    log.info("%s: snapshot: new overlay %s over %s", backend.name, overlay, image)
+    if not active.read_only:
+        try:
+            await layer.graph.reopen(active.name, {"read-only": True})
+        except BlockError as exc:  # it stays writable; nothing writes it but the overlay's
+            log.warning("%s: snapshot: %s stays writable: %s", backend.name, image, exc)
+
+
+async def rollback(backend: BlockBackend) -> None:
+    """Empty the active overlay: the backend shows what it showed at the last snapshot."""
+    layers = chain(backend)
+    if len(layers) == 1:
+        raise BlockError(errno.EINVAL, f"rollback: {backend.name}'s image "
+                                       f"'{layers[0].filename()}' has no backing file to go "
+                                       "back to")
+    await backend.quiesced(layers[0].driver.make_empty)
+    log.info("%s: rolled back to %s", backend.name, layers[1].filename())

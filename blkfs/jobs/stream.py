@@ -1,0 +1,108 @@
+"""Stream (QEMU's block-stream): the data the backing chain above ``base`` holds is copied
+into the active image, then it takes ``base`` (or nothing) as its backing file, and the
+streamed images leave the chain.
+
+The job puts a ``stream-top`` filter in front of the medium and copies, range by range, what
+the images above the base hold and the active image does not: data as data, zeros as zero
+clusters (so a zeroed range does not show the base's data once the chain is shortened). Each
+copy and each guest write to the same range hold one range lock, and a range is looked up in
+the active image under it, so a copy never writes old data over a newer write. Cancelled or
+failed, the filter goes; what was copied stays (it is what the chain shows anyway).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from blkfs.block import Node, RangeLocks, Status
+from blkfs.errors import BlockError
+from blkfs.jobs.chain import backing_name, chain, find_layer
+from blkfs.jobs.copy import CHUNK, allocated_above, copy_range
+from blkfs.jobs.job import Job
+from blkfs.jobs.ranges import RangeSet
+
+if TYPE_CHECKING:
+    from blkfs.backend import BlockBackend
+    from blkfs.jobs.manager import JobManager
+
+
+class StreamJob(Job):
+    type = "stream"
+
+    def __init__(self, manager: JobManager, job_id: str, backend: BlockBackend, top: Node,
+                 base: Node | None, speed: int = 0) -> None:
+        super().__init__(manager, job_id, backend.name, speed)
+        self.backend_obj = backend
+        self.top = top
+        self.base = base
+        self.root = backend.root_node()
+        self.locks = RangeLocks()
+        self.filtered = False
+
+    @property
+    def registry(self) -> dict[str, Job]:
+        return self.manager.layer.graph.registry("jobs")
+
+    async def prepare(self) -> None:
+        self.registry[self.id] = self
+        await self.backend_obj.change({"driver": "stream-top", "job": self.id,
+                                       "file": self.root.name}, same_data=True)
+        self.filtered = True
+
+    async def intercept(self, offset: int, length: int,
+                        call: Callable[[], Awaitable[None]]) -> None:
+        """A guest write: never at once with a copy of the same range."""
+        async with self.locks.hold(offset, length):
+            await call()
+
+    async def work(self) -> None:
+        into = self.backend_obj.root_node().children["file"]  # the filter's edge: unfiltered
+        below = self.top.children["backing"].node
+        todo = RangeSet()
+        position, size = 0, min(self.top.size, below.size)
+        while position < size:
+            length, held = await allocated_above(below, self.base, position, size)
+            if held:
+                self.total += todo.add(position, position + length)
+            position += length
+        buf = bytearray(CHUNK)
+        while (span := todo.pop_first(CHUNK)) is not None:
+            start, end = span
+            async with self.locks.hold(start, end - start):
+                while start < end:
+                    extent = await self.top.block_status(start, end - start)
+                    if Status.ALLOCATED not in extent.status:
+                        await copy_range(self.root, into, start, start + extent.length, buf)
+                    start += extent.length
+            await self.step(span[1] - span[0])
+
+    async def finish(self) -> None:
+        await self.remove_filter()
+        await self.manager.layer.graph.set_backing(
+            self.top, self.base, backing_name(self.top, self.base) if self.base else None)
+
+    async def abort(self) -> None:
+        await self.remove_filter()
+
+    async def remove_filter(self) -> None:
+        if self.filtered:
+            await self.backend_obj.change(f"node={self.root.name}", same_data=True)
+            self.filtered = False
+        self.registry.pop(self.id, None)
+
+
+def stream(manager: JobManager, backend: BlockBackend, job_id: str | None, base: str | None,
+           speed: int) -> StreamJob:
+    """The stream job asked for: into the active image, from the images above ``base``
+    (default: the whole chain, which then leaves the image standalone)."""
+    layers = chain(backend)
+    if len(layers) == 1:
+        raise BlockError(errno.EINVAL, f"stream: {backend.name}'s image '{layers[0].name}' "
+                                       "has no backing file")
+    base_node = find_layer(backend, layers, base, "base") if base else None
+    if base_node is layers[0]:
+        raise BlockError(errno.EINVAL, "stream: the base must lie below the active image")
+    return StreamJob(manager, manager.new_id(job_id, backend.name), backend, layers[0],
+                     base_node, speed)

@@ -1,0 +1,99 @@
+"""Following a job's progress: a bar on a terminal, plain lines otherwise (logs, pipes).
+
+Both take the job's entry as ``query-jobs`` gives it, so they follow a job in a daemon (read
+from ``.ctl/jobs.json``) and one running in-process (``blkfs image convert -p``) alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from blkfs.errors import BlockError
+from blkfs.frontends.ctl import human_size
+
+POLL = 0.1
+"""Seconds between two looks at a job."""
+
+
+class JobProgress:
+    """Shows a job's progress on stderr: a bar on a terminal; else a line when the status
+    changes or another tenth is done."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.last: tuple[str, int] | None = None
+        self.bar: Progress | None = None
+        self.task = TaskID(0)
+        if sys.stderr.isatty():
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                DownloadColumn(binary_units=True), TransferSpeedColumn(),
+                                TimeRemainingColumn(), console=Console(stderr=True))
+            self.task = self.bar.add_task(label, total=None)
+
+    def __enter__(self) -> JobProgress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, job: dict[str, Any]) -> None:
+        done, total = job["current-progress"], job["total-progress"]
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total or None,
+                            description=f"{self.label}: {job['type']} {job['status']}")
+            return
+        tenth = 10 * done // total if total else 10
+        if (job["status"], tenth) != self.last:
+            self.last = job["status"], tenth
+            print(f"{self.label}: {job['type']} {job['status']} {human_size(done)} of "
+                  f"{human_size(total)} ({100 * done // total if total else 100}%)",
+                  file=sys.stderr, flush=True)
+
+
+async def follow(label: str, entry: Callable[[], Awaitable[dict[str, Any]]],
+                 complete: Callable[[], Awaitable[None]] | None, show: bool = True
+                 ) -> dict[str, Any]:
+    """Follow a job (``entry()`` gives its ``query-jobs`` entry) until it concludes; once it
+    is ready, ``complete()`` it, or without ``complete`` return then. Shows the progress
+    if ``show``; returns the job's last entry."""
+    completed = False
+    with JobProgress(label) if show else contextlib.nullcontext() as display:
+        while True:
+            job = await entry()
+            if display is not None:
+                display.update(job)
+            if job["status"] == "concluded":
+                return job
+            if job["ready"] and not completed:
+                if complete is None:
+                    return job
+                await complete()
+                completed = True
+            await trio.sleep(POLL)
+
+
+def job_failure(job: dict[str, Any]) -> BlockError | None:
+    """The error to report for a concluded job, or None if it succeeded."""
+    if not job["error"]:
+        return None
+    return BlockError(errno.ECANCELED if job["error"].startswith("cancelled") else errno.EIO,
+                      f"job {job['id']} ({job['type']} on {job['device']}): {job['error']}")

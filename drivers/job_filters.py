@@ -1,0 +1,63 @@
+"""The filters block jobs put in front of a live source: ``mirror-top`` (a mirror, an active
+commit) and ``copy-before-write`` (a backup), QEMU's names, and ``stream-top`` (a stream).
+
+Each passes every request through, and hands each write, zero write and discard to its
+job first, which decides what happens around it: a mirror marks the range dirty, or in
+write-blocking mode writes it to its target too; a backup copies the range's old data to its
+target before the write may change it; a stream keeps the write apart from its own copy of
+the range. The job is found by its id in the graph's job
+registry (``job=ID``); jobs create these nodes themselves (users need not).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from blkfs.block import REQUIRED, BlockDriver, ChildSpec, Option
+from blkfs.errors import BlockError
+
+
+class WriteHook(Protocol):
+    """What a job does around a write that passes its filter."""
+
+    async def intercept(self, offset: int, length: int,
+                        call: Callable[[], Awaitable[None]]) -> None: ...
+
+
+class JobFilter(BlockDriver):
+    is_filter = True
+    options = {"job": Option("str", REQUIRED, "the id of the job this filter works for")}
+    children = {"file": ChildSpec(help="the job's source")}
+
+    async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
+        job = self.node.registry("jobs").get(values["job"])
+        if job is None:
+            raise BlockError(errno.EINVAL, f"{self.name}: no running job '{values['job']}' "
+                                           "(block jobs make these nodes themselves)")
+        self.job: WriteHook = job
+
+    async def write(self, offset: int, data: memoryview) -> None:
+        await self.job.intercept(offset, data.nbytes,
+                                 lambda: self.filtered.write(offset, data))
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        await self.job.intercept(offset, length,
+                                 lambda: self.filtered.write_zeroes(offset, length, unmap))
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.job.intercept(offset, length,
+                                 lambda: self.filtered.discard(offset, length))
+
+
+class MirrorTopDriver(JobFilter):
+    name = "mirror-top"
+
+
+class CopyBeforeWriteDriver(JobFilter):
+    name = "copy-before-write"
+
+
+class StreamTopDriver(JobFilter):
+    name = "stream-top"

@@ -1,0 +1,110 @@
+"""The snapshot and job commands of ``blkfs`` as users run them: the README's container
+walk-through as written, and following jobs from the shell."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blkfs.cli import loop_devices
+from tests.compat.peers import qemu, to_raw
+from tests.conftest import needs_fuse, needs_loop, needs_qemu
+from tests.helpers import blkfs, force_unmount, kill_daemon, mounted, run
+from tests.jobs import MiB, jobs, qemu_check_clean
+
+pytestmark = [needs_fuse, pytest.mark.fuse, needs_qemu]
+README = Path(__file__).resolve().parents[2] / "README.md"
+BIN = Path(sys.executable).parent
+"""Where the environment's ``blkfs`` command is, as a user who installed it has it."""
+
+
+def walk_through() -> str:
+    """The shell block that follows the walk-through marker in README.md."""
+    text = README.read_text()
+    found = re.search(r"<!-- walk-through: container volumes .*?-->\n```sh\n(.*?)```", text,
+                      re.DOTALL)
+    assert found, "README.md lost its container walk-through"
+    return found.group(1)
+
+
+@needs_loop
+@pytest.mark.loop
+def test_the_readme_container_walk_through_runs_as_written(tmp_path: Path) -> None:
+    places = {"/srv/vols": tmp_path / "vols", "/mnt/vols": tmp_path / "mnt",
+              "/srv/web": tmp_path / "web", "/srv/db": tmp_path / "db"}
+    script = walk_through()
+    for readme, real in places.items():
+        script = script.replace(readme, str(real))
+    mountpoint = places["/mnt/vols"]
+    try:
+        result = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                                timeout=300,
+                                env={"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin"})
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        for fs in (places["/srv/web"], places["/srv/db"]):
+            subprocess.run(["umount", str(fs)], capture_output=True)
+        if mounted(mountpoint):  # the script failed half-way: undo what it did
+            pid = json.loads((mountpoint / ".ctl" / "status.json").read_text())["pid"]
+            for name in ("web", "db"):
+                for device in loop_devices(str(mountpoint / name)):
+                    subprocess.run(["losetup", "-d", device], capture_output=True)
+            blkfs("umount", str(mountpoint), check=False)
+            force_unmount(mountpoint)
+            kill_daemon(pid)
+    assert "v1" in result.stdout.splitlines()  # the rollback brought the snapshot back
+    assert re.search(r"web:\n  root: qcow2 .*\n    file: file .*web\.qcow2", result.stdout)
+    vols = places["/srv/vols"]
+    for image in ("web.qcow2", "db.qcow2", "web-try.qcow2"):
+        qemu_check_clean(str(vols / image))
+    for clone, content in (("web", b"v2\n"), ("db", None)):
+        raw = tmp_path / f"{clone}.raw"
+        qemu("qemu-img", "convert", "-O", "raw", vols / f"{clone}.qcow2", raw)
+        run("e2fsck", "-fn", raw)
+        read = subprocess.run(["debugfs", "-R", "cat /index.html", str(raw)],
+                              capture_output=True).stdout
+        assert read == (content or b"")
+    assert qemu("qemu-img", "info", "--output=json", vols / "web.qcow2").count(
+        '"backing-filename": "base.raw"') == 1
+
+
+def test_a_mirror_followed_from_the_shell(mount_factory, images: Path) -> None:
+    source = images / "src.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", source, "16M")
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x6b 0 16M", source)
+    mount = mount_factory("--backend", f"vol={source}")
+    result = blkfs("mirror", str(mount.path), "vol", "moved.qcow2", "--speed", "64M",
+                   cwd=images)
+    lines = result.stderr.splitlines()  # progress goes to stderr, as lines: not a terminal
+    assert lines[-1] == "vol: mirror concluded 16.0 MiB of 16.0 MiB (100%)", lines
+    assert any(" ready " in line for line in lines)  # then completed by blkfs mirror
+    status = mount.backends()["vol"]["tree"]
+    assert status["children"]["file"]["options"]["filename"] == str(images / "moved.qcow2")
+    assert (mount / "vol").read_bytes() == b"\x6b" * (16 * MiB)
+    listing = blkfs("job", "list", str(mount.path)).stdout
+    assert re.search(r"vol\s+mirror\s+vol\s+concluded\s+16\.0 MiB/16\.0 MiB \(100%\)", listing)
+    mount.stop()
+    assert to_raw(images / "moved.qcow2") == b"\x6b" * (16 * MiB)
+
+
+def test_job_wait_fails_with_the_jobs_error(mount_factory, images: Path) -> None:
+    source = images / "src.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", source, "16M")
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x6b 0 16M", source)
+    target = images / "t.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", target, "16M")
+    mount = mount_factory("--backend", f"vol={source}")
+    blkfs("backup", str(mount.path), "vol", "--no-wait", "--job-id", "b1",
+          f"driver=qcow2,file.driver=blkdebug,file.image.driver=file,"
+          f"file.image.filename={target},file.inject-error.0.event=write")
+    result = blkfs("job", "wait", str(mount.path), "b1", check=False)
+    assert result.returncode == 1
+    assert "job b1 (backup on vol): " in result.stderr and "Input/output error" in result.stderr
+    assert jobs(mount)["b1"]["status"] == "concluded"
+    refused = blkfs("snapshot", str(mount.path), "vol", str(source), check=False)
+    assert refused.returncode == 1 and "exists" in refused.stderr
