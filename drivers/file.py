@@ -19,7 +19,8 @@ import trio
 
 from blkfs.block import REQUIRED, BlockDriver, BlockError, Extent, Option, Perm, Status
 from blkfs.errors import from_oserror
-from drivers.image_lock import ImageLocks, LockConflict, LocksUnsupported
+
+from .image_lock import ImageLocks, LockConflict, LocksUnsupported
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

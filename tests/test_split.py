@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import re
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +42,7 @@ def test_frontends_never_import_the_driver_api_or_a_driver() -> None:
     for path in FRONTENDS + OVER_THE_BACKEND_API:
         modules = imported_modules(path)
         assert not touches(modules, "blkfs.block"), f"{path.name} imports the driver API"
-        assert not touches(modules, "drivers"), f"{path.name} imports a driver"
+        assert not touches(modules, "blkfs_drivers"), f"{path.name} imports a driver"
 
 
 def test_the_core_never_imports_a_frontend() -> None:
@@ -99,3 +101,21 @@ def test_the_checker_sees_relative_and_aliased_imports(tmp_path: Path) -> None:
     finally:
         probe.unlink()
     assert {"blkfs.block", "blkfs.block.node", "blkfs.block.graph"} <= modules
+
+
+def test_every_package_is_installed_drivers_as_blkfs_drivers() -> None:
+    """pyproject.toml lists the packages (drivers/ installs as blkfs_drivers, a name no other
+    distribution's ``drivers`` package can take): a folder left out would be missing from a
+    wheel while an editable install still found it. Inside drivers/, imports are relative
+    (mypy checks the folder under its own name)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"] == {"blkfs_drivers": "drivers"}
+    folders = {p.parent.relative_to(ROOT).as_posix().replace("/", ".")
+               for top in ("blkfs", "drivers") for p in (ROOT / top).rglob("*.py")}
+    assert set(config["packages"]) == {re.sub(r"^drivers", "blkfs_drivers", f)
+                                       for f in folders}
+    for path in [*(ROOT / "blkfs").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]:
+        assert not touches(imported_modules(path), "drivers"), \
+            f"{path.relative_to(ROOT)} imports 'drivers' (the installed name is blkfs_drivers)"
+    for path in (ROOT / "drivers").rglob("*.py"):  # within drivers: relative imports
+        assert "blkfs_drivers" not in path.read_text(), path.relative_to(ROOT)

@@ -14,6 +14,6 @@ The pieces, after QEMU's block/qcow2*.c:
 * ``create``: new images.
 """
 
-from drivers.qcow2.driver import Qcow2Driver
+from .driver import Qcow2Driver
 
 __all__ = ["Qcow2Driver"]

@@ -24,9 +24,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from drivers.qcow2.imagefile import ImageFile
-from drivers.qcow2.mapping import corrupt
-from drivers.qcow2.ondisk import Header, encode_entry, encode_table
+from .imagefile import ImageFile
+from .mapping import corrupt
+from .ondisk import Header, encode_entry, encode_table
 
 T = TypeVar("T")
 

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blkfs.block import BlockError, Child
-from drivers.qcow2.imagefile import ChildFile, ImageFile, read_header
-from drivers.qcow2.mapping import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, SUBCLUSTERS, Geometry
-from drivers.qcow2.ondisk import (
+
+from .imagefile import ChildFile, ImageFile, read_header
+from .mapping import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, SUBCLUSTERS, Geometry
+from .ondisk import (
     EXT_BITMAPS,
     EXT_CRYPTO,
     MAX_L1_BYTES,

@@ -12,8 +12,9 @@ from typing import BinaryIO, TypeVar
 
 from blkfs.block import BlockError
 from blkfs.block.options import parse_bool, parse_size
-from drivers.qcow2.mapping import Geometry
-from drivers.qcow2.ondisk import (
+
+from .mapping import Geometry
+from .ondisk import (
     COMPRESSION_NAMES,
     INCOMPAT_COMPRESSION,
     INCOMPAT_EXTL2,

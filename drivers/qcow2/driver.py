@@ -40,10 +40,11 @@ from blkfs.block import (
     Role,
     Status,
 )
-from drivers.qcow2.check import check_child, repair_on_open
-from drivers.qcow2.create import write_image
-from drivers.qcow2.imagefile import ChildFile, read_header, write_header
-from drivers.qcow2.mapping import (
+
+from .check import check_child, repair_on_open
+from .create import write_image
+from .imagefile import ChildFile, read_header, write_header
+from .mapping import (
     ALL_ALLOCATED,
     OFFSET_MASK,
     OFLAG_COPIED,
@@ -59,8 +60,8 @@ from drivers.qcow2.mapping import (
     set_l2_entry,
     zero_entry,
 )
-from drivers.qcow2.metadata import Metadata
-from drivers.qcow2.ondisk import (
+from .metadata import Metadata
+from .ondisk import (
     COMPRESSION_NAMES,
     COMPRESSION_ZSTD,
     MAGIC,

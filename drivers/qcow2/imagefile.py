@@ -12,7 +12,8 @@ import errno
 from typing import Protocol
 
 from blkfs.block import BlockError, Child
-from drivers.qcow2.ondisk import V2_HEADER_LENGTH, FormatError, Header
+
+from .ondisk import V2_HEADER_LENGTH, FormatError, Header
 
 
 class ImageFile(Protocol):

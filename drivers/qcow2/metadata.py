@@ -19,10 +19,11 @@ import errno
 from array import array
 
 from blkfs.block import BlockError
-from drivers.qcow2.cache import Barrier, CachedTables, L1Table, RefcountTable
-from drivers.qcow2.imagefile import ImageFile, read_header
-from drivers.qcow2.mapping import Geometry, corrupt
-from drivers.qcow2.ondisk import (
+
+from .cache import Barrier, CachedTables, L1Table, RefcountTable
+from .imagefile import ImageFile, read_header
+from .mapping import Geometry, corrupt
+from .ondisk import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     INCOMPAT_KNOWN,
@@ -34,7 +35,7 @@ from drivers.qcow2.ondisk import (
     decode_table,
     encode_table,
 )
-from drivers.qcow2.refcount import DeferredDecreases, RefcountAllocator
+from .refcount import DeferredDecreases, RefcountAllocator
 
 
 def _refcount_block(data: bytes | bytearray) -> bytearray:

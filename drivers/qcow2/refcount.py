@@ -20,10 +20,11 @@ import errno
 from collections.abc import Iterable
 
 from blkfs.block import BlockError
-from drivers.qcow2.cache import Barrier, CachedTables, RefcountTable, WriteBack
-from drivers.qcow2.imagefile import ImageFile, write_header
-from drivers.qcow2.mapping import OFFSET_MASK, Geometry, corrupt
-from drivers.qcow2.ondisk import (
+
+from .cache import Barrier, CachedTables, RefcountTable, WriteBack
+from .imagefile import ImageFile, write_header
+from .mapping import OFFSET_MASK, Geometry, corrupt
+from .ondisk import (
     MAX_REFTABLE_BYTES,
     Header,
     get_refcount,

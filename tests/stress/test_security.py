@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from blkfs_drivers.qcow2.create import write_image
 
-from drivers.qcow2.create import write_image
 from tests.conftest import needs_fuse
 from tests.helpers import Mount, mounts_in, pattern_image, without_stats
 

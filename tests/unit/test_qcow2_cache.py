@@ -10,16 +10,16 @@ from array import array
 
 import pytest
 import trio
+from blkfs_drivers.qcow2.cache import Barrier, TableCache, WriteBack
+from blkfs_drivers.qcow2.check import check
+from blkfs_drivers.qcow2.create import build_header, empty_image
+from blkfs_drivers.qcow2.mapping import OFFSET_MASK, OFLAG_COPIED
+from blkfs_drivers.qcow2.metadata import Metadata
+from blkfs_drivers.qcow2.ondisk import decode_table
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blkfs.block import BlockError
-from drivers.qcow2.cache import Barrier, TableCache, WriteBack
-from drivers.qcow2.check import check
-from drivers.qcow2.create import build_header, empty_image
-from drivers.qcow2.mapping import OFFSET_MASK, OFLAG_COPIED
-from drivers.qcow2.metadata import Metadata
-from drivers.qcow2.ondisk import decode_table
 
 FAST = settings(max_examples=60, deadline=None)
 

@@ -8,15 +8,15 @@ import struct
 from pathlib import Path
 
 import pytest
+from blkfs_drivers.qcow2.check import CheckResult, Tally, check, compare_block, highest_used
+from blkfs_drivers.qcow2.create import build_header, empty_image
+from blkfs_drivers.qcow2.mapping import OFLAG_COPIED
+from blkfs_drivers.qcow2.ondisk import Header, get_refcount, set_refcount
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
-from drivers.qcow2.check import CheckResult, Tally, check, compare_block, highest_used
-from drivers.qcow2.create import build_header, empty_image
-from drivers.qcow2.mapping import OFLAG_COPIED
-from drivers.qcow2.ondisk import Header, get_refcount, set_refcount
 
 CLUSTER = 4096
 

@@ -9,12 +9,17 @@ import errno
 import re
 
 import pytest
+from blkfs_drivers.qcow2.create import CREATE_OPTIONS, build_header
+from blkfs_drivers.qcow2.ondisk import (
+    INCOMPAT_COMPRESSION,
+    INCOMPAT_EXTL2,
+    MAX_BACKING_NAME,
+    Header,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blkfs.block import BlockError
-from drivers.qcow2.create import CREATE_OPTIONS, build_header
-from drivers.qcow2.ondisk import INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, MAX_BACKING_NAME, Header
 
 FAST = settings(max_examples=60, deadline=None)
 

@@ -11,11 +11,7 @@ import itertools
 from array import array
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from blkfs.block import BlockError
-from drivers.qcow2.mapping import (
+from blkfs_drivers.qcow2.mapping import (
     ALL_ALLOCATED,
     ALL_ZERO,
     OFFSET_MASK,
@@ -38,6 +34,10 @@ from drivers.qcow2.mapping import (
     set_l2_entry,
     zero_entry,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blkfs.block import BlockError
 
 FAST = settings(max_examples=60, deadline=None)
 

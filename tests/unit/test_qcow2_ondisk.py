@@ -10,10 +10,7 @@ from array import array
 from pathlib import Path
 
 import pytest
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
-
-from drivers.qcow2.ondisk import (
+from blkfs_drivers.qcow2.ondisk import (
     EXT_BACKING_FORMAT,
     EXT_END,
     EXT_FEATURE_TABLE,
@@ -35,6 +32,9 @@ from drivers.qcow2.ondisk import (
     refcount_entries,
     set_refcount,
 )
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
 from tests.conftest import needs_qemu
 
 FAST = settings(max_examples=60, deadline=None)

@@ -8,14 +8,14 @@ import errno
 
 import pytest
 import trio
+from blkfs_drivers.qcow2.check import check
+from blkfs_drivers.qcow2.create import build_header, empty_image
+from blkfs_drivers.qcow2.metadata import Metadata
+from blkfs_drivers.qcow2.ondisk import Header, get_refcount
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blkfs.block import BlockError
-from drivers.qcow2.check import check
-from drivers.qcow2.create import build_header, empty_image
-from drivers.qcow2.metadata import Metadata
-from drivers.qcow2.ondisk import Header, get_refcount
 from tests.unit.test_qcow2_cache import RecordingFile
 
 

@@ -28,7 +28,7 @@ def test_our_drivers_are_entry_points() -> None:
 def test_a_third_party_driver_plugs_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A package that declares a blkfs.drivers entry point is found with no change here."""
     (tmp_path / "zerodrv.py").write_text(
-        "from drivers.null import NullDriver\n"
+        "from blkfs_drivers.null import NullDriver\n"
         "class ZeroDriver(NullDriver):\n    name = 'zero'\n")
     dist = tmp_path / "zerodrv-1.0.dist-info"
     dist.mkdir()

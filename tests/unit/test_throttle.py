@@ -9,12 +9,12 @@ import errno
 import pytest
 import trio
 import trio.testing
+from blkfs_drivers.throttle import ThrottleGroup, parse_limits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
-from drivers.throttle import ThrottleGroup, parse_limits
 
 KiB, MiB = 1 << 10, 1 << 20
 
