@@ -22,7 +22,6 @@ import os
 import socket
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -34,6 +33,7 @@ from blkfs.nbd import (
     BASE_ALLOCATION,
     DEFAULT_PORT,
     NO_FLAGS,
+    Address,
     ClientHandshake,
     ClientTransmission,
     Cmd,
@@ -60,33 +60,19 @@ MAX_EFFECT = 1 << 30
 """Longest trim, write-zeroes or block status request: the length field has 32 bits."""
 
 
-@dataclass(frozen=True)
-class Address:
-    """Where the server listens."""
-
-    path: str | None = None
-    host: str | None = None
-    port: int = DEFAULT_PORT
-
-    def __str__(self) -> str:
-        if self.path is not None:
-            return f"unix:{self.path}"
-        return f"[{self.host}]:{self.port}" if ":" in (self.host or "") else \
-            f"{self.host}:{self.port}"
-
-    async def connect(self) -> trio.SocketStream:
-        """A connected stream; over TCP with keepalive, so that a server host that vanishes
-        without closing the connection is noticed (KEEPALIVE seconds) and reconnected to."""
-        if self.path is not None:
-            return await trio.open_unix_socket(self.path)
-        assert self.host is not None
-        stream = await trio.open_tcp_stream(self.host, self.port)
-        idle, interval, count = KEEPALIVE
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
-        return stream
+async def connect(address: Address) -> trio.SocketStream:
+    """A connected stream; over TCP with keepalive, so that a server host that vanishes
+    without closing the connection is noticed (KEEPALIVE seconds) and reconnected to."""
+    if address.path is not None:
+        return await trio.open_unix_socket(address.path)
+    assert address.host is not None
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    idle, interval, count = KEEPALIVE
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    return stream
 
 
 class Unavailable(BlockError):
@@ -220,7 +206,7 @@ async def negotiate(address: Address, export: str) -> Connection:
     where = f"nbd: {address}"
     try:
         with trio.fail_after(NEGOTIATION_TIMEOUT):
-            stream = await address.connect()
+            stream = await connect(address)
             try:
                 return await _handshake(stream, export)
             except BaseException:

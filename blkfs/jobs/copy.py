@@ -5,10 +5,15 @@ from __future__ import annotations
 from blkfs.block import Child, Node, Status
 from blkfs.block.request import is_zero
 from blkfs.jobs.chain import format_node
+from blkfs.jobs.ranges import RangeSet
 
 CHUNK = 1 << 20
 """Bytes one step of a job copies: large enough to be cheap per byte, small enough that a
 write waiting for a copy in flight waits little."""
+STATUS_WINDOW = 8 << 20
+"""Most one allocation query asks about: a format maps what it is asked, and a query that
+reaches to the end of the disk but is answered for a first short extent only made planning
+a job quadratic in the disk's size."""
 
 
 async def copy_range(source: Node, target: Child, start: int, end: int,
@@ -27,6 +32,19 @@ async def copy_range(source: Node, target: Child, start: int, end: int,
         else:
             await target.write(start, view)
         start += length
+
+
+async def allocated_ranges(top: Node, base: Node | None, size: int, into: RangeSet) -> int:
+    """Add to ``into`` what the images from ``top`` down to, not including, ``base`` hold
+    in [0, size); returns how many bytes were new."""
+    added = position = 0
+    while position < size:
+        length, held = await allocated_above(top, base, position,
+                                             min(size, position + STATUS_WINDOW))
+        if held:
+            added += into.add(position, position + length)
+        position += length
+    return added
 
 
 async def allocated_above(top: Node, base: Node | None, start: int, end: int

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from blkfs.block import FILTERED, Child, Graph, Node, Perm, RangeLocks
 from blkfs.block.perm import ALL
 from blkfs.errors import BlockError
-from blkfs.jobs.copy import CHUNK, allocated_above, copy_range
+from blkfs.jobs.copy import CHUNK, allocated_ranges, copy_range
 from blkfs.jobs.job import Job
 from blkfs.jobs.ranges import RangeSet
 from blkfs.jobs.target import target_options
@@ -129,12 +129,7 @@ class MirrorJob(Job):
 
     async def add_allocated(self, top: Node, base: Node | None) -> None:
         """Mark what the layers from ``top`` down to ``base`` (not included) hold."""
-        position, size = 0, top.size
-        while position < size:
-            length, here = await allocated_above(top, base, position, size)
-            if here:
-                self.total += self.dirty.add(position, position + length)
-            position += length
+        self.total += await allocated_ranges(top, base, top.size, self.dirty)
 
     def bottom(self) -> Node | None:
         """What sync=top copies down to (not included): the source's backing file."""

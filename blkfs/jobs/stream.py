@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from blkfs.block import Node, RangeLocks, Status
 from blkfs.errors import BlockError
 from blkfs.jobs.chain import backing_name, chain, find_layer
-from blkfs.jobs.copy import CHUNK, allocated_above, copy_range
+from blkfs.jobs.copy import CHUNK, allocated_ranges, copy_range
 from blkfs.jobs.job import Job
 from blkfs.jobs.ranges import RangeSet
 
@@ -61,12 +61,8 @@ class StreamJob(Job):
         into = self.backend_obj.root_node().children["file"]  # the filter's edge: unfiltered
         below = self.top.children["backing"].node
         todo = RangeSet()
-        position, size = 0, min(self.top.size, below.size)
-        while position < size:
-            length, held = await allocated_above(below, self.base, position, size)
-            if held:
-                self.total += todo.add(position, position + length)
-            position += length
+        self.total += await allocated_ranges(below, self.base, min(self.top.size, below.size),
+                                             todo)
         buf = bytearray(CHUNK)
         while (span := todo.pop_first(CHUNK)) is not None:
             start, end = span

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC", the INIT_PASSWD
@@ -212,3 +213,18 @@ def from_nbd_errno(value: int) -> int:
     """The host errno for a reply's error; one the spec does not define is EINVAL, as it
     says a client should take it."""
     return _FROM_NBD.get(value, errno.EINVAL)
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where an NBD server listens: a unix socket, or a TCP host and port."""
+
+    path: str | None = None
+    host: str | None = None
+    port: int = DEFAULT_PORT
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in (self.host or "") else \
+            f"{self.host}:{self.port}"

@@ -21,7 +21,8 @@ from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.frontends.ctl import format_exports
 from blkfs.frontends.nbd import NbdFrontend
-from blkfs.frontends.nbd.export import Address, parse_address
+from blkfs.frontends.nbd.export import parse_address
+from blkfs.nbd import Address
 from tests.helpers import without_stats
 
 MiB = 1 << 20

@@ -26,8 +26,9 @@ import trio
 from blkfs.backend import BlockBackend, BlockLayer
 from blkfs.commands import Commands, serve_exports
 from blkfs.errors import BlockError
-from blkfs.frontends.nbd.export import Address, Export, Listener, address, socket_mode
+from blkfs.frontends.nbd.export import Export, Listener, address, socket_mode
 from blkfs.frontends.nbd.session import Budget, Session
+from blkfs.nbd import Address
 
 log = logging.getLogger("blkfs.nbd")
 

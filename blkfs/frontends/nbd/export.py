@@ -22,6 +22,7 @@ from blkfs.errors import BlockError
 from blkfs.nbd import (
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_PORT,
+    Address,
     Catalog,
     ExportInfo,
     Refused,
@@ -38,21 +39,6 @@ writes acknowledged on another (NBD_FLAG_CAN_MULTI_CONN)."""
 WRITING = (TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM |
            TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO)
 """Offered on writable exports."""
-
-
-@dataclass(frozen=True)
-class Address:
-    """Where a listener listens: a unix socket, or a TCP host and port."""
-
-    path: str | None = None
-    host: str | None = None
-    port: int = DEFAULT_PORT
-
-    def __str__(self) -> str:
-        if self.path is not None:
-            return f"unix:{self.path}"
-        return f"[{self.host}]:{self.port}" if ":" in (self.host or "") else \
-            f"{self.host}:{self.port}"
 
 
 def parse_address(text: str) -> Address:
