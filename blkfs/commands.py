@@ -237,6 +237,13 @@ def one_line(text: str) -> str:
 
 # -- the commands ---------------------------------------------------------------------------
 
+def idle(layer: BlockLayer, name: str, what: str) -> BlockBackend:
+    """The backend, if no job runs on it (EBUSY otherwise: ``what`` must wait for it)."""
+    backend = layer.find(name)
+    layer.jobs.check_idle(name, what)
+    return backend
+
+
 @command
 async def create(layer: BlockLayer, name: BackendName, medium: MediumOptions | None = None,
                  on_change: OnChange = "follow") -> None:
@@ -252,6 +259,7 @@ async def delete(layer: BlockLayer, name: BackendName, force: bool = False) -> N
     """Remove the backend's name; open files keep working until closed.
 
     force=on: even if the final flush fails."""
+    layer.jobs.check_idle(name, "delete it")
     await layer.delete(name, force=force)
 
 
@@ -263,7 +271,7 @@ async def change(layer: BlockLayer, name: BackendName, medium: MediumOptions,
     Drains and flushes the old medium, opens the new one (taking over the old tree's nodes
     where it names or describes them), then swaps. force=on: under writers, or when the old
     medium cannot be flushed."""
-    await layer.find(name).change(medium, force=force)
+    await idle(layer, name, "change its medium").change(medium, force=force)
 
 
 @command
@@ -272,13 +280,13 @@ async def eject(layer: BlockLayer, name: BackendName, force: bool = False) -> No
 
     Drains, flushes and closes it. force=on: under writers, or when the medium cannot be
     flushed."""
-    await layer.find(name).eject(force=force)
+    await idle(layer, name, "eject it").eject(force=force)
 
 
 @command
 async def insert(layer: BlockLayer, name: BackendName, medium: MediumOptions) -> None:
     """A medium into an empty backend."""
-    await layer.find(name).insert(medium)
+    await idle(layer, name, "insert a medium").insert(medium)
 
 
 @command
@@ -294,7 +302,7 @@ async def resize(layer: BlockLayer, name: BackendName, size: Size | None = None,
 
     Shrinking needs shrink=on, as qemu-img resize --shrink; with no size, the backend takes
     the size its image has now on the host (as losetup -c)."""
-    backend = layer.find(name)
+    backend = idle(layer, name, "resize it")
     if size is None:
         if shrink:
             raise BlockError(errno.EINVAL, "resize: shrink=on needs a size")
@@ -329,7 +337,7 @@ async def snapshot(layer: BlockLayer, name: BackendName, path: HostPath) -> None
 
     The image now in use becomes its read-only backing file and keeps the data of this
     moment; users of the backend see no interruption."""
-    await snapshot_medium(layer, layer.find(name), path)
+    await snapshot_medium(layer, idle(layer, name, "snapshot it"), path)
 
 
 @command
@@ -338,7 +346,7 @@ async def rollback(layer: BlockLayer, name: BackendName) -> None:
 
     A filesystem mounted from the backend must be unmounted first: its cache would not
     match the disk any more."""
-    await rollback_medium(layer.find(name))
+    await rollback_medium(idle(layer, name, "roll it back"))
 
 
 @command

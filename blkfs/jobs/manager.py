@@ -62,10 +62,7 @@ class JobManager:
         fails, changing nothing)."""
         if self._nursery is None:
             raise BlockError(errno.EAGAIN, "jobs run only inside a running daemon")
-        for other in self.jobs.values():
-            if other.backend == job.backend and other.status is not JobStatus.CONCLUDED:
-                raise BlockError(errno.EBUSY, f"{job.backend}: job '{other.id}' ({other.type}) "
-                                              "is still running on it")
+        self.check_idle(job.backend, "another job")
         try:
             await job.prepare()
         except BaseException:
@@ -76,6 +73,15 @@ class JobManager:
         self._nursery.start_soon(job.run, name=f"job {job.id}")
         log.info("job %s: %s on %s started", job.id, job.type, job.backend)
         return job
+
+    def check_idle(self, backend: str, what: str) -> None:
+        """EBUSY if a job runs on the backend: its tree is the job's until the job ends (as
+        QEMU's op blockers keep a device's graph still under a job)."""
+        for job in self.jobs.values():
+            if job.backend == backend and job.status is not JobStatus.CONCLUDED:
+                raise BlockError(errno.EBUSY, f"{backend}: job '{job.id}' ({job.type}) is "
+                                              f"running on it; {what} once it has ended, or "
+                                              f"after job-cancel {job.id}")
 
     def find(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)

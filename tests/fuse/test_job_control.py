@@ -141,6 +141,12 @@ def test_bad_job_commands_are_refused_and_change_nothing(mount_factory, images: 
     mount.ctl("mirror", f"vol {images / 'm.qcow2'} speed=64K")
     assert mount.ctl_errno("backup", f"vol {images / 'b.qcow2'} job-id=other") == 16  # EBUSY
     assert not (images / "b.qcow2").exists()
+    for verb, text in (("change", f"vol {source}"), ("eject", "vol force=on"),
+                       ("delete", "vol"), ("resize", "vol 64M"),
+                       ("snapshot", f"vol {images / 's.qcow2'}"), ("rollback", "vol")):
+        assert mount.ctl_errno(verb, text) == 16, verb  # the tree is the job's meanwhile
+        assert "job 'vol' (mirror) is running on it" in mount.last_error()
+    assert mount.backends()["vol"]["tree"]["driver"] == "mirror-top"
     assert mount.ctl_errno("job-complete", "vol") == 22
     assert "not ready yet" in mount.last_error()
 
