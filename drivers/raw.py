@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 from blkfs.block import BlockDriver, BlockError, Child, ChildSpec, Extent, Option, Perm, Role
+from blkfs.block.driver import Located
 from blkfs.block.perm import child_perm
 
 PROBE_SECTOR = 512
@@ -71,6 +72,10 @@ class RawDriver(BlockDriver):
 
     async def read(self, offset: int, buf: memoryview) -> None:
         await self.child("file").readinto(self.offset + offset, buf)
+
+    def locate(self, offset: int, length: int) -> Located:
+        """Always known, and never changes: the same range of the file, shifted."""
+        return Located(self.child("file"), self.offset + offset)
 
     async def write(self, offset: int, data: memoryview) -> None:
         if self.node.probed and offset == 0:  # aligned: the whole first sector

@@ -12,10 +12,10 @@ method out gets the generic behaviour named in its docstring.
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Flag
-from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, NamedTuple
 
 from blkfs.block.options import COMMON_OPTIONS, ChildSpec, Option
 from blkfs.block.perm import Perm, child_perm
@@ -23,7 +23,7 @@ from blkfs.errors import BlockError
 
 if TYPE_CHECKING:
     from blkfs.block.context import NodeContext
-    from blkfs.block.node import Child
+    from blkfs.block.node import Child, Node
 
 ZERO_CHUNK = 1 << 20
 
@@ -42,6 +42,18 @@ class Extent:
 
     length: int
     status: Status
+
+
+class Located(NamedTuple):
+    """Where a range's bytes lie, as :meth:`BlockDriver.locate` tells."""
+
+    child: Child | None
+    """Read them from this child (None: they read as zeros)."""
+    offset: int
+    """At this offset of ``child``."""
+    passed: tuple[Node, ...] = ()
+    """The nodes between the asking driver and ``child``, whose request paths a direct
+    read skips: it must be admitted by their trackers instead (so a drain waits for it)."""
 
 
 class BlockDriver:
@@ -236,6 +248,21 @@ class BlockDriver:
 
     def children_changed(self) -> None:
         """A child was replaced (a job's switch): forget what was learnt from the old one."""
+
+    def locate(self, offset: int, length: int) -> Located | None:
+        """Where the ``length`` bytes at ``offset`` lie, if the driver knows at once (no I/O,
+        no await): a format over a backing chain reads them there instead of through each
+        layer (QEMU's block status with its ``map`` and ``file``). None when it cannot say
+        (metadata not in memory, compressed data, more than one run). A driver whose answers
+        can change tells those who watch them (:meth:`watch_locations`). Generic: None."""
+        return None
+
+    def watch_locations(self, changed: Callable[[], None]) -> None:
+        """Call ``changed`` (once) when an answer :meth:`locate` gave may no longer hold.
+        Generic: answers never change (a driver that gives them maps a fixed range)."""
+
+    def unwatch_locations(self, changed: Callable[[], None]) -> None:
+        """Forget ``changed``."""
 
     def info(self) -> dict[str, Any]:
         """Driver facts for status output (format details, counters)."""

@@ -12,7 +12,7 @@ may hold the WRITE permission, and none may if the node is read-only.
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,13 @@ class Child:
     through the child node's request path.
     """
 
-    __slots__ = ("label", "name", "node", "parent", "perm", "role", "shared")
+    __slots__ = ("label", "name", "node", "parent", "perm", "readinto", "role", "shared",
+                 "write")
+
+    readinto: Callable[[int, memoryview], Awaitable[None]]
+    """Fill the buffer with the child's bytes at the offset."""
+    write: Callable[[int, bytes | bytearray | memoryview], Awaitable[None]]
+    """Write the data at the offset of the child."""
 
     def __init__(self, parent: Node | None, label: str, node: Node, name: str, role: Role,
                  perm: Perm = NO_PERM, shared: Perm = ALL) -> None:
@@ -48,6 +54,8 @@ class Child:
         the backend."""
         self.label = label
         self.node = node
+        self.readinto = node.readinto  # the hot two: the node's own, no call in between
+        self.write = node.write
         self.name = name
         self.role = role
         self.perm = perm
@@ -72,12 +80,6 @@ class Child:
         buf = bytearray(length)
         await self.node.readinto(offset, memoryview(buf))
         return buf
-
-    async def readinto(self, offset: int, buf: memoryview) -> None:
-        await self.node.readinto(offset, buf)
-
-    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        await self.node.write(offset, data)
 
     async def flush(self) -> None:
         await self.node.flush()
@@ -122,6 +124,9 @@ class Node:
         """Limits, asked of the driver once at open (see :meth:`learn_limits`)."""
         self._requests = Requests()
         self.stats = self._requests.stats
+        self.tracker = self._requests.tracker
+        """Requests in flight (for drain); a read that skips this node's request path
+        (:meth:`BlockDriver.locate`) is admitted here instead."""
         self._write_ranges = RangeLocks()
 
     def __repr__(self) -> str:
@@ -248,15 +253,17 @@ class Node:
         self._check(offset, length)
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
-        self._check(offset, buf.nbytes)
-        await self._requests.run(self.stats.read, buf.nbytes, self._read, offset, buf)
+        length = buf.nbytes
+        self._check(offset, length)
+        align = self.request_alignment
+        read = (self.driver.read if align == 1 or is_aligned(offset, length, align)
+                else self._read_unaligned)
+        await self._requests.run(self.stats.read, length, read, offset, buf)
 
-    async def _read(self, offset: int, buf: memoryview) -> None:
+    async def _read_unaligned(self, offset: int, buf: memoryview) -> None:
+        """Read the ``request_alignment`` blocks around the range and copy out of them."""
         align = self.request_alignment
         length = buf.nbytes
-        if align == 1 or is_aligned(offset, length, align):
-            await self.driver.read(offset, buf)
-            return
         start = align_down(offset, align)
         bounce = bytearray(min(align_up(offset + length, align), self.size) - start)
         await self.driver.read(start, memoryview(bounce))

@@ -8,10 +8,10 @@ block only starts once the requests already inside have finished.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
+from time import perf_counter_ns
 from typing import ParamSpec, TypeVar
 
 import trio
@@ -32,10 +32,18 @@ class Tracker:
         self._resume = trio.Event()
 
     async def enter(self) -> None:
-        """Admit one request, waiting while the tracker is drained."""
+        """Admit one request, waiting while the tracker is drained (:meth:`Requests.run`
+        does the same inline)."""
         while self._quiesced:
             await self._resume.wait()
         self.in_flight += 1
+
+    def try_enter(self) -> bool:
+        """Admit one request if the tracker is not drained (no waiting)."""
+        if self._quiesced:
+            return False
+        self.in_flight += 1
+        return True
 
     def leave(self) -> None:
         self.in_flight -= 1
@@ -104,10 +112,15 @@ class Requests:
 
     async def run(self, kind: KindStats | None, nbytes: int, call: Callable[P, Awaitable[T]],
                   *args: P.args, **kwargs: P.kwargs) -> T:
-        """``await call(*args)`` as one request of ``kind`` (None: tracked, not counted)."""
+        """``await call(*args)`` as one request of ``kind`` (None: tracked, not counted).
+
+        Every request of every node passes here, so :meth:`Tracker.enter` and
+        :meth:`Tracker.leave` are written out: the same steps without a call each."""
         tracker = self.tracker
-        await tracker.enter()
-        start = time.perf_counter_ns()
+        while tracker._quiesced:
+            await tracker._resume.wait()
+        tracker.in_flight += 1
+        start = perf_counter_ns()
         try:
             result = await call(*args, **kwargs)
         except trio.Cancelled:
@@ -116,11 +129,13 @@ class Requests:
             self.stats.errors += 1
             raise
         finally:
-            tracker.leave()
+            tracker.in_flight -= 1
+            if not tracker.in_flight and tracker._idle is not None:
+                tracker._idle.set()
         if kind is not None:
             kind.ops += 1
             kind.bytes += nbytes
-            kind.ns += time.perf_counter_ns() - start
+            kind.ns += perf_counter_ns() - start
         return result
 
 

@@ -23,7 +23,7 @@ import errno
 import os
 import zlib
 from array import array
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
 import trio
@@ -40,7 +40,9 @@ from blkfs.block import (
     Role,
     Status,
 )
+from blkfs.block.driver import Located
 
+from .backing_map import BackingMap
 from .check import check_child, repair_on_open
 from .create import write_image
 from .imagefile import ChildFile, read_header, write_header
@@ -113,6 +115,9 @@ class Qcow2Driver(BlockDriver):
         """Reads in flight: they may have mapped a cluster that a write has since dropped,
         so freed clusters are punched only while there are none."""
         self.backing_size = 0
+        self.below = BackingMap(Qcow2Driver)
+        """Where the backing chain holds the clusters this image leaves to it."""
+        self._location_watchers: set[Callable[[], None]] = set()
         await self._load(not self.node.read_only, values)
         if "backing" in children:  # the user's choice: options, a node name, or None
             await self._open_backing(children["backing"])
@@ -127,6 +132,7 @@ class Qcow2Driver(BlockDriver):
                                        values["l2-cache-size"], values["refcount-cache-size"])
         if writable and values["repair"] == "leaks":
             await repair_on_open(self.file)
+        self._locations_changed()  # another program may have changed the image meanwhile
         self.metadata = metadata
         self.header = metadata.header
         self.geometry = metadata.geometry
@@ -147,12 +153,15 @@ class Qcow2Driver(BlockDriver):
     def _backing_options(self, name: str) -> dict[str, Any]:
         """Options for the backing file the header names: relative to the overlay's
         directory, read-only, through the graph (so --image-dir applies), format from the
-        header extension or probed."""
+        header extension or probed; with the image file's cache.direct, as QEMU's backing
+        files inherit it."""
         base = self.file.node.filename()
         if base and not os.path.isabs(name):
             name = os.path.join(os.path.dirname(base), name)
-        options: dict[str, Any] = {"file": {"driver": "file", "filename": name},
-                                   "read-only": True}
+        file: dict[str, Any] = {"driver": "file", "filename": name}
+        if self.file.node.values.get("cache.direct"):
+            file["cache.direct"] = True
+        options: dict[str, Any] = {"file": file, "read-only": True}
         if self.header.backing_format:
             options["driver"] = self.header.backing_format
         return options
@@ -178,6 +187,8 @@ class Qcow2Driver(BlockDriver):
             await self._load(True, values)
 
     async def close(self) -> None:
+        self.below.clear()
+        self._locations_changed()
         if not self.node.read_only:
             async with self.lock:
                 await self._write_back()
@@ -251,7 +262,7 @@ class Qcow2Driver(BlockDriver):
                 await self.file.readinto(host, view)
             elif kind is Kind.UNALLOCATED and guest < self.backing_size:
                 inside = min(length, self.backing_size - guest)
-                await self.child("backing").readinto(guest, view[:inside])
+                await self._read_backing(guest, view[:inside])
                 if inside < length:  # a backing file shorter than this image
                     view[inside:] = bytes(length - inside)
             elif kind is Kind.COMPRESSED:
@@ -260,6 +271,69 @@ class Qcow2Driver(BlockDriver):
                 view[:] = data[within:within + length]
             else:
                 view[:] = bytes(length)
+
+    async def _read_backing(self, guest: int, view: memoryview) -> None:
+        """Read from the backing chain: in one step where the backing map knows (or can
+        learn at once) which layer holds the cluster, else through the backing file's
+        request path (a read across clusters, a chain that cannot say, a drained layer)."""
+        bits = self.geometry.cluster_bits
+        cluster = guest >> bits
+        if (guest + view.nbytes - 1) >> bits == cluster:
+            found = self.below.entries.get(cluster)
+            if found is None:
+                start = cluster << bits
+                found = self.below.learn(cluster, self.child("backing"), start,
+                                         min(start + self.cluster_size, self.backing_size)
+                                         - start)
+            if found is not None:
+                route, host = found
+                file = route.file
+                if file is None:
+                    view[:] = bytes(view.nbytes)
+                    return
+                if route.enter():
+                    try:
+                        await file.readinto(host + guest - (cluster << bits), view)
+                    finally:
+                        route.leave()
+                    return
+        await self.child("backing").readinto(guest, view)
+
+    def locate(self, offset: int, length: int) -> Located | None:
+        """From cached L2 tables only: one run of data in the image file, zeros, or what
+        the backing chain says for a range this image leaves to it."""
+        extents = self._cached_extents(offset, length)
+        if extents is None or len(extents) != 1:
+            return None
+        mapping = extents[0][2]
+        kind = mapping.kind
+        if kind is Kind.NORMAL:
+            host = mapping.host + offset % self.cluster_size
+            if host + length > self.file.node.size:
+                return None  # the request path reports the corruption
+            return Located(self.file, host)
+        if kind is Kind.ZERO or (kind is Kind.UNALLOCATED and offset >= self.backing_size):
+            return Located(None, 0)
+        if kind is Kind.UNALLOCATED and offset + length <= self.backing_size:
+            backing = self.child("backing")
+            below = backing.node.driver.locate(offset, length)
+            if below is not None:
+                return Located(below.child, below.offset, (backing.node, *below.passed))
+        return None
+
+    def watch_locations(self, changed: Callable[[], None]) -> None:
+        self._location_watchers.add(changed)
+
+    def unwatch_locations(self, changed: Callable[[], None]) -> None:
+        self._location_watchers.discard(changed)
+
+    def _locations_changed(self) -> None:
+        """The mapping, the backing file or the size changed: what :meth:`locate` said
+        may not hold any more."""
+        if self._location_watchers:
+            watchers, self._location_watchers = self._location_watchers, set()
+            for changed in watchers:
+                changed()
 
     def _check_in_file(self, offset: int, length: int, what: str) -> None:
         if offset + length > self.file.node.size:
@@ -350,6 +424,7 @@ class Qcow2Driver(BlockDriver):
                          ALL_ALLOCATED)
             self.allocator.drop(host_clusters(self.geometry, old))
         self.l2_cache.mark_dirty(table_offset)
+        self._locations_changed()
         return tail - head
 
     async def _write_merged(self, start: int, host: int, within: int, data: memoryview) -> None:
@@ -442,6 +517,7 @@ class Qcow2Driver(BlockDriver):
                 set_l2_entry(table, index, extended, *new)
                 self.l2_cache.mark_dirty(table_offset)
                 self.allocator.drop(host_clusters(self.geometry, old))
+                self._locations_changed()
             position += chunk
 
     async def make_empty(self) -> None:
@@ -459,6 +535,7 @@ class Qcow2Driver(BlockDriver):
                     set_l2_entry(table, index, extended, 0, 0)
                     self.allocator.drop(host_clusters(self.geometry, old))
                 self.l2_cache.mark_dirty(table_offset)
+                self._locations_changed()
             await self._write_back()
             await self.file.flush()
 
@@ -489,6 +566,8 @@ class Qcow2Driver(BlockDriver):
     def children_changed(self) -> None:
         backing = self.node.children.get("backing")
         self.backing_size = backing.node.size if backing is not None else 0
+        self.below.clear()
+        self._locations_changed()
 
     # -- growing ----------------------------------------------------------------------------
 
@@ -500,6 +579,7 @@ class Qcow2Driver(BlockDriver):
             if needed > len(self.l1):
                 await self._grow_l1(needed)
             self.header.size = length
+            self._locations_changed()
             await self._write_back()
             await write_header(self.metadata.file, self.header)
 

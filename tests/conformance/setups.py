@@ -60,6 +60,16 @@ def _qcow2_overlay(tmp: Path, **options: str) -> str:
     return str(tmp / "top.qcow2")
 
 
+def _qcow2_chain(tmp: Path) -> str:
+    """A 3-deep chain: the data in a raw base, under two empty qcow2 overlays, so every read
+    goes through the backing map of the top."""
+    _qcow2_overlay(tmp)
+    qcow2 = default_registry().get("qcow2")
+    with open(tmp / "chain-top.qcow2", "xb") as f:
+        qcow2.create(f, SIZE, {}, "top.qcow2", "qcow2")
+    return str(tmp / "chain-top.qcow2")
+
+
 SETUPS: list[Setup] = [
     Setup("file", lambda tmp: f"driver=file,filename={_raw_file(tmp)}"),
     Setup("raw", lambda tmp: f"driver=raw,file.driver=file,file.filename={_raw_file(tmp)}"),
@@ -67,6 +77,12 @@ SETUPS: list[Setup] = [
     Setup("raw-slice",
           lambda tmp: (f"driver=raw,offset={SLICE_OFFSET},size={SIZE},file.driver=file,"
                        f"file.filename={_raw_file(tmp, SIZE + 4096, os.urandom(SLICE_OFFSET))}"),
+          resizable=False, host_offset=SLICE_OFFSET),
+    Setup("file-direct", lambda tmp: f"driver=file,cache.direct=on,filename={_raw_file(tmp)}"),
+    Setup("raw-slice-direct",
+          lambda tmp: (f"driver=raw,offset={SLICE_OFFSET},size={SIZE},file.driver=file,"
+                       f"file.cache.direct=on,file.filename="
+                       f"{_raw_file(tmp, SIZE + 4096, os.urandom(SLICE_OFFSET))}"),
           resizable=False, host_offset=SLICE_OFFSET),
     Setup("null", lambda tmp: f"driver=null,size={SIZE}", keeps_data=False, host_file=None),
     Setup("qcow2", _qcow2_overlay, host_file=None, shrinkable=False),
@@ -78,6 +94,11 @@ SETUPS: list[Setup] = [
           host_file=None, shrinkable=False),
     Setup("qcow2-v2", lambda tmp: _qcow2_overlay(tmp, compat="0.10"),
           host_file=None, shrinkable=False),
+    Setup("qcow2-direct",  # the raw backing file inherits cache.direct
+          lambda tmp: f"driver=qcow2,file.driver=file,file.cache.direct=on,"
+                      f"file.filename={_qcow2_overlay(tmp)}",
+          host_file=None, shrinkable=False),
+    Setup("qcow2-chain", _qcow2_chain, host_file=None, shrinkable=False),
     Setup("throttle",
           lambda tmp: (f"driver=throttle,limits.bps-total=1G,limits.iops-total=100000,"
                        f"file.driver=file,file.filename={_raw_file(tmp)}")),
