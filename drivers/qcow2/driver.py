@@ -56,6 +56,7 @@ from .mapping import (
     allocation_run,
     corrupt,
     host_clusters,
+    host_runs,
     in_place_run,
     l2_entry,
     map_table,
@@ -615,8 +616,8 @@ class Qcow2Driver(BlockDriver):
         if self.readers:
             return
         freed, self.allocator.freed = self.allocator.freed, []
-        for host in freed:
-            await self.file.discard(host, self.cluster_size)
+        for start, length in host_runs(freed, self.cluster_size):
+            await self.file.discard(start, length)
 
     async def flush(self) -> None:
         async with self.lock:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
@@ -179,6 +179,19 @@ def data_run(table: Sequence[int], index: int, limit: int, host: int, cluster_si
         index += 1
         host += cluster_size
     return count
+
+
+def host_runs(hosts: Iterable[int], cluster_size: int) -> list[tuple[int, int]]:
+    """Host clusters as (offset, length) runs of clusters back to back on disk, in order:
+    freeing a whole image gives its space back in a few discards instead of one per
+    cluster."""
+    runs: list[tuple[int, int]] = []
+    for host in sorted(set(hosts)):
+        if runs and runs[-1][0] + runs[-1][1] == host:
+            runs[-1] = (runs[-1][0], runs[-1][1] + cluster_size)
+        else:
+            runs.append((host, cluster_size))
+    return runs
 
 
 def fully_allocated(entry: int, bitmap: int, geometry: Geometry) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from array import array
+from itertools import pairwise
 
 import pytest
 from blkfs_drivers.qcow2.mapping import (
@@ -28,6 +29,7 @@ from blkfs_drivers.qcow2.mapping import (
     decode,
     fully_allocated,
     host_clusters,
+    host_runs,
     in_place_run,
     l2_entry,
     map_table,
@@ -439,3 +441,15 @@ def test_only_whole_clusters_after_the_header_are_valid(g: Geometry, offset: int
         assert not valid and "corrupt" in exc.message and "L2 table" in exc.message
     else:
         assert valid
+
+
+@FAST
+@given(st.sampled_from([512, 4096, 65536]), st.lists(st.integers(1, 200), max_size=60))
+def test_host_runs_cover_exactly_the_clusters_in_fewest_runs(cluster_size: int,
+                                                             indexes: list[int]) -> None:
+    hosts = [i * cluster_size for i in indexes]
+    runs = host_runs(hosts, cluster_size)
+    covered = [start + k for start, length in runs for k in range(0, length, cluster_size)]
+    assert covered == sorted(set(hosts))  # each freed cluster once, in order, nothing else
+    for (start, length), (following, _) in pairwise(runs):
+        assert start + length < following  # runs that touch would have been one
