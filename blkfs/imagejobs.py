@@ -20,6 +20,8 @@ from blkfs.image import image_info, set_backing_file
 
 NAME = "image"
 """The in-process backend's name (and so its job's id)."""
+NEW_BASE = "new-base"
+"""The backend (and node) of the image a safe rebase compares with."""
 
 
 def add_parsers(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,9 +36,9 @@ def add_parsers(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     rebase = verbs.add_parser("rebase", help="give an image another backing file")
     rebase.add_argument("-b", dest="backing", required=True,
-                        help="the new backing file ('' for none): relative to FILE's "
-                             "directory; safe mode needs it in FILE's chain")
-    rebase.add_argument("-F", dest="backing_format", help="its format (with -u)")
+                        help="the new backing file ('' for none), relative to FILE's "
+                             "directory")
+    rebase.add_argument("-F", dest="backing_format", help="its format (default: probed)")
     rebase.add_argument("-u", dest="unsafe", action="store_true",
                         help="only rewrite the header (the new file must hold the same data)")
     rebase.add_argument("-p", dest="progress", action="store_true", help="show progress")
@@ -77,12 +79,27 @@ def cmd_rebase(args: argparse.Namespace) -> int:
         return 0
 
     async def rebase(commands: Commands) -> None:
+        new = absolute(args.file, args.backing) if args.backing else None
+        if new is not None and os.path.realpath(new) not in await chain_files(args.file):
+            # an image outside the chain: opened beside it, to compare with (safe rebase)
+            medium = {**file_medium(new), "read-only": True, "node-name": NEW_BASE}
+            if args.backing_format:
+                medium["driver"] = args.backing_format
+            await commands.run("create", {"name": NEW_BASE, "medium": medium})
+            new = NEW_BASE
         await open_image(commands, args.file)
-        await run_job(commands, "stream",
-                      {"base": absolute(args.file, args.backing) if args.backing else None},
-                      args.progress)
+        await run_job(commands, "stream", {"base": new}, args.progress)
     run_commands(rebase)
     return 0
+
+
+async def chain_files(image: str) -> list[str]:
+    """The real paths of the image files of ``image``'s backing chain."""
+    files = []
+    for layer in (await image_info(image))["backing-chain"]:
+        image = os.path.realpath(absolute(image, layer["filename"]))
+        files.append(image)
+    return files
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

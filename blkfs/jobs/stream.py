@@ -8,6 +8,12 @@ clusters (so a zeroed range does not show the base's data once the chain is shor
 copy and each guest write to the same range hold one range lock, and a range is looked up in
 the active image under it, so a copy never writes old data over a newer write. Cancelled or
 failed, the filter goes; what was copied stays (it is what the chain shows anyway).
+
+A base outside the chain (any node, such as another backend's image opened read-only) is a
+safe rebase, as ``qemu-img rebase`` does it: every range the active image leaves to its
+backing chain is compared with the new base, and where the two differ what the backend
+shows is copied into the active image, so the guest reads the same once the new base is its
+backing file.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import errno
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from blkfs.block import Node, RangeLocks, Status
+from blkfs.block import Child, Node, RangeLocks, Status
+from blkfs.block.request import is_zero
 from blkfs.errors import BlockError
 from blkfs.jobs.chain import backing_name, chain, find_layer
 from blkfs.jobs.copy import CHUNK, allocated_ranges, copy_range
@@ -27,16 +34,21 @@ if TYPE_CHECKING:
     from blkfs.backend import BlockBackend
     from blkfs.jobs.manager import JobManager
 
+PIECE = 64 << 10
+"""What a rebase compares at once: a piece that differs from the new base is copied whole."""
+
 
 class StreamJob(Job):
     type = "stream"
 
     def __init__(self, manager: JobManager, job_id: str, backend: BlockBackend, top: Node,
-                 base: Node | None, speed: int = 0) -> None:
+                 base: Node | None, speed: int = 0, rebase: bool = False) -> None:
         super().__init__(manager, job_id, backend.name, speed)
         self.backend_obj = backend
         self.top = top
         self.base = base
+        self.rebase = rebase
+        """``base`` is not in the chain: copy what differs from it."""
         self.root = backend.root_node()
         self.locks = RangeLocks()
         self.filtered = False
@@ -59,20 +71,50 @@ class StreamJob(Job):
 
     async def work(self) -> None:
         into = self.backend_obj.root_node().children["file"]  # the filter's edge: unfiltered
-        below = self.top.children["backing"].node
         todo = RangeSet()
-        self.total += await allocated_ranges(below, self.base, min(self.top.size, below.size),
-                                             todo)
+        if self.rebase:  # the new base may differ anywhere, also where the chain holds nothing
+            self.total += todo.add(0, self.top.size)
+        else:
+            below = self.top.children["backing"].node
+            self.total += await allocated_ranges(below, self.base,
+                                                 min(self.top.size, below.size), todo)
         buf = bytearray(CHUNK)
+        theirs = bytearray(CHUNK if self.rebase else 0)
         while (span := todo.pop_first(CHUNK)) is not None:
             start, end = span
             async with self.locks.hold(start, end - start):
                 while start < end:
                     extent = await self.top.block_status(start, end - start)
-                    if Status.ALLOCATED not in extent.status:
-                        await copy_range(self.root, into, start, start + extent.length, buf)
-                    start += extent.length
+                    stop = start + extent.length
+                    if Status.ALLOCATED in extent.status:
+                        pass  # the active image's own: it stays what the guest reads
+                    elif self.rebase:
+                        await self.copy_differing(into, start, stop, buf, theirs)
+                    else:
+                        await copy_range(self.root, into, start, stop, buf)
+                    start = stop
             await self.step(span[1] - span[0])
+
+    async def copy_differing(self, into: Child, start: int, end: int, buf: bytearray,
+                             theirs: bytearray) -> None:
+        """Copy into the active image the pieces of [start, end) where what the backend
+        shows differs from the new base (past the base's end: zeros)."""
+        assert self.base is not None
+        length = end - start
+        await self.root.readinto(start, memoryview(buf)[:length])
+        inside = max(0, min(end, self.base.size) - start)
+        if inside:
+            await self.base.readinto(start, memoryview(theirs)[:inside])
+        theirs[inside:length] = bytes(length - inside)
+        for piece in range(0, length, PIECE):
+            stop = min(length, piece + PIECE)
+            if buf[piece:stop] == theirs[piece:stop]:
+                continue
+            ours = memoryview(buf)[piece:stop]
+            if is_zero(ours):
+                await into.write_zeroes(start + piece, stop - piece, unmap=True)
+            else:
+                await into.write(start + piece, ours)
 
     async def finish(self) -> None:
         await self.remove_filter()
@@ -92,8 +134,21 @@ class StreamJob(Job):
 def stream(manager: JobManager, backend: BlockBackend, job_id: str | None, base: str | None,
            speed: int) -> StreamJob:
     """The stream job asked for: into the active image, from the images above ``base``
-    (default: the whole chain, which then leaves the image standalone)."""
+    (default: the whole chain, which then leaves the image standalone); or, ``base`` a node
+    outside the chain, what differs from it (a safe rebase)."""
     layers = chain(backend)
+    graph = manager.layer.graph
+    if base and base in graph.nodes and base not in (node.name for node in layers):
+        new_base = graph.find(base)
+        if new_base in graph.subtree(backend.root_node()) or layers[0] in graph.subtree(
+                new_base):
+            raise BlockError(errno.EINVAL, f"stream: node '{base}' is part of "
+                                           f"{backend.name}'s tree: it cannot be its base")
+        if new_base.filename() is None:
+            raise BlockError(errno.EINVAL, f"stream: node '{base}' has no image file for "
+                                           f"'{layers[0].filename()}' to name")
+        return StreamJob(manager, manager.new_id(job_id, backend.name), backend, layers[0],
+                         new_base, speed, rebase=True)
     if len(layers) == 1:
         raise BlockError(errno.EINVAL, f"stream: {backend.name}'s image '{layers[0].name}' "
                                        "has no backing file")

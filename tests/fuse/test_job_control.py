@@ -11,7 +11,15 @@ import pytest
 from tests.compat.peers import qemu, to_raw
 from tests.conftest import needs_fuse, needs_qemu
 from tests.helpers import Mount, blkfs
-from tests.jobs import MiB, ModelWriter, jobs, qemu_check_clean, wait_job
+from tests.jobs import (
+    MiB,
+    ModelWriter,
+    jobs,
+    qemu_chain,
+    qemu_check_clean,
+    status_chain,
+    wait_job,
+)
 
 pytestmark = [needs_fuse, pytest.mark.fuse, needs_qemu]
 SIZE = 32 * MiB
@@ -116,6 +124,35 @@ def test_pause_resume_and_speed(mount_factory, images: Path) -> None:
     assert "has concluded" in mount.last_error()
     mount.stop()
     assert to_raw(images / "b.qcow2") == to_raw(source)
+
+
+def test_a_stream_onto_an_image_outside_the_chain_is_a_live_safe_rebase(
+        mount_factory, images: Path) -> None:
+    base = full_image(images, "base.qcow2")
+    top = images / "top.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
+    other = images / "other.qcow2"  # the base's second half, nothing of its first
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", other, str(SIZE))
+    qemu("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a {SIZE // 2} {SIZE // 2}", other)
+    mount = mount_factory(
+        "--backend", f"vol={top}",
+        "--backend", f"new=driver=qcow2,node-name=new,read-only=on,file.driver=file,"
+                     f"file.filename={other}")
+    own = tree(mount)["children"]["file"]["node-name"]
+    with ModelWriter(mount / "vol", SIZE) as writer:
+        writer.wrote_more()
+        assert mount.ctl_errno("stream", f"vol base={own}") == 22
+        assert "part of vol's tree" in mount.last_error()
+        mount.ctl("stream", "vol base=new")
+        job = wait_job(mount, "vol", "concluded")
+        assert job["error"] is None, job
+        writer.wrote_more()
+        writer.agrees()
+    assert status_chain(mount, "vol") == [str(top), str(other)]
+    mount.stop()
+    assert qemu_chain(str(top)) == [str(top), str(other)]
+    qemu_check_clean(str(top))
+    assert to_raw(top) == writer.model
 
 
 def test_bad_job_commands_are_refused_and_change_nothing(mount_factory, images: Path) -> None:
