@@ -348,11 +348,11 @@ class BlockBackend:
         tree = self.layer.parse(options)
         async with self._graph_lock, self._requests.tracker.drained():
             old = self._root
+            if before_swap is not None:
+                await before_swap()
             if old is None:
                 self._root = await self._open_medium(tree)
             else:
-                if before_swap is not None:
-                    await before_swap()
                 await self._flush_outgoing(force)
                 kept = self.layer.graph.subtree(old.node)
                 self._root = await self._replace(old, tree, force or same_data)
@@ -474,10 +474,12 @@ def _spelled(medium: Medium) -> str:
     return f"node {medium}" if isinstance(medium, str) else format_options(medium)
 
 
-def _same_medium(a: Node, b: Node) -> bool:
-    """Whether two trees serve one medium: the image under one's filters lies in the other's
-    tree (a filter put in, taken out or replaced; an overlay put on top)."""
-    return _in_tree(_under_filters(a), b) or _in_tree(_under_filters(b), a)
+def _same_medium(old: Node, new: Node) -> bool:
+    """Whether the new tree keeps serving the old one's medium: the image under the old
+    filters lies in the new tree (a filter put in, taken out or replaced; an overlay put
+    on top). A move down the old tree (to a backing file, which would drop the overlay's
+    writes, or to an image's file node, which would hand its metadata to the guest) is not."""
+    return _in_tree(_under_filters(old), new)
 
 
 def _under_filters(node: Node) -> Node:

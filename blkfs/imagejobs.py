@@ -80,7 +80,8 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 
     async def rebase(commands: Commands) -> None:
         new = absolute(args.file, args.backing) if args.backing else None
-        if new is not None and os.path.realpath(new) not in await chain_files(args.file):
+        chain = (await image_info(args.file))["backing-chain"]
+        if new is not None and not in_chain(args.file, chain, new):
             # an image outside the chain: opened beside it, to compare with (safe rebase)
             medium = {**file_medium(new), "read-only": True, "node-name": NEW_BASE}
             if args.backing_format:
@@ -93,13 +94,14 @@ def cmd_rebase(args: argparse.Namespace) -> int:
     return 0
 
 
-async def chain_files(image: str) -> list[str]:
-    """The real paths of the image files of ``image``'s backing chain."""
-    files = []
-    for layer in (await image_info(image))["backing-chain"]:
-        image = os.path.realpath(absolute(image, layer["filename"]))
-        files.append(image)
-    return files
+def in_chain(image: str, chain: list[dict[str, Any]], path: str) -> bool:
+    """Whether ``path`` is an image file of ``image``'s backing ``chain`` (as image_info
+    gives it: each name relative to the layer above)."""
+    for layer in chain:
+        image = absolute(image, layer["filename"])
+        if os.path.realpath(image) == os.path.realpath(path):
+            return True
+    return False
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -10,8 +10,8 @@ host with SEEK_DATA/SEEK_HOLE so sparse images copy sparsely.
 
 ``cache.direct=on`` (QEMU's option, its cache=none) bypasses the host page cache with
 O_DIRECT, through a buffer aligned in memory; offsets and lengths are aligned to the
-smallest block the file accepts (probed, as QEMU's raw_probe_alignment), which the layer
-read-modify-writes around.
+device's logical block size (a file: its filesystem's block size, at most a page), which
+the layer read-modify-writes around.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import fcntl
 import mmap
 import os
 import stat
+import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -49,24 +50,24 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-DIRECT_ALIGNMENTS = (512, 1024, 2048, 4096)
+BLKSSZGET = 0x1268
+"""ioctl: a block device's logical block size."""
 BOUNCE_SIZE = 1 << 20
 """Aligned buffers of cache.direct=on are this large; longer requests go in pieces."""
 BOUNCE_KEPT = 8
 
 
-def probe_alignment(fd: int) -> int:
-    """The smallest offset and length an O_DIRECT read of ``fd`` accepts: the device's
-    logical block size, found by trying (QEMU's raw_probe_alignment)."""
-    with mmap.mmap(-1, mmap.PAGESIZE) as page:
-        for align in DIRECT_ALIGNMENTS:
-            try:
-                os.preadv(fd, [memoryview(page)[:align]], 0)
-                return align
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-    return mmap.PAGESIZE
+def direct_alignment(fd: int) -> int:
+    """The offset and length alignment O_DIRECT needs on ``fd``: a block device's logical
+    block size; for a file, its filesystem's block size, at most a page (which every
+    device's logical block size divides). Not found by trying reads, as QEMU's
+    raw_probe_alignment also does: a read of a hole or at the end of a file succeeds
+    unaligned, and a 4 KiB-sector disk would then be taken for a 512-byte one."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        size: int = struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, bytes(4)))[0]
+        return size
+    return max(512, min(st.st_blksize, mmap.PAGESIZE))
 
 
 def pread_full(fd: int, buf: memoryview, offset: int) -> None:
@@ -126,7 +127,7 @@ class FileDriver(BlockDriver):
         if self.direct:
             try:
                 self._set_direct(self.fd)
-                self.request_alignment = probe_alignment(self.fd)
+                self.request_alignment = direct_alignment(self.fd)
             except BaseException:
                 self.node.close_host_file(self.fd)
                 self.fd = -1
@@ -268,7 +269,7 @@ class FileDriver(BlockDriver):
                 length = align_up(stop - position, align)
                 bounce[:stop - position] = data[position - offset:stop - offset]
                 bounce[stop - position:length] = bytes(length - (stop - position))
-                size = os.fstat(self.fd).st_size if length > stop - position else None
+                size = os.lseek(self.fd, 0, os.SEEK_END) if length > stop - position else None
                 if size is not None and size > stop:  # the padding would overwrite data
                     raise BlockError(errno.EINVAL, f"'{self.filename}': unaligned write at "
                                                    f"{position}+{stop - position} inside the "

@@ -150,9 +150,10 @@ def run(*args: str | Path) -> str:
 
 
 @contextmanager
-def loop_device(path: Path) -> Iterator[str]:
-    """A loop device over ``path`` for the body; detached afterwards, even on failure."""
-    device = run("losetup", "--find", "--show", path)
+def loop_device(path: Path, sector_size: int = 512) -> Iterator[str]:
+    """A loop device over ``path`` (with that logical block size) for the body; detached
+    afterwards, even on failure."""
+    device = run("losetup", "--find", "--show", "--sector-size", str(sector_size), path)
     try:
         yield device
     finally:

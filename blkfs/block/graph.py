@@ -516,22 +516,39 @@ class Graph:
 
     async def set_backing(self, node: Node, backing: Node | None,
                           recorded: tuple[str, str] | None) -> None:
-        """Make ``backing`` (or nothing) ``node``'s backing file: in its image header first
-        (``recorded``: the name and format to write there), then in the graph; the old
-        backing node is released. For commit and stream, whose copies made the two equal."""
+        """Make ``backing`` (or nothing) ``node``'s backing file, in the graph and in its
+        image header (``recorded``: the name and format to write there); the old backing
+        node is released. For commit and stream, whose copies made the two equal. The new
+        edge's permissions are checked before the header changes; if either fails, the old
+        backing file stays, in both."""
         old = node.children.get("backing")
         async with node.drained():
-            await node.driver.change_backing_file(*(recorded or (None, None)))
-            if old is not None:
-                del node.children["backing"]
-                old.node.detach(old)
+            self._backing_edge(node, backing)
             if backing is not None:
                 backing.refcnt += 1
-                node.children["backing"] = backing.attach(node, node.name, "backing", Role.COW)
-            self.refresh_perms([node])
-            node.driver.children_changed()
+            try:
+                self.refresh_perms([node])
+                await node.driver.change_backing_file(*(recorded or (None, None)))
+            except BaseException:
+                self._backing_edge(node, old.node if old is not None else None)
+                if backing is not None:
+                    backing.refcnt -= 1
+                self.refresh_perms([node])
+                raise
+            finally:
+                node.driver.children_changed()
         if old is not None:
             await self.unref(old.node)
+
+    @staticmethod
+    def _backing_edge(node: Node, backing: Node | None) -> None:
+        """Point ``node``'s backing edge at ``backing`` (or remove it); permissions and
+        references are the caller's to settle."""
+        edge = node.children.pop("backing", None)
+        if edge is not None:
+            edge.node.detach(edge)
+        if backing is not None:
+            node.children["backing"] = backing.attach(node, node.name, "backing", Role.COW)
 
     async def refresh_sizes(self, top: Node) -> None:
         """Ask every node below ``top`` for its size again, children first (a host file that

@@ -315,8 +315,25 @@ class Node:
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check_write(offset, length)
-        await self._requests.run(self.stats.zero, length, self.driver.write_zeroes, offset,
-                                 length, unmap and self.values["discard"] == "unmap")
+        await self._requests.run(self.stats.zero, length, self._write_zeroes, offset, length,
+                                 unmap and self.values["discard"] == "unmap")
+
+    async def _write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        """The driver zeroes whole ``request_alignment`` blocks; the blocks at either end
+        that the range covers only in part are written as zeros, read-modify-written like
+        any unaligned write (QEMU's bdrv_co_do_pwrite_zeroes)."""
+        align = self.request_alignment
+        end = offset + length
+        head = min(end, align_up(offset, align))
+        tail = max(head, align_down(end, align))
+        if head == offset and tail == end:  # aligned (always, with an alignment of 1)
+            await self.driver.write_zeroes(offset, length, unmap)
+            return
+        for start, stop in ((offset, head), (tail, end)):
+            if start < stop:
+                await self._write_aligned(start, memoryview(bytes(stop - start)), align)
+        if head < tail:
+            await self.driver.write_zeroes(head, tail - head, unmap)
 
     async def truncate(self, length: int) -> None:
         if self.read_only:

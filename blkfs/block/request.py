@@ -58,9 +58,10 @@ class Tracker:
         self._quiesced += 1
         try:
             while self.in_flight:
-                self._idle = trio.Event()
+                if self._idle is None:  # a second drainer waits for the same moment
+                    self._idle = trio.Event()
                 await self._idle.wait()
-            self._idle = None
+                self._idle = None
             yield
         finally:
             self._quiesced -= 1

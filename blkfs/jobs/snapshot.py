@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from blkfs.errors import BlockError
@@ -26,8 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("blkfs.jobs")
 
 
-async def snapshot(layer: BlockLayer, backend: BlockBackend, overlay: str) -> None:
-    """Put a new qcow2 overlay at ``overlay`` (a new file) on top of the backend's medium."""
+async def snapshot(layer: BlockLayer, backend: BlockBackend, overlay: str,
+                   options: Mapping[str, str] | None = None) -> None:
+    """Put a new qcow2 overlay at ``overlay`` (a new file, made with the qcow2 creation
+    ``options``) on top of the backend's medium."""
     if not os.path.isabs(overlay):
         raise BlockError(errno.EINVAL, f"snapshot: '{overlay}': an absolute path is needed "
                                        "(the daemon's working directory is not yours)")
@@ -38,11 +41,19 @@ async def snapshot(layer: BlockLayer, backend: BlockBackend, overlay: str) -> No
         raise BlockError(errno.EINVAL, f"snapshot: {backend.name}'s medium has no image file "
                                        "to name as backing file")
     await create_image(overlay, "qcow2", backend.length(), backing=header_name(overlay, image),
-                       backing_format=active.driver.name)
+                       backing_format=active.driver.name, options=options)
+
+    async def still_ours() -> None:
+        """Once the backend is drained: the medium the overlay was made for is still the
+        one it serves (another snapshot or change may have switched it meanwhile)."""
+        if backend.root_node() is not root:
+            raise BlockError(errno.EBUSY, f"snapshot: {backend.name}'s medium changed while "
+                                          f"{overlay} was made; nothing was switched")
+
     try:
         await backend.change({"driver": "qcow2",
                               "file": {"driver": "file", "filename": overlay},
-                              "backing": root.name}, same_data=True)
+                              "backing": root.name}, same_data=True, before_swap=still_ours)
     except BaseException:
         os.unlink(overlay)
         raise
@@ -56,10 +67,15 @@ async def snapshot(layer: BlockLayer, backend: BlockBackend, overlay: str) -> No
 
 async def rollback(backend: BlockBackend) -> None:
     """Empty the active overlay: the backend shows what it showed at the last snapshot."""
-    layers = chain(backend)
-    if len(layers) == 1:
-        raise BlockError(errno.EINVAL, f"rollback: {backend.name}'s image "
-                                       f"'{layers[0].filename()}' has no backing file to go "
-                                       "back to")
-    await backend.quiesced(layers[0].driver.make_empty)
-    log.info("%s: rolled back to %s", backend.name, layers[1].filename())
+    async def empty() -> None:  # the chain as it is once drained (a snapshot may just end)
+        layers = chain(backend)
+        if len(layers) == 1:
+            raise BlockError(errno.EINVAL, f"rollback: {backend.name}'s image "
+                                           f"'{layers[0].filename()}' has no backing file to "
+                                           "go back to")
+        if layers[0].read_only:
+            raise BlockError(errno.EROFS, f"rollback: {backend.name}'s image "
+                                          f"'{layers[0].filename()}' is read-only")
+        await layers[0].driver.make_empty()
+        log.info("%s: rolled back to %s", backend.name, layers[1].filename())
+    await backend.quiesced(empty)

@@ -52,12 +52,17 @@ class StreamJob(Job):
         self.root = backend.root_node()
         self.locks = RangeLocks()
         self.filtered = False
+        self.holds_base = False
 
     @property
     def registry(self) -> dict[str, Job]:
         return self.manager.layer.graph.registry("jobs")
 
     async def prepare(self) -> None:
+        if self.rebase:  # the new base stays open until it is the backing file
+            assert self.base is not None
+            self.base.refcnt += 1
+            self.holds_base = True
         self.registry[self.id] = self
         await self.backend_obj.change({"driver": "stream-top", "job": self.id,
                                        "file": self.root.name}, same_data=True)
@@ -120,9 +125,17 @@ class StreamJob(Job):
         await self.remove_filter()
         await self.manager.layer.graph.set_backing(
             self.top, self.base, backing_name(self.top, self.base) if self.base else None)
+        await self.release_base()
 
     async def abort(self) -> None:
         await self.remove_filter()
+        await self.release_base()
+
+    async def release_base(self) -> None:
+        if self.holds_base:
+            assert self.base is not None
+            self.holds_base = False
+            await self.manager.layer.graph.unref(self.base)
 
     async def remove_filter(self) -> None:
         if self.filtered:
@@ -137,6 +150,9 @@ def stream(manager: JobManager, backend: BlockBackend, job_id: str | None, base:
     (default: the whole chain, which then leaves the image standalone); or, ``base`` a node
     outside the chain, what differs from it (a safe rebase)."""
     layers = chain(backend)
+    if len(layers) == 1:  # (a rebase too: this image's zeros would not hide a new base's data)
+        raise BlockError(errno.EINVAL, f"stream: {backend.name}'s image '{layers[0].name}' "
+                                       "has no backing file")
     graph = manager.layer.graph
     if base and base in graph.nodes and base not in (node.name for node in layers):
         new_base = graph.find(base)
@@ -147,11 +163,12 @@ def stream(manager: JobManager, backend: BlockBackend, job_id: str | None, base:
         if new_base.filename() is None:
             raise BlockError(errno.EINVAL, f"stream: node '{base}' has no image file for "
                                            f"'{layers[0].filename()}' to name")
+        if not new_base.read_only:
+            raise BlockError(errno.EINVAL, f"stream: node '{base}' is writable: a new base "
+                                           "must be opened read-only=on, so that it cannot "
+                                           "change under the comparison")
         return StreamJob(manager, manager.new_id(job_id, backend.name), backend, layers[0],
                          new_base, speed, rebase=True)
-    if len(layers) == 1:
-        raise BlockError(errno.EINVAL, f"stream: {backend.name}'s image '{layers[0].name}' "
-                                       "has no backing file")
     base_node = find_layer(backend, layers, base, "base") if base else None
     if base_node is layers[0]:
         raise BlockError(errno.EINVAL, "stream: the base must lie below the active image")

@@ -288,13 +288,12 @@ class Qcow2Driver(BlockDriver):
                                          - start)
             if found is not None:
                 route, host = found
-                file = route.file
-                if file is None:
-                    view[:] = bytes(view.nbytes)
-                    return
                 if route.enter():
                     try:
-                        await file.readinto(host + guest - (cluster << bits), view)
+                        if route.file is None:
+                            view[:] = bytes(view.nbytes)
+                        else:
+                            await route.file.readinto(host + guest - (cluster << bits), view)
                     finally:
                         route.leave()
                     return
@@ -525,6 +524,8 @@ class Qcow2Driver(BlockDriver):
         """Every guest cluster becomes unallocated, its host cluster freed, so the image
         shows its backing file again (QEMU's qcow2_make_empty with full discard; the L2
         tables stay). The freeing follows the usual barrier: L2 tables first."""
+        if self.node.read_only:  # before anything changes, even in memory
+            raise BlockError(errno.EROFS, f"node '{self.node.name}' is read-only")
         extended = self.geometry.extended_l2
         async with self.lock:
             for l1_index, entry in enumerate(self.l1):

@@ -80,3 +80,30 @@ async def test_node_takes_no_other_options(image: Path) -> None:
         assert err.value.errno == errno.EINVAL and "node=NAME" in str(err.value)
     finally:
         await layer.close()
+
+
+async def test_under_a_writer_the_medium_may_not_move_down_its_own_tree(tmp_path: Path) -> None:
+    """To the backing file (the overlay's writes would vanish) or to the image's file
+    node (the guest would write the qcow2 metadata): a change of media, refused (EBUSY)."""
+    from blkfs.image import create_image
+    await create_image(str(tmp_path / "base.qcow2"), "qcow2", 1 << 20)
+    await create_image(str(tmp_path / "top.qcow2"), "qcow2", backing="base.qcow2",
+                       backing_format="qcow2")
+    layer = BlockLayer()
+    try:
+        backend = await layer.create(
+            "d", f"driver=qcow2,node-name=top,file.driver=file,file.node-name=top-file,"
+                 f"file.filename={tmp_path / 'top.qcow2'},backing.driver=qcow2,"
+                 f"backing.node-name=base,backing.file.driver=file,"
+                 f"backing.file.filename={tmp_path / 'base.qcow2'}")
+        backend.ref(writer=True)
+        await backend.write(0, b"in the overlay")
+        for node in ("base", "top-file"):
+            with pytest.raises(BlockError) as err:
+                await backend.change(f"node={node}")
+            assert err.value.errno == errno.EBUSY and "writer" in err.value.message, node
+        assert (await backend.status())["tree"]["node-name"] == "top"
+        assert bytes(await backend.read(0, 14)) == b"in the overlay"
+        await backend.unref(writer=True)
+    finally:
+        await layer.close()

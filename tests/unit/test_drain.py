@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
@@ -145,4 +146,30 @@ async def test_eject_and_insert(tmp_path: Path) -> None:
         await backend.insert(str(image))
     assert err.value.errno == errno.EBUSY
     assert await backend.read(0, BLOCK) == stamp(1, 0)
+    await layer.close()
+
+
+async def test_two_drains_of_one_node_both_end(tmp_path: Path) -> None:
+    """A second drain while the first waits for a request in flight: both go on once it
+    ends (the second used to take the first's wake-up, which then waited for ever)."""
+    path = tmp_path / "a.img"
+    make_image(path, 1)
+    layer = BlockLayer()
+    backend = await layer.create("d", f"driver=blkdebug,delay.read=1s,image.driver=file,"
+                                      f"image.filename={path}")
+    node = backend.root_node()
+    drained: list[str] = []
+
+    async def drain(who: str) -> None:
+        async with node.drained():
+            drained.append(who)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.read, 0, BLOCK)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(drain, "first")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(drain, "second")
+    assert sorted(drained) == ["first", "second"]
     await layer.close()

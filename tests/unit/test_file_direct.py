@@ -8,9 +8,13 @@ import os
 import random
 from pathlib import Path
 
+import pytest
+
 from blkfs.backend import BlockLayer
 from blkfs.block import Node
 from blkfs.image import create_image
+from tests.conftest import needs_loop
+from tests.helpers import loop_device
 
 
 def file_node(node: Node) -> Node:
@@ -75,3 +79,28 @@ async def test_a_qcow2_image_and_its_backing_file_both_bypass_the_page_cache(
     want[1000:6000] = b"y" * 5000
     assert await backend.read(0, len(want)) == want
     await layer.close()
+
+
+@needs_loop
+@pytest.mark.loop
+@pytest.mark.parametrize("sector", [512, 4096])
+async def test_a_block_device_takes_its_logical_block_size_and_unaligned_zeroing(
+        tmp_path: Path, sector: int) -> None:
+    """A loop device of 512- or 4096-byte sectors: requests aligned to its sector size
+    (a read probe would take 512 on either), and zeroing part of a sector leaves the rest
+    of it (the generic zeroing used to pad its last sector with zeros over the data)."""
+    backing = tmp_path / "disk.img"
+    model = bytearray(os.urandom(1 << 20))
+    backing.write_bytes(model)
+    with loop_device(backing, sector) as device:
+        layer = BlockLayer()
+        backend = await layer.create("d", f"driver=file,cache.direct=on,filename={device}")
+        assert file_node(backend.root_node()).request_alignment == sector
+        for offset, length in ((512, 100), (sector - 7, 9000), (3 * sector, sector)):
+            await backend.write_zeroes(offset, length)
+            model[offset:offset + length] = bytes(length)
+        await backend.write(sector + 3, b"unaligned")
+        model[sector + 3:sector + 12] = b"unaligned"
+        assert await backend.read(0, len(model)) == model
+        await layer.close()
+    assert backing.read_bytes() == model
