@@ -515,6 +515,9 @@ class BlockLayer:
         self._backends: dict[str, BlockBackend] = {}
         self._deleted: set[BlockBackend] = set()
         """Deleted backends that users still hold open."""
+        self._added: dict[str, Node] = {}
+        """Nodes added on their own (QMP's blockdev-add), each holding one reference, so
+        that backends and exports can be made on them by name (``node=NAME``)."""
 
     @property
     def image_dirs(self) -> tuple[str, ...] | None:
@@ -639,6 +642,36 @@ class BlockLayer:
             if backend._root is not None:
                 backend._notify("medium")
 
+    async def add_node(self, name: str, options: Mapping[str, Any]) -> None:
+        """Open a tree whose root is named ``name`` and hold it, with no backend (QEMU's
+        blockdev-add); nothing is left open if it fails."""
+        if not NAME_RE.match(name):
+            raise BlockError(errno.EINVAL, f"invalid node name '{name}': use letters, digits "
+                                           "and _.+:- (not starting with . or -)")
+        if name in self.graph.nodes:
+            raise BlockError(errno.EEXIST, f"a node named '{name}' already exists")
+        tree = {**options, "node-name": name}
+        self.graph.validate(tree)
+        self._added[name] = await self.graph.open_node(tree)
+        log.info("node %s: added", name)
+
+    async def delete_node(self, name: str) -> None:
+        """Let go of a node :meth:`add_node` opened (QEMU's blockdev-del); EBUSY while a
+        backend or another node uses it."""
+        node = self._added.get(name)
+        if node is None:
+            raise BlockError(errno.ENOENT, f"no node named '{name}' was added on its own"
+                             if name in self.graph.nodes else f"no node named '{name}'")
+        if node.refcnt > 1:
+            raise BlockError(errno.EBUSY, f"node '{name}' is in use")
+        del self._added[name]
+        await self.graph.unref(node)
+        log.info("node %s: deleted", name)
+
+    def added_nodes(self) -> list[dict[str, Any]]:
+        """The nodes added on their own, as status shows trees."""
+        return [_describe(node) for node in self._added.values()]
+
     async def close(self) -> list[str]:
         """Shut down: drop every backend (each drains, flushes and closes when free). One
         that fails to flush is closed anyway, and named in the list returned (and the log);
@@ -654,6 +687,13 @@ class BlockLayer:
             except Exception:  # a bug: say so, and still close the others
                 log.exception("%s: closing failed", backend.name)
                 failures.append(f"{backend.name}: closing failed (a bug; see the log)")
+        for name, node in list(self._added.items()):
+            del self._added[name]
+            try:
+                await self.graph.unref(node)
+            except BlockError as exc:
+                log.error("node %s: closing failed: %s", name, exc.message)
+                failures.append(f"node {name}: {exc.message}")
         return failures
 
     async def status(self) -> list[dict[str, Any]]:

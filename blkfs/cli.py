@@ -34,6 +34,8 @@ from blkfs.frontends import ctl
 from blkfs.frontends.fuse import FuseFrontend
 from blkfs.frontends.nbd import NbdFrontend
 from blkfs.frontends.nbd.export import parse_address, socket_mode
+from blkfs.frontends.qmp import QmpFrontend
+from blkfs.frontends.qmp import parse_address as parse_qmp_address
 
 log = logging.getLogger("blkfs")
 UMOUNT_TIMEOUT = 120.0
@@ -65,10 +67,11 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
     command line, whose flags add to it."""
     data = load_config(args.config) if args.config else {}
     unknown = set(data) - {"image-dirs", "allow-other", "backends", "nbd", "nbd-mode",
-                           "exports"}
+                           "exports", "qmp"}
     if unknown:
         raise UsageError(f"config: unknown keys {', '.join(sorted(unknown))} "
-                         "(known: image-dirs, allow-other, backends, nbd, nbd-mode, exports)")
+                         "(known: image-dirs, allow-other, backends, nbd, nbd-mode, exports, "
+                         "qmp)")
     backends = []
     for name, table in data.get("backends", {}).items():
         if not isinstance(table, dict) or set(table) - {"options", "read-only"}:
@@ -91,8 +94,26 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
 
     def fuse(layer: BlockLayer, commands: Commands) -> FuseFrontend:
         return FuseFrontend(layer, commands, mountpoint, allow_other)
+    frontends = [fuse, nbd_frontend(data, args)]
+    qmp = args.qmp or data.get("qmp")
+    if qmp is not None:
+        frontends.append(qmp_frontend(qmp, mountpoint))
     return DaemonConfig(backends=backends, image_dirs=image_dirs,
-                        frontends=[fuse, nbd_frontend(data, args)]), mountpoint
+                        frontends=frontends), mountpoint
+
+
+def qmp_frontend(where: Any, mountpoint: str) -> FrontendFactory:
+    """The QMP monitor (``--qmp``, ``qmp`` in the config): a unix socket, mode 0600."""
+    if not isinstance(where, str):
+        raise UsageError("config: qmp must be a string (unix:PATH)")
+    try:
+        path = os.path.abspath(parse_qmp_address(where))
+    except BlockError as exc:
+        raise UsageError(f"--qmp: {exc}") from None
+
+    def qmp(layer: BlockLayer, commands: Commands) -> QmpFrontend:
+        return QmpFrontend(layer, commands, path, mountpoint)
+    return qmp
 
 
 def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> FrontendFactory:
@@ -437,6 +458,9 @@ def parser() -> argparse.ArgumentParser:
                        help="permissions of the --nbd unix socket (default 0600)")
     mount.add_argument("--export", action="append", default=[], metavar="'NAME [ARGS]'",
                        help="export a backend over NBD at start, as .ctl/export (repeatable)")
+    mount.add_argument("--qmp", metavar="unix:PATH",
+                       help="serve a QMP monitor on this unix socket (mode 0600); QEMU's "
+                            "socket,path=PATH spelling works too")
     mount.add_argument("--nonempty", action="store_true",
                        help="mount even on a directory that is not empty (hiding it)")
     mount.add_argument("--log-file", help="write the log here (default: stderr in the "

@@ -319,7 +319,7 @@ async def query_status(layer: BlockLayer) -> dict[str, Any]:
     their clients and counters."""
     exporter = _EXPORTERS.get(layer)
     return {"pid": os.getpid(), "image-dirs": layer.image_dirs,
-            "backends": await layer.status(),
+            "backends": await layer.status(), "nodes": layer.added_nodes(),
             "exports": exporter.status() if exporter else []}
 
 
@@ -441,6 +441,19 @@ async def query_jobs(layer: BlockLayer) -> list[dict[str, Any]]:
     return layer.jobs.status()
 
 
+JobEvents = Callable[[str, dict[str, Any]], None]
+"""Called with a QMP event name (JOB_STATUS_CHANGE, BLOCK_JOB_READY, ...) and the job as
+query-jobs shows it."""
+
+
+def watch_jobs(layer: BlockLayer, listener: JobEvents) -> Callable[[], None]:
+    """Have ``listener`` hear every job event of ``layer``; returns what stops it."""
+    def heard(event: str, job: Any) -> None:
+        listener(event, job.info())
+    layer.jobs.listeners.append(heard)
+    return lambda: layer.jobs.listeners.remove(heard)
+
+
 # -- exports --------------------------------------------------------------------------------
 
 ExportOrBackend = Annotated[str, Kind.EXPORT]
@@ -503,3 +516,18 @@ async def export_del(layer: BlockLayer, name: ExportOrBackend, force: bool = Fal
     Refused while clients are connected (EBUSY) unless force=on, which disconnects them
     once their requests in flight are answered."""
     await _exporter(layer).remove(name, force)
+
+
+# -- nodes on their own ---------------------------------------------------------------------
+
+@command
+async def node_add(layer: BlockLayer, node: NodeName, options: NodeOptions) -> None:
+    """A node named NODE-NAME, opened with OPTIONS and held without a backend (QEMU's
+    blockdev-add); create, insert and change take it as node=NODE-NAME."""
+    await layer.add_node(node, options)
+
+
+@command
+async def node_del(layer: BlockLayer, node: NodeName) -> None:
+    """Close a node that node-add made (QEMU's blockdev-del); refused while in use."""
+    await layer.delete_node(node)

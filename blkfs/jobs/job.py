@@ -75,6 +75,8 @@ class Job:
         self._concluded = trio.Event()
         self._budget_start = 0.0
         self._budget_bytes = 0
+        self._throttled = trio.CancelScope()
+        """The wait that keeps to the speed limit: a new limit ends it."""
 
     # -- what subclasses implement ----------------------------------------------------------
 
@@ -104,7 +106,8 @@ class Job:
             self._budget_bytes += nbytes
             ahead = self._budget_bytes / self.speed - (trio.current_time() - self._budget_start)
             if ahead > 0:
-                await trio.sleep(ahead)
+                with trio.CancelScope(deadline=trio.current_time() + ahead) as self._throttled:
+                    await trio.sleep_forever()
         while self.paused:
             await self._unpaused.wait()
         await trio.lowlevel.checkpoint()
@@ -151,6 +154,7 @@ class Job:
     def set_speed(self, speed: int) -> None:
         self.speed = speed
         self._budget_start, self._budget_bytes = trio.current_time(), 0
+        self._throttled.cancel()  # a wait under the old limit ends; the new one applies
 
     def complete(self) -> None:
         if not self.needs_completion:
@@ -206,11 +210,11 @@ class Job:
                         self.error)
             with trio.CancelScope(shield=True):
                 await self._abort_logged()
-        finally:
-            self._set(JobStatus.CONCLUDED)
-            self._concluded.set()
+        finally:  # QEMU's order: the job's end, then its status
             self.manager.event("BLOCK_JOB_CANCELLED" if self.error == "cancelled" else
                                "BLOCK_JOB_COMPLETED", self)
+            self._set(JobStatus.CONCLUDED)
+            self._concluded.set()
             log.info("job %s (%s on %s) concluded%s", self.id, self.type, self.backend,
                      f": {self.error}" if self.error else "")
 

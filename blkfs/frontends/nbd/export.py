@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ import trio
 
 from blkfs.backend import BlockBackend
 from blkfs.errors import BlockError
+from blkfs.frontends.unix_socket import clear_stale_socket
 from blkfs.nbd import (
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_PORT,
@@ -187,7 +187,7 @@ class Listener(Catalog):
 
     @staticmethod
     async def _unix(path: str, mode: int) -> trio.SocketListener:
-        await _clear_stale_socket(path)
+        await clear_stale_socket(path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await sock.bind(path)
@@ -209,23 +209,3 @@ class Listener(Catalog):
                 os.unlink(self.address.path)
             except FileNotFoundError:
                 pass
-
-
-async def _clear_stale_socket(path: str) -> None:
-    """Remove a socket file nobody listens on any more (a daemon that was killed); anything
-    else at ``path`` is an error."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
-    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))

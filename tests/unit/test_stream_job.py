@@ -1,5 +1,5 @@
-"""A stream onto a node outside the chain (a safe rebase): what it refuses, and a new base
-that cannot change or vanish under it."""
+"""The stream job in-process: onto a node outside the chain (a safe rebase), what it
+refuses and a new base that cannot change or vanish under it; a new speed limit."""
 
 from __future__ import annotations
 
@@ -108,3 +108,21 @@ async def test_the_new_base_outlives_its_backend_while_the_job_runs(
     assert await vol.read(0, SIZE) == b"\x22" * MiB + b"\x11" * (SIZE - MiB)
     await layer.close()
     assert backing_file(tmp_path / "top.qcow2") == "other.qcow2"
+
+
+async def test_a_new_speed_wakes_a_job_waiting_under_the_old_one(tmp_path: Path) -> None:
+    """At 1 byte/s the first chunk means a wait of days; speed=0 ends it at once."""
+    await images(tmp_path)
+    layer = BlockLayer()
+    vol = await layer.create("vol", str(tmp_path / "top.qcow2"))
+    with trio.fail_after(30):  # a hang guard, not a timing
+        async with trio.open_nursery() as nursery:
+            await nursery.start(layer.jobs.serve)
+            job = await layer.jobs.launch(stream(layer.jobs, vol, None, None, 1))
+            while job.done == 0:
+                await trio.sleep(0.01)
+            job.set_speed(0)
+            await job.wait()
+            layer.jobs.stop()
+    assert job.error is None and job.done == job.total
+    await layer.close()

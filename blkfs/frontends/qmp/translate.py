@@ -1,0 +1,518 @@
+"""QMP commands as translations onto the command layer: QEMU's names, arguments and reply
+shapes in, blkfs commands out.
+
+Ground rules: every QMP command here is a thin adapter, its behaviour that of a command of
+:mod:`blkfs.commands`; arguments are checked against the command's declaration before
+anything runs (QEMU's wording: "Parameter 'x' is missing"), and a failure is a
+:class:`QmpError` with QEMU's error class. QEMU's model maps onto blkfs as README says: a node
+from ``blockdev-add`` is held by the layer on its own (``node-add``); an export is a blkfs
+backend (a file in the mount) made on a node, named by the export's id, and for type ``nbd``
+also exported on the mount's NBD server; a "device" is a backend, named by itself or by its
+root node's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from blkfs.commands import Commands
+from blkfs.errors import BlockError
+
+VERSION = (0, 1, 0)
+PACKAGE = "blkfs 0.1.0"
+
+
+class QmpError(Exception):
+    """A command failed: QEMU's error class and a description for people."""
+
+    def __init__(self, klass: str, desc: str) -> None:
+        super().__init__(desc)
+        self.klass = klass
+        self.desc = desc
+
+
+def generic(desc: str) -> QmpError:
+    return QmpError("GenericError", desc)
+
+
+class Monitor(Protocol):
+    """What a QMP command may reach besides the command layer."""
+
+    commands: Commands
+    mountpoint: str | None
+
+    def emit(self, event: str, data: Mapping[str, Any]) -> None:
+        """Send an event to every negotiated client."""
+
+
+Handler = Callable[[Monitor, dict[str, Any]], Awaitable[Any]]
+TYPES = {"str": (str, "string"), "int": (int, "integer"), "bool": (bool, "boolean"),
+         "object": (dict, "object"), "array": (list, "array")}
+
+
+@dataclass(frozen=True)
+class QmpCommand:
+    name: str
+    args: Mapping[str, tuple[str, bool]] | None
+    """Argument name -> (type, required); None: free-form (checked by the handler)."""
+    handler: Handler
+
+
+TABLE: dict[str, QmpCommand] = {}
+"""Every QMP command blkfs answers, by name, but for the session's own: qmp_capabilities
+and quit."""
+
+
+def qmp(name: str, /, *, free: bool = False,
+        **args: str) -> Callable[[Handler], Handler]:
+    """Declare a QMP command: ``key="str"`` a required string, ``key="int?"`` an optional
+    integer (``_`` in keys for ``-``)."""
+    spec = {key.rstrip("_").replace("_", "-"): (kind.rstrip("?"), not kind.endswith("?"))
+            for key, kind in args.items()}
+
+    def declare(handler: Handler) -> Handler:
+        TABLE[name] = QmpCommand(name, None if free else spec, handler)
+        return handler
+    return declare
+
+
+def check_args(spec: Mapping[str, tuple[str, bool]], args: Mapping[str, Any]) -> None:
+    """QEMU's argument checks, in its words."""
+    for key in args:
+        if key not in spec:
+            raise generic(f"Parameter '{key}' is unexpected")
+    for key, (kind, required) in spec.items():
+        if key not in args:
+            if required:
+                raise generic(f"Parameter '{key}' is missing")
+            continue
+        pytype, word = TYPES[kind]
+        value = args[key]
+        if not isinstance(value, pytype) or (pytype is int and isinstance(value, bool)):
+            raise generic(f"Invalid parameter type for '{key}', expected: {word}")
+
+
+async def execute(monitor: Monitor, name: str, args: dict[str, Any]) -> Any:
+    """Run QMP command ``name``; its return value, or QmpError."""
+    command = TABLE.get(name)
+    if command is None:
+        raise QmpError("CommandNotFound", f"The command {name} has not been found")
+    if command.args is not None:
+        check_args(command.args, args)
+    try:
+        return await command.handler(monitor, args)
+    except BlockError as exc:  # a device that does not exist was reported before this
+        raise QmpError("GenericError", str(exc)) from None
+
+
+async def run(monitor: Monitor, name: str, args: Mapping[str, Any]) -> Any:
+    """Run a command of the command layer; arguments given as None are left out."""
+    return await monitor.commands.run(name, {k: v for k, v in args.items() if v is not None})
+
+
+async def status(monitor: Monitor) -> dict[str, Any]:
+    result: dict[str, Any] = await run(monitor, "query-status", {})
+    return result
+
+
+def backend_of(state: Mapping[str, Any], device: str, klass: str) -> str:
+    """The backend a QMP "device" names: a backend's name, or its root node's name; QmpError
+    of ``klass`` if none (QEMU says DeviceNotFound for devices, GenericError for nodes)."""
+    live = [b for b in state["backends"] if not b["deleted"]]
+    for backend in live:
+        if backend["name"] == device:
+            return str(backend["name"])
+    for backend in live:
+        if backend["tree"] and backend["tree"]["node-name"] == device:
+            return str(backend["name"])
+    if klass == "DeviceNotFound":
+        raise QmpError(klass, f"Device '{device}' not found")
+    raise QmpError(klass, f"Cannot find device='{device}' nor node-name='{device}'")
+
+
+async def device(monitor: Monitor, args: Mapping[str, Any], *keys: str,
+                 klass: str = "GenericError") -> str:
+    """The backend named by the one of ``keys`` given."""
+    given = [args[k] for k in keys if args.get(k) is not None]
+    if len(given) != 1:
+        raise generic(f"Need exactly one of {' and '.join(repr(k) for k in keys)}")
+    return backend_of(await status(monitor), given[0], klass)
+
+
+# -- describing nodes as QEMU does ------------------------------------------------------
+
+def _filename(tree: Mapping[str, Any]) -> str:
+    for where in (tree["info"], tree["options"]):
+        if isinstance(where.get("filename"), str):
+            return str(where["filename"])
+    for role in ("file", "data", *tree["children"]):
+        if role in tree["children"]:
+            return _filename(tree["children"][role])
+    return ""
+
+
+def image_info(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """QEMU's ImageInfo, as far as blkfs knows it."""
+    info: dict[str, Any] = {"filename": _filename(tree), "format": tree["driver"],
+                            "virtual-size": tree["size"], "dirty-flag": False}
+    if isinstance(tree["info"].get("cluster-size"), int):
+        info["cluster-size"] = tree["info"]["cluster-size"]
+    backing = tree["children"].get("backing")
+    if backing is not None:
+        info["backing-filename"] = _filename(backing)
+        info["backing-image"] = image_info(backing)
+    return info
+
+
+def node_info(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """QEMU's BlockDeviceInfo of a node (query-named-block-nodes, query-block)."""
+    depth, node = 0, tree
+    while "backing" in node["children"]:
+        depth, node = depth + 1, node["children"]["backing"]
+    return {"node-name": tree["node-name"], "drv": tree["driver"], "ro": tree["read-only"],
+            "file": _filename(tree), "backing_file_depth": depth, "encrypted": False,
+            "detect_zeroes": str(tree["options"].get("detect-zeroes", "off")),
+            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+            "write_threshold": 0,
+            "cache": {"writeback": True, "direct": False, "no-flush": False},
+            "image": image_info(tree)}
+
+
+def block_stats(stats: Mapping[str, int]) -> dict[str, Any]:
+    """QEMU's BlockDeviceStats, the counters blkfs keeps."""
+    return {"rd_bytes": stats["read_bytes"], "wr_bytes": stats["write_bytes"],
+            "unmap_bytes": stats["discard_bytes"], "rd_operations": stats["read_ops"],
+            "wr_operations": stats["write_ops"], "flush_operations": stats["flush_ops"],
+            "unmap_operations": stats["discard_ops"],
+            "rd_total_time_ns": stats["read_ns"], "wr_total_time_ns": stats["write_ns"],
+            "flush_total_time_ns": stats["flush_ns"],
+            "unmap_total_time_ns": stats["discard_ns"]}
+
+
+def all_nodes(state: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    """Every node once, parents before children."""
+    seen: set[str] = set()
+
+    def walk(tree: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+        if tree["node-name"] not in seen:
+            seen.add(tree["node-name"])
+            yield tree
+            for child in tree["children"].values():
+                yield from walk(child)
+    for backend in state["backends"]:
+        if backend["tree"]:
+            yield from walk(backend["tree"])
+    for tree in state["nodes"]:
+        yield from walk(tree)
+
+
+# -- the monitor itself -----------------------------------------------------------------
+
+@qmp("query-version")
+async def query_version(monitor: Monitor, args: dict[str, Any]) -> Any:
+    major, minor, micro = VERSION
+    return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": PACKAGE}
+
+
+@qmp("query-commands")
+async def query_commands(monitor: Monitor, args: dict[str, Any]) -> Any:
+    return [{"name": name} for name in ["qmp_capabilities", "quit", *TABLE]]
+
+
+# -- queries ----------------------------------------------------------------------------
+
+@qmp("query-block")
+async def query_block(monitor: Monitor, args: dict[str, Any]) -> Any:
+    result = []
+    for backend in (await status(monitor))["backends"]:
+        if backend["deleted"]:
+            continue
+        entry: dict[str, Any] = {"device": backend["name"], "locked": False,
+                                 "removable": True, "tray_open": False}
+        if backend["tree"]:
+            entry["inserted"] = node_info(backend["tree"])
+        result.append(entry)
+    return result
+
+
+@qmp("query-named-block-nodes", flat="bool?")
+async def query_named_block_nodes(monitor: Monitor, args: dict[str, Any]) -> Any:
+    return [node_info(tree) for tree in all_nodes(await status(monitor))]
+
+
+@qmp("query-blockstats", query_nodes="bool?")
+async def query_blockstats(monitor: Monitor, args: dict[str, Any]) -> Any:
+    state = await status(monitor)
+    if args.get("query-nodes"):
+        return [{"node-name": tree["node-name"], "stats": block_stats(tree["stats"])}
+                for tree in all_nodes(state)]
+    result = []
+    for backend in state["backends"]:
+        if backend["deleted"]:
+            continue
+        entry = {"device": backend["name"], "stats": block_stats(backend["stats"])}
+        if backend["tree"]:
+            entry["node-name"] = backend["tree"]["node-name"]
+        result.append(entry)
+    return result
+
+
+# -- nodes and exports ------------------------------------------------------------------
+
+@qmp("blockdev-add", free=True)
+async def blockdev_add(monitor: Monitor, args: dict[str, Any]) -> Any:
+    options = dict(args)
+    name = options.pop("node-name", None)
+    if "driver" not in options:
+        raise generic("Parameter 'driver' is missing")
+    if not isinstance(options["driver"], str):
+        raise generic("Invalid parameter type for 'driver', expected: string")
+    if not isinstance(name, str):
+        raise generic("'node-name' must be specified for the root node")
+    await run(monitor, "node-add", {"node": name, "options": options})
+    return {}
+
+
+@qmp("blockdev-del", node_name="str")
+async def blockdev_del(monitor: Monitor, args: dict[str, Any]) -> Any:
+    await run(monitor, "node-del", {"node": args["node-name"]})
+    return {}
+
+
+@qmp("block-export-add", type="str", id="str", node_name="str", writable="bool?",
+     name="str?", mountpoint="str?")
+async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
+    kind, export_id = args["type"], args["id"]
+    if kind not in ("fuse", "nbd"):
+        raise generic(f"Invalid parameter 'type': blkfs exports fuse or nbd (got '{kind}')")
+    other = "name" if kind == "fuse" else "mountpoint"
+    if other in args:
+        raise generic(f"Parameter '{other}' is unexpected")
+    if kind == "fuse" and "mountpoint" in args:
+        expected = f"{monitor.mountpoint or 'MOUNT'}/{export_id}"
+        if args["mountpoint"].rstrip("/") != expected:
+            raise generic(f"blkfs serves a fuse export as a file of its mount: mountpoint "
+                          f"must be {expected} (or left out)")
+    await run(monitor, "create", {"name": export_id, "medium": {"node": args["node-name"]}})
+    if kind == "nbd":
+        try:
+            await run(monitor, "export", {"name": export_id,
+                                          "export-name": args.get("name", args["node-name"]),
+                                          "writable": args.get("writable", False)})
+        except BlockError:
+            await run(monitor, "delete", {"name": export_id})
+            raise
+    return {}
+
+
+@qmp("block-export-del", id="str", mode="str?")
+async def block_export_del(monitor: Monitor, args: dict[str, Any]) -> Any:
+    export_id, mode = args["id"], args.get("mode", "safe")
+    if mode not in ("safe", "hard"):
+        raise generic(f"Parameter 'mode' does not accept value '{mode}'")
+    state = await status(monitor)
+    if not any(b["name"] == export_id and not b["deleted"] for b in state["backends"]):
+        raise generic(f"Export '{export_id}' is not found")
+    if any(e["backend"] == export_id and not e["retired"] for e in state["exports"]):
+        await run(monitor, "export-del", {"name": export_id, "force": mode == "hard"})
+    await run(monitor, "delete", {"name": export_id})
+    monitor.emit("BLOCK_EXPORT_DELETED", {"id": export_id})
+    return {}
+
+
+@qmp("query-block-exports")
+async def query_block_exports(monitor: Monitor, args: dict[str, Any]) -> Any:
+    state = await status(monitor)
+    nbd = {e["backend"] for e in state["exports"] if not e["retired"]}
+    return [{"type": "nbd" if b["name"] in nbd else "fuse", "id": b["name"],
+             "node-name": b["tree"]["node-name"], "shutting-down": False}
+            for b in state["backends"] if b["tree"] and not b["deleted"]]
+
+
+# -- media ------------------------------------------------------------------------------
+
+def _tray(monitor: Monitor, name: str, tray_open: bool) -> None:
+    monitor.emit("DEVICE_TRAY_MOVED", {"device": name, "id": name, "tray-open": tray_open})
+
+
+@qmp("blockdev-change-medium", id="str?", device_="str?", filename="str",
+     format="str?", read_only_mode="str?", force="bool?")
+async def blockdev_change_medium(monitor: Monitor, args: dict[str, Any]) -> Any:
+    name = await device(monitor, args, "device", "id", klass="DeviceNotFound")
+    mode = args.get("read-only-mode", "retain")
+    if mode not in ("retain", "read-only", "read-write"):
+        raise generic(f"Parameter 'read-only-mode' does not accept value '{mode}'")
+    medium: dict[str, Any] = {"file": {"driver": "file", "filename": args["filename"]}}
+    if "format" in args:
+        medium["driver"] = args["format"]
+    if mode != "retain":
+        medium["read-only"] = mode == "read-only"
+    state = await status(monitor)
+    has_medium = any(b["name"] == name and b["medium"] for b in state["backends"])
+    if has_medium:
+        await run(monitor, "change", {"name": name, "medium": medium,
+                                      "force": args.get("force")})
+    else:
+        await run(monitor, "insert", {"name": name, "medium": medium})
+    _tray(monitor, name, True)
+    _tray(monitor, name, False)
+    return {}
+
+
+@qmp("eject", id="str?", device_="str?", force="bool?")
+async def eject(monitor: Monitor, args: dict[str, Any]) -> Any:
+    name = await device(monitor, args, "device", "id", klass="DeviceNotFound")
+    await run(monitor, "eject", {"name": name, "force": args.get("force")})
+    _tray(monitor, name, True)
+    return {}
+
+
+@qmp("blockdev-remove-medium", id="str")
+async def blockdev_remove_medium(monitor: Monitor, args: dict[str, Any]) -> Any:
+    name = await device(monitor, args, "id", klass="DeviceNotFound")
+    await run(monitor, "eject", {"name": name})
+    _tray(monitor, name, True)
+    return {}
+
+
+@qmp("blockdev-insert-medium", id="str", node_name="str")
+async def blockdev_insert_medium(monitor: Monitor, args: dict[str, Any]) -> Any:
+    name = await device(monitor, args, "id", klass="DeviceNotFound")
+    await run(monitor, "insert", {"name": name, "medium": {"node": args["node-name"]}})
+    _tray(monitor, name, False)
+    return {}
+
+
+@qmp("block_resize", device_="str?", node_name="str?", size="int")
+async def block_resize(monitor: Monitor, args: dict[str, Any]) -> Any:
+    name = await device(monitor, args, "device", "node-name")
+    if args["size"] < 0:
+        raise generic("Parameter 'size' expects a non-negative value")
+    await run(monitor, "resize", {"name": name, "size": args["size"], "shrink": True})
+    return {}
+
+
+@qmp("blockdev-reopen", options="array")
+async def blockdev_reopen(monitor: Monitor, args: dict[str, Any]) -> Any:
+    if len(args["options"]) != 1 or not isinstance(args["options"][0], dict):
+        raise generic("blkfs reopens one node per blockdev-reopen: give one options object")
+    options = dict(args["options"][0])
+    node = options.pop("node-name", None)
+    if not isinstance(node, str):
+        raise generic("Parameter 'node-name' is missing")
+    options.pop("driver", None)
+    await run(monitor, "reopen", {"node": node, "options": options})
+    return {}
+
+
+# -- snapshots and jobs -----------------------------------------------------------------
+
+@qmp("blockdev-snapshot-sync", device_="str?", node_name="str?",
+     snapshot_file="str", format="str?", mode="str?")
+async def blockdev_snapshot_sync(monitor: Monitor, args: dict[str, Any]) -> Any:
+    name = await device(monitor, args, "device", "node-name")
+    if args.get("format", "qcow2") != "qcow2":
+        raise generic("blkfs makes qcow2 snapshot overlays only")
+    if args.get("mode", "absolute-paths") != "absolute-paths":
+        raise generic("blkfs creates the overlay itself: mode must be absolute-paths")
+    await run(monitor, "snapshot", {"name": name, "path": args["snapshot-file"]})
+    return {}
+
+
+@qmp("block-commit", job_id="str?", device_="str", top="str?", base="str?",
+     top_node="str?", base_node="str?", speed="int?")
+async def block_commit(monitor: Monitor, args: dict[str, Any]) -> Any:
+    name = await device(monitor, args, "device")
+    await run(monitor, "commit", {"name": name, "top": args.get("top-node", args.get("top")),
+                                  "base": args.get("base-node", args.get("base")),
+                                  "speed": args.get("speed"), "job-id": args.get("job-id")})
+    return {}
+
+
+@qmp("block-stream", job_id="str?", device_="str", base="str?",
+     base_node="str?", speed="int?")
+async def block_stream(monitor: Monitor, args: dict[str, Any]) -> Any:
+    name = await device(monitor, args, "device")
+    await run(monitor, "stream", {"name": name,
+                                  "base": args.get("base-node", args.get("base")),
+                                  "speed": args.get("speed"), "job-id": args.get("job-id")})
+    return {}
+
+
+async def _copy(monitor: Monitor, args: dict[str, Any], verb: str) -> Any:
+    name = await device(monitor, args, "device")
+    mode = args.get("mode", "absolute-paths")
+    if mode not in ("existing", "absolute-paths"):
+        raise generic(f"Parameter 'mode' does not accept value '{mode}'")
+    await run(monitor, verb, {"name": name, "target": args["target"], "sync": args["sync"],
+                              "format": args.get("format"), "existing": mode == "existing",
+                              "speed": args.get("speed"), "job-id": args.get("job-id")})
+    return {}
+
+
+@qmp("drive-mirror", job_id="str?", device_="str", target="str", format="str?",
+     sync="str", mode="str?", speed="int?")
+async def drive_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
+    return await _copy(monitor, args, "mirror")
+
+
+@qmp("drive-backup", job_id="str?", device_="str", target="str", format="str?",
+     sync="str", mode="str?", speed="int?")
+async def drive_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
+    return await _copy(monitor, args, "backup")
+
+
+def job_info(job: Mapping[str, Any]) -> dict[str, Any]:
+    """QEMU's JobInfo of a blkfs job."""
+    info = {key: job[key] for key in ("id", "type", "status", "current-progress",
+                                      "total-progress")}
+    if job["error"]:
+        info["error"] = job["error"]
+    return info
+
+
+@qmp("query-jobs")
+async def query_jobs(monitor: Monitor, args: dict[str, Any]) -> Any:
+    return [job_info(job) for job in await run(monitor, "query-jobs", {})]
+
+
+def _job_verb(verb: str, key: str) -> Handler:
+    async def handler(monitor: Monitor, args: dict[str, Any]) -> Any:
+        await run(monitor, verb, {"job": args[key]})
+        return {}
+    return handler
+
+
+for _verb in ("pause", "resume", "cancel", "complete", "dismiss"):
+    qmp(f"job-{_verb}", id="str")(_job_verb(f"job-{_verb}", "id"))
+for _verb in ("pause", "resume", "cancel", "complete"):
+    qmp(f"block-job-{_verb}", device_="str")(_job_verb(f"job-{_verb}", "device"))
+
+
+@qmp("job-finalize", id="str")
+async def job_finalize(monitor: Monitor, args: dict[str, Any]) -> Any:
+    if not any(job["id"] == args["id"] for job in await run(monitor, "query-jobs", {})):
+        raise generic(f"no job named '{args['id']}'")
+    raise generic(f"Job '{args['id']}' cannot accept command verb 'finalize': blkfs jobs "
+                  "finalize by themselves (auto-finalize)")
+
+
+@qmp("block-job-set-speed", device_="str", speed="int")
+async def block_job_set_speed(monitor: Monitor, args: dict[str, Any]) -> Any:
+    if args["speed"] < 0:
+        raise generic("Parameter 'speed' expects a non-negative value")
+    await run(monitor, "job-set-speed", {"job": args["device"], "speed": args["speed"]})
+    return {}
+
+
+def job_event(event: str, job: Mapping[str, Any]) -> dict[str, Any]:
+    """The data of QEMU's event ``event`` for a blkfs job."""
+    if event == "JOB_STATUS_CHANGE":
+        return {"id": job["id"], "status": job["status"]}
+    data = {"type": job["type"], "device": job["id"], "len": job["total-progress"],
+            "offset": job["current-progress"], "speed": job["speed"]}
+    if event == "BLOCK_JOB_COMPLETED" and job["error"]:
+        data["error"] = job["error"]
+    return data
