@@ -332,12 +332,19 @@ ImageFormat = Literal["qcow2", "raw"]
 
 
 @command
-async def snapshot(layer: BlockLayer, name: BackendName, path: HostPath) -> None:
+async def snapshot(layer: BlockLayer, name: BackendName, path: HostPath,
+                   cluster_size: str | None = None, extended_l2: bool = False,
+                   compression_type: Literal["zlib", "zstd"] = "zlib") -> None:
     """A live external snapshot: a new qcow2 overlay at PATH over the medium.
 
     The image now in use becomes its read-only backing file and keeps the data of this
-    moment; users of the backend see no interruption."""
-    await snapshot_medium(layer, idle(layer, name, "snapshot it"), path)
+    moment; users of the backend see no interruption. cluster-size, extended-l2 and
+    compression-type are the overlay's (qemu-img create -o cluster_size=...)."""
+    options = {"extended_l2": "on" if extended_l2 else "off",
+               "compression_type": compression_type}
+    if cluster_size is not None:
+        options["cluster_size"] = cluster_size
+    await snapshot_medium(layer, idle(layer, name, "snapshot it"), path, options)
 
 
 @command

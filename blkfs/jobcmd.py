@@ -29,6 +29,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     snapshot = sub.add_parser("snapshot", help="live external snapshot: a new qcow2 overlay")
     _mount_and_name(snapshot)
     snapshot.add_argument("path", help="the new overlay (it must not exist)")
+    snapshot.add_argument("--cluster-size", help="the overlay's cluster size (default 64k)")
+    snapshot.add_argument("--extended-l2", action="store_true",
+                          help="subclusters: a small write to a new cluster copies less")
+    snapshot.add_argument("--compression-type", choices=("zlib", "zstd"))
     snapshot.set_defaults(func=cmd_snapshot)
 
     rollback = sub.add_parser("rollback", help="drop what was written since the last snapshot")
@@ -105,7 +109,14 @@ def _job_options(parser: argparse.ArgumentParser, completes: bool) -> None:
 # -- the commands ---------------------------------------------------------------------------
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    send(args.mountpoint, "snapshot", f"{args.name} {os.path.abspath(args.path)}")
+    words = [args.name, os.path.abspath(args.path)]
+    if args.cluster_size:
+        words.append(f"cluster-size={args.cluster_size}")
+    if args.extended_l2:
+        words.append("extended-l2=on")
+    if args.compression_type:
+        words.append(f"compression-type={args.compression_type}")
+    send(args.mountpoint, "snapshot", " ".join(words))
     return 0
 
 

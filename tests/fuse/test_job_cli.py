@@ -108,3 +108,21 @@ def test_job_wait_fails_with_the_jobs_error(mount_factory, images: Path) -> None
     assert jobs(mount)["b1"]["status"] == "concluded"
     refused = blkfs("snapshot", str(mount.path), "vol", str(source), check=False)
     assert refused.returncode == 1 and "exists" in refused.stderr
+
+
+def test_a_snapshot_takes_the_overlays_qcow2_options(mount_factory, images: Path) -> None:
+    source = images / "src.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", source, "16M")
+    mount = mount_factory("--backend", f"vol={source}")
+    refused = blkfs("snapshot", str(mount.path), "vol", str(images / "bad.qcow2"),
+                    "--cluster-size", "3k", check=False)
+    assert refused.returncode == 1 and "cluster_size must be a power of two" in refused.stderr
+    assert not (images / "bad.qcow2").exists()
+    overlay = images / "s.qcow2"
+    blkfs("snapshot", str(mount.path), "vol", str(overlay), "--cluster-size", "16k",
+          "--extended-l2", "--compression-type", "zstd")
+    info = json.loads(qemu("qemu-img", "info", "-U", "--output=json", overlay))
+    specific = info["format-specific"]["data"]
+    assert info["cluster-size"] == 16384 and specific["extended-l2"] is True
+    assert specific["compression-type"] == "zstd"
+    assert info["backing-filename"] == source.name

@@ -40,6 +40,8 @@ def test_parse_create(payload: bytes, args: dict) -> None:
         "file": {"driver": "file", "filename": "x.img"}}}),
     ("reopen", b"n0 detect-zeroes=on", {"node": "n0", "options": {"detect-zeroes": "on"}}),
     ("snapshot", b"vol /img/s1.qcow2\n", {"name": "vol", "path": "/img/s1.qcow2"}),
+    ("snapshot", b"vol /img/s2.qcow2 cluster-size=16k extended-l2=on",
+     {"name": "vol", "path": "/img/s2.qcow2", "cluster-size": "16k", "extended-l2": "on"}),
     ("mirror", b"vol /img/m.qcow2 sync=top speed=10M",
      {"name": "vol", "target": "/img/m.qcow2", "sync": "top", "speed": "10M"}),
     ("mirror", b"vol driver=qcow2,file.filename=/m format=raw",  # node options as the target
