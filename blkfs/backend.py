@@ -23,8 +23,9 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -38,8 +39,8 @@ from blkfs.block.request import Requests
 from blkfs.errors import BlockError, OptionError
 from blkfs.jobs.manager import JobManager
 
-__all__ = ["BlockBackend", "BlockError", "BlockLayer", "Extent", "Limits", "OptionError",
-           "Status", "parse_bool", "parse_options", "parse_size"]
+__all__ = ["BlockBackend", "BlockError", "BlockLayer", "Extent", "IoError", "Limits",
+           "OptionError", "Status", "parse_bool", "parse_options", "parse_size"]
 
 log = logging.getLogger("blkfs.backend")
 
@@ -55,6 +56,23 @@ ON_CHANGE_CHOICES = ("follow", "error")
 MAX_TRANSFER = 32 << 20
 """The largest request a frontend should send (as QEMU's BDRV_REQUEST_MAX_BYTES bounds
 them); larger ones work, but hold a buffer of that size."""
+
+
+@dataclass(frozen=True)
+class IoError:
+    """A request the medium failed (QEMU's BLOCK_IO_ERROR): not a request the backend
+    refused (out of range, read-only, no medium), which is the caller's fault."""
+
+    backend: str
+    node: str
+    """The medium's root node."""
+    operation: Literal["read", "write"]
+    """Flushes, discards and zeroing are writes, as QEMU reports them."""
+    errno: int
+    message: str
+
+
+IoErrorListener = Callable[[IoError], None]
 
 
 @dataclass(frozen=True)
@@ -180,6 +198,17 @@ class BlockBackend:
             raise BlockError(errno.ENOMEDIUM, f"{self.name}: no medium")
         return self._root.node
 
+    @contextmanager
+    def _reporting(self, node: Node, operation: Literal["read", "write"]) -> Iterator[None]:
+        """Tell the layer's I/O error listeners of a failure of ``node`` inside."""
+        try:
+            yield
+        except BlockError as exc:
+            error = IoError(self.name, node.name, operation, exc.errno, exc.message)
+            for listener in list(self.layer.io_error_listeners):
+                listener(error)
+            raise
+
     def _check_range(self, node: Node, offset: int, length: int, write: bool) -> None:
         if offset < 0 or length < 0:
             raise BlockError(errno.EINVAL, f"{self.name}: negative offset or length")
@@ -206,7 +235,8 @@ class BlockBackend:
     async def _readinto(self, offset: int, buf: memoryview) -> None:
         node = self._medium()
         self._check_range(node, offset, buf.nbytes, write=False)
-        await node.readinto(offset, buf)
+        with self._reporting(node, "read"):
+            await node.readinto(offset, buf)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     fua: bool = False) -> None:
@@ -218,10 +248,11 @@ class BlockBackend:
                      fua: bool) -> None:
         node = self._medium()
         self._check_write(node, offset, len(data))
-        await node.write(offset, data)
-        self.changed_ns = time.time_ns()
-        if fua:
-            await node.flush()
+        with self._reporting(node, "write"):
+            await node.write(offset, data)
+            self.changed_ns = time.time_ns()
+            if fua:
+                await node.flush()
 
     async def flush(self) -> None:
         """Make every acknowledged write durable in the host files."""
@@ -229,7 +260,8 @@ class BlockBackend:
 
     async def _flush(self) -> None:
         if self._root is not None:
-            await self._root.node.flush()
+            with self._reporting(self._root.node, "write"):
+                await self._root.node.flush()
 
     async def discard(self, offset: int, length: int) -> None:
         """Tell the medium the range is unused (advisory: it may read as before or as
@@ -246,10 +278,11 @@ class BlockBackend:
     async def _zero_or_discard(self, offset: int, length: int, unmap: bool | None) -> None:
         node = self._medium()
         self._check_write(node, offset, length)
-        if unmap is None:
-            await node.discard(offset, length)
-        else:
-            await node.write_zeroes(offset, length, unmap)
+        with self._reporting(node, "write"):
+            if unmap is None:
+                await node.discard(offset, length)
+            else:
+                await node.write_zeroes(offset, length, unmap)
         self.changed_ns = time.time_ns()
 
     async def block_status(self, offset: int, length: int) -> Extent:
@@ -518,6 +551,8 @@ class BlockLayer:
         self._added: dict[str, Node] = {}
         """Nodes added on their own (QMP's blockdev-add), each holding one reference, so
         that backends and exports can be made on them by name (``node=NAME``)."""
+        self.io_error_listeners: list[IoErrorListener] = []
+        """Told of every request a backend's medium fails (see :class:`IoError`)."""
 
     @property
     def image_dirs(self) -> tuple[str, ...] | None:
@@ -641,6 +676,12 @@ class BlockLayer:
         for backend in self:
             if backend._root is not None:
                 backend._notify("medium")
+
+    def watch_io_errors(self, listener: IoErrorListener) -> Callable[[], None]:
+        """Have ``listener`` hear of every failed request of every backend; returns what
+        stops it. It is called in the request's task and must not block."""
+        self.io_error_listeners.append(listener)
+        return lambda: self.io_error_listeners.remove(listener)
 
     async def add_node(self, name: str, options: Mapping[str, Any]) -> None:
         """Open a tree whose root is named ``name`` and hold it, with no backend (QEMU's

@@ -43,6 +43,7 @@ from blkfs.jobs.commit import commit as commit_job
 from blkfs.jobs.mirror import MirrorJob, start_copy
 from blkfs.jobs.snapshot import rollback as rollback_medium
 from blkfs.jobs.snapshot import snapshot as snapshot_medium
+from blkfs.jobs.snapshot import snapshot_onto
 from blkfs.jobs.stream import stream as stream_job
 
 log = logging.getLogger("blkfs.commands")
@@ -348,6 +349,17 @@ async def snapshot(layer: BlockLayer, name: BackendName, path: HostPath,
 
 
 @command
+async def snapshot_node(layer: BlockLayer, name: BackendName, overlay: NodeName) -> None:
+    """A live external snapshot onto an existing node (QEMU's blockdev-snapshot).
+
+    OVERLAY, a qcow2 node added with node-add (backing=null), unused, writable and as large
+    as the medium, becomes the active image over it; its header is made to name the image
+    that was active, which turns read-only."""
+    node = layer.graph.find(overlay)
+    await snapshot_onto(layer, idle(layer, name, "snapshot it"), node)
+
+
+@command
 async def rollback(layer: BlockLayer, name: BackendName) -> None:
     """Drop what was written since the last snapshot (the active overlay is emptied).
 
@@ -388,7 +400,8 @@ async def mirror(layer: BlockLayer, name: BackendName, target: HostPath,
     It goes ready once in sync; job-complete switches the backend to the target, job-cancel
     then leaves the target as a copy of that moment. sync=top|none: only the active image's
     data (the target shares its backing file); mode=write-blocking: writes reach both before
-    they complete. existing=on: TARGET is an image already (at least as large)."""
+    they complete. existing=on: TARGET is an image already (at least as large);
+    TARGET node=NODE-NAME: a node added with node-add, unused (QEMU's blockdev-mirror)."""
     await start_copy(MirrorJob, layer.jobs, layer.find(name), job_id, target, format_, sync,
                      mode, existing, speed)
 
@@ -400,7 +413,8 @@ async def backup(layer: BlockLayer, name: BackendName, target: HostPath,
     """A job copying the medium as it is now to a new image at TARGET, while it is used.
 
     Writes meanwhile first save the old data to the target: it ends as a copy of the moment
-    the job started."""
+    the job started. TARGET node=NODE-NAME: a node added with node-add, unused (QEMU's
+    blockdev-backup)."""
     await start_copy(BackupJob, layer.jobs, layer.find(name), job_id, target, format_, sync,
                      "background", existing, speed)
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from blkfs.block import FILTERED, Child, Graph, Node, Perm, RangeLocks
 from blkfs.block.perm import ALL
 from blkfs.errors import BlockError
+from blkfs.jobs.chain import chain
 from blkfs.jobs.copy import CHUNK, allocated_ranges, copy_range
 from blkfs.jobs.job import Job
 from blkfs.jobs.ranges import RangeSet
@@ -235,13 +236,31 @@ class ActiveCommitJob(MirrorJob):
             await self.graph.reopen(self.base.name, {"read-only": True})
 
 
+def check_node_target(cls: type[MirrorJob], backend: BlockBackend, target: Node,
+                      sync: Sync) -> None:
+    """An existing node as target: not part of the source, and, for a mirror that copies
+    only the top (which the backend then switches to), with a backing file of its own."""
+    graph = target.graph
+    if target in graph.subtree(backend.root_node()):
+        raise BlockError(errno.EINVAL, f"{cls.type}: target node '{target.name}' is part of "
+                                       f"{backend.name}'s medium; give a node of its own")
+    if cls.needs_completion and sync != "full" and "backing" not in target.children \
+            and len(chain(backend)) > 1:
+        raise BlockError(errno.EINVAL, f"{cls.type}: sync={sync} copies only the active "
+                                       f"image, but target node '{target.name}' has no "
+                                       "backing file: the backend would lose the data below")
+
+
 async def start_copy(cls: type[MirrorJob], manager: JobManager, backend: BlockBackend,
                      job_id: str | None, target: str, fmt: str | None, sync: Sync,
                      mode: Mode, existing: bool, speed: int) -> MirrorJob:
-    """Start a mirror or a backup to the image ``target``, made for it unless ``existing``;
-    if the job cannot start, an image made for it is removed again."""
+    """Start a mirror or a backup to the image ``target``, made for it unless ``existing``
+    or an existing node (``node=NAME``); if the job cannot start, an image made for it is
+    removed again."""
     job_id = manager.new_id(job_id, backend.name)
     options, created = await target_options(backend, target, fmt, sync, existing)
+    if isinstance(options, str):
+        check_node_target(cls, backend, manager.layer.graph.find(options), sync)
     try:
         job = cls(manager, job_id, backend, options, sync, mode, speed)
         await manager.launch(job)

@@ -17,12 +17,15 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import trio
+
 from blkfs.errors import BlockError
 from blkfs.image import create_image
 from blkfs.jobs.chain import chain, header_name
 
 if TYPE_CHECKING:
     from blkfs.backend import BlockBackend, BlockLayer
+    from blkfs.block import Node
 
 log = logging.getLogger("blkfs.jobs")
 
@@ -63,6 +66,57 @@ async def snapshot(layer: BlockLayer, backend: BlockBackend, overlay: str,
             await layer.graph.reopen(active.name, {"read-only": True})
         except BlockError as exc:  # it stays writable; nothing writes it but the overlay's
             log.warning("%s: snapshot: %s stays writable: %s", backend.name, image, exc)
+
+
+async def snapshot_onto(layer: BlockLayer, backend: BlockBackend, overlay: Node) -> None:
+    """Make ``overlay``, an unused qcow2 node without backing file (QEMU's blockdev-snapshot),
+    the backend's active image over its medium. Its header is made to name the image now
+    active (QEMU leaves it as it is), so that the image file opens alone later; if the
+    switch fails, the overlay gets its old header and no backing file again."""
+    root = backend.root_node()
+    active = chain(backend)[0]
+    image = active.filename()
+    what = f"snapshot: overlay '{overlay.name}'"
+    if overlay.driver.name != "qcow2":
+        raise BlockError(errno.EINVAL, f"{what} is a {overlay.driver.name} node; blkfs puts "
+                                       "qcow2 overlays only")
+    if overlay.read_only:
+        raise BlockError(errno.EROFS, f"{what} is read-only")
+    claims = layer.graph.registry("snapshot-overlays")  # two snapshots onto one overlay
+    if overlay.parents or overlay in layer.graph.subtree(root) or overlay.name in claims:
+        raise BlockError(errno.EBUSY, f"{what} is already in use")
+    if "backing" in overlay.children:
+        raise BlockError(errno.EINVAL, f"{what} already has a backing image (add it with "
+                                       "backing=null)")
+    if overlay.size != backend.length():
+        raise BlockError(errno.EINVAL, f"{what} has {overlay.size} bytes, {backend.name} "
+                                       f"{backend.length()}: they must be the same size")
+    if image is None:
+        raise BlockError(errno.EINVAL, f"snapshot: {backend.name}'s medium has no image file "
+                                       "to name as backing file")
+    info = overlay.driver.info()
+    previous = (info["backing-filename"], info["backing-format"]) \
+        if info.get("backing-filename") else None
+
+    async def still_ours() -> None:
+        if backend.root_node() is not root:
+            raise BlockError(errno.EBUSY, f"snapshot: {backend.name}'s medium changed "
+                                          "meanwhile; nothing was switched")
+
+    claims[overlay.name] = backend
+    try:
+        await layer.graph.set_backing(overlay, root, (header_name(overlay.filename(), image),
+                                                      active.driver.name))
+        try:
+            await backend.change({"node": overlay.name}, same_data=True,
+                                 before_swap=still_ours)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await layer.graph.set_backing(overlay, None, previous)
+            raise
+    finally:
+        del claims[overlay.name]
+    log.info("%s: snapshot: overlay node %s over %s", backend.name, overlay.name, image)
 
 
 async def rollback(backend: BlockBackend) -> None:

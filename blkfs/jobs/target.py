@@ -17,11 +17,13 @@ if TYPE_CHECKING:
 
 
 async def target_options(backend: BlockBackend, target: str, fmt: str | None, sync: str,
-                         existing: bool) -> tuple[dict[str, Any], bool]:
-    """(the target's node options, whether the image was made here).
+                         existing: bool) -> tuple[dict[str, Any] | str, bool]:
+    """(the target's node options, or the name of an existing node; whether the image was
+    made here).
 
-    ``target`` is a path, or the options of a node over an existing image (``driver=...``,
-    JSON), as QEMU's blockdev-mirror takes: a target behind a filter, say. A new image has
+    ``target`` is a path, the options of a node over an existing image (``driver=...``,
+    JSON: a target behind a filter, say), or ``node=NAME`` alone for a node opened already
+    (node-add), as QEMU's blockdev-mirror and blockdev-backup take it. A new image has
     the medium's size and, unless the format is given, the active image's format (qcow2 or
     raw). With ``sync=top`` or ``none`` a new qcow2 target takes the active
     image's backing file as its own (the target holds only the top, as the source does), and
@@ -30,7 +32,10 @@ async def target_options(backend: BlockBackend, target: str, fmt: str | None, sy
         if fmt or existing:
             raise BlockError(errno.EINVAL, "a target given as options names its image and "
                                            "format itself (no format=, existing=)")
-        return parse_options(target), False
+        given = parse_options(target)
+        if set(given) == {"node"} and isinstance(given["node"], str):
+            return given["node"], False
+        return given, False
     path = target
     if not os.path.isabs(path):
         raise BlockError(errno.EINVAL, f"target '{path}': an absolute path is needed (the "

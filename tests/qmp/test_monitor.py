@@ -161,11 +161,16 @@ def test_media_commands_and_tray_events(monitor: Monitor, images: Path) -> None:
         assert (mount / "cd").stat().st_size == 6 * MiB
         await fails(client, "block_resize", {"device": "cd", "size": "big"})
         await fails(client, "block_resize", {"device": "zz", "size": 1})
+        await client.execute("blockdev-open-tray", {"id": "cd"})  # the event, nothing more
+        assert (mount / "cd").stat().st_size == 6 * MiB
         await client.execute("blockdev-remove-medium", {"id": "cd"})
         assert not mount.backends()["cd"]["medium"]
+        await client.execute("blockdev-close-tray", {"device": "cd"})
+        await fails(client, "blockdev-open-tray", {"id": "zz"}, "DeviceNotFound")
+        await fails(client, "blockdev-close-tray", {})
         moved = [e["data"]["tray-open"] for e in client.events.clear()
                  if e["event"] == "DEVICE_TRAY_MOVED"]
-        assert moved == [True, False, True, False, True, False, True]
+        assert moved == [True, False, True, False, True, False, True, True, False]
     drive(path, body)
 
 

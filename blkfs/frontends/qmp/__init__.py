@@ -26,7 +26,14 @@ from blkfs.backend import BlockLayer
 from blkfs.commands import Commands, watch_jobs
 from blkfs.errors import BlockError
 from blkfs.frontends.qmp.stream import ParseError, Splitter
-from blkfs.frontends.qmp.translate import PACKAGE, VERSION, QmpError, execute, job_event
+from blkfs.frontends.qmp.translate import (
+    PACKAGE,
+    VERSION,
+    QmpError,
+    execute,
+    io_error_event,
+    job_event,
+)
 from blkfs.frontends.unix_socket import clear_stale_socket
 
 log = logging.getLogger("blkfs.qmp")
@@ -90,6 +97,10 @@ class QmpFrontend:
         """Where the daemon's backend files are (fuse exports are files there)."""
         self.clients: set[Client] = set()
         self._stopping = trio.Event()
+        self._one_at_a_time = trio.Lock()
+        """Commands of all clients run one after the other, as QEMU's monitor runs them: a
+        translation that looks at a device and then changes it (block_set_io_throttle)
+        sees no other client's change in between."""
 
     # -- translate.Monitor ------------------------------------------------------------------
 
@@ -107,6 +118,8 @@ class QmpFrontend:
         listener = await self._listen()
         unwatch = watch_jobs(self.layer, lambda event, job: self.emit(event,
                                                                       job_event(event, job)))
+        unwatch_errors = self.layer.watch_io_errors(
+            lambda error: self.emit("BLOCK_IO_ERROR", io_error_event(error)))
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.serve_listeners, self._client, [listener])
@@ -116,6 +129,7 @@ class QmpFrontend:
                 nursery.cancel_scope.cancel()
         finally:
             unwatch()
+            unwatch_errors()
             listener.socket.close()
             try:
                 os.unlink(self.path)
@@ -242,7 +256,8 @@ class QmpFrontend:
                 raise QmpError("GenericError", f"Parameter '{next(iter(args))}' is "
                                                "unexpected")
             return {}
-        return await execute(self, name, args)
+        async with self._one_at_a_time:
+            return await execute(self, name, args)
 
 
 def _error(exc: QmpError) -> dict[str, Any]:

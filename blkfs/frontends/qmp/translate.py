@@ -13,10 +13,14 @@ root node's name.
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from blkfs.backend import IoError
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 
@@ -117,15 +121,25 @@ async def status(monitor: Monitor) -> dict[str, Any]:
     return result
 
 
+def medium(tree: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The node under the throttle filter block_set_io_throttle put in, if any (QEMU
+    throttles in the BlockBackend, so its device's node is the one below)."""
+    while tree["driver"] == "throttle":
+        tree = tree["children"]["file"]
+    return tree
+
+
 def backend_of(state: Mapping[str, Any], device: str, klass: str) -> str:
-    """The backend a QMP "device" names: a backend's name, or its root node's name; QmpError
-    of ``klass`` if none (QEMU says DeviceNotFound for devices, GenericError for nodes)."""
+    """The backend a QMP "device" names: a backend's name, or its root node's name (under a
+    throttle filter); QmpError of ``klass`` if none (QEMU says DeviceNotFound for devices,
+    GenericError for nodes)."""
     live = [b for b in state["backends"] if not b["deleted"]]
     for backend in live:
         if backend["name"] == device:
             return str(backend["name"])
     for backend in live:
-        if backend["tree"] and backend["tree"]["node-name"] == device:
+        tree = backend["tree"]
+        if tree and device in (tree["node-name"], medium(tree)["node-name"]):
             return str(backend["name"])
     if klass == "DeviceNotFound":
         raise QmpError(klass, f"Device '{device}' not found")
@@ -166,15 +180,18 @@ def image_info(tree: Mapping[str, Any]) -> dict[str, Any]:
     return info
 
 
-def node_info(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """QEMU's BlockDeviceInfo of a node (query-named-block-nodes, query-block)."""
+def node_info(tree: Mapping[str, Any],
+              limits: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """QEMU's BlockDeviceInfo of a node (query-named-block-nodes, query-block), with the
+    ``limits`` of a throttle filter in front of it (its bps, iops fields)."""
+    limits = limits or {}
     depth, node = 0, tree
     while "backing" in node["children"]:
         depth, node = depth + 1, node["children"]["backing"]
     return {"node-name": tree["node-name"], "drv": tree["driver"], "ro": tree["read-only"],
             "file": _filename(tree), "backing_file_depth": depth, "encrypted": False,
             "detect_zeroes": str(tree["options"].get("detect-zeroes", "off")),
-            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+            **{key: int(limits.get(limit, 0)) for key, limit in THROTTLE_LIMITS.items()},
             "write_threshold": 0,
             "cache": {"writeback": True, "direct": False, "no-flush": False},
             "image": image_info(tree)}
@@ -231,8 +248,10 @@ async def query_block(monitor: Monitor, args: dict[str, Any]) -> Any:
             continue
         entry: dict[str, Any] = {"device": backend["name"], "locked": False,
                                  "removable": True, "tray_open": False}
-        if backend["tree"]:
-            entry["inserted"] = node_info(backend["tree"])
+        tree = backend["tree"]
+        if tree:
+            limits = tree["info"].get("limits") if tree["driver"] == "throttle" else None
+            entry["inserted"] = node_info(medium(tree), limits)
         result.append(entry)
     return result
 
@@ -385,6 +404,21 @@ async def blockdev_insert_medium(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
+@qmp("blockdev-open-tray", id="str?", device_="str?", force="bool?")
+async def blockdev_open_tray(monitor: Monitor, args: dict[str, Any]) -> Any:
+    """blkfs has no tray: the event a drive's tray gives, and nothing else (the medium
+    stays until blockdev-remove-medium, which takes it out at once)."""
+    _tray(monitor, await device(monitor, args, "device", "id", klass="DeviceNotFound"), True)
+    return {}
+
+
+@qmp("blockdev-close-tray", id="str?", device_="str?")
+async def blockdev_close_tray(monitor: Monitor, args: dict[str, Any]) -> Any:
+    """The event, and nothing else (see blockdev-open-tray)."""
+    _tray(monitor, await device(monitor, args, "device", "id", klass="DeviceNotFound"), False)
+    return {}
+
+
 @qmp("block_resize", device_="str?", node_name="str?", size="int")
 async def block_resize(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device", "node-name")
@@ -392,6 +426,57 @@ async def block_resize(monitor: Monitor, args: dict[str, Any]) -> Any:
         raise generic("Parameter 'size' expects a non-negative value")
     await run(monitor, "resize", {"name": name, "size": args["size"], "shrink": True})
     return {}
+
+
+THROTTLE_LIMITS = {"bps": "bps-total", "bps_rd": "bps-read", "bps_wr": "bps-write",
+                   "iops": "iops-total", "iops_rd": "iops-read", "iops_wr": "iops-write"}
+"""QEMU's throttle arguments and the throttle filter's limits they set."""
+
+
+async def block_set_io_throttle(monitor: Monitor, args: dict[str, Any]) -> Any:
+    """A throttle filter in front of the medium (``change``, keeping the medium), retuned
+    with ``reopen`` when it is there already, taken out when every limit is 0."""
+    name = await device(monitor, args, "device", "id", klass="DeviceNotFound")
+    if args.get("iops_size", 0):
+        raise generic("blkfs's throttle filter counts every request as one: iops_size "
+                      "must be 0")
+    limits: dict[str, Any] = {}
+    for key, limit in THROTTLE_LIMITS.items():
+        for suffix, option in (("", ""), ("_max", "-max"), ("_max_length", "-max-length")):
+            value = args.get(key + suffix, 1 if suffix == "_max_length" else 0)
+            if value < 0 or (suffix == "_max_length" and value < 1):
+                raise generic(f"Parameter '{key + suffix}' expects a "
+                              f"{'positive' if suffix == '_max_length' else 'non-negative'} "
+                              "value")
+            limits[f"limits.{limit}{option}"] = value
+    if "group" in args:
+        limits["throttle-group"] = args["group"]
+    off = not any(args[key] for key in THROTTLE_LIMITS)
+    tree = next(b["tree"] for b in (await status(monitor))["backends"]
+                if b["name"] == name and not b["deleted"])
+    if tree is None:
+        raise QmpError("GenericError", f"Device '{name}' has no medium")
+    if tree["driver"] == "throttle":
+        if off:
+            await run(monitor, "change", {"name": name,
+                                          "medium": {"node": tree["children"]["file"]
+                                                     ["node-name"]}})
+        else:
+            await run(monitor, "reopen", {"node": tree["node-name"], "options": limits})
+    elif not off:
+        await run(monitor, "change", {"name": name, "medium": {
+            "driver": "throttle", **limits, "file": tree["node-name"]}})
+    return {}
+
+
+TABLE["block_set_io_throttle"] = QmpCommand(
+    "block_set_io_throttle",
+    {"device": ("str", False), "id": ("str", False), "group": ("str", False),
+     "iops_size": ("int", False),
+     **{key: ("int", True) for key in THROTTLE_LIMITS},
+     **{key + suffix: ("int", False) for key in THROTTLE_LIMITS
+        for suffix in ("_max", "_max_length")}},
+    block_set_io_throttle)
 
 
 @qmp("blockdev-reopen", options="array")
@@ -418,6 +503,13 @@ async def blockdev_snapshot_sync(monitor: Monitor, args: dict[str, Any]) -> Any:
     if args.get("mode", "absolute-paths") != "absolute-paths":
         raise generic("blkfs creates the overlay itself: mode must be absolute-paths")
     await run(monitor, "snapshot", {"name": name, "path": args["snapshot-file"]})
+    return {}
+
+
+@qmp("blockdev-snapshot", node="str", overlay="str")
+async def blockdev_snapshot(monitor: Monitor, args: dict[str, Any]) -> Any:
+    name = await device(monitor, args, "node")
+    await run(monitor, "snapshot-node", {"name": name, "overlay": args["overlay"]})
     return {}
 
 
@@ -462,6 +554,31 @@ async def drive_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
      sync="str", mode="str?", speed="int?")
 async def drive_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
     return await _copy(monitor, args, "backup")
+
+
+def _node_target(node: str) -> str:
+    """The jobs' target ``node=NAME``, as JSON: a name with commas stays one name."""
+    return json.dumps({"node": node})
+
+
+@qmp("blockdev-mirror", job_id="str?", device_="str", target="str", sync="str",
+     speed="int?", copy_mode="str?")
+async def blockdev_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
+    name = await device(monitor, args, "device")
+    await run(monitor, "mirror", {"name": name, "target": _node_target(args["target"]),
+                                  "sync": args["sync"], "mode": args.get("copy-mode"),
+                                  "speed": args.get("speed"), "job-id": args.get("job-id")})
+    return {}
+
+
+@qmp("blockdev-backup", job_id="str?", device_="str", target="str", sync="str",
+     speed="int?")
+async def blockdev_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
+    name = await device(monitor, args, "device")
+    await run(monitor, "backup", {"name": name, "target": _node_target(args["target"]),
+                                  "sync": args["sync"], "speed": args.get("speed"),
+                                  "job-id": args.get("job-id")})
+    return {}
 
 
 def job_info(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -516,3 +633,11 @@ def job_event(event: str, job: Mapping[str, Any]) -> dict[str, Any]:
     if event == "BLOCK_JOB_COMPLETED" and job["error"]:
         data["error"] = job["error"]
     return data
+
+
+def io_error_event(error: IoError) -> dict[str, Any]:
+    """The data of QEMU's BLOCK_IO_ERROR for a request a backend's medium failed: blkfs
+    always reports the error to the requester (action "report", as werror=report)."""
+    return {"device": error.backend, "node-name": error.node, "operation": error.operation,
+            "action": "report", "nospace": error.errno == errno.ENOSPC,
+            "reason": os.strerror(error.errno)}
