@@ -23,7 +23,6 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -198,16 +197,14 @@ class BlockBackend:
             raise BlockError(errno.ENOMEDIUM, f"{self.name}: no medium")
         return self._root.node
 
-    @contextmanager
-    def _reporting(self, node: Node, operation: Literal["read", "write"]) -> Iterator[None]:
-        """Tell the layer's I/O error listeners of a failure of ``node`` inside."""
-        try:
-            yield
-        except BlockError as exc:
-            error = IoError(self.name, node.name, operation, exc.errno, exc.message)
-            for listener in list(self.layer.io_error_listeners):
-                listener(error)
-            raise
+    def _report(self, node: Node, operation: Literal["read", "write"],
+                exc: BlockError) -> None:
+        """Tell the layer's I/O error listeners that ``node`` failed a request. (Callers
+        catch the error themselves: a context manager around every request would cost a
+        third of a 4 KiB read's instructions.)"""
+        error = IoError(self.name, node.name, operation, exc.errno, exc.message)
+        for listener in list(self.layer.io_error_listeners):
+            listener(error)
 
     def _check_range(self, node: Node, offset: int, length: int, write: bool) -> None:
         if offset < 0 or length < 0:
@@ -235,8 +232,11 @@ class BlockBackend:
     async def _readinto(self, offset: int, buf: memoryview) -> None:
         node = self._medium()
         self._check_range(node, offset, buf.nbytes, write=False)
-        with self._reporting(node, "read"):
+        try:
             await node.readinto(offset, buf)
+        except BlockError as exc:
+            self._report(node, "read", exc)
+            raise
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     fua: bool = False) -> None:
@@ -248,11 +248,14 @@ class BlockBackend:
                      fua: bool) -> None:
         node = self._medium()
         self._check_write(node, offset, len(data))
-        with self._reporting(node, "write"):
+        try:
             await node.write(offset, data)
             self.changed_ns = time.time_ns()
             if fua:
                 await node.flush()
+        except BlockError as exc:
+            self._report(node, "write", exc)
+            raise
 
     async def flush(self) -> None:
         """Make every acknowledged write durable in the host files."""
@@ -260,8 +263,11 @@ class BlockBackend:
 
     async def _flush(self) -> None:
         if self._root is not None:
-            with self._reporting(self._root.node, "write"):
+            try:
                 await self._root.node.flush()
+            except BlockError as exc:
+                self._report(self._root.node, "write", exc)
+                raise
 
     async def discard(self, offset: int, length: int) -> None:
         """Tell the medium the range is unused (advisory: it may read as before or as
@@ -278,11 +284,14 @@ class BlockBackend:
     async def _zero_or_discard(self, offset: int, length: int, unmap: bool | None) -> None:
         node = self._medium()
         self._check_write(node, offset, length)
-        with self._reporting(node, "write"):
+        try:
             if unmap is None:
                 await node.discard(offset, length)
             else:
                 await node.write_zeroes(offset, length, unmap)
+        except BlockError as exc:
+            self._report(node, "write", exc)
+            raise
         self.changed_ns = time.time_ns()
 
     async def block_status(self, offset: int, length: int) -> Extent:

@@ -329,11 +329,15 @@ class Node:
         if head == offset and tail == end:  # aligned (always, with an alignment of 1)
             await self.driver.write_zeroes(offset, length, unmap)
             return
-        for start, stop in ((offset, head), (tail, end)):
-            if start < stop:
-                await self._write_aligned(start, memoryview(bytes(stop - start)), align)
+        if head == tail:  # no whole block inside: one read-modify-write, as QEMU's
+            await self._write_aligned(offset, memoryview(bytes(length)), align)
+            return
+        if offset < head:
+            await self._write_aligned(offset, memoryview(bytes(head - offset)), align)
         if head < tail:
             await self.driver.write_zeroes(head, tail - head, unmap)
+        if tail < end:
+            await self._write_aligned(tail, memoryview(bytes(end - tail)), align)
 
     async def truncate(self, length: int) -> None:
         if self.read_only:
