@@ -1,4 +1,5 @@
-"""Benchmark blkfs against the host file and qemu-storage-daemon (qsd) FUSE exports.
+"""Benchmark blkfs against the host file, a C passthrough FUSE server (the limit),
+qemu-storage-daemon (qsd) FUSE exports in three configurations, and nbdfuse.
 
 Run through ``scripts/bench`` (which runs ``scripts/setup`` first). Needs root (drops the page
 cache, mounts FUSE). One run measures, on the same images:
@@ -7,40 +8,64 @@ images    raw      random data, SIZE bytes
           qcow2    ``qemu-img convert -O qcow2`` of the raw image
           chain    base.qcow2 (the data) <- mid.qcow2 <- top.qcow2, each overlay with a few MiB
                    written by qemu-io
-peers     host     the raw image file itself, no FUSE (the limit; measured once, shown per row)
-          blkfs    ``blkfs mount`` (one daemon per image, one backend per workload group)
-          qsd      ``qemu-storage-daemon --export type=fuse`` (one daemon per image)
+peers     blkfs         ``blkfs mount`` (one daemon per image, one backend per copy)
+          blkfs-direct  the same with ``file.cache.direct=on`` (O_DIRECT on the image files)
+          qsd           ``qemu-storage-daemon --export type=fuse``, QEMU's defaults (aio=threads)
+          qsd-uring     the same with aio=io_uring and an iothread
+          qsd-direct    aio=io_uring, an iothread and cache.direct=on
+                        (io_uring is probed first; where it fails: threads, resp. native)
           nbdfuse  nbdfuse (libnbd) over nbdkit's file plugin for raw; nbdkit 1.32 cannot
                    read qcow2, so over ``qemu-nbd -f qcow2`` for qcow2 and the chain
-workloads seqread  dd if=F of=/dev/null bs=1M after drop_caches          -> MB/s
-          seqread-warm  the same, image files in the host page cache      -> MB/s
-          seqwrite fio --rw=write --bs=1M --end_fsync=1, one full pass     -> MB/s (incl. fsync)
-          randread fio psync 4k QD1 1 job, time based                     -> IOPS
-          randread4 same, --numjobs=4 --group_reporting                   -> IOPS
-          randwrite fio psync 4k QD1 1 job, time based                    -> IOPS
+          limit    scripts/bench.d/fuse_passthrough.c, built here with gcc and pkg-config fuse3:
+                   libfuse's low-level API, direct_io, multi-threaded loop, over the raw image;
+                   what any userspace FUSE server can reach (raw only, shown on every row)
+          host     the raw image file itself, no FUSE (raw only, shown on every row)
+workloads seqread        dd if=F of=/dev/null bs=1M after drop_caches              -> MB/s
+          seqread-warm   the same, image files in the host page cache              -> MB/s
+          seqwrite       fio --rw=write --bs=1M --end_fsync=1, one full pass       -> MB/s
+          randread       fio psync 4k QD1 1 job, time based, image files warm      -> IOPS
+          randread4      same, --numjobs=4 --group_reporting                       -> IOPS
+          randread-cold  randread right after drop_caches                          -> IOPS
+          randread4-cold randread4 right after drop_caches                         -> IOPS
+          randwrite      fio psync 4k QD1 1 job, time based                        -> IOPS
+
+Every (peer, image) pair is measured --rounds times; each round runs all pairs in a new
+shuffled order, each on fresh copies of the images with a fresh mount, so drift and neighbours
+hit all peers alike. Rows report the median with min and max; ratios are of the medians of
+this run. "qsd-best" is, per row, the qsd configuration with the best median. Random rows
+run with a fio ramp time and report p50/p99 completion latency (medians over rounds).
 
 Reads use one copy of the image; randwrite and seqwrite each get a fresh copy, so writes never
-change what a later measurement sees. The page cache is dropped before seqread and seqwrite
-(they include the disk); before the others the image files are read once on the host, so
-those measure each layer's own cost rather than the disk's. All fio runs use
---direct=0 (FUSE files). For the daemons, peak RSS (VmHWM) and CPU seconds (utime+stime) are
-read from /proc/PID.
+change what a later measurement sees. The page cache is dropped before seqread, seqwrite and
+the -cold rows; before the others the image files are read once on the host, so those
+measure each layer's own cost rather than the disk's. fio runs use --direct=0, but for the
+reads of nbdfuse and qsd: neither serves its FUSE file with direct_io (QEMU 7.2's export
+does not), so the kernel's page cache of that file would answer repeated reads (4-job random
+reads at 500k IOPS, p50 1 us); they read with O_DIRECT (fio --direct=1, dd iflag=direct), so
+every read reaches the server as it does in blkfs and the limit. For the daemons, peak RSS
+(VmHWM) and CPU seconds (utime+stime) are read from /proc/PID.
 
 ``--sparse-rss`` (also run at the end of a normal run unless ``--no-sparse-rss``): a 1 TiB
 sparse qcow2 made by ``blkfs image create``, mounted in blkfs, 4k random reads over the whole
 1 TiB, then 4k random writes at spread offsets; reports the daemon's VmHWM (target < 150 MiB).
+Then (unless ``--rss-backends 0``) one blkfs daemon with 1,000 backends (--quick: 100), each
+a qcow2 overlay over one shared base, 64 KiB read from each: its VmHWM (target < 150 MiB).
 
 ``--nbd`` (also run at the end of a normal run unless ``--no-nbd``): NBD, on raw and qcow2
 images of SIZE, every pair served by one qemu-nbd or read the same way. blkfs with a backend
 ``nbd+unix:///?socket=S`` versus nbdfuse on the same qemu-nbd socket (seqread-warm, randread,
-randread4, randwrite through each FUSE file); then blkfs's NBD export of the image versus
-``qemu-nbd -r`` serving it, each read whole by ``nbdcopy URI null:`` (image warm) -> MB/s.
+randread4, randwrite through each FUSE file, nbdfuse reading with O_DIRECT); then blkfs's
+NBD export of the image versus ``qemu-nbd -r`` serving it, each read whole by
+``nbdcopy URI null:`` (image warm) -> MB/s.
 
 ``--throttle`` (also run at the end of a normal run unless ``--no-throttle``): a blkfs backend
 ``driver=throttle,limits.bps-read=N`` over a sparse raw image (N from ``--throttle-rate``,
 default 50M, binary units as in blkfs options); ``dd bs=1M`` for about 5 s must read at N
 within 10%. Then, while another dd runs, ``.ctl/reopen`` retunes the limit to N/2, and the rate
 of the second half (from the backend's read_bytes in status.json) must be N/2 within 10%.
+
+``--jobs`` (off by default): also the block-job table of scripts/bench_jobs.py (commit,
+stream, mirror, convert against qemu-img and qsd), --rounds runs per side.
 """
 
 from __future__ import annotations
@@ -49,31 +74,75 @@ import argparse
 import atexit
 import json
 import os
-import platform
-import re
+import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-BLKFS = str(REPO / ".venv" / "bin" / "blkfs")
-MiB = 1 << 20
-GiB = 1 << 30
+from benchlib import (
+    BLKFS,
+    REPO,
+    GiB,
+    MiB,
+    blkfs_pid,
+    blkfs_umount,
+    drop_caches,
+    fmt_size,
+    is_mounted,
+    lazy_unmount,
+    log,
+    machine_info,
+    md_table,
+    on_signal,
+    parse_size,
+    proc_stats,
+    run,
+)
 
-WORKLOADS = ["seqread", "seqread-warm", "seqwrite", "randread", "randread4", "randwrite"]
-UNITS = {"seqread": "MB/s", "seqread-warm": "MB/s", "seqwrite": "MB/s", "randread": "IOPS",
-         "randread4": "IOPS", "randwrite": "IOPS"}
+Results = dict[str, Any]
+"""JSON-shaped results, as written by --json."""
+
+Sample = dict[str, float]
+"""One measurement: value (MB/s or IOPS), and where measured p50_us, p99_us, cpu_s."""
+
+Samples = dict[str, dict[str, dict[str, list[Sample]]]]
+"""image -> workload -> peer -> one sample per round."""
+
+WORKLOADS = ["seqread", "seqread-warm", "seqwrite", "randread", "randread4", "randread-cold",
+             "randread4-cold", "randwrite"]
+UNITS = {wl: "MB/s" if wl.startswith("seq") else "IOPS" for wl in WORKLOADS}
+RANDOM = [wl for wl in WORKLOADS if wl.startswith("rand")]
 IMAGES = ["raw", "qcow2", "chain"]
-PEERS = ["host", "blkfs", "qsd", "nbdfuse"]
+PEERS = ["blkfs", "blkfs-direct", "qsd", "qsd-uring", "qsd-direct", "nbdfuse", "limit", "host"]
+RAW_ONLY = ("limit", "host")
+"""Peers measured on the raw image only; their figures stand in every image's rows."""
+
+PAGE_CACHED = ("qsd", "qsd-uring", "qsd-direct", "nbdfuse")
+"""Peers whose FUSE files the kernel caches (no direct_io: nbdfuse, and qsd's FUSE export in
+QEMU 7.2): their reads use O_DIRECT, or the FUSE file's page cache would answer for them."""
+
+LIMIT_SOURCE = REPO / "scripts" / "bench.d" / "fuse_passthrough.c"
 
 
-def log(*args: object) -> None:
-    print(*args, file=sys.stderr, flush=True)
+@dataclass(frozen=True)
+class QsdConfig:
+    aio: str | None
+    """The file nodes' aio option; None: QEMU's default (threads)."""
+    iothread: bool
+    direct: bool
+    """cache.direct=on on the file nodes."""
+
+
+QSD_CONFIGS = {"qsd": QsdConfig(None, False, False),
+               "qsd-uring": QsdConfig("io_uring", True, False),
+               "qsd-direct": QsdConfig("io_uring", True, True)}
 
 
 # -- cleanup ---------------------------------------------------------------------------------
@@ -82,12 +151,12 @@ class Cleanup:
     """Everything started is registered here and torn down in reverse order exactly once."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[str, object]] = []
+        self.items: list[tuple[str, Any]] = []
 
-    def add(self, kind: str, obj: object) -> None:
+    def add(self, kind: str, obj: Any) -> None:
         self.items.append((kind, obj))
 
-    def remove(self, kind: str, obj: object) -> None:
+    def remove(self, kind: str, obj: Any) -> None:
         try:
             self.items.remove((kind, obj))
         except ValueError:
@@ -100,135 +169,34 @@ class Cleanup:
                 if kind in STOPS:
                     STOPS[kind](obj)
                 elif kind == "dir":
-                    shutil.rmtree(obj, ignore_errors=True)  # type: ignore[arg-type]
+                    shutil.rmtree(obj, ignore_errors=True)
             except BaseException as exc:  # keep cleaning the rest
                 log(f"cleanup of {kind} {obj}: {exc}")
+
+    def stop_under(self, d: Path) -> None:
+        """Stop every peer living in ``d`` and remove ``d``."""
+        for kind, obj in list(self.items):
+            if kind in STOPS and peer_path(kind, obj).startswith(str(d)):
+                self.remove(kind, obj)
+                try:
+                    STOPS[kind](obj)
+                except Exception as exc:
+                    log(f"cleanup: {exc}")
+        self.remove("dir", str(d))
+        shutil.rmtree(d, ignore_errors=True)
 
 
 CLEANUP = Cleanup()
 
 
-def on_signal(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-def run(cmd: list[str], timeout: float = 600, check: bool = True,
-        **kw: object) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): "
-                           f"{proc.stderr.strip()[-2000:]}")
-    return proc
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}")
-    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
-
-
-def fmt_size(n: int) -> str:
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift}{unit}"
-    return str(n)
-
-
-def drop_caches() -> None:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as exc:
-        log(f"warning: cannot drop caches: {exc}")
-
-
-def proc_stats(pid: int) -> dict[str, float]:
-    """Peak/current RSS in MiB and CPU seconds of a live process."""
-    out: dict[str, float] = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("VmHWM:", "VmRSS:")):
-                    out[line.split(":")[0]] = int(line.split()[1]) / 1024
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        out["cpu_s"] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    except (OSError, IndexError, ValueError):
-        pass
-    return out
-
+# -- images ----------------------------------------------------------------------------------
 
 def copy_image(src: Path, dst: Path) -> None:
     run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)])
 
 
-def is_mounted(path: str) -> bool:
-    path = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
-
-
-def machine_info() -> dict[str, str]:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "?"
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        pass
-
-    def version(cmd: list[str]) -> str:
-        try:
-            return run(cmd, check=False, timeout=20).stdout.splitlines()[0].strip()
-        except Exception:
-            return "not installed"
-
-    pyfuse3 = run([str(REPO / ".venv/bin/python"), "-c",
-                   "import pyfuse3, trio; print(pyfuse3.__version__, trio.__version__)"],
-                  check=False).stdout.split()
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "memory": mem,
-        "kernel": platform.release(),
-        "os": _os_release(),
-        "python": platform.python_version(),
-        "pyfuse3": pyfuse3[0] if pyfuse3 else "?",
-        "trio": pyfuse3[1] if len(pyfuse3) > 1 else "?",
-        "qemu": version(["qemu-storage-daemon", "--version"]),
-        "fio": version(["fio", "--version"]),
-        "blkfs": run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                     check=False).stdout.strip() or "?",
-    }
-
-
-def _os_release() -> str:
-    try:
-        for line in open("/etc/os-release"):
-            if line.startswith("PRETTY_NAME="):
-                return line.split("=", 1)[1].strip().strip('"')
-    except OSError:
-        pass
-    return "?"
-
-
-# -- images ----------------------------------------------------------------------------------
-
 def make_images(d: Path, size: int, which: list[str]) -> dict[str, Path]:
-    """Returns image name -> directory holding that image's files (img or top.qcow2)."""
+    """Returns image name -> its (top) image file; the raw image is always made."""
     src = d / "src"
     src.mkdir(parents=True, exist_ok=True)
     raw = src / "raw" / "disk.img"
@@ -255,9 +223,9 @@ def make_images(d: Path, size: int, which: list[str]) -> dict[str, Path]:
         copy_image(out["qcow2"], c / "base.qcow2")
         # relative backing names, so a copy of the directory is a working chain
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-             "mid.qcow2"], cwd=str(c))
+             "mid.qcow2"], cwd=c)
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
-             "top.qcow2"], cwd=str(c))
+             "top.qcow2"], cwd=c)
         step = size // 8
         for name, pattern, offsets in (("mid.qcow2", 0x11, (1, 3, 5)),
                                        ("top.qcow2", 0x22, (2, 5, 7))):
@@ -287,40 +255,24 @@ def blkfs_mount(mnt: Path, backends: dict[str, Path | str], *extra: str) -> int:
     for name, img in backends.items():
         cmd += ["--backend", f"{name}={img}"]
     CLEANUP.add("blkfs", str(mnt))
-    run(cmd, timeout=120)
-    with open(mnt / ".ctl" / "status.json") as f:
-        return int(json.load(f)["pid"])
+    run(cmd, timeout=600)
+    pid = blkfs_pid(mnt)
+    if pid is None:
+        raise RuntimeError(f"blkfs mounted {mnt} but reports no pid")
+    return pid
+
+
+def blkfs_direct_options(image: Path, fmt: str) -> str:
+    """IMAGE opened with cache.direct=on on its file node (backing files inherit it)."""
+    return f"driver={fmt},file.driver=file,file.filename={image},file.cache.direct=on"
 
 
 def drop_scratch_mount(mnt: Path, d: Path) -> None:
     """Unmount a check's own mount and remove its scratch directory."""
     CLEANUP.remove("blkfs", str(mnt))
-    blkfs_umount(str(mnt))
+    blkfs_umount(mnt)
     CLEANUP.remove("dir", str(d))
     shutil.rmtree(d, ignore_errors=True)
-
-
-def blkfs_umount(mnt: str) -> None:
-    pid = None
-    try:
-        with open(os.path.join(mnt, ".ctl", "status.json")) as f:
-            pid = int(json.load(f)["pid"])
-    except (OSError, ValueError, KeyError):
-        pass
-    proc = subprocess.run([BLKFS, "umount", mnt], capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        log(f"blkfs umount {mnt}: {proc.stderr.strip()}; killing the daemon")
-        if pid:
-            try:
-                os.kill(pid, signal.SIGTERM)
-                for _ in range(100):
-                    os.kill(pid, 0)
-                    time.sleep(0.1)
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
 
 
 class Qsd:
@@ -328,19 +280,25 @@ class Qsd:
         self.proc, self.files, self.logf = proc, files, logf
 
 
-def qsd_start(d: Path, exports: dict[str, Path], fmt: str) -> Qsd:
+def qsd_start(d: Path, exports: dict[str, Path], fmt: str, cfg: QsdConfig) -> Qsd:
+    """One qemu-storage-daemon exporting each image as the FUSE file ``d/NAME``."""
     cmd = ["qemu-storage-daemon"]
+    if cfg.iothread:
+        cmd += ["--object", "iothread,id=io0"]
     files = []
     for i, (name, img) in enumerate(exports.items()):
         mp = d / name
         mp.touch()
         files.append(str(mp))
-        cmd += ["--blockdev", f"driver=file,node-name=f{i},filename={img}",
+        fopts = (f",aio={cfg.aio}" if cfg.aio else "") + (",cache.direct=on" if cfg.direct else "")
+        cmd += ["--blockdev", f"driver=file,node-name=f{i},filename={img}{fopts}",
                 "--blockdev", f"driver={fmt},node-name=n{i},file=f{i}",
-                "--export", f"type=fuse,id=e{i},node-name=n{i},mountpoint={mp},writable=on"]
+                "--export", f"type=fuse,id=e{i},node-name=n{i},mountpoint={mp},writable=on"
+                            + (",iothread=io0" if cfg.iothread else "")]
     logf = d / "qsd.log"
-    proc = subprocess.Popen(cmd, stdout=open(logf, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(logf, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     q = Qsd(proc, files, logf)
     CLEANUP.add("qsd", q)
     deadline = time.monotonic() + 60
@@ -362,12 +320,34 @@ def qsd_stop(q: Qsd) -> None:
             q.proc.kill()
             q.proc.wait()
     for f in q.files:
-        if is_mounted(f):
-            subprocess.run(["fusermount3", "-u", "-z", f], capture_output=True)
+        lazy_unmount(f)
 
 
-class Nbd:
-    """nbdfuse mounts (one per image), each with its NBD server."""
+def probe_qsd(work: Path, cfg: QsdConfig) -> str | None:
+    """None if qsd exports a raw file over FUSE in configuration ``cfg`` here, else why not."""
+    d = work / "probe"
+    d.mkdir()
+    try:
+        img = d / "probe.img"
+        with open(img, "wb") as f:
+            f.truncate(MiB)
+        q = qsd_start(d, {"p": img}, "raw", cfg)
+        try:
+            with open(d / "p", "rb") as f:
+                f.read(4096)
+        finally:
+            CLEANUP.remove("qsd", q)
+            qsd_stop(q)
+        return None
+    except (OSError, RuntimeError) as exc:
+        return str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class FuseServers:
+    """FUSE servers (nbdfuse, or the limit) each serving one file as ``MNT/disk``, and the
+    NBD servers behind them."""
 
     def __init__(self, d: Path) -> None:
         self.d = d
@@ -375,11 +355,11 @@ class Nbd:
         self.procs: list[subprocess.Popen[bytes]] = []
 
 
-def nbd_start(d: Path, exports: dict[str, Path], fmt: str) -> Nbd:
+def nbd_start(d: Path, exports: dict[str, Path], fmt: str) -> FuseServers:
     """nbdfuse serving each image as ``d/nbd-NAME/disk``: raw through ``nbdkit -s file``
     (NBD on nbdfuse's stdin/stdout), qcow2 through a ``qemu-nbd`` unix socket."""
-    nbd = Nbd(d)
-    CLEANUP.add("nbdfuse", nbd)
+    nbd = FuseServers(d)
+    CLEANUP.add("fuse", nbd)
     for name, img in exports.items():
         mnt = d / f"nbd-{name}"
         with open(d / f"nbd-{name}.log", "wb") as logf:  # the children keep their copies
@@ -389,8 +369,28 @@ def nbd_start(d: Path, exports: dict[str, Path], fmt: str) -> Nbd:
                 proc, sock = qemu_nbd_serve(d / f"nbd-{name}.sock", img, fmt, logf)
                 nbd.procs.append(proc)
                 cmd = ["nbdfuse", f"{mnt}/disk", "--unix", str(sock)]
-        nbdfuse_mount(nbd, mnt, cmd, d / f"nbd-{name}.log")
+        fuse_server_mount(nbd, mnt, cmd, d / f"nbd-{name}.log")
     return nbd
+
+
+def build_limit(work: Path) -> Path:
+    """scripts/bench.d/fuse_passthrough.c, compiled into ``work``."""
+    flags = run(["pkg-config", "--cflags", "--libs", "fuse3"]).stdout.split()
+    binary = work / "fuse_passthrough"
+    run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(LIMIT_SOURCE),
+         *flags])
+    return binary
+
+
+def limit_start(binary: Path, d: Path, exports: dict[str, Path]) -> FuseServers:
+    """The C passthrough server serving each raw image as ``d/limit-NAME/disk``."""
+    servers = FuseServers(d)
+    CLEANUP.add("fuse", servers)
+    for name, img in exports.items():
+        mnt = d / f"limit-{name}"
+        fuse_server_mount(servers, mnt, [str(binary), str(img), str(mnt)],
+                          d / f"limit-{name}.log")
+    return servers
 
 
 def qemu_nbd_serve(sock: Path, img: Path, fmt: str, logf: Any,
@@ -408,27 +408,25 @@ def qemu_nbd_serve(sock: Path, img: Path, fmt: str, logf: Any,
     return proc, sock
 
 
-def nbdfuse_mount(nbd: Nbd, mnt: Path, cmd: list[str], log_path: Path) -> None:
-    """Start nbdfuse (CMD) on MNT/disk and wait until it serves."""
+def fuse_server_mount(servers: FuseServers, mnt: Path, cmd: list[str], log_path: Path) -> None:
+    """Start a FUSE server (CMD) on MNT, serving MNT/disk, and wait until it serves."""
     mnt.mkdir(exist_ok=True)
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    nbd.procs.append(proc)
-    nbd.files.append(str(mnt / "disk"))
+    servers.procs.append(proc)
+    servers.files.append(str(mnt / "disk"))
     deadline = time.monotonic() + 60
-    while not is_mounted(str(mnt)):
+    while not is_mounted(mnt):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"nbdfuse did not mount {mnt}: {log_path.read_text()[-2000:]}")
+            raise RuntimeError(f"{cmd[0]} did not mount {mnt}: {log_path.read_text()[-2000:]}")
         time.sleep(0.05)
 
 
-def nbd_stop(nbd: Nbd) -> None:
-    for f in nbd.files:
-        mnt = os.path.dirname(f)
-        if is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
-    for proc in nbd.procs:
+def fuse_stop(servers: FuseServers) -> None:
+    for f in servers.files:
+        lazy_unmount(os.path.dirname(f))
+    for proc in servers.procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         try:
@@ -438,15 +436,15 @@ def nbd_stop(nbd: Nbd) -> None:
             proc.wait()
 
 
-STOPS: dict[str, Any] = {"blkfs": blkfs_umount, "qsd": qsd_stop, "nbdfuse": nbd_stop}
-"""How to stop each started peer, by peer name (Cleanup and run_peer use it)."""
+STOPS: dict[str, Any] = {"blkfs": blkfs_umount, "qsd": qsd_stop, "fuse": fuse_stop}
+"""How to stop each kind of started peer (Cleanup and run_peer use it)."""
 
 
 def peer_path(kind: str, obj: Any) -> str:
     """Where a started peer lives: its mountpoint, directory or first export."""
     if kind == "blkfs":
         return str(obj)
-    if kind == "nbdfuse":
+    if kind == "fuse":
         return str(obj.d)
     return obj.files[0] if obj.files else ""
 
@@ -454,20 +452,27 @@ def peer_path(kind: str, obj: Any) -> str:
 # -- workloads -------------------------------------------------------------------------------
 
 def fio(filename: str, size: int, rw: str, bs: str, runtime: float | None,
-        numjobs: int = 1, extra: list[str] = ()) -> dict:  # type: ignore[assignment]
-    out = Path(tempfile.mktemp(prefix="bench-fio-", suffix=".json"))
+        numjobs: int = 1, extra: tuple[str, ...] = (), ramp: int = 0,
+        direct: bool = False) -> Results:
+    """One fio job (the group's figures with several); its JSON."""
+    fd, name = tempfile.mkstemp(prefix="bench-fio-", suffix=".json")
+    os.close(fd)
+    out = Path(name)
     cmd = ["fio", "--name=bench", f"--filename={filename}", f"--size={size}",
-           "--ioengine=psync", "--iodepth=1", "--direct=0", f"--rw={rw}", f"--bs={bs}",
-           f"--numjobs={numjobs}", "--group_reporting", "--fallocate=none",
-           "--randrepeat=0", "--invalidate=0", "--output-format=json", f"--output={out}", *extra]
+           "--ioengine=psync", "--iodepth=1", f"--direct={int(direct)}", f"--rw={rw}",
+           f"--bs={bs}", f"--numjobs={numjobs}", "--group_reporting", "--fallocate=none",
+           "--randrepeat=0", "--invalidate=0", "--output-format=json", f"--output={out}",
+           *extra]
     if runtime:
         cmd += ["--time_based", f"--runtime={runtime}"]
+    if ramp:
+        cmd += [f"--ramp_time={ramp}"]
     try:
-        run(cmd, timeout=(runtime or 0) + 600)
+        run(cmd, timeout=(runtime or 0) + ramp + 600)
         text = out.read_text()
     finally:
         out.unlink(missing_ok=True)
-    job = json.loads(text[text.index("{"):])["jobs"][0]
+    job: Results = json.loads(text[text.index("{"):])["jobs"][0]
     return job
 
 
@@ -477,100 +482,163 @@ def warm(host_dir: Path) -> None:
         run(["dd", f"if={f}", "of=/dev/null", "bs=4M"], timeout=3600)
 
 
-def workload(name: str, f: str, size: int, runtime: float, host_dir: Path) -> float:
-    if name in ("seqread", "seqwrite"):
+def workload(name: str, f: str, size: int, runtime: float, host_dir: Path, ramp: int = 0,
+             direct_reads: bool = False) -> Sample:
+    """Run one workload on file F (whose image files are in HOST_DIR)."""
+    if name in ("seqread", "seqwrite") or name.endswith("-cold"):
         drop_caches()
     else:
         warm(host_dir)
     if name in ("seqread", "seqread-warm"):
         t0 = time.monotonic()
-        run(["dd", f"if={f}", "of=/dev/null", "bs=1M"], timeout=3600)
-        return size / (time.monotonic() - t0) / 1e6
+        run(["dd", f"if={f}", "of=/dev/null", "bs=1M", *(["iflag=direct"] * direct_reads)],
+            timeout=3600)
+        return {"value": size / (time.monotonic() - t0) / 1e6}
     if name == "seqwrite":
         # one full pass; wall time includes fio's final fsync
         t0 = time.monotonic()
-        fio(f, size, "write", "1M", None, extra=["--end_fsync=1"])
-        return size / (time.monotonic() - t0) / 1e6
-    if name == "randread":
-        return fio(f, size, "randread", "4k", runtime)["read"]["iops"]
-    if name == "randread4":
-        return fio(f, size, "randread", "4k", runtime, numjobs=4)["read"]["iops"]
-    if name == "randwrite":
-        return fio(f, size, "randwrite", "4k", runtime)["write"]["iops"]
-    raise ValueError(name)
+        fio(f, size, "write", "1M", None, extra=("--end_fsync=1",))
+        return {"value": size / (time.monotonic() - t0) / 1e6}
+    if name not in RANDOM:
+        raise ValueError(name)
+    rw = "randwrite" if name == "randwrite" else "randread"
+    jobs = 4 if name.startswith("randread4") else 1
+    job = fio(f, size, rw, "4k", runtime, numjobs=jobs, ramp=ramp,
+              direct=direct_reads and rw == "randread")
+    side = job["write" if rw == "randwrite" else "read"]
+    sample = {"value": float(side["iops"])}
+    pct = side.get("clat_ns", {}).get("percentile", {})
+    for key, q in (("p50_us", "50.000000"), ("p99_us", "99.000000")):
+        if q in pct:
+            sample[key] = pct[q] / 1000
+    return sample
 
 
-def run_peer(peer: str, image: str, src: Path, work: Path, size: int, runtime: float,
-             results: dict) -> None:
-    """All workloads of one peer on one image; fills results[image][workload][peer]."""
-    d = work / f"{image}-{peer}"
-    d.mkdir(parents=True)
-    CLEANUP.add("dir", str(d))
-    try:
+@dataclass
+class Bench:
+    """One run's settings, and the samples it gathers."""
+
+    work: Path
+    size: int
+    runtime: float
+    ramp: int
+    limit_bin: Path | None
+    qsd: dict[str, QsdConfig]
+    samples: Samples
+    daemons: dict[str, dict[str, list[dict[str, float]]]]
+    """image -> peer -> per round: peak_rss_mib, cpu_s."""
+    failures: list[str]
+
+    def run_peer(self, peer: str, image: str, src: Path, rnd: int) -> None:
+        """All workloads of one peer on one image, on fresh copies: one sample each."""
+        d = self.work / f"{image}-{peer}-{rnd}"
+        d.mkdir(parents=True)
+        CLEANUP.add("dir", str(d))
+        try:
+            self._run_peer(peer, image, src, d)
+        finally:
+            CLEANUP.stop_under(d)
+
+    def _run_peer(self, peer: str, image: str, src: Path, d: Path) -> None:
         # r: the reads; w1: randwrite; w2: seqwrite -- each on its own fresh copy
         imgs = {g: copy_set(src, d / f"img-{g}") for g in ("r", "w1", "w2")}
-        order = [("seqread", "r"), ("seqread-warm", "r"), ("randread", "r"), ("randread4", "r"),
+        order = [("seqread", "r"), ("seqread-warm", "r"), ("randread", "r"),
+                 ("randread4", "r"), ("randread-cold", "r"), ("randread4-cold", "r"),
                  ("randwrite", "w1"), ("seqwrite", "w2")]
+        fmt = "raw" if image == "raw" else "qcow2"
         pid = None
-        handle: object = None
         if peer == "host":
             files = {g: str(p) for g, p in imgs.items()}
-        elif peer == "blkfs":
+        elif peer in ("blkfs", "blkfs-direct"):
             mnt = d / "mnt"
-            pid = blkfs_mount(mnt, imgs)
-            handle = str(mnt)
+            backends: dict[str, Path | str] = dict(imgs.items())
+            if peer == "blkfs-direct":
+                backends = {g: blkfs_direct_options(p, fmt) for g, p in imgs.items()}
+            pid = blkfs_mount(mnt, backends)
             files = {g: str(mnt / g) for g in imgs}
-        elif peer == "qsd":
-            fmt = "raw" if image == "raw" else "qcow2"
-            q = qsd_start(d, imgs, fmt)
-            pid, handle = q.proc.pid, q
+        elif peer in self.qsd:
+            q = qsd_start(d, imgs, fmt, self.qsd[peer])
+            pid = q.proc.pid
             files = {g: str(d / g) for g in imgs}
         elif peer == "nbdfuse":
-            handle = nbd_start(d, imgs, "raw" if image == "raw" else "qcow2")
-            files = dict(zip(imgs, handle.files, strict=False))  # type: ignore[attr-defined]
+            files = dict(zip(imgs, nbd_start(d, imgs, fmt).files, strict=True))
+        elif peer == "limit":
+            assert self.limit_bin is not None and image == "raw"
+            files = dict(zip(imgs, limit_start(self.limit_bin, d, imgs).files, strict=True))
         else:
             raise ValueError(peer)
-        res = results.setdefault(image, {})
-        daemon: dict = {}
+        res = self.samples.setdefault(image, {})
         for wl, g in order:
             before = proc_stats(pid) if pid else {}
             try:
-                value = workload(wl, files[g], size, runtime, imgs[g].parent)
+                sample = workload(wl, files[g], self.size, self.runtime, imgs[g].parent,
+                                  self.ramp, direct_reads=peer in PAGE_CACHED)
             except Exception as exc:
-                log(f"  {image:6} {peer:6} {wl:12} FAILED: {exc}")
-                res.setdefault(wl, {})[peer] = None
-                res[wl].setdefault("errors", {})[peer] = str(exc)[-500:]
+                log(f"  {image:6} {peer:12} {wl:14} FAILED: {exc}")
+                res.setdefault(wl, {}).setdefault(peer, [])
+                self.failures.append(f"{image} {peer} {wl}: {str(exc)[-300:]}")
                 continue
-            res.setdefault(wl, {})[peer] = value
             extra = ""
             if pid:
                 after = proc_stats(pid)
-                cpu = after.get("cpu_s", 0) - before.get("cpu_s", 0)
-                res[wl].setdefault("cpu_s", {})[peer] = round(cpu, 2)
-                extra = f"  cpu {cpu:6.2f}s  hwm {after.get('VmHWM', 0):6.1f} MiB"
-            log(f"  {image:6} {peer:6} {wl:12} {value:12.1f} {UNITS[wl]}{extra}")
+                sample["cpu_s"] = round(after.get("cpu_s", 0) - before.get("cpu_s", 0), 2)
+                extra = f"  cpu {sample['cpu_s']:6.2f}s  hwm {after.get('VmHWM', 0):6.1f} MiB"
+            if "p99_us" in sample:
+                extra += f"  p50 {sample.get('p50_us', 0):7.1f} p99 {sample['p99_us']:7.1f} us"
+            res.setdefault(wl, {}).setdefault(peer, []).append(sample)
+            log(f"  {image:6} {peer:12} {wl:14} {sample['value']:12.1f} {UNITS[wl]}{extra}")
         if pid:
             st = proc_stats(pid)
-            daemon = {"peak_rss_mib": round(st.get("VmHWM", 0), 1),
-                      "rss_mib": round(st.get("VmRSS", 0), 1),
-                      "cpu_s": round(st.get("cpu_s", 0), 2)}
-            results.setdefault("_daemons", {}).setdefault(image, {})[peer] = daemon
-        if handle is not None:  # every peer but host: stop it, errors included
-            CLEANUP.remove(peer, handle)
-            STOPS[peer](handle)
+            self.daemons.setdefault(image, {}).setdefault(peer, []).append(
+                {"peak_rss_mib": round(st.get("VmHWM", 0), 1),
+                 "cpu_s": round(st.get("cpu_s", 0), 2)})
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+def many_backends_rss(work: Path, count: int) -> Results:
+    """One blkfs daemon with ``count`` backends, each a qcow2 overlay over one shared base
+    (so every backend opens two qcow2 and two file nodes); 64 KiB read from each."""
+    d = work / "many"
+    d.mkdir(parents=True)
+    CLEANUP.add("dir", str(d))
+    out: Results = {"backends": count}
+    mnt = d / "mnt"
+    try:
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / "base.qcow2"), "64M"])
+        run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x5a 0 8M", str(d / "base.qcow2")])
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             "o0.qcow2"], cwd=d)
+        for i in range(1, count):
+            shutil.copyfile(d / "o0.qcow2", d / f"o{i}.qcow2")
+        t0 = time.monotonic()
+        pid = blkfs_mount(mnt, {f"b{i}": d / f"o{i}.qcow2" for i in range(count)})
+        out["mount_s"] = round(time.monotonic() - t0, 1)
+        out["after_mount"] = proc_stats(pid)
+        rng = random.Random(1)
+        for i in range(count):
+            with open(mnt / f"b{i}", "rb", buffering=0) as f:
+                f.seek(rng.randrange(0, 8 * MiB, 64 * 1024))
+                f.read(64 * 1024)
+        out["after_reads"] = proc_stats(pid)
+        log(f"  {count} backends: mount {out['mount_s']}s, hwm after mount "
+            f"{out['after_mount'].get('VmHWM', 0):.1f} MiB, after a read from each "
+            f"{out['after_reads'].get('VmHWM', 0):.1f} MiB")
+    except subprocess.TimeoutExpired as exc:
+        out["error"] = f"blkfs mount with {count} backends did not finish in {exc.timeout:.0f}s"
+        log(f"  {count} backends FAILED: {out['error']}")
+    except Exception as exc:
+        out["error"] = str(exc)[-1000:]
+        log(f"  {count} backends FAILED: {out['error']}")
     finally:
-        for kind, obj in list(CLEANUP.items):
-            if kind in STOPS and peer_path(kind, obj).startswith(str(d)):
-                CLEANUP.remove(kind, obj)
-                try:
-                    STOPS[kind](obj)
-                except Exception as exc:
-                    log(f"cleanup: {exc}")
-        CLEANUP.remove("dir", str(d))
-        shutil.rmtree(d, ignore_errors=True)
+        drop_scratch_mount(mnt, d)
+    out["peak_rss_mib"] = round(max(out.get(k, {}).get("VmHWM", 0)
+                                    for k in ("after_mount", "after_reads")), 1)
+    out["ok"] = out["peak_rss_mib"] < 150 and "error" not in out
+    return out
 
 
-def sparse_rss(work: Path, runtime: float) -> dict:
+def sparse_rss(work: Path, runtime: float) -> Results:
     d = work / "sparse"
     d.mkdir(parents=True)
     CLEANUP.add("dir", str(d))
@@ -580,7 +648,7 @@ def sparse_rss(work: Path, runtime: float) -> dict:
     mnt = d / "mnt"
     pid = blkfs_mount(mnt, {"big": img})
     f = str(mnt / "big")
-    out: dict = {"size": "1T", "after_mount": proc_stats(pid)}
+    out: Results = {"size": "1T", "after_mount": proc_stats(pid)}
     log(f"  sparse 1T  after mount:     hwm {out['after_mount'].get('VmHWM', 0):6.1f} MiB")
     try:
         job = fio(f, size, "randread", "4k", runtime)
@@ -588,7 +656,7 @@ def sparse_rss(work: Path, runtime: float) -> dict:
         out["after_randread"] = proc_stats(pid)
         log(f"  sparse 1T  randread 4k:     {job['read']['iops']:10.0f} IOPS  "
             f"hwm {out['after_randread'].get('VmHWM', 0):6.1f} MiB")
-        job = fio(f, size, "randwrite", "4k", runtime, extra=["--end_fsync=1"])
+        job = fio(f, size, "randwrite", "4k", runtime, extra=("--end_fsync=1",))
         out["randwrite_iops"] = job["write"]["iops"]
         out["randwrite_ios"] = job["write"]["total_ios"]
         out["after_randwrite"] = proc_stats(pid)
@@ -612,20 +680,20 @@ THROTTLE_SECONDS = 5.0
 THROTTLE_TOLERANCE = 0.10
 
 
-def throttle_check(work: Path, rate: int) -> dict:
+def throttle_check(work: Path, rate: int) -> Results:
     """The throttle filter in real time: a first dd at ``rate``, then a retune to rate/2
     through .ctl/reopen while a second dd runs."""
     d = work / "throttle"
     d.mkdir(parents=True)
     CLEANUP.add("dir", str(d))
     img = d / "sparse.img"  # holes read at host speed: the filter is what is measured
-    with open(img, "wb") as f:
-        f.truncate(4 * rate * int(THROTTLE_SECONDS) + 64 * MiB)
+    with open(img, "wb") as host_file:
+        host_file.truncate(4 * rate * int(THROTTLE_SECONDS) + 64 * MiB)
     mnt = d / "mnt"
     blkfs_mount(mnt, {"thr": f"driver=throttle,node-name=thr,limits.bps-read={rate},"
                              f"file.driver=file,file.filename={img}"})
     f = str(mnt / "thr")
-    out: dict = {"limit_bps": rate, "seconds": THROTTLE_SECONDS,
+    out: Results = {"limit_bps": rate, "seconds": THROTTLE_SECONDS,
                  "tolerance": THROTTLE_TOLERANCE}
 
     def read_bytes() -> int:
@@ -687,37 +755,39 @@ def throttle_check(work: Path, rate: int) -> dict:
 NBD_WORKLOADS = ["seqread-warm", "randread", "randread4", "randwrite"]
 
 
-def nbd_check(work: Path, size: int, runtime: float) -> dict:
+def nbd_check(work: Path, size: int, runtime: float) -> Results:
     """blkfs's nbd driver against nbdfuse, both clients of one qemu-nbd; and blkfs's NBD
     export against qemu-nbd, both read whole by nbdcopy. On a raw and a qcow2 image."""
     d = work / "nbd"
     d.mkdir(parents=True)
     CLEANUP.add("dir", str(d))
     srcs = make_images(d, size, ["qcow2"])
-    out: dict = {}
+    out: Results = {}
     try:
         for fmt in ("raw", "qcow2"):
             img = srcs[fmt]
             rows = out.setdefault(fmt, {})
-            nbd = Nbd(d)
-            CLEANUP.add("nbdfuse", nbd)
+            nbd = FuseServers(d)
+            CLEANUP.add("fuse", nbd)
             with open(d / f"qemu-nbd-{fmt}.log", "wb") as logf:
                 proc, sock = qemu_nbd_serve(d / f"{fmt}.sock", img, fmt, logf)
             nbd.procs.append(proc)  # stopped with nbdfuse, after it
-            nbdfuse_mount(nbd, d / f"nbdfuse-{fmt}", ["nbdfuse", str(d / f"nbdfuse-{fmt}/disk"),
+            fuse_server_mount(nbd, d / f"nbdfuse-{fmt}", ["nbdfuse", str(d / f"nbdfuse-{fmt}/disk"),
                                                        "--unix", str(sock)],
                           d / f"nbdfuse-{fmt}.log")
             mnt = d / f"blkfs-{fmt}"
             blkfs_mount(mnt, {"d": f"nbd+unix:///?socket={sock}"})
             for wl in NBD_WORKLOADS:
                 for peer, f in (("blkfs", str(mnt / "d")), ("nbdfuse", nbd.files[0])):
-                    rows.setdefault(wl, {})[peer] = workload(wl, f, size, runtime, img.parent)
+                    sample = workload(wl, f, size, runtime, img.parent,
+                                      direct_reads=peer == "nbdfuse")
+                    rows.setdefault(wl, {})[peer] = sample["value"]
                 log(f"  nbd {fmt:5} {wl:12} blkfs {rows[wl]['blkfs']:10.1f}  nbdfuse "
                     f"{rows[wl]['nbdfuse']:10.1f} {UNITS[wl]}")
             CLEANUP.remove("blkfs", str(mnt))
             blkfs_umount(str(mnt))
-            CLEANUP.remove("nbdfuse", nbd)
-            nbd_stop(nbd)
+            CLEANUP.remove("fuse", nbd)
+            fuse_stop(nbd)
             rows["nbdcopy"] = export_reads(d, img, fmt, size)
             log(f"  nbd {fmt:5} nbdcopy      blkfs {rows['nbdcopy']['blkfs']:10.1f}  qemu-nbd "
                 f"{rows['nbdcopy']['qemu-nbd']:10.1f} MB/s")
@@ -725,12 +795,7 @@ def nbd_check(work: Path, size: int, runtime: float) -> dict:
         out["error"] = str(exc)[-1000:]
         log(f"  nbd FAILED: {exc}")
     finally:
-        for kind, obj in list(CLEANUP.items):
-            if kind in STOPS and peer_path(kind, obj).startswith(str(d)):
-                CLEANUP.remove(kind, obj)
-                STOPS[kind](obj)
-        CLEANUP.remove("dir", str(d))
-        shutil.rmtree(d, ignore_errors=True)
+        CLEANUP.stop_under(d)
     return out
 
 
@@ -740,8 +805,8 @@ def export_reads(d: Path, img: Path, fmt: str, size: int) -> dict[str, float]:
     rates = {}
     mnt, sock = d / f"export-{fmt}", d / f"export-{fmt}.sock"
     blkfs_mount(mnt, {"d": f"{img},read-only=on"}, "--nbd", f"unix:{sock}", "--export", "d")
-    nbd = Nbd(d)
-    CLEANUP.add("nbdfuse", nbd)
+    nbd = FuseServers(d)
+    CLEANUP.add("fuse", nbd)
     with open(d / f"qemu-nbd-ro-{fmt}.log", "wb") as logf:
         nbd.procs.append(qemu_nbd_serve(d / f"ro-{fmt}.sock", img, fmt, logf, "-r")[0])
     for peer, uri in (("blkfs", f"nbd+unix:///d?socket={sock}"),
@@ -752,12 +817,12 @@ def export_reads(d: Path, img: Path, fmt: str, size: int) -> dict[str, float]:
         rates[peer] = size / (time.monotonic() - t0) / 1e6
     CLEANUP.remove("blkfs", str(mnt))
     blkfs_umount(str(mnt))
-    CLEANUP.remove("nbdfuse", nbd)
-    nbd_stop(nbd)
+    CLEANUP.remove("fuse", nbd)
+    fuse_stop(nbd)
     return rates
 
 
-def nbd_table(nbd: dict) -> str:
+def nbd_table(nbd: Results) -> str:
     rows = [["image", "workload", "unit", "blkfs", "peer", "peer value", "blkfs/peer"]]
     for fmt in ("raw", "qcow2"):
         for wl in [*NBD_WORKLOADS, "nbdcopy"]:
@@ -769,10 +834,43 @@ def nbd_table(nbd: dict) -> str:
     return md_table(rows, right_from=3)
 
 
+
+
 # -- report ----------------------------------------------------------------------------------
 
+def peer_samples(samples: Samples, image: str, wl: str, peer: str) -> list[Sample]:
+    return samples.get("raw" if peer in RAW_ONLY else image, {}).get(wl, {}).get(peer, [])
+
+
+def spread(samples: Samples, image: str, wl: str, peer: str,
+           key: str = "value") -> tuple[float, float, float] | None:
+    """Median, min and max over the rounds; None if never measured (or always failed)."""
+    vals = [s[key] for s in peer_samples(samples, image, wl, peer) if key in s]
+    return (statistics.median(vals), min(vals), max(vals)) if vals else None
+
+
+def med(samples: Samples, image: str, wl: str, peer: str, key: str = "value") -> float | None:
+    s = spread(samples, image, wl, peer, key)
+    return s[0] if s else None
+
+
+def qsd_best(samples: Samples, image: str, wl: str, peers: list[str]) -> tuple[str, float] | None:
+    """The qsd configuration with the best median on this row, and that median."""
+    found = [(v, p) for p in peers if p in QSD_CONFIGS
+             if (v := med(samples, image, wl, p)) is not None]
+    if not found:
+        return None
+    v, p = max(found)
+    return p, v
+
+
+def div(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
 def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a and b else "-"
+    r = div(a, b)
+    return f"{r:.2f}" if r is not None else "-"
 
 
 def num(v: float | None) -> str:
@@ -781,53 +879,143 @@ def num(v: float | None) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:,.1f}"
 
 
-def table(results: dict, images: list[str], peers: list[str]) -> str:
-    shown = [p for p in PEERS if p in peers]
-    others = [p for p in shown if p not in ("host", "blkfs")]
-    rows = [["image", "workload", "unit", *shown, *(f"blkfs/{p}" for p in others),
-             "blkfs/host", "blkfs cpu s", "qsd cpu s"]]
+def compact(v: float) -> str:
+    if v >= 99_950:
+        return f"{v / 1e3:.0f}k"
+    if v >= 9_995:
+        return f"{v / 1e3:.1f}k"
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def cell(s: tuple[float, float, float] | None) -> str:
+    return f"{compact(s[0])} [{compact(s[1])}-{compact(s[2])}]" if s else "-"
+
+
+def summarize(samples: Samples, images: list[str], peers: list[str]) -> list[Results]:
+    """Per row: each peer's median, min, max; qsd-best; the ratios of medians."""
+    rows = []
     for image in images:
         for wl in WORKLOADS:
-            r = results.get(image, {}).get(wl, {})
-            cpu = r.get("cpu_s", {})
-            rows.append([image, wl, UNITS[wl], *(num(r.get(p)) for p in shown),
-                         *(ratio(r.get("blkfs"), r.get(p)) for p in others),
-                         ratio(r.get("blkfs"), r.get("host")),
-                         f"{cpu['blkfs']:.1f}" if "blkfs" in cpu else "-",
-                         f"{cpu['qsd']:.1f}" if "qsd" in cpu else "-"])
+            m = {p: med(samples, image, wl, p) for p in peers}
+            best = qsd_best(samples, image, wl, peers)
+            rows.append({
+                "image": image, "workload": wl, "unit": UNITS[wl],
+                "peers": {p: spread(samples, image, wl, p) for p in peers},
+                "qsd_best": best[0] if best else None,
+                "blkfs/qsd-best": div(m.get("blkfs"), best[1] if best else None),
+                "blkfs/limit": div(m.get("blkfs"), m.get("limit")),
+                "blkfs/host": div(m.get("blkfs"), m.get("host")),
+                "blkfs-direct/qsd-direct": div(m.get("blkfs-direct"), m.get("qsd-direct")),
+            })
+    return rows
+
+
+def table(samples: Samples, images: list[str], peers: list[str]) -> str:
+    shown = [p for p in PEERS if p in peers]
+    pairs = [(a, b) for a, b in (("blkfs", "limit"), ("blkfs", "host"), ("blkfs", "nbdfuse"),
+                                 ("blkfs-direct", "qsd-direct")) if a in shown and b in shown]
+    rows = [["image", "workload", "unit", *shown, "qsd-best", "blkfs/qsd-best",
+             *(f"{a.replace('blkfs-', '')}/{b}" for a, b in pairs)]]
+    for image in images:
+        for wl in WORKLOADS:
+            m = {p: med(samples, image, wl, p) for p in shown}
+            best = qsd_best(samples, image, wl, shown)
+            rows.append([image, wl, UNITS[wl],
+                         *(cell(spread(samples, image, wl, p)) for p in shown),
+                         best[0] if best else "-",
+                         ratio(m.get("blkfs"), best[1] if best else None),
+                         *(ratio(m.get(a), m.get(b)) for a, b in pairs)])
     return md_table(rows, right_from=3)
 
 
-def daemon_table(results: dict, images: list[str]) -> str:
-    rows = [["image", "blkfs peak RSS MiB", "blkfs CPU s", "qsd peak RSS MiB", "qsd CPU s"]]
+def latency_table(samples: Samples, images: list[str], peers: list[str],
+                  seconds: float) -> str:
+    """p50/p99 completion latency of the random rows, and daemon CPU per I/O."""
+    shown = [p for p in PEERS if p in peers and p != "host"]
+    rows = [["image", "workload", *(f"{p} p50/p99 us" for p in shown), "blkfs CPU us/IO",
+             "qsd-best CPU us/IO"]]
+
+    def cpu_per_io(image: str, wl: str, peer: str | None) -> str:
+        if peer is None:
+            return "-"
+        cpu, iops = med(samples, image, wl, peer, "cpu_s"), med(samples, image, wl, peer)
+        return f"{cpu / (iops * seconds) * 1e6:.0f}" if cpu and iops else "-"
+
     for image in images:
-        d = results.get("_daemons", {}).get(image, {})
-        b, q = d.get("blkfs", {}), d.get("qsd", {})
-        rows.append([image, str(b.get("peak_rss_mib", "-")), str(b.get("cpu_s", "-")),
-                     str(q.get("peak_rss_mib", "-")), str(q.get("cpu_s", "-"))])
+        for wl in RANDOM:
+            best = qsd_best(samples, image, wl, shown)
+            lat = []
+            for p in shown:
+                p50, p99 = (med(samples, image, wl, p, k) for k in ("p50_us", "p99_us"))
+                lat.append(f"{p50:.0f}/{p99:.0f}" if p50 is not None and p99 is not None
+                           else "-")
+            rows.append([image, wl, *lat, cpu_per_io(image, wl, "blkfs"),
+                         cpu_per_io(image, wl, best[0] if best else None)])
+    return md_table(rows, right_from=2)
+
+
+def chain_table(samples: Samples, peers: list[str]) -> str:
+    shown = [p for p in ("blkfs", "blkfs-direct", "qsd", "qsd-uring", "qsd-direct")
+             if p in peers]
+    rows = [["workload", *(f"{p} chain/qcow2" for p in shown)]]
+    rows += [[wl, *(ratio(med(samples, "chain", wl, p), med(samples, "qcow2", wl, p))
+                    for p in shown)] for wl in WORKLOADS]
     return md_table(rows, right_from=1)
 
 
-def md_table(rows: list[list[str]], right_from: int) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    def line(r: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i >= right_from else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(r, widths, strict=False))) + " |"
-    sep = "| " + " | ".join(("-" * (w - 1) + ":") if i >= right_from else "-" * w
-                            for i, w in enumerate(widths)) + " |"
-    return "\n".join([line(rows[0]), sep, *(line(r) for r in rows[1:])])
+def daemon_table(daemons: dict[str, dict[str, list[dict[str, float]]]],
+                 images: list[str]) -> str:
+    rows = [["image", "daemon", "peak RSS MiB (max of rounds)", "CPU s per round (median)"]]
+    for image in images:
+        for peer in PEERS:
+            rounds = daemons.get(image, {}).get(peer)
+            if rounds:
+                rows.append([image, peer, f"{max(r['peak_rss_mib'] for r in rounds):.1f}",
+                             f"{statistics.median(r['cpu_s'] for r in rounds):.1f}"])
+    return md_table(rows, right_from=2)
+
+
+def targets(samples: Samples, images: list[str], peers: list[str],
+            rss: list[tuple[str, float]], failed: list[str]) -> list[str]:
+    """Every figure below issue #18's targets, one line each."""
+    below = []
+    for image in images:
+        for wl in WORKLOADS:
+            best = qsd_best(samples, image, wl, peers)
+            b = med(samples, image, wl, "blkfs")
+            if best and b and b / best[1] < 1.2:
+                below.append(f"blkfs/qsd-best {image} {wl}: {b / best[1]:.2f} < 1.2 "
+                             f"(best: {best[0]})")
+    if "raw" in images:
+        for wl, want in (("randread", 0.5), ("seqread", 0.6), ("seqread-warm", 0.6)):
+            b, lim = med(samples, "raw", wl, "blkfs"), med(samples, "raw", wl, "limit")
+            if b and lim and b / lim < want:
+                below.append(f"blkfs/limit raw {wl}: {b / lim:.2f} < {want}")
+    if "chain" in images and "qcow2" in images:
+        for wl in ("randread", "randread4", "randread-cold", "randread4-cold"):
+            c, q = med(samples, "chain", wl, "blkfs"), med(samples, "qcow2", wl, "blkfs")
+            if c and q and c / q < 0.8:
+                below.append(f"blkfs chain/qcow2 {wl}: {c / q:.2f} < 0.8")
+    below += [f"RSS {what}: {mib:.1f} MiB >= 150 MiB" for what, mib in rss if mib >= 150]
+    return below + failed
 
 
 # -- main ------------------------------------------------------------------------------------
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    doc = __doc__ or ""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+                                 epilog=doc.split("\n\n", 1)[1])
     ap.add_argument("--size", type=parse_size, help="image size (default 1G; --quick: 256M)")
-    ap.add_argument("--runtime", type=float, help="seconds per random fio run (default 10; "
-                    "--quick: 3)")
-    ap.add_argument("--quick", action="store_true", help="256 MiB, 3 s fio runs: a smoke run")
+    ap.add_argument("--runtime", type=float, help="seconds per random fio run, after the ramp "
+                    "(default 10; --quick: 2)")
+    ap.add_argument("--ramp", type=int, help="fio ramp seconds of the random rows (default 2; "
+                    "--quick: 1)")
+    ap.add_argument("--rounds", type=int, help="rounds over all peers (default 5; --quick: 2)")
+    ap.add_argument("--seed", type=int, help="seed of the shuffled peer order (default: random)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 256 MiB, 2 rounds of "
+                    "2 s fio runs")
     ap.add_argument("--only", default=",".join(IMAGES),
                     help="images to measure, comma separated (raw,qcow2,chain)")
     ap.add_argument("--peers", default=",".join(PEERS),
@@ -835,8 +1023,11 @@ def main() -> int:
     ap.add_argument("--json", help="write all results to this file")
     ap.add_argument("--dir", help="scratch directory (default: a new temp dir in /var/tmp)")
     ap.add_argument("--sparse-rss", action="store_true",
-                    help="only the 1 TiB sparse qcow2 RSS check")
-    ap.add_argument("--no-sparse-rss", action="store_true", help="skip the sparse RSS check")
+                    help="only the memory checks (1 TiB sparse qcow2, many backends)")
+    ap.add_argument("--no-sparse-rss", action="store_true", help="skip the memory checks")
+    ap.add_argument("--rss-backends", type=int,
+                    help="backends of the many-backends memory check (default 1000, which "
+                    "takes minutes to open; --quick: 100; 0: skip)")
     ap.add_argument("--nbd", action="store_true",
                     help="only the NBD rows (driver vs nbdfuse, export vs qemu-nbd)")
     ap.add_argument("--no-nbd", action="store_true", help="skip the NBD rows")
@@ -845,10 +1036,15 @@ def main() -> int:
     ap.add_argument("--no-throttle", action="store_true", help="skip the throttle check")
     ap.add_argument("--throttle-rate", type=parse_size, default=50 * MiB,
                     help="the throttle check's limits.bps-read (default 50M)")
+    ap.add_argument("--jobs", action="store_true",
+                    help="also the block-job table (scripts/bench_jobs.py), --rounds runs each")
     args = ap.parse_args()
 
     size = args.size or (256 * MiB if args.quick else GiB)
-    runtime = args.runtime or (3 if args.quick else 10)
+    runtime = args.runtime or (2 if args.quick else 10)
+    ramp = args.ramp if args.ramp is not None else (1 if args.quick else 2)
+    rounds = args.rounds or (2 if args.quick else 5)
+    many = args.rss_backends if args.rss_backends is not None else (100 if args.quick else 1000)
     images = [i for i in args.only.split(",") if i]
     peers = [p for p in args.peers.split(",") if p]
     for i in images:
@@ -857,23 +1053,30 @@ def main() -> int:
     for p in peers:
         if p not in PEERS:
             ap.error(f"unknown peer {p!r} (choose from {', '.join(PEERS)})")
+    if rounds < 1:
+        ap.error("--rounds must be at least 1")
     if os.geteuid() != 0:
         ap.error("must run as root (drops the page cache and mounts FUSE)")
     for tool in ("fio", "qemu-img", "qemu-io", "qemu-storage-daemon", "fusermount3"):
         if not shutil.which(tool):
             ap.error(f"{tool} is not installed (scripts/setup installs it)")
+    if "nbdfuse" in peers:
+        for tool in ("nbdfuse", "nbdkit", "qemu-nbd"):
+            if not shutil.which(tool):
+                ap.error(f"{tool} is not installed (scripts/setup installs it)")
+    if "limit" in peers:
+        for tool in ("gcc", "pkg-config"):
+            if not shutil.which(tool):
+                ap.error(f"{tool} is not installed (scripts/setup installs it)")
 
     signal.signal(signal.SIGINT, on_signal)  # also when started with SIGINT ignored (&)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     atexit.register(CLEANUP.run)
 
-    if args.dir:
-        work = Path(args.dir).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="blkfs-bench-", dir=work))
-    else:
-        work = Path(tempfile.mkdtemp(prefix="blkfs-bench-", dir="/var/tmp"))
+    base = Path(args.dir).resolve() if args.dir else Path("/var/tmp")
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="blkfs-bench-", dir=base))
     CLEANUP.add("dir", str(work))
     free = shutil.disk_usage(work).free
     only_one = args.sparse_rss or args.throttle or args.nbd
@@ -882,63 +1085,108 @@ def main() -> int:
         log(f"warning: {work} has {free / GiB:.1f} GiB free, this run may need "
             f"{need / GiB:.1f} GiB")
     fstype = run(["findmnt", "-no", "FSTYPE", "-T", str(work)], check=False).stdout.strip()
+    seed = args.seed if args.seed is not None else random.randrange(1 << 32)
 
     info = machine_info()
-    results: dict = {"machine": info, "size": size, "runtime_s": runtime,
-                     "scratch": f"{work} ({fstype})"}
-    print("machine:", file=sys.stdout)
+    load = os.getloadavg()
+    results: Results = {"machine": info, "size": size, "runtime_s": runtime, "ramp_s": ramp,
+                        "rounds": rounds, "seed": seed, "scratch": f"{work} ({fstype})",
+                        "loadavg_start": load, "notes": []}
+    notes: list[str] = results["notes"]
+    print("machine:")
     for k, v in info.items():
         print(f"  {k:8} {v}")
     print(f"  scratch  {work} ({fstype})")
-    print(f"size {fmt_size(size)}, fio runtime {runtime:g}s, images {','.join(images)}, "
-          f"peers {','.join(peers)}", flush=True)
-    if "nbdfuse" in peers:
-        for tool in ("nbdfuse", "nbdkit", "qemu-nbd"):
-            if not shutil.which(tool):
-                ap.error(f"{tool} is not installed (scripts/bench installs it)")
+    print(f"  load     {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the start "
+          "(other work on the machine makes wall-clock figures noisy)")
+    print(f"size {fmt_size(size)}, {rounds} round(s), fio {runtime:g}s after a {ramp}s ramp, "
+          f"images {','.join(images)}, peers {','.join(peers)}, seed {seed}", flush=True)
 
     t_start = time.monotonic()
+    rss: list[tuple[str, float]] = []
+    failed: list[str] = []
     try:
         if not only_one:
+            qsd = {p: c for p, c in QSD_CONFIGS.items() if p in peers}
+            if any(c.aio == "io_uring" for c in qsd.values()):
+                why = probe_qsd(work, QsdConfig("io_uring", True, False))
+                if why:
+                    notes.append(f"qsd aio=io_uring does not work here ({why}): qsd-uring runs "
+                                 "aio=threads, qsd-direct aio=native")
+                    for p, c in qsd.items():
+                        if c.aio == "io_uring":
+                            qsd[p] = QsdConfig("native" if c.direct else None, c.iothread,
+                                               c.direct)
+            results["qsd_configs"] = {p: vars(c) for p, c in qsd.items()}
+            limit_bin = None
+            if "limit" in peers:
+                log("building the limit (scripts/bench.d/fuse_passthrough.c)")
+                limit_bin = build_limit(work)
             log("making images")
             srcs = make_images(work, size, images)
-            log("measuring")
-            host_done: dict = {}
+            bench = Bench(work, size, runtime, ramp, limit_bin, qsd, {}, {}, [])
+            units = [(p, i) for i in images for p in peers if p not in RAW_ONLY]
+            units += [(p, "raw") for p in peers if p in RAW_ONLY]
+            rng = random.Random(seed)
+            for rnd in range(rounds):
+                rng.shuffle(units)
+                log(f"round {rnd + 1}/{rounds}: " + " ".join(f"{p}:{i}" for p, i in units))
+                for peer, image in units:
+                    bench.run_peer(peer, image, srcs[image], rnd)
+            samples = bench.samples
+            results["samples"] = samples
+            results["daemons"] = bench.daemons
+            results["rows"] = summarize(samples, images, peers)
+            results["failures"] = bench.failures
             for image in images:
-                for peer in peers:
-                    if peer == "host":
-                        # the host column is the raw file for every image: measure it once
-                        if not host_done:
-                            run_peer("host", "raw", srcs["raw"], work, size, runtime, host_done)
-                        for wl, v in host_done.get("raw", {}).items():
-                            results.setdefault(image, {}).setdefault(wl, {})["host"] = v.get("host")
-                        continue
-                    run_peer(peer, image, srcs[image], work, size, runtime, results)
+                for p in ("blkfs", "blkfs-direct"):
+                    runs = bench.daemons.get(image, {}).get(p)
+                    if runs:
+                        rss.append((f"{p} {image} (3 backends)",
+                                    max(r["peak_rss_mib"] for r in runs)))
             print()
-            print("throughput: MB/s (10^6 bytes/s) for seq*, IOPS for rand*; ratios > 1 "
-                  "mean blkfs is faster.")
-            print("host = the raw image file read/written directly (no FUSE), same for all "
-                  "rows; cpu s = daemon CPU during that workload.")
-            print("seq*: page cache dropped first; rand*: image files warm in the host page "
-                  "cache (measures the layer, not the disk).")
-            print(table(results, images, peers))
+            print(f"throughput: MB/s (10^6 bytes/s) for seq*, IOPS for rand*; each cell is the "
+                  f"median [min-max] of {rounds} round(s); ratios are of medians, > 1 means "
+                  "blkfs is faster. limit and host are the raw image, shown on every row. "
+                  "qsd-best: the qsd configuration with the best median on that row. "
+                  "direct/qsd-direct: blkfs-direct over qsd-direct (both O_DIRECT on the image "
+                  "files). qsd* and nbdfuse read their FUSE files with O_DIRECT (no direct_io).")
+            for n in notes:
+                print(f"note: {n}")
+            print(table(samples, images, peers))
+            for failure in bench.failures:
+                print(f"FAILED (left out of the medians): {failure}")
             print()
-            print("daemons (one per image, 3 images open: reads, randwrite, seqwrite copies):")
-            print(daemon_table(results, images))
+            print(f"latency: fio completion latency p50/p99 in us (medians of the rounds); "
+                  f"CPU us/IO: the daemon's CPU during the run over the I/Os of its "
+                  f"{runtime:g}s (the {ramp}s ramp's CPU included, so slightly high)")
+            print(latency_table(samples, images, peers, runtime + ramp))
+            if "chain" in images and "qcow2" in images:
+                print()
+                print("chain vs single qcow2 (ratio of medians; target >= 0.8 for blkfs's "
+                      "random reads):")
+                print(chain_table(samples, peers))
+            print()
+            print("daemons (one per image and round, 3 images open: reads, randwrite, "
+                  "seqwrite copies):")
+            print(daemon_table(bench.daemons, images))
         if args.nbd or not (args.no_nbd or args.sparse_rss or args.throttle):
             for tool in ("qemu-nbd", "nbdfuse", "nbdcopy"):
                 if not shutil.which(tool):
-                    ap.error(f"{tool} is not installed (scripts/bench installs it)")
+                    ap.error(f"{tool} is not installed (scripts/setup installs it)")
             log("NBD: blkfs's driver vs nbdfuse, blkfs's export vs qemu-nbd")
             results["nbd"] = nbd_check(work, size, runtime)
             print()
-            print("NBD: blkfs over the nbd driver vs nbdfuse (both clients of one qemu-nbd); "
-                  "blkfs's export vs qemu-nbd -r, both read by nbdcopy:")
+            print("NBD (one round): blkfs over the nbd driver vs nbdfuse (both clients of one "
+                  "qemu-nbd); blkfs's export vs qemu-nbd -r, both read by nbdcopy:")
             print(nbd_table(results["nbd"]))
         if args.sparse_rss or not (args.no_sparse_rss or args.throttle or args.nbd):
             log("sparse 1 TiB qcow2 RSS check")
             sp = sparse_rss(work, runtime)
             results["sparse_rss"] = sp
+            if "error" in sp:
+                failed.append(f"RSS of the sparse 1 TiB qcow2: {sp['error']}")
+            rss.append(("sparse 1 TiB qcow2", sp["peak_rss_mib"]))
             print()
             print(f"sparse 1 TiB qcow2 in blkfs: peak RSS {sp['peak_rss_mib']} MiB "
                   f"(target < 150 MiB: {'OK' if sp['ok'] else 'FAILED'}); "
@@ -946,6 +1194,19 @@ def main() -> int:
                   f"{sp.get('randwrite_iops', 0):,.0f} IOPS ({sp.get('randwrite_ios', 0)} "
                   f"writes, image grew to {sp.get('host_file_mib', '?')} MiB)"
                   + (f"; error: {sp['error']}" if "error" in sp else ""))
+            if many > 0:
+                log(f"{many} backends RSS check")
+                mb = many_backends_rss(work, many)
+                results["many_backends_rss"] = mb
+                if "error" in mb:
+                    failed.append(f"RSS with {many} backends: not measured ({mb['error']})")
+                else:
+                    rss.append((f"{many} backends", mb["peak_rss_mib"]))
+                print(f"{many} backends (qcow2 overlays over one base) in one blkfs daemon: "
+                      f"peak RSS {mb['peak_rss_mib']} MiB after a 64 KiB read from each "
+                      f"(target < 150 MiB: {'OK' if mb['ok'] else 'FAILED'}); mount took "
+                      f"{mb.get('mount_s', '?')}s"
+                      + (f"; error: {mb['error']}" if "error" in mb else ""))
         if args.throttle or not (args.no_throttle or args.sparse_rss or args.nbd):
             log("throttle real-time check")
             th = throttle_check(work, args.throttle_rate)
@@ -959,18 +1220,37 @@ def main() -> int:
                   f"({th.get('retuned_bps', 0) / (rate // 2):.3f} of the new limit); target "
                   f"within {THROTTLE_TOLERANCE:.0%}: {'OK' if th['ok'] else 'FAILED'}"
                   + (f"; error: {th['error']}" if "error" in th else ""))
+        if args.jobs:
+            import bench_jobs  # scripts/ is on sys.path: this script's directory
+
+            log("block jobs (scripts/bench_jobs.py)")
+            jobs = bench_jobs.run_job_bench(work / "jobs", size // MiB * MiB, rounds)
+            results["jobs"] = jobs
+            print()
+            print(bench_jobs.job_table(jobs))
+        if "samples" in results or failed:
+            below = targets(results.get("samples", {}), images, peers, rss, failed)
+            results["below_target"] = below
+            print()
+            print("below issue #18's targets:" if below else "every measured figure meets "
+                  "issue #18's targets")
+            for line in below:
+                print(f"- {line}")
     except KeyboardInterrupt as exc:
         log(f"interrupted ({exc or 'SIGINT'}); cleaning up")
         results["interrupted"] = True
         return 130
     finally:
         results["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        results["loadavg_end"] = os.getloadavg()
         CLEANUP.run()
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2, default=str)
             log(f"results written to {args.json}")
-    print(f"\nelapsed {results['elapsed_s']}s")
+    end = results["loadavg_end"]
+    print(f"\nelapsed {results['elapsed_s']}s; load average at the end {end[0]:.2f} "
+          f"{end[1]:.2f} {end[2]:.2f}")
     return 0
 
 

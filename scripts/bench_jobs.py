@@ -25,7 +25,7 @@ the data it wrote, blkfs's convert fdatasyncs its target.
 
 Usage: .venv/bin/python scripts/bench_jobs.py [--size 512M] [--runs 3] [--dir SCRATCH]
                                               [--json FILE] [--keep]
-Needs root (FUSE mounts, drop_caches). Importable by path (importlib) for scripts/bench.py:
+Needs root (FUSE mounts, drop_caches). scripts/bench --jobs imports it:
 run_job_bench(work, size, runs) and job_table(results).
 """
 
@@ -35,8 +35,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
-import platform
 import re
 import shutil
 import signal
@@ -50,9 +48,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-BLKFS = str(REPO / ".venv" / "bin" / "blkfs")
-MiB = 1 << 20
+from benchlib import (
+    BLKFS,
+    Failed,
+    MiB,
+    blkfs_umount,
+    drop_caches,
+    fmt_size,
+    log,
+    log_tail,
+    machine_info,
+    md_table,
+    on_signal,
+    parse_size,
+    run,
+)
+
 CHUNK = 64 * MiB
 """base.qcow2 is written in pieces of this size, each with its own pattern."""
 
@@ -60,24 +71,7 @@ PEERS = ("blkfs", "peer", "io_uring")
 """The columns of a row: blkfs, qemu-img or qsd with its default aio, qsd with io_uring."""
 
 
-def log(*args: object) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
-class Failed(Exception):
-    """A command, a job or a verification failed; the message says which and why."""
-
-
 # -- helpers ---------------------------------------------------------------------------------
-
-def run(cmd: list[str], timeout: float = 600, check: bool = True,
-        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-    if check and proc.returncode != 0:
-        out = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
-        raise Failed(f"{' '.join(cmd)}: exit {proc.returncode}: {out}")
-    return proc
-
 
 def timed(cmd: list[str], timeout: float) -> float:
     """Seconds ``cmd`` took (it must succeed)."""
@@ -86,50 +80,17 @@ def timed(cmd: list[str], timeout: float) -> float:
     return time.perf_counter() - start
 
 
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}")
-    size = int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
-    if size <= 0 or size % MiB:
-        raise argparse.ArgumentTypeError("the size must be a positive multiple of 1 MiB")
-    return size
-
-
-def fmt_size(n: int) -> str:
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift}{unit}"
-    return str(n)
-
-
 def can_drop_caches() -> bool:
     """Dropping the page cache is done only if it works and is cheap (a few seconds)."""
     start = time.monotonic()
-    try:
-        drop_caches()
-    except OSError as exc:
-        log(f"not dropping caches: {exc}")
-        return False
-    return time.monotonic() - start < 5
+    return drop_caches() and time.monotonic() - start < 5
 
 
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
-
-
-def machine() -> dict[str, str]:
-    qemu = run(["qemu-img", "--version"], check=False).stdout.splitlines()
-    return {"nproc": str(os.cpu_count()), "kernel": platform.release(),
-            "qemu-img": qemu[0].strip() if qemu else "?", "python": platform.python_version()}
+def mib_size(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0 or size % MiB:
+        raise argparse.ArgumentTypeError("the size must be a positive multiple of 1 MiB")
+    return size
 
 
 # -- images ----------------------------------------------------------------------------------
@@ -197,37 +158,6 @@ def blkfs_mount(mnt: Path, image: Path, logf: Path) -> Iterator[Path]:
         yield mnt
     finally:
         blkfs_umount(mnt, pid)
-
-
-def blkfs_umount(mnt: Path, pid: int | None) -> None:
-    """``blkfs umount``; if that fails, the daemon is stopped and the mount lazily dropped."""
-    try:
-        proc = run([BLKFS, "umount", str(mnt)], check=False, timeout=180)
-        if proc.returncode == 0 or not is_mounted(mnt):
-            return
-        log(f"blkfs umount {mnt}: {proc.stderr.strip()}; stopping the daemon")
-    except subprocess.TimeoutExpired:
-        log(f"blkfs umount {mnt}: timed out; stopping the daemon")
-    if pid is not None:
-        stop_pid(pid)
-    if is_mounted(mnt):
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-
-
-def stop_pid(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            time.sleep(0.1)
-            os.kill(pid, 0)
-        os.kill(pid, signal.SIGKILL)
-
-
-def log_tail(logf: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(logf.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 # -- qemu-storage-daemon and QMP -------------------------------------------------------------
@@ -548,7 +478,7 @@ def run_job_bench(work: Path, size: int, runs: int) -> dict[str, Any]:
                 r["median_s"] = statistics.median(r["times"])
                 r["mib_s"] = nbytes / MiB / r["median_s"]
         rows.append({"job": job, "peer": peer, "bytes": nbytes, "sides": result})
-    return {"machine": machine(), "size": size, "runs": runs, "top_bytes": top_bytes,
+    return {"machine": machine_info(), "size": size, "runs": runs, "top_bytes": top_bytes,
             "rows": rows, "notes": notes}
 
 
@@ -559,7 +489,7 @@ def job_table(results: dict[str, Any]) -> str:
     notes (failures in full) after it."""
     m = results["machine"]
     lines = [f"Block jobs, {fmt_size(results['size'])} images, median of {results['runs']} "
-             f"run(s); nproc {m['nproc']}, kernel {m['kernel']}, {m['qemu-img']}", ""]
+             f"run(s); {m['cores']} cores, kernel {m['kernel']}, {m['qemu']}", ""]
     rows = [["job", "size", "blkfs MiB/s", "qemu-img or qsd MiB/s", "qsd aio=io_uring MiB/s",
              "blkfs ÷ peer"]]
     failures = []
@@ -590,28 +520,13 @@ def job_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def md_table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-
-    def line(r: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(r, widths, strict=True))) + " |"
-    sep = "| " + " | ".join(("-" * (w - 1) + ":") if i else "-" * w
-                            for i, w in enumerate(widths)) + " |"
-    return "\n".join([line(rows[0]), sep, *(line(r) for r in rows[1:])])
-
-
 # -- main ------------------------------------------------------------------------------------
-
-def on_signal(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--size", type=parse_size, default=512 * MiB, help="image size (512M)")
+    ap.add_argument("--size", type=mib_size, default=512 * MiB, help="image size (512M)")
     ap.add_argument("--runs", type=int, default=3, help="measured runs per side (3)")
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp"),
                     help="where the scratch directory goes (/var/tmp)")
