@@ -191,7 +191,9 @@ class CachedTables(WriteBack, Generic[T]):
 
 
 class RefcountTable(WriteBack):
-    """The refcount table, written whole where the header says it lies."""
+    """The refcount table, written where the header says it lies: ``entries`` up to the
+    last one in use (those past it are zeros on disk, and stay so until an entry there is
+    set, which extends ``entries``); the table's room is the header's."""
 
     def __init__(self, barrier: Barrier, file: ImageFile, header: Header, entries: array[int],
                  depends_on: WriteBack) -> None:
@@ -200,6 +202,11 @@ class RefcountTable(WriteBack):
         self.header = header
         self.entries = entries
         self.dirty = False
+
+    @property
+    def room(self) -> int:
+        """Entries the table has on disk."""
+        return self.header.refcount_table_clusters * self.header.cluster_size // 8
 
     def pending(self) -> bool:
         return self.dirty

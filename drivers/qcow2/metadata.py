@@ -79,7 +79,7 @@ class Metadata:
         check_features(header, writable)
         geometry = Geometry(header.cluster_bits, header.extended_l2)
         l1 = await _load_l1(file, header, geometry)
-        reftable = await _load_reftable(file, header, geometry)
+        reftable = await _load_reftable(file, header, geometry, writable)
         return cls(file, header, l1, reftable, l2_cache_size, refcount_cache_size)
 
     def pending(self) -> bool:
@@ -135,10 +135,22 @@ async def _load_l1(file: ImageFile, header: Header, geometry: Geometry) -> array
     return decode_table(await file.read(header.l1_table_offset, header.l1_size * 8))
 
 
-async def _load_reftable(file: ImageFile, header: Header, geometry: Geometry) -> array[int]:
+async def _load_reftable(file: ImageFile, header: Header, geometry: Geometry,
+                         writable: bool) -> array[int]:
+    """The refcount table, checked; for a writable image its entries up to the last used
+    one (the rest are zeros, on disk and so in memory: see RefcountTable), for a read-only
+    one none, since it never allocates (reopening writable loads the image again). QEMU
+    holds the whole table, a cluster (64 KiB) per image and per backing file of each."""
     length = header.refcount_table_clusters * header.cluster_size
     if not length or length > MAX_REFTABLE_BYTES:
         raise corrupt(f"refcount table of {header.refcount_table_clusters} clusters")
     geometry.check_cluster(header.refcount_table_offset, "refcount table")
     _check_in_file(file, header.refcount_table_offset, length, "refcount table")
-    return decode_table(await file.read(header.refcount_table_offset, length))
+    if not writable:
+        return array("Q")
+    table = decode_table(await file.read(header.refcount_table_offset, length))
+    used = len(table)
+    while used and not table[used - 1]:
+        used -= 1
+    del table[used:]
+    return table

@@ -78,9 +78,12 @@ class RefcountAllocator:
         refcount structures first if they do not cover it yet."""
         cluster = host // self.cluster_size
         block_index, index = divmod(cluster, self.block_entries)
-        if block_index >= len(self.table.entries):
+        if block_index >= self.table.room:
             await self._grow_table(block_index + 1)
-        block_offset = self.table.entries[block_index] & OFFSET_MASK
+        entries = self.table.entries
+        if block_index >= len(entries):  # past the last block in use: zeros, as on disk
+            entries.extend([0] * (block_index + 1 - len(entries)))
+        block_offset = entries[block_index] & OFFSET_MASK
         if not block_offset:
             block_offset = await self._new_block(block_index)
         self.geometry.check_cluster(block_offset, "refcount block")
@@ -115,7 +118,7 @@ class RefcountAllocator:
         qcow2_refcount_area): durable there before the header names it, and the old table's
         clusters freed only after."""
         cluster = self.cluster_size
-        clusters = -(-max(entries, 2 * len(self.table.entries)) * 8 // cluster)
+        clusters = -(-max(entries, 2 * self.table.room) * 8 // cluster)
         if clusters * cluster > MAX_REFTABLE_BYTES:
             raise BlockError(errno.EFBIG, "qcow2: the refcount table would exceed its limit")
         header = self.header
