@@ -50,7 +50,29 @@ from blkfs.nbd.values import (
 )
 
 
-class ClientHandshake:
+class _Exchange:
+    """What both sides of the negotiation share: a step that takes exactly the bytes it
+    wants and returns what to send."""
+
+    _want: int
+    _step: Callable[[bytes], bytes]
+
+    @property
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def want(self) -> int:
+        """How many bytes to read before the next :meth:`receive`."""
+        return self._want
+
+    def receive(self, data: bytes) -> bytes:
+        """Take exactly :meth:`want` bytes; returns what to send next (may be empty)."""
+        if len(data) != self._want or self.done:
+            raise ValueError("receive() takes exactly want() bytes, until done")
+        return self._step(data)
+
+
+class ClientHandshake(_Exchange):
     """A client's fixed newstyle negotiation of one export: structured replies, then the
     metadata contexts asked for (if structured replies were agreed), then NBD_OPT_GO asking
     for block sizes; NBD_OPT_EXPORT_NAME where the server has no GO. An export the server
@@ -64,7 +86,7 @@ class ClientHandshake:
         self.structured = structured
         self.contexts = tuple(contexts)
         self._want = GREETING.size
-        self._step: Callable[[bytes], bytes] = self._greeting
+        self._step = self._greeting
         self._reply = (0, 0)
         self._info = ExportInfo(export, 0, TransmissionFlag(0))
         self._seen_export = False
@@ -78,16 +100,6 @@ class ClientHandshake:
     @property
     def done(self) -> bool:
         return self.result is not None
-
-    def want(self) -> int:
-        """How many bytes to read before the next :meth:`receive`."""
-        return self._want
-
-    def receive(self, data: bytes) -> bytes:
-        """Take exactly :meth:`want` bytes; returns what to send next (may be empty)."""
-        if len(data) != self._want or self.done:
-            raise ValueError("receive() takes exactly want() bytes, until done")
-        return self._step(data)
 
     def abort(self) -> bytes:
         """NBD_OPT_ABORT: how a client leaves a negotiation politely."""
@@ -213,7 +225,7 @@ class Catalog:
         return []
 
 
-class ServerHandshake:
+class ServerHandshake(_Exchange):
     """A server's side of fixed newstyle negotiation over a :class:`Catalog`.
 
     Start by sending :meth:`greeting`. Every option gets its reply; an unknown one
@@ -244,15 +256,6 @@ class ServerHandshake:
     def greeting(self) -> bytes:
         return GREETING.pack(NBDMAGIC, IHAVEOPT,
                              HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
-
-    def want(self) -> int:
-        return self._want
-
-    def receive(self, data: bytes) -> bytes:
-        """Take exactly :meth:`want` bytes; returns the reply to send."""
-        if len(data) != self._want or self.done:
-            raise ValueError("receive() takes exactly want() bytes, until done")
-        return self._step(data)
 
     def _client_flags(self, data: bytes) -> bytes:
         (flags,) = CLIENT_FLAGS.unpack(data)
