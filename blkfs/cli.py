@@ -32,6 +32,7 @@ from blkfs.daemon import Daemon, DaemonConfig, FrontendFactory
 from blkfs.errors import BlockError
 from blkfs.frontends import ctl
 from blkfs.frontends.fuse import FuseFrontend
+from blkfs.frontends.fuse.session_loop import POLL_MAX_NS
 from blkfs.frontends.nbd import NbdFrontend
 from blkfs.frontends.nbd.export import parse_address, socket_mode
 from blkfs.frontends.qmp import QmpFrontend
@@ -39,6 +40,11 @@ from blkfs.frontends.qmp import parse_address as parse_qmp_address
 
 log = logging.getLogger("blkfs")
 UMOUNT_TIMEOUT = 120.0
+CONFIG_KEYS = ("image-dirs", "allow-other", "backends", "nbd", "nbd-mode", "exports", "qmp",
+               "poll-max-ns")
+"""The keys of a ``--config`` TOML file."""
+MAX_POLL_NS = 1_000_000_000
+"""``--poll-max-ns`` at most a second: a daemon may busy-poll that long once when it idles."""
 
 
 class UsageError(Exception):
@@ -66,12 +72,10 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
     """The daemon's configuration and the mountpoint, from the TOML config (if any) and the
     command line, whose flags add to it."""
     data = load_config(args.config) if args.config else {}
-    unknown = set(data) - {"image-dirs", "allow-other", "backends", "nbd", "nbd-mode",
-                           "exports", "qmp"}
+    unknown = set(data) - set(CONFIG_KEYS)
     if unknown:
         raise UsageError(f"config: unknown keys {', '.join(sorted(unknown))} "
-                         "(known: image-dirs, allow-other, backends, nbd, nbd-mode, exports, "
-                         "qmp)")
+                         f"(known: {', '.join(CONFIG_KEYS)})")
     backends = []
     for name, table in data.get("backends", {}).items():
         if not isinstance(table, dict) or set(table) - {"options", "read-only"}:
@@ -91,15 +95,29 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
             raise UsageError(f"--image-dir {directory}: not a directory")
     mountpoint = os.path.abspath(args.mountpoint)
     allow_other = args.allow_other or bool(data.get("allow-other"))
+    poll_max_ns = (poll_time(args.poll_max_ns, "--poll-max-ns") if args.poll_max_ns is not None
+                   else poll_time(data.get("poll-max-ns", POLL_MAX_NS), "config: poll-max-ns"))
 
     def fuse(layer: BlockLayer, commands: Commands) -> FuseFrontend:
-        return FuseFrontend(layer, commands, mountpoint, allow_other)
+        return FuseFrontend(layer, commands, mountpoint, allow_other, poll_max_ns)
     frontends = [fuse, nbd_frontend(data, args)]
     qmp = args.qmp or data.get("qmp")
     if qmp is not None:
         frontends.append(qmp_frontend(qmp, mountpoint))
     return DaemonConfig(backends=backends, image_dirs=image_dirs,
                         frontends=frontends), mountpoint
+
+
+def poll_time(value: Any, source: str) -> int:
+    """``--poll-max-ns`` (``poll-max-ns`` in the config), checked."""
+    try:
+        ns = int(value)
+    except (TypeError, ValueError):
+        ns = -1
+    if isinstance(value, bool) or not 0 <= ns <= MAX_POLL_NS:
+        raise UsageError(f"{source}: expected nanoseconds from 0 (never poll) to "
+                         f"{MAX_POLL_NS}, got {value!r}")
+    return ns
 
 
 def qmp_frontend(where: Any, mountpoint: str) -> FrontendFactory:
@@ -461,6 +479,10 @@ def parser() -> argparse.ArgumentParser:
     mount.add_argument("--qmp", metavar="unix:PATH",
                        help="serve a QMP monitor on this unix socket (mode 0600); QEMU's "
                             "socket,path=PATH spelling works too")
+    mount.add_argument("--poll-max-ns", metavar="NS",
+                       help="busy-poll /dev/fuse for up to NS nanoseconds before sleeping, "
+                            f"adaptively, as QEMU's iothreads do (default {POLL_MAX_NS}; "
+                            "0: never)")
     mount.add_argument("--nonempty", action="store_true",
                        help="mount even on a directory that is not empty (hiding it)")
     mount.add_argument("--log-file", help="write the log here (default: stderr in the "

@@ -154,6 +154,42 @@ options = {{ driver = "raw", file = {{ driver = "file", filename = "{b}" }} }}
     assert mount.status()["image-dirs"] == [str(images.resolve())]
 
 
+def test_poll_max_ns_is_checked_and_nothing_is_mounted_on_a_bad_value(tmp_path: Path) -> None:
+    target = tmp_path / "mnt"
+    for value in ("-1", "fast", "1000000001"):
+        result = blkfs("mount", str(target), "--poll-max-ns", value, check=False)
+        assert result.returncode == 1 and "--poll-max-ns: expected nanoseconds" in result.stderr
+        assert not mounted(target)
+    config = tmp_path / "blkfs.toml"
+    config.write_text("poll-max-ns = true\n")
+    result = blkfs("mount", str(target), "--config", str(config), check=False)
+    assert result.returncode == 1 and "config: poll-max-ns: expected" in result.stderr
+    assert not mounted(target)
+
+
+def daemon_cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+@pytest.mark.parametrize("poll", ["--poll-max-ns=1000000", "--poll-max-ns=0"])
+def test_reads_one_at_a_time_are_right_and_an_idle_daemon_rests(
+        mount_factory, images: Path, poll: str) -> None:
+    """dd's 4 KiB reads, each sent after the last reply, come while the daemon busy-polls
+    (with up to 1 ms, nearly all of them); once they stop, the daemon sleeps."""
+    image = images / "a.img"
+    data = pattern_image(image, 8 * MiB, image_id=3)
+    mount = mount_factory("--backend", f"a={image}", poll)
+    read = subprocess.run(["dd", f"if={mount / 'a'}", "bs=4k", "iflag=direct", "status=none"],
+                          check=True, capture_output=True).stdout
+    assert read == data
+    time.sleep(0.1)  # the last poll, at most 1 ms, has ended
+    before = daemon_cpu_ticks(mount.pid)
+    time.sleep(1)
+    assert daemon_cpu_ticks(mount.pid) - before <= 5  # clock ticks: at most 50 ms of CPU
+
+
 def test_ctl_command_prints_the_error(mount_factory, images: Path) -> None:
     image = images / "a.img"
     pattern_image(image, MiB, image_id=1)

@@ -1,15 +1,19 @@
-"""FuseWait, the faster wait for FUSE requests, over a pipe standing in for /dev/fuse."""
+"""FuseWait, the faster wait for FUSE requests, over a pipe standing in for /dev/fuse, and
+its adaptive busy-polling."""
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
-from blkfs.frontends.fuse.session_loop import FuseWait
+from blkfs.frontends.fuse.session_loop import AdaptivePoll, FuseWait
 
 
 @pytest.fixture
@@ -111,3 +115,74 @@ async def test_a_cancelled_parked_worker_is_never_woken(pipe: tuple[int, int]) -
 
 async def _record(wait: FuseWait, results: list[bool]) -> None:
     results.append(await wait())
+
+
+def _write_later(fd: int, seconds: float) -> threading.Thread:
+    """A client on another CPU sending its next request while the daemon waits."""
+    timer = threading.Timer(seconds, os.write, (fd, b"x"))
+    timer.start()
+    return timer
+
+
+async def test_a_request_that_comes_while_polling_is_taken_without_sleeping(
+        pipe: tuple[int, int]) -> None:
+    wait = FuseWait(pipe[0], poll_max_ns=60 * 10**9)
+    wait.polling.ns = wait.polling.max_ns  # learnt from requests that came close together
+    writer = _write_later(pipe[1], 0.05)
+    with trio.testing.assert_no_checkpoints():  # an epoll wait would be a checkpoint
+        assert await wait() is True
+    writer.join()
+
+
+@pytest.mark.timeout(20)
+async def test_no_polling_while_another_task_could_run(pipe: tuple[int, int]) -> None:
+    """The task that will send the request is runnable: polling would spin for an hour
+    without ever seeing it."""
+    wait = FuseWait(pipe[0], poll_max_ns=3600 * 10**9)
+    wait.polling.ns = wait.polling.max_ns
+
+    async def client() -> None:
+        os.write(pipe[1], b"x")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client)
+        assert await wait() is True
+
+
+async def test_an_idle_wait_stops_polling(pipe: tuple[int, int]) -> None:
+    wait = FuseWait(pipe[0], poll_max_ns=10**6)
+    wait.polling.ns = wait.polling.max_ns
+    writer = _write_later(pipe[1], 0.2)  # 200 times the longest poll
+    assert await wait() is True
+    writer.join()
+    assert wait.polling.ns == 0
+
+
+def test_a_request_within_the_poll_time_keeps_it() -> None:
+    polling = AdaptivePoll(64_000)
+    polling.ns = 16_000
+    polling.record(10_000)
+    assert polling.ns == 16_000
+
+
+def test_requests_close_together_grow_the_poll_time_to_the_maximum() -> None:
+    polling = AdaptivePoll(64_000)
+    steps = []
+    for _ in range(6):
+        polling.record(50_000)
+        steps.append(polling.ns)
+    assert steps == [4_000, 8_000, 16_000, 32_000, 64_000, 64_000]
+
+
+@given(max_ns=st.integers(0, 10**9),
+       waits=st.lists(st.integers(0, 2 * 10**9), max_size=50))
+def test_the_poll_time_stays_within_its_bounds(max_ns: int, waits: list[int]) -> None:
+    polling = AdaptivePoll(max_ns)
+    for waited in waits:
+        before = polling.ns
+        polling.record(waited)
+        assert 0 <= polling.ns <= max_ns
+        if waited > max_ns:
+            assert polling.ns == (before if waited <= before else 0)
+    if max_ns == 0:
+        assert polling.ns == 0

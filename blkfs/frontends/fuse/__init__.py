@@ -21,6 +21,7 @@ from blkfs.errors import BlockError
 from blkfs.frontends.ctl import ControlFiles
 from blkfs.frontends.fuse import extra_ops
 from blkfs.frontends.fuse.operations import BlkfsOperations
+from blkfs.frontends.fuse.session_loop import POLL_MAX_NS
 
 log = logging.getLogger("blkfs.fuse")
 
@@ -41,10 +42,10 @@ class FuseFrontend:
     name = "fuse"
 
     def __init__(self, layer: BlockLayer, commands: Commands, mountpoint: str,
-                 allow_other: bool = False) -> None:
+                 allow_other: bool = False, poll_max_ns: int = POLL_MAX_NS) -> None:
         self.mountpoint = mountpoint
         self.allow_other = allow_other
-        self.ops = BlkfsOperations(layer, ControlFiles(commands), allow_other)
+        self.ops = BlkfsOperations(layer, ControlFiles(commands), allow_other, poll_max_ns)
         self.mounted = False
         self.stopping = False
 

@@ -118,12 +118,13 @@ class Inodes:
 class BlkfsOperations(pyfuse3.Operations):
     """pyfuse3 handlers over a BlockLayer and its ControlPlane."""
 
-    def __init__(self, layer: BlockLayer, control: ControlFiles,
-                 allow_other: bool = False) -> None:
+    def __init__(self, layer: BlockLayer, control: ControlFiles, allow_other: bool = False,
+                 poll_max_ns: int = session_loop.POLL_MAX_NS) -> None:
         super().__init__()
         self.layer = layer
         self.control = control
         self.allow_other = allow_other
+        self.poll_max_ns = poll_max_ns
         self.inodes = Inodes()
         self.handles: dict[int, BackendHandle | ControlHandle] = {}
         self.reply_buffers: dict[trio.lowlevel.Task, bytearray] = {}
@@ -140,7 +141,7 @@ class BlkfsOperations(pyfuse3.Operations):
 
     def init(self) -> None:
         """The session is mounted and serving: take requests the faster way from now on."""
-        session_loop.install()
+        session_loop.install(self.poll_max_ns)
 
     # -- change notification -------------------------------------------------------------
 
