@@ -4,7 +4,9 @@ Reads and writes go straight to ``preadv``/``pwritev`` on the caller's buffer (n
 in the event loop, even when the page cache misses: a round trip to a worker thread costs
 more than a 4 KiB read from the disk (on the 2-core VM of the benchmark, 80-190 us against
 70-180 us), so handing misses to threads made cold random reads slower, with one reader and
-with four. Only ``fdatasync`` leaves the loop, because it may wait on the disk for long.
+with four; handing them to io_uring (``RWF_NOWAIT`` first) lost too, by the extra wake-up per
+miss (README, "Where a request's time goes"). Only ``fdatasync`` leaves the loop, because it
+may wait on the disk for long.
 Discard and write_zeroes punch holes where the host filesystem can; block_status asks the
 host with SEEK_DATA/SEEK_HOLE so sparse images copy sparsely.
 

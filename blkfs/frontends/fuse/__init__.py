@@ -21,7 +21,6 @@ from blkfs.errors import BlockError
 from blkfs.frontends.ctl import ControlFiles
 from blkfs.frontends.fuse import extra_ops
 from blkfs.frontends.fuse.operations import BlkfsOperations
-from blkfs.frontends.fuse.session_loop import POLL_MAX_NS
 
 log = logging.getLogger("blkfs.fuse")
 
@@ -42,7 +41,7 @@ class FuseFrontend:
     name = "fuse"
 
     def __init__(self, layer: BlockLayer, commands: Commands, mountpoint: str,
-                 allow_other: bool = False, poll_max_ns: int = POLL_MAX_NS) -> None:
+                 allow_other: bool, poll_max_ns: int) -> None:
         self.mountpoint = mountpoint
         self.allow_other = allow_other
         self.ops = BlkfsOperations(layer, ControlFiles(commands), allow_other, poll_max_ns)

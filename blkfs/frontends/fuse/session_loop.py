@@ -193,7 +193,7 @@ def fuse_fd() -> int | None:
     return None
 
 
-def install(poll_max_ns: int = POLL_MAX_NS) -> bool:
+def install(poll_max_ns: int) -> bool:
     """Put a :class:`FuseWait` into pyfuse3; call it once the session is mounted and
     before a worker waits a second time (``Operations.init`` is such a place). True if
     installed."""
