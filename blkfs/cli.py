@@ -111,10 +111,10 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
 def poll_time(value: Any, source: str) -> int:
     """``--poll-max-ns`` (``poll-max-ns`` in the config), checked."""
     try:
-        ns = int(value)
-    except (TypeError, ValueError):
-        ns = -1
-    if isinstance(value, bool) or not 0 <= ns <= MAX_POLL_NS:
+        ns = int(value) if isinstance(value, str) else value
+    except ValueError:
+        ns = None
+    if type(ns) is not int or not 0 <= ns <= MAX_POLL_NS:  # not a bool, not a float cut
         raise UsageError(f"{source}: expected nanoseconds from 0 (never poll) to "
                          f"{MAX_POLL_NS}, got {value!r}")
     return ns

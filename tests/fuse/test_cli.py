@@ -161,10 +161,11 @@ def test_poll_max_ns_is_checked_and_nothing_is_mounted_on_a_bad_value(tmp_path: 
         assert result.returncode == 1 and "--poll-max-ns: expected nanoseconds" in result.stderr
         assert not mounted(target)
     config = tmp_path / "blkfs.toml"
-    config.write_text("poll-max-ns = true\n")
-    result = blkfs("mount", str(target), "--config", str(config), check=False)
-    assert result.returncode == 1 and "config: poll-max-ns: expected" in result.stderr
-    assert not mounted(target)
+    for value in ("true", "1.5", '"64us"'):
+        config.write_text(f"poll-max-ns = {value}\n")
+        result = blkfs("mount", str(target), "--config", str(config), check=False)
+        assert result.returncode == 1 and "config: poll-max-ns: expected" in result.stderr
+        assert not mounted(target)
 
 
 def daemon_cpu_ticks(pid: int) -> int:
