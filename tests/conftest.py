@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Mount, mounts_in
+from tests.helpers import Mount, blkfs_mounts_under, force_unmount, mounts_in
 
 needs_fuse = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -49,6 +49,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.outcome = "failed"
         report.longrepr = (f"skipped under CI=true, but it needs {', '.join(needed)}, which "
                            f"CI must provide: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def no_mount_outlives_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A blkfs mount a test leaves in its tmp_path (one it started outside
+    :func:`mount_factory`, such as a mount it expected to fail) is unmounted, so its daemon
+    ends, and the test errors."""
+    yield
+    tmp_path = request.node.funcargs.get("tmp_path")
+    if tmp_path is None:
+        return
+    left = blkfs_mounts_under(tmp_path)
+    for path in left:
+        force_unmount(path)
+    assert not left, f"mounts left behind: {left}"
 
 
 @pytest.fixture

@@ -29,6 +29,14 @@ def mounted(path: Path) -> bool:
         return any(line.split()[1] == target for line in f)
 
 
+def blkfs_mounts_under(base: Path) -> list[Path]:
+    """The blkfs mounts at or below ``base``."""
+    with open("/proc/mounts") as f:
+        points = [Path(fields[1]) for fields in map(str.split, f)
+                  if fields[2] == "fuse.blkfs"]
+    return [point for point in points if point.is_relative_to(base)]
+
+
 class Mount:
     """A running ``blkfs mount`` daemon on ``path``."""
 
