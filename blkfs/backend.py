@@ -11,9 +11,15 @@ ones in flight finish, the tree is replaced, then the waiting requests run again
 medium. A change that fails leaves the old medium untouched.
 
 A backend counts its references: its name (while it is not deleted) and every open user (a
-frontend's open file). Users that write are counted apart: while one is open, ejecting or
-changing to other media is refused (EBUSY) unless forced, as QEMU refuses to eject a locked
-tray, because a filesystem mounted on the disk would lose what it has not written yet.
+frontend's open file). Users that write are counted apart: while one is open, ejecting,
+changing to other media, rolling back or deleting is refused (EBUSY) unless forced, as QEMU
+refuses to eject a locked tray, because a filesystem mounted on the disk would lose what it
+has not written yet.
+
+Every change of a backend (its medium, its size, its content in time, its name) asks
+:meth:`BlockBackend.check_op` here, whoever sends it: the command layer, a frontend's
+truncate, a job. A running job holds the backend still (QEMU's op blockers) until it ends.
+Frontends keep no rules of their own.
 """
 
 from __future__ import annotations
@@ -109,6 +115,8 @@ class BlockBackend:
         self._read_only = read_only
         self._graph_lock = trio.Lock()
         self._listeners: list[Listener] = []
+        self._blockers: dict[object, tuple[str, str]] = {}
+        """Who holds the backend still (a running job): why, and until when."""
         self.changed_ns = time.time_ns()
         """When the medium, its size or its contents last changed (for mtime)."""
 
@@ -156,6 +164,38 @@ class BlockBackend:
         for listener in list(self._listeners):
             listener(self, event)
 
+    # -- who may change the backend (QEMU's op blockers) ------------------------------------
+
+    def block(self, holder: object, reason: str, until: str) -> None:
+        """Keep the backend's medium, size and content still for ``holder`` (a running job):
+        every change but the holder's own is refused, saying ``reason`` and ``until`` when
+        it may be tried again."""
+        self._blockers[holder] = (reason, until)
+
+    def unblock(self, holder: object) -> None:
+        self._blockers.pop(holder, None)
+
+    def check_op(self, what: str, *, by: object = None, writers: bool = False,
+                 force: bool = False) -> None:
+        """EBUSY unless ``what`` may change the backend now: no holder but ``by`` keeps it
+        still and, for a change of what its users see (``writers``: eject, other media,
+        rollback, delete), nobody has it open for writing unless ``force``. A holder is
+        never forced past: a job ends or is cancelled first."""
+        for holder, (reason, until) in self._blockers.items():
+            if holder is not by:
+                raise BlockError(errno.EBUSY, f"{self.name}: {reason}; {what} {until}")
+        if writers and not force:
+            self._check_writers(what)
+
+    def _check_writers(self, what: str) -> None:
+        if self.writers:
+            users = f"{self.writers} writer{'s' if self.writers > 1 else ''}"
+            raise BlockError(errno.EBUSY, f"{self.name}: open for writing ({users}; a loop "
+                                          "device does not show in lsof: losetup -j shows "
+                                          f"it); refusing to {what}: a filesystem on it would "
+                                          "lose what it has not written yet. Unmount and "
+                                          "close it first, or add force=on")
+
     # -- references ----------------------------------------------------------------------
 
     def ref(self, writer: bool = False) -> None:
@@ -185,11 +225,15 @@ class BlockBackend:
         frontend, which knows no nodes."""
         return self._medium()
 
-    async def quiesced(self, call: Callable[[], Awaitable[None]]) -> None:
-        """Run ``call`` with the backend drained and its graph still (a rollback)."""
-        async with self._graph_lock, self._requests.tracker.drained():
-            self._medium()
-            await call()
+    async def rewind(self, call: Callable[[], Awaitable[None]], force: bool = False) -> None:
+        """Run ``call``, which changes what the medium holds beneath its users (a rollback),
+        with the backend drained and its graph still; refused under writers unless
+        ``force``."""
+        async with self._graph_lock:
+            self.check_op("roll it back", writers=True, force=force)
+            async with self._requests.tracker.drained():
+                self._medium()
+                await call()
         self._notify("medium")
 
     def _medium(self) -> Node:
@@ -316,6 +360,7 @@ class BlockBackend:
         would throw away the end of the disk."""
         async with self._graph_lock, self._requests.tracker.drained():
             node = self._medium()
+            self.check_op("resize it")
             if self.read_only:
                 raise BlockError(errno.EROFS, f"{self.name}: read-only medium")
             if length < node.size and not shrink:
@@ -331,6 +376,7 @@ class BlockBackend:
         """Take the size the medium has now (an image resized on the host), as
         ``losetup -c`` does."""
         async with self._graph_lock, self._requests.tracker.drained():
+            self.check_op("resize it")
             old = self.length()
             await self.layer.graph.refresh_sizes(self._medium())
         if self.length() != old:
@@ -349,6 +395,7 @@ class BlockBackend:
         """Insert a medium into an empty backend."""
         tree = self.layer.parse(options)
         async with self._graph_lock:
+            self.check_op("insert a medium")
             if self._root is not None:
                 raise BlockError(errno.EBUSY, f"{self.name}: already has a medium "
                                               "(use change to replace it, or eject first)")
@@ -364,7 +411,7 @@ class BlockBackend:
         async with self._graph_lock:
             if self._root is None:
                 raise BlockError(errno.ENOMEDIUM, f"{self.name}: no medium to eject")
-            self._check_writers("eject", force)
+            self.check_op("eject it", writers=True, force=force)
             async with self._requests.tracker.drained():
                 await self._flush_outgoing(force)
                 root, self._root = self._root, None
@@ -373,7 +420,8 @@ class BlockBackend:
         self._media_changed()
 
     async def change(self, options: Options, force: bool = False, *, same_data: bool = False,
-                     before_swap: Callable[[], Awaitable[None]] | None = None) -> None:
+                     before_swap: Callable[[], Awaitable[None]] | None = None,
+                     by: object = None) -> None:
         """Replace the medium atomically; on an empty backend this is insert.
 
         The outgoing tree is drained and flushed before anything opens the new one, which
@@ -384,11 +432,12 @@ class BlockBackend:
         the old medium stays as it was.
 
         A block job's switch passes ``same_data`` (the new medium holds the same data: not a
-        media change, whoever writes) and may run ``before_swap`` while the backend is
-        drained (a mirror's last copy).
+        media change, whoever writes), ``by`` (itself: the one holder the change may pass)
+        and may run ``before_swap`` while the backend is drained (a mirror's last copy).
         """
         tree = self.layer.parse(options)
         async with self._graph_lock, self._requests.tracker.drained():
+            self.check_op("change its medium", by=by)
             old = self._root
             if before_swap is not None:
                 await before_swap()
@@ -428,8 +477,8 @@ class BlockBackend:
                 graph.refresh_perms([old.node])  # give up what only the old tree needed
                 new = await self._open_medium(tree)
             try:
-                if not force and self.writers and not _same_medium(old.node, new.node):
-                    self._check_writers("change to other media", force)
+                if not force and not _same_medium(old.node, new.node):
+                    self._check_writers("change to other media")
                 with graph.departing(old, shadowed):
                     graph.refresh_perms([new.node, old.node])
             except BaseException:
@@ -444,15 +493,6 @@ class BlockBackend:
                           self.name, exc.message)
             raise
         return new
-
-    def _check_writers(self, what: str, force: bool) -> None:
-        if self.writers and not force:
-            users = f"{self.writers} writer{'s' if self.writers > 1 else ''}"
-            raise BlockError(errno.EBUSY, f"{self.name}: open for writing ({users}; a loop "
-                                          "device does not show in lsof: losetup -j shows "
-                                          f"it); refusing to {what}: a filesystem on it would "
-                                          "lose what it has not written yet. Unmount and "
-                                          "close it first, or add force=on")
 
     async def _flush_outgoing(self, force: bool) -> None:
         """Flush the medium before it goes; a failure stops the command unless ``force``."""
@@ -621,10 +661,13 @@ class BlockLayer:
         return backend
 
     async def delete(self, name: str, force: bool = False) -> None:
-        """Remove the name; the backend lives on while references remain. When the name is
-        the last reference, the medium is flushed first, so a flush that fails (a full host
-        disk) fails the delete and changes nothing, unless ``force``."""
+        """Remove the name; the backend lives on while references remain. Refused while a
+        user writes (a mounted filesystem would lose its disk's name, and with it every
+        snapshot, rollback and job) unless ``force``. When the name is the last reference,
+        the medium is flushed first, so a flush that fails (a full host disk) fails the
+        delete and changes nothing, unless ``force``."""
         backend = self.find(name)
+        backend.check_op("delete it", writers=True, force=force)
         if backend.refcnt == 1 and backend.has_medium:
             try:
                 await backend.flush()
@@ -635,6 +678,7 @@ class BlockLayer:
                             exc.message)
             if self._backends.get(name) is not backend:  # deleted meanwhile
                 raise BlockError(errno.ENOENT, f"no backend named '{name}'")
+            backend.check_op("delete it", writers=True, force=force)  # a job came meanwhile
         try:
             await self._drop(backend)
         except BlockError as exc:  # the closing flush: the name is gone either way

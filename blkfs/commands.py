@@ -238,13 +238,6 @@ def one_line(text: str) -> str:
 
 # -- the commands ---------------------------------------------------------------------------
 
-def idle(layer: BlockLayer, name: str, what: str) -> BlockBackend:
-    """The backend, if no job runs on it (EBUSY otherwise: ``what`` must wait for it)."""
-    backend = layer.find(name)
-    layer.jobs.check_idle(name, what)
-    return backend
-
-
 @command
 async def create(layer: BlockLayer, name: BackendName, medium: MediumOptions | None = None,
                  on_change: OnChange = "follow") -> None:
@@ -257,10 +250,10 @@ async def create(layer: BlockLayer, name: BackendName, medium: MediumOptions | N
 
 @command
 async def delete(layer: BlockLayer, name: BackendName, force: bool = False) -> None:
-    """Remove the backend's name; open files keep working until closed.
+    """Remove the backend's name; files open for reading keep working until closed.
 
-    force=on: even if the final flush fails."""
-    layer.jobs.check_idle(name, "delete it")
+    force=on: even under writers (their files keep working), or if the final flush
+    fails."""
     await layer.delete(name, force=force)
 
 
@@ -272,7 +265,7 @@ async def change(layer: BlockLayer, name: BackendName, medium: MediumOptions,
     Drains and flushes the old medium, opens the new one (taking over the old tree's nodes
     where it names or describes them), then swaps. force=on: under writers, or when the old
     medium cannot be flushed."""
-    await idle(layer, name, "change its medium").change(medium, force=force)
+    await layer.find(name).change(medium, force=force)
 
 
 @command
@@ -281,13 +274,13 @@ async def eject(layer: BlockLayer, name: BackendName, force: bool = False) -> No
 
     Drains, flushes and closes it. force=on: under writers, or when the medium cannot be
     flushed."""
-    await idle(layer, name, "eject it").eject(force=force)
+    await layer.find(name).eject(force=force)
 
 
 @command
 async def insert(layer: BlockLayer, name: BackendName, medium: MediumOptions) -> None:
     """A medium into an empty backend."""
-    await idle(layer, name, "insert a medium").insert(medium)
+    await layer.find(name).insert(medium)
 
 
 @command
@@ -303,7 +296,7 @@ async def resize(layer: BlockLayer, name: BackendName, size: Size | None = None,
 
     Shrinking needs shrink=on, as qemu-img resize --shrink; with no size, the backend takes
     the size its image has now on the host (as losetup -c)."""
-    backend = idle(layer, name, "resize it")
+    backend = layer.find(name)
     if size is None:
         if shrink:
             raise BlockError(errno.EINVAL, "resize: shrink=on needs a size")
@@ -345,7 +338,7 @@ async def snapshot(layer: BlockLayer, name: BackendName, path: HostPath,
                "compression_type": compression_type}
     if cluster_size is not None:
         options["cluster_size"] = cluster_size
-    await snapshot_medium(layer, idle(layer, name, "snapshot it"), path, options)
+    await snapshot_medium(layer, layer.find(name), path, options)
 
 
 @command
@@ -356,16 +349,16 @@ async def snapshot_node(layer: BlockLayer, name: BackendName, overlay: NodeName)
     as the medium, becomes the active image over it; its header is made to name the image
     that was active, which turns read-only."""
     node = layer.graph.find(overlay)
-    await snapshot_onto(layer, idle(layer, name, "snapshot it"), node)
+    await snapshot_onto(layer, layer.find(name), node)
 
 
 @command
-async def rollback(layer: BlockLayer, name: BackendName) -> None:
+async def rollback(layer: BlockLayer, name: BackendName, force: bool = False) -> None:
     """Drop what was written since the last snapshot (the active overlay is emptied).
 
-    A filesystem mounted from the backend must be unmounted first: its cache would not
-    match the disk any more."""
-    await rollback_medium(idle(layer, name, "roll it back"))
+    Refused while the backend is open for writing: a filesystem mounted from it must be
+    unmounted first, its cache would not match the disk any more. force=on: even so."""
+    await rollback_medium(layer.find(name), force)
 
 
 @command

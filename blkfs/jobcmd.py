@@ -37,6 +37,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     rollback = sub.add_parser("rollback", help="drop what was written since the last snapshot")
     _mount_and_name(rollback)
+    rollback.add_argument("--force", action="store_true",
+                          help="even while the backend is open for writing (a mounted "
+                               "filesystem would no longer match its disk)")
     rollback.set_defaults(func=cmd_rollback)
 
     commit = sub.add_parser("commit", help="merge images of the chain down into a base")
@@ -121,7 +124,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    send(args.mountpoint, "rollback", args.name)
+    send(args.mountpoint, "rollback", args.name + (" force=on" if args.force else ""))
     return 0
 
 

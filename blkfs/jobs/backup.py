@@ -43,7 +43,7 @@ class BackupJob(MirrorJob):
         """Done: the target holds the point in time; the filter goes."""
         assert self.target is not None and self.source is not None
         await self.target.flush()
-        await self.backend_obj.change(f"node={self.source.name}", same_data=True)
+        await self.backend_obj.change(f"node={self.source.name}", same_data=True, by=self)
         self.filtered = False
         self.graph.registry("jobs").pop(self.id, None)
         await self.close_target()

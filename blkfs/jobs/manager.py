@@ -13,7 +13,7 @@ from blkfs.errors import BlockError
 from blkfs.jobs.job import Job, JobStatus
 
 if TYPE_CHECKING:
-    from blkfs.backend import BlockLayer
+    from blkfs.backend import BlockBackend, BlockLayer
 
 log = logging.getLogger("blkfs.jobs")
 
@@ -59,29 +59,34 @@ class JobManager:
 
     async def launch(self, job: Job) -> Job:
         """Prepare the job and start it; if preparing fails, undo it and raise (the command
-        fails, changing nothing)."""
+        fails, changing nothing). From the start until it concludes, the job holds its
+        backend still: no other change of it is allowed (QEMU's op blockers)."""
         if self._nursery is None:
             raise BlockError(errno.EAGAIN, "jobs run only inside a running daemon")
-        self.check_idle(job.backend, "another job")
+        backend = self.layer.find(job.backend)
+        backend.check_op("start another job")
+        backend.block(job, f"job '{job.id}' ({job.type}) is running on it",
+                      f"once it has ended, or after job-cancel {job.id}")
         try:
             await job.prepare()
         except BaseException:
             with trio.CancelScope(shield=True):
-                await job.abort()
+                try:
+                    await job.abort()
+                finally:
+                    backend.unblock(job)
             raise
         self.jobs[job.id] = job
-        self._nursery.start_soon(job.run, name=f"job {job.id}")
+        self._nursery.start_soon(self._run, job, backend, name=f"job {job.id}")
         log.info("job %s: %s on %s started", job.id, job.type, job.backend)
         return job
 
-    def check_idle(self, backend: str, what: str) -> None:
-        """EBUSY if a job runs on the backend: its tree is the job's until the job ends (as
-        QEMU's op blockers keep a device's graph still under a job)."""
-        for job in self.jobs.values():
-            if job.backend == backend and job.status is not JobStatus.CONCLUDED:
-                raise BlockError(errno.EBUSY, f"{backend}: job '{job.id}' ({job.type}) is "
-                                              f"running on it; {what} once it has ended, or "
-                                              f"after job-cancel {job.id}")
+    @staticmethod
+    async def _run(job: Job, backend: BlockBackend) -> None:
+        try:
+            await job.run()
+        finally:
+            backend.unblock(job)
 
     def find(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)

@@ -111,7 +111,7 @@ class MirrorJob(Job):
         self.graph.registry("jobs")[self.id] = self
         await backend.change({"driver": self.filter_driver, "job": self.id,
                               "file": self.source.name, "read-only": self.source.read_only},
-                             same_data=True)
+                             same_data=True, by=self)
         self.filtered = True
 
     async def work(self) -> None:
@@ -181,7 +181,7 @@ class MirrorJob(Job):
             self.detach_target()  # the backend's edge replaces the job's
 
         new = target if self.switch else self.source
-        await self.backend_obj.change(f"node={new.name}", same_data=True,
+        await self.backend_obj.change(f"node={new.name}", same_data=True, by=self,
                                       before_swap=last_copy)
         self.filtered = False
         self.graph.registry("jobs").pop(self.id, None)
@@ -189,7 +189,7 @@ class MirrorJob(Job):
 
     async def abort(self) -> None:
         if self.filtered and self.source is not None:
-            await self.backend_obj.change(f"node={self.source.name}", same_data=True)
+            await self.backend_obj.change(f"node={self.source.name}", same_data=True, by=self)
             self.filtered = False
         self.graph.registry("jobs").pop(self.id, None)
         await self.close_target()

@@ -37,6 +37,7 @@ async def snapshot(layer: BlockLayer, backend: BlockBackend, overlay: str,
     if not os.path.isabs(overlay):
         raise BlockError(errno.EINVAL, f"snapshot: '{overlay}': an absolute path is needed "
                                        "(the daemon's working directory is not yours)")
+    backend.check_op("snapshot it")  # before the overlay's file is made
     root = backend.root_node()
     active = chain(backend)[0]
     image = active.filename()
@@ -54,7 +55,7 @@ async def snapshot(layer: BlockLayer, backend: BlockBackend, overlay: str,
                                           f"{overlay} was made; nothing was switched")
 
     try:
-        await backend.change({"driver": "qcow2",
+        await backend.change({"driver": "qcow2", "read-only": backend.read_only,
                               "file": {"driver": "file", "filename": overlay},
                               "backing": root.name}, same_data=True, before_swap=still_ours)
     except BaseException:
@@ -73,6 +74,7 @@ async def snapshot_onto(layer: BlockLayer, backend: BlockBackend, overlay: Node)
     the backend's active image over its medium. Its header is made to name the image now
     active (QEMU leaves it as it is), so that the image file opens alone later; if the
     switch fails, the overlay gets its old header and no backing file again."""
+    backend.check_op("snapshot it")
     root = backend.root_node()
     active = chain(backend)[0]
     image = active.filename()
@@ -80,7 +82,7 @@ async def snapshot_onto(layer: BlockLayer, backend: BlockBackend, overlay: Node)
     if overlay.driver.name != "qcow2":
         raise BlockError(errno.EINVAL, f"{what} is a {overlay.driver.name} node; blkfs puts "
                                        "qcow2 overlays only")
-    if overlay.read_only:
+    if overlay.read_only and not backend.read_only:
         raise BlockError(errno.EROFS, f"{what} is read-only")
     claims = layer.graph.registry("snapshot-overlays")  # two snapshots onto one overlay
     if overlay.parents or overlay in layer.graph.subtree(root) or overlay.name in claims:
@@ -119,8 +121,10 @@ async def snapshot_onto(layer: BlockLayer, backend: BlockBackend, overlay: Node)
     log.info("%s: snapshot: overlay node %s over %s", backend.name, overlay.name, image)
 
 
-async def rollback(backend: BlockBackend) -> None:
-    """Empty the active overlay: the backend shows what it showed at the last snapshot."""
+async def rollback(backend: BlockBackend, force: bool = False) -> None:
+    """Empty the active overlay: the backend shows what it showed at the last snapshot.
+    Refused while a user writes (a mounted filesystem's cache would no longer match its
+    disk) unless ``force``."""
     async def empty() -> None:  # the chain as it is once drained (a snapshot may just end)
         layers = chain(backend)
         if len(layers) == 1:
@@ -132,4 +136,4 @@ async def rollback(backend: BlockBackend) -> None:
                                           f"'{layers[0].filename()}' is read-only")
         await layers[0].driver.make_empty()
         log.info("%s: rolled back to %s", backend.name, layers[1].filename())
-    await backend.quiesced(empty)
+    await backend.rewind(empty, force)

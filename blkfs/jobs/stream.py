@@ -65,7 +65,7 @@ class StreamJob(Job):
             self.holds_base = True
         self.registry[self.id] = self
         await self.backend_obj.change({"driver": "stream-top", "job": self.id,
-                                       "file": self.root.name}, same_data=True)
+                                       "file": self.root.name}, same_data=True, by=self)
         self.filtered = True
 
     async def intercept(self, offset: int, length: int,
@@ -139,7 +139,7 @@ class StreamJob(Job):
 
     async def remove_filter(self) -> None:
         if self.filtered:
-            await self.backend_obj.change(f"node={self.root.name}", same_data=True)
+            await self.backend_obj.change(f"node={self.root.name}", same_data=True, by=self)
             self.filtered = False
         self.registry.pop(self.id, None)
 

@@ -151,7 +151,9 @@ def test_delete_with_an_open_fd_keeps_it_working(mount: Mount, two_images) -> No
     a, _ = two_images
     mount.ctl("create", f"d {a}")
     with open(mount / "d", "r+b", buffering=0) as f:
-        mount.ctl("delete", "d")
+        assert mount.ctl_errno("delete", "d") == errno.EBUSY  # a writer: only with force=on
+        assert "d" in listing(mount)
+        mount.ctl("delete", "d force=on")
         assert "d" not in listing(mount)
         assert errno_of(os.stat, mount / "d") == errno.ENOENT
         f.seek(100)

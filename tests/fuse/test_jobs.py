@@ -55,8 +55,8 @@ def test_snapshot_rollback_commit_stream_mirror_backup_under_a_writer(
         writer.wrote_more()
         consistent(mount, writer, [s1, base])
 
-        with writer.paused():
-            mount.ctl("rollback", "vol")
+        with writer.paused():  # its writes are all in: rolling back under it is its wish
+            mount.ctl("rollback", "vol force=on")
             assert (mount / "vol").read_bytes() == at_snapshot
             writer.model[:] = at_snapshot
         writer.wrote_more()
@@ -119,7 +119,7 @@ def test_the_same_steps_under_a_mounted_ext4_check_clean_after_each(
                 mount.ctl("snapshot", f"vol {s1}")
             writer.written()
             fsck()
-        mount.ctl("rollback", "vol")  # unmounted: its cache would not match the disk
+        mount.ctl("rollback", "vol force=on")  # unmounted (the loop device stays): no cache
         run("e2fsck", "-fn", device)
         with mounted_fs(device, where), FsWriter(where, stop) as writer:
             with frozen(where):

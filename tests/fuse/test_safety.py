@@ -168,7 +168,8 @@ def test_a_mounted_filesystem_on_a_loop_device_keeps_its_medium(
                                           f"file.filename={other}")):
                 assert mount.ctl_errno(verb, text) == errno.EBUSY, (verb, text)
             os.sync()
-        os.unlink(mount / "vol")  # delete keeps its meaning: the loop device still works
+        assert errno_of(os.unlink, mount / "vol") == errno.EBUSY  # a writer holds it
+        mount.ctl("delete", "vol force=on")  # the name goes; the loop device still works
         assert "vol" not in os.listdir(mount.path)
         deleted = [b for b in mount.status()["backends"] if b["name"] == "vol"]
         assert deleted and deleted[0]["deleted"] and deleted[0]["open"] == 1
@@ -189,7 +190,7 @@ def test_umount_refuses_while_a_deleted_backend_is_open(mount: Mount, images: Pa
     pattern_image(image, MiB, image_id=1)
     mount.ctl("create", f"d {image}")
     with open(mount / "d", "r+b", buffering=0) as held:
-        mount.ctl("delete", "d")
+        mount.ctl("delete", "d force=on")
         result = blkfs("umount", str(mount.path), check=False)
         assert result.returncode == 1 and "d (deleted, 1 open)" in result.stderr
         assert mounted(mount.path)

@@ -336,7 +336,7 @@ async def block_export_del(monitor: Monitor, args: dict[str, Any]) -> Any:
         raise generic(f"Export '{export_id}' is not found")
     if any(e["backend"] == export_id and not e["retired"] for e in state["exports"]):
         await run(monitor, "export-del", {"name": export_id, "force": mode == "hard"})
-    await run(monitor, "delete", {"name": export_id})
+    await run(monitor, "delete", {"name": export_id, "force": mode == "hard"})
     monitor.emit("BLOCK_EXPORT_DELETED", {"id": export_id})
     return {}
 
