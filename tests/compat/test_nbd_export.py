@@ -158,7 +158,9 @@ def test_a_deleted_backend_serves_its_clients_until_they_leave(served) -> None:
     client = NbdClient(sock, "d")
     try:
         before = client.read(0, 65536)
-        mount.ctl("delete", "d")
+        assert mount.ctl_errno("delete", "d") == errno.EBUSY  # a client of a writable export
+        assert "open for writing" in mount.last_error() and (mount.path / "d").exists()
+        mount.ctl("delete", "d force=on")
         assert not (mount.path / "d").exists()
         export = next(e for e in mount.status()["exports"] if e["name"] == "d")
         assert export["retired"] and len(export["clients"]) == 1
