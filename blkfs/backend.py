@@ -551,8 +551,9 @@ def _describe(node: Node) -> dict[str, Any]:
 class BlockLayer:
     """The registry of backends of one blkfs instance, over one graph of nodes."""
 
-    def __init__(self, image_dirs: list[str] | None = None) -> None:
-        self.graph = Graph(policy=HostPolicy(image_dirs))
+    def __init__(self, image_dirs: list[str] | None = None,
+                 nbd_servers: list[str] | None = None) -> None:
+        self.graph = Graph(policy=HostPolicy(image_dirs, nbd_servers or ()))
         self.jobs = JobManager(self)
         self._backends: dict[str, BlockBackend] = {}
         self._deleted: set[BlockBackend] = set()
