@@ -35,7 +35,7 @@ from blkfs.block.options import format_options, parse_bool, parse_options, parse
 from blkfs.block.perm import ALL, FILTERED, WRITERS, Perm
 from blkfs.block.policy import HostPolicy
 from blkfs.block.request import Requests
-from blkfs.errors import BlockError, OptionError
+from blkfs.errors import BlockError, NotFound, OptionError
 from blkfs.jobs.manager import JobManager
 
 __all__ = ["BlockBackend", "BlockError", "BlockLayer", "Extent", "IoError", "Limits",
@@ -594,7 +594,7 @@ class BlockLayer:
     def find(self, name: str) -> BlockBackend:
         backend = self._backends.get(name)
         if backend is None:
-            raise BlockError(errno.ENOENT, f"no backend named '{name}'")
+            raise NotFound("backend", name, f"no backend named '{name}'")
         return backend
 
     async def create(self, name: str, options: Options | None = None, *,
