@@ -527,5 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except (UsageError, BlockError, jobcmd.JobError) as exc:
         fail(str(exc))
+    except BrokenPipeError:  # the reader went away (| head): end quietly, as other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141  # a shell's status for SIGPIPE
     except KeyboardInterrupt:
         return 130
