@@ -5,6 +5,7 @@ use of an image; and inside blkfs, no writer of an image some node reads as back
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -181,3 +182,17 @@ def _qemu_io_holding(image: Path, fmt: str) -> Iterator[None]:
         assert qemu_io.stdin is not None
         qemu_io.stdin.close()  # qemu-io quits at the end of its input
         qemu_io.wait(timeout=30)
+
+
+def test_image_info_reads_the_base_of_a_mounted_overlay_as_qemu_img_info(
+        tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
+    """An image others only read (the backing file of a mounted overlay) needs no -U."""
+    base = create(tmp_path, "base.qcow2", size=4 * MiB)
+    top = create(tmp_path, "top.qcow2", size=4 * MiB, backing=str(base))
+    mount_factory("--backend", f"d={top}")
+    for image, readable in ((base, True), (top, False)):
+        qemu = subprocess.run(["qemu-img", "info", str(image)], capture_output=True)
+        ours = blkfs("image", "info", "--json", str(image), check=False)
+        assert (qemu.returncode == 0) == readable == (ours.returncode == 0), image
+    assert json.loads(blkfs("image", "info", "--json", str(top), "-U").stdout)[
+        "backing-chain"][0]["filename"] == str(base)
