@@ -48,7 +48,7 @@ class HostPolicy:
             real = os.path.realpath(path)
             if any(_within(real, d) for d in self._socket_dirs):
                 return
-            where, allow = f"unix socket '{path}'", os.path.dirname(os.path.abspath(path))
+            where, allow = f"unix socket '{path}'", os.path.dirname(real)
         else:
             if (str(host).lower(), port) in self._tcp:
                 return
