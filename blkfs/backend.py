@@ -41,7 +41,7 @@ from blkfs.block.options import format_options, parse_bool, parse_options, parse
 from blkfs.block.perm import ALL, FILTERED, WRITERS, Perm
 from blkfs.block.policy import HostPolicy
 from blkfs.block.request import Requests
-from blkfs.errors import BlockError, OptionError
+from blkfs.errors import BlockError, NotFound, OptionError
 from blkfs.jobs.manager import JobManager
 
 __all__ = ["BlockBackend", "BlockError", "BlockLayer", "Extent", "IoError", "Limits",
@@ -591,8 +591,9 @@ def _describe(node: Node) -> dict[str, Any]:
 class BlockLayer:
     """The registry of backends of one blkfs instance, over one graph of nodes."""
 
-    def __init__(self, image_dirs: list[str] | None = None) -> None:
-        self.graph = Graph(policy=HostPolicy(image_dirs))
+    def __init__(self, image_dirs: list[str] | None = None,
+                 nbd_servers: list[str] | None = None) -> None:
+        self.graph = Graph(policy=HostPolicy(image_dirs, nbd_servers or ()))
         self.jobs = JobManager(self)
         self._backends: dict[str, BlockBackend] = {}
         self._deleted: set[BlockBackend] = set()
@@ -633,7 +634,7 @@ class BlockLayer:
     def find(self, name: str) -> BlockBackend:
         backend = self._backends.get(name)
         if backend is None:
-            raise BlockError(errno.ENOENT, f"no backend named '{name}'")
+            raise NotFound("backend", name, f"no backend named '{name}'")
         return backend
 
     async def create(self, name: str, options: Options | None = None, *,

@@ -40,8 +40,8 @@ from blkfs.frontends.qmp import parse_address as parse_qmp_address
 
 log = logging.getLogger("blkfs")
 UMOUNT_TIMEOUT = 120.0
-CONFIG_KEYS = ("image-dirs", "allow-other", "backends", "nbd", "nbd-mode", "exports", "qmp",
-               "poll-max-ns")
+CONFIG_KEYS = ("image-dirs", "allow-nbd", "allow-other", "backends", "nbd", "nbd-mode",
+               "exports", "qmp", "poll-max-ns")
 """The keys of a ``--config`` TOML file."""
 MAX_POLL_NS = 1_000_000_000
 """``--poll-max-ns`` at most a second: a daemon may busy-poll that long once when it idles."""
@@ -93,6 +93,11 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
     for directory in image_dirs or ():
         if not os.path.isdir(directory):
             raise UsageError(f"--image-dir {directory}: not a directory")
+    nbd_servers = [*data.get("allow-nbd", []), *args.allow_nbd]
+    try:
+        BlockLayer(image_dirs, nbd_servers)  # checks --allow-nbd before the daemon starts
+    except BlockError as exc:
+        raise UsageError(str(exc)) from None
     mountpoint = os.path.abspath(args.mountpoint)
     allow_other = args.allow_other or bool(data.get("allow-other"))
     poll_max_ns = (poll_time(args.poll_max_ns, "--poll-max-ns") if args.poll_max_ns is not None
@@ -104,7 +109,7 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
     qmp = args.qmp or data.get("qmp")
     if qmp is not None:
         frontends.append(qmp_frontend(qmp, mountpoint))
-    return DaemonConfig(backends=backends, image_dirs=image_dirs,
+    return DaemonConfig(backends=backends, image_dirs=image_dirs, nbd_servers=nbd_servers,
                         frontends=frontends), mountpoint
 
 
@@ -470,6 +475,10 @@ def parser() -> argparse.ArgumentParser:
                        help="let other users reach the mount (needs user_allow_other)")
     mount.add_argument("--image-dir", action="append", default=[], metavar="DIR",
                        help="only open host images inside DIR (repeatable)")
+    mount.add_argument("--allow-nbd", action="append", default=[],
+                       metavar="HOST:PORT|SOCKET-DIR",
+                       help="with --image-dir, let nbd nodes reach this NBD server, or the unix "
+                            "sockets in this directory (repeatable)")
     mount.add_argument("--nbd", metavar="unix:PATH|HOST:PORT",
                        help="serve NBD here; exports go here unless they name a socket")
     mount.add_argument("--nbd-mode", metavar="MODE",
@@ -518,5 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except (UsageError, BlockError, jobcmd.JobError) as exc:
         fail(str(exc))
+    except BrokenPipeError:  # the reader went away (| head): end quietly, as other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141  # a shell's status for SIGPIPE
     except KeyboardInterrupt:
         return 130

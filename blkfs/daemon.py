@@ -56,13 +56,15 @@ class DaemonConfig:
 
     backends: list[dict[str, Any]] = field(default_factory=list)
     image_dirs: list[str] | None = None
+    nbd_servers: list[str] = field(default_factory=list)
+    """NBD servers nodes may reach when ``image_dirs`` confines them (``--allow-nbd``)."""
     frontends: list[FrontendFactory] = field(default_factory=list)
 
 
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.layer = BlockLayer(config.image_dirs)
+        self.layer = BlockLayer(config.image_dirs, config.nbd_servers)
         self.commands = Commands(self.layer)
         self.frontends: list[Frontend] = []
         self._signals = trio.CancelScope()

@@ -34,6 +34,16 @@ class OptionError(BlockError):
         super().__init__(_errno.EINVAL, message)
 
 
+class NotFound(BlockError):
+    """ENOENT for a name: no ``kind`` ("backend", "node" or "job") named ``name``. A
+    frontend reports it in its own terms (QMP's DeviceNotFound, DeviceNotActive)."""
+
+    def __init__(self, kind: str, name: str, message: str) -> None:
+        super().__init__(_errno.ENOENT, message)
+        self.kind = kind
+        self.name = name
+
+
 def from_oserror(exc: OSError, what: str) -> BlockError:
     """Translate a host error into a BlockError whose message says which file or request."""
     code = exc.errno or _errno.EIO

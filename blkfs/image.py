@@ -108,18 +108,21 @@ async def set_backing_file(filename: str, backing: str | None,
         await graph.unref(root)
 
 
-async def image_info(filename: str) -> dict[str, Any]:
+async def image_info(filename: str, force_share: bool = False) -> dict[str, Any]:
     """Format, sizes, format details and the backing chain of an image, as plain data.
 
-    A backing file that cannot be opened does not hide the image's own facts: its layer is
-    reported with the error.
+    Opened read-only, as ``qemu-img info``: a format with metadata refuses to share write
+    (EBUSY while another program writes it) unless ``force_share`` (``qemu-img info -U``),
+    and then what it reports may be stale. A backing file that cannot be opened does not
+    hide the image's own facts: its layer is reported with the error.
     """
     graph = Graph()
     file_node = await graph.open_node({"driver": "file", "filename": filename,
-                                       "read-only": True})
+                                       "read-only": True, "force-share": force_share})
     try:
         fmt = await graph.probe(file_node)
-        tree: dict[str, Any] = {"driver": fmt, "file": file_node.name, "read-only": True}
+        tree: dict[str, Any] = {"driver": fmt, "file": file_node.name, "read-only": True,
+                                "force-share": force_share}
         backing_error = None
         try:
             root = await graph.open_node(tree)

@@ -38,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     info = verbs.add_parser("info", help="format, sizes and backing chain of an image")
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("-U", "--force-share", action="store_true",
+                      help="read an image another program writes (what it shows may be stale)")
     info.add_argument("file")
     info.set_defaults(func=cmd_info)
 
@@ -77,7 +79,13 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = trio.run(image_info, args.file)
+    try:
+        info = trio.run(image_info, args.file, args.force_share)
+    except BlockError as exc:
+        if exc.errno == errno.EBUSY and not args.force_share:  # as qemu-img info
+            raise BlockError(exc.errno, f"{exc}; is another process using the image? "
+                                        "-U (--force-share) reads it anyway") from None
+        raise
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -404,6 +404,7 @@ class NbdDriver(BlockDriver):
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         address = _address(values)
+        self.node.check_nbd_server(address.path, address.host, address.port)
         self.client = Client(address, values["export"], values["reconnect-delay"],
                              values["open-timeout"], writable=not self.node.read_only)
         await self.client.open()

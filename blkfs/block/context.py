@@ -45,6 +45,10 @@ class NodeContext(Protocol):
 
     def close_host_file(self, fd: int) -> None: ...
 
+    def check_nbd_server(self, path: str | None, host: str | None, port: int) -> None:
+        """BlockError (EACCES) unless the host policy lets a node reach this NBD server
+        (a unix socket ``path``, or ``host``:``port``)."""
+
     def probe_format(self, header: bytes) -> str:
         """The format an image starting with ``header`` would be probed as."""
 

@@ -41,7 +41,7 @@ from blkfs.block.options import (
 from blkfs.block.perm import ALL, WRITERS, Perm, Role, Use, conflict, cumulative
 from blkfs.block.policy import HostPolicy
 from blkfs.block.registry import DriverRegistry, default_registry
-from blkfs.errors import BlockError, OptionError
+from blkfs.errors import BlockError, NotFound, OptionError
 
 log = logging.getLogger("blkfs.graph")
 
@@ -105,7 +105,7 @@ class Graph:
     def find(self, name: str) -> Node:
         node = self.nodes.get(name)
         if node is None:
-            raise BlockError(errno.ENOENT, f"no node named '{name}'")
+            raise NotFound("node", name, f"no node named '{name}'")
         return node
 
     # -- validation (no I/O) -------------------------------------------------------------

@@ -220,6 +220,9 @@ class Node:
     def close_host_file(self, fd: int) -> None:
         self.graph.close_host_file(self, fd)
 
+    def check_nbd_server(self, path: str | None, host: str | None, port: int) -> None:
+        self.graph.policy.check_nbd_server(path, host, port)
+
     def probe_format(self, header: bytes) -> str:
         return self.graph.probe_bytes(header)
 

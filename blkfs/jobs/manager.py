@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from blkfs.errors import BlockError
+from blkfs.errors import BlockError, NotFound
 from blkfs.jobs.job import Job, JobStatus
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class JobManager:
     def find(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise BlockError(errno.ENOENT, f"no job named '{job_id}'")
+            raise NotFound("job", job_id, f"no job named '{job_id}'")
         return job
 
     def dismiss(self, job_id: str) -> None:

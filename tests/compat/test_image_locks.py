@@ -5,8 +5,9 @@ use of an image; and inside blkfs, no writer of an image some node reads as back
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
 from tests.compat.peers import MiB, create
 from tests.conftest import needs_qemu
-from tests.helpers import wait_until
+from tests.helpers import Mount, blkfs, wait_until
 from tests.locks import lock_bytes
 
 pytestmark = [needs_qemu]
@@ -127,3 +128,71 @@ async def test_a_base_in_use_as_backing_cannot_be_written(tmp_path: Path) -> Non
                 assert commit.returncode != 0 and "lock" in commit.stderr
         finally:
             await layer.close()
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_image_info_on_an_image_written_elsewhere_answers_as_qemu_img_info(
+        tmp_path: Path, mount_factory: Callable[..., Mount], fmt: str) -> None:
+    """A qcow2 image a blkfs mount or qemu-io writes: ``qemu-img info`` refuses
+    it (its metadata may change underneath) and reads it with -U; a raw one it reads either
+    way. ``blkfs image info`` answers the same, and takes no lock a writer would meet."""
+    image = tmp_path / f"disk.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(image), "4M"], check=True)
+    holders = {"blkfs": lambda: _mounted(mount_factory, image),
+               "qemu-io": lambda: _qemu_io_holding(image, fmt)}
+    for holder, hold in holders.items():
+        with hold():
+            held = lock_bytes(image)
+            assert WRITE in held[0], holder
+            for force in ([], ["-U"], ["--force-share"]):
+                qemu = subprocess.run(["qemu-img", "info", *force, str(image)],
+                                      capture_output=True, text=True)
+                ours = blkfs("image", "info", *force, str(image), check=False)
+                assert (ours.returncode, fmt) == (qemu.returncode, fmt), (holder, force,
+                                                                          ours.stderr)
+                if qemu.returncode:
+                    assert 'Failed to get shared "write" lock' in qemu.stderr
+                    assert 'shared "write" lock' in ours.stderr and "-U" in ours.stderr
+                    assert "Traceback" not in ours.stderr
+                else:
+                    assert f"file format: {fmt}" in ours.stdout
+                assert lock_bytes(image) == held, (holder, force)
+
+
+@contextmanager
+def _mounted(mount_factory: Callable[..., Mount], image: Path) -> Iterator[None]:
+    mount = mount_factory("--backend", f"d={image}")
+    try:
+        yield
+    finally:
+        mount.stop()
+
+
+@contextmanager
+def _qemu_io_holding(image: Path, fmt: str) -> Iterator[None]:
+    """An interactive qemu-io with ``image`` open for writing until the body ends."""
+    qemu_io = subprocess.Popen(["qemu-io", "-f", fmt, str(image)], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: WRITE in lock_bytes(image)[0] or qemu_io.poll() is not None,
+                   "qemu-io to open the image")
+        assert qemu_io.poll() is None
+        yield
+    finally:
+        assert qemu_io.stdin is not None
+        qemu_io.stdin.close()  # qemu-io quits at the end of its input
+        qemu_io.wait(timeout=30)
+
+
+def test_image_info_reads_the_base_of_a_mounted_overlay_as_qemu_img_info(
+        tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
+    """An image others only read (the backing file of a mounted overlay) needs no -U."""
+    base = create(tmp_path, "base.qcow2", size=4 * MiB)
+    top = create(tmp_path, "top.qcow2", size=4 * MiB, backing=str(base))
+    mount_factory("--backend", f"d={top}")
+    for image, readable in ((base, True), (top, False)):
+        qemu = subprocess.run(["qemu-img", "info", str(image)], capture_output=True)
+        ours = blkfs("image", "info", "--json", str(image), check=False)
+        assert (qemu.returncode == 0) == readable == (ours.returncode == 0), image
+    assert json.loads(blkfs("image", "info", "--json", str(top), "-U").stdout)[
+        "backing-chain"][0]["filename"] == str(base)

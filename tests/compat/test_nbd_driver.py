@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 import trio
+from qemu.qmp import ExecuteError, QMPClient
 
 from blkfs.backend import BlockBackend, BlockLayer, Status
 from blkfs.errors import BlockError
 from tests.compat.peers import MiB, check, convert, source, to_raw
 from tests.conftest import needs_fuse
-from tests.helpers import Mount
+from tests.helpers import Mount, MountError
 from tests.nbdpeers import Extents, nbd_map, nbdkit, needs_nbd_tools, qemu_map, qemu_nbd
+from tests.qmp.peer import drive
 
 pytestmark = [needs_nbd_tools, pytest.mark.qemu]
 SIZE = 8 * MiB
@@ -228,3 +230,45 @@ async def test_open_timeout_waits_for_a_server_that_is_starting(tmp_path: Path) 
             await layer.delete("d")
     finally:
         await layer.close()
+
+
+@needs_fuse
+def test_image_dir_confines_nbd_servers_to_those_allowed(tmp_path: Path, mount_factory) -> None:
+    """With --image-dir, an nbd node reaches only a server --allow-nbd names (a socket's
+    directory, or HOST:PORT): others are refused with EACCES before any connection, over
+    .ctl and QMP alike, and nothing is made. --allow-nbd without --image-dir is refused."""
+    inside, sockets = tmp_path / "img", tmp_path / "nbd"
+    inside.mkdir()
+    sockets.mkdir()
+    path = image(tmp_path, "raw")
+    with qemu_nbd(path, "raw", sockets / "s") as server:
+        medium = f"driver=nbd,server.type=unix,server.path={server.socket},export=disk0"
+        tcp = "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=1"
+        confined = mount_factory("--image-dir", str(inside), "--qmp", f"unix:{tmp_path / 'm'}")
+        for verb, args in (("create", f"d {medium}"), ("create", f"d {server.uri}"),
+                           ("node-add", f"n {medium}"), ("create", f"d {tcp}")):
+            assert confined.ctl_errno(verb, args) == errno.EACCES, args
+            assert "--allow-nbd" in confined.last_error()
+        assert confined.status()["backends"] == [] and confined.status()["nodes"] == []
+
+        async def refused(client: QMPClient) -> None:
+            with pytest.raises(ExecuteError) as err:
+                await client.execute("blockdev-add", {
+                    "driver": "nbd", "node-name": "n", "export": "disk0",
+                    "server": {"type": "unix", "path": str(server.socket)}})
+            assert "--allow-nbd" in str(err.value)
+            assert await client.execute("query-named-block-nodes") == []
+        drive(tmp_path / "m", refused)
+
+        config = tmp_path / "blkfs.toml"  # the config file's list adds to the flags'
+        config.write_text(f'image-dirs = ["{inside}"]\nallow-nbd = ["{sockets}"]\n')
+        allowed = mount_factory("--config", str(config), "--allow-nbd", "127.0.0.1:1")
+        allowed.ctl("create", f"d {medium}")
+        assert (allowed / "d").read_bytes() == path.read_bytes()
+        allowed.ctl("node-add", f"n {medium}")
+        assert allowed.ctl_errno("create", f"e {tcp}") != errno.EACCES  # tried: no server
+        assert "127.0.0.1:1" in allowed.last_error() and "--allow" not in allowed.last_error()
+        assert allowed.ctl_errno("create", f"e {tcp.replace('port=1', 'port=2')}") \
+            == errno.EACCES
+        with pytest.raises(MountError, match="only together with --image-dir"):
+            mount_factory("--allow-nbd", str(sockets))

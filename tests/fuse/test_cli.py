@@ -278,3 +278,18 @@ def test_image_create_lists_only_formats(images: Path) -> None:
         assert result.returncode == 1 and "formats: qcow2, raw" in result.stderr, fmt
         assert "throttle" not in result.stderr.split("formats:")[1]
     assert not (images / "x.img").exists()
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(images: Path) -> None:
+    """``blkfs image info X | head -1``: output into a closed pipe ends without a
+    traceback, as other tools do."""
+    image = images / "x.img"
+    image.write_bytes(bytes(1 << 20))
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before anything is written
+    try:
+        result = subprocess.run([*BLKFS, "image", "info", str(image)], stdout=write,
+                                stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert result.returncode != 0 and result.stderr == ""

@@ -5,14 +5,16 @@ deliberate are listed in README ("QMP monitor")."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 from qemu.qmp import QMPClient
 
+from blkfs.frontends.qmp.translate import TABLE
 from tests.conftest import needs_fuse, needs_qemu
 from tests.helpers import Mount, wait_until
 from tests.qmp.peer import drive, raw
@@ -249,3 +251,85 @@ def test_job_events_come_in_qemus_order(qsd: Path, monitor: tuple[Mount, Path],
     ours = job_events(path, [{"execute": "blockdev-add", "arguments": n} for n in nodes]
                       + exports, images / "blkfs-mirror.qcow2")
     assert ours == without_drain_pauses(theirs)
+
+
+FILL = {"str": "zz", "int": 1 << 20, "bool": False, "array": [], "object": {}}
+"""A value of each argument type; a string names nothing that exists."""
+WRONG = {"str": 7, "int": "7", "bool": "on", "array": "x", "object": "x"}
+CHOICES = {"sync": "full", "type": "nbd", "mode": "existing", "copy-mode": "background",
+           "read-only-mode": "retain", "format": "qcow2",
+           "options": [{"driver": "qcow2", "node-name": "zz", "file": "zz"}]}
+"""Arguments QEMU checks first (an enumeration; blockdev-reopen's list, which must not be
+empty: qemu-storage-daemon 7.2 aborts on an empty one): valid values, so that the name
+lookup is what fails."""
+
+
+def bad_inputs(name: str, spec: Mapping[str, tuple[str, bool]] | None
+               ) -> list[dict[str, Any]]:
+    """Argument sets each failing on one thing: one missing, one of the wrong type, the
+    names given naming nothing (unknown device, node or job)."""
+    if spec is None:  # blockdev-add: free-form
+        return [{}, {"driver": 7, "node-name": "x"},
+                {"driver": "qcow2", "node-name": "x", "file": "zz"},
+                {"driver": "raw", "node-name": "x", "file": {"driver": "file",
+                                                             "filename": "/nonexistent"}}]
+    def value(key: str, kind: str) -> Any:
+        return CHOICES.get(key, FILL[kind])
+    required = {key: value(key, kind) for key, (kind, needed) in spec.items() if needed}
+    names = {key: "zz" for key in ("device", "id", "node-name", "node") if key in spec}
+    unknown = {**required, **dict(list(names.items())[:1])}
+    inputs = [unknown]
+    if required:
+        inputs += [{}, *[{k: v for k, v in required.items() if k != key} for key in required]]
+    inputs += [{**unknown, key: WRONG[kind]} for key, (kind, _) in spec.items()]
+    return inputs
+
+
+REFERENCES = ("target", "top-node", "base-node", "overlay", "node-name", "node")
+"""Arguments naming a node besides the device."""
+
+
+def bad_references(spec: Mapping[str, tuple[str, bool]] | None) -> list[dict[str, Any]]:
+    """For a command on an existing device (``n0``): each node it names naming nothing."""
+    if spec is None or "device" not in spec:
+        return []
+    required = {key: CHOICES.get(key, FILL[kind]) for key, (kind, needed) in spec.items()
+                if needed}
+    return [{**required, "device": "n0", key: "zz"} for key in REFERENCES if key in spec]
+
+
+def test_every_commands_failures_have_qemus_classes(qsd: Path, monitor: tuple[Mount, Path],
+                                                    images: Path) -> None:
+    """Each command both answer, sent the same bad inputs (an argument missing, of the
+    wrong type, a device, node or job that does not exist, a node named beside an existing
+    device): the same error class."""
+    with raw(qsd) as theirs, raw(monitor[1]) as ours:
+        theirs.negotiate()
+        ours.negotiate()
+        qsd_commands = {c["name"] for c in theirs.reply({"execute": "query-commands"})["return"]}
+        for peer, conn in (("qsd", theirs), ("blkfs", ours)):
+            image = images / f"{peer}.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"],
+                           check=True)
+            assert conn.reply({"execute": "blockdev-add", "arguments": {
+                "driver": "qcow2", "node-name": "n0",
+                "file": {"driver": "file", "filename": str(image)}}}) == {"return": {}}
+        assert ours.reply({"execute": "block-export-add", "arguments": {  # a device, in blkfs
+            "type": "fuse", "id": "d0", "node-name": "n0"}}) == {"return": {}}
+        differences = []
+        tried = 0
+        for name, command in sorted(TABLE.items()):
+            if name not in qsd_commands or name.startswith("query-"):
+                continue
+            for arguments in [*bad_inputs(name, command.args), *bad_references(command.args)]:
+                message = {"execute": name, "arguments": arguments}
+                their, our = theirs.reply(message), ours.reply(message)
+                tried += 1
+                klass = [reply.get("error", {}).get("class", "(success)")
+                         for reply in (their, our)]
+                if klass[0] != klass[1]:
+                    differences.append(f"{name} {json.dumps(arguments)}: qsd {klass[0]} "
+                                       f"({their.get('error', {}).get('desc')}), blkfs "
+                                       f"{klass[1]} ({our.get('error', {}).get('desc')})")
+    assert tried > 100
+    assert not differences, "\n".join(differences)

@@ -231,7 +231,7 @@ def test_snapshot_jobs_and_their_events(monitor: Monitor, images: Path) -> None:
             pass
         await fails(client, "drive-mirror", {"device": "d", "sync": "sideways",
                                              "target": str(images / "x.qcow2")})
-        await fails(client, "block-commit", {"device": "nosuch"})
+        await fails(client, "block-commit", {"device": "nosuch"}, "DeviceNotFound")
     drive(path, body)
     assert mount.backends()["d"]["tree"]["children"]["file"]["options"]["filename"] == \
         str(images / "mirror.qcow2")

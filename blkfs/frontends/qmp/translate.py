@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from blkfs.backend import IoError
 from blkfs.commands import Commands
-from blkfs.errors import BlockError
+from blkfs.errors import BlockError, NotFound
 
 VERSION = (0, 1, 0)
 PACKAGE = "blkfs 0.1.0"
@@ -107,8 +107,21 @@ async def execute(monitor: Monitor, name: str, args: dict[str, Any]) -> Any:
         check_args(command.args, args)
     try:
         return await command.handler(monitor, args)
-    except BlockError as exc:  # a device that does not exist was reported before this
+    except NotFound as exc:
+        raise not_found(exc, args) from None
+    except BlockError as exc:
         raise QmpError("GenericError", str(exc)) from None
+
+
+def not_found(exc: NotFound, args: Mapping[str, Any]) -> QmpError:
+    """QEMU's error for a name that names nothing: a backend is a device (DeviceNotFound);
+    a job named as a device, as the block-job-* commands name it, is not active on it
+    (DeviceNotActive, ``find_block_job``); a node, or a job by id, GenericError."""
+    if exc.kind == "backend":
+        return QmpError("DeviceNotFound", f"Device '{exc.name}' not found")
+    if exc.kind == "job" and args.get("device") == exc.name:
+        return QmpError("DeviceNotActive", f"Block job '{exc.name}' not found")
+    return generic(str(exc))
 
 
 async def run(monitor: Monitor, name: str, args: Mapping[str, Any]) -> Any:
@@ -516,7 +529,7 @@ async def blockdev_snapshot(monitor: Monitor, args: dict[str, Any]) -> Any:
 @qmp("block-commit", job_id="str?", device_="str", top="str?", base="str?",
      top_node="str?", base_node="str?", speed="int?")
 async def block_commit(monitor: Monitor, args: dict[str, Any]) -> Any:
-    name = await device(monitor, args, "device")
+    name = await device(monitor, args, "device", klass="DeviceNotFound")  # as QEMU's
     await run(monitor, "commit", {"name": name, "top": args.get("top-node", args.get("top")),
                                   "base": args.get("base-node", args.get("base")),
                                   "speed": args.get("speed"), "job-id": args.get("job-id")})
