@@ -41,7 +41,8 @@ from blkfs.block.options import format_options, parse_bool, parse_options, parse
 from blkfs.block.perm import ALL, FILTERED, WRITERS, Perm
 from blkfs.block.policy import HostPolicy
 from blkfs.block.request import Requests
-from blkfs.errors import BlockError, NotFound, OptionError
+from blkfs.error_policy import POLICIES, Operation, Pause, Policy, action
+from blkfs.errors import BlockError, LastingError, NotFound, OptionError
 from blkfs.jobs.manager import JobManager
 
 __all__ = ["BlockBackend", "BlockError", "BlockLayer", "Extent", "IoError", "Limits",
@@ -71,10 +72,12 @@ class IoError:
     backend: str
     node: str
     """The medium's root node."""
-    operation: Literal["read", "write"]
+    operation: Operation
     """Flushes, discards and zeroing are writes, as QEMU reports them."""
     errno: int
     message: str
+    action: Literal["report", "ignore", "stop"]
+    """What the backend's error policy made of it (see :mod:`blkfs.error_policy`)."""
 
 
 IoErrorListener = Callable[[IoError], None]
@@ -95,7 +98,8 @@ class BlockBackend:
     """A named root: the unit frontends open, read, write and change media on."""
 
     def __init__(self, layer: BlockLayer, name: str, read_only: bool = False,
-                 on_change: str = "follow") -> None:
+                 on_change: str = "follow", werror: Policy = "enospc",
+                 rerror: Policy = "report") -> None:
         self.layer = layer
         self.name = name
         self.on_change = on_change
@@ -117,6 +121,10 @@ class BlockBackend:
         self._listeners: list[Listener] = []
         self._blockers: dict[object, tuple[str, str]] = {}
         """Who holds the backend still (a running job): why, and until when."""
+        self.werror: Policy = werror
+        self.rerror: Policy = rerror
+        self._pause: Pause | None = None
+        """Set while the error policy holds requests (see :mod:`blkfs.error_policy`)."""
         self.changed_ns = time.time_ns()
         """When the medium, its size or its contents last changed (for mtime)."""
 
@@ -184,8 +192,15 @@ class BlockBackend:
         for holder, (reason, until) in self._blockers.items():
             if holder is not by:
                 raise BlockError(errno.EBUSY, f"{self.name}: {reason}; {what} {until}")
+        if self._pause is not None and by is None and not (writers and force):
+            raise BlockError(errno.EBUSY, f"{self.name}: {self._pause.describe()}; {what} "
+                                          f"once resumed (make room, then 'cont {self.name}')"
+                                          + (", or add force=on: the held requests then fail "
+                                             "with EIO" if writers else ""))
         if writers and not force:
             self._check_writers(what)
+        if self._pause is not None and by is None:  # force=on: the held requests fail
+            self._end_pause(abandon=True)
 
     def _check_writers(self, what: str) -> None:
         if self.writers:
@@ -241,14 +256,61 @@ class BlockBackend:
             raise BlockError(errno.ENOMEDIUM, f"{self.name}: no medium")
         return self._root.node
 
-    def _report(self, node: Node, operation: Literal["read", "write"],
-                exc: BlockError) -> None:
+    def _report(self, node: Node, operation: Operation, exc: BlockError,
+                what: Literal["report", "ignore", "stop"] = "report") -> None:
         """Tell the layer's I/O error listeners that ``node`` failed a request. (Callers
         catch the error themselves: a context manager around every request would cost a
         third of a 4 KiB read's instructions.)"""
-        error = IoError(self.name, node.name, operation, exc.errno, exc.message)
+        error = IoError(self.name, node.name, operation, exc.errno, exc.message, what)
         for listener in list(self.layer.io_error_listeners):
             listener(error)
+
+    async def _failed(self, node: Node, operation: Operation, offset: int | None,
+                      exc: BlockError) -> bool:
+        """Apply the error policy to a request ``node`` failed: raise ``exc`` (report),
+        return False (ignore: the request counts as done), or hold the request until
+        :meth:`cont` and return True (retry it). The first failure pauses the backend: new
+        requests wait at the door until then."""
+        what = "report" if isinstance(exc, LastingError) else \
+            action(self.werror if operation == "write" else self.rerror, exc.errno)
+        self._report(node, operation, exc, what)
+        if what == "report":
+            raise exc
+        if what == "ignore":
+            return False
+        pause = self._pause
+        if pause is None:
+            pause = self._pause = Pause(operation, node.name, offset, exc.errno, exc.message)
+            self._requests.tracker.hold()
+            log.warning("%s: %s; held until 'cont %s'", self.name, pause.describe(),
+                        self.name)
+        await pause.over.wait()
+        if pause.abandoned:
+            raise BlockError(errno.EIO, f"{self.name}: {pause.describe()}; given up with "
+                                        "force=on") from exc
+        return True
+
+    @property
+    def paused(self) -> bool:
+        return self._pause is not None
+
+    def cont(self) -> None:
+        """Retry the requests a pause holds, and let the waiting ones in (QEMU's cont); if
+        they fail again, the backend pauses again. Nothing happens to a backend that is not
+        paused."""
+        if self._pause is not None:
+            self._end_pause(abandon=False)
+            log.info("%s: resumed", self.name)
+
+    def _end_pause(self, abandon: bool) -> None:
+        pause, self._pause = self._pause, None
+        assert pause is not None
+        pause.abandoned = abandon
+        self._requests.tracker.release()
+        pause.over.set()
+        if abandon:
+            log.warning("%s: pause given up (force=on): its held requests fail with EIO",
+                        self.name)
 
     def _check_range(self, node: Node, offset: int, length: int, write: bool) -> None:
         if offset < 0 or length < 0:
@@ -276,11 +338,13 @@ class BlockBackend:
     async def _readinto(self, offset: int, buf: memoryview) -> None:
         node = self._medium()
         self._check_range(node, offset, buf.nbytes, write=False)
-        try:
-            await node.readinto(offset, buf)
-        except BlockError as exc:
-            self._report(node, "read", exc)
-            raise
+        while True:
+            try:
+                await node.readinto(offset, buf)
+                return
+            except BlockError as exc:
+                if not await self._failed(node, "read", offset, exc):
+                    return
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     fua: bool = False) -> None:
@@ -292,26 +356,34 @@ class BlockBackend:
                      fua: bool) -> None:
         node = self._medium()
         self._check_write(node, offset, len(data))
-        try:
-            await node.write(offset, data)
-            self.changed_ns = time.time_ns()
-            if fua:
-                await node.flush()
-        except BlockError as exc:
-            self._report(node, "write", exc)
-            raise
+        while True:
+            try:
+                await node.write(offset, data)
+                break
+            except BlockError as exc:
+                if not await self._failed(node, "write", offset, exc):
+                    return
+        self.changed_ns = time.time_ns()
+        if fua:
+            await self._flush()
 
     async def flush(self) -> None:
         """Make every acknowledged write durable in the host files."""
         await self._requests.run(self.stats.flush, 0, self._flush)
 
     async def _flush(self) -> None:
+        """A flush that failed on the host (fsyncgate) is reported whatever the error policy:
+        it stays failed until the medium is reopened, so retrying it would not help. One
+        that failed before (metadata that did not fit on a full host) is held as a write."""
         if self._root is not None:
-            try:
-                await self._root.node.flush()
-            except BlockError as exc:
-                self._report(self._root.node, "write", exc)
-                raise
+            node = self._root.node
+            while True:
+                try:
+                    await node.flush()
+                    return
+                except BlockError as exc:
+                    if not await self._failed(node, "write", None, exc):
+                        return
 
     async def discard(self, offset: int, length: int) -> None:
         """Tell the medium the range is unused (advisory: it may read as before or as
@@ -328,14 +400,16 @@ class BlockBackend:
     async def _zero_or_discard(self, offset: int, length: int, unmap: bool | None) -> None:
         node = self._medium()
         self._check_write(node, offset, length)
-        try:
-            if unmap is None:
-                await node.discard(offset, length)
-            else:
-                await node.write_zeroes(offset, length, unmap)
-        except BlockError as exc:
-            self._report(node, "write", exc)
-            raise
+        while True:
+            try:
+                if unmap is None:
+                    await node.discard(offset, length)
+                else:
+                    await node.write_zeroes(offset, length, unmap)
+                break
+            except BlockError as exc:
+                if not await self._failed(node, "write", offset, exc):
+                    return
         self.changed_ns = time.time_ns()
 
     async def block_status(self, offset: int, length: int) -> Extent:
@@ -358,27 +432,32 @@ class BlockBackend:
         only when asked to with ``shrink``, as ``qemu-img resize --shrink``: a truncate to a
         smaller size is what ``dd`` without ``conv=notrunc`` does to its output, and it
         would throw away the end of the disk."""
-        async with self._graph_lock, self._requests.tracker.drained():
-            node = self._medium()
-            self.check_op("resize it")
-            if self.read_only:
-                raise BlockError(errno.EROFS, f"{self.name}: read-only medium")
-            if length < node.size and not shrink:
-                raise BlockError(errno.EPERM, f"{self.name}: refusing to shrink the disk from "
-                                              f"{node.size} to {length} bytes; write in place "
-                                              "(dd conv=notrunc) or shrink explicitly with "
-                                              f"'{self.name} {length} shrink=on' > .ctl/resize")
-            await node.truncate(length)
+        async with self._graph_lock:
+            self.check_op("resize it")  # before the drain, which a paused request would hold
+            async with self._requests.tracker.drained():
+                await self._truncate(length, shrink)
         log.info("%s: resized to %d bytes", self.name, length)
         self._notify("size")
+
+    async def _truncate(self, length: int, shrink: bool) -> None:
+        node = self._medium()
+        if self.read_only:
+            raise BlockError(errno.EROFS, f"{self.name}: read-only medium")
+        if length < node.size and not shrink:
+            raise BlockError(errno.EPERM, f"{self.name}: refusing to shrink the disk from "
+                                          f"{node.size} to {length} bytes; write in place "
+                                          "(dd conv=notrunc) or shrink explicitly with "
+                                          f"'{self.name} {length} shrink=on' > .ctl/resize")
+        await node.truncate(length)
 
     async def refresh_size(self) -> None:
         """Take the size the medium has now (an image resized on the host), as
         ``losetup -c`` does."""
-        async with self._graph_lock, self._requests.tracker.drained():
+        async with self._graph_lock:
             self.check_op("resize it")
             old = self.length()
-            await self.layer.graph.refresh_sizes(self._medium())
+            async with self._requests.tracker.drained():
+                await self.layer.graph.refresh_sizes(self._medium())
         if self.length() != old:
             log.info("%s: size is now %d bytes", self.name, self.length())
             self._notify("size")
@@ -436,24 +515,29 @@ class BlockBackend:
         and may run ``before_swap`` while the backend is drained (a mirror's last copy).
         """
         tree = self.layer.parse(options)
-        async with self._graph_lock, self._requests.tracker.drained():
+        async with self._graph_lock:
             self.check_op("change its medium", by=by)
-            old = self._root
-            if before_swap is not None:
-                await before_swap()
-            if old is None:
-                self._root = await self._open_medium(tree)
-            else:
-                await self._flush_outgoing(force)
-                kept = self.layer.graph.subtree(old.node)
-                self._root = await self._replace(old, tree, force or same_data)
-                await self._release(old)
-                await self._settle(kept)
+            async with self._requests.tracker.drained():
+                await self._change(tree, force, same_data, before_swap)
         log.info("%s: changed medium to %s", self.name, _spelled(tree))
         if same_data:
             self._notify("medium")
         else:
             self._media_changed()
+
+    async def _change(self, tree: Medium, force: bool, same_data: bool,
+                      before_swap: Callable[[], Awaitable[None]] | None) -> None:
+        old = self._root
+        if before_swap is not None:
+            await before_swap()
+        if old is None:
+            self._root = await self._open_medium(tree)
+        else:
+            await self._flush_outgoing(force)
+            kept = self.layer.graph.subtree(old.node)
+            self._root = await self._replace(old, tree, force or same_data)
+            await self._release(old)
+            await self._settle(kept)
 
     async def _settle(self, nodes: list[Node]) -> None:
         """Nodes the new medium took over from the old one and nobody writes any more (the
@@ -494,16 +578,18 @@ class BlockBackend:
             raise
         return new
 
-    async def _flush_outgoing(self, force: bool) -> None:
-        """Flush the medium before it goes; a failure stops the command unless ``force``."""
-        assert self._root is not None
+    async def _flush_outgoing(self, force: bool, going: str = "replacing the medium") -> None:
+        """Flush the medium before it goes; a failure stops the command unless ``force``
+        (whatever the error policy: a command fails, it does not wait for ``cont``)."""
+        if self._root is None:
+            raise BlockError(errno.ENOMEDIUM, f"{self.name}: no medium")
         try:
             await self._root.node.flush()
         except BlockError as exc:
             if not force:
                 raise
-            log.warning("%s: flush failed, replacing the medium anyway (force=on): %s",
-                        self.name, exc.message)
+            log.warning("%s: flush failed, %s anyway (force=on): %s", self.name, going,
+                        exc.message)
 
     def _root_perm(self, node: Node) -> Perm:
         return Perm.CONSISTENT_READ if self._read_only or node.read_only else RW
@@ -547,6 +633,10 @@ class BlockBackend:
             "writers": self.writers,
             "generation": self.generation,
             "on-change": self.on_change,
+            "werror": self.werror,
+            "rerror": self.rerror,
+            "io-status": self._pause.io_status if self._pause else "ok",
+            "paused": self._pause.as_dict() if self._pause else None,
             "stats": self.stats.as_dict(),
             "tree": _describe(self._root.node) if self._root else None,
         }
@@ -638,7 +728,8 @@ class BlockLayer:
         return backend
 
     async def create(self, name: str, options: Options | None = None, *,
-                     read_only: bool = False, on_change: str = "follow") -> BlockBackend:
+                     read_only: bool = False, on_change: str = "follow",
+                     werror: Policy = "enospc", rerror: Policy = "report") -> BlockBackend:
         """A new backend, with a medium from ``options`` or empty; nothing is left behind
         if the medium cannot be opened."""
         if not NAME_RE.match(name):
@@ -650,7 +741,10 @@ class BlockLayer:
         if on_change not in ON_CHANGE_CHOICES:
             raise OptionError(f"on-change must be {' or '.join(ON_CHANGE_CHOICES)} "
                               f"(got {on_change!r})")
-        backend = BlockBackend(self, name, read_only, on_change)
+        for key, policy in (("werror", werror), ("rerror", rerror)):
+            if policy not in POLICIES:
+                raise OptionError(f"{key} must be {', '.join(POLICIES)} (got {policy!r})")
+        backend = BlockBackend(self, name, read_only, on_change, werror, rerror)
         self._backends[name] = backend  # reserve the name while the medium opens
         try:
             if options is not None:
@@ -670,13 +764,8 @@ class BlockLayer:
         backend = self.find(name)
         backend.check_op("delete it", writers=True, force=force)
         if backend.refcnt == 1 and backend.has_medium:
-            try:
-                await backend.flush()
-            except BlockError as exc:
-                if not force:
-                    raise
-                log.warning("%s: flush failed, deleting anyway (force=on): %s", name,
-                            exc.message)
+            await backend._requests.run(backend.stats.flush, 0, backend._flush_outgoing, force,
+                                        "deleting it")
             if self._backends.get(name) is not backend:  # deleted meanwhile
                 raise BlockError(errno.ENOENT, f"no backend named '{name}'")
             backend.check_op("delete it", writers=True, force=force)  # a job came meanwhile
@@ -772,6 +861,9 @@ class BlockLayer:
         that fails to flush is closed anyway, and named in the list returned (and the log);
         the others still close cleanly."""
         failures = []
+        for backend in [*self._backends.values(), *self._deleted]:
+            if backend.paused:  # nobody will make room now: the held requests fail
+                backend._end_pause(abandon=True)
         for backend in list(self._backends.values()):
             try:
                 await self._drop(backend)

@@ -86,6 +86,7 @@ JobId = Annotated[str, Kind.JOB]
 HostPath = Annotated[str, Kind.PATH]
 Rate = Annotated[int, Kind.RATE]
 OnChange = Literal["follow", "error"]
+ErrorPolicy = Literal["report", "ignore", "enospc", "stop"]
 
 
 @dataclass(frozen=True)
@@ -240,12 +241,15 @@ def one_line(text: str) -> str:
 
 @command
 async def create(layer: BlockLayer, name: BackendName, medium: MediumOptions | None = None,
-                 on_change: OnChange = "follow") -> None:
+                 on_change: OnChange = "follow", werror: ErrorPolicy = "enospc",
+                 rerror: ErrorPolicy = "report") -> None:
     """A new backend with that medium, or an empty drive.
 
     on-change=error: files opened before a media change fail with ESTALE until opened
-    again (default: they follow the new medium, as a drive's users do)."""
-    await layer.create(name, medium, on_change=on_change)
+    again (default: they follow the new medium, as a drive's users do). werror and rerror:
+    what a write or read the medium fails does (QEMU's): report it, ignore it, or stop
+    (pause the backend until cont); enospc stops on a full host and reports the rest."""
+    await layer.create(name, medium, on_change=on_change, werror=werror, rerror=rerror)
 
 
 @command
@@ -303,6 +307,25 @@ async def resize(layer: BlockLayer, name: BackendName, size: Size | None = None,
         await backend.refresh_size()
     else:
         await backend.truncate(size, shrink=shrink)
+
+
+@command
+async def set_(layer: BlockLayer, name: BackendName, werror: ErrorPolicy | None = None,
+               rerror: ErrorPolicy | None = None, on_change: OnChange | None = None) -> None:
+    """Change a backend's own options live: its error policies and on-change."""
+    backend = layer.find(name)
+    backend.werror = werror or backend.werror
+    backend.rerror = rerror or backend.rerror
+    backend.on_change = on_change or backend.on_change
+
+
+@command
+async def cont(layer: BlockLayer, name: BackendName | None = None) -> None:
+    """Resume a backend its error policy paused (every paused backend, with no name).
+
+    Its held requests are retried; if they fail again, it pauses again."""
+    for backend in [layer.find(name)] if name else list(layer):
+        backend.cont()
 
 
 @command

@@ -34,6 +34,11 @@ class OptionError(BlockError):
         super().__init__(_errno.EINVAL, message)
 
 
+class LastingError(BlockError):
+    """A failure that retrying cannot cure: a host flush that failed (the kernel may have
+    dropped what it could not write back). An error policy reports it, never retries it."""
+
+
 class NotFound(BlockError):
     """ENOENT for a name: no ``kind`` ("backend", "node" or "job") named ``name``. A
     frontend reports it in its own terms (QMP's DeviceNotFound, DeviceNotActive)."""

@@ -31,7 +31,16 @@ from typing import Any
 
 import trio
 
-from blkfs.block import REQUIRED, BlockDriver, BlockError, Extent, Option, Perm, Status
+from blkfs.block import (
+    REQUIRED,
+    BlockDriver,
+    BlockError,
+    Extent,
+    LastingError,
+    Option,
+    Perm,
+    Status,
+)
 from blkfs.block.request import align_up
 from blkfs.errors import from_oserror
 
@@ -287,7 +296,7 @@ class FileDriver(BlockDriver):
         before it may be lost whatever a retry says. As QEMU's file-posix (and PostgreSQL)
         do, every later flush fails until the image is opened again (a media change)."""
         if self.flush_error is not None:
-            raise BlockError(errno.EIO, f"'{self.filename}': an earlier flush failed "
+            raise LastingError(errno.EIO, f"'{self.filename}': an earlier flush failed "
                                         f"({self.flush_error}); what was written before it "
                                         "may be lost, so no flush succeeds until the medium "
                                         "is changed (or ejected and inserted)")
@@ -295,7 +304,8 @@ class FileDriver(BlockDriver):
             await trio.to_thread.run_sync(os.fdatasync, self.fd)
         except OSError as exc:
             self.flush_error = os.strerror(exc.errno or errno.EIO)
-            raise self._error(exc) from None
+            failed = self._error(exc)
+            raise LastingError(failed.errno, failed.message) from None
 
     def reusable(self) -> bool:
         return self.flush_error is None

@@ -181,6 +181,23 @@ def mounted_fs(device: str, where: Path) -> Iterator[Path]:
 
 
 @contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A small host filesystem (tmpfs of ``size``, as mount's size= spells it) on ``where``
+    for the body, unmounted afterwards, even on failure. ``mount -o remount,size=...``
+    makes room in it as an administrator would."""
+    where.mkdir(exist_ok=True)
+    run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", where)
+    try:
+        yield where
+    finally:
+        if mounted(where):
+            subprocess.run(["umount", str(where)], check=False)
+        if mounted(where):
+            subprocess.run(["umount", "-l", str(where)], check=False)
+        assert not mounted(where)
+
+
+@contextmanager
 def flaky_disk(directory: Path, size: int = 64 << 20) -> Iterator[tuple[Path, Path]]:
     """A host file whose fdatasync fails while a trigger file exists: nbdfuse serving a file
     through nbdkit's eval plugin, whose flush fails with EIO then (nbdkit 1.32's error filter
@@ -223,8 +240,8 @@ def wait_until(condition: Callable[[], bool], what: str, seconds: float = 10.0) 
 
 
 __all__ = ["Mount", "MountError", "blkfs", "errno", "errno_of", "flaky_disk", "force_unmount",
-           "loop_device", "mounted", "mounted_fs", "pattern_image", "run", "wait_until",
-           "without_stats"]
+           "loop_device", "mounted", "mounted_fs", "pattern_image", "run", "tmpfs",
+           "wait_until", "without_stats"]
 
 
 @contextmanager

@@ -7,7 +7,7 @@ from blkfs.block.node import Child, Node
 from blkfs.block.options import REQUIRED, ChildSpec, Option
 from blkfs.block.perm import FILTERED, IMAGE, Perm, Role
 from blkfs.block.request import RangeLocks
-from blkfs.errors import BlockError, OptionError
+from blkfs.errors import BlockError, LastingError, OptionError
 
 __all__ = [
            "FILTERED",
@@ -19,6 +19,7 @@ __all__ = [
            "ChildSpec",
            "Extent",
            "Graph",
+           "LastingError",
            "Node",
            "Option",
            "OptionError",

@@ -50,12 +50,22 @@ class Tracker:
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
 
-    @asynccontextmanager
-    async def drained(self) -> AsyncIterator[None]:
-        """Run the body with no request in flight and new ones held until it ends."""
+    def hold(self) -> None:
+        """Hold new requests at the door until :meth:`release`, without waiting for those
+        inside (a paused backend: they wait themselves)."""
         if self._quiesced == 0:
             self._resume = trio.Event()
         self._quiesced += 1
+
+    def release(self) -> None:
+        self._quiesced -= 1
+        if self._quiesced == 0:
+            self._resume.set()
+
+    @asynccontextmanager
+    async def drained(self) -> AsyncIterator[None]:
+        """Run the body with no request in flight and new ones held until it ends."""
+        self.hold()
         try:
             while self.in_flight:
                 if self._idle is None:  # a second drainer waits for the same moment
@@ -64,9 +74,7 @@ class Tracker:
                 self._idle = None
             yield
         finally:
-            self._quiesced -= 1
-            if self._quiesced == 0:
-                self._resume.set()
+            self.release()
 
 
 @dataclass

@@ -49,9 +49,11 @@ def parse(verb: str, payload: bytes) -> dict[str, Any]:
     if "\n" in text:
         raise BlockError(errno.EINVAL, f"one command per write ({usage(verb)})")
     first, _, rest = text.strip().partition(" ")
-    if not first:
-        raise BlockError(errno.EINVAL, f"no name given ({usage(verb)})")
     command = COMMANDS[verb]
+    if not first:
+        if command.params[0].required:
+            raise BlockError(errno.EINVAL, f"no name given ({usage(verb)})")
+        return {}
     args: dict[str, Any] = {command.params[0].name: first}
     options = next((p for p in command.params
                     if p.kind in (Kind.MEDIUM, Kind.NODE_OPTIONS)), None)
@@ -124,6 +126,8 @@ def format_status(backends: list[dict[str, Any]]) -> str:
                      human_size(b["size"]), str(b["open"]),
                      f"{tree['driver']} {tree['node-name']}" if tree else "-"))
     lines = _table(rows)
+    lines.extend(f"{b['name']}: {b['paused']['reason']}; 'cont {b['name']}' retries it"
+                 for b in backends if b["paused"])
     for b in backends:
         if b["tree"]:
             lines.append("")

@@ -413,11 +413,15 @@ class Qcow2Driver(BlockDriver):
         head, tail = position - start, min(end, start + count * cluster) - start
         host = await self.allocator.allocate(count)
         whole_from = 0
-        if head or tail < cluster:
-            whole_from = min(tail, cluster)
-            await self._write_merged(start, host, head, data[:whole_from - head])
-        if whole_from < tail:
-            await self.file.write(host + whole_from, data[whole_from - head:tail - head])
+        try:
+            if head or tail < cluster:
+                whole_from = min(tail, cluster)
+                await self._write_merged(start, host, head, data[:whole_from - head])
+            if whole_from < tail:
+                await self.file.write(host + whole_from, data[whole_from - head:tail - head])
+        except BlockError:  # nothing points to the new clusters: free them (no leak)
+            self.allocator.drop(host + i * cluster for i in range(count))
+            raise
         for i in range(count):
             old, _ = l2_entry(table, index + i, extended)
             set_l2_entry(table, index + i, extended, (host + i * cluster) | OFLAG_COPIED,

@@ -151,7 +151,7 @@ async def test_server_errors_reach_the_caller_and_the_connection_stays(tmp_path:
                 f"error-pwrite-file={trigger}") as server:
         layer = BlockLayer()
         try:
-            backend = await layer.create("d", server.uri)
+            backend = await layer.create("d", server.uri, werror="report")
             await backend.write(0, b"a" * 4096)
             trigger.touch()
             with pytest.raises(BlockError) as read:

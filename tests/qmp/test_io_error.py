@@ -3,6 +3,7 @@ a request the backend refuses itself (past the end, read-only) is not."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from pathlib import Path
@@ -27,7 +28,8 @@ def test_failed_requests_are_events(monitor: Monitor, images: Path) -> None:
     rules = {"inject-error.0.event": "read", "inject-error.0.offset": 0,
              "inject-error.0.length": 4096,
              "inject-error.1.event": "write", "inject-error.1.errno": "ENOSPC",
-             "inject-error.1.offset": 1 << 20, "inject-error.1.length": 4096}
+             "inject-error.1.offset": 1 << 20, "inject-error.1.length": 4096,
+             "inject-error.1.once": True}
 
     async def body(client: QMPClient) -> None:
         await client.execute("blockdev-add", {
@@ -46,11 +48,22 @@ def test_failed_requests_are_events(monitor: Monitor, images: Path) -> None:
             assert event["data"] == {"device": "d", "node-name": "dbg", "operation": "read",
                                      "action": "report", "nospace": False,
                                      "reason": "Input/output error"}
-            with pytest.raises(OSError) as write:
-                os.pwrite(fd, bytes(4096), 1 << 20)
-            assert write.value.errno == errno.ENOSPC
-            event = await client.events.get()
-            assert event["data"]["operation"] == "write" and event["data"]["nospace"]
+            held = asyncio.create_task(  # werror=enospc: held, not failed
+                asyncio.to_thread(os.pwrite, fd, b"w" * 4096, 1 << 20))
+            try:
+                event = await client.events.get()
+                assert event["data"] == {"device": "d", "node-name": "dbg",
+                                         "operation": "write", "action": "stop",
+                                         "nospace": True,
+                                         "reason": "No space left on device"}
+                [block] = await client.execute("query-block")
+                assert block["io-status"] == "nospace"
+                await client.execute("cont")  # the rule fired once: the retry succeeds
+            finally:
+                assert await held == 4096
+            [block] = await client.execute("query-block")
+            assert block["io-status"] == "ok"
+            assert os.pread(fd, 4096, 1 << 20) == b"w" * 4096
             assert os.pread(fd, 4096, 8192) == bytes(4096)  # a good request: no event
         finally:
             os.close(fd)
@@ -73,7 +86,7 @@ def test_only_the_mediums_failures_are_heard() -> None:
             await backend.write(1 << 20, b"x")
         with pytest.raises(BlockError):
             await backend.flush()
-        assert heard == [IoError("d", "dbg", "write", errno.EIO, heard[0].message)]
+        assert heard == [IoError("d", "dbg", "write", errno.EIO, heard[0].message, "report")]
         stop()
         with pytest.raises(BlockError):
             await backend.flush()

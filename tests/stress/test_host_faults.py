@@ -1,7 +1,9 @@
 """Faults from below: the image's host filesystem fills up (a 16 MiB tmpfs mounted by the
 test), and a layer under or over the format returns EIO (blkdebug). The failing request gets
-the errno, other requests work, the metadata stays consistent (``qemu-img check``: leaks at
-most), and once space returns writing works again with nothing lost."""
+the errno (with ``werror=report``; the default pauses on a full host, see
+tests/fuse/test_error_policy.py), other requests work, the metadata stays consistent
+(``qemu-img check``: leaks at most), and once space returns writing works again with nothing
+lost."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pytest
 
 from tests.compat.peers import MiB, qemu, to_raw
 from tests.conftest import needs_fuse, needs_qemu
-from tests.helpers import Mount, errno_of, mounted
+from tests.helpers import Mount, errno_of, mounted, tmpfs
 
 pytestmark = [needs_fuse, needs_qemu]
 
@@ -30,17 +32,8 @@ VIRTUAL = 8 * MiB
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs, unmounted after the test (after its blkfs mounts, which are set up
     later and so torn down first)."""
-    path = tmp_path / "small"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "16m") as path:
         yield path
-    finally:
-        if mounted(path):
-            subprocess.run(["umount", str(path)], check=False)
-        if mounted(path):
-            subprocess.run(["umount", "-l", str(path)], check=False)
-        assert not mounted(path)
 
 
 def qemu_check(image: Path, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -69,7 +62,7 @@ def test_a_full_host_filesystem_fails_the_write_with_enospc_and_nothing_else(
     image = small_fs / f"disk.{fmt}"
     qemu("qemu-img", "create", "-q", "-f", fmt, image, str(VIRTUAL))
     filler = fill(small_fs, leave=3 * MiB)
-    mount = mount_factory("--backend", f"disk={image}")
+    mount = mount_factory("--backend", f"disk={image},werror=report")  # not paused
     disk = mount / "disk"
 
     fd = os.open(disk, os.O_RDWR)
@@ -217,7 +210,7 @@ def test_unmount_after_a_failed_final_flush_still_unmounts(
     qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", image,
          str(32 * MiB))
     filler = fill(small_fs, leave=2 * MiB)
-    mount = mount_factory("--backend", f"disk={image}")
+    mount = mount_factory("--backend", f"disk={image},werror=report")
     fd = os.open(mount / "disk", os.O_RDWR)
     for index in range(0, 32 * MiB // CHUNK, 3):  # spread: many L2 entries dirty
         if errno_of(os.pwrite, fd, pattern(index)[:4096], index * CHUNK):

@@ -146,7 +146,8 @@ async def test_once_fails_only_the_first_matching_request() -> None:
     try:
         backend = await layer.create(
             "d", f"driver=blkdebug,inject-error.0.event=write,inject-error.0.sector=4,"
-                 f"inject-error.0.once=on,inject-error.0.errno=ENOSPC,{NULL}")
+                 f"inject-error.0.once=on,inject-error.0.errno=ENOSPC,{NULL}",
+            werror="report")
         for _ in range(3):  # requests the rule does not match do not use it up
             assert await failure(backend.write, 0, bytes(SECTOR)) == 0
             assert await failure(backend.read, 4 * SECTOR, SECTOR) == 0
@@ -321,7 +322,8 @@ async def test_reopen_replaces_the_whole_rule_list_and_none_heals() -> None:
         backend = await layer.create(
             "d", "driver=blkdebug,node-name=dbg,"
                  "inject-error.0.event=read,inject-error.0.sector=1,"
-                 f"inject-error.1.event=write,inject-error.1.sector=2,{NULL}")
+                 f"inject-error.1.event=write,inject-error.1.sector=2,{NULL}",
+            werror="report")
 
         async def failures() -> tuple[int, ...]:
             return (await failure(backend.read, 1 * SECTOR, SECTOR),

@@ -58,7 +58,10 @@ def test_every_command_is_declared_once_with_its_usage() -> None:
     assert VERBS[:7] == ("create", "delete", "change", "eject", "insert", "reopen", "resize")
     assert {"export", "export-del"} <= set(VERBS)
     assert COMMANDS["resize"].usage() == "NAME [SIZE] [shrink=on]"
-    assert COMMANDS["create"].usage() == "NAME [OPTIONS] [on-change=follow|error]"
+    assert COMMANDS["create"].usage() == ("NAME [OPTIONS] [on-change=follow|error] "
+                                          "[werror=report|ignore|enospc|stop] "
+                                          "[rerror=report|ignore|enospc|stop]")
+    assert COMMANDS["cont"].usage() == "[NAME]"
     assert COMMANDS["job-set-speed"].usage() == "JOB-ID speed=RATE"
     assert COMMANDS["backup"].usage() == ("NAME PATH [sync=full|top] [format=qcow2|raw] "
                                           "[existing=on] [speed=RATE] [job-id=JOB-ID]")

@@ -260,7 +260,8 @@ async def query_block(monitor: Monitor, args: dict[str, Any]) -> Any:
         if backend["deleted"]:
             continue
         entry: dict[str, Any] = {"device": backend["name"], "locked": False,
-                                 "removable": True, "tray_open": False}
+                                 "removable": True, "tray_open": False,
+                                 "io-status": backend["io-status"]}
         tree = backend["tree"]
         if tree:
             limits = tree["info"].get("limits") if tree["driver"] == "throttle" else None
@@ -390,6 +391,13 @@ async def blockdev_change_medium(monitor: Monitor, args: dict[str, Any]) -> Any:
         await run(monitor, "insert", {"name": name, "medium": medium})
     _tray(monitor, name, True)
     _tray(monitor, name, False)
+    return {}
+
+
+@qmp("cont")
+async def cont(monitor: Monitor, args: dict[str, Any]) -> Any:
+    """QEMU's cont resumes the machine; here, every backend its error policy paused."""
+    await run(monitor, "cont", {})
     return {}
 
 
@@ -649,8 +657,8 @@ def job_event(event: str, job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def io_error_event(error: IoError) -> dict[str, Any]:
-    """The data of QEMU's BLOCK_IO_ERROR for a request a backend's medium failed: blkfs
-    always reports the error to the requester (action "report", as werror=report)."""
+    """The data of QEMU's BLOCK_IO_ERROR for a request a backend's medium failed, with what
+    the backend's error policy made of it (report, ignore, stop)."""
     return {"device": error.backend, "node-name": error.node, "operation": error.operation,
-            "action": "report", "nospace": error.errno == errno.ENOSPC,
+            "action": error.action, "nospace": error.errno == errno.ENOSPC,
             "reason": os.strerror(error.errno)}
