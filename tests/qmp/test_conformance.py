@@ -91,7 +91,8 @@ def qsd(sockdir: Path) -> Iterator[Path]:
     path = sockdir / "qsd"
     proc = subprocess.Popen(["qemu-storage-daemon", "--chardev",
                              f"socket,path={path},server=on,wait=off,id=m0",
-                             "--monitor", "chardev=m0"])
+                             "--monitor", "chardev=m0"],
+                            cwd=sockdir)  # bad inputs name relative files: keep them here
     try:
         wait_until(path.exists, "qemu-storage-daemon's socket")
         yield path
