@@ -13,7 +13,7 @@ import pytest
 
 from tests.compat.peers import qemu, qemu_io, to_raw
 from tests.conftest import needs_fuse, needs_qemu
-from tests.helpers import Mount
+from tests.helpers import Mount, without_stats
 from tests.jobs import MiB, jobs, status_chain, wait_job
 
 pytestmark = [needs_fuse, pytest.mark.fuse, needs_qemu]
@@ -40,10 +40,13 @@ def shell_ctl(mount: Mount, verb: str, text: str) -> subprocess.CompletedProcess
 
 
 def refused(mount: Mount, verb: str, text: str) -> str:
-    """The command fails with EBUSY, starts no job, and says why in .ctl/error."""
+    """The command fails with EBUSY, starts no job, changes no tree, and says why in
+    .ctl/error."""
+    before = without_stats(mount.backends())
     result = shell_ctl(mount, verb, text)
     assert result.returncode != 0 and "Device or resource busy" in result.stderr, result
     assert jobs(mount) == {}
+    assert without_stats(mount.backends()) == before
     return mount.last_error()
 
 
