@@ -17,6 +17,7 @@ live image and an overlay on top of it without the image being opened twice.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import errno
@@ -57,6 +58,8 @@ log = logging.getLogger("blkfs.graph")
 MAX_DEPTH = 64
 """Deepest tree (backing chain) we open; deeper is a loop or an attack."""
 PROBE_BYTES = 512
+NAMED_USERS = 5
+"""Most users a refusal names (a base may have a thousand overlays)."""
 
 _depth = contextvars.ContextVar("blkfs_open_depth", default=0)
 
@@ -414,11 +417,12 @@ class Graph:
             pair = conflicting(uses)
             if pair is not None:
                 a, b = pair
-                refusing = next(edge for edge, use in zip(parents, uses, strict=True) if use is b)
                 missing = a.perm & ~b.shared
-                refusers, backing = _refusers(plan, [refusing], missing)
-                if refusing.parent is None:
-                    refusers = []  # b names it already
+                refusing = [edge for edge, use in zip(parents, uses, strict=True)
+                            if use is not a and missing & ~use.shared]
+                refusers, backing = _refusers(plan, refusing, missing)
+                if all(edge.parent is None for edge in refusing):
+                    refusers = []  # b names them
                 filename = node.filename()
                 what = f"node '{node.name}'" + (f" ('{filename}')" if filename else "")
                 raise BlockError(errno.EBUSY, _refusal(
@@ -436,11 +440,12 @@ class Graph:
                 pair = conflicting(uses)
                 if pair is not None:
                     a, b = pair
-                    a_node, b_node = (next(n for n, use in zip(users, uses, strict=True)
-                                           if use is x) for x in pair)
+                    a_node = next(n for n, use in zip(users, uses, strict=True) if use is a)
                     missing = a.perm & ~b.shared
-                    refusers, backing = _refusers(plan, _live(b_node.parents, departing),
-                                                  missing)
+                    refusing = [edge for n, use in zip(users, uses, strict=True)
+                                if use is not a and missing & ~use.shared
+                                for edge in _live(n.parents, departing)]
+                    refusers, backing = _refusers(plan, refusing, missing)
                     needers = _needers(plan, _live(a_node.parents, departing), missing)
                     raise BlockError(errno.EBUSY, _refusal(
                         f"'{host.path}'", ", ".join(needers) or a.who, missing, refusers,
@@ -672,11 +677,13 @@ def _refusal(what: str, needer: str, missing: Perm, refusers: list[str], backing
     """Why ``needer`` cannot have ``missing`` on ``what``: where the users that refuse it
     (``refusers``) read it as a backing file, that writing it would change their disks;
     else ``plain``, naming them."""
+    listed = ", ".join(refusers[:NAMED_USERS]) + (
+        f" and {len(refusers) - NAMED_USERS} more" if len(refusers) > NAMED_USERS else "")
     if backing and refusers and missing & (Perm.WRITE | Perm.RESIZE):
-        return (f"{what} is the backing file of {', '.join(refusers)} too: {needer} cannot "
+        return (f"{what} is the backing file of {listed} too: {needer} cannot "
                 f"{'write' if Perm.WRITE in missing else 'resize'} it without changing "
                 f"{'their disks' if len(refusers) > 1 else 'that disk'}")
-    return plain + (f" (used by {', '.join(refusers)})" if refusers else "")
+    return plain + (f" (used by {listed})" if refusers else "")
 
 
 def _refusers(plan: _PermPlan, edges: Iterable[Child], missing: Perm) -> tuple[list[str], bool]:
@@ -699,10 +706,10 @@ def _users_behind(plan: _PermPlan, edges: Iterable[Child],
     those is an overlay's backing edge."""
     found: dict[str, None] = {}
     backing = False
-    pending = list(edges)
+    pending = collections.deque(edges)
     seen: set[Child] = set()
     while pending:
-        edge = pending.pop()
+        edge = pending.popleft()
         if edge in seen or not follows(*plan.edges.get(edge, (edge.perm, edge.shared))):
             continue
         seen.add(edge)
