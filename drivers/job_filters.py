@@ -1,5 +1,7 @@
 """The filters block jobs put in front of a live source: ``mirror-top`` (a mirror, an active
-commit) and ``copy-before-write`` (a backup), QEMU's names, and ``stream-top`` (a stream).
+commit) and ``copy-before-write`` (a backup), QEMU's names, and ``stream-top`` (a stream);
+and ``commit-top``, QEMU's too, which a commit below the active image puts between the
+images it commits and the overlay above them.
 
 Each passes every request through, and hands each write, zero write and discard to its
 job first, which decides what happens around it: a mirror marks the range dirty, or in
@@ -7,6 +9,11 @@ write-blocking mode writes it to its target too; a backup copies the range's old
 target before the write may change it; a stream keeps the write apart from its own copy of
 the range. The job is found by its id in the graph's job
 registry (``job=ID``); jobs create these nodes themselves (users need not).
+
+A commit writes the base beneath the chain its filter stands on: the filter lets it (shares
+write) and needs no consistent read of the chain, so the chain's backing files let the job
+write the base while every other reader of the base still refuses it (QEMU's mirror_top
+and commit_top permissions, block/mirror.c and block/commit.c).
 """
 
 from __future__ import annotations
@@ -15,12 +22,16 @@ import errno
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from blkfs.block import REQUIRED, BlockDriver, ChildSpec, Option
+from blkfs.block import REQUIRED, BlockDriver, Child, ChildSpec, Option, Perm
+from blkfs.block.perm import ALL, NO_PERM
 from blkfs.errors import BlockError
 
 
 class WriteHook(Protocol):
     """What a job does around a write that passes its filter."""
+
+    writes_below: bool
+    """The job writes the backing chain below its filter (a commit)."""
 
     async def intercept(self, offset: int, length: int,
                         call: Callable[[], Awaitable[None]]) -> None: ...
@@ -37,6 +48,14 @@ class JobFilter(BlockDriver):
             raise BlockError(errno.EINVAL, f"{self.name}: no running job '{values['job']}' "
                                            "(block jobs make these nodes themselves)")
         self.job: WriteHook = job
+
+    def child_perm(self, child: Child, writable: bool, perm: Perm,
+                   shared: Perm) -> tuple[Perm, Perm]:
+        nperm, nshared = super().child_perm(child, writable, perm, shared)
+        job = self.node.registry("jobs").get(self.node.values["job"])
+        if job is not None and job.writes_below:
+            return nperm & ~Perm.CONSISTENT_READ, nshared | Perm.WRITE
+        return nperm, nshared
 
     async def write(self, offset: int, data: memoryview) -> None:
         await self.job.intercept(offset, data.nbytes,
@@ -61,3 +80,14 @@ class CopyBeforeWriteDriver(JobFilter):
 
 class StreamTopDriver(JobFilter):
     name = "stream-top"
+
+
+class CommitTopDriver(JobFilter):
+    """Over the top image of a commit below the active one: the overlay above reads through
+    it, and the images below are the job's (QEMU's commit_top needs nothing, shares all)."""
+
+    name = "commit-top"
+
+    def child_perm(self, child: Child, writable: bool, perm: Perm,
+                   shared: Perm) -> tuple[Perm, Perm]:
+        return NO_PERM, ALL

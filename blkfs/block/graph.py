@@ -17,13 +17,14 @@ live image and an overlay on top of it without the image being opened twice.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import errno
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,16 @@ from blkfs.block.options import (
     unknown_option,
     validate,
 )
-from blkfs.block.perm import ALL, WRITERS, Perm, Role, Use, conflict, cumulative
+from blkfs.block.perm import (
+    ALL,
+    WRITERS,
+    Perm,
+    Role,
+    Use,
+    conflict,
+    conflicting,
+    cumulative,
+)
 from blkfs.block.policy import HostPolicy
 from blkfs.block.registry import DriverRegistry, default_registry
 from blkfs.errors import BlockError, NotFound, OptionError
@@ -48,6 +58,8 @@ log = logging.getLogger("blkfs.graph")
 MAX_DEPTH = 64
 """Deepest tree (backing chain) we open; deeper is a loop or an attack."""
 PROBE_BYTES = 512
+NAMED_USERS = 5
+"""Most users a refusal names (a base may have a thousand overlays)."""
 
 _depth = contextvars.ContextVar("blkfs_open_depth", default=0)
 
@@ -390,8 +402,8 @@ class Graph:
         flags = read_only or {}
         plan = _PermPlan()
         for node in _below(start):
-            uses = [edge.use(*plan.edges.get(edge, (None, None)))
-                    for edge in node.parents if edge not in departing.edges]
+            parents = [edge for edge in node.parents if edge not in departing.edges]
+            uses = [edge.use(*plan.edges.get(edge, (None, None))) for edge in parents]
             perm, shared = cumulative(uses)
             writable = not flags.get(node, node.read_only)
             if perm & WRITERS and not writable:
@@ -402,9 +414,20 @@ class Graph:
             if len(writers) > 1:  # a node has one writer (DESIGN.md), wherever QEMU shares
                 raise BlockError(errno.EBUSY, f"node '{node.name}' is already written by "
                                               f"{writers[0]}; {writers[1]} cannot write it too")
-            problem = conflict(uses)
-            if problem:
-                raise BlockError(errno.EBUSY, f"node '{node.name}': {problem}")
+            pair = conflicting(uses)
+            if pair is not None:
+                a, b = pair
+                missing = a.perm & ~b.shared
+                refusing = [edge for edge, use in zip(parents, uses, strict=True)
+                            if use is not a and missing & ~use.shared]
+                refusers, backing = _refusers(plan, refusing, missing)
+                if all(edge.parent is None for edge in refusing):
+                    refusers = []  # b names them
+                filename = node.filename()
+                what = f"node '{node.name}'" + (f" ('{filename}')" if filename else "")
+                raise BlockError(errno.EBUSY, _refusal(
+                    what, a.who, missing, refusers, backing,
+                    f"node '{node.name}': {conflict([a, b])}"))
             plan.nodes[node] = (perm, shared)
             for edge in node.children.values():
                 nperm, nshared = node.driver.child_perm(edge, writable, perm, shared)
@@ -412,10 +435,21 @@ class Graph:
         for host in self.host_files.values():
             users = [n for n in host.nodes if n not in departing.nodes]
             if len(users) > 1 and any(n in plan.nodes for n in users):
-                problem = conflict([Use(*plan.nodes.get(n, (n.perm, n.shared)),
-                                        f"node '{n.name}'") for n in users])
-                if problem:
-                    raise BlockError(errno.EBUSY, f"'{host.path}' is in use: {problem}")
+                uses = [Use(*plan.nodes.get(n, (n.perm, n.shared)), f"node '{n.name}'")
+                        for n in users]
+                pair = conflicting(uses)
+                if pair is not None:
+                    a, b = pair
+                    a_node = next(n for n, use in zip(users, uses, strict=True) if use is a)
+                    missing = a.perm & ~b.shared
+                    refusing = [edge for n, use in zip(users, uses, strict=True)
+                                if use is not a and missing & ~use.shared
+                                for edge in _live(n.parents, departing)]
+                    refusers, backing = _refusers(plan, refusing, missing)
+                    needers = _needers(plan, _live(a_node.parents, departing), missing)
+                    raise BlockError(errno.EBUSY, _refusal(
+                        f"'{host.path}'", ", ".join(needers) or a.who, missing, refusers,
+                        backing, f"'{host.path}' is in use: {conflict([a, b])}"))
         return plan
 
     def _apply_perms(self, plan: _PermPlan) -> None:
@@ -540,6 +574,54 @@ class Graph:
         if old is not None:
             await self.unref(old.node)
 
+    async def insert_filter(self, node: Node, name: str, options: Mapping[str, Any]) -> Node:
+        """Put a filter opened from ``options`` between ``node`` and its child ``name``, in
+        the graph only (an image header still names the child), as QEMU's commit puts
+        commit_top over the top image; :meth:`remove_filter` takes it out again. If the
+        permissions refuse it, nothing changed."""
+        below = node.children[name].node
+        added = await self.open_node({**options, "file": below.name})
+        try:
+            await self._repoint(node, name, added)
+        except BaseException:
+            await self.unref(added)
+            raise
+        await self.unref(below)  # the filter holds it now
+        return added
+
+    async def remove_filter(self, node: Node, name: str) -> None:
+        """Undo :meth:`insert_filter`: ``node``'s child ``name`` is the filtered node again."""
+        added = node.children[name].node
+        below = added.driver.filtered.node
+        below.refcnt += 1
+        try:
+            await self._repoint(node, name, below)
+        except BaseException:
+            below.refcnt -= 1
+            raise
+        await self.unref(added)
+
+    async def _repoint(self, node: Node, name: str, child: Node) -> None:
+        """Point ``node``'s child edge ``name`` at ``child`` (its role kept), permissions
+        checked, all or nothing; references are the caller's to settle."""
+        old = node.children[name]
+        async with node.drained():
+            self._point(node, name, child, old.role)
+            try:
+                self.refresh_perms([node])
+            except BaseException:
+                self._point(node, name, old.node, old.role)
+                self.refresh_perms([node])
+                raise
+            finally:
+                node.driver.children_changed()
+
+    @staticmethod
+    def _point(node: Node, name: str, child: Node, role: Role) -> None:
+        edge = node.children.pop(name)
+        edge.node.detach(edge)
+        node.children[name] = child.attach(node, node.name, name, role)
+
     @staticmethod
     def _backing_edge(node: Node, backing: Node | None) -> None:
         """Point ``node``'s backing edge at ``backing`` (or remove it); permissions and
@@ -588,6 +670,59 @@ class _PermPlan:
 
     edges: dict[Child, tuple[Perm, Perm]] = field(default_factory=dict)
     nodes: dict[Node, tuple[Perm, Perm]] = field(default_factory=dict)
+
+
+def _refusal(what: str, needer: str, missing: Perm, refusers: list[str], backing: bool,
+             plain: str) -> str:
+    """Why ``needer`` cannot have ``missing`` on ``what``: where the users that refuse it
+    (``refusers``) read it as a backing file, that writing it would change their disks;
+    else ``plain``, naming them."""
+    listed = ", ".join(refusers[:NAMED_USERS]) + (
+        f" and {len(refusers) - NAMED_USERS} more" if len(refusers) > NAMED_USERS else "")
+    if backing and refusers and missing & (Perm.WRITE | Perm.RESIZE):
+        return (f"{what} is the backing file of {listed} too: {needer} cannot "
+                f"{'write' if Perm.WRITE in missing else 'resize'} it without changing "
+                f"{'their disks' if len(refusers) > 1 else 'that disk'}")
+    return plain + (f" (used by {listed})" if refusers else "")
+
+
+def _refusers(plan: _PermPlan, edges: Iterable[Child], missing: Perm) -> tuple[list[str], bool]:
+    """The backends and jobs behind ``edges`` that refuse ``missing``: up from them, every
+    edge that reads consistently or does not share it; and whether an overlay's backing
+    edge is on the way."""
+    return _users_behind(plan, edges, lambda perm, shared: bool(
+        perm & Perm.CONSISTENT_READ or missing & ~shared))
+
+
+def _needers(plan: _PermPlan, edges: Iterable[Child], missing: Perm) -> list[str]:
+    """The backends and jobs behind ``edges`` that need ``missing``."""
+    return _users_behind(plan, edges, lambda perm, shared: bool(perm & missing))[0]
+
+
+def _users_behind(plan: _PermPlan, edges: Iterable[Child],
+                  follows: Callable[[Perm, Perm], bool]) -> tuple[list[str], bool]:
+    """The users without a parent node (backends, jobs) up from ``edges`` through the edges
+    whose permissions (as planned, else as held) ``follows`` accepts; and whether one of
+    those is an overlay's backing edge."""
+    found: dict[str, None] = {}
+    backing = False
+    pending = collections.deque(edges)
+    seen: set[Child] = set()
+    while pending:
+        edge = pending.popleft()
+        if edge in seen or not follows(*plan.edges.get(edge, (edge.perm, edge.shared))):
+            continue
+        seen.add(edge)
+        backing = backing or Role.COW in edge.role
+        if edge.parent is None:
+            found[edge.label] = None
+        else:
+            pending.extend(edge.parent.parents)
+    return list(found), backing
+
+
+def _live(edges: Iterable[Child], departing: Departure) -> list[Child]:
+    return [edge for edge in edges if edge not in departing.edges]
 
 
 def _below(start: Iterable[Node]) -> list[Node]:

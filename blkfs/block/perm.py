@@ -6,7 +6,10 @@ parents' needs and the intersection of what they share; two edges on one node co
 one needs what the other does not share. What a node needs of a child follows from the role
 the child plays (:class:`Role`): a filter passes its parents' needs through, a format needs
 to write its image file while it is writable and lets nobody else write it, a backing file
-is only read. The host file locks (:mod:`drivers.image_lock`) are a file node's cumulative
+is only read, and written by nobody while anyone reads the overlay (QEMU shares write on a
+backing file whenever the overlay's users do, though a writer below still changes what they
+read: here only a commit's filter, which needs no consistent read, lets its job write the
+base). The host file locks (:mod:`drivers.image_lock`) are a file node's cumulative
 permissions, so that QEMU's tools and blkfs see each other's use of an image.
 
 Everything here is a function of values.
@@ -73,9 +76,10 @@ def child_perm(role: Role, writable: bool, perm: Perm, shared: Perm) -> tuple[Pe
     bdrv_default_perms, bdrv_default_perms_for_cow, bdrv_default_perms_for_storage)."""
     if Role.FILTERED in role:
         return perm & ALL, shared & ALL
-    if Role.COW in role:
+    if Role.COW in role:  # what an overlay's readers read, a write below would change
+        changes = Perm.WRITE in shared and Perm.CONSISTENT_READ not in perm
         return (perm & Perm.CONSISTENT_READ,
-                (Perm.WRITE | Perm.RESIZE if Perm.WRITE in shared else NO_PERM)
+                (Perm.WRITE | Perm.RESIZE if changes else NO_PERM)
                 | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
     if Role.METADATA in role:
         if writable:  # a format writes its metadata even when no parent writes
@@ -104,18 +108,28 @@ FEW_USES = 8
 
 
 def conflict(uses: list[Use]) -> str | None:
-    """Why these uses of one node cannot coexist, or None (reference: bdrv_a_allow_b).
+    """Why these uses of one node cannot coexist, or None."""
+    pair = conflicting(uses)
+    if pair is None:
+        return None
+    a, b = pair
+    return (f"permissions '{names(a.perm & ~b.shared)}' are both required by {a.who} and "
+            f"unshared by {b.who}")
+
+
+def conflicting(uses: list[Use]) -> tuple[Use, Use] | None:
+    """The first use that needs what another does not share, and that other; None if the
+    uses can coexist (reference: bdrv_a_allow_b).
 
     A base shared by a thousand overlays has a thousand uses: whether any two of many
-    conflict is found per permission in one pass; only then are the pairs searched for the
-    message (a few uses are cheaper to compare pairwise at once)."""
+    conflict is found per permission in one pass; only then are the pairs searched (a few
+    uses are cheaper to compare pairwise at once)."""
     if len(uses) > FEW_USES and not any(_conflicting(uses, perm) for perm in Perm):
         return None
     for a in uses:
         for b in uses:
             if a is not b and a.perm & ~b.shared:
-                return (f"permissions '{names(a.perm & ~b.shared)}' are both required by "
-                        f"{a.who} and unshared by {b.who}")
+                return a, b
     return None
 
 

@@ -4,11 +4,13 @@ is copied into the base, and those images leave the chain.
 With ``top`` the active image this is an active commit, a mirror into the base
 (:class:`~blkfs.jobs.mirror.ActiveCommitJob`): it goes ready and, completed, switches the
 backend to the base. Below the active image nothing writes the committed images (they are
-backing files), so no filter is needed: the base is written only with what the chain above
-shows already, so readers see no change at any moment, and at the end the image above
-``top`` takes the base as its backing file (in the graph and in its header). Failed or
-cancelled, the chain is as it was (the base may hold some of the data, which the chain above
-still covers).
+backing files): the base is written only with what the chain above shows already, so the
+chain's readers see no change at any moment, and at the end the image above ``top`` takes
+the base as its backing file (in the graph and in its header). A ``commit-top`` filter
+between that image and ``top`` lets the job write the base (see :mod:`drivers.job_filters`);
+any other image over the base, or reader of an image between, refuses it before a byte is
+copied: it would read the base changed. Failed or cancelled, the chain is as it was (the
+base may hold some of the data, which the chain above still covers).
 """
 
 from __future__ import annotations
@@ -34,9 +36,15 @@ class CommitJob(ActiveCommitJob):
         super().__init__(manager, job_id, backend, base, speed)
         self.top = top
         self.overlay = overlay_of(top)
+        self.inserted = False
+        """The ``commit-top`` filter is over ``top``."""
 
     async def prepare(self) -> None:
         self.source = self.top
+        self.graph.registry("jobs")[self.id] = self
+        await self.graph.insert_filter(self.overlay, "backing", {
+            "driver": "commit-top", "job": self.id, "read-only": True})
+        self.inserted = True
         self.target = await self.open_target()
         self.attach_target()
 
@@ -45,14 +53,22 @@ class CommitJob(ActiveCommitJob):
         await self.copy_dirty()
 
     async def finish(self) -> None:
-        """The image above ``top`` takes the base as its backing file."""
+        """The image above ``top`` takes the base as its backing file (the filter goes)."""
         assert self.target is not None
         await self.target.flush()
         self.detach_target()
         await self.graph.set_backing(self.overlay, self.base,
                                      backing_name(self.overlay, self.base))
+        self.inserted = False
+        self.graph.registry("jobs").pop(self.id, None)
         await self.close_target()
         await self.restore_base()
+
+    async def abort(self) -> None:
+        if self.inserted:
+            await self.graph.remove_filter(self.overlay, "backing")
+            self.inserted = False
+        await super().abort()
 
 
 def commit(manager: JobManager, backend: BlockBackend, job_id: str | None, top: str | None,

@@ -43,6 +43,9 @@ class MirrorJob(Job):
     filter_driver = "mirror-top"
     target_perm = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
     """A mirror writes new data into its target."""
+    writes_below = False
+    """Whether the target lies below the source (a commit): then the job's filter lets it
+    write there (:mod:`drivers.job_filters`)."""
 
     def __init__(self, manager: JobManager, job_id: str, backend: BlockBackend,
                  target: dict[str, Any] | str, sync: Sync = "full",
@@ -74,6 +77,9 @@ class MirrorJob(Job):
         return await self.graph.open_node(self.target_spec)
 
     def attach_target(self) -> None:
+        """The job's edge to the target: refused (EBUSY naming them) if the target's other
+        users do not let the job write it, as an overlay over it does not; taken once the
+        job's filter is in, which lets a commit's own chain have the base written."""
         assert self.target is not None
         if self.target.size < self.backend_obj.length():
             raise BlockError(errno.EINVAL, f"{self.type}: the target ({self.target.size} "
@@ -103,16 +109,16 @@ class MirrorJob(Job):
     # -- the work ---------------------------------------------------------------------------
 
     async def prepare(self) -> None:
-        """Open the target and put the job's filter in front of the source."""
+        """Put the job's filter in front of the source, then open and take the target."""
         backend = self.backend_obj
         self.source = backend.root_node()
-        self.target = await self.open_target()
-        self.attach_target()
         self.graph.registry("jobs")[self.id] = self
         await backend.change({"driver": self.filter_driver, "job": self.id,
                               "file": self.source.name, "read-only": self.source.read_only},
                              same_data=True, by=self)
         self.filtered = True
+        self.target = await self.open_target()
+        self.attach_target()
 
     async def work(self) -> None:
         await self.plan()
@@ -201,9 +207,10 @@ class ActiveCommitJob(MirrorJob):
     layers above it leave the chain."""
 
     type = "commit"
-    target_perm = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
-    """It writes into the base what the chain above shows already: readers of the chain see
-    no change, so the overlays that read the base as backing file need not share write."""
+    target_perm = Perm.CONSISTENT_READ | Perm.WRITE
+    """It writes into the base what its own chain shows already, but another overlay over
+    the base would read it changed: such an overlay refuses the job (QEMU's rule)."""
+    writes_below = True
 
     def __init__(self, manager: JobManager, job_id: str, backend: BlockBackend, base: Node,
                  speed: int = 0) -> None:

@@ -40,6 +40,8 @@ PIECE = 64 << 10
 
 class StreamJob(Job):
     type = "stream"
+    writes_below = False
+    """It writes the active image only (see :mod:`drivers.job_filters`)."""
 
     def __init__(self, manager: JobManager, job_id: str, backend: BlockBackend, top: Node,
                  base: Node | None, speed: int = 0, rebase: bool = False) -> None:
