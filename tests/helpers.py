@@ -130,6 +130,18 @@ def errno_of(func: Any, *args: Any) -> int:
     return 0
 
 
+def node(tree: dict[str, Any], name: str) -> dict[str, Any]:
+    """The node called ``name`` in a status.json tree."""
+    if tree["node-name"] == name:
+        return tree
+    for child in tree["children"].values():
+        try:
+            return node(child, name)
+        except KeyError:
+            pass
+    raise KeyError(name)
+
+
 def without_stats(value: Any) -> Any:
     """Status without its request counters, for "a failed command changed nothing": a
     change flushes the outgoing medium before it opens anything, so a change that fails has
@@ -223,7 +235,7 @@ def wait_until(condition: Callable[[], bool], what: str, seconds: float = 10.0) 
 
 
 __all__ = ["Mount", "MountError", "blkfs", "errno", "errno_of", "flaky_disk", "force_unmount",
-           "loop_device", "mounted", "mounted_fs", "pattern_image", "run", "wait_until",
+           "loop_device", "mounted", "mounted_fs", "node", "pattern_image", "run", "wait_until",
            "without_stats"]
 
 

@@ -30,6 +30,7 @@ from tests.helpers import (
     loop_device,
     mounted,
     mounted_fs,
+    node,
     pattern_image,
     run,
     wait_until,
@@ -177,10 +178,6 @@ def test_requests_in_flight_across_a_change_finish_on_the_old_medium(
         except OSError as exc:
             results[block] = exc
 
-    def delayed() -> int:
-        tree = mount.backends()["d"]["tree"]
-        return int(tree["info"]["delayed"]) if tree["node-name"] == "dbg" else -1
-
     reader = os.open(mount / "d", os.O_RDONLY)
     writer = os.open(mount / "d", os.O_RDWR)
     try:
@@ -188,7 +185,8 @@ def test_requests_in_flight_across_a_change_finish_on_the_old_medium(
         threads += [threading.Thread(target=write, args=(writer, n)) for n in writes]
         for thread in threads:
             thread.start()
-        wait_until(lambda: delayed() == len(threads), "every request to be in flight")
+        wait_until(lambda: node(mount.backends()["d"]["tree"], "dbg")["info"]["delayed"]
+                   == len(threads), "every request to be in flight")
         mount.ctl("change", f"d {b},force=on")
         for thread in threads:
             thread.join()
