@@ -121,3 +121,16 @@ def test_mtime_changes_on_write(disk) -> None:
     with open(mount / "disk0", "r+b", buffering=0) as f:
         f.write(b"tick")
     assert os.stat(mount / "disk0").st_mtime_ns > before
+
+
+def test_a_refused_first_sector_write_says_why_in_ctl_error_and_the_log(disk) -> None:
+    """dd only shows "Operation not permitted": the reason is in .ctl/error and the log."""
+    mount, image, data = disk
+    header = b"QFI\xfb" + bytes(508)  # a qcow2 magic on a probed raw image
+    result = subprocess.run(["dd", f"of={mount / 'disk0'}", "bs=512", "count=1",
+                             "conv=notrunc", "status=none"], input=header, capture_output=True)
+    assert result.returncode != 0 and os.strerror(errno.EPERM).encode() in result.stderr
+    assert "write disk0: raw: refusing a write that would make the probed raw image look " \
+           "like qcow2" in mount.last_error() and mount.last_error().endswith("[EPERM]")
+    assert "refusing a write that would make the probed raw image" in mount.log.read_text()
+    assert image.read_bytes() == data
