@@ -70,11 +70,12 @@ class JobProgress:
 
 
 async def follow(label: str, entry: Callable[[], Awaitable[dict[str, Any]]],
-                 complete: Callable[[], Awaitable[None]] | None, show: bool = True
-                 ) -> dict[str, Any]:
+                 complete: Callable[[], Awaitable[None]] | None, show: bool = True,
+                 until_ready: bool = True) -> dict[str, Any]:
     """Follow a job (``entry()`` gives its ``query-jobs`` entry) until it concludes; once it
-    is ready, ``complete()`` it, or without ``complete`` return then. Shows the progress
-    if ``show``; returns the job's last entry."""
+    is ready, ``complete()`` it, or without ``complete`` return then (unless not
+    ``until_ready``: someone else completes or cancels it). Shows the progress if ``show``;
+    returns the job's last entry."""
     completed = False
     with JobProgress(label) if show else contextlib.nullcontext() as display:
         while True:
@@ -83,7 +84,7 @@ async def follow(label: str, entry: Callable[[], Awaitable[dict[str, Any]]],
                 display.update(job)
             if job["status"] == "concluded":
                 return job
-            if job["ready"] and not completed:
+            if job["ready"] and not completed and (complete is not None or until_ready):
                 if complete is None:
                     return job
                 await complete()
