@@ -46,10 +46,11 @@ class Mount:
         self.pid = self.status()["pid"]
 
     @classmethod
-    def start(cls, path: Path, *args: str) -> Mount:
+    def start(cls, path: Path, *args: str, cwd: Path | None = None) -> Mount:
+        """``blkfs mount`` run in ``cwd`` (relative paths in ``args`` are relative to it)."""
         log = path.with_name(path.name + ".log")
         result = blkfs("mount", str(path), "--log-file", str(log), "--log-level", "debug",
-                       *args, check=False)
+                       *args, check=False, cwd=cwd)
         if result.returncode:
             raise MountError(result.stderr.strip())
         return cls(path, log)
@@ -245,8 +246,8 @@ def mounts_in(base: Path) -> Iterator[Callable[..., Mount]]:
     when the body failed, and no daemon outlives it."""
     started: list[Mount] = []
 
-    def start(*args: str) -> Mount:
-        mount = Mount.start(base / f"mnt{len(started)}", *args)
+    def start(*args: str, cwd: Path | None = None) -> Mount:
+        mount = Mount.start(base / f"mnt{len(started)}", *args, cwd=cwd)
         started.append(mount)
         return mount
 

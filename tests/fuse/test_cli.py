@@ -298,3 +298,15 @@ def test_a_reader_that_goes_away_ends_the_output_quietly(images: Path) -> None:
     finally:
         os.close(write)
     assert result.returncode != 0 and result.stderr == ""
+
+
+def test_a_path_given_relative_at_mount_is_named_absolute_in_errors(
+        mount_factory, images: Path) -> None:
+    """The daemon keeps the path it was given; a later error about that image names it as
+    the user can use it anywhere, not as first typed."""
+    image = images / "a.img"
+    pattern_image(image, MiB, image_id=1)
+    mount = mount_factory("--backend", "a=a.img", cwd=images)
+    assert mount.backends()["a"]["tree"]["children"]["file"]["options"]["filename"] == str(image)
+    assert mount.ctl_errno("create", f"b {image}") == errno.EBUSY
+    assert f"'{image}' is in use" in mount.last_error()
