@@ -61,12 +61,15 @@ class JobProgress:
             self.bar.update(self.task, completed=done, total=total or None,
                             description=f"{self.label}: {job['type']} {job['status']}")
             return
-        tenth = 10 * done // total if total else 10
+        measured = total or job["status"] == "concluded"  # a job's size comes after its start
+        tenth = 10 * done // total if total else 10 if measured else -1
         if (job["status"], tenth) != self.last:
             self.last = job["status"], tenth
-            print(f"{self.label}: {job['type']} {job['status']} {human_size(done)} of "
-                  f"{human_size(total)} ({100 * done // total if total else 100}%)",
-                  file=sys.stderr, flush=True)
+            figures = (f"{human_size(done)} of {human_size(total)} "
+                       f"({100 * done // total if total else 100}%)" if measured
+                       else "(size not known yet)")
+            print(f"{self.label}: {job['type']} {job['status']} {figures}", file=sys.stderr,
+                  flush=True)
 
 
 async def follow(label: str, entry: Callable[[], Awaitable[dict[str, Any]]],
