@@ -168,11 +168,15 @@ def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> FrontendFact
 
 def create_args(name: str, options: str | None, read_only: bool = False) -> dict[str, Any]:
     """The ``create`` command's arguments for a configured backend: its options spelled as
-    in ``.ctl/create``, read-only if the config says so."""
+    in ``.ctl/create``, read-only if the config says so; relative file names made absolute,
+    as ``blkfs ctl`` makes them, so that the daemon names each image the same way whatever
+    path later reaches it."""
     try:
         args = ctl.parse("create", f"{name} {options or ''}".encode())
     except BlockError as exc:
         raise UsageError(f"backend '{name}': {exc}") from None
+    if isinstance(args.get("medium"), dict):
+        _absolutize(args["medium"])
     if read_only:
         if "medium" not in args:
             raise UsageError(f"backend '{name}': read-only needs a medium")

@@ -76,7 +76,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     listing = verbs.add_parser("list", help="every job and where it stands")
     listing.add_argument("mountpoint")
     listing.set_defaults(func=cmd_job_list)
-    for verb, text in (("wait", "follow a job to its end (exit 1 if it failed)"),
+    for verb, text in (("wait", "follow a job until it concludes or, by default, is ready "
+                                "(exit 1 if it failed)"),
                        ("pause", "pause a job"), ("resume", "resume a paused job"),
                        ("cancel", "stop a job (a ready mirror keeps its copy, unswitched)"),
                        ("complete", "switch a ready mirror or active commit to its target"),
@@ -85,6 +86,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         parser.add_argument("mountpoint")
         parser.add_argument("job", help="the job's id (by default its backend's name)")
         parser.set_defaults(func=cmd_job_wait if verb == "wait" else cmd_job_control)
+        if verb == "wait":
+            parser.add_argument(
+                "--until", choices=("ready", "concluded"), default="ready",
+                help="ready (default, as virsh blockcopy --wait): return once a mirror or an "
+                     "active commit is ready, still running until blkfs job complete; "
+                     "concluded: wait until it has ended (completed, cancelled or failed)")
     speed = verbs.add_parser("speed", help="limit a job's copy rate (0: no limit)")
     speed.add_argument("mountpoint")
     speed.add_argument("job")
@@ -142,10 +149,10 @@ def cmd_start_job(args: argparse.Namespace) -> int:
     if getattr(args, "existing", False):
         words.append("existing=on")
     send(args.mountpoint, verb, " ".join(words))
-    if args.no_wait:
-        return 0
-    return follow(args.mountpoint, args.job_id or args.name,
-                  complete=not getattr(args, "no_complete", True))
+    if not args.no_wait:
+        follow(args.mountpoint, args.job_id or args.name,
+               complete=not getattr(args, "no_complete", True))
+    return 0
 
 
 def _absolute_image(option: str, value: str) -> str:
@@ -162,7 +169,13 @@ def cmd_job_list(args: argparse.Namespace) -> int:
 
 
 def cmd_job_wait(args: argparse.Namespace) -> int:
-    return follow(args.mountpoint, args.job, complete=False)
+    job = follow(args.mountpoint, args.job, complete=False,
+                 until_ready=args.until == "ready")
+    if job["status"] != "concluded":
+        print(f"{args.job}: ready, still running: blkfs job complete {args.mountpoint} "
+              f"{args.job} ends it (blkfs job wait --until concluded waits for that)",
+              file=sys.stderr)
+    return 0
 
 
 def cmd_job_control(args: argparse.Namespace) -> int:
@@ -200,17 +213,20 @@ def job_entry(mountpoint: str, job_id: str) -> dict[str, Any]:
     raise JobError(f"no job '{job_id}' on {mountpoint} (dismissed?)")
 
 
-def follow(mountpoint: str, job_id: str, complete: bool) -> int:
-    """Follow a job until it concludes (or, unless ``complete``, goes ready); complete it
-    once ready if ``complete``. 0 if it succeeded."""
+def follow(mountpoint: str, job_id: str, complete: bool, until_ready: bool = True
+           ) -> dict[str, Any]:
+    """Follow a job until it concludes (or, unless ``complete`` or ``until_ready`` is
+    false, goes ready); complete it once ready if ``complete``. Its last entry, if it has
+    not failed (JobError otherwise)."""
     async def entry() -> dict[str, Any]:
         return job_entry(mountpoint, job_id)
 
     async def completing() -> None:
         send(mountpoint, "job-complete", job_id)
 
-    job = trio.run(progress.follow, job_id, entry, completing if complete else None)
+    job = trio.run(progress.follow, job_id, entry, completing if complete else None, True,
+                   until_ready)
     failure = progress.job_failure(job)
     if failure is not None:
         raise JobError(str(failure))
-    return 0
+    return job

@@ -61,20 +61,24 @@ class JobProgress:
             self.bar.update(self.task, completed=done, total=total or None,
                             description=f"{self.label}: {job['type']} {job['status']}")
             return
-        tenth = 10 * done // total if total else 10
+        measured = total or job["status"] == "concluded"  # a job's size comes after its start
+        tenth = 10 * done // total if total else 10 if measured else -1
         if (job["status"], tenth) != self.last:
             self.last = job["status"], tenth
-            print(f"{self.label}: {job['type']} {job['status']} {human_size(done)} of "
-                  f"{human_size(total)} ({100 * done // total if total else 100}%)",
-                  file=sys.stderr, flush=True)
+            figures = (f"{human_size(done)} of {human_size(total)} "
+                       f"({100 * done // total if total else 100}%)" if measured
+                       else "(size not known yet)")
+            print(f"{self.label}: {job['type']} {job['status']} {figures}", file=sys.stderr,
+                  flush=True)
 
 
 async def follow(label: str, entry: Callable[[], Awaitable[dict[str, Any]]],
-                 complete: Callable[[], Awaitable[None]] | None, show: bool = True
-                 ) -> dict[str, Any]:
+                 complete: Callable[[], Awaitable[None]] | None, show: bool = True,
+                 until_ready: bool = True) -> dict[str, Any]:
     """Follow a job (``entry()`` gives its ``query-jobs`` entry) until it concludes; once it
-    is ready, ``complete()`` it, or without ``complete`` return then. Shows the progress
-    if ``show``; returns the job's last entry."""
+    is ready, ``complete()`` it, or without ``complete`` return then (unless not
+    ``until_ready``: someone else completes or cancels it). Shows the progress if ``show``;
+    returns the job's last entry."""
     completed = False
     with JobProgress(label) if show else contextlib.nullcontext() as display:
         while True:
@@ -83,7 +87,7 @@ async def follow(label: str, entry: Callable[[], Awaitable[dict[str, Any]]],
                 display.update(job)
             if job["status"] == "concluded":
                 return job
-            if job["ready"] and not completed:
+            if job["ready"] and not completed and (complete is not None or until_ready):
                 if complete is None:
                     return job
                 await complete()

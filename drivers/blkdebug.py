@@ -122,6 +122,7 @@ class BlkdebugDriver(BlockDriver):
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.injected = 0
         self.dropped = 0
+        self.delayed = 0
         self._apply(values)
 
     async def reopen(self, values: Mapping[str, Any]) -> None:
@@ -144,7 +145,11 @@ class BlkdebugDriver(BlockDriver):
     async def _enter(self, event: Event, offset: int, length: int) -> None:
         """Delay, then fail if a rule says so."""
         if self.delays[event]:
-            await trio.sleep(self.delays[event])
+            self.delayed += 1
+            try:
+                await trio.sleep(self.delays[event])
+            finally:
+                self.delayed -= 1
         for rule in self.rules:
             if rule.matches(event, offset, length):
                 rule.fired += 1
@@ -190,4 +195,5 @@ class BlkdebugDriver(BlockDriver):
                       for rule in self.rules],
             "injected-errors": self.injected,
             "dropped-writes": self.dropped,
+            "delayed": self.delayed,
         }

@@ -19,14 +19,16 @@ needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None,
 needs_loop = pytest.mark.skipif(
     os.geteuid() != 0 or any(shutil.which(t) is None for t in ("losetup", "mkfs.ext4")),
     reason="needs root, losetup and mkfs.ext4")
-MUST_RUN_IN_CI = ("fuse", "loop")
+MUST_RUN_IN_CI = ("fuse", "loop", "qemu")
 """Markers of tests that CI must run: under CI=true, skipping one of them fails it."""
-CI_TOOLS = ("fusermount3", "losetup", "qemu-img", "qemu-io", "qemu-storage-daemon")
+NBD_TOOLS = ("qemu-nbd", "nbdkit", "nbdinfo", "nbdcopy")
+"""What the NBD client and export suites talk to (tests/nbdpeers.py)."""
+CI_TOOLS = ("fusermount3", "losetup", "qemu-img", "qemu-io", "qemu-storage-daemon", *NBD_TOOLS)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Under CI=true, a machine without FUSE, loop devices or QEMU's tools fails the run at
-    once instead of skipping the tests that need them."""
+    """Under CI=true, a machine without FUSE, loop devices, QEMU's tools or the NBD peers
+    fails the run at once instead of skipping the tests that need them."""
     if os.environ.get("CI") != "true":
         return
     missing = [tool for tool in CI_TOOLS if shutil.which(tool) is None]
@@ -38,8 +40,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """A test that needs /dev/fuse, a loop device or QEMU's tools must not pass in CI by
-    skipping: a green run would then prove nothing about what users run."""
+    """A test that needs /dev/fuse, a loop device or QEMU's tools (the NBD peers included)
+    must not pass in CI by skipping: a green run would then prove nothing about what users run."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
     needed = [m for m in MUST_RUN_IN_CI if item.get_closest_marker(m)]

@@ -46,10 +46,11 @@ class Mount:
         self.pid = self.status()["pid"]
 
     @classmethod
-    def start(cls, path: Path, *args: str) -> Mount:
+    def start(cls, path: Path, *args: str, cwd: Path | None = None) -> Mount:
+        """``blkfs mount`` run in ``cwd`` (relative paths in ``args`` are relative to it)."""
         log = path.with_name(path.name + ".log")
         result = blkfs("mount", str(path), "--log-file", str(log), "--log-level", "debug",
-                       *args, check=False)
+                       *args, check=False, cwd=cwd)
         if result.returncode:
             raise MountError(result.stderr.strip())
         return cls(path, log)
@@ -128,6 +129,18 @@ def errno_of(func: Any, *args: Any) -> int:
     except OSError as exc:
         return exc.errno or -1
     return 0
+
+
+def node(tree: dict[str, Any], name: str) -> dict[str, Any]:
+    """The node called ``name`` in a status.json tree."""
+    if tree["node-name"] == name:
+        return tree
+    for child in tree["children"].values():
+        try:
+            return node(child, name)
+        except KeyError:
+            pass
+    raise KeyError(name)
 
 
 def without_stats(value: Any) -> Any:
@@ -240,7 +253,7 @@ def wait_until(condition: Callable[[], bool], what: str, seconds: float = 10.0) 
 
 
 __all__ = ["Mount", "MountError", "blkfs", "errno", "errno_of", "flaky_disk", "force_unmount",
-           "loop_device", "mounted", "mounted_fs", "pattern_image", "run", "tmpfs",
+           "loop_device", "mounted", "mounted_fs", "node", "pattern_image", "run", "tmpfs",
            "wait_until", "without_stats"]
 
 
@@ -250,8 +263,8 @@ def mounts_in(base: Path) -> Iterator[Callable[..., Mount]]:
     when the body failed, and no daemon outlives it."""
     started: list[Mount] = []
 
-    def start(*args: str) -> Mount:
-        mount = Mount.start(base / f"mnt{len(started)}", *args)
+    def start(*args: str, cwd: Path | None = None) -> Mount:
+        mount = Mount.start(base / f"mnt{len(started)}", *args, cwd=cwd)
         started.append(mount)
         return mount
 

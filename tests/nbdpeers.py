@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 
 from blkfs import nbd
+from tests.conftest import NBD_TOOLS
 from tests.helpers import wait_until
 
 needs_nbd_tools = pytest.mark.skipif(
-    any(shutil.which(t) is None for t in ("qemu-nbd", "qemu-img", "qemu-io", "nbdkit",
-                                         "nbdinfo", "nbdcopy")),
+    any(shutil.which(t) is None for t in ("qemu-img", "qemu-io", *NBD_TOOLS)),
     reason="qemu-nbd, nbdkit or libnbd's tools are missing (run scripts/setup)")
+"""Under CI=true their absence fails the run (tests/conftest.py CI_TOOLS); a test that uses this
+carries the ``qemu`` or ``fuse`` marker, so it cannot skip green in CI either."""
 
 
 def listening(path: Path) -> bool:

@@ -14,7 +14,7 @@ import pytest
 
 from blkfs.cli import flush_backends
 from tests.conftest import needs_fuse
-from tests.helpers import BLKFS, Mount, blkfs, mounted, pattern_image
+from tests.helpers import BLKFS, Mount, blkfs, mounted, pattern_image, wait_until
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 MiB = 1 << 20
@@ -107,9 +107,7 @@ def test_umount_does_not_count_backends_gone_since_its_status_read(mount_factory
 def test_umount_recovers_a_mount_whose_daemon_died(mount_factory, images: Path) -> None:
     mount = mount_factory()
     os.kill(mount.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while mount.alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: not mount.alive(), "the daemon to die")
     result = blkfs("umount", str(mount.path), check=False)
     assert result.returncode == 0 and "had died" in result.stderr
     assert not mounted(mount.path)
@@ -122,10 +120,8 @@ def test_sigterm_flushes_and_unmounts(mount_factory, images: Path) -> None:
     with open(mount / "a", "r+b", buffering=0) as f:
         f.write(b"sigterm")
     os.kill(mount.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while (mount.alive() or mounted(mount.path)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not mount.alive() and not mounted(mount.path)
+    wait_until(lambda: not mount.alive() and not mounted(mount.path),
+               "the daemon to flush, unmount and exit", seconds=30)
     assert image.read_bytes().startswith(b"sigterm")
 
 
@@ -168,6 +164,15 @@ def test_poll_max_ns_is_checked_and_nothing_is_mounted_on_a_bad_value(tmp_path: 
         assert not mounted(target)
 
 
+def asleep(pid: int) -> bool:
+    """Every thread of the process waits in the kernel (none runs or busy-polls)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with open(task / "stat") as f:
+            states.append(f.read().rpartition(")")[2].split()[0])
+    return all(state in ("S", "D") for state in states)
+
+
 def daemon_cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
@@ -185,9 +190,9 @@ def test_reads_one_at_a_time_are_right_and_an_idle_daemon_rests(
     read = subprocess.run(["dd", f"if={mount / 'a'}", "bs=4k", "iflag=direct", "status=none"],
                           check=True, capture_output=True).stdout
     assert read == data
-    time.sleep(0.1)  # the last poll, at most 1 ms, has ended
+    wait_until(lambda: asleep(mount.pid), "the daemon to stop polling")
     before = daemon_cpu_ticks(mount.pid)
-    time.sleep(1)
+    time.sleep(1)  # not a wait: the span over which the resting daemon is measured
     assert daemon_cpu_ticks(mount.pid) - before <= 5  # clock ticks: at most 50 ms of CPU
 
 
@@ -293,3 +298,15 @@ def test_a_reader_that_goes_away_ends_the_output_quietly(images: Path) -> None:
     finally:
         os.close(write)
     assert result.returncode != 0 and result.stderr == ""
+
+
+def test_a_path_given_relative_at_mount_is_named_absolute_in_errors(
+        mount_factory, images: Path) -> None:
+    """The daemon keeps the path it was given; a later error about that image names it as
+    the user can use it anywhere, not as first typed."""
+    image = images / "a.img"
+    pattern_image(image, MiB, image_id=1)
+    mount = mount_factory("--backend", "a=a.img", cwd=images)
+    assert mount.backends()["a"]["tree"]["children"]["file"]["options"]["filename"] == str(image)
+    assert mount.ctl_errno("create", f"b {image}") == errno.EBUSY
+    assert f"'{image}' is in use" in mount.last_error()

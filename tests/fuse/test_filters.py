@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import needs_fuse, needs_qemu
-from tests.helpers import pattern_image
+from tests.helpers import node, pattern_image
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 KiB, MiB = 1 << 10, 1 << 20
@@ -28,18 +28,6 @@ def dd(*args: str) -> subprocess.CompletedProcess[bytes]:
 def qemu_img(*args: str) -> str:
     return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=True,
                           timeout=60).stdout
-
-
-def node(tree: dict, name: str) -> dict:
-    """The node called ``name`` in a status.json tree."""
-    if tree["node-name"] == name:
-        return tree
-    for child in tree["children"].values():
-        try:
-            return node(child, name)
-        except KeyError:
-            pass
-    raise KeyError(name)
 
 
 def test_a_blkdebug_rule_fails_dd_at_one_sector_until_a_reopen_heals_it(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,3 +123,40 @@ def test_mtime_changes_on_write(disk) -> None:
     with open(mount / "disk0", "r+b", buffering=0) as f:
         f.write(b"tick")
     assert os.stat(mount / "disk0").st_mtime_ns > before
+
+
+def test_a_refused_first_sector_write_says_why_in_ctl_error_and_the_log(disk) -> None:
+    """dd only shows "Operation not permitted": the reason is in .ctl/error and the log."""
+    mount, image, data = disk
+    header = b"QFI\xfb" + bytes(508)  # a qcow2 magic on a probed raw image
+    result = subprocess.run(["dd", f"of={mount / 'disk0'}", "bs=512", "count=1",
+                             "conv=notrunc", "status=none"], input=header, capture_output=True)
+    assert result.returncode != 0 and os.strerror(errno.EPERM).encode() in result.stderr
+    assert "write disk0: raw: refusing a write that would make the probed raw image look " \
+           "like qcow2" in mount.last_error() and mount.last_error().endswith("[EPERM]")
+    assert "refusing a write that would make the probed raw image" in mount.log.read_text()
+    assert image.read_bytes() == data
+
+
+def test_a_page_aligned_1_mib_read_or_write_is_one_request(disk) -> None:
+    """What a media change cannot split (README, media changes): one FUSE request, which
+    libfuse negotiates up to 1 MiB (the kernel's default max_pages_limit is 256 pages). A
+    buffer that is not page-aligned spans one page more and is split in two."""
+    mount, _image, data = disk
+
+    def requests(call: Any) -> tuple[int, int]:
+        before = mount.backends()["disk0"]["stats"]
+        call()
+        after = mount.backends()["disk0"]["stats"]
+        return (after["read_ops"] - before["read_ops"], after["write_ops"] - before["write_ops"])
+
+    buf = mmap.mmap(-1, 2 * MiB)  # page-aligned, as dd's and cat's buffers are
+    fd = os.open(mount / "disk0", os.O_RDWR)
+    try:
+        assert requests(lambda: os.preadv(fd, [buf], 0)) == (2, 0)  # 2 MiB: two requests
+        assert requests(lambda: os.preadv(fd, [memoryview(buf)[:MiB]], MiB)) == (1, 0)
+        assert buf[:MiB] == data[MiB:2 * MiB]
+        assert requests(lambda: os.pwritev(fd, [memoryview(buf)[:MiB]], 0)) == (0, 1)
+        assert requests(lambda: os.preadv(fd, [memoryview(buf)[100:100 + MiB]], 0)) == (2, 0)
+    finally:
+        os.close(fd)

@@ -14,7 +14,7 @@ import pytest
 from blkfs.cli import loop_devices
 from tests.compat.peers import qemu, to_raw
 from tests.conftest import needs_fuse, needs_loop, needs_qemu
-from tests.helpers import blkfs, force_unmount, kill_daemon, mounted, run
+from tests.helpers import BLKFS, blkfs, force_unmount, kill_daemon, mounted, run
 from tests.jobs import MiB, jobs, qemu_check_clean
 
 pytestmark = [needs_fuse, pytest.mark.fuse, needs_qemu]
@@ -108,6 +108,34 @@ def test_job_wait_fails_with_the_jobs_error(mount_factory, images: Path) -> None
     assert jobs(mount)["b1"]["status"] == "concluded"
     refused = blkfs("snapshot", str(mount.path), "vol", str(source), check=False)
     assert refused.returncode == 1 and "exists" in refused.stderr
+
+
+def test_job_wait_says_it_stops_at_ready_and_until_concluded_follows_to_the_end(
+        mount_factory, images: Path) -> None:
+    """A ready mirror runs until someone completes it: ``job wait`` returns at ready (as
+    ``virsh blockcopy --wait`` does) and says so; ``--until concluded`` waits for the end."""
+    source = images / "src.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", source, "16M")
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x6b 0 16M", source)
+    mount = mount_factory("--backend", f"vol={source}")
+    blkfs("mirror", str(mount.path), "vol", str(images / "m.qcow2"), "--no-wait")
+    ready = blkfs("job", "wait", str(mount.path), "vol")
+    assert jobs(mount)["vol"]["status"] == "ready"
+    assert ready.stderr.splitlines()[-1] == (
+        f"vol: ready, still running: blkfs job complete {mount.path} vol ends it "
+        "(blkfs job wait --until concluded waits for that)")
+    help_text = blkfs("job", "wait", "--help").stdout
+    assert "--until {ready,concluded}" in help_text
+    with subprocess.Popen([*BLKFS, "job", "wait", "--until", "concluded", str(mount.path),
+                           "vol"], stderr=subprocess.PIPE, text=True) as waiter:
+        assert waiter.stderr is not None
+        assert waiter.stderr.readline().startswith("vol: mirror ready ")  # it has looked
+        blkfs("job", "complete", str(mount.path), "vol")
+        assert waiter.wait(timeout=60) == 0
+        assert waiter.stderr.read().splitlines()[-1].startswith("vol: mirror concluded")
+    assert jobs(mount)["vol"]["status"] == "concluded"
+    assert blkfs("job", "wait", "--until", "later", str(mount.path), "vol",
+                 check=False).returncode == 2
 
 
 def test_a_snapshot_takes_the_overlays_qcow2_options(mount_factory, images: Path) -> None:

@@ -3,14 +3,13 @@ keeps serving from its original tree and loses nothing; every image stays consis
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.compat.peers import qemu, to_raw
 from tests.conftest import needs_fuse, needs_qemu
-from tests.helpers import Mount, blkfs
+from tests.helpers import Mount, blkfs, node, wait_until
 from tests.jobs import (
     MiB,
     ModelWriter,
@@ -105,21 +104,34 @@ def test_a_cancelled_mirror_leaves_the_source_untouched(mount_factory, images: P
 
 
 def test_pause_resume_and_speed(mount_factory, images: Path) -> None:
+    """The pause comes while a chunk's read is held in blkdebug's delay: that chunk is
+    copied, then nothing more, even with the speed limit lifted."""
     source = full_image(images)
-    mount = mount_factory("--backend", f"vol={source}")
+    mount = mount_factory("--backend", f"vol=driver=qcow2,file.driver=blkdebug,"
+                          f"file.node-name=dbg,file.image.driver=file,"
+                          f"file.image.filename={source}")
+
+    def held() -> int:
+        return int(node(mount.backends()["vol"]["tree"], "dbg")["info"]["delayed"])
+
     mount.ctl("backup", f"vol {images / 'b.qcow2'} speed=2M")
     wait_job(mount, "vol", "running")
+    mount.ctl("reopen", "dbg delay.read=1s")
+    wait_until(lambda: held() > 0, "a chunk's read to be held")
+    before = jobs(mount)["vol"]["current-progress"]
     mount.ctl("job-pause", "vol")
     wait_job(mount, "vol", "paused")
-    time.sleep(0.2)  # a chunk in flight when the pause came may still finish
+    mount.ctl("reopen", "dbg delay.read=0")
+    wait_until(lambda: jobs(mount)["vol"]["current-progress"] > before,
+               "the chunk in flight at the pause to finish")
     paused = jobs(mount)["vol"]["current-progress"]
-    time.sleep(0.5)  # then a paused job copies nothing, however long it is left
+    assert paused == before + MiB  # one chunk: the one in flight
+    mount.ctl("job-set-speed", "vol speed=0")  # a job that ran on would now copy the rest
     assert jobs(mount)["vol"]["current-progress"] == paused < SIZE
-    assert jobs(mount)["vol"]["speed"] == 2 * MiB
+    assert jobs(mount)["vol"]["speed"] == 0
     assert "paused" in (mount / ".ctl" / "jobs").read_text()
-    mount.ctl("job-resume", "vol")
-    wait_job(mount, "vol", "running")
-    mount.ctl("job-set-speed", "vol speed=0")  # no limit: it finishes at once
+    mount.ctl("job-resume", "vol")  # no limit: it finishes at once
+    job = wait_job(mount, "vol", "running", "concluded")
     job = wait_job(mount, "vol", "concluded")
     assert job["error"] is None and job["current-progress"] == SIZE
     assert mount.ctl_errno("job-pause", "vol") == 22  # concluded: nothing to pause

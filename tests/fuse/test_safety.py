@@ -4,6 +4,7 @@ before the fix it guards (issue #12).
 * a media change to an overlay of the image a writer is writing;
 * ``dd`` without ``conv=notrunc``, ``truncate`` and ``qemu-img convert`` shrinking a disk;
 * eject and change under a loop device with a mounted ext4;
+* a change while reads and writes are in flight (they finish on the old medium);
 * ``blkfs umount`` while a deleted backend is still held by a loop device;
 * a host flush that failed once turning into success on the next fsync.
 """
@@ -14,6 +15,7 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from tests.helpers import (
     loop_device,
     mounted,
     mounted_fs,
+    node,
     pattern_image,
     run,
     wait_until,
@@ -148,6 +151,58 @@ def test_eject_and_change_refuse_while_a_writer_holds_the_disk(
     with open(mount / "disk", "r+b", buffering=0):
         mount.ctl("eject", "disk force=on")
     assert mount.backends()["disk"]["medium"] is False
+
+
+def test_requests_in_flight_across_a_change_finish_on_the_old_medium(
+        mount_factory, images: Path) -> None:
+    """The change drains the old medium first: reads held in blkdebug's delay return the
+    old data and a held write lands in the old image, none of them in the new one (FUSE
+    sends one direct write of a file at a time, so one write is in flight)."""
+    a, b = images / "a.img", images / "b.img"
+    old = pattern_image(a, 4 * MiB, image_id=1)
+    new = pattern_image(b, 4 * MiB, image_id=2)
+    mount = mount_factory("--backend", f"d=driver=blkdebug,node-name=dbg,delay.read=3s,"
+                          f"delay.write=3s,image.driver=file,image.filename={a}")
+    reads, writes = range(4), range(8, 9)  # 4 KiB blocks; the kernel sends one write
+    results: dict[int, bytes | int | OSError] = {}
+
+    def read(fd: int, block: int) -> None:
+        try:
+            results[block] = os.pread(fd, 4096, block * 4096)
+        except OSError as exc:
+            results[block] = exc
+
+    def write(fd: int, block: int) -> None:
+        try:
+            results[block] = os.pwrite(fd, bytes([65 + block]) * 4096, block * 4096)
+        except OSError as exc:
+            results[block] = exc
+
+    reader = os.open(mount / "d", os.O_RDONLY)
+    writer = os.open(mount / "d", os.O_RDWR)
+    try:
+        threads = [threading.Thread(target=read, args=(reader, n)) for n in reads]
+        threads += [threading.Thread(target=write, args=(writer, n)) for n in writes]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: node(mount.backends()["d"]["tree"], "dbg")["info"]["delayed"]
+                   == len(threads), "every request to be in flight")
+        mount.ctl("change", f"d {b},force=on")
+        for thread in threads:
+            thread.join()
+        assert mount.backends()["d"]["tree"]["driver"] == "raw"
+        for n in reads:
+            assert results[n] == old[n * 4096:(n + 1) * 4096], n
+        for n in writes:
+            assert results[n] == 4096, n
+        assert os.pread(reader, 4 * MiB, 0) == new  # nothing reached the new medium
+    finally:
+        os.close(reader)
+        os.close(writer)
+    on_disk = a.read_bytes()
+    for n in writes:
+        assert on_disk[n * 4096:(n + 1) * 4096] == bytes([65 + n]) * 4096, n
+    assert b.read_bytes() == new
 
 
 @needs_loop

@@ -21,9 +21,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyfuse3
 import trio
 
 from blkfs.backend import BlockBackend, BlockLayer
+from blkfs.commands import Commands
+from blkfs.frontends.ctl import ControlFiles
+from blkfs.frontends.fuse.operations import BlkfsOperations
 from blkfs.image import create_image
 
 MiB = 1 << 20
@@ -53,6 +57,12 @@ OPERATIONS = [
     Operation("read1m-qcow2", 100, "1 MiB read at random 1 MiB-aligned offsets, qcow2"),
     Operation("write4k-alloc-qcow2", 200, "4 KiB write into a new cluster of an empty "
                                           "qcow2 (allocation, copy-on-write of the rest)"),
+    Operation("write4k-qcow2", 400, "4 KiB write at random aligned offsets into allocated "
+                                    "clusters of a qcow2 (in place, L2 tables cached)"),
+    Operation("discard64k-qcow2", 200, "64 KiB discard of an allocated cluster of a qcow2 "
+                                       "(L2 entry and refcount updated, write-back cached)"),
+    Operation("fuse-read4k-qcow2", 400, "4 KiB read through the FUSE read handler (what "
+                                        "pyfuse3 calls per request), qcow2"),
     Operation("media-change", 20, "change of a backend's medium between two read-only "
                                   "qcow2 images (open, permissions, swap, close)"),
 ]
@@ -72,7 +82,7 @@ async def fill(backend: BlockBackend, data: bytes, chunk: int = MiB) -> None:
 async def make_images(d: Path, layer: BlockLayer) -> None:
     data = pattern(SIZE)
     (d / "disk.raw").write_bytes(data)
-    for name in ("disk.qcow2", "base.qcow2", "alt.qcow2"):
+    for name in ("disk.qcow2", "base.qcow2", "alt.qcow2", "trim.qcow2"):
         await create_image(str(d / name), "qcow2", SIZE)
         backend = await layer.create("fill", f"driver=qcow2,file.driver=file,"
                                              f"file.filename={d / name}")
@@ -121,6 +131,10 @@ async def run(d: Path, only: list[str]) -> None:
     chain = await layer.create("chain", f"{d}/top.qcow2")
     empty = await layer.create("empty", f"{d}/empty.qcow2")
     swapped = await layer.create("swapped", f"{d}/base.qcow2,read-only=on")
+    trim = await layer.create("trim", f"{d}/trim.qcow2")
+    ops = BlkfsOperations(layer, ControlFiles(Commands(layer)))
+    inode = (await ops.lookup(pyfuse3.ROOT_INODE, b"qcow2")).st_ino
+    fh = (await ops.open(inode, os.O_RDONLY, None)).fh  # type: ignore[arg-type]  # unused
     block = bytes(range(256)) * 16
     clusters = list(range(SIZE // CLUSTER))
     rng.shuffle(clusters)
@@ -128,12 +142,27 @@ async def run(d: Path, only: list[str]) -> None:
     async def write(i: int) -> None:
         await empty.write(clusters[i] * CLUSTER + 8192, block)
 
+    in_place = offsets(WARMUP + 1000, 4096)
+
+    async def write_in_place(i: int) -> None:
+        await qcow2.write(in_place[i], block)
+
+    async def discard(i: int) -> None:
+        await trim.discard(clusters[i] * CLUSTER, CLUSTER)
+
+    fuse_reads = offsets(WARMUP + 1000, 4096)
+
+    async def fuse_read(i: int) -> None:
+        await ops.read(fh, fuse_reads[i], 4096)
+
     async def change(i: int) -> None:
         await swapped.change(f"{d}/{('alt', 'base')[i % 2]}.qcow2,read-only=on")
 
     calls = {"read4k-raw": reads(raw, 4096), "read4k-qcow2": reads(qcow2, 4096),
              "read4k-chain": reads(chain, 4096), "read1m-qcow2": reads(qcow2, MiB),
-             "write4k-alloc-qcow2": write, "media-change": change}
+             "write4k-alloc-qcow2": write, "write4k-qcow2": write_in_place,
+             "discard64k-qcow2": discard, "fuse-read4k-qcow2": fuse_read,
+             "media-change": change}
     async def prime_chain() -> None:  # every cluster read once: the steady state
         buf = memoryview(bytearray(4096))
         for offset in range(0, SIZE, CLUSTER):

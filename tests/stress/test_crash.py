@@ -26,8 +26,15 @@ import pytest
 
 from tests.compat.peers import MiB, qemu, qemu_io, to_raw
 from tests.conftest import needs_fuse, needs_qemu
-from tests.helpers import Mount, blkfs, mounted
-from tests.stress.workload import Replay, mismatches, replay, start_writer, wait_for_fsync
+from tests.helpers import Mount, blkfs, mounted, node, wait_until
+from tests.stress.workload import (
+    Replay,
+    journaled,
+    mismatches,
+    replay,
+    start_writer,
+    wait_for_fsync,
+)
 
 pytestmark = [needs_fuse, needs_qemu]
 
@@ -136,7 +143,9 @@ def test_kill_9_loses_nothing_fsynced_and_corrupts_nothing(
         journal = tmp_path / f"journal{totals['iterations']}"
         writer = start_writer(disk, journal, rng.getrandbits(32), cluster=cluster)
         try:
-            time.sleep(rng.uniform(0.15, 1.2))
+            operations = rng.randint(2, 60)  # the kill lands after a random amount of work
+            wait_until(lambda: journaled(journal) >= operations or writer.poll() is not None,
+                       f"the writer to journal {operations} operations", seconds=60)
             if rng.random() < 0.5:  # half the kills land inside an fsync, where order matters
                 totals["kills_in_fsync"] += wait_for_fsync(journal, 2.0)
                 time.sleep(rng.uniform(0, 0.004))
@@ -187,7 +196,8 @@ def test_kill_9_between_refcount_and_l2_write_back_of_freed_clusters(
     writer = subprocess.Popen(["dd", "if=/dev/zero", f"of={mount / 'disk'}", "bs=1M", "count=1",
                                "conv=notrunc,fsync", "status=none"], stderr=subprocess.DEVNULL)
     try:
-        time.sleep(1.5)  # the zero write is done; the fsync waits in blkdebug's delay
+        wait_until(lambda: node(mount.backends()["disk"]["tree"], "dbg")["info"]["delayed"] == 1,
+                   "the fsync to wait in blkdebug's delay")  # the zero write is done
         os.kill(mount.pid, signal.SIGKILL)
         writer.wait(timeout=30)
     finally:

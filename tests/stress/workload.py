@@ -123,6 +123,15 @@ def mismatches(actual: bytes, state: Replay) -> list[int]:
     return bad
 
 
+def journaled(journal: Path) -> int:
+    """How many operations the writer has started (fsync marks not counted)."""
+    try:
+        lines = journal.read_bytes().splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum(1 for line in lines if line[:1] in (b"w", b"z", b"d"))
+
+
 def wait_for_fsync(journal: Path, timeout: float) -> bool:
     """Wait until the writer is inside an fsync (the journal ends with ``S``); False if that
     did not happen within ``timeout`` seconds."""

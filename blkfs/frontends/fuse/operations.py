@@ -44,6 +44,10 @@ SEEK_STEP = 1 << 30
 """Most one block status query of SEEK_DATA/SEEK_HOLE asks about (a qcow2 image loads the
 L2 tables of what it is asked)."""
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+REFUSALS = (errno.EPERM, errno.EACCES)
+"""Errors of a backend file's I/O that are a rule refusing it, not a failing disk: dd shows
+only the errno, so the message goes to ``.ctl/error`` as a command's does."""
+DATA_PATH = ("read", "write", "fallocate")
 
 
 def fuse_handler(method: Handler) -> Handler:
@@ -58,7 +62,10 @@ def fuse_handler(method: Handler) -> Handler:
         except pyfuse3.FUSEError:
             raise
         except BlockError as exc:
-            log.info("%s: %s", method.__name__, exc)
+            if exc.errno in REFUSALS and method.__name__ in DATA_PATH:
+                args[0].refused(method.__name__, args[1], exc)
+            else:
+                log.info("%s: %s", method.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:
             log.exception("%s: internal error", method.__name__)
@@ -376,6 +383,15 @@ class BlkfsOperations(pyfuse3.Operations):
         await backend.write(off, data)
         handle.dirty = True
         return data.nbytes
+
+    def refused(self, what: str, fh: int, exc: BlockError) -> None:
+        """Keep the reason a backend file's I/O was refused for ``.ctl/error`` and the log
+        (a ``.ctl`` file's command has kept its own)."""
+        handle = self.handles.get(fh)
+        if isinstance(handle, BackendHandle):
+            self.control.commands.record(f"{what} {handle.backend.name}", exc)
+        else:
+            log.info("%s: %s", what, exc)
 
     def _backend_handle(self, fh: int) -> BackendHandle:
         handle = self.handles.get(fh)
