@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -157,6 +158,27 @@ def test_created_images_pass_check_and_show_the_options(images: Path, options: s
         assert specific["compression-type"] == wanted.get("compression_type", "zlib")
     qemu_io(image, "qcow2", "write -P 0x5a 1G 3M", "read -P 0x5a 1G 3M")
     check(image)
+
+
+@pytest.mark.parametrize("options", ["", "cluster_size=512", "compat=0.10"])
+async def test_a_zero_size_image_is_clean_and_grows(images: Path, options: str) -> None:
+    """A zero-size image has no L1 table, as qemu-img makes it (an L1 cluster nothing names
+    would be a leak), and still grows, in blkfs and in QEMU."""
+    ours, theirs = images / "ours.qcow2", images / "theirs.qcow2"
+    blkfs("image", "create", "-f", "qcow2", str(ours), "0", *(["-o", options] if options else []))
+    create(images, theirs.name, options, size=0)
+    result = subprocess.run(["qemu-img", "check", str(ours)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ours.stat().st_size == theirs.stat().st_size
+    layer = BlockLayer()
+    try:
+        backend = await layer.create("d", f"driver=qcow2,file.driver=file,file.filename={ours}")
+        await backend.truncate(MiB)
+        await backend.write(MiB - 4096, b"\7" * 4096)
+    finally:
+        await layer.close()
+    assert "No errors were found" in check(ours)
+    assert to_raw(ours) == bytes(MiB - 4096) + b"\7" * 4096
 
 
 def test_create_refuses_bad_input_and_changes_nothing(images: Path) -> None:
