@@ -91,12 +91,10 @@ def build_header(size: int, options: Mapping[str, str], backing: str | None,
                     compression_type=types[compression])
     if backing is not None and len(backing.encode()) > MAX_BACKING_NAME:
         raise invalid(f"the backing file name is longer than {MAX_BACKING_NAME} bytes")
-    for table in (True, False):
-        header.with_feature_table = table
-        header.set_backing(backing, backing_fmt)
-        if len(header.pack()) <= cluster_size:
-            return header
-    raise invalid("the backing file name does not fit in the first cluster")
+    header.set_backing(backing, backing_fmt)
+    if header.pack_cluster() is None:
+        raise invalid("the backing file name does not fit in the first cluster")
+    return header
 
 
 def empty_image(header: Header) -> bytes:

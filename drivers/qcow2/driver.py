@@ -24,6 +24,7 @@ import os
 import zlib
 from array import array
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, BinaryIO
 
 import trio
@@ -358,10 +359,18 @@ class Qcow2Driver(BlockDriver):
 
     # -- writing ----------------------------------------------------------------------------
 
+    async def _changing(self) -> None:
+        """Before the image's first change (lock held): autoclear bits cleared, since blkfs
+        maintains none of what they vouch for (Metadata.clear_autoclear)."""
+        if self.header.autoclear_features:
+            await self.metadata.clear_autoclear()
+
     async def write(self, offset: int, data: memoryview) -> None:
-        runs = self._cached_in_place(offset, data.nbytes)
+        runs = None if self.header.autoclear_features else \
+            self._cached_in_place(offset, data.nbytes)
         if runs is None:
             async with self.lock:
+                await self._changing()
                 await self._write_locked(offset, data)
             return
         done = 0
@@ -469,6 +478,7 @@ class Qcow2Driver(BlockDriver):
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         async with self.lock:
+            await self._changing()
             await self._zero_clusters(offset, length)
             position, end = offset, offset + length
             has_zero_entry = self._zero_entry() is not None
@@ -483,6 +493,7 @@ class Qcow2Driver(BlockDriver):
     async def discard(self, offset: int, length: int) -> None:
         """Whole clusters only: discard is advisory."""
         async with self.lock:
+            await self._changing()
             await self._zero_clusters(offset, length)
 
     def _whole_cluster(self, position: int, chunk: int) -> bool:
@@ -528,6 +539,7 @@ class Qcow2Driver(BlockDriver):
             raise BlockError(errno.EROFS, f"node '{self.node.name}' is read-only")
         extended = self.geometry.extended_l2
         async with self.lock:
+            await self._changing()
             for l1_index, entry in enumerate(self.l1):
                 if not entry & OFFSET_MASK:
                     continue
@@ -548,21 +560,18 @@ class Qcow2Driver(BlockDriver):
             raise BlockError(errno.ENAMETOOLONG,
                              f"qcow2: a backing file name is at most {MAX_BACKING_NAME} bytes")
         async with self.lock:
-            header = self.header
-            previous = header.backing_file, header.backing_format
-            header.set_backing(name, fmt)
-            head = header.pack()
-            if len(head) > self.cluster_size:  # small clusters: drop the feature name table
-                header.with_feature_table = False
-                header.set_backing(name, fmt)
-                head = header.pack()
-            if len(head) > self.cluster_size:
-                header.set_backing(*previous)
+            trial = replace(self.header)
+            trial.set_backing(name, fmt)
+            if trial.pack_cluster() is None:
                 raise BlockError(errno.ENAMETOOLONG, "qcow2: the backing file name does not "
                                                      "fit in the first cluster")
+            await self._changing()
+            self.header.set_backing(name, fmt)
+            head = self.header.pack_cluster()
+            assert head is not None  # what _changing drops only makes room
             if not await self._write_back():  # what the new backing file covers is
                 await self.file.flush()  # durable before the header names it
-            await self.file.write(0, memoryview(head + bytes(self.cluster_size - len(head))))
+            await self.file.write(0, memoryview(head))
             await self.file.flush()
 
     def children_changed(self) -> None:
@@ -577,6 +586,7 @@ class Qcow2Driver(BlockDriver):
         if length < self.header.size:
             raise BlockError(errno.ENOTSUP, "qcow2: images can grow but not shrink")
         async with self.lock:
+            await self._changing()
             needed = self.geometry.l1_size_for(length)
             if needed > len(self.l1):
                 await self._grow_l1(needed)

@@ -73,6 +73,17 @@ class RefcountAllocator:
         for host in dropped:
             await self.update_refcount(host, -1)
 
+    async def refcount(self, host: int) -> int:
+        """The refcount of the host cluster at ``host``."""
+        block_index, index = divmod(host // self.cluster_size, self.block_entries)
+        entries = self.table.entries
+        block_offset = entries[block_index] & OFFSET_MASK if block_index < len(entries) else 0
+        if not block_offset:
+            return 0
+        self.geometry.check_cluster(block_offset, "refcount block")
+        return get_refcount(await self.blocks.load(block_offset), index,
+                            self.header.refcount_order)
+
     async def update_refcount(self, host: int, delta: int) -> None:
         """Add ``delta`` to the refcount of the host cluster at ``host``, making room in the
         refcount structures first if they do not cover it yet."""

@@ -28,6 +28,8 @@ VARIANTS: dict[str, Callable[[Path], Path]] = {
     "extl2": lambda d: create(d, "img.qcow2", "extended_l2=on"),
     "v2": lambda d: create(d, "img.qcow2", "compat=0.10"),
     "compressed": lambda d: convert(d, "img", "cluster_size=16k", compress=True),
+    "compressed-zstd": lambda d: convert(d, "img", "cluster_size=16k,compression_type=zstd",
+                                         compress=True),
     "overlay": lambda d: create(d, "img.qcow2", backing=convert(d, "base").name),
     "overlay-v2": lambda d: create(d, "img.qcow2", "compat=0.10",
                                    backing=convert(d, "base", "compat=0.10").name),
