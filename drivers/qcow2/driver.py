@@ -61,8 +61,9 @@ from .mapping import (
     in_place_run,
     l2_entry,
     map_table,
+    reusable_host,
     set_l2_entry,
-    zero_entry,
+    zeroed_entry,
 )
 from .metadata import Metadata
 from .ondisk import (
@@ -413,14 +414,22 @@ class Qcow2Driver(BlockDriver):
                                 table_offset: int, table: array[int]) -> int:
         """Write into new clusters: as many consecutive ones of this L2 table as the request
         covers. Only the first may be partial (further clusters are taken only whole); it is
-        merged with its old contents, and the rest is written straight from ``data``."""
+        merged with its old contents, and the rest is written straight from ``data``. A
+        cluster that keeps an unshared host cluster (zeroed without unmap) is written there
+        instead, alone: its L2 entry reads zeros until the new one is written back after the
+        data, as a new cluster's does."""
         cluster = self.cluster_size
         extended = self.geometry.extended_l2
         index = self.geometry.l2_index(position)
         start = position - position % cluster
-        count = allocation_run(self.geometry, table, index, start, end)
+        reused = reusable_host(l2_entry(table, index, extended)[0])
+        if reused:  # a zeroed cluster that kept its host cluster: no new space
+            self.geometry.check_cluster(reused, "data cluster")
+            count, host = 1, reused
+        else:
+            count = allocation_run(self.geometry, table, index, start, end)
+            host = await self.allocator.allocate(count)
         head, tail = position - start, min(end, start + count * cluster) - start
-        host = await self.allocator.allocate(count)
         whole_from = 0
         if head or tail < cluster:
             whole_from = min(tail, cluster)
@@ -431,7 +440,8 @@ class Qcow2Driver(BlockDriver):
             old, _ = l2_entry(table, index + i, extended)
             set_l2_entry(table, index + i, extended, (host + i * cluster) | OFLAG_COPIED,
                          ALL_ALLOCATED)
-            self.allocator.drop(host_clusters(self.geometry, old))
+            if not reused:
+                self.allocator.drop(host_clusters(self.geometry, old))
         self.l2_cache.mark_dirty(table_offset)
         self._locations_changed()
         return tail - head
@@ -479,57 +489,61 @@ class Qcow2Driver(BlockDriver):
     async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         async with self.lock:
             await self._changing()
-            await self._zero_clusters(offset, length)
-            position, end = offset, offset + length
-            has_zero_entry = self._zero_entry() is not None
-            while position < end:  # what a zero entry cannot cover: parts of clusters, or
-                # whole ones of a v2 image over a backing file
-                chunk = min(end - position, self.cluster_size - position % self.cluster_size)
-                covered = has_zero_entry and self._whole_cluster(position, chunk)
-                if not covered and not await self._reads_zeros(position, chunk):
-                    await self._write_locked(position, memoryview(bytes(chunk)))
-                position += chunk
+            await self._zero(offset, length, unmap, write=True)
 
     async def discard(self, offset: int, length: int) -> None:
         """Whole clusters only: discard is advisory."""
         async with self.lock:
             await self._changing()
-            await self._zero_clusters(offset, length)
+            await self._zero(offset, length, unmap=True, write=False)
 
     def _whole_cluster(self, position: int, chunk: int) -> bool:
         return chunk == self.cluster_size or (position % self.cluster_size == 0 and
                                               position + chunk == self.header.size)
 
-    def _zero_entry(self) -> tuple[int, int] | None:
-        return zero_entry(self.geometry, self.header.version, bool(self.backing_size))
-
-    async def _reads_zeros(self, offset: int, length: int) -> bool:
-        """Whether the range reads as zeros without holding any data (lock held)."""
-        return all(mapping.kind is Kind.ZERO or
-                   (mapping.kind is Kind.UNALLOCATED and not self.backing_size)
-                   for _, _, mapping in await self._extents(offset, length))
-
-    async def _zero_clusters(self, offset: int, length: int) -> None:
-        """The whole clusters in the range become zero clusters, their host clusters freed
-        (lock held), as QEMU's discard_in_l2_slice. Clusters that read as zeros already are
-        left as they are, so zeroing a sparse image allocates no L2 table."""
+    async def _zero(self, offset: int, length: int, unmap: bool, write: bool) -> None:
+        """The whole clusters in the range get zero entries (lock held), their host clusters
+        freed with ``unmap`` and kept without (as QEMU's zero_in_l2_slice). What an entry
+        cannot cover (parts of clusters, and what :func:`zeroed_entry` leaves to written
+        zeros) is written as zeros, if ``write``. Clusters that read as zeros already are left
+        as they are (with ``unmap``, unless they hold a host cluster), so zeroing a sparse
+        image allocates no L2 table."""
         cluster = self.cluster_size
-        extended = self.geometry.extended_l2
-        end = offset + length
-        position = offset
+        position, end = offset, offset + length
         while position < end:
             chunk = min(end - position, cluster - position % cluster)
-            new = self._zero_entry() if self._whole_cluster(position, chunk) else None
-            if new is not None and not await self._reads_zeros(position, chunk):
-                table_offset, table = await self._l2_for_write(
-                    self.geometry.l1_index(position))
-                index = self.geometry.l2_index(position)
-                old, _ = l2_entry(table, index, extended)
-                set_l2_entry(table, index, extended, *new)
-                self.l2_cache.mark_dirty(table_offset)
-                self.allocator.drop(host_clusters(self.geometry, old))
-                self._locations_changed()
+            whole = self._whole_cluster(position, chunk)
+            if not await self._reads_zeros(position, chunk, unmapped=unmap and whole) and \
+                    not (whole and await self._zero_cluster(position, unmap)) and write:
+                await self._write_locked(position, memoryview(bytes(chunk)))
             position += chunk
+
+    async def _zero_cluster(self, position: int, unmap: bool) -> bool:
+        """Give the cluster at ``position`` a zero entry, if the image has one for it."""
+        l1_index, index = self.geometry.l1_index(position), self.geometry.l2_index(position)
+        extended = self.geometry.extended_l2
+        found = await self._l2_table(l1_index)
+        old = l2_entry(found[1], index, extended)[0] if found else 0
+        new = zeroed_entry(self.geometry, self.header.version, bool(self.backing_size), old,
+                           unmap)
+        if new is None:
+            return False
+        table_offset, table = await self._l2_for_write(l1_index)
+        old, _ = l2_entry(table, index, extended)  # the same entry, in a copied table
+        set_l2_entry(table, index, extended, *new)
+        self.l2_cache.mark_dirty(table_offset)
+        if not new[0] & OFFSET_MASK:  # else it kept the host cluster old holds
+            self.allocator.drop(host_clusters(self.geometry, old))
+        self._locations_changed()
+        return True
+
+    async def _reads_zeros(self, offset: int, length: int, unmapped: bool = False) -> bool:
+        """Whether the range reads as zeros without holding any data (lock held); with
+        ``unmapped``, also without holding a host cluster."""
+        return all((mapping.kind is Kind.ZERO or
+                    (mapping.kind is Kind.UNALLOCATED and not self.backing_size)) and
+                   not (unmapped and mapping.host)
+                   for _, _, mapping in await self._extents(offset, length))
 
     async def make_empty(self) -> None:
         """Every guest cluster becomes unallocated, its host cluster freed, so the image

@@ -93,6 +93,61 @@ def test_mount_writes_pass_check_and_compare(mount_factory: Callable[..., Mount]
                                           reference, image)
 
 
+def qemu_map(image: Path) -> list[dict[str, object]]:
+    return list(json.loads(qemu("qemu-img", "map", "--output=json", image)))
+
+
+@needs_fuse
+@pytest.mark.parametrize("options", ["", "extended_l2=on", "compat=0.10"])
+def test_zero_range_keeps_the_clusters_as_qemu_does(mount_factory: Callable[..., Mount],
+                                                    images: Path, options: str) -> None:
+    """``fallocate -z`` (what a loop device sends for ``blkdiscard -z``) zeroes without
+    may-unmap: the clusters stay allocated (the zero flag on an allocated cluster; written
+    zeros in a v2 image), and a later write into the range takes no new space.
+    ``fallocate -p`` may unmap, and frees them. The result reads as qemu-io's ``write -z``
+    and, with standard L2 entries, maps as it does (QEMU zeroes the partial clusters at the
+    ends by subclusters with extended L2, where blkfs writes zeros, and frees the clusters
+    of a v2 image, which has no zero flag)."""
+    image = create(images, "z.qcow2", options, size=16 * MiB)
+    data = random.Random(12).randbytes(8 * MiB)
+    mount = mount_factory("--backend", f"d={image}")
+    (mount / "d").write_bytes(data)
+    mount.stop()
+    reference = images / "reference.qcow2"
+    reference.write_bytes(image.read_bytes())
+    zero_at, zero_len = 2 * MiB + 4096, 4 * MiB  # unaligned: partial clusters at both ends
+    qemu_io(reference, "qcow2", f"write -z {zero_at} {zero_len}")
+
+    size, used = image.stat().st_size, image.stat().st_blocks
+    mount = mount_factory("--backend", f"d={image}")
+    subprocess.run(["fallocate", "-z", "-n", "-o", str(zero_at), "-l", str(zero_len),
+                    str(mount / "d")], check=True)
+    assert (mount / "d").read_bytes()[:8 * MiB] == \
+        data[:zero_at] + bytes(zero_len) + data[zero_at + zero_len:]
+    mount.stop()
+    assert subprocess.run(["qemu-img", "check", str(image)]).returncode == 0
+    assert image.stat().st_size == size and image.stat().st_blocks >= used
+    if not options:
+        assert qemu_map(image) == qemu_map(reference)
+    assert "Images are identical" in qemu("qemu-img", "compare", reference, image)
+
+    mount = mount_factory("--backend", f"d={image}")
+    with open(mount / "d", "r+b") as disk:  # into the zeroed clusters: no new cluster
+        disk.seek(3 * MiB)
+        disk.write(b"\x5a" * MiB)
+    mount.stop()
+    assert image.stat().st_size == size
+    assert subprocess.run(["qemu-img", "check", str(image)]).returncode == 0
+    assert to_raw(image)[3 * MiB:4 * MiB] == b"\x5a" * MiB
+
+    mount = mount_factory("--backend", f"d={image}")
+    subprocess.run(["fallocate", "-p", "-o", "0", "-l", str(8 * MiB), str(mount / "d")],
+                   check=True)
+    mount.stop()
+    check(image)
+    assert image.stat().st_blocks * 512 < used * 512 - 6 * MiB  # freed, holes punched
+
+
 @pytest.mark.parametrize("variant", ["v3-64k", "c512", "extl2", "v2", "overlay", "overlay-v2",
                                      "compressed"])
 async def test_discards_and_zero_writes_through_the_backend_api(images: Path,
