@@ -11,8 +11,10 @@ Ground rules:
 * One metadata lock per image serialises mapping changes. Reads and in-place writes map from
   cached L2 tables without it (no await, so nothing interleaves) and take it only to load a
   table; either way they hold it only while mapping, never during data I/O.
-* Freed clusters' space goes back to the host only while no read is in flight: a read may
-  have mapped a cluster just before a write dropped it.
+* A freed cluster's space goes back to the host, and the cluster to the allocator for
+  reuse, only after a write-back made its freeing durable and while no request that maps
+  without the lock is in flight: a read or an in-place write may have mapped the cluster
+  just before it was dropped.
 * These paths are the hot ones: reads and in-place writes keep per-cluster values in locals
   and make no objects but the mappings they return.
 """
@@ -114,9 +116,10 @@ class Qcow2Driver(BlockDriver):
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.file = self.child("file")
         self.lock = trio.Lock()
-        self.readers = 0
-        """Reads in flight: they may have mapped a cluster that a write has since dropped,
-        so freed clusters are punched only while there are none."""
+        self.in_flight = 0
+        """Reads and in-place writes in flight (and direct reads of overlays through this
+        image, see BackingMap): each may have mapped a cluster that has since been dropped,
+        so freed clusters are punched and reused only while there are none."""
         self.backing_size = 0
         self.below = BackingMap(Qcow2Driver)
         """Where the backing chain holds the clusters this image leaves to it."""
@@ -244,7 +247,7 @@ class Qcow2Driver(BlockDriver):
     # -- reading ----------------------------------------------------------------------------
 
     async def read(self, offset: int, buf: memoryview) -> None:
-        self.readers += 1
+        self.in_flight += 1
         try:
             extents = self._cached_extents(offset, buf.nbytes)
             if extents is None:
@@ -252,7 +255,7 @@ class Qcow2Driver(BlockDriver):
                     extents = await self._extents(offset, buf.nbytes)
             await self._read_extents(offset, buf, extents)
         finally:
-            self.readers -= 1
+            self.in_flight -= 1
 
     async def _read_extents(self, start: int, buf: memoryview, extents: Extents) -> None:
         cluster_size = self.cluster_size
@@ -375,9 +378,13 @@ class Qcow2Driver(BlockDriver):
                 await self._write_locked(offset, data)
             return
         done = 0
-        for host, length in runs:  # no mapping changes: no lock (see _cached_extents)
-            await self.file.write(host, data[done:done + length])
-            done += length
+        self.in_flight += 1
+        try:
+            for host, length in runs:  # no mapping changes: no lock (see _cached_extents)
+                await self.file.write(host, data[done:done + length])
+                done += length
+        finally:
+            self.in_flight -= 1
 
     def _cached_in_place(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         """(host offset, length) runs for a write that lands wholly in allocated clusters
@@ -427,8 +434,8 @@ class Qcow2Driver(BlockDriver):
             self.geometry.check_cluster(reused, "data cluster")
             count, host = 1, reused
         else:
-            count = allocation_run(self.geometry, table, index, start, end)
-            host = await self.allocator.allocate(count)
+            host, count = await self.allocator.allocate_run(
+                allocation_run(self.geometry, table, index, start, end))
         head, tail = position - start, min(end, start + count * cluster) - start
         whole_from = 0
         if head or tail < cluster:
@@ -631,18 +638,24 @@ class Qcow2Driver(BlockDriver):
         """Everything cached reaches the image (lock held), then freed clusters' space goes
         back to the host if it may. True if that ended with a flush of the image file."""
         wrote = await self.metadata.write_back()
-        await self._punch_freed()
+        await self._release_freed()
         return wrote
 
-    async def _punch_freed(self) -> None:
-        """Give freed clusters' space back to the host, unless a read in flight may still
-        read one it mapped before the cluster was dropped (it then waits for a later
-        write-back, at the latest close)."""
-        if self.readers:
+    async def _release_freed(self) -> None:
+        """Give freed clusters' space back to the host and the clusters to the allocator
+        for reuse (after a write-back: their freeing is durable), unless a request in flight
+        may still use one it mapped before the cluster was dropped (they then wait for a
+        later write-back, at the latest close). Cached tables at a freed cluster go (QEMU's
+        qcow2_cache_discard): a write-back must never reach a reused cluster."""
+        if self.in_flight:
             return
         freed, self.allocator.freed = self.allocator.freed, []
         for start, length in host_runs(freed, self.cluster_size):
             await self.file.discard(start, length)
+        for host in freed:
+            self.l2_cache.pop(host)
+            self.metadata.refcount_blocks.tables.pop(host)
+        self.allocator.reuse(freed)
 
     async def flush(self) -> None:
         async with self.lock:

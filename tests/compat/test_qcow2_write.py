@@ -148,6 +148,41 @@ def test_zero_range_keeps_the_clusters_as_qemu_does(mount_factory: Callable[...,
     assert image.stat().st_blocks * 512 < used * 512 - 6 * MiB  # freed, holes punched
 
 
+@needs_fuse
+@pytest.mark.parametrize("options", ["", "cluster_size=4k"])
+def test_discarded_clusters_are_reused_so_the_image_stays_bounded(
+        mount_factory: Callable[..., Mount], images: Path, options: str) -> None:
+    """Cycles of writes, ``fallocate -p`` and fsync through one mount (a filesystem made
+    and remade with discard over a loop device): the clusters a discard frees are reused
+    once that is durable, so the image file stays within the disk's size plus its metadata
+    instead of growing by every cycle's writes."""
+    size = 16 * MiB
+    image = create(images, "thin.qcow2", options, size=size)
+    mount = mount_factory("--backend", f"d={image}")
+    rng = random.Random(11)
+    model = bytearray(size)
+    with open(mount / "d", "r+b", buffering=0) as disk:
+        for _ in range(24):
+            for _ in range(8):
+                offset = rng.randrange(0, size - MiB, 4096)
+                data = rng.randbytes(rng.choice((4096, 65536, 300000, MiB)))
+                disk.seek(offset)
+                disk.write(data)
+                model[offset:offset + len(data)] = data
+            os.fsync(disk.fileno())
+            start = rng.randrange(0, size // 2, 65536)
+            subprocess.run(["fallocate", "-p", "-o", str(start), "-l", str(size // 2),
+                            str(mount / "d")], check=True)
+            model[start:start + size // 2] = bytes(size // 2)
+            os.fsync(disk.fileno())
+        disk.seek(0)
+        assert disk.read() == model
+    mount.stop()
+    assert subprocess.run(["qemu-img", "check", str(image)]).returncode == 0
+    assert to_raw(image) == model
+    assert image.stat().st_size <= size + size // 8  # the disk, and room for its metadata
+
+
 @pytest.mark.parametrize("variant", ["v3-64k", "c512", "extl2", "v2", "overlay", "overlay-v2",
                                      "compressed"])
 async def test_discards_and_zero_writes_through_the_backend_api(images: Path,
