@@ -16,8 +16,8 @@ Ground rules:
   the overlay's own backing file. Nothing is ever patched in place.
 * A direct read is admitted by the tracker of every node it skips (a drain of any of them
   waits for it; while one is drained, the read takes the normal path and waits at the
-  door), and counts as a reader of each qcow2 layer it skips, so none of them gives a
-  freed cluster's space back under it.
+  door), and counts as in flight in each qcow2 layer it skips, so none of them gives a
+  freed cluster's space back, or reuses it, under it.
 * Bounded: at most ``capacity`` entries; a full map starts again empty.
 """
 
@@ -38,7 +38,7 @@ CAPACITY = 1 << 15
 
 class Route:
     """How a located read goes: from ``file`` (None: zeros), admitted by ``trackers``, as a
-    reader of ``layers``."""
+    request in flight in ``layers``."""
 
     __slots__ = ("file", "layers", "trackers")
 
@@ -57,12 +57,12 @@ class Route:
                     held.leave()
                 return False
         for layer in self.layers:
-            layer.readers += 1
+            layer.in_flight += 1
         return True
 
     def leave(self) -> None:
         for layer in self.layers:
-            layer.readers -= 1
+            layer.in_flight -= 1
         for tracker in self.trackers:
             tracker.leave()
 
@@ -74,7 +74,7 @@ class BackingMap:
         self.entries: dict[int, tuple[Route, int]] = {}
         self.capacity = capacity
         self._layer_type = layer_type
-        """qcow2's driver class (whose skipped layers count the read as a reader)."""
+        """qcow2's driver class (whose skipped layers count the read as in flight)."""
         self._routes: dict[tuple[Child | None, tuple[Node, ...]], Route] = {}
         self._watched: list[BlockDriver] = []
 

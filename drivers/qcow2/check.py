@@ -36,6 +36,7 @@ from blkfs.block import BlockError, Child
 from .imagefile import ChildFile, ImageFile, read_header
 from .mapping import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, SUBCLUSTERS, Geometry
 from .ondisk import (
+    AUTOCLEAR_BITMAPS,
     EXT_BITMAPS,
     EXT_CRYPTO,
     MAX_L1_BYTES,
@@ -358,13 +359,15 @@ class _Walk:
         self.tally.metadata(offset, position - offset, "snapshot table")
 
     async def extensions(self) -> None:
-        """Clusters named by header extensions: bitmaps and the crypto header."""
+        """Clusters named by header extensions: the crypto header, and bitmaps unless
+        autoclear bit 0 says they are stale (QEMU then ignores them: their clusters leak)."""
         for extension in self.header.extensions:
             length = len(extension.data)
             if extension.type == EXT_CRYPTO and length >= CryptoExtension.STRUCT.size:
                 crypto = CryptoExtension.unpack(extension.data)
                 self.tally.metadata(crypto.offset, crypto.length, "crypto header")
-            elif extension.type == EXT_BITMAPS and length >= BitmapsExtension.STRUCT.size:
+            elif extension.type == EXT_BITMAPS and length >= BitmapsExtension.STRUCT.size \
+                    and self.header.autoclear_features & AUTOCLEAR_BITMAPS:  # else stale
                 await self.bitmaps(BitmapsExtension.unpack(extension.data))
 
     async def bitmaps(self, bitmaps: BitmapsExtension) -> None:

@@ -91,12 +91,10 @@ def build_header(size: int, options: Mapping[str, str], backing: str | None,
                     compression_type=types[compression])
     if backing is not None and len(backing.encode()) > MAX_BACKING_NAME:
         raise invalid(f"the backing file name is longer than {MAX_BACKING_NAME} bytes")
-    for table in (True, False):
-        header.with_feature_table = table
-        header.set_backing(backing, backing_fmt)
-        if len(header.pack()) <= cluster_size:
-            return header
-    raise invalid("the backing file name does not fit in the first cluster")
+    header.set_backing(backing, backing_fmt)
+    if header.pack_cluster() is None:
+        raise invalid("the backing file name does not fit in the first cluster")
+    return header
 
 
 def empty_image(header: Header) -> bytes:
@@ -104,7 +102,7 @@ def empty_image(header: Header) -> bytes:
     cluster = header.cluster_size
     geometry = Geometry(header.cluster_bits, header.extended_l2)
     header.l1_size = geometry.l1_size_for(header.size)
-    l1_clusters = max(1, -(-header.l1_size * 8 // cluster))
+    l1_clusters = -(-header.l1_size * 8 // cluster)  # none for a zero-size image, as QEMU
     per_block = refcount_entries(header.cluster_bits, header.refcount_order)
     table_clusters, blocks = 1, 1
     while True:  # the refcount structures count themselves: iterate to a fixed point
@@ -117,7 +115,7 @@ def empty_image(header: Header) -> bytes:
     header.refcount_table_offset = cluster
     header.refcount_table_clusters = table_clusters
     first_block = 1 + table_clusters
-    header.l1_table_offset = (first_block + blocks) * cluster
+    header.l1_table_offset = (first_block + blocks) * cluster if l1_clusters else 0
     image = bytearray(total * cluster)
     head = header.pack()
     image[:len(head)] = head

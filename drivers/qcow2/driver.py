@@ -11,8 +11,10 @@ Ground rules:
 * One metadata lock per image serialises mapping changes. Reads and in-place writes map from
   cached L2 tables without it (no await, so nothing interleaves) and take it only to load a
   table; either way they hold it only while mapping, never during data I/O.
-* Freed clusters' space goes back to the host only while no read is in flight: a read may
-  have mapped a cluster just before a write dropped it.
+* A freed cluster's space goes back to the host, and the cluster to the allocator for
+  reuse, only after a write-back made its freeing durable and while no request that maps
+  without the lock is in flight: a read or an in-place write may have mapped the cluster
+  just before it was dropped.
 * These paths are the hot ones: reads and in-place writes keep per-cluster values in locals
   and make no objects but the mappings they return.
 """
@@ -24,6 +26,7 @@ import os
 import zlib
 from array import array
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, BinaryIO
 
 import trio
@@ -60,8 +63,9 @@ from .mapping import (
     in_place_run,
     l2_entry,
     map_table,
+    reusable_host,
     set_l2_entry,
-    zero_entry,
+    zeroed_entry,
 )
 from .metadata import Metadata
 from .ondisk import (
@@ -112,9 +116,10 @@ class Qcow2Driver(BlockDriver):
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.file = self.child("file")
         self.lock = trio.Lock()
-        self.readers = 0
-        """Reads in flight: they may have mapped a cluster that a write has since dropped,
-        so freed clusters are punched only while there are none."""
+        self.in_flight = 0
+        """Reads and in-place writes in flight (and direct reads of overlays through this
+        image, see BackingMap): each may have mapped a cluster that has since been dropped,
+        so freed clusters are punched and reused only while there are none."""
         self.backing_size = 0
         self.below = BackingMap(Qcow2Driver)
         """Where the backing chain holds the clusters this image leaves to it."""
@@ -242,7 +247,7 @@ class Qcow2Driver(BlockDriver):
     # -- reading ----------------------------------------------------------------------------
 
     async def read(self, offset: int, buf: memoryview) -> None:
-        self.readers += 1
+        self.in_flight += 1
         try:
             extents = self._cached_extents(offset, buf.nbytes)
             if extents is None:
@@ -250,7 +255,7 @@ class Qcow2Driver(BlockDriver):
                     extents = await self._extents(offset, buf.nbytes)
             await self._read_extents(offset, buf, extents)
         finally:
-            self.readers -= 1
+            self.in_flight -= 1
 
     async def _read_extents(self, start: int, buf: memoryview, extents: Extents) -> None:
         cluster_size = self.cluster_size
@@ -358,16 +363,28 @@ class Qcow2Driver(BlockDriver):
 
     # -- writing ----------------------------------------------------------------------------
 
+    async def _changing(self) -> None:
+        """Before the image's first change (lock held): autoclear bits cleared, since blkfs
+        maintains none of what they vouch for (Metadata.clear_autoclear)."""
+        if self.header.autoclear_features:
+            await self.metadata.clear_autoclear()
+
     async def write(self, offset: int, data: memoryview) -> None:
-        runs = self._cached_in_place(offset, data.nbytes)
+        runs = None if self.header.autoclear_features else \
+            self._cached_in_place(offset, data.nbytes)
         if runs is None:
             async with self.lock:
+                await self._changing()
                 await self._write_locked(offset, data)
             return
         done = 0
-        for host, length in runs:  # no mapping changes: no lock (see _cached_extents)
-            await self.file.write(host, data[done:done + length])
-            done += length
+        self.in_flight += 1
+        try:
+            for host, length in runs:  # no mapping changes: no lock (see _cached_extents)
+                await self.file.write(host, data[done:done + length])
+                done += length
+        finally:
+            self.in_flight -= 1
 
     def _cached_in_place(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         """(host offset, length) runs for a write that lands wholly in allocated clusters
@@ -404,14 +421,22 @@ class Qcow2Driver(BlockDriver):
                                 table_offset: int, table: array[int]) -> int:
         """Write into new clusters: as many consecutive ones of this L2 table as the request
         covers. Only the first may be partial (further clusters are taken only whole); it is
-        merged with its old contents, and the rest is written straight from ``data``."""
+        merged with its old contents, and the rest is written straight from ``data``. A
+        cluster that keeps an unshared host cluster (zeroed without unmap) is written there
+        instead, alone: its L2 entry reads zeros until the new one is written back after the
+        data, as a new cluster's does."""
         cluster = self.cluster_size
         extended = self.geometry.extended_l2
         index = self.geometry.l2_index(position)
         start = position - position % cluster
-        count = allocation_run(self.geometry, table, index, start, end)
+        reused = reusable_host(l2_entry(table, index, extended)[0])
+        if reused:  # a zeroed cluster that kept its host cluster: no new space
+            self.geometry.check_cluster(reused, "data cluster")
+            count, host = 1, reused
+        else:
+            host, count = await self.allocator.allocate_run(
+                allocation_run(self.geometry, table, index, start, end))
         head, tail = position - start, min(end, start + count * cluster) - start
-        host = await self.allocator.allocate(count)
         whole_from = 0
         try:
             if head or tail < cluster:
@@ -426,7 +451,8 @@ class Qcow2Driver(BlockDriver):
             old, _ = l2_entry(table, index + i, extended)
             set_l2_entry(table, index + i, extended, (host + i * cluster) | OFLAG_COPIED,
                          ALL_ALLOCATED)
-            self.allocator.drop(host_clusters(self.geometry, old))
+            if not reused:
+                self.allocator.drop(host_clusters(self.geometry, old))
         self.l2_cache.mark_dirty(table_offset)
         self._locations_changed()
         return tail - head
@@ -473,56 +499,62 @@ class Qcow2Driver(BlockDriver):
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         async with self.lock:
-            await self._zero_clusters(offset, length)
-            position, end = offset, offset + length
-            has_zero_entry = self._zero_entry() is not None
-            while position < end:  # what a zero entry cannot cover: parts of clusters, or
-                # whole ones of a v2 image over a backing file
-                chunk = min(end - position, self.cluster_size - position % self.cluster_size)
-                covered = has_zero_entry and self._whole_cluster(position, chunk)
-                if not covered and not await self._reads_zeros(position, chunk):
-                    await self._write_locked(position, memoryview(bytes(chunk)))
-                position += chunk
+            await self._changing()
+            await self._zero(offset, length, unmap, write=True)
 
     async def discard(self, offset: int, length: int) -> None:
         """Whole clusters only: discard is advisory."""
         async with self.lock:
-            await self._zero_clusters(offset, length)
+            await self._changing()
+            await self._zero(offset, length, unmap=True, write=False)
 
     def _whole_cluster(self, position: int, chunk: int) -> bool:
         return chunk == self.cluster_size or (position % self.cluster_size == 0 and
                                               position + chunk == self.header.size)
 
-    def _zero_entry(self) -> tuple[int, int] | None:
-        return zero_entry(self.geometry, self.header.version, bool(self.backing_size))
-
-    async def _reads_zeros(self, offset: int, length: int) -> bool:
-        """Whether the range reads as zeros without holding any data (lock held)."""
-        return all(mapping.kind is Kind.ZERO or
-                   (mapping.kind is Kind.UNALLOCATED and not self.backing_size)
-                   for _, _, mapping in await self._extents(offset, length))
-
-    async def _zero_clusters(self, offset: int, length: int) -> None:
-        """The whole clusters in the range become zero clusters, their host clusters freed
-        (lock held), as QEMU's discard_in_l2_slice. Clusters that read as zeros already are
-        left as they are, so zeroing a sparse image allocates no L2 table."""
+    async def _zero(self, offset: int, length: int, unmap: bool, write: bool) -> None:
+        """The whole clusters in the range get zero entries (lock held), their host clusters
+        freed with ``unmap`` and kept without (as QEMU's zero_in_l2_slice). What an entry
+        cannot cover (parts of clusters, and what :func:`zeroed_entry` leaves to written
+        zeros) is written as zeros, if ``write``. Clusters that read as zeros already are left
+        as they are (with ``unmap``, unless they hold a host cluster), so zeroing a sparse
+        image allocates no L2 table."""
         cluster = self.cluster_size
-        extended = self.geometry.extended_l2
-        end = offset + length
-        position = offset
+        position, end = offset, offset + length
         while position < end:
             chunk = min(end - position, cluster - position % cluster)
-            new = self._zero_entry() if self._whole_cluster(position, chunk) else None
-            if new is not None and not await self._reads_zeros(position, chunk):
-                table_offset, table = await self._l2_for_write(
-                    self.geometry.l1_index(position))
-                index = self.geometry.l2_index(position)
-                old, _ = l2_entry(table, index, extended)
-                set_l2_entry(table, index, extended, *new)
-                self.l2_cache.mark_dirty(table_offset)
-                self.allocator.drop(host_clusters(self.geometry, old))
-                self._locations_changed()
+            whole = self._whole_cluster(position, chunk)
+            if not await self._reads_zeros(position, chunk, unmapped=unmap and whole) and \
+                    not (whole and await self._zero_cluster(position, unmap)) and write:
+                await self._write_locked(position, memoryview(bytes(chunk)))
             position += chunk
+
+    async def _zero_cluster(self, position: int, unmap: bool) -> bool:
+        """Give the cluster at ``position`` a zero entry, if the image has one for it."""
+        l1_index, index = self.geometry.l1_index(position), self.geometry.l2_index(position)
+        extended = self.geometry.extended_l2
+        found = await self._l2_table(l1_index)
+        old = l2_entry(found[1], index, extended)[0] if found else 0
+        new = zeroed_entry(self.geometry, self.header.version, bool(self.backing_size), old,
+                           unmap)
+        if new is None:
+            return False
+        table_offset, table = await self._l2_for_write(l1_index)
+        old, _ = l2_entry(table, index, extended)  # the same entry, in a copied table
+        set_l2_entry(table, index, extended, *new)
+        self.l2_cache.mark_dirty(table_offset)
+        if not new[0] & OFFSET_MASK:  # else it kept the host cluster old holds
+            self.allocator.drop(host_clusters(self.geometry, old))
+        self._locations_changed()
+        return True
+
+    async def _reads_zeros(self, offset: int, length: int, unmapped: bool = False) -> bool:
+        """Whether the range reads as zeros without holding any data (lock held); with
+        ``unmapped``, also without holding a host cluster."""
+        return all((mapping.kind is Kind.ZERO or
+                    (mapping.kind is Kind.UNALLOCATED and not self.backing_size)) and
+                   not (unmapped and mapping.host)
+                   for _, _, mapping in await self._extents(offset, length))
 
     async def make_empty(self) -> None:
         """Every guest cluster becomes unallocated, its host cluster freed, so the image
@@ -532,6 +564,7 @@ class Qcow2Driver(BlockDriver):
             raise BlockError(errno.EROFS, f"node '{self.node.name}' is read-only")
         extended = self.geometry.extended_l2
         async with self.lock:
+            await self._changing()
             for l1_index, entry in enumerate(self.l1):
                 if not entry & OFFSET_MASK:
                     continue
@@ -552,21 +585,18 @@ class Qcow2Driver(BlockDriver):
             raise BlockError(errno.ENAMETOOLONG,
                              f"qcow2: a backing file name is at most {MAX_BACKING_NAME} bytes")
         async with self.lock:
-            header = self.header
-            previous = header.backing_file, header.backing_format
-            header.set_backing(name, fmt)
-            head = header.pack()
-            if len(head) > self.cluster_size:  # small clusters: drop the feature name table
-                header.with_feature_table = False
-                header.set_backing(name, fmt)
-                head = header.pack()
-            if len(head) > self.cluster_size:
-                header.set_backing(*previous)
+            trial = replace(self.header)
+            trial.set_backing(name, fmt)
+            if trial.pack_cluster() is None:
                 raise BlockError(errno.ENAMETOOLONG, "qcow2: the backing file name does not "
                                                      "fit in the first cluster")
+            await self._changing()
+            self.header.set_backing(name, fmt)
+            head = self.header.pack_cluster()
+            assert head is not None  # what _changing drops only makes room
             if not await self._write_back():  # what the new backing file covers is
                 await self.file.flush()  # durable before the header names it
-            await self.file.write(0, memoryview(head + bytes(self.cluster_size - len(head))))
+            await self.file.write(0, memoryview(head))
             await self.file.flush()
 
     def children_changed(self) -> None:
@@ -581,6 +611,7 @@ class Qcow2Driver(BlockDriver):
         if length < self.header.size:
             raise BlockError(errno.ENOTSUP, "qcow2: images can grow but not shrink")
         async with self.lock:
+            await self._changing()
             needed = self.geometry.l1_size_for(length)
             if needed > len(self.l1):
                 await self._grow_l1(needed)
@@ -611,18 +642,24 @@ class Qcow2Driver(BlockDriver):
         """Everything cached reaches the image (lock held), then freed clusters' space goes
         back to the host if it may. True if that ended with a flush of the image file."""
         wrote = await self.metadata.write_back()
-        await self._punch_freed()
+        await self._release_freed()
         return wrote
 
-    async def _punch_freed(self) -> None:
-        """Give freed clusters' space back to the host, unless a read in flight may still
-        read one it mapped before the cluster was dropped (it then waits for a later
-        write-back, at the latest close)."""
-        if self.readers:
+    async def _release_freed(self) -> None:
+        """Give freed clusters' space back to the host and the clusters to the allocator
+        for reuse (after a write-back: their freeing is durable), unless a request in flight
+        may still use one it mapped before the cluster was dropped (they then wait for a
+        later write-back, at the latest close). Cached tables at a freed cluster go (QEMU's
+        qcow2_cache_discard): a write-back must never reach a reused cluster."""
+        if self.in_flight:
             return
         freed, self.allocator.freed = self.allocator.freed, []
         for start, length in host_runs(freed, self.cluster_size):
             await self.file.discard(start, length)
+        for host in freed:
+            self.l2_cache.pop(host)
+            self.metadata.refcount_blocks.tables.pop(host)
+        self.allocator.reuse(freed)
 
     async def flush(self) -> None:
         async with self.lock:

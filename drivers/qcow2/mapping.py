@@ -225,6 +225,33 @@ def zero_entry(geometry: Geometry, version: int, has_backing: bool) -> tuple[int
     return (0, 0) if not has_backing else None
 
 
+def zeroed_entry(geometry: Geometry, version: int, has_backing: bool, entry: int,
+                 unmap: bool) -> tuple[int, int] | None:
+    """(entry, bitmap) that makes a whole cluster, now ``entry``, read as zeros (QEMU's
+    zero_in_l2_slice): with ``unmap`` (and always for a compressed cluster) a
+    :func:`zero_entry`, without a host cluster; otherwise the host cluster it holds stays,
+    zero-flagged, so a later write there needs no new space. None where the image has no
+    such entry (v2: no zero flag), and zeros must be written instead."""
+    host = entry & OFFSET_MASK
+    if unmap or not host or entry & OFLAG_COMPRESSED:
+        return zero_entry(geometry, version, has_backing)
+    if geometry.extended_l2:
+        return entry, ALL_ZERO
+    if version >= 3:
+        return entry | OFLAG_ZERO, 0
+    return None
+
+
+def reusable_host(entry: int) -> int:
+    """The host cluster an allocating write into the cluster of ``entry`` may write in
+    place of a new one: the one it holds if nothing else shares it (OFLAG_COPIED), zeroed
+    or, with extended L2, partly allocated (QEMU's cluster_needs_new_alloc says no); else 0.
+    Called for clusters :func:`fully_allocated` refuses."""
+    if entry & OFLAG_COMPRESSED or not entry & OFLAG_COPIED:
+        return 0
+    return entry & OFFSET_MASK
+
+
 # -- mapping a request ----------------------------------------------------------------------
 
 def map_table(extents: Extents, geometry: Geometry, offset: int, end: int,
@@ -296,11 +323,11 @@ def allocation_run(geometry: Geometry, table: array[int], index: int, start: int
                    end: int) -> int:
     """How many clusters from ``index`` (guest cluster at ``start``) one allocating write up
     to ``end`` takes: the first, then each following one of this table it covers whole and
-    that cannot be written in place (QEMU's handle_alloc)."""
+    that holds no host cluster it could write in place (QEMU's handle_alloc)."""
     cluster = geometry.cluster_size
     extended = geometry.extended_l2
     count = 1
     while (index + count < geometry.l2_entries and start + (count + 1) * cluster <= end
-           and not fully_allocated(*l2_entry(table, index + count, extended), geometry)):
+           and not reusable_host(l2_entry(table, index + count, extended)[0])):
         count += 1
     return count

@@ -11,6 +11,9 @@ Ground rules:
   when no refcount changed: guest data in new clusters comes first), then the L1 entries that
   name new L2 tables, then the refcount decreases of clusters those no longer reference; a
   barrier between each, and one at the end.
+* blkfs maintains no autoclear feature (bit 0 vouches for persistent dirty bitmaps): a
+  writable image clears the bits, durably, before its first change
+  (:meth:`Metadata.clear_autoclear`), as the spec requires of such a program.
 """
 
 from __future__ import annotations
@@ -22,17 +25,24 @@ from blkfs.block import BlockError
 
 from .cache import Barrier, CachedTables, L1Table, RefcountTable
 from .imagefile import ImageFile, read_header
-from .mapping import Geometry, corrupt
+from .mapping import OFFSET_MASK, Geometry, corrupt
 from .ondisk import (
+    AUTOCLEAR_OFFSET,
+    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     INCOMPAT_KNOWN,
     INCOMPAT_NAMES,
     MAX_L1_BYTES,
     MAX_REFTABLE_BYTES,
+    BitmapDirEntry,
+    BitmapsExtension,
     Feature,
+    FormatError,
     Header,
+    HeaderExtension,
     decode_table,
+    encode_entry,
     encode_table,
 )
 from .refcount import DeferredDecreases, RefcountAllocator
@@ -93,6 +103,86 @@ class Metadata:
         await self.decreases.write_back()
         await self.barrier()
         return True
+
+    async def clear_autoclear(self) -> None:
+        """Clear the autoclear feature bits before the image's first change (lock held):
+        on disk, behind a barrier, before anything else is written, so no crash leaves a
+        change beside bitmaps that claim to have recorded it. The stale bitmaps extension
+        then goes from the header, as QEMU drops it, and the bitmaps' clusters are freed
+        with the next write-back (QEMU leaves them leaked)."""
+        header = self.header
+        await self.file.write(AUTOCLEAR_OFFSET, encode_entry(0))
+        await self.file.flush()
+        header.autoclear_features = 0  # only now: in-place writes wait while it is set
+        stale = [ext for ext in header.extensions if ext.type == EXT_BITMAPS]
+        if not stale:
+            return
+        clusters = await self._bitmap_clusters(stale[0]) if len(stale) == 1 else []
+        kept = header.extensions
+        header.extensions = [ext for ext in kept if ext.type != EXT_BITMAPS]
+        head = header.pack_cluster()
+        if head is None:  # cannot be (the header only shrank): keep the extension
+            header.extensions = kept
+            return
+        await self.file.write(0, head)
+        await self.file.flush()
+        self.allocator.drop(clusters)
+
+    async def _bitmap_clusters(self, extension: HeaderExtension) -> list[int]:
+        """The host clusters of the bitmaps (directory, tables, data), each once; none if
+        anything about them is out of bounds or a refcount is not 1: they are then left
+        leaked rather than freed while something else may use them."""
+        try:
+            bitmaps = BitmapsExtension.unpack(extension.data)
+        except FormatError:
+            return []
+        cluster = self.header.cluster_size
+        found: set[int] = set()
+
+        def take(offset: int, length: int) -> bool:
+            if not length:
+                return True
+            if offset % cluster or offset < cluster or offset + length > self.file.size:
+                return False
+            found.update(range(offset, offset + length, cluster))
+            return True
+
+        size = bitmaps.bitmap_directory_size
+        if size > 64 << 20 or not take(bitmaps.bitmap_directory_offset, size):
+            return []
+        directory = await self.file.read(bitmaps.bitmap_directory_offset, size) if size else b""
+        position = 0
+        for _ in range(bitmaps.nb_bitmaps):
+            try:
+                entry = BitmapDirEntry.unpack(directory, position)
+            except FormatError:
+                return []
+            position += entry.entry_size
+            offset, length = entry.bitmap_table_offset, entry.bitmap_table_size * 8
+            if length > MAX_L1_BYTES or not take(offset, length):
+                return []
+            for data in decode_table(await self.file.read(offset, length) if length else b""):
+                host = data & BitmapDirEntry.TABLE_OFFSET_MASK
+                if host and not take(host, cluster):
+                    return []
+        if found & self._known_metadata():
+            return []
+        for host in sorted(found):
+            if await self.allocator.refcount(host) != 1:
+                return []
+        return sorted(found)
+
+    def _known_metadata(self) -> set[int]:
+        """Host clusters of the metadata known without a walk: the L1 table, the L2 tables
+        it names, the refcount table and blocks."""
+        header, cluster = self.header, self.header.cluster_size
+        known = set(range(header.l1_table_offset,
+                          header.l1_table_offset + header.l1_size * 8, cluster))
+        known.update(range(header.refcount_table_offset, header.refcount_table_offset +
+                           header.refcount_table_clusters * cluster, cluster))
+        known.update(entry & OFFSET_MASK for entry in self.l1_table.entries)
+        known.update(entry & OFFSET_MASK for entry in self.refcount_table.entries)
+        return known
 
 
 def check_features(header: Header, writable: bool) -> None:

@@ -55,6 +55,8 @@ MAX_SNAPSHOTS = 65536          # QEMU's QCOW_MAX_SNAPSHOTS
 V2_HEADER_LENGTH = 72
 """Bytes of the version 2 header: every field an open image changes (size, the L1 table and
 the refcount table) lies in them."""
+AUTOCLEAR_OFFSET = V2_HEADER_LENGTH + 16
+"""Where autoclear_features lies in a version 3 header: eight bytes a disk writes whole."""
 V3_HEADER_LENGTH = 112
 """What blkfs writes: the version 3 fields, compression_type and padding."""
 _HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # magic .. snapshots_offset
@@ -259,6 +261,18 @@ class Header:
                                    b"".join(f.pack() for f in KNOWN_FEATURES)).pack()
         out += HeaderExtension(EXT_END).pack()
         return bytes(out)
+
+    def pack_cluster(self) -> bytes | None:
+        """The first cluster as :meth:`pack` writes it, zero-padded; without the feature
+        name table if only that makes it fit (small clusters), None if nothing does. The
+        backing file name's offset follows what is left out."""
+        for table in (self.with_feature_table, False):
+            self.with_feature_table = table
+            self.set_backing(self.backing_file, self.backing_format)
+            head = self.pack()
+            if len(head) <= self.cluster_size:
+                return head + bytes(self.cluster_size - len(head))
+        return None
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         """Name a backing file (or none); the name is stored after the extensions."""

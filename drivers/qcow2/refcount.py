@@ -3,10 +3,13 @@
 Reference: QEMU block/qcow2-refcount.c (``qcow2_alloc_clusters``, ``update_refcount``,
 ``alloc_refcount_block``, ``qcow2_refcount_area``). Ground rules:
 
-* New clusters are appended at the end of the image, and freed clusters are never reused
-  while the image is open, so a read that mapped a cluster just before a concurrent discard
-  never sees another cluster's data. The space of freed clusters goes back to the host once
-  no durable metadata references them (the driver punches ``freed``).
+* New clusters come from the clusters freed while the image is open (lowest first, as
+  QEMU's free_cluster_index), else from the end of the image. A freed cluster is reused only
+  once the driver hands it back (:meth:`RefcountAllocator.reuse`): after the metadata
+  without its last reference and its lowered refcount are durable, its space has gone back
+  to the host, and no request is in flight that mapped it before it was dropped. So a crash
+  never leaves durable metadata pointing at a cluster that holds another's data, and a read
+  never sees another cluster's data.
 * A refcount rises before any reference to the cluster is written (the metadata cache's
   order); a reference dropped in cached metadata is only noted (``dropped``), and its
   refcount falls once metadata without it is durable (:class:`DeferredDecreases`). A crash
@@ -17,6 +20,7 @@ Reference: QEMU block/qcow2-refcount.c (``qcow2_alloc_clusters``, ``update_refco
 from __future__ import annotations
 
 import errno
+from bisect import bisect_right
 from collections.abc import Iterable
 
 from blkfs.block import BlockError
@@ -31,6 +35,48 @@ from .ondisk import (
     refcount_entries,
     set_refcount,
 )
+
+
+class FreeClusters:
+    """Host clusters free for reuse, as sorted, merged runs of bytes [start, end)."""
+
+    def __init__(self, cluster_size: int) -> None:
+        self.cluster_size = cluster_size
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def add(self, host: int) -> None:
+        """One more free cluster; ValueError if it is free already (a double free)."""
+        starts, ends = self.starts, self.ends
+        end = host + self.cluster_size
+        at = bisect_right(starts, host)
+        if (at and ends[at - 1] > host) or (at < len(starts) and starts[at] < end):
+            raise ValueError(f"cluster at {host} is free already")
+        if at and ends[at - 1] == host:  # extends the run before it
+            at -= 1
+            ends[at] = end
+        else:
+            starts.insert(at, host)
+            ends.insert(at, end)
+        if at + 1 < len(starts) and starts[at + 1] == ends[at]:  # meets the run after it
+            ends[at] = ends.pop(at + 1)
+            del starts[at + 1]
+
+    def take(self, count: int, exact: bool) -> tuple[int, int] | None:
+        """(host, clusters) from the lowest run: ``count`` clusters of the first run that has
+        them if ``exact``, else up to ``count`` of the first run; None if there is none."""
+        cluster = self.cluster_size
+        found = next((at for at, (start, end) in enumerate(zip(self.starts, self.ends,
+                                                                strict=True))
+                      if not exact or end - start >= count * cluster), None)
+        if found is None:
+            return None
+        host = self.starts[found]
+        taken = min(count, (self.ends[found] - host) // cluster)
+        self.starts[found] += taken * cluster
+        if self.starts[found] == self.ends[found]:
+            del self.starts[found], self.ends[found]
+        return host, taken
 
 
 class RefcountAllocator:
@@ -49,18 +95,43 @@ class RefcountAllocator:
         self.next_free = -(-file.size // self.cluster_size) * self.cluster_size
         """Where the next new cluster goes: the end of the image, as it was at open."""
         self.freed: list[int] = []
-        """Host clusters whose refcount fell to zero; their space is not given back yet."""
+        """Host clusters whose refcount fell to zero; not yet handed back for reuse."""
+        self.free = FreeClusters(self.cluster_size)
+        """Freed clusters handed back: the next allocations take them."""
         self.dropped: list[int] = []
         """Host clusters whose reference was dropped in cached metadata; their refcounts
         fall once metadata without the reference is on disk."""
 
     async def allocate(self, count: int) -> int:
-        """``count`` new contiguous clusters at the end of the image, refcounted."""
-        host = self.next_free
-        self.next_free += count * self.cluster_size
+        """``count`` new contiguous clusters, refcounted."""
+        return (await self._allocate(count, exact=True))[0]
+
+    async def allocate_run(self, count: int) -> tuple[int, int]:
+        """(host, clusters): up to ``count`` new contiguous clusters (at least one),
+        refcounted; fewer where only a shorter run of freed clusters is at hand."""
+        return await self._allocate(count, exact=False)
+
+    async def _allocate(self, count: int, exact: bool) -> tuple[int, int]:
+        reused = self.free.take(count, exact)
+        if reused is None:
+            host = self.next_free
+            self.next_free += count * self.cluster_size
+        else:
+            host, count = reused
         for i in range(count):
-            await self.update_refcount(host + i * self.cluster_size, 1)
-        return host
+            value = await self.update_refcount(host + i * self.cluster_size, 1)
+            if reused is not None and value != 1:
+                raise corrupt(f"freed cluster at {host + i * self.cluster_size} has "
+                              f"refcount {value} when reused")
+        return host, count
+
+    def reuse(self, hosts: Iterable[int]) -> None:
+        """These freed clusters may be allocated again (see the ground rules)."""
+        for host in hosts:
+            try:
+                self.free.add(host)
+            except ValueError as exc:
+                raise corrupt(str(exc)) from None
 
     def drop(self, hosts: Iterable[int]) -> None:
         """References to these host clusters are gone from cached metadata; their refcounts
@@ -73,9 +144,20 @@ class RefcountAllocator:
         for host in dropped:
             await self.update_refcount(host, -1)
 
-    async def update_refcount(self, host: int, delta: int) -> None:
+    async def refcount(self, host: int) -> int:
+        """The refcount of the host cluster at ``host``."""
+        block_index, index = divmod(host // self.cluster_size, self.block_entries)
+        entries = self.table.entries
+        block_offset = entries[block_index] & OFFSET_MASK if block_index < len(entries) else 0
+        if not block_offset:
+            return 0
+        self.geometry.check_cluster(block_offset, "refcount block")
+        return get_refcount(await self.blocks.load(block_offset), index,
+                            self.header.refcount_order)
+
+    async def update_refcount(self, host: int, delta: int) -> int:
         """Add ``delta`` to the refcount of the host cluster at ``host``, making room in the
-        refcount structures first if they do not cover it yet."""
+        refcount structures first if they do not cover it yet; the new refcount."""
         cluster = host // self.cluster_size
         block_index, index = divmod(cluster, self.block_entries)
         if block_index >= self.table.room:
@@ -100,6 +182,7 @@ class RefcountAllocator:
         self.blocks.tables.mark_dirty(block_offset)
         if value == 0:
             self.freed.append(host)
+        return value
 
     async def _new_block(self, block_index: int) -> int:
         """A new refcount block at the end of the image; it counts itself where it can

@@ -56,6 +56,12 @@ def qemu_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     qemu("qemu-img", "bitmap", "--add", "-g", "512", bitmaps, "b1")
     qemu_io(bitmaps, "qcow2", "write -P 1 1M 2M")
     images["bitmaps"] = bitmaps
+    stale = directory / "stale-bitmaps.qcow2"  # autoclear bit 0 clear: QEMU ignores the
+    shutil.copy(bitmaps, stale)                  # bitmaps, whose clusters are then leaks
+    with open(stale, "r+b") as f:
+        f.seek(88)
+        f.write(bytes(8))
+    images["stale-bitmaps"] = stale
     yield images
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,8 @@ VARIANTS: dict[str, Callable[[Path], Path]] = {
     "extl2": lambda d: create(d, "img.qcow2", "extended_l2=on"),
     "v2": lambda d: create(d, "img.qcow2", "compat=0.10"),
     "compressed": lambda d: convert(d, "img", "cluster_size=16k", compress=True),
+    "compressed-zstd": lambda d: convert(d, "img", "cluster_size=16k,compression_type=zstd",
+                                         compress=True),
     "overlay": lambda d: create(d, "img.qcow2", backing=convert(d, "base").name),
     "overlay-v2": lambda d: create(d, "img.qcow2", "compat=0.10",
                                    backing=convert(d, "base", "compat=0.10").name),
@@ -88,6 +91,96 @@ def test_mount_writes_pass_check_and_compare(mount_factory: Callable[..., Mount]
     check(image)
     assert "Images are identical" in qemu("qemu-img", "compare", "-f", "raw", "-F", "qcow2",
                                           reference, image)
+
+
+def qemu_map(image: Path) -> list[dict[str, object]]:
+    return list(json.loads(qemu("qemu-img", "map", "--output=json", image)))
+
+
+@needs_fuse
+@pytest.mark.parametrize("options", ["", "extended_l2=on", "compat=0.10"])
+def test_zero_range_keeps_the_clusters_as_qemu_does(mount_factory: Callable[..., Mount],
+                                                    images: Path, options: str) -> None:
+    """``fallocate -z`` (what a loop device sends for ``blkdiscard -z``) zeroes without
+    may-unmap: the clusters stay allocated (the zero flag on an allocated cluster; written
+    zeros in a v2 image), and a later write into the range takes no new space.
+    ``fallocate -p`` may unmap, and frees them. The result reads as qemu-io's ``write -z``
+    and, with standard L2 entries, maps as it does (QEMU zeroes the partial clusters at the
+    ends by subclusters with extended L2, where blkfs writes zeros, and frees the clusters
+    of a v2 image, which has no zero flag)."""
+    image = create(images, "z.qcow2", options, size=16 * MiB)
+    data = random.Random(12).randbytes(8 * MiB)
+    mount = mount_factory("--backend", f"d={image}")
+    (mount / "d").write_bytes(data)
+    mount.stop()
+    reference = images / "reference.qcow2"
+    reference.write_bytes(image.read_bytes())
+    zero_at, zero_len = 2 * MiB + 4096, 4 * MiB  # unaligned: partial clusters at both ends
+    qemu_io(reference, "qcow2", f"write -z {zero_at} {zero_len}")
+
+    size, used = image.stat().st_size, image.stat().st_blocks
+    mount = mount_factory("--backend", f"d={image}")
+    subprocess.run(["fallocate", "-z", "-n", "-o", str(zero_at), "-l", str(zero_len),
+                    str(mount / "d")], check=True)
+    assert (mount / "d").read_bytes()[:8 * MiB] == \
+        data[:zero_at] + bytes(zero_len) + data[zero_at + zero_len:]
+    mount.stop()
+    assert subprocess.run(["qemu-img", "check", str(image)]).returncode == 0
+    assert image.stat().st_size == size and image.stat().st_blocks >= used
+    if not options:
+        assert qemu_map(image) == qemu_map(reference)
+    assert "Images are identical" in qemu("qemu-img", "compare", reference, image)
+
+    mount = mount_factory("--backend", f"d={image}")
+    with open(mount / "d", "r+b") as disk:  # into the zeroed clusters: no new cluster
+        disk.seek(3 * MiB)
+        disk.write(b"\x5a" * MiB)
+    mount.stop()
+    assert image.stat().st_size == size
+    assert subprocess.run(["qemu-img", "check", str(image)]).returncode == 0
+    assert to_raw(image)[3 * MiB:4 * MiB] == b"\x5a" * MiB
+
+    mount = mount_factory("--backend", f"d={image}")
+    subprocess.run(["fallocate", "-p", "-o", "0", "-l", str(8 * MiB), str(mount / "d")],
+                   check=True)
+    mount.stop()
+    check(image)
+    assert image.stat().st_blocks * 512 < used * 512 - 6 * MiB  # freed, holes punched
+
+
+@needs_fuse
+@pytest.mark.parametrize("options", ["", "cluster_size=4k"])
+def test_discarded_clusters_are_reused_so_the_image_stays_bounded(
+        mount_factory: Callable[..., Mount], images: Path, options: str) -> None:
+    """Cycles of writes, ``fallocate -p`` and fsync through one mount (a filesystem made
+    and remade with discard over a loop device): the clusters a discard frees are reused
+    once that is durable, so the image file stays within the disk's size plus its metadata
+    instead of growing by every cycle's writes."""
+    size = 16 * MiB
+    image = create(images, "thin.qcow2", options, size=size)
+    mount = mount_factory("--backend", f"d={image}")
+    rng = random.Random(11)
+    model = bytearray(size)
+    with open(mount / "d", "r+b", buffering=0) as disk:
+        for _ in range(24):
+            for _ in range(8):
+                offset = rng.randrange(0, size - MiB, 4096)
+                data = rng.randbytes(rng.choice((4096, 65536, 300000, MiB)))
+                disk.seek(offset)
+                disk.write(data)
+                model[offset:offset + len(data)] = data
+            os.fsync(disk.fileno())
+            start = rng.randrange(0, size // 2, 65536)
+            subprocess.run(["fallocate", "-p", "-o", str(start), "-l", str(size // 2),
+                            str(mount / "d")], check=True)
+            model[start:start + size // 2] = bytes(size // 2)
+            os.fsync(disk.fileno())
+        disk.seek(0)
+        assert disk.read() == model
+    mount.stop()
+    assert subprocess.run(["qemu-img", "check", str(image)]).returncode == 0
+    assert to_raw(image) == model
+    assert image.stat().st_size <= size + size // 8  # the disk, and room for its metadata
 
 
 @pytest.mark.parametrize("variant", ["v3-64k", "c512", "extl2", "v2", "overlay", "overlay-v2",
@@ -157,6 +250,27 @@ def test_created_images_pass_check_and_show_the_options(images: Path, options: s
         assert specific["compression-type"] == wanted.get("compression_type", "zlib")
     qemu_io(image, "qcow2", "write -P 0x5a 1G 3M", "read -P 0x5a 1G 3M")
     check(image)
+
+
+@pytest.mark.parametrize("options", ["", "cluster_size=512", "compat=0.10"])
+async def test_a_zero_size_image_is_clean_and_grows(images: Path, options: str) -> None:
+    """A zero-size image has no L1 table, as qemu-img makes it (an L1 cluster nothing names
+    would be a leak), and still grows, in blkfs and in QEMU."""
+    ours, theirs = images / "ours.qcow2", images / "theirs.qcow2"
+    blkfs("image", "create", "-f", "qcow2", str(ours), "0", *(["-o", options] if options else []))
+    create(images, theirs.name, options, size=0)
+    result = subprocess.run(["qemu-img", "check", str(ours)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ours.stat().st_size == theirs.stat().st_size
+    layer = BlockLayer()
+    try:
+        backend = await layer.create("d", f"driver=qcow2,file.driver=file,file.filename={ours}")
+        await backend.truncate(MiB)
+        await backend.write(MiB - 4096, b"\7" * 4096)
+    finally:
+        await layer.close()
+    assert "No errors were found" in check(ours)
+    assert to_raw(ours) == bytes(MiB - 4096) + b"\7" * 4096
 
 
 def test_create_refuses_bad_input_and_changes_nothing(images: Path) -> None:

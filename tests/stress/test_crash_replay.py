@@ -16,6 +16,10 @@ flush and the next, see :mod:`tests.logreplay`), and each state must pass:
   may only discard freed clusters, which is checked too); bytes that an operation after it,
   begun before the next flush entry was logged, may have touched are not checked.
 
+The ``qcow2-reuse`` workload discards what it wrote and writes again into the same quarter
+of the disk, so the clusters the discards free are reused after each fsync; its image must
+stay within that quarter and its metadata.
+
 A failure names the crash point, the writes kept, qemu-img's message and, for qcow2, which
 metadata points past the end of the file the crash left.
 
@@ -86,6 +90,7 @@ def raw(d: Path) -> tuple[Path, bytes]:
 
 VARIANTS: dict[str, tuple[Callable[[Path], tuple[Path, bytes]], str, float]] = {
     "qcow2": (plain_qcow2, "qcow2", 25.0),
+    "qcow2-reuse": (lambda d: plain_qcow2(d, "cluster_size=4k"), "qcow2", 25.0),
     "qcow2-c512": (lambda d: plain_qcow2(d, "cluster_size=512"), "qcow2", 25.0),
     "qcow2-backing": (qcow2_over_backing, "qcow2", 25.0),
     "qcow2-grows": (lambda d: plain_qcow2(d, "cluster_size=512", SIZE // 2), "qcow2", 25.0),
@@ -95,7 +100,7 @@ VARIANTS: dict[str, tuple[Callable[[Path], tuple[Path, bytes]], str, float]] = {
 dense (an L2 table maps 32 KiB, a refcount block 128 KiB, a refcount table cluster 8 MiB),
 so new L2 tables, refcount blocks and a moved refcount table come with most writes. An image
 made smaller than ``SIZE`` is grown to it half-way through the workload (its L1 table moves:
-one L1 cluster maps 2 MiB)."""
+one L1 cluster maps 2 MiB). ``qcow2-reuse`` runs :func:`_reuse_op`'s workload."""
 
 
 def tree(fmt: str, image: Path, log: Path) -> str:
@@ -144,9 +149,10 @@ def _offset(rng: random.Random, length: int, size: int) -> int:
     return offset - offset % align
 
 
-async def run_workload(options: str, initial: bytes, seed: int) -> Workload:
-    """Run the seeded operations through a backend over ``options``; the model is what the
-    guest reads at the end."""
+async def run_workload(options: str, initial: bytes, seed: int, reuse: bool = False) -> Workload:
+    """Run the seeded operations through a backend over ``options`` (those of
+    :func:`_reuse_op` with ``reuse``); the model is what the guest reads at the end."""
+    next_op = _reuse_op if reuse else _next_op
     rng = random.Random(seed)
     work = Workload(model=bytearray(initial))
     written: list[tuple[int, int]] = []
@@ -163,7 +169,7 @@ async def run_workload(options: str, initial: bytes, seed: int) -> Workload:
                 size = SIZE
                 op.end = logger.entries
                 work.ops.append(op)
-            op = _next_op(rng, written, size)
+            op = next_op(rng, written, size)
             op.start = logger.entries
             await _do(backend, op, rng)
             op.end = logger.entries
@@ -198,6 +204,22 @@ def _next_op(rng: random.Random, written: list[tuple[int, int]], size: int) -> O
         return Op("discard", _offset(rng, length, size), length)
     length = _length(rng)
     return Op("write", _offset(rng, length, size), length)
+
+
+def _reuse_op(rng: random.Random, written: list[tuple[int, int]], size: int) -> Op:
+    """Discards of what was written, in whole 4 KiB clusters, and writes into the same
+    quarter of the disk: each fsync hands the clusters discards freed back to the
+    allocator, and the next writes take them, so metadata and data land in clusters that
+    held other things a moment (and a flush) before."""
+    pick = rng.random()
+    if pick < 0.15:
+        return Op("fsync")
+    if pick < 0.4 and written:
+        offset, length = rng.choice(written)
+        start = offset - offset % (4 * KiB)
+        return Op("discard", start, min(size - start, offset + length - start + 4 * KiB))
+    length = _length(rng)
+    return Op("write", _offset(rng, length, size // 4), length)
 
 
 async def _do(backend: BlockBackend, op: Op, rng: random.Random) -> None:
@@ -474,7 +496,12 @@ def test_every_crash_point_keeps_what_was_fsynced(
     log_path = images / "writes.log"
     log_path.write_bytes(b"")
     started = time.monotonic()
-    work = trio.run(run_workload, tree(fmt, image, log_path), initial, seed)
+    work = trio.run(run_workload, tree(fmt, image, log_path), initial, seed,
+                    variant == "qcow2-reuse")
+    image_size = image.stat().st_size
+    if variant == "qcow2-reuse":  # written all over one quarter of the disk, many times
+        assert image_size <= SIZE // 4 + 2 * MiB, \
+            f"freed clusters were not reused: the image grew to {image_size} bytes"
     log = parse(log_path.read_bytes())
     entries = log.entries
     fsyncs = [op for op in work.ops if op.kind == "fsync"]
@@ -502,6 +529,7 @@ def test_every_crash_point_keeps_what_was_fsynced(
         replayer.close()
     figures.update({
         f"{variant}_seed": seed,
+        f"{variant}_image_bytes": image_size,
         f"{variant}_operations": len(work.ops),
         f"{variant}_fsyncs": len(fsyncs),
         f"{variant}_log_entries": len(entries),

@@ -33,8 +33,10 @@ from blkfs_drivers.qcow2.mapping import (
     in_place_run,
     l2_entry,
     map_table,
+    reusable_host,
     set_l2_entry,
     zero_entry,
+    zeroed_entry,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -379,11 +381,28 @@ def test_an_allocation_run_takes_the_first_cluster_then_whole_unwritable_ones(
     end = start + data.draw(st.integers(1, 6 * g.cluster_size))
     count = allocation_run(g, table, index, start, end)
     assert 1 <= count <= g.l2_entries - index
-    for i in range(1, count):
+    for i in range(1, count):  # none it takes holds a host cluster it could write in place
         assert start + (i + 1) * g.cluster_size <= end
-        assert not fully_allocated(*l2_entry(table, index + i, g.extended_l2), g)
+        entry, bitmap = l2_entry(table, index + i, g.extended_l2)
+        assert not fully_allocated(entry, bitmap, g) and not reusable_host(entry)
     if index + count < g.l2_entries and start + (count + 1) * g.cluster_size <= end:
-        assert fully_allocated(*l2_entry(table, index + count, g.extended_l2), g)
+        entry, _ = l2_entry(table, index + count, g.extended_l2)
+        assert reusable_host(entry)  # in place, or a zeroed cluster's own host cluster
+
+
+@FAST
+@given(geometries, u64, u64)
+def test_a_reusable_host_is_an_unshared_uncompressed_cluster(g: Geometry, entry: int,
+                                                             bitmap: int) -> None:
+    entry = _valid_entry(entry, g)
+    host = reusable_host(entry)
+    if fully_allocated(entry, bitmap, g):
+        assert host == entry & OFFSET_MASK  # (in place already: never asked)
+    if host:
+        assert entry & OFLAG_COPIED and not entry & OFLAG_COMPRESSED
+        assert list(host_clusters(g, entry)) == [host]
+    else:
+        assert not entry & OFLAG_COPIED or entry & OFLAG_COMPRESSED or not entry & OFFSET_MASK
 
 
 @FAST
@@ -429,6 +448,30 @@ def test_a_zero_entry_reads_as_zeros_where_the_image_has_one(extended: bool, ver
     assert kinds == ({Kind.UNALLOCATED} if (version, extended, new) == (2, False, (0, 0))
                      else {Kind.ZERO})
     assert not host_clusters(g, new[0])
+
+
+@FAST
+@given(geometries, st.sampled_from([2, 3]), st.booleans(), u64, st.booleans(),
+       st.integers(0, SUBCLUSTERS - 1))
+def test_a_zeroed_cluster_reads_zeros_and_keeps_its_host_only_without_unmap(
+        g: Geometry, version: int, backing: bool, entry: int, unmap: bool, sc: int) -> None:
+    if version == 2:
+        g = Geometry(g.cluster_bits)
+    entry = _valid_entry(entry, g)
+    host = 0 if entry & OFLAG_COMPRESSED else entry & OFFSET_MASK
+    new = zeroed_entry(g, version, backing, entry, unmap)
+    keep = bool(host) and not unmap
+    if new is None:  # a v2 image has no zero flag: zeros are written, or backing shows
+        assert version == 2 and (keep or backing)
+        return
+    kind = decode(*new, g, sc).kind
+    assert kind is Kind.ZERO or (new == (0, 0) and version == 2 and not backing)
+    if keep:  # the same host cluster, writable in place again if it was
+        assert list(host_clusters(g, new[0])) == [host]
+        assert reusable_host(new[0]) == reusable_host(entry)
+        assert not fully_allocated(*new, g)
+    else:
+        assert not host_clusters(g, new[0])
 
 
 @FAST
