@@ -67,7 +67,9 @@ def test_qemu_io_and_qemu_img_see_what_the_fuse_file_holds(served) -> None:
 def test_nbdinfo_map_matches_qemu_img_map(served) -> None:
     _, image, sock = served
     assert nbd_map(uri(sock)) == qemu_map(image, "qcow2")
-    info = json.loads(run("nbdinfo", "--json", uri(sock)).stdout)
+    # --no-content: nbdinfo probes the first sectors with file(1) otherwise, and where file(1)
+    # is missing it puts raw bytes in "content" that are not UTF-8.
+    info = json.loads(run("nbdinfo", "--json", "--no-content", uri(sock)).stdout)
     export = info["exports"][0]
     assert (export["export-size"], export["can_zero"], export["can_fast_zero"],
             export["can_multi_conn"], export["contexts"]) == (SIZE, True, True, True,
