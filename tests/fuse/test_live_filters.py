@@ -45,20 +45,22 @@ def test_throttle_in_and_out_under_a_mounted_filesystem(mount_factory, images: P
                         assert line and not line.startswith("error"), line
                 written(3)
                 # in, naming the live root node: the old tree's nodes are taken over
+                # limits any writer exceeds (each file is 1 MiB and several requests), so
+                # that the throttle holds it however slow a loaded machine makes it
                 mount.ctl("change", f"vol driver=throttle,node-name=thr,"
-                                    f"limits.bps-write=4M,file={root}")
-                written(3)
-                wait_until(lambda: throttled(mount) > 0, "the throttle to hold the writer")
+                                    f"limits.bps-write=512k,file={root}")
+                wait_until(lambda: throttled(mount) > 0, "the throttle to hold the writer",
+                           seconds=60)
                 mount.ctl("change", f"vol node={root}")  # out again
                 assert mount.backends()["vol"]["tree"]["node-name"] == root
                 written(3)
                 # in again, spelled as options: the same image, so the same nodes
                 mount.ctl("change", f"vol driver=throttle,node-name=thr,"
-                                    f"limits.iops-write=200,{spelled}")
+                                    f"limits.iops-write=2,{spelled}")
                 assert mount.backends()["vol"]["tree"]["children"]["file"]["node-name"] \
                     == root
-                written(3)
-                wait_until(lambda: throttled(mount) > 0, "the throttle to hold the writer")
+                wait_until(lambda: throttled(mount) > 0, "the throttle to hold the writer",
+                           seconds=60)
                 mount.ctl("change", f"vol node={root}")
                 written(3)
             finally:
