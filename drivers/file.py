@@ -13,10 +13,13 @@ Workers are :mod:`blkfs.block.workers`: threads shared by all nodes, at most
 :data:`WORKERS_PER_NODE` calls of one node at once, completions batched through one eventfd:
 21 us a round trip at the median against 60 us for ``trio.to_thread.run_sync`` (and 9-12 us
 against 82-108 us a call with four callers), measured on the 2-vCPU benchmark VM
-(docs/benchmarks.md). ``aio=threads`` is QEMU's name for this; ``aio=io_uring`` and
-``aio=native`` are refused, not implemented (an earlier io_uring trial lost to the extra
-wake-up per miss). fstat (length, allocated bytes) stays inline: it reads the inode, which
-every getattr of a backend file asks for.
+(docs/benchmarks.md). Inside the daemon a cold 4 KiB read or a write pays about 170 us more
+than inline on that VM (two wake-ups of sleeping threads): cold QD1 reads and random writes
+lose 70-75% there, the price of availability until a cheaper worker exists.
+``aio=threads`` is QEMU's name for this; ``aio=io_uring`` and ``aio=native`` are refused, not
+implemented (an earlier io_uring trial lost to the extra wake-up per miss). fstat (length,
+allocated bytes) stays inline: it reads the inode, which every getattr of a backend file
+asks for.
 
 Discard and write_zeroes punch holes where the host filesystem can; block_status asks the
 host with SEEK_DATA/SEEK_HOLE so sparse images copy sparsely.
