@@ -13,9 +13,12 @@ Workers are :mod:`blkfs.block.workers`: threads shared by all nodes, at most
 :data:`WORKERS_PER_NODE` calls of one node at once, completions batched through one eventfd:
 21 us a round trip at the median against 60 us for ``trio.to_thread.run_sync`` (and 9-12 us
 against 82-108 us a call with four callers), measured on the 2-vCPU benchmark VM
-(docs/benchmarks.md). Inside the daemon a cold 4 KiB read or a write pays about 170 us more
-than inline on that VM (two wake-ups of sleeping threads): cold QD1 reads and random writes
-lose 70-75% there, the price of availability until a cheaper worker exists.
+(docs/benchmarks.md). Inside the daemon a cold 4 KiB read or a write pays two wake-ups of
+threads asleep on idle vCPUs, about 50 us each on that VM (its guest halts an idle vCPU at
+once): cold QD1 reads keep 44-100% of main's IOPS there and random writes 26-37%, swinging
+with the machine's load, the price of availability until a worker that needs no GIL exists
+(polling the completions from the FUSE busy-poll and pinning the workers were measured and
+did not help, docs/benchmarks.md).
 ``aio=threads`` is QEMU's name for this; ``aio=io_uring`` and ``aio=native`` are refused, not
 implemented (an earlier io_uring trial lost to the extra wake-up per miss). fstat (length,
 allocated bytes) stays inline: it reads the inode, which every getattr of a backend file
