@@ -186,9 +186,10 @@ class BlockBackend:
     def check_op(self, what: str, *, by: object = None, writers: bool = False,
                  force: bool = False) -> None:
         """EBUSY unless ``what`` may change the backend now: no holder but ``by`` keeps it
-        still and, for a change of what its users see (``writers``: eject, other media,
-        rollback, delete), nobody has it open for writing unless ``force``. A holder is
-        never forced past: a job ends or is cancelled first."""
+        still, the error policy has not paused it and, for a change of what its users see
+        (``writers``: eject, other media, rollback, delete), nobody has it open for writing.
+        ``force`` passes writers and a pause (whose held requests then fail with EIO); a
+        holder is never forced past: a job ends or is cancelled first."""
         for holder, (reason, until) in self._blockers.items():
             if holder is not by:
                 raise BlockError(errno.EBUSY, f"{self.name}: {reason}; {what} {until}")
@@ -270,7 +271,9 @@ class BlockBackend:
         """Apply the error policy to a request ``node`` failed: raise ``exc`` (report),
         return False (ignore: the request counts as done), or hold the request until
         :meth:`cont` and return True (retry it). The first failure pauses the backend: new
-        requests wait at the door until then."""
+        requests wait at the door until then. (Each request path writes its retry loop out:
+        a coroutine wrapped around every request would cost the instructions the callgrind
+        guard counts.)"""
         what = "report" if isinstance(exc, LastingError) else \
             action(self.werror if operation == "write" else self.rerror, exc.errno)
         self._report(node, operation, exc, what)
