@@ -30,7 +30,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import trio
 
@@ -41,7 +41,7 @@ from blkfs.block.options import format_options, parse_bool, parse_options, parse
 from blkfs.block.perm import ALL, FILTERED, WRITERS, Perm
 from blkfs.block.policy import HostPolicy
 from blkfs.block.request import Requests
-from blkfs.error_policy import POLICIES, Operation, Pause, Policy, action
+from blkfs.error_policy import POLICIES, Action, Operation, Pause, Policy, action
 from blkfs.errors import BlockError, LastingError, NotFound, OptionError
 from blkfs.jobs.manager import JobManager
 
@@ -76,7 +76,7 @@ class IoError:
     """Flushes, discards and zeroing are writes, as QEMU reports them."""
     errno: int
     message: str
-    action: Literal["report", "ignore", "stop"]
+    action: Action
     """What the backend's error policy made of it (see :mod:`blkfs.error_policy`)."""
 
 
@@ -258,7 +258,7 @@ class BlockBackend:
         return self._root.node
 
     def _report(self, node: Node, operation: Operation, exc: BlockError,
-                what: Literal["report", "ignore", "stop"] = "report") -> None:
+                what: Action = "report") -> None:
         """Tell the layer's I/O error listeners that ``node`` failed a request. (Callers
         catch the error themselves: a context manager around every request would cost a
         third of a 4 KiB read's instructions.)"""

@@ -37,6 +37,7 @@ from typing import (
 from weakref import WeakKeyDictionary
 
 from blkfs.backend import BlockBackend, BlockLayer, Medium, OptionError, parse_bool, parse_size
+from blkfs.error_policy import Policy
 from blkfs.errors import BlockError
 from blkfs.jobs.backup import BackupJob
 from blkfs.jobs.commit import commit as commit_job
@@ -86,7 +87,6 @@ JobId = Annotated[str, Kind.JOB]
 HostPath = Annotated[str, Kind.PATH]
 Rate = Annotated[int, Kind.RATE]
 OnChange = Literal["follow", "error"]
-ErrorPolicy = Literal["report", "ignore", "enospc", "stop"]
 
 
 @dataclass(frozen=True)
@@ -241,8 +241,8 @@ def one_line(text: str) -> str:
 
 @command
 async def create(layer: BlockLayer, name: BackendName, medium: MediumOptions | None = None,
-                 on_change: OnChange = "follow", werror: ErrorPolicy = "enospc",
-                 rerror: ErrorPolicy = "report") -> None:
+                 on_change: OnChange = "follow", werror: Policy = "enospc",
+                 rerror: Policy = "report") -> None:
     """A new backend with that medium, or an empty drive.
 
     on-change=error: files opened before a media change fail with ESTALE until opened
@@ -310,8 +310,8 @@ async def resize(layer: BlockLayer, name: BackendName, size: Size | None = None,
 
 
 @command
-async def set_(layer: BlockLayer, name: BackendName, werror: ErrorPolicy | None = None,
-               rerror: ErrorPolicy | None = None, on_change: OnChange | None = None) -> None:
+async def set_(layer: BlockLayer, name: BackendName, werror: Policy | None = None,
+               rerror: Policy | None = None, on_change: OnChange | None = None) -> None:
     """Change a backend's own options live: its error policies and on-change."""
     backend = layer.find(name)
     backend.werror = werror or backend.werror
