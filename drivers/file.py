@@ -1,12 +1,29 @@
 """``file``: the protocol driver for a host file or block device.
 
-Reads and writes go straight to ``preadv``/``pwritev`` on the caller's buffer (no copies),
-in the event loop, even when the page cache misses: a round trip to a worker thread costs
-more than a 4 KiB read from the disk (on the 2-core VM of the benchmark, 80-190 us against
-70-180 us), so handing misses to threads made cold random reads slower, with one reader and
-with four; handing them to io_uring (``RWF_NOWAIT`` first) lost too, by the extra wake-up per
-miss (README, "Where a request's time goes"). Only ``fdatasync`` leaves the loop, because it
-may wait on the disk for long.
+Nothing that can block runs in the event loop (README, "What runs where"): one slow or hung
+device must not stall the other backends, the control files, QMP or NBD. A read first asks
+the page cache without waiting (``preadv`` with ``RWF_NOWAIT``): a hit is served inline, on the
+caller's buffer, as cheap as before; a miss (``EAGAIN``, or a short read), any read of a
+``cache.direct=on`` node, and a read of a host filesystem that cannot answer ``RWF_NOWAIT``
+(tmpfs, FUSE) go to a worker thread, as do writes, fallocate (discard, write_zeroes), lseek
+(block_status), ftruncate and fdatasync. Buffered writes are not tried with ``RWF_NOWAIT``:
+ext4 refuses that (EOPNOTSUPP, kernel 6.18), so they always go to a worker.
+
+Workers are :mod:`blkfs.block.workers`: threads shared by all nodes, at most
+:data:`WORKERS_PER_NODE` calls of one node at once, completions batched through one eventfd:
+21 us a round trip at the median against 60 us for ``trio.to_thread.run_sync`` (and 9-12 us
+against 82-108 us a call with four callers), measured on the 2-vCPU benchmark VM
+(docs/benchmarks.md). Inside the daemon a cold 4 KiB read or a write pays two wake-ups of
+threads asleep on idle vCPUs, about 50 us each on that VM (its guest halts an idle vCPU at
+once): cold QD1 reads keep 44-100% of main's IOPS there and random writes 26-37%, swinging
+with the machine's load, the price of availability until a worker that needs no GIL exists
+(polling the completions from the FUSE busy-poll and pinning the workers were measured and
+did not help, docs/benchmarks.md).
+``aio=threads`` is QEMU's name for this; ``aio=io_uring`` and ``aio=native`` are refused, not
+implemented (an earlier io_uring trial lost to the extra wake-up per miss). fstat (length,
+allocated bytes) stays inline: it reads the inode, which every getattr of a backend file
+asks for.
+
 Discard and write_zeroes punch holes where the host filesystem can; block_status asks the
 host with SEEK_DATA/SEEK_HOLE so sparse images copy sparsely.
 
@@ -25,11 +42,9 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
-
-import trio
+from typing import Any, TypeVar
 
 from blkfs.block import (
     REQUIRED,
@@ -38,10 +53,12 @@ from blkfs.block import (
     Extent,
     LastingError,
     Option,
+    OptionError,
     Perm,
     Status,
 )
 from blkfs.block.request import align_up
+from blkfs.block.workers import HostQueue
 from blkfs.errors import from_oserror
 
 from .image_lock import ImageLocks, LockConflict, LocksUnsupported
@@ -60,6 +77,13 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
 
+
+T = TypeVar("T")
+
+RWF_NOWAIT = os.RWF_NOWAIT
+WORKERS_PER_NODE = 16
+"""Host calls of one node that run at once (QEMU's thread pool has 64 for all its nodes):
+a device that stops answering holds at most this many worker threads."""
 
 BLKSSZGET = 0x1268
 """ioctl: a block device's logical block size."""
@@ -116,6 +140,9 @@ class FileDriver(BlockDriver):
         "cache.direct": Option("bool", False, "bypass the host page cache (O_DIRECT), as "
                                "QEMU's cache.direct; requests are aligned to the file's "
                                "logical block size"),
+        "aio": Option("enum", "threads", "how host calls that may block leave the event "
+                      "loop, as QEMU's aio: threads (io_uring and native are not implemented)",
+                      choices=("threads", "io_uring", "native")),
     }
 
     fd = -1
@@ -124,9 +151,16 @@ class FileDriver(BlockDriver):
     direct = False
     _bounce: list[mmap.mmap]
     flush_error: str | None = None
+    _nowait_reads = True
+    """The host filesystem answers RWF_NOWAIT reads (not tmpfs, not FUSE)."""
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.filename = values["filename"]
+        if values["aio"] != "threads":
+            raise OptionError(f"'{self.filename}': aio={values['aio']} is not implemented; "
+                              "use aio=threads (host calls that may block run on worker "
+                              "threads)")
+        self.host = HostQueue(WORKERS_PER_NODE)
         self.use_locks = values["locking"] != "off"
         self.locks = ImageLocks()
         self.fd = self.node.open_host_file(self.filename, writable=not values["read-only"])
@@ -219,30 +253,47 @@ class FileDriver(BlockDriver):
     def _error(self, exc: OSError) -> BlockError:
         return from_oserror(exc, f"'{self.filename}'")
 
-    async def read(self, offset: int, buf: memoryview) -> None:
+    async def _blocking(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` on a worker thread; an OSError becomes this file's BlockError."""
         try:
-            if self.direct:
-                self._read_direct(offset, buf)
-            else:
-                pread_full(self.fd, buf, offset)
+            return await self.host.run(call, *args)
         except OSError as exc:
             raise self._error(exc) from None
 
+    async def read(self, offset: int, buf: memoryview) -> None:
+        """Inline if the page cache has it all, else the rest on a worker."""
+        got = 0
+        if self._nowait_reads and not self.direct:
+            try:
+                got = os.preadv(self.fd, [buf], offset, RWF_NOWAIT)
+                if got == buf.nbytes:
+                    return
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise self._error(exc) from None
+                self._nowait_reads = False
+        if self.direct:
+            await self._blocking(self._read_direct, offset, buf)
+        else:
+            await self._blocking(pread_full, self.fd, buf[got:], offset + got)
+
     async def write(self, offset: int, data: memoryview) -> None:
-        try:
-            if self.direct:
-                self._write_direct(offset, data)
-            else:
-                pwrite_full(self.fd, data, offset)
-        except OSError as exc:
-            raise self._error(exc) from None
+        if self.direct:
+            await self._blocking(self._write_direct, offset, data)
+        else:
+            await self._blocking(pwrite_full, self.fd, data, offset)
 
     # -- cache.direct=on -------------------------------------------------------------------
 
     @contextmanager
     def _aligned(self) -> Iterator[memoryview]:
         """A buffer of BOUNCE_SIZE bytes aligned in memory (mmap's pages), kept for reuse."""
-        bounce = self._bounce.pop() if self._bounce else mmap.mmap(-1, BOUNCE_SIZE)
+        try:
+            bounce = self._bounce.pop()  # on a worker thread: no check-then-pop race
+        except IndexError:
+            bounce = mmap.mmap(-1, BOUNCE_SIZE)
         view = memoryview(bounce)
         try:
             yield view
@@ -301,7 +352,7 @@ class FileDriver(BlockDriver):
                                         "may be lost, so no flush succeeds until the medium "
                                         "is changed (or ejected and inserted)")
         try:
-            await trio.to_thread.run_sync(os.fdatasync, self.fd)
+            await self.host.run(os.fdatasync, self.fd)
         except OSError as exc:
             self.flush_error = os.strerror(exc.errno or errno.EIO)
             failed = self._error(exc)
@@ -313,7 +364,8 @@ class FileDriver(BlockDriver):
     async def discard(self, offset: int, length: int) -> None:
         if self._can_punch and not self._is_block_device:
             try:
-                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                await self.host.run(fallocate, self.fd,
+                                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise self._error(exc) from None
@@ -323,7 +375,7 @@ class FileDriver(BlockDriver):
         if not self._is_block_device:
             mode = (FALLOC_FL_PUNCH_HOLE if unmap else FALLOC_FL_ZERO_RANGE) | FALLOC_FL_KEEP_SIZE
             try:
-                fallocate(self.fd, mode, offset, length)
+                await self.host.run(fallocate, self.fd, mode, offset, length)
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -338,23 +390,20 @@ class FileDriver(BlockDriver):
     async def truncate(self, length: int) -> None:
         if self._is_block_device:
             raise BlockError(errno.ENOTSUP, f"'{self.filename}' is a block device")
-        try:
-            os.ftruncate(self.fd, length)
-        except OSError as exc:
-            raise self._error(exc) from None
+        await self._blocking(os.ftruncate, self.fd, length)
 
     async def block_status(self, offset: int, length: int) -> Extent:
         if self._is_block_device:
             return await super().block_status(offset, length)
         try:
-            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+            data = await self.host.run(os.lseek, self.fd, offset, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # only a hole from here to the end
                 return Extent(length, Status.ZERO | Status.ALLOCATED)
             return await super().block_status(offset, length)
         if data > offset:
             return Extent(min(data - offset, length), Status.ZERO | Status.ALLOCATED)
-        hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        hole = await self._blocking(os.lseek, self.fd, offset, os.SEEK_HOLE)
         return Extent(min(hole - offset, length), Status.DATA | Status.ALLOCATED)
 
     async def allocated_bytes(self) -> int | None:
@@ -362,3 +411,6 @@ class FileDriver(BlockDriver):
 
     def info(self) -> dict[str, Any]:
         return {"filename": self.filename}
+
+    def host_call_ns(self) -> int | None:
+        return self.host.oldest_ns()

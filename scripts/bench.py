@@ -64,6 +64,14 @@ default 50M, binary units as in blkfs options); ``dd bs=1M`` for about 5 s must 
 within 10%. Then, while another dd runs, ``.ctl/reopen`` retunes the limit to N/2, and the rate
 of the second half (from the backend's read_bytes in status.json) must be N/2 within 10%.
 
+``--slow`` (also run at the end of a normal run unless ``--no-slow``): slow devices, one
+round, blkfs and qsd (QEMU's defaults, aio=threads) measured alike. The devices are nbdfuse
+files (4 connections) over ``nbdkit --filter=delay memory`` on a unix socket, whose reads
+take 2 ms or 50 ms, opened with cache.direct=on. Neighbour row: 4k QD1 random reads of a
+local raw image (warm) alone, then while two readers use a backend of the same daemon on the
+50 ms device: p50 beside / p50 alone (target <= 2). Slow-device row: 4k random reads on each
+device, 1 and 4 jobs: IOPS of 4 jobs / 1 job (target >= 3.5).
+
 ``--jobs`` (off by default): also the block-job table of scripts/bench_jobs.py (commit,
 stream, mirror, convert against qemu-img and qsd), --rounds runs per side.
 """
@@ -280,8 +288,10 @@ class Qsd:
         self.proc, self.files, self.logf = proc, files, logf
 
 
-def qsd_start(d: Path, exports: dict[str, Path], fmt: str, cfg: QsdConfig) -> Qsd:
-    """One qemu-storage-daemon exporting each image as the FUSE file ``d/NAME``."""
+def qsd_start(d: Path, exports: dict[str, Path], fmt: str, cfg: QsdConfig,
+              direct: tuple[str, ...] = ()) -> Qsd:
+    """One qemu-storage-daemon exporting each image as the FUSE file ``d/NAME``; the exports
+    named in ``direct`` with cache.direct=on whatever ``cfg`` says."""
     cmd = ["qemu-storage-daemon"]
     if cfg.iothread:
         cmd += ["--object", "iothread,id=io0"]
@@ -290,7 +300,8 @@ def qsd_start(d: Path, exports: dict[str, Path], fmt: str, cfg: QsdConfig) -> Qs
         mp = d / name
         mp.touch()
         files.append(str(mp))
-        fopts = (f",aio={cfg.aio}" if cfg.aio else "") + (",cache.direct=on" if cfg.direct else "")
+        fopts = (f",aio={cfg.aio}" if cfg.aio else "") + (",cache.direct=on" if cfg.direct
+                                                           or name in direct else "")
         cmd += ["--blockdev", f"driver=file,node-name=f{i},filename={img}{fopts}",
                 "--blockdev", f"driver={fmt},node-name=n{i},file=f{i}",
                 "--export", f"type=fuse,id=e{i},node-name=n{i},mountpoint={mp},writable=on"
@@ -799,6 +810,124 @@ def nbd_check(work: Path, size: int, runtime: float) -> Results:
     return out
 
 
+SLOW_DELAYS_MS = (2, 50)
+SLOW_SIZE = 256 * MiB
+
+
+def slow_check(work: Path, size: int, runtime: float) -> Results:
+    """The neighbour and slow-device rows (see the module docstring), for blkfs and qsd."""
+    d = work / "slow"
+    d.mkdir(parents=True)
+    CLEANUP.add("dir", str(d))
+    local = make_images(d, size, [])["raw"]
+    out: Results = {}
+    devices = FuseServers(d)
+    CLEANUP.add("fuse", devices)
+    try:
+        for ms in SLOW_DELAYS_MS:
+            sock = d / f"dev{ms}.sock"
+            with open(d / f"dev{ms}.log", "wb") as logf:
+                devices.procs.append(subprocess.Popen(
+                    ["nbdkit", "-f", "-U", str(sock), "--filter=delay", "memory",
+                     str(SLOW_SIZE), f"delay-read={ms}ms"],
+                    stdout=logf, stderr=subprocess.STDOUT, start_new_session=True))
+            deadline = time.monotonic() + 30
+            while not sock.exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nbdkit did not listen on {sock} within 30s")
+                time.sleep(0.05)
+            # a socket, not --command: nbdfuse then opens 4 connections (multi-conn); on one
+            # connection libnbd's synchronous calls serve one request at a time
+            fuse_server_mount(devices, d / f"dev{ms}",
+                              ["nbdfuse", str(d / f"dev{ms}/disk"), "--unix", str(sock)],
+                              d / f"dev{ms}.log")
+        disks = dict(zip(SLOW_DELAYS_MS, map(Path, devices.files), strict=True))
+        names = ("local", "dev2", "dev50")
+        mnt = d / "blkfs"
+        blkfs_mount(mnt, {"local": local, **{
+            f"dev{ms}": f"driver=raw,file.driver=file,file.filename={disk},"
+                        "file.cache.direct=on" for ms, disk in disks.items()}})
+        try:
+            out["blkfs"] = slow_rows("blkfs", {n: str(mnt / n) for n in names}, local, size,
+                                     runtime)
+        finally:
+            CLEANUP.remove("blkfs", str(mnt))
+            blkfs_umount(mnt)
+        qd = d / "qsd"
+        qd.mkdir()
+        q = qsd_start(qd, {"local": local, "dev2": disks[2], "dev50": disks[50]}, "raw",
+                      QSD_CONFIGS["qsd"], direct=("dev2", "dev50"))
+        try:
+            out["qsd"] = slow_rows("qsd", {n: str(qd / n) for n in names}, local, size, runtime)
+        finally:
+            CLEANUP.remove("qsd", q)
+            qsd_stop(q)
+    except Exception as exc:
+        out["error"] = str(exc)[-1000:]
+        log(f"  slow devices FAILED: {exc}")
+    finally:
+        CLEANUP.remove("fuse", devices)
+        fuse_stop(devices)
+        CLEANUP.stop_under(d)
+    return out
+
+
+def slow_rows(peer: str, files: dict[str, str], local: Path, size: int,
+              runtime: float) -> Results:
+    """One peer's figures: local p50 alone and beside two readers of the 50 ms device; IOPS
+    of 1 and 4 jobs on each device. qsd's FUSE files are read with O_DIRECT (see
+    PAGE_CACHED)."""
+    direct = peer in PAGE_CACHED
+    rows: Results = {}
+    warm(local.parent)
+    alone = fio(files["local"], size, "randread", "4k", runtime, ramp=1, direct=direct)
+    busy = subprocess.Popen(
+        ["fio", "--name=neighbour", f"--filename={files['dev50']}", f"--size={SLOW_SIZE}",
+         "--ioengine=psync", "--rw=randread", "--bs=4k", "--numjobs=2", f"--direct={int(direct)}",
+         "--time_based", f"--runtime={runtime + 30}", "--output=/dev/null"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        beside = fio(files["local"], size, "randread", "4k", runtime, ramp=1, direct=direct)
+    finally:
+        busy.terminate()
+        busy.wait()
+    p50 = [job["read"]["clat_ns"]["percentile"]["50.000000"] / 1000 for job in (alone, beside)]
+    rows["neighbour"] = {"alone_p50_us": p50[0], "beside_p50_us": p50[1],
+                         "ratio": p50[1] / p50[0]}
+    log(f"  slow {peer:5} neighbour: local p50 {p50[0]:.0f} us alone, {p50[1]:.0f} us beside "
+        f"two readers of the 50 ms device ({p50[1] / p50[0]:.2f}x)")
+    for ms in SLOW_DELAYS_MS:
+        iops = [fio(files[f"dev{ms}"], SLOW_SIZE, "randread", "4k", runtime, numjobs=jobs,
+                    direct=direct)["read"]["iops"] for jobs in (1, 4)]
+        rows[f"dev{ms}"] = {"jobs1_iops": iops[0], "jobs4_iops": iops[1],
+                            "ratio": iops[1] / iops[0]}
+        log(f"  slow {peer:5} {ms} ms device: {iops[0]:.1f} IOPS with 1 job, {iops[1]:.1f} "
+            f"with 4 ({iops[1] / iops[0]:.2f}x)")
+    return rows
+
+
+def slow_table(slow: Results) -> str:
+    rows = [["row", "blkfs", "qsd", "target"]]
+    n = slow.get("blkfs", {}).get("neighbour", {})
+    q = slow.get("qsd", {}).get("neighbour", {})
+    rows.append(["neighbour: local p50 alone (us)", num(n.get("alone_p50_us")),
+                 num(q.get("alone_p50_us")), ""])
+    rows.append(["neighbour: local p50 beside 50 ms (us)", num(n.get("beside_p50_us")),
+                 num(q.get("beside_p50_us")), ""])
+    rows.append(["neighbour: beside / alone", num(n.get("ratio")), num(q.get("ratio")),
+                 "<= 2"])
+    for ms in SLOW_DELAYS_MS:
+        b = slow.get("blkfs", {}).get(f"dev{ms}", {})
+        c = slow.get("qsd", {}).get(f"dev{ms}", {})
+        rows.append([f"{ms} ms device: IOPS 1 job", num(b.get("jobs1_iops")),
+                     num(c.get("jobs1_iops")), ""])
+        rows.append([f"{ms} ms device: IOPS 4 jobs", num(b.get("jobs4_iops")),
+                     num(c.get("jobs4_iops")), ""])
+        rows.append([f"{ms} ms device: 4 jobs / 1 job", num(b.get("ratio")),
+                     num(c.get("ratio")), ">= 3.5"])
+    return md_table(rows)
+
+
 def export_reads(d: Path, img: Path, fmt: str, size: int) -> dict[str, float]:
     """MB/s of ``nbdcopy URI null:`` from blkfs's export of IMG and from qemu-nbd -r (both
     read-only, so that both may hold the image at once)."""
@@ -1036,6 +1165,10 @@ def main() -> int:
     ap.add_argument("--no-throttle", action="store_true", help="skip the throttle check")
     ap.add_argument("--throttle-rate", type=parse_size, default=50 * MiB,
                     help="the throttle check's limits.bps-read (default 50M)")
+    ap.add_argument("--slow", action="store_true",
+                    help="only the slow-device rows (neighbour of a 50 ms device; 1 vs 4 jobs "
+                    "on 2 ms and 50 ms devices), blkfs and qsd")
+    ap.add_argument("--no-slow", action="store_true", help="skip the slow-device rows")
     ap.add_argument("--jobs", action="store_true",
                     help="also the block-job table (scripts/bench_jobs.py), --rounds runs each")
     args = ap.parse_args()
@@ -1079,7 +1212,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="blkfs-bench-", dir=base))
     CLEANUP.add("dir", str(work))
     free = shutil.disk_usage(work).free
-    only_one = args.sparse_rss or args.throttle or args.nbd
+    only_one = args.sparse_rss or args.throttle or args.nbd or args.slow
     need = size * (1 + 2 * len(images) + 3 * 3) if not only_one else 4 * GiB
     if free < need:
         log(f"warning: {work} has {free / GiB:.1f} GiB free, this run may need "
@@ -1170,7 +1303,7 @@ def main() -> int:
             print("daemons (one per image and round, 3 images open: reads, randwrite, "
                   "seqwrite copies):")
             print(daemon_table(bench.daemons, images))
-        if args.nbd or not (args.no_nbd or args.sparse_rss or args.throttle):
+        if args.nbd or not (args.no_nbd or args.sparse_rss or args.throttle or args.slow):
             for tool in ("qemu-nbd", "nbdfuse", "nbdcopy"):
                 if not shutil.which(tool):
                     ap.error(f"{tool} is not installed (scripts/setup installs it)")
@@ -1180,7 +1313,8 @@ def main() -> int:
             print("NBD (one round): blkfs over the nbd driver vs nbdfuse (both clients of one "
                   "qemu-nbd); blkfs's export vs qemu-nbd -r, both read by nbdcopy:")
             print(nbd_table(results["nbd"]))
-        if args.sparse_rss or not (args.no_sparse_rss or args.throttle or args.nbd):
+        if args.sparse_rss or not (args.no_sparse_rss or args.throttle or args.nbd
+                                   or args.slow):
             log("sparse 1 TiB qcow2 RSS check")
             sp = sparse_rss(work, runtime)
             results["sparse_rss"] = sp
@@ -1207,7 +1341,8 @@ def main() -> int:
                       f"(target < 150 MiB: {'OK' if mb['ok'] else 'FAILED'}); mount took "
                       f"{mb.get('mount_s', '?')}s"
                       + (f"; error: {mb['error']}" if "error" in mb else ""))
-        if args.throttle or not (args.no_throttle or args.sparse_rss or args.nbd):
+        if args.throttle or not (args.no_throttle or args.sparse_rss or args.nbd
+                                 or args.slow):
             log("throttle real-time check")
             th = throttle_check(work, args.throttle_rate)
             results["throttle"] = th
@@ -1220,6 +1355,16 @@ def main() -> int:
                   f"({th.get('retuned_bps', 0) / (rate // 2):.3f} of the new limit); target "
                   f"within {THROTTLE_TOLERANCE:.0%}: {'OK' if th['ok'] else 'FAILED'}"
                   + (f"; error: {th['error']}" if "error" in th else ""))
+        if args.slow or not (args.no_slow or args.sparse_rss or args.throttle or args.nbd):
+            for tool in ("nbdfuse", "nbdkit"):
+                if not shutil.which(tool):
+                    ap.error(f"{tool} is not installed (scripts/setup installs it)")
+            log("slow devices: a neighbour of a 50 ms device; 1 vs 4 jobs on slow devices")
+            results["slow"] = slow_check(work, size, runtime)
+            print()
+            print("slow devices (one round; 4k random reads, fio psync QD1; qsd with QEMU's "
+                  "defaults, aio=threads):")
+            print(slow_table(results["slow"]))
         if args.jobs:
             import bench_jobs  # scripts/ is on sys.path: this script's directory
 

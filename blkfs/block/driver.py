@@ -267,3 +267,8 @@ class BlockDriver:
     def info(self) -> dict[str, Any]:
         """Driver facts for status output (format details, counters)."""
         return {}
+
+    def host_call_ns(self) -> int | None:
+        """How long the oldest host call this driver has on a worker has run (ns), or None
+        if none runs (status shows it; see :mod:`blkfs.block.workers`). Generic: None."""
+        return None

@@ -160,6 +160,13 @@ class Node:
     def in_flight(self) -> int:
         return self._requests.tracker.in_flight
 
+    def oldest_host_call_ms(self) -> int | None:
+        """How long the driver's oldest host call in flight has run, or None if none runs
+        (or the driver makes none): a device that stopped answering shows as a growing age
+        on its protocol node, and as requests in flight on the nodes above."""
+        age = self.driver.host_call_ns()
+        return None if age is None else age // 1_000_000
+
     def learn_limits(self) -> None:
         """Ask the driver its limits once (after open and reopen), as nbdkit asks a plugin's
         capabilities once: a filter inherits growth, and the coarser alignment, from the node

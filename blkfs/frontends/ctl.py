@@ -183,6 +183,10 @@ def _tree_lines(node: dict[str, Any], indent: str, role: str) -> list[str]:
         line += " (" + ",".join(options) + ")"
     if details:
         line += " " + " ".join(details)
+    if node["in-flight"]:
+        line += f" in-flight={node['in-flight']}"
+        if node["oldest-ms"] is not None:
+            line += f" oldest={node['oldest-ms']}ms"
     lines = [line]
     for child_role, child in node["children"].items():
         lines.extend(_tree_lines(child, indent + "  ", child_role))

@@ -1,0 +1,211 @@
+"""One backend's device stops answering; the rest of the daemon does not notice.
+
+The stuck device is a host file served by nbdfuse from nbdkit's memory plugin behind its
+``pause`` filter: once paused, a request to it waits until the test resumes it. While a read,
+a write or an fdatasync of backend ``slow`` waits there, ``.ctl/status`` answers (and shows the
+request in flight), backend ``local`` reads and writes through the mount and through the NBD
+export, and QMP's query-block answers. Every probe runs on a thread with a bounded join: a
+probe that hangs fails the test (no timing is asserted). Afterwards nothing is lost and the
+stuck qcow2 image is clean by ``qemu-img check``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import QMPClient
+
+from tests.helpers import Mount, force_unmount, mounted, pattern_image, run, wait_until
+from tests.qmp.peer import drive
+
+pytestmark = [pytest.mark.fuse, pytest.mark.qemu]
+
+SIZE = 16 << 20
+HUNG = 30.0
+"""A probe still unanswered after this long hangs: the test fails (never reached when the
+daemon is responsive; no figure is asserted)."""
+
+
+def bounded(probe: Callable[[], Any], what: str) -> Any:
+    """``probe()`` on a thread; fails the test if it has not returned within HUNG seconds."""
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            result.append(probe())
+        except BaseException as exc:  # handed to the test's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    thread.join(HUNG)
+    if thread.is_alive():
+        pytest.fail(f"{what} did not answer while another backend's device hung")
+    if error:
+        raise error[0]
+    return result[0]
+
+
+class HeldDisk:
+    """A host file whose requests wait while :attr:`hold` exists."""
+
+    def __init__(self, path: Path, hold: Path) -> None:
+        self.path = path
+        self.hold = hold
+
+    def pause(self) -> None:
+        self.hold.touch()
+
+    def resume(self) -> None:
+        self.hold.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def held_disk(tmp_path: Path) -> Iterator[HeldDisk]:
+    """A qcow2 image (all clusters preallocated, so writes stay inside the fixed-size disk)
+    on a host file served by nbdfuse from nbdkit's eval plugin, whose reads, writes and
+    flushes wait while a hold file exists (nbdkit's pause filter holds no flush, and nbdfuse
+    needs a plugin that can flush to pass fsync on); resumed and unmounted after the test,
+    even when it failed."""
+    store, hold, mnt = tmp_path / "store", tmp_path / "hold", tmp_path / "nbd"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", store,
+        str(SIZE))
+    with open(store, "r+b") as f:
+        f.truncate(2 * SIZE)
+    wait = f"while [ -e {hold} ]; do sleep 0.01; done"
+    mnt.mkdir()
+    log = tmp_path / "nbdfuse.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["nbdfuse", f"{mnt}/disk", "--command", "nbdkit", "-s", "eval",
+             f"get_size=echo {2 * SIZE}",
+             f"pread={wait}; dd if={store} skip=$4 count=$3 iflag=count_bytes,skip_bytes "
+             "status=none",
+             f"pwrite={wait}; dd of={store} seek=$4 conv=notrunc oflag=seek_bytes status=none",
+             "can_flush=exit 0", f"flush={wait}"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    disk = HeldDisk(mnt / "disk", hold)
+    try:
+        wait_until(lambda: mounted(mnt) or proc.poll() is not None, "nbdfuse to mount")
+        assert mounted(mnt), log.read_text()
+        yield disk
+    finally:
+        disk.resume()
+        force_unmount(mnt)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def file_node(tree: dict[str, Any]) -> dict[str, Any]:
+    while tree["driver"] != "file":
+        tree = tree["children"]["file"]
+    return tree
+
+
+def neighbours_answer(mount: Mount, sockdir: Path, local: bytes) -> None:
+    """Status shows the stuck request; local reads and writes through the mount and NBD; QMP
+    answers."""
+    def stuck_in_flight() -> dict[str, Any]:
+        status: dict[str, Any] = {}
+
+        def seen() -> bool:
+            nonlocal status
+            status = mount.backends()
+            return bool(file_node(status["slow"]["tree"])["in-flight"])
+        wait_until(seen, "the stuck request to show in status.json", HUNG)
+        return status
+    status = bounded(stuck_in_flight, ".ctl/status.json")
+    assert file_node(status["slow"]["tree"])["oldest-ms"] is not None
+    text = bounded((mount / ".ctl" / "status").read_text, ".ctl/status")
+    assert "in-flight=" in text
+
+    def local_io() -> None:
+        with open(mount / "local", "r+b", buffering=0) as f:
+            assert os.pread(f.fileno(), 4096, 8 << 20) == local[8 << 20:(8 << 20) + 4096]
+            os.pwrite(f.fileno(), b"N" * 4096, 4 << 20)
+            assert os.pread(f.fileno(), 4096, 4 << 20) == b"N" * 4096
+    bounded(local_io, "I/O of another backend")
+
+    async def query(client: QMPClient) -> Any:
+        return await client.execute("query-block")
+    blocks = bounded(lambda: drive(sockdir / "m", query), "QMP query-block")
+    assert {b["device"] for b in blocks} == {"local", "slow"}
+
+    got = bounded(lambda: run("qemu-io", "-f", "raw", "-c", "read -P 0x4e 4M 4k",
+                              f"nbd+unix:///local?socket={sockdir / 'nbd'}"),
+                  "an NBD client of another backend")
+    assert "read 4096/4096 bytes" in got
+
+
+STUCK = 12 << 20
+"""Where the stuck request goes: a cluster nothing has read before (no cache holds it)."""
+
+STUCK_OPS = {
+    "read": "sys.stdout.buffer.write(os.pread(f, 4096, STUCK))",
+    "write": "os.pwrite(f, b'W' * 4096, STUCK)",
+    "fdatasync": "os.fdatasync(f)",
+}
+"""What the stuck process does to backend ``slow``. A process of its own, not a thread of
+the test's: a descriptor of a FUSE file with an fsync pending would hang the fork of every
+process the test starts (the child's close waits for the fsync's inode lock)."""
+
+
+@pytest.mark.parametrize("op", list(STUCK_OPS))
+def test_a_hung_device_stalls_only_its_own_backend(
+        op: str, held_disk: HeldDisk, mount_factory: Callable[..., Mount],
+        tmp_path: Path) -> None:
+    local_image = tmp_path / "local.raw"
+    local = pattern_image(local_image, SIZE, 1)
+    with tempfile.TemporaryDirectory(prefix="hung") as short:
+        sockdir = Path(short)
+        mount = mount_factory("--backend", f"local=driver=raw,file.driver=file,"
+                              f"file.filename={local_image}",
+                              "--backend", f"slow=driver=qcow2,file.driver=file,"
+                              f"file.filename={held_disk.path}",
+                              "--qmp", f"unix:{sockdir / 'm'}", "--nbd",
+                              f"unix:{sockdir / 'nbd'}", "--export", "local writable=on")
+        expected = {"read": bytes(4096), "write": b"W" * 4096, "fdatasync": b"F" * 4096}[op]
+        if op == "fdatasync":
+            with open(mount / "slow", "r+b", buffering=0) as f:
+                os.pwrite(f.fileno(), expected, STUCK)  # for the flush to write out
+        held_disk.pause()
+        stuck = subprocess.Popen(
+            [sys.executable, "-c", f"import os, sys\nSTUCK = {STUCK}\n"
+             f"f = os.open({str(mount / 'slow')!r}, os.O_RDWR)\n{STUCK_OPS[op]}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            neighbours_answer(mount, sockdir, local)
+            held_disk.resume()
+            out, err = stuck.communicate(timeout=HUNG)
+            assert stuck.returncode == 0, err.decode()
+        finally:
+            held_disk.resume()
+            if stuck.poll() is None:
+                stuck.kill()
+                stuck.wait()
+        if op == "read":
+            assert out == expected
+        with open(mount / "slow", "rb") as f:
+            assert os.pread(f.fileno(), 4096, STUCK) == expected
+        with open(mount / "local", "rb") as f:
+            data = f.read()
+        assert data[4 << 20:(4 << 20) + 4096] == b"N" * 4096
+        assert data[:4 << 20] == local[:4 << 20]
+        assert data[(4 << 20) + 4096:] == local[(4 << 20) + 4096:]
+        mount.ctl("delete", "slow")
+    report = json.loads(run("qemu-img", "check", "--output=json", "-f", "qcow2",
+                            held_disk.path))
+    assert report.get("corruptions", 0) == 0 and report.get("leaks", 0) == 0, report
