@@ -55,6 +55,7 @@ from blkfs.block import (
     Option,
     OptionError,
     Perm,
+    RangeLocks,
     Status,
 )
 from blkfs.block.request import align_up
@@ -161,6 +162,9 @@ class FileDriver(BlockDriver):
                               "use aio=threads (host calls that may block run on worker "
                               "threads)")
         self.host = HostQueue(WORKERS_PER_NODE)
+        self._changing = RangeLocks()
+        """Ranges a worker reads or changes: two host calls on one range never overlap, as
+        when every call ran in the loop (a read racing a write could return half of each)."""
         self.use_locks = values["locking"] != "off"
         self.locks = ImageLocks()
         self.fd = self.node.open_host_file(self.filename, writable=not values["read-only"])
@@ -261,12 +265,11 @@ class FileDriver(BlockDriver):
             raise self._error(exc) from None
 
     async def read(self, offset: int, buf: memoryview) -> None:
-        """Inline if the page cache has it all, else the rest on a worker."""
-        got = 0
-        if self._nowait_reads and not self.direct:
+        """Inline if the page cache has it all and no change of the range is on a worker,
+        else on a worker, whole: a read is never half before and half after a write."""
+        if self._nowait_reads and not self.direct and not self._changing.busy(offset, buf.nbytes):
             try:
-                got = os.preadv(self.fd, [buf], offset, RWF_NOWAIT)
-                if got == buf.nbytes:
+                if os.preadv(self.fd, [buf], offset, RWF_NOWAIT) == buf.nbytes:
                     return
             except BlockingIOError:
                 pass
@@ -274,16 +277,18 @@ class FileDriver(BlockDriver):
                 if exc.errno != errno.EOPNOTSUPP:
                     raise self._error(exc) from None
                 self._nowait_reads = False
-        if self.direct:
-            await self._blocking(self._read_direct, offset, buf)
-        else:
-            await self._blocking(pread_full, self.fd, buf[got:], offset + got)
+        async with self._changing.hold(offset, buf.nbytes):
+            if self.direct:
+                await self._blocking(self._read_direct, offset, buf)
+            else:
+                await self._blocking(pread_full, self.fd, buf, offset)
 
     async def write(self, offset: int, data: memoryview) -> None:
-        if self.direct:
-            await self._blocking(self._write_direct, offset, data)
-        else:
-            await self._blocking(pwrite_full, self.fd, data, offset)
+        async with self._changing.hold(offset, data.nbytes):
+            if self.direct:
+                await self._blocking(self._write_direct, offset, data)
+            else:
+                await self._blocking(pwrite_full, self.fd, data, offset)
 
     # -- cache.direct=on -------------------------------------------------------------------
 
@@ -364,8 +369,9 @@ class FileDriver(BlockDriver):
     async def discard(self, offset: int, length: int) -> None:
         if self._can_punch and not self._is_block_device:
             try:
-                await self.host.run(fallocate, self.fd,
-                                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                async with self._changing.hold(offset, length):
+                    await self.host.run(fallocate, self.fd,
+                                        FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise self._error(exc) from None
@@ -375,7 +381,8 @@ class FileDriver(BlockDriver):
         if not self._is_block_device:
             mode = (FALLOC_FL_PUNCH_HOLE if unmap else FALLOC_FL_ZERO_RANGE) | FALLOC_FL_KEEP_SIZE
             try:
-                await self.host.run(fallocate, self.fd, mode, offset, length)
+                async with self._changing.hold(offset, length):
+                    await self.host.run(fallocate, self.fd, mode, offset, length)
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):

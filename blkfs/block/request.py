@@ -156,14 +156,18 @@ class RangeLocks:
         self._held: dict[int, tuple[int, int, trio.Event]] = {}
         self._ids = 0
 
+    def _overlapping(self, offset: int, end: int) -> trio.Event | None:
+        return next((done for start, stop, done in self._held.values()
+                     if start < end and offset < stop), None)
+
+    def busy(self, offset: int, length: int) -> bool:
+        """True if a holder overlaps the range (a caller that would not wait can check)."""
+        return bool(self._held) and self._overlapping(offset, offset + length) is not None
+
     @asynccontextmanager
     async def hold(self, offset: int, length: int) -> AsyncIterator[None]:
         end = offset + length
-        while True:
-            busy = next((done for start, stop, done in self._held.values()
-                         if start < end and offset < stop), None)
-            if busy is None:
-                break
+        while (busy := self._overlapping(offset, end)) is not None:
             await busy.wait()
         self._ids += 1
         key = self._ids
