@@ -45,8 +45,19 @@ from blkfs.error_policy import POLICIES, Action, Operation, Pause, Policy, actio
 from blkfs.errors import BlockError, LastingError, NotFound, OptionError
 from blkfs.jobs.manager import JobManager
 
-__all__ = ["BlockBackend", "BlockError", "BlockLayer", "Extent", "IoError", "Limits",
-           "OptionError", "Status", "parse_bool", "parse_options", "parse_size"]
+__all__ = [
+    "BlockBackend",
+    "BlockError",
+    "BlockLayer",
+    "Extent",
+    "IoError",
+    "Limits",
+    "OptionError",
+    "Status",
+    "parse_bool",
+    "parse_options",
+    "parse_size",
+]
 
 log = logging.getLogger("blkfs.backend")
 
@@ -97,9 +108,15 @@ class Limits:
 class BlockBackend:
     """A named root: the unit frontends open, read, write and change media on."""
 
-    def __init__(self, layer: BlockLayer, name: str, read_only: bool = False,
-                 on_change: str = "follow", werror: Policy = "enospc",
-                 rerror: Policy = "report") -> None:
+    def __init__(
+        self,
+        layer: BlockLayer,
+        name: str,
+        read_only: bool = False,
+        on_change: str = "follow",
+        werror: Policy = "enospc",
+        rerror: Policy = "report",
+    ) -> None:
         self.layer = layer
         self.name = name
         self.on_change = on_change
@@ -183,8 +200,9 @@ class BlockBackend:
     def unblock(self, holder: object) -> None:
         self._blockers.pop(holder, None)
 
-    def check_op(self, what: str, *, by: object = None, writers: bool = False,
-                 force: bool = False) -> None:
+    def check_op(
+        self, what: str, *, by: object = None, writers: bool = False, force: bool = False
+    ) -> None:
         """EBUSY unless ``what`` may change the backend now: no holder but ``by`` keeps it
         still, the error policy has not paused it and, for a change of what its users see
         (``writers``: eject, other media, rollback, delete), nobody has it open for writing.
@@ -194,10 +212,12 @@ class BlockBackend:
             if holder is not by:
                 raise BlockError(errno.EBUSY, f"{self.name}: {reason}; {what} {until}")
         if self._pause is not None and by is None and not (writers and force):
-            raise BlockError(errno.EBUSY, f"{self.name}: {self._pause.describe()}; {what} "
-                                          f"once resumed (make room, then 'cont {self.name}')"
-                                          + (", or add force=on: the held requests then fail "
-                                             "with EIO" if writers else ""))
+            raise BlockError(
+                errno.EBUSY,
+                f"{self.name}: {self._pause.describe()}; {what} "
+                f"once resumed (make room, then 'cont {self.name}')"
+                + (", or add force=on: the held requests then fail with EIO" if writers else ""),
+            )
         if writers and not force:
             self._check_writers(what)
         if self._pause is not None and by is None:  # force=on: the held requests fail
@@ -206,11 +226,14 @@ class BlockBackend:
     def _check_writers(self, what: str) -> None:
         if self.writers:
             users = f"{self.writers} writer{'s' if self.writers > 1 else ''}"
-            raise BlockError(errno.EBUSY, f"{self.name}: open for writing ({users}; a loop "
-                                          "device does not show in lsof: losetup -j shows "
-                                          f"it); refusing to {what}: a filesystem on it would "
-                                          "lose what it has not written yet. Unmount and "
-                                          "close it first, or add force=on")
+            raise BlockError(
+                errno.EBUSY,
+                f"{self.name}: open for writing ({users}; a loop "
+                "device does not show in lsof: losetup -j shows "
+                f"it); refusing to {what}: a filesystem on it would "
+                "lose what it has not written yet. Unmount and "
+                "close it first, or add force=on",
+            )
 
     # -- references ----------------------------------------------------------------------
 
@@ -257,8 +280,9 @@ class BlockBackend:
             raise BlockError(errno.ENOMEDIUM, f"{self.name}: no medium")
         return self._root.node
 
-    def _report(self, node: Node, operation: Operation, exc: BlockError,
-                what: Action = "report") -> None:
+    def _report(
+        self, node: Node, operation: Operation, exc: BlockError, what: Action = "report"
+    ) -> None:
         """Tell the layer's I/O error listeners that ``node`` failed a request. (Callers
         catch the error themselves: a context manager around every request would cost a
         third of a 4 KiB read's instructions.)"""
@@ -266,16 +290,20 @@ class BlockBackend:
         for listener in list(self.layer.io_error_listeners):
             listener(error)
 
-    async def _failed(self, node: Node, operation: Operation, offset: int | None,
-                      exc: BlockError) -> bool:
+    async def _failed(
+        self, node: Node, operation: Operation, offset: int | None, exc: BlockError
+    ) -> bool:
         """Apply the error policy to a request ``node`` failed: raise ``exc`` (report),
         return False (ignore: the request counts as done), or hold the request until
         :meth:`cont` and return True (retry it). The first failure pauses the backend: new
         requests wait at the door until then. (Each request path writes its retry loop out:
         a coroutine wrapped around every request would cost the instructions the callgrind
         guard counts.)"""
-        what = "report" if isinstance(exc, LastingError) else \
-            action(self.werror if operation == "write" else self.rerror, exc.errno)
+        what = (
+            "report"
+            if isinstance(exc, LastingError)
+            else action(self.werror if operation == "write" else self.rerror, exc.errno)
+        )
         self._report(node, operation, exc, what)
         if what == "report":
             raise exc
@@ -285,12 +313,12 @@ class BlockBackend:
         if pause is None:
             pause = self._pause = Pause(operation, node.name, offset, exc.errno, exc.message)
             self._requests.tracker.hold()
-            log.warning("%s: %s; held until 'cont %s'", self.name, pause.describe(),
-                        self.name)
+            log.warning("%s: %s; held until 'cont %s'", self.name, pause.describe(), self.name)
         await pause.over.wait()
         if pause.abandoned:
-            raise BlockError(errno.EIO, f"{self.name}: {pause.describe()}; given up with "
-                                        "force=on") from exc
+            raise BlockError(
+                errno.EIO, f"{self.name}: {pause.describe()}; given up with force=on"
+            ) from exc
         return True
 
     @property
@@ -312,15 +340,16 @@ class BlockBackend:
         self._requests.tracker.release()
         pause.over.set()
         if abandon:
-            log.warning("%s: pause given up (force=on): its held requests fail with EIO",
-                        self.name)
+            log.warning("%s: pause given up (force=on): its held requests fail with EIO", self.name)
 
     def _check_range(self, node: Node, offset: int, length: int, write: bool) -> None:
         if offset < 0 or length < 0:
             raise BlockError(errno.EINVAL, f"{self.name}: negative offset or length")
         if offset + length > node.size:
-            raise BlockError(errno.ENOSPC if write else errno.EIO,
-                             f"{self.name}: {offset}+{length} is past the end ({node.size})")
+            raise BlockError(
+                errno.ENOSPC if write else errno.EIO,
+                f"{self.name}: {offset}+{length} is past the end ({node.size})",
+            )
 
     def _check_write(self, node: Node, offset: int, length: int) -> None:
         if self.read_only:
@@ -349,14 +378,14 @@ class BlockBackend:
                 if not await self._failed(node, "read", offset, exc):
                     return
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview,
-                    fua: bool = False) -> None:
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False
+    ) -> None:
         """Write all of ``data`` at ``offset``; past the end is ENOSPC, as on a disk. With
         ``fua`` (NBD's force unit access), the write is durable when this returns."""
         await self._requests.run(self.stats.write, len(data), self._write, offset, data, fua)
 
-    async def _write(self, offset: int, data: bytes | bytearray | memoryview,
-                     fua: bool) -> None:
+    async def _write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         node = self._medium()
         self._check_write(node, offset, len(data))
         while True:
@@ -391,14 +420,16 @@ class BlockBackend:
     async def discard(self, offset: int, length: int) -> None:
         """Tell the medium the range is unused (advisory: it may read as before or as
         zeros afterwards); it may give the space back."""
-        await self._requests.run(self.stats.discard, length, self._zero_or_discard, offset,
-                                 length, None)
+        await self._requests.run(
+            self.stats.discard, length, self._zero_or_discard, offset, length, None
+        )
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         """Make the range read as zeros; with ``unmap`` (may-unmap), the medium may give
         its space back, as a discard."""
-        await self._requests.run(self.stats.zero, length, self._zero_or_discard, offset,
-                                 length, unmap)
+        await self._requests.run(
+            self.stats.zero, length, self._zero_or_discard, offset, length, unmap
+        )
 
     async def _zero_or_discard(self, offset: int, length: int, unmap: bool | None) -> None:
         node = self._medium()
@@ -447,10 +478,13 @@ class BlockBackend:
         if self.read_only:
             raise BlockError(errno.EROFS, f"{self.name}: read-only medium")
         if length < node.size and not shrink:
-            raise BlockError(errno.EPERM, f"{self.name}: refusing to shrink the disk from "
-                                          f"{node.size} to {length} bytes; write in place "
-                                          "(dd conv=notrunc) or shrink explicitly with "
-                                          f"'{self.name} {length} shrink=on' > .ctl/resize")
+            raise BlockError(
+                errno.EPERM,
+                f"{self.name}: refusing to shrink the disk from "
+                f"{node.size} to {length} bytes; write in place "
+                "(dd conv=notrunc) or shrink explicitly with "
+                f"'{self.name} {length} shrink=on' > .ctl/resize",
+            )
         await node.truncate(length)
 
     async def refresh_size(self) -> None:
@@ -479,8 +513,10 @@ class BlockBackend:
         async with self._graph_lock:
             self.check_op("insert a medium")
             if self._root is not None:
-                raise BlockError(errno.EBUSY, f"{self.name}: already has a medium "
-                                              "(use change to replace it, or eject first)")
+                raise BlockError(
+                    errno.EBUSY,
+                    f"{self.name}: already has a medium (use change to replace it, or eject first)",
+                )
             async with self._requests.tracker.drained():
                 self._root = await self._open_medium(tree)
         log.info("%s: inserted %s", self.name, _spelled(tree))
@@ -501,9 +537,15 @@ class BlockBackend:
         log.info("%s: ejected%s", self.name, " (forced)" if force else "")
         self._media_changed()
 
-    async def change(self, options: Options, force: bool = False, *, same_data: bool = False,
-                     before_swap: Callable[[], Awaitable[None]] | None = None,
-                     by: object = None) -> None:
+    async def change(
+        self,
+        options: Options,
+        force: bool = False,
+        *,
+        same_data: bool = False,
+        before_swap: Callable[[], Awaitable[None]] | None = None,
+        by: object = None,
+    ) -> None:
         """Replace the medium atomically; on an empty backend this is insert.
 
         The outgoing tree is drained and flushed before anything opens the new one, which
@@ -528,8 +570,13 @@ class BlockBackend:
         else:
             self._media_changed()
 
-    async def _change(self, tree: Medium, force: bool, same_data: bool,
-                      before_swap: Callable[[], Awaitable[None]] | None) -> None:
+    async def _change(
+        self,
+        tree: Medium,
+        force: bool,
+        same_data: bool,
+        before_swap: Callable[[], Awaitable[None]] | None,
+    ) -> None:
         old = self._root
         if before_swap is not None:
             await before_swap()
@@ -551,8 +598,7 @@ class BlockBackend:
                 try:
                     await self.layer.graph.reopen(node.name, {"read-only": True})
                 except BlockError as exc:
-                    log.warning("%s: node %s stays writable: %s", self.name, node.name,
-                                exc.message)
+                    log.warning("%s: node %s stays writable: %s", self.name, node.name, exc.message)
 
     async def _replace(self, old: Child, tree: Medium, force: bool) -> Child:
         """The new root edge for ``tree``, checked as the final graph will be; on failure the
@@ -576,8 +622,9 @@ class BlockBackend:
             try:
                 graph.refresh_perms([old.node])
             except BlockError as exc:
-                log.error("%s: the medium could not take its image locks back: %s",
-                          self.name, exc.message)
+                log.error(
+                    "%s: the medium could not take its image locks back: %s", self.name, exc.message
+                )
             raise
         return new
 
@@ -591,8 +638,7 @@ class BlockBackend:
         except BlockError as exc:
             if not force:
                 raise
-            log.warning("%s: flush failed, %s anyway (force=on): %s", self.name, going,
-                        exc.message)
+            log.warning("%s: flush failed, %s anyway (force=on): %s", self.name, going, exc.message)
 
     def _root_perm(self, node: Node) -> Perm:
         return Perm.CONSISTENT_READ if self._read_only or node.read_only else RW
@@ -608,8 +654,9 @@ class BlockBackend:
         graph = self.layer.graph
         node = await graph.open_node(tree, read_only=self._read_only)
         perm = self._root_perm(node)
-        edge = node.attach(None, f"backend '{self.name}'", "root", FILTERED, perm,
-                           self._root_shared(perm))
+        edge = node.attach(
+            None, f"backend '{self.name}'", "root", FILTERED, perm, self._root_shared(perm)
+        )
         try:
             graph.refresh_perms([node])
         except BaseException:
@@ -686,8 +733,9 @@ def _describe(node: Node) -> dict[str, Any]:
 class BlockLayer:
     """The registry of backends of one blkfs instance, over one graph of nodes."""
 
-    def __init__(self, image_dirs: list[str] | None = None,
-                 nbd_servers: list[str] | None = None) -> None:
+    def __init__(
+        self, image_dirs: list[str] | None = None, nbd_servers: list[str] | None = None
+    ) -> None:
         self.graph = Graph(policy=HostPolicy(image_dirs, nbd_servers or ()))
         self.jobs = JobManager(self)
         self._backends: dict[str, BlockBackend] = {}
@@ -711,8 +759,10 @@ class BlockLayer:
         medium: Medium = tree
         if "node" in tree:
             if len(tree) > 1 or not isinstance(tree["node"], str):
-                raise OptionError("node=NAME names an existing node as the whole medium and "
-                                  "takes no other options")
+                raise OptionError(
+                    "node=NAME names an existing node as the whole medium and "
+                    "takes no other options"
+                )
             medium = tree["node"]
         self.graph.validate(medium)
         return medium
@@ -732,20 +782,30 @@ class BlockLayer:
             raise NotFound("backend", name, f"no backend named '{name}'")
         return backend
 
-    async def create(self, name: str, options: Options | None = None, *,
-                     read_only: bool = False, on_change: str = "follow",
-                     werror: Policy = "enospc", rerror: Policy = "report") -> BlockBackend:
+    async def create(
+        self,
+        name: str,
+        options: Options | None = None,
+        *,
+        read_only: bool = False,
+        on_change: str = "follow",
+        werror: Policy = "enospc",
+        rerror: Policy = "report",
+    ) -> BlockBackend:
         """A new backend, with a medium from ``options`` or empty; nothing is left behind
         if the medium cannot be opened."""
         if not NAME_RE.match(name):
-            raise BlockError(errno.EINVAL,
-                             f"invalid backend name '{name}': use letters, digits and _.+:- "
-                             "(not starting with . or -), at most 128 characters")
+            raise BlockError(
+                errno.EINVAL,
+                f"invalid backend name '{name}': use letters, digits and _.+:- "
+                "(not starting with . or -), at most 128 characters",
+            )
         if name in self._backends:
             raise BlockError(errno.EEXIST, f"a backend named '{name}' already exists")
         if on_change not in ON_CHANGE_CHOICES:
-            raise OptionError(f"on-change must be {' or '.join(ON_CHANGE_CHOICES)} "
-                              f"(got {on_change!r})")
+            raise OptionError(
+                f"on-change must be {' or '.join(ON_CHANGE_CHOICES)} (got {on_change!r})"
+            )
         for key, policy in (("werror", werror), ("rerror", rerror)):
             if policy not in POLICIES:
                 raise OptionError(f"{key} must be {', '.join(POLICIES)} (got {policy!r})")
@@ -769,8 +829,9 @@ class BlockLayer:
         backend = self.find(name)
         backend.check_op("delete it", writers=True, force=force)
         if backend.refcnt == 1 and backend.has_medium:
-            await backend._requests.run(backend.stats.flush, 0, backend._flush_outgoing, force,
-                                        "deleting it")
+            await backend._requests.run(
+                backend.stats.flush, 0, backend._flush_outgoing, force, "deleting it"
+            )
             if self._backends.get(name) is not backend:  # deleted meanwhile
                 raise BlockError(errno.ENOENT, f"no backend named '{name}'")
             backend.check_op("delete it", writers=True, force=force)  # a job came meanwhile
@@ -835,8 +896,11 @@ class BlockLayer:
         """Open a tree whose root is named ``name`` and hold it, with no backend (QEMU's
         blockdev-add); nothing is left open if it fails."""
         if not NAME_RE.match(name):
-            raise BlockError(errno.EINVAL, f"invalid node name '{name}': use letters, digits "
-                                           "and _.+:- (not starting with . or -)")
+            raise BlockError(
+                errno.EINVAL,
+                f"invalid node name '{name}': use letters, digits "
+                "and _.+:- (not starting with . or -)",
+            )
         if name in self.graph.nodes:
             raise BlockError(errno.EEXIST, f"a node named '{name}' already exists")
         tree = {**options, "node-name": name}
@@ -849,8 +913,12 @@ class BlockLayer:
         backend or another node uses it."""
         node = self._added.get(name)
         if node is None:
-            raise BlockError(errno.ENOENT, f"no node named '{name}' was added on its own"
-                             if name in self.graph.nodes else f"no node named '{name}'")
+            raise BlockError(
+                errno.ENOENT,
+                f"no node named '{name}' was added on its own"
+                if name in self.graph.nodes
+                else f"no node named '{name}'",
+            )
         if node.refcnt > 1:
             raise BlockError(errno.EBUSY, f"node '{name}' is in use")
         del self._added[name]
@@ -873,8 +941,7 @@ class BlockLayer:
             try:
                 await self._drop(backend)
             except BlockError as exc:
-                log.error("%s: closed, but the final flush failed: %s", backend.name,
-                          exc.message)
+                log.error("%s: closed, but the final flush failed: %s", backend.name, exc.message)
                 failures.append(f"{backend.name}: {exc.message}")
             except Exception:  # a bug: say so, and still close the others
                 log.exception("%s: closing failed", backend.name)

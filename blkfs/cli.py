@@ -40,8 +40,17 @@ from blkfs.frontends.qmp import parse_address as parse_qmp_address
 
 log = logging.getLogger("blkfs")
 UMOUNT_TIMEOUT = 120.0
-CONFIG_KEYS = ("image-dirs", "allow-nbd", "allow-other", "backends", "nbd", "nbd-mode",
-               "exports", "qmp", "poll-max-ns")
+CONFIG_KEYS = (
+    "image-dirs",
+    "allow-nbd",
+    "allow-other",
+    "backends",
+    "nbd",
+    "nbd-mode",
+    "exports",
+    "qmp",
+    "poll-max-ns",
+)
 """The keys of a ``--config`` TOML file."""
 MAX_POLL_NS = 1_000_000_000
 """``--poll-max-ns`` at most a second: a daemon may busy-poll that long once when it idles."""
@@ -57,6 +66,7 @@ def fail(message: str, status: int = 1) -> NoReturn:
 
 
 # -- mount ---------------------------------------------------------------------------------
+
 
 def load_config(path: str) -> dict[str, Any]:
     try:
@@ -74,20 +84,27 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
     data = load_config(args.config) if args.config else {}
     unknown = set(data) - set(CONFIG_KEYS)
     if unknown:
-        raise UsageError(f"config: unknown keys {', '.join(sorted(unknown))} "
-                         f"(known: {', '.join(CONFIG_KEYS)})")
+        raise UsageError(
+            f"config: unknown keys {', '.join(sorted(unknown))} (known: {', '.join(CONFIG_KEYS)})"
+        )
     backends = []
     for name, table in data.get("backends", {}).items():
         if not isinstance(table, dict) or set(table) - {"options", "read-only"}:
             raise UsageError(f"config: [backends.{name}] takes 'options' and 'read-only'")
         options = table.get("options")
-        backends.append(create_args(name, json.dumps(options) if isinstance(options, dict)
-                                    else options, bool(table.get("read-only"))))
+        backends.append(
+            create_args(
+                name,
+                json.dumps(options) if isinstance(options, dict) else options,
+                bool(table.get("read-only")),
+            )
+        )
     for item in args.backend:
         name, sep, options = item.partition("=")
         if not sep or not name:
-            raise UsageError(f"--backend expects NAME=OPTIONS (or NAME= for an empty drive), "
-                             f"got '{item}'")
+            raise UsageError(
+                f"--backend expects NAME=OPTIONS (or NAME= for an empty drive), got '{item}'"
+            )
         backends.append(create_args(name, options))
     image_dirs = [*data.get("image-dirs", []), *args.image_dir] or None
     for directory in image_dirs or ():
@@ -100,17 +117,22 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
         raise UsageError(str(exc)) from None
     mountpoint = os.path.abspath(args.mountpoint)
     allow_other = args.allow_other or bool(data.get("allow-other"))
-    poll_max_ns = (poll_time(args.poll_max_ns, "--poll-max-ns") if args.poll_max_ns is not None
-                   else poll_time(data.get("poll-max-ns", POLL_MAX_NS), "config: poll-max-ns"))
+    poll_max_ns = (
+        poll_time(args.poll_max_ns, "--poll-max-ns")
+        if args.poll_max_ns is not None
+        else poll_time(data.get("poll-max-ns", POLL_MAX_NS), "config: poll-max-ns")
+    )
 
     def fuse(layer: BlockLayer, commands: Commands) -> FuseFrontend:
         return FuseFrontend(layer, commands, mountpoint, allow_other, poll_max_ns)
+
     frontends = [fuse, nbd_frontend(data, args)]
     qmp = args.qmp or data.get("qmp")
     if qmp is not None:
         frontends.append(qmp_frontend(qmp, mountpoint))
-    return DaemonConfig(backends=backends, image_dirs=image_dirs, nbd_servers=nbd_servers,
-                        frontends=frontends), mountpoint
+    return DaemonConfig(
+        backends=backends, image_dirs=image_dirs, nbd_servers=nbd_servers, frontends=frontends
+    ), mountpoint
 
 
 def poll_time(value: Any, source: str) -> int:
@@ -120,8 +142,9 @@ def poll_time(value: Any, source: str) -> int:
     except ValueError:
         ns = None
     if type(ns) is not int or not 0 <= ns <= MAX_POLL_NS:  # not a bool, not a float cut
-        raise UsageError(f"{source}: expected nanoseconds from 0 (never poll) to "
-                         f"{MAX_POLL_NS}, got {value!r}")
+        raise UsageError(
+            f"{source}: expected nanoseconds from 0 (never poll) to {MAX_POLL_NS}, got {value!r}"
+        )
     return ns
 
 
@@ -136,6 +159,7 @@ def qmp_frontend(where: Any, mountpoint: str) -> FrontendFactory:
 
     def qmp(layer: BlockLayer, commands: Commands) -> QmpFrontend:
         return QmpFrontend(layer, commands, path, mountpoint)
+
     return qmp
 
 
@@ -147,8 +171,14 @@ def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> FrontendFact
     for name, table in data.get("exports", {}).items():
         if not isinstance(table, dict):
             raise UsageError(f"config: [exports.{name}] must be a table of export arguments")
-        exports.append({"name": name, **{key: str(value) if type(value) is int else value
-                                         for key, value in table.items()}})
+        exports.append(
+            {
+                "name": name,
+                **{
+                    key: str(value) if type(value) is int else value for key, value in table.items()
+                },
+            }
+        )
     for text in args.export:
         try:
             exports.append(ctl.parse("export", text.encode()))
@@ -163,6 +193,7 @@ def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> FrontendFact
 
     def nbd(layer: BlockLayer, commands: Commands) -> NbdFrontend:
         return NbdFrontend(layer, commands, server, exports, mode)
+
     return nbd
 
 
@@ -186,21 +217,26 @@ def create_args(name: str, options: str | None, read_only: bool = False) -> dict
 
 def check_mountpoint(path: str, nonempty: bool = False) -> None:
     if not os.path.exists("/dev/fuse"):
-        raise UsageError("FUSE is not available: /dev/fuse is missing "
-                         "(load the fuse module; install fuse3)")
+        raise UsageError(
+            "FUSE is not available: /dev/fuse is missing (load the fuse module; install fuse3)"
+        )
     if _dead_fuse_mount(path):  # before anything stats it: ismount() is False on ENOTCONN
-        raise UsageError(f"mountpoint {path} is a mount whose daemon died (Transport "
-                         f"endpoint is not connected); 'blkfs umount {path}' frees it")
+        raise UsageError(
+            f"mountpoint {path} is a mount whose daemon died (Transport "
+            f"endpoint is not connected); 'blkfs umount {path}' frees it"
+        )
     if os.path.lexists(path) and not os.path.isdir(path):
         raise UsageError(f"mountpoint {path} is not a directory")
     if os.path.ismount(path):
         raise UsageError(f"mountpoint {path} is busy: something is already mounted there")
     hidden = os.listdir(path) if os.path.isdir(path) else []
     if hidden and not nonempty:
-        raise UsageError(f"mountpoint {path} is not empty: the mount would hide "
-                         f"{len(hidden)} entr{'y' if len(hidden) == 1 else 'ies'} "
-                         f"({', '.join(sorted(hidden)[:3])}{', ...' if len(hidden) > 3 else ''})"
-                         "; mount on an empty directory, or add --nonempty")
+        raise UsageError(
+            f"mountpoint {path} is not empty: the mount would hide "
+            f"{len(hidden)} entr{'y' if len(hidden) == 1 else 'ies'} "
+            f"({', '.join(sorted(hidden)[:3])}{', ...' if len(hidden) > 3 else ''})"
+            "; mount on an empty directory, or add --nonempty"
+        )
     os.makedirs(path, exist_ok=True)
 
 
@@ -231,8 +267,7 @@ def setup_logging(level: str, log_file: str | None, daemon: bool = False) -> str
             state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state")
             state.joinpath("blkfs").mkdir(parents=True, exist_ok=True)
             log_file = str(state / "blkfs" / "blkfs.log")
-        handler = (logging.FileHandler(log_file) if log_file
-                   else logging.StreamHandler(sys.stderr))
+        handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(f"%(asctime)s blkfs[%(process)d] {line}"))
         where = log_file or "stderr"
     root = logging.getLogger()
@@ -251,6 +286,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         def ready(message: str | None) -> None:
             if message:
                 errors.append(message)
+
         failures = trio.run(Daemon(config).run, ready)
         if errors:
             raise UsageError(errors[0])
@@ -296,6 +332,7 @@ def daemonize(config: DaemonConfig, args: argparse.Namespace) -> int:
 
 # -- umount and ctl --------------------------------------------------------------------------
 
+
 def read_status(mountpoint: str) -> dict[str, Any]:
     with open(os.path.join(mountpoint, ".ctl", "status.json")) as f:
         status: dict[str, Any] = json.load(f)
@@ -309,23 +346,32 @@ def cmd_umount(args: argparse.Namespace) -> int:
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             lazy_unmount(mountpoint)
-            print(f"blkfs: the daemon of {mountpoint} had died (Transport endpoint is not "
-                  "connected); lazily unmounted the dead mount, the mountpoint is free again",
-                  file=sys.stderr)
+            print(
+                f"blkfs: the daemon of {mountpoint} had died (Transport endpoint is not "
+                "connected); lazily unmounted the dead mount, the mountpoint is free again",
+                file=sys.stderr,
+            )
             return 0
         if exc.errno == errno.ENOENT:
             raise UsageError(f"{mountpoint} is not a blkfs mount") from None
         raise UsageError(f"cannot reach {mountpoint}: {exc.strerror}") from None
-    busy = [describe_users(mountpoint, b, status.get("exports", []))
-            for b in status["backends"] if b["open"]]
+    busy = [
+        describe_users(mountpoint, b, status.get("exports", []))
+        for b in status["backends"]
+        if b["open"]
+    ]
     if busy:
-        raise UsageError(f"{mountpoint} is busy: {'; '.join(busy)}; close those files first "
-                         "(nothing was changed)")
+        raise UsageError(
+            f"{mountpoint} is busy: {'; '.join(busy)}; close those files first "
+            "(nothing was changed)"
+        )
     unflushed = flush_backends(mountpoint, status["backends"])
     if unflushed:
-        raise UsageError(f"cannot flush {', '.join(unflushed)}; {mountpoint} stays mounted "
-                         "so that nothing is lost: fix the cause (a full or failing host disk?) "
-                         "and run blkfs umount again")
+        raise UsageError(
+            f"cannot flush {', '.join(unflushed)}; {mountpoint} stays mounted "
+            "so that nothing is lost: fix the cause (a full or failing host disk?) "
+            "and run blkfs umount again"
+        )
     pid = status["pid"]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + UMOUNT_TIMEOUT
@@ -336,12 +382,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_users(mountpoint: str, backend: dict[str, Any],
-                   exports: list[dict[str, Any]]) -> str:
+def describe_users(mountpoint: str, backend: dict[str, Any], exports: list[dict[str, Any]]) -> str:
     """Who has a backend open, naming the loop devices, which lsof does not show, and the
     NBD clients."""
-    text = f"{backend['name']} ({'deleted, ' if backend['deleted'] else ''}" \
-           f"{backend['open']} open"
+    text = f"{backend['name']} ({'deleted, ' if backend['deleted'] else ''}{backend['open']} open"
     loops = loop_devices(os.path.join(mountpoint, backend["name"]))
     if loops:
         text += f"; loop device {', '.join(loops)}: losetup -d {' '.join(loops)}"
@@ -349,7 +393,8 @@ def describe_users(mountpoint: str, backend: dict[str, Any],
         if export["backend"] == backend["name"] and export["clients"]:
             peers = ", ".join(client["peer"] for client in export["clients"])
             text += f"; NBD clients of export '{export['name']}': {peers}" + (
-                "" if export["retired"] else f": export-del {export['name']} force=on")
+                "" if export["retired"] else f": export-del {export['name']} force=on"
+            )
     return text + ")"
 
 
@@ -447,10 +492,13 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"cannot read {folder / args.command}: {exc.strerror}") from None
         return 0
-    words = [f"socket={os.path.abspath(word[7:])}" if args.command == "export" and
-             word.startswith("socket=") else word for word in args.args]
-    text = absolute_filenames(" ".join(words)) if args.command in TREE_VERBS \
-        else " ".join(words)
+    words = [
+        f"socket={os.path.abspath(word[7:])}"
+        if args.command == "export" and word.startswith("socket=")
+        else word
+        for word in args.args
+    ]
+    text = absolute_filenames(" ".join(words)) if args.command in TREE_VERBS else " ".join(words)
     try:
         with open(folder / args.command, "wb", buffering=0) as f:
             f.write(text.encode())
@@ -465,6 +513,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 # -- entry point ------------------------------------------------------------------------------
 
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="blkfs", description=__doc__.split("\n")[0])
     sub = top.add_subparsers(dest="cmd", required=True)
@@ -472,36 +521,73 @@ def parser() -> argparse.ArgumentParser:
     mount = sub.add_parser("mount", help="mount blkfs and serve backends as files")
     mount.add_argument("mountpoint")
     mount.add_argument("--config", help="TOML file naming backends and options")
-    mount.add_argument("--backend", action="append", default=[], metavar="NAME=OPTIONS",
-                       help="a backend to create at start (repeatable)")
+    mount.add_argument(
+        "--backend",
+        action="append",
+        default=[],
+        metavar="NAME=OPTIONS",
+        help="a backend to create at start (repeatable)",
+    )
     mount.add_argument("--foreground", "-f", action="store_true", help="do not daemonize")
-    mount.add_argument("--allow-other", action="store_true",
-                       help="let other users reach the mount (needs user_allow_other)")
-    mount.add_argument("--image-dir", action="append", default=[], metavar="DIR",
-                       help="only open host images inside DIR (repeatable)")
-    mount.add_argument("--allow-nbd", action="append", default=[],
-                       metavar="HOST:PORT|SOCKET-DIR",
-                       help="with --image-dir, let nbd nodes reach this NBD server, or the unix "
-                            "sockets in this directory (repeatable)")
-    mount.add_argument("--nbd", metavar="unix:PATH|HOST:PORT",
-                       help="serve NBD here; exports go here unless they name a socket")
-    mount.add_argument("--nbd-mode", metavar="MODE",
-                       help="permissions of the --nbd unix socket (default 0600)")
-    mount.add_argument("--export", action="append", default=[], metavar="'NAME [ARGS]'",
-                       help="export a backend over NBD at start, as .ctl/export (repeatable)")
-    mount.add_argument("--qmp", metavar="unix:PATH",
-                       help="serve a QMP monitor on this unix socket (mode 0600); QEMU's "
-                            "socket,path=PATH spelling works too")
-    mount.add_argument("--poll-max-ns", metavar="NS",
-                       help="busy-poll /dev/fuse for up to NS nanoseconds before sleeping, "
-                            f"adaptively, as QEMU's iothreads do (default {POLL_MAX_NS}; "
-                            "0: never)")
-    mount.add_argument("--nonempty", action="store_true",
-                       help="mount even on a directory that is not empty (hiding it)")
-    mount.add_argument("--log-file", help="write the log here (default: stderr in the "
-                                          "foreground, syslog or the journal as a daemon)")
-    mount.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"])
+    mount.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users reach the mount (needs user_allow_other)",
+    )
+    mount.add_argument(
+        "--image-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="only open host images inside DIR (repeatable)",
+    )
+    mount.add_argument(
+        "--allow-nbd",
+        action="append",
+        default=[],
+        metavar="HOST:PORT|SOCKET-DIR",
+        help="with --image-dir, let nbd nodes reach this NBD server, or the unix "
+        "sockets in this directory (repeatable)",
+    )
+    mount.add_argument(
+        "--nbd",
+        metavar="unix:PATH|HOST:PORT",
+        help="serve NBD here; exports go here unless they name a socket",
+    )
+    mount.add_argument(
+        "--nbd-mode", metavar="MODE", help="permissions of the --nbd unix socket (default 0600)"
+    )
+    mount.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        metavar="'NAME [ARGS]'",
+        help="export a backend over NBD at start, as .ctl/export (repeatable)",
+    )
+    mount.add_argument(
+        "--qmp",
+        metavar="unix:PATH",
+        help="serve a QMP monitor on this unix socket (mode 0600); QEMU's "
+        "socket,path=PATH spelling works too",
+    )
+    mount.add_argument(
+        "--poll-max-ns",
+        metavar="NS",
+        help="busy-poll /dev/fuse for up to NS nanoseconds before sleeping, "
+        f"adaptively, as QEMU's iothreads do (default {POLL_MAX_NS}; "
+        "0: never)",
+    )
+    mount.add_argument(
+        "--nonempty",
+        action="store_true",
+        help="mount even on a directory that is not empty (hiding it)",
+    )
+    mount.add_argument(
+        "--log-file",
+        help="write the log here (default: stderr in the "
+        "foreground, syslog or the journal as a daemon)",
+    )
+    mount.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     mount.set_defaults(func=cmd_mount)
 
     umount = sub.add_parser("umount", help="drain, flush and unmount")
@@ -509,11 +595,16 @@ def parser() -> argparse.ArgumentParser:
     umount.set_defaults(func=cmd_umount)
 
     commands = sub.add_parser(
-        "ctl", help="send a .ctl command (or read a report)",
+        "ctl",
+        help="send a .ctl command (or read a report)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(
+        epilog="commands:\n"
+        + "\n".join(
             f"  {verb} {COMMANDS[verb].usage()}\n      {COMMANDS[verb].help.splitlines()[0]}"
-            for verb in ctl.VERBS) + f"\nreports: {', '.join(ctl.REPORTS)}")
+            for verb in ctl.VERBS
+        )
+        + f"\nreports: {', '.join(ctl.REPORTS)}",
+    )
     commands.add_argument("mountpoint")
     commands.add_argument("command", choices=ctl.VERBS + ctl.REPORTS)
     commands.add_argument("args", nargs="*")

@@ -55,26 +55,36 @@ ERROR_HISTORY = 32
 class Kind(Enum):
     """What an argument is, beyond its Python type; the value is how usage lines show it."""
 
-    NAME = "NAME"            # a backend's name: the first word
-    NODE = "NODE-NAME"       # a node's name: the first word
-    MEDIUM = "OPTIONS"       # the options of a medium (or node=NAME): the rest of the line
+    NAME = "NAME"  # a backend's name: the first word
+    NODE = "NODE-NAME"  # a node's name: the first word
+    MEDIUM = "OPTIONS"  # the options of a medium (or node=NAME): the rest of the line
     NODE_OPTIONS = "OPTIONS "  # option values for a live node (reopen); shown as OPTIONS
-    SIZE = "SIZE"            # bytes, with QEMU's suffixes
-    FLAG = "on|off"          # key=on|off
-    CHOICE = "word"          # key=one-of-some-words
+    SIZE = "SIZE"  # bytes, with QEMU's suffixes
+    FLAG = "on|off"  # key=on|off
+    CHOICE = "word"  # key=one-of-some-words
     EXPORT = "NAME-OR-EXPORT"  # a backend's name or an export's: the first word
-    JOB = "JOB-ID"           # a job's id: the first word
-    PATH = "PATH"            # an absolute host path: a word after the name
-    TEXT = "text"            # key=text (a path, a host); shown as key=KEY
-    RATE = "RATE"            # key=bytes per second, with QEMU's suffixes (0: no limit)
+    JOB = "JOB-ID"  # a job's id: the first word
+    PATH = "PATH"  # an absolute host path: a word after the name
+    TEXT = "text"  # key=text (a path, a host); shown as key=KEY
+    RATE = "RATE"  # key=bytes per second, with QEMU's suffixes (0: no limit)
 
     @property
     def word(self) -> str:
         return str(self.value).strip()
 
 
-POSITIONAL = frozenset({Kind.NAME, Kind.NODE, Kind.EXPORT, Kind.JOB, Kind.MEDIUM,
-                        Kind.NODE_OPTIONS, Kind.SIZE, Kind.PATH})
+POSITIONAL = frozenset(
+    {
+        Kind.NAME,
+        Kind.NODE,
+        Kind.EXPORT,
+        Kind.JOB,
+        Kind.MEDIUM,
+        Kind.NODE_OPTIONS,
+        Kind.SIZE,
+        Kind.PATH,
+    }
+)
 """Kinds given by position (the first word, the words after it, the rest of the line); the
 others are ``key=value``."""
 
@@ -110,15 +120,24 @@ class Param:
             if self.kind is Kind.FLAG:
                 return parse_bool(raw)
         except (TypeError, ValueError) as exc:
-            raise BlockError(errno.EINVAL, f"{command}: {self.name} {exc} (got {raw!r})") \
-                from None
+            raise BlockError(errno.EINVAL, f"{command}: {self.name} {exc} (got {raw!r})") from None
         if self.kind is Kind.CHOICE and raw not in self.choices:
-            raise BlockError(errno.EINVAL, f"{command}: {self.name} must be "
-                                           f"{' or '.join(self.choices)} (got {raw!r})")
-        if self.kind in (Kind.NAME, Kind.NODE, Kind.EXPORT, Kind.JOB, Kind.PATH, Kind.TEXT) \
-                and not isinstance(raw, str):
-            raise BlockError(errno.EINVAL, f"{command}: {self.name} must be "
-                                           f"{'text' if self.kind is Kind.TEXT else 'a name'}")
+            raise BlockError(
+                errno.EINVAL,
+                f"{command}: {self.name} must be {' or '.join(self.choices)} (got {raw!r})",
+            )
+        if self.kind in (
+            Kind.NAME,
+            Kind.NODE,
+            Kind.EXPORT,
+            Kind.JOB,
+            Kind.PATH,
+            Kind.TEXT,
+        ) and not isinstance(raw, str):
+            raise BlockError(
+                errno.EINVAL,
+                f"{command}: {self.name} must be {'text' if self.kind is Kind.TEXT else 'a name'}",
+            )
         return raw
 
 
@@ -141,8 +160,11 @@ class Command:
                 word = param.kind.word
                 words.append(word if param.required else f"[{word}]")
             else:
-                value = {Kind.CHOICE: "|".join(param.choices), Kind.TEXT: param.name.upper(),
-                         Kind.RATE: "RATE"}.get(param.kind, "on")
+                value = {
+                    Kind.CHOICE: "|".join(param.choices),
+                    Kind.TEXT: param.name.upper(),
+                    Kind.RATE: "RATE",
+                }.get(param.kind, "on")
                 word = f"{param.name}={value}"
                 words.append(word if param.required else f"[{word}]")
         return " ".join(words)
@@ -160,8 +182,13 @@ def command(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
     for name, parameter in list(inspect.signature(handler).parameters.items())[1:]:
         params.append(_param(name, hints[name], parameter.default))
     name = handler.__name__.rstrip("_").replace("_", "-")
-    COMMANDS[name] = Command(name, inspect.getdoc(handler) or "", tuple(params), handler,
-                             report=name.startswith("query-"))
+    COMMANDS[name] = Command(
+        name,
+        inspect.getdoc(handler) or "",
+        tuple(params),
+        handler,
+        report=name.startswith("query-"),
+    )
     return handler
 
 
@@ -205,15 +232,18 @@ class Commands:
         known = {param.name: param for param in command.params}
         unknown = sorted(set(args) - set(known))
         if unknown:
-            raise OptionError(f"{command.name} takes no argument '{unknown[0]}' "
-                              f"(usage: {command.usage()})")
+            raise OptionError(
+                f"{command.name} takes no argument '{unknown[0]}' (usage: {command.usage()})"
+            )
         typed = {}
         for param in command.params:
             if param.name in args and args[param.name] is not None:
                 typed[param.arg] = param.convert(command.name, args[param.name])
             elif param.required:
-                raise BlockError(errno.EINVAL, f"{command.name}: {param.kind.word} missing "
-                                               f"(usage: {command.usage()})")
+                raise BlockError(
+                    errno.EINVAL,
+                    f"{command.name}: {param.kind.word} missing (usage: {command.usage()})",
+                )
         return typed
 
     def record(self, what: str, exc: BlockError) -> BlockError:
@@ -233,16 +263,23 @@ def one_line(text: str) -> str:
     separators)."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
 
 
 # -- the commands ---------------------------------------------------------------------------
 
+
 @command
-async def create(layer: BlockLayer, name: BackendName, medium: MediumOptions | None = None,
-                 on_change: OnChange = "follow", werror: Policy = "enospc",
-                 rerror: Policy = "report") -> None:
+async def create(
+    layer: BlockLayer,
+    name: BackendName,
+    medium: MediumOptions | None = None,
+    on_change: OnChange = "follow",
+    werror: Policy = "enospc",
+    rerror: Policy = "report",
+) -> None:
     """A new backend with that medium, or an empty drive.
 
     on-change=error: files opened before a media change fail with ESTALE until opened
@@ -262,8 +299,9 @@ async def delete(layer: BlockLayer, name: BackendName, force: bool = False) -> N
 
 
 @command
-async def change(layer: BlockLayer, name: BackendName, medium: MediumOptions,
-                 force: bool = False) -> None:
+async def change(
+    layer: BlockLayer, name: BackendName, medium: MediumOptions, force: bool = False
+) -> None:
     """Replace the medium atomically.
 
     Drains and flushes the old medium, opens the new one (taking over the old tree's nodes
@@ -294,8 +332,9 @@ async def reopen(layer: BlockLayer, node: NodeName, options: NodeOptions) -> Non
 
 
 @command
-async def resize(layer: BlockLayer, name: BackendName, size: Size | None = None,
-                 shrink: bool = False) -> None:
+async def resize(
+    layer: BlockLayer, name: BackendName, size: Size | None = None, shrink: bool = False
+) -> None:
     """Grow the medium to SIZE, or shrink it with shrink=on.
 
     Shrinking needs shrink=on, as qemu-img resize --shrink; with no size, the backend takes
@@ -310,8 +349,13 @@ async def resize(layer: BlockLayer, name: BackendName, size: Size | None = None,
 
 
 @command
-async def set_(layer: BlockLayer, name: BackendName, werror: Policy | None = None,
-               rerror: Policy | None = None, on_change: OnChange | None = None) -> None:
+async def set_(
+    layer: BlockLayer,
+    name: BackendName,
+    werror: Policy | None = None,
+    rerror: Policy | None = None,
+    on_change: OnChange | None = None,
+) -> None:
     """Change a backend's own options live: its error policies and on-change."""
     backend = layer.find(name)
     backend.werror = werror or backend.werror
@@ -335,9 +379,13 @@ async def query_status(layer: BlockLayer) -> dict[str, Any]:
     Deleted backends that users still hold open are listed too, and the NBD exports with
     their clients and counters."""
     exporter = _EXPORTERS.get(layer)
-    return {"pid": os.getpid(), "image-dirs": layer.image_dirs,
-            "backends": await layer.status(), "nodes": layer.added_nodes(),
-            "exports": exporter.status() if exporter else []}
+    return {
+        "pid": os.getpid(),
+        "image-dirs": layer.image_dirs,
+        "backends": await layer.status(),
+        "nodes": layer.added_nodes(),
+        "exports": exporter.status() if exporter else [],
+    }
 
 
 # -- snapshots and block jobs ---------------------------------------------------------------
@@ -349,16 +397,20 @@ ImageFormat = Literal["qcow2", "raw"]
 
 
 @command
-async def snapshot(layer: BlockLayer, name: BackendName, path: HostPath,
-                   cluster_size: str | None = None, extended_l2: bool = False,
-                   compression_type: Literal["zlib", "zstd"] = "zlib") -> None:
+async def snapshot(
+    layer: BlockLayer,
+    name: BackendName,
+    path: HostPath,
+    cluster_size: str | None = None,
+    extended_l2: bool = False,
+    compression_type: Literal["zlib", "zstd"] = "zlib",
+) -> None:
     """A live external snapshot: a new qcow2 overlay at PATH over the medium.
 
     The image now in use becomes its read-only backing file and keeps the data of this
     moment; users of the backend see no interruption. cluster-size, extended-l2 and
     compression-type are the overlay's (qemu-img create -o cluster_size=...)."""
-    options = {"extended_l2": "on" if extended_l2 else "off",
-               "compression_type": compression_type}
+    options = {"extended_l2": "on" if extended_l2 else "off", "compression_type": compression_type}
     if cluster_size is not None:
         options["cluster_size"] = cluster_size
     await snapshot_medium(layer, layer.find(name), path, options)
@@ -385,20 +437,30 @@ async def rollback(layer: BlockLayer, name: BackendName, force: bool = False) ->
 
 
 @command
-async def commit(layer: BlockLayer, name: BackendName, top: str | None = None,
-                 base: str | None = None, speed: Rate = 0, job_id: str | None = None) -> None:
+async def commit(
+    layer: BlockLayer,
+    name: BackendName,
+    top: str | None = None,
+    base: str | None = None,
+    speed: Rate = 0,
+    job_id: str | None = None,
+) -> None:
     """A job copying the images from top down to base into the base, which replaces them.
 
     top (default: the active image) and base (default: the last backing file) are node
     names or image file names. Committing the active image goes ready; job-complete then
     switches the backend to the base."""
-    await layer.jobs.launch(commit_job(layer.jobs, layer.find(name), job_id, top, base,
-                                       speed))
+    await layer.jobs.launch(commit_job(layer.jobs, layer.find(name), job_id, top, base, speed))
 
 
 @command
-async def stream(layer: BlockLayer, name: BackendName, base: str | None = None,
-                 speed: Rate = 0, job_id: str | None = None) -> None:
+async def stream(
+    layer: BlockLayer,
+    name: BackendName,
+    base: str | None = None,
+    speed: Rate = 0,
+    job_id: str | None = None,
+) -> None:
     """A job copying what the backing files above base hold into the active image.
 
     The streamed files then leave the chain (all of them without base=: the image stands
@@ -407,10 +469,17 @@ async def stream(layer: BlockLayer, name: BackendName, base: str | None = None,
 
 
 @command
-async def mirror(layer: BlockLayer, name: BackendName, target: HostPath,
-                 sync: MirrorSync = "full", mode: MirrorMode = "background",
-                 format_: ImageFormat | None = None, existing: bool = False, speed: Rate = 0,
-                 job_id: str | None = None) -> None:
+async def mirror(
+    layer: BlockLayer,
+    name: BackendName,
+    target: HostPath,
+    sync: MirrorSync = "full",
+    mode: MirrorMode = "background",
+    format_: ImageFormat | None = None,
+    existing: bool = False,
+    speed: Rate = 0,
+    job_id: str | None = None,
+) -> None:
     """A job copying the live medium to a new image at TARGET, then switching to it.
 
     It goes ready once in sync; job-complete switches the backend to the target, job-cancel
@@ -418,21 +487,48 @@ async def mirror(layer: BlockLayer, name: BackendName, target: HostPath,
     data (the target shares its backing file); mode=write-blocking: writes reach both before
     they complete. existing=on: TARGET is an image already (at least as large);
     TARGET node=NODE-NAME: a node added with node-add, unused (QEMU's blockdev-mirror)."""
-    await start_copy(MirrorJob, layer.jobs, layer.find(name), job_id, target, format_, sync,
-                     mode, existing, speed)
+    await start_copy(
+        MirrorJob,
+        layer.jobs,
+        layer.find(name),
+        job_id,
+        target,
+        format_,
+        sync,
+        mode,
+        existing,
+        speed,
+    )
 
 
 @command
-async def backup(layer: BlockLayer, name: BackendName, target: HostPath,
-                 sync: BackupSync = "full", format_: ImageFormat | None = None,
-                 existing: bool = False, speed: Rate = 0, job_id: str | None = None) -> None:
+async def backup(
+    layer: BlockLayer,
+    name: BackendName,
+    target: HostPath,
+    sync: BackupSync = "full",
+    format_: ImageFormat | None = None,
+    existing: bool = False,
+    speed: Rate = 0,
+    job_id: str | None = None,
+) -> None:
     """A job copying the medium as it is now to a new image at TARGET, while it is used.
 
     Writes meanwhile first save the old data to the target: it ends as a copy of the moment
     the job started. TARGET node=NODE-NAME: a node added with node-add, unused (QEMU's
     blockdev-backup)."""
-    await start_copy(BackupJob, layer.jobs, layer.find(name), job_id, target, format_, sync,
-                     "background", existing, speed)
+    await start_copy(
+        BackupJob,
+        layer.jobs,
+        layer.find(name),
+        job_id,
+        target,
+        format_,
+        sync,
+        "background",
+        existing,
+        speed,
+    )
 
 
 @command
@@ -485,8 +581,10 @@ query-jobs shows it."""
 
 def watch_jobs(layer: BlockLayer, listener: JobEvents) -> Callable[[], None]:
     """Have ``listener`` hear every job event of ``layer``; returns what stops it."""
+
     def heard(event: str, job: Any) -> None:
         listener(event, job.info())
+
     layer.jobs.listeners.append(heard)
     return lambda: layer.jobs.listeners.remove(heard)
 
@@ -500,9 +598,17 @@ class Exporter(Protocol):
     """What serves NBD exports (the NBD frontend). It registers itself for its layer with
     :func:`serve_exports`, so that the export commands reach it without knowing it."""
 
-    async def add(self, backend: BlockBackend, export_name: str, writable: bool, *,
-                  socket: str | None, host: str | None, port: str | None,
-                  mode: str | None) -> None:
+    async def add(
+        self,
+        backend: BlockBackend,
+        export_name: str,
+        writable: bool,
+        *,
+        socket: str | None,
+        host: str | None,
+        port: str | None,
+        mode: str | None,
+    ) -> None:
         """Serve ``backend`` at the address given, or on the default server."""
 
     async def remove(self, name: str, force: bool) -> None:
@@ -528,9 +634,16 @@ def _exporter(layer: BlockLayer) -> Exporter:
 
 
 @command
-async def export(layer: BlockLayer, name: BackendName, socket: str | None = None,
-                 host: str | None = None, port: str | None = None, mode: str | None = None,
-                 writable: bool = False, export_name: str | None = None) -> None:
+async def export(
+    layer: BlockLayer,
+    name: BackendName,
+    socket: str | None = None,
+    host: str | None = None,
+    port: str | None = None,
+    mode: str | None = None,
+    writable: bool = False,
+    export_name: str | None = None,
+) -> None:
     """Serve the backend over NBD, to QEMU, nbd-client, nbdcopy or another blkfs.
 
     On the mount's NBD server (blkfs mount --nbd), or on a unix socket (socket=PATH, mode
@@ -540,10 +653,10 @@ async def export(layer: BlockLayer, name: BackendName, socket: str | None = None
     if socket is not None and (host is not None or port is not None):
         raise BlockError(errno.EINVAL, "export: give socket=PATH or host= port=, not both")
     if writable and backend.read_only:
-        raise BlockError(errno.EROFS, f"{name}: read-only medium; export it without "
-                                      "writable=on")
-    await _exporter(layer).add(backend, export_name or name, writable, socket=socket,
-                               host=host, port=port, mode=mode)
+        raise BlockError(errno.EROFS, f"{name}: read-only medium; export it without writable=on")
+    await _exporter(layer).add(
+        backend, export_name or name, writable, socket=socket, host=host, port=port, mode=mode
+    )
 
 
 @command
@@ -556,6 +669,7 @@ async def export_del(layer: BlockLayer, name: ExportOrBackend, force: bool = Fal
 
 
 # -- nodes on their own ---------------------------------------------------------------------
+
 
 @command
 async def node_add(layer: BlockLayer, node: NodeName, options: NodeOptions) -> None:

@@ -90,8 +90,11 @@ class Daemon:
                 for frontend in self.frontends:
                     await nursery.start(self._serve, frontend)
                 nursery.start_soon(self._stop_on_signal)
-                log.info("serving %d backend(s) through %s", len(self.layer),
-                         ", ".join(f.name for f in self.frontends) or "no frontend")
+                log.info(
+                    "serving %d backend(s) through %s",
+                    len(self.layer),
+                    ", ".join(f.name for f in self.frontends) or "no frontend",
+                )
                 ready(None)
         except BlockError as exc:  # a frontend could not start
             ready(str(exc))
@@ -110,16 +113,19 @@ class Daemon:
         for frontend in self.frontends:
             frontend.stop()
 
-    async def _serve(self, frontend: Frontend, *,
-                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve(
+        self, frontend: Frontend, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         try:
             await frontend.serve(task_status=task_status)
         finally:
             self.stop()  # one frontend ending (unmounted from outside) ends the daemon
 
     async def _stop_on_signal(self) -> None:
-        with self._signals, trio.open_signal_receiver(
-                signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with (
+            self._signals,
+            trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
+        ):
             async for signum in signals:
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 self.stop()

@@ -62,11 +62,19 @@ class Pause:
         """One line for messages: what failed, where, and since when."""
         where = "a flush" if self.offset is None else f"a {self.operation}"
         at = "" if self.offset is None else f" at offset {self.offset}"
-        return (f"paused since {time.strftime('%H:%M:%S', time.localtime(self.since))}: "
-                f"{where} of node {self.node}{at} failed "
-                f"({errno.errorcode.get(self.errno, self.errno)}: {self.message})")
+        return (
+            f"paused since {time.strftime('%H:%M:%S', time.localtime(self.since))}: "
+            f"{where} of node {self.node}{at} failed "
+            f"({errno.errorcode.get(self.errno, self.errno)}: {self.message})"
+        )
 
     def as_dict(self) -> dict[str, object]:
-        return {"operation": self.operation, "node": self.node, "offset": self.offset,
-                "errno": errno.errorcode.get(self.errno, str(self.errno)),
-                "message": self.message, "since": self.since, "reason": self.describe()}
+        return {
+            "operation": self.operation,
+            "node": self.node,
+            "offset": self.offset,
+            "errno": errno.errorcode.get(self.errno, str(self.errno)),
+            "message": self.message,
+            "since": self.since,
+            "reason": self.describe(),
+        }

@@ -22,9 +22,15 @@ from blkfs.errors import BlockError
 __all__ = ["check_image", "create_image", "image_info"]
 
 
-async def create_image(filename: str, fmt: str, size: int | str | None = None, *,
-                       backing: str | None = None, backing_format: str | None = None,
-                       options: Mapping[str, str] | None = None) -> None:
+async def create_image(
+    filename: str,
+    fmt: str,
+    size: int | str | None = None,
+    *,
+    backing: str | None = None,
+    backing_format: str | None = None,
+    options: Mapping[str, str] | None = None,
+) -> None:
     """Create a new image; never replaces an existing file.
 
     ``backing`` is named as it will be stored (relative names are relative to the new image's
@@ -33,12 +39,16 @@ async def create_image(filename: str, fmt: str, size: int | str | None = None, *
     """
     graph = Graph()
     if fmt not in format_names(graph):
-        raise BlockError(errno.EINVAL, f"'{fmt}' is not an image format blkfs can create "
-                                       f"(formats: {', '.join(format_names(graph))})")
+        raise BlockError(
+            errno.EINVAL,
+            f"'{fmt}' is not an image format blkfs can create "
+            f"(formats: {', '.join(format_names(graph))})",
+        )
     cls = graph.drivers.get(fmt)
     if backing is not None:
-        backing_format, backing_size = await _inspect_backing(graph, filename, backing,
-                                                              backing_format)
+        backing_format, backing_size = await _inspect_backing(
+            graph, filename, backing, backing_format
+        )
         size = backing_size if size is None else size
     if size is None:
         raise BlockError(errno.EINVAL, "a size is needed (or a backing file to take it from)")
@@ -49,11 +59,13 @@ async def create_image(filename: str, fmt: str, size: int | str | None = None, *
     try:
         file = open(filename, "xb")  # noqa: SIM115 (closed below, and removed on failure)
     except FileExistsError:
-        raise BlockError(errno.EEXIST, f"{filename} exists; blkfs never overwrites an image "
-                                       "(remove it first)") from None
+        raise BlockError(
+            errno.EEXIST, f"{filename} exists; blkfs never overwrites an image (remove it first)"
+        ) from None
     except OSError as exc:
-        raise BlockError(exc.errno or errno.EIO, f"cannot create {filename}: "
-                                                 f"{exc.strerror}") from None
+        raise BlockError(
+            exc.errno or errno.EIO, f"cannot create {filename}: {exc.strerror}"
+        ) from None
     try:
         with file:
             cls.create(file, size, dict(options or {}), backing, backing_format)
@@ -77,8 +89,9 @@ def format_names(graph: Graph) -> list[str]:
     return sorted(cls.name for cls in graph.drivers.formats())
 
 
-async def _inspect_backing(graph: Graph, filename: str, backing: str,
-                           backing_format: str | None) -> tuple[str, int]:
+async def _inspect_backing(
+    graph: Graph, filename: str, backing: str, backing_format: str | None
+) -> tuple[str, int]:
     """The backing file's format and virtual size; it must open."""
     path = os.path.join(os.path.dirname(os.path.abspath(filename)), backing)  # noqa: ASYNC240 (no I/O)
     file_options = {"driver": "file", "filename": path}
@@ -92,16 +105,16 @@ async def _inspect_backing(graph: Graph, filename: str, backing: str,
         await graph.unref(root)
 
 
-async def set_backing_file(filename: str, backing: str | None,
-                           backing_format: str | None) -> None:
+async def set_backing_file(filename: str, backing: str | None, backing_format: str | None) -> None:
     """Name another backing file (or none) in the image's header, its data untouched
     (``qemu-img rebase -u``). The new backing file must open; its format is probed if not
     given, then recorded."""
     graph = Graph()
     if backing is not None:
         backing_format, _ = await _inspect_backing(graph, filename, backing, backing_format)
-    root = await graph.open_node({"file": {"driver": "file", "filename": filename},
-                                  "backing": None})
+    root = await graph.open_node(
+        {"file": {"driver": "file", "filename": filename}, "backing": None}
+    )
     try:
         await root.driver.change_backing_file(backing, backing_format)
     finally:
@@ -117,12 +130,17 @@ async def image_info(filename: str, force_share: bool = False) -> dict[str, Any]
     hide the image's own facts: its layer is reported with the error.
     """
     graph = Graph()
-    file_node = await graph.open_node({"driver": "file", "filename": filename,
-                                       "read-only": True, "force-share": force_share})
+    file_node = await graph.open_node(
+        {"driver": "file", "filename": filename, "read-only": True, "force-share": force_share}
+    )
     try:
         fmt = await graph.probe(file_node)
-        tree: dict[str, Any] = {"driver": fmt, "file": file_node.name, "read-only": True,
-                                "force-share": force_share}
+        tree: dict[str, Any] = {
+            "driver": fmt,
+            "file": file_node.name,
+            "read-only": True,
+            "force-share": force_share,
+        }
         backing_error = None
         try:
             root = await graph.open_node(tree)
@@ -163,13 +181,15 @@ async def check_image(filename: str, repair: bool = False) -> dict[str, Any]:
     The format is probed; only the image itself is checked, never its backing file. ENOTSUP
     for a format without metadata (raw)."""
     graph = Graph()
-    file_node = await graph.open_node({"driver": "file", "filename": filename,
-                                       "read-only": not repair})
+    file_node = await graph.open_node(
+        {"driver": "file", "filename": filename, "read-only": not repair}
+    )
     try:
         fmt = await graph.probe(file_node)
         perm = Perm.CONSISTENT_READ | (Perm.WRITE | Perm.RESIZE if repair else Perm(0))
-        edge = file_node.attach(None, "blkfs image check", "file", IMAGE, perm,
-                                ALL & ~(Perm.WRITE | Perm.RESIZE))
+        edge = file_node.attach(
+            None, "blkfs image check", "file", IMAGE, perm, ALL & ~(Perm.WRITE | Perm.RESIZE)
+        )
         try:
             graph.refresh_perms([file_node])
             report = await graph.drivers.get(fmt).check(edge, repair)

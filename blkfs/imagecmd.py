@@ -28,28 +28,42 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     create.add_argument("-f", dest="format", default="raw", help="raw (default) or qcow2")
     create.add_argument("-b", dest="backing", help="backing file (relative to FILE's directory)")
     create.add_argument("-F", dest="backing_format", help="backing file format (default: probed)")
-    create.add_argument("-o", dest="options", action="append", default=[],
-                        metavar="KEY=VALUE,...",
-                        help="format options: cluster_size, compat, compression_type, "
-                             "extended_l2, refcount_bits")
+    create.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE,...",
+        help="format options: cluster_size, compat, compression_type, extended_l2, refcount_bits",
+    )
     create.add_argument("file")
     create.add_argument("size", nargs="?", help="virtual size, e.g. 10G (default: the backing's)")
     create.set_defaults(func=cmd_create)
 
     info = verbs.add_parser("info", help="format, sizes and backing chain of an image")
     info.add_argument("--json", action="store_true", help="print JSON")
-    info.add_argument("-U", "--force-share", action="store_true",
-                      help="read an image another program writes (what it shows may be stale)")
+    info.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="read an image another program writes (what it shows may be stale)",
+    )
     info.add_argument("file")
     info.set_defaults(func=cmd_info)
 
     check = verbs.add_parser(
-        "check", help="check an image's metadata; repair leaked clusters",
+        "check",
+        help="check an image's metadata; repair leaked clusters",
         description="Exit status as qemu-img check: 0 clean, 2 corruptions, 3 leaked "
-                    "clusters only, 1 the check could not be done, 63 the format has no "
-                    "metadata to check.")
-    check.add_argument("-r", "--repair", choices=["leaks"],
-                       help="lower leaked refcounts (only on an image with no corruption)")
+        "clusters only, 1 the check could not be done, 63 the format has no "
+        "metadata to check.",
+    )
+    check.add_argument(
+        "-r",
+        "--repair",
+        choices=["leaks"],
+        help="lower leaked refcounts (only on an image with no corruption)",
+    )
     check.add_argument("--json", action="store_true", help="print JSON")
     check.add_argument("file")
     check.set_defaults(func=cmd_check)
@@ -63,18 +77,29 @@ def parse_create_options(items: list[str]) -> dict[str, str]:
             continue
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise BlockError(errno.EINVAL, "-o expects KEY=VALUE pairs separated by commas, "
-                                           f"got '{item}'")
+            raise BlockError(
+                errno.EINVAL, f"-o expects KEY=VALUE pairs separated by commas, got '{item}'"
+            )
         options[key] = value
     return options
 
 
 def cmd_create(args: argparse.Namespace) -> int:
     options = parse_create_options(args.options)
-    trio.run(lambda: create_image(args.file, args.format, args.size, backing=args.backing,
-                                  backing_format=args.backing_format, options=options))
-    print(f"Formatting '{args.file}', fmt={args.format}"
-          + (f" backing_file={args.backing}" if args.backing else ""))
+    trio.run(
+        lambda: create_image(
+            args.file,
+            args.format,
+            args.size,
+            backing=args.backing,
+            backing_format=args.backing_format,
+            options=options,
+        )
+    )
+    print(
+        f"Formatting '{args.file}', fmt={args.format}"
+        + (f" backing_file={args.backing}" if args.backing else "")
+    )
     return 0
 
 
@@ -83,8 +108,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         info = trio.run(image_info, args.file, args.force_share)
     except BlockError as exc:
         if exc.errno == errno.EBUSY and not args.force_share:  # as qemu-img info
-            raise BlockError(exc.errno, f"{exc}; is another process using the image? "
-                                        "-U (--force-share) reads it anyway") from None
+            raise BlockError(
+                exc.errno,
+                f"{exc}; is another process using the image? -U (--force-share) reads it anyway",
+            ) from None
         raise
     if args.json:
         print(json.dumps(info, indent=2))
@@ -123,28 +150,38 @@ def describe_check(report: dict[str, Any], repair: bool) -> str:
     if lines:
         lines.append("")
     if report["leaks-fixed"]:
-        lines += ["The following inconsistencies were found and repaired:", "",
-                  f"    {report['leaks-fixed']} leaked clusters", "    0 corruptions", ""]
+        lines += [
+            "The following inconsistencies were found and repaired:",
+            "",
+            f"    {report['leaks-fixed']} leaked clusters",
+            "    0 corruptions",
+            "",
+        ]
     if report["corruptions"]:
-        lines += [f"{report['corruptions']} errors were found on the image.",
-                  "Data may be corrupted, or further writes to the image may corrupt it."]
+        lines += [
+            f"{report['corruptions']} errors were found on the image.",
+            "Data may be corrupted, or further writes to the image may corrupt it.",
+        ]
         if repair and report["leaks"]:
             lines.append("Leaks are not repaired on a corrupt image.")
         lines.append("")
     if report["leaks"]:
-        lines += [f"{report['leaks']} leaked clusters were found on the image.",
-                  "This means waste of disk space, but no harm to data.", ""]
+        lines += [
+            f"{report['leaks']} leaked clusters were found on the image.",
+            "This means waste of disk space, but no harm to data.",
+            "",
+        ]
     if report["check-errors"]:
-        lines += [f"{report['check-errors']} internal errors have occurred during the check.",
-                  ""]
+        lines += [f"{report['check-errors']} internal errors have occurred during the check.", ""]
     if not (report["corruptions"] or report["leaks"] or report["check-errors"]):
         lines.append("No errors were found on the image.")
     total = report["total-clusters"]
     allocated = report["allocated-clusters"]
     share = 100 * allocated / total if total else 0.0
     compressed = 100 * report["compressed-clusters"] / allocated if allocated else 0.0
-    lines.append(f"{allocated}/{total} = {share:.2f}% allocated, {compressed:.2f}% "
-                 "compressed clusters")
+    lines.append(
+        f"{allocated}/{total} = {share:.2f}% allocated, {compressed:.2f}% compressed clusters"
+    )
     lines.append(f"Image end offset: {report['image-end-offset']}")
     return "\n".join(lines)
 
@@ -163,10 +200,12 @@ def layer_lines(layer: dict[str, Any]) -> list[str]:
     if "error" in layer:
         return [f"unreadable: {layer['error']}"]
     disk = layer["disk-size"]
-    lines = [f"image: {layer['filename']}",
-             f"file format: {layer['format']}",
-             f"virtual size: {human(layer['virtual-size'])} ({layer['virtual-size']} bytes)",
-             f"disk size: {human(disk) if disk is not None else 'unknown'}"]
+    lines = [
+        f"image: {layer['filename']}",
+        f"file format: {layer['format']}",
+        f"virtual size: {human(layer['virtual-size'])} ({layer['virtual-size']} bytes)",
+        f"disk size: {human(disk) if disk is not None else 'unknown'}",
+    ]
     specific = layer["format-specific"]
     if specific:
         lines.append("format specific information:")
@@ -184,4 +223,4 @@ def human(size: int) -> str:
     exponent = min(max(size.bit_length() - 1, 0) // 10, 4)
     if not exponent:
         return f"{size} B"
-    return f"{size / 1024 ** exponent:.3g} {('KiB', 'MiB', 'GiB', 'TiB')[exponent - 1]}"
+    return f"{size / 1024**exponent:.3g} {('KiB', 'MiB', 'GiB', 'TiB')[exponent - 1]}"

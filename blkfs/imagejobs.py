@@ -26,21 +26,35 @@ NEW_BASE = "new-base"
 
 def add_parsers(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     commit = verbs.add_parser("commit", help="merge an overlay into its backing file")
-    commit.add_argument("-b", dest="base", help="commit down into this image of the chain "
-                                                "(default: the backing file)")
-    commit.add_argument("-d", dest="keep", action="store_true",
-                        help="leave the overlay as it is (default: emptied afterwards)")
+    commit.add_argument(
+        "-b",
+        dest="base",
+        help="commit down into this image of the chain (default: the backing file)",
+    )
+    commit.add_argument(
+        "-d",
+        dest="keep",
+        action="store_true",
+        help="leave the overlay as it is (default: emptied afterwards)",
+    )
     commit.add_argument("-p", dest="progress", action="store_true", help="show progress")
     commit.add_argument("file")
     commit.set_defaults(func=cmd_commit)
 
     rebase = verbs.add_parser("rebase", help="give an image another backing file")
-    rebase.add_argument("-b", dest="backing", required=True,
-                        help="the new backing file ('' for none), relative to FILE's "
-                             "directory")
+    rebase.add_argument(
+        "-b",
+        dest="backing",
+        required=True,
+        help="the new backing file ('' for none), relative to FILE's directory",
+    )
     rebase.add_argument("-F", dest="backing_format", help="its format (default: probed)")
-    rebase.add_argument("-u", dest="unsafe", action="store_true",
-                        help="only rewrite the header (the new file must hold the same data)")
+    rebase.add_argument(
+        "-u",
+        dest="unsafe",
+        action="store_true",
+        help="only rewrite the header (the new file must hold the same data)",
+    )
     rebase.add_argument("-p", dest="progress", action="store_true", help="show progress")
     rebase.add_argument("file")
     rebase.set_defaults(func=cmd_rebase)
@@ -65,9 +79,11 @@ def cmd_commit(args: argparse.Namespace) -> int:
         await open_image(commands, args.file)
         await run_job(commands, "commit", {"base": absolute(args.file, base)}, args.progress)
         if not args.keep:  # the overlay again, over the base that holds its data now
-            await commands.run("change", {"name": NAME, "medium": file_medium(args.file),
-                                          "force": True})
+            await commands.run(
+                "change", {"name": NAME, "medium": file_medium(args.file), "force": True}
+            )
             await commands.run("rollback", {"name": NAME})
+
     run_commands(commit)
     print("Image committed.")
     return 0
@@ -90,6 +106,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
             new = NEW_BASE
         await open_image(commands, args.file)
         await run_job(commands, "stream", {"base": new}, args.progress)
+
     run_commands(rebase)
     return 0
 
@@ -112,8 +129,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if args.format:
             medium["driver"] = args.format
         await commands.run("create", {"name": NAME, "medium": medium})
-        await run_job(commands, "backup", {"target": target, "format": args.output_format},
-                      args.progress)
+        await run_job(
+            commands, "backup", {"target": target, "format": args.output_format}, args.progress
+        )
+
     run_commands(convert)
     return 0
 
@@ -150,6 +169,7 @@ async def run_job(commands: Commands, verb: str, args: dict[str, Any], show: boo
 def run_commands(script: Callable[[Commands], Awaitable[None]]) -> None:
     """Run ``script`` against a block layer of this process whose jobs run meanwhile; the
     layer is closed (flushing everything) afterwards, even on failure."""
+
     async def main() -> None:
         layer = BlockLayer()
         failed: BlockError | None = None
@@ -169,4 +189,5 @@ def run_commands(script: Callable[[Commands], Awaitable[None]]) -> None:
             raise failed
         if failures:
             raise BlockError(errno.EIO, f"the final flush failed: {'; '.join(failures)}")
+
     trio.run(main)

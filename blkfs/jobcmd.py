@@ -30,16 +30,22 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _mount_and_name(snapshot)
     snapshot.add_argument("path", help="the new overlay (it must not exist)")
     snapshot.add_argument("--cluster-size", help="the overlay's cluster size (default 64k)")
-    snapshot.add_argument("--extended-l2", action="store_true",
-                          help="subclusters: a small write to a new cluster copies less")
+    snapshot.add_argument(
+        "--extended-l2",
+        action="store_true",
+        help="subclusters: a small write to a new cluster copies less",
+    )
     snapshot.add_argument("--compression-type", choices=("zlib", "zstd"))
     snapshot.set_defaults(func=cmd_snapshot)
 
     rollback = sub.add_parser("rollback", help="drop what was written since the last snapshot")
     _mount_and_name(rollback)
-    rollback.add_argument("--force", action="store_true",
-                          help="even while the backend is open for writing (a mounted "
-                               "filesystem would no longer match its disk)")
+    rollback.add_argument(
+        "--force",
+        action="store_true",
+        help="even while the backend is open for writing (a mounted "
+        "filesystem would no longer match its disk)",
+    )
     rollback.set_defaults(func=cmd_rollback)
 
     commit = sub.add_parser("commit", help="merge images of the chain down into a base")
@@ -53,22 +59,34 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     stream.add_argument("--base", help="stream the images above this one (default: all)")
     _job_options(stream, completes=False)
 
-    for verb, syncs, text in (("mirror", ("full", "top", "none"),
-                               "copy the live backend to a new image and switch to it"),
-                              ("backup", ("full", "top"),
-                               "point-in-time copy of the live backend")):
+    for verb, syncs, text in (
+        (
+            "mirror",
+            ("full", "top", "none"),
+            "copy the live backend to a new image and switch to it",
+        ),
+        ("backup", ("full", "top"), "point-in-time copy of the live backend"),
+    ):
         parser = sub.add_parser(verb, help=text)
         _mount_and_name(parser)
-        parser.add_argument("target", help="the target image: a new file, or with --existing "
-                                           "an image that exists")
+        parser.add_argument(
+            "target", help="the target image: a new file, or with --existing an image that exists"
+        )
         parser.add_argument("--sync", choices=syncs, default="full")
         if verb == "mirror":
-            parser.add_argument("--mode", choices=("background", "write-blocking"),
-                                default="background")
-        parser.add_argument("--format", choices=("qcow2", "raw"),
-                            help="of a new target (default: the active image's)")
-        parser.add_argument("--existing", action="store_true",
-                            help="the target exists (at least as large as the backend)")
+            parser.add_argument(
+                "--mode", choices=("background", "write-blocking"), default="background"
+            )
+        parser.add_argument(
+            "--format",
+            choices=("qcow2", "raw"),
+            help="of a new target (default: the active image's)",
+        )
+        parser.add_argument(
+            "--existing",
+            action="store_true",
+            help="the target exists (at least as large as the backend)",
+        )
         _job_options(parser, completes=verb == "mirror")
 
     job = sub.add_parser("job", help="list, follow and steer a mount's block jobs")
@@ -76,22 +94,27 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     listing = verbs.add_parser("list", help="every job and where it stands")
     listing.add_argument("mountpoint")
     listing.set_defaults(func=cmd_job_list)
-    for verb, text in (("wait", "follow a job until it concludes or, by default, is ready "
-                                "(exit 1 if it failed)"),
-                       ("pause", "pause a job"), ("resume", "resume a paused job"),
-                       ("cancel", "stop a job (a ready mirror keeps its copy, unswitched)"),
-                       ("complete", "switch a ready mirror or active commit to its target"),
-                       ("dismiss", "forget a concluded job")):
+    for verb, text in (
+        ("wait", "follow a job until it concludes or, by default, is ready (exit 1 if it failed)"),
+        ("pause", "pause a job"),
+        ("resume", "resume a paused job"),
+        ("cancel", "stop a job (a ready mirror keeps its copy, unswitched)"),
+        ("complete", "switch a ready mirror or active commit to its target"),
+        ("dismiss", "forget a concluded job"),
+    ):
         parser = verbs.add_parser(verb, help=text)
         parser.add_argument("mountpoint")
         parser.add_argument("job", help="the job's id (by default its backend's name)")
         parser.set_defaults(func=cmd_job_wait if verb == "wait" else cmd_job_control)
         if verb == "wait":
             parser.add_argument(
-                "--until", choices=("ready", "concluded"), default="ready",
+                "--until",
+                choices=("ready", "concluded"),
+                default="ready",
                 help="ready (default, as virsh blockcopy --wait): return once a mirror or an "
-                     "active commit is ready, still running until blkfs job complete; "
-                     "concluded: wait until it has ended (completed, cancelled or failed)")
+                "active commit is ready, still running until blkfs job complete; "
+                "concluded: wait until it has ended (completed, cancelled or failed)",
+            )
     speed = verbs.add_parser("speed", help="limit a job's copy rate (0: no limit)")
     speed.add_argument("mountpoint")
     speed.add_argument("job")
@@ -107,16 +130,22 @@ def _mount_and_name(parser: argparse.ArgumentParser) -> None:
 def _job_options(parser: argparse.ArgumentParser, completes: bool) -> None:
     parser.add_argument("--speed", metavar="RATE", help="bytes per second (K, M, G suffixes)")
     parser.add_argument("--job-id", help="the job's id (default: the backend's name)")
-    parser.add_argument("--no-wait", action="store_true",
-                        help="return once the job runs (follow it with blkfs job wait)")
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once the job runs (follow it with blkfs job wait)",
+    )
     if completes:
-        parser.add_argument("--no-complete", action="store_true",
-                            help="stop following once the job is ready; blkfs job complete "
-                                 "switches it later")
+        parser.add_argument(
+            "--no-complete",
+            action="store_true",
+            help="stop following once the job is ready; blkfs job complete switches it later",
+        )
     parser.set_defaults(func=cmd_start_job)
 
 
 # -- the commands ---------------------------------------------------------------------------
+
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     words = [args.name, os.path.abspath(args.path)]
@@ -140,8 +169,7 @@ def cmd_start_job(args: argparse.Namespace) -> int:
     words = [args.name]
     if verb in ("mirror", "backup"):
         target = args.target
-        words.append(target if "=" in target or target.startswith("{")
-                     else os.path.abspath(target))
+        words.append(target if "=" in target or target.startswith("{") else os.path.abspath(target))
     for option in ("top", "base", "sync", "mode", "format", "speed", "job_id"):
         value = getattr(args, option, None)
         if value is not None:
@@ -150,8 +178,11 @@ def cmd_start_job(args: argparse.Namespace) -> int:
         words.append("existing=on")
     send(args.mountpoint, verb, " ".join(words))
     if not args.no_wait:
-        follow(args.mountpoint, args.job_id or args.name,
-               complete=not getattr(args, "no_complete", True))
+        follow(
+            args.mountpoint,
+            args.job_id or args.name,
+            complete=not getattr(args, "no_complete", True),
+        )
     return 0
 
 
@@ -169,23 +200,28 @@ def cmd_job_list(args: argparse.Namespace) -> int:
 
 
 def cmd_job_wait(args: argparse.Namespace) -> int:
-    job = follow(args.mountpoint, args.job, complete=False,
-                 until_ready=args.until == "ready")
+    job = follow(args.mountpoint, args.job, complete=False, until_ready=args.until == "ready")
     if job["status"] != "concluded":
-        print(f"{args.job}: ready, still running: blkfs job complete {args.mountpoint} "
-              f"{args.job} ends it (blkfs job wait --until concluded waits for that)",
-              file=sys.stderr)
+        print(
+            f"{args.job}: ready, still running: blkfs job complete {args.mountpoint} "
+            f"{args.job} ends it (blkfs job wait --until concluded waits for that)",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cmd_job_control(args: argparse.Namespace) -> int:
     verb = "set-speed" if args.verb == "speed" else args.verb
-    send(args.mountpoint, f"job-{verb}",
-         f"{args.job} speed={args.rate}" if verb == "set-speed" else args.job)
+    send(
+        args.mountpoint,
+        f"job-{verb}",
+        f"{args.job} speed={args.rate}" if verb == "set-speed" else args.job,
+    )
     return 0
 
 
 # -- talking to the mount ---------------------------------------------------------------------
+
 
 def send(mountpoint: str, verb: str, text: str) -> None:
     """One ``.ctl`` command; JobError with the daemon's reason if it failed."""
@@ -202,8 +238,9 @@ def read_ctl(mountpoint: str, report: str) -> str:
     try:
         return Path(mountpoint, ".ctl", report).read_text()
     except OSError as exc:
-        raise JobError(f"cannot read {mountpoint}/.ctl/{report}: {exc.strerror} "
-                       "(is it a blkfs mount?)") from None
+        raise JobError(
+            f"cannot read {mountpoint}/.ctl/{report}: {exc.strerror} (is it a blkfs mount?)"
+        ) from None
 
 
 def job_entry(mountpoint: str, job_id: str) -> dict[str, Any]:
@@ -213,19 +250,22 @@ def job_entry(mountpoint: str, job_id: str) -> dict[str, Any]:
     raise JobError(f"no job '{job_id}' on {mountpoint} (dismissed?)")
 
 
-def follow(mountpoint: str, job_id: str, complete: bool, until_ready: bool = True
-           ) -> dict[str, Any]:
+def follow(
+    mountpoint: str, job_id: str, complete: bool, until_ready: bool = True
+) -> dict[str, Any]:
     """Follow a job until it concludes (or, unless ``complete`` or ``until_ready`` is
     false, goes ready); complete it once ready if ``complete``. Its last entry, if it has
     not failed (JobError otherwise)."""
+
     async def entry() -> dict[str, Any]:
         return job_entry(mountpoint, job_id)
 
     async def completing() -> None:
         send(mountpoint, "job-complete", job_id)
 
-    job = trio.run(progress.follow, job_id, entry, completing if complete else None, True,
-                   until_ready)
+    job = trio.run(
+        progress.follow, job_id, entry, completing if complete else None, True, until_ready
+    )
     failure = progress.job_failure(job)
     if failure is not None:
         raise JobError(str(failure))

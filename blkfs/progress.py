@@ -41,9 +41,14 @@ class JobProgress:
         self.bar: Progress | None = None
         self.task = TaskID(0)
         if sys.stderr.isatty():
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                DownloadColumn(binary_units=True), TransferSpeedColumn(),
-                                TimeRemainingColumn(), console=Console(stderr=True))
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
             self.task = self.bar.add_task(label, total=None)
 
     def __enter__(self) -> JobProgress:
@@ -58,23 +63,37 @@ class JobProgress:
     def update(self, job: dict[str, Any]) -> None:
         done, total = job["current-progress"], job["total-progress"]
         if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total or None,
-                            description=f"{self.label}: {job['type']} {job['status']}")
+            self.bar.update(
+                self.task,
+                completed=done,
+                total=total or None,
+                description=f"{self.label}: {job['type']} {job['status']}",
+            )
             return
         measured = total or job["status"] == "concluded"  # a job's size comes after its start
         tenth = 10 * done // total if total else 10 if measured else -1
         if (job["status"], tenth) != self.last:
             self.last = job["status"], tenth
-            figures = (f"{human_size(done)} of {human_size(total)} "
-                       f"({100 * done // total if total else 100}%)" if measured
-                       else "(size not known yet)")
-            print(f"{self.label}: {job['type']} {job['status']} {figures}", file=sys.stderr,
-                  flush=True)
+            figures = (
+                f"{human_size(done)} of {human_size(total)} "
+                f"({100 * done // total if total else 100}%)"
+                if measured
+                else "(size not known yet)"
+            )
+            print(
+                f"{self.label}: {job['type']} {job['status']} {figures}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
-async def follow(label: str, entry: Callable[[], Awaitable[dict[str, Any]]],
-                 complete: Callable[[], Awaitable[None]] | None, show: bool = True,
-                 until_ready: bool = True) -> dict[str, Any]:
+async def follow(
+    label: str,
+    entry: Callable[[], Awaitable[dict[str, Any]]],
+    complete: Callable[[], Awaitable[None]] | None,
+    show: bool = True,
+    until_ready: bool = True,
+) -> dict[str, Any]:
     """Follow a job (``entry()`` gives its ``query-jobs`` entry) until it concludes; once it
     is ready, ``complete()`` it, or without ``complete`` return then (unless not
     ``until_ready``: someone else completes or cancels it). Shows the progress if ``show``;
@@ -99,5 +118,7 @@ def job_failure(job: dict[str, Any]) -> BlockError | None:
     """The error to report for a concluded job, or None if it succeeded."""
     if not job["error"]:
         return None
-    return BlockError(errno.ECANCELED if job["error"].startswith("cancelled") else errno.EIO,
-                      f"job {job['id']} ({job['type']} on {job['device']}): {job['error']}")
+    return BlockError(
+        errno.ECANCELED if job["error"].startswith("cancelled") else errno.EIO,
+        f"job {job['id']} ({job['type']} on {job['device']}): {job['error']}",
+    )

@@ -64,15 +64,14 @@ def parse_rules(values: Mapping[str, Any]) -> list[Rule]:
         def get(field: str, default: Any = None, key: str = key) -> Any:
             value = values.get(f"inject-error.{key}.{field}")
             return default if value is None else value
+
         where = f"blkdebug: inject-error.{key}"
         event = get("event")
         if event is None:
-            raise BlockError(errno.EINVAL, f"{where}.event is required "
-                                           f"({', '.join(EVENTS)})")
+            raise BlockError(errno.EINVAL, f"{where}.event is required ({', '.join(EVENTS)})")
         sector, offset, length = get("sector"), get("offset"), get("length")
         if sector is not None and (offset is not None or length is not None):
-            raise BlockError(errno.EINVAL, f"{where}: give .sector or .offset/.length, "
-                                           "not both")
+            raise BlockError(errno.EINVAL, f"{where}: give .sector or .offset/.length, not both")
         if sector is not None:
             start, end = sector * SECTOR, (sector + 1) * SECTOR
         elif offset is not None or length is not None:
@@ -82,17 +81,31 @@ def parse_rules(values: Mapping[str, Any]) -> list[Rule]:
             start, end = 0, None
         probability = get("probability", 1.0)
         if not 0 <= probability <= 1:
-            raise BlockError(errno.EINVAL, f"{where}.probability must be between 0 and 1 "
-                                           f"(got {probability})")
+            raise BlockError(
+                errno.EINVAL, f"{where}.probability must be between 0 and 1 (got {probability})"
+            )
         seed = get("seed")
-        rules.append(Rule(index, event, get("errno", errno.EIO), start, end, get("once", False),
-                          probability, random.Random(seed if seed is not None else index)))
+        rules.append(
+            Rule(
+                index,
+                event,
+                get("errno", errno.EIO),
+                start,
+                end,
+                get("once", False),
+                probability,
+                random.Random(seed if seed is not None else index),
+            )
+        )
     return rules
 
 
 def _rule_values(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in values.items()
-            if key.startswith("inject-error.") and value is not None}
+    return {
+        key: value
+        for key, value in values.items()
+        if key.startswith("inject-error.") and value is not None
+    }
 
 
 class BlkdebugDriver(BlockDriver):
@@ -104,16 +117,20 @@ class BlkdebugDriver(BlockDriver):
     options = {
         "inject-error.*.event": Option("enum", None, "which requests fail", choices=EVENTS),
         "inject-error.*.errno": Option("errno", None, "the error (default EIO)"),
-        "inject-error.*.sector": Option("int", None, "fail requests touching this 512-byte "
-                                                     "sector", minimum=0),
+        "inject-error.*.sector": Option(
+            "int", None, "fail requests touching this 512-byte sector", minimum=0
+        ),
         "inject-error.*.offset": Option("size", None, "start of the failing byte range"),
-        "inject-error.*.length": Option("size", None, "length of the failing byte range",
-                                        minimum=1),
+        "inject-error.*.length": Option(
+            "size", None, "length of the failing byte range", minimum=1
+        ),
         "inject-error.*.once": Option("bool", None, "fail only the first matching request"),
         "inject-error.*.probability": Option("float", None, "chance a match fails (0 to 1)"),
         "inject-error.*.seed": Option("int", None, "seed for the probability, to replay a run"),
-        **{f"delay.{event}": Option("duration", 0.0, f"latency added to each {event}")
-           for event in EVENTS},
+        **{
+            f"delay.{event}": Option("duration", 0.0, f"latency added to each {event}")
+            for event in EVENTS
+        },
         "drop-writes": Option("bool", False, "acknowledge writes and discards, but lose them"),
         "align": Option("size", 1, "request alignment the layer must honour", minimum=1),
     }
@@ -134,8 +151,7 @@ class BlkdebugDriver(BlockDriver):
     def _apply(self, values: Mapping[str, Any], keep_rules: bool = False) -> None:
         align = values["align"]
         if align & (align - 1):
-            raise BlockError(errno.EINVAL, f"blkdebug: align must be a power of two "
-                                           f"(got {align})")
+            raise BlockError(errno.EINVAL, f"blkdebug: align must be a power of two (got {align})")
         rules = self.rules if keep_rules else parse_rules(values)  # raises before any change
         self.rules = rules
         self.delays = {event: values[f"delay.{event}"] for event in EVENTS}
@@ -154,9 +170,12 @@ class BlkdebugDriver(BlockDriver):
             if rule.matches(event, offset, length):
                 rule.fired += 1
                 self.injected += 1
-                raise BlockError(rule.errno, f"blkdebug: injected {errno.errorcode[rule.errno]}"
-                                             f" ({os.strerror(rule.errno)}) on {event} at "
-                                             f"{offset}+{length} (rule {rule.index})")
+                raise BlockError(
+                    rule.errno,
+                    f"blkdebug: injected {errno.errorcode[rule.errno]}"
+                    f" ({os.strerror(rule.errno)}) on {event} at "
+                    f"{offset}+{length} (rule {rule.index})",
+                )
 
     async def read(self, offset: int, buf: memoryview) -> None:
         await self._enter("read", offset, buf.nbytes)
@@ -187,12 +206,17 @@ class BlkdebugDriver(BlockDriver):
         await self._enter("flush", 0, 0)
         await self.filtered.flush()
 
-
     def info(self) -> dict[str, Any]:
         return {
-            "rules": [{"index": rule.index, "event": rule.event,
-                       "errno": errno.errorcode[rule.errno], "fired": rule.fired}
-                      for rule in self.rules],
+            "rules": [
+                {
+                    "index": rule.index,
+                    "event": rule.event,
+                    "errno": errno.errorcode[rule.errno],
+                    "fired": rule.fired,
+                }
+                for rule in self.rules
+            ],
             "injected-errors": self.injected,
             "dropped-writes": self.dropped,
             "delayed": self.delayed,

@@ -60,13 +60,20 @@ class BlklogwritesDriver(BlockDriver):
     name = "blklogwrites"
     is_filter = True
     options = {
-        "log-sector-size": Option("size", None, "log sector size, a power of two (default "
-                                                "512; taken from the log with log-append)"),
-        "log-append": Option("bool", False, "append to the log in the log image instead of "
-                                            "starting a new one"),
-        "log-super-update-interval": Option("int", 4096, "rewrite the super block (and flush "
-                                                         "the log) every this many entries",
-                                            minimum=1),
+        "log-sector-size": Option(
+            "size",
+            None,
+            "log sector size, a power of two (default 512; taken from the log with log-append)",
+        ),
+        "log-append": Option(
+            "bool", False, "append to the log in the log image instead of starting a new one"
+        ),
+        "log-super-update-interval": Option(
+            "int",
+            4096,
+            "rewrite the super block (and flush the log) every this many entries",
+            minimum=1,
+        ),
     }
     children = {
         "file": ChildSpec(help="the node whose writes are logged"),
@@ -81,14 +88,19 @@ class BlklogwritesDriver(BlockDriver):
         self.next_sector = 1
         if values["log-append"]:
             if size is not None:
-                raise BlockError(errno.EINVAL, "blklogwrites: log-append and log-sector-size "
-                                               "are mutually exclusive")
+                raise BlockError(
+                    errno.EINVAL,
+                    "blklogwrites: log-append and log-sector-size are mutually exclusive",
+                )
             size = await self._find_end()
         elif size is None:
             size = DEFAULT_SECTOR
         if not sector_size_valid(size):
-            raise BlockError(errno.EINVAL, f"blklogwrites: invalid log sector size {size} "
-                                           f"(a power of two from {ENTRY.size} to 8M)")
+            raise BlockError(
+                errno.EINVAL,
+                f"blklogwrites: invalid log sector size {size} "
+                f"(a power of two from {ENTRY.size} to 8M)",
+            )
         self.sector_size = size
         self.bits = size.bit_length() - 1
         self.request_alignment = size
@@ -119,13 +131,16 @@ class BlklogwritesDriver(BlockDriver):
         sector = 1
         for index in range(entries):
             if (sector << bits) + ENTRY.size > self.log.node.size:
-                raise BlockError(errno.EINVAL, f"blklogwrites: the log ends before entry "
-                                               f"{index} of {entries}")
-            _, count, flags, _ = ENTRY.unpack(bytes(await self.log.read(sector << bits,
-                                                                        ENTRY.size)))
+                raise BlockError(
+                    errno.EINVAL, f"blklogwrites: the log ends before entry {index} of {entries}"
+                )
+            _, count, flags, _ = ENTRY.unpack(
+                bytes(await self.log.read(sector << bits, ENTRY.size))
+            )
             if flags & ~KNOWN_FLAGS:
-                raise BlockError(errno.EINVAL, f"blklogwrites: invalid flags {flags:#x} in "
-                                               f"log entry {index}")
+                raise BlockError(
+                    errno.EINVAL, f"blklogwrites: invalid flags {flags:#x} in log entry {index}"
+                )
             sector += 1 if flags & DISCARD else 1 + count
         self.entries, self.next_sector = entries, sector
         return size
@@ -149,15 +164,22 @@ class BlklogwritesDriver(BlockDriver):
         head = ENTRY.pack(sector, count, flags, len(mark)) + mark
         return head + bytes(self.sector_size - len(head))
 
-    async def _append(self, offset: int, length: int, flags: int,
-                      data: memoryview | bytes | None = None) -> None:
+    async def _append(
+        self, offset: int, length: int, flags: int, data: memoryview | bytes | None = None
+    ) -> None:
         """Log a request the child has done: ``data`` for a write, None for a zero write
         (logged as zeros) or a discard (logged without data)."""
         at = self._reserve(0 if flags & DISCARD else length >> self.bits)
         await self._put(at, offset, length, flags, data)
 
-    async def _put(self, at: int, offset: int, length: int, flags: int,
-                   data: memoryview | bytes | bytearray | None) -> None:
+    async def _put(
+        self,
+        at: int,
+        offset: int,
+        length: int,
+        flags: int,
+        data: memoryview | bytes | bytearray | None,
+    ) -> None:
         """Write an entry into the place :meth:`_reserve` gave it."""
         entry = self._entry(offset >> self.bits, length >> self.bits, flags)
         if data is not None:
@@ -236,7 +258,7 @@ class BlklogwritesDriver(BlockDriver):
             have = min(end, self.file.node.size) - start
             if have > 0:
                 await self.file.readinto(start, memoryview(merged)[:have])
-            merged[offset - start:offset - start + length] = bytes(length)
+            merged[offset - start : offset - start + length] = bytes(length)
             await self.write(start, memoryview(merged))
 
     async def discard(self, offset: int, length: int) -> None:
@@ -263,7 +285,6 @@ class BlklogwritesDriver(BlockDriver):
             raise
         await self.log.write(at, self._entry(0, 0, FLUSH))
         await self._write_super(flush=True)
-
 
     def info(self) -> dict[str, Any]:
         return {"log-sector-size": self.sector_size, "log-entries": self.entries}

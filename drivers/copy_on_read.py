@@ -26,16 +26,22 @@ class CopyOnReadDriver(BlockDriver):
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         if values["read-only"]:
-            raise BlockError(errno.EINVAL, "copy-on-read: the node must be writable (it writes "
-                                           "what it reads into the top image)")
+            raise BlockError(
+                errno.EINVAL,
+                "copy-on-read: the node must be writable (it writes "
+                "what it reads into the top image)",
+            )
         self.locks = RangeLocks()
         self.copied_bytes = 0
         self.copy_ups = 0
 
     async def reopen(self, values: Mapping[str, Any]) -> None:
         if values["read-only"]:
-            raise BlockError(errno.EINVAL, "copy-on-read: the node must stay writable (it "
-                                           "writes what it reads into the top image)")
+            raise BlockError(
+                errno.EINVAL,
+                "copy-on-read: the node must stay writable (it "
+                "writes what it reads into the top image)",
+            )
         await super().reopen(values)
 
     async def read(self, offset: int, buf: memoryview) -> None:
@@ -47,7 +53,7 @@ class CopyOnReadDriver(BlockDriver):
         async with self.locks.hold(offset, length):
             await self.filtered.readinto(offset, buf)
             for start, span in await self._from_below(offset, length):
-                await self.filtered.write(start, buf[start - offset:start - offset + span])
+                await self.filtered.write(start, buf[start - offset : start - offset + span])
                 self.copied_bytes += span
                 self.copy_ups += 1
 
@@ -65,13 +71,13 @@ class CopyOnReadDriver(BlockDriver):
             position += extent.length
         return pieces
 
-    def child_perm(self, child: Child, writable: bool, perm: Perm,
-                   shared: Perm) -> tuple[Perm, Perm]:
+    def child_perm(
+        self, child: Child, writable: bool, perm: Perm, shared: Perm
+    ) -> tuple[Perm, Perm]:
         """Its parents' needs, and writing unchanged data, which is what a copy-up does, while
         the node may write (reference: cor_child_perm)."""
         passthrough = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
         return (perm & passthrough) | (Perm.WRITE_UNCHANGED if writable else Perm(0)), shared
-
 
     async def write(self, offset: int, data: memoryview) -> None:
         async with self.locks.hold(offset, data.nbytes):

@@ -136,14 +136,26 @@ class FileDriver(BlockDriver):
     growable = True
     options = {
         "filename": Option("str", REQUIRED, "path of the host image file"),
-        "locking": Option("enum", "auto", "QEMU-compatible image locking (auto: where the "
-                          "host filesystem supports it)", choices=("auto", "on", "off")),
-        "cache.direct": Option("bool", False, "bypass the host page cache (O_DIRECT), as "
-                               "QEMU's cache.direct; requests are aligned to the file's "
-                               "logical block size"),
-        "aio": Option("enum", "threads", "how host calls that may block leave the event "
-                      "loop, as QEMU's aio: threads (io_uring and native are not implemented)",
-                      choices=("threads", "io_uring", "native")),
+        "locking": Option(
+            "enum",
+            "auto",
+            "QEMU-compatible image locking (auto: where the host filesystem supports it)",
+            choices=("auto", "on", "off"),
+        ),
+        "cache.direct": Option(
+            "bool",
+            False,
+            "bypass the host page cache (O_DIRECT), as "
+            "QEMU's cache.direct; requests are aligned to the file's "
+            "logical block size",
+        ),
+        "aio": Option(
+            "enum",
+            "threads",
+            "how host calls that may block leave the event "
+            "loop, as QEMU's aio: threads (io_uring and native are not implemented)",
+            choices=("threads", "io_uring", "native"),
+        ),
     }
 
     fd = -1
@@ -158,9 +170,11 @@ class FileDriver(BlockDriver):
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.filename = values["filename"]
         if values["aio"] != "threads":
-            raise OptionError(f"'{self.filename}': aio={values['aio']} is not implemented; "
-                              "use aio=threads (host calls that may block run on worker "
-                              "threads)")
+            raise OptionError(
+                f"'{self.filename}': aio={values['aio']} is not implemented; "
+                "use aio=threads (host calls that may block run on worker "
+                "threads)"
+            )
         self.host = HostQueue(WORKERS_PER_NODE)
         self._changing = RangeLocks()
         """Ranges a worker reads or changes: two host calls on one range never overlap, as
@@ -187,9 +201,12 @@ class FileDriver(BlockDriver):
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
         except OSError as exc:
-            raise BlockError(errno.EINVAL, f"'{self.filename}': cache.direct=on, but the host "
-                                           "filesystem cannot bypass its page cache (O_DIRECT: "
-                                           f"{exc.strerror})") from None
+            raise BlockError(
+                errno.EINVAL,
+                f"'{self.filename}': cache.direct=on, but the host "
+                "filesystem cannot bypass its page cache (O_DIRECT: "
+                f"{exc.strerror})",
+            ) from None
 
     @classmethod
     def same_node(cls, values: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
@@ -198,8 +215,9 @@ class FileDriver(BlockDriver):
             same_file = os.path.samefile(values["filename"], wanted["filename"])
         except OSError:
             return False
-        return same_file and super().same_node({**values, "filename": ""},
-                                               {**wanted, "filename": ""})
+        return same_file and super().same_node(
+            {**values, "filename": ""}, {**wanted, "filename": ""}
+        )
 
     async def reopen(self, values: Mapping[str, Any]) -> None:
         """Only read-only may change: a new descriptor with the new access mode and the same
@@ -212,8 +230,11 @@ class FileDriver(BlockDriver):
                     self._set_direct(fd)
                 old, new = os.fstat(self.fd), os.fstat(fd)
                 if (old.st_dev, old.st_ino) != (new.st_dev, new.st_ino):
-                    raise BlockError(errno.EBUSY, f"'{self.filename}' now names another "
-                                                  "file; change the medium to use that one")
+                    raise BlockError(
+                        errno.EBUSY,
+                        f"'{self.filename}' now names another "
+                        "file; change the medium to use that one",
+                    )
                 self.locks.copy_to(fd)
             except BaseException:
                 os.close(fd)
@@ -229,13 +250,17 @@ class FileDriver(BlockDriver):
         try:
             self.locks.prepare(self.fd, perm, shared)
         except LockConflict as exc:
-            raise BlockError(errno.EBUSY, f"'{self.filename}' is in use by another program "
-                                          f"or node ({exc}; QEMU-compatible image locking)"
-                             ) from None
+            raise BlockError(
+                errno.EBUSY,
+                f"'{self.filename}' is in use by another program "
+                f"or node ({exc}; QEMU-compatible image locking)",
+            ) from None
         except LocksUnsupported as exc:
             if self.node.values["locking"] == "on":
-                raise BlockError(errno.ENOTSUP, f"'{self.filename}': locking=on, but the host "
-                                                f"filesystem cannot lock ({exc})") from None
+                raise BlockError(
+                    errno.ENOTSUP,
+                    f"'{self.filename}': locking=on, but the host filesystem cannot lock ({exc})",
+                ) from None
             self.use_locks = False  # auto: where the host can
 
     def set_perm(self, perm: Perm, shared: Perm) -> None:
@@ -320,7 +345,7 @@ class FileDriver(BlockDriver):
                 stop = min(end, start + BOUNCE_SIZE)
                 length = align_up(stop - start, align)
                 pread_direct(self.fd, bounce[:length], start)
-                buf[position - offset:stop - offset] = bounce[position - start:stop - start]
+                buf[position - offset : stop - offset] = bounce[position - start : stop - start]
                 position = stop
 
     def _write_direct(self, offset: int, data: memoryview) -> None:
@@ -334,13 +359,16 @@ class FileDriver(BlockDriver):
             while position < end:
                 stop = min(end, position + BOUNCE_SIZE)
                 length = align_up(stop - position, align)
-                bounce[:stop - position] = data[position - offset:stop - offset]
-                bounce[stop - position:length] = bytes(length - (stop - position))
+                bounce[: stop - position] = data[position - offset : stop - offset]
+                bounce[stop - position : length] = bytes(length - (stop - position))
                 size = os.lseek(self.fd, 0, os.SEEK_END) if length > stop - position else None
                 if size is not None and size > stop:  # the padding would overwrite data
-                    raise BlockError(errno.EINVAL, f"'{self.filename}': unaligned write at "
-                                                   f"{position}+{stop - position} inside the "
-                                                   "file (cache.direct=on)")
+                    raise BlockError(
+                        errno.EINVAL,
+                        f"'{self.filename}': unaligned write at "
+                        f"{position}+{stop - position} inside the "
+                        "file (cache.direct=on)",
+                    )
                 pwrite_full(self.fd, bounce[:length], position)
                 if size is not None:
                     os.ftruncate(self.fd, stop)
@@ -352,10 +380,13 @@ class FileDriver(BlockDriver):
         before it may be lost whatever a retry says. As QEMU's file-posix (and PostgreSQL)
         do, every later flush fails until the image is opened again (a media change)."""
         if self.flush_error is not None:
-            raise LastingError(errno.EIO, f"'{self.filename}': an earlier flush failed "
-                                        f"({self.flush_error}); what was written before it "
-                                        "may be lost, so no flush succeeds until the medium "
-                                        "is changed (or ejected and inserted)")
+            raise LastingError(
+                errno.EIO,
+                f"'{self.filename}': an earlier flush failed "
+                f"({self.flush_error}); what was written before it "
+                "may be lost, so no flush succeeds until the medium "
+                "is changed (or ejected and inserted)",
+            )
         try:
             await self.host.run(os.fdatasync, self.fd)
         except OSError as exc:
@@ -370,8 +401,13 @@ class FileDriver(BlockDriver):
         if self._can_punch and not self._is_block_device:
             try:
                 async with self._changing.hold(offset, length):
-                    await self.host.run(fallocate, self.fd,
-                                        FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                    await self.host.run(
+                        fallocate,
+                        self.fd,
+                        FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                        offset,
+                        length,
+                    )
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise self._error(exc) from None

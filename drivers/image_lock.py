@@ -49,9 +49,9 @@ def _fcntl(fd: int, command: int, kind: int, offset: int) -> int:
 
 def lock_bytes(perm: Perm, shared: Perm) -> set[int]:
     """The bytes a node holding ``perm`` and sharing ``shared`` locks."""
-    return ({PERM_BASE + bit.value.bit_length() - 1 for bit in PERM_NAMES if bit in perm} |
-            {SHARED_BASE + bit.value.bit_length() - 1 for bit in PERM_NAMES
-             if bit not in shared & ALL})
+    return {PERM_BASE + bit.value.bit_length() - 1 for bit in PERM_NAMES if bit in perm} | {
+        SHARED_BASE + bit.value.bit_length() - 1 for bit in PERM_NAMES if bit not in shared & ALL
+    }
 
 
 class ImageLocks:

@@ -33,8 +33,9 @@ class WriteHook(Protocol):
     writes_below: bool
     """The job writes the backing chain below its filter (a commit)."""
 
-    async def intercept(self, offset: int, length: int,
-                        call: Callable[[], Awaitable[None]]) -> None: ...
+    async def intercept(
+        self, offset: int, length: int, call: Callable[[], Awaitable[None]]
+    ) -> None: ...
 
 
 class JobFilter(BlockDriver):
@@ -45,12 +46,16 @@ class JobFilter(BlockDriver):
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         job = self.node.registry("jobs").get(values["job"])
         if job is None:
-            raise BlockError(errno.EINVAL, f"{self.name}: no running job '{values['job']}' "
-                                           "(block jobs make these nodes themselves)")
+            raise BlockError(
+                errno.EINVAL,
+                f"{self.name}: no running job '{values['job']}' "
+                "(block jobs make these nodes themselves)",
+            )
         self.job: WriteHook = job
 
-    def child_perm(self, child: Child, writable: bool, perm: Perm,
-                   shared: Perm) -> tuple[Perm, Perm]:
+    def child_perm(
+        self, child: Child, writable: bool, perm: Perm, shared: Perm
+    ) -> tuple[Perm, Perm]:
         nperm, nshared = super().child_perm(child, writable, perm, shared)
         job = self.node.registry("jobs").get(self.node.values["job"])
         if job is not None and job.writes_below:
@@ -58,16 +63,15 @@ class JobFilter(BlockDriver):
         return nperm, nshared
 
     async def write(self, offset: int, data: memoryview) -> None:
-        await self.job.intercept(offset, data.nbytes,
-                                 lambda: self.filtered.write(offset, data))
+        await self.job.intercept(offset, data.nbytes, lambda: self.filtered.write(offset, data))
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        await self.job.intercept(offset, length,
-                                 lambda: self.filtered.write_zeroes(offset, length, unmap))
+        await self.job.intercept(
+            offset, length, lambda: self.filtered.write_zeroes(offset, length, unmap)
+        )
 
     async def discard(self, offset: int, length: int) -> None:
-        await self.job.intercept(offset, length,
-                                 lambda: self.filtered.discard(offset, length))
+        await self.job.intercept(offset, length, lambda: self.filtered.discard(offset, length))
 
 
 class MirrorTopDriver(JobFilter):
@@ -88,6 +92,7 @@ class CommitTopDriver(JobFilter):
 
     name = "commit-top"
 
-    def child_perm(self, child: Child, writable: bool, perm: Perm,
-                   shared: Perm) -> tuple[Perm, Perm]:
+    def child_perm(
+        self, child: Child, writable: bool, perm: Perm, shared: Perm
+    ) -> tuple[Perm, Perm]:
         return NO_PERM, ALL

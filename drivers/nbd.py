@@ -95,8 +95,9 @@ class Connection:
     """One negotiated connection: requests go out under a lock (a message is never
     interleaved with another), replies come in through :meth:`receive_replies`."""
 
-    def __init__(self, stream: trio.SocketStream, negotiated: Negotiated,
-                 rx: ReceiveBuffer) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, negotiated: Negotiated, rx: ReceiveBuffer
+    ) -> None:
         self.stream = stream
         self.negotiated = negotiated
         self.transmission = ClientTransmission(negotiated)
@@ -106,8 +107,15 @@ class Connection:
         self._send_lock = trio.Lock()
         self._waiters: dict[int, _Waiter] = {}
 
-    async def call(self, kind: Cmd, offset: int, length: int, flags: CmdFlag = NO_FLAGS,
-                   data: memoryview | None = None, buf: memoryview | None = None) -> Reply:
+    async def call(
+        self,
+        kind: Cmd,
+        offset: int,
+        length: int,
+        flags: CmdFlag = NO_FLAGS,
+        data: memoryview | None = None,
+        buf: memoryview | None = None,
+    ) -> Reply:
         """Send one request and wait for its reply; :class:`Lost` if the connection went."""
         if self.lost is not None:
             raise Lost(self.lost)
@@ -149,8 +157,13 @@ class Connection:
                     if waiter is not None:
                         waiter.reply = reply
                         waiter.event.set()
-        except (OSError, EOFError, ProtocolError, trio.BrokenResourceError,
-                trio.ClosedResourceError) as exc:
+        except (
+            OSError,
+            EOFError,
+            ProtocolError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ) as exc:
             self.close(str(exc) or type(exc).__name__)
 
     async def _exactly(self, count: int) -> bytes:
@@ -193,8 +206,9 @@ class Connection:
         self.close(why)
 
 
-async def send_message(stream: trio.SocketStream, header: bytes,
-                       data: memoryview | None = None) -> None:
+async def send_message(
+    stream: trio.SocketStream, header: bytes, data: memoryview | None = None
+) -> None:
     """A header and its data in one ``sendmsg`` (resumed where a send stops short)."""
     parts = [memoryview(header)] if data is None else [memoryview(header), data]
     while parts:
@@ -213,8 +227,9 @@ async def negotiate(address: Address, export: str) -> Connection:
                 await trio.aclose_forcefully(stream)
                 raise
     except trio.TooSlowError:
-        raise BlockError(errno.ETIMEDOUT, f"{where}: no answer within "
-                                          f"{NEGOTIATION_TIMEOUT:.0f}s") from None
+        raise BlockError(
+            errno.ETIMEDOUT, f"{where}: no answer within {NEGOTIATION_TIMEOUT:.0f}s"
+        ) from None
     except Refused as exc:
         listed = f" (the server has: {', '.join(exc.exports)})" if exc.exports else ""
         raise Unavailable(errno.ENOENT, f"{where}: export '{export}': {exc}{listed}") from None
@@ -249,8 +264,14 @@ async def _handshake(stream: trio.SocketStream, export: str) -> Connection:
 class Client:
     """Requests to one export over whichever connection is up; reconnects when it goes."""
 
-    def __init__(self, address: Address, export: str, reconnect_delay: float,
-                 open_timeout: float, writable: bool) -> None:
+    def __init__(
+        self,
+        address: Address,
+        export: str,
+        reconnect_delay: float,
+        open_timeout: float,
+        writable: bool,
+    ) -> None:
         self.address = address
         self.export = export
         self.reconnect_delay = reconnect_delay
@@ -284,8 +305,10 @@ class Client:
 
     def _check(self, negotiated: Negotiated) -> None:
         if self.writable and negotiated.export.flags & TransmissionFlag.READ_ONLY:
-            raise BlockError(errno.EROFS, f"nbd: {self.address} exports '{self.export}' "
-                                          "read-only; open it with read-only=on")
+            raise BlockError(
+                errno.EROFS,
+                f"nbd: {self.address} exports '{self.export}' read-only; open it with read-only=on",
+            )
 
     async def _connect(self, deadline: float | None) -> Connection:
         """A negotiated connection, trying until ``deadline`` (None: forever); an export
@@ -295,8 +318,9 @@ class Client:
             try:
                 return await negotiate(self.address, self.export)
             except BlockError as exc:
-                if deadline is not None and (isinstance(exc, Unavailable) or
-                                             trio.current_time() + pause > deadline):
+                if deadline is not None and (
+                    isinstance(exc, Unavailable) or trio.current_time() + pause > deadline
+                ):
                     raise
                 log.debug("%s", exc)
             await trio.sleep(pause)
@@ -311,11 +335,19 @@ class Client:
                     await connection.receive_replies()
                     self._gone(connection)
                     if not self.reconnect_delay:
-                        log.error("nbd: lost %s (%s); reconnect-delay is 0: the node fails "
-                                  "until its medium is changed", self.address, connection.lost)
+                        log.error(
+                            "nbd: lost %s (%s); reconnect-delay is 0: the node fails "
+                            "until its medium is changed",
+                            self.address,
+                            connection.lost,
+                        )
                         return
-                    log.warning("nbd: lost %s (%s); reconnecting, requests wait up to %gs",
-                                self.address, connection.lost, self.reconnect_delay)
+                    log.warning(
+                        "nbd: lost %s (%s); reconnecting, requests wait up to %gs",
+                        self.address,
+                        connection.lost,
+                        self.reconnect_delay,
+                    )
                     self.connection = await self._reconnect(connection.negotiated)
                     self.reconnects += 1
                     self._back.set()
@@ -343,17 +375,27 @@ class Client:
             try:
                 self._check(connection.negotiated)
                 if export.size != before.export.size:
-                    raise BlockError(errno.EIO, f"nbd: {self.address} export '{self.export}' "
-                                                f"is now {export.size} bytes, not "
-                                                f"{before.export.size}")
+                    raise BlockError(
+                        errno.EIO,
+                        f"nbd: {self.address} export '{self.export}' "
+                        f"is now {export.size} bytes, not "
+                        f"{before.export.size}",
+                    )
                 return connection
             except BlockError as exc:
                 log.error("%s; trying again", exc)
                 connection.close("a different export")
                 await trio.sleep(RETRY_MAX)
 
-    async def call(self, kind: Cmd, offset: int, length: int, flags: CmdFlag = NO_FLAGS,
-                   data: memoryview | None = None, buf: memoryview | None = None) -> Reply:
+    async def call(
+        self,
+        kind: Cmd,
+        offset: int,
+        length: int,
+        flags: CmdFlag = NO_FLAGS,
+        data: memoryview | None = None,
+        buf: memoryview | None = None,
+    ) -> Reply:
         """One request, sent again on a new connection if the one it went out on is lost
         within ``reconnect-delay``; EIO if no connection comes back in time."""
         while True:
@@ -370,11 +412,15 @@ class Client:
                 return connection
             deadline = self._lost_at + self.reconnect_delay
             if trio.current_time() >= deadline or self._scope.cancel_called:
-                raise BlockError(errno.EIO, f"nbd: {self.address}: the connection is lost "
-                                            + ("and did not come back within "
-                                               f"{self.reconnect_delay:g}s"
-                                               if self.reconnect_delay else
-                                               "(reconnect-delay=0)"))
+                raise BlockError(
+                    errno.EIO,
+                    f"nbd: {self.address}: the connection is lost "
+                    + (
+                        f"and did not come back within {self.reconnect_delay:g}s"
+                        if self.reconnect_delay
+                        else "(reconnect-delay=0)"
+                    ),
+                )
             with trio.move_on_at(deadline):
                 await self._back.wait()
 
@@ -389,24 +435,32 @@ class Client:
 class NbdDriver(BlockDriver):
     name = "nbd"
     options = {
-        "server.type": Option("enum", "inet", "how to reach the server",
-                              choices=("inet", "unix")),
+        "server.type": Option("enum", "inet", "how to reach the server", choices=("inet", "unix")),
         "server.host": Option("str", None, "its host name or address (server.type=inet)"),
-        "server.port": Option("int", DEFAULT_PORT, "its TCP port (server.type=inet)",
-                              minimum=1),
+        "server.port": Option("int", DEFAULT_PORT, "its TCP port (server.type=inet)", minimum=1),
         "server.path": Option("str", None, "its unix socket (server.type=unix)"),
         "export": Option("str", "", "the export's name (default: the server's default)"),
-        "reconnect-delay": Option("duration", 0, "seconds requests wait for a lost server to "
-                                                 "come back (0: a lost server fails the node)"),
-        "open-timeout": Option("duration", 0, "seconds to keep trying to connect when "
-                                              "opening (0: one attempt)"),
+        "reconnect-delay": Option(
+            "duration",
+            0,
+            "seconds requests wait for a lost server to "
+            "come back (0: a lost server fails the node)",
+        ),
+        "open-timeout": Option(
+            "duration", 0, "seconds to keep trying to connect when opening (0: one attempt)"
+        ),
     }
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         address = _address(values)
         self.node.check_nbd_server(address.path, address.host, address.port)
-        self.client = Client(address, values["export"], values["reconnect-delay"],
-                             values["open-timeout"], writable=not self.node.read_only)
+        self.client = Client(
+            address,
+            values["export"],
+            values["reconnect-delay"],
+            values["open-timeout"],
+            writable=not self.node.read_only,
+        )
         await self.client.open()
         negotiated = self.client.negotiated
         export = negotiated.export
@@ -417,9 +471,16 @@ class NbdDriver(BlockDriver):
         self._blocks = RangeLocks()
         self.block_status_context = BASE_ALLOCATION in negotiated.contexts
         self.where = f"nbd: {address} export '{values['export']}'"
-        log.info("%s: %d bytes, flags %#x, block sizes %d/%d/%d%s", self.where, export.size,
-                 export.flags, export.min_block, export.preferred_block, export.max_payload,
-                 ", base:allocation" if self.block_status_context else "")
+        log.info(
+            "%s: %d bytes, flags %#x, block sizes %d/%d/%d%s",
+            self.where,
+            export.size,
+            export.flags,
+            export.min_block,
+            export.preferred_block,
+            export.max_payload,
+            ", base:allocation" if self.block_status_context else "",
+        )
 
     async def close(self) -> None:
         await self.client.close()
@@ -430,24 +491,37 @@ class NbdDriver(BlockDriver):
         connection = self.client.connection
         return connection is not None and connection.lost is None
 
-    async def _call(self, kind: Cmd, offset: int, length: int, flags: CmdFlag = NO_FLAGS,
-                    data: memoryview | None = None, buf: memoryview | None = None) -> Reply:
+    async def _call(
+        self,
+        kind: Cmd,
+        offset: int,
+        length: int,
+        flags: CmdFlag = NO_FLAGS,
+        data: memoryview | None = None,
+        buf: memoryview | None = None,
+    ) -> Reply:
         reply = await self.client.call(kind, offset, length, flags, data, buf)
         if reply.error:
-            raise BlockError(reply.error, f"{self.where}: {kind.name} {offset}+{length}: "
-                                          f"{reply.message or os.strerror(reply.error)}")
+            raise BlockError(
+                reply.error,
+                f"{self.where}: {kind.name} {offset}+{length}: "
+                f"{reply.message or os.strerror(reply.error)}",
+            )
         return reply
 
     def _pieces(self, offset: int, length: int, most: int) -> list[tuple[int, int]]:
         """``(start, length)`` of requests of at most ``most`` bytes covering the range."""
         most -= most % self.request_alignment
-        return [(start, min(most, offset + length - start))
-                for start in range(offset, offset + length, most)]
+        return [
+            (start, min(most, offset + length - start))
+            for start in range(offset, offset + length, most)
+        ]
 
     async def read(self, offset: int, buf: memoryview) -> None:
         for start, length in self._pieces(offset, buf.nbytes, self.max_payload):
-            await self._call(Cmd.READ, start, length,
-                             buf=buf[start - offset:start - offset + length])
+            await self._call(
+                Cmd.READ, start, length, buf=buf[start - offset : start - offset + length]
+            )
 
     async def write(self, offset: int, data: memoryview) -> None:
         async with self._hold(offset, data.nbytes):
@@ -455,8 +529,9 @@ class NbdDriver(BlockDriver):
 
     async def _write(self, offset: int, data: memoryview) -> None:
         for start, length in self._pieces(offset, data.nbytes, self.max_payload):
-            await self._call(Cmd.WRITE, start, length,
-                             data=data[start - offset:start - offset + length])
+            await self._call(
+                Cmd.WRITE, start, length, data=data[start - offset : start - offset + length]
+            )
 
     def _hold(self, offset: int, length: int) -> AbstractAsyncContextManager[Any]:
         """Writes wait for the blocks this driver read-modify-writes itself (the edges of
@@ -505,7 +580,7 @@ class NbdDriver(BlockDriver):
         async with self._blocks.hold(start, end - start):
             block = bytearray(end - start)
             await self.read(start, memoryview(block))
-            block[offset - start:offset - start + length] = bytes(length)
+            block[offset - start : offset - start + length] = bytes(length)
             await self._write(start, memoryview(block))
 
     async def length(self) -> int:
@@ -533,9 +608,11 @@ class NbdDriver(BlockDriver):
 
     def info(self) -> dict[str, Any]:
         connection = self.client.connection
-        return {"connected": connection is not None and connection.lost is None,
-                "reconnects": self.client.reconnects,
-                "in-flight": connection.transmission.in_flight if connection else 0}
+        return {
+            "connected": connection is not None and connection.lost is None,
+            "reconnects": self.client.reconnects,
+            "in-flight": connection.transmission.in_flight if connection else 0,
+        }
 
 
 def _address(values: Mapping[str, Any]) -> Address:

@@ -37,8 +37,11 @@ class RawDriver(BlockDriver):
         self.size: int | None = values["size"]
         end = self.child("file").node.size
         if self.offset > end or (self.size is not None and self.offset + self.size > end):
-            raise BlockError(errno.EINVAL, f"raw: offset {self.offset} + size {self.size} "
-                                           f"is beyond the end of the file ({end} bytes)")
+            raise BlockError(
+                errno.EINVAL,
+                f"raw: offset {self.offset} + size {self.size} "
+                f"is beyond the end of the file ({end} bytes)",
+            )
         if self.node.probed:
             self.request_alignment = PROBE_SECTOR
         self.discard_granularity = self.child("file").node.discard_granularity
@@ -48,19 +51,30 @@ class RawDriver(BlockDriver):
         return 1
 
     @classmethod
-    def create(cls, file: BinaryIO, size: int, options: Mapping[str, str],
-               backing: str | None, backing_format: str | None) -> None:
+    def create(
+        cls,
+        file: BinaryIO,
+        size: int,
+        options: Mapping[str, str],
+        backing: str | None,
+        backing_format: str | None,
+    ) -> None:
         """A sparse file of ``size`` bytes, as ``qemu-img create -f raw``."""
         if options:
-            raise BlockError(errno.EINVAL, f"raw: unknown option(s) {', '.join(sorted(options))}"
-                                           " (raw images take none)")
+            raise BlockError(
+                errno.EINVAL,
+                f"raw: unknown option(s) {', '.join(sorted(options))} (raw images take none)",
+            )
         if backing:
-            raise BlockError(errno.EINVAL, "raw: raw images cannot have a backing file "
-                                           "(use -f qcow2 for an overlay)")
+            raise BlockError(
+                errno.EINVAL,
+                "raw: raw images cannot have a backing file (use -f qcow2 for an overlay)",
+            )
         file.truncate(size)
 
-    def child_perm(self, child: Child, writable: bool, perm: Perm,
-                   shared: Perm) -> tuple[Perm, Perm]:
+    def child_perm(
+        self, child: Child, writable: bool, perm: Perm, shared: Perm
+    ) -> tuple[Perm, Perm]:
         """A slice (offset/size) is its file's data, not all of it; either way raw needs write
         and resize of the file only when its parents do (reference: raw_child_perm)."""
         values = self.node.values  # asked before open, when the child is attached
@@ -81,11 +95,14 @@ class RawDriver(BlockDriver):
         if self.node.probed and offset == 0:  # aligned: the whole first sector
             fmt = self.node.probe_format(bytes(data[:PROBE_SECTOR]))
             if fmt != self.name:
-                raise BlockError(errno.EPERM, f"raw: refusing a write that would make the "
-                                              f"probed raw image look like {fmt} (a guest "
-                                              "could make it open host files); name the "
-                                              "format (driver=raw) for a disk that may hold "
-                                              "any data")
+                raise BlockError(
+                    errno.EPERM,
+                    f"raw: refusing a write that would make the "
+                    f"probed raw image look like {fmt} (a guest "
+                    "could make it open host files); name the "
+                    "format (driver=raw) for a disk that may hold "
+                    "any data",
+                )
         await self.child("file").write(self.offset + offset, data)
 
     async def discard(self, offset: int, length: int) -> None:

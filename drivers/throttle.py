@@ -42,7 +42,8 @@ def _limit_options() -> dict[str, Option]:
         options[f"limits.{limit}"] = Option("size", 0, f"{unit} per second (0: no limit)")
         options[f"limits.{limit}-max"] = Option("size", 0, f"burst rate, {unit} per second")
         options[f"limits.{limit}-max-length"] = Option(
-            "float", 1.0, "seconds a burst at the -max rate may last", minimum=0.001)
+            "float", 1.0, "seconds a burst at the -max rate may last", minimum=0.001
+        )
     return options
 
 
@@ -74,20 +75,25 @@ def parse_limits(values: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
         peak = values[f"limits.{limit}-max"]
         length = values[f"limits.{limit}-max-length"]
         if peak and not rate:
-            raise BlockError(errno.EINVAL, f"throttle: limits.{limit}-max needs "
-                                           f"limits.{limit}")
+            raise BlockError(errno.EINVAL, f"throttle: limits.{limit}-max needs limits.{limit}")
         if peak and peak < rate:
-            raise BlockError(errno.EINVAL, f"throttle: limits.{limit}-max ({peak}) is lower "
-                                           f"than limits.{limit} ({rate})")
+            raise BlockError(
+                errno.EINVAL,
+                f"throttle: limits.{limit}-max ({peak}) is lower than limits.{limit} ({rate})",
+            )
         if length != 1.0 and not peak:
-            raise BlockError(errno.EINVAL, f"throttle: limits.{limit}-max-length needs "
-                                           f"limits.{limit}-max")
+            raise BlockError(
+                errno.EINVAL, f"throttle: limits.{limit}-max-length needs limits.{limit}-max"
+            )
         if rate:
             limits[limit] = (float(rate), peak * length if peak else rate / 10)
     for unit in ("bps", "iops"):
         if f"{unit}-total" in limits and ({f"{unit}-read", f"{unit}-write"} & set(limits)):
-            raise BlockError(errno.EINVAL, f"throttle: limits.{unit}-total cannot be combined "
-                                           f"with limits.{unit}-read or limits.{unit}-write")
+            raise BlockError(
+                errno.EINVAL,
+                f"throttle: limits.{unit}-total cannot be combined "
+                f"with limits.{unit}-read or limits.{unit}-write",
+            )
     return limits
 
 
@@ -122,9 +128,11 @@ class ThrottleGroup:
         async with self.queues[kind]:
             start = now = trio.current_time()
             while True:
-                draws = [(bucket, nbytes if limit.startswith("bps") else 1)
-                         for limit in PER_KIND[kind]
-                         if (bucket := self.buckets.get(limit)) is not None]
+                draws = [
+                    (bucket, nbytes if limit.startswith("bps") else 1)
+                    for limit in PER_KIND[kind]
+                    if (bucket := self.buckets.get(limit)) is not None
+                ]
                 for bucket, _ in draws:
                     bucket.refill(now)
                 wait = max((bucket.delay(cost) for bucket, cost in draws), default=0.0)
@@ -144,8 +152,11 @@ class ThrottleDriver(BlockDriver):
     is_filter = True
     reopen_drains = False
     options = {
-        "throttle-group": Option("str", None, "share limits with other nodes of this group "
-                                              "(default: a group of this node alone)"),
+        "throttle-group": Option(
+            "str",
+            None,
+            "share limits with other nodes of this group (default: a group of this node alone)",
+        ),
         **_limit_options(),
     }
     children = {"file": ChildSpec(help="the node whose I/O is throttled")}
@@ -209,7 +220,6 @@ class ThrottleDriver(BlockDriver):
     async def discard(self, offset: int, length: int) -> None:
         await self._throttle("write", length)
         await self.filtered.discard(offset, length)
-
 
     def info(self) -> dict[str, Any]:
         group = self.group

@@ -123,8 +123,16 @@ Sample = dict[str, float]
 Samples = dict[str, dict[str, dict[str, list[Sample]]]]
 """image -> workload -> peer -> one sample per round."""
 
-WORKLOADS = ["seqread", "seqread-warm", "seqwrite", "randread", "randread4", "randread-cold",
-             "randread4-cold", "randwrite"]
+WORKLOADS = [
+    "seqread",
+    "seqread-warm",
+    "seqwrite",
+    "randread",
+    "randread4",
+    "randread-cold",
+    "randread4-cold",
+    "randwrite",
+]
 UNITS = {wl: "MB/s" if wl.startswith("seq") else "IOPS" for wl in WORKLOADS}
 RANDOM = [wl for wl in WORKLOADS if wl.startswith("rand")]
 IMAGES = ["raw", "qcow2", "chain"]
@@ -148,12 +156,15 @@ class QsdConfig:
     """cache.direct=on on the file nodes."""
 
 
-QSD_CONFIGS = {"qsd": QsdConfig(None, False, False),
-               "qsd-uring": QsdConfig("io_uring", True, False),
-               "qsd-direct": QsdConfig("io_uring", True, True)}
+QSD_CONFIGS = {
+    "qsd": QsdConfig(None, False, False),
+    "qsd-uring": QsdConfig("io_uring", True, False),
+    "qsd-direct": QsdConfig("io_uring", True, True),
+}
 
 
 # -- cleanup ---------------------------------------------------------------------------------
+
 
 class Cleanup:
     """Everything started is registered here and torn down in reverse order exactly once."""
@@ -199,6 +210,7 @@ CLEANUP = Cleanup()
 
 # -- images ----------------------------------------------------------------------------------
 
+
 def copy_image(src: Path, dst: Path) -> None:
     run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)])
 
@@ -230,13 +242,41 @@ def make_images(d: Path, size: int, which: list[str]) -> dict[str, Path]:
         c.mkdir(exist_ok=True)
         copy_image(out["qcow2"], c / "base.qcow2")
         # relative backing names, so a copy of the directory is a working chain
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-             "mid.qcow2"], cwd=c)
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
-             "top.qcow2"], cwd=c)
+        run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "mid.qcow2",
+            ],
+            cwd=c,
+        )
+        run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+            cwd=c,
+        )
         step = size // 8
-        for name, pattern, offsets in (("mid.qcow2", 0x11, (1, 3, 5)),
-                                       ("top.qcow2", 0x22, (2, 5, 7))):
+        for name, pattern, offsets in (
+            ("mid.qcow2", 0x11, (1, 3, 5)),
+            ("top.qcow2", 0x22, (2, 5, 7)),
+        ):
             cmds: list[str] = []
             for k in offsets:
                 cmds += ["-c", f"write -q -P {pattern} {k * step} 1M"]
@@ -254,6 +294,7 @@ def copy_set(image: Path, dst_dir: Path) -> Path:
 
 
 # -- peers -----------------------------------------------------------------------------------
+
 
 def blkfs_mount(mnt: Path, backends: dict[str, Path | str], *extra: str) -> int:
     """Mount blkfs with backends given as image paths or option strings, and ``extra``
@@ -288,8 +329,9 @@ class Qsd:
         self.proc, self.files, self.logf = proc, files, logf
 
 
-def qsd_start(d: Path, exports: dict[str, Path], fmt: str, cfg: QsdConfig,
-              direct: tuple[str, ...] = ()) -> Qsd:
+def qsd_start(
+    d: Path, exports: dict[str, Path], fmt: str, cfg: QsdConfig, direct: tuple[str, ...] = ()
+) -> Qsd:
     """One qemu-storage-daemon exporting each image as the FUSE file ``d/NAME``; the exports
     named in ``direct`` with cache.direct=on whatever ``cfg`` says."""
     cmd = ["qemu-storage-daemon"]
@@ -300,16 +342,21 @@ def qsd_start(d: Path, exports: dict[str, Path], fmt: str, cfg: QsdConfig,
         mp = d / name
         mp.touch()
         files.append(str(mp))
-        fopts = (f",aio={cfg.aio}" if cfg.aio else "") + (",cache.direct=on" if cfg.direct
-                                                           or name in direct else "")
-        cmd += ["--blockdev", f"driver=file,node-name=f{i},filename={img}{fopts}",
-                "--blockdev", f"driver={fmt},node-name=n{i},file=f{i}",
-                "--export", f"type=fuse,id=e{i},node-name=n{i},mountpoint={mp},writable=on"
-                            + (",iothread=io0" if cfg.iothread else "")]
+        fopts = (f",aio={cfg.aio}" if cfg.aio else "") + (
+            ",cache.direct=on" if cfg.direct or name in direct else ""
+        )
+        cmd += [
+            "--blockdev",
+            f"driver=file,node-name=f{i},filename={img}{fopts}",
+            "--blockdev",
+            f"driver={fmt},node-name=n{i},file=f{i}",
+            "--export",
+            f"type=fuse,id=e{i},node-name=n{i},mountpoint={mp},writable=on"
+            + (",iothread=io0" if cfg.iothread else ""),
+        ]
     logf = d / "qsd.log"
     with open(logf, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     q = Qsd(proc, files, logf)
     CLEANUP.add("qsd", q)
     deadline = time.monotonic() + 60
@@ -388,8 +435,7 @@ def build_limit(work: Path) -> Path:
     """scripts/bench.d/fuse_passthrough.c, compiled into ``work``."""
     flags = run(["pkg-config", "--cflags", "--libs", "fuse3"]).stdout.split()
     binary = work / "fuse_passthrough"
-    run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(LIMIT_SOURCE),
-         *flags])
+    run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(LIMIT_SOURCE), *flags])
     return binary
 
 
@@ -399,17 +445,20 @@ def limit_start(binary: Path, d: Path, exports: dict[str, Path]) -> FuseServers:
     CLEANUP.add("fuse", servers)
     for name, img in exports.items():
         mnt = d / f"limit-{name}"
-        fuse_server_mount(servers, mnt, [str(binary), str(img), str(mnt)],
-                          d / f"limit-{name}.log")
+        fuse_server_mount(servers, mnt, [str(binary), str(img), str(mnt)], d / f"limit-{name}.log")
     return servers
 
 
-def qemu_nbd_serve(sock: Path, img: Path, fmt: str, logf: Any,
-                   *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+def qemu_nbd_serve(
+    sock: Path, img: Path, fmt: str, logf: Any, *extra: str
+) -> tuple[subprocess.Popen[bytes], Path]:
     """qemu-nbd serving IMG as the default export on SOCK, to up to 8 clients at once."""
-    proc = subprocess.Popen(["qemu-nbd", "-f", fmt, "-t", "-e", "8", "-k", str(sock), *extra,
-                             str(img)], stdout=logf, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["qemu-nbd", "-f", fmt, "-t", "-e", "8", "-k", str(sock), *extra, str(img)],
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 30
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -423,8 +472,7 @@ def fuse_server_mount(servers: FuseServers, mnt: Path, cmd: list[str], log_path:
     """Start a FUSE server (CMD) on MNT, serving MNT/disk, and wait until it serves."""
     mnt.mkdir(exist_ok=True)
     with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     servers.procs.append(proc)
     servers.files.append(str(mnt / "disk"))
     deadline = time.monotonic() + 60
@@ -462,18 +510,41 @@ def peer_path(kind: str, obj: Any) -> str:
 
 # -- workloads -------------------------------------------------------------------------------
 
-def fio(filename: str, size: int, rw: str, bs: str, runtime: float | None,
-        numjobs: int = 1, extra: tuple[str, ...] = (), ramp: int = 0,
-        direct: bool = False) -> Results:
+
+def fio(
+    filename: str,
+    size: int,
+    rw: str,
+    bs: str,
+    runtime: float | None,
+    numjobs: int = 1,
+    extra: tuple[str, ...] = (),
+    ramp: int = 0,
+    direct: bool = False,
+) -> Results:
     """One fio job (the group's figures with several); its JSON."""
     fd, name = tempfile.mkstemp(prefix="bench-fio-", suffix=".json")
     os.close(fd)
     out = Path(name)
-    cmd = ["fio", "--name=bench", f"--filename={filename}", f"--size={size}",
-           "--ioengine=psync", "--iodepth=1", f"--direct={int(direct)}", f"--rw={rw}",
-           f"--bs={bs}", f"--numjobs={numjobs}", "--group_reporting", "--fallocate=none",
-           "--randrepeat=0", "--invalidate=0", "--output-format=json", f"--output={out}",
-           *extra]
+    cmd = [
+        "fio",
+        "--name=bench",
+        f"--filename={filename}",
+        f"--size={size}",
+        "--ioengine=psync",
+        "--iodepth=1",
+        f"--direct={int(direct)}",
+        f"--rw={rw}",
+        f"--bs={bs}",
+        f"--numjobs={numjobs}",
+        "--group_reporting",
+        "--fallocate=none",
+        "--randrepeat=0",
+        "--invalidate=0",
+        "--output-format=json",
+        f"--output={out}",
+        *extra,
+    ]
     if runtime:
         cmd += ["--time_based", f"--runtime={runtime}"]
     if ramp:
@@ -483,7 +554,7 @@ def fio(filename: str, size: int, rw: str, bs: str, runtime: float | None,
         text = out.read_text()
     finally:
         out.unlink(missing_ok=True)
-    job: Results = json.loads(text[text.index("{"):])["jobs"][0]
+    job: Results = json.loads(text[text.index("{") :])["jobs"][0]
     return job
 
 
@@ -493,8 +564,15 @@ def warm(host_dir: Path) -> None:
         run(["dd", f"if={f}", "of=/dev/null", "bs=4M"], timeout=3600)
 
 
-def workload(name: str, f: str, size: int, runtime: float, host_dir: Path, ramp: int = 0,
-             direct_reads: bool = False) -> Sample:
+def workload(
+    name: str,
+    f: str,
+    size: int,
+    runtime: float,
+    host_dir: Path,
+    ramp: int = 0,
+    direct_reads: bool = False,
+) -> Sample:
     """Run one workload on file F (whose image files are in HOST_DIR)."""
     if name in ("seqread", "seqwrite") or name.endswith("-cold"):
         drop_caches()
@@ -502,8 +580,10 @@ def workload(name: str, f: str, size: int, runtime: float, host_dir: Path, ramp:
         warm(host_dir)
     if name in ("seqread", "seqread-warm"):
         t0 = time.monotonic()
-        run(["dd", f"if={f}", "of=/dev/null", "bs=1M", *(["iflag=direct"] * direct_reads)],
-            timeout=3600)
+        run(
+            ["dd", f"if={f}", "of=/dev/null", "bs=1M", *(["iflag=direct"] * direct_reads)],
+            timeout=3600,
+        )
         return {"value": size / (time.monotonic() - t0) / 1e6}
     if name == "seqwrite":
         # one full pass; wall time includes fio's final fsync
@@ -514,8 +594,16 @@ def workload(name: str, f: str, size: int, runtime: float, host_dir: Path, ramp:
         raise ValueError(name)
     rw = "randwrite" if name == "randwrite" else "randread"
     jobs = 4 if name.startswith("randread4") else 1
-    job = fio(f, size, rw, "4k", runtime, numjobs=jobs, ramp=ramp,
-              direct=direct_reads and rw == "randread")
+    job = fio(
+        f,
+        size,
+        rw,
+        "4k",
+        runtime,
+        numjobs=jobs,
+        ramp=ramp,
+        direct=direct_reads and rw == "randread",
+    )
     side = job["write" if rw == "randwrite" else "read"]
     sample = {"value": float(side["iops"])}
     pct = side.get("clat_ns", {}).get("percentile", {})
@@ -553,9 +641,16 @@ class Bench:
     def _run_peer(self, peer: str, image: str, src: Path, d: Path) -> None:
         # r: the reads; w1: randwrite; w2: seqwrite -- each on its own fresh copy
         imgs = {g: copy_set(src, d / f"img-{g}") for g in ("r", "w1", "w2")}
-        order = [("seqread", "r"), ("seqread-warm", "r"), ("randread", "r"),
-                 ("randread4", "r"), ("randread-cold", "r"), ("randread4-cold", "r"),
-                 ("randwrite", "w1"), ("seqwrite", "w2")]
+        order = [
+            ("seqread", "r"),
+            ("seqread-warm", "r"),
+            ("randread", "r"),
+            ("randread4", "r"),
+            ("randread-cold", "r"),
+            ("randread4-cold", "r"),
+            ("randwrite", "w1"),
+            ("seqwrite", "w2"),
+        ]
         fmt = "raw" if image == "raw" else "qcow2"
         pid = None
         if peer == "host":
@@ -582,8 +677,15 @@ class Bench:
         for wl, g in order:
             before = proc_stats(pid) if pid else {}
             try:
-                sample = workload(wl, files[g], self.size, self.runtime, imgs[g].parent,
-                                  self.ramp, direct_reads=peer in PAGE_CACHED)
+                sample = workload(
+                    wl,
+                    files[g],
+                    self.size,
+                    self.runtime,
+                    imgs[g].parent,
+                    self.ramp,
+                    direct_reads=peer in PAGE_CACHED,
+                )
             except Exception as exc:
                 log(f"  {image:6} {peer:12} {wl:14} FAILED: {exc}")
                 res.setdefault(wl, {}).setdefault(peer, [])
@@ -601,11 +703,15 @@ class Bench:
         if pid:
             st = proc_stats(pid)
             self.daemons.setdefault(image, {}).setdefault(peer, []).append(
-                {"peak_rss_mib": round(st.get("VmHWM", 0), 1),
-                 "cpu_s": round(st.get("cpu_s", 0), 2)})
+                {
+                    "peak_rss_mib": round(st.get("VmHWM", 0), 1),
+                    "cpu_s": round(st.get("cpu_s", 0), 2),
+                }
+            )
 
 
 # -- memory ----------------------------------------------------------------------------------
+
 
 def many_backends_rss(work: Path, count: int) -> Results:
     """One blkfs daemon with ``count`` backends, each a qcow2 overlay over one shared base
@@ -618,8 +724,21 @@ def many_backends_rss(work: Path, count: int) -> Results:
     try:
         run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / "base.qcow2"), "64M"])
         run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x5a 0 8M", str(d / "base.qcow2")])
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-             "o0.qcow2"], cwd=d)
+        run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "o0.qcow2",
+            ],
+            cwd=d,
+        )
         for i in range(1, count):
             shutil.copyfile(d / "o0.qcow2", d / f"o{i}.qcow2")
         t0 = time.monotonic()
@@ -632,9 +751,11 @@ def many_backends_rss(work: Path, count: int) -> Results:
                 f.seek(rng.randrange(0, 8 * MiB, 64 * 1024))
                 f.read(64 * 1024)
         out["after_reads"] = proc_stats(pid)
-        log(f"  {count} backends: mount {out['mount_s']}s, hwm after mount "
+        log(
+            f"  {count} backends: mount {out['mount_s']}s, hwm after mount "
             f"{out['after_mount'].get('VmHWM', 0):.1f} MiB, after a read from each "
-            f"{out['after_reads'].get('VmHWM', 0):.1f} MiB")
+            f"{out['after_reads'].get('VmHWM', 0):.1f} MiB"
+        )
     except subprocess.TimeoutExpired as exc:
         out["error"] = f"blkfs mount with {count} backends did not finish in {exc.timeout:.0f}s"
         log(f"  {count} backends FAILED: {out['error']}")
@@ -643,8 +764,9 @@ def many_backends_rss(work: Path, count: int) -> Results:
         log(f"  {count} backends FAILED: {out['error']}")
     finally:
         drop_scratch_mount(mnt, d)
-    out["peak_rss_mib"] = round(max(out.get(k, {}).get("VmHWM", 0)
-                                    for k in ("after_mount", "after_reads")), 1)
+    out["peak_rss_mib"] = round(
+        max(out.get(k, {}).get("VmHWM", 0) for k in ("after_mount", "after_reads")), 1
+    )
     out["ok"] = out["peak_rss_mib"] < 150 and "error" not in out
     return out
 
@@ -665,23 +787,32 @@ def sparse_rss(work: Path, runtime: float) -> Results:
         job = fio(f, size, "randread", "4k", runtime)
         out["randread_iops"] = job["read"]["iops"]
         out["after_randread"] = proc_stats(pid)
-        log(f"  sparse 1T  randread 4k:     {job['read']['iops']:10.0f} IOPS  "
-            f"hwm {out['after_randread'].get('VmHWM', 0):6.1f} MiB")
+        log(
+            f"  sparse 1T  randread 4k:     {job['read']['iops']:10.0f} IOPS  "
+            f"hwm {out['after_randread'].get('VmHWM', 0):6.1f} MiB"
+        )
         job = fio(f, size, "randwrite", "4k", runtime, extra=("--end_fsync=1",))
         out["randwrite_iops"] = job["write"]["iops"]
         out["randwrite_ios"] = job["write"]["total_ios"]
         out["after_randwrite"] = proc_stats(pid)
-        log(f"  sparse 1T  randwrite 4k:    {job['write']['iops']:10.0f} IOPS "
+        log(
+            f"  sparse 1T  randwrite 4k:    {job['write']['iops']:10.0f} IOPS "
             f"({job['write']['total_ios']} writes)  "
-            f"hwm {out['after_randwrite'].get('VmHWM', 0):6.1f} MiB")
+            f"hwm {out['after_randwrite'].get('VmHWM', 0):6.1f} MiB"
+        )
         out["host_file_mib"] = round(os.stat(img).st_blocks * 512 / MiB, 1)
     except Exception as exc:
         out["error"] = str(exc)[-1000:]
         log(f"  sparse 1T FAILED: {exc}")
     finally:
         drop_scratch_mount(mnt, d)
-    out["peak_rss_mib"] = round(max(out.get(k, {}).get("VmHWM", 0) for k in
-                                    ("after_mount", "after_randread", "after_randwrite")), 1)
+    out["peak_rss_mib"] = round(
+        max(
+            out.get(k, {}).get("VmHWM", 0)
+            for k in ("after_mount", "after_randread", "after_randwrite")
+        ),
+        1,
+    )
     out["target_mib"] = 150
     out["ok"] = out["peak_rss_mib"] < 150 and "error" not in out
     return out
@@ -701,11 +832,15 @@ def throttle_check(work: Path, rate: int) -> Results:
     with open(img, "wb") as host_file:
         host_file.truncate(4 * rate * int(THROTTLE_SECONDS) + 64 * MiB)
     mnt = d / "mnt"
-    blkfs_mount(mnt, {"thr": f"driver=throttle,node-name=thr,limits.bps-read={rate},"
-                             f"file.driver=file,file.filename={img}"})
+    blkfs_mount(
+        mnt,
+        {
+            "thr": f"driver=throttle,node-name=thr,limits.bps-read={rate},"
+            f"file.driver=file,file.filename={img}"
+        },
+    )
     f = str(mnt / "thr")
-    out: Results = {"limit_bps": rate, "seconds": THROTTLE_SECONDS,
-                 "tolerance": THROTTLE_TOLERANCE}
+    out: Results = {"limit_bps": rate, "seconds": THROTTLE_SECONDS, "tolerance": THROTTLE_TOLERANCE}
 
     def read_bytes() -> int:
         with open(mnt / ".ctl" / "status.json") as st:
@@ -716,16 +851,27 @@ def throttle_check(work: Path, rate: int) -> Results:
         start = time.monotonic()
         run(["dd", f"if={f}", "of=/dev/null", "bs=1M", f"count={count}", "status=none"])
         out["first_bps"] = count * MiB / (time.monotonic() - start)
-        log(f"  throttle {fmt_size(rate)}/s:  dd {count} MiB: "
-            f"{out['first_bps'] / MiB:7.2f} MiB/s ({out['first_bps'] / rate:.3f} of the limit)")
+        log(
+            f"  throttle {fmt_size(rate)}/s:  dd {count} MiB: "
+            f"{out['first_bps'] / MiB:7.2f} MiB/s ({out['first_bps'] / rate:.3f} of the limit)"
+        )
 
         # second dd: half the time at the limit, then (after the retune) long enough at the
         # half rate to measure a window and still be running at its end
         half = THROTTLE_SECONDS / 2
         count = int(rate * half + rate / 2 * (half + 2)) // MiB
         skip = int(rate * THROTTLE_SECONDS) // MiB + 1  # no page of the first pass reused
-        dd = subprocess.Popen(["dd", f"if={f}", "of=/dev/null", "bs=1M", f"count={count}",
-                               f"skip={skip}", "status=none"])
+        dd = subprocess.Popen(
+            [
+                "dd",
+                f"if={f}",
+                "of=/dev/null",
+                "bs=1M",
+                f"count={count}",
+                f"skip={skip}",
+                "status=none",
+            ]
+        )
         try:
             time.sleep(half)
             with open(mnt / ".ctl" / "reopen", "w") as ctl:
@@ -745,9 +891,11 @@ def throttle_check(work: Path, rate: int) -> Results:
         if not running:
             raise RuntimeError("the second dd ended before the measuring window did")
         out["retuned_bps"] = (b1 - b0) / (t1 - t0)
-        log(f"  throttle retuned to {fmt_size(rate // 2)}/s while dd runs: second half "
+        log(
+            f"  throttle retuned to {fmt_size(rate // 2)}/s while dd runs: second half "
             f"{out['retuned_bps'] / MiB:7.2f} MiB/s "
-            f"({out['retuned_bps'] / (rate // 2):.3f} of the new limit)")
+            f"({out['retuned_bps'] / (rate // 2):.3f} of the new limit)"
+        )
         with open(mnt / ".ctl" / "status.json") as st:
             info = json.load(st)["backends"][0]["tree"]["info"]
         out["limits_after"] = info["limits"]
@@ -757,9 +905,11 @@ def throttle_check(work: Path, rate: int) -> Results:
         log(f"  throttle FAILED: {exc}")
     finally:
         drop_scratch_mount(mnt, d)
-    out["ok"] = ("error" not in out
-                 and abs(out["first_bps"] / rate - 1) <= THROTTLE_TOLERANCE
-                 and abs(out["retuned_bps"] / (rate // 2) - 1) <= THROTTLE_TOLERANCE)
+    out["ok"] = (
+        "error" not in out
+        and abs(out["first_bps"] / rate - 1) <= THROTTLE_TOLERANCE
+        and abs(out["retuned_bps"] / (rate // 2) - 1) <= THROTTLE_TOLERANCE
+    )
     return out
 
 
@@ -783,25 +933,33 @@ def nbd_check(work: Path, size: int, runtime: float) -> Results:
             with open(d / f"qemu-nbd-{fmt}.log", "wb") as logf:
                 proc, sock = qemu_nbd_serve(d / f"{fmt}.sock", img, fmt, logf)
             nbd.procs.append(proc)  # stopped with nbdfuse, after it
-            fuse_server_mount(nbd, d / f"nbdfuse-{fmt}", ["nbdfuse", str(d / f"nbdfuse-{fmt}/disk"),
-                                                       "--unix", str(sock)],
-                          d / f"nbdfuse-{fmt}.log")
+            fuse_server_mount(
+                nbd,
+                d / f"nbdfuse-{fmt}",
+                ["nbdfuse", str(d / f"nbdfuse-{fmt}/disk"), "--unix", str(sock)],
+                d / f"nbdfuse-{fmt}.log",
+            )
             mnt = d / f"blkfs-{fmt}"
             blkfs_mount(mnt, {"d": f"nbd+unix:///?socket={sock}"})
             for wl in NBD_WORKLOADS:
                 for peer, f in (("blkfs", str(mnt / "d")), ("nbdfuse", nbd.files[0])):
-                    sample = workload(wl, f, size, runtime, img.parent,
-                                      direct_reads=peer == "nbdfuse")
+                    sample = workload(
+                        wl, f, size, runtime, img.parent, direct_reads=peer == "nbdfuse"
+                    )
                     rows.setdefault(wl, {})[peer] = sample["value"]
-                log(f"  nbd {fmt:5} {wl:12} blkfs {rows[wl]['blkfs']:10.1f}  nbdfuse "
-                    f"{rows[wl]['nbdfuse']:10.1f} {UNITS[wl]}")
+                log(
+                    f"  nbd {fmt:5} {wl:12} blkfs {rows[wl]['blkfs']:10.1f}  nbdfuse "
+                    f"{rows[wl]['nbdfuse']:10.1f} {UNITS[wl]}"
+                )
             CLEANUP.remove("blkfs", str(mnt))
             blkfs_umount(str(mnt))
             CLEANUP.remove("fuse", nbd)
             fuse_stop(nbd)
             rows["nbdcopy"] = export_reads(d, img, fmt, size)
-            log(f"  nbd {fmt:5} nbdcopy      blkfs {rows['nbdcopy']['blkfs']:10.1f}  qemu-nbd "
-                f"{rows['nbdcopy']['qemu-nbd']:10.1f} MB/s")
+            log(
+                f"  nbd {fmt:5} nbdcopy      blkfs {rows['nbdcopy']['blkfs']:10.1f}  qemu-nbd "
+                f"{rows['nbdcopy']['qemu-nbd']:10.1f} MB/s"
+            )
     except Exception as exc:
         out["error"] = str(exc)[-1000:]
         log(f"  nbd FAILED: {exc}")
@@ -827,10 +985,23 @@ def slow_check(work: Path, size: int, runtime: float) -> Results:
         for ms in SLOW_DELAYS_MS:
             sock = d / f"dev{ms}.sock"
             with open(d / f"dev{ms}.log", "wb") as logf:
-                devices.procs.append(subprocess.Popen(
-                    ["nbdkit", "-f", "-U", str(sock), "--filter=delay", "memory",
-                     str(SLOW_SIZE), f"delay-read={ms}ms"],
-                    stdout=logf, stderr=subprocess.STDOUT, start_new_session=True))
+                devices.procs.append(
+                    subprocess.Popen(
+                        [
+                            "nbdkit",
+                            "-f",
+                            "-U",
+                            str(sock),
+                            "--filter=delay",
+                            "memory",
+                            str(SLOW_SIZE),
+                            f"delay-read={ms}ms",
+                        ],
+                        stdout=logf,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
             deadline = time.monotonic() + 30
             while not sock.exists():
                 if time.monotonic() > deadline:
@@ -838,25 +1009,42 @@ def slow_check(work: Path, size: int, runtime: float) -> Results:
                 time.sleep(0.05)
             # a socket, not --command: nbdfuse then opens 4 connections (multi-conn); on one
             # connection libnbd's synchronous calls serve one request at a time
-            fuse_server_mount(devices, d / f"dev{ms}",
-                              ["nbdfuse", str(d / f"dev{ms}/disk"), "--unix", str(sock)],
-                              d / f"dev{ms}.log")
+            fuse_server_mount(
+                devices,
+                d / f"dev{ms}",
+                ["nbdfuse", str(d / f"dev{ms}/disk"), "--unix", str(sock)],
+                d / f"dev{ms}.log",
+            )
         disks = dict(zip(SLOW_DELAYS_MS, map(Path, devices.files), strict=True))
         names = ("local", "dev2", "dev50")
         mnt = d / "blkfs"
-        blkfs_mount(mnt, {"local": local, **{
-            f"dev{ms}": f"driver=raw,file.driver=file,file.filename={disk},"
-                        "file.cache.direct=on" for ms, disk in disks.items()}})
+        blkfs_mount(
+            mnt,
+            {
+                "local": local,
+                **{
+                    f"dev{ms}": f"driver=raw,file.driver=file,file.filename={disk},"
+                    "file.cache.direct=on"
+                    for ms, disk in disks.items()
+                },
+            },
+        )
         try:
-            out["blkfs"] = slow_rows("blkfs", {n: str(mnt / n) for n in names}, local, size,
-                                     runtime)
+            out["blkfs"] = slow_rows(
+                "blkfs", {n: str(mnt / n) for n in names}, local, size, runtime
+            )
         finally:
             CLEANUP.remove("blkfs", str(mnt))
             blkfs_umount(mnt)
         qd = d / "qsd"
         qd.mkdir()
-        q = qsd_start(qd, {"local": local, "dev2": disks[2], "dev50": disks[50]}, "raw",
-                      QSD_CONFIGS["qsd"], direct=("dev2", "dev50"))
+        q = qsd_start(
+            qd,
+            {"local": local, "dev2": disks[2], "dev50": disks[50]},
+            "raw",
+            QSD_CONFIGS["qsd"],
+            direct=("dev2", "dev50"),
+        )
         try:
             out["qsd"] = slow_rows("qsd", {n: str(qd / n) for n in names}, local, size, runtime)
         finally:
@@ -872,8 +1060,7 @@ def slow_check(work: Path, size: int, runtime: float) -> Results:
     return out
 
 
-def slow_rows(peer: str, files: dict[str, str], local: Path, size: int,
-              runtime: float) -> Results:
+def slow_rows(peer: str, files: dict[str, str], local: Path, size: int, runtime: float) -> Results:
     """One peer's figures: local p50 alone and beside two readers of the 50 ms device; IOPS
     of 1 and 4 jobs on each device. qsd's FUSE files are read with O_DIRECT (see
     PAGE_CACHED)."""
@@ -882,27 +1069,51 @@ def slow_rows(peer: str, files: dict[str, str], local: Path, size: int,
     warm(local.parent)
     alone = fio(files["local"], size, "randread", "4k", runtime, ramp=1, direct=direct)
     busy = subprocess.Popen(
-        ["fio", "--name=neighbour", f"--filename={files['dev50']}", f"--size={SLOW_SIZE}",
-         "--ioengine=psync", "--rw=randread", "--bs=4k", "--numjobs=2", f"--direct={int(direct)}",
-         "--time_based", f"--runtime={runtime + 30}", "--output=/dev/null"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            "fio",
+            "--name=neighbour",
+            f"--filename={files['dev50']}",
+            f"--size={SLOW_SIZE}",
+            "--ioengine=psync",
+            "--rw=randread",
+            "--bs=4k",
+            "--numjobs=2",
+            f"--direct={int(direct)}",
+            "--time_based",
+            f"--runtime={runtime + 30}",
+            "--output=/dev/null",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         beside = fio(files["local"], size, "randread", "4k", runtime, ramp=1, direct=direct)
     finally:
         busy.terminate()
         busy.wait()
     p50 = [job["read"]["clat_ns"]["percentile"]["50.000000"] / 1000 for job in (alone, beside)]
-    rows["neighbour"] = {"alone_p50_us": p50[0], "beside_p50_us": p50[1],
-                         "ratio": p50[1] / p50[0]}
-    log(f"  slow {peer:5} neighbour: local p50 {p50[0]:.0f} us alone, {p50[1]:.0f} us beside "
-        f"two readers of the 50 ms device ({p50[1] / p50[0]:.2f}x)")
+    rows["neighbour"] = {"alone_p50_us": p50[0], "beside_p50_us": p50[1], "ratio": p50[1] / p50[0]}
+    log(
+        f"  slow {peer:5} neighbour: local p50 {p50[0]:.0f} us alone, {p50[1]:.0f} us beside "
+        f"two readers of the 50 ms device ({p50[1] / p50[0]:.2f}x)"
+    )
     for ms in SLOW_DELAYS_MS:
-        iops = [fio(files[f"dev{ms}"], SLOW_SIZE, "randread", "4k", runtime, numjobs=jobs,
-                    direct=direct)["read"]["iops"] for jobs in (1, 4)]
-        rows[f"dev{ms}"] = {"jobs1_iops": iops[0], "jobs4_iops": iops[1],
-                            "ratio": iops[1] / iops[0]}
-        log(f"  slow {peer:5} {ms} ms device: {iops[0]:.1f} IOPS with 1 job, {iops[1]:.1f} "
-            f"with 4 ({iops[1] / iops[0]:.2f}x)")
+        iops = [
+            fio(
+                files[f"dev{ms}"], SLOW_SIZE, "randread", "4k", runtime, numjobs=jobs, direct=direct
+            )["read"]["iops"]
+            for jobs in (1, 4)
+        ]
+        rows[f"dev{ms}"] = {
+            "jobs1_iops": iops[0],
+            "jobs4_iops": iops[1],
+            "ratio": iops[1] / iops[0],
+        }
+        log(
+            f"  slow {peer:5} {ms} ms device: {iops[0]:.1f} IOPS with 1 job, {iops[1]:.1f} "
+            f"with 4 ({iops[1] / iops[0]:.2f}x)"
+        )
     return rows
 
 
@@ -910,21 +1121,35 @@ def slow_table(slow: Results) -> str:
     rows = [["row", "blkfs", "qsd", "target"]]
     n = slow.get("blkfs", {}).get("neighbour", {})
     q = slow.get("qsd", {}).get("neighbour", {})
-    rows.append(["neighbour: local p50 alone (us)", num(n.get("alone_p50_us")),
-                 num(q.get("alone_p50_us")), ""])
-    rows.append(["neighbour: local p50 beside 50 ms (us)", num(n.get("beside_p50_us")),
-                 num(q.get("beside_p50_us")), ""])
-    rows.append(["neighbour: beside / alone", num(n.get("ratio")), num(q.get("ratio")),
-                 "<= 2"])
+    rows.append(
+        [
+            "neighbour: local p50 alone (us)",
+            num(n.get("alone_p50_us")),
+            num(q.get("alone_p50_us")),
+            "",
+        ]
+    )
+    rows.append(
+        [
+            "neighbour: local p50 beside 50 ms (us)",
+            num(n.get("beside_p50_us")),
+            num(q.get("beside_p50_us")),
+            "",
+        ]
+    )
+    rows.append(["neighbour: beside / alone", num(n.get("ratio")), num(q.get("ratio")), "<= 2"])
     for ms in SLOW_DELAYS_MS:
         b = slow.get("blkfs", {}).get(f"dev{ms}", {})
         c = slow.get("qsd", {}).get(f"dev{ms}", {})
-        rows.append([f"{ms} ms device: IOPS 1 job", num(b.get("jobs1_iops")),
-                     num(c.get("jobs1_iops")), ""])
-        rows.append([f"{ms} ms device: IOPS 4 jobs", num(b.get("jobs4_iops")),
-                     num(c.get("jobs4_iops")), ""])
-        rows.append([f"{ms} ms device: 4 jobs / 1 job", num(b.get("ratio")),
-                     num(c.get("ratio")), ">= 3.5"])
+        rows.append(
+            [f"{ms} ms device: IOPS 1 job", num(b.get("jobs1_iops")), num(c.get("jobs1_iops")), ""]
+        )
+        rows.append(
+            [f"{ms} ms device: IOPS 4 jobs", num(b.get("jobs4_iops")), num(c.get("jobs4_iops")), ""]
+        )
+        rows.append(
+            [f"{ms} ms device: 4 jobs / 1 job", num(b.get("ratio")), num(c.get("ratio")), ">= 3.5"]
+        )
     return md_table(rows)
 
 
@@ -938,8 +1163,10 @@ def export_reads(d: Path, img: Path, fmt: str, size: int) -> dict[str, float]:
     CLEANUP.add("fuse", nbd)
     with open(d / f"qemu-nbd-ro-{fmt}.log", "wb") as logf:
         nbd.procs.append(qemu_nbd_serve(d / f"ro-{fmt}.sock", img, fmt, logf, "-r")[0])
-    for peer, uri in (("blkfs", f"nbd+unix:///d?socket={sock}"),
-                      ("qemu-nbd", f"nbd+unix:///?socket={d / f'ro-{fmt}.sock'}")):
+    for peer, uri in (
+        ("blkfs", f"nbd+unix:///d?socket={sock}"),
+        ("qemu-nbd", f"nbd+unix:///?socket={d / f'ro-{fmt}.sock'}"),
+    ):
         warm(img.parent)
         t0 = time.monotonic()
         run(["nbdcopy", uri, "null:"], timeout=3600)
@@ -957,22 +1184,30 @@ def nbd_table(nbd: Results) -> str:
         for wl in [*NBD_WORKLOADS, "nbdcopy"]:
             r = nbd.get(fmt, {}).get(wl, {})
             peer = "qemu-nbd" if wl == "nbdcopy" else "nbdfuse"
-            rows.append([fmt, "nbdcopy read" if wl == "nbdcopy" else wl,
-                         UNITS.get(wl, "MB/s"), num(r.get("blkfs")), peer, num(r.get(peer)),
-                         ratio(r.get("blkfs"), r.get(peer))])
+            rows.append(
+                [
+                    fmt,
+                    "nbdcopy read" if wl == "nbdcopy" else wl,
+                    UNITS.get(wl, "MB/s"),
+                    num(r.get("blkfs")),
+                    peer,
+                    num(r.get(peer)),
+                    ratio(r.get("blkfs"), r.get(peer)),
+                ]
+            )
     return md_table(rows, right_from=3)
 
 
-
-
 # -- report ----------------------------------------------------------------------------------
+
 
 def peer_samples(samples: Samples, image: str, wl: str, peer: str) -> list[Sample]:
     return samples.get("raw" if peer in RAW_ONLY else image, {}).get(wl, {}).get(peer, [])
 
 
-def spread(samples: Samples, image: str, wl: str, peer: str,
-           key: str = "value") -> tuple[float, float, float] | None:
+def spread(
+    samples: Samples, image: str, wl: str, peer: str, key: str = "value"
+) -> tuple[float, float, float] | None:
     """Median, min and max over the rounds; None if never measured (or always failed)."""
     vals = [s[key] for s in peer_samples(samples, image, wl, peer) if key in s]
     return (statistics.median(vals), min(vals), max(vals)) if vals else None
@@ -985,8 +1220,9 @@ def med(samples: Samples, image: str, wl: str, peer: str, key: str = "value") ->
 
 def qsd_best(samples: Samples, image: str, wl: str, peers: list[str]) -> tuple[str, float] | None:
     """The qsd configuration with the best median on this row, and that median."""
-    found = [(v, p) for p in peers if p in QSD_CONFIGS
-             if (v := med(samples, image, wl, p)) is not None]
+    found = [
+        (v, p) for p in peers if p in QSD_CONFIGS if (v := med(samples, image, wl, p)) is not None
+    ]
     if not found:
         return None
     v, p = max(found)
@@ -1027,42 +1263,75 @@ def summarize(samples: Samples, images: list[str], peers: list[str]) -> list[Res
         for wl in WORKLOADS:
             m = {p: med(samples, image, wl, p) for p in peers}
             best = qsd_best(samples, image, wl, peers)
-            rows.append({
-                "image": image, "workload": wl, "unit": UNITS[wl],
-                "peers": {p: spread(samples, image, wl, p) for p in peers},
-                "qsd_best": best[0] if best else None,
-                "blkfs/qsd-best": div(m.get("blkfs"), best[1] if best else None),
-                "blkfs/limit": div(m.get("blkfs"), m.get("limit")),
-                "blkfs/host": div(m.get("blkfs"), m.get("host")),
-                "blkfs-direct/qsd-direct": div(m.get("blkfs-direct"), m.get("qsd-direct")),
-            })
+            rows.append(
+                {
+                    "image": image,
+                    "workload": wl,
+                    "unit": UNITS[wl],
+                    "peers": {p: spread(samples, image, wl, p) for p in peers},
+                    "qsd_best": best[0] if best else None,
+                    "blkfs/qsd-best": div(m.get("blkfs"), best[1] if best else None),
+                    "blkfs/limit": div(m.get("blkfs"), m.get("limit")),
+                    "blkfs/host": div(m.get("blkfs"), m.get("host")),
+                    "blkfs-direct/qsd-direct": div(m.get("blkfs-direct"), m.get("qsd-direct")),
+                }
+            )
     return rows
 
 
 def table(samples: Samples, images: list[str], peers: list[str]) -> str:
     shown = [p for p in PEERS if p in peers]
-    pairs = [(a, b) for a, b in (("blkfs", "limit"), ("blkfs", "host"), ("blkfs", "nbdfuse"),
-                                 ("blkfs-direct", "qsd-direct")) if a in shown and b in shown]
-    rows = [["image", "workload", "unit", *shown, "qsd-best", "blkfs/qsd-best",
-             *(f"{a.replace('blkfs-', '')}/{b}" for a, b in pairs)]]
+    pairs = [
+        (a, b)
+        for a, b in (
+            ("blkfs", "limit"),
+            ("blkfs", "host"),
+            ("blkfs", "nbdfuse"),
+            ("blkfs-direct", "qsd-direct"),
+        )
+        if a in shown and b in shown
+    ]
+    rows = [
+        [
+            "image",
+            "workload",
+            "unit",
+            *shown,
+            "qsd-best",
+            "blkfs/qsd-best",
+            *(f"{a.replace('blkfs-', '')}/{b}" for a, b in pairs),
+        ]
+    ]
     for image in images:
         for wl in WORKLOADS:
             m = {p: med(samples, image, wl, p) for p in shown}
             best = qsd_best(samples, image, wl, shown)
-            rows.append([image, wl, UNITS[wl],
-                         *(cell(spread(samples, image, wl, p)) for p in shown),
-                         best[0] if best else "-",
-                         ratio(m.get("blkfs"), best[1] if best else None),
-                         *(ratio(m.get(a), m.get(b)) for a, b in pairs)])
+            rows.append(
+                [
+                    image,
+                    wl,
+                    UNITS[wl],
+                    *(cell(spread(samples, image, wl, p)) for p in shown),
+                    best[0] if best else "-",
+                    ratio(m.get("blkfs"), best[1] if best else None),
+                    *(ratio(m.get(a), m.get(b)) for a, b in pairs),
+                ]
+            )
     return md_table(rows, right_from=3)
 
 
-def latency_table(samples: Samples, images: list[str], peers: list[str],
-                  seconds: float) -> str:
+def latency_table(samples: Samples, images: list[str], peers: list[str], seconds: float) -> str:
     """p50/p99 completion latency of the random rows, and daemon CPU per I/O."""
     shown = [p for p in PEERS if p in peers and p != "host"]
-    rows = [["image", "workload", *(f"{p} p50/p99 us" for p in shown), "blkfs CPU us/IO",
-             "qsd-best CPU us/IO"]]
+    rows = [
+        [
+            "image",
+            "workload",
+            *(f"{p} p50/p99 us" for p in shown),
+            "blkfs CPU us/IO",
+            "qsd-best CPU us/IO",
+        ]
+    ]
 
     def cpu_per_io(image: str, wl: str, peer: str | None) -> str:
         if peer is None:
@@ -1076,36 +1345,53 @@ def latency_table(samples: Samples, images: list[str], peers: list[str],
             lat = []
             for p in shown:
                 p50, p99 = (med(samples, image, wl, p, k) for k in ("p50_us", "p99_us"))
-                lat.append(f"{p50:.0f}/{p99:.0f}" if p50 is not None and p99 is not None
-                           else "-")
-            rows.append([image, wl, *lat, cpu_per_io(image, wl, "blkfs"),
-                         cpu_per_io(image, wl, best[0] if best else None)])
+                lat.append(f"{p50:.0f}/{p99:.0f}" if p50 is not None and p99 is not None else "-")
+            rows.append(
+                [
+                    image,
+                    wl,
+                    *lat,
+                    cpu_per_io(image, wl, "blkfs"),
+                    cpu_per_io(image, wl, best[0] if best else None),
+                ]
+            )
     return md_table(rows, right_from=2)
 
 
 def chain_table(samples: Samples, peers: list[str]) -> str:
-    shown = [p for p in ("blkfs", "blkfs-direct", "qsd", "qsd-uring", "qsd-direct")
-             if p in peers]
+    shown = [p for p in ("blkfs", "blkfs-direct", "qsd", "qsd-uring", "qsd-direct") if p in peers]
     rows = [["workload", *(f"{p} chain/qcow2" for p in shown)]]
-    rows += [[wl, *(ratio(med(samples, "chain", wl, p), med(samples, "qcow2", wl, p))
-                    for p in shown)] for wl in WORKLOADS]
+    rows += [
+        [wl, *(ratio(med(samples, "chain", wl, p), med(samples, "qcow2", wl, p)) for p in shown)]
+        for wl in WORKLOADS
+    ]
     return md_table(rows, right_from=1)
 
 
-def daemon_table(daemons: dict[str, dict[str, list[dict[str, float]]]],
-                 images: list[str]) -> str:
+def daemon_table(daemons: dict[str, dict[str, list[dict[str, float]]]], images: list[str]) -> str:
     rows = [["image", "daemon", "peak RSS MiB (max of rounds)", "CPU s per round (median)"]]
     for image in images:
         for peer in PEERS:
             rounds = daemons.get(image, {}).get(peer)
             if rounds:
-                rows.append([image, peer, f"{max(r['peak_rss_mib'] for r in rounds):.1f}",
-                             f"{statistics.median(r['cpu_s'] for r in rounds):.1f}"])
+                rows.append(
+                    [
+                        image,
+                        peer,
+                        f"{max(r['peak_rss_mib'] for r in rounds):.1f}",
+                        f"{statistics.median(r['cpu_s'] for r in rounds):.1f}",
+                    ]
+                )
     return md_table(rows, right_from=2)
 
 
-def targets(samples: Samples, images: list[str], peers: list[str],
-            rss: list[tuple[str, float]], failed: list[str]) -> list[str]:
+def targets(
+    samples: Samples,
+    images: list[str],
+    peers: list[str],
+    rss: list[tuple[str, float]],
+    failed: list[str],
+) -> list[str]:
     """Every figure below issue #18's targets, one line each."""
     below = []
     for image in images:
@@ -1113,8 +1399,9 @@ def targets(samples: Samples, images: list[str], peers: list[str],
             best = qsd_best(samples, image, wl, peers)
             b = med(samples, image, wl, "blkfs")
             if best and b and b / best[1] < 1.2:
-                below.append(f"blkfs/qsd-best {image} {wl}: {b / best[1]:.2f} < 1.2 "
-                             f"(best: {best[0]})")
+                below.append(
+                    f"blkfs/qsd-best {image} {wl}: {b / best[1]:.2f} < 1.2 (best: {best[0]})"
+                )
     if "raw" in images:
         for wl, want in (("randread", 0.5), ("seqread", 0.6), ("seqread-warm", 0.6)):
             b, lim = med(samples, "raw", wl, "blkfs"), med(samples, "raw", wl, "limit")
@@ -1131,46 +1418,80 @@ def targets(samples: Samples, images: list[str], peers: list[str],
 
 # -- main ------------------------------------------------------------------------------------
 
+
 def main() -> int:
     doc = __doc__ or ""
-    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=doc.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n\n", 1)[1],
+    )
     ap.add_argument("--size", type=parse_size, help="image size (default 1G; --quick: 256M)")
-    ap.add_argument("--runtime", type=float, help="seconds per random fio run, after the ramp "
-                    "(default 10; --quick: 2)")
-    ap.add_argument("--ramp", type=int, help="fio ramp seconds of the random rows (default 2; "
-                    "--quick: 1)")
+    ap.add_argument(
+        "--runtime",
+        type=float,
+        help="seconds per random fio run, after the ramp (default 10; --quick: 2)",
+    )
+    ap.add_argument(
+        "--ramp", type=int, help="fio ramp seconds of the random rows (default 2; --quick: 1)"
+    )
     ap.add_argument("--rounds", type=int, help="rounds over all peers (default 5; --quick: 2)")
     ap.add_argument("--seed", type=int, help="seed of the shuffled peer order (default: random)")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 256 MiB, 2 rounds of "
-                    "2 s fio runs")
-    ap.add_argument("--only", default=",".join(IMAGES),
-                    help="images to measure, comma separated (raw,qcow2,chain)")
-    ap.add_argument("--peers", default=",".join(PEERS),
-                    help=f"peers, comma separated ({','.join(PEERS)})")
+    ap.add_argument(
+        "--quick", action="store_true", help="a smoke run: 256 MiB, 2 rounds of 2 s fio runs"
+    )
+    ap.add_argument(
+        "--only",
+        default=",".join(IMAGES),
+        help="images to measure, comma separated (raw,qcow2,chain)",
+    )
+    ap.add_argument(
+        "--peers", default=",".join(PEERS), help=f"peers, comma separated ({','.join(PEERS)})"
+    )
     ap.add_argument("--json", help="write all results to this file")
     ap.add_argument("--dir", help="scratch directory (default: a new temp dir in /var/tmp)")
-    ap.add_argument("--sparse-rss", action="store_true",
-                    help="only the memory checks (1 TiB sparse qcow2, many backends)")
+    ap.add_argument(
+        "--sparse-rss",
+        action="store_true",
+        help="only the memory checks (1 TiB sparse qcow2, many backends)",
+    )
     ap.add_argument("--no-sparse-rss", action="store_true", help="skip the memory checks")
-    ap.add_argument("--rss-backends", type=int,
-                    help="backends of the many-backends memory check (default 1000, which "
-                    "takes minutes to open; --quick: 100; 0: skip)")
-    ap.add_argument("--nbd", action="store_true",
-                    help="only the NBD rows (driver vs nbdfuse, export vs qemu-nbd)")
+    ap.add_argument(
+        "--rss-backends",
+        type=int,
+        help="backends of the many-backends memory check (default 1000, which "
+        "takes minutes to open; --quick: 100; 0: skip)",
+    )
+    ap.add_argument(
+        "--nbd",
+        action="store_true",
+        help="only the NBD rows (driver vs nbdfuse, export vs qemu-nbd)",
+    )
     ap.add_argument("--no-nbd", action="store_true", help="skip the NBD rows")
-    ap.add_argument("--throttle", action="store_true",
-                    help="only the real-time throttle check (rate, then a live retune)")
+    ap.add_argument(
+        "--throttle",
+        action="store_true",
+        help="only the real-time throttle check (rate, then a live retune)",
+    )
     ap.add_argument("--no-throttle", action="store_true", help="skip the throttle check")
-    ap.add_argument("--throttle-rate", type=parse_size, default=50 * MiB,
-                    help="the throttle check's limits.bps-read (default 50M)")
-    ap.add_argument("--slow", action="store_true",
-                    help="only the slow-device rows (neighbour of a 50 ms device; 1 vs 4 jobs "
-                    "on 2 ms and 50 ms devices), blkfs and qsd")
+    ap.add_argument(
+        "--throttle-rate",
+        type=parse_size,
+        default=50 * MiB,
+        help="the throttle check's limits.bps-read (default 50M)",
+    )
+    ap.add_argument(
+        "--slow",
+        action="store_true",
+        help="only the slow-device rows (neighbour of a 50 ms device; 1 vs 4 jobs "
+        "on 2 ms and 50 ms devices), blkfs and qsd",
+    )
     ap.add_argument("--no-slow", action="store_true", help="skip the slow-device rows")
-    ap.add_argument("--jobs", action="store_true",
-                    help="also the block-job table (scripts/bench_jobs.py), --rounds runs each")
+    ap.add_argument(
+        "--jobs",
+        action="store_true",
+        help="also the block-job table (scripts/bench_jobs.py), --rounds runs each",
+    )
     args = ap.parse_args()
 
     size = args.size or (256 * MiB if args.quick else GiB)
@@ -1215,25 +1536,39 @@ def main() -> int:
     only_one = args.sparse_rss or args.throttle or args.nbd or args.slow
     need = size * (1 + 2 * len(images) + 3 * 3) if not only_one else 4 * GiB
     if free < need:
-        log(f"warning: {work} has {free / GiB:.1f} GiB free, this run may need "
-            f"{need / GiB:.1f} GiB")
+        log(
+            f"warning: {work} has {free / GiB:.1f} GiB free, this run may need {need / GiB:.1f} GiB"
+        )
     fstype = run(["findmnt", "-no", "FSTYPE", "-T", str(work)], check=False).stdout.strip()
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
 
     info = machine_info()
     load = os.getloadavg()
-    results: Results = {"machine": info, "size": size, "runtime_s": runtime, "ramp_s": ramp,
-                        "rounds": rounds, "seed": seed, "scratch": f"{work} ({fstype})",
-                        "loadavg_start": load, "notes": []}
+    results: Results = {
+        "machine": info,
+        "size": size,
+        "runtime_s": runtime,
+        "ramp_s": ramp,
+        "rounds": rounds,
+        "seed": seed,
+        "scratch": f"{work} ({fstype})",
+        "loadavg_start": load,
+        "notes": [],
+    }
     notes: list[str] = results["notes"]
     print("machine:")
     for k, v in info.items():
         print(f"  {k:8} {v}")
     print(f"  scratch  {work} ({fstype})")
-    print(f"  load     {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the start "
-          "(other work on the machine makes wall-clock figures noisy)")
-    print(f"size {fmt_size(size)}, {rounds} round(s), fio {runtime:g}s after a {ramp}s ramp, "
-          f"images {','.join(images)}, peers {','.join(peers)}, seed {seed}", flush=True)
+    print(
+        f"  load     {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the start "
+        "(other work on the machine makes wall-clock figures noisy)"
+    )
+    print(
+        f"size {fmt_size(size)}, {rounds} round(s), fio {runtime:g}s after a {ramp}s ramp, "
+        f"images {','.join(images)}, peers {','.join(peers)}, seed {seed}",
+        flush=True,
+    )
 
     t_start = time.monotonic()
     rss: list[tuple[str, float]] = []
@@ -1244,12 +1579,13 @@ def main() -> int:
             if any(c.aio == "io_uring" for c in qsd.values()):
                 why = probe_qsd(work, QsdConfig("io_uring", True, False))
                 if why:
-                    notes.append(f"qsd aio=io_uring does not work here ({why}): qsd-uring runs "
-                                 "aio=threads, qsd-direct aio=native")
+                    notes.append(
+                        f"qsd aio=io_uring does not work here ({why}): qsd-uring runs "
+                        "aio=threads, qsd-direct aio=native"
+                    )
                     for p, c in qsd.items():
                         if c.aio == "io_uring":
-                            qsd[p] = QsdConfig("native" if c.direct else None, c.iothread,
-                                               c.direct)
+                            qsd[p] = QsdConfig("native" if c.direct else None, c.iothread, c.direct)
             results["qsd_configs"] = {p: vars(c) for p, c in qsd.items()}
             limit_bin = None
             if "limit" in peers:
@@ -1275,33 +1611,42 @@ def main() -> int:
                 for p in ("blkfs", "blkfs-direct"):
                     runs = bench.daemons.get(image, {}).get(p)
                     if runs:
-                        rss.append((f"{p} {image} (3 backends)",
-                                    max(r["peak_rss_mib"] for r in runs)))
+                        rss.append(
+                            (f"{p} {image} (3 backends)", max(r["peak_rss_mib"] for r in runs))
+                        )
             print()
-            print(f"throughput: MB/s (10^6 bytes/s) for seq*, IOPS for rand*; each cell is the "
-                  f"median [min-max] of {rounds} round(s); ratios are of medians, > 1 means "
-                  "blkfs is faster. limit and host are the raw image, shown on every row. "
-                  "qsd-best: the qsd configuration with the best median on that row. "
-                  "direct/qsd-direct: blkfs-direct over qsd-direct (both O_DIRECT on the image "
-                  "files). qsd* and nbdfuse read their FUSE files with O_DIRECT (no direct_io).")
+            print(
+                f"throughput: MB/s (10^6 bytes/s) for seq*, IOPS for rand*; each cell is the "
+                f"median [min-max] of {rounds} round(s); ratios are of medians, > 1 means "
+                "blkfs is faster. limit and host are the raw image, shown on every row. "
+                "qsd-best: the qsd configuration with the best median on that row. "
+                "direct/qsd-direct: blkfs-direct over qsd-direct (both O_DIRECT on the image "
+                "files). qsd* and nbdfuse read their FUSE files with O_DIRECT (no direct_io)."
+            )
             for n in notes:
                 print(f"note: {n}")
             print(table(samples, images, peers))
             for failure in bench.failures:
                 print(f"FAILED (left out of the medians): {failure}")
             print()
-            print(f"latency: fio completion latency p50/p99 in us (medians of the rounds); "
-                  f"CPU us/IO: the daemon's CPU during the run over the I/Os of its "
-                  f"{runtime:g}s (the {ramp}s ramp's CPU included, so slightly high)")
+            print(
+                f"latency: fio completion latency p50/p99 in us (medians of the rounds); "
+                f"CPU us/IO: the daemon's CPU during the run over the I/Os of its "
+                f"{runtime:g}s (the {ramp}s ramp's CPU included, so slightly high)"
+            )
             print(latency_table(samples, images, peers, runtime + ramp))
             if "chain" in images and "qcow2" in images:
                 print()
-                print("chain vs single qcow2 (ratio of medians; target >= 0.8 for blkfs's "
-                      "random reads):")
+                print(
+                    "chain vs single qcow2 (ratio of medians; target >= 0.8 for blkfs's "
+                    "random reads):"
+                )
                 print(chain_table(samples, peers))
             print()
-            print("daemons (one per image and round, 3 images open: reads, randwrite, "
-                  "seqwrite copies):")
+            print(
+                "daemons (one per image and round, 3 images open: reads, randwrite, "
+                "seqwrite copies):"
+            )
             print(daemon_table(bench.daemons, images))
         if args.nbd or not (args.no_nbd or args.sparse_rss or args.throttle or args.slow):
             for tool in ("qemu-nbd", "nbdfuse", "nbdcopy"):
@@ -1310,11 +1655,12 @@ def main() -> int:
             log("NBD: blkfs's driver vs nbdfuse, blkfs's export vs qemu-nbd")
             results["nbd"] = nbd_check(work, size, runtime)
             print()
-            print("NBD (one round): blkfs over the nbd driver vs nbdfuse (both clients of one "
-                  "qemu-nbd); blkfs's export vs qemu-nbd -r, both read by nbdcopy:")
+            print(
+                "NBD (one round): blkfs over the nbd driver vs nbdfuse (both clients of one "
+                "qemu-nbd); blkfs's export vs qemu-nbd -r, both read by nbdcopy:"
+            )
             print(nbd_table(results["nbd"]))
-        if args.sparse_rss or not (args.no_sparse_rss or args.throttle or args.nbd
-                                   or args.slow):
+        if args.sparse_rss or not (args.no_sparse_rss or args.throttle or args.nbd or args.slow):
             log("sparse 1 TiB qcow2 RSS check")
             sp = sparse_rss(work, runtime)
             results["sparse_rss"] = sp
@@ -1322,12 +1668,14 @@ def main() -> int:
                 failed.append(f"RSS of the sparse 1 TiB qcow2: {sp['error']}")
             rss.append(("sparse 1 TiB qcow2", sp["peak_rss_mib"]))
             print()
-            print(f"sparse 1 TiB qcow2 in blkfs: peak RSS {sp['peak_rss_mib']} MiB "
-                  f"(target < 150 MiB: {'OK' if sp['ok'] else 'FAILED'}); "
-                  f"randread {sp.get('randread_iops', 0):,.0f} IOPS, randwrite "
-                  f"{sp.get('randwrite_iops', 0):,.0f} IOPS ({sp.get('randwrite_ios', 0)} "
-                  f"writes, image grew to {sp.get('host_file_mib', '?')} MiB)"
-                  + (f"; error: {sp['error']}" if "error" in sp else ""))
+            print(
+                f"sparse 1 TiB qcow2 in blkfs: peak RSS {sp['peak_rss_mib']} MiB "
+                f"(target < 150 MiB: {'OK' if sp['ok'] else 'FAILED'}); "
+                f"randread {sp.get('randread_iops', 0):,.0f} IOPS, randwrite "
+                f"{sp.get('randwrite_iops', 0):,.0f} IOPS ({sp.get('randwrite_ios', 0)} "
+                f"writes, image grew to {sp.get('host_file_mib', '?')} MiB)"
+                + (f"; error: {sp['error']}" if "error" in sp else "")
+            )
             if many > 0:
                 log(f"{many} backends RSS check")
                 mb = many_backends_rss(work, many)
@@ -1336,25 +1684,28 @@ def main() -> int:
                     failed.append(f"RSS with {many} backends: not measured ({mb['error']})")
                 else:
                     rss.append((f"{many} backends", mb["peak_rss_mib"]))
-                print(f"{many} backends (qcow2 overlays over one base) in one blkfs daemon: "
-                      f"peak RSS {mb['peak_rss_mib']} MiB after a 64 KiB read from each "
-                      f"(target < 150 MiB: {'OK' if mb['ok'] else 'FAILED'}); mount took "
-                      f"{mb.get('mount_s', '?')}s"
-                      + (f"; error: {mb['error']}" if "error" in mb else ""))
-        if args.throttle or not (args.no_throttle or args.sparse_rss or args.nbd
-                                 or args.slow):
+                print(
+                    f"{many} backends (qcow2 overlays over one base) in one blkfs daemon: "
+                    f"peak RSS {mb['peak_rss_mib']} MiB after a 64 KiB read from each "
+                    f"(target < 150 MiB: {'OK' if mb['ok'] else 'FAILED'}); mount took "
+                    f"{mb.get('mount_s', '?')}s"
+                    + (f"; error: {mb['error']}" if "error" in mb else "")
+                )
+        if args.throttle or not (args.no_throttle or args.sparse_rss or args.nbd or args.slow):
             log("throttle real-time check")
             th = throttle_check(work, args.throttle_rate)
             results["throttle"] = th
             print()
             rate = args.throttle_rate
-            print(f"throttle limits.bps-read={fmt_size(rate)} in blkfs: dd "
-                  f"{th.get('first_bps', 0) / MiB:.2f} MiB/s ({th.get('first_bps', 0) / rate:.3f}"
-                  f" of the limit); retuned to {fmt_size(rate // 2)} while dd runs: "
-                  f"{th.get('retuned_bps', 0) / MiB:.2f} MiB/s "
-                  f"({th.get('retuned_bps', 0) / (rate // 2):.3f} of the new limit); target "
-                  f"within {THROTTLE_TOLERANCE:.0%}: {'OK' if th['ok'] else 'FAILED'}"
-                  + (f"; error: {th['error']}" if "error" in th else ""))
+            print(
+                f"throttle limits.bps-read={fmt_size(rate)} in blkfs: dd "
+                f"{th.get('first_bps', 0) / MiB:.2f} MiB/s ({th.get('first_bps', 0) / rate:.3f}"
+                f" of the limit); retuned to {fmt_size(rate // 2)} while dd runs: "
+                f"{th.get('retuned_bps', 0) / MiB:.2f} MiB/s "
+                f"({th.get('retuned_bps', 0) / (rate // 2):.3f} of the new limit); target "
+                f"within {THROTTLE_TOLERANCE:.0%}: {'OK' if th['ok'] else 'FAILED'}"
+                + (f"; error: {th['error']}" if "error" in th else "")
+            )
         if args.slow or not (args.no_slow or args.sparse_rss or args.throttle or args.nbd):
             for tool in ("nbdfuse", "nbdkit"):
                 if not shutil.which(tool):
@@ -1362,8 +1713,10 @@ def main() -> int:
             log("slow devices: a neighbour of a 50 ms device; 1 vs 4 jobs on slow devices")
             results["slow"] = slow_check(work, size, runtime)
             print()
-            print("slow devices (one round; 4k random reads, fio psync QD1; qsd with QEMU's "
-                  "defaults, aio=threads):")
+            print(
+                "slow devices (one round; 4k random reads, fio psync QD1; qsd with QEMU's "
+                "defaults, aio=threads):"
+            )
             print(slow_table(results["slow"]))
         if args.jobs:
             import bench_jobs  # scripts/ is on sys.path: this script's directory
@@ -1377,8 +1730,11 @@ def main() -> int:
             below = targets(results.get("samples", {}), images, peers, rss, failed)
             results["below_target"] = below
             print()
-            print("below issue #18's targets:" if below else "every measured figure meets "
-                  "issue #18's targets")
+            print(
+                "below issue #18's targets:"
+                if below
+                else "every measured figure meets issue #18's targets"
+            )
             for line in below:
                 print(f"- {line}")
     except KeyboardInterrupt as exc:
@@ -1394,8 +1750,10 @@ def main() -> int:
                 json.dump(results, f, indent=2, default=str)
             log(f"results written to {args.json}")
     end = results["loadavg_end"]
-    print(f"\nelapsed {results['elapsed_s']}s; load average at the end {end[0]:.2f} "
-          f"{end[1]:.2f} {end[2]:.2f}")
+    print(
+        f"\nelapsed {results['elapsed_s']}s; load average at the end {end[0]:.2f} "
+        f"{end[1]:.2f} {end[2]:.2f}"
+    )
     return 0
 
 

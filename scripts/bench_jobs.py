@@ -73,6 +73,7 @@ PEERS = ("blkfs", "peer", "io_uring")
 
 # -- helpers ---------------------------------------------------------------------------------
 
+
 def timed(cmd: list[str], timeout: float) -> float:
     """Seconds ``cmd`` took (it must succeed)."""
     start = time.perf_counter()
@@ -95,21 +96,26 @@ def mib_size(text: str) -> int:
 
 # -- images ----------------------------------------------------------------------------------
 
+
 def make_images(d: Path, size: int) -> int:
     """base.qcow2 fully written and top.qcow2 over it with every other MiB written, in ``d``;
     the bytes top.qcow2 holds."""
     base, top = d / "base.qcow2", d / "top.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), str(size)])
-    writes = [f"write -P {0x40 + i % 0x40:#x} {off} {min(CHUNK, size - off)}"
-              for i, off in enumerate(range(0, size, CHUNK))]
-    run(["qemu-io", "-f", "qcow2", *(a for w in writes for a in ("-c", w)), str(base)],
-        timeout=1800)
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top)],
-        cwd=d)
+    writes = [
+        f"write -P {0x40 + i % 0x40:#x} {off} {min(CHUNK, size - off)}"
+        for i, off in enumerate(range(0, size, CHUNK))
+    ]
+    run(
+        ["qemu-io", "-f", "qcow2", *(a for w in writes for a in ("-c", w)), str(base)], timeout=1800
+    )
+    run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top)],
+        cwd=d,
+    )
     offsets = range(0, size, 2 * MiB)
     writes = [f"write -P 0xc3 {off} {MiB}" for off in offsets]
-    run(["qemu-io", "-f", "qcow2", *(a for w in writes for a in ("-c", w)), str(top)],
-        timeout=1800)
+    run(["qemu-io", "-f", "qcow2", *(a for w in writes for a in ("-c", w)), str(top)], timeout=1800)
     return len(offsets) * MiB
 
 
@@ -124,17 +130,20 @@ def check(*images: Path) -> None:
     for image in images:
         proc = run(["qemu-img", "check", "-q", str(image)], check=False)
         if proc.returncode != 0:
-            raise Failed(f"qemu-img check {image.name}: exit {proc.returncode}: "
-                         f"{(proc.stderr + proc.stdout).strip()[-800:]}")
+            raise Failed(
+                f"qemu-img check {image.name}: exit {proc.returncode}: "
+                f"{(proc.stderr + proc.stdout).strip()[-800:]}"
+            )
 
 
 def compare(a: Path, b: Path) -> None:
     """``a`` must read as ``b`` (its whole chain) does."""
-    proc = run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(a), str(b)],
-               check=False)
+    proc = run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(a), str(b)], check=False)
     if proc.returncode != 0:
-        raise Failed(f"qemu-img compare {a.name} {b}: exit {proc.returncode}: "
-                     f"{(proc.stdout + proc.stderr).strip()[-400:]}")
+        raise Failed(
+            f"qemu-img compare {a.name} {b}: exit {proc.returncode}: "
+            f"{(proc.stdout + proc.stderr).strip()[-400:]}"
+        )
 
 
 def backing_of(image: Path) -> str | None:
@@ -145,14 +154,27 @@ def backing_of(image: Path) -> str | None:
 
 # -- blkfs mounts ----------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def blkfs_mount(mnt: Path, image: Path, logf: Path) -> Iterator[Path]:
     """``vol`` = ``image`` mounted at ``mnt``; unmounted on the way out, whatever happens."""
     mnt.mkdir(parents=True)
     pid: int | None = None
     try:
-        run([BLKFS, "mount", str(mnt), "--backend", f"vol={image.resolve()}",
-             "--log-file", str(logf), "--log-level", "info"], timeout=120)
+        run(
+            [
+                BLKFS,
+                "mount",
+                str(mnt),
+                "--backend",
+                f"vol={image.resolve()}",
+                "--log-file",
+                str(logf),
+                "--log-level",
+                "info",
+            ],
+            timeout=120,
+        )
         with contextlib.suppress(OSError, ValueError, KeyError):
             pid = int(json.loads((mnt / ".ctl" / "status.json").read_text())["pid"])
         yield mnt
@@ -161,6 +183,7 @@ def blkfs_mount(mnt: Path, image: Path, logf: Path) -> Iterator[Path]:
 
 
 # -- qemu-storage-daemon and QMP -------------------------------------------------------------
+
 
 class Qmp:
     """A minimal QMP client: JSON lines over the daemon's unix socket. Events that arrive
@@ -229,14 +252,25 @@ def qsd(d: Path, image: Path, aio: str | None, timeout: float) -> Iterator[Qmp]:
     out, whatever happens."""
     sock, logf = d / "qmp.sock", d / "qsd.log"
     aio_opt = f"aio={aio}," if aio else ""
-    cmd = ["qemu-storage-daemon",
-           "--blockdev", f"driver=file,{aio_opt}node-name=f,filename={image}",
-           "--blockdev", "driver=qcow2,node-name=vol,file=f",
-           "--chardev", f"socket,path={sock},server=on,wait=off,id=qmp0",
-           "--monitor", "chardev=qmp0"]
+    cmd = [
+        "qemu-storage-daemon",
+        "--blockdev",
+        f"driver=file,{aio_opt}node-name=f,filename={image}",
+        "--blockdev",
+        "driver=qcow2,node-name=vol,file=f",
+        "--chardev",
+        f"socket,path={sock},server=on,wait=off,id=qmp0",
+        "--monitor",
+        "chardev=qmp0",
+    ]
     with open(logf, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     qmp: Qmp | None = None
     try:
         try:
@@ -260,6 +294,7 @@ def qsd(d: Path, image: Path, aio: str | None, timeout: float) -> Iterator[Qmp]:
 def qsd_job(qmp: Qmp, verb: str, args: dict[str, Any], completes: bool) -> float:
     """Run a job (``job-id`` j) to its end, completing it once ready if ``completes``; seconds
     from its command to its BLOCK_JOB_COMPLETED event."""
+
     def about_j(*kinds: str) -> Callable[[dict[str, Any]], bool]:
         return lambda e: e["event"] in kinds and e.get("data", {}).get("device") == "j"
 
@@ -267,8 +302,11 @@ def qsd_job(qmp: Qmp, verb: str, args: dict[str, Any], completes: bool) -> float
     qmp.events.clear()
     start = time.perf_counter()
     qmp.cmd(verb, {"job-id": "j", **args})
-    end = qmp.wait_event(about_j("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
-                                 "BLOCK_JOB_CANCELLED") if completes else ended)
+    end = qmp.wait_event(
+        about_j("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+        if completes
+        else ended
+    )
     if end["event"] == "BLOCK_JOB_READY":
         qmp.cmd("job-complete", {"id": "j"})
         end = qmp.wait_event(ended)
@@ -295,6 +333,7 @@ def io_uring_works(work: Path) -> str | None:
 
 
 # -- the measurements ------------------------------------------------------------------------
+
 
 class Bench:
     """One benchmark's settings and images; each ``*_blkfs``, ``*_qemu`` and ``live_qsd``
@@ -328,8 +367,9 @@ class Bench:
     def convert_blkfs(self, d: Path) -> float:
         self.before()
         out = d / "out.qcow2"
-        took = timed([BLKFS, "image", "convert", "-O", "qcow2", str(d / "top.qcow2"), str(out)],
-                     self.timeout)
+        took = timed(
+            [BLKFS, "image", "convert", "-O", "qcow2", str(d / "top.qcow2"), str(out)], self.timeout
+        )
         check(out)
         compare(out, self.master / "top.qcow2")
         if backing_of(out) is not None:
@@ -338,8 +378,10 @@ class Bench:
 
     def convert_qemu(self, d: Path) -> float:
         self.before()
-        return timed(["qemu-img", "convert", "-O", "qcow2", str(d / "top.qcow2"),
-                      str(d / "out.qcow2")], self.timeout)
+        return timed(
+            ["qemu-img", "convert", "-O", "qcow2", str(d / "top.qcow2"), str(d / "out.qcow2")],
+            self.timeout,
+        )
 
     # live ---------------------------------------------------------------------------------
 
@@ -382,9 +424,15 @@ class Bench:
             if verb == "blockdev-mirror":
                 target = d / "m.qcow2"
                 run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(self.size)])
-                qmp.cmd("blockdev-add", {"driver": "file", "node-name": "tf",
-                                         "filename": str(target),
-                                         **({"aio": aio} if aio else {})})
+                qmp.cmd(
+                    "blockdev-add",
+                    {
+                        "driver": "file",
+                        "node-name": "tf",
+                        "filename": str(target),
+                        **({"aio": aio} if aio else {}),
+                    },
+                )
                 qmp.cmd("blockdev-add", {"driver": "qcow2", "node-name": "tnode", "file": "tf"})
                 args |= {"target": "tnode", "sync": "full"}
             self.before()
@@ -403,8 +451,9 @@ def logged_job_time(logf: Path) -> float | None:
     return (stamps["concluded"] - stamps["started"]).total_seconds()
 
 
-def measure(bench: Bench, row: str, sides: dict[str, Callable[[Path], float]],
-            runs: int) -> dict[str, dict[str, Any]]:
+def measure(
+    bench: Bench, row: str, sides: dict[str, Callable[[Path], float]], runs: int
+) -> dict[str, dict[str, Any]]:
     """``runs`` runs of each side, interleaved (so drift hits both alike), each on fresh copies
     of the images; a side that fails once is not run again."""
     out: dict[str, dict[str, Any]] = {s: {"times": [], "error": None} for s in sides}
@@ -438,8 +487,11 @@ def run_job_bench(work: Path, size: int, runs: int) -> dict[str, Any]:
     log(f"making images of {fmt_size(size)} in {work} ...")
     top_bytes = make_images(work / "master", size)
     drop = can_drop_caches()
-    notes.append("page cache dropped before every measured run" if drop
-                 else "page cache NOT dropped (drop_caches unavailable or slow)")
+    notes.append(
+        "page cache dropped before every measured run"
+        if drop
+        else "page cache NOT dropped (drop_caches unavailable or slow)"
+    )
     uring_error = io_uring_works(work)
     if uring_error:
         notes.append(f"qsd aio=io_uring skipped: {uring_error}")
@@ -454,16 +506,31 @@ def run_job_bench(work: Path, size: int, runs: int) -> dict[str, Any]:
         return sides
 
     plan: list[tuple[str, str, int, dict[str, Callable[[Path], float]]]] = [
-        ("offline commit", "qemu-img", top_bytes,
-         {"blkfs": bench.commit_blkfs, "peer": bench.commit_qemu}),
-        ("offline convert", "qemu-img", size,
-         {"blkfs": bench.convert_blkfs, "peer": bench.convert_qemu}),
-        ("live mirror", "qsd", size,
-         {"blkfs": bench.mirror_blkfs, **qsd_sides("blockdev-mirror")}),
-        ("live stream", "qsd", size - top_bytes,
-         {"blkfs": bench.stream_blkfs, **qsd_sides("block-stream")}),
-        ("live commit", "qsd", top_bytes,
-         {"blkfs": bench.active_commit_blkfs, **qsd_sides("block-commit")}),
+        (
+            "offline commit",
+            "qemu-img",
+            top_bytes,
+            {"blkfs": bench.commit_blkfs, "peer": bench.commit_qemu},
+        ),
+        (
+            "offline convert",
+            "qemu-img",
+            size,
+            {"blkfs": bench.convert_blkfs, "peer": bench.convert_qemu},
+        ),
+        ("live mirror", "qsd", size, {"blkfs": bench.mirror_blkfs, **qsd_sides("blockdev-mirror")}),
+        (
+            "live stream",
+            "qsd",
+            size - top_bytes,
+            {"blkfs": bench.stream_blkfs, **qsd_sides("block-stream")},
+        ),
+        (
+            "live commit",
+            "qsd",
+            top_bytes,
+            {"blkfs": bench.active_commit_blkfs, **qsd_sides("block-commit")},
+        ),
     ]
     rows = []
     for job, peer, nbytes, sides in plan:
@@ -478,20 +545,38 @@ def run_job_bench(work: Path, size: int, runs: int) -> dict[str, Any]:
                 r["median_s"] = statistics.median(r["times"])
                 r["mib_s"] = nbytes / MiB / r["median_s"]
         rows.append({"job": job, "peer": peer, "bytes": nbytes, "sides": result})
-    return {"machine": machine_info(), "size": size, "runs": runs, "top_bytes": top_bytes,
-            "rows": rows, "notes": notes}
+    return {
+        "machine": machine_info(),
+        "size": size,
+        "runs": runs,
+        "top_bytes": top_bytes,
+        "rows": rows,
+        "notes": notes,
+    }
 
 
 # -- report ----------------------------------------------------------------------------------
+
 
 def job_table(results: dict[str, Any]) -> str:
     """The results as a markdown table, a header line with the machine before it and the
     notes (failures in full) after it."""
     m = results["machine"]
-    lines = [f"Block jobs, {fmt_size(results['size'])} images, median of {results['runs']} "
-             f"run(s); {m['cores']} cores, kernel {m['kernel']}, {m['qemu']}", ""]
-    rows = [["job", "size", "blkfs MiB/s", "qemu-img or qsd MiB/s", "qsd aio=io_uring MiB/s",
-             "blkfs ÷ peer"]]
+    lines = [
+        f"Block jobs, {fmt_size(results['size'])} images, median of {results['runs']} "
+        f"run(s); {m['cores']} cores, kernel {m['kernel']}, {m['qemu']}",
+        "",
+    ]
+    rows = [
+        [
+            "job",
+            "size",
+            "blkfs MiB/s",
+            "qemu-img or qsd MiB/s",
+            "qsd aio=io_uring MiB/s",
+            "blkfs ÷ peer",
+        ]
+    ]
     failures = []
     for row in results["rows"]:
         cells = []
@@ -505,16 +590,30 @@ def job_table(results: dict[str, Any]) -> str:
             else:
                 cells.append(f"{r['mib_s']:.0f}")
         blkfs, peer = (row["sides"].get(s, {}).get("mib_s") for s in ("blkfs", "peer"))
-        rows.append([row["job"], fmt_size(row["bytes"]), *cells,
-                     f"{blkfs / peer:.2f}" if blkfs and peer else "-"])
+        rows.append(
+            [
+                row["job"],
+                fmt_size(row["bytes"]),
+                *cells,
+                f"{blkfs / peer:.2f}" if blkfs and peer else "-",
+            ]
+        )
     lines.append(md_table(rows))
-    lines += ["", "size: the bytes the job copies (commit: top's data, stream: base's data "
-                  "top lacks). blkfs ÷ peer is against qemu-img or qsd's default aio."]
-    logged = [f"{row['job']} {row['sides']['blkfs']['log_job_mib_s']:.0f} MiB/s"
-              for row in results["rows"] if "log_job_mib_s" in row["sides"]["blkfs"]]
+    lines += [
+        "",
+        "size: the bytes the job copies (commit: top's data, stream: base's data "
+        "top lacks). blkfs ÷ peer is against qemu-img or qsd's default aio.",
+    ]
+    logged = [
+        f"{row['job']} {row['sides']['blkfs']['log_job_mib_s']:.0f} MiB/s"
+        for row in results["rows"]
+        if "log_job_mib_s" in row["sides"]["blkfs"]
+    ]
     if logged:
-        lines.append("blkfs live jobs timed by the mount's log (job start to conclusion, no CLI "
-                     f"start-up): {', '.join(logged)}.")
+        lines.append(
+            "blkfs live jobs timed by the mount's log (job start to conclusion, no CLI "
+            f"start-up): {', '.join(logged)}."
+        )
     lines += [f"note: {n}" for n in results["notes"]]
     lines += [f"FAILED {f}" for f in failures]
     return "\n".join(lines)
@@ -522,14 +621,21 @@ def job_table(results: dict[str, Any]) -> str:
 
 # -- main ------------------------------------------------------------------------------------
 
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("--size", type=mib_size, default=512 * MiB, help="image size (512M)")
     ap.add_argument("--runs", type=int, default=3, help="measured runs per side (3)")
-    ap.add_argument("--dir", type=Path, default=Path("/var/tmp"),
-                    help="where the scratch directory goes (/var/tmp)")
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="where the scratch directory goes (/var/tmp)",
+    )
     ap.add_argument("--json", type=Path, help="also write the results, raw timings included")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = ap.parse_args()

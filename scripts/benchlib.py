@@ -39,8 +39,9 @@ def on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def run(cmd: list[str], timeout: float = 600, check: bool = True,
-        cwd: Path | str | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str], timeout: float = 600, check: bool = True, cwd: Path | str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` to its end, its output captured; raises Failed if it fails and ``check``."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:
@@ -147,6 +148,7 @@ def proc_stats(pid: int) -> dict[str, float]:
 
 def machine_info() -> dict[str, str]:
     """What a reader needs to compare figures: CPU, cores, memory, kernel, tool versions."""
+
     def first_line(path: str, prefix: str) -> str:
         try:
             with open(path) as f:
@@ -164,9 +166,14 @@ def machine_info() -> dict[str, str]:
             return "not installed"
 
     mem = first_line("/proc/meminfo", "MemTotal").split()
-    libs = run([str(REPO / ".venv/bin/python"), "-c",
-                "import pyfuse3, trio; print(pyfuse3.__version__, trio.__version__)"],
-               check=False).stdout.split()
+    libs = run(
+        [
+            str(REPO / ".venv/bin/python"),
+            "-c",
+            "import pyfuse3, trio; print(pyfuse3.__version__, trio.__version__)",
+        ],
+        check=False,
+    ).stdout.split()
     return {
         "cpu": first_line("/proc/cpuinfo", "model name"),
         "cores": str(os.cpu_count()),
@@ -178,8 +185,10 @@ def machine_info() -> dict[str, str]:
         "trio": libs[1] if len(libs) > 1 else "?",
         "qemu": version(["qemu-storage-daemon", "--version"]),
         "fio": version(["fio", "--version"]),
-        "blkfs": run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                     check=False).stdout.strip() or "?",
+        "blkfs": run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"], check=False
+        ).stdout.strip()
+        or "?",
     }
 
 
@@ -188,8 +197,20 @@ def md_table(rows: list[list[str]], right_from: int = 1) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
 
     def line(r: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i >= right_from else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(r, widths, strict=True))) + " |"
-    sep = "| " + " | ".join(("-" * (w - 1) + ":") if i >= right_from else "-" * w
-                            for i, w in enumerate(widths)) + " |"
+        return (
+            "| "
+            + " | ".join(
+                c.rjust(w) if i >= right_from else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+            + " |"
+        )
+
+    sep = (
+        "| "
+        + " | ".join(
+            ("-" * (w - 1) + ":") if i >= right_from else "-" * w for i, w in enumerate(widths)
+        )
+        + " |"
+    )
     return "\n".join([line(rows[0]), sep, *(line(r) for r in rows[1:])])

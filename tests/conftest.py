@@ -13,12 +13,15 @@ from tests.helpers import Mount, blkfs_mounts_under, force_unmount, mounts_in
 
 needs_fuse = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="FUSE is not available (/dev/fuse or fusermount3 missing; run scripts/setup)")
-needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None,
-                                reason="qemu-img is missing (run scripts/setup)")
+    reason="FUSE is not available (/dev/fuse or fusermount3 missing; run scripts/setup)",
+)
+needs_qemu = pytest.mark.skipif(
+    shutil.which("qemu-img") is None, reason="qemu-img is missing (run scripts/setup)"
+)
 needs_loop = pytest.mark.skipif(
     os.geteuid() != 0 or any(shutil.which(t) is None for t in ("losetup", "mkfs.ext4")),
-    reason="needs root, losetup and mkfs.ext4")
+    reason="needs root, losetup and mkfs.ext4",
+)
 MUST_RUN_IN_CI = ("fuse", "loop", "qemu")
 """Markers of tests that CI must run: under CI=true, skipping one of them fails it."""
 NBD_TOOLS = ("qemu-nbd", "nbdkit", "nbdinfo", "nbdcopy")
@@ -34,8 +37,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     missing = [tool for tool in CI_TOOLS if shutil.which(tool) is None]
     missing += [dev for dev in ("/dev/fuse", "/dev/loop-control") if not os.path.exists(dev)]
     if missing:
-        pytest.exit(f"CI=true, but {', '.join(missing)} missing: the tests that need them "
-                    "would skip (run scripts/setup; /dev/fuse needs the fuse module)", 1)
+        pytest.exit(
+            f"CI=true, but {', '.join(missing)} missing: the tests that need them "
+            "would skip (run scripts/setup; /dev/fuse needs the fuse module)",
+            1,
+        )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -49,8 +55,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.skipped and needed and not optional and os.environ.get("CI") == "true":
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
-        report.longrepr = (f"skipped under CI=true, but it needs {', '.join(needed)}, which "
-                           f"CI must provide: {reason}")
+        report.longrepr = (
+            f"skipped under CI=true, but it needs {', '.join(needed)}, which "
+            f"CI must provide: {reason}"
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -19,8 +19,9 @@ BLKFS = [sys.executable, "-m", "blkfs"]
 
 def blkfs(*args: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run the blkfs command as a user would; returns the completed process."""
-    return subprocess.run([*BLKFS, *args], check=check, capture_output=True, text=True,
-                          timeout=120, **kwargs)
+    return subprocess.run(
+        [*BLKFS, *args], check=check, capture_output=True, text=True, timeout=120, **kwargs
+    )
 
 
 def mounted(path: Path) -> bool:
@@ -32,8 +33,7 @@ def mounted(path: Path) -> bool:
 def blkfs_mounts_under(base: Path) -> list[Path]:
     """The blkfs mounts at or below ``base``."""
     with open("/proc/mounts") as f:
-        points = [Path(fields[1]) for fields in map(str.split, f)
-                  if fields[2] == "fuse.blkfs"]
+        points = [Path(fields[1]) for fields in map(str.split, f) if fields[2] == "fuse.blkfs"]
     return [point for point in points if point.is_relative_to(base)]
 
 
@@ -49,8 +49,17 @@ class Mount:
     def start(cls, path: Path, *args: str, cwd: Path | None = None) -> Mount:
         """``blkfs mount`` run in ``cwd`` (relative paths in ``args`` are relative to it)."""
         log = path.with_name(path.name + ".log")
-        result = blkfs("mount", str(path), "--log-file", str(log), "--log-level", "debug",
-                       *args, check=False, cwd=cwd)
+        result = blkfs(
+            "mount",
+            str(path),
+            "--log-file",
+            str(log),
+            "--log-level",
+            "debug",
+            *args,
+            check=False,
+            cwd=cwd,
+        )
         if result.returncode:
             raise MountError(result.stderr.strip())
         return cls(path, log)
@@ -159,15 +168,16 @@ def pattern_image(path: Path, size: int, image_id: int, block: int = 4096) -> by
     data = bytearray(size)
     for index in range(size // block):
         stamp = f"img{image_id:04d}:blk{index:08d}:".encode()
-        data[index * block:index * block + len(stamp)] = stamp
+        data[index * block : index * block + len(stamp)] = stamp
     path.write_bytes(data)
     return bytes(data)
 
 
 def run(*args: str | Path) -> str:
     """Run a system tool; its stdout, or CalledProcessError with what it printed."""
-    return subprocess.run([str(a) for a in args], check=True, capture_output=True,
-                          text=True, timeout=300).stdout.strip()
+    return subprocess.run(
+        [str(a) for a in args], check=True, capture_output=True, text=True, timeout=300
+    ).stdout.strip()
 
 
 @contextmanager
@@ -223,13 +233,23 @@ def flaky_disk(directory: Path, size: int = 64 << 20) -> Iterator[tuple[Path, Pa
     log = directory / "flaky.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            ["nbdfuse", f"{mnt}/disk", "--command", "nbdkit", "-s", "eval",
-             f"get_size=echo {size}",
-             f"pread=dd if={store} skip=$4 count=$3 iflag=count_bytes,skip_bytes status=none",
-             f"pwrite=dd of={store} seek=$4 conv=notrunc oflag=seek_bytes status=none",
-             "can_flush=exit 0",
-             f"flush=if [ -e {trigger} ]; then echo EIO injected >&2; exit 1; fi"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "nbdfuse",
+                f"{mnt}/disk",
+                "--command",
+                "nbdkit",
+                "-s",
+                "eval",
+                f"get_size=echo {size}",
+                f"pread=dd if={store} skip=$4 count=$3 iflag=count_bytes,skip_bytes status=none",
+                f"pwrite=dd of={store} seek=$4 conv=notrunc oflag=seek_bytes status=none",
+                "can_flush=exit 0",
+                f"flush=if [ -e {trigger} ]; then echo EIO injected >&2; exit 1; fi",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_until(lambda: mounted(mnt) or proc.poll() is not None, "nbdfuse to mount")
         assert mounted(mnt), log.read_text()
@@ -252,9 +272,24 @@ def wait_until(condition: Callable[[], bool], what: str, seconds: float = 10.0) 
         time.sleep(0.05)
 
 
-__all__ = ["Mount", "MountError", "blkfs", "errno", "errno_of", "flaky_disk", "force_unmount",
-           "loop_device", "mounted", "mounted_fs", "node", "pattern_image", "run", "tmpfs",
-           "wait_until", "without_stats"]
+__all__ = [
+    "Mount",
+    "MountError",
+    "blkfs",
+    "errno",
+    "errno_of",
+    "flaky_disk",
+    "force_unmount",
+    "loop_device",
+    "mounted",
+    "mounted_fs",
+    "node",
+    "pattern_image",
+    "run",
+    "tmpfs",
+    "wait_until",
+    "without_stats",
+]
 
 
 @contextmanager

@@ -59,7 +59,7 @@ class ModelWriter:
                 data = self.random.randbytes(length)
                 if os.pwrite(fd, data, offset) != length:
                     raise AssertionError("short write")
-                self.model[offset:offset + length] = data
+                self.model[offset : offset + length] = data
                 self.writes += 1
                 time.sleep(0.002)
         except BaseException as exc:  # reported by check()
@@ -141,15 +141,18 @@ def status_chain(mount: Mount, backend: str) -> list[str]:
 
 def qemu_chain(image: str) -> list[str]:
     """The image files of ``image``'s backing chain as ``qemu-img info`` shows them."""
-    out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json",
-                          image], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--backing-chain", "--output=json", image],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return [layer["filename"] for layer in json.loads(out)]
 
 
 def qemu_check_clean(image: str) -> None:
     """``qemu-img check`` finds neither corruption nor leaks (-U: the image is in use)."""
-    result = subprocess.run(["qemu-img", "check", "-U", image], capture_output=True,
-                            text=True)
+    result = subprocess.run(["qemu-img", "check", "-U", image], capture_output=True, text=True)
     assert result.returncode == 0, f"qemu-img check {image}:\n{result.stdout}{result.stderr}"
 
 
@@ -161,9 +164,12 @@ class FsWriter:
     def __init__(self, fs: Path, stop: Path) -> None:
         self.stop_file = stop
         stop.unlink(missing_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fs_writer", str(fs),
-                                      str(stop)], stdout=subprocess.PIPE, text=True,
-                                     cwd=Path(__file__).resolve().parents[1])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fs_writer", str(fs), str(stop)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
 
     def __enter__(self) -> FsWriter:
         return self

@@ -16,11 +16,16 @@ def lock_bytes(path: Path) -> tuple[set[str], set[str]]:
     ``path``: bytes 100+n and 200+n, probed one at a time with F_OFD_GETLK."""
     fd = os.open(path, os.O_RDONLY)
     try:
+
         def taken(offset: int) -> bool:
             probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
-            return struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))[0] \
-                != fcntl.F_UNLCK
-        return ({name for n, name in PERMS.items() if taken(100 + n)},
-                {name for n, name in PERMS.items() if taken(200 + n)})
+            return (
+                struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))[0] != fcntl.F_UNLCK
+            )
+
+        return (
+            {name for n, name in PERMS.items() if taken(100 + n)},
+            {name for n, name in PERMS.items() if taken(200 + n)},
+        )
     finally:
         os.close(fd)

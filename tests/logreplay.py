@@ -81,8 +81,11 @@ class Log:
         """Indices of the writes and discards among the first ``upto`` entries that a crash
         right after them may have lost: those after the last flush, except FUA writes."""
         start = self.durable_upto(upto)
-        return [index for index in range(start, upto)
-                if self.entries[index].changes_data and not self.entries[index].flags & FUA]
+        return [
+            index
+            for index in range(start, upto)
+            if self.entries[index].changes_data and not self.entries[index].flags & FUA
+        ]
 
     def durable_upto(self, upto: int) -> int:
         """How many leading entries are surely on the disk after a crash following entry
@@ -119,7 +122,7 @@ def parse(data: bytes | bytearray | memoryview) -> Log:
         if flags & MARK:
             if ENTRY.size + data_len > sector_size:
                 raise LogError(f"entry {index}: mark of {data_len} bytes overflows its sector")
-            mark = bytes(view[position + ENTRY.size:position + ENTRY.size + data_len])
+            mark = bytes(view[position + ENTRY.size : position + ENTRY.size + data_len])
         position += sector_size
         payload: bytes | memoryview = b""
         if nr_sectors and not flags & DISCARD:
@@ -141,8 +144,10 @@ def build(sector_size: int, entries: Iterable[Entry]) -> bytes:
     for entry in entries:
         has_data = entry.nr_sectors and not entry.flags & DISCARD
         if has_data and len(entry.data) != entry.nr_sectors * sector_size:
-            raise ValueError(f"entry {count}: {len(entry.data)} bytes of data for "
-                             f"{entry.nr_sectors} sectors of {sector_size}")
+            raise ValueError(
+                f"entry {count}: {len(entry.data)} bytes of data for "
+                f"{entry.nr_sectors} sectors of {sector_size}"
+            )
         head = ENTRY.pack(entry.sector, entry.nr_sectors, entry.flags, len(entry.mark))
         head += entry.mark
         if len(head) > sector_size:
@@ -177,7 +182,7 @@ def apply_to(image: bytearray, log: Log, entries: Iterable[Entry]) -> None:
         offset, length = log.extent(entry)
         if offset + length > len(image):
             image.extend(bytes(offset + length - len(image)))
-        image[offset:offset + length] = bytes(length) if entry.is_discard else entry.data
+        image[offset : offset + length] = bytes(length) if entry.is_discard else entry.data
 
 
 Undo = tuple[int, list[tuple[int, bytes]]]

@@ -20,7 +20,8 @@ from tests.helpers import wait_until
 
 needs_nbd_tools = pytest.mark.skipif(
     any(shutil.which(t) is None for t in ("qemu-img", "qemu-io", *NBD_TOOLS)),
-    reason="qemu-nbd, nbdkit or libnbd's tools are missing (run scripts/setup)")
+    reason="qemu-nbd, nbdkit or libnbd's tools are missing (run scripts/setup)",
+)
 """Under CI=true their absence fails the run (tests/conftest.py CI_TOOLS); a test that uses this
 carries the ``qemu`` or ``fuse`` marker, so it cannot skip green in CI either."""
 
@@ -51,11 +52,14 @@ class Server:
     def start(self) -> None:
         self.socket.unlink(missing_ok=True)
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         process = self.process
-        wait_until(lambda: listening(self.socket) or process.poll() is not None,
-                   f"{self.args[0]} to listen")
+        wait_until(
+            lambda: listening(self.socket) or process.poll() is not None,
+            f"{self.args[0]} to listen",
+        )
         assert process.poll() is None, self.log.read_text()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -81,8 +85,23 @@ def serving(args: list[str], sock: Path) -> Iterator[Server]:
 
 def qemu_nbd(image: Path, fmt: str, sock: Path, *extra: str) -> AbstractContextManager[Server]:
     """qemu-nbd serving ``image`` as export ``disk0``, to up to 16 clients at once."""
-    return serving(["qemu-nbd", "-f", fmt, "-k", str(sock), "-x", "disk0", "-t", "-e", "16", *extra,
-                    str(image)], sock)
+    return serving(
+        [
+            "qemu-nbd",
+            "-f",
+            fmt,
+            "-k",
+            str(sock),
+            "-x",
+            "disk0",
+            "-t",
+            "-e",
+            "16",
+            *extra,
+            str(image),
+        ],
+        sock,
+    )
 
 
 def nbdkit(sock: Path, *args: str) -> AbstractContextManager[Server]:
@@ -106,16 +125,26 @@ def _merged(runs: list[tuple[int, int, bool, bool]]) -> Extents:
 
 def nbd_map(uri: str) -> Extents:
     """``nbdinfo --map``: data is not NBD_STATE_HOLE, zero is NBD_STATE_ZERO."""
-    out = subprocess.run(["nbdinfo", "--map", "--json", uri], check=True, capture_output=True,
-                         text=True, timeout=120).stdout
-    return _merged([(e["offset"], e["length"], not e["type"] & 1, bool(e["type"] & 2))
-                    for e in json.loads(out)])
+    out = subprocess.run(
+        ["nbdinfo", "--map", "--json", uri], check=True, capture_output=True, text=True, timeout=120
+    ).stdout
+    return _merged(
+        [
+            (e["offset"], e["length"], not e["type"] & 1, bool(e["type"] & 2))
+            for e in json.loads(out)
+        ]
+    )
 
 
 def qemu_map(image: Path, fmt: str) -> Extents:
     """``qemu-img map`` of an image (opened with -U: blkfs or a server may hold it)."""
-    out = subprocess.run(["qemu-img", "map", "-U", "--output=json", "-f", fmt, str(image)],
-                         check=True, capture_output=True, text=True, timeout=120).stdout
+    out = subprocess.run(
+        ["qemu-img", "map", "-U", "--output=json", "-f", fmt, str(image)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     return _merged([(e["start"], e["length"], e["data"], e["zero"]) for e in json.loads(out)])
 
 
@@ -148,9 +177,15 @@ class NbdClient:
             data += piece
         return data
 
-    def request(self, kind: nbd.Cmd, offset: int = 0, length: int = 0,
-                flags: nbd.CmdFlag = nbd.NO_FLAGS, data: bytes = b"",
-                buf: memoryview | None = None) -> nbd.Reply:
+    def request(
+        self,
+        kind: nbd.Cmd,
+        offset: int = 0,
+        length: int = 0,
+        flags: nbd.CmdFlag = nbd.NO_FLAGS,
+        data: bytes = b"",
+        buf: memoryview | None = None,
+    ) -> nbd.Reply:
         _, header = self.transmission.request(kind, offset, length, flags, buf)
         self.sock.sendall(header + data)
         while True:

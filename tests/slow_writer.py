@@ -15,8 +15,9 @@ CHUNKS = 40
 
 def chunk(index: int) -> bytes:
     """The 1 MiB written at MiB ``index``: every 4 KiB block says where it belongs."""
-    return b"".join(f"chunk{index:04d}:block{b:03d}:".encode().ljust(4096, b".")
-                    for b in range(256))
+    return b"".join(
+        f"chunk{index:04d}:block{b:03d}:".encode().ljust(4096, b".") for b in range(256)
+    )
 
 
 def main(path: str) -> None:

@@ -30,13 +30,31 @@ def run_pytest(tmp_path: Path, ci: str) -> subprocess.CompletedProcess[str]:
         "@pytest.mark.fuse\n"
         "@pytest.mark.kernel_module('nbd')\n"
         "@pytest.mark.skipif(True, reason='no nbd module in this kernel')\n"
-        "def test_needs_a_module_the_kernel_lacks():\n    pass\n")
+        "def test_needs_a_module_the_kernel_lacks():\n    pass\n"
+    )
     (tmp_path / "conftest.py").write_text(
-        "from tests.conftest import pytest_runtest_makereport  # noqa: F401\n")
+        "from tests.conftest import pytest_runtest_makereport  # noqa: F401\n"
+    )
     env = {**os.environ, "CI": ci, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-p", "no:randomly", "--rootdir", str(tmp_path), str(tmp_path)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
 
 
 def test_a_skipped_fuse_test_fails_under_ci(tmp_path: Path) -> None:
@@ -62,9 +80,23 @@ def test_a_missing_nbd_peer_fails_the_run_under_ci(tmp_path: Path, tool: str) ->
         if other != tool and found:
             (bin_dir / other).symlink_to(found)
     env = {**os.environ, "CI": "true", "PATH": str(bin_dir), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "-p", "no:randomly", str(ROOT / "tests" / "test_split.py")],
-                            capture_output=True, text=True, env=env, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            str(ROOT / "tests" / "test_split.py"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     said = result.stdout + result.stderr
     line = next((line for line in said.splitlines() if "CI=true, but" in line), "")
     named = line.split("missing")[0].replace(",", " ").split()

@@ -8,10 +8,15 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FRONTENDS = sorted([*(ROOT / "blkfs" / "frontends").rglob("*.py"),
-                    *(ROOT / "blkfs" / name for name in ("cli.py", "imagecmd.py",
-                                                         "imagejobs.py", "jobcmd.py",
-                                                         "progress.py"))])
+FRONTENDS = sorted(
+    [
+        *(ROOT / "blkfs" / "frontends").rglob("*.py"),
+        *(
+            ROOT / "blkfs" / name
+            for name in ("cli.py", "imagecmd.py", "imagejobs.py", "jobcmd.py", "progress.py")
+        ),
+    ]
+)
 """Every way in: the frontends folder and the command line."""
 OVER_THE_BACKEND_API = [ROOT / "blkfs" / "commands.py", ROOT / "blkfs" / "daemon.py"]
 """The command layer and the daemon: they too stand on the backend API alone."""
@@ -25,7 +30,7 @@ def imported_modules(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = ".".join(package[:len(package) - node.level + 1]) if node.level else ""
+            base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
             module = ".".join(filter(None, [base, node.module or ""]))
             names.add(module)
             names.update(f"{module}.{alias.name}" for alias in node.names)
@@ -51,8 +56,7 @@ def test_the_core_never_imports_a_frontend() -> None:
 
 
 def test_drivers_never_import_the_backend_api_or_a_frontend() -> None:
-    forbidden = ["blkfs.backend", "blkfs.commands", "blkfs.daemon", "blkfs.frontends",
-                 "blkfs.cli"]
+    forbidden = ["blkfs.backend", "blkfs.commands", "blkfs.daemon", "blkfs.frontends", "blkfs.cli"]
     for path in sorted((ROOT / "drivers").rglob("*.py")):
         modules = imported_modules(path)
         for name in forbidden:
@@ -70,13 +74,13 @@ def within(modules: set[str], allowed: list[str]) -> list[str]:
 
 def test_drivers_use_only_the_driver_api_the_errors_and_the_protocol_modules() -> None:
     for path in sorted((ROOT / "drivers").rglob("*.py")):
-        assert not within(blkfs_modules(path), ["blkfs.block", "blkfs.errors", "blkfs.nbd"]), \
+        assert not within(blkfs_modules(path), ["blkfs.block", "blkfs.errors", "blkfs.nbd"]), (
             path.relative_to(ROOT)
+        )
 
 
 def test_frontends_use_only_the_backend_api_the_commands_and_the_protocol_modules() -> None:
-    allowed = ["blkfs.backend", "blkfs.commands", "blkfs.errors", "blkfs.frontends",
-               "blkfs.nbd"]
+    allowed = ["blkfs.backend", "blkfs.commands", "blkfs.errors", "blkfs.frontends", "blkfs.nbd"]
     for path in sorted((ROOT / "blkfs" / "frontends").rglob("*.py")):
         assert not within(blkfs_modules(path), allowed), path.relative_to(ROOT)
 
@@ -94,8 +98,9 @@ def test_the_nbd_protocol_is_sans_io() -> None:
 
 def test_the_checker_sees_relative_and_aliased_imports(tmp_path: Path) -> None:
     probe = ROOT / "blkfs" / "_split_probe.py"
-    probe.write_text("from .block import node\nimport blkfs.block.graph as g\n"
-                     "from blkfs import block\n")
+    probe.write_text(
+        "from .block import node\nimport blkfs.block.graph as g\nfrom blkfs import block\n"
+    )
     try:
         modules = imported_modules(probe)
     finally:
@@ -110,12 +115,15 @@ def test_every_package_is_installed_drivers_as_blkfs_drivers() -> None:
     (mypy checks the folder under its own name)."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert config["package-dir"] == {"blkfs_drivers": "drivers"}
-    folders = {p.parent.relative_to(ROOT).as_posix().replace("/", ".")
-               for top in ("blkfs", "drivers") for p in (ROOT / top).rglob("*.py")}
-    assert set(config["packages"]) == {re.sub(r"^drivers", "blkfs_drivers", f)
-                                       for f in folders}
+    folders = {
+        p.parent.relative_to(ROOT).as_posix().replace("/", ".")
+        for top in ("blkfs", "drivers")
+        for p in (ROOT / top).rglob("*.py")
+    }
+    assert set(config["packages"]) == {re.sub(r"^drivers", "blkfs_drivers", f) for f in folders}
     for path in [*(ROOT / "blkfs").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]:
-        assert not touches(imported_modules(path), "drivers"), \
+        assert not touches(imported_modules(path), "drivers"), (
             f"{path.relative_to(ROOT)} imports 'drivers' (the installed name is blkfs_drivers)"
+        )
     for path in (ROOT / "drivers").rglob("*.py"):  # within drivers: relative imports
         assert "blkfs_drivers" not in path.read_text(), path.relative_to(ROOT)

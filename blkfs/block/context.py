@@ -32,8 +32,9 @@ class NodeContext(Protocol):
         """The host file this node's data lives in, looking through filters: what a
         relative backing file name is relative to."""
 
-    async def open_child(self, name: str, options: dict[str, Any] | str, role: Role, *,
-                         read_only: bool = False) -> Child:
+    async def open_child(
+        self, name: str, options: dict[str, Any] | str, role: Role, *, read_only: bool = False
+    ) -> Child:
         """Open (or reference, for a node name) a child and attach it as ``name``."""
 
     def open_host_file(self, path: str, writable: bool) -> int:

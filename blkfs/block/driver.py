@@ -31,9 +31,9 @@ ZERO_CHUNK = 1 << 20
 class Status(Flag):
     """What block_status knows of a range (QEMU's BDRV_BLOCK_* bits, simplified)."""
 
-    DATA = 1          # reads return stored data
-    ZERO = 2          # reads return zeros
-    ALLOCATED = 4     # this node (not a backing file) decides the contents
+    DATA = 1  # reads return stored data
+    ZERO = 2  # reads return zeros
+    ALLOCATED = 4  # this node (not a backing file) decides the contents
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,14 @@ class BlockDriver:
         return 0
 
     @classmethod
-    def create(cls, file: BinaryIO, size: int, options: Mapping[str, str],
-               backing: str | None, backing_format: str | None) -> None:
+    def create(
+        cls,
+        file: BinaryIO,
+        size: int,
+        options: Mapping[str, str],
+        backing: str | None,
+        backing_format: str | None,
+    ) -> None:
         """Lay out a new empty image of ``size`` bytes in the (new, empty) ``file``, with
         ``qemu-img create -o`` style ``options``; raise EINVAL for options it cannot honour.
         Only format drivers create images; the layer creates, syncs and cleans up the file."""
@@ -126,8 +132,9 @@ class BlockDriver:
         the same options), so that a new medium may take it over; node name and read-only
         state are compared by the layer."""
         ignored = ("node-name", "read-only")
-        return ({k: v for k, v in values.items() if k not in ignored} ==
-                {k: v for k, v in wanted.items() if k not in ignored})
+        return {k: v for k, v in values.items() if k not in ignored} == {
+            k: v for k, v in wanted.items() if k not in ignored
+        }
 
     def reusable(self) -> bool:
         """Whether a new medium may take this node over (see :meth:`same_node`); one whose
@@ -145,16 +152,18 @@ class BlockDriver:
         cannot apply them."""
         for name, value in values.items():
             if name not in COMMON_OPTIONS and self.node.values.get(name) != value:
-                raise BlockError(errno.EINVAL,
-                                 f"{self.name}: option '{name}' cannot be changed on a live node")
+                raise BlockError(
+                    errno.EINVAL, f"{self.name}: option '{name}' cannot be changed on a live node"
+                )
 
     async def close(self) -> None:
         """Release host resources. Children are closed by the layer afterwards."""
 
     # -- permissions ---------------------------------------------------------------------
 
-    def child_perm(self, child: Child, writable: bool, perm: Perm,
-                   shared: Perm) -> tuple[Perm, Perm]:
+    def child_perm(
+        self, child: Child, writable: bool, perm: Perm, shared: Perm
+    ) -> tuple[Perm, Perm]:
         """What this node, holding ``perm`` and sharing ``shared`` (and open for writing if
         ``writable``), needs of ``child`` and lets others do to it; generic: QEMU's rules for
         the child's role."""

@@ -76,14 +76,18 @@ class Departure:
 
 
 _departing: contextvars.ContextVar[Departure | None] = contextvars.ContextVar(
-    "blkfs_departing", default=None)
+    "blkfs_departing", default=None
+)
 
 
 def _departure() -> Departure:
     """The departing part of the graph while a medium changes; nothing otherwise."""
     return _departing.get() or Departure()
+
+
 _chain: contextvars.ContextVar[frozenset[tuple[int, int]]] = contextvars.ContextVar(
-    "blkfs_chain", default=frozenset())
+    "blkfs_chain", default=frozenset()
+)
 """Host files of the images whose backing files are being opened (to find a loop)."""
 
 
@@ -98,8 +102,9 @@ class HostFile:
 class Graph:
     """All nodes of one blkfs instance, by name."""
 
-    def __init__(self, drivers: DriverRegistry | None = None,
-                 policy: HostPolicy | None = None) -> None:
+    def __init__(
+        self, drivers: DriverRegistry | None = None, policy: HostPolicy | None = None
+    ) -> None:
         self.drivers = drivers or default_registry()
         self.policy = policy or HostPolicy()
         self.nodes: dict[str, Node] = {}
@@ -134,9 +139,11 @@ class Graph:
             if unknown:
                 known = [*COMMON_OPTIONS, "file"]
                 if closest(unknown[0], known) is None:
-                    raise OptionError(f"option '{unknown[0]}' needs an explicit driver: "
-                                      "after a plain path only the common options "
-                                      f"({', '.join(sorted(COMMON_OPTIONS))}) may follow")
+                    raise OptionError(
+                        f"option '{unknown[0]}' needs an explicit driver: "
+                        "after a plain path only the common options "
+                        f"({', '.join(sorted(COMMON_OPTIONS))}) may follow"
+                    )
                 raise OptionError(unknown_option(unknown[0], known))
             if "file" not in options:
                 raise OptionError("option 'driver' is required")
@@ -153,8 +160,7 @@ class Graph:
 
     # -- opening -------------------------------------------------------------------------
 
-    async def open_node(self, options: Mapping[str, Any] | str, *,
-                        read_only: bool = False) -> Node:
+    async def open_node(self, options: Mapping[str, Any] | str, *, read_only: bool = False) -> Node:
         """Open a tree (or take a reference on a named node) and return its root with one
         reference held by the caller."""
         if isinstance(options, str):
@@ -163,8 +169,9 @@ class Graph:
             return node
         depth = _depth.get()
         if depth >= MAX_DEPTH:
-            raise BlockError(errno.ELOOP,
-                             f"tree deeper than {MAX_DEPTH} nodes (a backing chain loop?)")
+            raise BlockError(
+                errno.ELOOP, f"tree deeper than {MAX_DEPTH} nodes (a backing chain loop?)"
+            )
         token = _depth.set(depth + 1)
         try:
             if options.get("driver") is None:
@@ -182,8 +189,7 @@ class Graph:
             ro = read_only or parse_bool(tree.get("read-only", False))
             shares = parse_bool(tree.get("force-share", False))
         except ValueError:
-            raise OptionError("options 'read-only' and 'force-share' must be on or off") \
-                from None
+            raise OptionError("options 'read-only' and 'force-share' must be on or off") from None
         if shares and isinstance(tree["file"], dict):
             tree["file"] = {**tree["file"], "force-share": True}
         file_node = await self.open_node(tree["file"], read_only=ro)
@@ -208,8 +214,9 @@ class Graph:
         score, name = max(scores, default=(0, "raw"))
         return name if score > 0 else "raw"
 
-    async def _open(self, options: Mapping[str, Any], read_only: bool,
-                    probed: bool = False) -> Node:
+    async def _open(
+        self, options: Mapping[str, Any], read_only: bool, probed: bool = False
+    ) -> Node:
         driver = options["driver"]
         cls = self.drivers.get(driver)
         tree = dict(options)
@@ -217,8 +224,10 @@ class Graph:
             tree["read-only"] = True
         checked = validate(driver, cls.options, cls.children, tree)
         if checked.values["force-share"] and not checked.values["read-only"]:
-            raise OptionError(f"{driver}: force-share=on needs read-only=on (a writer must "
-                              "not let others write under it)")
+            raise OptionError(
+                f"{driver}: force-share=on needs read-only=on (a writer must "
+                "not let others write under it)"
+            )
         given_name = checked.values["node-name"]
         if not cls.children:
             reused = self._reusable(cls, checked.values, {})
@@ -241,11 +250,17 @@ class Graph:
                 child_opts = checked.children.get(role)
                 if spec.auto and child_opts is not None:
                     await node.open_child(role, child_opts, spec.role)
-            raw_children = {role: checked.children[role] for role, spec in cls.children.items()
-                            if not spec.auto and role in checked.children}
+            raw_children = {
+                role: checked.children[role]
+                for role, spec in cls.children.items()
+                if not spec.auto and role in checked.children
+            }
             if cls.children and not raw_children:
-                reused = self._reusable(cls, {**checked.values, "node-name": given_name},
-                                        {role: edge.node for role, edge in node.children.items()})
+                reused = self._reusable(
+                    cls,
+                    {**checked.values, "node-name": given_name},
+                    {role: edge.node for role, edge in node.children.items()},
+                )
                 if reused is not None:
                     await self._close(node, opened=False)
                     return reused
@@ -262,15 +277,15 @@ class Graph:
         log.debug("opened node %s (%s)", name, driver)
         return node
 
-    def _reusable(self, cls: type, values: Mapping[str, Any],
-                  children: Mapping[str, Node]) -> Node | None:
+    def _reusable(
+        self, cls: type, values: Mapping[str, Any], children: Mapping[str, Node]
+    ) -> Node | None:
         """A node of the departing tree that ``values`` and ``children`` describe exactly
         (with one more reference), so that a new medium takes it over instead of opening its
         image a second time; a read-only request may take over a writable node."""
         departing = _departure()
         for node in departing.nodes:
-            named = self.nodes.get(node.name) is node or \
-                departing.shadowed.get(node.name) is node
+            named = self.nodes.get(node.name) is node or departing.shadowed.get(node.name) is node
             if type(node.driver) is not cls or not named:
                 continue
             if values["node-name"] not in (None, node.name):
@@ -306,8 +321,9 @@ class Graph:
         cls = type(node.driver)
         tree = dict(options)
         if tree.pop("driver", cls.name) != cls.name:
-            raise OptionError(f"reopen: node '{name}' is a {cls.name} node; "
-                              "its driver cannot be changed")
+            raise OptionError(
+                f"reopen: node '{name}' is a {cls.name} node; its driver cannot be changed"
+            )
         if tree.get("node-name", name) != name:
             raise OptionError(f"reopen: node '{name}' cannot be renamed")
         changed_children = set(tree) & set(cls.children)
@@ -315,8 +331,7 @@ class Graph:
             raise OptionError(f"reopen: children cannot be changed ({', '.join(changed_children)})")
         given = validate(cls.name, cls.options, cls.children, tree, partial=True).values
         replaced = tuple(f"{name}." for name in list_options(cls.options) if name in tree)
-        values = {key: value for key, value in node.values.items()
-                  if not key.startswith(replaced)}
+        values = {key: value for key, value in node.values.items() if not key.startswith(replaced)}
         values.update(given)
         if values["read-only"] != node.read_only:
             async with node.drained():
@@ -339,25 +354,41 @@ class Graph:
         path, edges = _write_path(top)
         if read_only:
             for node in path:
-                writer = next((edge.label for edge in node.parents if edge.can_write
-                               and edge not in edges and edge.parent is not None), None)
+                writer = next(
+                    (
+                        edge.label
+                        for edge in node.parents
+                        if edge.can_write and edge not in edges and edge.parent is not None
+                    ),
+                    None,
+                )
                 if writer is not None:
-                    raise BlockError(errno.EBUSY, f"reopen: node '{node.name}' is written by "
-                                                  f"'{writer}'; reopen that read-only first")
+                    raise BlockError(
+                        errno.EBUSY,
+                        f"reopen: node '{node.name}' is written by "
+                        f"'{writer}'; reopen that read-only first",
+                    )
         else:  # the new writer must be the only user of what it will write; an overlay
             # only reads its backing file, and its permissions say whether it lets others
             # write it (a commit job writes only what the overlay shows already)
-            others = [edge.label for edge in top.parents
-                      if edge.parent is not None and Role.COW not in edge.role]
+            others = [
+                edge.label
+                for edge in top.parents
+                if edge.parent is not None and Role.COW not in edge.role
+            ]
             if others or len(top.parents) > 1:
-                raise BlockError(errno.EBUSY, f"reopen: node '{top.name}' is used by "
-                                              f"{', '.join(others) or 'several backends'}; "
-                                              "only a node with one user can become writable")
+                raise BlockError(
+                    errno.EBUSY,
+                    f"reopen: node '{top.name}' is used by "
+                    f"{', '.join(others) or 'several backends'}; "
+                    "only a node with one user can become writable",
+                )
             for node in path[1:]:
                 other = next((edge.label for edge in node.parents if edge not in edges), None)
                 if other is not None:
-                    raise BlockError(errno.EBUSY, f"reopen: node '{node.name}' is also used "
-                                                  f"by '{other}'")
+                    raise BlockError(
+                        errno.EBUSY, f"reopen: node '{node.name}' is also used by '{other}'"
+                    )
         plan = self._plan_perms([top], read_only={node: read_only for node in path})
         if not read_only:
             self._apply_perms(plan)
@@ -378,8 +409,9 @@ class Graph:
                         await node.driver.reopen(old)
                         node.values = old
                     except BlockError as exc:
-                        log.error("reopen: node %s could not be switched back: %s",
-                                  node.name, exc.message)
+                        log.error(
+                            "reopen: node %s could not be switched back: %s", node.name, exc.message
+                        )
                 self.refresh_perms([top])
             raise
         if read_only:
@@ -393,8 +425,9 @@ class Graph:
         changed."""
         self._apply_perms(self._plan_perms(start))
 
-    def _plan_perms(self, start: Iterable[Node],
-                    read_only: Mapping[Node, bool] | None = None) -> _PermPlan:
+    def _plan_perms(
+        self, start: Iterable[Node], read_only: Mapping[Node, bool] | None = None
+    ) -> _PermPlan:
         """The permissions of every edge and node below ``start`` (as if the nodes in
         ``read_only`` had that flag), checked: two uses of one node, a writer of a read-only
         node, two nodes' uses of one host file."""
@@ -408,26 +441,41 @@ class Graph:
             writable = not flags.get(node, node.read_only)
             if perm & WRITERS and not writable:
                 writer = next(use.who for use in uses if use.perm & WRITERS)
-                raise BlockError(errno.EROFS, f"node '{node.name}' is read-only, but {writer} "
-                                              "needs to write it")
+                raise BlockError(
+                    errno.EROFS, f"node '{node.name}' is read-only, but {writer} needs to write it"
+                )
             writers = [use.who for use in uses if Perm.WRITE in use.perm]
             if len(writers) > 1:  # a node has one writer (DESIGN.md), wherever QEMU shares
-                raise BlockError(errno.EBUSY, f"node '{node.name}' is already written by "
-                                              f"{writers[0]}; {writers[1]} cannot write it too")
+                raise BlockError(
+                    errno.EBUSY,
+                    f"node '{node.name}' is already written by "
+                    f"{writers[0]}; {writers[1]} cannot write it too",
+                )
             pair = conflicting(uses)
             if pair is not None:
                 a, b = pair
                 missing = a.perm & ~b.shared
-                refusing = [edge for edge, use in zip(parents, uses, strict=True)
-                            if use is not a and missing & ~use.shared]
+                refusing = [
+                    edge
+                    for edge, use in zip(parents, uses, strict=True)
+                    if use is not a and missing & ~use.shared
+                ]
                 refusers, backing = _refusers(plan, refusing, missing)
                 if all(edge.parent is None for edge in refusing):
                     refusers = []  # b names them
                 filename = node.filename()
                 what = f"node '{node.name}'" + (f" ('{filename}')" if filename else "")
-                raise BlockError(errno.EBUSY, _refusal(
-                    what, a.who, missing, refusers, backing,
-                    f"node '{node.name}': {conflict([a, b])}"))
+                raise BlockError(
+                    errno.EBUSY,
+                    _refusal(
+                        what,
+                        a.who,
+                        missing,
+                        refusers,
+                        backing,
+                        f"node '{node.name}': {conflict([a, b])}",
+                    ),
+                )
             plan.nodes[node] = (perm, shared)
             for edge in node.children.values():
                 nperm, nshared = node.driver.child_perm(edge, writable, perm, shared)
@@ -435,21 +483,33 @@ class Graph:
         for host in self.host_files.values():
             users = [n for n in host.nodes if n not in departing.nodes]
             if len(users) > 1 and any(n in plan.nodes for n in users):
-                uses = [Use(*plan.nodes.get(n, (n.perm, n.shared)), f"node '{n.name}'")
-                        for n in users]
+                uses = [
+                    Use(*plan.nodes.get(n, (n.perm, n.shared)), f"node '{n.name}'") for n in users
+                ]
                 pair = conflicting(uses)
                 if pair is not None:
                     a, b = pair
                     a_node = next(n for n, use in zip(users, uses, strict=True) if use is a)
                     missing = a.perm & ~b.shared
-                    refusing = [edge for n, use in zip(users, uses, strict=True)
-                                if use is not a and missing & ~use.shared
-                                for edge in _live(n.parents, departing)]
+                    refusing = [
+                        edge
+                        for n, use in zip(users, uses, strict=True)
+                        if use is not a and missing & ~use.shared
+                        for edge in _live(n.parents, departing)
+                    ]
                     refusers, backing = _refusers(plan, refusing, missing)
                     needers = _needers(plan, _live(a_node.parents, departing), missing)
-                    raise BlockError(errno.EBUSY, _refusal(
-                        f"'{host.path}'", ", ".join(needers) or a.who, missing, refusers,
-                        backing, f"'{host.path}' is in use: {conflict([a, b])}"))
+                    raise BlockError(
+                        errno.EBUSY,
+                        _refusal(
+                            f"'{host.path}'",
+                            ", ".join(needers) or a.who,
+                            missing,
+                            refusers,
+                            backing,
+                            f"'{host.path}' is in use: {conflict([a, b])}",
+                        ),
+                    )
         return plan
 
     def _apply_perms(self, plan: _PermPlan) -> None:
@@ -530,8 +590,11 @@ class Graph:
     def opening_backing_of(self, node: Node) -> Iterator[None]:
         """While the body opens ``node``'s backing chain, none of the host files ``node``
         stands on may be opened again: that would be a loop."""
-        keys = {key for key, host in self.host_files.items()
-                if any(n in host.nodes for n in _below([node]))}
+        keys = {
+            key
+            for key, host in self.host_files.items()
+            if any(n in host.nodes for n in _below([node]))
+        }
         token = _chain.set(_chain.get() | keys)
         try:
             yield
@@ -548,8 +611,9 @@ class Graph:
                 del self.host_files[key]
         os.close(fd)
 
-    async def set_backing(self, node: Node, backing: Node | None,
-                          recorded: tuple[str, str] | None) -> None:
+    async def set_backing(
+        self, node: Node, backing: Node | None, recorded: tuple[str, str] | None
+    ) -> None:
         """Make ``backing`` (or nothing) ``node``'s backing file, in the graph and in its
         image header (``recorded``: the name and format to write there); the old backing
         node is released. For commit and stream, whose copies made the two equal. The new
@@ -672,17 +736,21 @@ class _PermPlan:
     nodes: dict[Node, tuple[Perm, Perm]] = field(default_factory=dict)
 
 
-def _refusal(what: str, needer: str, missing: Perm, refusers: list[str], backing: bool,
-             plain: str) -> str:
+def _refusal(
+    what: str, needer: str, missing: Perm, refusers: list[str], backing: bool, plain: str
+) -> str:
     """Why ``needer`` cannot have ``missing`` on ``what``: where the users that refuse it
     (``refusers``) read it as a backing file, that writing it would change their disks;
     else ``plain``, naming them."""
     listed = ", ".join(refusers[:NAMED_USERS]) + (
-        f" and {len(refusers) - NAMED_USERS} more" if len(refusers) > NAMED_USERS else "")
+        f" and {len(refusers) - NAMED_USERS} more" if len(refusers) > NAMED_USERS else ""
+    )
     if backing and refusers and missing & (Perm.WRITE | Perm.RESIZE):
-        return (f"{what} is the backing file of {listed} too: {needer} cannot "
-                f"{'write' if Perm.WRITE in missing else 'resize'} it without changing "
-                f"{'their disks' if len(refusers) > 1 else 'that disk'}")
+        return (
+            f"{what} is the backing file of {listed} too: {needer} cannot "
+            f"{'write' if Perm.WRITE in missing else 'resize'} it without changing "
+            f"{'their disks' if len(refusers) > 1 else 'that disk'}"
+        )
     return plain + (f" (used by {listed})" if refusers else "")
 
 
@@ -690,8 +758,9 @@ def _refusers(plan: _PermPlan, edges: Iterable[Child], missing: Perm) -> tuple[l
     """The backends and jobs behind ``edges`` that refuse ``missing``: up from them, every
     edge that reads consistently or does not share it; and whether an overlay's backing
     edge is on the way."""
-    return _users_behind(plan, edges, lambda perm, shared: bool(
-        perm & Perm.CONSISTENT_READ or missing & ~shared))
+    return _users_behind(
+        plan, edges, lambda perm, shared: bool(perm & Perm.CONSISTENT_READ or missing & ~shared)
+    )
 
 
 def _needers(plan: _PermPlan, edges: Iterable[Child], missing: Perm) -> list[str]:
@@ -699,8 +768,9 @@ def _needers(plan: _PermPlan, edges: Iterable[Child], missing: Perm) -> list[str
     return _users_behind(plan, edges, lambda perm, shared: bool(perm & missing))[0]
 
 
-def _users_behind(plan: _PermPlan, edges: Iterable[Child],
-                  follows: Callable[[Perm, Perm], bool]) -> tuple[list[str], bool]:
+def _users_behind(
+    plan: _PermPlan, edges: Iterable[Child], follows: Callable[[Perm, Perm], bool]
+) -> tuple[list[str], bool]:
     """The users without a parent node (backends, jobs) up from ``edges`` through the edges
     whose permissions (as planned, else as held) ``follows`` accepts; and whether one of
     those is an overlay's backing edge."""
@@ -753,8 +823,11 @@ def _above(node: Node) -> list[Node]:
     """``node`` and every node above it, children first."""
     found = [node]
     for below in found:
-        found.extend(edge.parent for edge in below.parents
-                     if edge.parent is not None and edge.parent not in found)
+        found.extend(
+            edge.parent
+            for edge in below.parents
+            if edge.parent is not None and edge.parent not in found
+        )
     return found
 
 

@@ -39,16 +39,23 @@ class Child:
     through the child node's request path.
     """
 
-    __slots__ = ("label", "name", "node", "parent", "perm", "readinto", "role", "shared",
-                 "write")
+    __slots__ = ("label", "name", "node", "parent", "perm", "readinto", "role", "shared", "write")
 
     readinto: Callable[[int, memoryview], Awaitable[None]]
     """Fill the buffer with the child's bytes at the offset."""
     write: Callable[[int, bytes | bytearray | memoryview], Awaitable[None]]
     """Write the data at the offset of the child."""
 
-    def __init__(self, parent: Node | None, label: str, node: Node, name: str, role: Role,
-                 perm: Perm = NO_PERM, shared: Perm = ALL) -> None:
+    def __init__(
+        self,
+        parent: Node | None,
+        label: str,
+        node: Node,
+        name: str,
+        role: Role,
+        perm: Perm = NO_PERM,
+        shared: Perm = ALL,
+    ) -> None:
         self.parent = parent
         """The parent node; None for a backend's root edge, whose permissions are set by
         the backend."""
@@ -71,10 +78,12 @@ class Child:
     def use(self, perm: Perm | None = None, shared: Perm | None = None) -> Use:
         """This edge's permissions (or the given ones) as :mod:`blkfs.block.perm` compares
         them."""
-        who = (f"node '{self.label}' (as its '{self.name}')" if self.parent is not None
-               else self.label)
-        return Use(self.perm if perm is None else perm,
-                   self.shared if shared is None else shared, who)
+        who = (
+            f"node '{self.label}' (as its '{self.name}')" if self.parent is not None else self.label
+        )
+        return Use(
+            self.perm if perm is None else perm, self.shared if shared is None else shared, who
+        )
 
     async def read(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
@@ -100,8 +109,14 @@ class Child:
 class Node:
     """One driver instance in the graph, with its request path."""
 
-    def __init__(self, graph: Graph, name: str, driver_cls: type[BlockDriver],
-                 values: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        name: str,
+        driver_cls: type[BlockDriver],
+        values: Mapping[str, Any],
+        options: Mapping[str, Any],
+    ) -> None:
         self.graph = graph
         self.name = name
         self.values = dict(values)
@@ -139,8 +154,11 @@ class Node:
     def given_options(self) -> dict[str, Any]:
         """The option values that differ from their defaults: what status shows."""
         schema = {**COMMON_OPTIONS, **self.driver.options}
-        return {key: value for key, value in self.values.items()
-                if value is not None and (key not in schema or value != schema[key].default)}
+        return {
+            key: value
+            for key, value in self.values.items()
+            if value is not None and (key not in schema or value != schema[key].default)
+        }
 
     def filename(self) -> str | None:
         """The host file this node's data lives in, looking through filters and from a
@@ -183,8 +201,15 @@ class Node:
 
     # -- graph -------------------------------------------------------------------------
 
-    def attach(self, parent: Node | None, label: str, name: str, role: Role,
-               perm: Perm = NO_PERM, shared: Perm = ALL) -> Child:
+    def attach(
+        self,
+        parent: Node | None,
+        label: str,
+        name: str,
+        role: Role,
+        perm: Perm = NO_PERM,
+        shared: Perm = ALL,
+    ) -> Child:
         """Add a parent edge. Its permissions are checked and applied by
         :meth:`Graph.refresh_perms`, which the caller runs next."""
         edge = Child(parent, label, self, name, role, perm, shared)
@@ -194,8 +219,9 @@ class Node:
     def detach(self, edge: Child) -> None:
         self.parents.remove(edge)
 
-    async def open_child(self, name: str, options: dict[str, Any] | str, role: Role, *,
-                         read_only: bool = False) -> Child:
+    async def open_child(
+        self, name: str, options: dict[str, Any] | str, role: Role, *, read_only: bool = False
+    ) -> Child:
         """Open (or reference, for a node name) a child and attach it as ``name``; drivers
         call this for children they open themselves, such as a backing file named in an
         image header (opened read-only, and never one of this node's own images: a loop).
@@ -252,8 +278,10 @@ class Node:
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise BlockError(errno.EIO, f"node '{self.name}': request {offset}+{length} "
-                                        f"is outside its {self.size} bytes")
+            raise BlockError(
+                errno.EIO,
+                f"node '{self.name}': request {offset}+{length} is outside its {self.size} bytes",
+            )
 
     def _check_write(self, offset: int, length: int) -> None:
         if self.read_only:
@@ -266,8 +294,11 @@ class Node:
         length = buf.nbytes
         self._check(offset, length)
         align = self.request_alignment
-        read = (self.driver.read if align == 1 or is_aligned(offset, length, align)
-                else self._read_unaligned)
+        read = (
+            self.driver.read
+            if align == 1 or is_aligned(offset, length, align)
+            else self._read_unaligned
+        )
         await self._requests.run(self.stats.read, length, read, offset, buf)
 
     async def _read_unaligned(self, offset: int, buf: memoryview) -> None:
@@ -277,7 +308,7 @@ class Node:
         start = align_down(offset, align)
         bounce = bytearray(min(align_up(offset + length, align), self.size) - start)
         await self.driver.read(start, memoryview(bounce))
-        buf[:] = bounce[offset - start:offset - start + length]
+        buf[:] = bounce[offset - start : offset - start + length]
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = data if isinstance(data, memoryview) else memoryview(data)
@@ -310,7 +341,7 @@ class Node:
                 return
             bounce = bytearray(end - start)
             await self.driver.read(start, memoryview(bounce))
-            bounce[offset - start:offset - start + view.nbytes] = view
+            bounce[offset - start : offset - start + view.nbytes] = view
             await self.driver.write(start, memoryview(bounce))
 
     async def flush(self) -> None:
@@ -320,13 +351,18 @@ class Node:
         self._check_write(offset, length)
         if self.values["discard"] == "ignore":
             return
-        await self._requests.run(self.stats.discard, length, self.driver.discard, offset,
-                                 length)
+        await self._requests.run(self.stats.discard, length, self.driver.discard, offset, length)
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check_write(offset, length)
-        await self._requests.run(self.stats.zero, length, self._write_zeroes, offset, length,
-                                 unmap and self.values["discard"] == "unmap")
+        await self._requests.run(
+            self.stats.zero,
+            length,
+            self._write_zeroes,
+            offset,
+            length,
+            unmap and self.values["discard"] == "unmap",
+        )
 
     async def _write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         """The driver zeroes whole ``request_alignment`` blocks; the blocks at either end

@@ -35,8 +35,16 @@ Tree = dict[str, Any]
 REQUIRED: Any = object()
 """Default of an option the user must give."""
 
-_SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-                  "p": 1 << 50, "e": 1 << 60}
+_SIZE_SUFFIXES = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+    "t": 1 << 40,
+    "p": 1 << 50,
+    "e": 1 << 60,
+}
 _NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([bkmgtpe]?)$", re.IGNORECASE)
 """QEMU's sizes (qemu_strtosz): a number and one optional binary suffix, nothing else."""
@@ -61,11 +69,11 @@ class Option:
         try:
             value: Any = _CONVERTERS[self.type](raw, self)
         except (ValueError, TypeError) as exc:
-            raise OptionError(
-                f"{driver}: option '{name}' {exc} (got {raw!r})") from None
+            raise OptionError(f"{driver}: option '{name}' {exc} (got {raw!r})") from None
         if self.minimum is not None and value < self.minimum:
             raise OptionError(
-                f"{driver}: option '{name}' must be at least {self.minimum} (got {raw!r})")
+                f"{driver}: option '{name}' must be at least {self.minimum} (got {raw!r})"
+            )
         return value
 
 
@@ -163,8 +171,9 @@ def _to_errno(raw: Any, opt: Option) -> int:
         name = raw.strip().upper()
         if name not in _ERRNO_NAMES:
             close = closest(name, list(_ERRNO_NAMES))
-            raise ValueError("is an unknown errno name" +
-                             (f" (did you mean {close}?)" if close else ""))
+            raise ValueError(
+                "is an unknown errno name" + (f" (did you mean {close}?)" if close else "")
+            )
         return _ERRNO_NAMES[name]
     value = _to_int(raw, opt)
     if value not in errno.errorcode:
@@ -175,9 +184,16 @@ def _to_errno(raw: Any, opt: Option) -> int:
 _ERRNO_NAMES = {name: number for number, name in errno.errorcode.items()}
 
 
-_CONVERTERS = {"str": _to_str, "int": _to_int, "size": _to_size, "bool": _to_bool,
-               "enum": _to_enum, "float": _to_float, "duration": _to_duration,
-               "errno": _to_errno}
+_CONVERTERS = {
+    "str": _to_str,
+    "int": _to_int,
+    "size": _to_size,
+    "bool": _to_bool,
+    "enum": _to_enum,
+    "float": _to_float,
+    "duration": _to_duration,
+    "errno": _to_errno,
+}
 
 
 @dataclass(frozen=True)
@@ -197,16 +213,26 @@ COMMON_OPTIONS: Mapping[str, Option] = {
     "driver": Option("str", None, "the block driver of this node"),
     "node-name": Option("str", None, "a unique name for this node (generated if absent)"),
     "read-only": Option("bool", False, "open the node read-only"),
-    "force-share": Option("bool", False, "let others write the image while this read-only "
-                                         "node reads it (QEMU's force-share, qemu-img -U)"),
-    "detect-zeroes": Option("enum", "off", "turn all-zero writes into write_zeroes",
-                            choices=("off", "on", "unmap")),
-    "discard": Option("enum", "unmap", "pass discard requests down (unmap) or drop them",
-                      choices=("ignore", "unmap")),
+    "force-share": Option(
+        "bool",
+        False,
+        "let others write the image while this read-only "
+        "node reads it (QEMU's force-share, qemu-img -U)",
+    ),
+    "detect-zeroes": Option(
+        "enum", "off", "turn all-zero writes into write_zeroes", choices=("off", "on", "unmap")
+    ),
+    "discard": Option(
+        "enum",
+        "unmap",
+        "pass discard requests down (unmap) or drop them",
+        choices=("ignore", "unmap"),
+    ),
 }
 
 
 # -- parsing -----------------------------------------------------------------------------
+
 
 def parse_options(text: str) -> Tree:
     """Parse any of the three spellings into a nested dict; raise OptionError if malformed.
@@ -226,7 +252,8 @@ def parse_options(text: str) -> Tree:
     tree = _nest(_pairs(rest))
     if "file" in tree or "driver" in tree:
         raise OptionError(
-            f"a path shorthand ('{head}') cannot be combined with 'file' or 'driver' options")
+            f"a path shorthand ('{head}') cannot be combined with 'file' or 'driver' options"
+        )
     tree["file"] = {"driver": "file", "filename": head}
     return tree
 
@@ -247,8 +274,7 @@ def _nbd_uri(uri: str, tree: Tree) -> Tree:
     export = unquote(parts.path[1:])
     if parts.scheme.lower() == "nbd+unix":
         if parts.netloc or set(query) != {"socket"} or len(query["socket"]) != 1:
-            raise OptionError(f"invalid NBD URI '{uri}': expected "
-                              "nbd+unix:///EXPORT?socket=PATH")
+            raise OptionError(f"invalid NBD URI '{uri}': expected nbd+unix:///EXPORT?socket=PATH")
         server = {"type": "unix", "path": query["socket"][0]}
     else:
         if not parts.hostname or query:
@@ -290,7 +316,7 @@ def _split_commas(text: str) -> list[str]:
     items, current, i = [], [], 0
     while i < len(text):
         if text[i] == ",":
-            if text[i + 1:i + 2] == ",":
+            if text[i + 1 : i + 2] == ",":
                 current.append(",")
                 i += 2
                 continue
@@ -357,6 +383,7 @@ def _format_value(value: Any) -> str:
 
 # -- validation --------------------------------------------------------------------------
 
+
 @dataclass
 class Validated:
     """A node's options after validation: typed values by dotted name, children raw."""
@@ -371,8 +398,11 @@ def _match(declared: Mapping[str, Option], name: str) -> Option | None:
     parts = name.split(".")
     for pattern, opt in declared.items():
         pat = pattern.split(".")
-        if "*" in pat and len(pat) == len(parts) and all(
-                p == q or (p == "*" and q.isdigit()) for p, q in zip(pat, parts, strict=True)):
+        if (
+            "*" in pat
+            and len(pat) == len(parts)
+            and all(p == q or (p == "*" and q.isdigit()) for p, q in zip(pat, parts, strict=True))
+        ):
             return opt
     return None
 
@@ -399,8 +429,13 @@ def list_options(declared: Mapping[str, Option]) -> set[str]:
     return {name.split(".*", 1)[0] for name in declared if ".*" in name}
 
 
-def validate(driver: str, declared: Mapping[str, Option], roles: Mapping[str, ChildSpec],
-             tree: Mapping[str, Any], partial: bool = False) -> Validated:
+def validate(
+    driver: str,
+    declared: Mapping[str, Option],
+    roles: Mapping[str, ChildSpec],
+    tree: Mapping[str, Any],
+    partial: bool = False,
+) -> Validated:
     """Type-check ``tree`` against a driver's schema; raise OptionError on the first fault.
     ``partial`` (for reopen) checks only what is given: no defaults, nothing required.
     A list option given as ``none`` (or an empty JSON list) is an empty list."""
@@ -413,7 +448,8 @@ def validate(driver: str, declared: Mapping[str, Option], roles: Mapping[str, Ch
         if key in roles:
             if raw is not None and not isinstance(raw, (dict, str)):
                 raise OptionError(
-                    f"{driver}: child '{key}' must be options or a node name (got {raw!r})")
+                    f"{driver}: child '{key}' must be options or a node name (got {raw!r})"
+                )
             # "null" is how the dotted syntax (and status output) spells JSON's null
             result.children[key] = None if raw == "null" else raw
             continue
@@ -425,8 +461,10 @@ def validate(driver: str, declared: Mapping[str, Option], roles: Mapping[str, Ch
             result.values[name] = opt.parse(driver, name, value)
     node_name = result.values.get("node-name")
     if node_name is not None and (not _NODE_NAME_RE.match(node_name) or node_name == "null"):
-        raise OptionError(f"{driver}: node-name {node_name!r} is invalid (a letter, then up "
-                          "to 63 letters, digits, '-', '.' or '_'; 'null' means no child)")
+        raise OptionError(
+            f"{driver}: node-name {node_name!r} is invalid (a letter, then up "
+            "to 63 letters, digits, '-', '.' or '_'; 'null' means no child)"
+        )
     if partial:
         return result
     for name, opt in schema.items():

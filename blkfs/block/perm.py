@@ -36,8 +36,12 @@ ALL = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE
 WRITERS = Perm.WRITE | Perm.WRITE_UNCHANGED
 """Permissions that need a writable node."""
 
-PERM_NAMES = {Perm.CONSISTENT_READ: "consistent read", Perm.WRITE: "write",
-              Perm.WRITE_UNCHANGED: "write unchanged", Perm.RESIZE: "resize"}
+PERM_NAMES = {
+    Perm.CONSISTENT_READ: "consistent read",
+    Perm.WRITE: "write",
+    Perm.WRITE_UNCHANGED: "write unchanged",
+    Perm.RESIZE: "resize",
+}
 
 
 class Role(Flag):
@@ -78,9 +82,12 @@ def child_perm(role: Role, writable: bool, perm: Perm, shared: Perm) -> tuple[Pe
         return perm & ALL, shared & ALL
     if Role.COW in role:  # what an overlay's readers read, a write below would change
         changes = Perm.WRITE in shared and Perm.CONSISTENT_READ not in perm
-        return (perm & Perm.CONSISTENT_READ,
-                (Perm.WRITE | Perm.RESIZE if changes else NO_PERM)
-                | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+        return (
+            perm & Perm.CONSISTENT_READ,
+            (Perm.WRITE | Perm.RESIZE if changes else NO_PERM)
+            | Perm.CONSISTENT_READ
+            | Perm.WRITE_UNCHANGED,
+        )
     if Role.METADATA in role:
         if writable:  # a format writes its metadata even when no parent writes
             perm |= Perm.WRITE | Perm.RESIZE
@@ -113,8 +120,10 @@ def conflict(uses: list[Use]) -> str | None:
     if pair is None:
         return None
     a, b = pair
-    return (f"permissions '{names(a.perm & ~b.shared)}' are both required by {a.who} and "
-            f"unshared by {b.who}")
+    return (
+        f"permissions '{names(a.perm & ~b.shared)}' are both required by {a.who} and "
+        f"unshared by {b.who}"
+    )
 
 
 def conflicting(uses: list[Use]) -> tuple[Use, Use] | None:
@@ -139,5 +148,6 @@ def _conflicting(uses: list[Use], perm: Perm) -> bool:
     if not needing:
         return False
     refusing = [use for use in uses if perm not in use.shared]
-    return bool(refusing) and (len(needing) > 1 or len(refusing) > 1
-                               or needing[0] is not refusing[0])
+    return bool(refusing) and (
+        len(needing) > 1 or len(refusing) > 1 or needing[0] is not refusing[0]
+    )

@@ -27,16 +27,22 @@ class HostPolicy:
     """Opens host image files, refusing any outside ``image_dirs`` (None: no restriction),
     and with ``image_dirs`` refuses NBD servers ``nbd_servers`` does not name."""
 
-    def __init__(self, image_dirs: Iterable[str] | None = None,
-                 nbd_servers: Iterable[str] = ()) -> None:
-        self.image_dirs = (None if image_dirs is None
-                           else tuple(os.path.realpath(d) for d in image_dirs))
+    def __init__(
+        self, image_dirs: Iterable[str] | None = None, nbd_servers: Iterable[str] = ()
+    ) -> None:
+        self.image_dirs = (
+            None if image_dirs is None else tuple(os.path.realpath(d) for d in image_dirs)
+        )
         self.nbd_servers = tuple(nbd_servers)
         if self.nbd_servers and self.image_dirs is None:
-            raise BlockError(errno.EINVAL, "--allow-nbd limits NBD servers only together with "
-                                           "--image-dir (without it, any server may be used)")
-        self._socket_dirs = tuple(os.path.realpath(s) for s in self.nbd_servers
-                                  if s.startswith("/"))
+            raise BlockError(
+                errno.EINVAL,
+                "--allow-nbd limits NBD servers only together with "
+                "--image-dir (without it, any server may be used)",
+            )
+        self._socket_dirs = tuple(
+            os.path.realpath(s) for s in self.nbd_servers if s.startswith("/")
+        )
         self._tcp = {_host_port(s) for s in self.nbd_servers if not s.startswith("/")}
 
     def check_nbd_server(self, path: str | None, host: str | None, port: int) -> None:
@@ -54,8 +60,11 @@ class HostPolicy:
                 return
             where = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
             allow = where
-        raise BlockError(errno.EACCES, f"NBD server {where} is not allowed with image "
-                                       f"directories; allow it with --allow-nbd {allow}")
+        raise BlockError(
+            errno.EACCES,
+            f"NBD server {where} is not allowed with image "
+            f"directories; allow it with --allow-nbd {allow}",
+        )
 
     def _inside(self, real: str) -> bool:
         """Whether an already resolved path lies inside the allowlist."""
@@ -85,16 +94,18 @@ class HostPolicy:
         try:
             # the kernel's name of the file actually opened; resolving it again would
             # follow whatever symlink was swapped in since
-            if self.image_dirs is not None and \
-                    not self._inside(os.readlink(f"/proc/self/fd/{fd}")):
+            if self.image_dirs is not None and not self._inside(os.readlink(f"/proc/self/fd/{fd}")):
                 raise self._refuse(path)
             st = os.fstat(fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise BlockError(errno.EINVAL, f"'{path}' is not a regular file or block device")
             if self.image_dirs is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                raise BlockError(errno.EACCES, f"'{path}' has {st.st_nlink} hard links; with "
-                                               "image directories, only files with one link "
-                                               "are opened (another link may lie outside)")
+                raise BlockError(
+                    errno.EACCES,
+                    f"'{path}' has {st.st_nlink} hard links; with "
+                    "image directories, only files with one link "
+                    "are opened (another link may lie outside)",
+                )
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
@@ -111,6 +122,8 @@ def _host_port(item: str) -> tuple[str, int]:
     host, sep, port = item.rpartition(":")
     host = host.removeprefix("[").removesuffix("]").lower()
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BlockError(errno.EINVAL, f"--allow-nbd {item}: expected HOST:PORT or the "
-                                       "absolute path of a socket directory")
+        raise BlockError(
+            errno.EINVAL,
+            f"--allow-nbd {item}: expected HOST:PORT or the absolute path of a socket directory",
+        )
     return host, int(port)

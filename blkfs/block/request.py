@@ -119,8 +119,14 @@ class Requests:
         self.tracker = Tracker()
         self.stats = RequestStats()
 
-    async def run(self, kind: KindStats | None, nbytes: int, call: Callable[P, Awaitable[T]],
-                  *args: P.args, **kwargs: P.kwargs) -> T:
+    async def run(
+        self,
+        kind: KindStats | None,
+        nbytes: int,
+        call: Callable[P, Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
         """``await call(*args)`` as one request of ``kind`` (None: tracked, not counted).
 
         Every request of every node passes here, so :meth:`Tracker.enter` and
@@ -157,8 +163,10 @@ class RangeLocks:
         self._ids = 0
 
     def _overlapping(self, offset: int, end: int) -> trio.Event | None:
-        return next((done for start, stop, done in self._held.values()
-                     if start < end and offset < stop), None)
+        return next(
+            (done for start, stop, done in self._held.values() if start < end and offset < stop),
+            None,
+        )
 
     def busy(self, offset: int, length: int) -> bool:
         """True if a holder overlaps the range (a caller that would not wait can check)."""

@@ -52,8 +52,9 @@ class WorkerPool:
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._reaping: trio.lowlevel.RunVar[bool] = trio.lowlevel.RunVar("reaping", False)
 
-    def submit(self, call: Callable[..., Any], args: tuple[Any, ...],
-               task: trio.lowlevel.Task) -> None:
+    def submit(
+        self, call: Callable[..., Any], args: tuple[Any, ...], task: trio.lowlevel.Task
+    ) -> None:
         """Run ``call(*args)`` on a worker; ``task`` is rescheduled with its outcome."""
         if not self._reaping.get():
             self._reaping.set(True)
@@ -64,8 +65,7 @@ class WorkerPool:
                 self._idle -= 1
                 self._jobs.put(job)
                 return
-        threading.Thread(target=self._work, args=(job,), name="blkfs-worker",
-                         daemon=True).start()
+        threading.Thread(target=self._work, args=(job,), name="blkfs-worker", daemon=True).start()
 
     def _work(self, job: _Job | None) -> None:
         while True:

@@ -55,8 +55,7 @@ def parse(verb: str, payload: bytes) -> dict[str, Any]:
             raise BlockError(errno.EINVAL, f"no name given ({usage(verb)})")
         return {}
     args: dict[str, Any] = {command.params[0].name: first}
-    options = next((p for p in command.params
-                    if p.kind in (Kind.MEDIUM, Kind.NODE_OPTIONS)), None)
+    options = next((p for p in command.params if p.kind in (Kind.MEDIUM, Kind.NODE_OPTIONS)), None)
     if options is None:
         args.update(_words(command, rest.split()))
     elif rest.strip():
@@ -83,8 +82,9 @@ def _words(command: Command, words: list[str]) -> dict[str, str]:
         elif positional:  # a path, or a target's options (driver=...)
             args[positional.pop(0).name] = word
         else:
-            raise BlockError(errno.EINVAL, f"takes only {command.usage()} (got '{word}'; "
-                                           f"{usage(command.name)})")
+            raise BlockError(
+                errno.EINVAL, f"takes only {command.usage()} (got '{word}'; {usage(command.name)})"
+            )
     return args
 
 
@@ -107,8 +107,7 @@ class ControlFiles:
             return "".join(line + "\n" for line in self.commands.errors)
         if report.startswith("jobs"):
             jobs = await self.commands.run("query-jobs", {})
-            return (json.dumps(jobs, indent=2) + "\n" if report == "jobs.json"
-                    else format_jobs(jobs))
+            return json.dumps(jobs, indent=2) + "\n" if report == "jobs.json" else format_jobs(jobs)
         status = await self.commands.run("query-status", {})
         if report == "status.json":
             return json.dumps(status, indent=2) + "\n"
@@ -122,12 +121,22 @@ def format_status(backends: list[dict[str, Any]]) -> str:
     for b in backends:
         tree = b["tree"]
         name = b["name"] + (" (deleted)" if b["deleted"] else "")
-        rows.append((name, "yes" if b["medium"] else "no", "yes" if b["read-only"] else "no",
-                     human_size(b["size"]), str(b["open"]),
-                     f"{tree['driver']} {tree['node-name']}" if tree else "-"))
+        rows.append(
+            (
+                name,
+                "yes" if b["medium"] else "no",
+                "yes" if b["read-only"] else "no",
+                human_size(b["size"]),
+                str(b["open"]),
+                f"{tree['driver']} {tree['node-name']}" if tree else "-",
+            )
+        )
     lines = _table(rows)
-    lines.extend(f"{b['name']}: {b['paused']['reason']}; 'cont {b['name']}' retries it"
-                 for b in backends if b["paused"])
+    lines.extend(
+        f"{b['name']}: {b['paused']['reason']}; 'cont {b['name']}' retries it"
+        for b in backends
+        if b["paused"]
+    )
     for b in backends:
         if b["tree"]:
             lines.append("")
@@ -138,22 +147,36 @@ def format_status(backends: list[dict[str, Any]]) -> str:
 
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-            for row in rows]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
 
 
 def format_exports(exports: list[dict[str, Any]]) -> str:
     """The NBD exports under ``.ctl/status``: one row each, then a line per client."""
     if not exports:
         return ""
-    rows = [("EXPORT", "BACKEND", "ADDRESS", "RW", "CLIENTS", "CONNECTIONS", "ERRORS"),
-            *((e["name"] + (" (withdrawn)" if e["retired"] else ""), e["backend"],
-               e["address"], "yes" if e["writable"] else "no", str(len(e["clients"])),
-               str(e["stats"]["connections"]), str(e["stats"]["errors"])) for e in exports)]
+    rows = [
+        ("EXPORT", "BACKEND", "ADDRESS", "RW", "CLIENTS", "CONNECTIONS", "ERRORS"),
+        *(
+            (
+                e["name"] + (" (withdrawn)" if e["retired"] else ""),
+                e["backend"],
+                e["address"],
+                "yes" if e["writable"] else "no",
+                str(len(e["clients"])),
+                str(e["stats"]["connections"]),
+                str(e["stats"]["errors"]),
+            )
+            for e in exports
+        ),
+    ]
     lines = ["", *_table(rows)]
     for e in exports:
-        lines.extend(f"{e['name']}: client {c['peer']}, {c['in-flight']} in flight"
-                     for c in e["clients"])
+        lines.extend(
+            f"{e['name']}: client {c['peer']}, {c['in-flight']} in flight" for c in e["clients"]
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -162,23 +185,34 @@ def format_jobs(jobs: list[dict[str, Any]]) -> str:
     rows = [("JOB", "TYPE", "BACKEND", "STATUS", "PROGRESS", "SPEED", "ERROR")]
     for job in jobs:
         done, total = job["current-progress"], job["total-progress"]
-        rows.append((job["id"], job["type"], job["device"], job["status"],
-                     f"{human_size(done)}/{human_size(total)}"
-                     f" ({100 * done // total if total else 100}%)",
-                     f"{human_size(job['speed'])}/s" if job["speed"] else "-",
-                     job["error"] or "-"))
+        rows.append(
+            (
+                job["id"],
+                job["type"],
+                job["device"],
+                job["status"],
+                f"{human_size(done)}/{human_size(total)}"
+                f" ({100 * done // total if total else 100}%)",
+                f"{human_size(job['speed'])}/s" if job["speed"] else "-",
+                job["error"] or "-",
+            )
+        )
     return "\n".join(_table(rows)) + "\n"
 
 
 def _tree_lines(node: dict[str, Any], indent: str, role: str) -> list[str]:
-    options = [f"{k}={v}" for k, v in node["options"].items()
-               if k not in ("node-name", "driver")]
-    details = [f"{k}={v}" for k, v in node["info"].items()
-               if isinstance(v, (str, int, float)) and not isinstance(v, bool)
-               and node["options"].get(k) != v]
+    options = [f"{k}={v}" for k, v in node["options"].items() if k not in ("node-name", "driver")]
+    details = [
+        f"{k}={v}"
+        for k, v in node["info"].items()
+        if isinstance(v, (str, int, float))
+        and not isinstance(v, bool)
+        and node["options"].get(k) != v
+    ]
     flags = " read-only" if node["read-only"] else ""
-    line = (f"{indent}{role}: {node['driver']} [{node['node-name']}] "
-            f"{human_size(node['size'])}{flags}")
+    line = (
+        f"{indent}{role}: {node['driver']} [{node['node-name']}] {human_size(node['size'])}{flags}"
+    )
     if options:
         line += " (" + ",".join(options) + ")"
     if details:

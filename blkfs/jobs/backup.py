@@ -25,8 +25,9 @@ class BackupJob(MirrorJob):
         await self.plan()
         await self.copy_dirty()
 
-    async def intercept(self, offset: int, length: int,
-                        call: Callable[[], Awaitable[None]]) -> None:
+    async def intercept(
+        self, offset: int, length: int, call: Callable[[], Awaitable[None]]
+    ) -> None:
         """Copy what the write is about to change, if not copied yet; then the write."""
         assert self.source is not None and self.edge is not None
         for start, end in self.dirty.take(offset, offset + length):

@@ -35,17 +35,21 @@ def find_layer(backend: BlockBackend, layers: list[Node], name: str, what: str) 
         if name in (node.name, node.filename()):
             return node
     shown = ", ".join(f"{n.name} ({n.filename()})" for n in layers)
-    raise BlockError(errno.EINVAL, f"{what} '{name}' is not in {backend.name}'s backing "
-                                   f"chain: {shown}")
+    raise BlockError(
+        errno.EINVAL, f"{what} '{name}' is not in {backend.name}'s backing chain: {shown}"
+    )
 
 
 def overlay_of(node: Node) -> Node:
     """The image whose backing file ``node`` is."""
-    above = [edge.parent for edge in node.parents
-             if edge.parent is not None and Role.COW in edge.role]
+    above = [
+        edge.parent for edge in node.parents if edge.parent is not None and Role.COW in edge.role
+    ]
     if len(above) != 1:
-        raise BlockError(errno.EINVAL, f"node '{node.name}' is the backing file of "
-                                       f"{len(above)} images; exactly one is needed")
+        raise BlockError(
+            errno.EINVAL,
+            f"node '{node.name}' is the backing file of {len(above)} images; exactly one is needed",
+        )
     return above[0]
 
 

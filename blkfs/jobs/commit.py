@@ -31,8 +31,15 @@ if TYPE_CHECKING:
 class CommitJob(ActiveCommitJob):
     needs_completion = False
 
-    def __init__(self, manager: JobManager, job_id: str, backend: BlockBackend, top: Node,
-                 base: Node, speed: int = 0) -> None:
+    def __init__(
+        self,
+        manager: JobManager,
+        job_id: str,
+        backend: BlockBackend,
+        top: Node,
+        base: Node,
+        speed: int = 0,
+    ) -> None:
         super().__init__(manager, job_id, backend, base, speed)
         self.top = top
         self.overlay = overlay_of(top)
@@ -42,8 +49,9 @@ class CommitJob(ActiveCommitJob):
     async def prepare(self) -> None:
         self.source = self.top
         self.graph.registry("jobs")[self.id] = self
-        await self.graph.insert_filter(self.overlay, "backing", {
-            "driver": "commit-top", "job": self.id, "read-only": True})
+        await self.graph.insert_filter(
+            self.overlay, "backing", {"driver": "commit-top", "job": self.id, "read-only": True}
+        )
         self.inserted = True
         self.target = await self.open_target()
         self.attach_target()
@@ -57,8 +65,7 @@ class CommitJob(ActiveCommitJob):
         assert self.target is not None
         await self.target.flush()
         self.detach_target()
-        await self.graph.set_backing(self.overlay, self.base,
-                                     backing_name(self.overlay, self.base))
+        await self.graph.set_backing(self.overlay, self.base, backing_name(self.overlay, self.base))
         self.inserted = False
         self.graph.registry("jobs").pop(self.id, None)
         await self.close_target()
@@ -71,17 +78,26 @@ class CommitJob(ActiveCommitJob):
         await super().abort()
 
 
-def commit(manager: JobManager, backend: BlockBackend, job_id: str | None, top: str | None,
-           base: str | None, speed: int) -> ActiveCommitJob:
+def commit(
+    manager: JobManager,
+    backend: BlockBackend,
+    job_id: str | None,
+    top: str | None,
+    base: str | None,
+    speed: int,
+) -> ActiveCommitJob:
     """The commit job asked for: ``top`` defaults to the active image, ``base`` to the last
     backing file (QEMU's defaults); both are node names or image file names."""
     layers = chain(backend)
     top_node = find_layer(backend, layers, top, "top") if top else layers[0]
     base_node = find_layer(backend, layers, base, "base") if base else layers[-1]
     if layers.index(base_node) <= layers.index(top_node):
-        raise BlockError(errno.EINVAL, f"commit: the base ('{base_node.name}') must lie below "
-                                       f"the top ('{top_node.name}') in {backend.name}'s chain"
-                                       f"{'' if len(layers) > 1 else ' (it has one image)'}")
+        raise BlockError(
+            errno.EINVAL,
+            f"commit: the base ('{base_node.name}') must lie below "
+            f"the top ('{top_node.name}') in {backend.name}'s chain"
+            f"{'' if len(layers) > 1 else ' (it has one image)'}",
+        )
     job_id = manager.new_id(job_id, backend.name)
     if top_node is layers[0]:
         return ActiveCommitJob(manager, job_id, backend, base_node, speed)

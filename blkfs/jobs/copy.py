@@ -16,8 +16,7 @@ reaches to the end of the disk but is answered for a first short extent only mad
 a job quadratic in the disk's size."""
 
 
-async def copy_range(source: Node, target: Child, start: int, end: int,
-                     buf: bytearray) -> None:
+async def copy_range(source: Node, target: Child, start: int, end: int, buf: bytearray) -> None:
     """Copy [start, end), at most ``len(buf)`` bytes, from ``source`` to ``target``, extent
     by extent: what reads as zeros is written as zeros (no data), so a fresh target stays
     sparse where the source is."""
@@ -39,16 +38,16 @@ async def allocated_ranges(top: Node, base: Node | None, size: int, into: RangeS
     in [0, size); returns how many bytes were new."""
     added = position = 0
     while position < size:
-        length, held = await allocated_above(top, base, position,
-                                             min(size, position + STATUS_WINDOW))
+        length, held = await allocated_above(
+            top, base, position, min(size, position + STATUS_WINDOW)
+        )
         if held:
             added += into.add(position, position + length)
         position += length
     return added
 
 
-async def allocated_above(top: Node, base: Node | None, start: int, end: int
-                          ) -> tuple[int, bool]:
+async def allocated_above(top: Node, base: Node | None, start: int, end: int) -> tuple[int, bool]:
     """(a prefix length of [start, end), whether an image from ``top`` down to, not
     including, ``base`` holds it): what a commit or a stream must copy (QEMU's
     bdrv_is_allocated_above). Filters are looked through."""
@@ -60,6 +59,7 @@ async def allocated_above(top: Node, base: Node | None, start: int, end: int
             return extent.length, True
         length = extent.length
         backing = node.children.get("backing")
-        node = (format_node(backing.node) if backing is not None and start < backing.node.size
-                else None)
+        node = (
+            format_node(backing.node) if backing is not None and start < backing.node.size else None
+        )
     return length, False

@@ -160,9 +160,12 @@ class Job:
         if not self.needs_completion:
             raise BlockError(errno.EINVAL, f"job '{self.id}' ({self.type}) completes by itself")
         if not self.ready:
-            raise BlockError(errno.EINVAL, f"job '{self.id}' is not ready yet (status "
-                                           f"{self.status.value}; {self.done} of "
-                                           f"{self.total} bytes copied)")
+            raise BlockError(
+                errno.EINVAL,
+                f"job '{self.id}' is not ready yet (status "
+                f"{self.status.value}; {self.done} of "
+                f"{self.total} bytes copied)",
+            )
         self._completing.set()
 
     def cancel(self) -> None:
@@ -206,17 +209,24 @@ class Job:
             raise
         except BlockError as exc:
             self.error = str(exc)
-            log.warning("job %s (%s on %s) failed: %s", self.id, self.type, self.backend,
-                        self.error)
+            log.warning(
+                "job %s (%s on %s) failed: %s", self.id, self.type, self.backend, self.error
+            )
             with trio.CancelScope(shield=True):
                 await self._abort_logged()
         finally:  # QEMU's order: the job's end, then its status
-            self.manager.event("BLOCK_JOB_CANCELLED" if self.error == "cancelled" else
-                               "BLOCK_JOB_COMPLETED", self)
+            self.manager.event(
+                "BLOCK_JOB_CANCELLED" if self.error == "cancelled" else "BLOCK_JOB_COMPLETED", self
+            )
             self._set(JobStatus.CONCLUDED)
             self._concluded.set()
-            log.info("job %s (%s on %s) concluded%s", self.id, self.type, self.backend,
-                     f": {self.error}" if self.error else "")
+            log.info(
+                "job %s (%s on %s) concluded%s",
+                self.id,
+                self.type,
+                self.backend,
+                f": {self.error}" if self.error else "",
+            )
 
     async def _abort_logged(self) -> None:
         try:
@@ -231,8 +241,14 @@ class Job:
 
     def info(self) -> dict[str, Any]:
         """What query-jobs (and .ctl/jobs) shows, with QMP's names."""
-        return {"id": self.id, "type": self.type, "device": self.backend,
-                "status": self.status.value, "current-progress": self.done,
-                "total-progress": self.total, "speed": self.speed,
-                "error": self.error, "ready": self.ready}
-
+        return {
+            "id": self.id,
+            "type": self.type,
+            "device": self.backend,
+            "status": self.status.value,
+            "current-progress": self.done,
+            "total-progress": self.total,
+            "speed": self.speed,
+            "error": self.error,
+            "ready": self.ready,
+        }

@@ -29,8 +29,7 @@ class JobManager:
         self._nursery: trio.Nursery | None = None
         self._scope = trio.CancelScope()
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run jobs until :meth:`stop`; then cancel those still running (each leaves its
         images consistent) and wait for them."""
         with self._scope:
@@ -52,8 +51,10 @@ class JobManager:
         old = self.jobs.get(job_id)
         if old is not None:
             if old.status is not JobStatus.CONCLUDED:
-                raise BlockError(errno.EEXIST, f"job '{job_id}' ({old.type}) is still "
-                                               "running; give another job-id=")
+                raise BlockError(
+                    errno.EEXIST,
+                    f"job '{job_id}' ({old.type}) is still running; give another job-id=",
+                )
             del self.jobs[job_id]
         return job_id
 
@@ -65,8 +66,11 @@ class JobManager:
             raise BlockError(errno.EAGAIN, "jobs run only inside a running daemon")
         backend = self.layer.find(job.backend)
         backend.check_op("start another job")
-        backend.block(job, f"job '{job.id}' ({job.type}) is running on it",
-                      f"once it has ended, or after job-cancel {job.id}")
+        backend.block(
+            job,
+            f"job '{job.id}' ({job.type}) is running on it",
+            f"once it has ended, or after job-cancel {job.id}",
+        )
         try:
             await job.prepare()
         except BaseException:

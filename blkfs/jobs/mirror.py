@@ -47,9 +47,16 @@ class MirrorJob(Job):
     """Whether the target lies below the source (a commit): then the job's filter lets it
     write there (:mod:`drivers.job_filters`)."""
 
-    def __init__(self, manager: JobManager, job_id: str, backend: BlockBackend,
-                 target: dict[str, Any] | str, sync: Sync = "full",
-                 mode: Mode = "background", speed: int = 0) -> None:
+    def __init__(
+        self,
+        manager: JobManager,
+        job_id: str,
+        backend: BlockBackend,
+        target: dict[str, Any] | str,
+        sync: Sync = "full",
+        mode: Mode = "background",
+        speed: int = 0,
+    ) -> None:
         super().__init__(manager, job_id, backend.name, speed)
         self.backend_obj = backend
         self.target_spec = target
@@ -82,11 +89,15 @@ class MirrorJob(Job):
         job's filter is in, which lets a commit's own chain have the base written."""
         assert self.target is not None
         if self.target.size < self.backend_obj.length():
-            raise BlockError(errno.EINVAL, f"{self.type}: the target ({self.target.size} "
-                                           f"bytes) is smaller than {self.backend} "
-                                           f"({self.backend_obj.length()} bytes)")
-        self.edge = self.target.attach(None, f"job '{self.id}'", "target", FILTERED,
-                                       self.target_perm, ALL & ~Perm.WRITE)
+            raise BlockError(
+                errno.EINVAL,
+                f"{self.type}: the target ({self.target.size} "
+                f"bytes) is smaller than {self.backend} "
+                f"({self.backend_obj.length()} bytes)",
+            )
+        self.edge = self.target.attach(
+            None, f"job '{self.id}'", "target", FILTERED, self.target_perm, ALL & ~Perm.WRITE
+        )
         try:
             self.graph.refresh_perms([self.target])
         except BaseException:
@@ -113,9 +124,16 @@ class MirrorJob(Job):
         backend = self.backend_obj
         self.source = backend.root_node()
         self.graph.registry("jobs")[self.id] = self
-        await backend.change({"driver": self.filter_driver, "job": self.id,
-                              "file": self.source.name, "read-only": self.source.read_only},
-                             same_data=True, by=self)
+        await backend.change(
+            {
+                "driver": self.filter_driver,
+                "job": self.id,
+                "file": self.source.name,
+                "read-only": self.source.read_only,
+            },
+            same_data=True,
+            by=self,
+        )
         self.filtered = True
         self.target = await self.open_target()
         self.attach_target()
@@ -156,14 +174,17 @@ class MirrorJob(Job):
             else:
                 await self.step(end - start)
 
-    async def intercept(self, offset: int, length: int,
-                        call: Callable[[], Awaitable[None]]) -> None:
+    async def intercept(
+        self, offset: int, length: int, call: Callable[[], Awaitable[None]]
+    ) -> None:
         """A guest write through the filter: under the range lock, then dirty (or copied
         at once, in write-blocking mode)."""
         assert self.source is not None
         start = offset - offset % GRANULARITY
-        end = min(-(-(offset + length) // GRANULARITY) * GRANULARITY,
-                  max(self.source.size, offset + length))
+        end = min(
+            -(-(offset + length) // GRANULARITY) * GRANULARITY,
+            max(self.source.size, offset + length),
+        )
         async with self.locks.hold(start, end - start):
             await call()
             if self.mode == "write-blocking" and self.edge is not None:
@@ -187,8 +208,9 @@ class MirrorJob(Job):
             self.detach_target()  # the backend's edge replaces the job's
 
         new = target if self.switch else self.source
-        await self.backend_obj.change(f"node={new.name}", same_data=True, by=self,
-                                      before_swap=last_copy)
+        await self.backend_obj.change(
+            f"node={new.name}", same_data=True, by=self, before_swap=last_copy
+        )
         self.filtered = False
         self.graph.registry("jobs").pop(self.id, None)
         await self.close_target()  # the job's reference: the backend holds its own
@@ -212,8 +234,9 @@ class ActiveCommitJob(MirrorJob):
     the base would read it changed: such an overlay refuses the job (QEMU's rule)."""
     writes_below = True
 
-    def __init__(self, manager: JobManager, job_id: str, backend: BlockBackend, base: Node,
-                 speed: int = 0) -> None:
+    def __init__(
+        self, manager: JobManager, job_id: str, backend: BlockBackend, base: Node, speed: int = 0
+    ) -> None:
         super().__init__(manager, job_id, backend, base.name, "top", "background", speed)
         self.base = base
         self.was_read_only = base.read_only
@@ -243,24 +266,44 @@ class ActiveCommitJob(MirrorJob):
             await self.graph.reopen(self.base.name, {"read-only": True})
 
 
-def check_node_target(cls: type[MirrorJob], backend: BlockBackend, target: Node,
-                      sync: Sync) -> None:
+def check_node_target(
+    cls: type[MirrorJob], backend: BlockBackend, target: Node, sync: Sync
+) -> None:
     """An existing node as target: not part of the source, and, for a mirror that copies
     only the top (which the backend then switches to), with a backing file of its own."""
     graph = target.graph
     if target in graph.subtree(backend.root_node()):
-        raise BlockError(errno.EINVAL, f"{cls.type}: target node '{target.name}' is part of "
-                                       f"{backend.name}'s medium; give a node of its own")
-    if cls.needs_completion and sync != "full" and "backing" not in target.children \
-            and len(chain(backend)) > 1:
-        raise BlockError(errno.EINVAL, f"{cls.type}: sync={sync} copies only the active "
-                                       f"image, but target node '{target.name}' has no "
-                                       "backing file: the backend would lose the data below")
+        raise BlockError(
+            errno.EINVAL,
+            f"{cls.type}: target node '{target.name}' is part of "
+            f"{backend.name}'s medium; give a node of its own",
+        )
+    if (
+        cls.needs_completion
+        and sync != "full"
+        and "backing" not in target.children
+        and len(chain(backend)) > 1
+    ):
+        raise BlockError(
+            errno.EINVAL,
+            f"{cls.type}: sync={sync} copies only the active "
+            f"image, but target node '{target.name}' has no "
+            "backing file: the backend would lose the data below",
+        )
 
 
-async def start_copy(cls: type[MirrorJob], manager: JobManager, backend: BlockBackend,
-                     job_id: str | None, target: str, fmt: str | None, sync: Sync,
-                     mode: Mode, existing: bool, speed: int) -> MirrorJob:
+async def start_copy(
+    cls: type[MirrorJob],
+    manager: JobManager,
+    backend: BlockBackend,
+    job_id: str | None,
+    target: str,
+    fmt: str | None,
+    sync: Sync,
+    mode: Mode,
+    existing: bool,
+    speed: int,
+) -> MirrorJob:
     """Start a mirror or a backup to the image ``target``, made for it unless ``existing``
     or an existing node (``node=NAME``); if the job cannot start, an image made for it is
     removed again."""

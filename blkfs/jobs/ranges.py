@@ -49,8 +49,8 @@ class RangeSet:
             lo, hi = self._starts[index], self._ends[index]
             taken.append((max(lo, start), min(hi, end)))
             pieces = [(a, b) for a, b in ((lo, start), (end, hi)) if a < b]
-            self._starts[index:index + 1] = [a for a, _ in pieces]
-            self._ends[index:index + 1] = [b for _, b in pieces]
+            self._starts[index : index + 1] = [a for a, _ in pieces]
+            self._ends[index : index + 1] = [b for _, b in pieces]
             index += len(pieces)
         return taken
 

@@ -30,34 +30,56 @@ if TYPE_CHECKING:
 log = logging.getLogger("blkfs.jobs")
 
 
-async def snapshot(layer: BlockLayer, backend: BlockBackend, overlay: str,
-                   options: Mapping[str, str] | None = None) -> None:
+async def snapshot(
+    layer: BlockLayer, backend: BlockBackend, overlay: str, options: Mapping[str, str] | None = None
+) -> None:
     """Put a new qcow2 overlay at ``overlay`` (a new file, made with the qcow2 creation
     ``options``) on top of the backend's medium."""
     if not os.path.isabs(overlay):
-        raise BlockError(errno.EINVAL, f"snapshot: '{overlay}': an absolute path is needed "
-                                       "(the daemon's working directory is not yours)")
+        raise BlockError(
+            errno.EINVAL,
+            f"snapshot: '{overlay}': an absolute path is needed "
+            "(the daemon's working directory is not yours)",
+        )
     backend.check_op("snapshot it")  # before the overlay's file is made
     root = backend.root_node()
     active = chain(backend)[0]
     image = active.filename()
     if image is None:
-        raise BlockError(errno.EINVAL, f"snapshot: {backend.name}'s medium has no image file "
-                                       "to name as backing file")
-    await create_image(overlay, "qcow2", backend.length(), backing=header_name(overlay, image),
-                       backing_format=active.driver.name, options=options)
+        raise BlockError(
+            errno.EINVAL,
+            f"snapshot: {backend.name}'s medium has no image file to name as backing file",
+        )
+    await create_image(
+        overlay,
+        "qcow2",
+        backend.length(),
+        backing=header_name(overlay, image),
+        backing_format=active.driver.name,
+        options=options,
+    )
 
     async def still_ours() -> None:
         """Once the backend is drained: the medium the overlay was made for is still the
         one it serves (another snapshot or change may have switched it meanwhile)."""
         if backend.root_node() is not root:
-            raise BlockError(errno.EBUSY, f"snapshot: {backend.name}'s medium changed while "
-                                          f"{overlay} was made; nothing was switched")
+            raise BlockError(
+                errno.EBUSY,
+                f"snapshot: {backend.name}'s medium changed while "
+                f"{overlay} was made; nothing was switched",
+            )
 
     try:
-        await backend.change({"driver": "qcow2", "read-only": backend.read_only,
-                              "file": {"driver": "file", "filename": overlay},
-                              "backing": root.name}, same_data=True, before_swap=still_ours)
+        await backend.change(
+            {
+                "driver": "qcow2",
+                "read-only": backend.read_only,
+                "file": {"driver": "file", "filename": overlay},
+                "backing": root.name,
+            },
+            same_data=True,
+            before_swap=still_ours,
+        )
     except BaseException:
         os.unlink(overlay)
         raise
@@ -80,38 +102,48 @@ async def snapshot_onto(layer: BlockLayer, backend: BlockBackend, overlay: Node)
     image = active.filename()
     what = f"snapshot: overlay '{overlay.name}'"
     if overlay.driver.name != "qcow2":
-        raise BlockError(errno.EINVAL, f"{what} is a {overlay.driver.name} node; blkfs puts "
-                                       "qcow2 overlays only")
+        raise BlockError(
+            errno.EINVAL, f"{what} is a {overlay.driver.name} node; blkfs puts qcow2 overlays only"
+        )
     if overlay.read_only and not backend.read_only:
         raise BlockError(errno.EROFS, f"{what} is read-only")
     claims = layer.graph.registry("snapshot-overlays")  # two snapshots onto one overlay
     if overlay.parents or overlay in layer.graph.subtree(root) or overlay.name in claims:
         raise BlockError(errno.EBUSY, f"{what} is already in use")
     if "backing" in overlay.children:
-        raise BlockError(errno.EINVAL, f"{what} already has a backing image (add it with "
-                                       "backing=null)")
+        raise BlockError(
+            errno.EINVAL, f"{what} already has a backing image (add it with backing=null)"
+        )
     if overlay.size != backend.length():
-        raise BlockError(errno.EINVAL, f"{what} has {overlay.size} bytes, {backend.name} "
-                                       f"{backend.length()}: they must be the same size")
+        raise BlockError(
+            errno.EINVAL,
+            f"{what} has {overlay.size} bytes, {backend.name} "
+            f"{backend.length()}: they must be the same size",
+        )
     if image is None:
-        raise BlockError(errno.EINVAL, f"snapshot: {backend.name}'s medium has no image file "
-                                       "to name as backing file")
+        raise BlockError(
+            errno.EINVAL,
+            f"snapshot: {backend.name}'s medium has no image file to name as backing file",
+        )
     info = overlay.driver.info()
-    previous = (info["backing-filename"], info["backing-format"]) \
-        if info.get("backing-filename") else None
+    previous = (
+        (info["backing-filename"], info["backing-format"]) if info.get("backing-filename") else None
+    )
 
     async def still_ours() -> None:
         if backend.root_node() is not root:
-            raise BlockError(errno.EBUSY, f"snapshot: {backend.name}'s medium changed "
-                                          "meanwhile; nothing was switched")
+            raise BlockError(
+                errno.EBUSY,
+                f"snapshot: {backend.name}'s medium changed meanwhile; nothing was switched",
+            )
 
     claims[overlay.name] = backend
     try:
-        await layer.graph.set_backing(overlay, root, (header_name(overlay.filename(), image),
-                                                      active.driver.name))
+        await layer.graph.set_backing(
+            overlay, root, (header_name(overlay.filename(), image), active.driver.name)
+        )
         try:
-            await backend.change({"node": overlay.name}, same_data=True,
-                                 before_swap=still_ours)
+            await backend.change({"node": overlay.name}, same_data=True, before_swap=still_ours)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await layer.graph.set_backing(overlay, None, previous)
@@ -125,15 +157,22 @@ async def rollback(backend: BlockBackend, force: bool = False) -> None:
     """Empty the active overlay: the backend shows what it showed at the last snapshot.
     Refused while a user writes (a mounted filesystem's cache would no longer match its
     disk) unless ``force``."""
+
     async def empty() -> None:  # the chain as it is once drained (a snapshot may just end)
         layers = chain(backend)
         if len(layers) == 1:
-            raise BlockError(errno.EINVAL, f"rollback: {backend.name}'s image "
-                                           f"'{layers[0].filename()}' has no backing file to "
-                                           "go back to")
+            raise BlockError(
+                errno.EINVAL,
+                f"rollback: {backend.name}'s image "
+                f"'{layers[0].filename()}' has no backing file to "
+                "go back to",
+            )
         if layers[0].read_only:
-            raise BlockError(errno.EROFS, f"rollback: {backend.name}'s image "
-                                          f"'{layers[0].filename()}' is read-only")
+            raise BlockError(
+                errno.EROFS,
+                f"rollback: {backend.name}'s image '{layers[0].filename()}' is read-only",
+            )
         await layers[0].driver.make_empty()
         log.info("%s: rolled back to %s", backend.name, layers[1].filename())
+
     await backend.rewind(empty, force)

@@ -43,8 +43,16 @@ class StreamJob(Job):
     writes_below = False
     """It writes the active image only (see :mod:`drivers.job_filters`)."""
 
-    def __init__(self, manager: JobManager, job_id: str, backend: BlockBackend, top: Node,
-                 base: Node | None, speed: int = 0, rebase: bool = False) -> None:
+    def __init__(
+        self,
+        manager: JobManager,
+        job_id: str,
+        backend: BlockBackend,
+        top: Node,
+        base: Node | None,
+        speed: int = 0,
+        rebase: bool = False,
+    ) -> None:
         super().__init__(manager, job_id, backend.name, speed)
         self.backend_obj = backend
         self.top = top
@@ -66,12 +74,16 @@ class StreamJob(Job):
             self.base.refcnt += 1
             self.holds_base = True
         self.registry[self.id] = self
-        await self.backend_obj.change({"driver": "stream-top", "job": self.id,
-                                       "file": self.root.name}, same_data=True, by=self)
+        await self.backend_obj.change(
+            {"driver": "stream-top", "job": self.id, "file": self.root.name},
+            same_data=True,
+            by=self,
+        )
         self.filtered = True
 
-    async def intercept(self, offset: int, length: int,
-                        call: Callable[[], Awaitable[None]]) -> None:
+    async def intercept(
+        self, offset: int, length: int, call: Callable[[], Awaitable[None]]
+    ) -> None:
         """A guest write: never at once with a copy of the same range."""
         async with self.locks.hold(offset, length):
             await call()
@@ -83,8 +95,9 @@ class StreamJob(Job):
             self.total += todo.add(0, self.top.size)
         else:
             below = self.top.children["backing"].node
-            self.total += await allocated_ranges(below, self.base,
-                                                 min(self.top.size, below.size), todo)
+            self.total += await allocated_ranges(
+                below, self.base, min(self.top.size, below.size), todo
+            )
         buf = bytearray(CHUNK)
         theirs = bytearray(CHUNK if self.rebase else 0)
         while (span := todo.pop_first(CHUNK)) is not None:
@@ -102,8 +115,9 @@ class StreamJob(Job):
                     start = stop
             await self.step(span[1] - span[0])
 
-    async def copy_differing(self, into: Child, start: int, end: int, buf: bytearray,
-                             theirs: bytearray) -> None:
+    async def copy_differing(
+        self, into: Child, start: int, end: int, buf: bytearray, theirs: bytearray
+    ) -> None:
         """Copy into the active image the pieces of [start, end) where what the backend
         shows differs from the new base (past the base's end: zeros)."""
         assert self.base is not None
@@ -126,7 +140,8 @@ class StreamJob(Job):
     async def finish(self) -> None:
         await self.remove_filter()
         await self.manager.layer.graph.set_backing(
-            self.top, self.base, backing_name(self.top, self.base) if self.base else None)
+            self.top, self.base, backing_name(self.top, self.base) if self.base else None
+        )
         await self.release_base()
 
     async def abort(self) -> None:
@@ -146,33 +161,49 @@ class StreamJob(Job):
         self.registry.pop(self.id, None)
 
 
-def stream(manager: JobManager, backend: BlockBackend, job_id: str | None, base: str | None,
-           speed: int) -> StreamJob:
+def stream(
+    manager: JobManager, backend: BlockBackend, job_id: str | None, base: str | None, speed: int
+) -> StreamJob:
     """The stream job asked for: into the active image, from the images above ``base``
     (default: the whole chain, which then leaves the image standalone); or, ``base`` a node
     outside the chain, what differs from it (a safe rebase)."""
     layers = chain(backend)
     if len(layers) == 1:  # (a rebase too: this image's zeros would not hide a new base's data)
-        raise BlockError(errno.EINVAL, f"stream: {backend.name}'s image '{layers[0].name}' "
-                                       "has no backing file")
+        raise BlockError(
+            errno.EINVAL, f"stream: {backend.name}'s image '{layers[0].name}' has no backing file"
+        )
     graph = manager.layer.graph
     if base and base in graph.nodes and base not in (node.name for node in layers):
         new_base = graph.find(base)
-        if new_base in graph.subtree(backend.root_node()) or layers[0] in graph.subtree(
-                new_base):
-            raise BlockError(errno.EINVAL, f"stream: node '{base}' is part of "
-                                           f"{backend.name}'s tree: it cannot be its base")
+        if new_base in graph.subtree(backend.root_node()) or layers[0] in graph.subtree(new_base):
+            raise BlockError(
+                errno.EINVAL,
+                f"stream: node '{base}' is part of {backend.name}'s tree: it cannot be its base",
+            )
         if new_base.filename() is None:
-            raise BlockError(errno.EINVAL, f"stream: node '{base}' has no image file for "
-                                           f"'{layers[0].filename()}' to name")
+            raise BlockError(
+                errno.EINVAL,
+                f"stream: node '{base}' has no image file for '{layers[0].filename()}' to name",
+            )
         if not new_base.read_only:
-            raise BlockError(errno.EINVAL, f"stream: node '{base}' is writable: a new base "
-                                           "must be opened read-only=on, so that it cannot "
-                                           "change under the comparison")
-        return StreamJob(manager, manager.new_id(job_id, backend.name), backend, layers[0],
-                         new_base, speed, rebase=True)
+            raise BlockError(
+                errno.EINVAL,
+                f"stream: node '{base}' is writable: a new base "
+                "must be opened read-only=on, so that it cannot "
+                "change under the comparison",
+            )
+        return StreamJob(
+            manager,
+            manager.new_id(job_id, backend.name),
+            backend,
+            layers[0],
+            new_base,
+            speed,
+            rebase=True,
+        )
     base_node = find_layer(backend, layers, base, "base") if base else None
     if base_node is layers[0]:
         raise BlockError(errno.EINVAL, "stream: the base must lie below the active image")
-    return StreamJob(manager, manager.new_id(job_id, backend.name), backend, layers[0],
-                     base_node, speed)
+    return StreamJob(
+        manager, manager.new_id(job_id, backend.name), backend, layers[0], base_node, speed
+    )

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from blkfs.backend import BlockBackend
 
 
-async def target_options(backend: BlockBackend, target: str, fmt: str | None, sync: str,
-                         existing: bool) -> tuple[dict[str, Any] | str, bool]:
+async def target_options(
+    backend: BlockBackend, target: str, fmt: str | None, sync: str, existing: bool
+) -> tuple[dict[str, Any] | str, bool]:
     """(the target's node options, or the name of an existing node; whether the image was
     made here).
 
@@ -30,31 +31,43 @@ async def target_options(backend: BlockBackend, target: str, fmt: str | None, sy
     shares the backend's node for it."""
     if "=" in target or target.startswith("{"):
         if fmt or existing:
-            raise BlockError(errno.EINVAL, "a target given as options names its image and "
-                                           "format itself (no format=, existing=)")
+            raise BlockError(
+                errno.EINVAL,
+                "a target given as options names its image and "
+                "format itself (no format=, existing=)",
+            )
         given = parse_options(target)
         if set(given) == {"node"} and isinstance(given["node"], str):
             return given["node"], False
         return given, False
     path = target
     if not os.path.isabs(path):
-        raise BlockError(errno.EINVAL, f"target '{path}': an absolute path is needed (the "
-                                       "daemon's working directory is not yours)")
+        raise BlockError(
+            errno.EINVAL,
+            f"target '{path}': an absolute path is needed (the "
+            "daemon's working directory is not yours)",
+        )
     layers = chain(backend)
     file = {"driver": "file", "filename": path}
     if existing:
         return ({"driver": fmt, "file": file} if fmt else {"file": file}), False
-    fmt = fmt or (layers[0].driver.name if layers[0].driver.name in ("qcow2", "raw")
-                  else "raw")
+    fmt = fmt or (layers[0].driver.name if layers[0].driver.name in ("qcow2", "raw") else "raw")
     below = layers[1] if len(layers) > 1 and sync != "full" else None
     if below is not None and fmt != "qcow2":
-        raise BlockError(errno.EINVAL, f"sync={sync} copies only the active image: the target "
-                                       "needs a backing file, so format=qcow2")
+        raise BlockError(
+            errno.EINVAL,
+            f"sync={sync} copies only the active image: the target "
+            "needs a backing file, so format=qcow2",
+        )
     options: dict[str, Any] = {"driver": fmt, "file": file}
     if below is None:
         await create_image(path, fmt, backend.length())
         return options, True
-    await create_image(path, fmt, backend.length(),
-                       backing=header_name(path, below.filename() or below.name),
-                       backing_format=below.driver.name)
+    await create_image(
+        path,
+        fmt,
+        backend.length(),
+        backing=header_name(path, below.filename() or below.name),
+        backing_format=below.driver.name,
+    )
     return {**options, "backing": below.name}, True

@@ -80,8 +80,9 @@ class ClientHandshake(_Exchange):
     :meth:`abort` then.
     """
 
-    def __init__(self, export: str, *, structured: bool = True,
-                 contexts: Sequence[str] = (BASE_ALLOCATION,)) -> None:
+    def __init__(
+        self, export: str, *, structured: bool = True, contexts: Sequence[str] = (BASE_ALLOCATION,)
+    ) -> None:
         self.export = export
         self.structured = structured
         self.contexts = tuple(contexts)
@@ -112,9 +113,8 @@ class ClientHandshake(_Exchange):
         if opt_magic != IHAVEOPT or not flags & HandshakeFlag.FIXED_NEWSTYLE:
             raise ProtocolError("the server does not speak fixed newstyle negotiation")
         self._no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)
-        client = ClientFlag.C_FIXED_NEWSTYLE | (ClientFlag.C_NO_ZEROES if self._no_zeroes
-                                                else 0)
-        first = (self._send(Opt.STRUCTURED_REPLY) if self.structured else self._send_go())
+        client = ClientFlag.C_FIXED_NEWSTYLE | (ClientFlag.C_NO_ZEROES if self._no_zeroes else 0)
+        first = self._send(Opt.STRUCTURED_REPLY) if self.structured else self._send_go()
         return CLIENT_FLAGS.pack(client) + first
 
     def _send(self, opt: Opt, data: bytes = b"") -> bytes:
@@ -151,8 +151,9 @@ class ClientHandshake(_Exchange):
         if reply == Rep.ACK:
             self._structured = True
             if self.contexts:
-                return self._send(Opt.SET_META_CONTEXT,
-                                  meta_context_request(self.export, self.contexts))
+                return self._send(
+                    Opt.SET_META_CONTEXT, meta_context_request(self.export, self.contexts)
+                )
         elif not reply & REP_ERROR:
             raise ProtocolError(f"unexpected reply {reply} to NBD_OPT_STRUCTURED_REPLY")
         return self._send_go()
@@ -160,7 +161,7 @@ class ClientHandshake(_Exchange):
     def _meta_context(self, reply: int, data: bytes) -> bytes:
         if reply == Rep.META_CONTEXT:
             (context_id,) = Cursor(data, "NBD_REP_META_CONTEXT").unpack(U32)
-            name = decode_string(data[U32.size:], "a metadata context name")
+            name = decode_string(data[U32.size :], "a metadata context name")
             if name not in self.contexts:
                 raise ProtocolError(f"the server selected context '{name}', not asked for")
             self._selected[name] = context_id
@@ -174,15 +175,14 @@ class ClientHandshake(_Exchange):
     def _go(self, reply: int, data: bytes) -> bytes:
         if reply == Rep.INFO:
             self._info = parse_info(data, self._info)
-            self._seen_export |= data[:U16.size] == U16.pack(Info.EXPORT)
+            self._seen_export |= data[: U16.size] == U16.pack(Info.EXPORT)
             return b""
         if reply == Rep.ACK:
             if not self._seen_export:
                 raise ProtocolError("NBD_OPT_GO succeeded without NBD_INFO_EXPORT")
             return self._finish()
         if reply == Rep.ERR_UNSUP:  # an old server: the old way, which cannot fail politely
-            self._want = EXPORT_NAME_REPLY.size + (0 if self._no_zeroes
-                                                   else EXPORT_NAME_PADDING)
+            self._want = EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else EXPORT_NAME_PADDING)
             self._step = self._export_name_reply
             return option(Opt.EXPORT_NAME, encode_string(self.export))
         if not reply & REP_ERROR:
@@ -198,11 +198,12 @@ class ClientHandshake(_Exchange):
         if reply == Rep.SERVER:
             self._listed.append(Cursor(data, "NBD_REP_SERVER").string("an export name"))
             return b""
-        raise Refused(self._refusal.reply, str(self._refusal),
-                      self._listed if reply == Rep.ACK else ())
+        raise Refused(
+            self._refusal.reply, str(self._refusal), self._listed if reply == Rep.ACK else ()
+        )
 
     def _export_name_reply(self, data: bytes) -> bytes:
-        size, flags = EXPORT_NAME_REPLY.unpack(data[:EXPORT_NAME_REPLY.size])
+        size, flags = EXPORT_NAME_REPLY.unpack(data[: EXPORT_NAME_REPLY.size])
         self._info = replace(self._info, size=size, flags=TransmissionFlag(flags))
         return self._finish()
 
@@ -254,8 +255,9 @@ class ServerHandshake(_Exchange):
         return self.result is not None or self.aborted
 
     def greeting(self) -> bytes:
-        return GREETING.pack(NBDMAGIC, IHAVEOPT,
-                             HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
+        return GREETING.pack(
+            NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+        )
 
     def _client_flags(self, data: bytes) -> bytes:
         (flags,) = CLIENT_FLAGS.unpack(data)
@@ -295,8 +297,10 @@ class ServerHandshake(_Exchange):
         if opt in (Opt.LIST, Opt.STRUCTURED_REPLY) and data:
             raise Refused(Rep.ERR_INVALID, "this option takes no data")
         if opt == Opt.LIST:
-            return b"".join(option_reply(opt, Rep.SERVER, server_reply(e.name, e.description))
-                            for e in self.catalog.list()) + option_reply(opt, Rep.ACK)
+            return b"".join(
+                option_reply(opt, Rep.SERVER, server_reply(e.name, e.description))
+                for e in self.catalog.list()
+            ) + option_reply(opt, Rep.ACK)
         if opt == Opt.STRUCTURED_REPLY:
             self._structured = True
             return option_reply(opt, Rep.ACK)
@@ -323,7 +327,8 @@ class ServerHandshake(_Exchange):
             raise ProtocolError(f"NBD_OPT_EXPORT_NAME: {exc}") from None
         self.result = Negotiated(export, self._structured, self._contexts(name))
         return EXPORT_NAME_REPLY.pack(export.size, export.flags) + (
-            b"" if self._no_zeroes else bytes(EXPORT_NAME_PADDING))
+            b"" if self._no_zeroes else bytes(EXPORT_NAME_PADDING)
+        )
 
     def _info(self, opt: int, data: bytes) -> bytes:
         try:
@@ -356,18 +361,23 @@ class ServerHandshake(_Exchange):
             raise Refused(Rep.ERR_INVALID, "a metadata context query needs a namespace")
         self._export(name)  # refuses an unknown export
         listing = opt == Opt.LIST_META_CONTEXT
-        found = [c for c in self.contexts
-                 if (listing and not queries) or any(_matches(q, c, listing) for q in queries)]
+        found = [
+            c
+            for c in self.contexts
+            if (listing and not queries) or any(_matches(q, c, listing) for q in queries)
+        ]
         selected = {context: number for number, context in enumerate(found, 1)}
         if not listing:
             self._selected = (name, selected)
-        return b"".join(option_reply(opt, Rep.META_CONTEXT,
-                                     meta_context_reply(0 if listing else number, context))
-                        for context, number in selected.items()) + option_reply(opt, Rep.ACK)
+        return b"".join(
+            option_reply(
+                opt, Rep.META_CONTEXT, meta_context_reply(0 if listing else number, context)
+            )
+            for context, number in selected.items()
+        ) + option_reply(opt, Rep.ACK)
 
 
 def _matches(query: str, context: str, listing: bool) -> bool:
     """Whether ``query`` selects ``context``: its full name, or (when listing) its namespace
     with an empty leaf name, the spec's wildcard."""
-    return query == context or (listing and query.endswith(":")
-                                and context.startswith(query))
+    return query == context or (listing and query.endswith(":") and context.startswith(query))

@@ -86,7 +86,7 @@ class Cursor:
         if length < 0 or self.at + length > len(self.data):
             raise ProtocolError(f"{self.what} is shorter than its fields say")
         self.at += length
-        return self.data[self.at - length:self.at]
+        return self.data[self.at - length : self.at]
 
     def unpack(self, fmt: struct.Struct) -> tuple[int, ...]:
         return fmt.unpack(self.take(fmt.size))
@@ -145,9 +145,12 @@ def parse_meta_context_request(data: bytes) -> tuple[str, list[str]]:
 def info_replies(opt: int, export: ExportInfo, infos: Sequence[int]) -> bytes:
     """The NBD_REP_INFO replies for ``export``: size and flags, block sizes always (the
     server's are not the defaults a client might assume), name and description if asked."""
-    replies = [INFO_EXPORT.pack(Info.EXPORT, export.size, export.flags),
-               INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, export.min_block, export.preferred_block,
-                                    export.max_payload)]
+    replies = [
+        INFO_EXPORT.pack(Info.EXPORT, export.size, export.flags),
+        INFO_BLOCK_SIZE.pack(
+            Info.BLOCK_SIZE, export.min_block, export.preferred_block, export.max_payload
+        ),
+    ]
     if Info.NAME in infos:
         replies.append(U16.pack(Info.NAME) + encode_string(export.name))
     if Info.DESCRIPTION in infos and export.description:
@@ -168,8 +171,7 @@ def parse_info(data: bytes, export: ExportInfo) -> ExportInfo:
         cursor.end()
         if not _sane_block_sizes(minimum, preferred, maximum):
             raise ProtocolError(f"block sizes {minimum}/{preferred}/{maximum} break the rules")
-        return replace(export, min_block=minimum, preferred_block=preferred,
-                       max_payload=maximum)
+        return replace(export, min_block=minimum, preferred_block=preferred, max_payload=maximum)
     if kind == Info.NAME:
         return replace(export, name=decode_string(data[2:], "the export name"))
     if kind == Info.DESCRIPTION:
@@ -184,8 +186,13 @@ def _power_of_two(value: int) -> bool:
 def _sane_block_sizes(minimum: int, preferred: int, maximum: int) -> bool:
     """The spec's constraints: powers of two, minimum at most 64 KiB, preferred at least the
     minimum and 512, maximum at least the preferred."""
-    return (_power_of_two(minimum) and minimum <= 1 << 16 and _power_of_two(preferred)
-            and preferred >= max(minimum, 512) and maximum >= preferred)
+    return (
+        _power_of_two(minimum)
+        and minimum <= 1 << 16
+        and _power_of_two(preferred)
+        and preferred >= max(minimum, 512)
+        and maximum >= preferred
+    )
 
 
 def server_reply(name: str, description: str = "") -> bytes:
@@ -207,7 +214,6 @@ class Negotiated:
     """Selected metadata contexts: name -> id."""
 
 
-
 class Request(NamedTuple):
     """A request header (a WRITE's data follows it on the wire)."""
 
@@ -218,8 +224,9 @@ class Request(NamedTuple):
     length: int = 0
 
     def pack(self) -> bytes:
-        return REQUEST.pack(REQUEST_MAGIC, self.flags, self.type, self.cookie, self.offset,
-                            self.length)
+        return REQUEST.pack(
+            REQUEST_MAGIC, self.flags, self.type, self.cookie, self.offset, self.length
+        )
 
     @property
     def payload(self) -> int:
@@ -234,8 +241,7 @@ def parse_request(data: bytes) -> Request:
     return Request(flags, kind, cookie, offset, length)
 
 
-_COMMAND_MASKS = {int(kind): int(mask) for kind, mask in COMMAND_FLAGS.items()
-                  if kind != Cmd.DISC}
+_COMMAND_MASKS = {int(kind): int(mask) for kind, mask in COMMAND_FLAGS.items() if kind != Cmd.DISC}
 """The flags of each command as plain ints: enum arithmetic costs microseconds a request."""
 _DF, _FAST_ZERO = int(CmdFlag.DF), int(CmdFlag.FAST_ZERO)
 _READ_ONLY, _SEND_FAST_ZERO = int(TransmissionFlag.READ_ONLY), int(TransmissionFlag.SEND_FAST_ZERO)
@@ -264,11 +270,14 @@ def check_request(request: Request, negotiated: Negotiated) -> tuple[Errno, str]
     if kind == Cmd.WRITE_ZEROES and flags & _FAST_ZERO and not offered & _SEND_FAST_ZERO:
         return Errno.EINVAL, "fast zeroing was not offered"
     if kind in (Cmd.READ, Cmd.WRITE) and request.length > export.max_payload:
-        return Errno.EINVAL, (f"{request.length} bytes is more than the maximum payload "
-                              f"{export.max_payload}")
+        return Errno.EINVAL, (
+            f"{request.length} bytes is more than the maximum payload {export.max_payload}"
+        )
     if kind != Cmd.FLUSH and end > export.size:
-        return (Errno.ENOSPC if kind in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL,
-                f"{request.offset}+{request.length} is past the end ({export.size})")
+        return (
+            Errno.ENOSPC if kind in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL,
+            f"{request.offset}+{request.length} is past the end ({export.size})",
+        )
     if kind == Cmd.FLUSH and (request.offset or request.length):
         return Errno.EINVAL, "a flush has no offset or length"
     return None
@@ -279,18 +288,27 @@ def simple_reply(cookie: int, error: int = 0) -> bytes:
     return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
 
 
-def chunk(cookie: int, kind: ReplyType, payload: bytes = b"", *, done: bool = True,
-          length: int | None = None) -> bytes:
+def chunk(
+    cookie: int,
+    kind: ReplyType,
+    payload: bytes = b"",
+    *,
+    done: bool = True,
+    length: int | None = None,
+) -> bytes:
     """A structured reply chunk; ``length`` counts data that the caller sends after it."""
     size = len(payload) if length is None else length
-    return CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0, kind, cookie,
-                      size) + payload
+    return (
+        CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0, kind, cookie, size)
+        + payload
+    )
 
 
 def offset_data(cookie: int, offset: int, length: int, *, done: bool) -> bytes:
     """An OFFSET_DATA chunk's header and offset; its ``length`` bytes of data follow."""
-    return chunk(cookie, ReplyType.OFFSET_DATA, U64.pack(offset), done=done,
-                 length=U64.size + length)
+    return chunk(
+        cookie, ReplyType.OFFSET_DATA, U64.pack(offset), done=done, length=U64.size + length
+    )
 
 
 def offset_hole(cookie: int, offset: int, length: int, *, done: bool) -> bytes:
@@ -299,8 +317,11 @@ def offset_hole(cookie: int, offset: int, length: int, *, done: bool) -> bytes:
 
 def block_status(cookie: int, context_id: int, extents: Iterable[tuple[int, int]]) -> bytes:
     """A BLOCK_STATUS chunk of ``(length, flags)`` descriptors, the last of the reply."""
-    return chunk(cookie, ReplyType.BLOCK_STATUS, U32.pack(context_id) + b"".join(
-        EXTENT.pack(length, flags) for length, flags in extents))
+    return chunk(
+        cookie,
+        ReplyType.BLOCK_STATUS,
+        U32.pack(context_id) + b"".join(EXTENT.pack(length, flags) for length, flags in extents),
+    )
 
 
 def error_chunk(cookie: int, error: int, message: str, *, done: bool = True) -> bytes:

@@ -90,19 +90,30 @@ class ClientTransmission:
         self._chunk: _Chunk | None = None
         self._context = next(iter(negotiated.contexts.values()), None)
         offered = negotiated.export.flags
-        unoffered = sum(int(flag) for flag, needs in (
-            (CmdFlag.FUA, TransmissionFlag.SEND_FUA), (CmdFlag.DF, TransmissionFlag.SEND_DF),
-            (CmdFlag.FAST_ZERO, TransmissionFlag.SEND_FAST_ZERO)) if not offered & needs)
-        self._allowed = {int(kind): int(mask) & ~unoffered
-                         for kind, mask in COMMAND_FLAGS.items()}
+        unoffered = sum(
+            int(flag)
+            for flag, needs in (
+                (CmdFlag.FUA, TransmissionFlag.SEND_FUA),
+                (CmdFlag.DF, TransmissionFlag.SEND_DF),
+                (CmdFlag.FAST_ZERO, TransmissionFlag.SEND_FAST_ZERO),
+            )
+            if not offered & needs
+        )
+        self._allowed = {int(kind): int(mask) & ~unoffered for kind, mask in COMMAND_FLAGS.items()}
         """The flags each command may carry on this export, as plain ints (fast)."""
 
     @property
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def request(self, kind: Cmd, offset: int = 0, length: int = 0, flags: CmdFlag = NO_FLAGS,
-                buf: memoryview | None = None) -> tuple[int, bytes]:
+    def request(
+        self,
+        kind: Cmd,
+        offset: int = 0,
+        length: int = 0,
+        flags: CmdFlag = NO_FLAGS,
+        buf: memoryview | None = None,
+    ) -> tuple[int, bytes]:
         """A new request's cookie and header (a WRITE's data is sent after it); ``buf``
         receives a READ's data. Asking what was not negotiated is a ValueError (a bug)."""
         if int(flags) & ~self._allowed.get(kind, 0):
@@ -171,14 +182,18 @@ class ClientTransmission:
         elif kind == ReplyType.NONE:
             fits = length == 0 and done
         elif kind == ReplyType.BLOCK_STATUS:
-            fits = (request.type == Cmd.BLOCK_STATUS and
-                    U32.size + EXTENT.size <= length <= U32.size + EXTENT.size * MAX_EXTENTS
-                    and (length - U32.size) % EXTENT.size == 0)
+            fits = (
+                request.type == Cmd.BLOCK_STATUS
+                and U32.size + EXTENT.size <= length <= U32.size + EXTENT.size * MAX_EXTENTS
+                and (length - U32.size) % EXTENT.size == 0
+            )
         else:
             fits = bool(kind & REPLY_TYPE_ERROR) and ERROR.size <= length <= MAX_OPTION_DATA
         if not fits:
-            raise ProtocolError(f"reply chunk type {kind} of {length} bytes does not answer "
-                                f"{Cmd(request.type).name} of {request.length} bytes")
+            raise ProtocolError(
+                f"reply chunk type {kind} of {length} bytes does not answer "
+                f"{Cmd(request.type).name} of {request.length} bytes"
+            )
 
     def payload(self, data: bytes) -> memoryview | None:
         """Take the payload :meth:`header` asked for; returns where the data that follows
@@ -199,12 +214,12 @@ class ClientTransmission:
             (offset,) = U64.unpack(data)
             start = self._cover(pending, offset, current.length - U64.size)
             assert pending.buf is not None
-            return pending.buf[start:start + current.length - U64.size]
+            return pending.buf[start : start + current.length - U64.size]
         if kind == ReplyType.OFFSET_HOLE:
             offset, size = HOLE.unpack(data)
             start = self._cover(pending, offset, size)
             assert pending.buf is not None
-            pending.buf[start:start + size] = bytes(size)
+            pending.buf[start : start + size] = bytes(size)
         elif kind == ReplyType.BLOCK_STATUS:
             self._block_status(pending, data)
         elif kind & REPLY_TYPE_ERROR:
@@ -217,8 +232,10 @@ class ClientTransmission:
         request = pending.request
         start, end = offset - request.offset, offset - request.offset + length
         if length == 0 or start < 0 or end > request.length:
-            raise ProtocolError(f"reply chunk {offset}+{length} lies outside the read "
-                                f"{request.offset}+{request.length}")
+            raise ProtocolError(
+                f"reply chunk {offset}+{length} lies outside the read "
+                f"{request.offset}+{request.length}"
+            )
         covered = pending.covered
         at = bisect.bisect(covered, (start, end))
         if (at and covered[at - 1][1] > start) or (at < len(covered) and covered[at][0] < end):
@@ -237,11 +254,10 @@ class ClientTransmission:
         (context_id,) = U32.unpack_from(data)
         if context_id not in self.negotiated.contexts.values():
             raise ProtocolError(f"block status for context {context_id}, never selected")
-        extents = tuple(EXTENT.iter_unpack(data[U32.size:]))
+        extents = tuple(EXTENT.iter_unpack(data[U32.size :]))
         if any(length == 0 for length, _ in extents):
             raise ProtocolError("a block status descriptor of length 0")
-        if request.flags & _REQ_ONE and (len(extents) > 1 or
-                                                 extents[0][0] > request.length):
+        if request.flags & _REQ_ONE and (len(extents) > 1 or extents[0][0] > request.length):
             raise ProtocolError("more than the one extent asked for")
         if sum(length for length, _ in extents[:-1]) >= request.length:
             raise ProtocolError("block status descriptors past the length asked")
@@ -251,9 +267,10 @@ class ClientTransmission:
     def _error(self, pending: _Pending, kind: int, data: bytes) -> None:
         error, length = ERROR.unpack_from(data)
         if error == 0 or ERROR.size + length > len(data):
-            raise ProtocolError("an error chunk without an error or with a message longer "
-                                "than the chunk")
-        message = data[ERROR.size:ERROR.size + length].decode("utf-8", "replace")
+            raise ProtocolError(
+                "an error chunk without an error or with a message longer than the chunk"
+            )
+        message = data[ERROR.size : ERROR.size + length].decode("utf-8", "replace")
         if kind == ReplyType.ERROR_OFFSET:
             request = pending.request
             if len(data) != ERROR.size + length + U64.size:
@@ -274,8 +291,11 @@ class ClientTransmission:
         pending = self._pending[current.cookie]
         request = pending.request
         if not pending.error:
-            if request.type == Cmd.READ and pending.covered != [(0, request.length)] and \
-                    request.length:
+            if (
+                request.type == Cmd.READ
+                and pending.covered != [(0, request.length)]
+                and request.length
+            ):
                 raise ProtocolError("a read reported done before all its data came")
             if request.type == Cmd.BLOCK_STATUS and not pending.extents:
                 raise ProtocolError("block status reported done without descriptors")
@@ -299,10 +319,10 @@ class ReceiveBuffer:
         if self._start == self._end:
             self._start = self._end = 0
         elif self._end == len(self._buf):
-            self._buf[:self._end - self._start] = self._buf[self._start:self._end]
+            self._buf[: self._end - self._start] = self._buf[self._start : self._end]
             self._end -= self._start
             self._start = 0
-        return memoryview(self._buf)[self._end:]
+        return memoryview(self._buf)[self._end :]
 
     def filled(self, count: int) -> None:
         self._end += count
@@ -312,12 +332,12 @@ class ReceiveBuffer:
         if self._end - self._start < count:
             return None
         self._start += count
-        return bytes(self._buf[self._start - count:self._start])
+        return bytes(self._buf[self._start - count : self._start])
 
     def take_into(self, view: memoryview) -> int:
         """Copy buffered bytes into ``view``; how many."""
         count = min(view.nbytes, self._end - self._start)
-        view[:count] = self._buf[self._start:self._start + count]
+        view[:count] = self._buf[self._start : self._start + count]
         self._start += count
         return count
 

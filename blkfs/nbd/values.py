@@ -162,21 +162,21 @@ COMMAND_FLAGS = {
 """The flags each command may carry (FUA on any, as the spec allows)."""
 WRITES = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 
-GREETING = struct.Struct(">QQH")             # NBDMAGIC, IHAVEOPT, handshake flags
+GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
 CLIENT_FLAGS = struct.Struct(">I")
-OPTION = struct.Struct(">QII")               # IHAVEOPT, option, length
-OPTION_REPLY = struct.Struct(">QIII")        # magic, option, reply type, length
-EXPORT_NAME_REPLY = struct.Struct(">QH")     # size, transmission flags (then 124 zeros)
+OPTION = struct.Struct(">QII")  # IHAVEOPT, option, length
+OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
+EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (then 124 zeros)
 EXPORT_NAME_PADDING = 124
-REQUEST = struct.Struct(">IHHQQI")           # magic, flags, type, cookie, offset, length
-SIMPLE_REPLY = struct.Struct(">IIQ")         # magic, error, cookie
-CHUNK = struct.Struct(">IHHQI")              # magic, flags, type, cookie, length
+REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
 U16, U32, U64 = struct.Struct(">H"), struct.Struct(">I"), struct.Struct(">Q")
-INFO_EXPORT = struct.Struct(">HQH")          # NBD_INFO_EXPORT, size, transmission flags
-INFO_BLOCK_SIZE = struct.Struct(">HIII")     # NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum
-HOLE = struct.Struct(">QI")                  # offset, hole size
-ERROR = struct.Struct(">IH")                 # error, message length
-EXTENT = struct.Struct(">II")                # length, status flags
+INFO_EXPORT = struct.Struct(">HQH")  # NBD_INFO_EXPORT, size, transmission flags
+INFO_BLOCK_SIZE = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum
+HOLE = struct.Struct(">QI")  # offset, hole size
+ERROR = struct.Struct(">IH")  # error, message length
+EXTENT = struct.Struct(">II")  # length, status flags
 
 
 class ProtocolError(Exception):
@@ -195,11 +195,21 @@ class Refused(Exception):
 
 # -- errno ------------------------------------------------------------------------------------
 
-_TO_NBD = {errno.EPERM: Errno.EPERM, errno.EROFS: Errno.EPERM, errno.EACCES: Errno.EPERM,
-           errno.EIO: Errno.EIO, errno.ENOMEM: Errno.ENOMEM, errno.EINVAL: Errno.EINVAL,
-           errno.ENOSPC: Errno.ENOSPC, errno.EDQUOT: Errno.ENOSPC, errno.EFBIG: Errno.ENOSPC,
-           errno.EOVERFLOW: Errno.EOVERFLOW, errno.ENOTSUP: Errno.ENOTSUP,
-           errno.EOPNOTSUPP: Errno.ENOTSUP, errno.ESHUTDOWN: Errno.ESHUTDOWN}
+_TO_NBD = {
+    errno.EPERM: Errno.EPERM,
+    errno.EROFS: Errno.EPERM,
+    errno.EACCES: Errno.EPERM,
+    errno.EIO: Errno.EIO,
+    errno.ENOMEM: Errno.ENOMEM,
+    errno.EINVAL: Errno.EINVAL,
+    errno.ENOSPC: Errno.ENOSPC,
+    errno.EDQUOT: Errno.ENOSPC,
+    errno.EFBIG: Errno.ENOSPC,
+    errno.EOVERFLOW: Errno.EOVERFLOW,
+    errno.ENOTSUP: Errno.ENOTSUP,
+    errno.EOPNOTSUPP: Errno.ENOTSUP,
+    errno.ESHUTDOWN: Errno.ESHUTDOWN,
+}
 _FROM_NBD: dict[int, int] = {value: getattr(errno, value.name) for value in Errno}
 
 
@@ -226,5 +236,6 @@ class Address:
     def __str__(self) -> str:
         if self.path is not None:
             return f"unix:{self.path}"
-        return f"[{self.host}]:{self.port}" if ":" in (self.host or "") else \
-            f"{self.host}:{self.port}"
+        return (
+            f"[{self.host}]:{self.port}" if ":" in (self.host or "") else f"{self.host}:{self.port}"
+        )

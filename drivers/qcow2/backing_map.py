@@ -42,8 +42,9 @@ class Route:
 
     __slots__ = ("file", "layers", "trackers")
 
-    def __init__(self, file: Child | None, trackers: tuple[Tracker, ...],
-                 layers: tuple[Qcow2Driver, ...]) -> None:
+    def __init__(
+        self, file: Child | None, trackers: tuple[Tracker, ...], layers: tuple[Qcow2Driver, ...]
+    ) -> None:
         self.file = file
         self.trackers = trackers
         self.layers = layers
@@ -89,8 +90,9 @@ class BackingMap:
         self.entries.clear()
         self._routes.clear()
 
-    def learn(self, cluster: int, backing: Child, start: int, length: int
-              ) -> tuple[Route, int] | None:
+    def learn(
+        self, cluster: int, backing: Child, start: int, length: int
+    ) -> tuple[Route, int] | None:
         """Ask the backing chain where guest bytes ``start`` to ``start + length`` (one
         cluster, or its part inside the backing file) lie, and remember the answer for
         ``cluster``; None if the chain cannot say at once."""

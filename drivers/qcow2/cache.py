@@ -92,8 +92,9 @@ class Barrier:
 class WriteBack(ABC):
     """Metadata of one kind that reaches the image by write-back, after what it depends on."""
 
-    def __init__(self, barrier: Barrier, depends_on: WriteBack | None = None,
-                 depends_on_flush: bool = False) -> None:
+    def __init__(
+        self, barrier: Barrier, depends_on: WriteBack | None = None, depends_on_flush: bool = False
+    ) -> None:
         self.barrier = barrier
         self.depends_on = depends_on
         """Written back, and followed by a barrier, before any entry of this kind is written
@@ -141,10 +142,17 @@ class CachedTables(WriteBack, Generic[T]):
     """Cluster-sized tables (L2 tables, refcount blocks) in a bounded cache by host offset,
     decoded as they are loaded."""
 
-    def __init__(self, barrier: Barrier, file: ImageFile, capacity: int, cluster_size: int,
-                 decode: Callable[[bytes | bytearray], T],
-                 encode: Callable[[T], bytes | bytearray],
-                 depends_on: WriteBack | None = None, depends_on_flush: bool = False) -> None:
+    def __init__(
+        self,
+        barrier: Barrier,
+        file: ImageFile,
+        capacity: int,
+        cluster_size: int,
+        decode: Callable[[bytes | bytearray], T],
+        encode: Callable[[T], bytes | bytearray],
+        depends_on: WriteBack | None = None,
+        depends_on_flush: bool = False,
+    ) -> None:
         super().__init__(barrier, depends_on, depends_on_flush)
         self.file = file
         self.tables: TableCache[T] = TableCache(capacity)
@@ -169,8 +177,9 @@ class CachedTables(WriteBack, Generic[T]):
         if table is not None:
             return table
         if offset + self.cluster_size > self.file.size:
-            raise corrupt(f"metadata cluster at {offset}+{self.cluster_size} lies past the "
-                          "end of the file")
+            raise corrupt(
+                f"metadata cluster at {offset}+{self.cluster_size} lies past the end of the file"
+            )
         table = self.decode(await self.file.read(offset, self.cluster_size))
         self.tables.put(offset, table)
         await self.evict()
@@ -195,8 +204,14 @@ class RefcountTable(WriteBack):
     last one in use (those past it are zeros on disk, and stay so until an entry there is
     set, which extends ``entries``); the table's room is the header's."""
 
-    def __init__(self, barrier: Barrier, file: ImageFile, header: Header, entries: array[int],
-                 depends_on: WriteBack) -> None:
+    def __init__(
+        self,
+        barrier: Barrier,
+        file: ImageFile,
+        header: Header,
+        entries: array[int],
+        depends_on: WriteBack,
+    ) -> None:
         super().__init__(barrier, depends_on)
         self.file = file
         self.header = header
@@ -213,8 +228,7 @@ class RefcountTable(WriteBack):
 
     async def write_dirty(self) -> None:
         if self.dirty:
-            await self.file.write(self.header.refcount_table_offset,
-                                  encode_table(self.entries))
+            await self.file.write(self.header.refcount_table_offset, encode_table(self.entries))
             self._written.append(0)
 
     def clean(self, keys: list[int]) -> None:
@@ -226,8 +240,14 @@ class L1Table(WriteBack):
     """The active L1 table; a dirty entry is written on its own (eight bytes, which a disk
     writes whole), each naming one L2 table."""
 
-    def __init__(self, barrier: Barrier, file: ImageFile, header: Header, entries: array[int],
-                 depends_on: WriteBack) -> None:
+    def __init__(
+        self,
+        barrier: Barrier,
+        file: ImageFile,
+        header: Header,
+        entries: array[int],
+        depends_on: WriteBack,
+    ) -> None:
         super().__init__(barrier, depends_on)
         self.file = file
         self.header = header
@@ -239,8 +259,9 @@ class L1Table(WriteBack):
 
     async def write_dirty(self) -> None:
         for index in sorted(self.dirty):
-            await self.file.write(self.header.l1_table_offset + index * 8,
-                                  encode_entry(self.entries[index]))
+            await self.file.write(
+                self.header.l1_table_offset + index * 8, encode_entry(self.entries[index])
+            )
             self._written.append(index)
 
     def clean(self, keys: list[int]) -> None:

@@ -59,9 +59,9 @@ MAX_MESSAGES = 100
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00  # of a refcount table entry (spec: "Refcount table")
 
 # Per-cluster flags, beside the counts.
-ACTIVE_COPIED = 1        # an active L2 entry with OFLAG_COPIED points here
-ACTIVE_SHARED = 2        # an active L2 entry without OFLAG_COPIED points here
-DATA = 4                 # guest data (of any L2 table) lives here
+ACTIVE_COPIED = 1  # an active L2 entry with OFLAG_COPIED points here
+ACTIVE_SHARED = 2  # an active L2 entry without OFLAG_COPIED points here
+DATA = 4  # guest data (of any L2 table) lives here
 
 
 @dataclass
@@ -98,14 +98,18 @@ class CheckResult:
         return not (self.corruptions or self.leaks or self.check_errors)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"check-errors": self.check_errors, "corruptions": self.corruptions,
-                "leaks": self.leaks, "leaks-fixed": self.leaks_fixed,
-                "total-clusters": self.total_clusters,
-                "allocated-clusters": self.allocated_clusters,
-                "compressed-clusters": self.compressed_clusters,
-                "image-end-offset": self.image_end_offset,
-                "messages": self.messages + ([f"... and {self.dropped_messages} more"]
-                                             if self.dropped_messages else [])}
+        return {
+            "check-errors": self.check_errors,
+            "corruptions": self.corruptions,
+            "leaks": self.leaks,
+            "leaks-fixed": self.leaks_fixed,
+            "total-clusters": self.total_clusters,
+            "allocated-clusters": self.allocated_clusters,
+            "compressed-clusters": self.compressed_clusters,
+            "image-end-offset": self.image_end_offset,
+            "messages": self.messages
+            + ([f"... and {self.dropped_messages} more"] if self.dropped_messages else []),
+        }
 
 
 class Tally:
@@ -135,8 +139,10 @@ class Tally:
         if length <= 0:
             return True
         if offset + length - self.file_size >= self.cluster_size:
-            self.result.corrupt(f"{what} at offset {offset:#x}+{length:#x} lies past the end "
-                                f"of the file ({self.file_size:#x})")
+            self.result.corrupt(
+                f"{what} at offset {offset:#x}+{length:#x} lies past the end "
+                f"of the file ({self.file_size:#x})"
+            )
             return False
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
@@ -159,8 +165,9 @@ class Tally:
             if seen is None:
                 self.roles[cluster] = what
             elif seen != what or what != "L2 table":
-                self.result.corrupt(f"cluster {cluster} holds both the {seen} and the {what} "
-                                    "(overlapping metadata)")
+                self.result.corrupt(
+                    f"cluster {cluster} holds both the {seen} and the {what} (overlapping metadata)"
+                )
         return True
 
     def l2_table(self, table: array[int], geometry: Geometry, active: bool) -> None:
@@ -178,10 +185,10 @@ class Tally:
                 if entry & OFLAG_COPIED:
                     result.corrupt(f"compressed L2 entry {entry:#x} has the COPIED flag")
                 if extended and bitmap:
-                    result.corrupt(f"compressed L2 entry {entry:#x} has a subcluster bitmap "
-                                   f"{bitmap:#x}")
-                host, length = geometry.compressed_range(entry & ~(OFLAG_COPIED |
-                                                                   OFLAG_COMPRESSED))
+                    result.corrupt(
+                        f"compressed L2 entry {entry:#x} has a subcluster bitmap {bitmap:#x}"
+                    )
+                host, length = geometry.compressed_range(entry & ~(OFLAG_COPIED | OFLAG_COMPRESSED))
                 if self.add(host, length, "compressed cluster"):
                     self._mark(host, length, DATA)
                 if active:
@@ -190,16 +197,18 @@ class Tally:
                 continue
             host = entry & OFFSET_MASK
             if extended and not host and bitmap & ((1 << SUBCLUSTERS) - 1):
-                result.corrupt(f"L2 entry {entry:#x} marks subclusters allocated "
-                               f"(bitmap {bitmap:#x}) but has no host cluster")
+                result.corrupt(
+                    f"L2 entry {entry:#x} marks subclusters allocated "
+                    f"(bitmap {bitmap:#x}) but has no host cluster"
+                )
             if extended and bitmap & (bitmap >> SUBCLUSTERS) & ((1 << SUBCLUSTERS) - 1):
-                result.corrupt(f"L2 entry {entry:#x}: subclusters both allocated and zero "
-                               f"(bitmap {bitmap:#x})")
+                result.corrupt(
+                    f"L2 entry {entry:#x}: subclusters both allocated and zero (bitmap {bitmap:#x})"
+                )
             if not host:
                 continue
             if host & cluster_mask:
-                result.corrupt(f"L2 entry {entry:#x}: host offset {host:#x} is not cluster "
-                               "aligned")
+                result.corrupt(f"L2 entry {entry:#x}: host offset {host:#x} is not cluster aligned")
                 continue
             if self.add(host, self.cluster_size, "data cluster"):
                 flag = DATA
@@ -209,8 +218,9 @@ class Tally:
                 self._mark(host, self.cluster_size, flag)
 
     def _mark(self, offset: int, length: int, flag: int) -> None:
-        for cluster in range(offset >> self.cluster_bits,
-                             ((offset + length - 1) >> self.cluster_bits) + 1):
+        for cluster in range(
+            offset >> self.cluster_bits, ((offset + length - 1) >> self.cluster_bits) + 1
+        ):
             self.flags[cluster] |= flag
 
     def count(self, cluster: int) -> int:
@@ -231,13 +241,13 @@ class Tally:
         refcount = self.refcount
         for cluster, what in sorted(self.roles.items()):
             if self.flags[cluster] & DATA:
-                result.corrupt(f"cluster {cluster} holds the {what} and guest data "
-                               "(overlapping)")
+                result.corrupt(f"cluster {cluster} holds the {what} and guest data (overlapping)")
         for index, cluster, copied in l1_copied:
             count = refcount(cluster, leaks_repaired)
             if copied != (count == 1):
-                result.corrupt(f"OFLAG_COPIED L2 cluster: l1_index={index} refcount={count} "
-                               f"copied={copied}")
+                result.corrupt(
+                    f"OFLAG_COPIED L2 cluster: l1_index={index} refcount={count} copied={copied}"
+                )
         for cluster, flags in enumerate(self.flags):
             if not flags & (ACTIVE_COPIED | ACTIVE_SHARED):
                 continue
@@ -248,9 +258,13 @@ class Tally:
                 result.corrupt(f"OFLAG_COPIED data cluster {cluster}: clear, refcount=1")
 
 
-def compare_block(block: bytes | bytearray, first_cluster: int, tally: Tally,
-                  refcount_order: int, result: CheckResult
-                  ) -> tuple[bytearray | None, list[int]]:
+def compare_block(
+    block: bytes | bytearray,
+    first_cluster: int,
+    tally: Tally,
+    refcount_order: int,
+    result: CheckResult,
+) -> tuple[bytearray | None, list[int]]:
     """Compare one refcount block with the tally; count leaks and corruptions (pure).
 
     Returns the block with every leaked refcount lowered to the count (None if nothing
@@ -261,7 +275,7 @@ def compare_block(block: bytes | bytearray, first_cluster: int, tally: Tally,
     wide = refcount_order >= 3
     width = (1 << refcount_order) // 8
     for index in range(entries):
-        if wide and not any(block[index * width:(index + 1) * width]):
+        if wide and not any(block[index * width : (index + 1) * width]):
             stored = 0
         else:
             stored = get_refcount(block, index, refcount_order)
@@ -289,8 +303,11 @@ def highest_used(block: bytes | bytearray, refcount_order: int) -> int:
     if not length:
         return -1
     first = ((length - 1) * 8) >> refcount_order
-    return max(i for i in range(first, first + max(1, 8 >> refcount_order))
-               if get_refcount(block, i, refcount_order))
+    return max(
+        i
+        for i in range(first, first + max(1, 8 >> refcount_order))
+        if get_refcount(block, i, refcount_order)
+    )
 
 
 class _Walk:
@@ -307,8 +324,9 @@ class _Walk:
 
     def _in_file(self, offset: int, length: int, what: str) -> bool:
         if offset % self.cluster or offset + length > self.file.size:
-            self.result.corrupt(f"{what} at {offset:#x}+{length:#x} is not a valid range of "
-                                f"the file")
+            self.result.corrupt(
+                f"{what} at {offset:#x}+{length:#x} is not a valid range of the file"
+            )
             return False
         return True
 
@@ -348,8 +366,9 @@ class _Walk:
             return
         position = offset
         for number in range(header.nb_snapshots):
-            data = await self.file.read(position, min(SnapshotHeader.STRUCT.size,
-                                                      self.file.size - position))
+            data = await self.file.read(
+                position, min(SnapshotHeader.STRUCT.size, self.file.size - position)
+            )
             if len(data) < SnapshotHeader.STRUCT.size:
                 self.result.corrupt(f"snapshot {number} lies past the end of the file")
                 return
@@ -366,8 +385,11 @@ class _Walk:
             if extension.type == EXT_CRYPTO and length >= CryptoExtension.STRUCT.size:
                 crypto = CryptoExtension.unpack(extension.data)
                 self.tally.metadata(crypto.offset, crypto.length, "crypto header")
-            elif extension.type == EXT_BITMAPS and length >= BitmapsExtension.STRUCT.size \
-                    and self.header.autoclear_features & AUTOCLEAR_BITMAPS:  # else stale
+            elif (
+                extension.type == EXT_BITMAPS
+                and length >= BitmapsExtension.STRUCT.size
+                and self.header.autoclear_features & AUTOCLEAR_BITMAPS
+            ):  # else stale
                 await self.bitmaps(BitmapsExtension.unpack(extension.data))
 
     async def bitmaps(self, bitmaps: BitmapsExtension) -> None:
@@ -389,11 +411,11 @@ class _Walk:
             if not table_size:
                 continue
             if table_size * 8 > MAX_L1_BYTES or not self._in_file(
-                    table_offset, table_size * 8, "bitmap table"):
+                table_offset, table_size * 8, "bitmap table"
+            ):
                 continue
             self.tally.metadata(table_offset, table_size * 8, "bitmap table")
-            for table_entry in decode_table(await self.file.read(table_offset,
-                                                                 table_size * 8)):
+            for table_entry in decode_table(await self.file.read(table_offset, table_size * 8)):
                 data = table_entry & BitmapDirEntry.TABLE_OFFSET_MASK
                 if data and self._in_file(data, self.cluster, "bitmap data cluster"):
                     self.tally.metadata(data, self.cluster, "bitmap data")
@@ -425,20 +447,25 @@ class _Walk:
                 rewrites.append((offset, repaired, freed))
             last = highest_used(block, order)
             if last >= 0:
-                result.image_end_offset = max(result.image_end_offset,
-                                              (first + last + 1) * self.cluster)
+                result.image_end_offset = max(
+                    result.image_end_offset, (first + last + 1) * self.cluster
+                )
         covered = {index for index, _ in blocks}
         for index in range(-(-len(tally.counts) // per_block)):
-            if index in covered or not any(tally.counts[index * per_block:
-                                                        (index + 1) * per_block]):
+            if index in covered or not any(
+                tally.counts[index * per_block : (index + 1) * per_block]
+            ):
                 continue
-            for cluster in range(index * per_block,
-                                 min((index + 1) * per_block, len(tally.counts))):
+            for cluster in range(
+                index * per_block, min((index + 1) * per_block, len(tally.counts))
+            ):
                 if tally.counts[cluster]:
                     tally.stored[cluster] = 0
-                    result.corrupt(f"cluster {cluster} refcount=0 "
-                                   f"reference={tally.counts[cluster]} (no refcount block "
-                                   "covers it)")
+                    result.corrupt(
+                        f"cluster {cluster} refcount=0 "
+                        f"reference={tally.counts[cluster]} (no refcount block "
+                        "covers it)"
+                    )
         return rewrites
 
     async def run(self, repair: bool) -> CheckResult:
@@ -449,13 +476,15 @@ class _Walk:
         await self.snapshots()
         await self.extensions()
         length = header.refcount_table_clusters * self.cluster
-        if not length or length > MAX_REFTABLE_BYTES or not self._in_file(
-                header.refcount_table_offset, length, "refcount table"):
+        if (
+            not length
+            or length > MAX_REFTABLE_BYTES
+            or not self._in_file(header.refcount_table_offset, length, "refcount table")
+        ):
             result.failed("the refcount table cannot be read; refcounts were not compared")
             return result
         tally.metadata(header.refcount_table_offset, length, "refcount table")
-        self.reftable = decode_table(await self.file.read(header.refcount_table_offset,
-                                                          length))
+        self.reftable = decode_table(await self.file.read(header.refcount_table_offset, length))
         rewrites = await self.refcounts()
         tally.finish(self.l1_copied, leaks_repaired=repair)
         if repair and rewrites and not result.corruptions and not result.check_errors:
@@ -498,10 +527,12 @@ async def repair_on_open(file: Child) -> int:
     if result.corruptions or result.check_errors:
         first = next((m for m in result.messages if m.startswith("ERROR")), "")
         errors = f", {result.check_errors} check error(s)" if result.check_errors else ""
-        raise BlockError(errno.EUCLEAN,
-                         f"qcow2: corrupt image {filename}: {result.corruptions} corruption(s)"
-                         f"{errors} ({first.removeprefix('ERROR ')}); it opens read-only only; "
-                         f"'blkfs image check {filename}' lists the problems")
+        raise BlockError(
+            errno.EUCLEAN,
+            f"qcow2: corrupt image {filename}: {result.corruptions} corruption(s)"
+            f"{errors} ({first.removeprefix('ERROR ')}); it opens read-only only; "
+            f"'blkfs image check {filename}' lists the problems",
+        )
     if result.leaks_fixed:
         log.info("qcow2: %s: repaired %d leaked cluster(s)", filename, result.leaks_fixed)
     return result.leaks_fixed

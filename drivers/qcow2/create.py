@@ -30,8 +30,7 @@ from .ondisk import (
 )
 
 T = TypeVar("T")
-CREATE_OPTIONS = ("cluster_size", "compat", "compression_type", "extended_l2",
-                  "refcount_bits")
+CREATE_OPTIONS = ("cluster_size", "compat", "compression_type", "extended_l2", "refcount_bits")
 
 
 def invalid(message: str) -> BlockError:
@@ -44,27 +43,31 @@ def _parse_int(raw: str) -> int:
     return int(raw)
 
 
-def _parsed(options: Mapping[str, str], name: str, default: str,
-            parse: Callable[[str], T]) -> T:
+def _parsed(options: Mapping[str, str], name: str, default: str, parse: Callable[[str], T]) -> T:
     try:
         return parse(options.get(name, default))
     except (TypeError, ValueError) as exc:
         raise invalid(f"{name} {exc} (got {options[name]!r})") from None
 
 
-def build_header(size: int, options: Mapping[str, str], backing: str | None,
-                 backing_fmt: str | None) -> Header:
+def build_header(
+    size: int, options: Mapping[str, str], backing: str | None, backing_fmt: str | None
+) -> Header:
     """A header for a new image from qemu-img style ``-o`` options; EINVAL names the fault."""
     unknown = set(options) - set(CREATE_OPTIONS)
     if unknown:
-        raise invalid(f"unknown option(s) {', '.join(sorted(unknown))} "
-                      f"(known: {', '.join(CREATE_OPTIONS)})")
+        raise invalid(
+            f"unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(CREATE_OPTIONS)})"
+        )
     cluster_size = _parsed(options, "cluster_size", "64k", parse_size)
     refcount_bits = _parsed(options, "refcount_bits", "16", _parse_int)
     extended_l2 = _parsed(options, "extended_l2", "off", parse_bool)
     cluster_bits = cluster_size.bit_length() - 1
-    if cluster_size <= 0 or cluster_size != 1 << cluster_bits or \
-            not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+    if (
+        cluster_size <= 0
+        or cluster_size != 1 << cluster_bits
+        or not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS
+    ):
         raise invalid(f"cluster_size must be a power of two from 512 to 2M (got {cluster_size})")
     if refcount_bits not in (1, 2, 4, 8, 16, 32, 64):
         raise invalid(f"refcount_bits must be a power of two up to 64 (got {refcount_bits})")
@@ -80,15 +83,27 @@ def build_header(size: int, options: Mapping[str, str], backing: str | None,
         raise invalid("compat=0.10 images have 16-bit refcounts, zlib and no extended L2")
     if extended_l2 and cluster_size < 16384:
         raise invalid("extended_l2 needs a cluster_size of at least 16k")
-    incompatible = (INCOMPAT_EXTL2 if extended_l2 else 0) | \
-        (INCOMPAT_COMPRESSION if types[compression] else 0)
-    header = Header(version=version, backing_file_offset=0, backing_file_size=0,
-                    cluster_bits=cluster_bits, size=size, crypt_method=0, l1_size=0,
-                    l1_table_offset=0, refcount_table_offset=0, refcount_table_clusters=0,
-                    nb_snapshots=0, snapshots_offset=0, incompatible_features=incompatible,
-                    refcount_order=refcount_bits.bit_length() - 1,
-                    header_length=V3_HEADER_LENGTH if version == 3 else V2_HEADER_LENGTH,
-                    compression_type=types[compression])
+    incompatible = (INCOMPAT_EXTL2 if extended_l2 else 0) | (
+        INCOMPAT_COMPRESSION if types[compression] else 0
+    )
+    header = Header(
+        version=version,
+        backing_file_offset=0,
+        backing_file_size=0,
+        cluster_bits=cluster_bits,
+        size=size,
+        crypt_method=0,
+        l1_size=0,
+        l1_table_offset=0,
+        refcount_table_offset=0,
+        refcount_table_clusters=0,
+        nb_snapshots=0,
+        snapshots_offset=0,
+        incompatible_features=incompatible,
+        refcount_order=refcount_bits.bit_length() - 1,
+        header_length=V3_HEADER_LENGTH if version == 3 else V2_HEADER_LENGTH,
+        compression_type=types[compression],
+    )
     if backing is not None and len(backing.encode()) > MAX_BACKING_NAME:
         raise invalid(f"the backing file name is longer than {MAX_BACKING_NAME} bytes")
     header.set_backing(backing, backing_fmt)
@@ -118,21 +133,26 @@ def empty_image(header: Header) -> bytes:
     header.l1_table_offset = (first_block + blocks) * cluster if l1_clusters else 0
     image = bytearray(total * cluster)
     head = header.pack()
-    image[:len(head)] = head
+    image[: len(head)] = head
     for i in range(blocks):
         entry = (first_block + i) * cluster
-        image[cluster + 8 * i:cluster + 8 * i + 8] = encode_entry(entry)
+        image[cluster + 8 * i : cluster + 8 * i + 8] = encode_entry(entry)
     refcounts = bytearray(blocks * cluster)
     for cluster_index in range(total):
         block, index = divmod(cluster_index, per_block)
-        view = memoryview(refcounts)[block * cluster:(block + 1) * cluster]
+        view = memoryview(refcounts)[block * cluster : (block + 1) * cluster]
         set_refcount(view, index, header.refcount_order, 1)
-    image[first_block * cluster:(first_block + blocks) * cluster] = refcounts
+    image[first_block * cluster : (first_block + blocks) * cluster] = refcounts
     return bytes(image)
 
 
-def write_image(file: BinaryIO, size: int, options: Mapping[str, str],
-                backing: str | None, backing_format: str | None) -> None:
+def write_image(
+    file: BinaryIO,
+    size: int,
+    options: Mapping[str, str],
+    backing: str | None,
+    backing_format: str | None,
+) -> None:
     """Lay out a new empty qcow2 image in ``file``."""
     if size % 512:
         raise invalid(f"the virtual size must be a multiple of 512 bytes (got {size})")

@@ -85,17 +85,25 @@ class Qcow2Driver(BlockDriver):
     is_format = True
     options = {
         "l2-cache-size": Option("size", DEFAULT_CACHE, "memory for cached L2 tables"),
-        "refcount-cache-size": Option("size", DEFAULT_CACHE // 4,
-                                      "memory for cached refcount blocks"),
-        "repair": Option("enum", "off", "check the image at a writable open and repair "
-                                        "leaked clusters (refusing a corrupt image)",
-                         choices=("off", "leaks")),
+        "refcount-cache-size": Option(
+            "size", DEFAULT_CACHE // 4, "memory for cached refcount blocks"
+        ),
+        "repair": Option(
+            "enum",
+            "off",
+            "check the image at a writable open and repair "
+            "leaked clusters (refusing a corrupt image)",
+            choices=("off", "leaks"),
+        ),
     }
     children = {
         "file": ChildSpec(help="the image file", role=IMAGE),
-        "backing": ChildSpec(required=False, auto=False, role=Role.COW,
-                             help="the backing image (default: as the header names it; "
-                                  "null for none)"),
+        "backing": ChildSpec(
+            required=False,
+            auto=False,
+            role=Role.COW,
+            help="the backing image (default: as the header names it; null for none)",
+        ),
     }
 
     @classmethod
@@ -103,8 +111,14 @@ class Qcow2Driver(BlockDriver):
         return 100 if header[:4] == MAGIC else 0
 
     @classmethod
-    def create(cls, file: BinaryIO, size: int, options: Mapping[str, str],
-               backing: str | None, backing_format: str | None) -> None:
+    def create(
+        cls,
+        file: BinaryIO,
+        size: int,
+        options: Mapping[str, str],
+        backing: str | None,
+        backing_format: str | None,
+    ) -> None:
         write_image(file, size, options, backing, backing_format)
 
     @classmethod
@@ -134,8 +148,9 @@ class Qcow2Driver(BlockDriver):
         """The image's metadata (at open, and when a read-only node turns writable: another
         program may have written the image meanwhile); with ``repair=leaks``, a writable
         open checks the image first (QEMU checks only with its repair option as well)."""
-        metadata = await Metadata.load(ChildFile(self.file), writable,
-                                       values["l2-cache-size"], values["refcount-cache-size"])
+        metadata = await Metadata.load(
+            ChildFile(self.file), writable, values["l2-cache-size"], values["refcount-cache-size"]
+        )
         if writable and values["repair"] == "leaks":
             await repair_on_open(self.file)
         self._locations_changed()  # another program may have changed the image meanwhile
@@ -185,11 +200,18 @@ class Qcow2Driver(BlockDriver):
                 return
             old = self.header
             new, _ = await read_header(self.metadata.file)
-            if (new.cluster_bits, new.extended_l2, new.backing_file, new.size) != \
-                    (old.cluster_bits, old.extended_l2, old.backing_file, old.size):
-                raise BlockError(errno.EBUSY, "qcow2: the image was changed by another "
-                                              "program while read-only here; change the "
-                                              "medium to use it writable")
+            if (new.cluster_bits, new.extended_l2, new.backing_file, new.size) != (
+                old.cluster_bits,
+                old.extended_l2,
+                old.backing_file,
+                old.size,
+            ):
+                raise BlockError(
+                    errno.EBUSY,
+                    "qcow2: the image was changed by another "
+                    "program while read-only here; change the "
+                    "medium to use it writable",
+                )
             await self._load(True, values)
 
     async def close(self) -> None:
@@ -220,8 +242,7 @@ class Qcow2Driver(BlockDriver):
         end = offset + length
         while offset < end:
             found = await self._l2_table(self.geometry.l1_index(offset))
-            offset = map_table(extents, self.geometry, offset, end,
-                               found[1] if found else None)
+            offset = map_table(extents, self.geometry, offset, end, found[1] if found else None)
         return extents
 
     def _cached_extents(self, offset: int, length: int) -> Extents | None:
@@ -260,7 +281,7 @@ class Qcow2Driver(BlockDriver):
     async def _read_extents(self, start: int, buf: memoryview, extents: Extents) -> None:
         cluster_size = self.cluster_size
         for guest, length, mapping in extents:
-            view = buf[guest - start:guest - start + length]
+            view = buf[guest - start : guest - start + length]
             kind = mapping.kind
             if kind is Kind.NORMAL:
                 host = mapping.host + guest % cluster_size
@@ -274,7 +295,7 @@ class Qcow2Driver(BlockDriver):
             elif kind is Kind.COMPRESSED:
                 data = await self._decompress(mapping)
                 within = guest % cluster_size
-                view[:] = data[within:within + length]
+                view[:] = data[within : within + length]
             else:
                 view[:] = bytes(length)
 
@@ -288,9 +309,12 @@ class Qcow2Driver(BlockDriver):
             found = self.below.entries.get(cluster)
             if found is None:
                 start = cluster << bits
-                found = self.below.learn(cluster, self.child("backing"), start,
-                                         min(start + self.cluster_size, self.backing_size)
-                                         - start)
+                found = self.below.learn(
+                    cluster,
+                    self.child("backing"),
+                    start,
+                    min(start + self.cluster_size, self.backing_size) - start,
+                )
             if found is not None:
                 route, host = found
                 if route.enter():
@@ -357,9 +381,8 @@ class Qcow2Driver(BlockDriver):
         except (zlib.error, zstandard.ZstdError) as exc:
             raise corrupt(f"compressed cluster at {mapping.host}: {exc}") from None
         if len(out) < self.cluster_size:
-            raise corrupt(f"compressed cluster at {mapping.host} decompresses to {len(out)} "
-                          "bytes")
-        return out[:self.cluster_size]
+            raise corrupt(f"compressed cluster at {mapping.host} decompresses to {len(out)} bytes")
+        return out[: self.cluster_size]
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -370,8 +393,9 @@ class Qcow2Driver(BlockDriver):
             await self.metadata.clear_autoclear()
 
     async def write(self, offset: int, data: memoryview) -> None:
-        runs = None if self.header.autoclear_features else \
-            self._cached_in_place(offset, data.nbytes)
+        runs = (
+            None if self.header.autoclear_features else self._cached_in_place(offset, data.nbytes)
+        )
         if runs is None:
             async with self.lock:
                 await self._changing()
@@ -381,7 +405,7 @@ class Qcow2Driver(BlockDriver):
         self.in_flight += 1
         try:
             for host, length in runs:  # no mapping changes: no lock (see _cached_extents)
-                await self.file.write(host, data[done:done + length])
+                await self.file.write(host, data[done : done + length])
                 done += length
         finally:
             self.in_flight -= 1
@@ -411,14 +435,16 @@ class Qcow2Driver(BlockDriver):
             run = in_place_run(self.geometry, table, position, end)
             if run is not None:
                 host, chunk = run
-                await self.file.write(host, data[position - offset:position - offset + chunk])
+                await self.file.write(host, data[position - offset : position - offset + chunk])
             else:
-                chunk = await self._write_allocating(position, end, data[position - offset:],
-                                                     table_offset, table)
+                chunk = await self._write_allocating(
+                    position, end, data[position - offset :], table_offset, table
+                )
             position += chunk
 
-    async def _write_allocating(self, position: int, end: int, data: memoryview,
-                                table_offset: int, table: array[int]) -> int:
+    async def _write_allocating(
+        self, position: int, end: int, data: memoryview, table_offset: int, table: array[int]
+    ) -> int:
         """Write into new clusters: as many consecutive ones of this L2 table as the request
         covers. Only the first may be partial (further clusters are taken only whole); it is
         merged with its old contents, and the rest is written straight from ``data``. A
@@ -435,22 +461,24 @@ class Qcow2Driver(BlockDriver):
             count, host = 1, reused
         else:
             host, count = await self.allocator.allocate_run(
-                allocation_run(self.geometry, table, index, start, end))
+                allocation_run(self.geometry, table, index, start, end)
+            )
         head, tail = position - start, min(end, start + count * cluster) - start
         whole_from = 0
         try:
             if head or tail < cluster:
                 whole_from = min(tail, cluster)
-                await self._write_merged(start, host, head, data[:whole_from - head])
+                await self._write_merged(start, host, head, data[: whole_from - head])
             if whole_from < tail:
-                await self.file.write(host + whole_from, data[whole_from - head:tail - head])
+                await self.file.write(host + whole_from, data[whole_from - head : tail - head])
         except BlockError:  # nothing points to the new clusters: free them (no leak)
             self.allocator.drop(host + i * cluster for i in range(count))
             raise
         for i in range(count):
             old, _ = l2_entry(table, index + i, extended)
-            set_l2_entry(table, index + i, extended, (host + i * cluster) | OFLAG_COPIED,
-                         ALL_ALLOCATED)
+            set_l2_entry(
+                table, index + i, extended, (host + i * cluster) | OFLAG_COPIED, ALL_ALLOCATED
+            )
             if not reused:
                 self.allocator.drop(host_clusters(self.geometry, old))
         self.l2_cache.mark_dirty(table_offset)
@@ -466,8 +494,9 @@ class Qcow2Driver(BlockDriver):
         edge = within + data.nbytes
         for lo, hi in ((0, within), (edge, self.cluster_size)):
             if lo < hi:
-                await self._read_extents(start + lo, view[lo:hi],
-                                         await self._extents(start + lo, hi - lo))
+                await self._read_extents(
+                    start + lo, view[lo:hi], await self._extents(start + lo, hi - lo)
+                )
         view[within:edge] = data
         await self.file.write(host, view)
 
@@ -509,8 +538,9 @@ class Qcow2Driver(BlockDriver):
             await self._zero(offset, length, unmap=True, write=False)
 
     def _whole_cluster(self, position: int, chunk: int) -> bool:
-        return chunk == self.cluster_size or (position % self.cluster_size == 0 and
-                                              position + chunk == self.header.size)
+        return chunk == self.cluster_size or (
+            position % self.cluster_size == 0 and position + chunk == self.header.size
+        )
 
     async def _zero(self, offset: int, length: int, unmap: bool, write: bool) -> None:
         """The whole clusters in the range get zero entries (lock held), their host clusters
@@ -524,8 +554,11 @@ class Qcow2Driver(BlockDriver):
         while position < end:
             chunk = min(end - position, cluster - position % cluster)
             whole = self._whole_cluster(position, chunk)
-            if not await self._reads_zeros(position, chunk, unmapped=unmap and whole) and \
-                    not (whole and await self._zero_cluster(position, unmap)) and write:
+            if (
+                not await self._reads_zeros(position, chunk, unmapped=unmap and whole)
+                and not (whole and await self._zero_cluster(position, unmap))
+                and write
+            ):
                 await self._write_locked(position, memoryview(bytes(chunk)))
             position += chunk
 
@@ -535,8 +568,7 @@ class Qcow2Driver(BlockDriver):
         extended = self.geometry.extended_l2
         found = await self._l2_table(l1_index)
         old = l2_entry(found[1], index, extended)[0] if found else 0
-        new = zeroed_entry(self.geometry, self.header.version, bool(self.backing_size), old,
-                           unmap)
+        new = zeroed_entry(self.geometry, self.header.version, bool(self.backing_size), old, unmap)
         if new is None:
             return False
         table_offset, table = await self._l2_for_write(l1_index)
@@ -551,10 +583,14 @@ class Qcow2Driver(BlockDriver):
     async def _reads_zeros(self, offset: int, length: int, unmapped: bool = False) -> bool:
         """Whether the range reads as zeros without holding any data (lock held); with
         ``unmapped``, also without holding a host cluster."""
-        return all((mapping.kind is Kind.ZERO or
-                    (mapping.kind is Kind.UNALLOCATED and not self.backing_size)) and
-                   not (unmapped and mapping.host)
-                   for _, _, mapping in await self._extents(offset, length))
+        return all(
+            (
+                mapping.kind is Kind.ZERO
+                or (mapping.kind is Kind.UNALLOCATED and not self.backing_size)
+            )
+            and not (unmapped and mapping.host)
+            for _, _, mapping in await self._extents(offset, length)
+        )
 
     async def make_empty(self) -> None:
         """Every guest cluster becomes unallocated, its host cluster freed, so the image
@@ -582,14 +618,18 @@ class Qcow2Driver(BlockDriver):
         """Rewrite the first cluster naming the new backing file (QEMU's
         qcow2_change_backing_file); extensions blkfs does not know are kept."""
         if name is not None and len(name.encode()) > MAX_BACKING_NAME:
-            raise BlockError(errno.ENAMETOOLONG,
-                             f"qcow2: a backing file name is at most {MAX_BACKING_NAME} bytes")
+            raise BlockError(
+                errno.ENAMETOOLONG,
+                f"qcow2: a backing file name is at most {MAX_BACKING_NAME} bytes",
+            )
         async with self.lock:
             trial = replace(self.header)
             trial.set_backing(name, fmt)
             if trial.pack_cluster() is None:
-                raise BlockError(errno.ENAMETOOLONG, "qcow2: the backing file name does not "
-                                                     "fit in the first cluster")
+                raise BlockError(
+                    errno.ENAMETOOLONG,
+                    "qcow2: the backing file name does not fit in the first cluster",
+                )
             await self._changing()
             self.header.set_backing(name, fmt)
             head = self.header.pack_cluster()
@@ -685,7 +725,8 @@ class Qcow2Driver(BlockDriver):
         if offset >= self.backing_size:  # past a shorter backing file: zeros
             return Extent(total, Status.ZERO)
         below = await self.child("backing").block_status(
-            offset, min(total, self.backing_size - offset))
+            offset, min(total, self.backing_size - offset)
+        )
         return Extent(below.length, below.status & ~Status.ALLOCATED)
 
     def _status(self, mapping: ClusterMapping) -> Status | None:

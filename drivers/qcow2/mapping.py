@@ -28,7 +28,7 @@ OFFSET_MASK = 0x00FFFFFFFFFFFE00  # L1E_OFFSET_MASK / L2E_OFFSET_MASK
 OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1 << 0
-SUBCLUSTERS = 32                  # per cluster, with extended L2 entries
+SUBCLUSTERS = 32  # per cluster, with extended L2 entries
 SECTOR = 512
 ALL_ALLOCATED = (1 << SUBCLUSTERS) - 1
 ALL_ZERO = ALL_ALLOCATED << SUBCLUSTERS
@@ -42,10 +42,10 @@ def corrupt(message: str) -> BlockError:
 class Kind(Enum):
     """What a guest range maps to (QEMU's QCow2SubclusterType, simplified)."""
 
-    UNALLOCATED = "unallocated"   # from the backing file, or zeros without one
-    ZERO = "zero"                 # reads as zeros
-    NORMAL = "normal"             # data at a host offset
-    COMPRESSED = "compressed"     # a compressed cluster
+    UNALLOCATED = "unallocated"  # from the backing file, or zeros without one
+    ZERO = "zero"  # reads as zeros
+    NORMAL = "normal"  # data at a host offset
+    COMPRESSED = "compressed"  # a compressed cluster
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,7 @@ Extents = list[tuple[int, int, ClusterMapping]]
 
 # -- L2 entries -----------------------------------------------------------------------------
 
+
 def l2_entry(table: array[int], index: int, extended_l2: bool) -> tuple[int, int]:
     """(entry, subcluster bitmap) of guest cluster ``index`` of an L2 table."""
     if extended_l2:
@@ -137,8 +138,7 @@ def l2_entry(table: array[int], index: int, extended_l2: bool) -> tuple[int, int
     return table[index], 0
 
 
-def set_l2_entry(table: array[int], index: int, extended_l2: bool, entry: int,
-                 bitmap: int) -> None:
+def set_l2_entry(table: array[int], index: int, extended_l2: bool, entry: int, bitmap: int) -> None:
     if extended_l2:
         table[2 * index] = entry
         table[2 * index + 1] = bitmap
@@ -225,8 +225,9 @@ def zero_entry(geometry: Geometry, version: int, has_backing: bool) -> tuple[int
     return (0, 0) if not has_backing else None
 
 
-def zeroed_entry(geometry: Geometry, version: int, has_backing: bool, entry: int,
-                 unmap: bool) -> tuple[int, int] | None:
+def zeroed_entry(
+    geometry: Geometry, version: int, has_backing: bool, entry: int, unmap: bool
+) -> tuple[int, int] | None:
     """(entry, bitmap) that makes a whole cluster, now ``entry``, read as zeros (QEMU's
     zero_in_l2_slice): with ``unmap`` (and always for a compressed cluster) a
     :func:`zero_entry`, without a host cluster; otherwise the host cluster it holds stays,
@@ -254,8 +255,10 @@ def reusable_host(entry: int) -> int:
 
 # -- mapping a request ----------------------------------------------------------------------
 
-def map_table(extents: Extents, geometry: Geometry, offset: int, end: int,
-              table: array[int] | None) -> int:
+
+def map_table(
+    extents: Extents, geometry: Geometry, offset: int, end: int, table: array[int] | None
+) -> int:
     """Append to ``extents`` the mappings of ``offset`` up to ``end`` or the end of the range
     ``table`` maps (the L2 table of ``offset``, or None for an unallocated one), contiguous
     host data merged; return where that stopped (QEMU's qcow2_get_host_offset, for as many
@@ -277,16 +280,26 @@ def map_table(extents: Extents, geometry: Geometry, offset: int, end: int,
                 geometry.check_cluster(mapping.host, "data cluster")
                 if not extended and offset + span < stop:
                     more = -(-(stop - offset - span) // cluster_size)
-                    run = data_run(table, index + 1, index + 1 + more,
-                                   mapping.host + cluster_size, cluster_size)
+                    run = data_run(
+                        table,
+                        index + 1,
+                        index + 1 + more,
+                        mapping.host + cluster_size,
+                        cluster_size,
+                    )
                     span = min(stop - offset, span + run * cluster_size)
         if extents:
             last_off, last_len, last = extents[-1]
             kind = mapping.kind
-            if (kind is last.kind and kind is not Kind.COMPRESSED and
-                    (kind is not Kind.NORMAL or
-                     mapping.host + offset % cluster_size ==
-                     last.host + (last_off % cluster_size) + last_len)):
+            if (
+                kind is last.kind
+                and kind is not Kind.COMPRESSED
+                and (
+                    kind is not Kind.NORMAL
+                    or mapping.host + offset % cluster_size
+                    == last.host + (last_off % cluster_size) + last_len
+                )
+            ):
                 extents[-1] = (last_off, last_len + span, last)
                 offset += span
                 continue
@@ -295,8 +308,9 @@ def map_table(extents: Extents, geometry: Geometry, offset: int, end: int,
     return offset
 
 
-def in_place_run(geometry: Geometry, table: array[int], offset: int,
-                 end: int) -> tuple[int, int] | None:
+def in_place_run(
+    geometry: Geometry, table: array[int], offset: int, end: int
+) -> tuple[int, int] | None:
     """(host offset, length) of the longest run from ``offset`` towards ``end`` that
     ``table`` maps to allocated, unshared clusters lying back to back on the host; None if
     the first cluster cannot be written in place (QEMU's handle_copied)."""
@@ -312,22 +326,23 @@ def in_place_run(geometry: Geometry, table: array[int], offset: int,
     while offset + length < end and index + 1 < geometry.l2_entries:
         index += 1
         entry, bitmap = l2_entry(table, index, extended)
-        if (not fully_allocated(entry, bitmap, geometry) or
-                entry & OFFSET_MASK != host + length):
+        if not fully_allocated(entry, bitmap, geometry) or entry & OFFSET_MASK != host + length:
             break
         length += min(end - offset - length, cluster)
     return host, length
 
 
-def allocation_run(geometry: Geometry, table: array[int], index: int, start: int,
-                   end: int) -> int:
+def allocation_run(geometry: Geometry, table: array[int], index: int, start: int, end: int) -> int:
     """How many clusters from ``index`` (guest cluster at ``start``) one allocating write up
     to ``end`` takes: the first, then each following one of this table it covers whole and
     that holds no host cluster it could write in place (QEMU's handle_alloc)."""
     cluster = geometry.cluster_size
     extended = geometry.extended_l2
     count = 1
-    while (index + count < geometry.l2_entries and start + (count + 1) * cluster <= end
-           and not reusable_host(l2_entry(table, index + count, extended)[0])):
+    while (
+        index + count < geometry.l2_entries
+        and start + (count + 1) * cluster <= end
+        and not reusable_host(l2_entry(table, index + count, extended)[0])
+    ):
         count += 1
     return count

@@ -60,8 +60,15 @@ def _as_is(block: bytearray) -> bytearray:
 class Metadata:
     """The header, the tables and caches, the allocator, and their write-back order."""
 
-    def __init__(self, file: ImageFile, header: Header, l1: array[int], reftable: array[int],
-                 l2_cache_size: int, refcount_cache_size: int) -> None:
+    def __init__(
+        self,
+        file: ImageFile,
+        header: Header,
+        l1: array[int],
+        reftable: array[int],
+        l2_cache_size: int,
+        refcount_cache_size: int,
+    ) -> None:
         self.file = file
         self.header = header
         self.geometry = Geometry(header.cluster_bits, header.extended_l2)
@@ -69,21 +76,32 @@ class Metadata:
         self.barrier = barrier = Barrier(file)
         # The write-back order, declared once: each kind names what it waits for.
         self.refcount_blocks: CachedTables[bytearray] = CachedTables(
-            barrier, file, refcount_cache_size // cluster, cluster, _refcount_block, _as_is)
-        self.refcount_table = RefcountTable(barrier, file, header, reftable,
-                                            depends_on=self.refcount_blocks)
+            barrier, file, refcount_cache_size // cluster, cluster, _refcount_block, _as_is
+        )
+        self.refcount_table = RefcountTable(
+            barrier, file, header, reftable, depends_on=self.refcount_blocks
+        )
         self.l2_tables: CachedTables[array[int]] = CachedTables(
-            barrier, file, l2_cache_size // cluster, cluster, decode_table, encode_table,
-            depends_on=self.refcount_table, depends_on_flush=True)
+            barrier,
+            file,
+            l2_cache_size // cluster,
+            cluster,
+            decode_table,
+            encode_table,
+            depends_on=self.refcount_table,
+            depends_on_flush=True,
+        )
         self.l1_table = L1Table(barrier, file, header, l1, depends_on=self.l2_tables)
-        self.allocator = RefcountAllocator(file, header, self.refcount_table,
-                                           self.refcount_blocks, barrier)
+        self.allocator = RefcountAllocator(
+            file, header, self.refcount_table, self.refcount_blocks, barrier
+        )
         self.decreases = DeferredDecreases(barrier, self.allocator, depends_on=self.l1_table)
         """The last kind: every other one comes before it."""
 
     @classmethod
-    async def load(cls, file: ImageFile, writable: bool, l2_cache_size: int,
-                   refcount_cache_size: int) -> Metadata:
+    async def load(
+        cls, file: ImageFile, writable: bool, l2_cache_size: int, refcount_cache_size: int
+    ) -> Metadata:
         """The metadata of the image in ``file``, with empty caches."""
         header, _ = await read_header(file)
         check_features(header, writable)
@@ -176,10 +194,16 @@ class Metadata:
         """Host clusters of the metadata known without a walk: the L1 table, the L2 tables
         it names, the refcount table and blocks."""
         header, cluster = self.header, self.header.cluster_size
-        known = set(range(header.l1_table_offset,
-                          header.l1_table_offset + header.l1_size * 8, cluster))
-        known.update(range(header.refcount_table_offset, header.refcount_table_offset +
-                           header.refcount_table_clusters * cluster, cluster))
+        known = set(
+            range(header.l1_table_offset, header.l1_table_offset + header.l1_size * 8, cluster)
+        )
+        known.update(
+            range(
+                header.refcount_table_offset,
+                header.refcount_table_offset + header.refcount_table_clusters * cluster,
+                cluster,
+            )
+        )
         known.update(entry & OFFSET_MASK for entry in self.l1_table.entries)
         known.update(entry & OFFSET_MASK for entry in self.refcount_table.entries)
         return known
@@ -191,18 +215,29 @@ def check_features(header: Header, writable: bool) -> None:
     if header.crypt_method:
         raise BlockError(errno.ENOTSUP, "qcow2: encrypted images are not supported")
     if unknown:
-        names = [header.feature_names.get((Feature.INCOMPATIBLE, bit),
-                                          INCOMPAT_NAMES.get(bit, f"bit {bit}"))
-                 for bit in range(64) if unknown >> bit & 1]
-        raise BlockError(errno.ENOTSUP, "qcow2: unsupported incompatible features: "
-                                        + ", ".join(names))
+        names = [
+            header.feature_names.get(
+                (Feature.INCOMPATIBLE, bit), INCOMPAT_NAMES.get(bit, f"bit {bit}")
+            )
+            for bit in range(64)
+            if unknown >> bit & 1
+        ]
+        raise BlockError(
+            errno.ENOTSUP, "qcow2: unsupported incompatible features: " + ", ".join(names)
+        )
     if writable and header.incompatible_features & INCOMPAT_CORRUPT:
-        raise BlockError(errno.EROFS, "qcow2: the image is marked corrupt; open it "
-                                      "read-only, or repair it with qemu-img check -r all")
+        raise BlockError(
+            errno.EROFS,
+            "qcow2: the image is marked corrupt; open it "
+            "read-only, or repair it with qemu-img check -r all",
+        )
     if writable and header.incompatible_features & INCOMPAT_DIRTY:
-        raise BlockError(errno.EROFS, "qcow2: the image was not closed cleanly (dirty "
-                                      "bit of lazy refcounts); open it read-only, or "
-                                      "repair it with qemu-img check -r all")
+        raise BlockError(
+            errno.EROFS,
+            "qcow2: the image was not closed cleanly (dirty "
+            "bit of lazy refcounts); open it read-only, or "
+            "repair it with qemu-img check -r all",
+        )
     if header.size > 1 << 61:
         raise BlockError(errno.EINVAL, f"qcow2: virtual size {header.size} is too large")
 
@@ -216,8 +251,7 @@ async def _load_l1(file: ImageFile, header: Header, geometry: Geometry) -> array
     if header.l1_size * 8 > MAX_L1_BYTES:
         raise corrupt(f"L1 table of {header.l1_size} entries is too large")
     if header.l1_size < geometry.l1_size_for(header.size):
-        raise corrupt(f"L1 table of {header.l1_size} entries cannot map "
-                      f"{header.size} bytes")
+        raise corrupt(f"L1 table of {header.l1_size} entries cannot map {header.size} bytes")
     if not header.l1_size:
         return array("Q")
     geometry.check_cluster(header.l1_table_offset, "L1 table")
@@ -225,8 +259,9 @@ async def _load_l1(file: ImageFile, header: Header, geometry: Geometry) -> array
     return decode_table(await file.read(header.l1_table_offset, header.l1_size * 8))
 
 
-async def _load_reftable(file: ImageFile, header: Header, geometry: Geometry,
-                         writable: bool) -> array[int]:
+async def _load_reftable(
+    file: ImageFile, header: Header, geometry: Geometry, writable: bool
+) -> array[int]:
     """The refcount table, checked; for a writable image its entries up to the last used
     one (the rest are zeros, on disk and so in memory: see RefcountTable), for a read-only
     one none, since it never allocates (reopening writable loads the image again). QEMU

@@ -37,8 +37,13 @@ INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCO
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 AUTOCLEAR_BITMAPS = 1 << 0
 
-INCOMPAT_NAMES = {0: "dirty bit", 1: "corrupt bit", 2: "external data file",
-                  3: "compression type", 4: "extended L2 entries"}
+INCOMPAT_NAMES = {
+    0: "dirty bit",
+    1: "corrupt bit",
+    2: "external data file",
+    3: "compression type",
+    4: "extended L2 entries",
+}
 COMPAT_NAMES = {0: "lazy refcounts"}
 AUTOCLEAR_NAMES = {0: "bitmaps", 1: "raw external data"}
 
@@ -47,10 +52,10 @@ COMPRESSION_ZSTD = 1
 COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
 
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
-MAX_L1_BYTES = 32 << 20        # QEMU's QCOW_MAX_L1_SIZE
-MAX_REFTABLE_BYTES = 8 << 20   # QEMU's QCOW_MAX_REFTABLE_SIZE
+MAX_L1_BYTES = 32 << 20  # QEMU's QCOW_MAX_L1_SIZE
+MAX_REFTABLE_BYTES = 8 << 20  # QEMU's QCOW_MAX_REFTABLE_SIZE
 MAX_BACKING_NAME = 1023
-MAX_SNAPSHOTS = 65536          # QEMU's QCOW_MAX_SNAPSHOTS
+MAX_SNAPSHOTS = 65536  # QEMU's QCOW_MAX_SNAPSHOTS
 
 V2_HEADER_LENGTH = 72
 """Bytes of the version 2 header: every field an open image changes (size, the L1 table and
@@ -60,7 +65,7 @@ AUTOCLEAR_OFFSET = V2_HEADER_LENGTH + 16
 V3_HEADER_LENGTH = 112
 """What blkfs writes: the version 3 fields, compression_type and padding."""
 _HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # magic .. snapshots_offset
-_HEADER_V3 = struct.Struct(">QQQII")           # incompatible_features .. header_length, at 72
+_HEADER_V3 = struct.Struct(">QQQII")  # incompatible_features .. header_length, at 72
 _V3_FIELDS_END = V2_HEADER_LENGTH + _HEADER_V3.size  # 104: compression_type follows
 
 BIG_ENDIAN = sys.byteorder == "big"
@@ -77,6 +82,7 @@ def _padded(length: int) -> int:
 
 # -- header extensions ----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class HeaderExtension:
     """One header extension (QEMU's QCowExtension: magic, len) and its data."""
@@ -92,8 +98,7 @@ class HeaderExtension:
         return self.STRUCT.size + _padded(len(self.data))
 
     def pack(self) -> bytes:
-        return self.STRUCT.pack(self.type, len(self.data)) + self.data + \
-            bytes(-len(self.data) % 8)
+        return self.STRUCT.pack(self.type, len(self.data)) + self.data + bytes(-len(self.data) % 8)
 
     @classmethod
     def unpack(cls, data: bytes, offset: int, end: int) -> HeaderExtension:
@@ -106,7 +111,7 @@ class HeaderExtension:
         start = offset + cls.STRUCT.size
         if start + length > end:
             raise FormatError(f"header extension 0x{kind:08x} runs past the first cluster")
-        return cls(kind, bytes(data[start:start + length]))
+        return cls(kind, bytes(data[start : start + length]))
 
 
 @dataclass(frozen=True)
@@ -133,14 +138,17 @@ class Feature:
     @classmethod
     def unpack_table(cls, data: bytes) -> list[Feature]:
         """Every whole entry of a feature name table extension's data."""
-        return [cls.unpack(data, offset)
-                for offset in range(0, len(data) - cls.STRUCT.size + 1, cls.STRUCT.size)]
+        return [
+            cls.unpack(data, offset)
+            for offset in range(0, len(data) - cls.STRUCT.size + 1, cls.STRUCT.size)
+        ]
 
 
 KNOWN_FEATURES = tuple(
-    [Feature(Feature.INCOMPATIBLE, bit, name) for bit, name in INCOMPAT_NAMES.items()] +
-    [Feature(Feature.COMPATIBLE, bit, name) for bit, name in COMPAT_NAMES.items()] +
-    [Feature(Feature.AUTOCLEAR, bit, name) for bit, name in AUTOCLEAR_NAMES.items()])
+    [Feature(Feature.INCOMPATIBLE, bit, name) for bit, name in INCOMPAT_NAMES.items()]
+    + [Feature(Feature.COMPATIBLE, bit, name) for bit, name in COMPAT_NAMES.items()]
+    + [Feature(Feature.AUTOCLEAR, bit, name) for bit, name in AUTOCLEAR_NAMES.items()]
+)
 """The feature name table QEMU writes, so tools can name the bits."""
 
 
@@ -156,8 +164,12 @@ class BitmapsExtension:
     bitmap_directory_offset: int
 
     def pack(self) -> bytes:
-        return self.STRUCT.pack(self.nb_bitmaps, self.reserved32, self.bitmap_directory_size,
-                                self.bitmap_directory_offset)
+        return self.STRUCT.pack(
+            self.nb_bitmaps,
+            self.reserved32,
+            self.bitmap_directory_size,
+            self.bitmap_directory_offset,
+        )
 
     @classmethod
     def unpack(cls, data: bytes) -> BitmapsExtension:
@@ -187,6 +199,7 @@ class CryptoExtension:
 
 
 # -- the header -----------------------------------------------------------------------------
+
 
 @dataclass
 class Header:
@@ -241,15 +254,31 @@ class Header:
         return self._pack_header() + (self.backing_file or "").encode()
 
     def _pack_header(self) -> bytes:
-        out = bytearray(_HEADER_V2.pack(
-            MAGIC, self.version, self.backing_file_offset, self.backing_file_size,
-            self.cluster_bits, self.size, self.crypt_method, self.l1_size,
-            self.l1_table_offset, self.refcount_table_offset, self.refcount_table_clusters,
-            self.nb_snapshots, self.snapshots_offset))
+        out = bytearray(
+            _HEADER_V2.pack(
+                MAGIC,
+                self.version,
+                self.backing_file_offset,
+                self.backing_file_size,
+                self.cluster_bits,
+                self.size,
+                self.crypt_method,
+                self.l1_size,
+                self.l1_table_offset,
+                self.refcount_table_offset,
+                self.refcount_table_clusters,
+                self.nb_snapshots,
+                self.snapshots_offset,
+            )
+        )
         if self.version >= 3:
-            out += _HEADER_V3.pack(self.incompatible_features, self.compatible_features,
-                                   self.autoclear_features, self.refcount_order,
-                                   V3_HEADER_LENGTH)
+            out += _HEADER_V3.pack(
+                self.incompatible_features,
+                self.compatible_features,
+                self.autoclear_features,
+                self.refcount_order,
+                V3_HEADER_LENGTH,
+            )
             out += bytes([self.compression_type]) + bytes(V3_HEADER_LENGTH - _V3_FIELDS_END - 1)
         if self.backing_format:
             out += HeaderExtension(EXT_BACKING_FORMAT, self.backing_format.encode()).pack()
@@ -257,8 +286,9 @@ class Header:
             if extension.type not in (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE):
                 out += extension.pack()
         if self.version >= 3 and self.with_feature_table:
-            out += HeaderExtension(EXT_FEATURE_TABLE,
-                                   b"".join(f.pack() for f in KNOWN_FEATURES)).pack()
+            out += HeaderExtension(
+                EXT_FEATURE_TABLE, b"".join(f.pack() for f in KNOWN_FEATURES)
+            ).pack()
         out += HeaderExtension(EXT_END).pack()
         return bytes(out)
 
@@ -299,9 +329,13 @@ class Header:
         if header.version == 3:
             if len(data) < _V3_FIELDS_END:
                 raise FormatError("truncated v3 header")
-            (header.incompatible_features, header.compatible_features,
-             header.autoclear_features, header.refcount_order,
-             header.header_length) = _HEADER_V3.unpack_from(data, V2_HEADER_LENGTH)
+            (
+                header.incompatible_features,
+                header.compatible_features,
+                header.autoclear_features,
+                header.refcount_order,
+                header.header_length,
+            ) = _HEADER_V3.unpack_from(data, V2_HEADER_LENGTH)
             if not _V3_FIELDS_END <= header.header_length <= end:
                 raise FormatError(f"invalid header_length {header.header_length}")
             if header.header_length > _V3_FIELDS_END:
@@ -316,7 +350,7 @@ class Header:
             if length > MAX_BACKING_NAME or start + length > end:
                 raise FormatError("backing file name lies outside the first cluster")
             try:
-                header.backing_file = data[start:start + length].decode()
+                header.backing_file = data[start : start + length].decode()
             except UnicodeDecodeError:
                 raise FormatError("backing file name is not valid UTF-8") from None
         return header
@@ -338,15 +372,20 @@ class Header:
 
 def feature_list(header: Header) -> list[str]:
     """Names of the feature bits set, using the image's own table where it has one."""
-    return [header.feature_names.get((kind, bit), known.get(bit, f"unknown bit {bit}"))
-            for kind, bits, known in (
-                (Feature.INCOMPATIBLE, header.incompatible_features, INCOMPAT_NAMES),
-                (Feature.COMPATIBLE, header.compatible_features, COMPAT_NAMES),
-                (Feature.AUTOCLEAR, header.autoclear_features, AUTOCLEAR_NAMES))
-            for bit in range(64) if bits >> bit & 1]
+    return [
+        header.feature_names.get((kind, bit), known.get(bit, f"unknown bit {bit}"))
+        for kind, bits, known in (
+            (Feature.INCOMPATIBLE, header.incompatible_features, INCOMPAT_NAMES),
+            (Feature.COMPATIBLE, header.compatible_features, COMPAT_NAMES),
+            (Feature.AUTOCLEAR, header.autoclear_features, AUTOCLEAR_NAMES),
+        )
+        for bit in range(64)
+        if bits >> bit & 1
+    ]
 
 
 # -- snapshot table and bitmap directory ----------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SnapshotHeader:
@@ -368,13 +407,20 @@ class SnapshotHeader:
     @property
     def entry_size(self) -> int:
         """Bytes of the whole entry in the snapshot table, padding included."""
-        return _padded(self.STRUCT.size + self.extra_data_size + self.id_str_size +
-                       self.name_size)
+        return _padded(self.STRUCT.size + self.extra_data_size + self.id_str_size + self.name_size)
 
     def pack(self) -> bytes:
-        return self.STRUCT.pack(self.l1_table_offset, self.l1_size, self.id_str_size,
-                                self.name_size, self.date_sec, self.date_nsec,
-                                self.vm_clock_nsec, self.vm_state_size, self.extra_data_size)
+        return self.STRUCT.pack(
+            self.l1_table_offset,
+            self.l1_size,
+            self.id_str_size,
+            self.name_size,
+            self.date_sec,
+            self.date_nsec,
+            self.vm_clock_nsec,
+            self.vm_state_size,
+            self.extra_data_size,
+        )
 
     @classmethod
     def unpack(cls, data: bytes | bytearray, offset: int = 0) -> SnapshotHeader:
@@ -406,9 +452,15 @@ class BitmapDirEntry:
         return _padded(self.STRUCT.size + self.extra_data_size + self.name_size)
 
     def pack(self) -> bytes:
-        return self.STRUCT.pack(self.bitmap_table_offset, self.bitmap_table_size, self.flags,
-                                self.type, self.granularity_bits, self.name_size,
-                                self.extra_data_size)
+        return self.STRUCT.pack(
+            self.bitmap_table_offset,
+            self.bitmap_table_size,
+            self.flags,
+            self.type,
+            self.granularity_bits,
+            self.name_size,
+            self.extra_data_size,
+        )
 
     @classmethod
     def unpack(cls, data: bytes | bytearray, offset: int = 0) -> BitmapDirEntry:
@@ -418,6 +470,7 @@ class BitmapDirEntry:
 
 
 # -- tables of 64-bit entries (L1, L2, refcount table, bitmap table) -------------------------
+
 
 def decode_table(data: bytes | bytearray) -> array[int]:
     """Big-endian 64-bit entries, as native integers."""
@@ -442,6 +495,7 @@ def encode_entry(entry: int) -> bytes:
 
 # -- refcount blocks ------------------------------------------------------------------------
 
+
 def refcount_entries(cluster_bits: int, refcount_order: int) -> int:
     """Refcounts one refcount block holds."""
     return (1 << (cluster_bits + 3)) >> refcount_order
@@ -452,22 +506,23 @@ def get_refcount(block: bytes | bytearray | memoryview, index: int, refcount_ord
     bits = 1 << refcount_order
     if bits >= 8:
         width = bits // 8
-        return int.from_bytes(block[index * width:(index + 1) * width], "big")
+        return int.from_bytes(block[index * width : (index + 1) * width], "big")
     per_byte = 8 // bits
     byte = block[index // per_byte]
     shift = (index % per_byte) * bits  # spec: low-order bits first within a byte
     return (byte >> shift) & ((1 << bits) - 1)
 
 
-def set_refcount(block: bytearray | memoryview, index: int, refcount_order: int,
-                 value: int) -> None:
+def set_refcount(
+    block: bytearray | memoryview, index: int, refcount_order: int, value: int
+) -> None:
     """Store refcount ``index``; OverflowError (and nothing changes) if it does not fit."""
     bits = 1 << refcount_order
     if value < 0 or value >= 1 << bits:
         raise OverflowError(f"refcount {value} does not fit in {bits} bits")
     if bits >= 8:
         width = bits // 8
-        block[index * width:(index + 1) * width] = value.to_bytes(width, "big")
+        block[index * width : (index + 1) * width] = value.to_bytes(width, "big")
         return
     per_byte = 8 // bits
     shift = (index % per_byte) * bits

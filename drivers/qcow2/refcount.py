@@ -66,9 +66,14 @@ class FreeClusters:
         """(host, clusters) from the lowest run: ``count`` clusters of the first run that has
         them if ``exact``, else up to ``count`` of the first run; None if there is none."""
         cluster = self.cluster_size
-        found = next((at for at, (start, end) in enumerate(zip(self.starts, self.ends,
-                                                                strict=True))
-                      if not exact or end - start >= count * cluster), None)
+        found = next(
+            (
+                at
+                for at, (start, end) in enumerate(zip(self.starts, self.ends, strict=True))
+                if not exact or end - start >= count * cluster
+            ),
+            None,
+        )
         if found is None:
             return None
         host = self.starts[found]
@@ -82,8 +87,14 @@ class FreeClusters:
 class RefcountAllocator:
     """Allocates clusters and keeps their refcounts, in the cached refcount blocks."""
 
-    def __init__(self, file: ImageFile, header: Header, table: RefcountTable,
-                 blocks: CachedTables[bytearray], barrier: Barrier) -> None:
+    def __init__(
+        self,
+        file: ImageFile,
+        header: Header,
+        table: RefcountTable,
+        blocks: CachedTables[bytearray],
+        barrier: Barrier,
+    ) -> None:
         self.file = file
         self.header = header
         self.geometry = Geometry(header.cluster_bits, header.extended_l2)
@@ -121,8 +132,10 @@ class RefcountAllocator:
         for i in range(count):
             value = await self.update_refcount(host + i * self.cluster_size, 1)
             if reused is not None and value != 1:
-                raise corrupt(f"freed cluster at {host + i * self.cluster_size} has "
-                              f"refcount {value} when reused")
+                raise corrupt(
+                    f"freed cluster at {host + i * self.cluster_size} has "
+                    f"refcount {value} when reused"
+                )
         return host, count
 
     def reuse(self, hosts: Iterable[int]) -> None:
@@ -152,8 +165,7 @@ class RefcountAllocator:
         if not block_offset:
             return 0
         self.geometry.check_cluster(block_offset, "refcount block")
-        return get_refcount(await self.blocks.load(block_offset), index,
-                            self.header.refcount_order)
+        return get_refcount(await self.blocks.load(block_offset), index, self.header.refcount_order)
 
     async def update_refcount(self, host: int, delta: int) -> int:
         """Add ``delta`` to the refcount of the host cluster at ``host``, making room in the
@@ -177,8 +189,11 @@ class RefcountAllocator:
         try:
             set_refcount(block, index, order, value)
         except OverflowError:
-            raise BlockError(errno.ENOSPC, f"qcow2: refcount of cluster {cluster} would "
-                             f"exceed {self.header.refcount_bits} bits") from None
+            raise BlockError(
+                errno.ENOSPC,
+                f"qcow2: refcount of cluster {cluster} would "
+                f"exceed {self.header.refcount_bits} bits",
+            ) from None
         self.blocks.tables.mark_dirty(block_offset)
         if value == 0:
             self.freed.append(host)
@@ -225,8 +240,9 @@ class DeferredDecreases(WriteBack):
     the metadata that no longer holds the references (QEMU makes the refcount cache depend on
     the L2 table cache for a decrease, in update_refcount), then go out as refcount writes."""
 
-    def __init__(self, barrier: Barrier, allocator: RefcountAllocator,
-                 depends_on: WriteBack) -> None:
+    def __init__(
+        self, barrier: Barrier, allocator: RefcountAllocator, depends_on: WriteBack
+    ) -> None:
         super().__init__(barrier, depends_on)
         self.allocator = allocator
 

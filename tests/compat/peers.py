@@ -19,15 +19,13 @@ SIZE = 4 * MiB
 
 def qemu(*args: str | Path) -> str:
     """Run a QEMU tool; its stdout, or an AssertionError carrying what it printed."""
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{args[0]} failed: {result.stdout}{result.stderr}"
     return result.stdout
 
 
 def qemu_io(image: Path, fmt: str, *commands: str) -> None:
-    qemu("qemu-io", "-f", fmt, *[arg for command in commands for arg in ("-c", command)],
-         image)
+    qemu("qemu-io", "-f", fmt, *[arg for command in commands for arg in ("-c", command)], image)
 
 
 def to_raw(image: Path) -> bytes:
@@ -42,8 +40,9 @@ def to_raw(image: Path) -> bytes:
 
 def check(image: Path) -> str:
     """``qemu-img check`` output; fails the test on corruption or any error (leaks pass)."""
-    result = subprocess.run(["qemu-img", "check", str(image)], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        ["qemu-img", "check", str(image)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode in (0, 3), f"qemu-img check {image}:\n{result.stdout}{result.stderr}"
     return result.stdout
 
@@ -68,8 +67,9 @@ def source(path: Path, size: int = SIZE, seed: int = 1) -> Path:
     return path
 
 
-def convert(directory: Path, name: str, options: str = "", compress: bool = False,
-            size: int = SIZE) -> Path:
+def convert(
+    directory: Path, name: str, options: str = "", compress: bool = False, size: int = SIZE
+) -> Path:
     src = source(directory / f"{name}.src", size)
     image = directory / f"{name}.qcow2"
     args = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2"]
@@ -82,8 +82,14 @@ def convert(directory: Path, name: str, options: str = "", compress: bool = Fals
     return image
 
 
-def create(directory: Path, name: str, options: str = "", size: int = SIZE,
-           backing: str | None = None, backing_fmt: str | None = None) -> Path:
+def create(
+    directory: Path,
+    name: str,
+    options: str = "",
+    size: int = SIZE,
+    backing: str | None = None,
+    backing_fmt: str | None = None,
+) -> Path:
     image = directory / name
     args = ["qemu-img", "create", "-q", "-f", "qcow2"]
     if options:
@@ -98,8 +104,15 @@ def _zero_kinds(d: Path, name: str, options: str) -> Path:
     """Zero clusters with a host cluster (write -z over data), without (write -z -u), and
     unaligned data around them."""
     image = create(d, f"{name}.qcow2", options)
-    qemu_io(image, "qcow2", "write -P 0xaa 0 2M", "write -z 256k 128k", "write -z -u 1M 256k",
-            "write -P 0x55 100000 5000", "write -z 3M 64k")
+    qemu_io(
+        image,
+        "qcow2",
+        "write -P 0xaa 0 2M",
+        "write -z 256k 128k",
+        "write -z -u 1M 256k",
+        "write -P 0x55 100000 5000",
+        "write -z 3M 64k",
+    )
     return image
 
 
@@ -108,8 +121,15 @@ def _subclusters(d: Path, name: str) -> Path:
     cluster, so some parts come from the backing file."""
     base = convert(d, f"{name}-base")
     image = create(d, f"{name}.qcow2", "extended_l2=on", backing=base.name)
-    qemu_io(image, "qcow2", "write -P 0x11 4096 2048", "write -z 8192 4096",
-            "write -P 0x22 65536 1000", "write -z -u 131072 2048", "write -P 0x33 3M 70000")
+    qemu_io(
+        image,
+        "qcow2",
+        "write -P 0x11 4096 2048",
+        "write -z 8192 4096",
+        "write -P 0x22 65536 1000",
+        "write -z -u 131072 2048",
+        "write -P 0x33 3M 70000",
+    )
     return image
 
 
@@ -121,8 +141,9 @@ def _chain(d: Path, name: str) -> Path:
     mid = create(d / "base", f"{name}-mid.qcow2", backing=base.name, backing_fmt="raw")
     qemu_io(mid, "qcow2", "write -P 0x41 0 100k", "write -z 1M 64k", "write -P 0x42 2M 3000")
     top = create(d, f"{name}.qcow2", backing=f"base/{mid.name}", backing_fmt="qcow2")
-    qemu_io(top, "qcow2", "write -P 0x61 50k 100k", "write -z -u 2M 64k",
-            "write -P 0x62 4000000 10000")
+    qemu_io(
+        top, "qcow2", "write -P 0x61 50k 100k", "write -z -u 2M 64k", "write -P 0x62 4000000 10000"
+    )
     return top
 
 
@@ -149,7 +170,7 @@ def _rename_extension(image: Path, magic: int, new_magic: int) -> None:
         head = f.read(4096)
         offset = struct.unpack(">I", head[100:104])[0]  # header_length (v3)
         while offset + 8 <= len(head):
-            found, length = struct.unpack(">II", head[offset:offset + 8])
+            found, length = struct.unpack(">II", head[offset : offset + 8])
             if found == 0:
                 break
             if found == magic:
@@ -199,8 +220,9 @@ MATRIX: dict[str, Callable[[Path, str], Path]] = {
     "zlib-c4k": lambda d, n: convert(d, n, "cluster_size=4k", compress=True),
     "zlib-v2": lambda d, n: convert(d, n, "compat=0.10", compress=True),
     "zstd": lambda d, n: convert(d, n, "compression_type=zstd", compress=True),
-    "zstd-c2m": lambda d, n: convert(d, n, "compression_type=zstd,cluster_size=2M",
-                                     compress=True, size=8 * MiB),
+    "zstd-c2m": lambda d, n: convert(
+        d, n, "compression_type=zstd,cluster_size=2M", compress=True, size=8 * MiB
+    ),
     "zero-kinds": lambda d, n: _zero_kinds(d, n, ""),
     "zero-kinds-v2": lambda d, n: _zero_kinds(d, n, "compat=0.10"),
     "zero-kinds-extl2": lambda d, n: _zero_kinds(d, n, "extended_l2=on"),

@@ -96,8 +96,10 @@ def test_unsafe_rebase_rewrites_only_the_header(images: Path) -> None:
     blkfs("image", "rebase", "-u", "-b", copy.name, str(top))
     assert backing(top) == copy.name and to_raw(top) == expected
     qemu("qemu-img", "check", top)
-    assert json.loads(qemu("qemu-img", "info", "--output=json", top))[
-        "backing-filename-format"] == "qcow2"
+    assert (
+        json.loads(qemu("qemu-img", "info", "--output=json", top))["backing-filename-format"]
+        == "qcow2"
+    )
 
 
 def test_bad_offline_jobs_say_why_and_change_nothing(images: Path) -> None:

@@ -49,8 +49,7 @@ async def extents(backend: BlockBackend) -> Extents:
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-async def test_reads_match_the_image_with_many_requests_in_flight(tmp_path: Path,
-                                                                  fmt: str) -> None:
+async def test_reads_match_the_image_with_many_requests_in_flight(tmp_path: Path, fmt: str) -> None:
     path = image(tmp_path, fmt)
     expected = to_raw(path)
     with qemu_nbd(path, fmt, tmp_path / "s") as server:
@@ -69,7 +68,7 @@ async def test_reads_match_the_image_with_many_requests_in_flight(tmp_path: Path
             async with trio.open_nursery() as nursery:
                 for index, (offset, length) in enumerate(ranges):
                     nursery.start_soon(read, index, offset, length)
-            assert all(got[i] == expected[o:o + n] for i, (o, n) in enumerate(ranges))
+            assert all(got[i] == expected[o : o + n] for i, (o, n) in enumerate(ranges))
             assert await extents(backend) == qemu_map(path, fmt)
         finally:
             await layer.close()
@@ -82,8 +81,11 @@ def test_qemu_img_compare_through_the_mount(tmp_path: Path, mount_factory, fmt: 
     path = image(tmp_path, fmt)
     with qemu_nbd(path, fmt, tmp_path / "s") as server:
         mount: Mount = mount_factory("--backend", f"d={server.uri}")
-        result = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", str(mount / "d"),
-                                 "-F", fmt, str(path)], capture_output=True, text=True)
+        result = subprocess.run(
+            ["qemu-img", "compare", "-U", "-f", "raw", str(mount / "d"), "-F", fmt, str(path)],
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "identical" in result.stdout
 
@@ -100,11 +102,11 @@ async def test_writes_land_and_the_image_checks_clean(tmp_path: Path, fmt: str) 
             for _ in range(40):
                 offset, data = rng.randrange(SIZE - 200000), rng.randbytes(rng.randrange(1, 200000))
                 await backend.write(offset, data, fua=rng.random() < 0.2)
-                model[offset:offset + len(data)] = data
+                model[offset : offset + len(data)] = data
             for unmap in (False, True):
                 offset, length = rng.randrange(SIZE - MiB), rng.randrange(1, MiB)
                 await backend.write_zeroes(offset, length, unmap=unmap)
-                model[offset:offset + length] = bytes(length)
+                model[offset : offset + length] = bytes(length)
             await backend.flush()
             assert await backend.read(0, SIZE) == model
         finally:
@@ -117,22 +119,28 @@ async def test_writes_land_and_the_image_checks_clean(tmp_path: Path, fmt: str) 
 async def test_nbdkit_memory_file_and_sparse_random(tmp_path: Path) -> None:
     disk = tmp_path / "disk.raw"
     disk.write_bytes(os.urandom(MiB) + bytes(3 * MiB))
-    with nbdkit(tmp_path / "m", "memory", "16M") as memory, \
-            nbdkit(tmp_path / "f", "file", str(disk)) as file, \
-            nbdkit(tmp_path / "r", "sparse-random", "64M", "seed=7", "percent=30",
-                   "runlength=32768") as sparse:
+    with (
+        nbdkit(tmp_path / "m", "memory", "16M") as memory,
+        nbdkit(tmp_path / "f", "file", str(disk)) as file,
+        nbdkit(
+            tmp_path / "r", "sparse-random", "64M", "seed=7", "percent=30", "runlength=32768"
+        ) as sparse,
+    ):
         layer = BlockLayer()
         try:
             mem = await layer.create("m", memory.uri)
             await mem.write(4 * MiB + 3, b"hello")
             assert await mem.read(4 * MiB, 8) == b"\0\0\0hello"
-            assert await extents(mem) == [(0, 4 * MiB, False, True), (4 * MiB, 32768, True, False),
-                                          (4 * MiB + 32768, 12 * MiB - 32768, False, True)]
+            assert await extents(mem) == [
+                (0, 4 * MiB, False, True),
+                (4 * MiB, 32768, True, False),
+                (4 * MiB + 32768, 12 * MiB - 32768, False, True),
+            ]
             fil = await layer.create("f", file.uri)
             assert await fil.read(0, 4 * MiB) == disk.read_bytes()
             await fil.write(2 * MiB, b"x" * 1000)
             await fil.flush()
-            assert disk.read_bytes()[2 * MiB:2 * MiB + 1000] == b"x" * 1000
+            assert disk.read_bytes()[2 * MiB : 2 * MiB + 1000] == b"x" * 1000
             rnd = await layer.create("r", sparse.uri + ",read-only=on")
             copy = tmp_path / "copy.raw"
             subprocess.run(["nbdcopy", sparse.uri, str(copy)], check=True)
@@ -145,10 +153,18 @@ async def test_nbdkit_memory_file_and_sparse_random(tmp_path: Path) -> None:
 
 async def test_server_errors_reach_the_caller_and_the_connection_stays(tmp_path: Path) -> None:
     trigger = tmp_path / "fail"
-    with nbdkit(tmp_path / "s", "--filter=error", "memory", "16M", "error-pread=EIO",
-                "error-pread-rate=100%", f"error-pread-file={trigger}",
-                "error-pwrite=ENOSPC", "error-pwrite-rate=100%",
-                f"error-pwrite-file={trigger}") as server:
+    with nbdkit(
+        tmp_path / "s",
+        "--filter=error",
+        "memory",
+        "16M",
+        "error-pread=EIO",
+        "error-pread-rate=100%",
+        f"error-pread-file={trigger}",
+        "error-pwrite=ENOSPC",
+        "error-pwrite-rate=100%",
+        f"error-pwrite-file={trigger}",
+    ) as server:
         layer = BlockLayer()
         try:
             backend = await layer.create("d", server.uri, werror="report")
@@ -171,9 +187,16 @@ async def test_server_errors_reach_the_caller_and_the_connection_stays(tmp_path:
 async def test_a_server_with_a_minimum_block_size(tmp_path: Path) -> None:
     """nbdkit refusing requests not aligned to 512 bytes, taking at most 64 KiB at once: the
     layer read-modify-writes, the driver splits and aligns what it sends."""
-    with nbdkit(tmp_path / "s", "--filter=blocksize-policy", "memory", "4M",
-                "blocksize-minimum=512", "blocksize-preferred=4096",
-                "blocksize-maximum=65536", "blocksize-error-policy=error") as server:
+    with nbdkit(
+        tmp_path / "s",
+        "--filter=blocksize-policy",
+        "memory",
+        "4M",
+        "blocksize-minimum=512",
+        "blocksize-preferred=4096",
+        "blocksize-maximum=65536",
+        "blocksize-error-policy=error",
+    ) as server:
         layer = BlockLayer()
         try:
             backend = await layer.create("d", server.uri)
@@ -219,13 +242,16 @@ async def test_open_timeout_waits_for_a_server_that_is_starting(tmp_path: Path) 
     layer = BlockLayer()
     try:
         async with trio.open_nursery() as nursery:
+
             async def late_server() -> None:
                 await trio.sleep(1)
                 with qemu_nbd(path, "raw", sock):
                     await trio.sleep(3)
+
             nursery.start_soon(late_server)
             backend = await layer.create(
-                "d", f"nbd+unix:///disk0?socket={sock},open-timeout=10,read-only=on")
+                "d", f"nbd+unix:///disk0?socket={sock},open-timeout=10,read-only=on"
+            )
             assert await backend.read(0, 4096) == path.read_bytes()[:4096]
             await layer.delete("d")
     finally:
@@ -245,19 +271,30 @@ def test_image_dir_confines_nbd_servers_to_those_allowed(tmp_path: Path, mount_f
         medium = f"driver=nbd,server.type=unix,server.path={server.socket},export=disk0"
         tcp = "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=1"
         confined = mount_factory("--image-dir", str(inside), "--qmp", f"unix:{tmp_path / 'm'}")
-        for verb, args in (("create", f"d {medium}"), ("create", f"d {server.uri}"),
-                           ("node-add", f"n {medium}"), ("create", f"d {tcp}")):
+        for verb, args in (
+            ("create", f"d {medium}"),
+            ("create", f"d {server.uri}"),
+            ("node-add", f"n {medium}"),
+            ("create", f"d {tcp}"),
+        ):
             assert confined.ctl_errno(verb, args) == errno.EACCES, args
             assert "--allow-nbd" in confined.last_error()
         assert confined.status()["backends"] == [] and confined.status()["nodes"] == []
 
         async def refused(client: QMPClient) -> None:
             with pytest.raises(ExecuteError) as err:
-                await client.execute("blockdev-add", {
-                    "driver": "nbd", "node-name": "n", "export": "disk0",
-                    "server": {"type": "unix", "path": str(server.socket)}})
+                await client.execute(
+                    "blockdev-add",
+                    {
+                        "driver": "nbd",
+                        "node-name": "n",
+                        "export": "disk0",
+                        "server": {"type": "unix", "path": str(server.socket)},
+                    },
+                )
             assert "--allow-nbd" in str(err.value)
             assert await client.execute("query-named-block-nodes") == []
+
         drive(tmp_path / "m", refused)
 
         config = tmp_path / "blkfs.toml"  # the config file's list adds to the flags'
@@ -268,7 +305,6 @@ def test_image_dir_confines_nbd_servers_to_those_allowed(tmp_path: Path, mount_f
         allowed.ctl("node-add", f"n {medium}")
         assert allowed.ctl_errno("create", f"e {tcp}") != errno.EACCES  # tried: no server
         assert "127.0.0.1:1" in allowed.last_error() and "--allow" not in allowed.last_error()
-        assert allowed.ctl_errno("create", f"e {tcp.replace('port=1', 'port=2')}") \
-            == errno.EACCES
+        assert allowed.ctl_errno("create", f"e {tcp.replace('port=1', 'port=2')}") == errno.EACCES
         with pytest.raises(MountError, match="only together with --image-dir"):
             mount_factory("--allow-nbd", str(sockets))

@@ -39,8 +39,16 @@ def served(tmp_path: Path, mount_factory) -> tuple[Mount, Path, Path]:
     image = convert(tmp_path, "disk", size=SIZE)
     ro = convert(tmp_path, "ro", size=SIZE)
     sock = tmp_path / "nbd.sock"
-    mount = mount_factory("--backend", f"d={image}", "--backend", f"ro={ro},read-only=on",
-                          "--nbd", f"unix:{sock}", "--export", "d writable=on")
+    mount = mount_factory(
+        "--backend",
+        f"d={image}",
+        "--backend",
+        f"ro={ro},read-only=on",
+        "--nbd",
+        f"unix:{sock}",
+        "--export",
+        "d writable=on",
+    )
     mount.ctl("export", f"ro socket={tmp_path / 'ro.sock'}")
     return mount, image, sock
 
@@ -51,17 +59,32 @@ def uri(sock: Path, export: str = "d") -> str:
 
 def test_qemu_io_and_qemu_img_see_what_the_fuse_file_holds(served) -> None:
     mount, image, sock = served
-    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 100000 300000", "-c", "write -z 2M 64k",
-        "-c", "read -P 0x5a 100000 300000", "-c", "flush", uri(sock))
-    assert run("qemu-img", "compare", "-f", "raw", "-F", "raw", uri(sock),
-               mount / "d").returncode == 0
+    run(
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 100000 300000",
+        "-c",
+        "write -z 2M 64k",
+        "-c",
+        "read -P 0x5a 100000 300000",
+        "-c",
+        "flush",
+        uri(sock),
+    )
+    assert (
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", uri(sock), mount / "d").returncode == 0
+    )
     copy = image.with_name("copy.raw")
     run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri(sock), copy)
     assert copy.read_bytes() == (mount / "d").read_bytes()
     fresh = convert(image.parent, "fresh", size=SIZE)
     run("qemu-img", "convert", "-n", "-f", "qcow2", "-O", "raw", fresh, uri(sock))
-    assert run("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", fresh,
-               mount / "d").returncode == 0
+    assert (
+        run("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", fresh, mount / "d").returncode
+        == 0
+    )
 
 
 def test_nbdinfo_map_matches_qemu_img_map(served) -> None:
@@ -71,9 +94,13 @@ def test_nbdinfo_map_matches_qemu_img_map(served) -> None:
     # is missing it puts raw bytes in "content" that are not UTF-8.
     info = json.loads(run("nbdinfo", "--json", "--no-content", uri(sock)).stdout)
     export = info["exports"][0]
-    assert (export["export-size"], export["can_zero"], export["can_fast_zero"],
-            export["can_multi_conn"], export["contexts"]) == (SIZE, True, True, True,
-                                                             ["base:allocation"])
+    assert (
+        export["export-size"],
+        export["can_zero"],
+        export["can_fast_zero"],
+        export["can_multi_conn"],
+        export["contexts"],
+    ) == (SIZE, True, True, True, ["base:allocation"])
 
 
 def test_nbdcopy_both_ways(served, tmp_path: Path) -> None:
@@ -92,9 +119,11 @@ def test_the_kernels_nbd_client(served, tmp_path: Path) -> None:
     if not os.path.exists("/dev/nbd0") and shutil.which("modprobe"):
         subprocess.run(["modprobe", "nbd"], capture_output=True)
     if shutil.which("nbd-client") is None or not os.path.exists("/dev/nbd0"):
-        pytest.skip("the kernel's NBD client is not available here: nbd-client is not "
-                    "installed or the nbd module does not load (no /dev/nbd0 after "
-                    "modprobe nbd)")
+        pytest.skip(
+            "the kernel's NBD client is not available here: nbd-client is not "
+            "installed or the nbd module does not load (no /dev/nbd0 after "
+            "modprobe nbd)"
+        )
     mount, _, sock = served
     run("nbd-client", "-unix", sock, "/dev/nbd0", "-N", "d", "-b", "512")
     try:
@@ -110,8 +139,7 @@ def test_sockets_are_private_unless_told_and_list_their_exports(served, tmp_path
     assert stat.S_IMODE(os.stat(tmp_path / "ro.sock").st_mode) == 0o600
     mount.ctl("export", f"d export-name=shared socket={tmp_path / 'g.sock'} mode=0660")
     assert stat.S_IMODE(os.stat(tmp_path / "g.sock").st_mode) == 0o660
-    listed = json.loads(run("nbdinfo", "--list", "--json",
-                            f"nbd+unix:///?socket={sock}").stdout)
+    listed = json.loads(run("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={sock}").stdout)
     assert [e["export-name"] for e in listed["exports"]] == ["d"]
     mount.ctl("export-del", "shared")
     assert not (tmp_path / "g.sock").exists()  # a socket of its own goes with the export
@@ -171,9 +199,12 @@ def test_a_deleted_backend_serves_its_clients_until_they_leave(served) -> None:
         assert result.returncode  # no longer offered
     finally:
         client.close()
-    wait_until(lambda: "d" not in mount.backends() and
-               [e["name"] for e in mount.status()["exports"]] == ["ro"],
-               "the deleted backend to close")
+    wait_until(
+        lambda: (
+            "d" not in mount.backends() and [e["name"] for e in mount.status()["exports"]] == ["ro"]
+        ),
+        "the deleted backend to close",
+    )
 
 
 def test_export_del_refuses_while_clients_are_connected(served) -> None:
@@ -209,16 +240,19 @@ def test_status_shows_exports_clients_and_counters(served) -> None:
         client.close()
 
 
-@pytest.mark.parametrize("command, code", [
-    ("nosuch", errno.ENOENT),
-    ("d", errno.EEXIST),                                  # already exported as d
-    ("d export-name=x socket=relative.sock", errno.EINVAL),
-    ("d export-name=x socket=/tmp/a.sock host=::1", errno.EINVAL),
-    ("d export-name=x port=10809", errno.EINVAL),          # listens only where told
-    ("d export-name=x mode=0660", errno.EINVAL),
-    ("ro export-name=x writable=on", errno.EROFS),
-    ("d export-name=x socket=/nonexistent/dir/s", errno.ENOENT),
-])
+@pytest.mark.parametrize(
+    "command, code",
+    [
+        ("nosuch", errno.ENOENT),
+        ("d", errno.EEXIST),  # already exported as d
+        ("d export-name=x socket=relative.sock", errno.EINVAL),
+        ("d export-name=x socket=/tmp/a.sock host=::1", errno.EINVAL),
+        ("d export-name=x port=10809", errno.EINVAL),  # listens only where told
+        ("d export-name=x mode=0660", errno.EINVAL),
+        ("ro export-name=x writable=on", errno.EROFS),
+        ("d export-name=x socket=/nonexistent/dir/s", errno.ENOENT),
+    ],
+)
 def test_bad_export_commands_fail_and_change_nothing(served, command: str, code: int) -> None:
     mount, _, _ = served
     before = mount.status()["exports"]
@@ -264,6 +298,19 @@ def test_umount_refuses_while_clients_are_connected_and_names_them(served) -> No
 
 def test_blkfs_ctl_makes_a_relative_socket_absolute(served, tmp_path: Path) -> None:
     mount, _, _ = served
-    subprocess.run([sys.executable, "-m", "blkfs", "ctl", str(mount.path), "export", "d",
-                    "export-name=rel", "socket=rel.sock"], cwd=tmp_path, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blkfs",
+            "ctl",
+            str(mount.path),
+            "export",
+            "d",
+            "export-name=rel",
+            "socket=rel.sock",
+        ],
+        cwd=tmp_path,
+        check=True,
+    )
     assert stat.S_ISSOCK(os.stat(tmp_path / "rel.sock").st_mode)

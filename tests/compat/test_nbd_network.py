@@ -20,9 +20,14 @@ import pytest
 from tests.compat.peers import MiB, check, convert, to_raw
 from tests.helpers import Mount, MountError, force_unmount, mounted, wait_until
 
-pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.skipif(
-    os.geteuid() != 0 or any(shutil.which(t) is None for t in ("ip", "nsenter", "qemu-img")),
-    reason="needs root, ip (iproute2), nsenter and qemu-img to make two network namespaces")]
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.qemu,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or any(shutil.which(t) is None for t in ("ip", "nsenter", "qemu-img")),
+        reason="needs root, ip (iproute2), nsenter and qemu-img to make two network namespaces",
+    ),
+]
 
 HOST_A, HOST_B = "192.0.2.1", "192.0.2.2"
 SIZE = 16 * MiB
@@ -50,11 +55,28 @@ def two_hosts() -> Iterator[tuple[str, str]]:
     try:
         for name in names:
             subprocess.run(["ip", "netns", "add", name], check=True)
-        subprocess.run(["ip", "link", "add", f"{tag}va", "netns", names[0], "type", "veth",
-                        "peer", "name", f"{tag}vb", "netns", names[1]], check=True)
+        subprocess.run(
+            [
+                "ip",
+                "link",
+                "add",
+                f"{tag}va",
+                "netns",
+                names[0],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"{tag}vb",
+                "netns",
+                names[1],
+            ],
+            check=True,
+        )
         for name, end, address in ((names[0], "va", HOST_A), (names[1], "vb", HOST_B)):
-            subprocess.run(["ip", "-n", name, "addr", "add", f"{address}/24", "dev",
-                            f"{tag}{end}"], check=True)
+            subprocess.run(
+                ["ip", "-n", name, "addr", "add", f"{address}/24", "dev", f"{tag}{end}"], check=True
+            )
             subprocess.run(["ip", "-n", name, "link", "set", f"{tag}{end}", "up"], check=True)
             subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         yield names
@@ -80,8 +102,12 @@ def daemons() -> Iterator[Callable[[list[str], Path], Mount]]:
 
     def mount(command: list[str], path: Path) -> Mount:
         log = path.with_name(path.name + ".log")
-        result = subprocess.run([*command, "--log-file", str(log), "--log-level", "debug"],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [*command, "--log-file", str(log), "--log-level", "debug"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if result.returncode:
             raise MountError(result.stderr.strip())
         started.append(Mount(path, log))
@@ -113,8 +139,7 @@ def test_an_overlay_on_one_host_over_an_export_of_another(tmp_path: Path) -> Non
     paths_b = {"/srv/img": img_b, "/mnt/b": tmp_path / "b"}
     with two_hosts() as (netns_a, netns_b), daemons() as mount:
         server = mount(on_host(netns_a, WALKTHROUGH_A[0], paths_a), tmp_path / "a")
-        subprocess.run(on_host(netns_b, WALKTHROUGH_B[0], paths_b), check=True,
-                       capture_output=True)
+        subprocess.run(on_host(netns_b, WALKTHROUGH_B[0], paths_b), check=True, capture_output=True)
         overlay = mount(on_host(netns_b, WALKTHROUGH_B[1], paths_b), tmp_path / "b")
         vm = overlay / "vm"
         assert vm.read_bytes() == expected  # every byte came over the network
@@ -123,24 +148,30 @@ def test_an_overlay_on_one_host_over_an_export_of_another(tmp_path: Path) -> Non
             f.seek(5 * MiB + 7)
             f.write(payload)
             os.fsync(f.fileno())
-        expected[5 * MiB + 7:5 * MiB + 7 + len(payload)] = payload
+        expected[5 * MiB + 7 : 5 * MiB + 7 + len(payload)] = payload
         assert vm.read_bytes() == expected
         export = server.status()["exports"][0]
         assert [c["peer"].split(":")[0] for c in export["clients"]] == [HOST_B]
         assert export["stats"]["read_bytes"] >= SIZE - len(payload)
-        status = subprocess.run(on_host(netns_a, WALKTHROUGH_A[1], paths_a), check=True,
-                                capture_output=True, text=True).stdout
+        status = subprocess.run(
+            on_host(netns_a, WALKTHROUGH_A[1], paths_a), check=True, capture_output=True, text=True
+        ).stdout
         assert f"{HOST_A}:10809" in status and f"base: client {HOST_B}" in status
-        assert subprocess.run(["ip", "netns", "exec", netns_a, "nbdinfo", "--size",
-                               f"nbd://{HOST_A}/base"], capture_output=True,
-                              text=True).stdout.strip() == str(SIZE)
+        assert subprocess.run(
+            ["ip", "netns", "exec", netns_a, "nbdinfo", "--size", f"nbd://{HOST_A}/base"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip() == str(SIZE)
         overlay.stop()
         wait_until(lambda: not server.status()["exports"][0]["clients"], "B to disconnect")
     assert digest(base) == before  # the writes stayed on host B
     check(img_b / "top.qcow2")
-    allocated = subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2",
-                                str(img_b / "top.qcow2")], check=True, capture_output=True,
-                               text=True).stdout
+    allocated = subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "qcow2", str(img_b / "top.qcow2")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert '"data": true' in allocated  # the overlay holds what B wrote, nothing else
     assert os.path.getsize(img_b / "top.qcow2") < 5 * MiB
 

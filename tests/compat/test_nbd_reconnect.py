@@ -27,8 +27,9 @@ def disk(tmp_path: Path) -> Path:
     return path
 
 
-async def test_a_server_killed_mid_io_loses_no_acknowledged_write(disk: Path,
-                                                                  tmp_path: Path) -> None:
+async def test_a_server_killed_mid_io_loses_no_acknowledged_write(
+    disk: Path, tmp_path: Path
+) -> None:
     acknowledged: dict[int, bytes] = {}
     outages = 3
     with qemu_nbd(disk, "raw", tmp_path / "s") as server:
@@ -68,12 +69,13 @@ async def test_a_server_killed_mid_io_loses_no_acknowledged_write(disk: Path,
         finally:
             await layer.close()
     image = disk.read_bytes()
-    lost = [b for b, data in acknowledged.items() if image[b * BLOCK:(b + 1) * BLOCK] != data]
+    lost = [b for b, data in acknowledged.items() if image[b * BLOCK : (b + 1) * BLOCK] != data]
     assert not lost and len(acknowledged) > 100
 
 
-async def test_past_the_delay_requests_fail_until_the_server_is_back(disk: Path,
-                                                                      tmp_path: Path) -> None:
+async def test_past_the_delay_requests_fail_until_the_server_is_back(
+    disk: Path, tmp_path: Path
+) -> None:
     with qemu_nbd(disk, "raw", tmp_path / "s") as server:
         layer = BlockLayer()
         try:

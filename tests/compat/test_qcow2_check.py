@@ -22,13 +22,24 @@ from tests.helpers import blkfs
 
 pytestmark = [needs_qemu]
 
-COUNTS = ("corruptions", "leaks", "check-errors", "allocated-clusters", "image-end-offset",
-          "total-clusters", "compressed-clusters")
+COUNTS = (
+    "corruptions",
+    "leaks",
+    "check-errors",
+    "allocated-clusters",
+    "image-end-offset",
+    "total-clusters",
+    "compressed-clusters",
+)
 
 
 def qemu_check(image: Path) -> tuple[int, dict[str, Any]]:
-    result = subprocess.run(["qemu-img", "check", "--output=json", str(image)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["qemu-img", "check", "--output=json", str(image)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     report = json.loads(result.stdout)
     return result.returncode, {key: report.get(key, 0) for key in COUNTS}
 
@@ -57,7 +68,7 @@ def qemu_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     qemu_io(bitmaps, "qcow2", "write -P 1 1M 2M")
     images["bitmaps"] = bitmaps
     stale = directory / "stale-bitmaps.qcow2"  # autoclear bit 0 clear: QEMU ignores the
-    shutil.copy(bitmaps, stale)                  # bitmaps, whose clusters are then leaks
+    shutil.copy(bitmaps, stale)  # bitmaps, whose clusters are then leaks
     with open(stale, "r+b") as f:
         f.seek(88)
         f.write(bytes(8))
@@ -66,7 +77,8 @@ def qemu_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 
 
 def test_the_verdict_and_counts_match_qemu_img_on_what_qemu_img_made(
-        qemu_images: dict[str, Path]) -> None:
+    qemu_images: dict[str, Path],
+) -> None:
     differences = {}
     for name, image in sorted(qemu_images.items()):
         status, expected = qemu_check(image)
@@ -83,8 +95,11 @@ def refblock0(image: Path) -> tuple[int, int, int]:
         head = f.read(104)
         reftable = struct.unpack_from(">Q", head, 48)[0]
         f.seek(reftable)
-        return struct.unpack(">Q", f.read(8))[0], struct.unpack_from(">I", head, 20)[0], \
-            struct.unpack_from(">I", head, 96)[0]
+        return (
+            struct.unpack(">Q", f.read(8))[0],
+            struct.unpack_from(">I", head, 20)[0],
+            struct.unpack_from(">I", head, 96)[0],
+        )
 
 
 def poke_refcount(image: Path, cluster: int, value: int) -> None:
@@ -106,14 +121,17 @@ PLANTED = {
     "leak-unused": lambda i: [poke_refcount(i, clusters(i) + n, 1) for n in (0, 2)],
     "leak-on-data": lambda i: poke_refcount(i, 6, 2),
     "refcount-zero": lambda i: poke_refcount(i, 6, 0),
-    "refcount-zero-and-leak": lambda i: [poke_refcount(i, 6, 0),
-                                         poke_refcount(i, clusters(i) + 1, 1)],
+    "refcount-zero-and-leak": lambda i: [
+        poke_refcount(i, 6, 0),
+        poke_refcount(i, clusters(i) + 1, 1),
+    ],
 }
 
 
 @pytest.mark.parametrize("case", sorted(PLANTED))
 def test_planted_faults_same_verdict_and_leak_repair_is_clean_and_lossless(
-        tmp_path: Path, case: str) -> None:
+    tmp_path: Path, case: str
+) -> None:
     image = create(tmp_path, "img.qcow2", size=8 * MiB)
     qemu_io(image, "qcow2", "write -P 1 0 3M", "write -z 4M 1M", "discard 1M 64k")
     contents = to_raw(image)
@@ -124,8 +142,9 @@ def test_planted_faults_same_verdict_and_leak_repair_is_clean_and_lossless(
     copy = tmp_path / "copy.qcow2"
     shutil.copy(image, copy)
     before = image.read_bytes()
-    qemu_repair = subprocess.run(["qemu-img", "check", "-r", "leaks", str(copy)],
-                                 capture_output=True, timeout=60)
+    qemu_repair = subprocess.run(
+        ["qemu-img", "check", "-r", "leaks", str(copy)], capture_output=True, timeout=60
+    )
     repaired_status, repaired = blkfs_check(image, "-r", "leaks")
     # repaired where qemu-img check -r leaks repairs (it fails with 1 where a refcount
     # of 0 needs a rebuild; blkfs refuses such an image with 2)

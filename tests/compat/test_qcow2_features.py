@@ -39,8 +39,12 @@ AUTOCLEAR_AT = 88
 
 def info(image: Path) -> tuple[dict[str, object], str]:
     """``qemu-img info`` of the image as JSON, and what it warned on stderr."""
-    result = subprocess.run(["qemu-img", "info", "--output=json", str(image)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(result.stdout), result.stderr
 
 
@@ -69,7 +73,8 @@ def with_bitmap(directory: Path) -> Path:
 
 @needs_fuse
 def test_a_write_through_the_mount_makes_the_bitmaps_stale(
-        mount_factory: Callable[..., Mount], images: Path) -> None:
+    mount_factory: Callable[..., Mount], images: Path
+) -> None:
     image = with_bitmap(images)
     for args in ([f"d={image},read-only=on"], [f"d={image}"]):  # read only; writable, unused
         mount = mount_factory("--backend", *args)
@@ -79,9 +84,20 @@ def test_a_write_through_the_mount_makes_the_bitmaps_stale(
         check_clean(image)
 
     mount = mount_factory("--backend", f"d={image}")
-    subprocess.run(["dd", "if=/dev/urandom", f"of={mount / 'd'}", "bs=64k", "count=16",
-                    "seek=128", "conv=notrunc,fsync", "status=none"], check=True)
-    written = (mount / "d").read_bytes()[8 * MiB:9 * MiB]
+    subprocess.run(
+        [
+            "dd",
+            "if=/dev/urandom",
+            f"of={mount / 'd'}",
+            "bs=64k",
+            "count=16",
+            "seek=128",
+            "conv=notrunc,fsync",
+            "status=none",
+        ],
+        check=True,
+    )
+    written = (mount / "d").read_bytes()[8 * MiB : 9 * MiB]
     mount.stop()
 
     assert bitmaps(image) == []
@@ -89,7 +105,7 @@ def test_a_write_through_the_mount_makes_the_bitmaps_stale(
     assert "inconsistent" not in warned  # the bitmaps extension went with the bit
     check_clean(image)  # the bitmaps' clusters were freed, not leaked
     data = to_raw(image)
-    assert data[:MiB] == b"\x11" * MiB and data[8 * MiB:9 * MiB] == written
+    assert data[:MiB] == b"\x11" * MiB and data[8 * MiB : 9 * MiB] == written
 
 
 async def test_the_bitmaps_are_stale_on_disk_before_any_other_write(images: Path) -> None:
@@ -102,9 +118,11 @@ async def test_the_bitmaps_are_stale_on_disk_before_any_other_write(images: Path
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=qcow2,file.driver=blklogwrites,file.file.driver=file,"
-                 f"file.file.filename={image},file.log.driver=file,"
-                 f"file.log.filename={log_path}")
+            "d",
+            f"driver=qcow2,file.driver=blklogwrites,file.file.driver=file,"
+            f"file.file.filename={image},file.log.driver=file,"
+            f"file.log.filename={log_path}",
+        )
         await backend.write(5 * MiB, b"\x22" * 4096)
         await backend.discard(0, MiB)
     finally:
@@ -117,26 +135,26 @@ async def test_the_bitmaps_are_stale_on_disk_before_any_other_write(images: Path
         offset, length = log.extent(entry)
         if offset == 0 and cleared_at is None:
             assert length > AUTOCLEAR_AT
-            autoclear, = struct.unpack_from(">Q", entry.data, AUTOCLEAR_AT)
+            (autoclear,) = struct.unpack_from(">Q", entry.data, AUTOCLEAR_AT)
             assert not autoclear & 1, "the first write of the header must clear bit 0"
             cleared_at = index
         assert cleared_at is not None and (
-            index == cleared_at or log.durable_upto(index) > cleared_at), \
-            f"log entry {index} ({offset:#x}+{length:#x}) may reach the disk before the " \
-            "cleared bit"
+            index == cleared_at or log.durable_upto(index) > cleared_at
+        ), f"log entry {index} ({offset:#x}+{length:#x}) may reach the disk before the cleared bit"
     assert cleared_at is not None
     assert bitmaps(image) == []
     check_clean(image)
 
 
 async def test_bitmaps_pointing_at_live_metadata_are_dropped_but_nothing_is_freed(
-        images: Path) -> None:
+    images: Path,
+) -> None:
     """A bitmap table entry naming the L1 table (a hostile or broken image): the bitmaps
     still go stale, but their clusters are left leaked, never freed under the L1 table."""
     image = with_bitmap(images)
     with open(image, "r+b") as f:
         header = Header.unpack(f.read(65536))
-        extension, = (e for e in header.extensions if e.type == EXT_BITMAPS)
+        (extension,) = (e for e in header.extensions if e.type == EXT_BITMAPS)
         directory = BitmapsExtension.unpack(extension.data).bitmap_directory_offset
         f.seek(directory)
         entry = BitmapDirEntry.unpack(f.read(BitmapDirEntry.STRUCT.size))
@@ -149,23 +167,31 @@ async def test_bitmaps_pointing_at_live_metadata_are_dropped_but_nothing_is_free
     finally:
         await layer.close()
     assert bitmaps(image) == []
-    report = json.loads(subprocess.run(["qemu-img", "check", "--output=json", str(image)],
-                                       capture_output=True, text=True).stdout)
+    report = json.loads(
+        subprocess.run(
+            ["qemu-img", "check", "--output=json", str(image)], capture_output=True, text=True
+        ).stdout
+    )
     assert report.get("corruptions", 0) == 0 and report["leaks"] >= 2
     data = to_raw(image)
-    assert data[:MiB] == b"\x11" * MiB and data[4 * MiB:4 * MiB + 65536] == b"\x22" * 65536
+    assert data[:MiB] == b"\x11" * MiB and data[4 * MiB : 4 * MiB + 65536] == b"\x22" * 65536
 
 
 def _data_file(directory: Path, raw: bool) -> Path:
-    return create(directory, "ext.qcow2",
-                  f"data_file={directory / 'ext.raw'}" + (",data_file_raw=on" if raw else ""))
+    return create(
+        directory,
+        "ext.qcow2",
+        f"data_file={directory / 'ext.raw'}" + (",data_file_raw=on" if raw else ""),
+    )
 
 
 def _dirty(directory: Path) -> Path:
     """QEMU killed while writing an image with lazy refcounts: the dirty bit stays set."""
     image = create(directory, "dirty.qcow2", "lazy_refcounts=on")
-    result = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 64k",
-                             "-c", "sigraise 9", str(image)], capture_output=True)
+    result = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 64k", "-c", "sigraise 9", str(image)],
+        capture_output=True,
+    )
     assert result.returncode == -9
     assert info(image)[0]["dirty-flag"] is True
     return image
@@ -177,21 +203,30 @@ def _corrupt(directory: Path) -> Path:
     image = create(directory, "corrupt.qcow2")
     qemu_io(image, "qcow2", "write -P 0x5a 0 64k")
     with open(image, "r+b") as f:
-        l1, reftable = struct.unpack(">Q", os.pread(f.fileno(), 8, 40))[0], \
-            struct.unpack(">Q", os.pread(f.fileno(), 8, 48))[0]
+        l1, reftable = (
+            struct.unpack(">Q", os.pread(f.fileno(), 8, 40))[0],
+            struct.unpack(">Q", os.pread(f.fileno(), 8, 48))[0],
+        )
         os.pwrite(f.fileno(), struct.pack(">Q", 1 << 63 | reftable), l1)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 0 512", str(image)],
-                   capture_output=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 0 512", str(image)], capture_output=True)
     specific = info(image)[0]["format-specific"]
     assert isinstance(specific, dict) and specific["data"]["corrupt"] is True
     return image
 
 
 REFUSED: dict[str, tuple[Callable[[Path], Path], bool, int, str]] = {
-    "external-data-file": (lambda d: _data_file(d, False), False, errno.ENOTSUP,
-                           "external data file"),
-    "external-data-file-raw": (lambda d: _data_file(d, True), False, errno.ENOTSUP,
-                               "external data file"),
+    "external-data-file": (
+        lambda d: _data_file(d, False),
+        False,
+        errno.ENOTSUP,
+        "external data file",
+    ),
+    "external-data-file-raw": (
+        lambda d: _data_file(d, True),
+        False,
+        errno.ENOTSUP,
+        "external data file",
+    ),
     "dirty": (_dirty, True, errno.EROFS, "not closed cleanly"),
     "corrupt": (_corrupt, True, errno.EROFS, "marked corrupt"),
 }
@@ -200,7 +235,8 @@ REFUSED: dict[str, tuple[Callable[[Path], Path], bool, int, str]] = {
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
 async def test_feature_bits_blkfs_does_not_write_are_refused_and_change_nothing(
-        images: Path, case: str) -> None:
+    images: Path, case: str
+) -> None:
     make, read_only_ok, code, words = REFUSED[case]
     image = make(images)
     before = image.read_bytes()
@@ -212,13 +248,15 @@ async def test_feature_bits_blkfs_does_not_write_are_refused_and_change_nothing(
         assert "w" not in layer
         if read_only_ok:
             backend = await layer.create(
-                "r", f"driver=qcow2,read-only=on,file.driver=file,file.filename={image}")
+                "r", f"driver=qcow2,read-only=on,file.driver=file,file.filename={image}"
+            )
             if case == "dirty":
                 assert await backend.read(0, 65536) == b"\x5a" * 65536
         else:
             with pytest.raises(BlockError) as refused:
-                await layer.create("r", f"driver=qcow2,read-only=on,file.driver=file,"
-                                        f"file.filename={image}")
+                await layer.create(
+                    "r", f"driver=qcow2,read-only=on,file.driver=file,file.filename={image}"
+                )
             assert refused.value.errno == code and words in refused.value.message
     finally:
         await layer.close()

@@ -78,16 +78,21 @@ HOSTILE: dict[str, tuple[Callable[[Path], Path], str]] = {
     "l1-past-end": (lambda d: patch(create(d, "i.qcow2"), 40, ">Q", 1 << 40), "L1"),
     "l1-into-header": (lambda d: patch(create(d, "i.qcow2"), 40, ">Q", 0), "L1"),
     "reftable-past-end": (lambda d: patch(create(d, "i.qcow2"), 48, ">Q", 1 << 40), "refcount"),
-    "reftable-oversized": (lambda d: patch(create(d, "i.qcow2"), 56, ">I", 1 << 28),
-                           "refcount"),
-    "unknown-incompatible-bit": (lambda d: patch(create(d, "i.qcow2"), 72, ">Q", 1 << 40),
-                                 "bit 40"),
+    "reftable-oversized": (lambda d: patch(create(d, "i.qcow2"), 56, ">I", 1 << 28), "refcount"),
+    "unknown-incompatible-bit": (
+        lambda d: patch(create(d, "i.qcow2"), 72, ">Q", 1 << 40),
+        "bit 40",
+    ),
     "encrypted": (lambda d: patch(create(d, "i.qcow2"), 32, ">I", 1), "encrypted"),
     "refcount-order-7": (lambda d: patch(create(d, "i.qcow2"), 96, ">I", 7), "refcount"),
-    "backing-name-past-end": (lambda d: patch(patch(create(d, "i.qcow2"), 8, ">Q", 1 << 30),
-                                              16, ">I", 100), "backing"),
-    "backing-name-huge": (lambda d: patch(patch(create(d, "i.qcow2"), 8, ">Q", 512),
-                                          16, ">I", 1 << 30), "backing"),
+    "backing-name-past-end": (
+        lambda d: patch(patch(create(d, "i.qcow2"), 8, ">Q", 1 << 30), 16, ">I", 100),
+        "backing",
+    ),
+    "backing-name-huge": (
+        lambda d: patch(patch(create(d, "i.qcow2"), 8, ">Q", 512), 16, ">I", 1 << 30),
+        "backing",
+    ),
     "backing-loop": (loop, "loop"),
     "chain-over-depth-limit": (deep, "deeper than"),
     "virtual-size-huge": (lambda d: patch(create(d, "i.qcow2"), 24, ">Q", 1 << 63), "size"),
@@ -161,7 +166,8 @@ async def test_bad_table_entries_fail_the_request_with_eio(images: Path, case: s
 
 
 async def test_mutated_images_never_hang_crash_or_raise_anything_but_block_errors(
-        images: Path) -> None:
+    images: Path,
+) -> None:
     """Random byte mutations of the metadata of a real image (header, reftable, refblock,
     L1, L2): every open (read-only, or writable with ``repair=leaks``, which checks and
     repairs the refcounts) and read either works or raises a BlockError, within a time and a
@@ -183,9 +189,12 @@ async def test_mutated_images_never_hang_crash_or_raise_anything_but_block_error
         tracemalloc.reset_peak()
         try:
             with trio.fail_after(10):
-                backend = await layer.create("d", f"driver=qcow2,read-only={round_ % 2},"
-                                                  f"repair=leaks,backing=null,"
-                                                  f"file.driver=file,file.filename={image}")
+                backend = await layer.create(
+                    "d",
+                    f"driver=qcow2,read-only={round_ % 2},"
+                    f"repair=leaks,backing=null,"
+                    f"file.driver=file,file.filename={image}",
+                )
                 outcomes["opened"] += 1
                 for offset in range(0, min(backend.length(), 2 * MiB), 256 * 1024):
                     await backend.read(offset, 256 * 1024)
@@ -203,7 +212,8 @@ async def test_mutated_images_never_hang_crash_or_raise_anything_but_block_error
 
 @needs_fuse
 def test_a_hostile_image_through_ctl_fails_the_write_and_the_daemon_lives(
-        mount: Mount, images: Path) -> None:
+    mount: Mount, images: Path
+) -> None:
     image = patch(create(images, "i.qcow2"), 36, ">I", 1 << 30)
     assert mount.ctl_errno("create", f"d {image}") == errno.EIO
     assert "L1" in mount.last_error()

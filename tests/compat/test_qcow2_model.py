@@ -22,9 +22,16 @@ pytestmark = needs_qemu
 SIZE = 256 * KiB
 SECTOR = 512
 
-ops = st.lists(st.tuples(st.sampled_from(("write", "zeroes", "discard")),
-                         st.integers(0, SIZE - 1), st.integers(1, 40 * KiB),
-                         st.integers(0, 255)), min_size=1, max_size=12)
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(("write", "zeroes", "discard")),
+        st.integers(0, SIZE - 1),
+        st.integers(1, 40 * KiB),
+        st.integers(0, 255),
+    ),
+    min_size=1,
+    max_size=12,
+)
 
 CONFIGS = {
     "c512": {"cluster_size": "512"},
@@ -42,11 +49,13 @@ def test_random_operations_match_the_model_and_pass_check(config: str, backing: 
     def run(sequence: list[tuple[str, int, int, int]]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             trio.run(check_sequence, Path(tmp), CONFIGS[config], backing, sequence)
+
     run()
 
 
-async def check_sequence(tmp: Path, options: dict[str, str], backing: bool,
-                         sequence: list[tuple[str, int, int, int]]) -> None:
+async def check_sequence(
+    tmp: Path, options: dict[str, str], backing: bool, sequence: list[tuple[str, int, int, int]]
+) -> None:
     model = bytearray(SIZE)
     base = None
     if backing:
@@ -54,8 +63,14 @@ async def check_sequence(tmp: Path, options: dict[str, str], backing: bool,
         base = tmp / "base.raw"
         base.write_bytes(model)
     image = tmp / "top.qcow2"
-    await create_image(str(image), "qcow2", SIZE, options=options,
-                       backing=base.name if base else None, backing_format="raw")
+    await create_image(
+        str(image),
+        "qcow2",
+        SIZE,
+        options=options,
+        backing=base.name if base else None,
+        backing_format="raw",
+    )
     layer = BlockLayer()
     backend = await layer.create("d", str(image))
     try:
@@ -63,15 +78,15 @@ async def check_sequence(tmp: Path, options: dict[str, str], backing: bool,
             length = min(length, SIZE - offset)
             if kind == "write":
                 await backend.write(offset, bytes([byte]) * length)
-                model[offset:offset + length] = bytes([byte]) * length
+                model[offset : offset + length] = bytes([byte]) * length
             elif kind == "zeroes":
                 await backend.write_zeroes(offset, length, unmap=byte % 2 == 0)
-                model[offset:offset + length] = bytes(length)
+                model[offset : offset + length] = bytes(length)
             else:
                 await backend.discard(offset, length)
                 after = await backend.read(offset, length)
                 assert_data_or_zero(after, model, offset)
-                model[offset:offset + length] = after
+                model[offset : offset + length] = after
         assert await backend.read(0, SIZE) == model
     finally:
         await layer.close()
@@ -84,6 +99,6 @@ def assert_data_or_zero(after: bytes, model: bytearray, offset: int) -> None:
     position = offset
     while position < offset + len(after):
         end = min(position // SECTOR * SECTOR + SECTOR, offset + len(after))
-        got = after[position - offset:end - offset]
+        got = after[position - offset : end - offset]
         assert got in (model[position:end], bytes(end - position)), position
         position = end

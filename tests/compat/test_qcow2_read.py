@@ -24,8 +24,12 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, di
     images = make_matrix(root / "img")
     expected = {name: to_raw(path) for name, path in images.items()}
     config = root / "blkfs.toml"
-    config.write_text("".join(f'[backends.{name}]\noptions = "{path}"\nread-only = true\n'
-                              for name, path in images.items()))
+    config.write_text(
+        "".join(
+            f'[backends.{name}]\noptions = "{path}"\nread-only = true\n'
+            for name, path in images.items()
+        )
+    )
     mount = Mount.start(root / "mnt", "--config", str(config), "--image-dir", str(root / "img"))
     try:
         yield mount, expected
@@ -44,18 +48,23 @@ def test_cat_equals_qemu_img_convert(matrix: tuple[Mount, dict[str, bytes]], nam
 
 
 @pytest.mark.parametrize("name", ["zero-kinds-extl2", "subclusters-over-backing", "zlib-c4k"])
-def test_unaligned_reads_across_clusters(matrix: tuple[Mount, dict[str, bytes]],
-                                         name: str) -> None:
+def test_unaligned_reads_across_clusters(matrix: tuple[Mount, dict[str, bytes]], name: str) -> None:
     mount, expected = matrix
     data = expected[name]
     with open(mount / name, "rb", buffering=0) as f:
-        for offset, length in [(1, 511), (4095, 2), (65535, 65538), (131071, 300000),
-                               (len(data) - 3, 3)]:
-            assert os.pread(f.fileno(), length, offset) == data[offset:offset + length]
+        for offset, length in [
+            (1, 511),
+            (4095, 2),
+            (65535, 65538),
+            (131071, 300000),
+            (len(data) - 3, 3),
+        ]:
+            assert os.pread(f.fileno(), length, offset) == data[offset : offset + length]
 
 
 async def test_a_relative_backing_name_is_relative_to_the_image_behind_a_filter(
-        images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base = convert(images, "base")
     top = create(images, "top.qcow2", backing=base.name)  # stored as "base.qcow2"
     expected = to_raw(top)
@@ -65,8 +74,8 @@ async def test_a_relative_backing_name_is_relative_to_the_image_behind_a_filter(
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=qcow2,file.driver=throttle,file.file.driver=file,"
-                 f"file.file.filename={top}")
+            "d", f"driver=qcow2,file.driver=throttle,file.file.driver=file,file.file.filename={top}"
+        )
         assert bytes(await backend.read(0, backend.length())) == expected
     finally:
         await layer.close()

@@ -28,15 +28,19 @@ VARIANTS: dict[str, Callable[[Path], Path]] = {
     "extl2": lambda d: create(d, "img.qcow2", "extended_l2=on"),
     "v2": lambda d: create(d, "img.qcow2", "compat=0.10"),
     "compressed": lambda d: convert(d, "img", "cluster_size=16k", compress=True),
-    "compressed-zstd": lambda d: convert(d, "img", "cluster_size=16k,compression_type=zstd",
-                                         compress=True),
+    "compressed-zstd": lambda d: convert(
+        d, "img", "cluster_size=16k,compression_type=zstd", compress=True
+    ),
     "overlay": lambda d: create(d, "img.qcow2", backing=convert(d, "base").name),
-    "overlay-v2": lambda d: create(d, "img.qcow2", "compat=0.10",
-                                   backing=convert(d, "base", "compat=0.10").name),
-    "overlay-extl2": lambda d: create(d, "img.qcow2", "extended_l2=on,cluster_size=32k",
-                                      backing=convert(d, "base").name),
+    "overlay-v2": lambda d: create(
+        d, "img.qcow2", "compat=0.10", backing=convert(d, "base", "compat=0.10").name
+    ),
+    "overlay-extl2": lambda d: create(
+        d, "img.qcow2", "extended_l2=on,cluster_size=32k", backing=convert(d, "base").name
+    ),
     "overlay-short-raw-backing": lambda d: create(
-        d, "img.qcow2", backing=source(d / "base.raw", size=MiB).name, backing_fmt="raw"),
+        d, "img.qcow2", backing=source(d / "base.raw", size=MiB).name, backing_fmt="raw"
+    ),
 }
 
 
@@ -60,16 +64,20 @@ def random_ops(rng: random.Random, size: int, count: int) -> list[tuple[str, int
 
 @needs_fuse
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_mount_writes_pass_check_and_compare(mount_factory: Callable[..., Mount],
-                                             images: Path, variant: str) -> None:
+def test_mount_writes_pass_check_and_compare(
+    mount_factory: Callable[..., Mount], images: Path, variant: str
+) -> None:
     """Zero writes arrive as write_zeroes with unmap (detect-zeroes=unmap), as a guest's
     do over virtio-blk with discard=unmap."""
     image = VARIANTS[variant](images)
     reference = images / "reference.raw"
     reference.write_bytes(to_raw(image))
-    mount = mount_factory("--image-dir", str(images), "--backend",
-                          f"d=driver=qcow2,detect-zeroes=unmap,file.driver=file,"
-                          f"file.filename={image}")
+    mount = mount_factory(
+        "--image-dir",
+        str(images),
+        "--backend",
+        f"d=driver=qcow2,detect-zeroes=unmap,file.driver=file,file.filename={image}",
+    )
     rng = random.Random(variant)
     disk = os.open(mount / "d", os.O_RDWR)
     ref = os.open(reference, os.O_RDWR)
@@ -89,8 +97,9 @@ def test_mount_writes_pass_check_and_compare(mount_factory: Callable[..., Mount]
         os.close(ref)
     mount.stop()
     check(image)
-    assert "Images are identical" in qemu("qemu-img", "compare", "-f", "raw", "-F", "qcow2",
-                                          reference, image)
+    assert "Images are identical" in qemu(
+        "qemu-img", "compare", "-f", "raw", "-F", "qcow2", reference, image
+    )
 
 
 def qemu_map(image: Path) -> list[dict[str, object]]:
@@ -99,8 +108,9 @@ def qemu_map(image: Path) -> list[dict[str, object]]:
 
 @needs_fuse
 @pytest.mark.parametrize("options", ["", "extended_l2=on", "compat=0.10"])
-def test_zero_range_keeps_the_clusters_as_qemu_does(mount_factory: Callable[..., Mount],
-                                                    images: Path, options: str) -> None:
+def test_zero_range_keeps_the_clusters_as_qemu_does(
+    mount_factory: Callable[..., Mount], images: Path, options: str
+) -> None:
     """``fallocate -z`` (what a loop device sends for ``blkdiscard -z``) zeroes without
     may-unmap: the clusters stay allocated (the zero flag on an allocated cluster; written
     zeros in a v2 image), and a later write into the range takes no new space.
@@ -120,10 +130,13 @@ def test_zero_range_keeps_the_clusters_as_qemu_does(mount_factory: Callable[...,
 
     size, used = image.stat().st_size, image.stat().st_blocks
     mount = mount_factory("--backend", f"d={image}")
-    subprocess.run(["fallocate", "-z", "-n", "-o", str(zero_at), "-l", str(zero_len),
-                    str(mount / "d")], check=True)
-    assert (mount / "d").read_bytes()[:8 * MiB] == \
-        data[:zero_at] + bytes(zero_len) + data[zero_at + zero_len:]
+    subprocess.run(
+        ["fallocate", "-z", "-n", "-o", str(zero_at), "-l", str(zero_len), str(mount / "d")],
+        check=True,
+    )
+    assert (mount / "d").read_bytes()[: 8 * MiB] == data[:zero_at] + bytes(zero_len) + data[
+        zero_at + zero_len :
+    ]
     mount.stop()
     assert subprocess.run(["qemu-img", "check", str(image)]).returncode == 0
     assert image.stat().st_size == size and image.stat().st_blocks >= used
@@ -138,11 +151,10 @@ def test_zero_range_keeps_the_clusters_as_qemu_does(mount_factory: Callable[...,
     mount.stop()
     assert image.stat().st_size == size
     assert subprocess.run(["qemu-img", "check", str(image)]).returncode == 0
-    assert to_raw(image)[3 * MiB:4 * MiB] == b"\x5a" * MiB
+    assert to_raw(image)[3 * MiB : 4 * MiB] == b"\x5a" * MiB
 
     mount = mount_factory("--backend", f"d={image}")
-    subprocess.run(["fallocate", "-p", "-o", "0", "-l", str(8 * MiB), str(mount / "d")],
-                   check=True)
+    subprocess.run(["fallocate", "-p", "-o", "0", "-l", str(8 * MiB), str(mount / "d")], check=True)
     mount.stop()
     check(image)
     assert image.stat().st_blocks * 512 < used * 512 - 6 * MiB  # freed, holes punched
@@ -151,7 +163,8 @@ def test_zero_range_keeps_the_clusters_as_qemu_does(mount_factory: Callable[...,
 @needs_fuse
 @pytest.mark.parametrize("options", ["", "cluster_size=4k"])
 def test_discarded_clusters_are_reused_so_the_image_stays_bounded(
-        mount_factory: Callable[..., Mount], images: Path, options: str) -> None:
+    mount_factory: Callable[..., Mount], images: Path, options: str
+) -> None:
     """Cycles of writes, ``fallocate -p`` and fsync through one mount (a filesystem made
     and remade with discard over a loop device): the clusters a discard frees are reused
     once that is durable, so the image file stays within the disk's size plus its metadata
@@ -168,12 +181,14 @@ def test_discarded_clusters_are_reused_so_the_image_stays_bounded(
                 data = rng.randbytes(rng.choice((4096, 65536, 300000, MiB)))
                 disk.seek(offset)
                 disk.write(data)
-                model[offset:offset + len(data)] = data
+                model[offset : offset + len(data)] = data
             os.fsync(disk.fileno())
             start = rng.randrange(0, size // 2, 65536)
-            subprocess.run(["fallocate", "-p", "-o", str(start), "-l", str(size // 2),
-                            str(mount / "d")], check=True)
-            model[start:start + size // 2] = bytes(size // 2)
+            subprocess.run(
+                ["fallocate", "-p", "-o", str(start), "-l", str(size // 2), str(mount / "d")],
+                check=True,
+            )
+            model[start : start + size // 2] = bytes(size // 2)
             os.fsync(disk.fileno())
         disk.seek(0)
         assert disk.read() == model
@@ -183,10 +198,10 @@ def test_discarded_clusters_are_reused_so_the_image_stays_bounded(
     assert image.stat().st_size <= size + size // 8  # the disk, and room for its metadata
 
 
-@pytest.mark.parametrize("variant", ["v3-64k", "c512", "extl2", "v2", "overlay", "overlay-v2",
-                                     "compressed"])
-async def test_discards_and_zero_writes_through_the_backend_api(images: Path,
-                                                                variant: str) -> None:
+@pytest.mark.parametrize(
+    "variant", ["v3-64k", "c512", "extl2", "v2", "overlay", "overlay-v2", "compressed"]
+)
+async def test_discards_and_zero_writes_through_the_backend_api(images: Path, variant: str) -> None:
     """Discard is advisory: afterwards each byte reads as before or as zero, and QEMU reads
     what blkfs reads."""
     image = VARIANTS[variant](images)
@@ -202,16 +217,16 @@ async def test_discards_and_zero_writes_through_the_backend_api(images: Path,
             if kind == "data":
                 data = rng.randbytes(length)
                 await backend.write(offset, data)
-                model[offset:offset + length] = data
+                model[offset : offset + length] = data
             elif kind == "zeroes":
                 await backend.write_zeroes(offset, length, unmap=rng.random() < 0.5)
-                model[offset:offset + length] = bytes(length)
+                model[offset : offset + length] = bytes(length)
             else:
                 await backend.discard(offset, length)
                 after = await backend.read(offset, length)
-                before = model[offset:offset + length]
+                before = model[offset : offset + length]
                 assert all(a in (b, 0) for a, b in zip(after, before, strict=True))
-                model[offset:offset + length] = after
+                model[offset : offset + length] = after
         assert await backend.read(0, len(model)) == model
     finally:
         await layer.close()
@@ -242,7 +257,8 @@ def test_created_images_pass_check_and_show_the_options(images: Path, options: s
     specific = info["format-specific"]["data"]
     assert info["virtual-size"] == 5 << 30
     assert info["cluster-size"] == {"512": 512, "2M": 2 * MiB, "4k": 4096}.get(
-        wanted.get("cluster_size", ""), 65536)
+        wanted.get("cluster_size", ""), 65536
+    )
     assert specific["compat"] == wanted.get("compat", "1.1")
     assert specific["refcount-bits"] == int(wanted.get("refcount_bits", 16))
     if specific["compat"] == "1.1":
@@ -293,8 +309,9 @@ def test_create_refuses_bad_input_and_changes_nothing(images: Path) -> None:
 
 
 @needs_fuse
-def test_a_chain_blkfs_wrote_reads_back_in_qemu(mount_factory: Callable[..., Mount],
-                                                images: Path) -> None:
+def test_a_chain_blkfs_wrote_reads_back_in_qemu(
+    mount_factory: Callable[..., Mount], images: Path
+) -> None:
     """base and overlay made by ``blkfs image create``, written through the mount; QEMU's
     convert of the overlay sees both layers, and ``blkfs image info`` reports the chain."""
     base, top = images / "base.qcow2", images / "top.qcow2"
@@ -310,7 +327,7 @@ def test_a_chain_blkfs_wrote_reads_back_in_qemu(mount_factory: Callable[..., Mou
                 offset, data = rng.randrange(len(model) - 70000), rng.randbytes(70000)
                 disk.seek(offset)
                 disk.write(data)
-                model[offset:offset + len(data)] = data
+                model[offset : offset + len(data)] = data
         mount.stop()
     for image in (base, top):
         check(image)
@@ -353,9 +370,9 @@ async def test_writing_over_an_internal_snapshot_leaks_nothing(images: Path) -> 
     assert "No errors were found" in check(image)
     data = to_raw(image)
     assert data[65536:69632] == b"\2" * 4096
-    assert data[:65536] == b"\1" * 65536 and data[69632:3 * MiB] == b"\1" * (3 * MiB - 69632)
+    assert data[:65536] == b"\1" * 65536 and data[69632 : 3 * MiB] == b"\1" * (3 * MiB - 69632)
     qemu("qemu-img", "snapshot", "-a", "before", image)  # the snapshot still has the old data
-    assert to_raw(image)[:3 * MiB] == b"\1" * (3 * MiB)
+    assert to_raw(image)[: 3 * MiB] == b"\1" * (3 * MiB)
 
 
 async def test_the_refcount_table_holds_only_its_used_entries_in_memory(tmp_path: Path) -> None:
@@ -374,14 +391,15 @@ async def test_the_refcount_table_holds_only_its_used_entries_in_memory(tmp_path
     for start in rng.sample(range(0, size, 64 << 10), k=(size >> 16) - 8):
         data = rng.randbytes(64 << 10)  # clusters all over: new refcount blocks
         await backend.write(start, data)
-        model[start:start + len(data)] = data
+        model[start : start + len(data)] = data
     assert table.room > first_room  # the table moved to a larger place
     await layer.close()
     check(image)
     assert to_raw(image) == bytes(model)
     reader = BlockLayer()
-    ro = await reader.create("r", f"driver=qcow2,read-only=on,file.driver=file,"
-                                  f"file.filename={image}")
+    ro = await reader.create(
+        "r", f"driver=qcow2,read-only=on,file.driver=file,file.filename={image}"
+    )
     assert len(ro.root_node().driver.metadata.refcount_table.entries) == 0  # type: ignore[attr-defined]
     assert await ro.read(0, size) == model
     await reader.close()

@@ -74,53 +74,100 @@ SETUPS: list[Setup] = [
     Setup("file", lambda tmp: f"driver=file,filename={_raw_file(tmp)}"),
     Setup("raw", lambda tmp: f"driver=raw,file.driver=file,file.filename={_raw_file(tmp)}"),
     Setup("probed", lambda tmp: str(_raw_file(tmp))),
-    Setup("raw-slice",
-          lambda tmp: (f"driver=raw,offset={SLICE_OFFSET},size={SIZE},file.driver=file,"
-                       f"file.filename={_raw_file(tmp, SIZE + 4096, os.urandom(SLICE_OFFSET))}"),
-          resizable=False, host_offset=SLICE_OFFSET),
+    Setup(
+        "raw-slice",
+        lambda tmp: (
+            f"driver=raw,offset={SLICE_OFFSET},size={SIZE},file.driver=file,"
+            f"file.filename={_raw_file(tmp, SIZE + 4096, os.urandom(SLICE_OFFSET))}"
+        ),
+        resizable=False,
+        host_offset=SLICE_OFFSET,
+    ),
     Setup("file-direct", lambda tmp: f"driver=file,cache.direct=on,filename={_raw_file(tmp)}"),
-    Setup("raw-slice-direct",
-          lambda tmp: (f"driver=raw,offset={SLICE_OFFSET},size={SIZE},file.driver=file,"
-                       f"file.cache.direct=on,file.filename="
-                       f"{_raw_file(tmp, SIZE + 4096, os.urandom(SLICE_OFFSET))}"),
-          resizable=False, host_offset=SLICE_OFFSET),
+    Setup(
+        "raw-slice-direct",
+        lambda tmp: (
+            f"driver=raw,offset={SLICE_OFFSET},size={SIZE},file.driver=file,"
+            f"file.cache.direct=on,file.filename="
+            f"{_raw_file(tmp, SIZE + 4096, os.urandom(SLICE_OFFSET))}"
+        ),
+        resizable=False,
+        host_offset=SLICE_OFFSET,
+    ),
     Setup("null", lambda tmp: f"driver=null,size={SIZE}", keeps_data=False, host_file=None),
     Setup("qcow2", _qcow2_overlay, host_file=None, shrinkable=False),
-    Setup("qcow2-small-clusters",
-          lambda tmp: _qcow2_overlay(tmp, cluster_size="512", refcount_bits="1"),
-          host_file=None, shrinkable=False),
-    Setup("qcow2-subclusters",
-          lambda tmp: _qcow2_overlay(tmp, extended_l2="on", compat="1.1"),
-          host_file=None, shrinkable=False),
-    Setup("qcow2-v2", lambda tmp: _qcow2_overlay(tmp, compat="0.10"),
-          host_file=None, shrinkable=False),
-    Setup("qcow2-direct",  # the raw backing file inherits cache.direct
-          lambda tmp: f"driver=qcow2,file.driver=file,file.cache.direct=on,"
-                      f"file.filename={_qcow2_overlay(tmp)}",
-          host_file=None, shrinkable=False),
+    Setup(
+        "qcow2-small-clusters",
+        lambda tmp: _qcow2_overlay(tmp, cluster_size="512", refcount_bits="1"),
+        host_file=None,
+        shrinkable=False,
+    ),
+    Setup(
+        "qcow2-subclusters",
+        lambda tmp: _qcow2_overlay(tmp, extended_l2="on", compat="1.1"),
+        host_file=None,
+        shrinkable=False,
+    ),
+    Setup(
+        "qcow2-v2", lambda tmp: _qcow2_overlay(tmp, compat="0.10"), host_file=None, shrinkable=False
+    ),
+    Setup(
+        "qcow2-direct",  # the raw backing file inherits cache.direct
+        lambda tmp: (
+            f"driver=qcow2,file.driver=file,file.cache.direct=on,"
+            f"file.filename={_qcow2_overlay(tmp)}"
+        ),
+        host_file=None,
+        shrinkable=False,
+    ),
     Setup("qcow2-chain", _qcow2_chain, host_file=None, shrinkable=False),
-    Setup("throttle",
-          lambda tmp: (f"driver=throttle,limits.bps-total=1G,limits.iops-total=100000,"
-                       f"file.driver=file,file.filename={_raw_file(tmp)}")),
-    Setup("blkdebug", lambda tmp: f"driver=blkdebug,image.driver=file,"
-                                  f"image.filename={_raw_file(tmp)}"),
-    Setup("blkdebug-align-4k",
-          lambda tmp: f"driver=blkdebug,align=4k,image.driver=file,"
-                      f"image.filename={_raw_file(tmp)}"),
-    Setup("copy-on-read",
-          lambda tmp: f"driver=copy-on-read,file.driver=qcow2,file.file.driver=file,"
-                      f"file.file.filename={_qcow2_overlay(tmp)}",
-          host_file=None, shrinkable=False, can_be_read_only=False),
-    Setup("blklogwrites",
-          lambda tmp: f"driver=blklogwrites,file.driver=file,file.filename={_raw_file(tmp)},"
-                      f"log.driver=file,log.filename={_log(tmp)}"),
-    Setup("blklogwrites-4k",
-          lambda tmp: f"driver=blklogwrites,log-sector-size=4k,file.driver=file,"
-                      f"file.filename={_raw_file(tmp)},log.driver=file,"
-                      f"log.filename={_log(tmp)}"),
-    Setup("qcow2-over-blklogwrites",
-          lambda tmp: f"driver=qcow2,file.driver=blklogwrites,file.file.driver=file,"
-                      f"file.file.filename={_qcow2_overlay(tmp)},file.log.driver=file,"
-                      f"file.log.filename={_log(tmp)}",
-          host_file=None, shrinkable=False),
+    Setup(
+        "throttle",
+        lambda tmp: (
+            f"driver=throttle,limits.bps-total=1G,limits.iops-total=100000,"
+            f"file.driver=file,file.filename={_raw_file(tmp)}"
+        ),
+    ),
+    Setup(
+        "blkdebug", lambda tmp: f"driver=blkdebug,image.driver=file,image.filename={_raw_file(tmp)}"
+    ),
+    Setup(
+        "blkdebug-align-4k",
+        lambda tmp: f"driver=blkdebug,align=4k,image.driver=file,image.filename={_raw_file(tmp)}",
+    ),
+    Setup(
+        "copy-on-read",
+        lambda tmp: (
+            f"driver=copy-on-read,file.driver=qcow2,file.file.driver=file,"
+            f"file.file.filename={_qcow2_overlay(tmp)}"
+        ),
+        host_file=None,
+        shrinkable=False,
+        can_be_read_only=False,
+    ),
+    Setup(
+        "blklogwrites",
+        lambda tmp: (
+            f"driver=blklogwrites,file.driver=file,file.filename={_raw_file(tmp)},"
+            f"log.driver=file,log.filename={_log(tmp)}"
+        ),
+    ),
+    Setup(
+        "blklogwrites-4k",
+        lambda tmp: (
+            f"driver=blklogwrites,log-sector-size=4k,file.driver=file,"
+            f"file.filename={_raw_file(tmp)},log.driver=file,"
+            f"log.filename={_log(tmp)}"
+        ),
+    ),
+    Setup(
+        "qcow2-over-blklogwrites",
+        lambda tmp: (
+            f"driver=qcow2,file.driver=blklogwrites,file.file.driver=file,"
+            f"file.file.filename={_qcow2_overlay(tmp)},file.log.driver=file,"
+            f"file.log.filename={_log(tmp)}"
+        ),
+        host_file=None,
+        shrinkable=False,
+    ),
 ]

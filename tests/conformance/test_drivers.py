@@ -49,20 +49,22 @@ async def test_readinto_writes_every_byte_of_a_reused_buffer(medium) -> None:
     for offset, length in [(0, SIZE), (1, 4097), (SIZE - 513, 513), (65536, 131072)]:
         view = memoryview(buf)[:length]
         await backend.readinto(offset, view)
-        assert view == model[offset:offset + length]
+        assert view == model[offset : offset + length]
 
 
-@pytest.mark.parametrize("offset, length", [(0, 1), (511, 2), (4095, 4098), (1, SIZE - 2),
-                                            (SIZE - 7, 7), (65536, 131072)])
+@pytest.mark.parametrize(
+    "offset, length",
+    [(0, 1), (511, 2), (4095, 4098), (1, SIZE - 2), (SIZE - 7, 7), (65536, 131072)],
+)
 async def test_unaligned_writes_read_back(medium, offset: int, length: int) -> None:
     backend, setup, _ = medium
     model = expected_initial(setup)
     data = os.urandom(length)
     await backend.write(offset, data)
     if setup.keeps_data:
-        model[offset:offset + length] = data
+        model[offset : offset + length] = data
     assert await backend.read(0, SIZE) == model
-    assert await backend.read(offset, length) == model[offset:offset + length]
+    assert await backend.read(offset, length) == model[offset : offset + length]
 
 
 async def test_write_zeroes_and_discard(medium) -> None:
@@ -81,11 +83,13 @@ async def test_write_zeroes_and_discard(medium) -> None:
 async def test_out_of_range_requests_fail_and_change_nothing(medium) -> None:
     backend, _setup, _ = medium
     before = await backend.read(0, SIZE)
-    for request, code in [(backend.read(SIZE - 1, 2), errno.EIO),
-                          (backend.write(SIZE, b"x"), errno.ENOSPC),
-                          (backend.write(SIZE - 1, b"xy"), errno.ENOSPC),
-                          (backend.read(-1, 1), errno.EINVAL),
-                          (backend.write_zeroes(SIZE - 10, 11), errno.ENOSPC)]:
+    for request, code in [
+        (backend.read(SIZE - 1, 2), errno.EIO),
+        (backend.write(SIZE, b"x"), errno.ENOSPC),
+        (backend.write(SIZE - 1, b"xy"), errno.ENOSPC),
+        (backend.read(-1, 1), errno.EINVAL),
+        (backend.write_zeroes(SIZE - 10, 11), errno.ENOSPC),
+    ]:
         with pytest.raises(BlockError) as err:
             await request
         assert err.value.errno == code
@@ -103,8 +107,12 @@ async def test_read_only_refuses_writes(setup: Setup, tmp_path: Path) -> None:
             return
         backend = await layer.create("ro", setup.make(tmp_path), read_only=True)
         assert backend.read_only
-        for request in (backend.write(0, b"x"), backend.write_zeroes(0, 10),
-                        backend.discard(0, 4096), backend.truncate(2 * SIZE)):
+        for request in (
+            backend.write(0, b"x"),
+            backend.write_zeroes(0, 10),
+            backend.discard(0, 4096),
+            backend.truncate(2 * SIZE),
+        ):
             with pytest.raises(BlockError) as err:
                 await request
             assert err.value.errno == errno.EROFS

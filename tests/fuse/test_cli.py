@@ -21,7 +21,8 @@ MiB = 1 << 20
 
 
 def test_mount_creates_the_mountpoint_and_umount_waits_for_the_daemon(
-        tmp_path: Path, images: Path) -> None:
+    tmp_path: Path, images: Path
+) -> None:
     image = images / "a.img"
     data = pattern_image(image, MiB, image_id=1)
     target = tmp_path / "new" / "mnt"
@@ -38,8 +39,9 @@ def test_mount_creates_the_mountpoint_and_umount_waits_for_the_daemon(
         mount.stop()
 
 
-def test_mount_errors_are_clear_and_leave_nothing(tmp_path: Path, images: Path,
-                                                  mount_factory) -> None:
+def test_mount_errors_are_clear_and_leave_nothing(
+    tmp_path: Path, images: Path, mount_factory
+) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     result = blkfs("mount", str(not_a_dir), check=False)
@@ -58,8 +60,7 @@ def test_mount_errors_are_clear_and_leave_nothing(tmp_path: Path, images: Path,
     assert result.returncode == 1 and "NAME=OPTIONS" in result.stderr
 
 
-def test_umount_of_a_busy_mount_refuses_and_keeps_everything(mount_factory,
-                                                             images: Path) -> None:
+def test_umount_of_a_busy_mount_refuses_and_keeps_everything(mount_factory, images: Path) -> None:
     image = images / "a.img"
     data = pattern_image(image, MiB, image_id=1)
     mount = mount_factory("--backend", f"a={image}")
@@ -70,15 +71,18 @@ def test_umount_of_a_busy_mount_refuses_and_keeps_everything(mount_factory,
         assert f.read() == data
 
 
-def test_umount_that_cannot_flush_refuses_and_keeps_the_data(mount_factory,
-                                                             images: Path) -> None:
+def test_umount_that_cannot_flush_refuses_and_keeps_the_data(mount_factory, images: Path) -> None:
     image = images / "a.img"
     pattern_image(image, MiB, image_id=1)
     pattern_image(images / "b.img", MiB, image_id=2)
-    mount = mount_factory("--backend", f"a=driver=blkdebug,node-name=dbg,"
-                          "inject-error.0.event=flush,inject-error.0.errno=EIO,"
-                          f"image.driver=file,image.filename={image}",
-                          "--backend", f"b={images / 'b.img'}")
+    mount = mount_factory(
+        "--backend",
+        f"a=driver=blkdebug,node-name=dbg,"
+        "inject-error.0.event=flush,inject-error.0.errno=EIO,"
+        f"image.driver=file,image.filename={image}",
+        "--backend",
+        f"b={images / 'b.img'}",
+    )
     fd = os.open(mount / "a", os.O_WRONLY)
     os.write(fd, b"not yet on disk")
     with pytest.raises(OSError) as closing:  # close flushes a written file: the writer is told
@@ -96,8 +100,9 @@ def test_umount_that_cannot_flush_refuses_and_keeps_the_data(mount_factory,
     assert image.read_bytes().startswith(b"not yet on disk")
 
 
-def test_umount_does_not_count_backends_gone_since_its_status_read(mount_factory,
-                                                                    images: Path) -> None:
+def test_umount_does_not_count_backends_gone_since_its_status_read(
+    mount_factory, images: Path
+) -> None:
     pattern_image(images / "a.img", MiB, image_id=1)
     mount = mount_factory("--backend", f"a={images / 'a.img'}", "--backend", "empty=")
     stale = [{"name": name, "medium": True, "read-only": False} for name in ("a", "empty", "gone")]
@@ -120,8 +125,11 @@ def test_sigterm_flushes_and_unmounts(mount_factory, images: Path) -> None:
     with open(mount / "a", "r+b", buffering=0) as f:
         f.write(b"sigterm")
     os.kill(mount.pid, signal.SIGTERM)
-    wait_until(lambda: not mount.alive() and not mounted(mount.path),
-               "the daemon to flush, unmount and exit", seconds=30)
+    wait_until(
+        lambda: not mount.alive() and not mounted(mount.path),
+        "the daemon to flush, unmount and exit",
+        seconds=30,
+    )
     assert image.read_bytes().startswith(b"sigterm")
 
 
@@ -181,14 +189,18 @@ def daemon_cpu_ticks(pid: int) -> int:
 
 @pytest.mark.parametrize("poll", ["--poll-max-ns=1000000", "--poll-max-ns=0"])
 def test_reads_one_at_a_time_are_right_and_an_idle_daemon_rests(
-        mount_factory, images: Path, poll: str) -> None:
+    mount_factory, images: Path, poll: str
+) -> None:
     """dd's 4 KiB reads, each sent after the last reply, come while the daemon busy-polls
     (with up to 1 ms, nearly all of them); once they stop, the daemon sleeps."""
     image = images / "a.img"
     data = pattern_image(image, 8 * MiB, image_id=3)
     mount = mount_factory("--backend", f"a={image}", poll)
-    read = subprocess.run(["dd", f"if={mount / 'a'}", "bs=4k", "iflag=direct", "status=none"],
-                          check=True, capture_output=True).stdout
+    read = subprocess.run(
+        ["dd", f"if={mount / 'a'}", "bs=4k", "iflag=direct", "status=none"],
+        check=True,
+        capture_output=True,
+    ).stdout
     assert read == data
     wait_until(lambda: asleep(mount.pid), "the daemon to stop polling")
     before = daemon_cpu_ticks(mount.pid)
@@ -228,13 +240,18 @@ echo cd0 > $M/.ctl/eject
     assert "ENOENT" in mount.last_error()
 
 
-def test_ctl_resolves_relative_names_in_the_callers_directory(mount_factory,
-                                                              images: Path) -> None:
+def test_ctl_resolves_relative_names_in_the_callers_directory(mount_factory, images: Path) -> None:
     data = pattern_image(images / "rel.img", MiB, image_id=3)
     mount = mount_factory()
     blkfs("ctl", str(mount.path), "create", "r", "rel.img", cwd=images)
-    blkfs("ctl", str(mount.path), "create", "s",
-          "driver=raw,file.driver=file,file.filename=rel.img,read-only=on", cwd=images)
+    blkfs(
+        "ctl",
+        str(mount.path),
+        "create",
+        "s",
+        "driver=raw,file.driver=file,file.filename=rel.img,read-only=on",
+        cwd=images,
+    )
     assert (mount / "r").read_bytes() == data == (mount / "s").read_bytes()
     tree = mount.backends()["r"]["tree"]
     assert tree["children"]["file"]["options"]["filename"] == str(images / "rel.img")
@@ -265,8 +282,13 @@ def test_a_daemon_without_a_log_file_logs_to_syslog(tmp_path: Path, images: Path
         listener.settimeout(10)
         target = tmp_path / "mnt"
         env = {**os.environ, "BLKFS_SYSLOG_SOCKET": str(socket_path)}
-        subprocess.run([*BLKFS, "mount", str(target), "--backend", f"disk={images / 'a.img'}"],
-                       check=True, env=env, capture_output=True, timeout=60)
+        subprocess.run(
+            [*BLKFS, "mount", str(target), "--backend", f"disk={images / 'a.img'}"],
+            check=True,
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
         try:
             lines = []
             while not any("disk: created" in line for line in lines):
@@ -293,15 +315,21 @@ def test_a_reader_that_goes_away_ends_the_output_quietly(images: Path) -> None:
     read, write = os.pipe()
     os.close(read)  # the reader has gone before anything is written
     try:
-        result = subprocess.run([*BLKFS, "image", "info", str(image)], stdout=write,
-                                stderr=subprocess.PIPE, text=True, timeout=60)
+        result = subprocess.run(
+            [*BLKFS, "image", "info", str(image)],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
     finally:
         os.close(write)
     assert result.returncode != 0 and result.stderr == ""
 
 
 def test_a_path_given_relative_at_mount_is_named_absolute_in_errors(
-        mount_factory, images: Path) -> None:
+    mount_factory, images: Path
+) -> None:
     """The daemon keeps the path it was given; a later error about that image names it as
     the user can use it anywhere, not as first typed."""
     image = images / "a.img"

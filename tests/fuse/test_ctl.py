@@ -22,9 +22,10 @@ def listing(mount: Mount) -> list[str]:
 
 def snapshot(mount: Mount) -> tuple[list[str], list[tuple]]:
     """What a failed command must not change: the files and every backend's medium."""
-    return listing(mount), [(b["name"], b["medium"], b["size"], b["read-only"],
-                             b["tree"] and b["tree"]["node-name"])
-                            for b in mount.status()["backends"]]
+    return listing(mount), [
+        (b["name"], b["medium"], b["size"], b["read-only"], b["tree"] and b["tree"]["node-name"])
+        for b in mount.status()["backends"]
+    ]
 
 
 @pytest.fixture
@@ -138,7 +139,7 @@ def test_media_change_is_seen_by_an_fd_opened_before(mount: Mount, two_images) -
         f.seek(0)
         assert f.read(16) == b.read_bytes()[:16]
         f.seek(2 * MiB + 4096)  # beyond the old medium's end
-        assert f.read(16) == b.read_bytes()[2 * MiB + 4096:2 * MiB + 4112]
+        assert f.read(16) == b.read_bytes()[2 * MiB + 4096 : 2 * MiB + 4112]
         mount.ctl("eject", "cd")
         f.seek(0)
         assert errno_of(f.read, 16) == errno.ENOMEDIUM
@@ -174,8 +175,10 @@ def test_rm_deletes_the_backend_not_the_image(mount: Mount, two_images) -> None:
 
 def test_status_shows_the_tree(mount: Mount, two_images) -> None:
     a, _ = two_images
-    mount.ctl("create", f"disk0 driver=raw,node-name=fmt0,file.driver=file,"
-                        f"file.filename={a},file.node-name=proto0")
+    mount.ctl(
+        "create",
+        f"disk0 driver=raw,node-name=fmt0,file.driver=file,file.filename={a},file.node-name=proto0",
+    )
     text = (mount / ".ctl" / "status").read_text()
     assert "disk0" in text and "fmt0" in text and "proto0" in text and str(a) in text
     tree = mount.backends()["disk0"]["tree"]
@@ -197,10 +200,20 @@ def test_reopen_turns_on_zero_detection_live(mount: Mount, images: Path) -> None
     assert snapshot(mount) == before
     mount.ctl("reopen", "zfmt detect-zeroes=unmap")
     assert mount.backends()["z"]["tree"]["options"]["detect-zeroes"] == "unmap"
-    subprocess.run(["dd", "if=/dev/zero", f"of={mount / 'z'}", "bs=1M", "count=2",
-                    "conv=notrunc,fsync", "status=none"], check=True)
+    subprocess.run(
+        [
+            "dd",
+            "if=/dev/zero",
+            f"of={mount / 'z'}",
+            "bs=1M",
+            "count=2",
+            "conv=notrunc,fsync",
+            "status=none",
+        ],
+        check=True,
+    )
     assert image.stat().st_blocks * 512 <= 2 * MiB + 64 * 1024  # the zeroed half was punched
-    assert (mount / "z").read_bytes()[:2 * MiB] == bytes(2 * MiB)
+    assert (mount / "z").read_bytes()[: 2 * MiB] == bytes(2 * MiB)
 
 
 def test_reopen_switches_a_backend_read_only_and_back(mount: Mount, images: Path) -> None:
@@ -214,8 +227,18 @@ def test_reopen_switches_a_backend_read_only_and_back(mount: Mount, images: Path
     assert mount.backends()["r"]["read-only"]
     mount.ctl("reopen", "rfmt read-only=off")
     assert disk.stat().st_mode & 0o777 == 0o644
-    subprocess.run(["dd", "if=/dev/urandom", f"of={disk}", "bs=64k", "count=1",
-                    "conv=notrunc,fsync", "status=none"], check=True)
+    subprocess.run(
+        [
+            "dd",
+            "if=/dev/urandom",
+            f"of={disk}",
+            "bs=64k",
+            "count=1",
+            "conv=notrunc,fsync",
+            "status=none",
+        ],
+        check=True,
+    )
     assert disk.read_bytes()[:65536] == image.read_bytes()[:65536] != bytes(65536)
 
 

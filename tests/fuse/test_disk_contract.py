@@ -57,19 +57,23 @@ def allocated(path: Path) -> int:
 
 
 @pytest.mark.parametrize("layout", ["plain", "overlay"])
-def test_seek_data_and_hole_match_qemu_img_map(mount_factory, images: Path,
-                                               layout: str) -> None:
+def test_seek_data_and_hole_match_qemu_img_map(mount_factory, images: Path, layout: str) -> None:
     image = images / "disk.qcow2"
     if layout == "overlay":
         base = images / "base.qcow2"
         qemu("qemu-img", "create", "-q", "-f", "qcow2", base, "64M")
         qemu_io(base, "qcow2", "write -P 1 1M 1M", "write -P 2 40M 64k")
-        qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2",
-             image)
+        qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", image)
     else:
         qemu("qemu-img", "create", "-q", "-f", "qcow2", image, "64M")
-    qemu_io(image, "qcow2", "write -P 3 0 64k", "write -P 4 8M 3M", "write -z 9M 64k",
-            "write -P 5 63M 1M")
+    qemu_io(
+        image,
+        "qcow2",
+        "write -P 3 0 64k",
+        "write -P 4 8M 3M",
+        "write -z 9M 64k",
+        "write -P 5 63M 1M",
+    )
     expected = qemu_data_ranges(image)
     mount = mount_factory("--backend", f"d={image}")
     assert seek_data_ranges(mount / "d") == expected
@@ -93,19 +97,25 @@ def test_fallocate_punches_and_zeroes_through_the_tree(mount_factory, images: Pa
     subprocess.run(["fallocate", "-p", "-o", "1M", "-l", "2M", str(disk)], check=True)
     subprocess.run(["fallocate", "-z", "-n", "-o", "5M", "-l", "1M", str(disk)], check=True)
     data = disk.read_bytes()
-    assert data[MiB:3 * MiB] == bytes(2 * MiB) and data[5 * MiB:6 * MiB] == bytes(MiB)
-    assert allocated(image) <= before - 2 * MiB + 64 * 1024, \
-        "the punched hole did not reach the host"  # (give or take an extent block)
+    assert data[MiB : 3 * MiB] == bytes(2 * MiB) and data[5 * MiB : 6 * MiB] == bytes(MiB)
+    assert allocated(image) <= before - 2 * MiB + 64 * 1024, (
+        "the punched hole did not reach the host"
+    )  # (give or take an extent block)
     assert os.stat(disk).st_size == 8 * MiB
-    assert subprocess.run(["fallocate", "-c", "-o", "0", "-l", "1M", str(disk)],
-                          capture_output=True).returncode != 0  # collapse: not for a disk
+    assert (
+        subprocess.run(
+            ["fallocate", "-c", "-o", "0", "-l", "1M", str(disk)], capture_output=True
+        ).returncode
+        != 0
+    )  # collapse: not for a disk
 
 
 @needs_loop
 @pytest.mark.loop
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_fstrim_through_a_loop_device_gives_space_back(mount_factory, images: Path,
-                                                       tmp_path: Path, fmt: str) -> None:
+def test_fstrim_through_a_loop_device_gives_space_back(
+    mount_factory, images: Path, tmp_path: Path, fmt: str
+) -> None:
     image = images / f"vol.{fmt}"
     qemu("qemu-img", "create", "-q", "-f", fmt, image, "256M")
     mount = mount_factory("--backend", f"vol={image}")

@@ -43,7 +43,8 @@ def make_room(mount: Mount, host: Path, name: str) -> None:
 @pytest.mark.loop
 @pytest.mark.parametrize("policy", ["", ",werror=report"])
 def test_a_full_host_pauses_the_volume_and_cont_finishes_the_writes(
-        policy: str, mount_factory, images: Path, tmp_path: Path) -> None:
+    policy: str, mount_factory, images: Path, tmp_path: Path
+) -> None:
     payload = tmp_path / "payload"
     payload.write_bytes(os.urandom(80 * MiB))
     with tmpfs(tmp_path / "host", "48m") as host:
@@ -55,15 +56,27 @@ def test_a_full_host_pauses_the_volume_and_cont_finishes_the_writes(
             where = tmp_path / "fs"
             with mounted_fs(device, where):
                 writer = subprocess.Popen(
-                    ["dd", f"if={payload}", f"of={where / 'payload'}", "bs=1M",
-                     "conv=fsync", "status=none"], stderr=subprocess.PIPE, text=True)
+                    [
+                        "dd",
+                        f"if={payload}",
+                        f"of={where / 'payload'}",
+                        "bs=1M",
+                        "conv=fsync",
+                        "status=none",
+                    ],
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
                 try:
                     if policy:  # werror=report: the error reaches the filesystem
                         assert writer.wait(timeout=300) != 0
                         assert pause_of(mount, "vol") is None
                         return
-                    wait_until(lambda: pause_of(mount, "vol") is not None,
-                               "the backend to pause", seconds=300)
+                    wait_until(
+                        lambda: pause_of(mount, "vol") is not None,
+                        "the backend to pause",
+                        seconds=300,
+                    )
                     pause = pause_of(mount, "vol")
                     assert pause is not None and pause["errno"] == "ENOSPC"
                     assert pause["operation"] == "write"
@@ -87,19 +100,22 @@ def test_a_full_host_pauses_the_volume_and_cont_finishes_the_writes(
         qemu_check_clean(str(image))
 
 
-def test_rerror_stop_holds_a_failing_read_until_cont(mount_factory, images: Path,
-                                                     tmp_path: Path) -> None:
+def test_rerror_stop_holds_a_failing_read_until_cont(
+    mount_factory, images: Path, tmp_path: Path
+) -> None:
     image = images / "disk.img"
     data = pattern_image(image, 4 * MiB, image_id=2)
     bad = 2048  # sector: the first of MiB 1
-    mount = mount_factory("--backend", f"d=driver=blkdebug,node-name=dbg,"
-                          f"inject-error.0.event=read,inject-error.0.sector={bad},"
-                          f"inject-error.0.errno=EIO,image.driver=file,"
-                          f"image.filename={image},rerror=stop")
+    mount = mount_factory(
+        "--backend",
+        f"d=driver=blkdebug,node-name=dbg,"
+        f"inject-error.0.event=read,inject-error.0.sector={bad},"
+        f"inject-error.0.errno=EIO,image.driver=file,"
+        f"image.filename={image},rerror=stop",
+    )
     assert mount.backends()["d"]["rerror"] == "stop"
     copy = tmp_path / "copy"
-    reader = subprocess.Popen(["dd", f"if={mount / 'd'}", f"of={copy}", "bs=64k",
-                               "status=none"])
+    reader = subprocess.Popen(["dd", f"if={mount / 'd'}", f"of={copy}", "bs=64k", "status=none"])
     try:
         wait_until(lambda: pause_of(mount, "d") is not None, "the backend to pause")
         pause = pause_of(mount, "d")
@@ -122,19 +138,24 @@ def test_rerror_stop_holds_a_failing_read_until_cont(mount_factory, images: Path
     assert pause_of(mount, "d") is None
 
 
-def test_force_on_gives_up_a_pause_and_the_held_request_fails(
-        mount_factory, images: Path) -> None:
+def test_force_on_gives_up_a_pause_and_the_held_request_fails(mount_factory, images: Path) -> None:
     image = images / "disk.img"
     pattern_image(image, 4 * MiB, image_id=3)
-    mount = mount_factory("--backend", f"d=driver=blkdebug,node-name=dbg,"
-                          f"inject-error.0.event=read,inject-error.0.sector=0,"
-                          f"inject-error.0.errno=EIO,image.driver=file,"
-                          f"image.filename={image},rerror=stop")
+    mount = mount_factory(
+        "--backend",
+        f"d=driver=blkdebug,node-name=dbg,"
+        f"inject-error.0.event=read,inject-error.0.sector=0,"
+        f"inject-error.0.errno=EIO,image.driver=file,"
+        f"image.filename={image},rerror=stop",
+    )
     fd = os.open(mount / "d", os.O_RDONLY)
     try:
-        reader = subprocess.Popen(["dd", f"if={mount / 'd'}", "bs=4k", "count=1",
-                                   "status=none"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
+        reader = subprocess.Popen(
+            ["dd", f"if={mount / 'd'}", "bs=4k", "count=1", "status=none"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         wait_until(lambda: pause_of(mount, "d") is not None, "the backend to pause")
         for verb in ("eject", "delete", "resize"):
             text = "d 8M" if verb == "resize" else "d"
@@ -149,16 +170,16 @@ def test_force_on_gives_up_a_pause_and_the_held_request_fails(
         os.close(fd)
 
 
-def test_set_changes_the_policy_live_and_bad_values_change_nothing(mount: Mount,
-                                                                  images: Path) -> None:
+def test_set_changes_the_policy_live_and_bad_values_change_nothing(
+    mount: Mount, images: Path
+) -> None:
     image = images / "disk.img"
     pattern_image(image, MiB, image_id=4)
     mount.ctl("create", f"d {image}")
     backend = mount.backends()["d"]
     assert (backend["werror"], backend["rerror"]) == ("enospc", "report")
     mount.ctl("set", "d werror=stop rerror=ignore")
-    assert (mount.backends()["d"]["werror"], mount.backends()["d"]["rerror"]) == \
-        ("stop", "ignore")
+    assert (mount.backends()["d"]["werror"], mount.backends()["d"]["rerror"]) == ("stop", "ignore")
     before = mount.backends()
     assert mount.ctl_errno("set", "d werror=sometimes") == errno.EINVAL
     assert mount.ctl_errno("set", "nosuch werror=stop") == errno.ENOENT

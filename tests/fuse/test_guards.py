@@ -37,14 +37,17 @@ pytestmark = [needs_fuse, pytest.mark.fuse, needs_qemu]
 
 def ctl_state(mount: Mount) -> dict[str, object]:
     """What a refused command must leave as it was: every backend's tree, size and users."""
-    return {name: (b["tree"], b["size"], b["open"], b["writers"])
-            for name, b in mount.backends().items()}
+    return {
+        name: (b["tree"], b["size"], b["open"], b["writers"])
+        for name, b in mount.backends().items()
+    }
 
 
 @needs_loop
 @pytest.mark.loop
 def test_rollback_and_delete_under_a_mounted_filesystem_are_refused(
-        mount_factory, images: Path, tmp_path: Path) -> None:
+    mount_factory, images: Path, tmp_path: Path
+) -> None:
     base, overlay = images / "base.qcow2", images / "s1.qcow2"
     qemu("qemu-img", "create", "-q", "-f", "qcow2", base, "64M")
     mount = mount_factory("--backend", f"vol={base}")
@@ -77,8 +80,7 @@ def test_rollback_and_delete_under_a_mounted_filesystem_are_refused(
     qemu_check_clean(str(overlay))
 
 
-def test_truncate_and_fallocate_while_a_job_runs_are_refused(
-        mount: Mount, images: Path) -> None:
+def test_truncate_and_fallocate_while_a_job_runs_are_refused(mount: Mount, images: Path) -> None:
     image, target = images / "vol.raw", images / "m.qcow2"
     pattern_image(image, 64 * MiB, image_id=3)
     mount.ctl("create", f"vol {image}")
@@ -86,12 +88,16 @@ def test_truncate_and_fallocate_while_a_job_runs_are_refused(
     wait_job(mount, "vol", "running")
     before = ctl_state(mount)
 
-    truncate = subprocess.run(["truncate", "-s", "80M", str(mount / "vol")],
-                              capture_output=True, text=True)
+    truncate = subprocess.run(
+        ["truncate", "-s", "80M", str(mount / "vol")], capture_output=True, text=True
+    )
     assert truncate.returncode != 0 and "busy" in truncate.stderr
     assert "job 'vol' (mirror) is running on it" in mount.last_error()
-    grow = subprocess.run(["fallocate", "-o", str(64 * MiB), "-l", str(MiB),
-                           str(mount / "vol")], capture_output=True, text=True)
+    grow = subprocess.run(
+        ["fallocate", "-o", str(64 * MiB), "-l", str(MiB), str(mount / "vol")],
+        capture_output=True,
+        text=True,
+    )
     assert grow.returncode != 0 and "busy" in grow.stderr
     assert mount.ctl_errno("resize", "vol 80M") == errno.EBUSY
     assert ctl_state(mount) == before
@@ -104,7 +110,8 @@ def test_truncate_and_fallocate_while_a_job_runs_are_refused(
 
 
 def test_a_snapshot_while_a_job_runs_is_refused_and_leaves_no_file(
-        mount: Mount, images: Path) -> None:
+    mount: Mount, images: Path
+) -> None:
     image, target, overlay = images / "vol.raw", images / "m.qcow2", images / "s.qcow2"
     pattern_image(image, 64 * MiB, image_id=4)
     mount.ctl("create", f"vol {image}")
@@ -128,8 +135,19 @@ def test_a_snapshot_keeps_read_only_media_read_only(mount_factory, images: Path)
     blkfs("snapshot", str(mount.path), "cd0", str(overlay))
     assert mount.backends()["cd0"]["read-only"] is True
     assert (mount / "cd0").stat().st_mode & 0o777 == 0o444
-    dd = subprocess.run(["dd", "if=/dev/zero", f"of={mount / 'cd0'}", "bs=4k", "count=1",
-                         "conv=notrunc", "status=none"], capture_output=True, text=True)
+    dd = subprocess.run(
+        [
+            "dd",
+            "if=/dev/zero",
+            f"of={mount / 'cd0'}",
+            "bs=4k",
+            "count=1",
+            "conv=notrunc",
+            "status=none",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert dd.returncode != 0 and "Read-only file system" in dd.stderr  # root too
     assert (mount / "cd0").read_bytes() == content
     assert cd.read_bytes() == content

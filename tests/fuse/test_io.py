@@ -38,10 +38,20 @@ def test_dd_writes_reach_the_image_and_o_trunc_is_ignored(disk) -> None:
     src = image.with_name("payload")
     src.write_bytes(payload)
     # no conv=notrunc: dd opens with O_TRUNC, which a disk ignores
-    subprocess.run(["dd", f"if={src}", f"of={mount / 'disk0'}", "bs=64k", "seek=3",
-                    "oflag=seek_bytes", "status=none"], check=True)
+    subprocess.run(
+        [
+            "dd",
+            f"if={src}",
+            f"of={mount / 'disk0'}",
+            "bs=64k",
+            "seek=3",
+            "oflag=seek_bytes",
+            "status=none",
+        ],
+        check=True,
+    )
     assert os.stat(mount / "disk0").st_size == len(data)
-    expected = data[:3] + payload + data[3 + len(payload):]
+    expected = data[:3] + payload + data[3 + len(payload) :]
     assert image.read_bytes() == expected
     assert (mount / "disk0").read_bytes() == expected
 
@@ -86,7 +96,7 @@ def test_truncate_resizes_a_resizable_medium(disk) -> None:
     subprocess.run(["truncate", "-s", "16M", str(mount / "disk0")], check=True)
     assert os.stat(mount / "disk0").st_size == 16 * MiB
     assert image.stat().st_size == 16 * MiB
-    assert (mount / "disk0").read_bytes()[:len(data)] == data
+    assert (mount / "disk0").read_bytes()[: len(data)] == data
 
 
 def test_truncate_of_a_fixed_medium_fails_cleanly(mount_factory) -> None:
@@ -129,11 +139,17 @@ def test_a_refused_first_sector_write_says_why_in_ctl_error_and_the_log(disk) ->
     """dd only shows "Operation not permitted": the reason is in .ctl/error and the log."""
     mount, image, data = disk
     header = b"QFI\xfb" + bytes(508)  # a qcow2 magic on a probed raw image
-    result = subprocess.run(["dd", f"of={mount / 'disk0'}", "bs=512", "count=1",
-                             "conv=notrunc", "status=none"], input=header, capture_output=True)
+    result = subprocess.run(
+        ["dd", f"of={mount / 'disk0'}", "bs=512", "count=1", "conv=notrunc", "status=none"],
+        input=header,
+        capture_output=True,
+    )
     assert result.returncode != 0 and os.strerror(errno.EPERM).encode() in result.stderr
-    assert "write disk0: raw: refusing a write that would make the probed raw image look " \
-           "like qcow2" in mount.last_error() and mount.last_error().endswith("[EPERM]")
+    assert (
+        "write disk0: raw: refusing a write that would make the probed raw image look like qcow2"
+        in mount.last_error()
+        and mount.last_error().endswith("[EPERM]")
+    )
     assert "refusing a write that would make the probed raw image" in mount.log.read_text()
     assert image.read_bytes() == data
 
@@ -155,8 +171,8 @@ def test_a_page_aligned_1_mib_read_or_write_is_one_request(disk) -> None:
     try:
         assert requests(lambda: os.preadv(fd, [buf], 0)) == (2, 0)  # 2 MiB: two requests
         assert requests(lambda: os.preadv(fd, [memoryview(buf)[:MiB]], MiB)) == (1, 0)
-        assert buf[:MiB] == data[MiB:2 * MiB]
+        assert buf[:MiB] == data[MiB : 2 * MiB]
         assert requests(lambda: os.pwritev(fd, [memoryview(buf)[:MiB]], 0)) == (0, 1)
-        assert requests(lambda: os.preadv(fd, [memoryview(buf)[100:100 + MiB]], 0)) == (2, 0)
+        assert requests(lambda: os.preadv(fd, [memoryview(buf)[100 : 100 + MiB]], 0)) == (2, 0)
     finally:
         os.close(fd)

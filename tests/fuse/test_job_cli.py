@@ -26,8 +26,9 @@ BIN = Path(sys.executable).parent
 def walk_through() -> str:
     """The shell block that follows the walk-through marker in README.md."""
     text = README.read_text()
-    found = re.search(r"<!-- walk-through: container volumes .*?-->\n```sh\n(.*?)```", text,
-                      re.DOTALL)
+    found = re.search(
+        r"<!-- walk-through: container volumes .*?-->\n```sh\n(.*?)```", text, re.DOTALL
+    )
     assert found, "README.md lost its container walk-through"
     return found.group(1)
 
@@ -35,16 +36,24 @@ def walk_through() -> str:
 @needs_loop
 @pytest.mark.loop
 def test_the_readme_container_walk_through_runs_as_written(tmp_path: Path) -> None:
-    places = {"/srv/vols": tmp_path / "vols", "/mnt/vols": tmp_path / "mnt",
-              "/srv/web": tmp_path / "web", "/srv/db": tmp_path / "db"}
+    places = {
+        "/srv/vols": tmp_path / "vols",
+        "/mnt/vols": tmp_path / "mnt",
+        "/srv/web": tmp_path / "web",
+        "/srv/db": tmp_path / "db",
+    }
     script = walk_through()
     for readme, real in places.items():
         script = script.replace(readme, str(real))
     mountpoint = places["/mnt/vols"]
     try:
-        result = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
-                                timeout=300,
-                                env={"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin"})
+        result = subprocess.run(
+            ["bash", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
         for fs in (places["/srv/web"], places["/srv/db"]):
@@ -66,11 +75,16 @@ def test_the_readme_container_walk_through_runs_as_written(tmp_path: Path) -> No
         raw = tmp_path / f"{clone}.raw"
         qemu("qemu-img", "convert", "-O", "raw", vols / f"{clone}.qcow2", raw)
         run("e2fsck", "-fn", raw)
-        read = subprocess.run(["debugfs", "-R", "cat /index.html", str(raw)],
-                              capture_output=True).stdout
+        read = subprocess.run(
+            ["debugfs", "-R", "cat /index.html", str(raw)], capture_output=True
+        ).stdout
         assert read == (content or b"")
-    assert qemu("qemu-img", "info", "--output=json", vols / "web.qcow2").count(
-        '"backing-filename": "base.raw"') == 1
+    assert (
+        qemu("qemu-img", "info", "--output=json", vols / "web.qcow2").count(
+            '"backing-filename": "base.raw"'
+        )
+        == 1
+    )
 
 
 def test_a_mirror_followed_from_the_shell(mount_factory, images: Path) -> None:
@@ -78,8 +92,7 @@ def test_a_mirror_followed_from_the_shell(mount_factory, images: Path) -> None:
     qemu("qemu-img", "create", "-q", "-f", "qcow2", source, "16M")
     qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x6b 0 16M", source)
     mount = mount_factory("--backend", f"vol={source}")
-    result = blkfs("mirror", str(mount.path), "vol", "moved.qcow2", "--speed", "64M",
-                   cwd=images)
+    result = blkfs("mirror", str(mount.path), "vol", "moved.qcow2", "--speed", "64M", cwd=images)
     lines = result.stderr.splitlines()  # progress goes to stderr, as lines: not a terminal
     assert lines[-1] == "vol: mirror concluded 16.0 MiB of 16.0 MiB (100%)", lines
     assert any(" ready " in line for line in lines)  # then completed by blkfs mirror
@@ -99,9 +112,16 @@ def test_job_wait_fails_with_the_jobs_error(mount_factory, images: Path) -> None
     target = images / "t.qcow2"
     qemu("qemu-img", "create", "-q", "-f", "qcow2", target, "16M")
     mount = mount_factory("--backend", f"vol={source}")
-    blkfs("backup", str(mount.path), "vol", "--no-wait", "--job-id", "b1",
-          f"driver=qcow2,file.driver=blkdebug,file.image.driver=file,"
-          f"file.image.filename={target},file.inject-error.0.event=write")
+    blkfs(
+        "backup",
+        str(mount.path),
+        "vol",
+        "--no-wait",
+        "--job-id",
+        "b1",
+        f"driver=qcow2,file.driver=blkdebug,file.image.driver=file,"
+        f"file.image.filename={target},file.inject-error.0.event=write",
+    )
     result = blkfs("job", "wait", str(mount.path), "b1", check=False)
     assert result.returncode == 1
     assert "job b1 (backup on vol): " in result.stderr and "Input/output error" in result.stderr
@@ -111,7 +131,8 @@ def test_job_wait_fails_with_the_jobs_error(mount_factory, images: Path) -> None
 
 
 def test_job_wait_says_it_stops_at_ready_and_until_concluded_follows_to_the_end(
-        mount_factory, images: Path) -> None:
+    mount_factory, images: Path
+) -> None:
     """A ready mirror runs until someone completes it: ``job wait`` returns at ready (as
     ``virsh blockcopy --wait`` does) and says so; ``--until concluded`` waits for the end."""
     source = images / "src.qcow2"
@@ -123,32 +144,54 @@ def test_job_wait_says_it_stops_at_ready_and_until_concluded_follows_to_the_end(
     assert jobs(mount)["vol"]["status"] == "ready"
     assert ready.stderr.splitlines()[-1] == (
         f"vol: ready, still running: blkfs job complete {mount.path} vol ends it "
-        "(blkfs job wait --until concluded waits for that)")
+        "(blkfs job wait --until concluded waits for that)"
+    )
     help_text = blkfs("job", "wait", "--help").stdout
     assert "--until {ready,concluded}" in help_text
-    with subprocess.Popen([*BLKFS, "job", "wait", "--until", "concluded", str(mount.path),
-                           "vol"], stderr=subprocess.PIPE, text=True) as waiter:
+    with subprocess.Popen(
+        [*BLKFS, "job", "wait", "--until", "concluded", str(mount.path), "vol"],
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as waiter:
         assert waiter.stderr is not None
         assert waiter.stderr.readline().startswith("vol: mirror ready ")  # it has looked
         blkfs("job", "complete", str(mount.path), "vol")
         assert waiter.wait(timeout=60) == 0
         assert waiter.stderr.read().splitlines()[-1].startswith("vol: mirror concluded")
     assert jobs(mount)["vol"]["status"] == "concluded"
-    assert blkfs("job", "wait", "--until", "later", str(mount.path), "vol",
-                 check=False).returncode == 2
+    assert (
+        blkfs("job", "wait", "--until", "later", str(mount.path), "vol", check=False).returncode
+        == 2
+    )
 
 
 def test_a_snapshot_takes_the_overlays_qcow2_options(mount_factory, images: Path) -> None:
     source = images / "src.qcow2"
     qemu("qemu-img", "create", "-q", "-f", "qcow2", source, "16M")
     mount = mount_factory("--backend", f"vol={source}")
-    refused = blkfs("snapshot", str(mount.path), "vol", str(images / "bad.qcow2"),
-                    "--cluster-size", "3k", check=False)
+    refused = blkfs(
+        "snapshot",
+        str(mount.path),
+        "vol",
+        str(images / "bad.qcow2"),
+        "--cluster-size",
+        "3k",
+        check=False,
+    )
     assert refused.returncode == 1 and "cluster_size must be a power of two" in refused.stderr
     assert not (images / "bad.qcow2").exists()
     overlay = images / "s.qcow2"
-    blkfs("snapshot", str(mount.path), "vol", str(overlay), "--cluster-size", "16k",
-          "--extended-l2", "--compression-type", "zstd")
+    blkfs(
+        "snapshot",
+        str(mount.path),
+        "vol",
+        str(overlay),
+        "--cluster-size",
+        "16k",
+        "--extended-l2",
+        "--compression-type",
+        "zstd",
+    )
     info = json.loads(qemu("qemu-img", "info", "-U", "--output=json", overlay))
     specific = info["format-specific"]["data"]
     assert info["cluster-size"] == 16384 and specific["extended-l2"] is True

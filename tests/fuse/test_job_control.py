@@ -36,28 +36,38 @@ def full_image(images: Path, name: str = "src.qcow2") -> Path:
 
 def tree(mount: Mount) -> dict:
     """The backend's driver tree: its nodes and their options (no counters)."""
+
     def shape(node: dict) -> dict:
-        return {"node-name": node["node-name"], "driver": node["driver"],
-                "options": node["options"],
-                "children": {role: shape(child) for role, child in node["children"].items()}}
+        return {
+            "node-name": node["node-name"],
+            "driver": node["driver"],
+            "options": node["options"],
+            "children": {role: shape(child) for role, child in node["children"].items()},
+        }
+
     return shape(mount.backends()["vol"]["tree"])
 
 
 @pytest.mark.parametrize("where", ["target", "source"])
 def test_a_failing_job_says_so_and_leaves_the_backend_serving_its_tree(
-        mount_factory, images: Path, where: str) -> None:
+    mount_factory, images: Path, where: str
+) -> None:
     source = full_image(images)
     target = images / "t.qcow2"
     qemu("qemu-img", "create", "-q", "-f", "qcow2", target, str(SIZE))
     fail_at = "inject-error.0.event={},inject-error.0.errno={},inject-error.0.offset=4194304"
     if where == "target":  # the target's disk fills up 4 MiB in
         medium = str(source)
-        spelled = (f"driver=qcow2,file.driver=blkdebug,file.image.driver=file,"
-                   f"file.image.filename={target},"
-                   f"file.{fail_at.format('write', 'ENOSPC').replace(',', ',file.')}")
+        spelled = (
+            f"driver=qcow2,file.driver=blkdebug,file.image.driver=file,"
+            f"file.image.filename={target},"
+            f"file.{fail_at.format('write', 'ENOSPC').replace(',', ',file.')}"
+        )
     else:  # the source's disk fails reads 4 MiB in, once the job runs
-        medium = (f"driver=qcow2,file.driver=blkdebug,file.node-name=disk,"
-                  f"file.image.driver=file,file.image.filename={source}")
+        medium = (
+            f"driver=qcow2,file.driver=blkdebug,file.node-name=disk,"
+            f"file.image.driver=file,file.image.filename={source}"
+        )
         spelled = f"{target} existing=on"
     mount = mount_factory("--backend", f"vol={medium}")
     with ModelWriter(mount / "vol", SIZE) as writer:
@@ -107,9 +117,12 @@ def test_pause_resume_and_speed(mount_factory, images: Path) -> None:
     """The pause comes while a chunk's read is held in blkdebug's delay: that chunk is
     copied, then nothing more, even with the speed limit lifted."""
     source = full_image(images)
-    mount = mount_factory("--backend", f"vol=driver=qcow2,file.driver=blkdebug,"
-                          f"file.node-name=dbg,file.image.driver=file,"
-                          f"file.image.filename={source}")
+    mount = mount_factory(
+        "--backend",
+        f"vol=driver=qcow2,file.driver=blkdebug,"
+        f"file.node-name=dbg,file.image.driver=file,"
+        f"file.image.filename={source}",
+    )
 
     def held() -> int:
         return int(node(mount.backends()["vol"]["tree"], "dbg")["info"]["delayed"])
@@ -122,8 +135,10 @@ def test_pause_resume_and_speed(mount_factory, images: Path) -> None:
     mount.ctl("job-pause", "vol")
     wait_job(mount, "vol", "paused")
     mount.ctl("reopen", "dbg delay.read=0")
-    wait_until(lambda: jobs(mount)["vol"]["current-progress"] > before,
-               "the chunk in flight at the pause to finish")
+    wait_until(
+        lambda: jobs(mount)["vol"]["current-progress"] > before,
+        "the chunk in flight at the pause to finish",
+    )
     paused = jobs(mount)["vol"]["current-progress"]
     assert paused == before + MiB  # one chunk: the one in flight
     mount.ctl("job-set-speed", "vol speed=0")  # a job that ran on would now copy the rest
@@ -141,7 +156,8 @@ def test_pause_resume_and_speed(mount_factory, images: Path) -> None:
 
 
 def test_a_stream_onto_an_image_outside_the_chain_is_a_live_safe_rebase(
-        mount_factory, images: Path) -> None:
+    mount_factory, images: Path
+) -> None:
     base = full_image(images, "base.qcow2")
     top = images / "top.qcow2"
     qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
@@ -149,9 +165,11 @@ def test_a_stream_onto_an_image_outside_the_chain_is_a_live_safe_rebase(
     qemu("qemu-img", "create", "-q", "-f", "qcow2", other, str(SIZE))
     qemu("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a {SIZE // 2} {SIZE // 2}", other)
     mount = mount_factory(
-        "--backend", f"vol={top}",
-        "--backend", f"new=driver=qcow2,node-name=new,read-only=on,file.driver=file,"
-                     f"file.filename={other}")
+        "--backend",
+        f"vol={top}",
+        "--backend",
+        f"new=driver=qcow2,node-name=new,read-only=on,file.driver=file,file.filename={other}",
+    )
     own = tree(mount)["children"]["file"]["node-name"]
     with ModelWriter(mount / "vol", SIZE) as writer:
         writer.wrote_more()
@@ -192,9 +210,14 @@ def test_bad_job_commands_are_refused_and_change_nothing(mount_factory, images: 
     mount.ctl("mirror", f"vol {images / 'm.qcow2'} speed=64K")
     assert mount.ctl_errno("backup", f"vol {images / 'b.qcow2'} job-id=other") == 16  # EBUSY
     assert not (images / "b.qcow2").exists()
-    for verb, text in (("change", f"vol {source}"), ("eject", "vol force=on"),
-                       ("delete", "vol"), ("resize", "vol 64M"),
-                       ("snapshot", f"vol {images / 's.qcow2'}"), ("rollback", "vol")):
+    for verb, text in (
+        ("change", f"vol {source}"),
+        ("eject", "vol force=on"),
+        ("delete", "vol"),
+        ("resize", "vol 64M"),
+        ("snapshot", f"vol {images / 's.qcow2'}"),
+        ("rollback", "vol"),
+    ):
         assert mount.ctl_errno(verb, text) == 16, verb  # the tree is the job's meanwhile
         assert "job 'vol' (mirror) is running on it" in mount.last_error()
     assert mount.backends()["vol"]["tree"]["driver"] == "mirror-top"
@@ -203,7 +226,8 @@ def test_bad_job_commands_are_refused_and_change_nothing(mount_factory, images: 
 
 
 def test_a_daemon_stopping_cancels_its_jobs_and_leaves_images_consistent(
-        mount_factory, images: Path) -> None:
+    mount_factory, images: Path
+) -> None:
     base = full_image(images, "base.qcow2")
     top = images / "top.qcow2"
     qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)

@@ -40,7 +40,8 @@ def consistent(mount: Mount, writer: ModelWriter, chain: list[Path]) -> None:
 
 
 def test_snapshot_rollback_commit_stream_mirror_backup_under_a_writer(
-        mount_factory, images: Path) -> None:
+    mount_factory, images: Path
+) -> None:
     base, s1, s2 = images / "base.qcow2", images / "s1.qcow2", images / "s2.qcow2"
     mirrored, backed_up = images / "m.qcow2", images / "b.qcow2"
     qemu("qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE))
@@ -99,7 +100,8 @@ def test_snapshot_rollback_commit_stream_mirror_backup_under_a_writer(
 @needs_loop
 @pytest.mark.loop
 def test_the_same_steps_under_a_mounted_ext4_check_clean_after_each(
-        mount_factory, images: Path, tmp_path: Path) -> None:
+    mount_factory, images: Path, tmp_path: Path
+) -> None:
     """A container's volume: ext4 loop-mounted on the backend, files written all along;
     frozen for each snapshot and each check, unmounted for the rollback."""
     base, s1, s2 = images / "base.qcow2", images / "s1.qcow2", images / "s2.qcow2"
@@ -109,6 +111,7 @@ def test_the_same_steps_under_a_mounted_ext4_check_clean_after_each(
     where, stop = tmp_path / "fs", tmp_path / "stop"
 
     with loop_device(mount / "vol") as device:
+
         def fsck() -> None:  # on the frozen filesystem: what its disk holds is consistent
             with frozen(where):
                 run("e2fsck", "-fn", device)
@@ -126,9 +129,12 @@ def test_the_same_steps_under_a_mounted_ext4_check_clean_after_each(
                 mount.ctl("snapshot", f"vol {s2}")
             writer.written()
             fsck()
-            for verb, text in (("commit", f"vol base={s1}"), ("stream", "vol"),
-                               ("mirror", f"vol {images / 'm.qcow2'}"),
-                               ("backup", f"vol {images / 'b.qcow2'}")):
+            for verb, text in (
+                ("commit", f"vol base={s1}"),
+                ("stream", "vol"),
+                ("mirror", f"vol {images / 'm.qcow2'}"),
+                ("backup", f"vol {images / 'b.qcow2'}"),
+            ):
                 if verb == "backup":  # the moment it copies: a consistent filesystem
                     with frozen(where):
                         mount.ctl(verb, text)

@@ -24,43 +24,55 @@ def throttled(mount: Mount) -> int:
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_throttle_in_and_out_under_a_mounted_filesystem(mount_factory, images: Path,
-                                                        tmp_path: Path, fmt: str) -> None:
+def test_throttle_in_and_out_under_a_mounted_filesystem(
+    mount_factory, images: Path, tmp_path: Path, fmt: str
+) -> None:
     image = images / f"vol.{fmt}"
     qemu("qemu-img", "create", "-q", "-f", fmt, image, "128M")
     mount = mount_factory("--backend", f"vol={image}")
     root = mount.backends()["vol"]["tree"]["node-name"]
-    spelled = (f"file.driver={fmt},file.file.driver=file,file.file.filename={image}")
+    spelled = f"file.driver={fmt},file.file.driver=file,file.file.filename={image}"
     stop = tmp_path / "stop"
     with loop_device(mount / "vol") as device:
         run("mkfs.ext4", "-q", device)
-        with mounted_fs(device, tmp_path / "fs") as fs, subprocess.Popen(
+        with (
+            mounted_fs(device, tmp_path / "fs") as fs,
+            subprocess.Popen(
                 [sys.executable, "-m", "tests.fs_writer", str(fs), str(stop)],
-                stdout=subprocess.PIPE, text=True, cwd=ROOT) as writer:
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+            ) as writer,
+        ):
             assert writer.stdout is not None
             try:
+
                 def written(count: int) -> None:
                     for _ in range(count):
                         line = writer.stdout.readline()  # type: ignore[union-attr]
                         assert line and not line.startswith("error"), line
+
                 written(3)
                 # in, naming the live root node: the old tree's nodes are taken over
                 # limits any writer exceeds (each file is 1 MiB and several requests), so
                 # that the throttle holds it however slow a loaded machine makes it
-                mount.ctl("change", f"vol driver=throttle,node-name=thr,"
-                                    f"limits.bps-write=512k,file={root}")
-                wait_until(lambda: throttled(mount) > 0, "the throttle to hold the writer",
-                           seconds=60)
+                mount.ctl(
+                    "change", f"vol driver=throttle,node-name=thr,limits.bps-write=512k,file={root}"
+                )
+                wait_until(
+                    lambda: throttled(mount) > 0, "the throttle to hold the writer", seconds=60
+                )
                 mount.ctl("change", f"vol node={root}")  # out again
                 assert mount.backends()["vol"]["tree"]["node-name"] == root
                 written(3)
                 # in again, spelled as options: the same image, so the same nodes
-                mount.ctl("change", f"vol driver=throttle,node-name=thr,"
-                                    f"limits.iops-write=2,{spelled}")
-                assert mount.backends()["vol"]["tree"]["children"]["file"]["node-name"] \
-                    == root
-                wait_until(lambda: throttled(mount) > 0, "the throttle to hold the writer",
-                           seconds=60)
+                mount.ctl(
+                    "change", f"vol driver=throttle,node-name=thr,limits.iops-write=2,{spelled}"
+                )
+                assert mount.backends()["vol"]["tree"]["children"]["file"]["node-name"] == root
+                wait_until(
+                    lambda: throttled(mount) > 0, "the throttle to hold the writer", seconds=60
+                )
                 mount.ctl("change", f"vol node={root}")
                 written(3)
             finally:

@@ -20,8 +20,9 @@ def delete_when_free(mount: Mount, name: str) -> None:
     wait_until(lambda: mount.ctl_errno("delete", name) == 0, f"the loop device to free {name}")
 
 
-def test_mkfs_mount_and_remount_through_a_loop_device(mount_factory, images: Path,
-                                                      tmp_path: Path) -> None:
+def test_mkfs_mount_and_remount_through_a_loop_device(
+    mount_factory, images: Path, tmp_path: Path
+) -> None:
     image = images / "fs.img"
     with open(image, "wb") as f:
         f.truncate(64 << 20)
@@ -35,8 +36,10 @@ def test_mkfs_mount_and_remount_through_a_loop_device(mount_factory, images: Pat
                 if round_ == 0:
                     (fs / "payload").write_bytes(payload)
                 else:
-                    assert hashlib.sha256((fs / "payload").read_bytes()).digest() == \
-                        hashlib.sha256(payload).digest()
+                    assert (
+                        hashlib.sha256((fs / "payload").read_bytes()).digest()
+                        == hashlib.sha256(payload).digest()
+                    )
         delete_when_free(mount, "vol")
         mount.stop()
     subprocess.run(["e2fsck", "-fn", str(image)], check=True, capture_output=True)

@@ -45,19 +45,23 @@ MiB = 1 << 20
 
 @needs_qemu
 def test_a_change_to_an_overlay_of_the_image_being_written_loses_nothing(
-        mount_factory, images: Path) -> None:
+    mount_factory, images: Path
+) -> None:
     base = images / "x.qcow2"
     blkfs("image", "create", "-f", "qcow2", str(base), "40M")
     mount = mount_factory("--backend", f"disk={base}")
-    with subprocess.Popen([sys.executable, "-m", "tests.slow_writer", str(mount / "disk")],
-                          stdout=subprocess.PIPE, text=True, cwd=ROOT) as writer:
+    with subprocess.Popen(
+        [sys.executable, "-m", "tests.slow_writer", str(mount / "disk")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    ) as writer:
         assert writer.stdout is not None
         try:
             while int(writer.stdout.readline()) < 15:
                 pass
             overlay = images / "snap.qcow2"
-            blkfs("image", "create", "-f", "qcow2", "-b", "x.qcow2", "-F", "qcow2",
-                  str(overlay))
+            blkfs("image", "create", "-f", "qcow2", "-b", "x.qcow2", "-F", "qcow2", str(overlay))
             mount.ctl("change", f"disk {overlay}")  # the new tree keeps x.qcow2's node
             assert writer.stdout.read().split()[-1] == str(CHUNKS - 1)
         finally:
@@ -75,23 +79,38 @@ def test_a_change_to_an_overlay_of_the_image_being_written_loses_nothing(
 
 
 def test_dd_seek_without_notrunc_and_truncate_never_shrink_a_disk(
-        mount_factory, images: Path) -> None:
+    mount_factory, images: Path
+) -> None:
     image = images / "d.img"
     data = pattern_image(image, 64 * MiB, image_id=1)
     mount = mount_factory("--backend", f"disk0={image}")
     disk = mount / "disk0"
-    dd = subprocess.run(["dd", "if=/dev/zero", f"of={disk}", "bs=1M", "seek=10", "count=1",
-                         "status=none"], capture_output=True, text=True)
+    dd = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={disk}", "bs=1M", "seek=10", "count=1", "status=none"],
+        capture_output=True,
+        text=True,
+    )
     assert "failed to truncate" in dd.stderr  # dd says so, then writes in place
     assert os.stat(disk).st_size == 64 * MiB
     assert "conv=notrunc" in mount.last_error() and "shrink=on" in mount.last_error()
     assert errno_of(os.truncate, disk, 0) == errno.EPERM
     assert os.stat(disk).st_size == 64 * MiB
     after = image.read_bytes()
-    assert after[:10 * MiB] == data[:10 * MiB] and after[11 * MiB:] == data[11 * MiB:]
+    assert after[: 10 * MiB] == data[: 10 * MiB] and after[11 * MiB :] == data[11 * MiB :]
 
-    subprocess.run(["dd", "if=/dev/zero", f"of={disk}", "bs=1M", "seek=10", "count=1",
-                    "conv=notrunc", "status=none"], check=True)
+    subprocess.run(
+        [
+            "dd",
+            "if=/dev/zero",
+            f"of={disk}",
+            "bs=1M",
+            "seek=10",
+            "count=1",
+            "conv=notrunc",
+            "status=none",
+        ],
+        check=True,
+    )
     os.truncate(disk, 96 * MiB)  # growing is fine
     assert os.stat(disk).st_size == 96 * MiB
 
@@ -112,14 +131,16 @@ def test_qemu_img_convert_onto_a_backend_cannot_shrink_it(mount_factory, images:
     small = images / "small.qcow2"
     blkfs("image", "create", "-f", "qcow2", str(small), "1M")
     mount = mount_factory("--backend", f"disk0={image}")
-    result = subprocess.run(["qemu-img", "convert", "-O", "raw", str(small), str(mount / "disk0")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(small), str(mount / "disk0")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert os.stat(mount / "disk0").st_size == 16 * MiB and image.read_bytes() == data
 
 
-def test_eject_and_change_refuse_while_a_writer_holds_the_disk(
-        mount_factory, images: Path) -> None:
+def test_eject_and_change_refuse_while_a_writer_holds_the_disk(mount_factory, images: Path) -> None:
     a, b = images / "a.img", images / "b.img"
     data = pattern_image(a, 4 * MiB, image_id=1)
     pattern_image(b, 4 * MiB, image_id=2)
@@ -137,8 +158,11 @@ def test_eject_and_change_refuse_while_a_writer_holds_the_disk(
         assert writer.read(7) == b"written"  # the medium is untouched
     assert a.read_bytes()[:7] == b"written" and a.read_bytes()[7:] == data[7:]
     with open(mount / "disk", "r+b", buffering=0) as writer:  # a filter in and out: allowed
-        mount.ctl("change", f"disk driver=throttle,limits.iops-total=100000,"
-                            f"file.driver=raw,file.file.driver=file,file.file.filename={a}")
+        mount.ctl(
+            "change",
+            f"disk driver=throttle,limits.iops-total=100000,"
+            f"file.driver=raw,file.file.driver=file,file.file.filename={a}",
+        )
         assert mount.backends()["disk"]["tree"]["driver"] == "throttle"
         writer.write(b"WRITTEN")
         mount.ctl("change", f"disk {a}")
@@ -154,15 +178,19 @@ def test_eject_and_change_refuse_while_a_writer_holds_the_disk(
 
 
 def test_requests_in_flight_across_a_change_finish_on_the_old_medium(
-        mount_factory, images: Path) -> None:
+    mount_factory, images: Path
+) -> None:
     """The change drains the old medium first: reads held in blkdebug's delay return the
     old data and a held write lands in the old image, none of them in the new one (FUSE
     sends one direct write of a file at a time, so one write is in flight)."""
     a, b = images / "a.img", images / "b.img"
     old = pattern_image(a, 4 * MiB, image_id=1)
     new = pattern_image(b, 4 * MiB, image_id=2)
-    mount = mount_factory("--backend", f"d=driver=blkdebug,node-name=dbg,delay.read=3s,"
-                          f"delay.write=3s,image.driver=file,image.filename={a}")
+    mount = mount_factory(
+        "--backend",
+        f"d=driver=blkdebug,node-name=dbg,delay.read=3s,"
+        f"delay.write=3s,image.driver=file,image.filename={a}",
+    )
     reads, writes = range(4), range(8, 9)  # 4 KiB blocks; the kernel sends one write
     results: dict[int, bytes | int | OSError] = {}
 
@@ -185,14 +213,16 @@ def test_requests_in_flight_across_a_change_finish_on_the_old_medium(
         threads += [threading.Thread(target=write, args=(writer, n)) for n in writes]
         for thread in threads:
             thread.start()
-        wait_until(lambda: node(mount.backends()["d"]["tree"], "dbg")["info"]["delayed"]
-                   == len(threads), "every request to be in flight")
+        wait_until(
+            lambda: node(mount.backends()["d"]["tree"], "dbg")["info"]["delayed"] == len(threads),
+            "every request to be in flight",
+        )
         mount.ctl("change", f"d {b},force=on")
         for thread in threads:
             thread.join()
         assert mount.backends()["d"]["tree"]["driver"] == "raw"
         for n in reads:
-            assert results[n] == old[n * 4096:(n + 1) * 4096], n
+            assert results[n] == old[n * 4096 : (n + 1) * 4096], n
         for n in writes:
             assert results[n] == 4096, n
         assert os.pread(reader, 4 * MiB, 0) == new  # nothing reached the new medium
@@ -201,14 +231,15 @@ def test_requests_in_flight_across_a_change_finish_on_the_old_medium(
         os.close(writer)
     on_disk = a.read_bytes()
     for n in writes:
-        assert on_disk[n * 4096:(n + 1) * 4096] == bytes([65 + n]) * 4096, n
+        assert on_disk[n * 4096 : (n + 1) * 4096] == bytes([65 + n]) * 4096, n
     assert b.read_bytes() == new
 
 
 @needs_loop
 @pytest.mark.loop
 def test_a_mounted_filesystem_on_a_loop_device_keeps_its_medium(
-        mount_factory, images: Path, tmp_path: Path) -> None:
+    mount_factory, images: Path, tmp_path: Path
+) -> None:
     image, other = images / "vol.img", images / "other.img"
     for path in (image, other):
         with open(path, "wb") as f:
@@ -218,9 +249,11 @@ def test_a_mounted_filesystem_on_a_loop_device_keeps_its_medium(
         run("mkfs.ext4", "-q", device)
         with mounted_fs(device, tmp_path / "fs") as fs:
             (fs / "payload").write_bytes(os.urandom(MiB))
-            for verb, text in (("eject", "vol"), ("change", f"vol {other}"),
-                               ("change", f"vol driver=raw,file.driver=file,"
-                                          f"file.filename={other}")):
+            for verb, text in (
+                ("eject", "vol"),
+                ("change", f"vol {other}"),
+                ("change", f"vol driver=raw,file.driver=file,file.filename={other}"),
+            ):
                 assert mount.ctl_errno(verb, text) == errno.EBUSY, (verb, text)
             os.sync()
         assert errno_of(os.unlink, mount / "vol") == errno.EBUSY  # a writer holds it
@@ -234,8 +267,10 @@ def test_a_mounted_filesystem_on_a_loop_device_keeps_its_medium(
         assert mounted(mount.path)
         with mounted_fs(device, tmp_path / "fs") as fs:
             assert len((fs / "payload").read_bytes()) == MiB
-    wait_until(lambda: not [b for b in mount.status()["backends"] if b["name"] == "vol"],
-               "the loop device to let go")
+    wait_until(
+        lambda: not [b for b in mount.status()["backends"] if b["name"] == "vol"],
+        "the loop device to let go",
+    )
     mount.stop()
     subprocess.run(["e2fsck", "-fn", str(image)], check=True, capture_output=True)
 
@@ -255,7 +290,8 @@ def test_umount_refuses_while_a_deleted_backend_is_open(mount: Mount, images: Pa
 
 
 def test_a_failed_host_flush_stays_failed_until_the_medium_is_changed(
-        mount_factory, tmp_path: Path) -> None:
+    mount_factory, tmp_path: Path
+) -> None:
     """The host's fdatasync fails once (nbdkit under nbdfuse); Linux would let the next one
     succeed although the data may be gone, so every later flush fails too."""
     with flaky_disk(tmp_path) as (host, trigger):

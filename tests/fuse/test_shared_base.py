@@ -25,18 +25,30 @@ def clones(images: Path, *names: str) -> Path:
     """base.raw (made by qemu-img, a known pattern) and a qcow2 clone over it per name."""
     base = images / "base.raw"
     qemu("qemu-img", "create", "-q", "-f", "raw", base, str(SIZE))
-    qemu_io(base, "raw", f"write -P 0x5a 0 {SIZE // 2}", f"write -P 0xa5 {SIZE // 2} "
-                         f"{SIZE // 2}")
+    qemu_io(base, "raw", f"write -P 0x5a 0 {SIZE // 2}", f"write -P 0xa5 {SIZE // 2} {SIZE // 2}")
     for name in names:
-        qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
-             images / f"{name}.qcow2")
+        qemu(
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            images / f"{name}.qcow2",
+        )
     return base
 
 
 def shell_ctl(mount: Mount, verb: str, text: str) -> subprocess.CompletedProcess[str]:
     """``echo TEXT > MNT/.ctl/VERB`` as a user types it."""
-    return subprocess.run(["bash", "-c", 'echo "$1" > "$2"', "bash", text,
-                           str(mount / ".ctl" / verb)], capture_output=True, text=True)
+    return subprocess.run(
+        ["bash", "-c", 'echo "$1" > "$2"', "bash", text, str(mount / ".ctl" / verb)],
+        capture_output=True,
+        text=True,
+    )
 
 
 def refused(mount: Mount, verb: str, text: str) -> str:
@@ -52,12 +64,17 @@ def refused(mount: Mount, verb: str, text: str) -> str:
 
 @DB_MODES
 def test_a_commit_into_a_base_another_backend_reads_is_refused(
-        mount_factory, images: Path, db_mode: str) -> None:
+    mount_factory, images: Path, db_mode: str
+) -> None:
     base = clones(images, "web", "db")
     base_before = base.read_bytes()
     db_before = to_raw(images / "db.qcow2")
-    mount = mount_factory("--backend", f"web={images / 'web.qcow2'}",
-                          "--backend", f"db={images / 'db.qcow2'}{db_mode}")
+    mount = mount_factory(
+        "--backend",
+        f"web={images / 'web.qcow2'}",
+        "--backend",
+        f"db={images / 'db.qcow2'}{db_mode}",
+    )
     ours = bytes(range(256)) * (4 * MiB // 256)
     with open(mount / "web", "r+b") as f:
         f.write(ours)
@@ -66,7 +83,7 @@ def test_a_commit_into_a_base_another_backend_reads_is_refused(
     assert "'db'" in error and "base.raw" in error, error
 
     assert (mount / "db").read_bytes() == db_before
-    assert (mount / "web").read_bytes()[:4 * MiB] == ours
+    assert (mount / "web").read_bytes()[: 4 * MiB] == ours
     assert base.read_bytes() == base_before
     mount.stop()
     assert to_raw(images / "db.qcow2") == db_before
@@ -75,15 +92,17 @@ def test_a_commit_into_a_base_another_backend_reads_is_refused(
 
 @DB_MODES
 def test_an_intermediate_commit_into_a_shared_base_is_refused(
-        mount_factory, images: Path, db_mode: str) -> None:
+    mount_factory, images: Path, db_mode: str
+) -> None:
     base = clones(images, "web", "db")
     qemu_io(images / "web.qcow2", "qcow2", f"write -P 0x33 0 {4 * MiB}")
     webtop = images / "webtop.qcow2"
     qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", "web.qcow2", "-F", "qcow2", webtop)
     base_before, db_before = base.read_bytes(), to_raw(images / "db.qcow2")
     web_before = to_raw(webtop)
-    mount = mount_factory("--backend", f"web={webtop}",
-                          "--backend", f"db={images / 'db.qcow2'}{db_mode}")
+    mount = mount_factory(
+        "--backend", f"web={webtop}", "--backend", f"db={images / 'db.qcow2'}{db_mode}"
+    )
 
     error = refused(mount, "commit", f"web top={images / 'web.qcow2'} base={base}")
     assert "'db'" in error and "base.raw" in error, error
@@ -96,12 +115,12 @@ def test_an_intermediate_commit_into_a_shared_base_is_refused(
     assert base.read_bytes() == base_before
 
 
-def test_a_commit_into_a_base_only_its_chain_reads_still_works(
-        mount_factory, images: Path) -> None:
+def test_a_commit_into_a_base_only_its_chain_reads_still_works(mount_factory, images: Path) -> None:
     """The refusal is about other users: with db gone, web's commit into base.raw runs."""
     base = clones(images, "web", "db")
-    mount = mount_factory("--backend", f"web={images / 'web.qcow2'}",
-                          "--backend", f"db={images / 'db.qcow2'}")
+    mount = mount_factory(
+        "--backend", f"web={images / 'web.qcow2'}", "--backend", f"db={images / 'db.qcow2'}"
+    )
     ours = b"\x77" * MiB
     with open(mount / "web", "r+b") as f:
         f.write(ours)
@@ -117,13 +136,15 @@ def test_a_commit_into_a_base_only_its_chain_reads_still_works(
 
 @DB_MODES
 def test_qemu_img_commit_into_a_base_blkfs_reads_is_refused_by_the_locks(
-        mount_factory, images: Path, db_mode: str) -> None:
+    mount_factory, images: Path, db_mode: str
+) -> None:
     base = clones(images, "web", "db")
     qemu_io(images / "web.qcow2", "qcow2", f"write -P 0x33 0 {4 * MiB}")
     base_before = base.read_bytes()
     mount = mount_factory("--backend", f"db={images / 'db.qcow2'}{db_mode}")
-    commit = subprocess.run(["qemu-img", "commit", str(images / "web.qcow2")],
-                            capture_output=True, text=True)
+    commit = subprocess.run(
+        ["qemu-img", "commit", str(images / "web.qcow2")], capture_output=True, text=True
+    )
     assert commit.returncode != 0 and "lock" in commit.stderr, commit
     assert base.read_bytes() == base_before
     assert (mount / "db").read_bytes() == base_before
@@ -132,7 +153,8 @@ def test_qemu_img_commit_into_a_base_blkfs_reads_is_refused_by_the_locks(
 @DB_MODES
 @pytest.mark.parametrize("job", ["mirror", "backup"])
 def test_a_mirror_or_backup_onto_a_node_another_backend_reads_is_refused(
-        mount_factory, images: Path, job: str, db_mode: str) -> None:
+    mount_factory, images: Path, job: str, db_mode: str
+) -> None:
     """A base opened writable by node-add, then db's backing file: a job of web may not
     write it (node=NAME, as QMP's blockdev-mirror and blockdev-backup take it)."""
     clones(images, "web", "db")
@@ -140,8 +162,11 @@ def test_a_mirror_or_backup_onto_a_node_another_backend_reads_is_refused(
     shared.write_bytes(b"\x11" * SIZE)
     mount = mount_factory("--backend", f"web={images / 'web.qcow2'}")
     mount.ctl("node-add", f"shared driver=raw,file.driver=file,file.filename={shared}")
-    mount.ctl("create", f"db driver=qcow2,file.driver=file,"
-                        f"file.filename={images / 'db.qcow2'},backing=shared{db_mode}")
+    mount.ctl(
+        "create",
+        f"db driver=qcow2,file.driver=file,"
+        f"file.filename={images / 'db.qcow2'},backing=shared{db_mode}",
+    )
     assert (mount / "db").read_bytes() == shared.read_bytes()
 
     error = refused(mount, job, "web node=shared")

@@ -42,10 +42,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 def environment() -> dict[str, str]:
     """What instruction counts depend on besides blkfs."""
-    valgrind = subprocess.run(["valgrind", "--version"], capture_output=True, text=True,
-                              check=False).stdout.strip()
-    return {"python": platform.python_version(), "trio": version("trio"),
-            "valgrind": valgrind, "machine": platform.machine()}
+    valgrind = subprocess.run(
+        ["valgrind", "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "python": platform.python_version(),
+        "trio": version("trio"),
+        "valgrind": valgrind,
+        "machine": platform.machine(),
+    }
 
 
 def measure(work: Path, only: list[str] | None = None) -> dict[str, int]:
@@ -55,14 +60,36 @@ def measure(work: Path, only: list[str] | None = None) -> dict[str, int]:
     images.mkdir()
     python = sys.executable
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
-    subprocess.run([python, "-m", "tests.perf.workload", "--prepare", str(images)],
-                   cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [python, "-m", "tests.perf.workload", "--prepare", str(images)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     out = work / "callgrind.out"
     proc = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--dump-before=getppid", "--dump-instr=no",
-         "--compress-strings=no", f"--callgrind-out-file={out}", "-q",
-         python, "-m", "tests.perf.workload", "--only", ",".join(names), str(images)],
-        cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--dump-before=getppid",
+            "--dump-instr=no",
+            "--compress-strings=no",
+            f"--callgrind-out-file={out}",
+            "-q",
+            python,
+            "-m",
+            "tests.perf.workload",
+            "--only",
+            ",".join(names),
+            str(images),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode:
         raise RuntimeError(f"the workload failed under callgrind: {proc.stderr[-3000:]}")
     counts = {}
@@ -130,8 +157,11 @@ def write_baseline(measured: dict[str, int]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--write-baseline", action="store_true",
-                    help=f"record the counts as the new baseline ({BASELINE.name})")
+    ap.add_argument(
+        "--write-baseline",
+        action="store_true",
+        help=f"record the counts as the new baseline ({BASELINE.name})",
+    )
     ap.add_argument("--only", help="operations, comma separated (default: all)")
     args = ap.parse_args()
     if shutil.which("valgrind") is None:

@@ -49,22 +49,47 @@ class Operation:
 
 OPERATIONS = [
     Operation("read4k-raw", 400, "4 KiB read at random aligned offsets, raw over file"),
-    Operation("read4k-qcow2", 400, "4 KiB read at random aligned offsets, qcow2 (all "
-                                   "clusters allocated, L2 tables cached)"),
-    Operation("read4k-chain", 400, "4 KiB read at random aligned offsets through a 3-deep "
-                                   "qcow2 chain (data in the base, a few clusters above), "
-                                   "every cluster read once before"),
+    Operation(
+        "read4k-qcow2",
+        400,
+        "4 KiB read at random aligned offsets, qcow2 (all clusters allocated, L2 tables cached)",
+    ),
+    Operation(
+        "read4k-chain",
+        400,
+        "4 KiB read at random aligned offsets through a 3-deep "
+        "qcow2 chain (data in the base, a few clusters above), "
+        "every cluster read once before",
+    ),
     Operation("read1m-qcow2", 100, "1 MiB read at random 1 MiB-aligned offsets, qcow2"),
-    Operation("write4k-alloc-qcow2", 200, "4 KiB write into a new cluster of an empty "
-                                          "qcow2 (allocation, copy-on-write of the rest)"),
-    Operation("write4k-qcow2", 400, "4 KiB write at random aligned offsets into allocated "
-                                    "clusters of a qcow2 (in place, L2 tables cached)"),
-    Operation("discard64k-qcow2", 200, "64 KiB discard of an allocated cluster of a qcow2 "
-                                       "(L2 entry and refcount updated, write-back cached)"),
-    Operation("fuse-read4k-qcow2", 400, "4 KiB read through the FUSE read handler (what "
-                                        "pyfuse3 calls per request), qcow2"),
-    Operation("media-change", 20, "change of a backend's medium between two read-only "
-                                  "qcow2 images (open, permissions, swap, close)"),
+    Operation(
+        "write4k-alloc-qcow2",
+        200,
+        "4 KiB write into a new cluster of an empty qcow2 (allocation, copy-on-write of the rest)",
+    ),
+    Operation(
+        "write4k-qcow2",
+        400,
+        "4 KiB write at random aligned offsets into allocated "
+        "clusters of a qcow2 (in place, L2 tables cached)",
+    ),
+    Operation(
+        "discard64k-qcow2",
+        200,
+        "64 KiB discard of an allocated cluster of a qcow2 "
+        "(L2 entry and refcount updated, write-back cached)",
+    ),
+    Operation(
+        "fuse-read4k-qcow2",
+        400,
+        "4 KiB read through the FUSE read handler (what pyfuse3 calls per request), qcow2",
+    ),
+    Operation(
+        "media-change",
+        20,
+        "change of a backend's medium between two read-only "
+        "qcow2 images (open, permissions, swap, close)",
+    ),
 ]
 
 
@@ -75,7 +100,7 @@ def pattern(size: int) -> bytes:
 
 async def fill(backend: BlockBackend, data: bytes, chunk: int = MiB) -> None:
     for offset in range(0, len(data), chunk):
-        await backend.write(offset, data[offset:offset + chunk])
+        await backend.write(offset, data[offset : offset + chunk])
     await backend.flush()
 
 
@@ -84,17 +109,17 @@ async def make_images(d: Path, layer: BlockLayer) -> None:
     (d / "disk.raw").write_bytes(data)
     for name in ("disk.qcow2", "base.qcow2", "alt.qcow2", "trim.qcow2"):
         await create_image(str(d / name), "qcow2", SIZE)
-        backend = await layer.create("fill", f"driver=qcow2,file.driver=file,"
-                                             f"file.filename={d / name}")
+        backend = await layer.create(
+            "fill", f"driver=qcow2,file.driver=file,file.filename={d / name}"
+        )
         await fill(backend, data)
         await layer.delete("fill")
-    await create_image(str(d / "mid.qcow2"), "qcow2", backing="base.qcow2",
-                       backing_format="qcow2")
-    await create_image(str(d / "top.qcow2"), "qcow2", backing="mid.qcow2",
-                       backing_format="qcow2")
+    await create_image(str(d / "mid.qcow2"), "qcow2", backing="base.qcow2", backing_format="qcow2")
+    await create_image(str(d / "top.qcow2"), "qcow2", backing="mid.qcow2", backing_format="qcow2")
     for name, first in (("mid.qcow2", 1), ("top.qcow2", 2)):  # a few clusters in each
-        backend = await layer.create("fill", f"driver=qcow2,file.driver=file,"
-                                             f"file.filename={d / name}")
+        backend = await layer.create(
+            "fill", f"driver=qcow2,file.driver=file,file.filename={d / name}"
+        )
         for cluster in range(first, SIZE // CLUSTER, 37):
             await backend.write(cluster * CLUSTER, bytes([first]) * CLUSTER)
         await backend.flush()
@@ -124,6 +149,7 @@ async def run(d: Path, only: list[str]) -> None:
 
         async def read(i: int) -> None:
             await backend.readinto(todo[i], buf)
+
         return read
 
     raw = await layer.create("raw", f"driver=raw,file.driver=file,file.filename={d}/disk.raw")
@@ -158,11 +184,18 @@ async def run(d: Path, only: list[str]) -> None:
     async def change(i: int) -> None:
         await swapped.change(f"{d}/{('alt', 'base')[i % 2]}.qcow2,read-only=on")
 
-    calls = {"read4k-raw": reads(raw, 4096), "read4k-qcow2": reads(qcow2, 4096),
-             "read4k-chain": reads(chain, 4096), "read1m-qcow2": reads(qcow2, MiB),
-             "write4k-alloc-qcow2": write, "write4k-qcow2": write_in_place,
-             "discard64k-qcow2": discard, "fuse-read4k-qcow2": fuse_read,
-             "media-change": change}
+    calls = {
+        "read4k-raw": reads(raw, 4096),
+        "read4k-qcow2": reads(qcow2, 4096),
+        "read4k-chain": reads(chain, 4096),
+        "read1m-qcow2": reads(qcow2, MiB),
+        "write4k-alloc-qcow2": write,
+        "write4k-qcow2": write_in_place,
+        "discard64k-qcow2": discard,
+        "fuse-read4k-qcow2": fuse_read,
+        "media-change": change,
+    }
+
     async def prime_chain() -> None:  # every cluster read once: the steady state
         buf = memoryview(bytearray(4096))
         for offset in range(0, SIZE, CLUSTER):
@@ -187,11 +220,16 @@ async def run(d: Path, only: list[str]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=",".join(op.name for op in OPERATIONS))
-    ap.add_argument("--prepare", action="store_true",
-                    help="only make the images in DIR (outside callgrind: it is slow there)")
-    ap.add_argument("dir", nargs="?",
-                    help="the images, made by --prepare (default: made in a temporary "
-                         "directory first)")
+    ap.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only make the images in DIR (outside callgrind: it is slow there)",
+    )
+    ap.add_argument(
+        "dir",
+        nargs="?",
+        help="the images, made by --prepare (default: made in a temporary directory first)",
+    )
     args = ap.parse_args()
     only = args.only.split(",")
     unknown = set(only) - {op.name for op in OPERATIONS}

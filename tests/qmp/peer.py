@@ -24,11 +24,11 @@ def monitor_path(mount: Mount) -> Path:
     return mount.path.with_name(mount.path.name + ".qmp")
 
 
-def drive(path: Path, body: Callable[[QMPClient], Awaitable[T]],
-          hangs_up: bool = False) -> T:
+def drive(path: Path, body: Callable[[QMPClient], Awaitable[T]], hangs_up: bool = False) -> T:
     """Connect a qemu.qmp client to ``path``, run ``body`` with it, disconnect;
     ``hangs_up``: the server closes the connection first (after quit), which qemu.qmp
     reports as EOFError on disconnect."""
+
     async def main() -> T:
         client = QMPClient("test")
         await client.connect(str(path))
@@ -40,6 +40,7 @@ def drive(path: Path, body: Callable[[QMPClient], Awaitable[T]],
             except EOFError:
                 if not hangs_up:
                     raise
+
     return asyncio.run(main())
 
 

@@ -45,31 +45,49 @@ def test_protocol_errors(victim: Monitor) -> None:
     before = state(mount)
     with raw(path) as conn:
         assert error_class(conn.reply({"execute": "query-block"})) == "CommandNotFound"
-        assert error_class(conn.reply({"execute": "qmp_capabilities",
-                                       "arguments": {"enable": ["oob"]}})) == "GenericError"
-        assert conn.reply({"execute": "qmp_capabilities", "id": [1, {"a": None}]}) == \
-            {"return": {}, "id": [1, {"a": None}]}
+        assert (
+            error_class(
+                conn.reply({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}})
+            )
+            == "GenericError"
+        )
+        assert conn.reply({"execute": "qmp_capabilities", "id": [1, {"a": None}]}) == {
+            "return": {},
+            "id": [1, {"a": None}],
+        }
         assert error_class(conn.reply({"execute": "qmp_capabilities"})) == "CommandNotFound"
-        bad = [b"{]", b'{"execute": }', b"nonsense\n", b"[1, 2]", b'"text"\n',
-               b'{"arguments": {}}', b'{"execute": 7}', b'{"execute": "eject", "x": 1}',
-               b'{"execute": "eject", "arguments": [1]}', b"\xff\xfe{}"[:2] + b"{}"]
+        bad = [
+            b"{]",
+            b'{"execute": }',
+            b"nonsense\n",
+            b"[1, 2]",
+            b'"text"\n',
+            b'{"arguments": {}}',
+            b'{"execute": 7}',
+            b'{"execute": "eject", "x": 1}',
+            b'{"execute": "eject", "arguments": [1]}',
+            b"\xff\xfe{}"[:2] + b"{}",
+        ]
         for data in bad:
             reply = conn.reply(data)
             assert error_class(reply) == "GenericError", (data, reply)
         assert "JSON parse error" in conn.reply(b"{]")["error"]["desc"]
         assert error_class(conn.reply({"execute": "no-such"})) == "CommandNotFound"
-        wrong_types = [("eject", {"id": 5}), ("block_resize", {"device": "victim0",
-                                                               "size": "1G"}),
-                       ("block_resize", {"device": "victim0", "size": True}),
-                       ("blockdev-del", {}), ("job-pause", {"id": None}),
-                       ("blockdev-add", {"driver": "qcow2", "node-name": 3}),
-                       ("block-export-add", {"type": "fuse", "id": "victim0",
-                                             "node-name": "n"}),
-                       ("blockdev-change-medium", {"id": "victim0", "filename": ["a"]}),
-                       ("quit", {"now": True})]
+        wrong_types = [
+            ("eject", {"id": 5}),
+            ("block_resize", {"device": "victim0", "size": "1G"}),
+            ("block_resize", {"device": "victim0", "size": True}),
+            ("blockdev-del", {}),
+            ("job-pause", {"id": None}),
+            ("blockdev-add", {"driver": "qcow2", "node-name": 3}),
+            ("block-export-add", {"type": "fuse", "id": "victim0", "node-name": "n"}),
+            ("blockdev-change-medium", {"id": "victim0", "filename": ["a"]}),
+            ("quit", {"now": True}),
+        ]
         for command, args in wrong_types:
-            assert error_class(conn.reply({"execute": command, "arguments": args})) == \
-                "GenericError", command
+            assert (
+                error_class(conn.reply({"execute": command, "arguments": args})) == "GenericError"
+            ), command
         huge = json.dumps({"execute": "eject", "arguments": {"id": "x" * (2 << 20)}})
         assert "larger" in conn.reply(huge.encode())["error"]["desc"]
         deep = b"[" * 100 + b"]" * 100
@@ -86,8 +104,12 @@ def test_a_client_leaving_mid_command(victim: Monitor, images: Path) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(other), "8M"], check=True)
     conn = Raw(path)
     conn.negotiate()
-    conn.send({"execute": "blockdev-change-medium",
-               "arguments": {"id": "victim0", "filename": str(other)}})
+    conn.send(
+        {
+            "execute": "blockdev-change-medium",
+            "arguments": {"id": "victim0", "filename": str(other)},
+        }
+    )
     conn.close()
     wait_until(lambda: mount.backends()["victim0"]["size"] == 8 << 20, "the change")
     for _ in range(5):  # and a client that leaves half-way through a message
@@ -103,18 +125,35 @@ def test_a_client_leaving_mid_command(victim: Monitor, images: Path) -> None:
 def fuzz_value(rng: random.Random, depth: int = 0) -> Any:
     choice = rng.randrange(8 if depth < 3 else 5)
     if choice == 0:
-        return rng.randrange(-2**40, 2**40)
+        return rng.randrange(-(2**40), 2**40)
     if choice == 1:
         return rng.choice([True, False, None, 0.5, -1, ""])
     if choice in (2, 3, 4):
-        return "".join(rng.choice("abz019-_./,=\\\"\n ") for _ in range(rng.randrange(9)))
+        return "".join(rng.choice('abz019-_./,=\\"\n ') for _ in range(rng.randrange(9)))
     if choice in (5, 6):
         return {fuzz_key(rng): fuzz_value(rng, depth + 1) for _ in range(rng.randrange(4))}
     return [fuzz_value(rng, depth + 1) for _ in range(rng.randrange(4))]
 
 
-KEYS = ["id", "device", "node-name", "driver", "file", "filename", "size", "type", "speed",
-        "job-id", "target", "sync", "format", "mode", "force", "options", "writable"]
+KEYS = [
+    "id",
+    "device",
+    "node-name",
+    "driver",
+    "file",
+    "filename",
+    "size",
+    "type",
+    "speed",
+    "job-id",
+    "target",
+    "sync",
+    "format",
+    "mode",
+    "force",
+    "options",
+    "writable",
+]
 
 
 def fuzz_key(rng: random.Random) -> str:
@@ -129,8 +168,11 @@ def test_bounded_fuzz(victim: Monitor) -> None:
     rng = random.Random(1717)
     with raw(path) as conn:
         conn.negotiate()
-        names = [c["name"] for c in conn.reply({"execute": "query-commands"})["return"]
-                 if c["name"] not in ("quit", "qmp_capabilities")]
+        names = [
+            c["name"]
+            for c in conn.reply({"execute": "query-commands"})["return"]
+            if c["name"] not in ("quit", "qmp_capabilities")
+        ]
         for _ in range(400):
             if rng.randrange(10) == 0:  # bytes outside any bracket or string
                 noise = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))

@@ -39,8 +39,9 @@ def test_random_bytes_never_raise_and_a_clean_value_follows() -> None:
         # whatever state the noise left, closing every bracket resynchronises
         tail = splitter.feed(b'"' + b"]" * 70 + b"}" * 70 + b"\n")
         out = splitter.feed(b'{"x": 1}')
-        assert all(isinstance(v, (ParseError, dict, list, str, int, float)) or v is None
-                   for v in tail)
+        assert all(
+            isinstance(v, (ParseError, dict, list, str, int, float)) or v is None for v in tail
+        )
         if out:
             assert out[-1] == {"x": 1} or isinstance(out[-1], ParseError)
 

@@ -29,8 +29,9 @@ def test_throttle_in_retuned_and_out(monitor: Monitor, images: Path) -> None:
 
     async def body(client: QMPClient) -> None:
         await client.execute("blockdev-add", node("n0", image))
-        await client.execute("block-export-add", {"type": "fuse", "id": "d",
-                                                  "node-name": "n0", "writable": True})
+        await client.execute(
+            "block-export-add", {"type": "fuse", "id": "d", "node-name": "n0", "writable": True}
+        )
         (mount / "d").write_bytes(b"x" * MiB)
         await fails(client, "block_set_io_throttle", OFF)  # neither device nor id
 
@@ -42,9 +43,17 @@ def test_throttle_in_retuned_and_out(monitor: Monitor, images: Path) -> None:
         assert inserted["node-name"] == "n0" and inserted["bps_wr"] == 8 * MiB
         assert inserted["bps"] == 0
 
-        await client.execute("block_set_io_throttle",  # by its node's name, retuned in place
-                             {**OFF, "device": "n0", "iops": 100, "iops_max": 200,
-                              "iops_max_length": 2, "group": "g"})
+        await client.execute(
+            "block_set_io_throttle",  # by its node's name, retuned in place
+            {
+                **OFF,
+                "device": "n0",
+                "iops": 100,
+                "iops_max": 200,
+                "iops_max_length": 2,
+                "group": "g",
+            },
+        )
         again = tree(monitor)
         assert again["node-name"] == root["node-name"]
         assert again["info"]["limits"] == {"iops-total": 100}
@@ -57,6 +66,7 @@ def test_throttle_in_retuned_and_out(monitor: Monitor, images: Path) -> None:
         await client.execute("block_set_io_throttle", {**OFF, "id": "d"})  # nothing to do
         assert tree(monitor)["node-name"] == "n0"
         assert (mount / "d").read_bytes()[:MiB] == b"x" * MiB
+
     drive(path, body)
 
 
@@ -68,20 +78,22 @@ def test_refused_throttles_change_nothing(monitor: Monitor, images: Path) -> Non
     async def body(client: QMPClient) -> None:
         await client.execute("block_set_io_throttle", {**OFF, "id": "d", "bps": MiB})
         before = tree(monitor)
-        await fails(client, "block_set_io_throttle", {**OFF, "id": "nosuch", "bps": 1},
-                    "DeviceNotFound")
+        await fails(
+            client, "block_set_io_throttle", {**OFF, "id": "nosuch", "bps": 1}, "DeviceNotFound"
+        )
         await fails(client, "block_set_io_throttle", {"id": "d", "bps": 1})  # bps_rd missing
         await fails(client, "block_set_io_throttle", {**OFF, "id": "d", "bps": "1M"})
         await fails(client, "block_set_io_throttle", {**OFF, "id": "d", "bps": -1})
-        await fails(client, "block_set_io_throttle", {**OFF, "id": "d", "bps": 1,
-                                                      "iops_size": 4096})
-        await fails(client, "block_set_io_throttle", {**OFF, "id": "d", "bps": 1,
-                                                      "bps_rd": 1})  # total with read
-        await fails(client, "block_set_io_throttle", {**OFF, "id": "d", "bps": 2,
-                                                      "bps_max": 1})
-        await fails(client, "block_set_io_throttle", {**OFF, "id": "d", "bps": 1,
-                                                      "device": "d"})
+        await fails(
+            client, "block_set_io_throttle", {**OFF, "id": "d", "bps": 1, "iops_size": 4096}
+        )
+        await fails(
+            client, "block_set_io_throttle", {**OFF, "id": "d", "bps": 1, "bps_rd": 1}
+        )  # total with read
+        await fails(client, "block_set_io_throttle", {**OFF, "id": "d", "bps": 2, "bps_max": 1})
+        await fails(client, "block_set_io_throttle", {**OFF, "id": "d", "bps": 1, "device": "d"})
         await fails(client, "block_set_io_throttle", {**OFF, "id": "empty", "bps": 1})
         assert tree(monitor) == before
         assert not mount.backends()["empty"]["medium"]
+
     drive(path, body)

@@ -44,8 +44,12 @@ MIN_ITERATIONS = 4
 
 def qemu_check(image: Path, *flags: str) -> tuple[int, dict[str, Any]]:
     """``qemu-img check --output=json``: exit status and report."""
-    result = subprocess.run(["qemu-img", "check", "--output=json", *flags, str(image)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["qemu-img", "check", "--output=json", *flags, str(image)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         report = json.loads(result.stdout)
     except json.JSONDecodeError:
@@ -66,8 +70,20 @@ def qcow2_over_backing(images: Path) -> tuple[Path, bytes]:
     qemu("qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE))
     qemu_io(base, "qcow2", "write -P 0x5a 0 6M", "write -P 0xa5 10M 3M", "write -P 0x33 20M 64k")
     image = images / "disk.qcow2"
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", base.name,
-         "-F", "qcow2", image)
+    qemu(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        base.name,
+        "-F",
+        "qcow2",
+        image,
+    )
     return image, to_raw(image)
 
 
@@ -80,8 +96,10 @@ def raw(images: Path) -> tuple[Path, bytes]:
 
 PLAIN = "{image},detect-zeroes={zeroes}"
 QCOW2 = "driver=qcow2,repair=leaks,detect-zeroes={zeroes},file.driver=file,file.filename={image}"
-SLOW_FLUSH = ("driver=qcow2,repair=leaks,detect-zeroes={zeroes},file.driver=blkdebug,"
-              "file.delay.flush=25ms,file.image.driver=file,file.image.filename={image}")
+SLOW_FLUSH = (
+    "driver=qcow2,repair=leaks,detect-zeroes={zeroes},file.driver=blkdebug,"
+    "file.delay.flush=25ms,file.image.driver=file,file.image.filename={image}"
+)
 
 VARIANTS: dict[str, tuple[Callable[[Path], tuple[Path, bytes]], int, str, str, float]] = {
     "qcow2": (plain_qcow2, 65536, QCOW2, "off", 25.0),
@@ -108,8 +126,13 @@ def repaired_in_log(mount: Mount) -> int:
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_kill_9_loses_nothing_fsynced_and_corrupts_nothing(
-        variant: str, images: Path, tmp_path: Path, mount_factory: Callable[..., Mount],
-        stress_seconds: Callable[[float], float], figures: dict[str, Any]) -> None:
+    variant: str,
+    images: Path,
+    tmp_path: Path,
+    mount_factory: Callable[..., Mount],
+    stress_seconds: Callable[[float], float],
+    figures: dict[str, Any],
+) -> None:
     make, cluster, options, detect_zeroes, default_seconds = VARIANTS[variant]
     image, initial = make(images)
     is_qcow2 = image.suffix == ".qcow2"
@@ -117,26 +140,38 @@ def test_kill_9_loses_nothing_fsynced_and_corrupts_nothing(
     rng = random.Random(seed)
     where = f"(BLKFS_STRESS_SEED={seed})"
     state = Replay(bytearray(initial), [])
-    totals = {"iterations": 0, "kills_in_fsync": 0, "writes": 0, "zero_writes": 0,
-              "discards": 0, "fsyncs": 0, "leaks_found": 0, "leaks_repaired": 0,
-              "corruptions": 0, "verified_mib": 0}
+    totals = {
+        "iterations": 0,
+        "kills_in_fsync": 0,
+        "writes": 0,
+        "zero_writes": 0,
+        "discards": 0,
+        "fsyncs": 0,
+        "leaks_found": 0,
+        "leaks_repaired": 0,
+        "corruptions": 0,
+        "verified_mib": 0,
+    }
     deadline = time.monotonic() + stress_seconds(default_seconds)
     previous_leaks = 0
     while True:
-        mount = mount_factory("--backend", "disk=" + options.format(image=image,
-                                                                    zeroes=detect_zeroes))
+        mount = mount_factory(
+            "--backend", "disk=" + options.format(image=image, zeroes=detect_zeroes)
+        )
         disk = mount / "disk"
         if is_qcow2:
             status, report = qemu_check(image, "-U")
             repaired = repaired_in_log(mount)
             assert status == 0, f"not leak-free after a writable open {where}: {report}"
-            assert repaired == previous_leaks, f"log says {repaired} repaired, qemu-img " \
-                                               f"found {previous_leaks} {where}"
+            assert repaired == previous_leaks, (
+                f"log says {repaired} repaired, qemu-img found {previous_leaks} {where}"
+            )
             totals["leaks_repaired"] += repaired
         actual = disk.read_bytes()
         bad = mismatches(actual, state)
-        assert not bad, f"fsynced data lost at offsets {bad} after iteration " \
-                        f"{totals['iterations']} {where}"
+        assert not bad, (
+            f"fsynced data lost at offsets {bad} after iteration {totals['iterations']} {where}"
+        )
         totals["verified_mib"] += len(actual) // MiB
         if totals["iterations"] >= MIN_ITERATIONS and time.monotonic() > deadline:
             break
@@ -144,8 +179,11 @@ def test_kill_9_loses_nothing_fsynced_and_corrupts_nothing(
         writer = start_writer(disk, journal, rng.getrandbits(32), cluster=cluster)
         try:
             operations = rng.randint(2, 60)  # the kill lands after a random amount of work
-            wait_until(lambda: journaled(journal) >= operations or writer.poll() is not None,
-                       f"the writer to journal {operations} operations", seconds=60)
+            wait_until(
+                lambda: journaled(journal) >= operations or writer.poll() is not None,
+                f"the writer to journal {operations} operations",
+                seconds=60,
+            )
             if rng.random() < 0.5:  # half the kills land inside an fsync, where order matters
                 totals["kills_in_fsync"] += wait_for_fsync(journal, 2.0)
                 time.sleep(rng.uniform(0, 0.004))
@@ -166,10 +204,11 @@ def test_kill_9_loses_nothing_fsynced_and_corrupts_nothing(
         if is_qcow2:
             status, report = qemu_check(image)
             totals["corruptions"] += report.get("corruptions", 0)
-            assert status in (0, 3) and not report.get("corruptions") and \
-                not report.get("check-errors"), \
-                f"kill -9 left a corrupt image (iteration {totals['iterations']}) {where}:\n" \
-                f"{report}"
+            assert (
+                status in (0, 3)
+                and not report.get("corruptions")
+                and not report.get("check-errors")
+            ), f"kill -9 left a corrupt image (iteration {totals['iterations']}) {where}:\n{report}"
             previous_leaks = report.get("leaks", 0)
             totals["leaks_found"] += previous_leaks
     mount.stop()
@@ -183,21 +222,37 @@ def test_kill_9_loses_nothing_fsynced_and_corrupts_nothing(
 
 
 def test_kill_9_between_refcount_and_l2_write_back_of_freed_clusters(
-        images: Path, mount_factory: Callable[..., Mount]) -> None:
+    images: Path, mount_factory: Callable[..., Mount]
+) -> None:
     """Deterministic: clusters freed by a whole-cluster zero write, then an fsync whose
     barrier between the refcount blocks and the L2 tables is held 5 s by blkdebug; the daemon
     is killed inside it. A crash-safe order leaves only leaks."""
     image, _ = plain_qcow2(images)
     qemu_io(image, "qcow2", "write -P 0x61 0 1M")
-    mount = mount_factory("--backend", f"disk=driver=qcow2,detect-zeroes=unmap,"
-                                       f"file.driver=blkdebug,file.node-name=dbg,"
-                                       f"file.image.driver=file,file.image.filename={image}")
+    mount = mount_factory(
+        "--backend",
+        f"disk=driver=qcow2,detect-zeroes=unmap,"
+        f"file.driver=blkdebug,file.node-name=dbg,"
+        f"file.image.driver=file,file.image.filename={image}",
+    )
     mount.ctl("reopen", "dbg delay.flush=5s")
-    writer = subprocess.Popen(["dd", "if=/dev/zero", f"of={mount / 'disk'}", "bs=1M", "count=1",
-                               "conv=notrunc,fsync", "status=none"], stderr=subprocess.DEVNULL)
+    writer = subprocess.Popen(
+        [
+            "dd",
+            "if=/dev/zero",
+            f"of={mount / 'disk'}",
+            "bs=1M",
+            "count=1",
+            "conv=notrunc,fsync",
+            "status=none",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_until(lambda: node(mount.backends()["disk"]["tree"], "dbg")["info"]["delayed"] == 1,
-                   "the fsync to wait in blkdebug's delay")  # the zero write is done
+        wait_until(
+            lambda: node(mount.backends()["disk"]["tree"], "dbg")["info"]["delayed"] == 1,
+            "the fsync to wait in blkdebug's delay",
+        )  # the zero write is done
         os.kill(mount.pid, signal.SIGKILL)
         writer.wait(timeout=30)
     finally:

@@ -61,10 +61,19 @@ MAX_FAILURES = 12
 
 # -- images -----------------------------------------------------------------------------
 
+
 def plain_qcow2(d: Path, options: str = "", size: int = SIZE) -> tuple[Path, bytes]:
     image = d / "disk.qcow2"
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", *(["-o", options] if options else []),
-         image, str(size))
+    qemu(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        *(["-o", options] if options else []),
+        image,
+        str(size),
+    )
     return image, bytes(SIZE)
 
 
@@ -76,8 +85,20 @@ def qcow2_over_backing(d: Path) -> tuple[Path, bytes]:
     qemu("qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE))
     qemu_io(base, "qcow2", "write -P 0x5a 0 5M", "write -P 0xa5 8M 3M", "write -P 0x33 14M 64k")
     image = d / "disk.qcow2"
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", base,
-         "-F", "qcow2", image)
+    qemu(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        base,
+        "-F",
+        "qcow2",
+        image,
+    )
     return image, to_raw(image)
 
 
@@ -104,12 +125,15 @@ one L1 cluster maps 2 MiB). ``qcow2-reuse`` runs :func:`_reuse_op`'s workload.""
 
 
 def tree(fmt: str, image: Path, log: Path) -> str:
-    return (f"driver={fmt},file.driver=blklogwrites,file.node-name=logwrites,"
-            f"file.file.driver=file,file.file.filename={image},"
-            f"file.log.driver=file,file.log.filename={log}")
+    return (
+        f"driver={fmt},file.driver=blklogwrites,file.node-name=logwrites,"
+        f"file.file.driver=file,file.file.filename={image},"
+        f"file.log.driver=file,file.log.filename={log}"
+    )
 
 
 # -- the workload -----------------------------------------------------------------------
+
 
 @dataclass
 class Op:
@@ -175,7 +199,7 @@ async def run_workload(options: str, initial: bytes, seed: int, reuse: bool = Fa
             op.end = logger.entries
             work.ops.append(op)
             if op.kind in ("write", "zero", "discard"):
-                work.model[op.offset:op.offset + op.length] = op.data
+                work.model[op.offset : op.offset + op.length] = op.data
                 if op.kind == "write":
                     written.append((op.offset, op.length))
         final = Op("fsync", start=logger.entries)
@@ -238,6 +262,7 @@ async def _do(backend: BlockBackend, op: Op, rng: random.Random) -> None:
 
 # -- the replay -------------------------------------------------------------------------
 
+
 @dataclass
 class Failure:
     point: int
@@ -247,18 +272,24 @@ class Failure:
     problem: str
 
     def __str__(self) -> str:
-        where = (f"after flush entry {self.flush_entry}" if self.flush_entry >= 0
-                 else "before the first flush")
-        return (f"crash point {self.point} ({where}, during {self.during}), "
-                f"{self.subset}:\n    {self.problem}")
+        where = (
+            f"after flush entry {self.flush_entry}"
+            if self.flush_entry >= 0
+            else "before the first flush"
+        )
+        return (
+            f"crash point {self.point} ({where}, during {self.during}), "
+            f"{self.subset}:\n    {self.problem}"
+        )
 
 
 class Replayer:
     """Takes one image file through the crash states of a log, point by point, and checks
     each; ``model`` follows the last fsync that the current point makes durable."""
 
-    def __init__(self, fmt: str, image: Path, log: Log, work: Workload, initial: bytes,
-                 seed: int) -> None:
+    def __init__(
+        self, fmt: str, image: Path, log: Log, work: Workload, initial: bytes, seed: int
+    ) -> None:
         self.fmt, self.image, self.log, self.work = fmt, image, log, work
         self.seed = seed
         self.model = bytearray(initial)
@@ -286,7 +317,7 @@ class Replayer:
             pending = [i for i in range(flush + 1, following) if entries[i].changes_data]
             self._advance_model(flush + 1)
             touched = self._touched(following)
-            on_disk = sum(1 for e in entries[:flush + 1] if e.changes_data)
+            on_disk = sum(1 for e in entries[: flush + 1] if e.changes_data)
             per_state = (time.monotonic() - started) / self.states if self.states else 0.1
             left = len(points) - number
             extra = int((deadline - time.monotonic()) / (left * per_state + 1e-9)) - 1
@@ -295,19 +326,24 @@ class Replayer:
                 state = crash_state(self.log, following, keep)[on_disk:]
                 problem = self._check(state, touched)
                 if problem:
-                    self.failures.append(Failure(number, flush,
-                                                 self._during(flush + 1, following),
-                                                 f"{what} (kept: {self._describe(keep)})",
-                                                 problem))
+                    self.failures.append(
+                        Failure(
+                            number,
+                            flush,
+                            self._during(flush + 1, following),
+                            f"{what} (kept: {self._describe(keep)})",
+                            problem,
+                        )
+                    )
                     if len(self.failures) >= MAX_FAILURES:
                         return number + 1
-            apply_to_file(self.fd, self.log,
-                          [e for e in entries[flush + 1:following + 1] if e.changes_data])
+            apply_to_file(
+                self.fd, self.log, [e for e in entries[flush + 1 : following + 1] if e.changes_data]
+            )
         return len(points)
 
     @staticmethod
-    def _subsets(rng: random.Random, pending: list[int],
-                 count: int) -> list[tuple[set[int], str]]:
+    def _subsets(rng: random.Random, pending: list[int], count: int) -> list[tuple[set[int], str]]:
         """The flushed state alone, then states a power cut may leave: a random subset, the
         first k writes (a disk that writes in order), all but one, only one."""
         states: list[tuple[set[int], str]] = [(set(), "no write after it")]
@@ -337,18 +373,23 @@ class Replayer:
         """Apply to the model every operation up to the last fsync that returned with at
         most ``durable_entries`` entries logged (all of them surely on the disk)."""
         ops = self.work.ops
-        last = max((i for i, op in enumerate(ops) if op.kind == "fsync"
-                    and op.durable <= durable_entries), default=-1)
-        for op in ops[self.applied_ops:last + 1]:
+        last = max(
+            (i for i, op in enumerate(ops) if op.kind == "fsync" and op.durable <= durable_entries),
+            default=-1,
+        )
+        for op in ops[self.applied_ops : last + 1]:
             if op.kind != "fsync":
-                self.model[op.offset:op.offset + op.length] = op.data
+                self.model[op.offset : op.offset + op.length] = op.data
         self.applied_ops = max(self.applied_ops, last + 1)
 
     def _touched(self, entries: int) -> list[tuple[int, int]]:
         """Guest ranges that operations after the durable fsync and begun before entry
         ``entries`` was logged may have changed, merged and sorted."""
-        spans = sorted((op.offset, op.offset + op.length) for op in
-                       self.work.ops[self.applied_ops:] if op.start < entries and op.length)
+        spans = sorted(
+            (op.offset, op.offset + op.length)
+            for op in self.work.ops[self.applied_ops :]
+            if op.start < entries and op.length
+        )
         merged: list[tuple[int, int]] = []
         for start, end in spans:
             if merged and start <= merged[-1][1]:
@@ -368,11 +409,13 @@ class Replayer:
 
     def _during(self, first: int, last: int) -> str:
         """The operations that logged entries ``first`` to ``last``."""
+
         def which(entry: int) -> str:
             for index, op in enumerate(self.work.ops):
                 if op.start <= entry < op.end:
                     return f"operation {index} ({op.kind})"
             return "the close"
+
         start, end = which(first), which(last)
         return start if start == end else f"{start} to {end}"
 
@@ -389,21 +432,29 @@ class Replayer:
         check = convert = None
         out = self.scratch / "guest.raw"
         if self.fmt == "qcow2":
-            check = subprocess.Popen(["qemu-img", "check", "-f", "qcow2", str(self.image)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-            convert = subprocess.Popen(["qemu-img", "convert", "-f", "qcow2", "-O", "raw",
-                                        str(self.image), str(out)],
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True)
+            check = subprocess.Popen(
+                ["qemu-img", "check", "-f", "qcow2", str(self.image)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            convert = subprocess.Popen(
+                ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(self.image), str(out)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         problems = []
         if check is not None:
             text, _ = check.communicate(timeout=120)
             if check.returncode not in (0, 3):
-                errors = [line for line in text.splitlines() if "ERROR" in line or
-                          "error" in line.lower()][:6] or text.splitlines()[:6]
-                problems.append(f"qemu-img check exit {check.returncode}: " +
-                                "\n      ".join(errors + dangling(self.fd)))
+                errors = [
+                    line for line in text.splitlines() if "ERROR" in line or "error" in line.lower()
+                ][:6] or text.splitlines()[:6]
+                problems.append(
+                    f"qemu-img check exit {check.returncode}: "
+                    + "\n      ".join(errors + dangling(self.fd))
+                )
         if convert is not None:
             text, _ = convert.communicate(timeout=120)
             if convert.returncode:
@@ -426,9 +477,11 @@ class Replayer:
             if position < start:
                 if guest[position:start] != model[position:start]:
                     bad = next(i for i in range(position, start) if guest[i] != model[i])
-                    return (f"fsynced byte at guest offset {bad:#x} reads {guest[bad]:#04x}, "
-                            f"not {model[bad]:#04x} (last written by "
-                            f"{self._last_writer(bad)})")
+                    return (
+                        f"fsynced byte at guest offset {bad:#x} reads {guest[bad]:#04x}, "
+                        f"not {model[bad]:#04x} (last written by "
+                        f"{self._last_writer(bad)})"
+                    )
                 self.bytes_verified += start - position
             position = max(position, end)
         return ""
@@ -454,40 +507,50 @@ def dangling(fd: int) -> list[str]:
 def _dangling(fd: int) -> list[str]:
     size = os.fstat(fd).st_size
     header = os.pread(fd, 72, 0)
-    cluster_bits, = struct.unpack_from(">I", header, 20)
+    (cluster_bits,) = struct.unpack_from(">I", header, 20)
     l1_size, l1_offset, reftable_offset = struct.unpack_from(">IQQ", header, 36)
-    reftable_clusters, = struct.unpack_from(">I", header, 56)
+    (reftable_clusters,) = struct.unpack_from(">I", header, 56)
     cluster = 1 << cluster_bits
     mask = 0x00FFFFFFFFFFFE00
     found = []
-    for index, entry in enumerate(struct.unpack(f">{reftable_clusters * cluster // 8}Q",
-                                                os.pread(fd, reftable_clusters * cluster,
-                                                         reftable_offset).ljust(
-                                                    reftable_clusters * cluster, b"\0"))):
+    for index, entry in enumerate(
+        struct.unpack(
+            f">{reftable_clusters * cluster // 8}Q",
+            os.pread(fd, reftable_clusters * cluster, reftable_offset).ljust(
+                reftable_clusters * cluster, b"\0"
+            ),
+        )
+    ):
         if entry & mask and (entry & mask) >= size:
-            found.append(f"refcount table entry {index} -> refcount block at "
-                         f"{entry & mask:#x}, past the end of the file ({size:#x})")
-    l1 = struct.unpack(f">{l1_size}Q", os.pread(fd, l1_size * 8, l1_offset).ljust(l1_size * 8,
-                                                                                  b"\0"))
+            found.append(
+                f"refcount table entry {index} -> refcount block at "
+                f"{entry & mask:#x}, past the end of the file ({size:#x})"
+            )
+    l1 = struct.unpack(
+        f">{l1_size}Q", os.pread(fd, l1_size * 8, l1_offset).ljust(l1_size * 8, b"\0")
+    )
     for index, entry in enumerate(l1):
         l2 = entry & mask
         if l2 and l2 >= size:
-            found.append(f"L1 entry {index} -> L2 table at {l2:#x}, past the end of the file "
-                         f"({size:#x})")
+            found.append(
+                f"L1 entry {index} -> L2 table at {l2:#x}, past the end of the file ({size:#x})"
+            )
         elif l2:
-            for slot, data in enumerate(struct.unpack(f">{cluster // 8}Q",
-                                                      os.pread(fd, cluster, l2).ljust(
-                                                          cluster, b"\0"))):
+            for slot, data in enumerate(
+                struct.unpack(f">{cluster // 8}Q", os.pread(fd, cluster, l2).ljust(cluster, b"\0"))
+            ):
                 if not data >> 62 & 1 and data & mask and (data & mask) >= size:
-                    found.append(f"L2 table at {l2:#x} entry {slot} -> data cluster at "
-                                 f"{data & mask:#x}, past the end of the file ({size:#x})")
+                    found.append(
+                        f"L2 table at {l2:#x} entry {slot} -> data cluster at "
+                        f"{data & mask:#x}, past the end of the file ({size:#x})"
+                    )
     return found[:4] + ([f"... and {len(found) - 4} more"] if len(found) > 4 else [])
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_crash_point_keeps_what_was_fsynced(
-        variant: str, images: Path, stress_seconds: Callable[[float], float],
-        figures: dict[str, Any]) -> None:
+    variant: str, images: Path, stress_seconds: Callable[[float], float], figures: dict[str, Any]
+) -> None:
     make, fmt, default_seconds = VARIANTS[variant]
     seed = int(os.environ.get("BLKFS_STRESS_SEED", DEFAULT_SEED))
     image, initial = make(images)
@@ -496,12 +559,14 @@ def test_every_crash_point_keeps_what_was_fsynced(
     log_path = images / "writes.log"
     log_path.write_bytes(b"")
     started = time.monotonic()
-    work = trio.run(run_workload, tree(fmt, image, log_path), initial, seed,
-                    variant == "qcow2-reuse")
+    work = trio.run(
+        run_workload, tree(fmt, image, log_path), initial, seed, variant == "qcow2-reuse"
+    )
     image_size = image.stat().st_size
     if variant == "qcow2-reuse":  # written all over one quarter of the disk, many times
-        assert image_size <= SIZE // 4 + 2 * MiB, \
+        assert image_size <= SIZE // 4 + 2 * MiB, (
             f"freed clusters were not reused: the image grew to {image_size} bytes"
+        )
     log = parse(log_path.read_bytes())
     entries = log.entries
     fsyncs = [op for op in work.ops if op.kind == "fsync"]
@@ -511,35 +576,40 @@ def test_every_crash_point_keeps_what_was_fsynced(
     rebuilt = bytearray(before.read_bytes())
     apply_to(rebuilt, log, crash_state(log, len(entries)))
     after = image.read_bytes()
-    assert bytes(rebuilt).ljust(len(after), b"\0") == after.ljust(len(rebuilt), b"\0"), \
+    assert bytes(rebuilt).ljust(len(after), b"\0") == after.ljust(len(rebuilt), b"\0"), (
         f"replaying the log does not rebuild the image {where}"
+    )
     # every fsync is durable at its last flush; after it, it may only discard (punch holes
     # into freed clusters), never write what a crash could then lose
     for op in fsyncs:
         flushes = [i for i in range(op.end) if entries[i].is_flush]
         op.durable = flushes[-1] + 1 if flushes else 0
         late = [i for i in range(op.durable, op.end) if not entries[i].is_discard]
-        assert not late, f"an fsync returned with entries {late} written after its last " \
-                         f"flush {where}"
+        assert not late, (
+            f"an fsync returned with entries {late} written after its last flush {where}"
+        )
 
     replayer = Replayer(fmt, before, log, work, initial, seed)
     try:
         points = replayer.run(stress_seconds(default_seconds))
     finally:
         replayer.close()
-    figures.update({
-        f"{variant}_seed": seed,
-        f"{variant}_image_bytes": image_size,
-        f"{variant}_operations": len(work.ops),
-        f"{variant}_fsyncs": len(fsyncs),
-        f"{variant}_log_entries": len(entries),
-        f"{variant}_flush_entries": len(log.flush_points()),
-        f"{variant}_crash_points": points,
-        f"{variant}_images_checked": replayer.states,
-        f"{variant}_mib_verified": replayer.bytes_verified // MiB,
-        f"{variant}_failed_states": len(replayer.failures),
-        f"{variant}_seconds": round(time.monotonic() - started, 1),
-    })
+    figures.update(
+        {
+            f"{variant}_seed": seed,
+            f"{variant}_image_bytes": image_size,
+            f"{variant}_operations": len(work.ops),
+            f"{variant}_fsyncs": len(fsyncs),
+            f"{variant}_log_entries": len(entries),
+            f"{variant}_flush_entries": len(log.flush_points()),
+            f"{variant}_crash_points": points,
+            f"{variant}_images_checked": replayer.states,
+            f"{variant}_mib_verified": replayer.bytes_verified // MiB,
+            f"{variant}_failed_states": len(replayer.failures),
+            f"{variant}_seconds": round(time.monotonic() - started, 1),
+        }
+    )
     shown = "\n  ".join(str(f) for f in replayer.failures[:5])
     assert not replayer.failures, (
-        f"{len(replayer.failures)} crash state(s) failed {where}; the first:\n  {shown}")
+        f"{len(replayer.failures)} crash state(s) failed {where}; the first:\n  {shown}"
+    )

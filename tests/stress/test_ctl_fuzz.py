@@ -35,28 +35,88 @@ pytestmark = [pytest.mark.stress]
 MiB = 1 << 20
 
 DRIVERS = ["raw", "qcow2", "null", "file", "throttle", "blkdebug", "copy-on-read", "nosuch"]
-KEYS = ["driver", "node-name", "read-only", "detect-zeroes", "discard", "file", "filename",
-        "locking", "offset", "size", "backing", "image", "inject-error", "event", "errno",
-        "limits", "iops-total", "bps-read-max", "throttle-group", "l2-cache-size", "align",
-        "drop-writes", "delay", "read", "0", "x", ""]
-WORDS = ["on", "off", "auto", "64k", "1M", "2G", "-1", "0x10", "1e3", "1.5k", "null", "EIO",
-         "read", "write", "unmap", "ignore", "10ms", "n0", "d0", "#node0", "..", "/", ","]
+KEYS = [
+    "driver",
+    "node-name",
+    "read-only",
+    "detect-zeroes",
+    "discard",
+    "file",
+    "filename",
+    "locking",
+    "offset",
+    "size",
+    "backing",
+    "image",
+    "inject-error",
+    "event",
+    "errno",
+    "limits",
+    "iops-total",
+    "bps-read-max",
+    "throttle-group",
+    "l2-cache-size",
+    "align",
+    "drop-writes",
+    "delay",
+    "read",
+    "0",
+    "x",
+    "",
+]
+WORDS = [
+    "on",
+    "off",
+    "auto",
+    "64k",
+    "1M",
+    "2G",
+    "-1",
+    "0x10",
+    "1e3",
+    "1.5k",
+    "null",
+    "EIO",
+    "read",
+    "write",
+    "unmap",
+    "ignore",
+    "10ms",
+    "n0",
+    "d0",
+    "#node0",
+    "..",
+    "/",
+    ",",
+]
 NAMES = ["d0", "d1", "cd", "n0", "q0", "ro"]
 
 
 def vocabulary(images: Path) -> list[str]:
-    return DRIVERS + WORDS + [str(images / n) for n in ("a.img", "b.qcow2", "missing.img")] \
+    return (
+        DRIVERS
+        + WORDS
+        + [str(images / n) for n in ("a.img", "b.qcow2", "missing.img")]
         + [str(images.parent / "outside.img"), str(images / ".." / "outside.img")]
+    )
 
 
 def option_trees(words: list[str]) -> st.SearchStrategy[Any]:
-    leaves = st.one_of(st.sampled_from(words), st.integers(-2**70, 2**70), st.booleans(),
-                       st.none(), st.floats(), st.text(max_size=12))
+    leaves = st.one_of(
+        st.sampled_from(words),
+        st.integers(-(2**70), 2**70),
+        st.booleans(),
+        st.none(),
+        st.floats(),
+        st.text(max_size=12),
+    )
     return st.recursive(
         leaves,
-        lambda inner: st.dictionaries(st.sampled_from(KEYS), inner, max_size=5)
-        | st.lists(inner, max_size=3),
-        max_leaves=16)
+        lambda inner: (
+            st.dictionaries(st.sampled_from(KEYS), inner, max_size=5) | st.lists(inner, max_size=3)
+        ),
+        max_leaves=16,
+    )
 
 
 def dotted(tree: Any, prefix: str = "") -> list[str]:
@@ -104,7 +164,7 @@ def hostile_cases(images: Path) -> list[tuple[str, bytes]]:
         b"d9 driver=null,node-name=\xc3\x28",
         b"d9 " + b"\xed\xa0\x80",  # an encoded surrogate: not UTF-8
         b"d9 " + b"{" * deep,
-        b'd9 ' + b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+        b"d9 " + b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
         b'd9 {"driver":' + b"[" * 30_000 + b"]" * 30_000 + b"}",
         b"d9 " + b"a." * 30_000 + b"=1",
         b"d9 " + b"file." * 12_000 + b"driver=null",
@@ -113,8 +173,8 @@ def hostile_cases(images: Path) -> list[tuple[str, bytes]]:
         b"n" * 129 + b" driver=null",
         b"n" * 60_000,
         b"d9 driver=null,node-name=" + b"n" * 65,
-        b"big driver=null" + b" " * (64 * 1024 - 15),      # exactly the limit: accepted
-        b"big2 driver=null" + b" " * (64 * 1024 - 15),     # one byte over
+        b"big driver=null" + b" " * (64 * 1024 - 15),  # exactly the limit: accepted
+        b"big2 driver=null" + b" " * (64 * 1024 - 15),  # one byte over
         b"d9 driver=null,size=" + b"9" * 5000,
         b'd9 {"driver": "null", "size": ' + b"9" * 5000 + b"}",
         b'd9 {"driver": "null", "size": 1e400}',
@@ -126,7 +186,7 @@ def hostile_cases(images: Path) -> list[tuple[str, bytes]]:
         b"d9 driver=qcow2,file.driver=file,file.filename=" + a + b",backing=d9",
         b"d9 " + a + b",driver=raw",
         b"d9 " + a + b"," * 5000,
-        b"d\r9 driver=null",                               # line breaks in messages
+        b"d\r9 driver=null",  # line breaks in messages
         "d9\u2028x\x85y driver=null".encode(),
         b"d9 driver=null,node-name=a\rb\x0bc",
         b"\n" * 1000,
@@ -156,9 +216,12 @@ def fuzz_images(images: Path) -> Path:
 
 # -- without a mount: the parsers and the control plane, for volume ------------------------
 
+
 @settings(max_examples=3000, deadline=None)
-@given(verb=st.sampled_from(VERBS), payload=st.binary(max_size=600) | st.text().map(
-    lambda t: t.encode("utf-8", "surrogatepass")))
+@given(
+    verb=st.sampled_from(VERBS),
+    payload=st.binary(max_size=600) | st.text().map(lambda t: t.encode("utf-8", "surrogatepass")),
+)
 def test_parse_command_and_options_fail_only_with_einval(verb: str, payload: bytes) -> None:
     try:
         args = parse(verb, payload)
@@ -177,13 +240,20 @@ class Direct:
         self.control = ControlFiles(Commands(self.layer))
 
     async def setup(self) -> None:
-        for command in (f"d0 {self.images / 'a.img'}", "n0 driver=null,node-name=n0",
-                        "cd", f"q0 {self.images / 'b.qcow2'}"):
+        for command in (
+            f"d0 {self.images / 'a.img'}",
+            "n0 driver=null,node-name=n0",
+            "cd",
+            f"q0 {self.images / 'b.qcow2'}",
+        ):
             await self.control.write("create", command.encode())
 
     async def state(self) -> tuple[str, list[str], int]:
-        return (json.dumps(without_stats(await self.layer.status()), sort_keys=True),
-                sorted(self.layer.graph.nodes), len(os.listdir("/proc/self/fd")))
+        return (
+            json.dumps(without_stats(await self.layer.status()), sort_keys=True),
+            sorted(self.layer.graph.nodes),
+            len(os.listdir("/proc/self/fd")),
+        )
 
 
 def run_direct(images: Path, cases: list[tuple[str, bytes]], tally: Counter[str]) -> None:
@@ -208,15 +278,19 @@ def run_direct(images: Path, cases: list[tuple[str, bytes]], tally: Counter[str]
     trio.run(main)
 
 
-def test_control_plane_without_a_mount(fuzz_images: Path, figures: dict[str, Any],
-                                       stress_seconds: Callable[[float], float]) -> None:
+def test_control_plane_without_a_mount(
+    fuzz_images: Path, figures: dict[str, Any], stress_seconds: Callable[[float], float]
+) -> None:
     tally: Counter[str] = Counter()
     run_direct(fuzz_images, hostile_cases(fuzz_images), tally)
     words = vocabulary(fuzz_images)
     examples = int(700 * stress_seconds(20) / 20)
 
-    @settings(max_examples=examples, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(st.lists(commands(words), min_size=1, max_size=5))
     def fuzz(cases: list[tuple[str, bytes]]) -> None:
         run_direct(fuzz_images, cases, tally)
@@ -228,26 +302,37 @@ def test_control_plane_without_a_mount(fuzz_images: Path, figures: dict[str, Any
 
 # -- through a mount ----------------------------------------------------------------------
 
+
 @needs_fuse
-def test_ctl_files_through_a_mount(mount_factory: Callable[..., Mount], fuzz_images: Path,
-                                   figures: dict[str, Any],
-                                   stress_seconds: Callable[[float], float]) -> None:
+def test_ctl_files_through_a_mount(
+    mount_factory: Callable[..., Mount],
+    fuzz_images: Path,
+    figures: dict[str, Any],
+    stress_seconds: Callable[[float], float],
+) -> None:
     images = fuzz_images
-    mount = mount_factory("--image-dir", str(images),
-                          "--backend", f"d0={images / 'a.img'}",
-                          "--backend", "n0=driver=null,node-name=n0",
-                          "--backend", "cd=",
-                          "--backend", f"q0={images / 'b.qcow2'}")
+    mount = mount_factory(
+        "--image-dir",
+        str(images),
+        "--backend",
+        f"d0={images / 'a.img'}",
+        "--backend",
+        "n0=driver=null,node-name=n0",
+        "--backend",
+        "cd=",
+        "--backend",
+        f"q0={images / 'b.qcow2'}",
+    )
     tally: Counter[str] = Counter()
 
     def busy() -> set[str]:
         """Backends with a job that may still end by itself, switching their tree."""
-        return {job["device"] for job in jobs(mount).values()
-                if job["status"] in ("created", "running")}
+        return {
+            job["device"] for job in jobs(mount).values() if job["status"] in ("created", "running")
+        }
 
     def steady(status: dict[str, Any], moving: set[str]) -> dict[str, Any]:
-        return {**status, "backends": [b for b in status["backends"]
-                                       if b["name"] not in moving]}
+        return {**status, "backends": [b for b in status["backends"] if b["name"] not in moving]}
 
     def attempt(verb: str, payload: bytes) -> None:
         moving = busy()
@@ -270,8 +355,11 @@ def test_ctl_files_through_a_mount(mount_factory: Callable[..., Mount], fuzz_ima
     words = vocabulary(images)
     examples = int(1000 * stress_seconds(20) / 20)
 
-    @settings(max_examples=examples, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(commands(words))
     def fuzz(case: tuple[str, bytes]) -> None:
         attempt(*case)
@@ -281,8 +369,11 @@ def test_ctl_files_through_a_mount(mount_factory: Callable[..., Mount], fuzz_ima
     for verb in VERBS:
         fd = os.open(mount.path / ".ctl" / verb, os.O_WRONLY)
         try:
-            for offset, payload in [(0, b"zz driver=null"), (12345, b"\xff\x00"),
-                                    (1 << 40, b"zz driver=null")]:
+            for offset, payload in [
+                (0, b"zz driver=null"),
+                (12345, b"\xff\x00"),
+                (1 << 40, b"zz driver=null"),
+            ]:
                 try:
                     os.pwrite(fd, payload, offset)
                     tally["ok"] += 1

@@ -29,7 +29,8 @@ def kill_9(mount: Mount) -> None:
 
 
 def test_umount_of_a_dead_mount_unmounts_lazily_and_says_so(
-        images: Path, mount_factory: Callable[..., Mount]) -> None:
+    images: Path, mount_factory: Callable[..., Mount]
+) -> None:
     image = images / "disk.img"
     image.write_bytes(b"\x42" * 65536)
     mount = mount_factory("--backend", f"disk={image}")
@@ -52,7 +53,8 @@ def test_umount_of_a_dead_mount_unmounts_lazily_and_says_so(
 
 
 def test_a_dead_mount_with_open_files_is_still_recovered(
-        images: Path, mount_factory: Callable[..., Mount]) -> None:
+    images: Path, mount_factory: Callable[..., Mount]
+) -> None:
     """A process that holds a backend file open does not keep a dead mount from going."""
     image = images / "disk.img"
     image.write_bytes(bytes(65536))
@@ -71,7 +73,8 @@ def test_a_dead_mount_with_open_files_is_still_recovered(
 
 @pytest.mark.parametrize("later", [False, True], ids=["at-once", "after-attr-timeout"])
 def test_mounting_over_a_dead_mount_names_the_cure(
-        images: Path, mount_factory: Callable[..., Mount], later: bool) -> None:
+    images: Path, mount_factory: Callable[..., Mount], later: bool
+) -> None:
     mount = mount_factory()
     kill_9(mount)
     if later:  # the kernel's cached attributes of the mount root have expired: ENOTCONN

@@ -37,8 +37,9 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 
 def qemu_check(image: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-img", "check", *flags, str(image)], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        ["qemu-img", "check", *flags, str(image)], capture_output=True, text=True, timeout=120
+    )
 
 
 def fill(directory: Path, leave: int) -> Path:
@@ -57,8 +58,12 @@ def pattern(index: int) -> bytes:
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
 def test_a_full_host_filesystem_fails_the_write_with_enospc_and_nothing_else(
-        fmt: str, small_fs: Path, tmp_path: Path, mount_factory: Callable[..., Mount],
-        figures: dict[str, Any]) -> None:
+    fmt: str,
+    small_fs: Path,
+    tmp_path: Path,
+    mount_factory: Callable[..., Mount],
+    figures: dict[str, Any],
+) -> None:
     image = small_fs / f"disk.{fmt}"
     qemu("qemu-img", "create", "-q", "-f", fmt, image, str(VIRTUAL))
     filler = fill(small_fs, leave=3 * MiB)
@@ -79,9 +84,20 @@ def test_a_full_host_filesystem_fails_the_write_with_enospc_and_nothing_else(
         assert failure == errno.ENOSPC, f"expected ENOSPC, got {errno.errorcode.get(failure)}"
         assert written, "not even one write fitted: the test's space budget is off"
         figures[f"enospc_{fmt}_chunks_before_full"] = len(written)
-        dd = subprocess.run(["dd", "if=/dev/urandom", f"of={disk}", "bs=1M", "count=2",
-                             "seek=4", "conv=notrunc,fsync", "status=none"],
-                            capture_output=True, text=True)
+        dd = subprocess.run(
+            [
+                "dd",
+                "if=/dev/urandom",
+                f"of={disk}",
+                "bs=1M",
+                "count=2",
+                "seek=4",
+                "conv=notrunc,fsync",
+                "status=none",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert dd.returncode != 0 and "No space left on device" in dd.stderr, dd.stderr
         for index, data in written.items():  # reads still work, and see every write
             assert os.pread(fd, CHUNK, index * CHUNK) == data
@@ -112,15 +128,19 @@ def test_a_full_host_filesystem_fails_the_write_with_enospc_and_nothing_else(
 
 
 def test_eio_injected_over_qcow2_fails_only_the_matching_request(
-        images: Path, mount_factory: Callable[..., Mount]) -> None:
+    images: Path, mount_factory: Callable[..., Mount]
+) -> None:
     image = images / "disk.qcow2"
     qemu("qemu-img", "create", "-q", "-f", "qcow2", image, str(8 * MiB))
     bad = (3 * MiB, 64 * KiB)
-    mount = mount_factory("--backend", f"disk=driver=blkdebug,inject-error.0.event=write,"
-                                       f"inject-error.0.offset={bad[0]},"
-                                       f"inject-error.0.length={bad[1]},"
-                                       f"image.driver=qcow2,image.file.driver=file,"
-                                       f"image.file.filename={image}")
+    mount = mount_factory(
+        "--backend",
+        f"disk=driver=blkdebug,inject-error.0.event=write,"
+        f"inject-error.0.offset={bad[0]},"
+        f"inject-error.0.length={bad[1]},"
+        f"image.driver=qcow2,image.file.driver=file,"
+        f"image.file.filename={image}",
+    )
     expected = bytearray(8 * MiB)
     fd = os.open(mount / "disk", os.O_RDWR)
     try:
@@ -131,7 +151,7 @@ def test_eio_injected_over_qcow2_fails_only_the_matching_request(
             if code:
                 failed.append((offset, code))
             else:
-                expected[offset:offset + len(data)] = data
+                expected[offset : offset + len(data)] = data
         os.fsync(fd)
         assert failed == [(bad[0], errno.EIO)]
         assert os.pread(fd, 8 * MiB, 0) == expected
@@ -144,19 +164,25 @@ def test_eio_injected_over_qcow2_fails_only_the_matching_request(
 
 
 def test_eio_from_under_qcow2_keeps_its_metadata_consistent(
-        images: Path, mount_factory: Callable[..., Mount], figures: dict[str, Any]) -> None:
+    images: Path, mount_factory: Callable[..., Mount], figures: dict[str, Any]
+) -> None:
     """Errors on a third of the host writes under qcow2, data and metadata alike: failed
     requests get EIO, acknowledged and fsynced writes read back, and the image checks clean
     once the errors stop."""
     image = images / "disk.qcow2"
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", image,
-         str(8 * MiB))
-    mount = mount_factory("--backend", f"disk=driver=qcow2,file.driver=blkdebug,"
-                                       f"file.node-name=dbg,file.image.driver=file,"
-                                       f"file.image.filename={image}")
-    mount.ctl("reopen", "dbg inject-error.0.event=write,inject-error.0.probability=0.3,"
-                        "inject-error.0.seed=7,inject-error.1.event=flush,"
-                        "inject-error.1.probability=0.3,inject-error.1.seed=8")
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", image, str(8 * MiB))
+    mount = mount_factory(
+        "--backend",
+        f"disk=driver=qcow2,file.driver=blkdebug,"
+        f"file.node-name=dbg,file.image.driver=file,"
+        f"file.image.filename={image}",
+    )
+    mount.ctl(
+        "reopen",
+        "dbg inject-error.0.event=write,inject-error.0.probability=0.3,"
+        "inject-error.0.seed=7,inject-error.1.event=flush,"
+        "inject-error.1.probability=0.3,inject-error.1.seed=8",
+    )
     rng = random.Random(5)
     expected = bytearray(8 * MiB)
     uncertain: list[tuple[int, int]] = []
@@ -174,7 +200,7 @@ def test_eio_from_under_qcow2_keeps_its_metadata_consistent(
                 counts["write_eio"] += 1
                 uncertain.append((offset, offset + length))
             else:
-                expected[offset:offset + length] = data
+                expected[offset : offset + length] = data
             if n % 10 == 9:
                 counts["fsyncs"] += 1
                 code = errno_of(os.fsync, fd)
@@ -193,22 +219,29 @@ def test_eio_from_under_qcow2_keeps_its_metadata_consistent(
     mask = bytearray(8 * MiB)
     for start, end in uncertain:
         mask[start:end] = b"\1" * (end - start)
-    lost = [o for o in range(0, 8 * MiB, 4096) if any(
-        a != e and not m for a, e, m in zip(actual[o:o + 4096], expected[o:o + 4096],
-                                             mask[o:o + 4096], strict=False))
-        and actual[o:o + 4096] != expected[o:o + 4096]]
+    lost = [
+        o
+        for o in range(0, 8 * MiB, 4096)
+        if any(
+            a != e and not m
+            for a, e, m in zip(
+                actual[o : o + 4096], expected[o : o + 4096], mask[o : o + 4096], strict=False
+            )
+        )
+        and actual[o : o + 4096] != expected[o : o + 4096]
+    ]
     assert not lost, f"acknowledged writes lost at {lost[:10]}"
     assert counts["write_eio"] and counts["fsync_eio"], counts
     figures.update(counts, leaks_left=check.returncode == 3)
 
 
 def test_unmount_after_a_failed_final_flush_still_unmounts(
-        small_fs: Path, mount_factory: Callable[..., Mount]) -> None:
+    small_fs: Path, mount_factory: Callable[..., Mount]
+) -> None:
     """The disk is full when the daemon writes back its metadata on unmount: the flush
     fails, but the daemon still unmounts and exits (no dead mount left behind)."""
     image = small_fs / "disk.qcow2"
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", image,
-         str(32 * MiB))
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", image, str(32 * MiB))
     filler = fill(small_fs, leave=2 * MiB)
     mount = mount_factory("--backend", f"disk={image},werror=report")
     fd = os.open(mount / "disk", os.O_RDWR)

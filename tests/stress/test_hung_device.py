@@ -78,8 +78,7 @@ def held_disk(tmp_path: Path) -> Iterator[HeldDisk]:
     needs a plugin that can flush to pass fsync on); resumed and unmounted after the test,
     even when it failed."""
     store, hold, mnt = tmp_path / "store", tmp_path / "hold", tmp_path / "nbd"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", store,
-        str(SIZE))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", store, str(SIZE))
     with open(store, "r+b") as f:
         f.truncate(2 * SIZE)
     wait = f"while [ -e {hold} ]; do sleep 0.01; done"
@@ -87,13 +86,24 @@ def held_disk(tmp_path: Path) -> Iterator[HeldDisk]:
     log = tmp_path / "nbdfuse.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            ["nbdfuse", f"{mnt}/disk", "--command", "nbdkit", "-s", "eval",
-             f"get_size=echo {2 * SIZE}",
-             f"pread={wait}; dd if={store} skip=$4 count=$3 iflag=count_bytes,skip_bytes "
-             "status=none",
-             f"pwrite={wait}; dd of={store} seek=$4 conv=notrunc oflag=seek_bytes status=none",
-             "can_flush=exit 0", f"flush={wait}"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "nbdfuse",
+                f"{mnt}/disk",
+                "--command",
+                "nbdkit",
+                "-s",
+                "eval",
+                f"get_size=echo {2 * SIZE}",
+                f"pread={wait}; dd if={store} skip=$4 count=$3 iflag=count_bytes,skip_bytes "
+                "status=none",
+                f"pwrite={wait}; dd of={store} seek=$4 conv=notrunc oflag=seek_bytes status=none",
+                "can_flush=exit 0",
+                f"flush={wait}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     disk = HeldDisk(mnt / "disk", hold)
     try:
         wait_until(lambda: mounted(mnt) or proc.poll() is not None, "nbdfuse to mount")
@@ -118,6 +128,7 @@ def file_node(tree: dict[str, Any]) -> dict[str, Any]:
 def neighbours_answer(mount: Mount, sockdir: Path, local: bytes) -> None:
     """Status shows the stuck request; local reads and writes through the mount and NBD; QMP
     answers."""
+
     def stuck_in_flight() -> dict[str, Any]:
         status: dict[str, Any] = {}
 
@@ -125,8 +136,10 @@ def neighbours_answer(mount: Mount, sockdir: Path, local: bytes) -> None:
             nonlocal status
             status = mount.backends()
             return bool(file_node(status["slow"]["tree"])["in-flight"])
+
         wait_until(seen, "the stuck request to show in status.json", HUNG)
         return status
+
     status = bounded(stuck_in_flight, ".ctl/status.json")
     assert file_node(status["slow"]["tree"])["oldest-ms"] is not None
     text = bounded((mount / ".ctl" / "status").read_text, ".ctl/status")
@@ -134,19 +147,29 @@ def neighbours_answer(mount: Mount, sockdir: Path, local: bytes) -> None:
 
     def local_io() -> None:
         with open(mount / "local", "r+b", buffering=0) as f:
-            assert os.pread(f.fileno(), 4096, 8 << 20) == local[8 << 20:(8 << 20) + 4096]
+            assert os.pread(f.fileno(), 4096, 8 << 20) == local[8 << 20 : (8 << 20) + 4096]
             os.pwrite(f.fileno(), b"N" * 4096, 4 << 20)
             assert os.pread(f.fileno(), 4096, 4 << 20) == b"N" * 4096
+
     bounded(local_io, "I/O of another backend")
 
     async def query(client: QMPClient) -> Any:
         return await client.execute("query-block")
+
     blocks = bounded(lambda: drive(sockdir / "m", query), "QMP query-block")
     assert {b["device"] for b in blocks} == {"local", "slow"}
 
-    got = bounded(lambda: run("qemu-io", "-f", "raw", "-c", "read -P 0x4e 4M 4k",
-                              f"nbd+unix:///local?socket={sockdir / 'nbd'}"),
-                  "an NBD client of another backend")
+    got = bounded(
+        lambda: run(
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x4e 4M 4k",
+            f"nbd+unix:///local?socket={sockdir / 'nbd'}",
+        ),
+        "an NBD client of another backend",
+    )
     assert "read 4096/4096 bytes" in got
 
 
@@ -165,27 +188,39 @@ process the test starts (the child's close waits for the fsync's inode lock)."""
 
 @pytest.mark.parametrize("op", list(STUCK_OPS))
 def test_a_hung_device_stalls_only_its_own_backend(
-        op: str, held_disk: HeldDisk, mount_factory: Callable[..., Mount],
-        tmp_path: Path) -> None:
+    op: str, held_disk: HeldDisk, mount_factory: Callable[..., Mount], tmp_path: Path
+) -> None:
     local_image = tmp_path / "local.raw"
     local = pattern_image(local_image, SIZE, 1)
     with tempfile.TemporaryDirectory(prefix="hung") as short:
         sockdir = Path(short)
-        mount = mount_factory("--backend", f"local=driver=raw,file.driver=file,"
-                              f"file.filename={local_image}",
-                              "--backend", f"slow=driver=qcow2,file.driver=file,"
-                              f"file.filename={held_disk.path}",
-                              "--qmp", f"unix:{sockdir / 'm'}", "--nbd",
-                              f"unix:{sockdir / 'nbd'}", "--export", "local writable=on")
+        mount = mount_factory(
+            "--backend",
+            f"local=driver=raw,file.driver=file,file.filename={local_image}",
+            "--backend",
+            f"slow=driver=qcow2,file.driver=file,file.filename={held_disk.path}",
+            "--qmp",
+            f"unix:{sockdir / 'm'}",
+            "--nbd",
+            f"unix:{sockdir / 'nbd'}",
+            "--export",
+            "local writable=on",
+        )
         expected = {"read": bytes(4096), "write": b"W" * 4096, "fdatasync": b"F" * 4096}[op]
         if op == "fdatasync":
             with open(mount / "slow", "r+b", buffering=0) as f:
                 os.pwrite(f.fileno(), expected, STUCK)  # for the flush to write out
         held_disk.pause()
         stuck = subprocess.Popen(
-            [sys.executable, "-c", f"import os, sys\nSTUCK = {STUCK}\n"
-             f"f = os.open({str(mount / 'slow')!r}, os.O_RDWR)\n{STUCK_OPS[op]}"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-c",
+                f"import os, sys\nSTUCK = {STUCK}\n"
+                f"f = os.open({str(mount / 'slow')!r}, os.O_RDWR)\n{STUCK_OPS[op]}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             neighbours_answer(mount, sockdir, local)
             held_disk.resume()
@@ -202,10 +237,9 @@ def test_a_hung_device_stalls_only_its_own_backend(
             assert os.pread(f.fileno(), 4096, STUCK) == expected
         with open(mount / "local", "rb") as f:
             data = f.read()
-        assert data[4 << 20:(4 << 20) + 4096] == b"N" * 4096
-        assert data[:4 << 20] == local[:4 << 20]
-        assert data[(4 << 20) + 4096:] == local[(4 << 20) + 4096:]
+        assert data[4 << 20 : (4 << 20) + 4096] == b"N" * 4096
+        assert data[: 4 << 20] == local[: 4 << 20]
+        assert data[(4 << 20) + 4096 :] == local[(4 << 20) + 4096 :]
         mount.ctl("delete", "slow")
-    report = json.loads(run("qemu-img", "check", "--output=json", "-f", "qcow2",
-                            held_disk.path))
+    report = json.loads(run("qemu-img", "check", "--output=json", "-f", "qcow2", held_disk.path))
     assert report.get("corruptions", 0) == 0 and report.get("leaks", 0) == 0, report

@@ -27,7 +27,7 @@ SCRIPTS = 4
 PER_SCRIPT = 256  # 1,024 backends
 MiB = 1 << 20
 
-SCRIPT = r'''
+SCRIPT = r"""
 set -euo pipefail
 M=$1 W=$2 N=$3 IMG=$4 STATE=$5 DURATION=$6
 ops=0
@@ -76,7 +76,7 @@ touch "$STATE/churned.$W"
 while [ ! -e "$STATE/finish" ]; do sleep 0.05; done
 for ((i = 0; i < N; i++)); do echo "w${W}b$i" > "$M/.ctl/delete"; ops=$((ops + 1)); done
 echo "$ops $round"
-'''
+"""
 
 
 def daemon_fds(pid: int) -> int:
@@ -85,8 +85,10 @@ def daemon_fds(pid: int) -> int:
 
 def status_nodes(mount: Mount) -> int:
     """How many nodes the backends' trees in status.json hold."""
+
     def count(tree: dict[str, Any] | None) -> int:
         return 0 if tree is None else 1 + sum(count(c) for c in tree["children"].values())
+
     return sum(count(b["tree"]) for b in mount.status()["backends"])
 
 
@@ -108,9 +110,9 @@ class Watcher:
         offset = (self.rounds % 256) * 4096
         with open(self.mount / "canary", "r+b", buffering=0) as f:
             f.seek(offset)
-            assert f.read(4096) == self.canary[offset:offset + 4096]
+            assert f.read(4096) == self.canary[offset : offset + 4096]
             f.seek(offset)
-            f.write(self.canary[offset:offset + 4096])
+            f.write(self.canary[offset : offset + 4096])
         self.rounds += 1
 
     def until(self, done: Callable[[], bool], procs: list[subprocess.Popen]) -> None:
@@ -122,8 +124,12 @@ class Watcher:
 
 
 def test_a_thousand_backends_created_used_and_deleted_concurrently(
-        mount_factory: Callable[..., Mount], images: Path, tmp_path: Path,
-        stress_seconds: Callable[[float], float], figures: dict[str, Any]) -> None:
+    mount_factory: Callable[..., Mount],
+    images: Path,
+    tmp_path: Path,
+    stress_seconds: Callable[[float], float],
+    figures: dict[str, Any],
+) -> None:
     canary_image = images / "canary.img"
     canary = pattern_image(canary_image, MiB, image_id=7)
     mount = mount_factory("--backend", f"canary={canary_image}")
@@ -134,11 +140,26 @@ def test_a_thousand_backends_created_used_and_deleted_concurrently(
     fds_before, nodes_before = daemon_fds(mount.pid), status_nodes(mount)
     watcher = Watcher(mount, canary)
     started = time.monotonic()
-    procs = [subprocess.Popen(["bash", str(script), str(mount.path), str(w), str(PER_SCRIPT),
-                               str(images), str(state), str(int(stress_seconds(12)))],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for w in range(SCRIPTS)]
+    procs = [
+        subprocess.Popen(
+            [
+                "bash",
+                str(script),
+                str(mount.path),
+                str(w),
+                str(PER_SCRIPT),
+                str(images),
+                str(state),
+                str(int(stress_seconds(12))),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(SCRIPTS)
+    ]
     try:
+
         def marked(kind: str) -> Callable[[], bool]:
             return lambda: all((state / f"{kind}.{w}").exists() for w in range(SCRIPTS))
 
@@ -160,10 +181,17 @@ def test_a_thousand_backends_created_used_and_deleted_concurrently(
         assert proc.returncode == 0, err
     ops = sum(int(out.split()[0]) for out, _ in results)
     rounds = min(int(out.split()[1]) for out, _ in results)
-    figures.update(backends=backends, listed=listed, rounds=rounds, ops=ops,
-                   ops_per_s=round(ops / seconds), seconds=round(seconds, 1),
-                   watcher_rounds=watcher.rounds, fds_before=fds_before,
-                   fds_after=daemon_fds(mount.pid))
+    figures.update(
+        backends=backends,
+        listed=listed,
+        rounds=rounds,
+        ops=ops,
+        ops_per_s=round(ops / seconds),
+        seconds=round(seconds, 1),
+        watcher_rounds=watcher.rounds,
+        fds_before=fds_before,
+        fds_after=daemon_fds(mount.pid),
+    )
     assert backends == SCRIPTS * PER_SCRIPT + 1
     assert listed == backends + 1  # and .ctl
     assert sorted(os.listdir(mount.path)) == [".ctl", "canary"]
@@ -174,7 +202,8 @@ def test_a_thousand_backends_created_used_and_deleted_concurrently(
 
 
 def test_a_name_deleted_and_created_again_opens_at_once(
-        mount_factory: Callable[..., Mount], images: Path) -> None:
+    mount_factory: Callable[..., Mount], images: Path
+) -> None:
     image = images / "a.img"
     pattern_image(image, MiB, image_id=1)
     mount = mount_factory()

@@ -237,8 +237,11 @@ def tagged_image(path: Path, image_id: int) -> None:
 
 
 def to_qcow2(raw: Path, qcow2: Path) -> None:
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)],
+        check=True,
+        capture_output=True,
+    )
 
 
 def read_image(path: Path, tmp: Path) -> bytes:
@@ -246,8 +249,9 @@ def read_image(path: Path, tmp: Path) -> bytes:
     if path.suffix != ".qcow2":
         return path.read_bytes()
     out = tmp / (path.name + ".raw")
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(path), str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(path), str(out)], check=True, capture_output=True
+    )
     return out.read_bytes()
 
 
@@ -262,8 +266,15 @@ class Media:
     """The test's side of the seqlock: counter odd while a media command runs, the medium of
     every generation recorded, and the intervals during which the drive was empty."""
 
-    def __init__(self, mount: Mount, name: str, images: list[Path], shared: Path,
-                 extra: str = "", force: bool = False) -> None:
+    def __init__(
+        self,
+        mount: Mount,
+        name: str,
+        images: list[Path],
+        shared: Path,
+        extra: str = "",
+        force: bool = False,
+    ) -> None:
         self.mount, self.name, self.images, self.extra = mount, name, images, extra
         self.force = force
         """Change and eject under writers, which only force=on may."""
@@ -294,9 +305,12 @@ class Media:
 
     def change(self, index: int) -> None:
         image = self.images[index]
-        spelled = (f"{self.name} {image}" if self.changes % 2 else
-                   f"{self.name} driver={'qcow2' if image.suffix == '.qcow2' else 'raw'},"
-                   f"file.driver=file,file.filename={image}")
+        spelled = (
+            f"{self.name} {image}"
+            if self.changes % 2
+            else f"{self.name} driver={'qcow2' if image.suffix == '.qcow2' else 'raw'},"
+            f"file.driver=file,file.filename={image}"
+        )
         self.run("change", spelled + self.extra + (",force=on" if self.force else ""), index)
         self.changes += 1
 
@@ -335,8 +349,9 @@ class Workers:
         script = self.tmp / "worker.py"
         if not script.exists():
             script.write_text(WORKER_SOURCE)
-        proc = subprocess.Popen([sys.executable, str(script), json.dumps(cfg)],
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), json.dumps(cfg)], stderr=subprocess.PIPE, text=True
+        )
         self.procs.append((proc, out))
 
     def finish(self) -> list[dict[str, Any]]:
@@ -374,8 +389,9 @@ def make_images(images: Path, count: int, qcow2: bool) -> list[Path]:
     return paths
 
 
-def swap_loop(media: Media, pid: int, seconds: float, min_changes: int,
-              eject_every: int, dwell: float) -> dict[str, int]:
+def swap_loop(
+    media: Media, pid: int, seconds: float, min_changes: int, eject_every: int, dwell: float
+) -> dict[str, int]:
     """Change media until both the time and the minimum count are reached, with an explicit
     eject/insert every ``eject_every`` changes, each medium staying in for up to ``dwell``
     seconds (0: back to back); returns daemon usage after warm-up and at the end (same
@@ -408,10 +424,12 @@ def check_reader_summaries(summaries: list[dict[str, Any]], media: Media) -> dic
         assert s["bad"] == [], f"{s['role']}: bad blocks {s['bad']}"
         assert s["short"] == 0, f"{s['role']}: short reads"
         for code, t0, t1 in s["errors"]:
-            errors[errno.errorcode.get(code, str(code))] = \
+            errors[errno.errorcode.get(code, str(code))] = (
                 errors.get(errno.errorcode.get(code, str(code)), 0) + 1
-            assert code == errno.ENOMEDIUM and media.during_empty(t0, t1), \
+            )
+            assert code == errno.ENOMEDIUM and media.during_empty(t0, t1), (
                 f"{s['role']}: {os.strerror(code) if code > 0 else code} outside an eject"
+            )
     return errors
 
 
@@ -421,27 +439,41 @@ def check_usage(usage: dict[str, int]) -> None:
 
 
 def test_readers_see_one_intact_medium_across_hundreds_of_changes(
-        mount_factory: Callable[..., Mount], images: Path, tmp_path: Path, workers: Workers,
-        stress_seconds: Callable[[float], float], figures: dict[str, Any]) -> None:
+    mount_factory: Callable[..., Mount],
+    images: Path,
+    tmp_path: Path,
+    workers: Workers,
+    stress_seconds: Callable[[float], float],
+    figures: dict[str, Any],
+) -> None:
     paths = make_images(images, 3, qcow2=True)
     mount = mount_factory("--backend", f"cd={paths[0]},read-only=on")
     media = Media(mount, "cd", paths, tmp_path / "shared", extra=",read-only=on")
     try:
-        base = {"path": str(mount / "cd"), "blocks": BLOCKS, "images": [1, 2, 3],
-                "shared": str(tmp_path / "shared")}
+        base = {
+            "path": str(mount / "cd"),
+            "blocks": BLOCKS,
+            "images": [1, 2, 3],
+            "shared": str(tmp_path / "shared"),
+        }
         for role in ("pread", "pread", "seq", "dd"):
             workers.start(role=role, **base)
-        usage = swap_loop(media, mount.pid, stress_seconds(25), min_changes=300,
-                          eject_every=25, dwell=0.004)
+        usage = swap_loop(
+            media, mount.pid, stress_seconds(25), min_changes=300, eject_every=25, dwell=0.004
+        )
         media.stop_workers()
         summaries = workers.finish()
     finally:
         media.close()
     errors = check_reader_summaries(summaries, media)
-    figures.update(changes=media.changes, ejects=media.ejects,
-                   reads=sum(s["reads"] for s in summaries),
-                   blocks_verified=sum(s["blocks"] for s in summaries),
-                   errors=errors or 0, **usage)
+    figures.update(
+        changes=media.changes,
+        ejects=media.ejects,
+        reads=sum(s["reads"] for s in summaries),
+        blocks_verified=sum(s["blocks"] for s in summaries),
+        errors=errors or 0,
+        **usage,
+    )
     assert media.changes >= 300
     assert all(s["blocks"] > 0 for s in summaries), summaries
     check_usage(usage)
@@ -483,8 +515,9 @@ def parse_write_logs(logs: list[Path], media: Media) -> WriteLog:
             else:
                 candidates = {gens[g] for g in range(c0 // 2, (c1 + 1) // 2 + 1)}
                 if code:
-                    assert code == errno.ENOMEDIUM and None in candidates, \
+                    assert code == errno.ENOMEDIUM and None in candidates, (
                         f"write {wid}/{seq} failed with {code} outside an eject"
+                    )
                 result.ambiguous += 1
                 result.possible[(wid, seq)] = candidates - {None}
     return result
@@ -496,41 +529,55 @@ def check_final_image(data: bytes, index: int, image_id: int, writes: WriteLog) 
     certainly went there. Returns how many blocks hold a certain last write."""
     found = 0
     for blk in range(BLOCKS):
-        block = data[blk * BLOCK:(blk + 1) * BLOCK]
+        block = data[blk * BLOCK : (blk + 1) * BLOCK]
         tag = block[:TAG]
         assert block == fill(tag), f"image {image_id} block {blk} torn: {tag!r}"
         kind, ident, number, seq = tag[:1], int(tag[1:4]), int(tag[5:12]), int(tag[13:22])
         assert number == blk, f"image {image_id} block {blk} holds block {number}"
         last = writes.last_certain.get((index, blk))
         if kind == b"I":
-            assert ident == image_id and last is None, \
+            assert ident == image_id and last is None, (
                 f"image {image_id} block {blk}: write {last} is missing"
+            )
             continue
-        assert kind == b"W" and index in writes.possible.get((ident, seq), set()), \
+        assert kind == b"W" and index in writes.possible.get((ident, seq), set()), (
             f"image {image_id} block {blk} holds write {ident}/{seq}, which never went there"
+        )
         if last is not None:
-            assert seq >= last[1], f"image {image_id} block {blk}: write {last} was lost " \
-                                   f"(holds the older {ident}/{seq})"
+            assert seq >= last[1], (
+                f"image {image_id} block {blk}: write {last} was lost "
+                f"(holds the older {ident}/{seq})"
+            )
             found += seq == last[1]
     return found
 
 
 def test_writes_land_in_the_medium_they_went_to(
-        mount_factory: Callable[..., Mount], images: Path, tmp_path: Path, workers: Workers,
-        stress_seconds: Callable[[float], float], figures: dict[str, Any]) -> None:
+    mount_factory: Callable[..., Mount],
+    images: Path,
+    tmp_path: Path,
+    workers: Workers,
+    stress_seconds: Callable[[float], float],
+    figures: dict[str, Any],
+) -> None:
     paths = make_images(images, 3, qcow2=True)
     mount = mount_factory("--backend", f"disk={paths[0]}")
     media = Media(mount, "disk", paths, tmp_path / "shared", force=True)
     nwriters = 2
     logs = [tmp_path / f"writer{w}.log" for w in range(nwriters)]
     try:
-        base = {"path": str(mount / "disk"), "blocks": BLOCKS, "images": [1, 2, 3],
-                "shared": str(tmp_path / "shared")}
+        base = {
+            "path": str(mount / "disk"),
+            "blocks": BLOCKS,
+            "images": [1, 2, 3],
+            "shared": str(tmp_path / "shared"),
+        }
         for wid, log in enumerate(logs):
             workers.start(role="write", wid=wid, writers=nwriters, log=str(log), **base)
         workers.start(role="pread", **base)
-        usage = swap_loop(media, mount.pid, stress_seconds(25), min_changes=300,
-                          eject_every=25, dwell=0.03)
+        usage = swap_loop(
+            media, mount.pid, stress_seconds(25), min_changes=300, eject_every=25, dwell=0.03
+        )
         media.stop_workers()
         summaries = workers.finish()
     finally:
@@ -538,13 +585,21 @@ def test_writes_land_in_the_medium_they_went_to(
     errors = check_reader_summaries(summaries, media)
     writes = parse_write_logs(logs, media)
     mount.ctl("eject", "disk")  # flushed and closed: the image files are final
-    found = sum(check_final_image(read_image(path, tmp_path), index, index + 1, writes)
-                for index, path in enumerate(paths))
-    figures.update(changes=media.changes, ejects=media.ejects,
-                   writes=writes.unambiguous + writes.ambiguous,
-                   writes_verified=writes.read_back, writes_ambiguous=writes.ambiguous,
-                   final_blocks_verified=found, errors=errors or 0,
-                   reads=sum(s["reads"] for s in summaries),
-                   blocks_verified=sum(s["blocks"] for s in summaries), **usage)
+    found = sum(
+        check_final_image(read_image(path, tmp_path), index, index + 1, writes)
+        for index, path in enumerate(paths)
+    )
+    figures.update(
+        changes=media.changes,
+        ejects=media.ejects,
+        writes=writes.unambiguous + writes.ambiguous,
+        writes_verified=writes.read_back,
+        writes_ambiguous=writes.ambiguous,
+        final_blocks_verified=found,
+        errors=errors or 0,
+        reads=sum(s["reads"] for s in summaries),
+        blocks_verified=sum(s["blocks"] for s in summaries),
+        **usage,
+    )
     assert media.changes >= 300 and writes.unambiguous > 0 and found > 0
     check_usage(usage)

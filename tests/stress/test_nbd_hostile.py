@@ -35,8 +35,12 @@ class Offered(nbd.Catalog):
         return nbd.ExportInfo("disk0", SIZE, nbd.TransmissionFlag.SEND_FLUSH)
 
 
-async def fake_server(path: Path, answer: Misbehaviour, *,
-                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def fake_server(
+    path: Path,
+    answer: Misbehaviour,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """An NBD server that negotiates properly, answers the first request with ``answer``'s
     bytes and hangs up (a server that crashed halfway through a reply); one connection at
     a time, forever."""
@@ -78,10 +82,12 @@ async def _serve_one(listener: trio.socket.SocketType, answer: Misbehaviour) -> 
 
 def read_reply(chunks: Callable[[int, int, int], bytes]) -> Misbehaviour:
     """Answer reads with ``chunks(cookie, offset, length)``, everything else with success."""
+
     def answer(request: nbd.Request) -> bytes:
         if request.type == nbd.Cmd.READ:
             return chunks(request.cookie, request.offset, request.length)
         return nbd.simple_reply(request.cookie)
+
     return answer
 
 
@@ -89,14 +95,20 @@ BROKEN_SERVERS: dict[str, Misbehaviour] = {
     "short reply": read_reply(lambda c, o, n: nbd.offset_data(c, o, n, done=True)[:9]),
     "short data": read_reply(lambda c, o, n: nbd.offset_data(c, o, n, done=True) + b"x"),
     "wrong cookie": read_reply(lambda c, o, n: nbd.none_chunk(c + 1000)),
-    "oversized length": read_reply(lambda c, o, n: nbd.chunk(
-        c, nbd.ReplyType.OFFSET_DATA, struct.pack(">Q", o), length=1 << 31)),
-    "chunk past the read": read_reply(lambda c, o, n: nbd.offset_data(
-        c, o + 1, n, done=True) + bytes(n)),
-    "chunk before the read": read_reply(lambda c, o, n: nbd.offset_hole(
-        c, max(o - 4096, 0) if o else 2**63, n, done=True)),
-    "overlapping chunks": read_reply(lambda c, o, n: nbd.offset_hole(c, o, n, done=False) +
-                                     nbd.offset_hole(c, o, n, done=True)),
+    "oversized length": read_reply(
+        lambda c, o, n: nbd.chunk(
+            c, nbd.ReplyType.OFFSET_DATA, struct.pack(">Q", o), length=1 << 31
+        )
+    ),
+    "chunk past the read": read_reply(
+        lambda c, o, n: nbd.offset_data(c, o + 1, n, done=True) + bytes(n)
+    ),
+    "chunk before the read": read_reply(
+        lambda c, o, n: nbd.offset_hole(c, max(o - 4096, 0) if o else 2**63, n, done=True)
+    ),
+    "overlapping chunks": read_reply(
+        lambda c, o, n: nbd.offset_hole(c, o, n, done=False) + nbd.offset_hole(c, o, n, done=True)
+    ),
     "done too soon": read_reply(lambda c, o, n: nbd.offset_hole(c, o, n // 2, done=True)),
     "bad magic": read_reply(lambda c, o, n: b"\xde\xad\xbe\xef" * 8),
     "simple reply to a read": read_reply(lambda c, o, n: nbd.simple_reply(c) + bytes(n)),
@@ -116,8 +128,9 @@ async def healthy(tmp_path: Path):
 
 
 @pytest.mark.parametrize("misbehaviour", list(BROKEN_SERVERS))
-async def test_a_broken_server_costs_a_clean_eio(tmp_path: Path, healthy,
-                                                 misbehaviour: str) -> None:
+async def test_a_broken_server_costs_a_clean_eio(
+    tmp_path: Path, healthy, misbehaviour: str
+) -> None:
     layer, read_good, good_data = healthy
     path = tmp_path / "evil.sock"
     async with trio.open_nursery() as nursery:
@@ -147,16 +160,24 @@ async def test_garbage_from_a_server_at_any_point(tmp_path: Path, healthy) -> No
 
         async with trio.open_nursery() as nursery:
             if during_handshake:
-                async def serve_garbage(*, task_status: trio.TaskStatus[None],
-                                        path: Path = path, garbage: bytes = garbage) -> None:
+
+                async def serve_garbage(
+                    *,
+                    task_status: trio.TaskStatus[None],
+                    path: Path = path,
+                    garbage: bytes = garbage,
+                ) -> None:
                     with trio.socket.socket(socket.AF_UNIX) as listener:
                         await listener.bind(str(path))
                         listener.listen()
                         task_status.started()
                         sock, _ = await listener.accept()
                     with sock:
-                        await sock.send(nbd.GREETING.pack(nbd.NBDMAGIC, nbd.IHAVEOPT, 1)[
-                            :rng.randrange(19)] + garbage)
+                        await sock.send(
+                            nbd.GREETING.pack(nbd.NBDMAGIC, nbd.IHAVEOPT, 1)[: rng.randrange(19)]
+                            + garbage
+                        )
+
                 await nursery.start(serve_garbage)
             else:
                 await nursery.start(fake_server, path, answer)
@@ -172,10 +193,15 @@ async def test_garbage_from_a_server_at_any_point(tmp_path: Path, healthy) -> No
             nursery.cancel_scope.cancel()
     assert await read_good() == good_data
     assert sum(failures.values()) == ROUNDS and set(failures) <= {
-        errno.EIO, errno.EPROTO, errno.ECONNRESET, errno.ENOENT}, failures
+        errno.EIO,
+        errno.EPROTO,
+        errno.ECONNRESET,
+        errno.ENOENT,
+    }, failures
 
 
 # -- a malicious client against a real daemon -------------------------------------------------
+
 
 @pytest.fixture
 def daemon(tmp_path: Path, mount_factory) -> tuple[Mount, Path, bytes]:
@@ -184,9 +210,16 @@ def daemon(tmp_path: Path, mount_factory) -> tuple[Mount, Path, bytes]:
     data = os.urandom(SIZE)
     other.write_bytes(data)
     sock = tmp_path / "nbd.sock"
-    mount = mount_factory("--backend", f"d=driver=raw,file.driver=file,file.filename={disk}",
-                          "--backend", f"other={other}", "--nbd", f"unix:{sock}",
-                          "--export", "d writable=on")
+    mount = mount_factory(
+        "--backend",
+        f"d=driver=raw,file.driver=file,file.filename={disk}",
+        "--backend",
+        f"other={other}",
+        "--nbd",
+        f"unix:{sock}",
+        "--export",
+        "d writable=on",
+    )
     return mount, sock, data
 
 
@@ -213,8 +246,7 @@ def test_bad_requests_get_errors_and_the_connection_goes_on(daemon) -> None:
         big = 64 << 20
         cases = [
             (nbd.Cmd.READ, 0, big, nbd.NO_FLAGS, b"", errno.EINVAL),
-            (nbd.Cmd.WRITE, 0, (32 << 20) + 1, nbd.NO_FLAGS, bytes((32 << 20) + 1),
-             errno.EINVAL),
+            (nbd.Cmd.WRITE, 0, (32 << 20) + 1, nbd.NO_FLAGS, bytes((32 << 20) + 1), errno.EINVAL),
             (nbd.Cmd.READ, SIZE - 10, 20, nbd.NO_FLAGS, b"", errno.EINVAL),
             (nbd.Cmd.WRITE, SIZE - 10, 20, nbd.NO_FLAGS, bytes(20), errno.ENOSPC),
             (nbd.Cmd.WRITE_ZEROES, SIZE, 1, nbd.NO_FLAGS, b"", errno.ENOSPC),
@@ -224,8 +256,12 @@ def test_bad_requests_get_errors_and_the_connection_goes_on(daemon) -> None:
         for kind, offset, length, flags, payload, code in cases:
             error, message = raw_request(client, kind, offset, length, flags, payload)
             assert error == code and message, (kind, offset, length)
-        for kind, flags in ((99, 0), (nbd.Cmd.CACHE, 0), (nbd.Cmd.READ, 0x4000),
-                            (nbd.Cmd.WRITE, nbd.CmdFlag.NO_HOLE)):
+        for kind, flags in (
+            (99, 0),
+            (nbd.Cmd.CACHE, 0),
+            (nbd.Cmd.READ, 0x4000),
+            (nbd.Cmd.WRITE, nbd.CmdFlag.NO_HOLE),
+        ):
             assert raw_request(client, kind, 0, 0, flags, b"")[0] == errno.EINVAL
         assert len(client.read(0, SIZE)) == SIZE  # the same connection still serves
     finally:
@@ -233,8 +269,9 @@ def test_bad_requests_get_errors_and_the_connection_goes_on(daemon) -> None:
     unaffected(mount, sock, data)
 
 
-def raw_request(client: NbdClient, kind: int, offset: int, length: int, flags: int,
-                payload: bytes) -> tuple[int, str]:
+def raw_request(
+    client: NbdClient, kind: int, offset: int, length: int, flags: int, payload: bytes
+) -> tuple[int, str]:
     """Send a request whatever it says (a well-behaved client's checks would stop it), then
     read its reply to the end; its error and message."""
     cookie = 0xC0FFEE
@@ -251,7 +288,7 @@ def raw_request(client: NbdClient, kind: int, offset: int, length: int, flags: i
         body = client.exactly(size)
         if reply_type & nbd.REPLY_TYPE_ERROR:
             error, count = nbd.ERROR.unpack_from(body)
-            message = body[nbd.ERROR.size:nbd.ERROR.size + count].decode()
+            message = body[nbd.ERROR.size : nbd.ERROR.size + count].decode()
         if reply_flags & nbd.ReplyFlag.DONE:
             return error, message
 
@@ -268,8 +305,10 @@ def test_garbage_during_negotiation_and_in_requests(daemon) -> None:
             s.connect(str(sock))
             s.recv(nbd.GREETING.size)
             if round_ % 2:  # past the flags, into the options
-                s.sendall(nbd.CLIENT_FLAGS.pack(1) + nbd.option(rng.choice(list(nbd.Opt)),
-                                                                rng.randbytes(20)))
+                s.sendall(
+                    nbd.CLIENT_FLAGS.pack(1)
+                    + nbd.option(rng.choice(list(nbd.Opt)), rng.randbytes(20))
+                )
             try:
                 s.sendall(rng.randbytes(rng.randrange(1, 300)))
                 s.shutdown(socket.SHUT_WR)
@@ -282,8 +321,9 @@ def test_garbage_during_negotiation_and_in_requests(daemon) -> None:
         try:
             kind = rng.choice([*nbd.Cmd, 8, 99])
             offset = rng.choice([0, 1, SIZE - 1, SIZE, 2**63, 2**64 - 1])
-            length = rng.choice([0, 1, 512, 65536] + ([] if kind == nbd.Cmd.WRITE
-                                                      else [SIZE, 2**32 - 1]))
+            length = rng.choice(
+                [0, 1, 512, 65536] + ([] if kind == nbd.Cmd.WRITE else [SIZE, 2**32 - 1])
+            )
             flags = rng.randrange(1 << 16) if round_ % 3 else 0
             payload = bytes(length) if kind == nbd.Cmd.WRITE else b""
             if kind == nbd.Cmd.DISC:

@@ -29,12 +29,13 @@ from tests.helpers import Mount, mounts_in, pattern_image, without_stats
 
 pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.stress]
 needs_setpriv = pytest.mark.skipif(
-    shutil.which("setpriv") is None or not os.path.exists("/usr/bin/python3")
-    or os.getuid() != 0, reason="needs root, setpriv and /usr/bin/python3 to act as nobody")
+    shutil.which("setpriv") is None or not os.path.exists("/usr/bin/python3") or os.getuid() != 0,
+    reason="needs root, setpriv and /usr/bin/python3 to act as nobody",
+)
 MiB = 1 << 20
 NOBODY = 65534
 
-AS_OTHER = r'''
+AS_OTHER = r"""
 import errno, json, os, sys
 mnt = sys.argv[1]
 def attempt(op, *args):
@@ -66,7 +67,7 @@ print(json.dumps({
     "delete": attempt(command, f"{mnt}/.ctl/delete", b"disk"),
     "status.json": attempt(read, f"{mnt}/.ctl/status.json"),
 }))
-'''
+"""
 
 
 @pytest.fixture
@@ -92,9 +93,22 @@ def shape(value: Any) -> Any:
 
 def as_nobody(mount: Mount) -> dict[str, Any]:
     result = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         "/usr/bin/python3", "-c", AS_OTHER, str(mount.path)],
-        capture_output=True, text=True, cwd="/", timeout=60, check=True)
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            AS_OTHER,
+            str(mount.path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=60,
+        check=True,
+    )
     return json.loads(result.stdout)
 
 
@@ -115,9 +129,18 @@ def test_ctl_is_the_mounting_users_even_with_allow_other(public_mounts, images: 
     mount = public_mounts("--allow-other", "--backend", f"disk={images / 'disk.img'}")
     before = shape(mount.status())
     seen = as_nobody(mount)
-    assert seen == {"stat": 0, "ls": 0, "read disk": 0, "write disk": "EACCES",
-                    "truncate disk": "EACCES", "rm disk": "EACCES", "ls .ctl": "EACCES",
-                    "create": "EACCES", "delete": "EACCES", "status.json": "EACCES"}
+    assert seen == {
+        "stat": 0,
+        "ls": 0,
+        "read disk": 0,
+        "write disk": "EACCES",
+        "truncate disk": "EACCES",
+        "rm disk": "EACCES",
+        "ls .ctl": "EACCES",
+        "create": "EACCES",
+        "delete": "EACCES",
+        "status.json": "EACCES",
+    }
     assert shape(mount.status()) == before
     ctl = mount.path / ".ctl"
     assert os.stat(ctl).st_mode & 0o777 == 0o700
@@ -127,6 +150,7 @@ def test_ctl_is_the_mounting_users_even_with_allow_other(public_mounts, images: 
 
 
 # -- --image-dir ---------------------------------------------------------------------------
+
 
 @pytest.fixture
 def jail(tmp_path: Path) -> dict[str, Path]:
@@ -155,8 +179,11 @@ def qcow2_over(path: Path, backing: str, fmt: str | None = "raw") -> Path:
 
 
 def secret_leaked(mount: Mount) -> bool:
-    return any(b"img0009" in (mount / name).read_bytes()
-               for name in mount.backends() if mount.backends()[name]["medium"])
+    return any(
+        b"img0009" in (mount / name).read_bytes()
+        for name in mount.backends()
+        if mount.backends()[name]["medium"]
+    )
 
 
 def test_image_dir_holds_against_dotdot_and_symlinks(mount_factory, jail) -> None:
@@ -170,12 +197,16 @@ def test_image_dir_holds_against_dotdot_and_symlinks(mount_factory, jail) -> Non
         inside / "link.img",
         inside / "rel-link.img",
         inside / "linkdir" / "secret.img",
-        jail["sibling"] / "secret.img",          # a prefix of the image dir is not inside
+        jail["sibling"] / "secret.img",  # a prefix of the image dir is not inside
         f"/proc/self/root{outside}/secret.img",
         outside / "secret.img",
     ]
-    spellings = ["{p}", "{p},read-only=on", "driver=raw,file.driver=file,file.filename={p}",
-                 '{{"driver": "raw", "file": {{"driver": "file", "filename": "{p}"}}}}']
+    spellings = [
+        "{p}",
+        "{p},read-only=on",
+        "driver=raw,file.driver=file,file.filename={p}",
+        '{{"driver": "raw", "file": {{"driver": "file", "filename": "{p}"}}}}',
+    ]
     mount.ctl("create", "empty")
     for path in escapes:
         for spelling in spellings:
@@ -203,9 +234,11 @@ def test_backing_files_named_inside_images_obey_the_image_dir(mount_factory, jai
         qcow2_over(inside / "probed.qcow2", secret, fmt=None),
         qcow2_over(inside / "as-file.qcow2", secret, fmt="file"),
         qcow2_over(inside / "proc.qcow2", f"/proc/self/root{secret}"),
-        qcow2_over(inside / "json.qcow2",
-                   f'json:{{"driver": "raw", "file": {{"driver": "file", '
-                   f'"filename": "{secret}"}}}}', fmt=None),
+        qcow2_over(
+            inside / "json.qcow2",
+            f'json:{{"driver": "raw", "file": {{"driver": "file", "filename": "{secret}"}}}}',
+            fmt=None,
+        ),
     ]
     # deeper: inside -> inside -> outside
     qcow2_over(inside / "mid.qcow2", secret)
@@ -224,14 +257,16 @@ def test_backing_files_named_inside_images_obey_the_image_dir(mount_factory, jai
             assert code == errno.EACCES, (image, code)
         assert mount.ctl_errno("change", f"ok {image},read-only=on") == code, image
     unused = qcow2_over(inside / "unused.qcow2", "base.img")  # good.qcow2 is written by ok
-    user_backing = (f"x driver=qcow2,read-only=on,file.driver=file,file.filename={unused},"
-                    f"backing.driver=raw,backing.file.driver=file,backing.file.filename={secret}")
+    user_backing = (
+        f"x driver=qcow2,read-only=on,file.driver=file,file.filename={unused},"
+        f"backing.driver=raw,backing.file.driver=file,backing.file.filename={secret}"
+    )
     assert mount.ctl_errno("create", user_backing) == errno.EACCES
     assert without_stats(mount.status()) == before
     assert not secret_leaked(mount)
 
 
-FLIPPER = r'''
+FLIPPER = r"""
 import os, shutil, sys
 inside, race, secret, stop = sys.argv[1:]
 flips = 0
@@ -242,12 +277,16 @@ while not os.path.exists(stop):
     os.replace(f"{inside}/.race-file", race)
     flips += 1
 print(flips)
-'''
+"""
 
 
 def test_a_symlink_swapped_in_after_the_check_is_refused(
-        mount_factory, jail, tmp_path: Path, figures: dict[str, Any],
-        stress_seconds: Callable[[float], float]) -> None:
+    mount_factory,
+    jail,
+    tmp_path: Path,
+    figures: dict[str, Any],
+    stress_seconds: Callable[[float], float],
+) -> None:
     """race.img flips between a copy of good.img and a symlink to the secret as fast as the
     host allows, while backends open it (directly, and as a qcow2 backing file)."""
     inside, outside = jail["in"], jail["out"]
@@ -256,9 +295,19 @@ def test_a_symlink_swapped_in_after_the_check_is_refused(
     overlay = qcow2_over(inside / "race-overlay.qcow2", "race.img")
     mount = mount_factory("--image-dir", str(inside))
     stop = tmp_path / "stop"
-    flipper = subprocess.Popen([sys.executable, "-c", FLIPPER, str(inside), str(race),
-                                str(outside / "secret.img"), str(stop)],
-                               stdout=subprocess.PIPE, text=True)
+    flipper = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            FLIPPER,
+            str(inside),
+            str(race),
+            str(outside / "secret.img"),
+            str(stop),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     outcomes = {"opened": 0, "refused": 0}
     try:
         attempts = int(300 * stress_seconds(10) / 10)
@@ -282,6 +331,7 @@ def test_a_symlink_swapped_in_after_the_check_is_refused(
 
 
 # -- a guest writing a qcow2 header into its raw disk -----------------------------------------
+
 
 def tree_drivers(tree: dict[str, Any] | None) -> list[str]:
     if tree is None:
@@ -317,7 +367,8 @@ def assert_raw(mount: Mount, name: str, size: int, first: bytes) -> None:
 
 
 def test_a_probed_raw_image_refuses_a_qcow2_header_from_its_guest(
-        mount_factory, images: Path, evil_header: bytes) -> None:
+    mount_factory, images: Path, evil_header: bytes
+) -> None:
     disk, other = images / "disk.img", images / "other.img"
     original = pattern_image(disk, 4 * MiB, image_id=1)
     pattern_image(other, MiB, image_id=2)
@@ -341,7 +392,8 @@ def test_a_probed_raw_image_refuses_a_qcow2_header_from_its_guest(
 
 
 def test_a_named_raw_disk_takes_any_data_and_stays_raw_when_named_again(
-        mount_factory, images: Path, evil_header: bytes) -> None:
+    mount_factory, images: Path, evil_header: bytes
+) -> None:
     """``driver=raw`` is the safe way for a guest-writable disk: the guest may write
     anything, and naming the format again keeps it raw."""
     disk = images / "disk.img"

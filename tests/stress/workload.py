@@ -71,11 +71,14 @@ class Replay:
     errors: int = 0
 
 
-def start_writer(path: Path, journal: Path, seed: int, ops: int = 100000,
-                 cluster: int = 65536) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(journal), str(seed),
-                             str(ops), str(cluster)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def start_writer(
+    path: Path, journal: Path, seed: int, ops: int = 100000, cluster: int = 65536
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), str(journal), str(seed), str(ops), str(cluster)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def replay(journal: Path, initial: bytes | bytearray) -> Replay:
@@ -101,7 +104,7 @@ def replay(journal: Path, initial: bytes | bytearray) -> Replay:
             result.uncertain.append((offset, offset + length))
             continue
         data = bytes(length) if kind != "w" else random.Random(seed).randbytes(length)
-        result.model[offset:offset + length] = data
+        result.model[offset : offset + length] = data
     return result
 
 
@@ -112,11 +115,12 @@ def mismatches(actual: bytes, state: Replay) -> list[int]:
         mask[start:end] = b"\1" * (end - start)
     bad = []
     for block in range(0, len(actual), 4096):
-        got, want = actual[block:block + 4096], state.model[block:block + 4096]
+        got, want = actual[block : block + 4096], state.model[block : block + 4096]
         if got == want:
             continue
-        if any(g != w and not m
-               for g, w, m in zip(got, want, mask[block:block + 4096], strict=False)):
+        if any(
+            g != w and not m for g, w, m in zip(got, want, mask[block : block + 4096], strict=False)
+        ):
             bad.append(block)
             if len(bad) == 10:
                 break

@@ -59,20 +59,24 @@ async def aligned(tmp_path: Path):
     data = bytearray(os.urandom(16 * ALIGN + 100))  # the last block is partial
     image.write_bytes(data)
     graph = Graph(drivers=Registry())
-    node = await graph.open_node({"driver": "aligned",
-                                  "file": {"driver": "file", "filename": str(image)}})
+    node = await graph.open_node(
+        {"driver": "aligned", "file": {"driver": "file", "filename": str(image)}}
+    )
     yield node, data
     await graph.unref(node)
 
 
-@pytest.mark.parametrize("offset, length", [(1, 10), (ALIGN - 1, 2), (100, 3 * ALIGN),
-                                            (ALIGN, ALIGN), (16 * ALIGN + 10, 90)])
-async def test_unaligned_io_is_widened_and_never_reaches_the_driver(aligned, offset: int,
-                                                                    length: int) -> None:
+@pytest.mark.parametrize(
+    "offset, length",
+    [(1, 10), (ALIGN - 1, 2), (100, 3 * ALIGN), (ALIGN, ALIGN), (16 * ALIGN + 10, 90)],
+)
+async def test_unaligned_io_is_widened_and_never_reaches_the_driver(
+    aligned, offset: int, length: int
+) -> None:
     node, model = aligned
     payload = os.urandom(length)
     await node.write(offset, payload)
-    model[offset:offset + length] = payload
+    model[offset : offset + length] = payload
     start, end = max(0, offset - 3), min(len(model), offset + length + 4)
     buf = bytearray(end - start)
     await node.readinto(start, memoryview(buf))
@@ -90,7 +94,7 @@ async def test_concurrent_unaligned_writes_into_one_block_lose_nothing(aligned) 
     buf = bytearray(ALIGN)
     await node.readinto(2 * ALIGN, memoryview(buf))
     assert buf[:512] == b"".join(bytes([i + 1]) * 8 for i in range(64))
-    assert buf[512:] == model[2 * ALIGN + 512:3 * ALIGN]
+    assert buf[512:] == model[2 * ALIGN + 512 : 3 * ALIGN]
 
 
 async def test_an_aligned_write_during_a_read_modify_write_is_not_lost(aligned) -> None:

@@ -27,8 +27,11 @@ def stamp(layer: int, cluster: int) -> bytes:
     return head + bytes([layer + 1]) * (CLUSTER - len(head))
 
 
-LAYERS = {0: range(SIZE // CLUSTER), 1: range(1, SIZE // CLUSTER, 3),
-          2: range(2, SIZE // CLUSTER, 5)}
+LAYERS = {
+    0: range(SIZE // CLUSTER),
+    1: range(1, SIZE // CLUSTER, 3),
+    2: range(2, SIZE // CLUSTER, 5),
+}
 """Which clusters each layer holds: the base all of them, mid and top a few each."""
 
 
@@ -44,8 +47,9 @@ async def make_chain(d: Path, base_format: str = "qcow2") -> None:
     for index, name in enumerate(("base", "mid", "top")):
         if name == "base" and base_format == "raw":
             continue
-        backend = await layer.create(name, f"driver=qcow2,file.driver=file,"
-                                           f"file.filename={d / name},backing=null")
+        backend = await layer.create(
+            name, f"driver=qcow2,file.driver=file,file.filename={d / name},backing=null"
+        )
         for cluster in LAYERS[index]:
             await backend.write(cluster * CLUSTER, stamp(index, cluster))
         await layer.delete(name)
@@ -79,8 +83,9 @@ async def chain(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("base_format", ["qcow2", "raw"])
-async def test_reads_through_the_map_are_the_chains_contents(tmp_path: Path,
-                                                             base_format: str) -> None:
+async def test_reads_through_the_map_are_the_chains_contents(
+    tmp_path: Path, base_format: str
+) -> None:
     await make_chain(tmp_path, base_format)
     layer = BlockLayer()
     backend = await layer.create("c", str(tmp_path / "top"))
@@ -93,10 +98,11 @@ async def test_reads_through_the_map_are_the_chains_contents(tmp_path: Path,
     for _ in range(500):  # unaligned, within a cluster and across clusters
         offset = rng.randrange(SIZE - 1)
         length = rng.randrange(1, min(3 * CLUSTER, SIZE - offset) + 1)
-        want = b"".join(expected(c) for c in range(offset // CLUSTER,
-                                                   (offset + length - 1) // CLUSTER + 1))
+        want = b"".join(
+            expected(c) for c in range(offset // CLUSTER, (offset + length - 1) // CLUSTER + 1)
+        )
         start = offset - offset // CLUSTER * CLUSTER
-        assert await backend.read(offset, length) == want[start:start + length]
+        assert await backend.read(offset, length) == want[start : start + length]
     # reads within one cluster skipped the layers below: only those across clusters came
     assert base.stats.read.ops - base_reads < 500
     await layer.close()
@@ -171,16 +177,16 @@ async def test_stream_into_the_top_keeps_reads_right(chain: Path) -> None:
     await layer.close()
 
 
-async def test_a_media_change_between_chains_reads_the_new_one(chain: Path,
-                                                              tmp_path: Path) -> None:
+async def test_a_media_change_between_chains_reads_the_new_one(chain: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
     await make_chain(other)
     layer = BlockLayer()
     backend = await layer.create("c", str(chain / "top"))
     await check_all(backend)
-    scratch = await layer.create("w", f"driver=qcow2,file.driver=file,"
-                                      f"file.filename={other / 'mid'},backing=null")
+    scratch = await layer.create(
+        "w", f"driver=qcow2,file.driver=file,file.filename={other / 'mid'},backing=null"
+    )
     await scratch.write(0, stamp(6, 0))
     await layer.delete("w")
     await backend.change(str(other / "top"))
@@ -191,7 +197,8 @@ async def test_a_media_change_between_chains_reads_the_new_one(chain: Path,
 
 
 async def test_a_drained_layer_holds_reads_that_would_skip_it(
-        chain: Path, autojump_clock: trio.testing.MockClock) -> None:
+    chain: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     layer = BlockLayer()
     backend = await layer.create("c", str(chain / "top"))
     await check_all(backend)
@@ -212,18 +219,22 @@ async def test_a_drained_layer_holds_reads_that_would_skip_it(
 
 
 async def test_a_drain_waits_for_a_direct_read_in_flight(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     """The base's image file behind a filter that lags: a read the map sends straight to
     it is in flight there, and a drain of the middle layer, which it skipped, waits."""
     await make_chain(tmp_path)
     layer = BlockLayer()
-    base = (f"driver=qcow2,node-name=base,file.driver=blkdebug,file.node-name=lag,"
-            f"file.image.driver=file,file.image.filename={tmp_path / 'base'}")
+    base = (
+        f"driver=qcow2,node-name=base,file.driver=blkdebug,file.node-name=lag,"
+        f"file.image.driver=file,file.image.filename={tmp_path / 'base'}"
+    )
     mid = f"driver=qcow2,node-name=mid,file.driver=file,file.filename={tmp_path / 'mid'}"
     await layer.create("b", base + ",read-only=on")
     await layer.create("m", f"{mid},backing=base,read-only=on")
-    backend = await layer.create("c", f"driver=qcow2,file.driver=file,"
-                                      f"file.filename={tmp_path / 'top'},backing=mid")
+    backend = await layer.create(
+        "c", f"driver=qcow2,file.driver=file,file.filename={tmp_path / 'top'},backing=mid"
+    )
     await check_all(backend)
     await layer.reopen("lag", {"delay.read": "1s"})
     mid_node = layer.graph.find("mid")

@@ -44,27 +44,37 @@ def run(fn: Any, *args: Any) -> Any:
 
 # -- which requests a rule hits -------------------------------------------------------------
 
-@pytest.mark.parametrize("spelling, code", [
-    ("EIO", errno.EIO), ("enospc", errno.ENOSPC), ("28", errno.ENOSPC), ("5", errno.EIO),
-    ("EROFS", errno.EROFS), (None, errno.EIO),
-])
+
+@pytest.mark.parametrize(
+    "spelling, code",
+    [
+        ("EIO", errno.EIO),
+        ("enospc", errno.ENOSPC),
+        ("28", errno.ENOSPC),
+        ("5", errno.EIO),
+        ("EROFS", errno.EROFS),
+        (None, errno.EIO),
+    ],
+)
 async def test_a_sector_rule_fails_only_requests_touching_that_sector(
-        spelling: str | None, code: int) -> None:
+    spelling: str | None, code: int
+) -> None:
     layer = BlockLayer()
     try:
         rule = "inject-error.0.event=read,inject-error.0.sector=10"
         if spelling is not None:
             rule += f",inject-error.0.errno={spelling}"
         backend = await layer.create("d", f"driver=blkdebug,{rule},{NULL}")
-        failing = [sector for sector in range(32)
-                   if await failure(backend.read, sector * SECTOR, SECTOR)]
+        failing = [
+            sector for sector in range(32) if await failure(backend.read, sector * SECTOR, SECTOR)
+        ]
         assert failing == [10]
         assert await failure(backend.read, 10 * SECTOR, SECTOR) == code
-        assert await failure(backend.read, 10 * SECTOR - 1, 2) == code     # straddles in
-        assert await failure(backend.read, 11 * SECTOR - 1, 1) == code     # last byte
-        assert await failure(backend.read, 0, 10 * SECTOR) == 0            # ends just before
-        assert await failure(backend.read, 11 * SECTOR, 64 * KiB) == 0     # starts just after
-        assert await failure(backend.read, 0, 64 * KiB) == code            # covers it
+        assert await failure(backend.read, 10 * SECTOR - 1, 2) == code  # straddles in
+        assert await failure(backend.read, 11 * SECTOR - 1, 1) == code  # last byte
+        assert await failure(backend.read, 0, 10 * SECTOR) == 0  # ends just before
+        assert await failure(backend.read, 11 * SECTOR, 64 * KiB) == 0  # starts just after
+        assert await failure(backend.read, 0, 64 * KiB) == code  # covers it
         assert await failure(backend.write, 10 * SECTOR, bytes(SECTOR)) == 0  # reads only
         assert (await info(backend))["injected-errors"] == 5
     finally:
@@ -76,10 +86,12 @@ async def run_requests(options: str, requests: list[tuple[str, int, int]]) -> li
     layer = BlockLayer()
     try:
         backend = await layer.create("d", f"driver=blkdebug,{options},{NULL}")
-        calls = {"read": backend.read,
-                 "write": lambda o, n: backend.write(o, bytes([1]) * n),
-                 "zero-write": backend.write_zeroes,
-                 "discard": backend.discard}
+        calls = {
+            "read": backend.read,
+            "write": lambda o, n: backend.write(o, bytes([1]) * n),
+            "zero-write": backend.write_zeroes,
+            "discard": backend.discard,
+        }
         return [await failure(calls[kind], offset, length) for kind, offset, length in requests]
     finally:
         await layer.close()
@@ -88,33 +100,49 @@ async def run_requests(options: str, requests: list[tuple[str, int, int]]) -> li
 KINDS = ("read", "write", "zero-write", "discard")
 EVENT_OF = {"read": "read", "write": "write", "zero-write": "write", "discard": "discard"}
 spans = st.integers(0, SIZE - 1).flatmap(
-    lambda offset: st.tuples(st.just(offset), st.integers(1, min(64 * KiB, SIZE - offset))))
+    lambda offset: st.tuples(st.just(offset), st.integers(1, min(64 * KiB, SIZE - offset)))
+)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from(("read", "write", "discard")), spans,
-       st.lists(st.tuples(st.sampled_from(KINDS), spans), min_size=1, max_size=30))
+@given(
+    st.sampled_from(("read", "write", "discard")),
+    spans,
+    st.lists(st.tuples(st.sampled_from(KINDS), spans), min_size=1, max_size=30),
+)
 def test_a_byte_range_rule_hits_exactly_the_requests_that_overlap_it(
-        event: str, rule: tuple[int, int], batch: list[tuple[str, tuple[int, int]]]) -> None:
+    event: str, rule: tuple[int, int], batch: list[tuple[str, tuple[int, int]]]
+) -> None:
     start, length = rule
-    options = (f"inject-error.0.event={event},inject-error.0.offset={start},"
-               f"inject-error.0.length={length},inject-error.0.errno=EMEDIUMTYPE")
+    options = (
+        f"inject-error.0.event={event},inject-error.0.offset={start},"
+        f"inject-error.0.length={length},inject-error.0.errno=EMEDIUMTYPE"
+    )
     requests = [(kind, offset, size) for kind, (offset, size) in batch]
     got = run(run_requests, options, requests)
-    expected = [errno.EMEDIUMTYPE if EVENT_OF[kind] == event
-                and offset < start + length and start < offset + size else 0
-                for kind, offset, size in requests]
+    expected = [
+        errno.EMEDIUMTYPE
+        if EVENT_OF[kind] == event and offset < start + length and start < offset + size
+        else 0
+        for kind, offset, size in requests
+    ]
     assert got == expected
 
 
 async def test_each_event_kind_fails_only_its_own_requests() -> None:
-    for event, fails in [("read", {"read"}), ("write", {"write", "zero-write"}),
-                         ("discard", {"discard"}), ("flush", {"flush"})]:
+    for event, fails in [
+        ("read", {"read"}),
+        ("write", {"write", "zero-write"}),
+        ("discard", {"discard"}),
+        ("flush", {"flush"}),
+    ]:
         layer = BlockLayer()
         try:
             backend = await layer.create(
-                "d", f"driver=blkdebug,node-name=dbg,inject-error.0.event={event},"
-                     f"inject-error.0.errno=EPIPE,{NULL}")
+                "d",
+                f"driver=blkdebug,node-name=dbg,inject-error.0.event={event},"
+                f"inject-error.0.errno=EPIPE,{NULL}",
+            )
             got = {
                 "read": await failure(backend.read, 0, 4096),
                 "write": await failure(backend.write, 0, b"x" * 4096),
@@ -134,7 +162,8 @@ async def test_a_flush_rule_with_a_range_never_matches_a_flush() -> None:
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=blkdebug,inject-error.0.event=flush,inject-error.0.sector=0,{NULL}")
+            "d", f"driver=blkdebug,inject-error.0.event=flush,inject-error.0.sector=0,{NULL}"
+        )
         await backend.flush()
         assert (await info(backend))["injected-errors"] == 0
     finally:
@@ -145,9 +174,11 @@ async def test_once_fails_only_the_first_matching_request() -> None:
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=blkdebug,inject-error.0.event=write,inject-error.0.sector=4,"
-                 f"inject-error.0.once=on,inject-error.0.errno=ENOSPC,{NULL}",
-            werror="report")
+            "d",
+            f"driver=blkdebug,inject-error.0.event=write,inject-error.0.sector=4,"
+            f"inject-error.0.once=on,inject-error.0.errno=ENOSPC,{NULL}",
+            werror="report",
+        )
         for _ in range(3):  # requests the rule does not match do not use it up
             assert await failure(backend.write, 0, bytes(SECTOR)) == 0
             assert await failure(backend.read, 4 * SECTOR, SECTOR) == 0
@@ -155,7 +186,8 @@ async def test_once_fails_only_the_first_matching_request() -> None:
         for _ in range(3):
             assert await failure(backend.write, 4 * SECTOR, bytes(SECTOR)) == 0
         assert (await info(backend))["rules"] == [
-            {"index": 0, "event": "write", "errno": "ENOSPC", "fired": 1}]
+            {"index": 0, "event": "write", "errno": "ENOSPC", "fired": 1}
+        ]
     finally:
         await layer.close()
 
@@ -164,13 +196,15 @@ async def test_rules_are_checked_in_order_and_each_counts_its_own_hits() -> None
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", "driver=blkdebug,"
-                 "inject-error.0.event=read,inject-error.0.sector=1,inject-error.0.errno=EIO,"
-                 "inject-error.1.event=read,inject-error.1.offset=0,inject-error.1.length=4k,"
-                 "inject-error.1.errno=ENXIO,"
-                 f"inject-error.2.event=write,inject-error.2.errno=EDQUOT,{NULL}")
+            "d",
+            "driver=blkdebug,"
+            "inject-error.0.event=read,inject-error.0.sector=1,inject-error.0.errno=EIO,"
+            "inject-error.1.event=read,inject-error.1.offset=0,inject-error.1.length=4k,"
+            "inject-error.1.errno=ENXIO,"
+            f"inject-error.2.event=write,inject-error.2.errno=EDQUOT,{NULL}",
+        )
         assert await failure(backend.read, 0, SECTOR) == errno.ENXIO
-        assert await failure(backend.read, 0, 2 * SECTOR) == errno.EIO    # rule 0 first
+        assert await failure(backend.read, 0, 2 * SECTOR) == errno.EIO  # rule 0 first
         assert await failure(backend.read, 4 * KiB, SECTOR) == 0
         assert await failure(backend.write, 64 * KiB, b"x") == errno.EDQUOT
         details = await info(backend)
@@ -181,6 +215,7 @@ async def test_rules_are_checked_in_order_and_each_counts_its_own_hits() -> None
 
 
 # -- probability ----------------------------------------------------------------------------
+
 
 async def failing_set(seed: int | None, probability: float = 0.3) -> set[int]:
     layer = BlockLayer()
@@ -199,7 +234,7 @@ async def failing_set(seed: int | None, probability: float = 0.3) -> set[int]:
 async def test_probability_with_a_seed_replays_the_same_failures() -> None:
     first, again = await failing_set(42), await failing_set(42)
     assert first == again
-    assert 0.15 * 200 < len(first) < 0.45 * 200     # about 30 %, and deterministic
+    assert 0.15 * 200 < len(first) < 0.45 * 200  # about 30 %, and deterministic
     assert await failing_set(43) != first
     assert await failing_set(None) == await failing_set(None)  # the default seed is fixed too
     assert await failing_set(7, probability=0) == set()
@@ -208,12 +243,15 @@ async def test_probability_with_a_seed_replays_the_same_failures() -> None:
 
 # -- delays ---------------------------------------------------------------------------------
 
+
 async def test_delays_add_their_latency_per_request_kind(autojump_clock) -> None:
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=blkdebug,node-name=dbg,delay.read=10ms,delay.write=0.25s,"
-                 f"delay.flush=2,delay.discard=500us,{NULL}")
+            "d",
+            f"driver=blkdebug,node-name=dbg,delay.read=10ms,delay.write=0.25s,"
+            f"delay.flush=2,delay.discard=500us,{NULL}",
+        )
 
         async def took(call: Any, *args: Any) -> float:
             start = trio.current_time()
@@ -239,12 +277,12 @@ async def test_delays_add_their_latency_per_request_kind(autojump_clock) -> None
         await layer.close()
 
 
-async def test_a_delayed_request_that_matches_a_rule_fails_after_the_delay(
-        autojump_clock) -> None:
+async def test_a_delayed_request_that_matches_a_rule_fails_after_the_delay(autojump_clock) -> None:
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=blkdebug,delay.read=1s,inject-error.0.event=read,{NULL}")
+            "d", f"driver=blkdebug,delay.read=1s,inject-error.0.event=read,{NULL}"
+        )
         start = trio.current_time()
         assert await failure(backend.read, 0, 512) == errno.EIO
         assert trio.current_time() - start == pytest.approx(1.0)
@@ -254,16 +292,20 @@ async def test_a_delayed_request_that_matches_a_rule_fails_after_the_delay(
 
 # -- dropped writes -------------------------------------------------------------------------
 
+
 async def test_drop_writes_acknowledges_and_loses_writes_zero_writes_and_discards(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     image = tmp_path / "disk.img"
     original = bytes(range(256)) * (SIZE // 256)
     image.write_bytes(original)
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=blkdebug,node-name=dbg,drop-writes=on,image.driver=file,"
-                 f"image.filename={image}")
+            "d",
+            f"driver=blkdebug,node-name=dbg,drop-writes=on,image.driver=file,"
+            f"image.filename={image}",
+        )
         await backend.write(4096, b"lost" * 1024)
         await backend.write_zeroes(8192, 8192)
         await backend.discard(64 * KiB, 64 * KiB)
@@ -284,10 +326,13 @@ async def test_drop_writes_acknowledges_and_loses_writes_zero_writes_and_discard
 
 # -- below a format -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("between", ["driver=blkdebug,image", "driver=throttle,"
-                                     "limits.iops-total=100000,file"])
+
+@pytest.mark.parametrize(
+    "between", ["driver=blkdebug,image", "driver=throttle,limits.iops-total=100000,file"]
+)
 async def test_a_filter_between_a_format_and_its_host_file_lets_the_image_grow(
-        tmp_path: Path, between: str) -> None:
+    tmp_path: Path, between: str
+) -> None:
     """qcow2 appends clusters past the end of its file; a filter in between (QEMU's
     ``blkdebug:rules:image.qcow2``) must pass that on, as its host file allows it."""
     image = tmp_path / "disk.qcow2"
@@ -316,24 +361,30 @@ async def test_a_filter_between_a_format_and_its_host_file_lets_the_image_grow(
 
 # -- reopen -----------------------------------------------------------------------------------
 
+
 async def test_reopen_replaces_the_whole_rule_list_and_none_heals() -> None:
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", "driver=blkdebug,node-name=dbg,"
-                 "inject-error.0.event=read,inject-error.0.sector=1,"
-                 f"inject-error.1.event=write,inject-error.1.sector=2,{NULL}",
-            werror="report")
+            "d",
+            "driver=blkdebug,node-name=dbg,"
+            "inject-error.0.event=read,inject-error.0.sector=1,"
+            f"inject-error.1.event=write,inject-error.1.sector=2,{NULL}",
+            werror="report",
+        )
 
         async def failures() -> tuple[int, ...]:
-            return (await failure(backend.read, 1 * SECTOR, SECTOR),
-                    await failure(backend.write, 2 * SECTOR, bytes(SECTOR)),
-                    await failure(backend.write, 5 * SECTOR, bytes(SECTOR)))
+            return (
+                await failure(backend.read, 1 * SECTOR, SECTOR),
+                await failure(backend.write, 2 * SECTOR, bytes(SECTOR)),
+                await failure(backend.write, 5 * SECTOR, bytes(SECTOR)),
+            )
 
         assert await failures() == (errno.EIO, errno.EIO, 0)
         # one rule given: the list is that rule alone, not a merge by index
-        await layer.reopen("dbg", "inject-error.0.event=write,inject-error.0.sector=5,"
-                                  "inject-error.0.errno=ENOSPC")
+        await layer.reopen(
+            "dbg", "inject-error.0.event=write,inject-error.0.sector=5,inject-error.0.errno=ENOSPC"
+        )
         assert await failures() == (0, 0, errno.ENOSPC)
         assert [r["event"] for r in (await info(backend))["rules"]] == ["write"]
         # other options leave the list alone
@@ -354,8 +405,10 @@ async def test_a_reopen_of_other_options_keeps_the_rules_state() -> None:
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=blkdebug,node-name=dbg,inject-error.0.event=read,"
-                 f"inject-error.0.once=on,{NULL}")
+            "d",
+            f"driver=blkdebug,node-name=dbg,inject-error.0.event=read,"
+            f"inject-error.0.once=on,{NULL}",
+        )
         assert await failure(backend.read, 0, 512) == errno.EIO
         await layer.reopen("dbg", "delay.write=1ms")
         assert await failure(backend.read, 0, 512) == 0
@@ -363,37 +416,46 @@ async def test_a_reopen_of_other_options_keeps_the_rules_state() -> None:
         # the same list given again is no change either; a new list starts afresh
         await layer.reopen("dbg", "inject-error.0.event=read,inject-error.0.once=on")
         assert await failure(backend.read, 0, 512) == 0
-        await layer.reopen("dbg", "inject-error.0.event=read,inject-error.0.once=on,"
-                                  "inject-error.0.errno=ENOSPC")
+        await layer.reopen(
+            "dbg", "inject-error.0.event=read,inject-error.0.once=on,inject-error.0.errno=ENOSPC"
+        )
         assert await failure(backend.read, 0, 512) == errno.ENOSPC
         assert await failure(backend.read, 0, 512) == 0
     finally:
         await layer.close()
 
 
-@pytest.mark.parametrize("options, words", [
-    ("inject-error.0.sector=3", "inject-error.0.event is required"),
-    ("inject-error.0.event=reed", "inject-error.0.event"),
-    ("inject-error.0.event=read,inject-error.0.errno=EFOO", "inject-error.0.errno"),
-    ("inject-error.0.event=read,inject-error.0.errno=0", "inject-error.0.errno"),
-    ("inject-error.0.event=read,inject-error.0.errno=-5", "inject-error.0.errno"),
-    ("inject-error.0.event=read,inject-error.0.sector=-1", "inject-error.0.sector"),
-    ("inject-error.0.event=read,inject-error.0.sector=1,inject-error.0.offset=0",
-     "inject-error.0: give .sector or .offset/.length"),
-    ("inject-error.0.event=read,inject-error.0.length=0", "inject-error.0.length"),
-    ("inject-error.0.event=read,inject-error.0.probability=1.5", "inject-error.0.probability"),
-    ("inject-error.0.event=read,inject-error.0.probability=nan", "inject-error.0.probability"),
-    ("inject-error.0.event=read,inject-error.0.probability=often",
-     "inject-error.0.probability"),
-    ("inject-error.0.event=read,inject-error.0.sectr=1", "inject-error.0.sectr"),
-    ("inject-error.x.event=read", "inject-error.x.event"),
-    ("inject-error.0.event=read,inject-error.0.once=twice", "inject-error.0.once"),
-    ("delay.read=soon", "delay.read"),
-    ("align=3", "align"),
-    ("drop-writes=maybe", "drop-writes"),
-])
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ("inject-error.0.sector=3", "inject-error.0.event is required"),
+        ("inject-error.0.event=reed", "inject-error.0.event"),
+        ("inject-error.0.event=read,inject-error.0.errno=EFOO", "inject-error.0.errno"),
+        ("inject-error.0.event=read,inject-error.0.errno=0", "inject-error.0.errno"),
+        ("inject-error.0.event=read,inject-error.0.errno=-5", "inject-error.0.errno"),
+        ("inject-error.0.event=read,inject-error.0.sector=-1", "inject-error.0.sector"),
+        (
+            "inject-error.0.event=read,inject-error.0.sector=1,inject-error.0.offset=0",
+            "inject-error.0: give .sector or .offset/.length",
+        ),
+        ("inject-error.0.event=read,inject-error.0.length=0", "inject-error.0.length"),
+        ("inject-error.0.event=read,inject-error.0.probability=1.5", "inject-error.0.probability"),
+        ("inject-error.0.event=read,inject-error.0.probability=nan", "inject-error.0.probability"),
+        (
+            "inject-error.0.event=read,inject-error.0.probability=often",
+            "inject-error.0.probability",
+        ),
+        ("inject-error.0.event=read,inject-error.0.sectr=1", "inject-error.0.sectr"),
+        ("inject-error.x.event=read", "inject-error.x.event"),
+        ("inject-error.0.event=read,inject-error.0.once=twice", "inject-error.0.once"),
+        ("delay.read=soon", "delay.read"),
+        ("align=3", "align"),
+        ("drop-writes=maybe", "drop-writes"),
+    ],
+)
 async def test_bad_rules_fail_with_einval_naming_the_option_and_change_nothing(
-        options: str, words: str) -> None:
+    options: str, words: str
+) -> None:
     layer = BlockLayer()
     try:
         with pytest.raises(BlockError) as failed:
@@ -402,8 +464,10 @@ async def test_bad_rules_fail_with_einval_naming_the_option_and_change_nothing(
         assert "d" not in layer and not layer.graph.nodes
 
         backend = await layer.create(
-            "d", f"driver=blkdebug,node-name=dbg,inject-error.0.event=read,"
-                 f"inject-error.0.sector=7,inject-error.0.errno=ENOSPC,{NULL}")
+            "d",
+            f"driver=blkdebug,node-name=dbg,inject-error.0.event=read,"
+            f"inject-error.0.sector=7,inject-error.0.errno=ENOSPC,{NULL}",
+        )
         before = (await backend.status())["tree"]
         with pytest.raises(BlockError) as failed:
             await layer.reopen("dbg", options)
@@ -417,12 +481,15 @@ async def test_bad_rules_fail_with_einval_naming_the_option_and_change_nothing(
 
 # -- the option parser ----------------------------------------------------------------------
 
+
 async def test_indexes_spelled_differently_are_different_rules() -> None:
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", "driver=blkdebug,inject-error.1.event=read,inject-error.1.sector=1,"
-                 f"inject-error.01.event=write,inject-error.01.sector=2,{NULL}")
+            "d",
+            "driver=blkdebug,inject-error.1.event=read,inject-error.1.sector=1,"
+            f"inject-error.01.event=write,inject-error.01.sector=2,{NULL}",
+        )
         assert await failure(backend.read, 1 * SECTOR, SECTOR) == errno.EIO
         assert await failure(backend.write, 2 * SECTOR, bytes(SECTOR)) == errno.EIO
         assert await failure(backend.read, 2 * SECTOR, SECTOR) == 0
@@ -433,11 +500,14 @@ async def test_indexes_spelled_differently_are_different_rules() -> None:
 
 rule_specs = st.fixed_dictionaries(
     {"event": st.sampled_from(("read", "write", "flush", "discard"))},
-    optional={"errno": st.sampled_from(("EIO", "ENOSPC", "enxio", "28", "61")),
-              "sector": st.integers(0, 2047),
-              "once": st.booleans(),
-              "probability": st.sampled_from((0, 0.5, 1)),
-              "seed": st.integers(0, 2**31)})
+    optional={
+        "errno": st.sampled_from(("EIO", "ENOSPC", "enxio", "28", "61")),
+        "sector": st.integers(0, 2047),
+        "once": st.booleans(),
+        "probability": st.sampled_from((0, 0.5, 1)),
+        "seed": st.integers(0, 2**31),
+    },
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -446,23 +516,37 @@ def test_any_valid_rule_list_is_read_back_in_index_order(rules: dict[int, dict])
     def spell(value: Any) -> str:
         return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
-    parts = [f"inject-error.{index}.{field}={spell(value)}"
-             for index, spec in rules.items() for field, value in spec.items()]
+    parts = [
+        f"inject-error.{index}.{field}={spell(value)}"
+        for index, spec in rules.items()
+        for field, value in spec.items()
+    ]
 
     async def opened() -> list[dict[str, Any]]:
         layer = BlockLayer()
         try:
             backend = await layer.create(
-                "d", ",".join(["driver=blkdebug,node-name=dbg", *parts, NULL]))
+                "d", ",".join(["driver=blkdebug,node-name=dbg", *parts, NULL])
+            )
             rules = (await info(backend))["rules"]
             await layer.reopen("dbg", "inject-error=none")  # closing flushes
             return rules
         finally:
             await layer.close()
 
-    names = {"EIO": "EIO", "ENOSPC": "ENOSPC", "enxio": "ENXIO", "28": "ENOSPC",
-             "61": errno.errorcode[61]}
+    names = {
+        "EIO": "EIO",
+        "ENOSPC": "ENOSPC",
+        "enxio": "ENXIO",
+        "28": "ENOSPC",
+        "61": errno.errorcode[61],
+    }
     assert run(opened) == [
-        {"index": index, "event": rules[index]["event"],
-         "errno": names[rules[index].get("errno", "EIO")], "fired": 0}
-        for index in sorted(rules)]
+        {
+            "index": index,
+            "event": rules[index]["event"],
+            "errno": names[rules[index].get("errno", "EIO")],
+            "fired": 0,
+        }
+        for index in sorted(rules)
+    ]

@@ -24,8 +24,10 @@ async def test_a_filter_takes_the_old_tree_and_its_name(image: Path) -> None:
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=throttle,node-name=thr,limits.iops-total=1000,file.driver=raw,"
-                 f"file.node-name=r,file.file.driver=file,file.file.filename={image}")
+            "d",
+            f"driver=throttle,node-name=thr,limits.iops-total=1000,file.driver=raw,"
+            f"file.node-name=r,file.file.driver=file,file.file.filename={image}",
+        )
         backend.ref(writer=True)  # a writer: only changes that keep the medium are allowed
         old = layer.graph.find("thr")
         await backend.change("driver=throttle,node-name=thr,limits.iops-total=5000,file=r")
@@ -43,17 +45,20 @@ async def test_a_filter_takes_the_old_tree_and_its_name(image: Path) -> None:
     assert image.read_bytes()[:15] == b"still one image"
 
 
-async def test_a_failed_change_gives_the_names_and_locks_back(image: Path,
-                                                              tmp_path: Path) -> None:
+async def test_a_failed_change_gives_the_names_and_locks_back(image: Path, tmp_path: Path) -> None:
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=throttle,node-name=thr,file.driver=raw,file.node-name=r,"
-                 f"file.file.driver=file,file.file.filename={image}")
+            "d",
+            f"driver=throttle,node-name=thr,file.driver=raw,file.node-name=r,"
+            f"file.file.driver=file,file.file.filename={image}",
+        )
         nodes = dict(layer.graph.nodes)
         with pytest.raises(BlockError) as err:
-            await backend.change(f"driver=throttle,node-name=thr,file.driver=file,"
-                                 f"file.filename={tmp_path / 'missing.img'}")
+            await backend.change(
+                f"driver=throttle,node-name=thr,file.driver=file,"
+                f"file.filename={tmp_path / 'missing.img'}"
+            )
         assert err.value.errno == errno.ENOENT
         assert layer.graph.nodes == nodes and layer.graph.find("thr") is nodes["thr"]
         with pytest.raises(BlockError) as err:
@@ -86,16 +91,20 @@ async def test_under_a_writer_the_medium_may_not_move_down_its_own_tree(tmp_path
     """To the backing file (the overlay's writes would vanish) or to the image's file
     node (the guest would write the qcow2 metadata): a change of media, refused (EBUSY)."""
     from blkfs.image import create_image
+
     await create_image(str(tmp_path / "base.qcow2"), "qcow2", 1 << 20)
-    await create_image(str(tmp_path / "top.qcow2"), "qcow2", backing="base.qcow2",
-                       backing_format="qcow2")
+    await create_image(
+        str(tmp_path / "top.qcow2"), "qcow2", backing="base.qcow2", backing_format="qcow2"
+    )
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=qcow2,node-name=top,file.driver=file,file.node-name=top-file,"
-                 f"file.filename={tmp_path / 'top.qcow2'},backing.driver=qcow2,"
-                 f"backing.node-name=base,backing.file.driver=file,"
-                 f"backing.file.filename={tmp_path / 'base.qcow2'}")
+            "d",
+            f"driver=qcow2,node-name=top,file.driver=file,file.node-name=top-file,"
+            f"file.filename={tmp_path / 'top.qcow2'},backing.driver=qcow2,"
+            f"backing.node-name=base,backing.file.driver=file,"
+            f"backing.file.filename={tmp_path / 'base.qcow2'}",
+        )
         backend.ref(writer=True)
         await backend.write(0, b"in the overlay")
         for node in ("base", "top-file"):

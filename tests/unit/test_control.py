@@ -17,39 +17,73 @@ from blkfs.frontends.ctl import VERBS, ControlFiles, format_status, parse
 from tests.helpers import without_stats
 
 
-@pytest.mark.parametrize("payload, args", [
-    (b"disk0 /img/a.qcow2\n",
-     {"name": "disk0", "medium": {"file": {"driver": "file", "filename": "/img/a.qcow2"}}}),
-    (b"  cd0   driver=null,size=1M  \r\n",
-     {"name": "cd0", "medium": {"driver": "null", "size": "1M"}}),
-    (b"cd0", {"name": "cd0"}),
-    (b"cd0 on-change=error", {"name": "cd0", "on-change": "error"}),
-    (b"cd0 /i.iso,read-only=on,on-change=error",
-     {"name": "cd0", "on-change": "error",
-      "medium": {"read-only": "on", "file": {"driver": "file", "filename": "/i.iso"}}}),
-])
+@pytest.mark.parametrize(
+    "payload, args",
+    [
+        (
+            b"disk0 /img/a.qcow2\n",
+            {"name": "disk0", "medium": {"file": {"driver": "file", "filename": "/img/a.qcow2"}}},
+        ),
+        (
+            b"  cd0   driver=null,size=1M  \r\n",
+            {"name": "cd0", "medium": {"driver": "null", "size": "1M"}},
+        ),
+        (b"cd0", {"name": "cd0"}),
+        (b"cd0 on-change=error", {"name": "cd0", "on-change": "error"}),
+        (
+            b"cd0 /i.iso,read-only=on,on-change=error",
+            {
+                "name": "cd0",
+                "on-change": "error",
+                "medium": {"read-only": "on", "file": {"driver": "file", "filename": "/i.iso"}},
+            },
+        ),
+    ],
+)
 def test_parse_create(payload: bytes, args: dict) -> None:
     assert parse("create", payload) == args
 
 
-@pytest.mark.parametrize("verb, payload, args", [
-    ("eject", b"cd0 force=on", {"name": "cd0", "force": "on"}),
-    ("resize", b"d 10M shrink=on", {"name": "d", "size": "10M", "shrink": "on"}),
-    ("resize", b"d", {"name": "d"}),
-    ("change", b"d x.img,force=on", {"name": "d", "force": "on", "medium": {
-        "file": {"driver": "file", "filename": "x.img"}}}),
-    ("reopen", b"n0 detect-zeroes=on", {"node": "n0", "options": {"detect-zeroes": "on"}}),
-    ("snapshot", b"vol /img/s1.qcow2\n", {"name": "vol", "path": "/img/s1.qcow2"}),
-    ("snapshot", b"vol /img/s2.qcow2 cluster-size=16k extended-l2=on",
-     {"name": "vol", "path": "/img/s2.qcow2", "cluster-size": "16k", "extended-l2": "on"}),
-    ("mirror", b"vol /img/m.qcow2 sync=top speed=10M",
-     {"name": "vol", "target": "/img/m.qcow2", "sync": "top", "speed": "10M"}),
-    ("mirror", b"vol driver=qcow2,file.filename=/m format=raw",  # node options as the target
-     {"name": "vol", "target": "driver=qcow2,file.filename=/m", "format": "raw"}),
-    ("commit", b"vol base=/img/base.qcow2 job-id=c1",
-     {"name": "vol", "base": "/img/base.qcow2", "job-id": "c1"}),
-    ("job-set-speed", b"c1 speed=0", {"job": "c1", "speed": "0"}),
-])
+@pytest.mark.parametrize(
+    "verb, payload, args",
+    [
+        ("eject", b"cd0 force=on", {"name": "cd0", "force": "on"}),
+        ("resize", b"d 10M shrink=on", {"name": "d", "size": "10M", "shrink": "on"}),
+        ("resize", b"d", {"name": "d"}),
+        (
+            "change",
+            b"d x.img,force=on",
+            {
+                "name": "d",
+                "force": "on",
+                "medium": {"file": {"driver": "file", "filename": "x.img"}},
+            },
+        ),
+        ("reopen", b"n0 detect-zeroes=on", {"node": "n0", "options": {"detect-zeroes": "on"}}),
+        ("snapshot", b"vol /img/s1.qcow2\n", {"name": "vol", "path": "/img/s1.qcow2"}),
+        (
+            "snapshot",
+            b"vol /img/s2.qcow2 cluster-size=16k extended-l2=on",
+            {"name": "vol", "path": "/img/s2.qcow2", "cluster-size": "16k", "extended-l2": "on"},
+        ),
+        (
+            "mirror",
+            b"vol /img/m.qcow2 sync=top speed=10M",
+            {"name": "vol", "target": "/img/m.qcow2", "sync": "top", "speed": "10M"},
+        ),
+        (
+            "mirror",
+            b"vol driver=qcow2,file.filename=/m format=raw",  # node options as the target
+            {"name": "vol", "target": "driver=qcow2,file.filename=/m", "format": "raw"},
+        ),
+        (
+            "commit",
+            b"vol base=/img/base.qcow2 job-id=c1",
+            {"name": "vol", "base": "/img/base.qcow2", "job-id": "c1"},
+        ),
+        ("job-set-speed", b"c1 speed=0", {"job": "c1", "speed": "0"}),
+    ],
+)
 def test_parse_the_other_commands(verb: str, payload: bytes, args: dict) -> None:
     assert parse(verb, payload) == args
 
@@ -58,28 +92,34 @@ def test_every_command_is_declared_once_with_its_usage() -> None:
     assert VERBS[:7] == ("create", "delete", "change", "eject", "insert", "reopen", "resize")
     assert {"export", "export-del"} <= set(VERBS)
     assert COMMANDS["resize"].usage() == "NAME [SIZE] [shrink=on]"
-    assert COMMANDS["create"].usage() == ("NAME [OPTIONS] [on-change=follow|error] "
-                                          "[werror=report|ignore|enospc|stop] "
-                                          "[rerror=report|ignore|enospc|stop]")
+    assert COMMANDS["create"].usage() == (
+        "NAME [OPTIONS] [on-change=follow|error] "
+        "[werror=report|ignore|enospc|stop] "
+        "[rerror=report|ignore|enospc|stop]"
+    )
     assert COMMANDS["cont"].usage() == "[NAME]"
     assert COMMANDS["job-set-speed"].usage() == "JOB-ID speed=RATE"
-    assert COMMANDS["backup"].usage() == ("NAME PATH [sync=full|top] [format=qcow2|raw] "
-                                          "[existing=on] [speed=RATE] [job-id=JOB-ID]")
+    assert COMMANDS["backup"].usage() == (
+        "NAME PATH [sync=full|top] [format=qcow2|raw] [existing=on] [speed=RATE] [job-id=JOB-ID]"
+    )
     assert all(command.help for command in COMMANDS.values())
 
 
-@pytest.mark.parametrize("verb, payload, fragment", [
-    ("change", b"disk0\n", "options missing"),
-    ("delete", b"disk0 extra", "takes only NAME [force=on]"),
-    ("resize", b"disk0 1M 2M", "takes only NAME [SIZE] [shrink=on]"),
-    ("create", b"\n", "no name"),
-    ("create", b"a\nb\n", "one command per write"),
-    ("create", b"\xff", "not valid UTF-8"),
-    ("create", b"a\0b", "NUL"),
-    ("create", b"x" * (64 * 1024 + 1), "longer than"),
-    ("snapshot", b"vol /a /b", "takes only NAME PATH"),
-    ("mirror", b"vol /m sped=1M", "takes only NAME PATH"),
-])
+@pytest.mark.parametrize(
+    "verb, payload, fragment",
+    [
+        ("change", b"disk0\n", "options missing"),
+        ("delete", b"disk0 extra", "takes only NAME [force=on]"),
+        ("resize", b"disk0 1M 2M", "takes only NAME [SIZE] [shrink=on]"),
+        ("create", b"\n", "no name"),
+        ("create", b"a\nb\n", "one command per write"),
+        ("create", b"\xff", "not valid UTF-8"),
+        ("create", b"a\0b", "NUL"),
+        ("create", b"x" * (64 * 1024 + 1), "longer than"),
+        ("snapshot", b"vol /a /b", "takes only NAME PATH"),
+        ("mirror", b"vol /m sped=1M", "takes only NAME PATH"),
+    ],
+)
 def test_parse_errors_say_what_is_right(verb: str, payload: bytes, fragment: str) -> None:
     with pytest.raises(BlockError) as err:
         parse(verb, payload)
@@ -105,8 +145,11 @@ async def test_failed_commands_are_recorded_and_change_nothing(tmp_path: Path) -
         before = without_stats(await layer.status())
         for verb, payload, code in [
             ("create", f"disk0 {image}", errno.EEXIST),
-            ("change", "disk0 driver=raw,file.driver=file,file.filename=/nonexistent",
-             errno.ENOENT),
+            (
+                "change",
+                "disk0 driver=raw,file.driver=file,file.filename=/nonexistent",
+                errno.ENOENT,
+            ),
             ("change", "disk0 driver=raw,size=x,file.driver=null", errno.EINVAL),
             ("insert", "disk0 driver=null", errno.EBUSY),
             ("eject", "nosuch", errno.ENOENT),

@@ -28,12 +28,17 @@ DATA = [(0, MiB), (2 * MiB + 4 * KiB, 100 * KiB), (3 * MiB + 5, 70 * KiB)]
 def base_contents() -> bytes:
     data = bytearray(SIZE)
     for offset, length in DATA:
-        data[offset:offset + length] = os.urandom(length)
+        data[offset : offset + length] = os.urandom(length)
     return bytes(data)
 
 
-def create_qcow2(path: Path, size: int, backing: str | None = None,
-                 backing_format: str | None = None, **options: str) -> None:
+def create_qcow2(
+    path: Path,
+    size: int,
+    backing: str | None = None,
+    backing_format: str | None = None,
+    **options: str,
+) -> None:
     with open(path, "xb") as f:
         default_registry().get("qcow2").create(f, size, options, backing, backing_format)
 
@@ -47,14 +52,14 @@ async def make_chain(images: Path, backing_format: str) -> bytes:
             f.truncate(SIZE)
             for offset, length in DATA:
                 f.seek(offset)
-                f.write(contents[offset:offset + length])
+                f.write(contents[offset : offset + length])
     else:
         create_qcow2(base, SIZE)
         layer = BlockLayer()
         try:
             backend = await layer.create("base", str(base))
             for offset, length in DATA:
-                await backend.write(offset, contents[offset:offset + length])
+                await backend.write(offset, contents[offset : offset + length])
         finally:
             await layer.close()
     create_qcow2(images / "top.qcow2", SIZE, base.name, backing_format)
@@ -62,8 +67,10 @@ async def make_chain(images: Path, backing_format: str) -> bytes:
 
 
 def cor(images: Path, extra: str = "") -> str:
-    return (f"driver=copy-on-read,node-name=cor{extra},file.driver=qcow2,file.node-name=top,"
-            f"file.file.driver=file,file.file.filename={images / 'top.qcow2'}")
+    return (
+        f"driver=copy-on-read,node-name=cor{extra},file.driver=qcow2,file.node-name=top,"
+        f"file.file.driver=file,file.file.filename={images / 'top.qcow2'}"
+    )
 
 
 async def allocated_ranges(node: Any, size: int) -> list[tuple[int, int]]:
@@ -87,7 +94,8 @@ def clusters_of(ranges: list[tuple[int, int]]) -> set[int]:
 
 @pytest.mark.parametrize("backing_format", ["raw", "qcow2"])
 async def test_reads_fill_the_top_with_the_backing_data_and_only_that(
-        images: Path, backing_format: str) -> None:
+    images: Path, backing_format: str
+) -> None:
     contents = await make_chain(images, backing_format)
     layer = BlockLayer()
     try:
@@ -97,7 +105,7 @@ async def test_reads_fill_the_top_with_the_backing_data_and_only_that(
         chunk = 100_000  # reads that start and end inside clusters
         for offset in range(0, SIZE, chunk):
             length = min(chunk, SIZE - offset)
-            assert await backend.read(offset, length) == contents[offset:offset + length]
+            assert await backend.read(offset, length) == contents[offset : offset + length]
         info = (await backend.status())["tree"]["info"]
         data_clusters = clusters_of([(o, o + n) for o, n in DATA])
         # a copy-up into part of a cluster brings the rest along (qcow2's copy-on-write)
@@ -136,7 +144,7 @@ async def test_a_partial_read_copies_what_it_read(images: Path) -> None:
     layer = BlockLayer()
     try:
         backend = await layer.create("d", cor(images))
-        assert await backend.read(5 * CLUSTER + 100, 10) == contents[5 * CLUSTER + 100:][:10]
+        assert await backend.read(5 * CLUSTER + 100, 10) == contents[5 * CLUSTER + 100 :][:10]
         assert (await backend.status())["tree"]["info"]["copied-bytes"] >= 10
         top = layer.graph.find("top")
         assert clusters_of(await allocated_ranges(top, SIZE)) == {5}
@@ -158,18 +166,22 @@ def delayed_chain(images: Path, where: str, delay: str) -> str:
     if where == "backing":
         base += f",delay.read={delay}"
     elif where == "top":
-        top_file = (f"driver=blkdebug,delay.write={delay},image.driver=file,"
-                    f"image.filename={images / 'top.qcow2'}")
-    top = (f"driver=qcow2,node-name=top,{dotted('file', top_file)},"
-           f"{dotted('backing', base)}")
+        top_file = (
+            f"driver=blkdebug,delay.write={delay},image.driver=file,"
+            f"image.filename={images / 'top.qcow2'}"
+        )
+    top = f"driver=qcow2,node-name=top,{dotted('file', top_file)},{dotted('backing', base)}"
     if where == "between":
-        return (f"driver=copy-on-read,node-name=cor,file.driver=blkdebug,"
-                f"file.delay.write={delay},{dotted('file.image', top)}")
+        return (
+            f"driver=copy-on-read,node-name=cor,file.driver=blkdebug,"
+            f"file.delay.write={delay},{dotted('file.image', top)}"
+        )
     return f"driver=copy-on-read,node-name=cor,{dotted('file', top)}"
 
 
 async def test_a_write_during_a_copy_up_is_not_overwritten_by_stale_data(
-        images: Path, autojump_clock) -> None:
+    images: Path, autojump_clock
+) -> None:
     contents = await make_chain(images, "raw")
     new = b"N" * 4096
     layer = BlockLayer()
@@ -188,17 +200,16 @@ async def test_a_write_during_a_copy_up_is_not_overwritten_by_stale_data(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
             nursery.start_soon(writer)
-        expected = bytearray(contents[:2 * CLUSTER])
+        expected = bytearray(contents[: 2 * CLUSTER])
         assert got["read"] == expected  # the read came first: it saw the backing data
         expected[4096:8192] = new
-        expected[CLUSTER + 8192:CLUSTER + 12288] = new
+        expected[CLUSTER + 8192 : CLUSTER + 12288] = new
         assert await backend.read(0, 2 * CLUSTER) == expected
     finally:
         await layer.close()
 
 
-async def test_a_discard_during_a_copy_up_is_not_undone_by_it(
-        images: Path, autojump_clock) -> None:
+async def test_a_discard_during_a_copy_up_is_not_undone_by_it(images: Path, autojump_clock) -> None:
     """The copy-up reaches the top image late (writes are delayed, discards are not); a
     discard that arrives meanwhile must win, not be overwritten by the old bytes."""
     contents = await make_chain(images, "raw")
@@ -213,13 +224,16 @@ async def test_a_discard_during_a_copy_up_is_not_undone_by_it(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(backend.read, 0, 2 * CLUSTER)
             nursery.start_soon(discarder)
-        assert await backend.read(0, 2 * CLUSTER) == bytes(CLUSTER) + contents[CLUSTER:2 * CLUSTER]
+        assert (
+            await backend.read(0, 2 * CLUSTER) == bytes(CLUSTER) + contents[CLUSTER : 2 * CLUSTER]
+        )
     finally:
         await layer.close()
 
 
 async def test_a_write_to_the_rest_of_a_cluster_being_copied_survives(
-        images: Path, autojump_clock) -> None:
+    images: Path, autojump_clock
+) -> None:
     """The copy-up of one part of a cluster and a write to another part of it overlap in
     the top image's cluster; neither may lose the other's bytes."""
     contents = await make_chain(images, "raw")
@@ -236,7 +250,7 @@ async def test_a_write_to_the_rest_of_a_cluster_being_copied_survives(
             nursery.start_soon(backend.read, 0, 4096)
             nursery.start_soon(writer)
         expected = bytearray(contents[:CLUSTER])
-        expected[32 * KiB:36 * KiB] = new
+        expected[32 * KiB : 36 * KiB] = new
         assert await backend.read(0, CLUSTER) == expected
     finally:
         await layer.close()
@@ -244,7 +258,8 @@ async def test_a_write_to_the_rest_of_a_cluster_being_copied_survives(
 
 
 async def test_a_read_during_a_write_waits_for_it_and_copies_nothing(
-        images: Path, autojump_clock) -> None:
+    images: Path, autojump_clock
+) -> None:
     """The write reaches the top image late; a read of the same range that starts
     meanwhile sees the range unallocated, but must not copy the backing data up after it."""
     contents = await make_chain(images, "raw")
@@ -261,13 +276,13 @@ async def test_a_read_during_a_write_waits_for_it_and_copies_nothing(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(backend.write, 0, new)
             nursery.start_soon(reader)
-        assert got["read"] == new + contents[CLUSTER:2 * CLUSTER]
-        assert await backend.read(0, 2 * CLUSTER) == new + contents[CLUSTER:2 * CLUSTER]
+        assert got["read"] == new + contents[CLUSTER : 2 * CLUSTER]
+        assert await backend.read(0, 2 * CLUSTER) == new + contents[CLUSTER : 2 * CLUSTER]
         info = (await backend.status())["tree"]["info"]
         assert info["copied-bytes"] == CLUSTER  # the second cluster only
     finally:
         await layer.close()
-    assert await read_top_alone(images, 2 * CLUSTER) == new + contents[CLUSTER:2 * CLUSTER]
+    assert await read_top_alone(images, 2 * CLUSTER) == new + contents[CLUSTER : 2 * CLUSTER]
 
 
 async def test_copy_up_through_a_filter_above_the_overlay(images: Path) -> None:
@@ -277,8 +292,10 @@ async def test_copy_up_through_a_filter_above_the_overlay(images: Path) -> None:
     try:
         top = f"driver=qcow2,file.driver=file,file.filename={images / 'top.qcow2'}"
         backend = await layer.create(
-            "d", f"driver=copy-on-read,file.driver=throttle,file.limits.iops-total=100000,"
-                 f"{dotted('file.file', top)}")
+            "d",
+            f"driver=copy-on-read,file.driver=throttle,file.limits.iops-total=100000,"
+            f"{dotted('file.file', top)}",
+        )
         assert await backend.read(0, SIZE) == contents
         assert (await backend.status())["tree"]["info"]["copied-bytes"] > 0
     finally:
@@ -291,8 +308,10 @@ async def read_top_alone(images: Path, length: int) -> bytes:
     layer = BlockLayer()
     try:
         alone = await layer.create(
-            "alone", f"driver=qcow2,backing=null,read-only=on,file.driver=file,"
-                     f"file.filename={images / 'top.qcow2'}")
+            "alone",
+            f"driver=qcow2,backing=null,read-only=on,file.driver=file,"
+            f"file.filename={images / 'top.qcow2'}",
+        )
         return bytes(await alone.read(0, length))
     finally:
         await layer.close()

@@ -30,8 +30,7 @@ def make_image(path: Path, image_id: int) -> None:
     path.write_bytes(b"".join(stamp(image_id, b) for b in range(BLOCKS)))
 
 
-async def test_every_request_runs_wholly_against_the_old_or_the_new_medium(
-        tmp_path: Path) -> None:
+async def test_every_request_runs_wholly_against_the_old_or_the_new_medium(tmp_path: Path) -> None:
     images = [tmp_path / f"m{i}.img" for i in (1, 2)]
     for i, path in enumerate(images, 1):
         make_image(path, i)
@@ -99,8 +98,11 @@ async def test_writes_in_flight_land_in_the_medium_they_started_on(tmp_path: Pat
     assert acknowledged == set(range(BLOCKS))
     landed = []
     for block in range(BLOCKS):
-        where = [i for i, data in enumerate(contents)
-                 if data[block * BLOCK:(block + 1) * BLOCK] == chunk(block)]
+        where = [
+            i
+            for i, data in enumerate(contents)
+            if data[block * BLOCK : (block + 1) * BLOCK] == chunk(block)
+        ]
         assert len(where) == 1, f"block {block} landed in {where}: lost or torn"
         landed.append(where[0])
     assert all(landed[block] == 0 for block in before)
@@ -111,16 +113,21 @@ async def test_a_failed_change_leaves_the_old_medium_serving(tmp_path: Path) -> 
     image = tmp_path / "a.img"
     make_image(image, 1)
     layer = BlockLayer()
-    backend = await layer.create("d", f"driver=raw,node-name=keep,file.driver=file,"
-                                      f"file.filename={image}")
+    backend = await layer.create(
+        "d", f"driver=raw,node-name=keep,file.driver=file,file.filename={image}"
+    )
     await layer.create("o", "driver=null,node-name=elsewhere")  # a name the change may not take
     nodes = set(layer.graph.nodes)
-    for options, code in [(str(tmp_path / "missing.img"), errno.ENOENT),
-                          ("driver=raw,offset=zz,file.driver=null", errno.EINVAL),
-                          ("driver=raw,offset=2G,file.driver=null", errno.EINVAL),
-                          ("driver=raw,node-name=elsewhere,file.driver=null", errno.EEXIST),
-                          ("driver=raw,node-name=keep,file.driver=file,"
-                           f"file.filename={tmp_path / 'missing.img'}", errno.ENOENT)]:
+    for options, code in [
+        (str(tmp_path / "missing.img"), errno.ENOENT),
+        ("driver=raw,offset=zz,file.driver=null", errno.EINVAL),
+        ("driver=raw,offset=2G,file.driver=null", errno.EINVAL),
+        ("driver=raw,node-name=elsewhere,file.driver=null", errno.EEXIST),
+        (
+            f"driver=raw,node-name=keep,file.driver=file,file.filename={tmp_path / 'missing.img'}",
+            errno.ENOENT,
+        ),
+    ]:
         with pytest.raises(BlockError) as err:
             await backend.change(options)
         assert err.value.errno == code
@@ -155,8 +162,9 @@ async def test_two_drains_of_one_node_both_end(tmp_path: Path) -> None:
     path = tmp_path / "a.img"
     make_image(path, 1)
     layer = BlockLayer()
-    backend = await layer.create("d", f"driver=blkdebug,delay.read=1s,image.driver=file,"
-                                      f"image.filename={path}")
+    backend = await layer.create(
+        "d", f"driver=blkdebug,delay.read=1s,image.driver=file,image.filename={path}"
+    )
     node = backend.root_node()
     drained: list[str] = []
 

@@ -28,8 +28,9 @@ async def test_unaligned_requests_through_o_direct_match_a_model(tmp_path: Path)
     model = bytearray(os.urandom(3 * 65536 + 777))  # the end of the file is not aligned
     path.write_bytes(model)
     layer = BlockLayer()
-    backend = await layer.create("d", f"driver=raw,file.driver=file,file.cache.direct=on,"
-                                      f"file.filename={path}")
+    backend = await layer.create(
+        "d", f"driver=raw,file.driver=file,file.cache.direct=on,file.filename={path}"
+    )
     node = file_node(backend.root_node())
     flags = fcntl.fcntl(node.driver.fd, fcntl.F_GETFL)  # type: ignore[attr-defined]
     assert flags & os.O_DIRECT
@@ -41,9 +42,9 @@ async def test_unaligned_requests_through_o_direct_match_a_model(tmp_path: Path)
         if rng.random() < 0.5:
             data = rng.randbytes(length)
             await backend.write(offset, data)
-            model[offset:offset + length] = data
+            model[offset : offset + length] = data
         else:
-            assert await backend.read(offset, length) == model[offset:offset + length]
+            assert await backend.read(offset, length) == model[offset : offset + length]
     await backend.flush()
     assert path.read_bytes() == model
     await layer.close()
@@ -64,13 +65,18 @@ async def test_growth_to_an_unaligned_end_keeps_the_exact_size(tmp_path: Path) -
 
 
 async def test_a_qcow2_image_and_its_backing_file_both_bypass_the_page_cache(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     (tmp_path / "base.img").write_bytes(bytes(range(256)) * 4096)
-    await create_image(str(tmp_path / "top.qcow2"), "qcow2", backing="base.img",
-                       backing_format="raw")
+    await create_image(
+        str(tmp_path / "top.qcow2"), "qcow2", backing="base.img", backing_format="raw"
+    )
     layer = BlockLayer()
-    backend = await layer.create("d", f"driver=qcow2,file.driver=file,file.cache.direct=on,"
-                                      f"file.filename={tmp_path / 'top.qcow2'}")
+    backend = await layer.create(
+        "d",
+        f"driver=qcow2,file.driver=file,file.cache.direct=on,"
+        f"file.filename={tmp_path / 'top.qcow2'}",
+    )
     top = backend.root_node()
     base_file = file_node(top.children["backing"].node)
     assert base_file.values["cache.direct"]
@@ -85,7 +91,8 @@ async def test_a_qcow2_image_and_its_backing_file_both_bypass_the_page_cache(
 @pytest.mark.loop
 @pytest.mark.parametrize("sector", [512, 4096])
 async def test_a_block_device_takes_its_logical_block_size_and_unaligned_zeroing(
-        tmp_path: Path, sector: int) -> None:
+    tmp_path: Path, sector: int
+) -> None:
     """A loop device of 512- or 4096-byte sectors: requests aligned to its sector size
     (a read probe would take 512 on either), and zeroing part of a sector leaves the rest
     of it (the generic zeroing used to pad its last sector with zeros over the data)."""
@@ -98,9 +105,9 @@ async def test_a_block_device_takes_its_logical_block_size_and_unaligned_zeroing
         assert file_node(backend.root_node()).request_alignment == sector
         for offset, length in ((512, 100), (sector - 7, 9000), (3 * sector, sector)):
             await backend.write_zeroes(offset, length)
-            model[offset:offset + length] = bytes(length)
+            model[offset : offset + length] = bytes(length)
         await backend.write(sector + 3, b"unaligned")
-        model[sector + 3:sector + 12] = b"unaligned"
+        model[sector + 3 : sector + 12] = b"unaligned"
         assert await backend.read(0, len(model)) == model
         await layer.close()
     assert backing.read_bytes() == model

@@ -28,14 +28,18 @@ async def test_qemu_image_locks_keep_one_writer_per_host_file(tmp_path: Path) ->
         assert "two" not in layer
         reader = await layer.create("reader", f"{image},read-only=on")  # readers share
         assert bytes(await reader.read(0, 4)) == b"\0\0\0\0"
-        qemu_writer = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 512", str(image)],
-                                     capture_output=True, text=True)
+        qemu_writer = subprocess.run(
+            ["qemu-io", "-f", "raw", "-c", "write 0 512", str(image)],
+            capture_output=True,
+            text=True,
+        )
         assert qemu_writer.returncode != 0 and "lock" in qemu_writer.stderr
         await layer.delete("one")
         await layer.create("two", str(tmp_path / "alias.img"))
         await layer.delete("two")
         unlocked = await layer.create(
-            "forced", f"driver=raw,file.driver=file,file.filename={image},file.locking=off")
+            "forced", f"driver=raw,file.driver=file,file.filename={image},file.locking=off"
+        )
         assert not unlocked.read_only
     finally:
         await layer.close()

@@ -59,8 +59,9 @@ async def test_a_failed_call_raises_in_the_caller_and_frees_its_turn() -> None:
 
 
 @pytest.mark.parametrize("aio", ["io_uring", "native"])
-async def test_aio_other_than_threads_is_refused_and_nothing_opens(tmp_path: Path,
-                                                                   aio: str) -> None:
+async def test_aio_other_than_threads_is_refused_and_nothing_opens(
+    tmp_path: Path, aio: str
+) -> None:
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(65536))
     layer = BlockLayer()

@@ -15,9 +15,28 @@ import pytest
 def test_the_new_image_and_its_directory_entry_are_fsynced(tmp_path: Path, fmt: str) -> None:
     image = tmp_path / "new.img"
     trace = tmp_path / "trace"
-    subprocess.run(["strace", "-f", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace),
-                    sys.executable, "-m", "blkfs", "image", "create", "-f", fmt, str(image),
-                    "1M"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-y",
+            "-e",
+            "trace=fsync,fdatasync",
+            "-o",
+            str(trace),
+            sys.executable,
+            "-m",
+            "blkfs",
+            "image",
+            "create",
+            "-f",
+            fmt,
+            str(image),
+            "1M",
+        ],
+        check=True,
+        capture_output=True,
+    )
     synced = re.findall(r"f(?:data)?sync\(\d+<([^>]*)>\) = 0", trace.read_text())
     assert str(image) in synced
     assert str(tmp_path) in synced, "the directory entry is not durable"

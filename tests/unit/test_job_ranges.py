@@ -13,8 +13,7 @@ SPAN = st.tuples(st.integers(0, 200), st.integers(0, 60)).map(lambda t: (t[0], t
 
 
 @given(st.lists(st.tuples(st.sampled_from(["add", "take", "pop"]), SPAN), max_size=40))
-def test_the_set_behaves_as_a_set_of_bytes(operations: list[tuple[str, tuple[int, int]]]
-                                           ) -> None:
+def test_the_set_behaves_as_a_set_of_bytes(operations: list[tuple[str, tuple[int, int]]]) -> None:
     ranges, model = RangeSet(), set()
     for kind, (start, end) in operations:
         if kind == "add":

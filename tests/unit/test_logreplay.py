@@ -91,25 +91,31 @@ def test_replay_to_the_end_equals_applying_the_writes(log: tuple[int, list[Entry
 @settings(max_examples=200, deadline=None)
 @given(logs(), st.data())
 def test_a_crash_keeps_what_was_flushed_and_fua_and_a_chosen_subset(
-        log: tuple[int, list[Entry]], data: st.DataObject) -> None:
+    log: tuple[int, list[Entry]], data: st.DataObject
+) -> None:
     size, entries = log
     parsed = parse(build(size, entries))
     upto = data.draw(st.integers(0, len(entries)))
     pending = parsed.pending(upto)
     keep = set(data.draw(st.lists(st.sampled_from(pending), unique=True)) if pending else [])
     flushed = max((i + 1 for i in range(upto) if entries[i].flags & FLUSH), default=0)
-    expected = [e for i, e in enumerate(entries[:upto]) if e.nr_sectors and not e.flags & MARK
-                and (i < flushed or i in keep or e.flags & FUA)]
+    expected = [
+        e
+        for i, e in enumerate(entries[:upto])
+        if e.nr_sectors and not e.flags & MARK and (i < flushed or i in keep or e.flags & FUA)
+    ]
     assert crash_state(parsed, upto, keep) == expected
     assert all(i >= flushed and not entries[i].flags & (FLUSH | FUA | MARK) for i in pending)
     assert crash_state(parsed, upto, set()) == crash_state(parsed, flushed) + [
-        e for e in entries[flushed:upto] if e.flags & FUA]
+        e for e in entries[flushed:upto] if e.flags & FUA
+    ]
 
 
 @settings(max_examples=100, deadline=None)
 @given(logs(), st.data())
 def test_applying_to_a_file_and_undoing_leaves_it_as_it_was(
-        log: tuple[int, list[Entry]], data: st.DataObject) -> None:
+    log: tuple[int, list[Entry]], data: st.DataObject
+) -> None:
     size, entries = log
     parsed = parse(build(size, entries))
     before = os.urandom(data.draw(st.integers(0, SECTORS * size)))
@@ -138,17 +144,23 @@ def test_a_zero_write_cut_short_at_the_end_of_the_log_reads_as_zeros() -> None:
         parse(build(512, [Entry(2, 4, 0, bytes(2048)), Entry(0, 0, FLUSH)])[:1200])
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda log: log[:20], "too short"),
-    (lambda log: b"x" + log[1:], "bad magic"),
-    (lambda log: log[:8] + (2).to_bytes(8, "little") + log[16:], "version 2"),
-    (lambda log: log[:24] + (500).to_bytes(4, "little") + log[28:], "sector size 500"),
-    (lambda log: log[:16] + (3).to_bytes(8, "little") + log[24:], "ends before entry 2"),
-    (lambda log: log[:512 + 16] + (64).to_bytes(8, "little") + log[512 + 24:],
-     "unknown flags 0x40"),
-])
-def test_a_damaged_log_is_refused_saying_where(damage: Callable[[bytes], bytes],
-                                               message: str) -> None:
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda log: log[:20], "too short"),
+        (lambda log: b"x" + log[1:], "bad magic"),
+        (lambda log: log[:8] + (2).to_bytes(8, "little") + log[16:], "version 2"),
+        (lambda log: log[:24] + (500).to_bytes(4, "little") + log[28:], "sector size 500"),
+        (lambda log: log[:16] + (3).to_bytes(8, "little") + log[24:], "ends before entry 2"),
+        (
+            lambda log: log[: 512 + 16] + (64).to_bytes(8, "little") + log[512 + 24 :],
+            "unknown flags 0x40",
+        ),
+    ],
+)
+def test_a_damaged_log_is_refused_saying_where(
+    damage: Callable[[bytes], bytes], message: str
+) -> None:
     log = build(512, [Entry(0, 1, 0, b"a" * 512), Entry(0, 0, FLUSH)])
     with pytest.raises(LogError, match=message):
         parse(damage(log))

@@ -50,20 +50,21 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[BlockLayer, Commands, Nb
 async def test_blkfs_reads_and_writes_blkfs(served, tmp_path: Path, where: str) -> None:
     layer, commands, frontend = served
     if where == "unix":
-        await commands.run("export", {"name": "d", "socket": str(tmp_path / "s"),
-                                      "writable": "on"})
+        await commands.run("export", {"name": "d", "socket": str(tmp_path / "s"), "writable": "on"})
         uri = f"nbd+unix:///d?socket={tmp_path / 's'}"
     else:
-        await commands.run("export", {"name": "d", "host": "127.0.0.1", "port": "0",
-                                      "writable": "on"})
+        await commands.run(
+            "export", {"name": "d", "host": "127.0.0.1", "port": "0", "writable": "on"}
+        )
         uri = f"nbd://{frontend.exports['d'].listener.address}/d"
     local = layer.find("d")
     remote = await layer.create("r", uri)
     assert remote.length() == 4 * MiB
     assert await remote.read(0, 4 * MiB) == await local.read(0, 4 * MiB)
     for offset in (0, MiB - 100, MiB, 3 * MiB):
-        assert await remote.block_status(offset, 4 * MiB - offset) == \
-            await local.block_status(offset, 4 * MiB - offset)
+        assert await remote.block_status(offset, 4 * MiB - offset) == await local.block_status(
+            offset, 4 * MiB - offset
+        )
     await remote.write(MiB + 5, b"over the wire", fua=True)
     await remote.write_zeroes(100, 1000, unmap=True)
     await remote.discard(2 * MiB, MiB)
@@ -107,11 +108,12 @@ async def test_a_failed_export_command_changes_nothing(served, tmp_path: Path) -
         ({"name": "d", "socket": str(tmp_path / "t")}, errno.EEXIST),
         ({"name": "d", "export-name": "x", "socket": "rel"}, errno.EINVAL),
         ({"name": "d", "export-name": "x", "host": "127.0.0.1", "port": "99999"}, errno.EINVAL),
-        ({"name": "d", "export-name": "x", "socket": str(tmp_path / "u"), "mode": "9"},
-         errno.EINVAL),
+        (
+            {"name": "d", "export-name": "x", "socket": str(tmp_path / "u"), "mode": "9"},
+            errno.EINVAL,
+        ),
         ({"name": "d", "export-name": "x", "port": "1"}, errno.EINVAL),
-        ({"name": "d", "export-name": "x", "host": "192.0.2.77", "port": "0"},
-         errno.EADDRNOTAVAIL),
+        ({"name": "d", "export-name": "x", "host": "192.0.2.77", "port": "0"}, errno.EADDRNOTAVAIL),
     ]:
         with pytest.raises(BlockError) as failed:
             await commands.run("export", args)
@@ -124,8 +126,9 @@ async def test_a_failed_export_command_changes_nothing(served, tmp_path: Path) -
     assert len(commands.errors) == 9
 
 
-async def test_export_del_and_delete_close_what_is_no_longer_offered(served,
-                                                                     tmp_path: Path) -> None:
+async def test_export_del_and_delete_close_what_is_no_longer_offered(
+    served, tmp_path: Path
+) -> None:
     layer, commands, frontend = served
     sock = tmp_path / "s"
     await commands.run("export", {"name": "d", "socket": str(sock)})
@@ -150,8 +153,9 @@ async def test_the_mounts_server_stays_without_exports(tmp_path: Path) -> None:
     commands = Commands(layer)
     await commands.run("create", {"name": "n", "medium": "driver=null,size=1M"})
     sock = tmp_path / "server"
-    frontend = NbdFrontend(layer, commands, Address(path=str(sock)),
-                           [{"name": "n", "export-name": "null"}], mode=0o660)
+    frontend = NbdFrontend(
+        layer, commands, Address(path=str(sock)), [{"name": "n", "export-name": "null"}], mode=0o660
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(frontend.serve)
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
@@ -183,12 +187,15 @@ async def test_a_frontend_that_cannot_start_says_why(tmp_path: Path) -> None:
     await layer.close()
 
 
-@pytest.mark.parametrize("text, address", [
-    ("unix:/run/blkfs.sock", Address(path="/run/blkfs.sock")),
-    ("192.0.2.1:10809", Address(host="192.0.2.1", port=10809)),
-    ("[::1]:1234", Address(host="::1", port=1234)),
-    ("localhost:0", Address(host="localhost", port=0)),
-])
+@pytest.mark.parametrize(
+    "text, address",
+    [
+        ("unix:/run/blkfs.sock", Address(path="/run/blkfs.sock")),
+        ("192.0.2.1:10809", Address(host="192.0.2.1", port=10809)),
+        ("[::1]:1234", Address(host="::1", port=1234)),
+        ("localhost:0", Address(host="localhost", port=0)),
+    ],
+)
 def test_nbd_addresses(text: str, address: Address) -> None:
     assert parse_address(text) == address
     assert str(address) == text
@@ -202,12 +209,24 @@ def test_bad_nbd_addresses(text: str) -> None:
 
 def test_nbd_uris_are_nbd_nodes() -> None:
     assert parse_options("nbd://h:1234/a%20b,reconnect-delay=5") == {
-        "driver": "nbd", "server": {"type": "inet", "host": "h", "port": "1234"},
-        "export": "a b", "reconnect-delay": "5"}
+        "driver": "nbd",
+        "server": {"type": "inet", "host": "h", "port": "1234"},
+        "export": "a b",
+        "reconnect-delay": "5",
+    }
     assert parse_options("nbd+unix:///e?socket=/run/s.sock") == {
-        "driver": "nbd", "server": {"type": "unix", "path": "/run/s.sock"}, "export": "e"}
-    for bad in ("nbd:///e", "nbd+unix:///e", "nbd+unix://h/e?socket=/s", "nbd://h/e?x=1",
-                "nbd://h/e,driver=raw", "nbd://h:99999/e"):
+        "driver": "nbd",
+        "server": {"type": "unix", "path": "/run/s.sock"},
+        "export": "e",
+    }
+    for bad in (
+        "nbd:///e",
+        "nbd+unix:///e",
+        "nbd+unix://h/e?socket=/s",
+        "nbd://h/e?x=1",
+        "nbd://h/e,driver=raw",
+        "nbd://h:99999/e",
+    ):
         with pytest.raises(BlockError):
             parse_options(bad)
 
@@ -219,14 +238,19 @@ def config(tmp_path: Path, toml: str, *argv: str) -> argparse.Namespace:
 
 
 async def test_the_config_makes_the_nbd_frontend(tmp_path: Path) -> None:
-    args = config(tmp_path, f"""
+    args = config(
+        tmp_path,
+        f"""
 nbd = "unix:{tmp_path}/nbd.sock"
 nbd-mode = "0640"
 [backends.n]
 options = "driver=null,size=1M"
 [exports.n]
 export-name = "null"
-""", "--export", "n export-name=again")
+""",
+        "--export",
+        "n export-name=again",
+    )
     daemon_config, _ = build_config(args)
     layer = BlockLayer()
     commands = Commands(layer)
@@ -239,19 +263,39 @@ export-name = "null"
         assert stat.S_IMODE(os.stat(tmp_path / "nbd.sock").st_mode) == 0o640
         frontend.stop()
     await layer.close()
-    for toml, argv in [('nbd = "nowhere"', ()), ('[exports]\nn = 1', ()),
-                       ("", ("--export", "n wrong=1")), ("", ("--nbd-mode", "999"))]:
+    for toml, argv in [
+        ('nbd = "nowhere"', ()),
+        ("[exports]\nn = 1", ()),
+        ("", ("--export", "n wrong=1")),
+        ("", ("--nbd-mode", "999")),
+    ]:
         with pytest.raises(UsageError):
             build_config(config(tmp_path, toml, *argv))
 
 
 def test_the_status_text_lists_exports_and_clients() -> None:
-    text = format_exports([{"name": "vm1", "backend": "d", "address": "unix:/s",
-                            "writable": True, "retired": False,
-                            "clients": [{"peer": "pid 7 (uid 0)", "in-flight": 2}],
-                            "stats": {"connections": 3, "errors": 1}}])
-    assert text.split("\n")[1].split() == ["EXPORT", "BACKEND", "ADDRESS", "RW", "CLIENTS",
-                                           "CONNECTIONS", "ERRORS"]
+    text = format_exports(
+        [
+            {
+                "name": "vm1",
+                "backend": "d",
+                "address": "unix:/s",
+                "writable": True,
+                "retired": False,
+                "clients": [{"peer": "pid 7 (uid 0)", "in-flight": 2}],
+                "stats": {"connections": 3, "errors": 1},
+            }
+        ]
+    )
+    assert text.split("\n")[1].split() == [
+        "EXPORT",
+        "BACKEND",
+        "ADDRESS",
+        "RW",
+        "CLIENTS",
+        "CONNECTIONS",
+        "ERRORS",
+    ]
     assert text.split("\n")[2].split() == ["vm1", "d", "unix:/s", "yes", "1", "3", "1"]
     assert "vm1: client pid 7 (uid 0), 2 in flight" in text
     assert format_exports([]) == ""

@@ -32,8 +32,13 @@ from blkfs.nbd import (
     TransmissionFlag,
 )
 
-FLAGS = (TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM |
-         TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO)
+FLAGS = (
+    TransmissionFlag.SEND_FLUSH
+    | TransmissionFlag.SEND_FUA
+    | TransmissionFlag.SEND_TRIM
+    | TransmissionFlag.SEND_WRITE_ZEROES
+    | TransmissionFlag.SEND_FAST_ZERO
+)
 SIZE = 1 << 20
 
 
@@ -61,12 +66,12 @@ def converse(client: ClientHandshake, server: ServerHandshake) -> None:
     to_client, to_server = bytearray(server.greeting()), bytearray()
     while True:
         if not client.done and len(to_client) >= client.want():
-            data = bytes(to_client[:client.want()])
-            del to_client[:len(data)]
+            data = bytes(to_client[: client.want()])
+            del to_client[: len(data)]
             to_server += client.receive(data)
         elif not server.done and len(to_server) >= server.want():
-            data = bytes(to_server[:server.want()])
-            del to_server[:len(data)]
+            data = bytes(to_server[: server.want()])
+            del to_server[: len(data)]
             to_client += server.receive(data)
         else:
             return
@@ -78,7 +83,8 @@ def test_go_agrees_on_the_export_its_flags_and_contexts(structured: bool) -> Non
     converse(client, server)
     assert client.result is not None and server.result is not None
     assert client.result == dataclasses.replace(
-        server.result, export=dataclasses.replace(server.result.export, description=""))
+        server.result, export=dataclasses.replace(server.result.export, description="")
+    )
     export = client.result.export
     assert (export.name, export.size, export.max_payload) == ("disk0", SIZE, 1 << 25)
     assert export.flags & FLAGS == FLAGS and export.flags & TransmissionFlag.HAS_FLAGS
@@ -113,8 +119,9 @@ def test_abort_ends_a_negotiation() -> None:
 
 def test_a_client_falls_back_to_export_name_on_a_server_without_go() -> None:
     client = ClientHandshake("disk0", structured=False)
-    sent = client.receive(nbd.GREETING.pack(nbd.NBDMAGIC, nbd.IHAVEOPT,
-                                            nbd.HandshakeFlag.FIXED_NEWSTYLE))
+    sent = client.receive(
+        nbd.GREETING.pack(nbd.NBDMAGIC, nbd.IHAVEOPT, nbd.HandshakeFlag.FIXED_NEWSTYLE)
+    )
     assert nbd.OPTION.unpack_from(sent, 4)[1] == nbd.Opt.GO
     client.receive(nbd.option_reply(nbd.Opt.GO, Rep.ERR_UNSUP))
     assert client.want() == nbd.EXPORT_NAME_REPLY.size + nbd.EXPORT_NAME_PADDING
@@ -128,31 +135,43 @@ def test_meta_contexts_list_and_select_base_allocation_only() -> None:
     replies = []
 
     def ask(opt: nbd.Opt, data: bytes = b"") -> list[tuple[int, bytes]]:
-        out = server.receive(nbd.option(opt, data)[:nbd.OPTION.size])
+        out = server.receive(nbd.option(opt, data)[: nbd.OPTION.size])
         if data:
             out = server.receive(data)
         found, at = [], 0
         while at < len(out):
             _, _, kind, length = nbd.OPTION_REPLY.unpack_from(out, at)
             at += nbd.OPTION_REPLY.size
-            found.append((kind, out[at:at + length]))
+            found.append((kind, out[at : at + length]))
             at += length
         return found
 
-    assert ask(nbd.Opt.SET_META_CONTEXT, nbd.meta_context_request("disk0", [BASE_ALLOCATION])
-               )[0][0] == Rep.ERR_INVALID  # structured replies first
+    assert (
+        ask(nbd.Opt.SET_META_CONTEXT, nbd.meta_context_request("disk0", [BASE_ALLOCATION]))[0][0]
+        == Rep.ERR_INVALID
+    )  # structured replies first
     ask(nbd.Opt.STRUCTURED_REPLY)
     replies = ask(nbd.Opt.LIST_META_CONTEXT, nbd.meta_context_request("disk0", ["base:"]))
-    assert replies == [(Rep.META_CONTEXT, struct.pack(">I", 0) + b"base:allocation"),
-                       (Rep.ACK, b"")]
-    replies = ask(nbd.Opt.SET_META_CONTEXT, nbd.meta_context_request(
-        "disk0", ["base:", "qemu:dirty-bitmap:x", BASE_ALLOCATION]))
-    assert replies == [(Rep.META_CONTEXT, struct.pack(">I", 1) + b"base:allocation"),
-                       (Rep.ACK, b"")]
-    assert ask(nbd.Opt.SET_META_CONTEXT, nbd.meta_context_request("disk0", ["nocolon"])
-               )[0][0] == Rep.ERR_INVALID
-    assert ask(nbd.Opt.LIST_META_CONTEXT, nbd.meta_context_request("nope", [])
-               )[0][0] == Rep.ERR_UNKNOWN
+    assert replies == [
+        (Rep.META_CONTEXT, struct.pack(">I", 0) + b"base:allocation"),
+        (Rep.ACK, b""),
+    ]
+    replies = ask(
+        nbd.Opt.SET_META_CONTEXT,
+        nbd.meta_context_request("disk0", ["base:", "qemu:dirty-bitmap:x", BASE_ALLOCATION]),
+    )
+    assert replies == [
+        (Rep.META_CONTEXT, struct.pack(">I", 1) + b"base:allocation"),
+        (Rep.ACK, b""),
+    ]
+    assert (
+        ask(nbd.Opt.SET_META_CONTEXT, nbd.meta_context_request("disk0", ["nocolon"]))[0][0]
+        == Rep.ERR_INVALID
+    )
+    assert (
+        ask(nbd.Opt.LIST_META_CONTEXT, nbd.meta_context_request("nope", []))[0][0]
+        == Rep.ERR_UNKNOWN
+    )
     assert ask(nbd.Opt.STARTTLS)[0][0] == Rep.ERR_UNSUP
     assert ask(nbd.Opt.LIST, b"x")[0][0] == Rep.ERR_INVALID
 
@@ -179,14 +198,17 @@ def test_a_server_hangs_up_on_floods_and_bad_flags() -> None:
 
 # -- round trips ------------------------------------------------------------------------------
 
-names = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
-                max_size=40)
+names = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=40)
 
 
-@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(0, 2**64 - 1),
-       st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1))
-def test_request_round_trip(flags: int, kind: int, cookie: int, offset: int,
-                            length: int) -> None:
+@given(
+    st.integers(0, 0xFFFF),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**32 - 1),
+)
+def test_request_round_trip(flags: int, kind: int, cookie: int, offset: int, length: int) -> None:
     request = Request(flags, kind, cookie, offset, length)
     assert nbd.parse_request(request.pack()) == request
 
@@ -198,32 +220,52 @@ def test_info_request_round_trip(name: str, infos: list[nbd.Info]) -> None:
 
 @given(names, st.lists(names, max_size=5))
 def test_meta_context_request_round_trip(name: str, queries: list[str]) -> None:
-    assert nbd.parse_meta_context_request(nbd.meta_context_request(name, queries)) == \
-        (name, queries)
+    assert nbd.parse_meta_context_request(nbd.meta_context_request(name, queries)) == (
+        name,
+        queries,
+    )
 
 
-@given(names, st.integers(0, 2**63), st.integers(0, 0xFFFF), st.integers(0, 16),
-       st.integers(0, 4), names)
-def test_info_replies_round_trip(name: str, size: int, flags: int, minimum: int,
-                                 extra: int, description: str) -> None:
-    export = ExportInfo(name, size, TransmissionFlag(flags), 1 << minimum,
-                        1 << max(minimum + extra, 9), 1 << 25, description)
+@given(
+    names,
+    st.integers(0, 2**63),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 16),
+    st.integers(0, 4),
+    names,
+)
+def test_info_replies_round_trip(
+    name: str, size: int, flags: int, minimum: int, extra: int, description: str
+) -> None:
+    export = ExportInfo(
+        name,
+        size,
+        TransmissionFlag(flags),
+        1 << minimum,
+        1 << max(minimum + extra, 9),
+        1 << 25,
+        description,
+    )
     replies = nbd.info_replies(nbd.Opt.GO, export, [nbd.Info.NAME, nbd.Info.DESCRIPTION])
     parsed, at = ExportInfo("", 0, TransmissionFlag(0)), 0
     while at < len(replies):
         _, _, kind, length = nbd.OPTION_REPLY.unpack_from(replies, at)
         at += nbd.OPTION_REPLY.size
         assert kind == Rep.INFO
-        parsed = nbd.parse_info(replies[at:at + length], parsed)
+        parsed = nbd.parse_info(replies[at : at + length], parsed)
         at += length
-    assert parsed == (export if description else ExportInfo(
-        name, size, export.flags, export.min_block, export.preferred_block, 1 << 25))
+    assert parsed == (
+        export
+        if description
+        else ExportInfo(name, size, export.flags, export.min_block, export.preferred_block, 1 << 25)
+    )
 
 
 def negotiated(structured: bool = True) -> Negotiated:
     flags = FLAGS | (TransmissionFlag.SEND_DF if structured else 0)
-    return Negotiated(ExportInfo("d", SIZE, flags), structured,
-                      {BASE_ALLOCATION: 7} if structured else {})
+    return Negotiated(
+        ExportInfo("d", SIZE, flags), structured, {BASE_ALLOCATION: 7} if structured else {}
+    )
 
 
 def deliver(transmission: ClientTransmission, wire: bytes) -> list[nbd.Reply]:
@@ -236,7 +278,7 @@ def deliver(transmission: ClientTransmission, wire: bytes) -> list[nbd.Reply]:
         if at + count > len(wire):
             raise EOFError
         at += count
-        return wire[at - count:at]
+        return wire[at - count : at]
 
     try:
         while at < len(wire):
@@ -258,8 +300,7 @@ def test_a_read_reassembles_from_chunks_in_any_order(data: bytes, rng: random.Ra
     transmission = ClientTransmission(negotiated())
     buf = memoryview(bytearray(b"\xee" * len(data)))
     cookie, _ = transmission.request(Cmd.READ, 1000, len(data), buf=buf)
-    cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, 5))) if len(data) > 1 \
-        else []
+    cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, 5))) if len(data) > 1 else []
     pieces = list(zip([0, *cuts], [*cuts, len(data)], strict=True))
     rng.shuffle(pieces)
     wire = b""
@@ -267,8 +308,7 @@ def test_a_read_reassembles_from_chunks_in_any_order(data: bytes, rng: random.Ra
         if not any(data[start:end]):
             wire += nbd.offset_hole(cookie, 1000 + start, end - start, done=False)
         else:
-            wire += nbd.offset_data(cookie, 1000 + start, end - start, done=False) + \
-                data[start:end]
+            wire += nbd.offset_data(cookie, 1000 + start, end - start, done=False) + data[start:end]
     wire += nbd.none_chunk(cookie)
     assert deliver(transmission, wire) == [nbd.Reply(cookie)]
     assert bytes(buf) == data
@@ -280,29 +320,35 @@ def test_replies_come_back_out_of_order_matched_by_cookie() -> None:
     flush, _ = transmission.request(Cmd.FLUSH)
     status, _ = transmission.request(Cmd.BLOCK_STATUS, 0, 8192, CmdFlag.REQ_ONE)
     write, _ = transmission.request(Cmd.WRITE, 0, 512, CmdFlag.FUA)
-    wire = (nbd.error_chunk(write, nbd.Errno.ENOSPC, "full") +
-            nbd.block_status(status, 7, [(4096, State.HOLE | State.ZERO)]) +
-            nbd.simple_reply(flush))
+    wire = (
+        nbd.error_chunk(write, nbd.Errno.ENOSPC, "full")
+        + nbd.block_status(status, 7, [(4096, State.HOLE | State.ZERO)])
+        + nbd.simple_reply(flush)
+    )
     assert deliver(transmission, wire) == [
         nbd.Reply(write, errno.ENOSPC, "full"),
         nbd.Reply(status, extents=((4096, 3),)),
-        nbd.Reply(flush)]
+        nbd.Reply(flush),
+    ]
 
 
-@pytest.mark.parametrize("bad", [
-    lambda c: nbd.simple_reply(c + 1),                                   # a wrong cookie
-    lambda c: nbd.offset_data(c, 4096 + 4000, 200, done=True) + bytes(200),  # past the end
-    lambda c: nbd.offset_data(c, 100, 10, done=True) + bytes(10),       # before the start
-    lambda c: nbd.chunk(c, nbd.ReplyType.OFFSET_DATA, b"", length=1 << 31),  # oversized
-    lambda c: nbd.offset_hole(c, 4096, 0, done=True),                    # an empty hole
-    lambda c: nbd.block_status(c, 7, [(10, 0)]),                         # not for a read
-    lambda c: nbd.chunk(c, nbd.ReplyType.NONE, done=False),              # NONE not last
-    lambda c: nbd.chunk(c, 77, b"x"),                                    # unknown type
-    nbd.simple_reply,                                                    # simple to a read
-    lambda c: struct.pack(">IHHQI", 0x12345678, 1, 0, c, 0),             # bad magic
-    lambda c: nbd.chunk(c, nbd.ReplyType.ERROR, nbd.ERROR.pack(5, 100) + b"short"),
-    lambda c: nbd.chunk(c, nbd.ReplyType.ERROR, nbd.ERROR.pack(0, 0)),   # error 0
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda c: nbd.simple_reply(c + 1),  # a wrong cookie
+        lambda c: nbd.offset_data(c, 4096 + 4000, 200, done=True) + bytes(200),  # past the end
+        lambda c: nbd.offset_data(c, 100, 10, done=True) + bytes(10),  # before the start
+        lambda c: nbd.chunk(c, nbd.ReplyType.OFFSET_DATA, b"", length=1 << 31),  # oversized
+        lambda c: nbd.offset_hole(c, 4096, 0, done=True),  # an empty hole
+        lambda c: nbd.block_status(c, 7, [(10, 0)]),  # not for a read
+        lambda c: nbd.chunk(c, nbd.ReplyType.NONE, done=False),  # NONE not last
+        lambda c: nbd.chunk(c, 77, b"x"),  # unknown type
+        nbd.simple_reply,  # simple to a read
+        lambda c: struct.pack(">IHHQI", 0x12345678, 1, 0, c, 0),  # bad magic
+        lambda c: nbd.chunk(c, nbd.ReplyType.ERROR, nbd.ERROR.pack(5, 100) + b"short"),
+        lambda c: nbd.chunk(c, nbd.ReplyType.ERROR, nbd.ERROR.pack(0, 0)),  # error 0
+    ],
+)
 def test_a_bad_reply_is_a_protocol_error_and_changes_nothing(bad) -> None:
     transmission = ClientTransmission(negotiated())
     buf = memoryview(bytearray(4096))
@@ -315,12 +361,16 @@ def test_a_bad_reply_is_a_protocol_error_and_changes_nothing(bad) -> None:
     assert bytes(buf) == b"z" * 4096
 
 
-@pytest.mark.parametrize("chunks", [
-    lambda c: nbd.offset_hole(c, 4096, 4096, done=False) + nbd.offset_hole(c, 8000, 10,
-                                                                           done=True),
-    lambda c: nbd.offset_hole(c, 4096, 100, done=True),                  # done too early
-    lambda c: nbd.offset_hole(c, 4096, 100, done=False) + nbd.none_chunk(c),
-])
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        lambda c: (
+            nbd.offset_hole(c, 4096, 4096, done=False) + nbd.offset_hole(c, 8000, 10, done=True)
+        ),
+        lambda c: nbd.offset_hole(c, 4096, 100, done=True),  # done too early
+        lambda c: nbd.offset_hole(c, 4096, 100, done=False) + nbd.none_chunk(c),
+    ],
+)
 def test_overlapping_or_missing_read_chunks_are_protocol_errors(chunks) -> None:
     transmission = ClientTransmission(negotiated())
     cookie, _ = transmission.request(Cmd.READ, 4096, 4096, buf=memoryview(bytearray(4096)))
@@ -345,22 +395,25 @@ def test_asking_what_was_not_negotiated_is_a_bug() -> None:
         transmission.request(Cmd.READ, 0, 10, CmdFlag.DF, buf=memoryview(bytearray(10)))
 
 
-@pytest.mark.parametrize("request_, expected", [
-    (Request(0, Cmd.READ, 1, SIZE - 10, 10), None),
-    (Request(0, Cmd.READ, 1, SIZE - 10, 11), nbd.Errno.EINVAL),
-    (Request(0, Cmd.WRITE, 1, SIZE, 1), nbd.Errno.ENOSPC),
-    (Request(0, Cmd.WRITE_ZEROES, 1, SIZE, 1), nbd.Errno.ENOSPC),
-    (Request(0, Cmd.TRIM, 1, SIZE, 1), nbd.Errno.EINVAL),
-    (Request(0, Cmd.READ, 1, 0, (32 << 20) + 1), nbd.Errno.EINVAL),
-    (Request(0, Cmd.CACHE, 1, 0, 1), nbd.Errno.EINVAL),
-    (Request(0, 99, 1, 0, 1), nbd.Errno.EINVAL),
-    (Request(CmdFlag.NO_HOLE, Cmd.WRITE, 1, 0, 1), nbd.Errno.EINVAL),
-    (Request(0x100, Cmd.READ, 1, 0, 1), nbd.Errno.EINVAL),
-    (Request(CmdFlag.FAST_ZERO | CmdFlag.NO_HOLE, Cmd.WRITE_ZEROES, 1, 0, 1), None),
-    (Request(CmdFlag.REQ_ONE, Cmd.BLOCK_STATUS, 1, 0, SIZE), None),
-    (Request(0, Cmd.FLUSH, 1, 1, 0), nbd.Errno.EINVAL),
-    (Request(0, Cmd.FLUSH, 1, 0, 0), None),
-])
+@pytest.mark.parametrize(
+    "request_, expected",
+    [
+        (Request(0, Cmd.READ, 1, SIZE - 10, 10), None),
+        (Request(0, Cmd.READ, 1, SIZE - 10, 11), nbd.Errno.EINVAL),
+        (Request(0, Cmd.WRITE, 1, SIZE, 1), nbd.Errno.ENOSPC),
+        (Request(0, Cmd.WRITE_ZEROES, 1, SIZE, 1), nbd.Errno.ENOSPC),
+        (Request(0, Cmd.TRIM, 1, SIZE, 1), nbd.Errno.EINVAL),
+        (Request(0, Cmd.READ, 1, 0, (32 << 20) + 1), nbd.Errno.EINVAL),
+        (Request(0, Cmd.CACHE, 1, 0, 1), nbd.Errno.EINVAL),
+        (Request(0, 99, 1, 0, 1), nbd.Errno.EINVAL),
+        (Request(CmdFlag.NO_HOLE, Cmd.WRITE, 1, 0, 1), nbd.Errno.EINVAL),
+        (Request(0x100, Cmd.READ, 1, 0, 1), nbd.Errno.EINVAL),
+        (Request(CmdFlag.FAST_ZERO | CmdFlag.NO_HOLE, Cmd.WRITE_ZEROES, 1, 0, 1), None),
+        (Request(CmdFlag.REQ_ONE, Cmd.BLOCK_STATUS, 1, 0, SIZE), None),
+        (Request(0, Cmd.FLUSH, 1, 1, 0), nbd.Errno.EINVAL),
+        (Request(0, Cmd.FLUSH, 1, 0, 0), None),
+    ],
+)
 def test_check_request(request_: Request, expected: nbd.Errno | None) -> None:
     refusal = nbd.check_request(request_, negotiated())
     assert (refusal and refusal[0]) == expected
@@ -370,8 +423,9 @@ def test_read_only_exports_refuse_writes_with_eperm() -> None:
     read_only = Negotiated(ExportInfo("d", SIZE, TransmissionFlag.READ_ONLY), True, {})
     for kind in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES):
         assert nbd.check_request(Request(0, kind, 1, 0, 1), read_only)[0] == nbd.Errno.EPERM
-    assert nbd.check_request(Request(0, Cmd.BLOCK_STATUS, 1, 0, 1), read_only)[0] == \
-        nbd.Errno.EINVAL  # no context selected
+    assert (
+        nbd.check_request(Request(0, Cmd.BLOCK_STATUS, 1, 0, 1), read_only)[0] == nbd.Errno.EINVAL
+    )  # no context selected
 
 
 def test_errno_mapping() -> None:
@@ -389,6 +443,7 @@ def test_merge_extents() -> None:
 
 # -- garbage ----------------------------------------------------------------------------------
 
+
 @settings(max_examples=300)
 @given(st.binary(max_size=600))
 def test_garbage_to_a_server_is_at_most_a_protocol_error(garbage: bytes) -> None:
@@ -397,7 +452,7 @@ def test_garbage_to_a_server_is_at_most_a_protocol_error(garbage: bytes) -> None
     at = 0
     try:
         while not server.done and at + server.want() <= len(garbage):
-            chunk = garbage[at:at + server.want()]
+            chunk = garbage[at : at + server.want()]
             at += len(chunk)
             server.receive(chunk)
     except ProtocolError:
@@ -405,10 +460,16 @@ def test_garbage_to_a_server_is_at_most_a_protocol_error(garbage: bytes) -> None
 
 
 @settings(max_examples=300)
-@given(st.sampled_from([b"", nbd.CLIENT_FLAGS.pack(1), nbd.CLIENT_FLAGS.pack(1) +
-                        nbd.option(nbd.Opt.STRUCTURED_REPLY)]),
-       st.lists(st.tuples(st.sampled_from([*nbd.Opt, 0, 99]), st.binary(max_size=64)),
-                max_size=6))
+@given(
+    st.sampled_from(
+        [
+            b"",
+            nbd.CLIENT_FLAGS.pack(1),
+            nbd.CLIENT_FLAGS.pack(1) + nbd.option(nbd.Opt.STRUCTURED_REPLY),
+        ]
+    ),
+    st.lists(st.tuples(st.sampled_from([*nbd.Opt, 0, 99]), st.binary(max_size=64)), max_size=6),
+)
 def test_options_with_garbage_data_get_replies_not_exceptions(prefix: bytes, options) -> None:
     server = ServerHandshake(Two())
     wire = prefix or nbd.CLIENT_FLAGS.pack(1)
@@ -416,7 +477,7 @@ def test_options_with_garbage_data_get_replies_not_exceptions(prefix: bytes, opt
     at = 0
     try:
         while not server.done and at + server.want() <= len(wire):
-            chunk = wire[at:at + server.want()]
+            chunk = wire[at : at + server.want()]
             at += len(chunk)
             server.receive(chunk)
     except ProtocolError:
@@ -425,29 +486,37 @@ def test_options_with_garbage_data_get_replies_not_exceptions(prefix: bytes, opt
 
 @settings(max_examples=300)
 @given(st.binary(max_size=600), st.booleans())
-def test_garbage_to_a_client_is_at_most_a_protocol_error(garbage: bytes,
-                                                         greeted: bool) -> None:
+def test_garbage_to_a_client_is_at_most_a_protocol_error(garbage: bytes, greeted: bool) -> None:
     client = ClientHandshake("disk0")
     if greeted:
         garbage = nbd.GREETING.pack(nbd.NBDMAGIC, nbd.IHAVEOPT, 3) + garbage
     at = 0
     try:
         while not client.done and at + client.want() <= len(garbage):
-            chunk = garbage[at:at + client.want()]
+            chunk = garbage[at : at + client.want()]
             at += len(chunk)
             client.receive(chunk)
     except (ProtocolError, Refused):
         pass
 
 
-replies = st.lists(st.one_of(
-    st.tuples(st.integers(0, 7), st.integers(0, 1 << 32 - 1)).map(
-        lambda r: nbd.simple_reply(r[0], r[1])),
-    st.tuples(st.integers(0, 3), st.sampled_from([*nbd.ReplyType, 3, 0x8003, 0xFFFF]),
-              st.integers(0, 7), st.binary(max_size=80)).map(
-        lambda r: nbd.CHUNK.pack(nbd.STRUCTURED_REPLY_MAGIC, r[0], r[1], r[2], len(r[3])) +
-        r[3]),
-    st.binary(max_size=40)), max_size=8).map(b"".join)
+replies = st.lists(
+    st.one_of(
+        st.tuples(st.integers(0, 7), st.integers(0, 1 << 32 - 1)).map(
+            lambda r: nbd.simple_reply(r[0], r[1])
+        ),
+        st.tuples(
+            st.integers(0, 3),
+            st.sampled_from([*nbd.ReplyType, 3, 0x8003, 0xFFFF]),
+            st.integers(0, 7),
+            st.binary(max_size=80),
+        ).map(
+            lambda r: nbd.CHUNK.pack(nbd.STRUCTURED_REPLY_MAGIC, r[0], r[1], r[2], len(r[3])) + r[3]
+        ),
+        st.binary(max_size=40),
+    ),
+    max_size=8,
+).map(b"".join)
 """Replies to the requests in flight (cookies 1 to 5) with random types, flags and
 payloads, and now and then plain garbage."""
 
@@ -468,8 +537,9 @@ def test_garbage_replies_are_at_most_a_protocol_error(wire: bytes, structured: b
 
 
 @given(st.binary(min_size=28, max_size=28), st.booleans())
-def test_any_request_is_parsed_and_checked_without_an_exception(data: bytes,
-                                                                structured: bool) -> None:
+def test_any_request_is_parsed_and_checked_without_an_exception(
+    data: bytes, structured: bool
+) -> None:
     try:
         request = nbd.parse_request(data)
     except ProtocolError:

@@ -9,15 +9,20 @@ from blkfs.progress import JobProgress
 
 
 def entry(status: str, done: int, total: int) -> dict[str, object]:
-    return {"type": "commit", "status": status, "current-progress": done,
-            "total-progress": total}
+    return {"type": "commit", "status": status, "current-progress": done, "total-progress": total}
 
 
 def test_a_job_that_has_not_measured_its_work_claims_no_percentage(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     progress = JobProgress("vol")
-    for job in (entry("created", 0, 0), entry("running", 0, 0), entry("running", 0, 16 << 20),
-                entry("running", 8 << 20, 16 << 20), entry("concluded", 16 << 20, 16 << 20)):
+    for job in (
+        entry("created", 0, 0),
+        entry("running", 0, 0),
+        entry("running", 0, 16 << 20),
+        entry("running", 8 << 20, 16 << 20),
+        entry("concluded", 16 << 20, 16 << 20),
+    ):
         progress.update(job)
     assert capsys.readouterr().err.splitlines() == [
         "vol: commit created (size not known yet)",
@@ -29,6 +34,7 @@ def test_a_job_that_has_not_measured_its_work_claims_no_percentage(
 
 
 def test_a_job_with_nothing_to_do_concludes_at_100_percent(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     JobProgress("vol").update(entry("concluded", 0, 0))
     assert capsys.readouterr().err == "vol: commit concluded 0 B of 0 B (100%)\n"

@@ -26,19 +26,23 @@ FAST = settings(max_examples=60, deadline=None)
 
 # -- TableCache -----------------------------------------------------------------------------
 
-ops = st.lists(st.one_of(
-    st.tuples(st.just("put"), st.integers(0, 9), st.booleans()),
-    st.tuples(st.just("get"), st.integers(0, 9), st.just(False)),
-    st.tuples(st.just("dirty"), st.integers(0, 9), st.just(False)),
-    st.tuples(st.just("pop"), st.integers(0, 9), st.just(False)),
-    st.tuples(st.just("evict"), st.just(0), st.just(False)),
-), max_size=60)
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.integers(0, 9), st.booleans()),
+        st.tuples(st.just("get"), st.integers(0, 9), st.just(False)),
+        st.tuples(st.just("dirty"), st.integers(0, 9), st.just(False)),
+        st.tuples(st.just("pop"), st.integers(0, 9), st.just(False)),
+        st.tuples(st.just("evict"), st.just(0), st.just(False)),
+    ),
+    max_size=60,
+)
 
 
 @FAST
 @given(st.integers(-3, 6), ops)
-def test_table_cache_behaves_like_an_lru_list(capacity: int,
-                                             steps: list[tuple[str, int, bool]]) -> None:
+def test_table_cache_behaves_like_an_lru_list(
+    capacity: int, steps: list[tuple[str, int, bool]]
+) -> None:
     """Against a model: a recency list (oldest first), the tables and the dirty set."""
     cache: TableCache[str] = TableCache(capacity)
     assert cache.capacity == max(capacity, 2)
@@ -110,6 +114,7 @@ def test_a_clean_put_does_not_hide_an_unwritten_change(offset: int) -> None:
 
 # -- write-back order -----------------------------------------------------------------------
 
+
 class RecordingFile:
     """An image file in memory that records its writes, barriers and discards, and fails the
     flushes it is told to."""
@@ -126,12 +131,12 @@ class RecordingFile:
         return len(self.data)
 
     async def read(self, offset: int, length: int) -> bytearray:
-        return bytearray(self.data[offset:offset + length].ljust(length, b"\0"))
+        return bytearray(self.data[offset : offset + length].ljust(length, b"\0"))
 
     async def write(self, offset: int, data: bytes | bytearray) -> None:
         if offset > len(self.data):
             self.data += bytes(offset - len(self.data))
-        self.data[offset:offset + len(data)] = data
+        self.data[offset : offset + len(data)] = data
         self.ops.append(("write", offset))
 
     async def flush(self) -> None:
@@ -145,8 +150,9 @@ class RecordingFile:
         self.ops.append(("discard", offset))
 
 
-async def new_metadata(cluster_size: str = "4k", l2_tables: int = 8,
-                       refcount_blocks: int = 8) -> tuple[RecordingFile, Metadata]:
+async def new_metadata(
+    cluster_size: str = "4k", l2_tables: int = 8, refcount_blocks: int = 8
+) -> tuple[RecordingFile, Metadata]:
     header = build_header(64 << 20, {"cluster_size": cluster_size}, None, None)
     file = RecordingFile(empty_image(header))
     cluster = header.cluster_size
@@ -156,8 +162,9 @@ async def new_metadata(cluster_size: str = "4k", l2_tables: int = 8,
 def names(file: RecordingFile, metadata: Metadata) -> list[str]:
     """The recorded operations, named by what they wrote."""
     header = metadata.header
-    l2 = set(metadata.l2_tables.tables.dirty) | {entry & OFFSET_MASK
-                                                  for entry in metadata.l1_table.entries}
+    l2 = set(metadata.l2_tables.tables.dirty) | {
+        entry & OFFSET_MASK for entry in metadata.l1_table.entries
+    }
     out = []
     for op, offset in file.ops:
         if op != "write":
@@ -218,8 +225,16 @@ async def test_write_back_goes_refcounts_l2_l1_decreases_with_a_barrier_between_
     await unmap(metadata, 0)
     file.ops.clear()
     assert await metadata.write_back()
-    assert names(file, metadata) == ["refcount block", "barrier", "L2 table", "barrier",
-                                     "L1 entry 0", "barrier", "refcount block", "barrier"]
+    assert names(file, metadata) == [
+        "refcount block",
+        "barrier",
+        "L2 table",
+        "barrier",
+        "L1 entry 0",
+        "barrier",
+        "refcount block",
+        "barrier",
+    ]
     assert not metadata.pending()
     assert metadata.allocator.freed == [host]
     file.ops.clear()
@@ -249,7 +264,7 @@ async def test_a_new_refcount_block_is_durable_before_the_table_names_it() -> No
     ops = names(file, metadata)
     first_barrier = ops.index("barrier")
     assert set(ops[:first_barrier]) == {"refcount block"}
-    assert ops[first_barrier + 1:first_barrier + 3] == ["refcount table", "barrier"]
+    assert ops[first_barrier + 1 : first_barrier + 3] == ["refcount table", "barrier"]
     assert ops.index("L2 table") > first_barrier + 2
     assert (await check(file)).corruptions == 0
 
@@ -278,7 +293,7 @@ async def test_a_moved_l1_table_is_durable_before_the_header_may_name_it() -> No
     assert file.ops == [("write", host), ("barrier", 0)]
     assert (metadata.header.l1_table_offset, metadata.header.l1_size) == (host, len(l1.entries))
     assert not l1.pending()
-    assert decode_table(file.data[host:host + 8 * len(l1.entries)]) == l1.entries
+    assert decode_table(file.data[host : host + 8 * len(l1.entries)]) == l1.entries
 
 
 async def filled(fail_flush: int | None = None) -> tuple[RecordingFile, Metadata]:
@@ -318,8 +333,14 @@ async def test_after_a_failed_barrier_nothing_is_clean_and_a_retry_writes_it_all
 class Kind(WriteBack):
     """A kind of metadata with one entry, which records its writes in ``log``."""
 
-    def __init__(self, name: str, log: list[str], barrier: Barrier,
-                 depends_on: WriteBack | None = None, depends_on_flush: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        log: list[str],
+        barrier: Barrier,
+        depends_on: WriteBack | None = None,
+        depends_on_flush: bool = False,
+    ) -> None:
         super().__init__(barrier, depends_on, depends_on_flush)
         self.name, self.log, self.dirty = name, log, False
 
@@ -358,7 +379,8 @@ class LogFlushes:
 @FAST
 @given(st.lists(st.booleans(), min_size=3, max_size=3), st.booleans())
 def test_a_kind_waits_for_a_barrier_after_its_dependencies_only_when_it_writes(
-        dirty: list[bool], flush_first: bool) -> None:
+    dirty: list[bool], flush_first: bool
+) -> None:
     """A <- B <- C: each writes after what it depends on, with a barrier between when it has
     something to write (or always, with depends_on_flush); clean once a barrier followed."""
     log: list[str] = []

@@ -41,10 +41,10 @@ class MemFile:
 
     async def read(self, offset: int, length: int) -> bytes:
         assert offset + length <= len(self.data)
-        return bytes(self.data[offset:offset + length])
+        return bytes(self.data[offset : offset + length])
 
     async def write(self, offset: int, data: bytes | bytearray) -> None:
-        self.data[offset:offset + len(data)] = data
+        self.data[offset : offset + len(data)] = data
         self.writes.append(offset)
 
     async def flush(self) -> None:
@@ -58,21 +58,23 @@ class Image:
     """A new 4k-cluster v3 image as create makes it, with clusters allocated by hand."""
 
     def __init__(self, size: int = 1 << 20, order: int = 4) -> None:
-        header = build_header(size, {"cluster_size": "4k", "refcount_bits": str(1 << order)},
-                              None, None)
+        header = build_header(
+            size, {"cluster_size": "4k", "refcount_bits": str(1 << order)}, None, None
+        )
         self.file = MemFile(empty_image(header))
         self.header = Header.unpack(bytes(self.file.data[:CLUSTER]))
-        self.refblock = struct.unpack_from(">Q", self.file.data,
-                                           self.header.refcount_table_offset)[0]
+        self.refblock = struct.unpack_from(">Q", self.file.data, self.header.refcount_table_offset)[
+            0
+        ]
 
     def refcount(self, cluster: int) -> int:
-        block = self.file.data[self.refblock:self.refblock + CLUSTER]
+        block = self.file.data[self.refblock : self.refblock + CLUSTER]
         return get_refcount(block, cluster, self.header.refcount_order)
 
     def set_refcount(self, cluster: int, value: int) -> None:
-        block = bytearray(self.file.data[self.refblock:self.refblock + CLUSTER])
+        block = bytearray(self.file.data[self.refblock : self.refblock + CLUSTER])
         set_refcount(block, cluster, self.header.refcount_order, value)
-        self.file.data[self.refblock:self.refblock + CLUSTER] = block
+        self.file.data[self.refblock : self.refblock + CLUSTER] = block
 
     def new_cluster(self) -> int:
         offset = len(self.file.data)
@@ -103,12 +105,12 @@ async def test_leaks_are_found_and_repaired_safely() -> None:
     image = Image()
     data = image.map(3)
     image.map(5)
-    leaked = image.new_cluster()            # referenced by nothing
+    leaked = image.new_cluster()  # referenced by nothing
     image.set_refcount(data // CLUSTER, 2)  # one reference too many
     before = bytes(image.file.data)
     result = await check(image.file)
     assert (result.leaks, result.corruptions) == (2, 1)  # as qemu-img: COPIED with refcount 2
-    assert bytes(image.file.data) == before             # a check changes nothing
+    assert bytes(image.file.data) == before  # a check changes nothing
     repaired = await check(image.file, repair=True)
     assert repaired.leaks_fixed == 2 and repaired.corruptions == 0
     assert image.refcount(data // CLUSTER) == 1 and image.refcount(leaked // CLUSTER) == 0
@@ -153,8 +155,9 @@ def test_compare_block_classifies_every_refcount(order: int, data: st.DataObject
     entries = 512 * 8 >> order
     count = data.draw(st.integers(1, min(entries, 64)))
     stored = data.draw(st.lists(st.integers(0, limit), min_size=count, max_size=count))
-    expected = data.draw(st.lists(st.integers(0, min(limit, 0xFFFFFFFF)), min_size=count,
-                                  max_size=count))  # the tally counts in 32 bits
+    expected = data.draw(
+        st.lists(st.integers(0, min(limit, 0xFFFFFFFF)), min_size=count, max_size=count)
+    )  # the tally counts in 32 bits
     block = bytearray(512)
     for index, value in enumerate(stored):
         set_refcount(block, index, order, value)
@@ -170,15 +173,19 @@ def test_compare_block_classifies_every_refcount(order: int, data: st.DataObject
     assert (repaired is None) == (not leaks)
     after = repaired if repaired is not None else block
     for index in range(entries):
-        want = min(stored[index], expected[index]) if index < count and \
-            stored[index] > expected[index] else (stored[index] if index < count else 0)
+        want = (
+            min(stored[index], expected[index])
+            if index < count and stored[index] > expected[index]
+            else (stored[index] if index < count else 0)
+        )
         assert get_refcount(after, index, order) == want
     used = [i for i in range(count) if stored[i]]
     assert highest_used(block, order) == (used[-1] if used else -1)
 
 
 async def test_with_repair_leaks_a_writable_open_repairs_leaks_and_refuses_corruption(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     image = Image()
     image.map(0)
     leaked = image.new_cluster()
@@ -229,8 +236,7 @@ async def test_without_repair_a_writable_open_checks_nothing(tmp_path: Path) -> 
     assert image.refcount(leaked // CLUSTER) == 1
 
 
-async def test_the_corrupt_bit_refuses_a_writable_open_whatever_repair_says(
-        tmp_path: Path) -> None:
+async def test_the_corrupt_bit_refuses_a_writable_open_whatever_repair_says(tmp_path: Path) -> None:
     image = Image()
     struct.pack_into(">Q", image.file.data, 72, 1 << 1)  # incompatible_features: corrupt
     path = tmp_path / "marked.qcow2"

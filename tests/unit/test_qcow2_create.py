@@ -26,15 +26,32 @@ FAST = settings(max_examples=60, deadline=None)
 cluster_bits_st = st.integers(min_value=9, max_value=21)
 names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=60)
 
-FIELDS = ("version", "backing_file_offset", "backing_file_size", "cluster_bits", "size",
-          "crypt_method", "l1_size", "l1_table_offset", "refcount_table_offset",
-          "refcount_table_clusters", "nb_snapshots", "snapshots_offset",
-          "incompatible_features", "compatible_features", "autoclear_features",
-          "refcount_order", "header_length", "compression_type", "backing_file",
-          "backing_format")
+FIELDS = (
+    "version",
+    "backing_file_offset",
+    "backing_file_size",
+    "cluster_bits",
+    "size",
+    "crypt_method",
+    "l1_size",
+    "l1_table_offset",
+    "refcount_table_offset",
+    "refcount_table_clusters",
+    "nb_snapshots",
+    "snapshots_offset",
+    "incompatible_features",
+    "compatible_features",
+    "autoclear_features",
+    "refcount_order",
+    "header_length",
+    "compression_type",
+    "backing_file",
+    "backing_format",
+)
 
 
 # -- build_header ---------------------------------------------------------------------------
+
 
 def _size_spellings(cluster_bits: int) -> st.SearchStrategy[str]:
     size = 1 << cluster_bits
@@ -56,8 +73,9 @@ def valid_options(draw: st.DrawFn) -> dict[str, str]:
         "compat": compat,
         "refcount_bits": str(draw(st.sampled_from([1, 2, 4, 8, 16, 32, 64]))) if v3 else "16",
         "compression_type": draw(st.sampled_from(["zlib", "zstd"])) if v3 else "zlib",
-        "extended_l2": (draw(st.sampled_from(["on", "off"])) if v3 and cluster_bits >= 14
-                        else "off"),
+        "extended_l2": (
+            draw(st.sampled_from(["on", "off"])) if v3 and cluster_bits >= 14 else "off"
+        ),
     }
     keep = draw(st.sets(st.sampled_from(sorted(options))))
     return {key: value for key, value in options.items() if key in keep}
@@ -70,15 +88,25 @@ def _spelled_bytes(spelling: str) -> int:
     return int(match[1]) << {"": 0, "k": 10, "M": 20}[match[2]]
 
 
-DEFAULTS = {"cluster_size": "65536", "compat": "1.1", "refcount_bits": "16",
-            "compression_type": "zlib", "extended_l2": "off"}
+DEFAULTS = {
+    "cluster_size": "65536",
+    "compat": "1.1",
+    "refcount_bits": "16",
+    "compression_type": "zlib",
+    "extended_l2": "off",
+}
 
 
 @FAST
-@given(valid_options(), st.integers(0, 1 << 50).map(lambda n: n * 512),
-       st.one_of(st.none(), names), st.one_of(st.none(), names))
+@given(
+    valid_options(),
+    st.integers(0, 1 << 50).map(lambda n: n * 512),
+    st.one_of(st.none(), names),
+    st.one_of(st.none(), names),
+)
 def test_valid_options_build_the_header_they_ask_for(
-        options: dict[str, str], size: int, backing: str | None, fmt: str | None) -> None:
+    options: dict[str, str], size: int, backing: str | None, fmt: str | None
+) -> None:
     chosen = DEFAULTS | options
     header = build_header(size, options, backing, fmt)
     assert header.cluster_size == _spelled_bytes(chosen["cluster_size"])
@@ -96,7 +124,8 @@ def test_valid_options_build_the_header_they_ask_for(
 @FAST
 @given(valid_options(), st.one_of(st.none(), names), st.one_of(st.none(), names))
 def test_a_built_header_fits_cluster_zero_and_parses_back(
-        options: dict[str, str], backing: str | None, fmt: str | None) -> None:
+    options: dict[str, str], backing: str | None, fmt: str | None
+) -> None:
     header = build_header(1 << 30, options, backing, fmt)
     data = header.pack()
     assert len(data) <= header.cluster_size
@@ -118,13 +147,15 @@ UNPARSABLE = {
 
 
 @st.composite
-def one_bad_option(draw: st.DrawFn, values: dict[str, list[str]],
-                   unknown: bool = False) -> tuple[dict[str, str], str]:
+def one_bad_option(
+    draw: st.DrawFn, values: dict[str, list[str]], unknown: bool = False
+) -> tuple[dict[str, str], str]:
     """The defaults with one option made invalid, and that option's name."""
     options = DEFAULTS.copy()
     if unknown and draw(st.booleans()):
-        name = draw(st.from_regex(r"[a-z_]{1,12}", fullmatch=True)
-                    .filter(lambda s: s not in CREATE_OPTIONS))
+        name = draw(
+            st.from_regex(r"[a-z_]{1,12}", fullmatch=True).filter(lambda s: s not in CREATE_OPTIONS)
+        )
         options[name] = "1"
     else:
         name = draw(st.sampled_from(sorted(values)))
@@ -142,7 +173,8 @@ def _assert_einval_naming(options: dict[str, str], name: str) -> None:
 @FAST
 @given(one_bad_option(OUT_OF_RANGE, unknown=True))
 def test_an_unknown_or_out_of_range_option_is_einval_naming_it(
-        case: tuple[dict[str, str], str]) -> None:
+    case: tuple[dict[str, str], str],
+) -> None:
     _assert_einval_naming(*case)
 
 
@@ -167,11 +199,11 @@ def test_a_backing_name_over_the_limit_is_einval_at_create(length: int) -> None:
 
 
 @FAST
-@given(st.sampled_from(["0.10", "v2"]),
-       st.sampled_from([("refcount_bits", "8"), ("compression_type", "zstd"),
-                        ("extended_l2", "on")]))
-def test_v2_refuses_v3_only_options_naming_compat(compat: str,
-                                                  option: tuple[str, str]) -> None:
+@given(
+    st.sampled_from(["0.10", "v2"]),
+    st.sampled_from([("refcount_bits", "8"), ("compression_type", "zstd"), ("extended_l2", "on")]),
+)
+def test_v2_refuses_v3_only_options_naming_compat(compat: str, option: tuple[str, str]) -> None:
     with pytest.raises(BlockError) as err:
         build_header(1 << 20, {"compat": compat, option[0]: option[1]}, None, None)
     assert err.value.errno == errno.EINVAL
@@ -182,8 +214,9 @@ def test_v2_refuses_v3_only_options_naming_compat(compat: str,
 @given(st.integers(9, 13))
 def test_extended_l2_refuses_clusters_under_16k(cluster_bits: int) -> None:
     with pytest.raises(BlockError) as err:
-        build_header(1 << 20, {"cluster_size": str(1 << cluster_bits), "extended_l2": "on"},
-                     None, None)
+        build_header(
+            1 << 20, {"cluster_size": str(1 << cluster_bits), "extended_l2": "on"}, None, None
+        )
     assert err.value.errno == errno.EINVAL
     assert "extended_l2" in str(err.value) and "cluster_size" in str(err.value)
 
@@ -192,6 +225,7 @@ def test_extended_l2_refuses_clusters_under_16k(cluster_bits: int) -> None:
 @given(st.integers(9, 12))
 def test_a_backing_name_too_big_for_cluster_zero_is_einval(cluster_bits: int) -> None:
     with pytest.raises(BlockError) as err:
-        build_header(1 << 20, {"cluster_size": str(1 << cluster_bits)},
-                     "n" * (1 << cluster_bits), None)
+        build_header(
+            1 << 20, {"cluster_size": str(1 << cluster_bits)}, "n" * (1 << cluster_bits), None
+        )
     assert err.value.errno == errno.EINVAL

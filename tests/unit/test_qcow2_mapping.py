@@ -53,6 +53,7 @@ guest_offsets = st.integers(min_value=0, max_value=(1 << 62) - 1)
 
 # -- Geometry -------------------------------------------------------------------------------
 
+
 @FAST
 @given(geometries, guest_offsets)
 def test_l1_and_l2_index_together_name_the_guest_cluster(g: Geometry, offset: int) -> None:
@@ -108,8 +109,7 @@ def compressed_entries(draw: st.DrawFn) -> tuple[Geometry, int, int, int]:
 
 @FAST
 @given(compressed_entries())
-def test_compressed_range_follows_the_spec_bit_layout(
-        case: tuple[Geometry, int, int, int]) -> None:
+def test_compressed_range_follows_the_spec_bit_layout(case: tuple[Geometry, int, int, int]) -> None:
     g, entry, host, extra = case
     assert g.csize_shift == 62 - (g.cluster_bits - 8)
     offset, length = g.compressed_range(entry)
@@ -122,6 +122,7 @@ def test_compressed_range_follows_the_spec_bit_layout(
 
 # -- decode / fully_allocated ---------------------------------------------------------------
 
+
 def _valid_entry(entry: int, g: Geometry) -> int:
     """Clear bits the spec reserves: 1-8 and 56-61 of standard entries, bit 0 with ext. L2."""
     if entry & OFLAG_COMPRESSED:
@@ -133,7 +134,8 @@ def _valid_entry(entry: int, g: Geometry) -> int:
 @FAST
 @given(compressed_entries(), st.booleans(), u64, st.integers(0, SUBCLUSTERS - 1))
 def test_a_compressed_entry_decodes_to_its_range_whatever_else_is_set(
-        case: tuple[Geometry, int, int, int], copied: bool, bitmap: int, sc: int) -> None:
+    case: tuple[Geometry, int, int, int], copied: bool, bitmap: int, sc: int
+) -> None:
     g, descriptor, _, _ = case
     entry = descriptor | OFLAG_COMPRESSED | (OFLAG_COPIED if copied else 0)
     mapping = decode(entry, bitmap, g, sc)
@@ -145,7 +147,8 @@ def test_a_compressed_entry_decodes_to_its_range_whatever_else_is_set(
 @FAST
 @given(cluster_bits_st, u64, u64, st.integers(0, SUBCLUSTERS - 1))
 def test_standard_entry_kind_follows_zero_flag_then_offset(
-        bits: int, entry: int, bitmap: int, sc: int) -> None:
+    bits: int, entry: int, bitmap: int, sc: int
+) -> None:
     g = Geometry(bits)
     entry &= ~OFLAG_COMPRESSED
     mapping = decode(entry, bitmap, g, sc)
@@ -162,7 +165,8 @@ def test_standard_entry_kind_follows_zero_flag_then_offset(
 @FAST
 @given(cluster_bits_st, u64, u64, u64, st.integers(0, SUBCLUSTERS - 1))
 def test_standard_entries_ignore_the_bitmap_and_subcluster(
-        bits: int, entry: int, bitmap: int, other: int, sc: int) -> None:
+    bits: int, entry: int, bitmap: int, other: int, sc: int
+) -> None:
     g = Geometry(bits)
     assert decode(entry, bitmap, g, sc) == decode(entry, other, g, 0)
 
@@ -174,9 +178,13 @@ def l2_runs(draw: st.DrawFn) -> tuple[Geometry, list[int], int]:
     g = Geometry(draw(st.integers(9, 21)))
     start = draw(st.integers(1, 1 << 20)) * g.cluster_size
     table, host = [], start
-    for kind in draw(st.lists(st.sampled_from(["next"] * 6 + ["zero", "compressed", "unalloc",
-                                                              "jump", "copied"]),
-                              min_size=1, max_size=40)):
+    for kind in draw(
+        st.lists(
+            st.sampled_from(["next"] * 6 + ["zero", "compressed", "unalloc", "jump", "copied"]),
+            min_size=1,
+            max_size=40,
+        )
+    ):
         entry = host | (OFLAG_COPIED if kind == "copied" else 0)
         if kind == "zero":
             entry |= OFLAG_ZERO
@@ -194,7 +202,8 @@ def l2_runs(draw: st.DrawFn) -> tuple[Geometry, list[int], int]:
 @FAST
 @given(l2_runs(), st.integers(0, 45))
 def test_a_data_run_counts_what_decode_calls_contiguous_data(
-        case: tuple[Geometry, list[int], int], limit: int) -> None:
+    case: tuple[Geometry, list[int], int], limit: int
+) -> None:
     g, table, start = case
     limit = min(limit, len(table))
     expected, host = 0, start
@@ -210,7 +219,8 @@ def test_a_data_run_counts_what_decode_calls_contiguous_data(
 @FAST
 @given(st.integers(14, 21), u64, u64, st.integers(0, SUBCLUSTERS - 1))
 def test_extended_subcluster_kind_follows_its_own_two_bitmap_bits(
-        bits: int, entry: int, bitmap: int, sc: int) -> None:
+    bits: int, entry: int, bitmap: int, sc: int
+) -> None:
     g = Geometry(bits, extended_l2=True)
     entry = _valid_entry(entry & ~OFLAG_COMPRESSED, g)
     mapping = decode(entry, bitmap, g, sc)
@@ -229,12 +239,15 @@ def test_extended_subcluster_kind_follows_its_own_two_bitmap_bits(
 @FAST
 @given(geometries, u64, st.one_of(u64, st.sampled_from([ALL_ALLOCATED, ALL_ZERO, 0])))
 def test_fully_allocated_iff_every_subcluster_is_copied_data(
-        g: Geometry, entry: int, bitmap: int) -> None:
+    g: Geometry, entry: int, bitmap: int
+) -> None:
     entry = _valid_entry(entry, g)
     if g.extended_l2 and entry & OFLAG_COPIED and entry & OFFSET_MASK and bitmap % 7 == 0:
         bitmap = ALL_ALLOCATED  # make the interesting case common
-    every = all(m.kind is Kind.NORMAL and m.copied and m.host == entry & OFFSET_MASK
-                for m in (decode(entry, bitmap, g, sc) for sc in range(SUBCLUSTERS)))
+    every = all(
+        m.kind is Kind.NORMAL and m.copied and m.host == entry & OFFSET_MASK
+        for m in (decode(entry, bitmap, g, sc) for sc in range(SUBCLUSTERS))
+    )
     assert fully_allocated(entry, bitmap, g) == every
 
 
@@ -252,8 +265,11 @@ def l2_tables(draw: st.DrawFn) -> tuple[Geometry, array[int]]:
     table = array("Q", bytes(g.cluster_size))
     host = draw(st.integers(4, 1 << 20)) * g.cluster_size
     for index in range(min(DRAWN, g.l2_entries)):
-        kind = draw(st.sampled_from(["next"] * 5 + ["zero", "compressed", "unalloc", "jump",
-                                                    "shared", "partial"]))
+        kind = draw(
+            st.sampled_from(
+                ["next"] * 5 + ["zero", "compressed", "unalloc", "jump", "shared", "partial"]
+            )
+        )
         entry, bitmap = host | OFLAG_COPIED, ALL_ALLOCATED
         if kind == "zero":
             entry, bitmap = (entry, ALL_ZERO) if g.extended_l2 else (entry | OFLAG_ZERO, 0)
@@ -284,8 +300,9 @@ def pieces(g: Geometry, offset: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
-def model(g: Geometry, table: array[int], offset: int,
-          end: int) -> list[tuple[int, int, Kind, int]]:
+def model(
+    g: Geometry, table: array[int], offset: int, end: int
+) -> list[tuple[int, int, Kind, int]]:
     """(guest offset, length, kind, host offset of the data) per piece, by decode() alone."""
     out = []
     for position, span in pieces(g, offset, end):
@@ -301,16 +318,18 @@ def cut(g: Geometry, extents: Extents) -> list[tuple[int, int, Kind, int]]:
     out = []
     for guest, length, m in extents:
         for position, span in pieces(g, guest, guest + length):
-            host = m.host + guest % g.cluster_size + position - guest \
-                if m.kind is Kind.NORMAL else 0
+            host = (
+                m.host + guest % g.cluster_size + position - guest if m.kind is Kind.NORMAL else 0
+            )
             out.append((position, span, m.kind, host))
     return out
 
 
 @settings(max_examples=80, deadline=None)
 @given(l2_tables(), st.data())
-def test_map_table_agrees_with_decode_piece_by_piece(case: tuple[Geometry, array[int]],
-                                                      data: st.DataObject) -> None:
+def test_map_table_agrees_with_decode_piece_by_piece(
+    case: tuple[Geometry, array[int]], data: st.DataObject
+) -> None:
     """Merged or not, every byte maps where decode() says, and neighbours that could have
     been merged (same kind, data back to back) were."""
     g, table = case
@@ -324,16 +343,20 @@ def test_map_table_agrees_with_decode_piece_by_piece(case: tuple[Geometry, array
     assert shifted == model(g, table, offset, end)
     for (guest, length, m), (following, _, n) in itertools.pairwise(extents):
         assert guest + length == following
-        mergeable = m.kind is n.kind and m.kind is not Kind.COMPRESSED and (
-            m.kind is not Kind.NORMAL or
-            m.host + guest % g.cluster_size + length == n.host + following % g.cluster_size)
+        mergeable = (
+            m.kind is n.kind
+            and m.kind is not Kind.COMPRESSED
+            and (
+                m.kind is not Kind.NORMAL
+                or m.host + guest % g.cluster_size + length == n.host + following % g.cluster_size
+            )
+        )
         assert not mergeable
 
 
 @FAST
 @given(geometries, st.data())
-def test_map_table_stops_at_the_end_of_the_table_it_maps(g: Geometry,
-                                                         data: st.DataObject) -> None:
+def test_map_table_stops_at_the_end_of_the_table_it_maps(g: Geometry, data: st.DataObject) -> None:
     span = g.l2_entries * g.cluster_size
     offset = data.draw(st.integers(0, 4 * span))
     end = offset + data.draw(st.integers(1, 3 * span))
@@ -347,7 +370,8 @@ def test_map_table_stops_at_the_end_of_the_table_it_maps(g: Geometry,
 @settings(max_examples=80, deadline=None)
 @given(l2_tables(), st.data())
 def test_in_place_run_is_the_longest_run_of_writable_clusters_back_to_back(
-        case: tuple[Geometry, array[int]], data: st.DataObject) -> None:
+    case: tuple[Geometry, array[int]], data: st.DataObject
+) -> None:
     g, table = case
     span = g.l2_entries * g.cluster_size
     offset = data.draw(st.integers(0, min(DRAWN + 1, g.l2_entries) * g.cluster_size - 1))
@@ -374,7 +398,8 @@ def test_in_place_run_is_the_longest_run_of_writable_clusters_back_to_back(
 @FAST
 @given(l2_tables(), st.data())
 def test_an_allocation_run_takes_the_first_cluster_then_whole_unwritable_ones(
-        case: tuple[Geometry, array[int]], data: st.DataObject) -> None:
+    case: tuple[Geometry, array[int]], data: st.DataObject
+) -> None:
     g, table = case
     index = data.draw(st.integers(0, min(DRAWN, g.l2_entries - 1)))
     start = index * g.cluster_size
@@ -392,8 +417,9 @@ def test_an_allocation_run_takes_the_first_cluster_then_whole_unwritable_ones(
 
 @FAST
 @given(geometries, u64, u64)
-def test_a_reusable_host_is_an_unshared_uncompressed_cluster(g: Geometry, entry: int,
-                                                             bitmap: int) -> None:
+def test_a_reusable_host_is_an_unshared_uncompressed_cluster(
+    g: Geometry, entry: int, bitmap: int
+) -> None:
     entry = _valid_entry(entry, g)
     host = reusable_host(entry)
     if fully_allocated(entry, bitmap, g):
@@ -408,15 +434,17 @@ def test_a_reusable_host_is_an_unshared_uncompressed_cluster(g: Geometry, entry:
 @FAST
 @given(geometries, u64, u64, st.integers(0, 300))
 def test_an_l2_entry_reads_back_as_set_and_touches_nothing_else(
-        g: Geometry, entry: int, bitmap: int, index: int) -> None:
+    g: Geometry, entry: int, bitmap: int, index: int
+) -> None:
     index %= g.l2_entries
     table = array("Q", range(g.cluster_size // 8))
     before = list(table)
     set_l2_entry(table, index, g.extended_l2, entry, bitmap)
     assert l2_entry(table, index, g.extended_l2) == (entry, bitmap if g.extended_l2 else 0)
     width = 2 if g.extended_l2 else 1
-    assert [v for i, v in enumerate(table) if i // width != index] == \
-        [v for i, v in enumerate(before) if i // width != index]
+    assert [v for i, v in enumerate(table) if i // width != index] == [
+        v for i, v in enumerate(before) if i // width != index
+    ]
 
 
 @FAST
@@ -437,24 +465,33 @@ def test_host_clusters_are_the_clusters_an_entry_references(g: Geometry, entry: 
 @pytest.mark.parametrize("extended", [False, True])
 @pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("backing", [False, True])
-def test_a_zero_entry_reads_as_zeros_where_the_image_has_one(extended: bool, version: int,
-                                                             backing: bool) -> None:
+def test_a_zero_entry_reads_as_zeros_where_the_image_has_one(
+    extended: bool, version: int, backing: bool
+) -> None:
     g = Geometry(16, extended)
     new = zero_entry(g, version, backing)
     if new is None:  # a v2 image over a backing file can only write zeros
         assert version == 2 and not extended and backing
         return
     kinds = {decode(*new, g, sc).kind for sc in range(SUBCLUSTERS)}
-    assert kinds == ({Kind.UNALLOCATED} if (version, extended, new) == (2, False, (0, 0))
-                     else {Kind.ZERO})
+    assert kinds == (
+        {Kind.UNALLOCATED} if (version, extended, new) == (2, False, (0, 0)) else {Kind.ZERO}
+    )
     assert not host_clusters(g, new[0])
 
 
 @FAST
-@given(geometries, st.sampled_from([2, 3]), st.booleans(), u64, st.booleans(),
-       st.integers(0, SUBCLUSTERS - 1))
+@given(
+    geometries,
+    st.sampled_from([2, 3]),
+    st.booleans(),
+    u64,
+    st.booleans(),
+    st.integers(0, SUBCLUSTERS - 1),
+)
 def test_a_zeroed_cluster_reads_zeros_and_keeps_its_host_only_without_unmap(
-        g: Geometry, version: int, backing: bool, entry: int, unmap: bool, sc: int) -> None:
+    g: Geometry, version: int, backing: bool, entry: int, unmap: bool, sc: int
+) -> None:
     if version == 2:
         g = Geometry(g.cluster_bits)
     entry = _valid_entry(entry, g)
@@ -488,8 +525,9 @@ def test_only_whole_clusters_after_the_header_are_valid(g: Geometry, offset: int
 
 @FAST
 @given(st.sampled_from([512, 4096, 65536]), st.lists(st.integers(1, 200), max_size=60))
-def test_host_runs_cover_exactly_the_clusters_in_fewest_runs(cluster_size: int,
-                                                             indexes: list[int]) -> None:
+def test_host_runs_cover_exactly_the_clusters_in_fewest_runs(
+    cluster_size: int, indexes: list[int]
+) -> None:
     hosts = [i * cluster_size for i in indexes]
     runs = host_runs(hosts, cluster_size)
     covered = [start + k for start, length in runs for k in range(0, length, cluster_size)]

@@ -53,38 +53,63 @@ names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_siz
 
 
 @st.composite
-def headers(draw: st.DrawFn, versions: tuple[int, ...] = (2, 3),
-            feature_table: st.SearchStrategy[bool] | None = None) -> Header:
+def headers(
+    draw: st.DrawFn,
+    versions: tuple[int, ...] = (2, 3),
+    feature_table: st.SearchStrategy[bool] | None = None,
+) -> Header:
     version = draw(st.sampled_from(versions))
     v3 = version == 3
     return Header(
-        version=version, backing_file_offset=0, backing_file_size=0,
-        cluster_bits=draw(st.integers(10, 21)), size=draw(u64),
-        crypt_method=draw(st.integers(0, 2)), l1_size=draw(st.integers(0, 2**32 - 1)),
-        l1_table_offset=draw(u64), refcount_table_offset=draw(u64),
+        version=version,
+        backing_file_offset=0,
+        backing_file_size=0,
+        cluster_bits=draw(st.integers(10, 21)),
+        size=draw(u64),
+        crypt_method=draw(st.integers(0, 2)),
+        l1_size=draw(st.integers(0, 2**32 - 1)),
+        l1_table_offset=draw(u64),
+        refcount_table_offset=draw(u64),
         refcount_table_clusters=draw(st.integers(0, 2**32 - 1)),
-        nb_snapshots=draw(st.integers(0, 2**32 - 1)), snapshots_offset=draw(u64),
+        nb_snapshots=draw(st.integers(0, 2**32 - 1)),
+        snapshots_offset=draw(u64),
         incompatible_features=draw(u64) if v3 else 0,
         compatible_features=draw(u64) if v3 else 0,
         autoclear_features=draw(u64) if v3 else 0,
         refcount_order=draw(refcount_orders) if v3 else 4,
         header_length=112 if v3 else 72,
         compression_type=draw(st.integers(0, 1)) if v3 else 0,
-        with_feature_table=draw(st.booleans() if feature_table is None else feature_table))
+        with_feature_table=draw(st.booleans() if feature_table is None else feature_table),
+    )
 
 
-FIELDS = ("version", "backing_file_offset", "backing_file_size", "cluster_bits", "size",
-          "crypt_method", "l1_size", "l1_table_offset", "refcount_table_offset",
-          "refcount_table_clusters", "nb_snapshots", "snapshots_offset",
-          "incompatible_features", "compatible_features", "autoclear_features",
-          "refcount_order", "header_length", "compression_type", "backing_file",
-          "backing_format")
+FIELDS = (
+    "version",
+    "backing_file_offset",
+    "backing_file_size",
+    "cluster_bits",
+    "size",
+    "crypt_method",
+    "l1_size",
+    "l1_table_offset",
+    "refcount_table_offset",
+    "refcount_table_clusters",
+    "nb_snapshots",
+    "snapshots_offset",
+    "incompatible_features",
+    "compatible_features",
+    "autoclear_features",
+    "refcount_order",
+    "header_length",
+    "compression_type",
+    "backing_file",
+    "backing_format",
+)
 
 
 @FAST
 @given(headers(), st.one_of(st.none(), names), st.one_of(st.none(), names))
-def test_pack_then_parse_round_trips(header: Header, backing: str | None,
-                                     fmt: str | None) -> None:
+def test_pack_then_parse_round_trips(header: Header, backing: str | None, fmt: str | None) -> None:
     header.set_backing(backing, fmt)
     data = header.pack()
     assume(len(data) <= header.cluster_size)
@@ -95,11 +120,12 @@ def test_pack_then_parse_round_trips(header: Header, backing: str | None,
 
 @FAST
 @given(headers(), names, st.one_of(st.none(), names))
-def test_the_backing_name_lies_right_after_the_extensions(header: Header, backing: str,
-                                                         fmt: str | None) -> None:
+def test_the_backing_name_lies_right_after_the_extensions(
+    header: Header, backing: str, fmt: str | None
+) -> None:
     header.set_backing(backing, fmt)
     data = header.pack()
-    assert data[header.backing_file_offset:] == backing.encode()
+    assert data[header.backing_file_offset :] == backing.encode()
     end = HeaderExtension.unpack(data, header.backing_file_offset - 8, len(data))
     assert end == HeaderExtension(EXT_END)
     assert header.backing_file_size == len(backing.encode())
@@ -108,7 +134,8 @@ def test_the_backing_name_lies_right_after_the_extensions(header: Header, backin
 @FAST
 @given(headers(), st.one_of(st.none(), names), names)
 def test_without_a_backing_file_no_backing_format_is_kept(
-        header: Header, backing: str | None, fmt: str) -> None:
+    header: Header, backing: str | None, fmt: str
+) -> None:
     header.set_backing(backing, fmt)
     header.set_backing(None, fmt)
     assert (header.backing_file, header.backing_format) == (None, None)
@@ -118,7 +145,8 @@ def test_without_a_backing_file_no_backing_format_is_kept(
 @FAST
 @given(headers(), st.one_of(st.none(), names), st.binary(max_size=40))
 def test_a_new_backing_name_keeps_extensions_blkfs_does_not_know(
-        header: Header, backing: str | None, payload: bytes) -> None:
+    header: Header, backing: str | None, payload: bytes
+) -> None:
     """Rewriting the header (a job's new backing file) must not drop, say, the bitmaps
     extension QEMU wrote."""
     unknown = HeaderExtension(0x12345678, payload)
@@ -170,7 +198,7 @@ def damaged_images(draw: st.DrawFn) -> bytes:
     data = bytearray(header.pack())
     for _ in range(draw(st.integers(0, 6))):
         at = draw(st.integers(0, len(data)))
-        data[at:at + 4] = draw(st.binary(min_size=1, max_size=4))
+        data[at : at + 4] = draw(st.binary(min_size=1, max_size=4))
     cut = draw(st.integers(0, len(data) + 64))
     return bytes(data[:cut]) + bytes(max(0, cut - len(data)))
 
@@ -192,6 +220,7 @@ def test_a_backing_name_over_1023_bytes_is_refused(header: Header, length: int) 
 
 # -- refcount blocks ------------------------------------------------------------------------
 
+
 @FAST
 @given(cluster_bits_st, refcount_orders)
 def test_a_refcount_block_is_one_cluster_of_entries(bits: int, order: int) -> None:
@@ -208,7 +237,8 @@ def refcount_blocks(draw: st.DrawFn) -> tuple[int, bytearray]:
 @FAST
 @given(refcount_blocks(), st.data())
 def test_set_then_get_refcount_round_trips_and_touches_nothing_else(
-        case: tuple[int, bytearray], data: st.DataObject) -> None:
+    case: tuple[int, bytearray], data: st.DataObject
+) -> None:
     order, block = case
     count = refcount_entries(9, order) * len(block) // 512
     index = data.draw(st.integers(0, count - 1), label="index")
@@ -217,7 +247,7 @@ def test_set_then_get_refcount_round_trips_and_touches_nothing_else(
     set_refcount(block, index, order, value)
     after = [get_refcount(block, i, order) for i in range(count)]
     assert after[index] == value
-    assert after[:index] + after[index + 1:] == before[:index] + before[index + 1:]
+    assert after[:index] + after[index + 1 :] == before[:index] + before[index + 1 :]
 
 
 @FAST
@@ -225,8 +255,9 @@ def test_set_then_get_refcount_round_trips_and_touches_nothing_else(
 def test_refcounts_pack_like_qemu(order: int, data: st.DataObject) -> None:
     """Byte-wide and wider: big-endian. Narrower: entry 0 in the lowest bits of byte 0."""
     bits = 1 << order
-    values = data.draw(st.lists(st.integers(0, (1 << bits) - 1), min_size=64 // bits * 8,
-                                max_size=64 // bits * 8))
+    values = data.draw(
+        st.lists(st.integers(0, (1 << bits) - 1), min_size=64 // bits * 8, max_size=64 // bits * 8)
+    )
     block = bytearray(len(values) * bits // 8)
     for i, value in enumerate(values):
         set_refcount(block, i, order, value)
@@ -239,10 +270,14 @@ def test_refcounts_pack_like_qemu(order: int, data: st.DataObject) -> None:
 
 
 @FAST
-@given(refcount_orders, st.integers(0, 15), st.one_of(st.integers(max_value=-1),
-                                                      st.integers(min_value=1 << 64)))
+@given(
+    refcount_orders,
+    st.integers(0, 15),
+    st.one_of(st.integers(max_value=-1), st.integers(min_value=1 << 64)),
+)
 def test_a_refcount_that_does_not_fit_is_refused_and_changes_nothing(
-        order: int, index: int, value: int) -> None:
+    order: int, index: int, value: int
+) -> None:
     block = bytearray(range(128))
     with pytest.raises(OverflowError):
         set_refcount(block, index, order, value)
@@ -259,14 +294,25 @@ def test_get_refcount_reads_qemu_img_refcount_blocks(tmp_path: Path, refcount_bi
     Five is odd, so a nibble- or bit-order slip for narrow refcounts would show here.
     """
     image = tmp_path / "r.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
-                    f"refcount_bits={refcount_bits},cluster_size=512", str(image), "3M"],
-                   check=True)
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            f"refcount_bits={refcount_bits},cluster_size=512",
+            str(image),
+            "3M",
+        ],
+        check=True,
+    )
     data = image.read_bytes()
     header = Header.unpack(data[:512])
     table = header.refcount_table_offset
-    block_offset = int.from_bytes(data[table:table + 8], "big")
-    block = data[block_offset:block_offset + 512]
+    block_offset = int.from_bytes(data[table : table + 8], "big")
+    block = data[block_offset : block_offset + 512]
     order = header.refcount_order
     counts = [get_refcount(block, i, order) for i in range(refcount_entries(9, order))]
     assert counts[:5] == [1] * 5
@@ -275,10 +321,12 @@ def test_get_refcount_reads_qemu_img_refcount_blocks(tmp_path: Path, refcount_bi
 
 # -- the other structures -------------------------------------------------------------------
 
+
 @FAST
 @given(u32, st.binary(max_size=100), st.binary(max_size=16))
-def test_a_header_extension_round_trips_padded_to_8_bytes(kind: int, data: bytes,
-                                                          after: bytes) -> None:
+def test_a_header_extension_round_trips_padded_to_8_bytes(
+    kind: int, data: bytes, after: bytes
+) -> None:
     assume(kind != EXT_END)
     extension = HeaderExtension(kind, data)
     packed = extension.pack()
@@ -300,8 +348,9 @@ def test_a_feature_name_entry_round_trips(kind: int, bit: int, name: str) -> Non
 
 @FAST
 @given(u32, u32, u64, u64)
-def test_the_bitmaps_extension_round_trips(count: int, reserved: int, size: int,
-                                           offset: int) -> None:
+def test_the_bitmaps_extension_round_trips(
+    count: int, reserved: int, size: int, offset: int
+) -> None:
     extension = BitmapsExtension(count, reserved, size, offset)
     assert BitmapsExtension.unpack(extension.pack()) == extension
     with pytest.raises(FormatError):
@@ -324,8 +373,11 @@ def test_a_snapshot_table_entry_round_trips(entry: SnapshotHeader, after: bytes)
     assert len(packed) == 40
     assert SnapshotHeader.unpack(bytes(8) + packed + after, 8) == entry
     assert entry.entry_size % 8 == 0
-    assert 0 <= entry.entry_size - (40 + entry.extra_data_size + entry.id_str_size +
-                                    entry.name_size) < 8
+    assert (
+        0
+        <= entry.entry_size - (40 + entry.extra_data_size + entry.id_str_size + entry.name_size)
+        < 8
+    )
     with pytest.raises(FormatError):
         SnapshotHeader.unpack(packed[:39])
 
@@ -354,7 +406,8 @@ def test_tables_are_big_endian_64_bit_entries(entries: list[int]) -> None:
 @FAST
 @given(headers(), st.one_of(st.none(), names), st.one_of(st.none(), names))
 def test_the_version_2_fields_pack_back_to_the_bytes_they_came_from(
-        header: Header, backing: str | None, fmt: str | None) -> None:
+    header: Header, backing: str | None, fmt: str | None
+) -> None:
     """What an open image rewrites of its header (the v2 fields) is byte-for-byte what it
     read."""
     header.set_backing(backing, fmt)

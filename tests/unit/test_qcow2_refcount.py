@@ -25,14 +25,17 @@ from blkfs.image import create_image
 from tests.unit.test_qcow2_cache import RecordingFile
 
 
-async def new_image(cluster_size: str = "512", refcount_bits: int = 16,
-                    refcount_blocks: int = 2) -> tuple[RecordingFile, Metadata]:
+async def new_image(
+    cluster_size: str = "512", refcount_bits: int = 16, refcount_blocks: int = 2
+) -> tuple[RecordingFile, Metadata]:
     """A new 64 MiB image, a refcount cache of ``refcount_blocks`` blocks."""
-    header = build_header(64 << 20, {"cluster_size": cluster_size,
-                                     "refcount_bits": str(refcount_bits)}, None, None)
+    header = build_header(
+        64 << 20, {"cluster_size": cluster_size, "refcount_bits": str(refcount_bits)}, None, None
+    )
     file = RecordingFile(empty_image(header))
-    return file, await Metadata.load(file, True, 8 * header.cluster_size,
-                                     refcount_blocks * header.cluster_size)
+    return file, await Metadata.load(
+        file, True, 8 * header.cluster_size, refcount_blocks * header.cluster_size
+    )
 
 
 def stored_refcount(file: RecordingFile, cluster: int) -> int:
@@ -42,20 +45,24 @@ def stored_refcount(file: RecordingFile, cluster: int) -> int:
     per_block = size * 8 >> header.refcount_order
     index, within = divmod(cluster, per_block)
     table = header.refcount_table_offset
-    block = int.from_bytes(file.data[table + 8 * index:table + 8 * index + 8], "big")
+    block = int.from_bytes(file.data[table + 8 * index : table + 8 * index + 8], "big")
     if not block:
         return 0
-    return get_refcount(file.data[block:block + size], within, header.refcount_order)
+    return get_refcount(file.data[block : block + size], within, header.refcount_order)
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 300), st.booleans()), min_size=1, max_size=12),
-       st.integers(2, 6))
+@given(
+    st.lists(st.tuples(st.integers(1, 300), st.booleans()), min_size=1, max_size=12),
+    st.integers(2, 6),
+)
 def test_allocated_clusters_are_counted_once_and_dropped_ones_freed_after_write_back(
-        steps: list[tuple[int, bool]], cache_blocks: int) -> None:
+    steps: list[tuple[int, bool]], cache_blocks: int
+) -> None:
     """Clusters that nothing references are leaks to the checker: every allocated cluster
     not dropped is exactly one leak, every dropped one has refcount 0, and there is never a
     corruption, however small the refcount cache (blocks evicted, new ones made)."""
+
     async def run() -> None:
         file, metadata = await new_image(refcount_blocks=cache_blocks)
         allocator = metadata.allocator
@@ -129,15 +136,20 @@ async def test_a_refcount_below_zero_is_a_corrupt_image() -> None:
 
 # -- reuse of freed clusters ----------------------------------------------------------------
 
-free_ops = st.lists(st.one_of(
-    st.tuples(st.just("add"), st.integers(1, 60)),
-    st.tuples(st.just("take"), st.integers(1, 6), st.booleans())), max_size=80)
+free_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(1, 60)),
+        st.tuples(st.just("take"), st.integers(1, 6), st.booleans()),
+    ),
+    max_size=80,
+)
 
 
 @settings(max_examples=200, deadline=None)
 @given(free_ops)
 def test_free_clusters_behave_as_a_sorted_set_taken_lowest_first(
-        ops: list[tuple[Any, ...]]) -> None:
+    ops: list[tuple[Any, ...]],
+) -> None:
     """Against a set of cluster numbers: ``take`` gives the lowest run (the first one long
     enough with ``exact``), and the runs stay sorted and merged."""
     free = FreeClusters(512)
@@ -167,21 +179,31 @@ def test_free_clusters_behave_as_a_sorted_set_taken_lowest_first(
             start = fits[0][0]
             assert taken == (start * 512, min(count, fits[0][1] - start))
             model -= set(range(start, start + taken[1]))
-        assert all(end < start for end, start in zip(free.ends[:-1], free.starts[1:],
-                                                     strict=True))
-        assert {c for s, e in zip(free.starts, free.ends, strict=True)
-                for c in range(s // 512, e // 512)} == model
+        assert all(end < start for end, start in zip(free.ends[:-1], free.starts[1:], strict=True))
+        assert {
+            c
+            for s, e in zip(free.starts, free.ends, strict=True)
+            for c in range(s // 512, e // 512)
+        } == model
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 40), st.sampled_from(["keep", "drop", "flush"])),
-                min_size=1, max_size=30), st.integers(2, 6))
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 40), st.sampled_from(["keep", "drop", "flush"])),
+        min_size=1,
+        max_size=30,
+    ),
+    st.integers(2, 6),
+)
 def test_dropped_clusters_are_reused_only_once_their_freeing_is_durable(
-        steps: list[tuple[int, str]], cache_blocks: int) -> None:
+    steps: list[tuple[int, str]], cache_blocks: int
+) -> None:
     """As the driver does it: a write-back makes drops durable, then the freed clusters go
     back to the allocator. A reused cluster is never one a live reference holds, nor one
     whose zero refcount is not yet on disk; the image grows only when no freed cluster is
     at hand, and the checker finds no corruption."""
+
     async def run() -> None:
         file, metadata = await new_image(refcount_blocks=cache_blocks)
         allocator = metadata.allocator
@@ -215,7 +237,8 @@ def test_dropped_clusters_are_reused_only_once_their_freeing_is_durable(
 
 
 async def test_a_cluster_a_read_in_flight_mapped_is_not_reused_under_it(
-        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
     """A read mapped a cluster and waits on a lagging disk (its delay ends when the test
     moves the clock); meanwhile the cluster is
     discarded, flushed (its freeing durable) and new data is written elsewhere. The new
@@ -226,8 +249,10 @@ async def test_a_cluster_a_read_in_flight_mapped_is_not_reused_under_it(
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=qcow2,file.driver=blkdebug,file.node-name=lag,"
-                 f"file.image.driver=file,file.image.filename={image}")
+            "d",
+            f"driver=qcow2,file.driver=blkdebug,file.node-name=lag,"
+            f"file.image.driver=file,file.image.filename={image}",
+        )
         await backend.write(0, b"\1" * 65536)
         await backend.flush()
         await layer.reopen("lag", {"delay.read": "1s"})

@@ -33,24 +33,25 @@ async def check_ops(tmp: Path, ops: list) -> None:
     host = bytearray(os.urandom(HOST))
     image = tmp / "disk.img"
     image.write_bytes(host)
-    model = host[OFFSET:OFFSET + SIZE]
+    model = host[OFFSET : OFFSET + SIZE]
     layer = BlockLayer()
     backend = await layer.create(
-        "d", f"driver=raw,offset={OFFSET},size={SIZE},file.driver=file,file.filename={image}")
+        "d", f"driver=raw,offset={OFFSET},size={SIZE},file.driver=file,file.filename={image}"
+    )
     try:
         for kind, offset, arg in ops:
             length = min(len(arg) if kind == "write" else arg, SIZE - offset)
             if kind == "write":
                 await backend.write(offset, arg[:length])
-                model[offset:offset + length] = arg[:length]
+                model[offset : offset + length] = arg[:length]
             elif kind == "zero":
                 await backend.write_zeroes(offset, length)
-                model[offset:offset + length] = bytes(length)
+                model[offset : offset + length] = bytes(length)
             else:
-                assert await backend.read(offset, length) == model[offset:offset + length]
+                assert await backend.read(offset, length) == model[offset : offset + length]
         assert await backend.read(0, SIZE) == model
     finally:
         await layer.close()
     after = image.read_bytes()
-    assert after[:OFFSET] == host[:OFFSET] and after[OFFSET + SIZE:] == host[OFFSET + SIZE:]
-    assert after[OFFSET:OFFSET + SIZE] == model
+    assert after[:OFFSET] == host[:OFFSET] and after[OFFSET + SIZE :] == host[OFFSET + SIZE :]
+    assert after[OFFSET : OFFSET + SIZE] == model

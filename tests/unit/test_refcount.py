@@ -12,7 +12,8 @@ from blkfs.errors import BlockError
 
 
 async def test_a_deleted_backend_serves_its_references_then_flushes_and_closes(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     image = tmp_path / "a.img"
     image.write_bytes(bytes(65536))
     layer = BlockLayer()
@@ -37,8 +38,9 @@ async def test_a_base_node_shared_by_name(tmp_path: Path) -> None:
     image = tmp_path / "base.img"
     image.write_bytes(b"base" * 16384)
     layer = BlockLayer()
-    await layer.create("a", f"driver=raw,node-name=base,read-only=on,"
-                            f"file.driver=file,file.filename={image}")
+    await layer.create(
+        "a", f"driver=raw,node-name=base,read-only=on,file.driver=file,file.filename={image}"
+    )
     second = await layer.create("b", "driver=raw,offset=4,read-only=on,file=base")
     base = layer.graph.find("base")
     assert base.refcnt == 2 and len(base.parents) == 2
@@ -69,10 +71,12 @@ async def test_one_writer_per_node(tmp_path: Path) -> None:
 async def test_failed_opens_leave_the_graph_as_it_was(tmp_path: Path) -> None:
     layer = BlockLayer()
     await layer.create("a", "driver=null,node-name=n0")
-    for options in ("driver=raw,node-name=x,file.driver=file,file.filename=/nonexistent",
-                    "driver=raw,offset=1G,size=1G,file.driver=null,file.size=1M",
-                    "driver=raw,file=nosuchnode",
-                    "driver=raw,file.driver=null,file.node-name=n0"):
+    for options in (
+        "driver=raw,node-name=x,file.driver=file,file.filename=/nonexistent",
+        "driver=raw,offset=1G,size=1G,file.driver=null,file.size=1M",
+        "driver=raw,file=nosuchnode",
+        "driver=raw,file.driver=null,file.node-name=n0",
+    ):
         with pytest.raises(BlockError):
             await layer.create("b", options)
         assert set(layer.graph.nodes) == {"n0"} and [b.name for b in layer] == ["a"]

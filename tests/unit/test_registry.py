@@ -29,7 +29,8 @@ def test_a_third_party_driver_plugs_in(tmp_path: Path, monkeypatch: pytest.Monke
     """A package that declares a blkfs.drivers entry point is found with no change here."""
     (tmp_path / "zerodrv.py").write_text(
         "from blkfs_drivers.null import NullDriver\n"
-        "class ZeroDriver(NullDriver):\n    name = 'zero'\n")
+        "class ZeroDriver(NullDriver):\n    name = 'zero'\n"
+    )
     dist = tmp_path / "zerodrv-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: zerodrv\nVersion: 1.0\n")
@@ -40,18 +41,27 @@ def test_a_third_party_driver_plugs_in(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delitem(sys.modules, "zerodrv", raising=False)
 
 
-EVIL_HEADER = (QCOW2_MAGIC + b"\0\0\0\3" + (100).to_bytes(8, "big") + (20).to_bytes(4, "big")
-               + b"/etc/shadow" * 2)
+EVIL_HEADER = (
+    QCOW2_MAGIC
+    + b"\0\0\0\3"
+    + (100).to_bytes(8, "big")
+    + (20).to_bytes(4, "big")
+    + b"/etc/shadow" * 2
+)
 """A qcow2 header naming a backing file of a guest's choosing."""
 
 
-@pytest.mark.parametrize("offset, data", [
-    (0, EVIL_HEADER + bytes(512 - len(EVIL_HEADER))),  # a whole sector
-    (0, EVIL_HEADER),                                  # a partial one: read-modify-write
-    (0, EVIL_HEADER + bytes(65536)),                   # and on into the disk
-])
+@pytest.mark.parametrize(
+    "offset, data",
+    [
+        (0, EVIL_HEADER + bytes(512 - len(EVIL_HEADER))),  # a whole sector
+        (0, EVIL_HEADER),  # a partial one: read-modify-write
+        (0, EVIL_HEADER + bytes(65536)),  # and on into the disk
+    ],
+)
 async def test_a_probed_raw_image_refuses_a_first_sector_of_another_format(
-        tmp_path: Path, offset: int, data: bytes) -> None:
+    tmp_path: Path, offset: int, data: bytes
+) -> None:
     image = tmp_path / "guest.img"
     image.write_bytes(b"\1" * (1 << 20))
     layer = BlockLayer()
@@ -96,7 +106,8 @@ async def test_probe_needs_a_file_and_rejects_format_options(tmp_path: Path) -> 
 
 
 async def test_a_mistyped_option_after_a_path_is_unknown_with_the_close_match(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     image = tmp_path / "x.img"
     image.write_bytes(bytes(4096))
     layer = BlockLayer()

@@ -20,8 +20,9 @@ MiB = 1 << 20
 
 
 def qemu_io_write(image: Path, fmt: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-io", "-f", fmt, "-c", "write -P 7 0 4k", str(image)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        ["qemu-io", "-f", fmt, "-c", "write -P 7 0 4k", str(image)], capture_output=True, text=True
+    )
 
 
 def node_modes(layer: BlockLayer) -> dict[str, bool]:
@@ -35,8 +36,9 @@ async def test_a_raw_medium_switches_and_its_lock_follows(tmp_path: Path) -> Non
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=raw,node-name=top,file.driver=file,file.node-name=host,"
-                 f"file.filename={image}")
+            "d",
+            f"driver=raw,node-name=top,file.driver=file,file.node-name=host,file.filename={image}",
+        )
         await backend.write(0, b"A" * 4096)
         assert "lock" in qemu_io_write(image, "raw").stderr  # blkfs holds the write lock
 
@@ -61,14 +63,17 @@ async def test_a_raw_medium_switches_and_its_lock_follows(tmp_path: Path) -> Non
 
 @needs_qemu
 async def test_a_filter_over_qcow2_switches_its_whole_write_path_not_the_backing(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     base = create(tmp_path, "base.qcow2", size=4 * MiB)
     top = create(tmp_path, "top.qcow2", size=4 * MiB, backing=str(base))
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=throttle,node-name=t,file.driver=qcow2,file.node-name=q,"
-                 f"file.file.driver=file,file.file.node-name=f,file.file.filename={top}")
+            "d",
+            f"driver=throttle,node-name=t,file.driver=qcow2,file.node-name=q,"
+            f"file.file.driver=file,file.file.node-name=f,file.file.filename={top}",
+        )
         backing = {name for name, ro in node_modes(layer).items() if ro}
         assert len(backing) == 2  # the backing qcow2 and its file, read-only from the start
         await backend.write(0, b"x" * 65536)
@@ -100,8 +105,10 @@ async def test_a_refused_switch_to_writable_rolls_back_every_node(tmp_path: Path
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", f"driver=qcow2,node-name=q,file.driver=file,file.node-name=f,"
-                 f"file.filename={image}", read_only=True)
+            "d",
+            f"driver=qcow2,node-name=q,file.driver=file,file.node-name=f,file.filename={image}",
+            read_only=True,
+        )
         with pytest.raises(BlockError) as refused:
             await layer.reopen("q", "read-only=off")
         assert refused.value.errno == errno.EROFS and "not closed cleanly" in refused.value.message
@@ -115,7 +122,8 @@ async def test_a_refused_switch_to_writable_rolls_back_every_node(tmp_path: Path
 
 @needs_qemu
 async def test_a_node_becomes_writable_only_if_nothing_else_uses_what_it_writes(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     image = create(tmp_path, "d.qcow2", size=4 * MiB)
     layer = BlockLayer()
     try:
@@ -134,17 +142,21 @@ async def test_a_node_becomes_writable_only_if_nothing_else_uses_what_it_writes(
 
 @needs_qemu
 async def test_turning_writable_reloads_what_another_program_wrote_meanwhile(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     image = create(tmp_path, "d.qcow2", size=4 * MiB)
     layer = BlockLayer()
     try:
-        backend = await layer.create("d", f"driver=qcow2,node-name=q,file.driver=file,"
-                                          f"file.filename={image}", read_only=True)
+        backend = await layer.create(
+            "d", f"driver=qcow2,node-name=q,file.driver=file,file.filename={image}", read_only=True
+        )
         assert "lock" in qemu_io_write(image, "qcow2").stderr  # a read-only qcow2 unshares
         await layer.delete("d")  # writes, as QEMU's; without locks, another program can:
-        backend = await layer.create("d", f"driver=qcow2,node-name=q,file.driver=file,"
-                                          f"file.locking=off,file.filename={image}",
-                                     read_only=True)
+        backend = await layer.create(
+            "d",
+            f"driver=qcow2,node-name=q,file.driver=file,file.locking=off,file.filename={image}",
+            read_only=True,
+        )
         assert bytes(await backend.read(0, 4096)) == bytes(4096)  # L2 state cached here
         assert qemu_io_write(image, "qcow2").returncode == 0  # allocates while we read
         await layer.reopen("q", "read-only=off")
@@ -155,7 +167,9 @@ async def test_turning_writable_reloads_what_another_program_wrote_meanwhile(
         await layer.close()
     check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
-    data = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 7 0 4k",
-                           "-c", "read -P 0x7a 1M 64k", str(image)],
-                          capture_output=True, text=True)
+    data = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "read -P 7 0 4k", "-c", "read -P 0x7a 1M 64k", str(image)],
+        capture_output=True,
+        text=True,
+    )
     assert "Pattern verification failed" not in data.stdout and data.returncode == 0

@@ -125,7 +125,8 @@ def _write_later(fd: int, seconds: float) -> threading.Thread:
 
 
 async def test_a_request_that_comes_while_polling_is_taken_without_sleeping(
-        pipe: tuple[int, int]) -> None:
+    pipe: tuple[int, int],
+) -> None:
     wait = FuseWait(pipe[0], poll_max_ns=60 * 10**9)
     wait.polling.ns = wait.polling.max_ns  # learnt from requests that came close together
     writer = _write_later(pipe[1], 0.05)
@@ -174,8 +175,7 @@ def test_requests_close_together_grow_the_poll_time_to_the_maximum() -> None:
     assert steps == [4_000, 8_000, 16_000, 32_000, 64_000, 64_000]
 
 
-@given(max_ns=st.integers(0, 10**9),
-       waits=st.lists(st.integers(0, 2 * 10**9), max_size=50))
+@given(max_ns=st.integers(0, 10**9), waits=st.lists(st.integers(0, 2 * 10**9), max_size=50))
 def test_the_poll_time_stays_within_its_bounds(max_ns: int, waits: list[int]) -> None:
     polling = AdaptivePoll(max_ns)
     for waited in waits:

@@ -12,8 +12,10 @@ import pytest
 from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
 
-FAILING_FLUSH = ("driver=blkdebug,node-name=dbg,inject-error.0.event=flush,"
-                 "inject-error.0.errno=ENOSPC,image.driver=file,image.filename={image}")
+FAILING_FLUSH = (
+    "driver=blkdebug,node-name=dbg,inject-error.0.event=flush,"
+    "inject-error.0.errno=ENOSPC,image.driver=file,image.filename={image}"
+)
 
 
 async def test_delete_whose_flush_fails_changes_nothing(tmp_path: Path) -> None:
@@ -36,7 +38,8 @@ async def test_delete_whose_flush_fails_changes_nothing(tmp_path: Path) -> None:
 
 
 async def test_shutdown_closes_every_backend_when_one_flush_fails(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     images = [tmp_path / f"{name}.img" for name in "ab"]
     for image in images:
         image.write_bytes(bytes(65536))

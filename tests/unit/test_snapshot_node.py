@@ -19,21 +19,30 @@ from tests.unit.test_snapshot_races import SIZE, files, slow_flushing
 
 
 async def test_a_snapshot_onto_a_node_that_lost_the_race_is_undone(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     for name in ("top.qcow2", "ov.qcow2"):
         await create_image(str(tmp_path / name), "qcow2", SIZE)
     layer = BlockLayer()
     commands = Commands(layer)
-    await commands.run("create", {"name": "vol",
-                                  "medium": slow_flushing(tmp_path / "top.qcow2")})
-    await commands.run("node-add", {"node": "ov", "options": {
-        "driver": "qcow2", "backing": None,
-        "file": {"driver": "file", "filename": str(tmp_path / "ov.qcow2")}}})
+    await commands.run("create", {"name": "vol", "medium": slow_flushing(tmp_path / "top.qcow2")})
+    await commands.run(
+        "node-add",
+        {
+            "node": "ov",
+            "options": {
+                "driver": "qcow2",
+                "backing": None,
+                "file": {"driver": "file", "filename": str(tmp_path / "ov.qcow2")},
+            },
+        },
+    )
     ov = layer.graph.find("ov")
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(commands.run, "snapshot",
-                           {"name": "vol", "path": str(tmp_path / "s1.qcow2")})
+        nursery.start_soon(
+            commands.run, "snapshot", {"name": "vol", "path": str(tmp_path / "s1.qcow2")}
+        )
         await trio.sleep(0.1)  # s1 is flushing the old tree, holding the backend
         with pytest.raises(BlockError) as lost:
             await commands.run("snapshot-node", {"name": "vol", "overlay": "ov"})
@@ -49,17 +58,27 @@ async def test_a_snapshot_onto_a_node_that_lost_the_race_is_undone(
 
 
 async def test_one_overlay_goes_onto_one_backend(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     for name in ("a.qcow2", "b.qcow2", "ov.qcow2"):
         await create_image(str(tmp_path / name), "qcow2", SIZE)
     layer = BlockLayer()
     commands = Commands(layer)
     for name in ("a", "b"):
-        await commands.run("create", {"name": name,
-                                      "medium": slow_flushing(tmp_path / f"{name}.qcow2")})
-    await commands.run("node-add", {"node": "ov", "options": {
-        "driver": "qcow2", "backing": None,
-        "file": {"driver": "file", "filename": str(tmp_path / "ov.qcow2")}}})
+        await commands.run(
+            "create", {"name": name, "medium": slow_flushing(tmp_path / f"{name}.qcow2")}
+        )
+    await commands.run(
+        "node-add",
+        {
+            "node": "ov",
+            "options": {
+                "driver": "qcow2",
+                "backing": None,
+                "file": {"driver": "file", "filename": str(tmp_path / "ov.qcow2")},
+            },
+        },
+    )
     refused: list[BlockError] = []
 
     async def snapshot(name: str) -> None:

@@ -23,8 +23,14 @@ SIZE = 4 << 20
 
 def slow_flushing(image: Path) -> dict[str, Any]:
     """The qcow2 image, its flushes taking 300 ms (a busy disk's fdatasync)."""
-    return {"driver": "qcow2", "file": {"driver": "blkdebug", "delay.flush": "300ms",
-                                        "image": {"driver": "file", "filename": str(image)}}}
+    return {
+        "driver": "qcow2",
+        "file": {
+            "driver": "blkdebug",
+            "delay.flush": "300ms",
+            "image": {"driver": "file", "filename": str(image)},
+        },
+    }
 
 
 def files(backend: BlockBackend) -> list[str]:
@@ -32,15 +38,21 @@ def files(backend: BlockBackend) -> list[str]:
     chain = []
     while True:
         image = node.children["file"].node
-        chain.append(Path(image.children["image"].node.filename() if "image" in image.children
-                          else image.filename() or "").name)
+        chain.append(
+            Path(
+                image.children["image"].node.filename()
+                if "image" in image.children
+                else image.filename() or ""
+            ).name
+        )
         if "backing" not in node.children:
             return chain
         node = node.children["backing"].node
 
 
 async def test_a_second_snapshot_stacks_on_the_first_or_fails(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     await create_image(str(tmp_path / "top.qcow2"), "qcow2", SIZE)
     layer = BlockLayer()
     commands = Commands(layer)
@@ -72,22 +84,29 @@ async def test_a_second_snapshot_stacks_on_the_first_or_fails(
 
 
 async def test_a_rollback_waiting_for_a_snapshot_empties_the_new_overlay(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     await create_image(str(tmp_path / "base.qcow2"), "qcow2", SIZE)
-    await create_image(str(tmp_path / "top.qcow2"), "qcow2", backing="base.qcow2",
-                       backing_format="qcow2")
+    await create_image(
+        str(tmp_path / "top.qcow2"), "qcow2", backing="base.qcow2", backing_format="qcow2"
+    )
     layer = BlockLayer()
     commands = Commands(layer)
-    medium = {**slow_flushing(tmp_path / "top.qcow2"),
-              "backing": {"driver": "qcow2", "file": {"driver": "file",
-                                                      "filename": str(tmp_path / "base.qcow2")}}}
+    medium = {
+        **slow_flushing(tmp_path / "top.qcow2"),
+        "backing": {
+            "driver": "qcow2",
+            "file": {"driver": "file", "filename": str(tmp_path / "base.qcow2")},
+        },
+    }
     await commands.run("create", {"name": "vol", "medium": medium})
     vol = layer.find("vol")
     await vol.write(0, b"\x42" * 65536)  # in top: what the snapshot keeps
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(commands.run, "snapshot",
-                           {"name": "vol", "path": str(tmp_path / "snap.qcow2")})
+        nursery.start_soon(
+            commands.run, "snapshot", {"name": "vol", "path": str(tmp_path / "snap.qcow2")}
+        )
         await trio.sleep(0.1)  # the snapshot holds the backend
         await commands.run("rollback", {"name": "vol"})
     assert files(vol) == ["snap.qcow2", "top.qcow2", "base.qcow2"]
@@ -97,15 +116,15 @@ async def test_a_rollback_waiting_for_a_snapshot_empties_the_new_overlay(
 
 async def test_a_read_only_active_image_is_not_rolled_back(tmp_path: Path) -> None:
     await create_image(str(tmp_path / "base.qcow2"), "qcow2", SIZE)
-    await create_image(str(tmp_path / "top.qcow2"), "qcow2", backing="base.qcow2",
-                       backing_format="qcow2")
+    await create_image(
+        str(tmp_path / "top.qcow2"), "qcow2", backing="base.qcow2", backing_format="qcow2"
+    )
     layer = BlockLayer()
     commands = Commands(layer)
     writer = await layer.create("w", str(tmp_path / "top.qcow2"))
     await writer.write(0, b"\x42" * 65536)
     await layer.delete("w")
-    await commands.run("create", {"name": "cd",
-                                  "medium": f"{tmp_path / 'top.qcow2'},read-only=on"})
+    await commands.run("create", {"name": "cd", "medium": f"{tmp_path / 'top.qcow2'},read-only=on"})
     with pytest.raises(BlockError) as refused:
         await commands.run("rollback", {"name": "cd"})
     assert refused.value.errno == errno.EROFS and "read-only" in refused.value.message

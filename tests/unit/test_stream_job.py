@@ -22,21 +22,27 @@ SIZE = 4 * MiB
 
 
 def backing_file(image: Path) -> str | None:
-    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", image],
-                                     check=True, capture_output=True, text=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", image],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     return info.get("backing-filename")
 
 
 async def images(d: Path) -> None:
     """base <- top (top holding its first MiB), and other: a new base to rebase onto."""
     await create_image(str(d / "base.qcow2"), "qcow2", SIZE)
-    await create_image(str(d / "top.qcow2"), "qcow2", backing="base.qcow2",
-                       backing_format="qcow2")
+    await create_image(str(d / "top.qcow2"), "qcow2", backing="base.qcow2", backing_format="qcow2")
     await create_image(str(d / "other.qcow2"), "qcow2", SIZE)
     layer = BlockLayer()
     for name, pattern in (("base", 0x11), ("other", 0x77)):
-        writer = await layer.create(name, f"driver=qcow2,file.driver=file,"
-                                          f"file.filename={d / (name + '.qcow2')}")
+        writer = await layer.create(
+            name, f"driver=qcow2,file.driver=file,file.filename={d / (name + '.qcow2')}"
+        )
         await writer.write(0, bytes([pattern]) * SIZE)
         await layer.delete(name)
     top = await layer.create("top", str(d / "top.qcow2"))
@@ -45,8 +51,10 @@ async def images(d: Path) -> None:
 
 
 def other(d: Path, read_only: bool = True) -> str:
-    return (f"driver=qcow2,node-name=new,read-only={'on' if read_only else 'off'},"
-            f"file.driver=file,file.filename={d / 'other.qcow2'}")
+    return (
+        f"driver=qcow2,node-name=new,read-only={'on' if read_only else 'off'},"
+        f"file.driver=file,file.filename={d / 'other.qcow2'}"
+    )
 
 
 async def test_what_a_rebase_refuses_changes_nothing(tmp_path: Path) -> None:
@@ -73,7 +81,8 @@ async def test_what_a_rebase_refuses_changes_nothing(tmp_path: Path) -> None:
 
 
 async def test_a_new_backing_file_another_writes_is_refused_before_the_header_changes(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     await images(tmp_path)
     layer = BlockLayer()
     vol = await layer.create("vol", str(tmp_path / "top.qcow2"))
@@ -92,7 +101,8 @@ async def test_a_new_backing_file_another_writes_is_refused_before_the_header_ch
 
 
 async def test_the_new_base_outlives_its_backend_while_the_job_runs(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     await images(tmp_path)
     layer = BlockLayer()
     vol = await layer.create("vol", str(tmp_path / "top.qcow2"))

@@ -24,26 +24,42 @@ def run_on_fake_clock(fn, *args):
 
 
 def limits(bps: int, peak: int = 0, length: float = 1.0) -> dict:
-    values = {f"limits.{name}{suffix}": default for name in
-              ("bps-total", "bps-read", "bps-write", "iops-total", "iops-read", "iops-write")
-              for suffix, default in (("", 0), ("-max", 0), ("-max-length", 1.0))}
-    values.update({"limits.bps-total": bps, "limits.bps-total-max": peak,
-                   "limits.bps-total-max-length": length})
+    values = {
+        f"limits.{name}{suffix}": default
+        for name in ("bps-total", "bps-read", "bps-write", "iops-total", "iops-read", "iops-write")
+        for suffix, default in (("", 0), ("-max", 0), ("-max-length", 1.0))
+    }
+    values.update(
+        {
+            "limits.bps-total": bps,
+            "limits.bps-total-max": peak,
+            "limits.bps-total-max-length": length,
+        }
+    )
     return values
 
 
-requests = st.lists(st.tuples(st.sampled_from(("read", "write")),
-                              st.integers(1, 256 * KiB),          # bytes
-                              st.floats(0, 3, allow_nan=False)),  # arrival (s)
-                    min_size=1, max_size=40)
+requests = st.lists(
+    st.tuples(
+        st.sampled_from(("read", "write")),
+        st.integers(1, 256 * KiB),  # bytes
+        st.floats(0, 3, allow_nan=False),
+    ),  # arrival (s)
+    min_size=1,
+    max_size=40,
+)
 
 
 @settings(max_examples=80, deadline=None)
-@given(requests, st.integers(64 * KiB, 8 * MiB), st.sampled_from((0, 2, 4)),
-       st.sampled_from((1.0, 0.5, 3.0)))
+@given(
+    requests,
+    st.integers(64 * KiB, 8 * MiB),
+    st.sampled_from((0, 2, 4)),
+    st.sampled_from((1.0, 0.5, 3.0)),
+)
 def test_admissions_never_exceed_the_rate_over_any_window(
-        batch: list[tuple[str, int, float]], rate: int, burst_factor: int,
-        length: float) -> None:
+    batch: list[tuple[str, int, float]], rate: int, burst_factor: int, length: float
+) -> None:
     peak = rate * burst_factor
     config = parse_limits(limits(rate, peak, length if peak else 1.0))
     capacity = config["bps-total"][1]
@@ -91,7 +107,8 @@ async def test_a_throttled_backend_reads_at_the_limit(autojump_clock) -> None:
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", "driver=throttle,node-name=t,limits.bps-read=1M,file.driver=null,file.size=64M")
+            "d", "driver=throttle,node-name=t,limits.bps-read=1M,file.driver=null,file.size=64M"
+        )
         start = trio.current_time()
         for offset in range(0, 8 * MiB, 256 * KiB):
             await backend.read(offset, 256 * KiB)
@@ -107,8 +124,9 @@ async def test_a_throttled_backend_reads_at_the_limit(autojump_clock) -> None:
 async def test_a_group_shares_one_budget_between_backends(autojump_clock) -> None:
     layer = BlockLayer()
     try:
-        a = await layer.create("a", "driver=throttle,throttle-group=g,limits.bps-total=1M,"
-                                    "file.driver=null")
+        a = await layer.create(
+            "a", "driver=throttle,throttle-group=g,limits.bps-total=1M,file.driver=null"
+        )
         b = await layer.create("b", "driver=throttle,throttle-group=g,file.driver=null")
         start = trio.current_time()
         async with trio.open_nursery() as nursery:
@@ -129,7 +147,8 @@ async def test_retuning_applies_to_requests_already_waiting(autojump_clock) -> N
     layer = BlockLayer()
     try:
         backend = await layer.create(
-            "d", "driver=throttle,node-name=t,limits.bps-read=1k,file.driver=null")
+            "d", "driver=throttle,node-name=t,limits.bps-read=1k,file.driver=null"
+        )
         await backend.read(0, 100)  # empties the 100-byte burst
         start = trio.current_time()
         async with trio.open_nursery() as nursery:
@@ -141,13 +160,16 @@ async def test_retuning_applies_to_requests_already_waiting(autojump_clock) -> N
         await layer.close()
 
 
-@pytest.mark.parametrize("options, words", [
-    ("limits.bps-write-max=2M", "needs limits.bps-write"),
-    ("limits.bps-read=2M,limits.bps-read-max=1M", "lower than"),
-    ("limits.bps-total=1M,limits.bps-write=1M", "cannot be combined"),
-    ("limits.iops-read=10,limits.iops-read-max-length=5", "needs limits.iops-read-max"),
-    ("limits.bps-read=fast", "bps-read"),
-])
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ("limits.bps-write-max=2M", "needs limits.bps-write"),
+        ("limits.bps-read=2M,limits.bps-read-max=1M", "lower than"),
+        ("limits.bps-total=1M,limits.bps-write=1M", "cannot be combined"),
+        ("limits.iops-read=10,limits.iops-read-max-length=5", "needs limits.iops-read-max"),
+        ("limits.bps-read=fast", "bps-read"),
+    ],
+)
 async def test_bad_limits_fail_and_change_nothing(options: str, words: str) -> None:
     layer = BlockLayer()
     try:
@@ -155,8 +177,7 @@ async def test_bad_limits_fail_and_change_nothing(options: str, words: str) -> N
             await layer.create("d", f"driver=throttle,{options},file.driver=null")
         assert failure.value.errno == errno.EINVAL and words in failure.value.message
         assert "d" not in layer and not layer.graph.nodes
-        await layer.create("d", "driver=throttle,node-name=t,limits.bps-read=1M,"
-                                "file.driver=null")
+        await layer.create("d", "driver=throttle,node-name=t,limits.bps-read=1M,file.driver=null")
         with pytest.raises(BlockError) as failure:
             await layer.reopen("t", options)
         assert failure.value.errno == errno.EINVAL and words in failure.value.message

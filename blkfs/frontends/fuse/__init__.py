@@ -40,8 +40,14 @@ class FuseFrontend:
 
     name = "fuse"
 
-    def __init__(self, layer: BlockLayer, commands: Commands, mountpoint: str,
-                 allow_other: bool, poll_max_ns: int) -> None:
+    def __init__(
+        self,
+        layer: BlockLayer,
+        commands: Commands,
+        mountpoint: str,
+        allow_other: bool,
+        poll_max_ns: int,
+    ) -> None:
         self.mountpoint = mountpoint
         self.allow_other = allow_other
         self.ops = BlkfsOperations(layer, ControlFiles(commands), allow_other, poll_max_ns)
@@ -53,8 +59,9 @@ class FuseFrontend:
         if self.allow_other:
             options.add("allow_other")
         try:
-            with extra_ops.install(fallocate=self.ops.fallocate, lseek=self.ops.lseek,
-                                   spawn=self.ops.spawn):
+            with extra_ops.install(
+                fallocate=self.ops.fallocate, lseek=self.ops.lseek, spawn=self.ops.spawn
+            ):
                 pyfuse3.init(self.ops, self.mountpoint, options)
         except RuntimeError as exc:
             raise BlockError(errno.EIO, f"cannot mount {self.mountpoint}: {exc}") from None

@@ -91,12 +91,21 @@ _OPS_SIZE = 44 * _PTR
 _FI_FH = 16  # struct fuse_file_info: int flags; 32 flag bits; 32 padding bits; uint64_t fh
 _LIBFUSE_VERSIONS = range(308, 400)  # fuse_version() is 100 * major + minor
 
-_SESSION_NEW = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                ctypes.c_size_t, ctypes.c_void_p)
-_FALLOCATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
-                              ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
-_LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64,
-                          ctypes.c_int, ctypes.c_void_p)
+_SESSION_NEW = ctypes.CFUNCTYPE(
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p
+)
+_FALLOCATE = ctypes.CFUNCTYPE(
+    None,
+    ctypes.c_void_p,
+    ctypes.c_uint64,
+    ctypes.c_int,
+    ctypes.c_int64,
+    ctypes.c_int64,
+    ctypes.c_void_p,
+)
+_LSEEK = ctypes.CFUNCTYPE(
+    None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+)
 _INTERRUPT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 
 _keep: list[object] = []
@@ -111,10 +120,10 @@ _SHT_RELA, _SHT_DYNSYM, _SHT_VERNEED, _SHT_VERSYM = 4, 11, 0x6FFFFFFE, 0x6FFFFFF
 
 @dataclass(frozen=True)
 class _Slot:
-    vaddr: int              # r_offset: the slot's link-time address
-    load_vaddr: int         # p_vaddr of the PT_LOAD mapped from file offset 0
-    version: str | None     # the symbol version asked for ("FUSE_3.0")
-    library: str | None     # the library that version is needed from ("libfuse3.so.3")
+    vaddr: int  # r_offset: the slot's link-time address
+    load_vaddr: int  # p_vaddr of the PT_LOAD mapped from file offset 0
+    version: str | None  # the symbol version asked for ("FUSE_3.0")
+    library: str | None  # the library that version is needed from ("libfuse3.so.3")
 
 
 def _find_slot(path: str, symbol: bytes) -> _Slot | None:
@@ -124,36 +133,55 @@ def _find_slot(path: str, symbol: bytes) -> _Slot | None:
     if data[:4] != b"\x7fELF" or data[4:6] != b"\x02\x01":  # ELF64, little-endian
         return None
     machine, phoff, shoff, phentsize, phnum, shentsize, shnum = struct.unpack_from(
-        "<18xH12xQQ6xHHHH", data)
+        "<18xH12xQQ6xHHHH", data
+    )
     kinds = _RELOCATIONS.get(machine)
-    load_vaddr = next((vaddr for p_type, _, offset, vaddr in (
-        struct.unpack_from("<IIQQ", data, phoff + i * phentsize) for i in range(phnum))
-        if p_type == 1 and offset == 0), None)  # PT_LOAD
+    load_vaddr = next(
+        (
+            vaddr
+            for p_type, _, offset, vaddr in (
+                struct.unpack_from("<IIQQ", data, phoff + i * phentsize) for i in range(phnum)
+            )
+            if p_type == 1 and offset == 0
+        ),
+        None,
+    )  # PT_LOAD
     if kinds is None or load_vaddr is None:
         return None
     # (sh_type, sh_offset, sh_size, sh_link, sh_entsize) of each section
-    sections = [(s[1], s[4], s[5], s[6], s[9]) for s in (
-        struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum))]
+    sections = [
+        (s[1], s[4], s[5], s[6], s[9])
+        for s in (
+            struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)
+        )
+    ]
 
     def string(strtab: int, offset: int) -> str:
         start = sections[strtab][1] + offset
-        return data[start:data.index(b"\0", start)].decode()
+        return data[start : data.index(b"\0", start)].decode()
 
     for sh_type, offset, size, link, entsize in sections:
         if sh_type != _SHT_RELA or entsize != 24 or sections[link][0] != _SHT_DYNSYM:
             continue
         _, symtab, _, strtab, symsize = sections[link]
-        for r_offset, r_info, _ in struct.iter_unpack("<QQq", data[offset:offset + size]):
+        for r_offset, r_info, _ in struct.iter_unpack("<QQq", data[offset : offset + size]):
             index = r_info >> 32
-            if r_info & 0xFFFFFFFF in kinds and string(strtab, struct.unpack_from(
-                    "<I", data, symtab + index * symsize)[0]) == symbol.decode():
+            if (
+                r_info & 0xFFFFFFFF in kinds
+                and string(strtab, struct.unpack_from("<I", data, symtab + index * symsize)[0])
+                == symbol.decode()
+            ):
                 version, library = _version_needed(data, sections, index, string)
                 return _Slot(r_offset, load_vaddr, version, library)
     return None
 
 
-def _version_needed(data: bytes, sections: list[tuple[int, int, int, int, int]], index: int,
-                    string: Callable[[int, int], str]) -> tuple[str | None, str | None]:
+def _version_needed(
+    data: bytes,
+    sections: list[tuple[int, int, int, int, int]],
+    index: int,
+    string: Callable[[int, int], str],
+) -> tuple[str | None, str | None]:
     """(version, library) that dynamic symbol ``index`` is bound to (.gnu.version{,_r})."""
     versym = next((s for s in sections if s[0] == _SHT_VERSYM), None)
     verneed = next((s for s in sections if s[0] == _SHT_VERNEED), None)
@@ -182,8 +210,11 @@ def _mappings(path: str) -> list[tuple[int, int, str, int]]:
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
-            if (len(fields) == 6 and int(fields[4]) == inode
-                    and os.path.realpath(fields[5].rstrip("\n")) == path):
+            if (
+                len(fields) == 6
+                and int(fields[4]) == inode
+                and os.path.realpath(fields[5].rstrip("\n")) == path
+            ):
                 start, end = (int(x, 16) for x in fields[0].split("-"))
                 found.append((start, end, fields[1], int(fields[2], 16)))
     return found
@@ -225,6 +256,7 @@ class _Fuse:
 
 
 # --- the patch ---------------------------------------------------------------------------
+
 
 class _GotSlot:
     """One GOT slot, written with its page made writable for the moment if it is not."""
@@ -275,8 +307,9 @@ def _locate() -> tuple[_GotSlot, _Fuse, int] | None:
     maps = _mappings(so)
     base = next((start - slot.load_vaddr for start, _, _, offset in maps if offset == 0), None)
     address = None if base is None else base + slot.vaddr
-    permissions = next((p for start, end, p, _ in maps if address is not None
-                        and start <= address < end), None)
+    permissions = next(
+        (p for start, end, p, _ in maps if address is not None and start <= address < end), None
+    )
     if address is None or permissions is None:
         log.warning("fuseops: fuse_session_new's GOT slot is not mapped")
         return None
@@ -292,15 +325,19 @@ def _locate() -> tuple[_GotSlot, _Fuse, int] | None:
     got = _GotSlot(address, permissions)
     lazy = any(start <= got.original < end for start, end, _, _ in maps)  # PLT stub
     if real is None or (got.original != real and not lazy):
-        log.warning("fuseops: GOT slot %#x holds %#x, not fuse_session_new", address,
-                    got.original)
+        log.warning("fuseops: GOT slot %#x holds %#x, not fuse_session_new", address, got.original)
         return None
     return got, fuse, real
 
 
 @contextlib.contextmanager
-def install(*, fallocate: FallocateHandler | None = None, lseek: LseekHandler | None = None,
-            spawn: Spawn, cancel_on_interrupt: bool = False) -> Iterator[bool]:
+def install(
+    *,
+    fallocate: FallocateHandler | None = None,
+    lseek: LseekHandler | None = None,
+    spawn: Spawn,
+    cancel_on_interrupt: bool = False,
+) -> Iterator[bool]:
     """Register ``fallocate`` and/or ``lseek`` with the ``pyfuse3.init`` run in the block.
 
     Yields True if that call will register them, False (pyfuse3 untouched, the reason
@@ -319,8 +356,9 @@ def install(*, fallocate: FallocateHandler | None = None, lseek: LseekHandler | 
     if lseek is not None:
         table[_OPS_LSEEK] = requests.lseek_callback(lseek)
 
-    def session_new(args: int | None, ops: int | None, op_size: int,
-                    userdata: int | None) -> int | None:
+    def session_new(
+        args: int | None, ops: int | None, op_size: int, userdata: int | None
+    ) -> int | None:
         got.restore()
         table_size = max(op_size, _OPS_SIZE)
         extended = ctypes.create_string_buffer(table_size)
@@ -336,8 +374,12 @@ def install(*, fallocate: FallocateHandler | None = None, lseek: LseekHandler | 
             session: int | None = real(args, ops, op_size, userdata)
             return session
         _keep.append(extended)
-        log.debug("fuseops: registering %s", " and ".join(
-            name for name, handler in (("fallocate", fallocate), ("lseek", lseek)) if handler))
+        log.debug(
+            "fuseops: registering %s",
+            " and ".join(
+                name for name, handler in (("fallocate", fallocate), ("lseek", lseek)) if handler
+            ),
+        )
         session = real(args, extended, table_size, userdata)
         return session
 
@@ -357,6 +399,7 @@ def install(*, fallocate: FallocateHandler | None = None, lseek: LseekHandler | 
 
 # --- requests ----------------------------------------------------------------------------
 
+
 class _Requests:
     """Turns libfuse's synchronous callbacks into spawned tasks that reply exactly once."""
 
@@ -369,14 +412,17 @@ class _Requests:
         _keep.append(self.on_interrupt)
 
     def fallocate_callback(self, handler: FallocateHandler) -> CFuncPtr:
-        def callback(req: int, ino: int, mode: int, offset: int, length: int,
-                     fi: int | None) -> None:
+        def callback(
+            req: int, ino: int, mode: int, offset: int, length: int, fi: int | None
+        ) -> None:
             fh = ctypes.c_uint64.from_address(fi + _FI_FH).value if fi else 0
 
             async def call() -> int | None:
                 await handler(fh, mode, offset, length)
                 return None
+
             self.dispatch(req, call, "fallocate")
+
         return _FALLOCATE(callback)
 
     def lseek_callback(self, handler: LseekHandler) -> CFuncPtr:
@@ -388,7 +434,9 @@ class _Requests:
                 if found < 0:
                     raise OSError(errno.EINVAL, f"lseek handler returned {found}")
                 return found
+
             self.dispatch(req, call, "lseek")
+
         return _LSEEK(callback)
 
     def dispatch(self, req: int, call: Callable[[], Awaitable[int | None]], name: str) -> None:

@@ -86,9 +86,12 @@ class BackendHandle:
         """The backend, unless its medium changed since the open and it asks its users to
         open it again (ESTALE), as a reader that must never mix two media does."""
         if self.backend.stale(self.generation):
-            raise BlockError(errno.ESTALE, f"{self.backend.name}: the medium changed since "
-                                           "this file was opened (on-change=error); open it "
-                                           "again")
+            raise BlockError(
+                errno.ESTALE,
+                f"{self.backend.name}: the medium changed since "
+                "this file was opened (on-change=error); open it "
+                "again",
+            )
         return self.backend
 
 
@@ -125,8 +128,13 @@ class Inodes:
 class BlkfsOperations(pyfuse3.Operations):
     """pyfuse3 handlers over a BlockLayer and its ControlPlane."""
 
-    def __init__(self, layer: BlockLayer, control: ControlFiles, allow_other: bool = False,
-                 poll_max_ns: int = session_loop.POLL_MAX_NS) -> None:
+    def __init__(
+        self,
+        layer: BlockLayer,
+        control: ControlFiles,
+        allow_other: bool = False,
+        poll_max_ns: int = session_loop.POLL_MAX_NS,
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.control = control
@@ -184,8 +192,9 @@ class BlkfsOperations(pyfuse3.Operations):
     # -- attributes ------------------------------------------------------------------------
 
     def _dir_attr(self, inode: int) -> pyfuse3.EntryAttributes:
-        attr = self._base_attr(inode, stat.S_IFDIR | (0o755 if inode == pyfuse3.ROOT_INODE
-                                                       else 0o700))
+        attr = self._base_attr(
+            inode, stat.S_IFDIR | (0o755 if inode == pyfuse3.ROOT_INODE else 0o700)
+        )
         attr.st_nlink = 2
         return attr
 
@@ -220,8 +229,9 @@ class BlkfsOperations(pyfuse3.Operations):
         return self._base_attr(inode, stat.S_IFREG | (0o600 if name in VERBS else 0o400))
 
     @fuse_handler
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
-                      ) -> pyfuse3.EntryAttributes:
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         if inode in (pyfuse3.ROOT_INODE, CTL_INODE):
             return self._dir_attr(inode)
         if inode in CTL_FILE_NAMES:
@@ -232,8 +242,9 @@ class BlkfsOperations(pyfuse3.Operations):
         return await self._backend_attr(backend)
 
     @fuse_handler
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         text = name.decode("utf-8", "surrogateescape")
         if parent_inode == pyfuse3.ROOT_INODE:
             if text == CTL_NAME:
@@ -245,9 +256,14 @@ class BlkfsOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     @fuse_handler
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         backend = self.inodes.backends.get(inode)
         if backend is None:
             if inode in CTL_FILE_NAMES and fields.update_size:
@@ -291,11 +307,13 @@ class BlkfsOperations(pyfuse3.Operations):
         await self.control.write("delete", name)
 
     @fuse_handler
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
-                                                           pyfuse3.EntryAttributes]:
-        log.info("refused to create '%s': backends are made with .ctl/create",
-                 name.decode("utf-8", "replace"))
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        log.info(
+            "refused to create '%s': backends are made with .ctl/create",
+            name.decode("utf-8", "replace"),
+        )
         raise pyfuse3.FUSEError(errno.EPERM)
 
     @fuse_handler
@@ -319,8 +337,11 @@ class BlkfsOperations(pyfuse3.Operations):
         if inode in CTL_FILE_NAMES:
             return await self._open_control(CTL_FILE_NAMES[inode], flags)
         backend = self.inodes.backends.get(inode)
-        if backend is None or backend.name not in self.layer or \
-                self.layer.find(backend.name) is not backend:
+        if (
+            backend is None
+            or backend.name not in self.layer
+            or self.layer.find(backend.name) is not backend
+        ):
             raise pyfuse3.FUSEError(errno.ENOENT)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if not backend.has_medium:
@@ -330,13 +351,11 @@ class BlkfsOperations(pyfuse3.Operations):
         backend.ref(writer=writable)  # the open file keeps the backend alive when deleted
         # O_TRUNC is ignored: a backend file is a disk, and `dd of=` must not empty it.
         handle = BackendHandle(backend, writable, backend.generation)
-        return pyfuse3.FileInfo(fh=self._new_handle(handle),
-                                direct_io=True, keep_cache=False)
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, keep_cache=False)
 
     async def _open_control(self, name: str, flags: int) -> pyfuse3.FileInfo:
         writing = flags & os.O_ACCMODE != os.O_RDONLY
-        if (name in VERBS) != writing and not (name in VERBS and
-                                                  flags & os.O_ACCMODE == os.O_RDWR):
+        if (name in VERBS) != writing and not (name in VERBS and flags & os.O_ACCMODE == os.O_RDWR):
             raise pyfuse3.FUSEError(errno.EACCES if name in REPORTS else errno.EINVAL)
         handle = ControlHandle(name)
         if name in REPORTS:
@@ -345,10 +364,11 @@ class BlkfsOperations(pyfuse3.Operations):
 
     @fuse_handler
     async def read(  # type: ignore[override]  # pyfuse3 replies with any buffer
-            self, fh: int, off: int, size: int) -> bytes | memoryview:
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
         handle = self.handles[fh]
         if isinstance(handle, ControlHandle):
-            return handle.text[off:off + size]
+            return handle.text[off : off + size]
         backend = handle.current()
         end = min(off + size, backend.length())
         if off >= end:
@@ -379,7 +399,7 @@ class BlkfsOperations(pyfuse3.Operations):
         length = backend.length()
         data = memoryview(buf)
         if off < length < off + len(buf):  # a disk takes what fits, then says ENOSPC
-            data = data[:length - off]
+            data = data[: length - off]
         await backend.write(off, data)
         handle.dirty = True
         return data.nbytes
@@ -418,8 +438,9 @@ class BlkfsOperations(pyfuse3.Operations):
             else:
                 await backend.truncate(end)
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and offset < end:
-            await backend.write_zeroes(offset, end - offset,
-                                       unmap=bool(mode & FALLOC_FL_PUNCH_HOLE))
+            await backend.write_zeroes(
+                offset, end - offset, unmap=bool(mode & FALLOC_FL_PUNCH_HOLE)
+            )
             handle.dirty = True
 
     @fuse_handler
@@ -446,8 +467,12 @@ class BlkfsOperations(pyfuse3.Operations):
         """close(): a written backend file is flushed to the host, as a block device is on
         its last close, so that data is safe once the writer's close returns."""
         handle = self.handles.get(fh)
-        if isinstance(handle, BackendHandle) and handle.dirty and handle.backend.has_medium \
-                and not handle.backend.stale(handle.generation):  # a change flushed it
+        if (
+            isinstance(handle, BackendHandle)
+            and handle.dirty
+            and handle.backend.has_medium
+            and not handle.backend.stale(handle.generation)
+        ):  # a change flushed it
             await handle.backend.flush()
             handle.dirty = False
 

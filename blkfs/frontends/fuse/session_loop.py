@@ -150,8 +150,7 @@ class FuseWait:
     def _busy_poll(self, began: int) -> bool:
         """Poll for a request for the adaptive poll time if no task but woken workers (which
         only park again) could run, so the loop would sleep now anyway; True if one came."""
-        if (not self.polling.ns or
-                trio.lowlevel.current_statistics().tasks_runnable > self._woken):
+        if not self.polling.ns or trio.lowlevel.current_statistics().tasks_runnable > self._woken:
             return False
         end = began + self.polling.ns
         while True:

@@ -43,8 +43,14 @@ class NbdFrontend:
 
     name = "nbd"
 
-    def __init__(self, layer: BlockLayer, commands: Commands, server: Address | None = None,
-                 exports: Sequence[Mapping[str, Any]] = (), mode: int = 0o600) -> None:
+    def __init__(
+        self,
+        layer: BlockLayer,
+        commands: Commands,
+        server: Address | None = None,
+        exports: Sequence[Mapping[str, Any]] = (),
+        mode: int = 0o600,
+    ) -> None:
         self.commands = commands
         self.server = server
         """The mount's own NBD server (--nbd), where exports go by default."""
@@ -112,15 +118,21 @@ class NbdFrontend:
         assert self._nursery is not None
         with listener.scope:
             try:
-                await trio.serve_listeners(functools.partial(self._session, listener),
-                                           listener.listeners, handler_nursery=self._nursery)
+                await trio.serve_listeners(
+                    functools.partial(self._session, listener),
+                    listener.listeners,
+                    handler_nursery=self._nursery,
+                )
             except trio.ClosedResourceError:
                 pass
 
     async def _session(self, listener: Listener, stream: trio.SocketStream) -> None:
         if len(listener.sessions) >= MAX_CLIENTS:
-            log.warning("nbd: %s already serves %d clients; refusing one more",
-                        listener.address, MAX_CLIENTS)
+            log.warning(
+                "nbd: %s already serves %d clients; refusing one more",
+                listener.address,
+                MAX_CLIENTS,
+            )
             await trio.aclose_forcefully(stream)
             return
         session = Session(stream, listener, self.budget)
@@ -134,9 +146,17 @@ class NbdFrontend:
 
     # -- the export commands (blkfs.commands.Exporter) ---------------------------------
 
-    async def add(self, backend: BlockBackend, export_name: str, writable: bool, *,
-                  socket: str | None, host: str | None, port: str | None,
-                  mode: str | None) -> None:
+    async def add(
+        self,
+        backend: BlockBackend,
+        export_name: str,
+        writable: bool,
+        *,
+        socket: str | None,
+        host: str | None,
+        port: str | None,
+        mode: str | None,
+    ) -> None:
         if self._nursery is None or self._stopping.is_set():
             raise BlockError(errno.ESHUTDOWN, "the NBD frontend is not serving")
         if export_name in self.exports:
@@ -149,32 +169,47 @@ class NbdFrontend:
         if socket is None and host is None and port is None:
             listener = self.default
             if listener is None:
-                raise BlockError(errno.EINVAL, "no NBD server to export on: give socket=PATH "
-                                               "or host=H port=P, or mount with --nbd")
+                raise BlockError(
+                    errno.EINVAL,
+                    "no NBD server to export on: give socket=PATH "
+                    "or host=H port=P, or mount with --nbd",
+                )
         else:
             where = address(socket, host, port)
-            listener = self.listeners.get(where) or await self._listen(where, permissions,
-                                                                        permanent=False)
+            listener = self.listeners.get(where) or await self._listen(
+                where, permissions, permanent=False
+            )
         export = Export(export_name, backend, writable, listener)
         listener.exports[export_name] = export
         self.exports[export_name] = export
         if backend not in self._watched:
             self._watched.add(backend)
             backend.add_listener(self._on_change)
-        log.info("nbd: exporting %s as '%s' on %s%s", backend.name, export_name,
-                 listener.address, ", writable" if writable else "")
+        log.info(
+            "nbd: exporting %s as '%s' on %s%s",
+            backend.name,
+            export_name,
+            listener.address,
+            ", writable" if writable else "",
+        )
 
     async def remove(self, name: str, force: bool) -> None:
-        targets = [self.exports[name]] if name in self.exports else \
-            [e for e in self.exports.values() if e.backend.name == name]
+        targets = (
+            [self.exports[name]]
+            if name in self.exports
+            else [e for e in self.exports.values() if e.backend.name == name]
+        )
         if not targets:
-            raise BlockError(errno.ENOENT, f"no export named '{name}', and no export of a "
-                                           f"backend named '{name}'")
+            raise BlockError(
+                errno.ENOENT, f"no export named '{name}', and no export of a backend named '{name}'"
+            )
         busy = [e for e in targets if e.sessions]
         if busy and not force:
             clients = ", ".join(s.peer for e in busy for s in e.sessions)
-            raise BlockError(errno.EBUSY, f"export '{busy[0].name}' has clients ({clients}); "
-                                          "force=on disconnects them")
+            raise BlockError(
+                errno.EBUSY,
+                f"export '{busy[0].name}' has clients ({clients}); force=on disconnects them",
+            )
         for export in targets:
             self._retire(export, "export-del")
         sessions = [s for e in targets for s in e.sessions]
@@ -198,9 +233,14 @@ class NbdFrontend:
         if not listener.exports and not listener.permanent:
             listener.close()
             self.listeners.pop(listener.address, None)
-        log.info("nbd: export '%s' withdrawn (%s)%s", export.name, why,
-                 f"; its {len(export.sessions)} client(s) stay until they leave"
-                 if export.sessions else "")
+        log.info(
+            "nbd: export '%s' withdrawn (%s)%s",
+            export.name,
+            why,
+            f"; its {len(export.sessions)} client(s) stay until they leave"
+            if export.sessions
+            else "",
+        )
 
     def _on_change(self, backend: BlockBackend, event: str) -> None:
         if event == "delete":

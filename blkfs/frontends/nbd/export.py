@@ -33,11 +33,15 @@ from blkfs.nbd import (
 if TYPE_CHECKING:
     from blkfs.frontends.nbd.session import Session
 
-SERVED = (TransmissionFlag.SEND_FLUSH | TransmissionFlag.CAN_MULTI_CONN)
+SERVED = TransmissionFlag.SEND_FLUSH | TransmissionFlag.CAN_MULTI_CONN
 """Offered on every export: one backend serves every connection, so a flush on one covers
 writes acknowledged on another (NBD_FLAG_CAN_MULTI_CONN)."""
-WRITING = (TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM |
-           TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO)
+WRITING = (
+    TransmissionFlag.SEND_FUA
+    | TransmissionFlag.SEND_TRIM
+    | TransmissionFlag.SEND_WRITE_ZEROES
+    | TransmissionFlag.SEND_FAST_ZERO
+)
 """Offered on writable exports."""
 
 
@@ -47,21 +51,20 @@ def parse_address(text: str) -> Address:
         return address(socket_path=text[5:])
     host, sep, port = text.rpartition(":")
     if not sep or not host:
-        raise BlockError(errno.EINVAL, f"NBD address '{text}': expected unix:PATH or "
-                                       "HOST:PORT")
+        raise BlockError(errno.EINVAL, f"NBD address '{text}': expected unix:PATH or HOST:PORT")
     return address(host=host.removeprefix("[").removesuffix("]"), port=port)
 
 
-def address(socket_path: str | None = None, host: str | None = None,
-            port: str | None = None) -> Address:
+def address(
+    socket_path: str | None = None, host: str | None = None, port: str | None = None
+) -> Address:
     """An address from the export command's words; EINVAL saying what is wrong."""
     if socket_path is not None:
         if not os.path.isabs(socket_path):
             raise BlockError(errno.EINVAL, f"socket path '{socket_path}' must be absolute")
         return Address(path=socket_path)
     if not host:
-        raise BlockError(errno.EINVAL, "a TCP export needs host= (blkfs listens only where "
-                                       "told)")
+        raise BlockError(errno.EINVAL, "a TCP export needs host= (blkfs listens only where told)")
     try:
         number = DEFAULT_PORT if port is None else int(port)
     except ValueError:
@@ -80,8 +83,9 @@ def socket_mode(text: str | None) -> int:
     except ValueError:
         mode = -1
     if not 0 <= mode <= 0o777:
-        raise BlockError(errno.EINVAL, f"mode must be octal permission bits such as 0660 "
-                                       f"(got {text!r})")
+        raise BlockError(
+            errno.EINVAL, f"mode must be octal permission bits such as 0660 (got {text!r})"
+        )
     return mode
 
 
@@ -131,16 +135,26 @@ class Export:
         else:
             flags |= TransmissionFlag.READ_ONLY
         preferred = 1 << max(12, (limits.request_alignment - 1).bit_length())
-        return ExportInfo(self.name, backend.length(), flags, min_block=1,
-                          preferred_block=preferred,
-                          max_payload=max(preferred, min(limits.max_transfer,
-                                                         DEFAULT_MAX_PAYLOAD)),
-                          description=f"blkfs backend {backend.name}")
+        return ExportInfo(
+            self.name,
+            backend.length(),
+            flags,
+            min_block=1,
+            preferred_block=preferred,
+            max_payload=max(preferred, min(limits.max_transfer, DEFAULT_MAX_PAYLOAD)),
+            description=f"blkfs backend {backend.name}",
+        )
 
     def status(self) -> dict[str, Any]:
-        return {"name": self.name, "backend": self.backend.name, "writable": self.writable,
-                "address": str(self.listener.address), "retired": self.retired,
-                "clients": [s.status() for s in self.sessions], "stats": self.stats.as_dict()}
+        return {
+            "name": self.name,
+            "backend": self.backend.name,
+            "writable": self.writable,
+            "address": str(self.listener.address),
+            "retired": self.retired,
+            "clients": [s.status() for s in self.sessions],
+            "stats": self.stats.as_dict(),
+        }
 
 
 class Listener(Catalog):
@@ -164,9 +178,12 @@ class Listener(Catalog):
         return export.info()
 
     def list(self) -> list[ExportInfo]:
-        return [ExportInfo(e.name, 0, TransmissionFlag(0), description=f"blkfs backend "
-                                                                       f"{e.backend.name}")
-                for e in self.exports.values()]
+        return [
+            ExportInfo(
+                e.name, 0, TransmissionFlag(0), description=f"blkfs backend {e.backend.name}"
+            )
+            for e in self.exports.values()
+        ]
 
     async def open(self, mode: int) -> None:
         """Bind and listen; a unix socket gets ``mode`` before anyone can connect."""
@@ -175,15 +192,17 @@ class Listener(Catalog):
                 self.listeners = [await self._unix(self.address.path, mode)]
             else:
                 assert self.address.host is not None
-                self.listeners = await trio.open_tcp_listeners(self.address.port,
-                                                               host=self.address.host)
+                self.listeners = await trio.open_tcp_listeners(
+                    self.address.port, host=self.address.host
+                )
                 if not self.address.port:  # port 0: the one the system chose
                     port = self.listeners[0].socket.getsockname()[1]
                     self.address = Address(host=self.address.host, port=port)
         except OSError as exc:
             code = exc.errno or errno.EIO
-            raise BlockError(code, f"cannot listen on {self.address}: "
-                                   f"{os.strerror(code)}") from None
+            raise BlockError(
+                code, f"cannot listen on {self.address}: {os.strerror(code)}"
+            ) from None
 
     @staticmethod
     async def _unix(path: str, mode: int) -> trio.SocketListener:

@@ -68,8 +68,10 @@ MAX_DESCRIPTORS = 1024
 DISCONNECTED = (OSError, EOFError, trio.BrokenResourceError, trio.ClosedResourceError)
 KINDS = {int(command): command.name.lower() for command in Cmd}
 """Requests by kind, as the export's counters name them."""
-FUA, NO_HOLE, FAST_ZERO, DF, REQ_ONE = (int(flag) for flag in (
-    CmdFlag.FUA, CmdFlag.NO_HOLE, CmdFlag.FAST_ZERO, CmdFlag.DF, CmdFlag.REQ_ONE))
+FUA, NO_HOLE, FAST_ZERO, DF, REQ_ONE = (
+    int(flag)
+    for flag in (CmdFlag.FUA, CmdFlag.NO_HOLE, CmdFlag.FAST_ZERO, CmdFlag.DF, CmdFlag.REQ_ONE)
+)
 """Command flags as plain ints: enum arithmetic costs microseconds a request."""
 
 
@@ -98,8 +100,9 @@ class Budget:
 def nbd_state(status: Status) -> int:
     """``base:allocation`` flags of a block status: a hole is what holds no data, as
     QEMU's server reports it, so that ``nbdinfo --map`` agrees with ``qemu-img map``."""
-    return (0 if Status.DATA in status else State.HOLE) | \
-        (State.ZERO if Status.ZERO in status else 0)
+    return (0 if Status.DATA in status else State.HOLE) | (
+        State.ZERO if Status.ZERO in status else 0
+    )
 
 
 class Session:
@@ -138,8 +141,12 @@ class Session:
                         if await self._negotiate():
                             await self._receive(handlers)
                 except (ProtocolError, *DISCONNECTED) as exc:
-                    log.info("nbd: %s on %s: %s", self.peer, self.listener.address,
-                             str(exc) or type(exc).__name__)
+                    log.info(
+                        "nbd: %s on %s: %s",
+                        self.peer,
+                        self.listener.address,
+                        str(exc) or type(exc).__name__,
+                    )
         finally:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
@@ -160,8 +167,12 @@ class Session:
                     self._attach(handshake.result)  # before the client hears it may start
                 await self._send(reply)
         if timer.cancelled_caught:
-            log.info("nbd: %s on %s: no export chosen within %gs", self.peer,
-                     self.listener.address, HANDSHAKE_TIMEOUT)
+            log.info(
+                "nbd: %s on %s: no export chosen within %gs",
+                self.peer,
+                self.listener.address,
+                HANDSHAKE_TIMEOUT,
+            )
         return self.export is not None
 
     def _attach(self, negotiated: Negotiated) -> None:
@@ -172,8 +183,13 @@ class Session:
         self.generation = export.backend.generation
         export.sessions.add(self)
         export.stats.connections += 1
-        log.info("nbd: %s connected to export '%s' (backend %s%s)", self.peer, export.name,
-                 export.backend.name, ", writable" if writer else "")
+        log.info(
+            "nbd: %s connected to export '%s' (backend %s%s)",
+            self.peer,
+            export.name,
+            export.backend.name,
+            ", writable" if writer else "",
+        )
 
     async def _detach(self) -> None:
         export, negotiated = self.export, self.negotiated
@@ -184,8 +200,9 @@ class Session:
         try:
             await export.backend.unref(writer=writer)
         except BlockError as exc:  # the last reference of a deleted backend: its flush
-            log.error("%s: closed, but the final flush failed: %s", export.backend.name,
-                      exc.message)
+            log.error(
+                "%s: closed, but the final flush failed: %s", export.backend.name, exc.message
+            )
         log.info("nbd: %s left export '%s'", self.peer, export.name)
 
     # -- requests ------------------------------------------------------------------------
@@ -199,8 +216,9 @@ class Session:
             refusal = check_request(request, self.negotiated)
             if refusal is not None and request.payload:
                 await self._skip(request.payload)
-            wanted = request.length if refusal is None and request.type in (
-                Cmd.READ, Cmd.WRITE) else 0
+            wanted = (
+                request.length if refusal is None and request.type in (Cmd.READ, Cmd.WRITE) else 0
+            )
             await self._slots.acquire()
             held = await self._mine.take(wanted), await self.budget.take(wanted)
             try:
@@ -219,8 +237,13 @@ class Session:
         self.budget.give(held[1])
         self._slots.release()
 
-    async def _handle(self, request: Request, data: memoryview | None,
-                      refusal: tuple[int, str] | None, held: tuple[int, int]) -> None:
+    async def _handle(
+        self,
+        request: Request,
+        data: memoryview | None,
+        refusal: tuple[int, str] | None,
+        held: tuple[int, int],
+    ) -> None:
         assert self.export is not None
         kind = KINDS.get(request.type, "unknown")
         try:
@@ -232,8 +255,11 @@ class Session:
             await self._reply_error(request, exc.error, exc.message)
         except BlockError as exc:
             self.export.stats.errors += 1
-            await self._reply_error(request, to_nbd_errno(exc.errno),
-                                    f"{exc.message} [{errno.errorcode.get(exc.errno, '?')}]")
+            await self._reply_error(
+                request,
+                to_nbd_errno(exc.errno),
+                f"{exc.message} [{errno.errorcode.get(exc.errno, '?')}]",
+            )
         except DISCONNECTED:
             self.stop()  # the client is gone: its other replies have nowhere to go
         except Exception:  # a bug: the client gets EIO, the daemon lives
@@ -267,8 +293,10 @@ class Session:
             no_hole = bool(flags & NO_HOLE)
             if flags & FAST_ZERO:
                 if no_hole or not await self._reads_as_zeros(backend, offset, length):
-                    raise _Refusal(to_nbd_errno(errno.ENOTSUP),
-                                   "zeroing this range is no faster than writing it")
+                    raise _Refusal(
+                        to_nbd_errno(errno.ENOTSUP),
+                        "zeroing this range is no faster than writing it",
+                    )
             else:
                 await backend.write_zeroes(offset, length, unmap=not no_hole)
         if fua and kind in (Cmd.TRIM, Cmd.WRITE_ZEROES):
@@ -287,9 +315,12 @@ class Session:
         assert self.export is not None
         backend = self.export.backend
         if backend.stale(self.generation):
-            raise BlockError(errno.ESTALE, f"{backend.name}: the medium changed since this "
-                                           "client connected (on-change=error); connect "
-                                           "again")
+            raise BlockError(
+                errno.ESTALE,
+                f"{backend.name}: the medium changed since this "
+                "client connected (on-change=error); connect "
+                "again",
+            )
         return backend
 
     async def _read(self, backend: BlockBackend, request: Request) -> None:
@@ -306,11 +337,12 @@ class Session:
             await self._send(none_chunk(cookie))
             return
         sparse = length >= SPARSE_READ_MIN and not request.flags & DF
-        segments = await self._segments(backend, offset, length) if sparse \
-            else [(offset, length, False)]
+        segments = (
+            await self._segments(backend, offset, length) if sparse else [(offset, length, False)]
+        )
         for index, (start, size, zero) in enumerate(segments):
             done = index == len(segments) - 1
-            part = view[start - offset:start - offset + size]
+            part = view[start - offset : start - offset + size]
             if not zero:
                 await backend.readinto(start, part)
             if done:
@@ -321,8 +353,9 @@ class Session:
                 await self._send(offset_data(cookie, start, size, done=done), part)
 
     @staticmethod
-    async def _segments(backend: BlockBackend, offset: int,
-                        length: int) -> list[tuple[int, int, bool]]:
+    async def _segments(
+        backend: BlockBackend, offset: int, length: int
+    ) -> list[tuple[int, int, bool]]:
         """``(start, length, reads as zeros)`` runs covering a read."""
         segments: list[tuple[int, int, bool]] = []
         position, end = offset, offset + length
@@ -407,7 +440,7 @@ class Session:
         """Read and drop the data of a request that is refused (too large, past the end)."""
         scratch = memoryview(bytearray(min(count, 1 << 20)))
         while count:
-            piece = scratch[:min(count, scratch.nbytes)]
+            piece = scratch[: min(count, scratch.nbytes)]
             await self._fill(piece)
             count -= piece.nbytes
 
@@ -431,8 +464,7 @@ def _peer(stream: trio.SocketStream) -> str:
     sock = stream.socket
     if sock.family == socket.AF_UNIX:
         try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                    struct.calcsize("3i"))
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             pid, uid, _ = struct.unpack("3i", creds)
             return f"pid {pid} (uid {uid})"
         except OSError:

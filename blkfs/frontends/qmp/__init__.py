@@ -53,11 +53,18 @@ def parse_address(text: str) -> str:
     if text.startswith("socket,"):
         fields = dict(item.partition("=")[::2] for item in text.split(",")[1:])
         extra = set(fields) - {"path", "server", "wait", "id"}
-        if "path" in fields and fields["path"] and not extra and \
-                fields.get("server", "on") == "on" and fields.get("wait", "off") == "off":
+        if (
+            "path" in fields
+            and fields["path"]
+            and not extra
+            and fields.get("server", "on") == "on"
+            and fields.get("wait", "off") == "off"
+        ):
             return fields["path"]
-    raise BlockError(errno.EINVAL, f"QMP address '{text}': expected unix:PATH or "
-                                   "socket,path=PATH[,server=on,wait=off]")
+    raise BlockError(
+        errno.EINVAL,
+        f"QMP address '{text}': expected unix:PATH or socket,path=PATH[,server=on,wait=off]",
+    )
 
 
 def timestamp() -> dict[str, int]:
@@ -88,8 +95,9 @@ class QmpFrontend:
 
     name = "qmp"
 
-    def __init__(self, layer: BlockLayer, commands: Commands, path: str,
-                 mountpoint: str | None = None) -> None:
+    def __init__(
+        self, layer: BlockLayer, commands: Commands, path: str, mountpoint: str | None = None
+    ) -> None:
         self.layer = layer
         self.commands = commands
         self.path = path
@@ -108,18 +116,19 @@ class QmpFrontend:
         message = {"event": event, "data": dict(data), "timestamp": timestamp()}
         for client in list(self.clients):
             if client.negotiated and not client.post(message):
-                log.warning("qmp: a client fell %d messages behind; disconnecting it",
-                            EVENT_BACKLOG)
+                log.warning(
+                    "qmp: a client fell %d messages behind; disconnecting it", EVENT_BACKLOG
+                )
                 client.send.close()
 
     # -- daemon.Frontend --------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None]) -> None:
         listener = await self._listen()
-        unwatch = watch_jobs(self.layer, lambda event, job: self.emit(event,
-                                                                      job_event(event, job)))
+        unwatch = watch_jobs(self.layer, lambda event, job: self.emit(event, job_event(event, job)))
         unwatch_errors = self.layer.watch_io_errors(
-            lambda error: self.emit("BLOCK_IO_ERROR", io_error_event(error)))
+            lambda error: self.emit("BLOCK_IO_ERROR", io_error_event(error))
+        )
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.serve_listeners, self._client, [listener])
@@ -152,8 +161,9 @@ class QmpFrontend:
         except OSError as exc:
             sock.close()
             code = exc.errno or errno.EIO
-            raise BlockError(code, f"cannot listen for QMP on {self.path}: "
-                                   f"{os.strerror(code)}") from None
+            raise BlockError(
+                code, f"cannot listen for QMP on {self.path}: {os.strerror(code)}"
+            ) from None
         return trio.SocketListener(sock)
 
     # -- one client -------------------------------------------------------------------------
@@ -166,9 +176,17 @@ class QmpFrontend:
         client = Client(stream)
         self.clients.add(client)
         major, minor, micro = VERSION
-        client.post({"QMP": {"version": {"qemu": {"major": major, "minor": minor,
-                                                  "micro": micro}, "package": PACKAGE},
-                             "capabilities": []}})
+        client.post(
+            {
+                "QMP": {
+                    "version": {
+                        "qemu": {"major": major, "minor": minor, "micro": micro},
+                        "package": PACKAGE,
+                    },
+                    "capabilities": [],
+                }
+            }
+        )
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, client, nursery.cancel_scope)
@@ -220,8 +238,9 @@ class QmpFrontend:
                 reply = _error(exc)
             except Exception:  # a bug: say so; the client and the daemon go on
                 log.exception("qmp: command %r failed", message.get("execute"))
-                reply = _error(QmpError("GenericError", "internal error (a bug in blkfs; "
-                                                        "see its log)"))
+                reply = _error(
+                    QmpError("GenericError", "internal error (a bug in blkfs; see its log)")
+                )
         if "id" in message:
             reply["id"] = message["id"]
         return reply
@@ -239,8 +258,10 @@ class QmpFrontend:
             raise QmpError("GenericError", "QMP input member 'arguments' must be an object")
         if name == "qmp_capabilities":
             if client.negotiated:
-                raise QmpError("CommandNotFound", "Capabilities negotiation is already "
-                                                  "complete, command ignored")
+                raise QmpError(
+                    "CommandNotFound",
+                    "Capabilities negotiation is already complete, command ignored",
+                )
             enable = args.get("enable", [])
             if set(args) - {"enable"} or not isinstance(enable, list):
                 raise QmpError("GenericError", "qmp_capabilities takes only enable=[...]")
@@ -249,12 +270,12 @@ class QmpFrontend:
             client.negotiated = True
             return {}
         if not client.negotiated:
-            raise QmpError("CommandNotFound", "Expecting capabilities negotiation with "
-                                              "'qmp_capabilities'")
+            raise QmpError(
+                "CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'"
+            )
         if name == "quit":  # the daemon stops once the reply is out
             if args:
-                raise QmpError("GenericError", f"Parameter '{next(iter(args))}' is "
-                                               "unexpected")
+                raise QmpError("GenericError", f"Parameter '{next(iter(args))}' is unexpected")
             return {}
         async with self._one_at_a_time:
             return await execute(self, name, args)

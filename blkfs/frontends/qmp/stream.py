@@ -71,8 +71,11 @@ class Splitter:
                     self._buf.clear()
             elif byte in _CLOSE:
                 self._depth -= 1
-            if self._depth <= 0 and not self._in_string and (
-                    byte in _CLOSE or (self._depth == 0 and byte in _SPACE)):
+            if (
+                self._depth <= 0
+                and not self._in_string
+                and (byte in _CLOSE or (self._depth == 0 and byte in _SPACE))
+            ):
                 out.append(self._take())
         return out
 

@@ -52,8 +52,13 @@ class Monitor(Protocol):
 
 
 Handler = Callable[[Monitor, dict[str, Any]], Awaitable[Any]]
-TYPES = {"str": (str, "string"), "int": (int, "integer"), "bool": (bool, "boolean"),
-         "object": (dict, "object"), "array": (list, "array")}
+TYPES = {
+    "str": (str, "string"),
+    "int": (int, "integer"),
+    "bool": (bool, "boolean"),
+    "object": (dict, "object"),
+    "array": (list, "array"),
+}
 
 
 @dataclass(frozen=True)
@@ -69,16 +74,18 @@ TABLE: dict[str, QmpCommand] = {}
 and quit."""
 
 
-def qmp(name: str, /, *, free: bool = False,
-        **args: str) -> Callable[[Handler], Handler]:
+def qmp(name: str, /, *, free: bool = False, **args: str) -> Callable[[Handler], Handler]:
     """Declare a QMP command: ``key="str"`` a required string, ``key="int?"`` an optional
     integer (``_`` in keys for ``-``)."""
-    spec = {key.rstrip("_").replace("_", "-"): (kind.rstrip("?"), not kind.endswith("?"))
-            for key, kind in args.items()}
+    spec = {
+        key.rstrip("_").replace("_", "-"): (kind.rstrip("?"), not kind.endswith("?"))
+        for key, kind in args.items()
+    }
 
     def declare(handler: Handler) -> Handler:
         TABLE[name] = QmpCommand(name, None if free else spec, handler)
         return handler
+
     return declare
 
 
@@ -159,8 +166,9 @@ def backend_of(state: Mapping[str, Any], device: str, klass: str) -> str:
     raise QmpError(klass, f"Cannot find device='{device}' nor node-name='{device}'")
 
 
-async def device(monitor: Monitor, args: Mapping[str, Any], *keys: str,
-                 klass: str = "GenericError") -> str:
+async def device(
+    monitor: Monitor, args: Mapping[str, Any], *keys: str, klass: str = "GenericError"
+) -> str:
     """The backend named by the one of ``keys`` given."""
     given = [args[k] for k in keys if args.get(k) is not None]
     if len(given) != 1:
@@ -169,6 +177,7 @@ async def device(monitor: Monitor, args: Mapping[str, Any], *keys: str,
 
 
 # -- describing nodes as QEMU does ------------------------------------------------------
+
 
 def _filename(tree: Mapping[str, Any]) -> str:
     for where in (tree["info"], tree["options"]):
@@ -182,8 +191,12 @@ def _filename(tree: Mapping[str, Any]) -> str:
 
 def image_info(tree: Mapping[str, Any]) -> dict[str, Any]:
     """QEMU's ImageInfo, as far as blkfs knows it."""
-    info: dict[str, Any] = {"filename": _filename(tree), "format": tree["driver"],
-                            "virtual-size": tree["size"], "dirty-flag": False}
+    info: dict[str, Any] = {
+        "filename": _filename(tree),
+        "format": tree["driver"],
+        "virtual-size": tree["size"],
+        "dirty-flag": False,
+    }
     if isinstance(tree["info"].get("cluster-size"), int):
         info["cluster-size"] = tree["info"]["cluster-size"]
     backing = tree["children"].get("backing")
@@ -193,32 +206,43 @@ def image_info(tree: Mapping[str, Any]) -> dict[str, Any]:
     return info
 
 
-def node_info(tree: Mapping[str, Any],
-              limits: Mapping[str, float] | None = None) -> dict[str, Any]:
+def node_info(tree: Mapping[str, Any], limits: Mapping[str, float] | None = None) -> dict[str, Any]:
     """QEMU's BlockDeviceInfo of a node (query-named-block-nodes, query-block), with the
     ``limits`` of a throttle filter in front of it (its bps, iops fields)."""
     limits = limits or {}
     depth, node = 0, tree
     while "backing" in node["children"]:
         depth, node = depth + 1, node["children"]["backing"]
-    return {"node-name": tree["node-name"], "drv": tree["driver"], "ro": tree["read-only"],
-            "file": _filename(tree), "backing_file_depth": depth, "encrypted": False,
-            "detect_zeroes": str(tree["options"].get("detect-zeroes", "off")),
-            **{key: int(limits.get(limit, 0)) for key, limit in THROTTLE_LIMITS.items()},
-            "write_threshold": 0,
-            "cache": {"writeback": True, "direct": False, "no-flush": False},
-            "image": image_info(tree)}
+    return {
+        "node-name": tree["node-name"],
+        "drv": tree["driver"],
+        "ro": tree["read-only"],
+        "file": _filename(tree),
+        "backing_file_depth": depth,
+        "encrypted": False,
+        "detect_zeroes": str(tree["options"].get("detect-zeroes", "off")),
+        **{key: int(limits.get(limit, 0)) for key, limit in THROTTLE_LIMITS.items()},
+        "write_threshold": 0,
+        "cache": {"writeback": True, "direct": False, "no-flush": False},
+        "image": image_info(tree),
+    }
 
 
 def block_stats(stats: Mapping[str, int]) -> dict[str, Any]:
     """QEMU's BlockDeviceStats, the counters blkfs keeps."""
-    return {"rd_bytes": stats["read_bytes"], "wr_bytes": stats["write_bytes"],
-            "unmap_bytes": stats["discard_bytes"], "rd_operations": stats["read_ops"],
-            "wr_operations": stats["write_ops"], "flush_operations": stats["flush_ops"],
-            "unmap_operations": stats["discard_ops"],
-            "rd_total_time_ns": stats["read_ns"], "wr_total_time_ns": stats["write_ns"],
-            "flush_total_time_ns": stats["flush_ns"],
-            "unmap_total_time_ns": stats["discard_ns"]}
+    return {
+        "rd_bytes": stats["read_bytes"],
+        "wr_bytes": stats["write_bytes"],
+        "unmap_bytes": stats["discard_bytes"],
+        "rd_operations": stats["read_ops"],
+        "wr_operations": stats["write_ops"],
+        "flush_operations": stats["flush_ops"],
+        "unmap_operations": stats["discard_ops"],
+        "rd_total_time_ns": stats["read_ns"],
+        "wr_total_time_ns": stats["write_ns"],
+        "flush_total_time_ns": stats["flush_ns"],
+        "unmap_total_time_ns": stats["discard_ns"],
+    }
 
 
 def all_nodes(state: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
@@ -231,6 +255,7 @@ def all_nodes(state: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
             yield tree
             for child in tree["children"].values():
                 yield from walk(child)
+
     for backend in state["backends"]:
         if backend["tree"]:
             yield from walk(backend["tree"])
@@ -239,6 +264,7 @@ def all_nodes(state: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
 
 
 # -- the monitor itself -----------------------------------------------------------------
+
 
 @qmp("query-version")
 async def query_version(monitor: Monitor, args: dict[str, Any]) -> Any:
@@ -253,15 +279,20 @@ async def query_commands(monitor: Monitor, args: dict[str, Any]) -> Any:
 
 # -- queries ----------------------------------------------------------------------------
 
+
 @qmp("query-block")
 async def query_block(monitor: Monitor, args: dict[str, Any]) -> Any:
     result = []
     for backend in (await status(monitor))["backends"]:
         if backend["deleted"]:
             continue
-        entry: dict[str, Any] = {"device": backend["name"], "locked": False,
-                                 "removable": True, "tray_open": False,
-                                 "io-status": backend["io-status"]}
+        entry: dict[str, Any] = {
+            "device": backend["name"],
+            "locked": False,
+            "removable": True,
+            "tray_open": False,
+            "io-status": backend["io-status"],
+        }
         tree = backend["tree"]
         if tree:
             limits = tree["info"].get("limits") if tree["driver"] == "throttle" else None
@@ -279,8 +310,10 @@ async def query_named_block_nodes(monitor: Monitor, args: dict[str, Any]) -> Any
 async def query_blockstats(monitor: Monitor, args: dict[str, Any]) -> Any:
     state = await status(monitor)
     if args.get("query-nodes"):
-        return [{"node-name": tree["node-name"], "stats": block_stats(tree["stats"])}
-                for tree in all_nodes(state)]
+        return [
+            {"node-name": tree["node-name"], "stats": block_stats(tree["stats"])}
+            for tree in all_nodes(state)
+        ]
     result = []
     for backend in state["backends"]:
         if backend["deleted"]:
@@ -293,6 +326,7 @@ async def query_blockstats(monitor: Monitor, args: dict[str, Any]) -> Any:
 
 
 # -- nodes and exports ------------------------------------------------------------------
+
 
 @qmp("blockdev-add", free=True)
 async def blockdev_add(monitor: Monitor, args: dict[str, Any]) -> Any:
@@ -314,8 +348,15 @@ async def blockdev_del(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp("block-export-add", type="str", id="str", node_name="str", writable="bool?",
-     name="str?", mountpoint="str?")
+@qmp(
+    "block-export-add",
+    type="str",
+    id="str",
+    node_name="str",
+    writable="bool?",
+    name="str?",
+    mountpoint="str?",
+)
 async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
     kind, export_id = args["type"], args["id"]
     if kind not in ("fuse", "nbd"):
@@ -326,14 +367,22 @@ async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
     if kind == "fuse" and "mountpoint" in args:
         expected = f"{monitor.mountpoint or 'MOUNT'}/{export_id}"
         if args["mountpoint"].rstrip("/") != expected:
-            raise generic(f"blkfs serves a fuse export as a file of its mount: mountpoint "
-                          f"must be {expected} (or left out)")
+            raise generic(
+                f"blkfs serves a fuse export as a file of its mount: mountpoint "
+                f"must be {expected} (or left out)"
+            )
     await run(monitor, "create", {"name": export_id, "medium": {"node": args["node-name"]}})
     if kind == "nbd":
         try:
-            await run(monitor, "export", {"name": export_id,
-                                          "export-name": args.get("name", args["node-name"]),
-                                          "writable": args.get("writable", False)})
+            await run(
+                monitor,
+                "export",
+                {
+                    "name": export_id,
+                    "export-name": args.get("name", args["node-name"]),
+                    "writable": args.get("writable", False),
+                },
+            )
         except BlockError:
             await run(monitor, "delete", {"name": export_id})
             raise
@@ -359,19 +408,34 @@ async def block_export_del(monitor: Monitor, args: dict[str, Any]) -> Any:
 async def query_block_exports(monitor: Monitor, args: dict[str, Any]) -> Any:
     state = await status(monitor)
     nbd = {e["backend"] for e in state["exports"] if not e["retired"]}
-    return [{"type": "nbd" if b["name"] in nbd else "fuse", "id": b["name"],
-             "node-name": b["tree"]["node-name"], "shutting-down": False}
-            for b in state["backends"] if b["tree"] and not b["deleted"]]
+    return [
+        {
+            "type": "nbd" if b["name"] in nbd else "fuse",
+            "id": b["name"],
+            "node-name": b["tree"]["node-name"],
+            "shutting-down": False,
+        }
+        for b in state["backends"]
+        if b["tree"] and not b["deleted"]
+    ]
 
 
 # -- media ------------------------------------------------------------------------------
+
 
 def _tray(monitor: Monitor, name: str, tray_open: bool) -> None:
     monitor.emit("DEVICE_TRAY_MOVED", {"device": name, "id": name, "tray-open": tray_open})
 
 
-@qmp("blockdev-change-medium", id="str?", device_="str?", filename="str",
-     format="str?", read_only_mode="str?", force="bool?")
+@qmp(
+    "blockdev-change-medium",
+    id="str?",
+    device_="str?",
+    filename="str",
+    format="str?",
+    read_only_mode="str?",
+    force="bool?",
+)
 async def blockdev_change_medium(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device", "id", klass="DeviceNotFound")
     mode = args.get("read-only-mode", "retain")
@@ -385,8 +449,7 @@ async def blockdev_change_medium(monitor: Monitor, args: dict[str, Any]) -> Any:
     state = await status(monitor)
     has_medium = any(b["name"] == name and b["medium"] for b in state["backends"])
     if has_medium:
-        await run(monitor, "change", {"name": name, "medium": medium,
-                                      "force": args.get("force")})
+        await run(monitor, "change", {"name": name, "medium": medium, "force": args.get("force")})
     else:
         await run(monitor, "insert", {"name": name, "medium": medium})
     _tray(monitor, name, True)
@@ -449,8 +512,14 @@ async def block_resize(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-THROTTLE_LIMITS = {"bps": "bps-total", "bps_rd": "bps-read", "bps_wr": "bps-write",
-                   "iops": "iops-total", "iops_rd": "iops-read", "iops_wr": "iops-write"}
+THROTTLE_LIMITS = {
+    "bps": "bps-total",
+    "bps_rd": "bps-read",
+    "bps_wr": "bps-write",
+    "iops": "iops-total",
+    "iops_rd": "iops-read",
+    "iops_wr": "iops-write",
+}
 """QEMU's throttle arguments and the throttle filter's limits they set."""
 
 
@@ -459,45 +528,62 @@ async def block_set_io_throttle(monitor: Monitor, args: dict[str, Any]) -> Any:
     with ``reopen`` when it is there already, taken out when every limit is 0."""
     name = await device(monitor, args, "device", "id", klass="DeviceNotFound")
     if args.get("iops_size", 0):
-        raise generic("blkfs's throttle filter counts every request as one: iops_size "
-                      "must be 0")
+        raise generic("blkfs's throttle filter counts every request as one: iops_size must be 0")
     limits: dict[str, Any] = {}
     for key, limit in THROTTLE_LIMITS.items():
         for suffix, option in (("", ""), ("_max", "-max"), ("_max_length", "-max-length")):
             value = args.get(key + suffix, 1 if suffix == "_max_length" else 0)
             if value < 0 or (suffix == "_max_length" and value < 1):
-                raise generic(f"Parameter '{key + suffix}' expects a "
-                              f"{'positive' if suffix == '_max_length' else 'non-negative'} "
-                              "value")
+                raise generic(
+                    f"Parameter '{key + suffix}' expects a "
+                    f"{'positive' if suffix == '_max_length' else 'non-negative'} "
+                    "value"
+                )
             limits[f"limits.{limit}{option}"] = value
     if "group" in args:
         limits["throttle-group"] = args["group"]
     off = not any(args[key] for key in THROTTLE_LIMITS)
-    tree = next(b["tree"] for b in (await status(monitor))["backends"]
-                if b["name"] == name and not b["deleted"])
+    tree = next(
+        b["tree"]
+        for b in (await status(monitor))["backends"]
+        if b["name"] == name and not b["deleted"]
+    )
     if tree is None:
         raise QmpError("GenericError", f"Device '{name}' has no medium")
     if tree["driver"] == "throttle":
         if off:
-            await run(monitor, "change", {"name": name,
-                                          "medium": {"node": tree["children"]["file"]
-                                                     ["node-name"]}})
+            await run(
+                monitor,
+                "change",
+                {"name": name, "medium": {"node": tree["children"]["file"]["node-name"]}},
+            )
         else:
             await run(monitor, "reopen", {"node": tree["node-name"], "options": limits})
     elif not off:
-        await run(monitor, "change", {"name": name, "medium": {
-            "driver": "throttle", **limits, "file": tree["node-name"]}})
+        await run(
+            monitor,
+            "change",
+            {"name": name, "medium": {"driver": "throttle", **limits, "file": tree["node-name"]}},
+        )
     return {}
 
 
 TABLE["block_set_io_throttle"] = QmpCommand(
     "block_set_io_throttle",
-    {"device": ("str", False), "id": ("str", False), "group": ("str", False),
-     "iops_size": ("int", False),
-     **{key: ("int", True) for key in THROTTLE_LIMITS},
-     **{key + suffix: ("int", False) for key in THROTTLE_LIMITS
-        for suffix in ("_max", "_max_length")}},
-    block_set_io_throttle)
+    {
+        "device": ("str", False),
+        "id": ("str", False),
+        "group": ("str", False),
+        "iops_size": ("int", False),
+        **{key: ("int", True) for key in THROTTLE_LIMITS},
+        **{
+            key + suffix: ("int", False)
+            for key in THROTTLE_LIMITS
+            for suffix in ("_max", "_max_length")
+        },
+    },
+    block_set_io_throttle,
+)
 
 
 @qmp("blockdev-reopen", options="array")
@@ -515,8 +601,15 @@ async def blockdev_reopen(monitor: Monitor, args: dict[str, Any]) -> Any:
 
 # -- snapshots and jobs -----------------------------------------------------------------
 
-@qmp("blockdev-snapshot-sync", device_="str?", node_name="str?",
-     snapshot_file="str", format="str?", mode="str?")
+
+@qmp(
+    "blockdev-snapshot-sync",
+    device_="str?",
+    node_name="str?",
+    snapshot_file="str",
+    format="str?",
+    mode="str?",
+)
 async def blockdev_snapshot_sync(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device", "node-name")
     if args.get("format", "qcow2") != "qcow2":
@@ -534,23 +627,45 @@ async def blockdev_snapshot(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp("block-commit", job_id="str?", device_="str", top="str?", base="str?",
-     top_node="str?", base_node="str?", speed="int?")
+@qmp(
+    "block-commit",
+    job_id="str?",
+    device_="str",
+    top="str?",
+    base="str?",
+    top_node="str?",
+    base_node="str?",
+    speed="int?",
+)
 async def block_commit(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device", klass="DeviceNotFound")  # as QEMU's
-    await run(monitor, "commit", {"name": name, "top": args.get("top-node", args.get("top")),
-                                  "base": args.get("base-node", args.get("base")),
-                                  "speed": args.get("speed"), "job-id": args.get("job-id")})
+    await run(
+        monitor,
+        "commit",
+        {
+            "name": name,
+            "top": args.get("top-node", args.get("top")),
+            "base": args.get("base-node", args.get("base")),
+            "speed": args.get("speed"),
+            "job-id": args.get("job-id"),
+        },
+    )
     return {}
 
 
-@qmp("block-stream", job_id="str?", device_="str", base="str?",
-     base_node="str?", speed="int?")
+@qmp("block-stream", job_id="str?", device_="str", base="str?", base_node="str?", speed="int?")
 async def block_stream(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device")
-    await run(monitor, "stream", {"name": name,
-                                  "base": args.get("base-node", args.get("base")),
-                                  "speed": args.get("speed"), "job-id": args.get("job-id")})
+    await run(
+        monitor,
+        "stream",
+        {
+            "name": name,
+            "base": args.get("base-node", args.get("base")),
+            "speed": args.get("speed"),
+            "job-id": args.get("job-id"),
+        },
+    )
     return {}
 
 
@@ -559,20 +674,46 @@ async def _copy(monitor: Monitor, args: dict[str, Any], verb: str) -> Any:
     mode = args.get("mode", "absolute-paths")
     if mode not in ("existing", "absolute-paths"):
         raise generic(f"Parameter 'mode' does not accept value '{mode}'")
-    await run(monitor, verb, {"name": name, "target": args["target"], "sync": args["sync"],
-                              "format": args.get("format"), "existing": mode == "existing",
-                              "speed": args.get("speed"), "job-id": args.get("job-id")})
+    await run(
+        monitor,
+        verb,
+        {
+            "name": name,
+            "target": args["target"],
+            "sync": args["sync"],
+            "format": args.get("format"),
+            "existing": mode == "existing",
+            "speed": args.get("speed"),
+            "job-id": args.get("job-id"),
+        },
+    )
     return {}
 
 
-@qmp("drive-mirror", job_id="str?", device_="str", target="str", format="str?",
-     sync="str", mode="str?", speed="int?")
+@qmp(
+    "drive-mirror",
+    job_id="str?",
+    device_="str",
+    target="str",
+    format="str?",
+    sync="str",
+    mode="str?",
+    speed="int?",
+)
 async def drive_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
     return await _copy(monitor, args, "mirror")
 
 
-@qmp("drive-backup", job_id="str?", device_="str", target="str", format="str?",
-     sync="str", mode="str?", speed="int?")
+@qmp(
+    "drive-backup",
+    job_id="str?",
+    device_="str",
+    target="str",
+    format="str?",
+    sync="str",
+    mode="str?",
+    speed="int?",
+)
 async def drive_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
     return await _copy(monitor, args, "backup")
 
@@ -582,30 +723,52 @@ def _node_target(node: str) -> str:
     return json.dumps({"node": node})
 
 
-@qmp("blockdev-mirror", job_id="str?", device_="str", target="str", sync="str",
-     speed="int?", copy_mode="str?")
+@qmp(
+    "blockdev-mirror",
+    job_id="str?",
+    device_="str",
+    target="str",
+    sync="str",
+    speed="int?",
+    copy_mode="str?",
+)
 async def blockdev_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device")
-    await run(monitor, "mirror", {"name": name, "target": _node_target(args["target"]),
-                                  "sync": args["sync"], "mode": args.get("copy-mode"),
-                                  "speed": args.get("speed"), "job-id": args.get("job-id")})
+    await run(
+        monitor,
+        "mirror",
+        {
+            "name": name,
+            "target": _node_target(args["target"]),
+            "sync": args["sync"],
+            "mode": args.get("copy-mode"),
+            "speed": args.get("speed"),
+            "job-id": args.get("job-id"),
+        },
+    )
     return {}
 
 
-@qmp("blockdev-backup", job_id="str?", device_="str", target="str", sync="str",
-     speed="int?")
+@qmp("blockdev-backup", job_id="str?", device_="str", target="str", sync="str", speed="int?")
 async def blockdev_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device")
-    await run(monitor, "backup", {"name": name, "target": _node_target(args["target"]),
-                                  "sync": args["sync"], "speed": args.get("speed"),
-                                  "job-id": args.get("job-id")})
+    await run(
+        monitor,
+        "backup",
+        {
+            "name": name,
+            "target": _node_target(args["target"]),
+            "sync": args["sync"],
+            "speed": args.get("speed"),
+            "job-id": args.get("job-id"),
+        },
+    )
     return {}
 
 
 def job_info(job: Mapping[str, Any]) -> dict[str, Any]:
     """QEMU's JobInfo of a blkfs job."""
-    info = {key: job[key] for key in ("id", "type", "status", "current-progress",
-                                      "total-progress")}
+    info = {key: job[key] for key in ("id", "type", "status", "current-progress", "total-progress")}
     if job["error"]:
         info["error"] = job["error"]
     return info
@@ -620,6 +783,7 @@ def _job_verb(verb: str, key: str) -> Handler:
     async def handler(monitor: Monitor, args: dict[str, Any]) -> Any:
         await run(monitor, verb, {"job": args[key]})
         return {}
+
     return handler
 
 
@@ -633,8 +797,10 @@ for _verb in ("pause", "resume", "cancel", "complete"):
 async def job_finalize(monitor: Monitor, args: dict[str, Any]) -> Any:
     if not any(job["id"] == args["id"] for job in await run(monitor, "query-jobs", {})):
         raise generic(f"no job named '{args['id']}'")
-    raise generic(f"Job '{args['id']}' cannot accept command verb 'finalize': blkfs jobs "
-                  "finalize by themselves (auto-finalize)")
+    raise generic(
+        f"Job '{args['id']}' cannot accept command verb 'finalize': blkfs jobs "
+        "finalize by themselves (auto-finalize)"
+    )
 
 
 @qmp("block-job-set-speed", device_="str", speed="int")
@@ -649,8 +815,13 @@ def job_event(event: str, job: Mapping[str, Any]) -> dict[str, Any]:
     """The data of QEMU's event ``event`` for a blkfs job."""
     if event == "JOB_STATUS_CHANGE":
         return {"id": job["id"], "status": job["status"]}
-    data = {"type": job["type"], "device": job["id"], "len": job["total-progress"],
-            "offset": job["current-progress"], "speed": job["speed"]}
+    data = {
+        "type": job["type"],
+        "device": job["id"],
+        "len": job["total-progress"],
+        "offset": job["current-progress"],
+        "speed": job["speed"],
+    }
     if event == "BLOCK_JOB_COMPLETED" and job["error"]:
         data["error"] = job["error"]
     return data
@@ -659,6 +830,11 @@ def job_event(event: str, job: Mapping[str, Any]) -> dict[str, Any]:
 def io_error_event(error: IoError) -> dict[str, Any]:
     """The data of QEMU's BLOCK_IO_ERROR for a request a backend's medium failed, with what
     the backend's error policy made of it (report, ignore, stop)."""
-    return {"device": error.backend, "node-name": error.node, "operation": error.operation,
-            "action": error.action, "nospace": error.errno == errno.ENOSPC,
-            "reason": os.strerror(error.errno)}
+    return {
+        "device": error.backend,
+        "node-name": error.node,
+        "operation": error.operation,
+        "action": error.action,
+        "nospace": error.errno == errno.ENOSPC,
+        "reason": os.strerror(error.errno),
+    }
