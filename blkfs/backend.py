@@ -28,7 +28,8 @@ import errno
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ from blkfs.block.options import format_options, parse_bool, parse_options, parse
 from blkfs.block.perm import ALL, FILTERED, WRITERS, Perm
 from blkfs.block.policy import HostPolicy
 from blkfs.block.request import Requests
+from blkfs.block.workers import shared_pool
 from blkfs.error_policy import POLICIES, Action, Operation, Pause, Policy, action
 from blkfs.errors import BlockError, LastingError, NotFound, OptionError
 from blkfs.jobs.manager import JobManager
@@ -69,6 +71,10 @@ Medium = str | Mapping[str, Any]
 """A validated medium: an option tree, or the name of an existing node."""
 ON_CHANGE_CHOICES = ("follow", "error")
 
+
+LET_GO_SECONDS = 1.0
+"""How long eject, change and delete with force=on wait for the outgoing medium's requests
+and its flush before they let a device that does not answer go (``BlockBackend._letting_go``)."""
 
 MAX_TRANSFER = 32 << 20
 """The largest request a frontend should send (as QEMU's BDRV_REQUEST_MAX_BYTES bounds
@@ -530,10 +536,10 @@ class BlockBackend:
             if self._root is None:
                 raise BlockError(errno.ENOMEDIUM, f"{self.name}: no medium to eject")
             self.check_op("eject it", writers=True, force=force)
-            async with self._requests.tracker.drained():
+            async with self._letting_go(force), self._requests.tracker.drained():
                 await self._flush_outgoing(force)
                 root, self._root = self._root, None
-                await self._release(root)
+                await self._release(root, force)
         log.info("%s: ejected%s", self.name, " (forced)" if force else "")
         self._media_changed()
 
@@ -562,7 +568,7 @@ class BlockBackend:
         tree = self.layer.parse(options)
         async with self._graph_lock:
             self.check_op("change its medium", by=by)
-            async with self._requests.tracker.drained():
+            async with self._letting_go(force), self._requests.tracker.drained():
                 await self._change(tree, force, same_data, before_swap)
         log.info("%s: changed medium to %s", self.name, _spelled(tree))
         if same_data:
@@ -586,7 +592,7 @@ class BlockBackend:
             await self._flush_outgoing(force)
             kept = self.layer.graph.subtree(old.node)
             self._root = await self._replace(old, tree, force or same_data)
-            await self._release(old)
+            await self._release(old, force)
             await self._settle(kept)
 
     async def _settle(self, nodes: list[Node]) -> None:
@@ -664,9 +670,59 @@ class BlockBackend:
             raise
         return edge
 
-    async def _release(self, edge: Child) -> None:
+    async def _release(self, edge: Child, force: bool = False) -> None:
+        """Detach and close a tree; with ``force``, a close that fails (a flush of nodes let
+        go, see :meth:`_letting_go`) is logged, not raised: the tree is gone either way."""
         edge.node.detach(edge)
-        await self.layer.graph.unref(edge.node)
+        try:
+            await self.layer.graph.unref(edge.node)
+        except BlockError as exc:
+            if not force:
+                raise
+            log.warning(
+                "%s: the old medium closed with an error (force=on): %s", self.name, exc.message
+            )
+
+    @asynccontextmanager
+    async def _letting_go(self, force: bool) -> AsyncIterator[None]:
+        """With ``force``, the body (a drain and flush of the outgoing medium, then its
+        replacement) does not wait more than :data:`LET_GO_SECONDS` on a device that does
+        not answer: the host calls of this backend's own nodes still in flight then are let
+        go (their requests fail with EIO at once, and so does every later call to those
+        nodes, their closing flush included; a node with nothing in flight is left alone),
+        and the nodes' host files close when the calls return (see
+        :meth:`BlockDriver.let_go`). A node another backend also uses is not this backend's
+        to give up."""
+        if not force:
+            yield
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._let_go_after, LET_GO_SECONDS)
+            yield
+            nursery.cancel_scope.cancel()
+
+    async def _let_go_after(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        error = BlockError(errno.EIO, f"given up with force=on: no answer in {seconds:g}s")
+        stuck = [(node.name, node.driver.let_go(error)) for node in self._own_nodes()]
+        answered = [f"{count} on node {name}" for name, count in stuck if count]
+        if answered:
+            log.warning(
+                "%s: the device did not answer in %gs; given up with EIO (force=on): %s request(s)",
+                self.name,
+                seconds,
+                ", ".join(answered),
+            )
+
+    def _own_nodes(self) -> list[Node]:
+        """The nodes of this backend's tree that no one else uses, parents first."""
+        if self._root is None or len(self._root.node.parents) > 1:
+            return []
+        own = [self._root.node]
+        for node in self.layer.graph.subtree(own[0])[1:]:
+            if all(edge.parent in own for edge in node.parents):
+                own.append(node)
+        return own
 
     # -- status --------------------------------------------------------------------------
 
@@ -737,6 +793,7 @@ class BlockLayer:
         self, image_dirs: list[str] | None = None, nbd_servers: list[str] | None = None
     ) -> None:
         self.graph = Graph(policy=HostPolicy(image_dirs, nbd_servers or ()))
+        shared_pool()  # its eventfd is one of the process's descriptors from the start
         self.jobs = JobManager(self)
         self._backends: dict[str, BlockBackend] = {}
         self._deleted: set[BlockBackend] = set()
@@ -828,6 +885,13 @@ class BlockLayer:
         delete and changes nothing, unless ``force``."""
         backend = self.find(name)
         backend.check_op("delete it", writers=True, force=force)
+        async with backend._letting_go(force):
+            await self._delete(backend, force)
+
+    async def _delete(self, backend: BlockBackend, force: bool) -> None:
+        name = backend.name
+        if force:  # what is in flight ends (or is let go) before the name goes
+            await backend._requests.tracker.idle()
         if backend.refcnt == 1 and backend.has_medium:
             await backend._requests.run(
                 backend.stats.flush, 0, backend._flush_outgoing, force, "deleting it"

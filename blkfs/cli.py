@@ -40,6 +40,8 @@ from blkfs.frontends.qmp import parse_address as parse_qmp_address
 
 log = logging.getLogger("blkfs")
 UMOUNT_TIMEOUT = 120.0
+STUCK_MS = 5000
+"""A host call running this long means a device that does not answer, to umount."""
 CONFIG_KEYS = (
     "image-dirs",
     "allow-nbd",
@@ -355,10 +357,19 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if exc.errno == errno.ENOENT:
             raise UsageError(f"{mountpoint} is not a blkfs mount") from None
         raise UsageError(f"cannot reach {mountpoint}: {exc.strerror}") from None
+    hung = {b["name"]: why for b in status["backends"] if (why := stuck_calls(b["tree"]))}
+    if hung and not args.force:
+        raise UsageError(
+            f"{mountpoint}: the device of {', '.join(f'{n} ({w})' for n, w in hung.items())} "
+            "does not answer; nothing was changed. 'blkfs umount --force' lets it go (its "
+            "requests fail with EIO) and unmounts"
+        )
+    for name in hung:
+        let_go(mountpoint, name)
     busy = [
         describe_users(mountpoint, b, status.get("exports", []))
         for b in status["backends"]
-        if b["open"]
+        if b["open"] and b["name"] not in hung
     ]
     if busy:
         raise UsageError(
@@ -375,11 +386,37 @@ def cmd_umount(args: argparse.Namespace) -> int:
     pid = status["pid"]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + UMOUNT_TIMEOUT
-    while _alive(pid) or os.path.ismount(mountpoint):
+    # a daemon whose calls were let go exits once they return; the mount goes at once
+    while (_alive(pid) and not hung) or os.path.ismount(mountpoint):
         if time.monotonic() > deadline:
             raise UsageError(f"the daemon (pid {pid}) did not exit within {UMOUNT_TIMEOUT:.0f}s")
         time.sleep(0.05)
     return 0
+
+
+def stuck_calls(tree: dict[str, Any] | None) -> str:
+    """The nodes of a backend's tree whose oldest host call has run :data:`STUCK_MS` or
+    more, described; empty if none."""
+    if tree is None:
+        return ""
+    found = (
+        [f"node {tree['node-name']}: {tree['in-flight']} in flight, oldest {tree['oldest-ms']} ms"]
+        if (tree["oldest-ms"] or 0) >= STUCK_MS
+        else []
+    )
+    found += [why for child in tree.get("children", {}).values() if (why := stuck_calls(child))]
+    return "; ".join(found)
+
+
+def let_go(mountpoint: str, name: str) -> None:
+    """Eject a backend whose device does not answer, with force=on (docs/design.md, "What
+    runs where")."""
+    try:
+        with open(os.path.join(mountpoint, ".ctl", "eject"), "wb", buffering=0) as f:
+            f.write(f"{name} force=on".encode())
+    except OSError as exc:
+        raise UsageError(f"cannot let {name} go: {exc.strerror}") from None
+    print(f"blkfs: {name}: its device did not answer; ejected with force=on", file=sys.stderr)
 
 
 def describe_users(mountpoint: str, backend: dict[str, Any], exports: list[dict[str, Any]]) -> str:
@@ -592,6 +629,12 @@ def parser() -> argparse.ArgumentParser:
 
     umount = sub.add_parser("umount", help="drain, flush and unmount")
     umount.add_argument("mountpoint")
+    umount.add_argument(
+        "--force",
+        action="store_true",
+        help="eject backends whose device does not answer (their requests fail with EIO), "
+        "then unmount",
+    )
     umount.set_defaults(func=cmd_umount)
 
     commands = sub.add_parser(

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 import trio
 
 from blkfs.backend import BlockLayer
-from blkfs.block.workers import shared_pool
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 
@@ -74,7 +73,6 @@ class Daemon:
         """Serve until stopped; ``ready(None)`` once serving, ``ready(message)`` if the
         daemon could not start (then nothing is left mounted or open). Returns the backends
         whose final flush failed, with why."""
-        shared_pool()  # its eventfd is one of the daemon's descriptors from the start
         try:
             for args in self.config.backends:
                 await self.commands.run("create", args)

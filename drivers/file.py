@@ -181,7 +181,7 @@ class FileDriver(BlockDriver):
         when every call ran in the loop (a read racing a write could return half of each)."""
         self.use_locks = values["locking"] != "off"
         self.locks = ImageLocks()
-        self.fd = self.node.open_host_file(self.filename, writable=not values["read-only"])
+        self.fd = await self.node.open_host_file(self.filename, writable=not values["read-only"])
         st = os.fstat(self.fd)
         self._is_block_device = stat.S_ISBLK(st.st_mode)
         self.discard_granularity = st.st_blksize  # the host's unit of hole punching
@@ -272,12 +272,25 @@ class FileDriver(BlockDriver):
             self.locks.abort(self.fd)
 
     async def close(self) -> None:
+        """Close the file, or, while calls that were let go are still on workers, once they
+        return: until then the descriptor (and so its image locks) stays, and nothing
+        reopens the image for writing behind them."""
         if self.fd >= 0:
-            self.node.close_host_file(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            if self.host.calls:
+                self.node.hold_host_file(
+                    fd, f"{len(self.host.calls)} host call(s) of node '{self.node.name}'"
+                )
+            self.host.when_returned(lambda: self._close(fd))
+
+    def _close(self, fd: int) -> None:
+        self.node.close_host_file(fd)
         for bounce in self._bounce:
             bounce.close()
         self._bounce.clear()
+
+    def let_go(self, error: BlockError) -> int:
+        return self.host.let_go(LastingError(error.errno, f"'{self.filename}': {error.message}"))
 
     def _error(self, exc: OSError) -> BlockError:
         return from_oserror(exc, f"'{self.filename}'")

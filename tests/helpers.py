@@ -152,12 +152,16 @@ def node(tree: dict[str, Any], name: str) -> dict[str, Any]:
     raise KeyError(name)
 
 
+VOLATILE = frozenset({"stats", "in-flight", "oldest-ms"})
+"""Status keys that count requests (a running job's, a flush's) rather than state."""
+
+
 def without_stats(value: Any) -> Any:
     """Status without its request counters, for "a failed command changed nothing": a
     change flushes the outgoing medium before it opens anything, so a change that fails has
-    still counted a flush."""
+    still counted a flush, and a running job keeps making requests."""
     if isinstance(value, dict):
-        return {k: without_stats(v) for k, v in value.items() if k != "stats"}
+        return {k: without_stats(v) for k, v in value.items() if k not in VOLATILE}
     if isinstance(value, list):
         return [without_stats(v) for v in value]
     return value

@@ -37,9 +37,13 @@ class NodeContext(Protocol):
     ) -> Child:
         """Open (or reference, for a node name) a child and attach it as ``name``."""
 
-    def open_host_file(self, path: str, writable: bool) -> int:
-        """A descriptor for a host image file, through the image policy; the layer knows
-        which node has which file open."""
+    async def open_host_file(self, path: str, writable: bool) -> int:
+        """A descriptor for a host image file, through the image policy, opened off the
+        event loop; the layer knows which node has which file open."""
+
+    def hold_host_file(self, fd: int, held_by: str) -> None:
+        """Nobody may open this file until it is closed: host calls that were let go
+        (``held_by`` names them) still use it."""
 
     def reopen_host_file(self, path: str, writable: bool) -> int:
         """Another descriptor for the host file this node has open (another access mode)."""

@@ -281,3 +281,10 @@ class BlockDriver:
         """How long the oldest host call this driver has on a worker has run (ns), or None
         if none runs (status shows it; see :mod:`blkfs.block.workers`). Generic: None."""
         return None
+
+    def let_go(self, error: BlockError) -> int:
+        """Give up the host calls in flight: answer their requests with ``error`` now and
+        every later request too; the calls keep their threads (and the host file stays open)
+        until they return. For a node whose device does not answer, leaving the graph with
+        force=on. Returns how many requests were answered. Generic: nothing to give up."""
+        return 0

@@ -97,6 +97,9 @@ class HostFile:
 
     path: str
     nodes: list[Node] = field(default_factory=list)
+    held_by: str | None = None
+    """Set while host calls let go with force=on still use the file (see
+    :meth:`Graph.hold_host_file`): nobody may open it meanwhile."""
 
 
 class Graph:
@@ -112,6 +115,9 @@ class Graph:
         self._counter = itertools.count()
         self.host_files: dict[tuple[int, int], HostFile] = {}
         """Open host files by (device, inode), to find two nodes using one image."""
+        self._host_keys: dict[int, tuple[int, int]] = {}
+        """The (device, inode) of each descriptor :meth:`open_host_file` gave out: closing
+        one must not ask the host (a hung device would hang the fstat)."""
         self.registries: dict[str, dict[str, Any]] = {}
         """What drivers share between the nodes of this graph (throttle groups), by kind."""
 
@@ -572,19 +578,55 @@ class Graph:
 
     # -- host files ----------------------------------------------------------------------
 
-    def open_host_file(self, node: Node, path: str, writable: bool) -> int:
-        """A descriptor for the host file at ``path`` for ``node``, through the allowlist;
-        the graph remembers who has which file open, so that two nodes cannot use one image
-        in conflicting ways even where the host has no locks."""
+    async def open_host_file(self, node: Node, path: str, writable: bool) -> int:
+        """A descriptor for the host file at ``path`` for ``node``, through the allowlist,
+        opened on a worker thread (an open on a hung network or FUSE filesystem waits); the
+        graph remembers who has which file open, so that two nodes cannot use one image in
+        conflicting ways even where the host has no locks."""
+        self._check_not_held(path)
+        fd, key = await trio.to_thread.run_sync(self._open_host, path, writable)
+        host = self.host_files.setdefault(key, HostFile(path))
+        refusal = (
+            self._held(host)
+            if host.held_by
+            else BlockError(errno.ELOOP, f"'{path}' is in its own backing chain (a loop)")
+            if key in _chain.get()
+            else None
+        )
+        if refusal is not None:
+            if not host.nodes:
+                del self.host_files[key]
+            os.close(fd)
+            raise refusal
+        host.nodes.append(node)
+        self._host_keys[fd] = key
+        return fd
+
+    def _check_not_held(self, path: str) -> None:
+        """Refuse a file held by calls let go before opening it: the open itself could wait
+        on the device they wait on (by name; another name for it is found once open)."""
+        wanted = os.path.abspath(path)
+        for host in self.host_files.values():
+            if host.held_by and os.path.abspath(host.path) == wanted:
+                raise self._held(host)
+
+    def _open_host(self, path: str, writable: bool) -> tuple[int, tuple[int, int]]:
         fd = self.policy.open(path, writable)
         st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino)
-        if key in _chain.get():
-            os.close(fd)
-            raise BlockError(errno.ELOOP, f"'{path}' is in its own backing chain (a loop)")
-        host = self.host_files.setdefault(key, HostFile(path))
-        host.nodes.append(node)
-        return fd
+        return fd, (st.st_dev, st.st_ino)
+
+    @staticmethod
+    def _held(host: HostFile) -> BlockError:
+        return BlockError(
+            errno.EBUSY,
+            f"'{host.path}' is still used by {host.held_by}, given up with force=on; it can be "
+            "opened again once its device answers them",
+        )
+
+    def hold_host_file(self, fd: int, held_by: str) -> None:
+        """Keep anyone from opening the file of ``fd`` until it is closed: host calls that
+        were let go (``held_by`` names them) still use it."""
+        self.host_files[self._host_keys[fd]].held_by = held_by
 
     @contextlib.contextmanager
     def opening_backing_of(self, node: Node) -> Iterator[None]:
@@ -602,8 +644,7 @@ class Graph:
             _chain.reset(token)
 
     def close_host_file(self, node: Node, fd: int) -> None:
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino)
+        key = self._host_keys.pop(fd)
         host = self.host_files.get(key)
         if host is not None and node in host.nodes:
             host.nodes.remove(node)

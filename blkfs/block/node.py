@@ -244,8 +244,11 @@ class Node:
             raise
         return edge
 
-    def open_host_file(self, path: str, writable: bool) -> int:
-        return self.graph.open_host_file(self, path, writable)
+    async def open_host_file(self, path: str, writable: bool) -> int:
+        return await self.graph.open_host_file(self, path, writable)
+
+    def hold_host_file(self, fd: int, held_by: str) -> None:
+        self.graph.hold_host_file(fd, held_by)
 
     def reopen_host_file(self, path: str, writable: bool) -> int:
         return self.graph.policy.open(path, writable)

@@ -62,16 +62,20 @@ class Tracker:
         if self._quiesced == 0:
             self._resume.set()
 
+    async def idle(self) -> None:
+        """Wait until no request is in flight (new ones may come meanwhile)."""
+        while self.in_flight:
+            if self._idle is None:  # a second waiter waits for the same moment
+                self._idle = trio.Event()
+            await self._idle.wait()
+            self._idle = None
+
     @asynccontextmanager
     async def drained(self) -> AsyncIterator[None]:
         """Run the body with no request in flight and new ones held until it ends."""
         self.hold()
         try:
-            while self.in_flight:
-                if self._idle is None:  # a second drainer waits for the same moment
-                    self._idle = trio.Event()
-                await self._idle.wait()
-                self._idle = None
+            await self.idle()
             yield
         finally:
             self.release()

@@ -4,6 +4,8 @@ Ground rules: the event loop never waits on a device. A host call that may block
 page cache cannot serve at once, a write, fallocate, lseek, fdatasync, ftruncate) runs on a
 worker thread, and the task that asked sleeps until it returns. That sleep cannot be
 cancelled: the call cannot be taken back, and it owns the caller's buffer until it returns.
+The one exception is a node let go with force=on (:meth:`HostQueue.let_go`): its callers are
+answered with an error at once, and the node's host file stays open until the calls return.
 
 Threads are shared by every node and made on demand (an idle one exits after
 :data:`IDLE_SECONDS`). Each node's calls go through its own :class:`HostQueue`, which runs at
@@ -37,7 +39,27 @@ T = TypeVar("T")
 IDLE_SECONDS = 10.0
 """A worker with nothing to do for this long exits."""
 
-_Job = tuple[Callable[..., Any], tuple[Any, ...], trio.lowlevel.Task]
+_Job = tuple[Callable[..., Any], tuple[Any, ...], "HostCall"]
+
+
+class HostCall:
+    """One call on a worker: who waits for it (None once answered early, see
+    :meth:`HostQueue.let_go`) and since when it runs."""
+
+    __slots__ = ("queue", "started", "task")
+
+    def __init__(self, queue: HostQueue, task: trio.lowlevel.Task) -> None:
+        self.queue = queue
+        self.task: trio.lowlevel.Task | None = task
+        self.started = perf_counter_ns()
+
+    def returned(self, result: outcome.Outcome[Any]) -> None:
+        """The call came back (in the loop): wake its task, or only free its place if its
+        task was answered already."""
+        if self.task is not None:
+            trio.lowlevel.reschedule(self.task, result)
+        else:
+            self.queue._finished(self)
 
 
 class WorkerPool:
@@ -48,18 +70,16 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._idle = 0
         """Threads waiting for a job that no submitted job has been promised to."""
-        self._done: list[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]] = []
+        self._done: list[tuple[HostCall, outcome.Outcome[Any]]] = []
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._reaping: trio.lowlevel.RunVar[bool] = trio.lowlevel.RunVar("reaping", False)
 
-    def submit(
-        self, call: Callable[..., Any], args: tuple[Any, ...], task: trio.lowlevel.Task
-    ) -> None:
-        """Run ``call(*args)`` on a worker; ``task`` is rescheduled with its outcome."""
+    def submit(self, call: Callable[..., Any], args: tuple[Any, ...], host: HostCall) -> None:
+        """Run ``call(*args)`` on a worker; ``host`` hears of its outcome in the loop."""
         if not self._reaping.get():
             self._reaping.set(True)
             trio.lowlevel.spawn_system_task(self._reap, name="blkfs host I/O completions")
-        job = (call, args, task)
+        job = (call, args, host)
         with self._lock:
             if self._idle:
                 self._idle -= 1
@@ -78,11 +98,11 @@ class WorkerPool:
                             self._idle -= 1
                             return
                     continue
-            call, args, task = job
+            call, args, host = job
             job = None
             result = outcome.capture(call, *args)
             with self._lock:
-                self._done.append((task, result))
+                self._done.append((host, result))
                 wake = len(self._done) == 1
                 self._idle += 1
             if wake:
@@ -98,8 +118,8 @@ class WorkerPool:
                     pass
                 with self._lock:
                     done, self._done = self._done, []
-                for task, result in done:
-                    trio.lowlevel.reschedule(task, result)
+                for host, result in done:
+                    host.returned(result)
         finally:
             self._reaping.set(False)
 
@@ -116,34 +136,38 @@ def _abort(_: Any) -> trio.lowlevel.Abort:
 
 class HostQueue:
     """One node's door to the workers: at most ``limit`` of its calls run at once, the
-    others wait their turn in order; :attr:`started` tells how long each running one has."""
+    others wait their turn in order; :attr:`calls` tells how long each running one has."""
 
-    __slots__ = ("_waiting", "limit", "running", "started")
+    __slots__ = ("_returned", "_waiting", "calls", "gone", "limit", "running")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.running = 0
         self._waiting: deque[trio.lowlevel.Task] = deque()
-        self.started: dict[int, int] = {}
-        """perf_counter_ns() at the start of each call on a worker, oldest first."""
+        self.calls: dict[HostCall, None] = {}
+        """The calls on workers, oldest first (answered ones included until they return)."""
+        self._returned: Callable[[], None] | None = None
+        self.gone: BaseException | None = None
+        """Set by :meth:`let_go`: every later call fails with it at once."""
 
     async def run(self, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)`` on a worker thread; its exception is raised here. Once the call
-        has started, cancellation waits for it to return (see the module's ground rules)."""
+        has started, cancellation waits for it to return (see the module's ground rules),
+        unless :meth:`let_go` answers it first."""
+        if self.gone is not None:
+            raise self.gone
         if self.running >= self.limit or self._waiting:
             await self._wait_turn()
         else:
             self.running += 1
-        pool = shared_pool()
-        task = trio.lowlevel.current_task()
-        key = id(task)
-        self.started[key] = perf_counter_ns()
+        host = HostCall(self, trio.lowlevel.current_task())
+        self.calls[host] = None
+        shared_pool().submit(call, args, host)
         try:
-            pool.submit(call, args, task)
             result: T = await trio.lowlevel.wait_task_rescheduled(_abort)
         finally:
-            del self.started[key]
-            self._release()
+            if host.task is not None:  # returned; else it keeps its place until it does
+                self._finished(host)
         return result
 
     async def _wait_turn(self) -> None:
@@ -156,14 +180,47 @@ class HostQueue:
 
         await trio.lowlevel.wait_task_rescheduled(abort)  # running was counted for us
 
-    def _release(self) -> None:
+    def _finished(self, host: HostCall) -> None:
+        del self.calls[host]
         if self._waiting:
             trio.lowlevel.reschedule(self._waiting.popleft())  # its turn, counted
+            return
+        self.running -= 1
+        if not self.calls and self._returned is not None:
+            returned, self._returned = self._returned, None
+            returned()
+
+    def let_go(self, error: BaseException) -> int:
+        """If a call is in flight, answer it and every call waiting its turn with ``error``
+        now, and every later one (a device that does not answer, given up with force=on:
+        the node is on its way out, and its close must not wait on the device either). The
+        calls
+        themselves cannot be taken back: they keep their threads and buffers until they
+        return. A queue with nothing in flight is left as it is. Returns how many requests
+        were answered."""
+        if not self.calls and not self._waiting:
+            return 0
+        self.gone = error
+        answered = 0
+        for host in self.calls:
+            if host.task is not None:
+                trio.lowlevel.reschedule(host.task, outcome.Error(error))
+                host.task = None
+                answered += 1
+        while self._waiting:
+            trio.lowlevel.reschedule(self._waiting.popleft(), outcome.Error(error))
+            answered += 1
+        return answered
+
+    def when_returned(self, then: Callable[[], None]) -> None:
+        """Run ``then`` once no call is on a worker any more (now if none is)."""
+        if self.calls:
+            self._returned = then
         else:
-            self.running -= 1
+            then()
 
     def oldest_ns(self) -> int | None:
         """How long the longest-running call has run, or None if none runs."""
-        for started in self.started.values():
-            return perf_counter_ns() - started
+        for host in self.calls:
+            return perf_counter_ns() - host.started
         return None

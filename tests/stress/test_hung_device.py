@@ -11,6 +11,7 @@ stuck qcow2 image is clean by ``qemu-img check``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -24,7 +25,15 @@ from typing import Any
 import pytest
 from qemu.qmp import QMPClient
 
-from tests.helpers import Mount, force_unmount, mounted, pattern_image, run, wait_until
+from tests.helpers import (
+    Mount,
+    blkfs,
+    force_unmount,
+    mounted,
+    pattern_image,
+    run,
+    wait_until,
+)
 from tests.qmp.peer import drive
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu]
@@ -243,3 +252,129 @@ def test_a_hung_device_stalls_only_its_own_backend(
         mount.ctl("delete", "slow")
     report = json.loads(run("qemu-img", "check", "--output=json", "-f", "qcow2", held_disk.path))
     assert report.get("corruptions", 0) == 0 and report.get("leaks", 0) == 0, report
+
+
+LET_GO_OPS = {
+    op: f"try:\n    {call}\nexcept OSError as exc:\n    sys.exit(exc.strerror)"
+    for op, call in STUCK_OPS.items()
+}
+"""The stuck operations, exiting with the error's text when the request fails."""
+
+
+@pytest.mark.parametrize(
+    ("op", "verb"), [(op, "eject") for op in STUCK_OPS] + [("read", "change"), ("write", "delete")]
+)
+def test_a_hung_backend_is_let_go_with_force(
+    op: str, verb: str, held_disk: HeldDisk, mount_factory: Callable[..., Mount], tmp_path: Path
+) -> None:
+    """eject, change or delete with force=on of a backend whose device does not answer
+    returns; the stuck request fails with EIO; the image stays held (nothing reopens it for
+    writing) until the device answers; the other backend never notices."""
+    local_image, other = tmp_path / "local.raw", tmp_path / "other.raw"
+    local = pattern_image(local_image, SIZE, 1)
+    pattern_image(other, SIZE, 2)
+    slow = f"driver=qcow2,file.driver=file,file.filename={held_disk.path}"
+    mount = mount_factory(
+        "--backend",
+        f"local=driver=raw,file.driver=file,file.filename={local_image}",
+        "--backend",
+        f"slow={slow}",
+    )
+    if op == "fdatasync":
+        with open(mount / "slow", "r+b", buffering=0) as f:
+            os.pwrite(f.fileno(), b"F" * 4096, STUCK)
+    held_disk.pause()
+    stuck = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import os, sys\nSTUCK = {STUCK}\n"
+            f"f = os.open({str(mount / 'slow')!r}, os.O_RDWR)\n{LET_GO_OPS[op]}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(
+            lambda: bool(file_node(mount.backends()["slow"]["tree"])["in-flight"]),
+            "the stuck request to show in status.json",
+            HUNG,
+        )
+        command = {
+            "eject": ("eject", "slow force=on"),
+            "change": (
+                "change",
+                f"slow driver=raw,file.driver=file,file.filename={other},force=on",
+            ),
+            "delete": ("delete", "slow force=on"),
+        }[verb]
+        bounded(lambda: mount.ctl(*command), f"{verb} force=on of the hung backend")
+        _, err = stuck.communicate(timeout=HUNG)
+        assert stuck.returncode == 1 and "Input/output error" in err.decode(), err.decode()
+        # the stuck host call still owns the image: nothing may open it for writing
+        assert mount.ctl_errno("create", f"again {slow}") == errno.EBUSY
+        assert "again" not in mount.backends()
+        with open(mount / "local", "rb") as f:
+            assert f.read() == local
+        if verb == "change":
+            with open(mount / "slow", "rb") as f:
+                assert f.read(4096) == other.read_bytes()[:4096]
+    finally:
+        held_disk.resume()
+        if stuck.poll() is None:
+            stuck.kill()
+            stuck.wait()
+    # once the device answers, the old tree closes and the image can be used again
+    wait_until(lambda: mount.ctl_errno("create", f"again {slow}") == 0, "the image to be free")
+    mount.ctl("delete", "again")
+    report = json.loads(run("qemu-img", "check", "--output=json", "-f", "qcow2", held_disk.path))
+    assert report.get("corruptions", 0) == 0, report
+
+
+def test_umount_names_a_hung_backend_and_force_lets_it_go(
+    held_disk: HeldDisk, mount_factory: Callable[..., Mount], tmp_path: Path
+) -> None:
+    local_image = tmp_path / "local.raw"
+    pattern_image(local_image, SIZE, 1)
+    mount = mount_factory(
+        "--backend",
+        f"local=driver=raw,file.driver=file,file.filename={local_image}",
+        "--backend",
+        f"slow=driver=qcow2,file.driver=file,file.filename={held_disk.path}",
+    )
+    held_disk.pause()
+    stuck = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import os, sys\nSTUCK = {STUCK}\n"
+            f"f = os.open({str(mount / 'slow')!r}, os.O_RDONLY)\n{LET_GO_OPS['read']}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(
+            lambda: (file_node(mount.backends()["slow"]["tree"])["oldest-ms"] or 0) >= 5000,
+            "the stuck read to have waited five seconds",
+            HUNG,
+        )
+        refused = bounded(
+            lambda: blkfs("umount", str(mount.path), check=False), "umount of a hung mount"
+        )
+        assert refused.returncode != 0
+        assert "slow" in refused.stderr and "does not answer" in refused.stderr, refused.stderr
+        assert mounted(mount.path) and "local" in mount.backends()
+        done = bounded(
+            lambda: blkfs("umount", "--force", str(mount.path), check=False),
+            "umount --force of a hung mount",
+        )
+        assert done.returncode == 0, done.stderr
+        assert not mounted(mount.path)
+        _, err = stuck.communicate(timeout=HUNG)
+        assert stuck.returncode == 1 and "Input/output error" in err.decode(), err.decode()
+    finally:
+        held_disk.resume()
+        if stuck.poll() is None:
+            stuck.kill()
+            stuck.wait()
