@@ -1,6 +1,6 @@
 """Node options: the three spellings people use, and the schemas drivers declare.
 
-Ground rules (DESIGN.md section 2):
+Ground rules (docs/design.md, "Options"):
 
 * Every spelling parses to one nested dict of plain values: ``driver=qcow2,file.filename=/a``
   (dotted keys, ``,,`` for a literal comma), JSON (``{"driver": "qcow2", ...}``), or a path

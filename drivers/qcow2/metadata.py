@@ -5,12 +5,12 @@ Ground rules:
 * :meth:`Metadata.load` reads the header and the L1 and refcount tables, and refuses what
   blkfs cannot open (QEMU's qcow2_do_open): encryption, unknown incompatible features, tables
   out of bounds, and, for writing, an image marked corrupt or dirty.
-* The write-back order (DESIGN.md section 6) is declared here, once, as the dependencies of
-  the metadata kinds (:mod:`drivers.qcow2.cache`): refcount blocks, then the refcount table
-  that names them, then the L2 tables that use the clusters they count (after a barrier even
-  when no refcount changed: guest data in new clusters comes first), then the L1 entries that
-  name new L2 tables, then the refcount decreases of clusters those no longer reference; a
-  barrier between each, and one at the end.
+* The write-back order (docs/design.md, "Crash safety") is declared here, once, as the
+  dependencies of the metadata kinds (:mod:`drivers.qcow2.cache`): refcount blocks, then the
+  refcount table that names them, then the L2 tables that use the clusters they count (after
+  a barrier even when no refcount changed: guest data in new clusters comes first), then the
+  L1 entries that name new L2 tables, then the refcount decreases of clusters those no longer
+  reference; a barrier between each, and one at the end.
 * blkfs maintains no autoclear feature (bit 0 vouches for persistent dirty bitmaps): a
   writable image clears the bits, durably, before its first change
   (:meth:`Metadata.clear_autoclear`), as the spec requires of such a program.

@@ -1,6 +1,6 @@
 """The FUSE frontend: one regular file per backend, and the ``.ctl`` directory.
 
-Backend files behave like block device nodes (DESIGN.md section 3): they are served with
+Backend files behave like block device nodes (docs/design.md, "FUSE"): they are served with
 direct_io so no stale page of an old medium can be read after a change, O_TRUNC is ignored,
 writes past the end fail with ENOSPC, and fsync flushes the whole tree. Every open file holds
 a reference on its backend, so a deleted backend keeps serving the descriptors already open.
