@@ -25,14 +25,14 @@ from typing import Any, NoReturn
 
 import trio
 
-from blkfs import imagecmd, jobcmd
 from blkfs.backend import BlockLayer, parse_options
+from blkfs.cli import image, jobs
 from blkfs.commands import COMMANDS, Commands
 from blkfs.daemon import Daemon, DaemonConfig, FrontendFactory
 from blkfs.errors import BlockError
 from blkfs.frontends import ctl
 from blkfs.frontends.fuse import FuseFrontend
-from blkfs.frontends.fuse.session_loop import POLL_MAX_NS
+from blkfs.frontends.fuse.polling import MAX_POLL_NS, POLL_MAX_NS
 from blkfs.frontends.nbd import NbdFrontend
 from blkfs.frontends.nbd.export import parse_address, socket_mode
 from blkfs.frontends.qmp import QmpFrontend
@@ -52,8 +52,6 @@ CONFIG_KEYS = (
     "poll-max-ns",
 )
 """The keys of a ``--config`` TOML file."""
-MAX_POLL_NS = 1_000_000_000
-"""``--poll-max-ns`` at most a second: a daemon may busy-poll that long once when it idles."""
 
 
 class UsageError(Exception):
@@ -610,8 +608,8 @@ def parser() -> argparse.ArgumentParser:
     commands.add_argument("args", nargs="*")
     commands.set_defaults(func=cmd_ctl)
 
-    jobcmd.add_parsers(sub)
-    imagecmd.add_parser(sub)
+    jobs.add_parsers(sub)
+    image.add_parser(sub)
     return top
 
 
@@ -620,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status: int = args.func(args)
         return status
-    except (UsageError, BlockError, jobcmd.JobError) as exc:
+    except (UsageError, BlockError, jobs.JobError) as exc:
         fail(str(exc))
     except BrokenPipeError:  # the reader went away (| head): end quietly, as other tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
