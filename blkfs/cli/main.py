@@ -34,7 +34,7 @@ from blkfs.daemon import Daemon, DaemonConfig, FrontendFactory
 from blkfs.errors import BlockError
 from blkfs.frontends import ctl
 from blkfs.frontends.fuse import FuseFrontend
-from blkfs.frontends.fuse.polling import MAX_POLL_NS, POLL_MAX_NS
+from blkfs.frontends.fuse.session_loop import POLL_MAX_NS
 from blkfs.frontends.nbd import NbdFrontend
 from blkfs.frontends.nbd.export import parse_address, socket_mode
 from blkfs.frontends.qmp import QmpFrontend
@@ -55,6 +55,8 @@ CONFIG_KEYS = (
     "poll-max-ns",
 )
 """The keys of a ``--config`` TOML file."""
+MAX_POLL_NS = 1_000_000_000
+"""``--poll-max-ns`` at most a second: a daemon may busy-poll that long once when it idles."""
 
 
 class UsageError(Exception):

@@ -28,7 +28,6 @@ from blkfs.backend import BlockBackend, BlockLayer, Status
 from blkfs.errors import BlockError
 from blkfs.frontends.ctl import REPORTS, VERBS, ControlFiles
 from blkfs.frontends.fuse import session_loop
-from blkfs.frontends.fuse.polling import POLL_MAX_NS
 
 log = logging.getLogger("blkfs.fuse")
 
@@ -134,7 +133,7 @@ class BlkfsOperations(pyfuse3.Operations):
         layer: BlockLayer,
         control: ControlFiles,
         allow_other: bool = False,
-        poll_max_ns: int = POLL_MAX_NS,
+        poll_max_ns: int = session_loop.POLL_MAX_NS,
     ) -> None:
         super().__init__()
         self.layer = layer
