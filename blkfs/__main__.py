@@ -2,6 +2,6 @@
 
 import sys
 
-from blkfs.cli import main
+from blkfs.cli.main import main
 
 sys.exit(main())

@@ -11,10 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FRONTENDS = sorted(
     [
         *(ROOT / "blkfs" / "frontends").rglob("*.py"),
-        *(
-            ROOT / "blkfs" / name
-            for name in ("cli.py", "imagecmd.py", "imagejobs.py", "jobcmd.py", "progress.py")
-        ),
+        *(ROOT / "blkfs" / "cli").rglob("*.py"),
     ]
 )
 """Every way in: the frontends folder and the command line."""
@@ -43,7 +40,7 @@ def touches(modules: set[str], forbidden: str) -> list[str]:
 
 def test_frontends_never_import_the_driver_api_or_a_driver() -> None:
     names = {p.relative_to(ROOT / "blkfs").as_posix() for p in FRONTENDS}
-    assert {"frontends/fuse/operations.py", "frontends/ctl.py", "cli.py"} <= names
+    assert {"frontends/fuse/operations.py", "frontends/ctl.py", "cli/main.py"} <= names
     for path in FRONTENDS + OVER_THE_BACKEND_API:
         modules = imported_modules(path)
         assert not touches(modules, "blkfs.block"), f"{path.name} imports the driver API"

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import errno
 import json
-from collections.abc import Sequence
 from typing import Any
 
 from blkfs.backend import parse_options
 from blkfs.commands import COMMANDS, POSITIONAL, Command, Commands, Kind
 from blkfs.errors import BlockError
+from blkfs.frontends.text import human_size, table
 
 MAX_COMMAND = 64 * 1024
 VERBS = tuple(name for name, command in COMMANDS.items() if not command.report)
@@ -131,7 +131,7 @@ def format_status(backends: list[dict[str, Any]]) -> str:
                 f"{tree['driver']} {tree['node-name']}" if tree else "-",
             )
         )
-    lines = _table(rows)
+    lines = table(rows)
     lines.extend(
         f"{b['name']}: {b['paused']['reason']}; 'cont {b['name']}' retries it"
         for b in backends
@@ -143,14 +143,6 @@ def format_status(backends: list[dict[str, Any]]) -> str:
             lines.append(f"{b['name']}:")
             lines.extend(_tree_lines(b["tree"], "  ", "root"))
     return "\n".join(lines) + "\n"
-
-
-def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
 
 
 def format_exports(exports: list[dict[str, Any]]) -> str:
@@ -172,7 +164,7 @@ def format_exports(exports: list[dict[str, Any]]) -> str:
             for e in exports
         ),
     ]
-    lines = ["", *_table(rows)]
+    lines = ["", *table(rows)]
     for e in exports:
         lines.extend(
             f"{e['name']}: client {c['peer']}, {c['in-flight']} in flight" for c in e["clients"]
@@ -197,7 +189,7 @@ def format_jobs(jobs: list[dict[str, Any]]) -> str:
                 job["error"] or "-",
             )
         )
-    return "\n".join(_table(rows)) + "\n"
+    return "\n".join(table(rows)) + "\n"
 
 
 def _tree_lines(node: dict[str, Any], indent: str, role: str) -> list[str]:
@@ -225,12 +217,3 @@ def _tree_lines(node: dict[str, Any], indent: str, role: str) -> list[str]:
     for child_role, child in node["children"].items():
         lines.extend(_tree_lines(child, indent + "  ", child_role))
     return lines
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            return f"{size} B" if size < 1024 else f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")

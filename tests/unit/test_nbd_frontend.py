@@ -16,7 +16,7 @@ import trio
 
 from blkfs.backend import BlockLayer
 from blkfs.block.options import parse_options
-from blkfs.cli import UsageError, build_config, parser
+from blkfs.cli.main import UsageError, build_config, parser
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.frontends.ctl import format_exports

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from blkfs.progress import JobProgress
+from blkfs.cli.progress import JobProgress
 
 
 def entry(status: str, done: int, total: int) -> dict[str, object]:

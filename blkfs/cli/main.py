@@ -16,17 +16,19 @@ import logging.handlers
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import tomllib
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, NoReturn
 
 import trio
 
-from blkfs import imagecmd, jobcmd
 from blkfs.backend import BlockLayer, parse_options
+from blkfs.cli import completion, image, jobs, mount_helper
 from blkfs.commands import COMMANDS, Commands
 from blkfs.daemon import Daemon, DaemonConfig, FrontendFactory
 from blkfs.errors import BlockError
@@ -43,6 +45,7 @@ UMOUNT_TIMEOUT = 120.0
 STUCK_MS = 5000
 """A host call running this long means a device that does not answer, to umount."""
 CONFIG_KEYS = (
+    "mountpoint",
     "image-dirs",
     "allow-nbd",
     "allow-other",
@@ -117,7 +120,10 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
         BlockLayer(image_dirs, nbd_servers)  # checks --allow-nbd before the daemon starts
     except BlockError as exc:
         raise UsageError(str(exc)) from None
-    mountpoint = os.path.abspath(args.mountpoint)
+    mountpoint = args.mountpoint or data.get("mountpoint")
+    if not isinstance(mountpoint, str):
+        raise UsageError("no mountpoint: name one, or give it as 'mountpoint' in the --config file")
+    mountpoint = os.path.abspath(mountpoint)
     allow_other = args.allow_other or bool(data.get("allow-other"))
     poll_max_ns = (
         poll_time(args.poll_max_ns, "--poll-max-ns")
@@ -288,6 +294,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         def ready(message: str | None) -> None:
             if message:
                 errors.append(message)
+            else:
+                notify_systemd(b"READY=1")
 
         failures = trio.run(Daemon(config).run, ready)
         if errors:
@@ -296,6 +304,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
             raise UsageError(f"the final flush failed: {'; '.join(failures)}")
         return 0
     return daemonize(config, args)
+
+
+def notify_systemd(state: bytes) -> None:
+    """Tell systemd (a ``Type=notify`` unit, as ``blkfs@.service``) that the mount serves:
+    a datagram to ``$NOTIFY_SOCKET`` (sd_notify(3)); nothing if systemd did not start us."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(state, address)
 
 
 def daemonize(config: DaemonConfig, args: argparse.Namespace) -> int:
@@ -552,11 +571,20 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="blkfs", description=__doc__.split("\n")[0])
+    top = argparse.ArgumentParser(
+        prog="blkfs",
+        description="Serve block backends (QEMU-style trees of driver nodes) as the files of a "
+        "FUSE mount; take snapshots, run block jobs and handle image files from the shell.",
+        epilog="As a mount helper (mount -t fuse.blkfs, /etc/fstab): "
+        "blkfs CONFIG MOUNTPOINT [-o OPTIONS].",
+    )
+    top.add_argument("--version", action="version", version=f"%(prog)s {version('blkfs')}")
     sub = top.add_subparsers(dest="cmd", required=True)
 
     mount = sub.add_parser("mount", help="mount blkfs and serve backends as files")
-    mount.add_argument("mountpoint")
+    mount.add_argument(
+        "mountpoint", nargs="?", help="where to mount (default: the config's 'mountpoint')"
+    )
     mount.add_argument("--config", help="TOML file naming backends and options")
     mount.add_argument(
         "--backend",
@@ -653,20 +681,38 @@ def parser() -> argparse.ArgumentParser:
     commands.add_argument("args", nargs="*")
     commands.set_defaults(func=cmd_ctl)
 
-    jobcmd.add_parsers(sub)
-    imagecmd.add_parser(sub)
+    jobs.add_parsers(sub)
+    image.add_parser(sub)
+    completion.add_to(top)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if mount_helper.is_helper_call(argv, set(_commands(top))):
+            argv = mount_helper.mount_argv(argv)
+    except mount_helper.HelperError as exc:
+        fail(str(exc))
+    args = top.parse_args(argv)
     try:
         status: int = args.func(args)
         return status
-    except (UsageError, BlockError, jobcmd.JobError) as exc:
+    except (UsageError, BlockError, jobs.JobError) as exc:
         fail(str(exc))
     except BrokenPipeError:  # the reader went away (| head): end quietly, as other tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 141  # a shell's status for SIGPIPE
     except KeyboardInterrupt:
         return 130
+
+
+def _commands(top: argparse.ArgumentParser) -> list[str]:
+    """The command names ``top`` takes as its first word."""
+    return [
+        name
+        for action in top._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    ]

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from blkfs import progress
+from blkfs.cli import progress
 
 
 class JobError(Exception):

@@ -12,8 +12,8 @@ from typing import Any
 
 import trio
 
-from blkfs import progress
 from blkfs.backend import BlockLayer
+from blkfs.cli import progress
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.image import image_info, set_backing_file

@@ -1,6 +1,6 @@
 """``blkfs image create``, ``info`` and ``check``: qemu-img's everyday verbs, no QEMU
 needed (``commit``, ``rebase`` and ``convert``, which run jobs, are in
-:mod:`blkfs.imagejobs`)."""
+:mod:`blkfs.cli.image_jobs`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from blkfs import imagejobs
+from blkfs.cli import image_jobs
 from blkfs.errors import BlockError
 from blkfs.image import check_image, create_image, image_info
 
@@ -67,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     check.add_argument("--json", action="store_true", help="print JSON")
     check.add_argument("file")
     check.set_defaults(func=cmd_check)
-    imagejobs.add_parsers(verbs)
+    image_jobs.add_parsers(verbs)
 
 
 def parse_create_options(items: list[str]) -> dict[str, str]:

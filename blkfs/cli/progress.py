@@ -25,7 +25,7 @@ from rich.progress import (
 )
 
 from blkfs.errors import BlockError
-from blkfs.frontends.ctl import human_size
+from blkfs.frontends.text import human_size
 
 POLL = 0.1
 """Seconds between two looks at a job."""
