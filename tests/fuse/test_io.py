@@ -176,3 +176,32 @@ def test_a_page_aligned_1_mib_read_or_write_is_one_request(disk) -> None:
         assert requests(lambda: os.preadv(fd, [memoryview(buf)[100 : 100 + MiB]], 0)) == (2, 0)
     finally:
         os.close(fd)
+
+
+def test_the_kernel_sends_requests_of_one_mebibyte(disk) -> None:
+    """FUSE's max_pages is negotiated at 1 MiB (256 pages): a 4 MiB O_DIRECT dd reaches the
+    backend as 1 MiB requests, so sequential I/O and a media change see whole MiBs."""
+    mount, image, _data = disk
+    data = os.urandom(8 * MiB)  # not zeros, which zero detection would turn into zeroing
+    src = image.with_name("payload")
+    src.write_bytes(data)
+    subprocess.run(
+        [
+            "dd",
+            f"if={src}",
+            f"of={mount / 'disk0'}",
+            "bs=4M",
+            "count=2",
+            "oflag=direct",
+            "conv=notrunc",
+            "status=none",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        ["dd", f"if={mount / 'disk0'}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"],
+        check=True,
+    )
+    stats = mount.backends()["disk0"]["stats"]
+    assert stats["write_bytes"] == len(data) and stats["write_ops"] == len(data) // MiB
+    assert stats["read_bytes"] == len(data) and stats["read_ops"] == len(data) // MiB
