@@ -28,7 +28,7 @@ import trio
 from blkfs import imagecmd, jobcmd
 from blkfs.backend import BlockLayer, parse_options
 from blkfs.commands import COMMANDS, Commands
-from blkfs.daemon import Daemon, DaemonConfig, FrontendFactory
+from blkfs.daemon import Daemon, DaemonConfig, ExporterFactory, FrontendFactory
 from blkfs.errors import BlockError
 from blkfs.frontends import ctl
 from blkfs.frontends.fuse import FuseFrontend
@@ -126,12 +126,16 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
     def fuse(layer: BlockLayer, commands: Commands) -> FuseFrontend:
         return FuseFrontend(layer, commands, mountpoint, allow_other, poll_max_ns)
 
-    frontends = [fuse, nbd_frontend(data, args)]
+    frontends: list[FrontendFactory] = [fuse]
     qmp = args.qmp or data.get("qmp")
     if qmp is not None:
         frontends.append(qmp_frontend(qmp, mountpoint))
     return DaemonConfig(
-        backends=backends, image_dirs=image_dirs, nbd_servers=nbd_servers, frontends=frontends
+        backends=backends,
+        image_dirs=image_dirs,
+        nbd_servers=nbd_servers,
+        frontends=frontends,
+        exporter=nbd_frontend(data, args),
     ), mountpoint
 
 
@@ -163,7 +167,7 @@ def qmp_frontend(where: Any, mountpoint: str) -> FrontendFactory:
     return qmp
 
 
-def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> FrontendFactory:
+def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> ExporterFactory:
     """The NBD frontend: the mount's NBD server (``--nbd``, ``nbd`` in the config; none by
     default) and the exports to make at start (``--export``, ``[exports.NAME]`` tables of
     the ``export`` command's arguments)."""

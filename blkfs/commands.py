@@ -34,7 +34,6 @@ from typing import (
     get_origin,
     get_type_hints,
 )
-from weakref import WeakKeyDictionary
 
 from blkfs.backend import BlockBackend, BlockLayer, Medium, OptionError, parse_bool, parse_size
 from blkfs.error_policy import Policy
@@ -151,6 +150,9 @@ class Command:
     handler: Callable[..., Awaitable[Any]]
     report: bool
     """Only reads state (status): a frontend may offer it as something to read."""
+    needs: tuple[str, ...] = ()
+    """What the handler takes from :class:`Commands` besides the layer (its keyword-only
+    parameters, such as ``exporter``), never from users."""
 
     def usage(self) -> str:
         """``NAME [OPTIONS] [on-change=follow|error]``: the first words, then key=value."""
@@ -175,12 +177,17 @@ COMMANDS: dict[str, Command] = {}
 
 
 def command(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Declare a command from its handler: ``async def NAME(layer, ...)``; the function's
-    name (``_`` for ``-``), signature and docstring are the whole declaration."""
+    """Declare a command from its handler: ``async def NAME(layer, ..., *, exporter)``; the
+    function's name (``_`` for ``-``), signature and docstring are the whole declaration.
+    Keyword-only parameters are what the daemon hands the command layer (see
+    :class:`Commands`), not arguments."""
     hints = get_type_hints(handler, include_extras=True)
-    params = []
+    params, needs = [], []
     for name, parameter in list(inspect.signature(handler).parameters.items())[1:]:
-        params.append(_param(name, hints[name], parameter.default))
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+            needs.append(name)
+        else:
+            params.append(_param(name, hints[name], parameter.default))
     name = handler.__name__.rstrip("_").replace("_", "-")
     COMMANDS[name] = Command(
         name,
@@ -188,6 +195,7 @@ def command(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
         tuple(params),
         handler,
         report=name.startswith("query-"),
+        needs=tuple(needs),
     )
     return handler
 
@@ -208,11 +216,39 @@ def _param(arg: str, hint: Any, default: Any) -> Param:
     raise TypeError(f"command parameter {arg}: no argument kind for {hint!r}")
 
 
-class Commands:
-    """Runs commands against a BlockLayer and keeps the last failures."""
+class Exporter(Protocol):
+    """What serves NBD exports (the NBD frontend); the daemon hands it to :class:`Commands`,
+    so that the export commands reach it without knowing it."""
 
-    def __init__(self, layer: BlockLayer) -> None:
+    async def add(
+        self,
+        backend: BlockBackend,
+        export_name: str,
+        writable: bool,
+        *,
+        socket: str | None,
+        host: str | None,
+        port: str | None,
+        mode: str | None,
+    ) -> None:
+        """Serve ``backend`` at the address given, or on the default server."""
+
+    async def remove(self, name: str, force: bool) -> None:
+        """Stop serving the export ``name``, or every export of the backend ``name``."""
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every export, its clients and its counters."""
+
+
+class Commands:
+    """Runs commands against a BlockLayer and keeps the last failures.
+
+    The daemon hands it what commands drive besides the layer: the ``exporter`` that serves
+    NBD exports (none: the export commands fail with ENOTSUP)."""
+
+    def __init__(self, layer: BlockLayer, exporter: Exporter | None = None) -> None:
         self.layer = layer
+        self.exporter = exporter
         self.errors: deque[str] = deque(maxlen=ERROR_HISTORY)
 
     async def run(self, name: str, args: Mapping[str, Any]) -> Any:
@@ -223,7 +259,8 @@ class Commands:
             if command is None:
                 raise BlockError(errno.EINVAL, f"unknown command '{name}'")
             typed = self._check(command, args)
-            return await command.handler(self.layer, **typed)
+            given = {need: getattr(self, need) for need in command.needs}
+            return await command.handler(self.layer, **typed, **given)
         except BlockError as exc:
             raise self.record(name, exc) from None
 
@@ -373,12 +410,11 @@ async def cont(layer: BlockLayer, name: BackendName | None = None) -> None:
 
 
 @command
-async def query_status(layer: BlockLayer) -> dict[str, Any]:
+async def query_status(layer: BlockLayer, *, exporter: Exporter | None) -> dict[str, Any]:
     """The daemon and every backend: medium, size, users, driver tree, statistics.
 
     Deleted backends that users still hold open are listed too, and the NBD exports with
     their clients and counters."""
-    exporter = _EXPORTERS.get(layer)
     return {
         "pid": os.getpid(),
         "image-dirs": layer.image_dirs,
@@ -594,40 +630,7 @@ def watch_jobs(layer: BlockLayer, listener: JobEvents) -> Callable[[], None]:
 ExportOrBackend = Annotated[str, Kind.EXPORT]
 
 
-class Exporter(Protocol):
-    """What serves NBD exports (the NBD frontend). It registers itself for its layer with
-    :func:`serve_exports`, so that the export commands reach it without knowing it."""
-
-    async def add(
-        self,
-        backend: BlockBackend,
-        export_name: str,
-        writable: bool,
-        *,
-        socket: str | None,
-        host: str | None,
-        port: str | None,
-        mode: str | None,
-    ) -> None:
-        """Serve ``backend`` at the address given, or on the default server."""
-
-    async def remove(self, name: str, force: bool) -> None:
-        """Stop serving the export ``name``, or every export of the backend ``name``."""
-
-    def status(self) -> list[dict[str, Any]]:
-        """Every export, its clients and its counters."""
-
-
-_EXPORTERS: WeakKeyDictionary[BlockLayer, Exporter] = WeakKeyDictionary()
-
-
-def serve_exports(layer: BlockLayer, exporter: Exporter) -> None:
-    """Make ``exporter`` the one the export commands of ``layer`` drive."""
-    _EXPORTERS[layer] = exporter
-
-
-def _exporter(layer: BlockLayer) -> Exporter:
-    exporter = _EXPORTERS.get(layer)
+def _serving(exporter: Exporter | None) -> Exporter:
     if exporter is None:
         raise BlockError(errno.ENOTSUP, "this daemon serves no NBD exports")
     return exporter
@@ -643,6 +646,8 @@ async def export(
     mode: str | None = None,
     writable: bool = False,
     export_name: str | None = None,
+    *,
+    exporter: Exporter | None,
 ) -> None:
     """Serve the backend over NBD, to QEMU, nbd-client, nbdcopy or another blkfs.
 
@@ -654,18 +659,24 @@ async def export(
         raise BlockError(errno.EINVAL, "export: give socket=PATH or host= port=, not both")
     if writable and backend.read_only:
         raise BlockError(errno.EROFS, f"{name}: read-only medium; export it without writable=on")
-    await _exporter(layer).add(
+    await _serving(exporter).add(
         backend, export_name or name, writable, socket=socket, host=host, port=port, mode=mode
     )
 
 
 @command
-async def export_del(layer: BlockLayer, name: ExportOrBackend, force: bool = False) -> None:
+async def export_del(
+    layer: BlockLayer,
+    name: ExportOrBackend,
+    force: bool = False,
+    *,
+    exporter: Exporter | None,
+) -> None:
     """Stop serving an export, named by its export name or by its backend's name.
 
     Refused while clients are connected (EBUSY) unless force=on, which disconnects them
     once their requests in flight are answered."""
-    await _exporter(layer).remove(name, force)
+    await _serving(exporter).remove(name, force)
 
 
 # -- nodes on their own ---------------------------------------------------------------------

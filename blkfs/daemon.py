@@ -25,7 +25,7 @@ import trio
 
 from blkfs.backend import BlockLayer
 from blkfs.block.workers import shared_pool
-from blkfs.commands import Commands
+from blkfs.commands import Commands, Exporter
 from blkfs.errors import BlockError
 
 log = logging.getLogger("blkfs.daemon")
@@ -47,7 +47,12 @@ class Frontend(Protocol):
         """After the backends are closed: give up what remains (unmount)."""
 
 
+class ExportingFrontend(Frontend, Exporter, Protocol):
+    """A frontend that serves NBD exports: the export commands drive it."""
+
+
 FrontendFactory = Callable[[BlockLayer, Commands], Frontend]
+ExporterFactory = Callable[[BlockLayer, Commands], ExportingFrontend]
 
 
 @dataclass
@@ -60,6 +65,8 @@ class DaemonConfig:
     nbd_servers: list[str] = field(default_factory=list)
     """NBD servers nodes may reach when ``image_dirs`` confines them (``--allow-nbd``)."""
     frontends: list[FrontendFactory] = field(default_factory=list)
+    exporter: ExporterFactory | None = None
+    """The frontend that serves NBD exports, handed to the command layer."""
 
 
 class Daemon:
@@ -83,6 +90,9 @@ class Daemon:
             ready(f"backend '{args['name']}': {exc}")
             return []
         self.frontends = [make(self.layer, self.commands) for make in self.config.frontends]
+        if self.config.exporter is not None:
+            self.commands.exporter = self.config.exporter(self.layer, self.commands)
+            self.frontends.append(self.commands.exporter)
         failures: list[str] = []
         try:
             async with trio.open_nursery() as nursery:

@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from blkfs.backend import BlockBackend, BlockLayer
-from blkfs.commands import Commands, serve_exports
+from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.frontends.nbd.export import Export, Listener, address, socket_mode
 from blkfs.frontends.nbd.session import Budget, Session
@@ -68,7 +68,6 @@ class NbdFrontend:
         self._watched: weakref.WeakSet[BlockBackend] = weakref.WeakSet()
         self._nursery: trio.Nursery | None = None
         self._stopping = trio.Event()
-        serve_exports(layer, self)
 
     async def serve(self, *, task_status: trio.TaskStatus[None]) -> None:
         failure: BlockError | None = None
