@@ -66,6 +66,7 @@ class Kind(Enum):
     PATH = "PATH"  # an absolute host path: a word after the name
     TEXT = "text"  # key=text (a path, a host); shown as key=KEY
     RATE = "RATE"  # key=bytes per second, with QEMU's suffixes (0: no limit)
+    COUNT = "N"  # key=a whole number, at least 1
 
     @property
     def word(self) -> str:
@@ -95,6 +96,7 @@ Size = Annotated[int, Kind.SIZE]
 JobId = Annotated[str, Kind.JOB]
 HostPath = Annotated[str, Kind.PATH]
 Rate = Annotated[int, Kind.RATE]
+Count = Annotated[int, Kind.COUNT]
 OnChange = Literal["follow", "error"]
 
 
@@ -118,6 +120,8 @@ class Param:
                 return parse_size(raw)
             if self.kind is Kind.FLAG:
                 return parse_bool(raw)
+            if self.kind is Kind.COUNT:
+                return _count(raw)
         except (TypeError, ValueError) as exc:
             raise BlockError(errno.EINVAL, f"{command}: {self.name} {exc} (got {raw!r})") from None
         if self.kind is Kind.CHOICE and raw not in self.choices:
@@ -154,6 +158,13 @@ class Command:
     """What the handler takes from :class:`Commands` besides the layer (its keyword-only
     parameters, such as ``exporter``), never from users."""
 
+    def param(self, name: str) -> Param:
+        """The parameter ``name`` (as users spell it); KeyError if there is none."""
+        for param in self.params:
+            if param.name == name:
+                return param
+        raise KeyError(f"{self.name} has no parameter '{name}'")
+
     def usage(self) -> str:
         """``NAME [OPTIONS] [on-change=follow|error]``: the first words, then key=value."""
         words = []
@@ -166,10 +177,23 @@ class Command:
                     Kind.CHOICE: "|".join(param.choices),
                     Kind.TEXT: param.name.upper(),
                     Kind.RATE: "RATE",
+                    Kind.COUNT: "N",
                 }.get(param.kind, "on")
                 word = f"{param.name}={value}"
                 words.append(word if param.required else f"[{word}]")
         return " ".join(words)
+
+
+def _count(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        raise TypeError("must be a whole number")
+    try:
+        count = int(raw)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+    if count < 1:
+        raise ValueError("must be at least 1")
+    return count
 
 
 COMMANDS: dict[str, Command] = {}
@@ -187,7 +211,7 @@ def command(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
         if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
             needs.append(name)
         else:
-            params.append(_param(name, hints[name], parameter.default))
+            params.append(parameter_of(name, hints[name], parameter.default))
     name = handler.__name__.rstrip("_").replace("_", "-")
     COMMANDS[name] = Command(
         name,
@@ -200,7 +224,10 @@ def command(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
     return handler
 
 
-def _param(arg: str, hint: Any, default: Any) -> Param:
+def parameter_of(arg: str, hint: Any, default: Any) -> Param:
+    """The parameter a handler declares as ``arg: hint = default`` (no default: required);
+    TypeError if the hint is no kind of argument. Also for adapters that take arguments of
+    their own in the same types (QMP's)."""
     required = default is inspect.Parameter.empty
     name = arg.rstrip("_").replace("_", "-")
     if get_origin(hint) in (Union, UnionType):  # X | None: optional, as its default says
@@ -407,6 +434,63 @@ async def cont(layer: BlockLayer, name: BackendName | None = None) -> None:
     Its held requests are retried; if they fail again, it pauses again."""
     for backend in [layer.find(name)] if name else list(layer):
         backend.cont()
+
+
+@command
+async def throttle(
+    layer: BlockLayer,
+    name: BackendName,
+    bps_total: Rate = 0,
+    bps_read: Rate = 0,
+    bps_write: Rate = 0,
+    iops_total: Rate = 0,
+    iops_read: Rate = 0,
+    iops_write: Rate = 0,
+    bps_total_max: Rate = 0,
+    bps_read_max: Rate = 0,
+    bps_write_max: Rate = 0,
+    iops_total_max: Rate = 0,
+    iops_read_max: Rate = 0,
+    iops_write_max: Rate = 0,
+    bps_total_max_length: Count = 1,
+    bps_read_max_length: Count = 1,
+    bps_write_max_length: Count = 1,
+    iops_total_max_length: Count = 1,
+    iops_read_max_length: Count = 1,
+    iops_write_max_length: Count = 1,
+    group: str | None = None,
+) -> None:
+    """Limit the backend's I/O (QEMU's block_set_io_throttle): bytes (bps-) or requests
+    (iops-) per second, in total or for reads or writes.
+
+    A throttle filter goes in front of the medium (a change that keeps it), is retuned in
+    place when it is there, and comes out when every limit is 0. LIMIT-max=RATE allows
+    bursts at that rate for LIMIT-max-length seconds; backends of one group share a
+    budget."""
+    given = locals()  # the limits by argument name: the throttle filter's, with "_" for "-"
+    limits: dict[str, Any] = {
+        "limits." + key.replace("_", "-"): value
+        for key, value in given.items()
+        if key.startswith(("bps_", "iops_"))
+    }
+    if group is not None:
+        limits["throttle-group"] = group
+    backend = layer.find(name)
+    tree = (await backend.status())["tree"]
+    if tree is None:
+        raise BlockError(errno.ENOMEDIUM, f"{name}: no medium to throttle")
+    off = not any(limits[f"limits.{limit}"] for limit in THROTTLE_LIMITS)
+    if tree["driver"] == "throttle":
+        if off:
+            await backend.change({"node": tree["children"]["file"]["node-name"]})
+        else:
+            await layer.reopen(tree["node-name"], limits)
+    elif not off:
+        await backend.change({"driver": "throttle", **limits, "file": tree["node-name"]})
+
+
+THROTTLE_LIMITS = ("bps-total", "bps-read", "bps-write", "iops-total", "iops-read", "iops-write")
+"""The throttle filter's limits, as :func:`throttle` names them."""
 
 
 @command
