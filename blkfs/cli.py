@@ -31,8 +31,7 @@ from blkfs.commands import COMMANDS, Commands
 from blkfs.daemon import Daemon, DaemonConfig, ExporterFactory, FrontendFactory
 from blkfs.errors import BlockError
 from blkfs.frontends import ctl
-from blkfs.frontends.fuse import FuseFrontend
-from blkfs.frontends.fuse.session_loop import POLL_MAX_NS
+from blkfs.frontends.fuse import POLL_MAX_NS, FuseFrontend
 from blkfs.frontends.nbd import NbdFrontend
 from blkfs.frontends.nbd.export import parse_address, socket_mode
 from blkfs.frontends.qmp import QmpFrontend

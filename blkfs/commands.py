@@ -4,8 +4,9 @@ A command is an async function over the backend API, registered with :func:`comm
 signature is its declaration: each parameter's type says what the argument is (a backend or
 node name, a medium, a size, an on/off flag, one of some words), its docstring is its help,
 and the adapters derive everything else from them: the ``.ctl`` text grammar and its usage
-lines (:mod:`blkfs.frontends.ctl`), the choices of ``blkfs ctl``, later the QMP monitor.
-Adding a command is one function here.
+lines (:mod:`blkfs.frontends.ctl`), the choices of ``blkfs ctl``, the types and checks of the
+QMP arguments that feed it (:mod:`blkfs.frontends.qmp.translate`). Adding a command is one
+function here.
 
 Ground rules: :meth:`Commands.run` checks and converts every argument before the handler
 runs, so a bad argument is EINVAL and changes nothing; a handler raises
