@@ -41,6 +41,7 @@ from blkfs.block.options import format_options, parse_bool, parse_options, parse
 from blkfs.block.perm import ALL, FILTERED, WRITERS, Perm
 from blkfs.block.policy import HostPolicy
 from blkfs.block.request import Requests
+from blkfs.block.workers import shared_pool
 from blkfs.error_policy import POLICIES, Action, Operation, Pause, Policy, action
 from blkfs.errors import BlockError, LastingError, NotFound, OptionError
 from blkfs.jobs.manager import JobManager
@@ -57,6 +58,7 @@ __all__ = [
     "parse_bool",
     "parse_options",
     "parse_size",
+    "start_workers",
 ]
 
 log = logging.getLogger("blkfs.backend")
@@ -68,6 +70,12 @@ Options = str | Mapping[str, Any]
 Medium = str | Mapping[str, Any]
 """A validated medium: an option tree, or the name of an existing node."""
 ON_CHANGE_CHOICES = ("follow", "error")
+
+
+def start_workers() -> None:
+    """Make the process's worker threads for host I/O now: a daemon calls it once it has
+    forked, so that their eventfd is one of its descriptors from the start."""
+    shared_pool()
 
 
 MAX_TRANSFER = 32 << 20

@@ -23,8 +23,7 @@ from typing import Any, Protocol
 
 import trio
 
-from blkfs.backend import BlockLayer
-from blkfs.block.workers import shared_pool
+from blkfs.backend import BlockLayer, start_workers
 from blkfs.commands import Commands, Exporter
 from blkfs.errors import BlockError
 
@@ -81,7 +80,7 @@ class Daemon:
         """Serve until stopped; ``ready(None)`` once serving, ``ready(message)`` if the
         daemon could not start (then nothing is left mounted or open). Returns the backends
         whose final flush failed, with why."""
-        shared_pool()  # its eventfd is one of the daemon's descriptors from the start
+        start_workers()
         try:
             for args in self.config.backends:
                 await self.commands.run("create", args)
