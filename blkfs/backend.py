@@ -44,6 +44,7 @@ from blkfs.block.request import Requests
 from blkfs.block.workers import shared_pool
 from blkfs.error_policy import POLICIES, Action, Operation, Pause, Policy, action
 from blkfs.errors import BlockError, LastingError, NotFound, OptionError
+from blkfs.info import BackendStatus, NodeTree
 from blkfs.jobs.manager import JobManager
 
 __all__ = [
@@ -678,7 +679,7 @@ class BlockBackend:
 
     # -- status --------------------------------------------------------------------------
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> BackendStatus:
         """Everything status files show of this backend, as plain data."""
         return {
             "name": self.name,
@@ -722,7 +723,7 @@ def _in_tree(node: Node, root: Node) -> bool:
     return node is root or any(_in_tree(node, edge.node) for edge in root.children.values())
 
 
-def _describe(node: Node) -> dict[str, Any]:
+def _describe(node: Node) -> NodeTree:
     """A node and its subtree as plain data (status, status.json)."""
     return {
         "node-name": node.name,
@@ -933,7 +934,7 @@ class BlockLayer:
         await self.graph.unref(node)
         log.info("node %s: deleted", name)
 
-    def added_nodes(self) -> list[dict[str, Any]]:
+    def added_nodes(self) -> list[NodeTree]:
         """The nodes added on their own, as status shows trees."""
         return [_describe(node) for node in self._added.values()]
 
@@ -963,6 +964,6 @@ class BlockLayer:
                 failures.append(f"node {name}: {exc.message}")
         return failures
 
-    async def status(self) -> list[dict[str, Any]]:
+    async def status(self) -> list[BackendStatus]:
         """Every backend, and those deleted that users still hold open."""
         return [await b.status() for b in [*self._backends.values(), *self._deleted]]

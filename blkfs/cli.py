@@ -36,6 +36,7 @@ from blkfs.frontends.nbd import NbdFrontend
 from blkfs.frontends.nbd.export import parse_address, socket_mode
 from blkfs.frontends.qmp import QmpFrontend
 from blkfs.frontends.qmp import parse_address as parse_qmp_address
+from blkfs.info import BackendStatus, DaemonStatus, ExportStatus
 
 log = logging.getLogger("blkfs")
 UMOUNT_TIMEOUT = 120.0
@@ -336,9 +337,9 @@ def daemonize(config: DaemonConfig, args: argparse.Namespace) -> int:
 # -- umount and ctl --------------------------------------------------------------------------
 
 
-def read_status(mountpoint: str) -> dict[str, Any]:
+def read_status(mountpoint: str) -> DaemonStatus:
     with open(os.path.join(mountpoint, ".ctl", "status.json")) as f:
-        status: dict[str, Any] = json.load(f)
+        status: DaemonStatus = json.load(f)
     return status
 
 
@@ -385,7 +386,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_users(mountpoint: str, backend: dict[str, Any], exports: list[dict[str, Any]]) -> str:
+def describe_users(mountpoint: str, backend: BackendStatus, exports: list[ExportStatus]) -> str:
     """Who has a backend open, naming the loop devices, which lsof does not show, and the
     NBD clients."""
     text = f"{backend['name']} ({'deleted, ' if backend['deleted'] else ''}{backend['open']} open"
@@ -415,7 +416,7 @@ def loop_devices(path: str) -> list[str]:
     return found
 
 
-def flush_backends(mountpoint: str, backends: list[dict[str, Any]]) -> list[str]:
+def flush_backends(mountpoint: str, backends: list[BackendStatus]) -> list[str]:
     """fsync every writable backend through the mount; name those that fail.
 
     The daemon flushes again as it exits, but by then a failure can only be logged: flushing

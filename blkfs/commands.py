@@ -39,6 +39,7 @@ from typing import (
 from blkfs.backend import BlockBackend, BlockLayer, Medium, OptionError, parse_bool, parse_size
 from blkfs.error_policy import Policy
 from blkfs.errors import BlockError
+from blkfs.info import DaemonStatus, ExportStatus, JobInfo
 from blkfs.jobs.backup import BackupJob
 from blkfs.jobs.commit import commit as commit_job
 from blkfs.jobs.mirror import MirrorJob, start_copy
@@ -264,7 +265,7 @@ class Exporter(Protocol):
     async def remove(self, name: str, force: bool) -> None:
         """Stop serving the export ``name``, or every export of the backend ``name``."""
 
-    def status(self) -> list[dict[str, Any]]:
+    def status(self) -> list[ExportStatus]:
         """Every export, its clients and its counters."""
 
 
@@ -495,7 +496,7 @@ THROTTLE_LIMITS = ("bps-total", "bps-read", "bps-write", "iops-total", "iops-rea
 
 
 @command
-async def query_status(layer: BlockLayer, *, exporter: Exporter | None) -> dict[str, Any]:
+async def query_status(layer: BlockLayer, *, exporter: Exporter | None) -> DaemonStatus:
     """The daemon and every backend: medium, size, users, driver tree, statistics.
 
     Deleted backends that users still hold open are listed too, and the NBD exports with
@@ -689,12 +690,12 @@ async def job_dismiss(layer: BlockLayer, job: JobId) -> None:
 
 
 @command
-async def query_jobs(layer: BlockLayer) -> list[dict[str, Any]]:
+async def query_jobs(layer: BlockLayer) -> list[JobInfo]:
     """Every job: type, backend, status, progress, speed, error."""
     return layer.jobs.status()
 
 
-JobEvents = Callable[[str, dict[str, Any]], None]
+JobEvents = Callable[[str, JobInfo], None]
 """Called with a QMP event name (JOB_STATUS_CHANGE, BLOCK_JOB_READY, ...) and the job as
 query-jobs shows it."""
 

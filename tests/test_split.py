@@ -20,7 +20,9 @@ FRONTENDS = sorted(
 """Every way in: the frontends folder and the command line."""
 OVER_THE_BACKEND_API = [ROOT / "blkfs" / "commands.py", ROOT / "blkfs" / "daemon.py"]
 """The command layer and the daemon: they too stand on the backend API alone."""
-BACKEND_API = [ROOT / "blkfs" / name for name in ("backend.py", "image.py", "error_policy.py")]
+BACKEND_API = [
+    ROOT / "blkfs" / name for name in ("backend.py", "image.py", "info.py", "error_policy.py")
+]
 """The backend API: what frontends may import from the core (over the driver API)."""
 BELOW = ["block", "jobs", "nbd"]
 """Packages of blkfs beneath the backend API: the driver API, the jobs over the driver graph,
@@ -156,7 +158,14 @@ def test_drivers_use_only_the_driver_api_the_errors_and_the_protocol_modules() -
 
 
 def test_frontends_use_only_the_backend_api_the_commands_and_the_protocol_modules() -> None:
-    allowed = ["blkfs.backend", "blkfs.commands", "blkfs.errors", "blkfs.frontends", "blkfs.nbd"]
+    allowed = [
+        "blkfs.backend",
+        "blkfs.commands",
+        "blkfs.errors",
+        "blkfs.frontends",
+        "blkfs.info",
+        "blkfs.nbd",
+    ]
     for path in sorted((ROOT / "blkfs" / "frontends").rglob("*.py")):
         assert not within(blkfs_modules(path), allowed), path.relative_to(ROOT)
 

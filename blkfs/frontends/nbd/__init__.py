@@ -28,6 +28,7 @@ from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.frontends.nbd.export import Export, Listener, address, socket_mode
 from blkfs.frontends.nbd.session import Budget, Session
+from blkfs.info import ExportStatus
 from blkfs.nbd import Address
 
 log = logging.getLogger("blkfs.nbd")
@@ -217,7 +218,7 @@ class NbdFrontend:
         for session in sessions:
             await session.finished.wait()
 
-    def status(self) -> list[dict[str, Any]]:
+    def status(self) -> list[ExportStatus]:
         self.retired = {e for e in self.retired if e.sessions}
         return [e.status() for e in [*self.exports.values(), *self.retired]]
 

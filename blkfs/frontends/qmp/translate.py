@@ -35,6 +35,7 @@ from blkfs.commands import (
     parameter_of,
 )
 from blkfs.errors import BlockError, NotFound
+from blkfs.info import Counters, DaemonStatus, JobInfo, NodeTree
 
 VERSION = (0, 1, 0)
 PACKAGE = "blkfs 0.1.0"
@@ -206,12 +207,17 @@ async def run(monitor: Monitor, name: str, args: Mapping[str, Any]) -> Any:
     return await monitor.commands.run(name, {k: v for k, v in args.items() if v is not None})
 
 
-async def status(monitor: Monitor) -> dict[str, Any]:
-    result: dict[str, Any] = await run(monitor, "query-status", {})
+async def status(monitor: Monitor) -> DaemonStatus:
+    result: DaemonStatus = await run(monitor, "query-status", {})
     return result
 
 
-def medium(tree: Mapping[str, Any]) -> Mapping[str, Any]:
+async def jobs(monitor: Monitor) -> list[JobInfo]:
+    result: list[JobInfo] = await run(monitor, "query-jobs", {})
+    return result
+
+
+def medium(tree: NodeTree) -> NodeTree:
     """The node under the throttle filter block_set_io_throttle put in, if any (QEMU
     throttles in the BlockBackend, so its device's node is the one below)."""
     while tree["driver"] == "throttle":
@@ -219,18 +225,18 @@ def medium(tree: Mapping[str, Any]) -> Mapping[str, Any]:
     return tree
 
 
-def backend_of(state: Mapping[str, Any], device: str, klass: str) -> str:
+def backend_of(state: DaemonStatus, device: str, klass: str) -> str:
     """The backend a QMP "device" names: a backend's name, or its root node's name (under a
     throttle filter); QmpError of ``klass`` if none (QEMU says DeviceNotFound for devices,
     GenericError for nodes)."""
     live = [b for b in state["backends"] if not b["deleted"]]
     for backend in live:
         if backend["name"] == device:
-            return str(backend["name"])
+            return backend["name"]
     for backend in live:
         tree = backend["tree"]
         if tree and device in (tree["node-name"], medium(tree)["node-name"]):
-            return str(backend["name"])
+            return backend["name"]
     if klass == "DeviceNotFound":
         raise QmpError(klass, f"Device '{device}' not found")
     raise QmpError(klass, f"Cannot find device='{device}' nor node-name='{device}'")
@@ -249,7 +255,7 @@ async def device(
 # -- describing nodes as QEMU does ------------------------------------------------------
 
 
-def _filename(tree: Mapping[str, Any]) -> str:
+def _filename(tree: NodeTree) -> str:
     for where in (tree["info"], tree["options"]):
         if isinstance(where.get("filename"), str):
             return str(where["filename"])
@@ -259,7 +265,7 @@ def _filename(tree: Mapping[str, Any]) -> str:
     return ""
 
 
-def image_info(tree: Mapping[str, Any]) -> dict[str, Any]:
+def image_info(tree: NodeTree) -> dict[str, Any]:
     """QEMU's ImageInfo, as far as blkfs knows it."""
     info: dict[str, Any] = {
         "filename": _filename(tree),
@@ -276,7 +282,7 @@ def image_info(tree: Mapping[str, Any]) -> dict[str, Any]:
     return info
 
 
-def node_info(tree: Mapping[str, Any], limits: Mapping[str, float] | None = None) -> dict[str, Any]:
+def node_info(tree: NodeTree, limits: Mapping[str, float] | None = None) -> dict[str, Any]:
     """QEMU's BlockDeviceInfo of a node (query-named-block-nodes, query-block), with the
     ``limits`` of a throttle filter in front of it (its bps, iops fields)."""
     limits = limits or {}
@@ -298,7 +304,7 @@ def node_info(tree: Mapping[str, Any], limits: Mapping[str, float] | None = None
     }
 
 
-def block_stats(stats: Mapping[str, int]) -> dict[str, Any]:
+def block_stats(stats: Counters) -> dict[str, int]:
     """QEMU's BlockDeviceStats, the counters blkfs keeps."""
     return {
         "rd_bytes": stats["read_bytes"],
@@ -315,11 +321,11 @@ def block_stats(stats: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
-def all_nodes(state: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+def all_nodes(state: DaemonStatus) -> Iterator[NodeTree]:
     """Every node once, parents before children."""
     seen: set[str] = set()
 
-    def walk(tree: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    def walk(tree: NodeTree) -> Iterator[NodeTree]:
         if tree["node-name"] not in seen:
             seen.add(tree["node-name"])
             yield tree
@@ -815,7 +821,7 @@ async def blockdev_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-def job_info(job: Mapping[str, Any]) -> dict[str, Any]:
+def job_info(job: JobInfo) -> dict[str, Any]:
     """QEMU's JobInfo of a blkfs job."""
     info = {key: job[key] for key in ("id", "type", "status", "current-progress", "total-progress")}
     if job["error"]:
@@ -825,7 +831,7 @@ def job_info(job: Mapping[str, Any]) -> dict[str, Any]:
 
 @qmp("query-jobs")
 async def query_jobs(monitor: Monitor, args: dict[str, Any]) -> Any:
-    return [job_info(job) for job in await run(monitor, "query-jobs", {})]
+    return [job_info(job) for job in await jobs(monitor)]
 
 
 def _job_verb(verb: str, key: str) -> Handler:
@@ -844,7 +850,7 @@ for _verb in ("pause", "resume", "cancel", "complete"):
 
 @qmp("job-finalize", id=JobId)
 async def job_finalize(monitor: Monitor, args: dict[str, Any]) -> Any:
-    if not any(job["id"] == args["id"] for job in await run(monitor, "query-jobs", {})):
+    if not any(job["id"] == args["id"] for job in await jobs(monitor)):
         raise generic(f"no job named '{args['id']}'")
     raise generic(
         f"Job '{args['id']}' cannot accept command verb 'finalize': blkfs jobs "
@@ -858,7 +864,7 @@ async def block_job_set_speed(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-def job_event(event: str, job: Mapping[str, Any]) -> dict[str, Any]:
+def job_event(event: str, job: JobInfo) -> dict[str, Any]:
     """The data of QEMU's event ``event`` for a blkfs job."""
     if event == "JOB_STATUS_CHANGE":
         return {"id": job["id"], "status": job["status"]}
