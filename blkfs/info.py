@@ -15,6 +15,7 @@ from typing import Any, TypedDict
 Counters = dict[str, int]
 """Request statistics, flat: ``read_ops``, ``read_bytes``, ``read_ns``, ..., ``errors``."""
 
+
 class PauseInfo(TypedDict):
     operation: str
     node: str
@@ -23,6 +24,8 @@ class PauseInfo(TypedDict):
     message: str
     since: float
     reason: str
+
+
 """Why a backend's error policy paused it (``stop``), until ``cont``."""
 
 NodeTree = TypedDict(

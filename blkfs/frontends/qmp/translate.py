@@ -65,8 +65,14 @@ class Monitor(Protocol):
 
 
 Handler = Callable[[Monitor, dict[str, Any]], Awaitable[Any]]
-WIRE_TYPES = {"str": "string", "int": "integer", "bool": "boolean", "object": "object"}
-"""QMP's JSON types, as QEMU's messages name them."""
+TYPES = {
+    "str": (str, "string"),
+    "int": (int, "integer"),
+    "bool": (bool, "boolean"),
+    "object": (dict, "object"),
+    "array": (list, "array"),
+}
+"""QMP's JSON types: the Python type of each, and its name in QEMU's messages."""
 NUMBERS = frozenset({Kind.SIZE, Kind.RATE, Kind.COUNT})
 OBJECTS = frozenset({Kind.MEDIUM, Kind.NODE_OPTIONS})
 
@@ -97,12 +103,9 @@ class Arg:
 
     def check(self, key: str, value: Any) -> None:
         """QEMU's checks of one value, in its words."""
-        pytype = {"str": str, "int": int, "bool": bool, "object": dict, "array": list}[self.type]
+        pytype, word = TYPES[self.type]
         if not isinstance(value, pytype) or (pytype is int and isinstance(value, bool)):
-            raise generic(
-                f"Invalid parameter type for '{key}', expected: "
-                f"{WIRE_TYPES.get(self.type, self.type)}"
-            )
+            raise generic(f"Invalid parameter type for '{key}', expected: {word}")
         kind = self.param.kind if self.param else None
         if isinstance(value, int) and kind in (Kind.SIZE, Kind.RATE) and value < 0:
             raise generic(f"Parameter '{key}' expects a non-negative value")
