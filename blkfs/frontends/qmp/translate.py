@@ -521,12 +521,7 @@ async def blockdev_change_medium(monitor: Monitor, args: dict[str, Any]) -> Any:
         medium["driver"] = args["format"]
     if mode != "retain":
         medium["read-only"] = mode == "read-only"
-    state = await status(monitor)
-    has_medium = any(b["name"] == name and b["medium"] for b in state["backends"])
-    if has_medium:
-        await run(monitor, "change", {"name": name, "medium": medium, "force": args.get("force")})
-    else:
-        await run(monitor, "insert", {"name": name, "medium": medium})
+    await run(monitor, "change", {"name": name, "medium": medium, "force": args.get("force")})
     _tray(monitor, name, True)
     _tray(monitor, name, False)
     return {}
