@@ -481,7 +481,7 @@ async def throttle(
     tree = (await backend.status())["tree"]
     if tree is None:
         raise BlockError(errno.ENOMEDIUM, f"{name}: no medium to throttle")
-    off = not any(limits[f"limits.{limit}"] for limit in THROTTLE_LIMITS)
+    off = not any((bps_total, bps_read, bps_write, iops_total, iops_read, iops_write))
     if tree["driver"] == "throttle":
         if off:
             await backend.change({"node": tree["children"]["file"]["node-name"]})
@@ -489,10 +489,6 @@ async def throttle(
             await layer.reopen(tree["node-name"], limits)
     elif not off:
         await backend.change({"driver": "throttle", **limits, "file": tree["node-name"]})
-
-
-THROTTLE_LIMITS = ("bps-total", "bps-read", "bps-write", "iops-total", "iops-read", "iops-write")
-"""The throttle filter's limits, as :func:`throttle` names them."""
 
 
 @command
