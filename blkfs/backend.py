@@ -45,6 +45,7 @@ from blkfs.block.request import Requests
 from blkfs.block.workers import shared_pool
 from blkfs.error_policy import POLICIES, Action, Operation, Pause, Policy, action
 from blkfs.errors import BlockError, LastingError, NotFound, OptionError
+from blkfs.info import BackendStatus, NodeTree
 from blkfs.jobs.manager import JobManager
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "parse_bool",
     "parse_options",
     "parse_size",
+    "start_workers",
 ]
 
 log = logging.getLogger("blkfs.backend")
@@ -75,6 +77,13 @@ ON_CHANGE_CHOICES = ("follow", "error")
 LET_GO_SECONDS = 1.0
 """How long eject, change and delete with force=on wait for the outgoing medium's requests
 and its flush before they let a device that does not answer go (``BlockBackend._letting_go``)."""
+
+
+def start_workers() -> None:
+    """Make the process's worker threads for host I/O now: a daemon calls it once it has
+    forked, so that their eventfd is one of its descriptors from the start."""
+    shared_pool()
+
 
 MAX_TRANSFER = 32 << 20
 """The largest request a frontend should send (as QEMU's BDRV_REQUEST_MAX_BYTES bounds
@@ -726,7 +735,7 @@ class BlockBackend:
 
     # -- status --------------------------------------------------------------------------
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> BackendStatus:
         """Everything status files show of this backend, as plain data."""
         return {
             "name": self.name,
@@ -770,7 +779,7 @@ def _in_tree(node: Node, root: Node) -> bool:
     return node is root or any(_in_tree(node, edge.node) for edge in root.children.values())
 
 
-def _describe(node: Node) -> dict[str, Any]:
+def _describe(node: Node) -> NodeTree:
     """A node and its subtree as plain data (status, status.json)."""
     return {
         "node-name": node.name,
@@ -793,7 +802,6 @@ class BlockLayer:
         self, image_dirs: list[str] | None = None, nbd_servers: list[str] | None = None
     ) -> None:
         self.graph = Graph(policy=HostPolicy(image_dirs, nbd_servers or ()))
-        shared_pool()  # its eventfd is one of the process's descriptors from the start
         self.jobs = JobManager(self)
         self._backends: dict[str, BlockBackend] = {}
         self._deleted: set[BlockBackend] = set()
@@ -989,7 +997,7 @@ class BlockLayer:
         await self.graph.unref(node)
         log.info("node %s: deleted", name)
 
-    def added_nodes(self) -> list[dict[str, Any]]:
+    def added_nodes(self) -> list[NodeTree]:
         """The nodes added on their own, as status shows trees."""
         return [_describe(node) for node in self._added.values()]
 
@@ -1019,6 +1027,6 @@ class BlockLayer:
                 failures.append(f"node {name}: {exc.message}")
         return failures
 
-    async def status(self) -> list[dict[str, Any]]:
+    async def status(self) -> list[BackendStatus]:
         """Every backend, and those deleted that users still hold open."""
         return [await b.status() for b in [*self._backends.values(), *self._deleted]]

@@ -4,8 +4,9 @@ A command is an async function over the backend API, registered with :func:`comm
 signature is its declaration: each parameter's type says what the argument is (a backend or
 node name, a medium, a size, an on/off flag, one of some words), its docstring is its help,
 and the adapters derive everything else from them: the ``.ctl`` text grammar and its usage
-lines (:mod:`blkfs.frontends.ctl`), the choices of ``blkfs ctl``, later the QMP monitor.
-Adding a command is one function here.
+lines (:mod:`blkfs.frontends.ctl`), the choices of ``blkfs ctl``, the types and checks of the
+QMP arguments that feed it (:mod:`blkfs.frontends.qmp.translate`). Adding a command is one
+function here.
 
 Ground rules: :meth:`Commands.run` checks and converts every argument before the handler
 runs, so a bad argument is EINVAL and changes nothing; a handler raises
@@ -34,11 +35,11 @@ from typing import (
     get_origin,
     get_type_hints,
 )
-from weakref import WeakKeyDictionary
 
 from blkfs.backend import BlockBackend, BlockLayer, Medium, OptionError, parse_bool, parse_size
 from blkfs.error_policy import Policy
 from blkfs.errors import BlockError
+from blkfs.info import DaemonStatus, ExportStatus, JobInfo
 from blkfs.jobs.backup import BackupJob
 from blkfs.jobs.commit import commit as commit_job
 from blkfs.jobs.mirror import MirrorJob, start_copy
@@ -67,6 +68,7 @@ class Kind(Enum):
     PATH = "PATH"  # an absolute host path: a word after the name
     TEXT = "text"  # key=text (a path, a host); shown as key=KEY
     RATE = "RATE"  # key=bytes per second, with QEMU's suffixes (0: no limit)
+    COUNT = "N"  # key=a whole number, at least 1
 
     @property
     def word(self) -> str:
@@ -96,6 +98,7 @@ Size = Annotated[int, Kind.SIZE]
 JobId = Annotated[str, Kind.JOB]
 HostPath = Annotated[str, Kind.PATH]
 Rate = Annotated[int, Kind.RATE]
+Count = Annotated[int, Kind.COUNT]
 OnChange = Literal["follow", "error"]
 
 
@@ -119,6 +122,8 @@ class Param:
                 return parse_size(raw)
             if self.kind is Kind.FLAG:
                 return parse_bool(raw)
+            if self.kind is Kind.COUNT:
+                return _count(raw)
         except (TypeError, ValueError) as exc:
             raise BlockError(errno.EINVAL, f"{command}: {self.name} {exc} (got {raw!r})") from None
         if self.kind is Kind.CHOICE and raw not in self.choices:
@@ -151,6 +156,16 @@ class Command:
     handler: Callable[..., Awaitable[Any]]
     report: bool
     """Only reads state (status): a frontend may offer it as something to read."""
+    needs: tuple[str, ...] = ()
+    """What the handler takes from :class:`Commands` besides the layer (its keyword-only
+    parameters, such as ``exporter``), never from users."""
+
+    def param(self, name: str) -> Param:
+        """The parameter ``name`` (as users spell it); KeyError if there is none."""
+        for param in self.params:
+            if param.name == name:
+                return param
+        raise KeyError(f"{self.name} has no parameter '{name}'")
 
     def usage(self) -> str:
         """``NAME [OPTIONS] [on-change=follow|error]``: the first words, then key=value."""
@@ -164,10 +179,23 @@ class Command:
                     Kind.CHOICE: "|".join(param.choices),
                     Kind.TEXT: param.name.upper(),
                     Kind.RATE: "RATE",
+                    Kind.COUNT: "N",
                 }.get(param.kind, "on")
                 word = f"{param.name}={value}"
                 words.append(word if param.required else f"[{word}]")
         return " ".join(words)
+
+
+def _count(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        raise TypeError("must be a whole number")
+    try:
+        count = int(raw)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+    if count < 1:
+        raise ValueError("must be at least 1")
+    return count
 
 
 COMMANDS: dict[str, Command] = {}
@@ -175,12 +203,17 @@ COMMANDS: dict[str, Command] = {}
 
 
 def command(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Declare a command from its handler: ``async def NAME(layer, ...)``; the function's
-    name (``_`` for ``-``), signature and docstring are the whole declaration."""
+    """Declare a command from its handler: ``async def NAME(layer, ..., *, exporter)``; the
+    function's name (``_`` for ``-``), signature and docstring are the whole declaration.
+    Keyword-only parameters are what the daemon hands the command layer (see
+    :class:`Commands`), not arguments."""
     hints = get_type_hints(handler, include_extras=True)
-    params = []
+    params, needs = [], []
     for name, parameter in list(inspect.signature(handler).parameters.items())[1:]:
-        params.append(_param(name, hints[name], parameter.default))
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+            needs.append(name)
+        else:
+            params.append(parameter_of(name, hints[name], parameter.default))
     name = handler.__name__.rstrip("_").replace("_", "-")
     COMMANDS[name] = Command(
         name,
@@ -188,11 +221,15 @@ def command(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
         tuple(params),
         handler,
         report=name.startswith("query-"),
+        needs=tuple(needs),
     )
     return handler
 
 
-def _param(arg: str, hint: Any, default: Any) -> Param:
+def parameter_of(arg: str, hint: Any, default: Any) -> Param:
+    """The parameter a handler declares as ``arg: hint = default`` (no default: required);
+    TypeError if the hint is no kind of argument. Also for adapters that take arguments of
+    their own in the same types (QMP's)."""
     required = default is inspect.Parameter.empty
     name = arg.rstrip("_").replace("_", "-")
     if get_origin(hint) in (Union, UnionType):  # X | None: optional, as its default says
@@ -208,11 +245,39 @@ def _param(arg: str, hint: Any, default: Any) -> Param:
     raise TypeError(f"command parameter {arg}: no argument kind for {hint!r}")
 
 
-class Commands:
-    """Runs commands against a BlockLayer and keeps the last failures."""
+class Exporter(Protocol):
+    """What serves NBD exports (the NBD frontend); the daemon hands it to :class:`Commands`,
+    so that the export commands reach it without knowing it."""
 
-    def __init__(self, layer: BlockLayer) -> None:
+    async def add(
+        self,
+        backend: BlockBackend,
+        export_name: str,
+        writable: bool,
+        *,
+        socket: str | None,
+        host: str | None,
+        port: str | None,
+        mode: str | None,
+    ) -> None:
+        """Serve ``backend`` at the address given, or on the default server."""
+
+    async def remove(self, name: str, force: bool) -> None:
+        """Stop serving the export ``name``, or every export of the backend ``name``."""
+
+    def status(self) -> list[ExportStatus]:
+        """Every export, its clients and its counters."""
+
+
+class Commands:
+    """Runs commands against a BlockLayer and keeps the last failures.
+
+    The daemon hands it what commands drive besides the layer: the ``exporter`` that serves
+    NBD exports (none: the export commands fail with ENOTSUP)."""
+
+    def __init__(self, layer: BlockLayer, exporter: Exporter | None = None) -> None:
         self.layer = layer
+        self.exporter = exporter
         self.errors: deque[str] = deque(maxlen=ERROR_HISTORY)
 
     async def run(self, name: str, args: Mapping[str, Any]) -> Any:
@@ -223,7 +288,8 @@ class Commands:
             if command is None:
                 raise BlockError(errno.EINVAL, f"unknown command '{name}'")
             typed = self._check(command, args)
-            return await command.handler(self.layer, **typed)
+            given = {need: getattr(self, need) for need in command.needs}
+            return await command.handler(self.layer, **typed, **given)
         except BlockError as exc:
             raise self.record(name, exc) from None
 
@@ -373,12 +439,64 @@ async def cont(layer: BlockLayer, name: BackendName | None = None) -> None:
 
 
 @command
-async def query_status(layer: BlockLayer) -> dict[str, Any]:
+async def throttle(
+    layer: BlockLayer,
+    name: BackendName,
+    bps_total: Rate = 0,
+    bps_read: Rate = 0,
+    bps_write: Rate = 0,
+    iops_total: Rate = 0,
+    iops_read: Rate = 0,
+    iops_write: Rate = 0,
+    bps_total_max: Rate = 0,
+    bps_read_max: Rate = 0,
+    bps_write_max: Rate = 0,
+    iops_total_max: Rate = 0,
+    iops_read_max: Rate = 0,
+    iops_write_max: Rate = 0,
+    bps_total_max_length: Count = 1,
+    bps_read_max_length: Count = 1,
+    bps_write_max_length: Count = 1,
+    iops_total_max_length: Count = 1,
+    iops_read_max_length: Count = 1,
+    iops_write_max_length: Count = 1,
+    group: str | None = None,
+) -> None:
+    """Limit the backend's I/O (QEMU's block_set_io_throttle): bytes (bps-) or requests
+    (iops-) per second, in total or for reads or writes.
+
+    A throttle filter goes in front of the medium (a change that keeps it), is retuned in
+    place when it is there, and comes out when every limit is 0. LIMIT-max=RATE allows
+    bursts at that rate for LIMIT-max-length seconds; backends of one group share a
+    budget."""
+    given = locals()  # the limits by argument name: the throttle filter's, with "_" for "-"
+    limits: dict[str, Any] = {
+        "limits." + key.replace("_", "-"): value
+        for key, value in given.items()
+        if key.startswith(("bps_", "iops_"))
+    }
+    if group is not None:
+        limits["throttle-group"] = group
+    backend = layer.find(name)
+    tree = (await backend.status())["tree"]
+    if tree is None:
+        raise BlockError(errno.ENOMEDIUM, f"{name}: no medium to throttle")
+    off = not any((bps_total, bps_read, bps_write, iops_total, iops_read, iops_write))
+    if tree["driver"] == "throttle":
+        if off:
+            await backend.change({"node": tree["children"]["file"]["node-name"]})
+        else:
+            await layer.reopen(tree["node-name"], limits)
+    elif not off:
+        await backend.change({"driver": "throttle", **limits, "file": tree["node-name"]})
+
+
+@command
+async def query_status(layer: BlockLayer, *, exporter: Exporter | None) -> DaemonStatus:
     """The daemon and every backend: medium, size, users, driver tree, statistics.
 
     Deleted backends that users still hold open are listed too, and the NBD exports with
     their clients and counters."""
-    exporter = _EXPORTERS.get(layer)
     return {
         "pid": os.getpid(),
         "image-dirs": layer.image_dirs,
@@ -423,8 +541,7 @@ async def snapshot_node(layer: BlockLayer, name: BackendName, overlay: NodeName)
     OVERLAY, a qcow2 node added with node-add (backing=null), unused, writable and as large
     as the medium, becomes the active image over it; its header is made to name the image
     that was active, which turns read-only."""
-    node = layer.graph.find(overlay)
-    await snapshot_onto(layer, layer.find(name), node)
+    await snapshot_onto(layer, layer.find(name), overlay)
 
 
 @command
@@ -569,12 +686,12 @@ async def job_dismiss(layer: BlockLayer, job: JobId) -> None:
 
 
 @command
-async def query_jobs(layer: BlockLayer) -> list[dict[str, Any]]:
+async def query_jobs(layer: BlockLayer) -> list[JobInfo]:
     """Every job: type, backend, status, progress, speed, error."""
     return layer.jobs.status()
 
 
-JobEvents = Callable[[str, dict[str, Any]], None]
+JobEvents = Callable[[str, JobInfo], None]
 """Called with a QMP event name (JOB_STATUS_CHANGE, BLOCK_JOB_READY, ...) and the job as
 query-jobs shows it."""
 
@@ -594,40 +711,7 @@ def watch_jobs(layer: BlockLayer, listener: JobEvents) -> Callable[[], None]:
 ExportOrBackend = Annotated[str, Kind.EXPORT]
 
 
-class Exporter(Protocol):
-    """What serves NBD exports (the NBD frontend). It registers itself for its layer with
-    :func:`serve_exports`, so that the export commands reach it without knowing it."""
-
-    async def add(
-        self,
-        backend: BlockBackend,
-        export_name: str,
-        writable: bool,
-        *,
-        socket: str | None,
-        host: str | None,
-        port: str | None,
-        mode: str | None,
-    ) -> None:
-        """Serve ``backend`` at the address given, or on the default server."""
-
-    async def remove(self, name: str, force: bool) -> None:
-        """Stop serving the export ``name``, or every export of the backend ``name``."""
-
-    def status(self) -> list[dict[str, Any]]:
-        """Every export, its clients and its counters."""
-
-
-_EXPORTERS: WeakKeyDictionary[BlockLayer, Exporter] = WeakKeyDictionary()
-
-
-def serve_exports(layer: BlockLayer, exporter: Exporter) -> None:
-    """Make ``exporter`` the one the export commands of ``layer`` drive."""
-    _EXPORTERS[layer] = exporter
-
-
-def _exporter(layer: BlockLayer) -> Exporter:
-    exporter = _EXPORTERS.get(layer)
+def _serving(exporter: Exporter | None) -> Exporter:
     if exporter is None:
         raise BlockError(errno.ENOTSUP, "this daemon serves no NBD exports")
     return exporter
@@ -643,6 +727,8 @@ async def export(
     mode: str | None = None,
     writable: bool = False,
     export_name: str | None = None,
+    *,
+    exporter: Exporter | None,
 ) -> None:
     """Serve the backend over NBD, to QEMU, nbd-client, nbdcopy or another blkfs.
 
@@ -654,18 +740,24 @@ async def export(
         raise BlockError(errno.EINVAL, "export: give socket=PATH or host= port=, not both")
     if writable and backend.read_only:
         raise BlockError(errno.EROFS, f"{name}: read-only medium; export it without writable=on")
-    await _exporter(layer).add(
+    await _serving(exporter).add(
         backend, export_name or name, writable, socket=socket, host=host, port=port, mode=mode
     )
 
 
 @command
-async def export_del(layer: BlockLayer, name: ExportOrBackend, force: bool = False) -> None:
+async def export_del(
+    layer: BlockLayer,
+    name: ExportOrBackend,
+    force: bool = False,
+    *,
+    exporter: Exporter | None,
+) -> None:
     """Stop serving an export, named by its export name or by its backend's name.
 
     Refused while clients are connected (EBUSY) unless force=on, which disconnects them
     once their requests in flight are answered."""
-    await _exporter(layer).remove(name, force)
+    await _serving(exporter).remove(name, force)
 
 
 # -- nodes on their own ---------------------------------------------------------------------

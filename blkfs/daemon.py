@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import trio
 
-from blkfs.backend import BlockLayer
-from blkfs.commands import Commands
+from blkfs.backend import BlockLayer, start_workers
+from blkfs.commands import Commands, Exporter
 from blkfs.errors import BlockError
 
 log = logging.getLogger("blkfs.daemon")
@@ -46,7 +46,12 @@ class Frontend(Protocol):
         """After the backends are closed: give up what remains (unmount)."""
 
 
+class ExportingFrontend(Frontend, Exporter, Protocol):
+    """A frontend that serves NBD exports: the export commands drive it."""
+
+
 FrontendFactory = Callable[[BlockLayer, Commands], Frontend]
+ExporterFactory = Callable[[BlockLayer, Commands], ExportingFrontend]
 
 
 @dataclass
@@ -59,6 +64,8 @@ class DaemonConfig:
     nbd_servers: list[str] = field(default_factory=list)
     """NBD servers nodes may reach when ``image_dirs`` confines them (``--allow-nbd``)."""
     frontends: list[FrontendFactory] = field(default_factory=list)
+    exporter: ExporterFactory | None = None
+    """The frontend that serves NBD exports, handed to the command layer."""
 
 
 class Daemon:
@@ -73,6 +80,7 @@ class Daemon:
         """Serve until stopped; ``ready(None)`` once serving, ``ready(message)`` if the
         daemon could not start (then nothing is left mounted or open). Returns the backends
         whose final flush failed, with why."""
+        start_workers()
         try:
             for args in self.config.backends:
                 await self.commands.run("create", args)
@@ -81,6 +89,9 @@ class Daemon:
             ready(f"backend '{args['name']}': {exc}")
             return []
         self.frontends = [make(self.layer, self.commands) for make in self.config.frontends]
+        if self.config.exporter is not None:
+            self.commands.exporter = self.config.exporter(self.layer, self.commands)
+            self.frontends.append(self.commands.exporter)
         failures: list[str] = []
         try:
             async with trio.open_nursery() as nursery:

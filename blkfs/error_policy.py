@@ -24,6 +24,8 @@ from typing import Literal
 
 import trio
 
+from blkfs.info import PauseInfo
+
 Policy = Literal["report", "ignore", "enospc", "stop"]
 Action = Literal["report", "ignore", "stop"]
 POLICIES: tuple[Policy, ...] = ("report", "ignore", "enospc", "stop")
@@ -68,7 +70,7 @@ class Pause:
             f"({errno.errorcode.get(self.errno, self.errno)}: {self.message})"
         )
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> PauseInfo:
         return {
             "operation": self.operation,
             "node": self.node,

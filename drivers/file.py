@@ -279,7 +279,7 @@ class FileDriver(BlockDriver):
             fd, self.fd = self.fd, -1
             if self.host.calls:
                 self.node.hold_host_file(
-                    fd, f"{len(self.host.calls)} host call(s) of node '{self.node.name}'"
+                    f"{len(self.host.calls)} host call(s) of node '{self.node.name}'"
                 )
             self.host.when_returned(lambda: self._close(fd))
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio.testing
 
 from tests.helpers import Mount, blkfs_mounts_under, force_unmount, mounts_in
 
@@ -96,3 +97,12 @@ def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
 def mount(mount_factory: Callable[..., Mount]) -> Mount:
     """A blkfs mount with no backends."""
     return mount_factory()
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    """pytest-trio's autojump clock, but jumping only after 0.1 s of real idleness: host
+    calls run on worker threads (docs/design.md, "What runs where"), and a clock that jumped
+    the moment the loop waits for one would fire a test's timers while the call is still
+    under way, on a loaded machine even more so."""
+    return trio.testing.MockClock(autojump_threshold=0.1)

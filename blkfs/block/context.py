@@ -41,9 +41,9 @@ class NodeContext(Protocol):
         """A descriptor for a host image file, through the image policy, opened off the
         event loop; the layer knows which node has which file open."""
 
-    def hold_host_file(self, fd: int, held_by: str) -> None:
-        """Nobody may open this file until it is closed: host calls that were let go
-        (``held_by`` names them) still use it."""
+    def hold_host_file(self, held_by: str) -> None:
+        """Nobody may open this node's host file until it is closed: host calls that were
+        let go (``held_by`` names them) still use it."""
 
     def reopen_host_file(self, path: str, writable: bool) -> int:
         """Another descriptor for the host file this node has open (another access mode)."""

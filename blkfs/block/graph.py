@@ -115,9 +115,9 @@ class Graph:
         self._counter = itertools.count()
         self.host_files: dict[tuple[int, int], HostFile] = {}
         """Open host files by (device, inode), to find two nodes using one image."""
-        self._host_keys: dict[int, tuple[int, int]] = {}
-        """The (device, inode) of each descriptor :meth:`open_host_file` gave out: closing
-        one must not ask the host (a hung device would hang the fstat)."""
+        self._host_keys: dict[Node, tuple[int, int]] = {}
+        """The (device, inode) of the file each node opened: closing it must not ask the
+        host (a hung device would hang the fstat)."""
         self.registries: dict[str, dict[str, Any]] = {}
         """What drivers share between the nodes of this graph (throttle groups), by kind."""
 
@@ -600,7 +600,7 @@ class Graph:
             os.close(fd)
             raise refusal
         host.nodes.append(node)
-        self._host_keys[fd] = key
+        self._host_keys[node] = key
         return fd
 
     def _check_not_held(self, path: str) -> None:
@@ -624,10 +624,10 @@ class Graph:
             "opened again once its device answers them",
         )
 
-    def hold_host_file(self, fd: int, held_by: str) -> None:
-        """Keep anyone from opening the file of ``fd`` until it is closed: host calls that
-        were let go (``held_by`` names them) still use it."""
-        self.host_files[self._host_keys[fd]].held_by = held_by
+    def hold_host_file(self, node: Node, held_by: str) -> None:
+        """Keep anyone from opening ``node``'s file until it is closed: host calls that were
+        let go (``held_by`` names them) still use it."""
+        self.host_files[self._host_keys[node]].held_by = held_by
 
     @contextlib.contextmanager
     def opening_backing_of(self, node: Node) -> Iterator[None]:
@@ -645,7 +645,7 @@ class Graph:
             _chain.reset(token)
 
     def close_host_file(self, node: Node, fd: int) -> None:
-        key = self._host_keys.pop(fd)
+        key = self._host_keys.pop(node)
         host = self.host_files.get(key)
         if host is not None and node in host.nodes:
             host.nodes.remove(node)

@@ -247,8 +247,8 @@ class Node:
     async def open_host_file(self, path: str, writable: bool) -> int:
         return await self.graph.open_host_file(self, path, writable)
 
-    def hold_host_file(self, fd: int, held_by: str) -> None:
-        self.graph.hold_host_file(fd, held_by)
+    def hold_host_file(self, held_by: str) -> None:
+        self.graph.hold_host_file(self, held_by)
 
     def reopen_host_file(self, path: str, writable: bool) -> int:
         return self.graph.policy.open(path, writable)

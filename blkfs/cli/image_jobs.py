@@ -17,6 +17,7 @@ from blkfs.cli import progress
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.image import image_info, set_backing_file
+from blkfs.info import JobInfo
 
 NAME = "image"
 """The in-process backend's name (and so its job's id)."""
@@ -154,8 +155,9 @@ async def run_job(commands: Commands, verb: str, args: dict[str, Any], show: boo
     """Start the job and follow it to its end (completing it once ready)."""
     await commands.run(verb, {"name": NAME, **args})
 
-    async def entry() -> dict[str, Any]:
-        return next(job for job in await commands.run("query-jobs", {}) if job["id"] == NAME)
+    async def entry() -> JobInfo:
+        jobs: list[JobInfo] = await commands.run("query-jobs", {})
+        return next(job for job in jobs if job["id"] == NAME)
 
     async def complete() -> None:
         await commands.run("job-complete", {"job": NAME})

@@ -14,11 +14,11 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from blkfs.cli import progress
+from blkfs.info import JobInfo
 
 
 class JobError(Exception):
@@ -243,21 +243,20 @@ def read_ctl(mountpoint: str, report: str) -> str:
         ) from None
 
 
-def job_entry(mountpoint: str, job_id: str) -> dict[str, Any]:
-    for job in json.loads(read_ctl(mountpoint, "jobs.json")):
+def job_entry(mountpoint: str, job_id: str) -> JobInfo:
+    jobs: list[JobInfo] = json.loads(read_ctl(mountpoint, "jobs.json"))
+    for job in jobs:
         if job["id"] == job_id:
-            return dict(job)
+            return job
     raise JobError(f"no job '{job_id}' on {mountpoint} (dismissed?)")
 
 
-def follow(
-    mountpoint: str, job_id: str, complete: bool, until_ready: bool = True
-) -> dict[str, Any]:
+def follow(mountpoint: str, job_id: str, complete: bool, until_ready: bool = True) -> JobInfo:
     """Follow a job until it concludes (or, unless ``complete`` or ``until_ready`` is
     false, goes ready); complete it once ready if ``complete``. Its last entry, if it has
     not failed (JobError otherwise)."""
 
-    async def entry() -> dict[str, Any]:
+    async def entry() -> JobInfo:
         return job_entry(mountpoint, job_id)
 
     async def completing() -> None:

@@ -30,15 +30,15 @@ import trio
 from blkfs.backend import BlockLayer, parse_options
 from blkfs.cli import completion, image, jobs, mount_helper
 from blkfs.commands import COMMANDS, Commands
-from blkfs.daemon import Daemon, DaemonConfig, FrontendFactory
+from blkfs.daemon import Daemon, DaemonConfig, ExporterFactory, FrontendFactory
 from blkfs.errors import BlockError
 from blkfs.frontends import ctl
-from blkfs.frontends.fuse import FuseFrontend
-from blkfs.frontends.fuse.session_loop import POLL_MAX_NS
+from blkfs.frontends.fuse import POLL_MAX_NS, FuseFrontend
 from blkfs.frontends.nbd import NbdFrontend
 from blkfs.frontends.nbd.export import parse_address, socket_mode
 from blkfs.frontends.qmp import QmpFrontend
 from blkfs.frontends.qmp import parse_address as parse_qmp_address
+from blkfs.info import BackendStatus, DaemonStatus, ExportStatus, NodeTree
 
 log = logging.getLogger("blkfs")
 UMOUNT_TIMEOUT = 120.0
@@ -134,12 +134,16 @@ def build_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
     def fuse(layer: BlockLayer, commands: Commands) -> FuseFrontend:
         return FuseFrontend(layer, commands, mountpoint, allow_other, poll_max_ns)
 
-    frontends = [fuse, nbd_frontend(data, args)]
+    frontends: list[FrontendFactory] = [fuse]
     qmp = args.qmp or data.get("qmp")
     if qmp is not None:
         frontends.append(qmp_frontend(qmp, mountpoint))
     return DaemonConfig(
-        backends=backends, image_dirs=image_dirs, nbd_servers=nbd_servers, frontends=frontends
+        backends=backends,
+        image_dirs=image_dirs,
+        nbd_servers=nbd_servers,
+        frontends=frontends,
+        exporter=nbd_frontend(data, args),
     ), mountpoint
 
 
@@ -171,7 +175,7 @@ def qmp_frontend(where: Any, mountpoint: str) -> FrontendFactory:
     return qmp
 
 
-def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> FrontendFactory:
+def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> ExporterFactory:
     """The NBD frontend: the mount's NBD server (``--nbd``, ``nbd`` in the config; none by
     default) and the exports to make at start (``--export``, ``[exports.NAME]`` tables of
     the ``export`` command's arguments)."""
@@ -354,9 +358,9 @@ def daemonize(config: DaemonConfig, args: argparse.Namespace) -> int:
 # -- umount and ctl --------------------------------------------------------------------------
 
 
-def read_status(mountpoint: str) -> dict[str, Any]:
+def read_status(mountpoint: str) -> DaemonStatus:
     with open(os.path.join(mountpoint, ".ctl", "status.json")) as f:
-        status: dict[str, Any] = json.load(f)
+        status: DaemonStatus = json.load(f)
     return status
 
 
@@ -413,7 +417,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def stuck_calls(tree: dict[str, Any] | None) -> str:
+def stuck_calls(tree: NodeTree | None) -> str:
     """The nodes of a backend's tree whose oldest host call has run :data:`STUCK_MS` or
     more, described; empty if none."""
     if tree is None:
@@ -438,7 +442,7 @@ def let_go(mountpoint: str, name: str) -> None:
     print(f"blkfs: {name}: its device did not answer; ejected with force=on", file=sys.stderr)
 
 
-def describe_users(mountpoint: str, backend: dict[str, Any], exports: list[dict[str, Any]]) -> str:
+def describe_users(mountpoint: str, backend: BackendStatus, exports: list[ExportStatus]) -> str:
     """Who has a backend open, naming the loop devices, which lsof does not show, and the
     NBD clients."""
     text = f"{backend['name']} ({'deleted, ' if backend['deleted'] else ''}{backend['open']} open"
@@ -468,7 +472,7 @@ def loop_devices(path: str) -> list[str]:
     return found
 
 
-def flush_backends(mountpoint: str, backends: list[dict[str, Any]]) -> list[str]:
+def flush_backends(mountpoint: str, backends: list[BackendStatus]) -> list[str]:
     """fsync every writable backend through the mount; name those that fail.
 
     The daemon flushes again as it exits, but by then a failure can only be logged: flushing

@@ -10,7 +10,6 @@ import contextlib
 import errno
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 from rich.console import Console
@@ -26,6 +25,7 @@ from rich.progress import (
 
 from blkfs.errors import BlockError
 from blkfs.frontends.text import human_size
+from blkfs.info import JobInfo
 
 POLL = 0.1
 """Seconds between two looks at a job."""
@@ -60,7 +60,7 @@ class JobProgress:
         if self.bar is not None:
             self.bar.stop()
 
-    def update(self, job: dict[str, Any]) -> None:
+    def update(self, job: JobInfo) -> None:
         done, total = job["current-progress"], job["total-progress"]
         if self.bar is not None:
             self.bar.update(
@@ -89,11 +89,11 @@ class JobProgress:
 
 async def follow(
     label: str,
-    entry: Callable[[], Awaitable[dict[str, Any]]],
+    entry: Callable[[], Awaitable[JobInfo]],
     complete: Callable[[], Awaitable[None]] | None,
     show: bool = True,
     until_ready: bool = True,
-) -> dict[str, Any]:
+) -> JobInfo:
     """Follow a job (``entry()`` gives its ``query-jobs`` entry) until it concludes; once it
     is ready, ``complete()`` it, or without ``complete`` return then (unless not
     ``until_ready``: someone else completes or cancels it). Shows the progress if ``show``;
@@ -114,7 +114,7 @@ async def follow(
             await trio.sleep(POLL)
 
 
-def job_failure(job: dict[str, Any]) -> BlockError | None:
+def job_failure(job: JobInfo) -> BlockError | None:
     """The error to report for a concluded job, or None if it succeeded."""
     if not job["error"]:
         return None

@@ -22,6 +22,7 @@ from blkfs.backend import parse_options
 from blkfs.commands import COMMANDS, POSITIONAL, Command, Commands, Kind
 from blkfs.errors import BlockError
 from blkfs.frontends.text import human_size, table
+from blkfs.info import BackendStatus, DaemonStatus, ExportStatus, JobInfo, NodeTree
 
 MAX_COMMAND = 64 * 1024
 VERBS = tuple(name for name, command in COMMANDS.items() if not command.report)
@@ -106,15 +107,15 @@ class ControlFiles:
         if report == "error":
             return "".join(line + "\n" for line in self.commands.errors)
         if report.startswith("jobs"):
-            jobs = await self.commands.run("query-jobs", {})
+            jobs: list[JobInfo] = await self.commands.run("query-jobs", {})
             return json.dumps(jobs, indent=2) + "\n" if report == "jobs.json" else format_jobs(jobs)
-        status = await self.commands.run("query-status", {})
+        status: DaemonStatus = await self.commands.run("query-status", {})
         if report == "status.json":
             return json.dumps(status, indent=2) + "\n"
         return format_status(status["backends"]) + format_exports(status["exports"])
 
 
-def format_status(backends: list[dict[str, Any]]) -> str:
+def format_status(backends: list[BackendStatus]) -> str:
     """The human table of ``.ctl/status``: one row per backend, then each driver tree."""
     header = ("BACKEND", "MEDIUM", "RO", "SIZE", "OPEN", "ROOT")
     rows = [header]
@@ -145,7 +146,7 @@ def format_status(backends: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_exports(exports: list[dict[str, Any]]) -> str:
+def format_exports(exports: list[ExportStatus]) -> str:
     """The NBD exports under ``.ctl/status``: one row each, then a line per client."""
     if not exports:
         return ""
@@ -172,7 +173,7 @@ def format_exports(exports: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_jobs(jobs: list[dict[str, Any]]) -> str:
+def format_jobs(jobs: list[JobInfo]) -> str:
     """The table of ``.ctl/jobs``: one row per job."""
     rows = [("JOB", "TYPE", "BACKEND", "STATUS", "PROGRESS", "SPEED", "ERROR")]
     for job in jobs:
@@ -192,7 +193,7 @@ def format_jobs(jobs: list[dict[str, Any]]) -> str:
     return "\n".join(table(rows)) + "\n"
 
 
-def _tree_lines(node: dict[str, Any], indent: str, role: str) -> list[str]:
+def _tree_lines(node: NodeTree, indent: str, role: str) -> list[str]:
     options = [f"{k}={v}" for k, v in node["options"].items() if k not in ("node-name", "driver")]
     details = [
         f"{k}={v}"

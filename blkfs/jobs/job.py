@@ -22,11 +22,12 @@ import errno
 import logging
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import trio
 
 from blkfs.errors import BlockError
+from blkfs.info import JobInfo
 
 if TYPE_CHECKING:
     from blkfs.jobs.manager import JobManager
@@ -239,7 +240,7 @@ class Job:
             self.status = status
             self.manager.event("JOB_STATUS_CHANGE", self)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> JobInfo:
         """What query-jobs (and .ctl/jobs) shows, with QMP's names."""
         return {
             "id": self.id,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from blkfs.errors import BlockError, NotFound
+from blkfs.info import JobInfo
 from blkfs.jobs.job import Job, JobStatus
 
 if TYPE_CHECKING:
@@ -108,5 +109,5 @@ class JobManager:
         for listener in list(self.listeners):
             listener(name, job)
 
-    def status(self) -> list[dict[str, Any]]:
+    def status(self) -> list[JobInfo]:
         return [job.info() for job in self.jobs.values()]

@@ -25,7 +25,6 @@ from blkfs.jobs.chain import chain, header_name
 
 if TYPE_CHECKING:
     from blkfs.backend import BlockBackend, BlockLayer
-    from blkfs.block import Node
 
 log = logging.getLogger("blkfs.jobs")
 
@@ -91,11 +90,12 @@ async def snapshot(
             log.warning("%s: snapshot: %s stays writable: %s", backend.name, image, exc)
 
 
-async def snapshot_onto(layer: BlockLayer, backend: BlockBackend, overlay: Node) -> None:
-    """Make ``overlay``, an unused qcow2 node without backing file (QEMU's blockdev-snapshot),
-    the backend's active image over its medium. Its header is made to name the image now
-    active (QEMU leaves it as it is), so that the image file opens alone later; if the
-    switch fails, the overlay gets its old header and no backing file again."""
+async def snapshot_onto(layer: BlockLayer, backend: BlockBackend, overlay_name: str) -> None:
+    """Make the node ``overlay_name``, an unused qcow2 node without backing file (QEMU's
+    blockdev-snapshot), the backend's active image over its medium. Its header is made to
+    name the image now active (QEMU leaves it as it is), so that the image file opens alone
+    later; if the switch fails, the overlay gets its old header and no backing file again."""
+    overlay = layer.graph.find(overlay_name)
     backend.check_op("snapshot it")
     root = backend.root_node()
     active = chain(backend)[0]

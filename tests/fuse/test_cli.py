@@ -217,6 +217,10 @@ def test_ctl_command_prints_the_error(mount_factory, images: Path) -> None:
     assert result.returncode == 1 and "already exists" in result.stderr
     status = blkfs("ctl", str(mount.path), "status").stdout
     assert "a" in status and "raw" in status
+    blkfs("ctl", str(mount.path), "throttle", "a", "bps-read=4M")
+    assert mount.backends()["a"]["tree"]["info"]["limits"] == {"bps-read": 4 * MiB}
+    result = blkfs("ctl", str(mount.path), "throttle", "a", "bps-read=fast", check=False)
+    assert result.returncode == 1 and "bps-read" in result.stderr
 
 
 def test_dd_and_cat_from_a_shell_script(mount_factory, images: Path) -> None:

@@ -262,3 +262,42 @@ def test_on_change_error_makes_old_descriptors_stale(mount: Mount, two_images) -
     mount.ctl("create", "empty on-change=error")
     assert mount.backends()["empty"]["medium"] is False
     assert mount.ctl_errno("create", "bad on-change=sometimes") == errno.EINVAL
+
+
+def test_throttle_in_retuned_and_out(mount: Mount, two_images) -> None:
+    """``.ctl/throttle`` puts a throttle filter in front of the medium, retunes it in place,
+    takes it out when every limit is 0; the data stays, refused limits change nothing."""
+    a, _ = two_images
+    mount.ctl("create", f"disk0 driver=raw,node-name=img,file.driver=file,file.filename={a}")
+    mount.ctl("create", "empty")
+    mount.ctl("throttle", "disk0 bps-write=8M")
+    tree = mount.backends()["disk0"]["tree"]
+    assert tree["driver"] == "throttle" and tree["children"]["file"]["node-name"] == "img"
+    assert tree["info"]["limits"] == {"bps-write": 8 * MiB}
+    assert (mount / "disk0").read_bytes() == a.read_bytes()
+
+    mount.ctl("throttle", "disk0 iops-total=100 iops-total-max=200 iops-total-max-length=2")
+    again = mount.backends()["disk0"]["tree"]
+    assert again["node-name"] == tree["node-name"]  # the same filter, retuned
+    assert again["info"]["limits"] == {"iops-total": 100}
+
+    before = snapshot(mount)
+    for bad, code in (
+        ("disk0 bps-total=1 bps-read=1", errno.EINVAL),  # total with read: the filter's rule
+        ("disk0 bps-total=2 bps-total-max=1", errno.EINVAL),
+        ("disk0 bps-total=1 bps-total-max-length=0", errno.EINVAL),
+        ("disk0 iops-total=-1", errno.EINVAL),
+        ("disk0 speed=1", errno.EINVAL),
+        ("nosuch bps-total=1", errno.ENOENT),
+        ("empty bps-total=1", errno.ENOMEDIUM),
+    ):
+        assert (bad, mount.ctl_errno("throttle", bad)) == (bad, code)
+        assert mount.last_error().startswith("throttle"), bad
+    assert snapshot(mount) == before
+    assert mount.backends()["disk0"]["tree"]["info"]["limits"] == {"iops-total": 100}
+
+    mount.ctl("throttle", "disk0")
+    assert mount.backends()["disk0"]["tree"]["node-name"] == "img"
+    mount.ctl("throttle", "disk0")  # nothing to take out
+    assert mount.backends()["disk0"]["tree"]["node-name"] == "img"
+    assert (mount / "disk0").read_bytes() == a.read_bytes()

@@ -39,6 +39,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[BlockLayer, Commands, Nb
     commands = Commands(layer)
     await commands.run("create", {"name": "d", "medium": str(image)})
     frontend = NbdFrontend(layer, commands)
+    commands.exporter = frontend
     async with trio.open_nursery() as nursery:
         await nursery.start(frontend.serve)
         yield layer, commands, frontend
@@ -156,6 +157,7 @@ async def test_the_mounts_server_stays_without_exports(tmp_path: Path) -> None:
     frontend = NbdFrontend(
         layer, commands, Address(path=str(sock)), [{"name": "n", "export-name": "null"}], mode=0o660
     )
+    commands.exporter = frontend
     async with trio.open_nursery() as nursery:
         await nursery.start(frontend.serve)
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
@@ -174,6 +176,7 @@ async def test_a_frontend_that_cannot_start_says_why(tmp_path: Path) -> None:
     layer = BlockLayer()
     commands = Commands(layer)
     frontend = NbdFrontend(layer, commands, exports=[{"name": "nosuch"}])
+    commands.exporter = frontend
     async with trio.open_nursery() as nursery:
         with pytest.raises(BlockError) as failed:
             await nursery.start(frontend.serve)
@@ -255,8 +258,10 @@ export-name = "null"
     layer = BlockLayer()
     commands = Commands(layer)
     await commands.run("create", daemon_config.backends[0])
-    frontend = daemon_config.frontends[1](layer, commands)
+    assert daemon_config.exporter is not None
+    frontend = daemon_config.exporter(layer, commands)
     assert isinstance(frontend, NbdFrontend)
+    commands.exporter = frontend
     async with trio.open_nursery() as nursery:
         await nursery.start(frontend.serve)
         assert [e["name"] for e in frontend.status()] == ["null", "again"]
@@ -306,6 +311,7 @@ async def test_shutdown_lets_go_of_the_clients_of_a_closed_socket(tmp_path: Path
     commands = Commands(layer)
     await commands.run("create", {"name": "n", "medium": "driver=null,size=1M"})
     frontend = NbdFrontend(layer, commands)
+    commands.exporter = frontend
     sock = tmp_path / "own"
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:

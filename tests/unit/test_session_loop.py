@@ -13,7 +13,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blkfs.frontends.fuse.session_loop import AdaptivePoll, FuseWait
+from blkfs.frontends.fuse.compat.session_loop import AdaptivePoll, FuseWait
 
 
 @pytest.fixture

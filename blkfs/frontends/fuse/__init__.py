@@ -1,9 +1,9 @@
 """The FUSE frontend: the mount, one file per backend, and ``.ctl/``.
 
-:mod:`~blkfs.frontends.fuse.operations` answers the requests (pyfuse3 handlers),
-:mod:`~blkfs.frontends.fuse.session_loop` takes them off /dev/fuse without a trip through
-trio's scheduler, and :mod:`~blkfs.frontends.fuse.extra_ops` adds the two pyfuse3 does not
-dispatch (fallocate, lseek). :class:`FuseFrontend` is what the daemon runs.
+:mod:`~blkfs.frontends.fuse.operations` answers the requests (pyfuse3 handlers);
+:mod:`~blkfs.frontends.fuse.compat` holds the patches to pyfuse3 (a faster request loop, the
+two operations pyfuse3 does not dispatch: fallocate, lseek). :class:`FuseFrontend` is what
+the daemon runs.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from blkfs.backend import BlockLayer
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.frontends.ctl import ControlFiles
-from blkfs.frontends.fuse import extra_ops
+from blkfs.frontends.fuse.compat import extra_ops
+from blkfs.frontends.fuse.compat.session_loop import POLL_MAX_NS
 from blkfs.frontends.fuse.operations import BlkfsOperations
+
+__all__ = ["POLL_MAX_NS", "FuseFrontend"]
 
 log = logging.getLogger("blkfs.fuse")
 

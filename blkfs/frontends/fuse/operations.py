@@ -27,7 +27,7 @@ import trio
 from blkfs.backend import BlockBackend, BlockLayer, Status
 from blkfs.errors import BlockError
 from blkfs.frontends.ctl import REPORTS, VERBS, ControlFiles
-from blkfs.frontends.fuse import session_loop
+from blkfs.frontends.fuse.compat import session_loop
 
 log = logging.getLogger("blkfs.fuse")
 
@@ -150,7 +150,7 @@ class BlkfsOperations(pyfuse3.Operations):
         """Where requests pyfuse3 does not dispatch (fallocate, lseek) run."""
 
     def spawn(self, request: Callable[[], Awaitable[None]]) -> None:
-        """Run a fallocate or lseek request (see :mod:`blkfs.frontends.fuse.extra_ops`)."""
+        """Run a fallocate or lseek request (see :mod:`blkfs.frontends.fuse.compat.extra_ops`)."""
         assert self.nursery is not None, "requests come only while the session runs"
         self.nursery.start_soon(request)
 

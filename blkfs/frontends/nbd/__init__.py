@@ -24,10 +24,11 @@ from typing import Any
 import trio
 
 from blkfs.backend import BlockBackend, BlockLayer
-from blkfs.commands import Commands, serve_exports
+from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.frontends.nbd.export import Export, Listener, address, socket_mode
 from blkfs.frontends.nbd.session import Budget, Session
+from blkfs.info import ExportStatus
 from blkfs.nbd import Address
 
 log = logging.getLogger("blkfs.nbd")
@@ -68,7 +69,6 @@ class NbdFrontend:
         self._watched: weakref.WeakSet[BlockBackend] = weakref.WeakSet()
         self._nursery: trio.Nursery | None = None
         self._stopping = trio.Event()
-        serve_exports(layer, self)
 
     async def serve(self, *, task_status: trio.TaskStatus[None]) -> None:
         failure: BlockError | None = None
@@ -218,7 +218,7 @@ class NbdFrontend:
         for session in sessions:
             await session.finished.wait()
 
-    def status(self) -> list[dict[str, Any]]:
+    def status(self) -> list[ExportStatus]:
         self.retired = {e for e in self.retired if e.sessions}
         return [e.status() for e in [*self.exports.values(), *self.retired]]
 

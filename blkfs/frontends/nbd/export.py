@@ -12,13 +12,14 @@ import errno
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from blkfs.backend import BlockBackend
 from blkfs.errors import BlockError
 from blkfs.frontends.unix_socket import clear_stale_socket
+from blkfs.info import ExportStatus
 from blkfs.nbd import (
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_PORT,
@@ -145,7 +146,7 @@ class Export:
             description=f"blkfs backend {backend.name}",
         )
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ExportStatus:
         return {
             "name": self.name,
             "backend": self.backend.name,

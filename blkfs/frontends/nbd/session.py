@@ -18,13 +18,13 @@ import logging
 import socket
 import struct
 import time
-from typing import Any
 
 import trio
 
 from blkfs.backend import BlockBackend, Status
 from blkfs.errors import BlockError
 from blkfs.frontends.nbd.export import Export, Listener
+from blkfs.info import ClientStatus
 from blkfs.nbd import (
     BASE_ALLOCATION,
     REQUEST,
@@ -125,7 +125,7 @@ class Session:
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._mine = Budget(SESSION_BYTES)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ClientStatus:
         return {"peer": self.peer, "since": int(self.since), "in-flight": self.in_flight}
 
     def stop(self) -> None:

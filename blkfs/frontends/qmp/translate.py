@@ -14,15 +14,28 @@ root node's name.
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from types import UnionType
+from typing import Any, Literal, Protocol, Union, get_args, get_origin
 
 from blkfs.backend import IoError
-from blkfs.commands import Commands
+from blkfs.commands import (
+    COMMANDS,
+    BackendName,
+    Commands,
+    JobId,
+    Kind,
+    NodeName,
+    Param,
+    Size,
+    parameter_of,
+)
 from blkfs.errors import BlockError, NotFound
+from blkfs.info import Counters, DaemonStatus, JobInfo, NodeTree
 
 VERSION = (0, 1, 0)
 PACKAGE = "blkfs 0.1.0"
@@ -59,13 +72,54 @@ TYPES = {
     "object": (dict, "object"),
     "array": (list, "array"),
 }
+"""QMP's JSON types: the Python type of each, and its name in QEMU's messages."""
+NUMBERS = frozenset({Kind.SIZE, Kind.RATE, Kind.COUNT})
+OBJECTS = frozenset({Kind.MEDIUM, Kind.NODE_OPTIONS})
+
+
+NewImageMode = Literal["existing", "absolute-paths"]
+"""How drive-mirror and drive-backup find their target: made by blkfs, or there."""
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a QMP command: its type and checks are those of the command layer's
+    parameter it feeds (or, for an argument only QMP has, of a parameter declared the way
+    commands declare theirs); ``param`` None is a JSON array, which no command takes."""
+
+    param: Param | None
+    required: bool
+
+    @property
+    def type(self) -> str:
+        """``str``, ``int``, ``bool``, ``object`` or ``array``."""
+        if self.param is None:
+            return "array"
+        if self.param.kind in NUMBERS:
+            return "int"
+        if self.param.kind is Kind.FLAG:
+            return "bool"
+        return "object" if self.param.kind in OBJECTS else "str"
+
+    def check(self, key: str, value: Any) -> None:
+        """QEMU's checks of one value, in its words."""
+        pytype, word = TYPES[self.type]
+        if not isinstance(value, pytype) or (pytype is int and isinstance(value, bool)):
+            raise generic(f"Invalid parameter type for '{key}', expected: {word}")
+        kind = self.param.kind if self.param else None
+        if isinstance(value, int) and kind in (Kind.SIZE, Kind.RATE) and value < 0:
+            raise generic(f"Parameter '{key}' expects a non-negative value")
+        if isinstance(value, int) and kind is Kind.COUNT and value < 1:
+            raise generic(f"Parameter '{key}' expects a positive value")
+        if kind is Kind.CHOICE and self.param and value not in self.param.choices:
+            raise generic(f"Parameter '{key}' does not accept value '{value}'")
 
 
 @dataclass(frozen=True)
 class QmpCommand:
     name: str
-    args: Mapping[str, tuple[str, bool]] | None
-    """Argument name -> (type, required); None: free-form (checked by the handler)."""
+    args: Mapping[str, Arg] | None
+    """Argument name -> its declaration; None: free-form (checked by the handler)."""
     handler: Handler
 
 
@@ -73,14 +127,26 @@ TABLE: dict[str, QmpCommand] = {}
 """Every QMP command blkfs answers, by name, but for the session's own: qmp_capabilities
 and quit."""
 
+Declared = str | Any
+"""How a QMP command declares an argument: ``"PARAM"`` (``"PARAM?"``: optional), the
+parameter of its command (``via``) the argument feeds, or ``"COMMAND.PARAM"`` of another
+command; or, for an argument no command takes, a type as commands declare theirs
+(``X | None``: optional; ``list``: a JSON array)."""
 
-def qmp(name: str, /, *, free: bool = False, **args: str) -> Callable[[Handler], Handler]:
-    """Declare a QMP command: ``key="str"`` a required string, ``key="int?"`` an optional
-    integer (``_`` in keys for ``-``)."""
-    spec = {
-        key.rstrip("_").replace("_", "-"): (kind.rstrip("?"), not kind.endswith("?"))
-        for key, kind in args.items()
-    }
+
+def qmp(
+    name: str,
+    via: str | None = None,
+    /,
+    *,
+    free: bool = False,
+    verbatim: Mapping[str, Declared] | None = None,
+    **args: Declared,
+) -> Callable[[Handler], Handler]:
+    """Declare a QMP command that translates onto command ``via`` of the command layer,
+    with its arguments (``_`` in keys for ``-``; ``verbatim`` keys as they are)."""
+    named = {key.rstrip("_").replace("_", "-"): decl for key, decl in args.items()}
+    spec = {key: _arg(via, key, decl) for key, decl in {**named, **(verbatim or {})}.items()}
 
     def declare(handler: Handler) -> Handler:
         TABLE[name] = QmpCommand(name, None if free else spec, handler)
@@ -89,20 +155,28 @@ def qmp(name: str, /, *, free: bool = False, **args: str) -> Callable[[Handler],
     return declare
 
 
-def check_args(spec: Mapping[str, tuple[str, bool]], args: Mapping[str, Any]) -> None:
+def _arg(via: str | None, key: str, decl: Any) -> Arg:
+    if isinstance(decl, str):
+        ref = decl.removesuffix("?")
+        command, _, param = ref.rpartition(".")
+        return Arg(COMMANDS[command or str(via)].param(param), not decl.endswith("?"))
+    optional = get_origin(decl) in (Union, UnionType) and type(None) in get_args(decl)
+    if decl is list or (optional and list in get_args(decl)):
+        return Arg(None, not optional)
+    default = None if optional else inspect.Parameter.empty
+    return Arg(parameter_of(key, decl, default), not optional)
+
+
+def check_args(spec: Mapping[str, Arg], args: Mapping[str, Any]) -> None:
     """QEMU's argument checks, in its words."""
     for key in args:
         if key not in spec:
             raise generic(f"Parameter '{key}' is unexpected")
-    for key, (kind, required) in spec.items():
-        if key not in args:
-            if required:
-                raise generic(f"Parameter '{key}' is missing")
-            continue
-        pytype, word = TYPES[kind]
-        value = args[key]
-        if not isinstance(value, pytype) or (pytype is int and isinstance(value, bool)):
-            raise generic(f"Invalid parameter type for '{key}', expected: {word}")
+    for key, arg in spec.items():
+        if key in args:
+            arg.check(key, args[key])
+        elif arg.required:
+            raise generic(f"Parameter '{key}' is missing")
 
 
 async def execute(monitor: Monitor, name: str, args: dict[str, Any]) -> Any:
@@ -136,12 +210,17 @@ async def run(monitor: Monitor, name: str, args: Mapping[str, Any]) -> Any:
     return await monitor.commands.run(name, {k: v for k, v in args.items() if v is not None})
 
 
-async def status(monitor: Monitor) -> dict[str, Any]:
-    result: dict[str, Any] = await run(monitor, "query-status", {})
+async def status(monitor: Monitor) -> DaemonStatus:
+    result: DaemonStatus = await run(monitor, "query-status", {})
     return result
 
 
-def medium(tree: Mapping[str, Any]) -> Mapping[str, Any]:
+async def jobs(monitor: Monitor) -> list[JobInfo]:
+    result: list[JobInfo] = await run(monitor, "query-jobs", {})
+    return result
+
+
+def medium(tree: NodeTree) -> NodeTree:
     """The node under the throttle filter block_set_io_throttle put in, if any (QEMU
     throttles in the BlockBackend, so its device's node is the one below)."""
     while tree["driver"] == "throttle":
@@ -149,18 +228,18 @@ def medium(tree: Mapping[str, Any]) -> Mapping[str, Any]:
     return tree
 
 
-def backend_of(state: Mapping[str, Any], device: str, klass: str) -> str:
+def backend_of(state: DaemonStatus, device: str, klass: str) -> str:
     """The backend a QMP "device" names: a backend's name, or its root node's name (under a
     throttle filter); QmpError of ``klass`` if none (QEMU says DeviceNotFound for devices,
     GenericError for nodes)."""
     live = [b for b in state["backends"] if not b["deleted"]]
     for backend in live:
         if backend["name"] == device:
-            return str(backend["name"])
+            return backend["name"]
     for backend in live:
         tree = backend["tree"]
         if tree and device in (tree["node-name"], medium(tree)["node-name"]):
-            return str(backend["name"])
+            return backend["name"]
     if klass == "DeviceNotFound":
         raise QmpError(klass, f"Device '{device}' not found")
     raise QmpError(klass, f"Cannot find device='{device}' nor node-name='{device}'")
@@ -179,7 +258,7 @@ async def device(
 # -- describing nodes as QEMU does ------------------------------------------------------
 
 
-def _filename(tree: Mapping[str, Any]) -> str:
+def _filename(tree: NodeTree) -> str:
     for where in (tree["info"], tree["options"]):
         if isinstance(where.get("filename"), str):
             return str(where["filename"])
@@ -189,7 +268,7 @@ def _filename(tree: Mapping[str, Any]) -> str:
     return ""
 
 
-def image_info(tree: Mapping[str, Any]) -> dict[str, Any]:
+def image_info(tree: NodeTree) -> dict[str, Any]:
     """QEMU's ImageInfo, as far as blkfs knows it."""
     info: dict[str, Any] = {
         "filename": _filename(tree),
@@ -206,7 +285,7 @@ def image_info(tree: Mapping[str, Any]) -> dict[str, Any]:
     return info
 
 
-def node_info(tree: Mapping[str, Any], limits: Mapping[str, float] | None = None) -> dict[str, Any]:
+def node_info(tree: NodeTree, limits: Mapping[str, float] | None = None) -> dict[str, Any]:
     """QEMU's BlockDeviceInfo of a node (query-named-block-nodes, query-block), with the
     ``limits`` of a throttle filter in front of it (its bps, iops fields)."""
     limits = limits or {}
@@ -228,7 +307,7 @@ def node_info(tree: Mapping[str, Any], limits: Mapping[str, float] | None = None
     }
 
 
-def block_stats(stats: Mapping[str, int]) -> dict[str, Any]:
+def block_stats(stats: Counters) -> dict[str, int]:
     """QEMU's BlockDeviceStats, the counters blkfs keeps."""
     return {
         "rd_bytes": stats["read_bytes"],
@@ -245,11 +324,11 @@ def block_stats(stats: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
-def all_nodes(state: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+def all_nodes(state: DaemonStatus) -> Iterator[NodeTree]:
     """Every node once, parents before children."""
     seen: set[str] = set()
 
-    def walk(tree: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    def walk(tree: NodeTree) -> Iterator[NodeTree]:
         if tree["node-name"] not in seen:
             seen.add(tree["node-name"])
             yield tree
@@ -301,12 +380,12 @@ async def query_block(monitor: Monitor, args: dict[str, Any]) -> Any:
     return result
 
 
-@qmp("query-named-block-nodes", flat="bool?")
+@qmp("query-named-block-nodes", flat=bool | None)
 async def query_named_block_nodes(monitor: Monitor, args: dict[str, Any]) -> Any:
     return [node_info(tree) for tree in all_nodes(await status(monitor))]
 
 
-@qmp("query-blockstats", query_nodes="bool?")
+@qmp("query-blockstats", query_nodes=bool | None)
 async def query_blockstats(monitor: Monitor, args: dict[str, Any]) -> Any:
     state = await status(monitor)
     if args.get("query-nodes"):
@@ -328,7 +407,7 @@ async def query_blockstats(monitor: Monitor, args: dict[str, Any]) -> Any:
 # -- nodes and exports ------------------------------------------------------------------
 
 
-@qmp("blockdev-add", free=True)
+@qmp("blockdev-add", "node-add", free=True)
 async def blockdev_add(monitor: Monitor, args: dict[str, Any]) -> Any:
     options = dict(args)
     name = options.pop("node-name", None)
@@ -342,7 +421,7 @@ async def blockdev_add(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp("blockdev-del", node_name="str")
+@qmp("blockdev-del", "node-del", node_name="node")
 async def blockdev_del(monitor: Monitor, args: dict[str, Any]) -> Any:
     await run(monitor, "node-del", {"node": args["node-name"]})
     return {}
@@ -350,17 +429,16 @@ async def blockdev_del(monitor: Monitor, args: dict[str, Any]) -> Any:
 
 @qmp(
     "block-export-add",
-    type="str",
-    id="str",
-    node_name="str",
-    writable="bool?",
-    name="str?",
-    mountpoint="str?",
+    "export",
+    type=Literal["fuse", "nbd"],
+    id="name",
+    node_name="node-add.node",
+    writable="writable?",
+    name="export-name?",
+    mountpoint=str | None,
 )
 async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
     kind, export_id = args["type"], args["id"]
-    if kind not in ("fuse", "nbd"):
-        raise generic(f"Invalid parameter 'type': blkfs exports fuse or nbd (got '{kind}')")
     other = "name" if kind == "fuse" else "mountpoint"
     if other in args:
         raise generic(f"Parameter '{other}' is unexpected")
@@ -389,11 +467,9 @@ async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp("block-export-del", id="str", mode="str?")
+@qmp("block-export-del", "export-del", id="name", mode=Literal["safe", "hard"] | None)
 async def block_export_del(monitor: Monitor, args: dict[str, Any]) -> Any:
     export_id, mode = args["id"], args.get("mode", "safe")
-    if mode not in ("safe", "hard"):
-        raise generic(f"Parameter 'mode' does not accept value '{mode}'")
     state = await status(monitor)
     if not any(b["name"] == export_id and not b["deleted"] for b in state["backends"]):
         raise generic(f"Export '{export_id}' is not found")
@@ -429,42 +505,36 @@ def _tray(monitor: Monitor, name: str, tray_open: bool) -> None:
 
 @qmp(
     "blockdev-change-medium",
-    id="str?",
-    device_="str?",
-    filename="str",
-    format="str?",
-    read_only_mode="str?",
-    force="bool?",
+    "change",
+    id="name?",
+    device_="name?",
+    filename=str,
+    format=str | None,
+    read_only_mode=Literal["retain", "read-only", "read-write"] | None,
+    force="force?",
 )
 async def blockdev_change_medium(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device", "id", klass="DeviceNotFound")
     mode = args.get("read-only-mode", "retain")
-    if mode not in ("retain", "read-only", "read-write"):
-        raise generic(f"Parameter 'read-only-mode' does not accept value '{mode}'")
     medium: dict[str, Any] = {"file": {"driver": "file", "filename": args["filename"]}}
     if "format" in args:
         medium["driver"] = args["format"]
     if mode != "retain":
         medium["read-only"] = mode == "read-only"
-    state = await status(monitor)
-    has_medium = any(b["name"] == name and b["medium"] for b in state["backends"])
-    if has_medium:
-        await run(monitor, "change", {"name": name, "medium": medium, "force": args.get("force")})
-    else:
-        await run(monitor, "insert", {"name": name, "medium": medium})
+    await run(monitor, "change", {"name": name, "medium": medium, "force": args.get("force")})
     _tray(monitor, name, True)
     _tray(monitor, name, False)
     return {}
 
 
-@qmp("cont")
+@qmp("cont", "cont")
 async def cont(monitor: Monitor, args: dict[str, Any]) -> Any:
     """QEMU's cont resumes the machine; here, every backend its error policy paused."""
     await run(monitor, "cont", {})
     return {}
 
 
-@qmp("eject", id="str?", device_="str?", force="bool?")
+@qmp("eject", "eject", id="name?", device_="name?", force="force?")
 async def eject(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device", "id", klass="DeviceNotFound")
     await run(monitor, "eject", {"name": name, "force": args.get("force")})
@@ -472,7 +542,7 @@ async def eject(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp("blockdev-remove-medium", id="str")
+@qmp("blockdev-remove-medium", "eject", id="name")
 async def blockdev_remove_medium(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "id", klass="DeviceNotFound")
     await run(monitor, "eject", {"name": name})
@@ -480,7 +550,7 @@ async def blockdev_remove_medium(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp("blockdev-insert-medium", id="str", node_name="str")
+@qmp("blockdev-insert-medium", "insert", id="name", node_name="node-add.node")
 async def blockdev_insert_medium(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "id", klass="DeviceNotFound")
     await run(monitor, "insert", {"name": name, "medium": {"node": args["node-name"]}})
@@ -488,7 +558,7 @@ async def blockdev_insert_medium(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp("blockdev-open-tray", id="str?", device_="str?", force="bool?")
+@qmp("blockdev-open-tray", id=BackendName | None, device_=BackendName | None, force=bool | None)
 async def blockdev_open_tray(monitor: Monitor, args: dict[str, Any]) -> Any:
     """blkfs has no tray: the event a drive's tray gives, and nothing else (the medium
     stays until blockdev-remove-medium, which takes it out at once)."""
@@ -496,18 +566,16 @@ async def blockdev_open_tray(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp("blockdev-close-tray", id="str?", device_="str?")
+@qmp("blockdev-close-tray", id=BackendName | None, device_=BackendName | None)
 async def blockdev_close_tray(monitor: Monitor, args: dict[str, Any]) -> Any:
     """The event, and nothing else (see blockdev-open-tray)."""
     _tray(monitor, await device(monitor, args, "device", "id", klass="DeviceNotFound"), False)
     return {}
 
 
-@qmp("block_resize", device_="str?", node_name="str?", size="int")
+@qmp("block_resize", "resize", device_="name?", node_name="name?", size="size")
 async def block_resize(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device", "node-name")
-    if args["size"] < 0:
-        raise generic("Parameter 'size' expects a non-negative value")
     await run(monitor, "resize", {"name": name, "size": args["size"], "shrink": True})
     return {}
 
@@ -521,72 +589,38 @@ THROTTLE_LIMITS = {
     "iops_wr": "iops-write",
 }
 """QEMU's throttle arguments and the throttle filter's limits they set."""
+THROTTLE_ARGS = {
+    key + suffix: limit + option
+    for key, limit in THROTTLE_LIMITS.items()
+    for suffix, option in (("", ""), ("_max", "-max"), ("_max_length", "-max-length"))
+}
+"""QEMU's throttle arguments and the parameters of ``throttle`` they feed."""
 
 
+@qmp(
+    "block_set_io_throttle",
+    "throttle",
+    device_="name?",
+    id="name?",
+    group="group?",
+    verbatim={
+        "iops_size": Size | None,
+        **{
+            key: param if key in THROTTLE_LIMITS else f"{param}?"
+            for key, param in THROTTLE_ARGS.items()
+        },
+    },
+)
 async def block_set_io_throttle(monitor: Monitor, args: dict[str, Any]) -> Any:
-    """A throttle filter in front of the medium (``change``, keeping the medium), retuned
-    with ``reopen`` when it is there already, taken out when every limit is 0."""
     name = await device(monitor, args, "device", "id", klass="DeviceNotFound")
     if args.get("iops_size", 0):
         raise generic("blkfs's throttle filter counts every request as one: iops_size must be 0")
-    limits: dict[str, Any] = {}
-    for key, limit in THROTTLE_LIMITS.items():
-        for suffix, option in (("", ""), ("_max", "-max"), ("_max_length", "-max-length")):
-            value = args.get(key + suffix, 1 if suffix == "_max_length" else 0)
-            if value < 0 or (suffix == "_max_length" and value < 1):
-                raise generic(
-                    f"Parameter '{key + suffix}' expects a "
-                    f"{'positive' if suffix == '_max_length' else 'non-negative'} "
-                    "value"
-                )
-            limits[f"limits.{limit}{option}"] = value
-    if "group" in args:
-        limits["throttle-group"] = args["group"]
-    off = not any(args[key] for key in THROTTLE_LIMITS)
-    tree = next(
-        b["tree"]
-        for b in (await status(monitor))["backends"]
-        if b["name"] == name and not b["deleted"]
-    )
-    if tree is None:
-        raise QmpError("GenericError", f"Device '{name}' has no medium")
-    if tree["driver"] == "throttle":
-        if off:
-            await run(
-                monitor,
-                "change",
-                {"name": name, "medium": {"node": tree["children"]["file"]["node-name"]}},
-            )
-        else:
-            await run(monitor, "reopen", {"node": tree["node-name"], "options": limits})
-    elif not off:
-        await run(
-            monitor,
-            "change",
-            {"name": name, "medium": {"driver": "throttle", **limits, "file": tree["node-name"]}},
-        )
+    limits = {THROTTLE_ARGS[key]: value for key, value in args.items() if key in THROTTLE_ARGS}
+    await run(monitor, "throttle", {"name": name, "group": args.get("group"), **limits})
     return {}
 
 
-TABLE["block_set_io_throttle"] = QmpCommand(
-    "block_set_io_throttle",
-    {
-        "device": ("str", False),
-        "id": ("str", False),
-        "group": ("str", False),
-        "iops_size": ("int", False),
-        **{key: ("int", True) for key in THROTTLE_LIMITS},
-        **{
-            key + suffix: ("int", False)
-            for key in THROTTLE_LIMITS
-            for suffix in ("_max", "_max_length")
-        },
-    },
-    block_set_io_throttle,
-)
-
-
-@qmp("blockdev-reopen", options="array")
+@qmp("blockdev-reopen", "reopen", options=list)
 async def blockdev_reopen(monitor: Monitor, args: dict[str, Any]) -> Any:
     if len(args["options"]) != 1 or not isinstance(args["options"][0], dict):
         raise generic("blkfs reopens one node per blockdev-reopen: give one options object")
@@ -604,11 +638,12 @@ async def blockdev_reopen(monitor: Monitor, args: dict[str, Any]) -> Any:
 
 @qmp(
     "blockdev-snapshot-sync",
-    device_="str?",
-    node_name="str?",
-    snapshot_file="str",
-    format="str?",
-    mode="str?",
+    "snapshot",
+    device_="name?",
+    node_name="name?",
+    snapshot_file="path",
+    format=str | None,
+    mode=str | None,
 )
 async def blockdev_snapshot_sync(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device", "node-name")
@@ -620,7 +655,7 @@ async def blockdev_snapshot_sync(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp("blockdev-snapshot", node="str", overlay="str")
+@qmp("blockdev-snapshot", "snapshot-node", node="name", overlay="overlay")
 async def blockdev_snapshot(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "node")
     await run(monitor, "snapshot-node", {"name": name, "overlay": args["overlay"]})
@@ -629,13 +664,14 @@ async def blockdev_snapshot(monitor: Monitor, args: dict[str, Any]) -> Any:
 
 @qmp(
     "block-commit",
-    job_id="str?",
-    device_="str",
-    top="str?",
-    base="str?",
-    top_node="str?",
-    base_node="str?",
-    speed="int?",
+    "commit",
+    job_id="job-id?",
+    device_="name",
+    top="top?",
+    base="base?",
+    top_node="top?",
+    base_node="base?",
+    speed="speed?",
 )
 async def block_commit(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device", klass="DeviceNotFound")  # as QEMU's
@@ -653,7 +689,15 @@ async def block_commit(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp("block-stream", job_id="str?", device_="str", base="str?", base_node="str?", speed="int?")
+@qmp(
+    "block-stream",
+    "stream",
+    job_id="job-id?",
+    device_="name",
+    base="base?",
+    base_node="base?",
+    speed="speed?",
+)
 async def block_stream(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device")
     await run(
@@ -672,8 +716,6 @@ async def block_stream(monitor: Monitor, args: dict[str, Any]) -> Any:
 async def _copy(monitor: Monitor, args: dict[str, Any], verb: str) -> Any:
     name = await device(monitor, args, "device")
     mode = args.get("mode", "absolute-paths")
-    if mode not in ("existing", "absolute-paths"):
-        raise generic(f"Parameter 'mode' does not accept value '{mode}'")
     await run(
         monitor,
         verb,
@@ -692,13 +734,14 @@ async def _copy(monitor: Monitor, args: dict[str, Any], verb: str) -> Any:
 
 @qmp(
     "drive-mirror",
-    job_id="str?",
-    device_="str",
-    target="str",
-    format="str?",
-    sync="str",
-    mode="str?",
-    speed="int?",
+    "mirror",
+    job_id="job-id?",
+    device_="name",
+    target="target",
+    format="format?",
+    sync="sync",
+    mode=NewImageMode | None,
+    speed="speed?",
 )
 async def drive_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
     return await _copy(monitor, args, "mirror")
@@ -706,13 +749,14 @@ async def drive_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
 
 @qmp(
     "drive-backup",
-    job_id="str?",
-    device_="str",
-    target="str",
-    format="str?",
-    sync="str",
-    mode="str?",
-    speed="int?",
+    "backup",
+    job_id="job-id?",
+    device_="name",
+    target="target",
+    format="format?",
+    sync="sync",
+    mode=NewImageMode | None,
+    speed="speed?",
 )
 async def drive_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
     return await _copy(monitor, args, "backup")
@@ -725,12 +769,13 @@ def _node_target(node: str) -> str:
 
 @qmp(
     "blockdev-mirror",
-    job_id="str?",
-    device_="str",
-    target="str",
-    sync="str",
-    speed="int?",
-    copy_mode="str?",
+    "mirror",
+    job_id="job-id?",
+    device_="name",
+    target=NodeName,
+    sync="sync",
+    speed="speed?",
+    copy_mode="mode?",
 )
 async def blockdev_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device")
@@ -749,7 +794,15 @@ async def blockdev_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp("blockdev-backup", job_id="str?", device_="str", target="str", sync="str", speed="int?")
+@qmp(
+    "blockdev-backup",
+    "backup",
+    job_id="job-id?",
+    device_="name",
+    target=NodeName,
+    sync="sync",
+    speed="speed?",
+)
 async def blockdev_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device")
     await run(
@@ -766,7 +819,7 @@ async def blockdev_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-def job_info(job: Mapping[str, Any]) -> dict[str, Any]:
+def job_info(job: JobInfo) -> dict[str, Any]:
     """QEMU's JobInfo of a blkfs job."""
     info = {key: job[key] for key in ("id", "type", "status", "current-progress", "total-progress")}
     if job["error"]:
@@ -776,7 +829,7 @@ def job_info(job: Mapping[str, Any]) -> dict[str, Any]:
 
 @qmp("query-jobs")
 async def query_jobs(monitor: Monitor, args: dict[str, Any]) -> Any:
-    return [job_info(job) for job in await run(monitor, "query-jobs", {})]
+    return [job_info(job) for job in await jobs(monitor)]
 
 
 def _job_verb(verb: str, key: str) -> Handler:
@@ -788,14 +841,14 @@ def _job_verb(verb: str, key: str) -> Handler:
 
 
 for _verb in ("pause", "resume", "cancel", "complete", "dismiss"):
-    qmp(f"job-{_verb}", id="str")(_job_verb(f"job-{_verb}", "id"))
+    qmp(f"job-{_verb}", f"job-{_verb}", id="job")(_job_verb(f"job-{_verb}", "id"))
 for _verb in ("pause", "resume", "cancel", "complete"):
-    qmp(f"block-job-{_verb}", device_="str")(_job_verb(f"job-{_verb}", "device"))
+    qmp(f"block-job-{_verb}", f"job-{_verb}", device_="job")(_job_verb(f"job-{_verb}", "device"))
 
 
-@qmp("job-finalize", id="str")
+@qmp("job-finalize", id=JobId)
 async def job_finalize(monitor: Monitor, args: dict[str, Any]) -> Any:
-    if not any(job["id"] == args["id"] for job in await run(monitor, "query-jobs", {})):
+    if not any(job["id"] == args["id"] for job in await jobs(monitor)):
         raise generic(f"no job named '{args['id']}'")
     raise generic(
         f"Job '{args['id']}' cannot accept command verb 'finalize': blkfs jobs "
@@ -803,15 +856,13 @@ async def job_finalize(monitor: Monitor, args: dict[str, Any]) -> Any:
     )
 
 
-@qmp("block-job-set-speed", device_="str", speed="int")
+@qmp("block-job-set-speed", "job-set-speed", device_="job", speed="speed")
 async def block_job_set_speed(monitor: Monitor, args: dict[str, Any]) -> Any:
-    if args["speed"] < 0:
-        raise generic("Parameter 'speed' expects a non-negative value")
     await run(monitor, "job-set-speed", {"job": args["device"], "speed": args["speed"]})
     return {}
 
 
-def job_event(event: str, job: Mapping[str, Any]) -> dict[str, Any]:
+def job_event(event: str, job: JobInfo) -> dict[str, Any]:
     """The data of QEMU's event ``event`` for a blkfs job."""
     if event == "JOB_STATUS_CHANGE":
         return {"id": job["id"], "status": job["status"]}

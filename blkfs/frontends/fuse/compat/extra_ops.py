@@ -50,6 +50,8 @@ Usage::
 
 Checked with pyfuse3 3.5 and libfuse 3.14 on x86-64 (lazy and immediate binding, writable
 and read-only GOT). The ELF reader handles ELF64 little-endian x86-64 and AArch64.
+Fallback: as above, nothing patched and a warning logged; the mount then serves without
+fallocate and SEEK_DATA/SEEK_HOLE (the kernel answers EOPNOTSUPP and "all data").
 """
 
 from __future__ import annotations

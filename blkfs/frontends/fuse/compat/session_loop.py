@@ -9,8 +9,12 @@ readers that was where the daemon's one core went.
 :func:`install` puts a :class:`FuseWait` in its place, which polls the /dev/fuse descriptor
 without blocking first: a queued request is read at once, and only an idle daemon waits in
 epoll. It also wraps ``pyfuse3.terminate`` so that the wait learns the session is ending
-(pyfuse3 checks that inside its own wait, with state Python cannot read). If pyfuse3 no
-longer has the hook, nothing is replaced and its own loop runs unchanged.
+(pyfuse3 checks that inside its own wait, with state Python cannot read).
+
+Checked on pyfuse3 3.5.0 with libfuse 3.14 and trio 0.35 (pyproject.toml keeps pyfuse3 below
+3.6 for it). Fallback: if pyfuse3 no longer has the hook, or the process holds no /dev/fuse
+descriptor, nothing is replaced (a debug log line says so) and pyfuse3's own loop runs
+unchanged, one scheduler pass slower per request.
 
 Before sleeping in epoll, the waiter busy-polls for a while, as QEMU's iothreads do
 (``poll-max-ns``, :class:`AdaptivePoll`): a daemon asleep on one CPU is woken by an
