@@ -37,6 +37,7 @@ from blkfs.frontends.nbd import NbdFrontend
 from blkfs.frontends.nbd.export import parse_address, socket_mode
 from blkfs.frontends.qmp import QmpFrontend
 from blkfs.frontends.qmp import parse_address as parse_qmp_address
+from blkfs.frontends.volumes import command as volume_command
 
 log = logging.getLogger("blkfs")
 UMOUNT_TIMEOUT = 120.0
@@ -612,6 +613,7 @@ def parser() -> argparse.ArgumentParser:
 
     jobcmd.add_parsers(sub)
     imagecmd.add_parser(sub)
+    volume_command.add_parsers(sub)
     return top
 
 
