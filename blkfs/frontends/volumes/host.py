@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,13 @@ def attach(backing: Path) -> str:
 def detach(device: str) -> None:
     """Let the loop device go (the kernel does once its last user has)."""
     subprocess.run(["losetup", "--detach", device], check=False, capture_output=True)
+
+
+def wait_detached(backing: Path, seconds: float) -> None:
+    """Until ``backing`` has no loop device, for ``seconds`` at most."""
+    deadline = time.monotonic() + seconds
+    while loop_of(backing) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def make_filesystem(device: str, fs: str) -> None:

@@ -262,6 +262,12 @@ class Volumes:
             else:
                 self._unmount_fs(volume)
                 try:
+                    if host.loop_of(self.blkfs.file(volume.key)):
+                        raise BlockError(
+                            errno.EBUSY,
+                            f"volume {name!r}: a container still holds its filesystem "
+                            "(stop it first)",
+                        )
                     self.blkfs.send("rollback", volume.key)
                 finally:
                     self._mount_fs(volume)
@@ -322,10 +328,14 @@ class Volumes:
         volume.loop = device
 
     def _unmount_fs(self, volume: Volume) -> None:
+        """Unmount and let the loop device go; the kernel lets go of it a moment later, or
+        only when a container's mount namespace that still holds the filesystem ends."""
         host.unmount(self.mountpoint(volume))
-        device = volume.loop or host.loop_of(self.blkfs.file(volume.key))
+        backing = self.blkfs.file(volume.key)
+        device = volume.loop or host.loop_of(backing)
         if device:
             host.detach(device)
+            host.wait_detached(backing, seconds=5)
         volume.loop = None
 
     def _medium(self, volume: Volume) -> str:
