@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,11 +43,18 @@ class Plugin:
                 stderr=subprocess.STDOUT,
             )
         wait_until(
-            lambda: self.socket.exists() or self.process.poll() is not None,
-            "the plugin's socket",
-            60,
+            lambda: self.serving() or self.process.poll() is not None, "the plugin to serve", 60
         )
         assert self.process.poll() is None, self.log.read_text()
+
+    def serving(self) -> bool:
+        """Whether the socket answers (a killed plugin's socket is left behind, refusing)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
 
     def kill(self, signum: int = signal.SIGKILL) -> None:
         assert self.process is not None
