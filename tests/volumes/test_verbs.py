@@ -137,6 +137,10 @@ def test_thin_clones_share_a_read_only_base(plugin: Plugin) -> None:
     assert Path(where, "os").read_text() == "one's"
     plugin.ok("/VolumeDriver.Unmount", {"Name": "one", "ID": "c3"})
     check_images(plugin)
+    plugin.ok("/VolumeDriver.Remove", {"Name": "one"})
+    assert Path(chain[1]).exists()  # two's base still
+    plugin.ok("/VolumeDriver.Remove", {"Name": "two"})
+    assert not list((plugin.state / "images").iterdir())
 
 
 def test_a_throttled_volume(plugin: Plugin) -> None:

@@ -92,18 +92,22 @@ class Store:
         )
 
     def save(self, volume: Volume) -> None:
-        path = self._path(volume.key)
-        temporary = path.with_name(f".{path.name}.tmp")
-        with open(temporary, "w") as f:
-            json.dump(asdict(volume), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temporary, path)
-        _fsync_directory(self.directory)
+        write_atomically(self._path(volume.key), json.dumps(asdict(volume), indent=1))
 
     def delete(self, volume: Volume) -> None:
         self._path(volume.key).unlink(missing_ok=True)
         _fsync_directory(self.directory)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``text`` in ``path``, whole or not at all, whenever the process dies."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(temporary, path)
+    _fsync_directory(path.parent)
 
 
 def _fsync_directory(directory: Path) -> None:

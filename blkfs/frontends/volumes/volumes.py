@@ -12,6 +12,7 @@ those of unused volumes unmounted, a filesystem left frozen is thawed.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import threading
@@ -26,7 +27,7 @@ from blkfs.errors import BlockError
 from . import host
 from .host import BlkfsMount
 from .options import Creation, creation
-from .store import Store, Volume, key_of
+from .store import Store, Volume, key_of, write_atomically
 
 log = logging.getLogger("blkfs.volumes")
 
@@ -47,6 +48,7 @@ class Volumes:
         self.images.mkdir(parents=True, exist_ok=True)
         self.mountpoints = state / "mnt"
         self.store = Store(state / "volumes")
+        self.released = state / "released.json"
         self.owns_mount = mount is None
         self.blkfs = BlkfsMount(mount or state / "blkfs")
         self.image_dirs = [self.images, *(image_dirs or [])]
@@ -152,12 +154,11 @@ class Volumes:
                 )
             if self.blkfs.backend(volume.key) is not None:
                 self.blkfs.send("delete", volume.key)
-            if not volume.keep:
-                for image in self._own_unshared(volume, volume.chain):
-                    Path(image).unlink(missing_ok=True)
             with suppress(OSError):
                 self.mountpoint(volume).rmdir()
             self.store.delete(volume)
+            if not volume.keep:
+                self._release([f for f in volume.chain if self._owns(volume, f)])
             log.info("volume %s: removed", name)
 
     def mount(self, name: str, mount_id: str) -> str:
@@ -291,10 +292,9 @@ class Volumes:
                 what=f"volume {name}: commit",
             )
             self._refresh(volume)
-            if top not in volume.chain:
-                for image in self._own_unshared(volume, [top]):
-                    Path(image).unlink(missing_ok=True)
             self.store.save(volume)
+            if top not in volume.chain and self._owns(volume, top):
+                self._release([top])
             log.info("volume %s: %s committed into %s", name, top, base)
 
     def clone(self, source: str, name: str, opts: Mapping[str, str]) -> None:
@@ -368,10 +368,18 @@ class Volumes:
     def _owns(self, volume: Volume, image: str) -> bool:
         return Path(image).parent == self.images and Path(image).name.startswith(volume.key + ".")
 
-    def _own_unshared(self, volume: Volume, images: list[str]) -> list[str]:
-        """Those of ``images`` that are the volume's own files and in no other chain."""
-        others = {f for v in self.store.all() if v.key != volume.key for f in v.chain}
-        return [f for f in images if self._owns(volume, f) and f not in others]
+    def _release(self, images: list[str]) -> None:
+        """Delete these image files once no volume's chain has them: now, or when the last
+        clone over them is removed (``STATE/released.json`` remembers them until then)."""
+        with self._table:
+            released = (
+                set(json.loads(self.released.read_text())) if self.released.exists() else set()
+            )
+            released.update(images)
+            used = {f for v in self.store.all() for f in v.chain}
+            for image in released - used:
+                Path(image).unlink(missing_ok=True)
+            write_atomically(self.released, json.dumps(sorted(released & used)))
 
     @contextmanager
     def _locked(self, *keys: str) -> Iterator[None]:
