@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import needs_fuse, needs_loop, needs_qemu
-from tests.helpers import run
+from tests.helpers import run, wait_until
 from tests.volumes.dockerd import IMAGE, Dockerd, running_dockerd
 from tests.volumes.plugin import Plugin, running_plugin
 
@@ -132,3 +133,51 @@ def test_two_containers_on_thin_clones(driver: tuple[Dockerd, Plugin, str]) -> N
     assert refused.returncode == 0, refused.stderr
     assert dockerd.docker("volume", "ls", "-q").stdout == ""
     assert not list((plugin.state / "images").iterdir())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_dockerd_restarted_with_a_container_running(
+    driver: tuple[Dockerd, Plugin, str], signum: int
+) -> None:
+    """Stopped, dockerd stops its containers (Unmount) and starts them again when it comes
+    back (Mount); killed, it leaves them running and cleans up when it comes back. Either
+    way the volume ends with one user and its data."""
+    dockerd, plugin, name = driver
+    dockerd.docker("volume", "create", "-d", name, "-o", "size=32M", "kept")
+    dockerd.docker(
+        "run",
+        "-d",
+        "--name",
+        "keeper",
+        "--restart",
+        "always",
+        "--network",
+        "none",
+        "-v",
+        "kept:/data",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo boot >> /data/boots && sync && exec sleep 1000",
+    )
+    wait_until(
+        lambda: (
+            dockerd.docker("exec", "keeper", "cat", "/data/boots", check=False).stdout == "boot\n"
+        ),
+        "the container to start",
+    )
+    dockerd.stop(signum)
+    dockerd.start()
+    wait_until(
+        lambda: (
+            dockerd.docker("exec", "keeper", "cat", "/data/boots", check=False).stdout
+            == "boot\nboot\n"
+        ),
+        "the container to start again",
+        60,
+    )
+    status = json.loads(plugin.volume("inspect", "kept").stdout)
+    assert status["Status"]["users"] == 1, status
+    dockerd.docker("rm", "--force", "keeper")
+    assert json.loads(plugin.volume("inspect", "kept").stdout)["Status"]["users"] == 0
+    dockerd.docker("volume", "rm", "kept")
