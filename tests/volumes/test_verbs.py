@@ -143,12 +143,22 @@ def test_thin_clones_share_a_read_only_base(plugin: Plugin) -> None:
     assert not list((plugin.state / "images").iterdir())
 
 
-def test_a_throttled_volume(plugin: Plugin) -> None:
+def test_a_throttled_volume_stays_throttled_through_its_verbs(plugin: Plugin) -> None:
     opts = {"size": "16M", "throttle.bps-total": "64M"}
     plugin.ok("/VolumeDriver.Create", {"Name": "slow", "Opts": opts})
+    where = plugin.ok("/VolumeDriver.Mount", {"Name": "slow", "ID": "c"})["Mountpoint"]
+    write(where, "f", "x")
+    plugin.volume("snapshot", "slow")
+    write(where, "f", "y")
+    plugin.volume("rollback", "--remount", "slow")
+    assert Path(where, "f").read_text() == "x"
+    write(where, "f", "z")
+    plugin.volume("commit", "slow")
+    assert Path(where, "f").read_text() == "z"
     status = json.loads((plugin.state / "blkfs" / ".ctl" / "status.json").read_text())
     (backend,) = status["backends"]
     assert backend["tree"]["driver"] == "throttle"
-    where = plugin.ok("/VolumeDriver.Mount", {"Name": "slow", "ID": "c"})["Mountpoint"]
-    write(where, "f", "x")
+    assert backend["tree"]["options"]["limits.bps-total"] == 64 << 20
+    assert inspect(plugin, "slow")["Status"]["chain"] == [str(plugin.state / "images/slow.qcow2")]
     plugin.ok("/VolumeDriver.Unmount", {"Name": "slow", "ID": "c"})
+    check_images(plugin)
