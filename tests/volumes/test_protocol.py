@@ -180,3 +180,32 @@ def test_status_shows_chain_size_and_space(plugin: Plugin) -> None:
     assert status["size"] == 8 << 20 and status["last-snapshot"] is None
     assert json.loads(plugin.volume("inspect", "v").stdout)["Status"] == status
     assert os.path.exists(status["chain"][0])
+
+
+def test_a_clone_of_an_image_file(tmp_path: Path) -> None:
+    """base=IMAGE: an image in a directory the plugin was given with --image-dir; one
+    elsewhere is refused by the blkfs mount's allowlist, leaving nothing behind."""
+    images, content = tmp_path / "golden", tmp_path / "content"
+    images.mkdir()
+    content.mkdir()
+    (content / "os").write_text("debian")
+    run("qemu-img", "create", "-q", "-f", "raw", images / "base.raw", "16M")
+    run("mkfs.ext4", "-q", "-d", content, images / "base.raw")
+    run("cp", images / "base.raw", tmp_path / "elsewhere.raw")
+    before = (images / "base.raw").read_bytes()
+    with running_plugin(tmp_path, "--image-dir", str(images)) as plugin:
+        base = str(images / "base.raw")
+        plugin.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {"base": base}})
+        where = plugin.ok("/VolumeDriver.Mount", {"Name": "v", "ID": "c"})["Mountpoint"]
+        assert Path(where, "os").read_text() == "debian"
+        plugin.ok("/VolumeDriver.Unmount", {"Name": "v", "ID": "c"})
+        status, reply = plugin.post(
+            "/VolumeDriver.Create", {"Name": "w", "Opts": {"base": str(tmp_path / "elsewhere.raw")}}
+        )
+        assert status == 500 and "elsewhere.raw" in reply["Err"], reply
+        status, reply = plugin.post("/VolumeDriver.Create", {"Name": "w", "Opts": {"base": "x"}})
+        assert status == 500 and "no volume of that name" in reply["Err"]
+        assert [v["Name"] for v in plugin.ok("/VolumeDriver.List")["Volumes"]] == ["v"]
+        assert [p.name for p in (plugin.state / "images").iterdir()] == ["v.qcow2"]
+        plugin.ok("/VolumeDriver.Remove", {"Name": "v"})
+    assert (images / "base.raw").read_bytes() == before  # a base is only read

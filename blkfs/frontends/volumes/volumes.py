@@ -99,6 +99,11 @@ class Volumes:
             raise BlockError(errno.EINVAL, "a volume needs a name")
         made = creation(opts)
         base = self.store.find(made.base) if made.base else None
+        if made.base and base is None and not os.path.isabs(made.base):
+            raise BlockError(
+                errno.ENOENT,
+                f"base={made.base}: no volume of that name (an image is named by its full path)",
+            )
         with self._locked(key_of(name), *([base.key] if base else [])):
             if self.store.find(name):
                 if opts:
@@ -122,7 +127,7 @@ class Volumes:
             kept = self._snapshot(base)
             args += ["-b", kept, "-F", _format_of(kept)]
         elif made.base is not None:
-            args += ["-b", os.path.abspath(made.base)]
+            args += ["-b", made.base]
         args += [str(image), *([made.size] if made.size else [])]
         try:
             self.blkfs.blkfs(*args, what=f"volume {volume.name}: image")
