@@ -5,8 +5,12 @@ other runs, and the plugin killed and started again under a running container.""
 from __future__ import annotations
 
 import json
+import os
+import re
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +31,7 @@ pytestmark = [
     pytest.mark.loop,
     pytest.mark.qemu,
 ]
+README = Path(__file__).resolve().parents[2] / "README.md"
 PLUGINS = Path("/run/docker/plugins")
 """Where dockerd finds a plugin's socket; the file's name is the driver's."""
 
@@ -181,3 +186,30 @@ def test_dockerd_restarted_with_a_container_running(
     dockerd.docker("rm", "--force", "keeper")
     assert json.loads(plugin.volume("inspect", "kept").stdout)["Status"]["users"] == 0
     dockerd.docker("volume", "rm", "kept")
+
+
+def test_the_readme_walk_through_runs(tmp_path: Path, driver: tuple[Dockerd, Plugin, str]) -> None:
+    """README's Docker walk-through, run as written but for the names of this test's
+    dockerd, plugin socket and scratch directory."""
+    dockerd, plugin, name = driver
+    found = re.search(
+        r"<!-- walk-through: Docker volumes .*?-->\n```sh\n(.*?)```", README.read_text(), re.DOTALL
+    )
+    assert found, "README.md lost its Docker walk-through"
+    lines = found.group(1).splitlines()
+    assert lines[0].startswith("scripts/setup") and "blkfs volume-plugin" in lines[1]
+    script = "\n".join(lines[2:])  # the test's plugin serves already
+    script = script.replace("-d blkfs ", f"-d {name} ").replace("/tmp/bb", str(tmp_path / "bb"))
+    script = re.sub(r"blkfs volume (\w+) ", rf"blkfs volume \1 --socket {plugin.socket} ", script)
+    done = subprocess.run(
+        ["bash", "-exc", script],
+        env={**dockerd.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "v1\n" in done.stdout
+    assert dockerd.docker("volume", "ls", "-q").stdout == ""
+    assert not list((plugin.state / "images").iterdir())
