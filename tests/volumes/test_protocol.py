@@ -52,6 +52,9 @@ def test_activate_and_capabilities(plugin: Plugin) -> None:
 
 def test_mounts_are_reference_counted(plugin: Plugin) -> None:
     plugin.ok("/VolumeDriver.Create", {"Name": "web", "Opts": {"size": "32M"}})
+    plugin.ok("/VolumeDriver.Create", {"Name": "web", "Opts": None})  # docker run -v web:/data
+    status, reply = plugin.post("/VolumeDriver.Create", {"Name": "web", "Opts": {"size": "8M"}})
+    assert (status, reply["Errno"]) == (500, errno.EEXIST)
     first = plugin.ok("/VolumeDriver.Mount", {"Name": "web", "ID": "c1"})["Mountpoint"]
     second = plugin.ok("/VolumeDriver.Mount", {"Name": "web", "ID": "c2"})["Mountpoint"]
     assert first == second and mounts_of(first) == 1

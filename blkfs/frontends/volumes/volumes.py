@@ -97,6 +97,8 @@ class Volumes:
         volumes of ``docker run -v NAME:...`` so)."""
         if not name:
             raise BlockError(errno.EINVAL, "a volume needs a name")
+        if not opts and self.store.find(name):
+            return
         made = creation(opts)
         base = self.store.find(made.base) if made.base else None
         if made.base and base is None and not os.path.isabs(made.base):
@@ -106,9 +108,7 @@ class Volumes:
             )
         with self._locked(key_of(name), *([base.key] if base else [])):
             if self.store.find(name):
-                if opts:
-                    raise BlockError(errno.EEXIST, f"volume {name!r} exists already")
-                return
+                raise BlockError(errno.EEXIST, f"volume {name!r} exists already")
             key = key_of(name)
             if self.store.exists(key):
                 raise BlockError(errno.EEXIST, f"volume {name!r}: its key {key} is taken")
