@@ -107,3 +107,17 @@ def test_a_mount_docker_never_heard_of_is_undone(plugin: Plugin) -> None:
     plugin.start()
     assert not mounted(Path(where))
     assert not loops_of(plugin.state / "blkfs" / "v")
+
+
+def test_a_creation_cut_short_is_undone(plugin: Plugin) -> None:
+    """A plugin killed in the middle of a Create (its image and backend made, its state
+    still pending) leaves nothing of it once started again, so the name can be used."""
+    plugin.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {"size": "16M"}})
+    plugin.kill()
+    state = plugin.state / "volumes" / "v.json"
+    state.write_text(state.read_text().replace('"pending": false', '"pending": true'))
+    plugin.start()
+    assert plugin.ok("/VolumeDriver.List")["Volumes"] == []
+    assert not (plugin.state / "blkfs" / "v").exists()
+    assert not list((plugin.state / "images").iterdir())
+    plugin.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {"size": "16M"}})

@@ -51,6 +51,8 @@ class Volume:
     """The loop device under the mounted filesystem."""
     snapshots: list[dict[str, str]] = field(default_factory=list)
     """Each snapshot taken: when, and the image that keeps its data."""
+    pending: bool = False
+    """Being created: a plugin that finds it so at start undoes the creation."""
 
     @property
     def active(self) -> str:

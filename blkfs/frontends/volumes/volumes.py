@@ -73,6 +73,10 @@ class Volumes:
                     log.error("volume %s: not recovered: %s", volume.name, exc)
 
     def _recover(self, volume: Volume) -> None:
+        if volume.pending:
+            self._undo_create(volume)
+            log.info("volume %s: its creation was cut short, undone", volume.name)
+            return
         if self.blkfs.backend(volume.key) is None:
             self.blkfs.send("create", f"{volume.key} {self._medium(volume)}")
             log.info("volume %s: backend %s created again", volume.name, volume.key)
@@ -129,23 +133,27 @@ class Volumes:
         elif made.base is not None:
             args += ["-b", made.base]
         args += [str(image), *([made.size] if made.size else [])]
+        volume.chain, volume.pending = [str(image)], True
         try:
+            self.store.save(volume)
             self.blkfs.blkfs(*args, what=f"volume {volume.name}: image")
-            volume.chain = [str(image)]
             self.blkfs.send("create", f"{volume.key} {self._medium(volume)}")
-        except BlockError:
-            image.unlink(missing_ok=True)
-            raise
-        try:
             self._refresh(volume)
+            volume.pending = False
             self.store.save(volume)
         except (BlockError, OSError) as exc:
-            self.blkfs.send("delete", volume.key)
-            image.unlink(missing_ok=True)
+            self._undo_create(volume)
             raise BlockError(
                 getattr(exc, "errno", None) or errno.EIO, f"volume {volume.name}: {exc}"
             ) from None
         log.info("volume %s: created (%s)", volume.name, " <- ".join(volume.chain))
+
+    def _undo_create(self, volume: Volume) -> None:
+        """Whatever a creation made, unmade: the backend, the image, the state."""
+        if self.blkfs.backend(volume.key) is not None:
+            self.blkfs.send("delete", volume.key)
+        Path(volume.active).unlink(missing_ok=True)
+        self.store.delete(volume)
 
     def remove(self, name: str) -> None:
         """Refused while a container uses the volume. Its backend goes, then its image
@@ -216,6 +224,7 @@ class Volumes:
         return [
             {"Name": v.name, "Mountpoint": self.path(v.name), "CreatedAt": v.created}
             for v in self.store.all()
+            if not v.pending
         ]
 
     # -- blkfs's verbs ---------------------------------------------------------------------
