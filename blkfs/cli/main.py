@@ -38,6 +38,7 @@ from blkfs.frontends.nbd import NbdFrontend
 from blkfs.frontends.nbd.export import parse_address, socket_mode
 from blkfs.frontends.qmp import QmpFrontend
 from blkfs.frontends.qmp import parse_address as parse_qmp_address
+from blkfs.frontends.volumes import command as volume_command
 from blkfs.info import BackendStatus, DaemonStatus, ExportStatus, NodeTree
 
 log = logging.getLogger("blkfs")
@@ -687,6 +688,7 @@ def parser() -> argparse.ArgumentParser:
 
     jobs.add_parsers(sub)
     image.add_parser(sub)
+    volume_command.add_parsers(sub)
     completion.add_to(top)
     return top
 
