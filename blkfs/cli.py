@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 import trio
 
 from blkfs import imagecmd, jobcmd
-from blkfs.backend import BlockLayer, parse_options
+from blkfs.backend import parse_options
 from blkfs.commands import COMMANDS, Commands
 from blkfs.daemon import Daemon, DaemonConfig, FrontendFactory
 from blkfs.errors import BlockError
@@ -37,6 +37,7 @@ from blkfs.frontends.nbd import NbdFrontend
 from blkfs.frontends.nbd.export import parse_address, socket_mode
 from blkfs.frontends.qmp import QmpFrontend
 from blkfs.frontends.qmp import parse_address as parse_qmp_address
+from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs")
 UMOUNT_TIMEOUT = 120.0

@@ -36,7 +36,7 @@ from typing import (
 )
 from weakref import WeakKeyDictionary
 
-from blkfs.backend import BlockBackend, BlockLayer, Medium, OptionError, parse_bool, parse_size
+from blkfs.backend import BlockBackend, Medium, OptionError, parse_bool, parse_size
 from blkfs.error_policy import Policy
 from blkfs.errors import BlockError
 from blkfs.jobs.backup import BackupJob
@@ -46,6 +46,7 @@ from blkfs.jobs.snapshot import rollback as rollback_medium
 from blkfs.jobs.snapshot import snapshot as snapshot_medium
 from blkfs.jobs.snapshot import snapshot_onto
 from blkfs.jobs.stream import stream as stream_job
+from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.commands")
 

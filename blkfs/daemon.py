@@ -23,10 +23,10 @@ from typing import Any, Protocol
 
 import trio
 
-from blkfs.backend import BlockLayer
 from blkfs.block.workers import shared_pool
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.daemon")
 

@@ -13,10 +13,10 @@ from typing import Any
 import trio
 
 from blkfs import progress
-from blkfs.backend import BlockLayer
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.image import image_info, set_backing_file
+from blkfs.layer import BlockLayer
 
 NAME = "image"
 """The in-process backend's name (and so its job's id)."""

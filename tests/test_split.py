@@ -51,12 +51,19 @@ def test_frontends_never_import_the_driver_api_or_a_driver() -> None:
 
 
 def test_the_core_never_imports_a_frontend() -> None:
-    for path in [*OVER_THE_BACKEND_API, ROOT / "blkfs" / "backend.py"]:
+    for path in [*OVER_THE_BACKEND_API, ROOT / "blkfs" / "backend.py", ROOT / "blkfs" / "layer.py"]:
         assert not touches(imported_modules(path), "blkfs.frontends"), path.name
 
 
 def test_drivers_never_import_the_backend_api_or_a_frontend() -> None:
-    forbidden = ["blkfs.backend", "blkfs.commands", "blkfs.daemon", "blkfs.frontends", "blkfs.cli"]
+    forbidden = [
+        "blkfs.backend",
+        "blkfs.layer",
+        "blkfs.commands",
+        "blkfs.daemon",
+        "blkfs.frontends",
+        "blkfs.cli",
+    ]
     for path in sorted((ROOT / "drivers").rglob("*.py")):
         modules = imported_modules(path)
         for name in forbidden:
@@ -80,7 +87,14 @@ def test_drivers_use_only_the_driver_api_the_errors_and_the_protocol_modules() -
 
 
 def test_frontends_use_only_the_backend_api_the_commands_and_the_protocol_modules() -> None:
-    allowed = ["blkfs.backend", "blkfs.commands", "blkfs.errors", "blkfs.frontends", "blkfs.nbd"]
+    allowed = [
+        "blkfs.backend",
+        "blkfs.layer",
+        "blkfs.commands",
+        "blkfs.errors",
+        "blkfs.frontends",
+        "blkfs.nbd",
+    ]
     for path in sorted((ROOT / "blkfs" / "frontends").rglob("*.py")):
         assert not within(blkfs_modules(path), allowed), path.relative_to(ROOT)
 

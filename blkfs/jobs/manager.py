@@ -13,7 +13,8 @@ from blkfs.errors import BlockError, NotFound
 from blkfs.jobs.job import Job, JobStatus
 
 if TYPE_CHECKING:
-    from blkfs.backend import BlockBackend, BlockLayer
+    from blkfs.backend import BlockBackend
+    from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.jobs")
 

@@ -24,8 +24,9 @@ from blkfs.image import create_image
 from blkfs.jobs.chain import chain, header_name
 
 if TYPE_CHECKING:
-    from blkfs.backend import BlockBackend, BlockLayer
+    from blkfs.backend import BlockBackend
     from blkfs.block import Node
+    from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.jobs")
 

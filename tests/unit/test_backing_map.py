@@ -11,11 +11,12 @@ import pytest
 import trio
 import trio.testing
 
-from blkfs.backend import BlockBackend, BlockLayer
+from blkfs.backend import BlockBackend
 from blkfs.block import Node
 from blkfs.image import create_image
 from blkfs.jobs.commit import commit
 from blkfs.jobs.stream import stream
+from blkfs.layer import BlockLayer
 
 CLUSTER = 64 << 10
 SIZE = 32 * CLUSTER

@@ -19,9 +19,9 @@ from blkfs_drivers.qcow2.refcount import FreeClusters
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blkfs.backend import BlockLayer
 from blkfs.block import BlockError
 from blkfs.image import create_image
+from blkfs.layer import BlockLayer
 from tests.unit.test_qcow2_cache import RecordingFile
 
 

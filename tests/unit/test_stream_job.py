@@ -12,10 +12,10 @@ import pytest
 import trio
 import trio.testing
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
 from blkfs.image import create_image
 from blkfs.jobs.stream import stream
+from blkfs.layer import BlockLayer
 
 MiB = 1 << 20
 SIZE = 4 * MiB

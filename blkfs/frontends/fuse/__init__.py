@@ -15,12 +15,12 @@ import logging
 import pyfuse3
 import trio
 
-from blkfs.backend import BlockLayer
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.frontends.ctl import ControlFiles
 from blkfs.frontends.fuse import extra_ops
 from blkfs.frontends.fuse.operations import BlkfsOperations
+from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.fuse")
 

@@ -23,11 +23,12 @@ from typing import Any
 
 import trio
 
-from blkfs.backend import BlockBackend, BlockLayer
+from blkfs.backend import BlockBackend
 from blkfs.commands import Commands, serve_exports
 from blkfs.errors import BlockError
 from blkfs.frontends.nbd.export import Export, Listener, address, socket_mode
 from blkfs.frontends.nbd.session import Budget, Session
+from blkfs.layer import BlockLayer
 from blkfs.nbd import Address
 
 log = logging.getLogger("blkfs.nbd")

@@ -22,7 +22,6 @@ from typing import Any
 
 import trio
 
-from blkfs.backend import BlockLayer
 from blkfs.commands import Commands, watch_jobs
 from blkfs.errors import BlockError
 from blkfs.frontends.qmp.stream import ParseError, Splitter
@@ -35,6 +34,7 @@ from blkfs.frontends.qmp.translate import (
     job_event,
 )
 from blkfs.frontends.unix_socket import clear_stale_socket
+from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.qmp")
 
