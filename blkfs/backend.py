@@ -18,7 +18,8 @@ has not written yet.
 
 Every change of a backend (its medium, its size, its content in time, its name) asks
 :meth:`BlockBackend.check_op` here, whoever sends it: the command layer, a frontend's
-truncate, a job. A running job holds the backend still (QEMU's op blockers) until it ends.
+truncate, a job. A running job holds the backend still (QEMU's op blockers, a table the
+layer keeps: :meth:`blkfs.layer.BlockLayer.block`) until it ends.
 Frontends keep no rules of their own.
 """
 
@@ -135,8 +136,6 @@ class BlockBackend:
         self._read_only = read_only
         self._graph_lock = trio.Lock()
         self._listeners: list[Listener] = []
-        self._blockers: dict[object, tuple[str, str]] = {}
-        """Who holds the backend still (a running job): why, and until when."""
         self.werror: Policy = werror
         self.rerror: Policy = rerror
         self._pause: Pause | None = None
@@ -190,24 +189,16 @@ class BlockBackend:
 
     # -- who may change the backend (QEMU's op blockers) ------------------------------------
 
-    def block(self, holder: object, reason: str, until: str) -> None:
-        """Keep the backend's medium, size and content still for ``holder`` (a running job):
-        every change but the holder's own is refused, saying ``reason`` and ``until`` when
-        it may be tried again."""
-        self._blockers[holder] = (reason, until)
-
-    def unblock(self, holder: object) -> None:
-        self._blockers.pop(holder, None)
-
     def check_op(
         self, what: str, *, by: object = None, writers: bool = False, force: bool = False
     ) -> None:
         """EBUSY unless ``what`` may change the backend now: no holder but ``by`` keeps it
-        still, the error policy has not paused it and, for a change of what its users see
-        (``writers``: eject, other media, rollback, delete), nobody has it open for writing.
+        still (the layer's table, :meth:`~blkfs.layer.BlockLayer.block`), the error policy
+        has not paused it and, for a change of what its users see (``writers``: eject, other
+        media, rollback, delete), nobody has it open for writing.
         ``force`` passes writers and a pause (whose held requests then fail with EIO); a
         holder is never forced past: a job ends or is cancelled first."""
-        for holder, (reason, until) in self._blockers.items():
+        for holder, (reason, until) in self.layer.holders(self).items():
             if holder is not by:
                 raise BlockError(errno.EBUSY, f"{self.name}: {reason}; {what} {until}")
         if self._pause is not None and by is None and not (writers and force):

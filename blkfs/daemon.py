@@ -26,6 +26,7 @@ import trio
 from blkfs.block.workers import shared_pool
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
+from blkfs.jobs.manager import JobManager
 from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.daemon")
@@ -66,7 +67,8 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.layer = BlockLayer(config.image_dirs, config.nbd_servers)
-        self.commands = Commands(self.layer)
+        self.jobs = JobManager(self.layer)
+        self.commands = Commands(self.layer, self.jobs)
         self.frontends: list[Frontend] = []
         self._signals = trio.CancelScope()
 
@@ -86,7 +88,7 @@ class Daemon:
         failures: list[str] = []
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.layer.jobs.serve)
+                await nursery.start(self.jobs.serve)
                 for frontend in self.frontends:
                     await nursery.start(self._serve, frontend)
                 nursery.start_soon(self._stop_on_signal)
@@ -109,7 +111,7 @@ class Daemon:
         """Stop every frontend and cancel the jobs (each leaves its images consistent);
         :meth:`run` then shuts down."""
         self._signals.cancel()
-        self.layer.jobs.stop()
+        self.jobs.stop()
         for frontend in self.frontends:
             frontend.stop()
 

@@ -16,6 +16,7 @@ from blkfs import progress
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.image import image_info, set_backing_file
+from blkfs.jobs.manager import JobManager
 from blkfs.layer import BlockLayer
 
 NAME = "image"
@@ -172,16 +173,17 @@ def run_commands(script: Callable[[Commands], Awaitable[None]]) -> None:
 
     async def main() -> None:
         layer = BlockLayer()
+        jobs = JobManager(layer)
         failed: BlockError | None = None
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(layer.jobs.serve)
+                await nursery.start(jobs.serve)
                 try:
-                    await script(Commands(layer))
+                    await script(Commands(layer, jobs))
                 except BlockError as exc:  # raised as it is, not in the nursery's group
                     failed = exc
                 finally:
-                    layer.jobs.stop()  # a job still running is cancelled, and undone
+                    jobs.stop()  # a job still running is cancelled, and undone
         finally:
             with trio.CancelScope(shield=True):
                 failures = await layer.close()

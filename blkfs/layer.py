@@ -28,7 +28,6 @@ from blkfs.block.perm import ALL, Perm
 from blkfs.block.policy import HostPolicy
 from blkfs.error_policy import POLICIES, Policy
 from blkfs.errors import BlockError, NotFound, OptionError
-from blkfs.jobs.manager import JobManager
 
 log = logging.getLogger("blkfs.backend")
 
@@ -40,7 +39,6 @@ class BlockLayer:
         self, image_dirs: list[str] | None = None, nbd_servers: list[str] | None = None
     ) -> None:
         self.graph = Graph(policy=HostPolicy(image_dirs, nbd_servers or ()))
-        self.jobs = JobManager(self)
         self._backends: dict[str, BlockBackend] = {}
         self._deleted: set[BlockBackend] = set()
         """Deleted backends that users still hold open."""
@@ -49,10 +47,29 @@ class BlockLayer:
         that backends and exports can be made on them by name (``node=NAME``)."""
         self.io_error_listeners: list[IoErrorListener] = []
         """Told of every request a backend's medium fails (see :class:`IoError`)."""
+        self._holders: dict[BlockBackend, dict[object, tuple[str, str]]] = {}
+        """Who holds which backend still (QEMU's op blockers): why, and until when."""
 
     @property
     def image_dirs(self) -> tuple[str, ...] | None:
         return self.graph.policy.image_dirs
+
+    def block(self, backend: BlockBackend, holder: object, reason: str, until: str) -> None:
+        """Keep ``backend``'s medium, size and content still for ``holder`` (a running job):
+        every change of it but the holder's own is refused
+        (:meth:`~blkfs.backend.BlockBackend.check_op`), saying ``reason``, and ``until`` when
+        it may be tried again."""
+        self._holders.setdefault(backend, {})[holder] = (reason, until)
+
+    def unblock(self, backend: BlockBackend, holder: object) -> None:
+        held = self._holders.get(backend, {})
+        held.pop(holder, None)
+        if not held:
+            self._holders.pop(backend, None)
+
+    def holders(self, backend: BlockBackend) -> Mapping[object, tuple[str, str]]:
+        """Who holds ``backend`` still, with why and until when."""
+        return self._holders.get(backend, {})
 
     def parse(self, options: Options) -> Medium:
         """Parse (if text) and validate options for a medium; OptionError if they are bad.
