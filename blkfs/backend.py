@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from blkfs.block.driver import Extent, Status
-from blkfs.block.node import RW, Child, Node
+from blkfs.block.node import Child, Node
 from blkfs.block.options import format_options, parse_bool, parse_options, parse_size
-from blkfs.block.perm import ALL, FILTERED, WRITERS, Perm
+from blkfs.block.perm import Perm
 from blkfs.block.request import Requests
 from blkfs.error_policy import Action, Operation, Pause, Policy, action
 from blkfs.errors import BlockError, LastingError, OptionError
@@ -244,7 +244,7 @@ class BlockBackend:
                     try:
                         await root.node.flush()
                     finally:
-                        await self._release(root)
+                        await self._replace_root(root, None)
             log.info("%s: closed", self.name)
 
     # -- I/O -----------------------------------------------------------------------------
@@ -508,7 +508,7 @@ class BlockBackend:
                     f"{self.name}: already has a medium (use change to replace it, or eject first)",
                 )
             async with self._requests.tracker.drained():
-                self._root = await self._open_medium(tree)
+                self._root = await self._replace_root(None, tree)
         log.info("%s: inserted %s", self.name, _spelled(tree))
         self._media_changed()
 
@@ -523,7 +523,7 @@ class BlockBackend:
             async with self._requests.tracker.drained():
                 await self._flush_outgoing(force)
                 root, self._root = self._root, None
-                await self._release(root)
+                await self._replace_root(root, None)
         log.info("%s: ejected%s", self.name, " (forced)" if force else "")
         self._media_changed()
 
@@ -570,53 +570,24 @@ class BlockBackend:
         old = self._root
         if before_swap is not None:
             await before_swap()
-        if old is None:
-            self._root = await self._open_medium(tree)
-        else:
+        if old is not None:
             await self._flush_outgoing(force)
-            kept = self.layer.graph.subtree(old.node)
-            self._root = await self._replace(old, tree, force or same_data)
-            await self._release(old)
-            await self._settle(kept)
 
-    async def _settle(self, nodes: list[Node]) -> None:
-        """Nodes the new medium took over from the old one and nobody writes any more (the
-        old top under a new overlay) become read-only, as QEMU's blockdev-snapshot leaves
-        them, so that their images are locked for reading only."""
-        for node in nodes:
-            if node.refcnt and not node.read_only and not node.perm & WRITERS:
-                try:
-                    await self.layer.graph.reopen(node.name, {"read-only": True})
-                except BlockError as exc:
-                    log.warning("%s: node %s stays writable: %s", self.name, node.name, exc.message)
+        def allow(old: Node, new: Node) -> None:
+            if not (force or same_data) and not _same_medium(old, new):
+                self._check_writers("change to other media")
 
-    async def _replace(self, old: Child, tree: Medium, force: bool) -> Child:
-        """The new root edge for ``tree``, checked as the final graph will be; on failure the
-        old tree holds its permissions (and image locks) again."""
-        graph = self.layer.graph
-        shadowed: dict[str, Node] = {}
-        try:
-            with graph.departing(old, shadowed):
-                graph.refresh_perms([old.node])  # give up what only the old tree needed
-                new = await self._open_medium(tree)
-            try:
-                if not force and not _same_medium(old.node, new.node):
-                    self._check_writers("change to other media")
-                with graph.departing(old, shadowed):
-                    graph.refresh_perms([new.node, old.node])
-            except BaseException:
-                await self._release(new)
-                raise
-        except BaseException:
-            graph.unshadow(shadowed)
-            try:
-                graph.refresh_perms([old.node])
-            except BlockError as exc:
-                log.error(
-                    "%s: the medium could not take its image locks back: %s", self.name, exc.message
-                )
-            raise
-        return new
+        self._root = await self._replace_root(old, tree, allow)
+
+    async def _replace_root(
+        self,
+        old: Child | None,
+        tree: Medium | None,
+        allow: Callable[[Node, Node], None] | None = None,
+    ) -> Child | None:
+        return await self.layer.graph.replace_root(
+            old, tree, user=f"backend '{self.name}'", read_only=self._read_only, allow=allow
+        )
 
     async def _flush_outgoing(self, force: bool, going: str = "replacing the medium") -> None:
         """Flush the medium before it goes; a failure stops the command unless ``force``
@@ -629,34 +600,6 @@ class BlockBackend:
             if not force:
                 raise
             log.warning("%s: flush failed, %s anyway (force=on): %s", self.name, going, exc.message)
-
-    def _root_perm(self, node: Node) -> Perm:
-        return Perm.CONSISTENT_READ if self._read_only or node.read_only else RW
-
-    @staticmethod
-    def _root_shared(perm: Perm) -> Perm:
-        """A writable backend is a disk with one writer, as a VM's disk is in QEMU (no
-        share-rw): nobody else may write its image. A read-only one shares everything, so
-        a CD can be read by many. (qemu-storage-daemon's FUSE export shares write too.)"""
-        return ALL & ~Perm.WRITE if Perm.WRITE in perm else ALL
-
-    async def _open_medium(self, tree: Medium) -> Child:
-        graph = self.layer.graph
-        node = await graph.open_node(tree, read_only=self._read_only)
-        perm = self._root_perm(node)
-        edge = node.attach(
-            None, f"backend '{self.name}'", "root", FILTERED, perm, self._root_shared(perm)
-        )
-        try:
-            graph.refresh_perms([node])
-        except BaseException:
-            await self._release(edge)
-            raise
-        return edge
-
-    async def _release(self, edge: Child) -> None:
-        edge.node.detach(edge)
-        await self.layer.graph.unref(edge.node)
 
     # -- status --------------------------------------------------------------------------
 

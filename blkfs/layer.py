@@ -24,7 +24,7 @@ from blkfs.backend import (
 from blkfs.block.graph import Graph
 from blkfs.block.node import Node
 from blkfs.block.options import format_options, parse_bool, parse_options
-from blkfs.block.perm import ALL, Perm
+from blkfs.block.perm import ALL, Perm, root_perms
 from blkfs.block.policy import HostPolicy
 from blkfs.error_policy import POLICIES, Policy
 from blkfs.errors import BlockError, NotFound, OptionError
@@ -198,8 +198,7 @@ class BlockLayer:
             for backend in roots:
                 assert backend._root is not None
                 backend._read_only = node.read_only
-                backend._root.perm = backend._root_perm(node)
-                backend._root.shared = backend._root_shared(backend._root.perm)
+                backend._root.perm, backend._root.shared = root_perms(backend._read_only)
             self.graph.refresh_perms([node])
         log.info("node %s: reopened with %s", node_name, format_options(tree))
         for backend in self:

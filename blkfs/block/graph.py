@@ -41,6 +41,7 @@ from blkfs.block.options import (
 )
 from blkfs.block.perm import (
     ALL,
+    FILTERED,
     WRITERS,
     Perm,
     Role,
@@ -48,6 +49,7 @@ from blkfs.block.perm import (
     conflict,
     conflicting,
     cumulative,
+    root_perms,
 )
 from blkfs.block.policy import HostPolicy
 from blkfs.block.registry import DriverRegistry, default_registry
@@ -529,41 +531,119 @@ class Graph:
             node.perm, node.shared = perm, shared
             node.driver.set_perm(perm, shared)
 
+    # -- replacing a root ----------------------------------------------------------------
+
+    async def replace_root(
+        self,
+        edge: Child | None,
+        tree: Mapping[str, Any] | str | None,
+        *,
+        user: str,
+        read_only: bool = False,
+        allow: Callable[[Node, Node], None] | None = None,
+    ) -> Child | None:
+        """Make the tree that ``tree`` describes (or the node it names) the one ``user``, a
+        user with no parent node (a backend), holds through its root edge, in place of
+        ``edge``'s, as one transaction (QEMU's blk_insert_bs and bdrv_replace_node); return
+        the new edge, or None when ``tree`` is None (the old tree is only let go).
+
+        ``edge`` None is an insert. In a replacement, the outgoing tree does not count in
+        permissions while the new one opens, and the new one may take over its nodes (a
+        filter put in front of the same image, an overlay on top of it) and their names;
+        ``allow(old_root, new_root)`` may refuse the change once the new tree is open. If
+        anything fails, the old tree holds its names, permissions and image locks again and
+        nothing new stays open. Nodes the new tree took over that nobody writes any more
+        turn read-only, as QEMU's blockdev-snapshot leaves the old top, so that their
+        images are locked for reading only."""
+        if tree is None:
+            if edge is not None:
+                await self._release_root(edge)
+            return None
+        if edge is None:
+            return await self._open_root(tree, user, read_only)
+        kept = _below([edge.node])
+        new = await self._swap_root(edge, tree, user, read_only, allow)
+        await self._release_root(edge)
+        await self._settle(kept, user)
+        return new
+
+    async def _open_root(self, tree: Mapping[str, Any] | str, user: str, read_only: bool) -> Child:
+        node = await self.open_node(tree, read_only=read_only)
+        perm, shared = root_perms(read_only or node.read_only)
+        edge = node.attach(None, user, "root", FILTERED, perm, shared)
+        try:
+            self.refresh_perms([node])
+        except BaseException:
+            await self._release_root(edge)
+            raise
+        return edge
+
+    async def _swap_root(
+        self,
+        old: Child,
+        tree: Mapping[str, Any] | str,
+        user: str,
+        read_only: bool,
+        allow: Callable[[Node, Node], None] | None,
+    ) -> Child:
+        """The new root edge for ``tree``, checked as the final graph will be; on failure
+        the old tree holds its permissions (and image locks) again."""
+        shadowed: dict[str, Node] = {}
+        try:
+            with self._departing(old, shadowed):
+                self.refresh_perms([old.node])  # give up what only the old tree needed
+                new = await self._open_root(tree, user, read_only)
+            try:
+                if allow is not None:
+                    allow(old.node, new.node)
+                with self._departing(old, shadowed):
+                    self.refresh_perms([new.node, old.node])
+            except BaseException:
+                await self._release_root(new)
+                raise
+        except BaseException:
+            self._unshadow(shadowed)
+            try:
+                self.refresh_perms([old.node])
+            except BlockError as exc:
+                log.error(
+                    "%s: the medium could not take its image locks back: %s", user, exc.message
+                )
+            raise
+        return new
+
+    async def _release_root(self, edge: Child) -> None:
+        edge.node.detach(edge)
+        await self.unref(edge.node)
+
+    async def _settle(self, nodes: list[Node], user: str) -> None:
+        """Nodes a new tree took over from the old one that nobody writes any more become
+        read-only."""
+        for node in nodes:
+            if node.refcnt and not node.read_only and not node.perm & WRITERS:
+                try:
+                    await self.reopen(node.name, {"read-only": True})
+                except BlockError as exc:
+                    log.warning("%s: node %s stays writable: %s", user, node.name, exc.message)
+
     @contextlib.contextmanager
-    def departing(self, edge: Child, shadowed: dict[str, Node]) -> Iterator[Departure]:
+    def _departing(self, edge: Child, shadowed: dict[str, Node]) -> Iterator[Departure]:
         """While the body runs, ``edge`` and what would close without it do not count in
-        permissions, and :meth:`open_node` may take over its nodes or their names (a medium
-        change); the names it takes are noted in ``shadowed``, for :meth:`unshadow`."""
-        departure = self.departure(edge, shadowed)
+        permissions, and :meth:`open_node` may take over its nodes or their names; the names
+        it takes are noted in ``shadowed``, for :meth:`_unshadow`."""
+        departure = _departure_of(edge, shadowed)
         token = _departing.set(departure)
         try:
             yield departure
         finally:
             _departing.reset(token)
 
-    def unshadow(self, shadowed: dict[str, Node]) -> None:
+    def _unshadow(self, shadowed: dict[str, Node]) -> None:
         """A change failed: departing nodes get back the names new nodes had taken."""
         for name, node in shadowed.items():
             if node.refcnt and name not in self.nodes:
                 self.nodes[name] = node
         shadowed.clear()
-
-    @staticmethod
-    def departure(edge: Child, shadowed: dict[str, Node]) -> Departure:
-        """What dropping ``edge`` would close: every node below it that nothing else holds."""
-        drops: dict[Node, int] = {}
-        closing: set[Node] = set()
-        edges = {edge}
-        pending = [edge.node]
-        while pending:
-            node = pending.pop()
-            drops[node] = drops.get(node, 0) + 1
-            if node.refcnt - drops[node] == 0 and node not in closing:
-                closing.add(node)
-                for child in node.children.values():
-                    edges.add(child)
-                    pending.append(child.node)
-        return Departure(frozenset(edges), frozenset(closing), shadowed)
 
     @staticmethod
     def subtree(node: Node) -> list[Node]:
@@ -789,6 +869,23 @@ def _users_behind(
         else:
             pending.extend(edge.parent.parents)
     return list(found), backing
+
+
+def _departure_of(edge: Child, shadowed: dict[str, Node]) -> Departure:
+    """What dropping ``edge`` would close: every node below it that nothing else holds."""
+    drops: dict[Node, int] = {}
+    closing: set[Node] = set()
+    edges = {edge}
+    pending = [edge.node]
+    while pending:
+        node = pending.pop()
+        drops[node] = drops.get(node, 0) + 1
+        if node.refcnt - drops[node] == 0 and node not in closing:
+            closing.add(node)
+            for child in node.children.values():
+                edges.add(child)
+                pending.append(child.node)
+    return Departure(frozenset(edges), frozenset(closing), shadowed)
 
 
 def _live(edges: Iterable[Child], departing: Departure) -> list[Child]:

@@ -26,10 +26,6 @@ if TYPE_CHECKING:
     from blkfs.block.graph import Graph
 
 
-RW = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
-"""What a writer of a whole disk needs: a backend with a writable medium."""
-
-
 class Child:
     """An edge from a parent (a node, or a backend) to a node: the child's name in the parent
     ("file", "backing", "root"), its :class:`Role`, and the permissions the parent holds on it
