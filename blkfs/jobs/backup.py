@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from blkfs.jobs.copy import CHUNK, copy_range
+from blkfs.jobs.filter import JobFilter
 from blkfs.jobs.mirror import MirrorJob
 
 
@@ -48,3 +49,10 @@ class BackupJob(MirrorJob):
         self.filtered = False
         self.graph.registry("jobs").pop(self.id, None)
         await self.close_target()
+
+
+class CopyBeforeWriteDriver(JobFilter):
+    """In front of a backup's source: a write first has the old data of its range copied
+    to the target (see :meth:`BackupJob.intercept`)."""
+
+    name = "copy-before-write"

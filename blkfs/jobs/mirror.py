@@ -23,6 +23,7 @@ from blkfs.block.perm import ALL
 from blkfs.errors import BlockError
 from blkfs.jobs.chain import chain
 from blkfs.jobs.copy import CHUNK, allocated_ranges, copy_range
+from blkfs.jobs.filter import JobFilter
 from blkfs.jobs.job import Job
 from blkfs.jobs.ranges import RangeSet
 from blkfs.jobs.target import target_options
@@ -45,7 +46,7 @@ class MirrorJob(Job):
     """A mirror writes new data into its target."""
     writes_below = False
     """Whether the target lies below the source (a commit): then the job's filter lets it
-    write there (:mod:`drivers.job_filters`)."""
+    write there (:mod:`blkfs.jobs.filter`)."""
 
     def __init__(
         self,
@@ -319,3 +320,10 @@ async def start_copy(
             os.unlink(target)
         raise
     return job
+
+
+class MirrorTopDriver(JobFilter):
+    """In front of a mirror's (or an active commit's) source: each write marks its range
+    dirty, or is copied to the target too (see :meth:`MirrorJob.intercept`)."""
+
+    name = "mirror-top"

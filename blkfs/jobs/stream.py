@@ -27,6 +27,7 @@ from blkfs.block.request import is_zero
 from blkfs.errors import BlockError
 from blkfs.jobs.chain import backing_name, chain, find_layer
 from blkfs.jobs.copy import CHUNK, allocated_ranges, copy_range
+from blkfs.jobs.filter import JobFilter
 from blkfs.jobs.job import Job
 from blkfs.jobs.ranges import RangeSet
 
@@ -41,7 +42,7 @@ PIECE = 64 << 10
 class StreamJob(Job):
     type = "stream"
     writes_below = False
-    """It writes the active image only (see :mod:`drivers.job_filters`)."""
+    """It writes the active image only (see :mod:`blkfs.jobs.filter`)."""
 
     def __init__(
         self,
@@ -207,3 +208,10 @@ def stream(
     return StreamJob(
         manager, manager.new_id(job_id, backend.name), backend, layers[0], base_node, speed
     )
+
+
+class StreamTopDriver(JobFilter):
+    """In front of a stream's medium: a write never runs at once with the job's copy of
+    the same range (see :meth:`StreamJob.intercept`)."""
+
+    name = "stream-top"
