@@ -445,7 +445,7 @@ async def snapshot_node(layer: BlockLayer, name: BackendName, overlay: NodeName)
     OVERLAY, a qcow2 node added with node-add (backing=null), unused, writable and as large
     as the medium, becomes the active image over it; its header is made to name the image
     that was active, which turns read-only."""
-    node = layer.graph.find(overlay)
+    node = layer.find_node(overlay)
     await snapshot_onto(layer, layer.find(name), node)
 
 

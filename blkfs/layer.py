@@ -22,9 +22,9 @@ from blkfs.backend import (
     describe_tree,
 )
 from blkfs.block.graph import Graph
-from blkfs.block.node import Node
+from blkfs.block.node import Child, Node
 from blkfs.block.options import format_options, parse_bool, parse_options
-from blkfs.block.perm import ALL, Perm, root_perms
+from blkfs.block.perm import ALL, FILTERED, Perm, root_perms
 from blkfs.block.policy import HostPolicy
 from blkfs.error_policy import POLICIES, Policy
 from blkfs.errors import BlockError, NotFound, OptionError
@@ -247,6 +247,67 @@ class BlockLayer:
     def added_nodes(self) -> list[dict[str, Any]]:
         """The nodes added on their own, as status shows trees."""
         return [describe_tree(node) for node in self._added.values()]
+
+    # -- the nodes beneath the backends, for block jobs and snapshots (never a frontend) ----
+
+    def find_node(self, name: str) -> Node:
+        return self.graph.find(name)
+
+    def has_node(self, name: str) -> bool:
+        return name in self.graph.nodes
+
+    def subtree(self, node: Node) -> list[Node]:
+        """``node`` and every node below it, parents first."""
+        return self.graph.subtree(node)
+
+    def registry(self, kind: str) -> dict[str, Any]:
+        """What the nodes share, by kind: ``jobs`` (the job each job filter works for, by
+        id), ``snapshot-overlays`` (overlays a snapshot is putting on)."""
+        return self.graph.registry(kind)
+
+    async def open_node(self, options: Medium) -> Node:
+        """A tree opened from ``options`` (or the node named), with a reference for the
+        caller, who gives it back with :meth:`release_node`."""
+        return await self.graph.open_node(options)
+
+    async def release_node(self, node: Node) -> None:
+        await self.graph.unref(node)
+
+    def attach_user(self, node: Node, user: str, name: str, perm: Perm, shared: Perm) -> Child:
+        """An edge from ``user`` (a job), which has no parent node, to ``node``, with the
+        permissions it needs and shares; refused (and nothing attached) if another user of
+        the node does not allow them."""
+        edge = node.attach(None, user, name, FILTERED, perm, shared)
+        try:
+            self.graph.refresh_perms([node])
+        except BaseException:
+            self.detach_user(edge)
+            raise
+        return edge
+
+    def detach_user(self, edge: Child) -> None:
+        """Undo :meth:`attach_user`: the node gives up what the edge needed."""
+        edge.node.detach(edge)
+        self.graph.refresh_perms([edge.node])
+
+    async def reopen_node(self, name: str, options: Mapping[str, Any]) -> None:
+        """Change the options of a node no backend has as its root (see :meth:`reopen`)."""
+        await self.graph.reopen(name, options)
+
+    async def set_backing(
+        self, node: Node, backing: Node | None, recorded: tuple[str, str] | None
+    ) -> None:
+        """Make ``backing`` ``node``'s backing file, in the graph and in its image header
+        (see :meth:`blkfs.block.graph.Graph.set_backing`)."""
+        await self.graph.set_backing(node, backing, recorded)
+
+    async def insert_filter(self, node: Node, name: str, options: Mapping[str, Any]) -> Node:
+        """Put a filter between ``node`` and its child ``name`` (see
+        :meth:`blkfs.block.graph.Graph.insert_filter`)."""
+        return await self.graph.insert_filter(node, name, options)
+
+    async def remove_filter(self, node: Node, name: str) -> None:
+        await self.graph.remove_filter(node, name)
 
     async def close(self) -> list[str]:
         """Shut down: drop every backend (each drains, flushes and closes when free). One

@@ -47,7 +47,7 @@ class BackupJob(MirrorJob):
         await self.target.flush()
         await self.backend_obj.change(f"node={self.source.name}", same_data=True, by=self)
         self.filtered = False
-        self.graph.registry("jobs").pop(self.id, None)
+        self.layer.registry("jobs").pop(self.id, None)
         await self.close_target()
 
 

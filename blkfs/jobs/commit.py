@@ -50,8 +50,8 @@ class CommitJob(ActiveCommitJob):
 
     async def prepare(self) -> None:
         self.source = self.top
-        self.graph.registry("jobs")[self.id] = self
-        await self.graph.insert_filter(
+        self.layer.registry("jobs")[self.id] = self
+        await self.layer.insert_filter(
             self.overlay, "backing", {"driver": "commit-top", "job": self.id, "read-only": True}
         )
         self.inserted = True
@@ -67,15 +67,15 @@ class CommitJob(ActiveCommitJob):
         assert self.target is not None
         await self.target.flush()
         self.detach_target()
-        await self.graph.set_backing(self.overlay, self.base, backing_name(self.overlay, self.base))
+        await self.layer.set_backing(self.overlay, self.base, backing_name(self.overlay, self.base))
         self.inserted = False
-        self.graph.registry("jobs").pop(self.id, None)
+        self.layer.registry("jobs").pop(self.id, None)
         await self.close_target()
         await self.restore_base()
 
     async def abort(self) -> None:
         if self.inserted:
-            await self.graph.remove_filter(self.overlay, "backing")
+            await self.layer.remove_filter(self.overlay, "backing")
             self.inserted = False
         await super().abort()
 
