@@ -1,13 +1,14 @@
 """The block backend API: everything a frontend may touch (QEMU's BlockBackend).
 
 A :class:`BlockBackend` is a named, reference-counted root that stays put while media come
-and go beneath it. Frontends (FUSE, ``.ctl``, the CLI) use only this module and
-:mod:`blkfs.errors`; they never see a node. The backend checks every request once (medium
-present, range, read-only state), counts it for drain and statistics, and hands it to the
-root node.
+and go beneath it. Frontends (FUSE, ``.ctl``, the CLI) use only this module, the registry
+of backends (:mod:`blkfs.layer`) and :mod:`blkfs.errors`; they never see a node. The backend
+checks every request once (medium present, range, read-only state), counts it for drain and
+statistics, and hands it to the root node (the request path: :mod:`blkfs.backend_io`).
 
 Graph changes (insert, eject, change, delete) drain the backend first: new requests wait, the
-ones in flight finish, the tree is replaced, then the waiting requests run against the new
+ones in flight finish, the tree is replaced (one call into the graph:
+:meth:`~blkfs.block.graph.Graph.replace_root`), then the waiting requests run against the new
 medium. A change that fails leaves the old medium untouched.
 
 A backend counts its references: its name (while it is not deleted) and every open user (a
@@ -30,18 +31,17 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from blkfs.backend_io import BackendIO, IoError, Limits
 from blkfs.block.driver import Extent, Status
 from blkfs.block.node import Child, Node
 from blkfs.block.options import format_options, parse_bool, parse_options, parse_size
 from blkfs.block.perm import Perm
-from blkfs.block.request import Requests
-from blkfs.error_policy import Action, Operation, Pause, Policy, action
-from blkfs.errors import BlockError, LastingError, OptionError
+from blkfs.error_policy import Policy
+from blkfs.errors import BlockError, OptionError
 
 if TYPE_CHECKING:
     from blkfs.layer import BlockLayer
@@ -70,42 +70,7 @@ Medium = str | Mapping[str, Any]
 ON_CHANGE_CHOICES = ("follow", "error")
 
 
-MAX_TRANSFER = 32 << 20
-"""The largest request a frontend should send (as QEMU's BDRV_REQUEST_MAX_BYTES bounds
-them); larger ones work, but hold a buffer of that size."""
-
-
-@dataclass(frozen=True)
-class IoError:
-    """A request the medium failed (QEMU's BLOCK_IO_ERROR): not a request the backend
-    refused (out of range, read-only, no medium), which is the caller's fault."""
-
-    backend: str
-    node: str
-    """The medium's root node."""
-    operation: Operation
-    """Flushes, discards and zeroing are writes, as QEMU reports them."""
-    errno: int
-    message: str
-    action: Action
-    """What the backend's error policy made of it (see :mod:`blkfs.error_policy`)."""
-
-
-IoErrorListener = Callable[[IoError], None]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Request limits of a medium, as a server tells its clients (NBD's block sizes)."""
-
-    request_alignment: int
-    """Smaller or unaligned requests are read-modify-written."""
-    max_transfer: int
-    discard_granularity: int
-    """Smallest unit a discard frees."""
-
-
-class BlockBackend:
+class BlockBackend(BackendIO):
     """A named root: the unit frontends open, read, write and change media on."""
 
     def __init__(
@@ -117,6 +82,7 @@ class BlockBackend:
         werror: Policy = "enospc",
         rerror: Policy = "report",
     ) -> None:
+        super().__init__(werror, rerror)
         self.layer = layer
         self.name = name
         self.on_change = on_change
@@ -130,18 +96,10 @@ class BlockBackend:
         self.named = True
         self.writers = 0
         """Open users that write (a loop device, a writable descriptor)."""
-        self._requests = Requests()
-        self.stats = self._requests.stats
         self._root: Child | None = None
         self._read_only = read_only
         self._graph_lock = trio.Lock()
         self._listeners: list[Listener] = []
-        self.werror: Policy = werror
-        self.rerror: Policy = rerror
-        self._pause: Pause | None = None
-        """Set while the error policy holds requests (see :mod:`blkfs.error_policy`)."""
-        self.changed_ns = time.time_ns()
-        """When the medium, its size or its contents last changed (for mtime)."""
 
     def __repr__(self) -> str:
         return f"<BlockBackend {self.name}>"
@@ -151,11 +109,6 @@ class BlockBackend:
     @property
     def has_medium(self) -> bool:
         return self._root is not None
-
-    @property
-    def read_only(self) -> bool:
-        """True if writes are refused: the backend's switch, or a read-only medium."""
-        return self._read_only or (self._root is not None and not self._root.can_write)
 
     def length(self) -> int:
         """The medium's size in bytes, 0 with no medium."""
@@ -247,8 +200,6 @@ class BlockBackend:
                         await self._replace_root(root, None)
             log.info("%s: closed", self.name)
 
-    # -- I/O -----------------------------------------------------------------------------
-
     def root_node(self) -> Node:
         """The medium's root node: for block jobs and snapshots (the core), never a
         frontend, which knows no nodes."""
@@ -264,192 +215,6 @@ class BlockBackend:
                 self._medium()
                 await call()
         self._notify("medium")
-
-    def _medium(self) -> Node:
-        if self._root is None:
-            raise BlockError(errno.ENOMEDIUM, f"{self.name}: no medium")
-        return self._root.node
-
-    def _report(
-        self, node: Node, operation: Operation, exc: BlockError, what: Action = "report"
-    ) -> None:
-        """Tell the layer's I/O error listeners that ``node`` failed a request. (Callers
-        catch the error themselves: a context manager around every request would cost a
-        third of a 4 KiB read's instructions.)"""
-        error = IoError(self.name, node.name, operation, exc.errno, exc.message, what)
-        for listener in list(self.layer.io_error_listeners):
-            listener(error)
-
-    async def _failed(
-        self, node: Node, operation: Operation, offset: int | None, exc: BlockError
-    ) -> bool:
-        """Apply the error policy to a request ``node`` failed: raise ``exc`` (report),
-        return False (ignore: the request counts as done), or hold the request until
-        :meth:`cont` and return True (retry it). The first failure pauses the backend: new
-        requests wait at the door until then. (Each request path writes its retry loop out:
-        a coroutine wrapped around every request would cost the instructions the callgrind
-        guard counts.)"""
-        what = (
-            "report"
-            if isinstance(exc, LastingError)
-            else action(self.werror if operation == "write" else self.rerror, exc.errno)
-        )
-        self._report(node, operation, exc, what)
-        if what == "report":
-            raise exc
-        if what == "ignore":
-            return False
-        pause = self._pause
-        if pause is None:
-            pause = self._pause = Pause(operation, node.name, offset, exc.errno, exc.message)
-            self._requests.tracker.hold()
-            log.warning("%s: %s; held until 'cont %s'", self.name, pause.describe(), self.name)
-        await pause.over.wait()
-        if pause.abandoned:
-            raise BlockError(
-                errno.EIO, f"{self.name}: {pause.describe()}; given up with force=on"
-            ) from exc
-        return True
-
-    @property
-    def paused(self) -> bool:
-        return self._pause is not None
-
-    def cont(self) -> None:
-        """Retry the requests a pause holds, and let the waiting ones in (QEMU's cont); if
-        they fail again, the backend pauses again. Nothing happens to a backend that is not
-        paused."""
-        if self._pause is not None:
-            self._end_pause(abandon=False)
-            log.info("%s: resumed", self.name)
-
-    def _end_pause(self, abandon: bool) -> None:
-        pause, self._pause = self._pause, None
-        assert pause is not None
-        pause.abandoned = abandon
-        self._requests.tracker.release()
-        pause.over.set()
-        if abandon:
-            log.warning("%s: pause given up (force=on): its held requests fail with EIO", self.name)
-
-    def _check_range(self, node: Node, offset: int, length: int, write: bool) -> None:
-        if offset < 0 or length < 0:
-            raise BlockError(errno.EINVAL, f"{self.name}: negative offset or length")
-        if offset + length > node.size:
-            raise BlockError(
-                errno.ENOSPC if write else errno.EIO,
-                f"{self.name}: {offset}+{length} is past the end ({node.size})",
-            )
-
-    def _check_write(self, node: Node, offset: int, length: int) -> None:
-        if self.read_only:
-            raise BlockError(errno.EROFS, f"{self.name}: read-only medium")
-        self._check_range(node, offset, length, write=True)
-
-    async def read(self, offset: int, length: int) -> bytearray:
-        """``length`` bytes at ``offset``; the whole range must lie within the medium."""
-        buf = bytearray(length)
-        await self.readinto(offset, memoryview(buf))
-        return buf
-
-    async def readinto(self, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` with the bytes at ``offset`` (every byte is written, so a reused
-        buffer needs no clearing); the whole range must lie within the medium."""
-        await self._requests.run(self.stats.read, buf.nbytes, self._readinto, offset, buf)
-
-    async def _readinto(self, offset: int, buf: memoryview) -> None:
-        node = self._medium()
-        self._check_range(node, offset, buf.nbytes, write=False)
-        while True:
-            try:
-                await node.readinto(offset, buf)
-                return
-            except BlockError as exc:
-                if not await self._failed(node, "read", offset, exc):
-                    return
-
-    async def write(
-        self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False
-    ) -> None:
-        """Write all of ``data`` at ``offset``; past the end is ENOSPC, as on a disk. With
-        ``fua`` (NBD's force unit access), the write is durable when this returns."""
-        await self._requests.run(self.stats.write, len(data), self._write, offset, data, fua)
-
-    async def _write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
-        node = self._medium()
-        self._check_write(node, offset, len(data))
-        while True:
-            try:
-                await node.write(offset, data)
-                break
-            except BlockError as exc:
-                if not await self._failed(node, "write", offset, exc):
-                    return
-        self.changed_ns = time.time_ns()
-        if fua:
-            await self._flush()
-
-    async def flush(self) -> None:
-        """Make every acknowledged write durable in the host files."""
-        await self._requests.run(self.stats.flush, 0, self._flush)
-
-    async def _flush(self) -> None:
-        """A flush that failed on the host (fsyncgate) is reported whatever the error policy:
-        it stays failed until the medium is reopened, so retrying it would not help. One
-        that failed before (metadata that did not fit on a full host) is held as a write."""
-        if self._root is not None:
-            node = self._root.node
-            while True:
-                try:
-                    await node.flush()
-                    return
-                except BlockError as exc:
-                    if not await self._failed(node, "write", None, exc):
-                        return
-
-    async def discard(self, offset: int, length: int) -> None:
-        """Tell the medium the range is unused (advisory: it may read as before or as
-        zeros afterwards); it may give the space back."""
-        await self._requests.run(
-            self.stats.discard, length, self._zero_or_discard, offset, length, None
-        )
-
-    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
-        """Make the range read as zeros; with ``unmap`` (may-unmap), the medium may give
-        its space back, as a discard."""
-        await self._requests.run(
-            self.stats.zero, length, self._zero_or_discard, offset, length, unmap
-        )
-
-    async def _zero_or_discard(self, offset: int, length: int, unmap: bool | None) -> None:
-        node = self._medium()
-        self._check_write(node, offset, length)
-        while True:
-            try:
-                if unmap is None:
-                    await node.discard(offset, length)
-                else:
-                    await node.write_zeroes(offset, length, unmap)
-                break
-            except BlockError as exc:
-                if not await self._failed(node, "write", offset, exc):
-                    return
-        self.changed_ns = time.time_ns()
-
-    async def block_status(self, offset: int, length: int) -> Extent:
-        """What a prefix of the range holds (data, zeros; allocated in the top image or
-        not), for sparse copies (SEEK_DATA/SEEK_HOLE) and servers that report allocation."""
-        return await self._requests.run(None, 0, self._block_status, offset, length)
-
-    async def _block_status(self, offset: int, length: int) -> Extent:
-        node = self._medium()
-        self._check_range(node, offset, length, write=False)
-        return await node.block_status(offset, length)
-
-    def limits(self) -> Limits:
-        """What a server should tell its clients about requests to this medium."""
-        node = self._medium()
-        return Limits(node.request_alignment, MAX_TRANSFER, node.discard_granularity)
 
     async def truncate(self, length: int, shrink: bool = False) -> None:
         """Resize the medium if its tree can; the size listeners hear of it. A disk shrinks

@@ -16,11 +16,11 @@ from blkfs.backend import (
     NAME_RE,
     ON_CHANGE_CHOICES,
     BlockBackend,
-    IoErrorListener,
     Medium,
     Options,
     describe_tree,
 )
+from blkfs.backend_io import IoErrorListener
 from blkfs.block.graph import Graph
 from blkfs.block.node import Child, Node
 from blkfs.block.options import format_options, parse_bool, parse_options
