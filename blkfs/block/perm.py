@@ -9,7 +9,7 @@ to write its image file while it is writable and lets nobody else write it, a ba
 is only read, and written by nobody while anyone reads the overlay (QEMU shares write on a
 backing file whenever the overlay's users do, though a writer below still changes what they
 read: here only a commit's filter, which needs no consistent read, lets its job write the
-base). The host file locks (:mod:`drivers.image_lock`) are a file node's cumulative
+base). The host file locks (:mod:`blkfs_drivers.image_lock`) are a file node's cumulative
 permissions, so that QEMU's tools and blkfs see each other's use of an image.
 
 Everything here is a function of values.

@@ -1,4 +1,4 @@
-"""The refcount allocator (:mod:`drivers.qcow2.refcount`) over an image in memory: what it
+"""The refcount allocator (:mod:`blkfs_drivers.qcow2.refcount`) over an image in memory: what it
 allocates is counted once, what is dropped is freed only after write-back, the refcount
 structures grow as QEMU grows them, and the checker agrees after every run."""
 
