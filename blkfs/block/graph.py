@@ -21,16 +21,8 @@ import trio
 from blkfs.block.graph_build import BuildingGraph
 from blkfs.block.graph_perms import departing, nodes_below
 from blkfs.block.node import Child, Node
-from blkfs.block.options import (
-    list_options,
-    validate,
-)
-from blkfs.block.perm import (
-    FILTERED,
-    WRITERS,
-    Role,
-    root_perms,
-)
+from blkfs.block.options import list_options, validate
+from blkfs.block.perm import FILTERED, WRITERS, Role, root_perms
 from blkfs.errors import BlockError, OptionError
 
 log = logging.getLogger("blkfs.graph")

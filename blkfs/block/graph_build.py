@@ -21,13 +21,7 @@ from typing import Any
 
 from blkfs.block.graph_perms import HostFile, PermissionGraph, current_departure, nodes_below
 from blkfs.block.node import Node
-from blkfs.block.options import (
-    COMMON_OPTIONS,
-    closest,
-    parse_bool,
-    unknown_option,
-    validate,
-)
+from blkfs.block.options import COMMON_OPTIONS, closest, parse_bool, unknown_option, validate
 from blkfs.errors import BlockError, OptionError
 
 log = logging.getLogger("blkfs.graph")

@@ -21,16 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blkfs.block.node import Child, Node
-from blkfs.block.perm import (
-    ALL,
-    WRITERS,
-    Perm,
-    Role,
-    Use,
-    conflict,
-    conflicting,
-    cumulative,
-)
+from blkfs.block.perm import ALL, WRITERS, Perm, Role, Use, conflict, conflicting, cumulative
 from blkfs.block.policy import HostPolicy
 from blkfs.block.registry import DriverRegistry, default_registry
 from blkfs.errors import BlockError, NotFound
