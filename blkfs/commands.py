@@ -36,17 +36,19 @@ from typing import (
     get_type_hints,
 )
 
-from blkfs.backend import BlockBackend, BlockLayer, Medium, OptionError, parse_bool, parse_size
+from blkfs.backend import BlockBackend, Medium, OptionError, parse_bool, parse_size
 from blkfs.error_policy import Policy
 from blkfs.errors import BlockError
 from blkfs.info import DaemonStatus, ExportStatus, JobInfo
 from blkfs.jobs.backup import BackupJob
 from blkfs.jobs.commit import commit as commit_job
+from blkfs.jobs.manager import JobManager
 from blkfs.jobs.mirror import MirrorJob, start_copy
 from blkfs.jobs.snapshot import rollback as rollback_medium
 from blkfs.jobs.snapshot import snapshot as snapshot_medium
 from blkfs.jobs.snapshot import snapshot_onto
 from blkfs.jobs.stream import stream as stream_job
+from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.commands")
 
@@ -156,6 +158,8 @@ class Command:
     handler: Callable[..., Awaitable[Any]]
     report: bool
     """Only reads state (status): a frontend may offer it as something to read."""
+    on_jobs: bool = False
+    """The handler takes the JobManager, not the BlockLayer."""
     needs: tuple[str, ...] = ()
     """What the handler takes from :class:`Commands` besides the layer (its keyword-only
     parameters, such as ``exporter``), never from users."""
@@ -198,18 +202,24 @@ def _count(raw: Any) -> int:
     return count
 
 
+JobEvents = Callable[[str, JobInfo], None]
+"""Called with a QMP event name (JOB_STATUS_CHANGE, BLOCK_JOB_READY, ...) and the job as
+query-jobs shows it."""
+
 COMMANDS: dict[str, Command] = {}
 """Every command by name, in the order declared (the order frontends list them in)."""
 
 
 def command(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Declare a command from its handler: ``async def NAME(layer, ..., *, exporter)``; the
-    function's name (``_`` for ``-``), signature and docstring are the whole declaration.
-    Keyword-only parameters are what the daemon hands the command layer (see
-    :class:`Commands`), not arguments."""
+    """Declare a command from its handler: ``async def NAME(layer, ..., *, exporter)``, or
+    ``NAME(jobs, ...)`` for one that drives block jobs (its first parameter a
+    :class:`JobManager`); the function's name (``_`` for ``-``), signature and docstring are
+    the whole declaration. Keyword-only parameters are what the daemon hands the command
+    layer (see :class:`Commands`), not arguments."""
     hints = get_type_hints(handler, include_extras=True)
+    first, *rest = inspect.signature(handler).parameters.items()
     params, needs = [], []
-    for name, parameter in list(inspect.signature(handler).parameters.items())[1:]:
+    for name, parameter in rest:
         if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
             needs.append(name)
         else:
@@ -222,6 +232,7 @@ def command(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
         handler,
         report=name.startswith("query-"),
         needs=tuple(needs),
+        on_jobs=hints[first[0]] is JobManager,
     )
     return handler
 
@@ -270,13 +281,17 @@ class Exporter(Protocol):
 
 
 class Commands:
-    """Runs commands against a BlockLayer and keeps the last failures.
+    """Runs commands against a BlockLayer and its jobs, and keeps the last failures.
 
-    The daemon hands it what commands drive besides the layer: the ``exporter`` that serves
-    NBD exports (none: the export commands fail with ENOTSUP)."""
+    The daemon hands it what commands drive besides the layer: its ``jobs`` (none: one of its
+    own, whose jobs refuse to start, since nothing runs them) and the ``exporter`` that
+    serves NBD exports (none: the export commands fail with ENOTSUP)."""
 
-    def __init__(self, layer: BlockLayer, exporter: Exporter | None = None) -> None:
+    def __init__(
+        self, layer: BlockLayer, jobs: JobManager | None = None, exporter: Exporter | None = None
+    ) -> None:
         self.layer = layer
+        self.jobs = jobs or JobManager(layer)
         self.exporter = exporter
         self.errors: deque[str] = deque(maxlen=ERROR_HISTORY)
 
@@ -289,7 +304,8 @@ class Commands:
                 raise BlockError(errno.EINVAL, f"unknown command '{name}'")
             typed = self._check(command, args)
             given = {need: getattr(self, need) for need in command.needs}
-            return await command.handler(self.layer, **typed, **given)
+            first = self.jobs if command.on_jobs else self.layer
+            return await command.handler(first, **typed, **given)
         except BlockError as exc:
             raise self.record(name, exc) from None
 
@@ -311,6 +327,15 @@ class Commands:
                     f"{command.name}: {param.kind.word} missing (usage: {command.usage()})",
                 )
         return typed
+
+    def watch_jobs(self, listener: JobEvents) -> Callable[[], None]:
+        """Have ``listener`` hear every job event; returns what stops it."""
+
+        def heard(event: str, job: Any) -> None:
+            listener(event, job.info())
+
+        self.jobs.listeners.append(heard)
+        return lambda: self.jobs.listeners.remove(heard)
 
     def record(self, what: str, exc: BlockError) -> BlockError:
         """Keep a failure's message for ``.ctl/error`` and the log (also for failures a
@@ -555,7 +580,7 @@ async def rollback(layer: BlockLayer, name: BackendName, force: bool = False) ->
 
 @command
 async def commit(
-    layer: BlockLayer,
+    jobs: JobManager,
     name: BackendName,
     top: str | None = None,
     base: str | None = None,
@@ -567,12 +592,12 @@ async def commit(
     top (default: the active image) and base (default: the last backing file) are node
     names or image file names. Committing the active image goes ready; job-complete then
     switches the backend to the base."""
-    await layer.jobs.launch(commit_job(layer.jobs, layer.find(name), job_id, top, base, speed))
+    await jobs.launch(commit_job(jobs, jobs.layer.find(name), job_id, top, base, speed))
 
 
 @command
 async def stream(
-    layer: BlockLayer,
+    jobs: JobManager,
     name: BackendName,
     base: str | None = None,
     speed: Rate = 0,
@@ -582,12 +607,12 @@ async def stream(
 
     The streamed files then leave the chain (all of them without base=: the image stands
     alone)."""
-    await layer.jobs.launch(stream_job(layer.jobs, layer.find(name), job_id, base, speed))
+    await jobs.launch(stream_job(jobs, jobs.layer.find(name), job_id, base, speed))
 
 
 @command
 async def mirror(
-    layer: BlockLayer,
+    jobs: JobManager,
     name: BackendName,
     target: HostPath,
     sync: MirrorSync = "full",
@@ -606,8 +631,8 @@ async def mirror(
     TARGET node=NODE-NAME: a node added with node-add, unused (QEMU's blockdev-mirror)."""
     await start_copy(
         MirrorJob,
-        layer.jobs,
-        layer.find(name),
+        jobs,
+        jobs.layer.find(name),
         job_id,
         target,
         format_,
@@ -620,7 +645,7 @@ async def mirror(
 
 @command
 async def backup(
-    layer: BlockLayer,
+    jobs: JobManager,
     name: BackendName,
     target: HostPath,
     sync: BackupSync = "full",
@@ -636,8 +661,8 @@ async def backup(
     blockdev-backup)."""
     await start_copy(
         BackupJob,
-        layer.jobs,
-        layer.find(name),
+        jobs,
+        jobs.layer.find(name),
         job_id,
         target,
         format_,
@@ -649,61 +674,46 @@ async def backup(
 
 
 @command
-async def job_pause(layer: BlockLayer, job: JobId) -> None:
+async def job_pause(jobs: JobManager, job: JobId) -> None:
     """Pause a job (its copy; the backend keeps serving)."""
-    layer.jobs.find(job).pause()
+    jobs.find(job).pause()
 
 
 @command
-async def job_resume(layer: BlockLayer, job: JobId) -> None:
+async def job_resume(jobs: JobManager, job: JobId) -> None:
     """Resume a paused job."""
-    layer.jobs.find(job).resume()
+    jobs.find(job).resume()
 
 
 @command
-async def job_cancel(layer: BlockLayer, job: JobId) -> None:
+async def job_cancel(jobs: JobManager, job: JobId) -> None:
     """Stop a job; the backend stays as it was (a ready mirror keeps its target in sync
     up to now, without switching)."""
-    layer.jobs.find(job).cancel()
+    jobs.find(job).cancel()
 
 
 @command
-async def job_complete(layer: BlockLayer, job: JobId) -> None:
+async def job_complete(jobs: JobManager, job: JobId) -> None:
     """Finish a ready mirror or active commit: switch the backend to its target."""
-    layer.jobs.find(job).complete()
+    jobs.find(job).complete()
 
 
 @command
-async def job_set_speed(layer: BlockLayer, job: JobId, speed: Rate) -> None:
+async def job_set_speed(jobs: JobManager, job: JobId, speed: Rate) -> None:
     """Limit a job's copy to RATE bytes per second (0: no limit)."""
-    layer.jobs.find(job).set_speed(speed)
+    jobs.find(job).set_speed(speed)
 
 
 @command
-async def job_dismiss(layer: BlockLayer, job: JobId) -> None:
+async def job_dismiss(jobs: JobManager, job: JobId) -> None:
     """Forget a concluded job."""
-    layer.jobs.dismiss(job)
+    jobs.dismiss(job)
 
 
 @command
-async def query_jobs(layer: BlockLayer) -> list[JobInfo]:
+async def query_jobs(jobs: JobManager) -> list[JobInfo]:
     """Every job: type, backend, status, progress, speed, error."""
-    return layer.jobs.status()
-
-
-JobEvents = Callable[[str, JobInfo], None]
-"""Called with a QMP event name (JOB_STATUS_CHANGE, BLOCK_JOB_READY, ...) and the job as
-query-jobs shows it."""
-
-
-def watch_jobs(layer: BlockLayer, listener: JobEvents) -> Callable[[], None]:
-    """Have ``listener`` hear every job event of ``layer``; returns what stops it."""
-
-    def heard(event: str, job: Any) -> None:
-        listener(event, job.info())
-
-    layer.jobs.listeners.append(heard)
-    return lambda: layer.jobs.listeners.remove(heard)
+    return jobs.status()
 
 
 # -- exports --------------------------------------------------------------------------------

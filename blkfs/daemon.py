@@ -23,9 +23,11 @@ from typing import Any, Protocol
 
 import trio
 
-from blkfs.backend import BlockLayer, start_workers
+from blkfs.backend import start_workers
 from blkfs.commands import Commands, Exporter
 from blkfs.errors import BlockError
+from blkfs.jobs.manager import JobManager
+from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.daemon")
 
@@ -72,7 +74,8 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.layer = BlockLayer(config.image_dirs, config.nbd_servers)
-        self.commands = Commands(self.layer)
+        self.jobs = JobManager(self.layer)
+        self.commands = Commands(self.layer, self.jobs)
         self.frontends: list[Frontend] = []
         self._signals = trio.CancelScope()
 
@@ -95,7 +98,7 @@ class Daemon:
         failures: list[str] = []
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.layer.jobs.serve)
+                await nursery.start(self.jobs.serve)
                 for frontend in self.frontends:
                     await nursery.start(self._serve, frontend)
                 nursery.start_soon(self._stop_on_signal)
@@ -118,7 +121,7 @@ class Daemon:
         """Stop every frontend and cancel the jobs (each leaves its images consistent);
         :meth:`run` then shuts down."""
         self._signals.cancel()
-        self.layer.jobs.stop()
+        self.jobs.stop()
         for frontend in self.frontends:
             frontend.stop()
 

@@ -23,11 +23,7 @@ from blkfs.block.request import RangeLocks, Requests, align_down, align_up, is_a
 from blkfs.errors import BlockError
 
 if TYPE_CHECKING:
-    from blkfs.block.graph import Graph
-
-
-RW = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
-"""What a writer of a whole disk needs: a backend with a writable medium."""
+    from blkfs.block.graph_build import BuildingGraph
 
 
 class Child:
@@ -111,7 +107,7 @@ class Node:
 
     def __init__(
         self,
-        graph: Graph,
+        graph: BuildingGraph,
         name: str,
         driver_cls: type[BlockDriver],
         values: Mapping[str, Any],

@@ -9,7 +9,7 @@ to write its image file while it is writable and lets nobody else write it, a ba
 is only read, and written by nobody while anyone reads the overlay (QEMU shares write on a
 backing file whenever the overlay's users do, though a writer below still changes what they
 read: here only a commit's filter, which needs no consistent read, lets its job write the
-base). The host file locks (:mod:`drivers.image_lock`) are a file node's cumulative
+base). The host file locks (:mod:`blkfs_drivers.image_lock`) are a file node's cumulative
 permissions, so that QEMU's tools and blkfs see each other's use of an image.
 
 Everything here is a function of values.
@@ -35,6 +35,8 @@ NO_PERM = Perm(0)
 ALL = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE
 WRITERS = Perm.WRITE | Perm.WRITE_UNCHANGED
 """Permissions that need a writable node."""
+RW = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+"""What a writer of a whole disk needs: a backend with a writable medium."""
 
 PERM_NAMES = {
     Perm.CONSISTENT_READ: "consistent read",
@@ -58,6 +60,16 @@ IMAGE = Role.DATA | Role.METADATA | Role.PRIMARY
 """A format's image file: its data and its metadata."""
 FILTERED = Role.FILTERED | Role.PRIMARY
 """What a filter (or raw without offset/size) passes requests to unchanged."""
+
+
+def root_perms(read_only: bool) -> tuple[Perm, Perm]:
+    """What a backend needs of its medium's root, and what it shares. A writable backend is
+    a disk with one writer, as a VM's disk is in QEMU (no share-rw): nobody else may write
+    its image. A read-only one shares everything, so a CD can be read by many.
+    (qemu-storage-daemon's FUSE export shares write too.)"""
+    if read_only:
+        return Perm.CONSISTENT_READ, ALL
+    return RW, ALL & ~Perm.WRITE
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,13 @@ from typing import Any
 
 import trio
 
-from blkfs.backend import BlockLayer
 from blkfs.cli import progress
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.image import image_info, set_backing_file
 from blkfs.info import JobInfo
+from blkfs.jobs.manager import JobManager
+from blkfs.layer import BlockLayer
 
 NAME = "image"
 """The in-process backend's name (and so its job's id)."""
@@ -174,16 +175,17 @@ def run_commands(script: Callable[[Commands], Awaitable[None]]) -> None:
 
     async def main() -> None:
         layer = BlockLayer()
+        jobs = JobManager(layer)
         failed: BlockError | None = None
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(layer.jobs.serve)
+                await nursery.start(jobs.serve)
                 try:
-                    await script(Commands(layer))
+                    await script(Commands(layer, jobs))
                 except BlockError as exc:  # raised as it is, not in the nursery's group
                     failed = exc
                 finally:
-                    layer.jobs.stop()  # a job still running is cancelled, and undone
+                    jobs.stop()  # a job still running is cancelled, and undone
         finally:
             with trio.CancelScope(shield=True):
                 failures = await layer.close()

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from blkfs.backend import BlockLayer, parse_options
+from blkfs.backend import parse_options
 from blkfs.cli import completion, image, jobs, mount_helper
 from blkfs.commands import COMMANDS, Commands
 from blkfs.daemon import Daemon, DaemonConfig, ExporterFactory, FrontendFactory
@@ -40,6 +40,7 @@ from blkfs.frontends.qmp import QmpFrontend
 from blkfs.frontends.qmp import parse_address as parse_qmp_address
 from blkfs.frontends.volumes import command as volume_command
 from blkfs.info import BackendStatus, DaemonStatus, ExportStatus, NodeTree
+from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs")
 UMOUNT_TIMEOUT = 120.0

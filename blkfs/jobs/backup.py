@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from blkfs.jobs.copy import CHUNK, copy_range
+from blkfs.jobs.filter import JobFilter
 from blkfs.jobs.mirror import MirrorJob
 
 
@@ -46,5 +47,12 @@ class BackupJob(MirrorJob):
         await self.target.flush()
         await self.backend_obj.change(f"node={self.source.name}", same_data=True, by=self)
         self.filtered = False
-        self.graph.registry("jobs").pop(self.id, None)
+        self.layer.registry("jobs").pop(self.id, None)
         await self.close_target()
+
+
+class CopyBeforeWriteDriver(JobFilter):
+    """In front of a backup's source: a write first has the old data of its range copied
+    to the target (see :meth:`BackupJob.intercept`)."""
+
+    name = "copy-before-write"

@@ -7,7 +7,7 @@ backend to the base. Below the active image nothing writes the committed images 
 backing files): the base is written only with what the chain above shows already, so the
 chain's readers see no change at any moment, and at the end the image above ``top`` takes
 the base as its backing file (in the graph and in its header). A ``commit-top`` filter
-between that image and ``top`` lets the job write the base (see :mod:`drivers.job_filters`);
+between that image and ``top`` lets the job write the base (see :mod:`blkfs.jobs.filter`);
 any other image over the base, or reader of an image between, refuses it before a byte is
 copied: it would read the base changed. Failed or cancelled, the chain is as it was (the
 base may hold some of the data, which the chain above still covers).
@@ -18,9 +18,11 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from blkfs.block import Node
+from blkfs.block import Child, Node, Perm
+from blkfs.block.perm import ALL, NO_PERM
 from blkfs.errors import BlockError
 from blkfs.jobs.chain import backing_name, chain, find_layer, overlay_of
+from blkfs.jobs.filter import JobFilter
 from blkfs.jobs.mirror import ActiveCommitJob
 
 if TYPE_CHECKING:
@@ -48,8 +50,8 @@ class CommitJob(ActiveCommitJob):
 
     async def prepare(self) -> None:
         self.source = self.top
-        self.graph.registry("jobs")[self.id] = self
-        await self.graph.insert_filter(
+        self.layer.registry("jobs")[self.id] = self
+        await self.layer.insert_filter(
             self.overlay, "backing", {"driver": "commit-top", "job": self.id, "read-only": True}
         )
         self.inserted = True
@@ -65,15 +67,15 @@ class CommitJob(ActiveCommitJob):
         assert self.target is not None
         await self.target.flush()
         self.detach_target()
-        await self.graph.set_backing(self.overlay, self.base, backing_name(self.overlay, self.base))
+        await self.layer.set_backing(self.overlay, self.base, backing_name(self.overlay, self.base))
         self.inserted = False
-        self.graph.registry("jobs").pop(self.id, None)
+        self.layer.registry("jobs").pop(self.id, None)
         await self.close_target()
         await self.restore_base()
 
     async def abort(self) -> None:
         if self.inserted:
-            await self.graph.remove_filter(self.overlay, "backing")
+            await self.layer.remove_filter(self.overlay, "backing")
             self.inserted = False
         await super().abort()
 
@@ -102,3 +104,15 @@ def commit(
     if top_node is layers[0]:
         return ActiveCommitJob(manager, job_id, backend, base_node, speed)
     return CommitJob(manager, job_id, backend, top_node, base_node, speed)
+
+
+class CommitTopDriver(JobFilter):
+    """Over the top image of a commit below the active one: the overlay above reads through
+    it, and the images below are the job's (QEMU's commit_top needs nothing, shares all)."""
+
+    name = "commit-top"
+
+    def child_perm(
+        self, child: Child, writable: bool, perm: Perm, shared: Perm
+    ) -> tuple[Perm, Perm]:
+        return NO_PERM, ALL

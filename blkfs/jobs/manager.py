@@ -14,7 +14,8 @@ from blkfs.info import JobInfo
 from blkfs.jobs.job import Job, JobStatus
 
 if TYPE_CHECKING:
-    from blkfs.backend import BlockBackend, BlockLayer
+    from blkfs.backend import BlockBackend
+    from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.jobs")
 
@@ -67,7 +68,8 @@ class JobManager:
             raise BlockError(errno.EAGAIN, "jobs run only inside a running daemon")
         backend = self.layer.find(job.backend)
         backend.check_op("start another job")
-        backend.block(
+        self.layer.block(
+            backend,
             job,
             f"job '{job.id}' ({job.type}) is running on it",
             f"once it has ended, or after job-cancel {job.id}",
@@ -79,19 +81,18 @@ class JobManager:
                 try:
                     await job.abort()
                 finally:
-                    backend.unblock(job)
+                    self.layer.unblock(backend, job)
             raise
         self.jobs[job.id] = job
         self._nursery.start_soon(self._run, job, backend, name=f"job {job.id}")
         log.info("job %s: %s on %s started", job.id, job.type, job.backend)
         return job
 
-    @staticmethod
-    async def _run(job: Job, backend: BlockBackend) -> None:
+    async def _run(self, job: Job, backend: BlockBackend) -> None:
         try:
             await job.run()
         finally:
-            backend.unblock(job)
+            self.layer.unblock(backend, job)
 
     def find(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)

@@ -18,11 +18,12 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from blkfs.block import FILTERED, Child, Graph, Node, Perm, RangeLocks
+from blkfs.block import Child, Node, Perm, RangeLocks
 from blkfs.block.perm import ALL
 from blkfs.errors import BlockError
 from blkfs.jobs.chain import chain
 from blkfs.jobs.copy import CHUNK, allocated_ranges, copy_range
+from blkfs.jobs.filter import JobFilter
 from blkfs.jobs.job import Job
 from blkfs.jobs.ranges import RangeSet
 from blkfs.jobs.target import target_options
@@ -30,6 +31,7 @@ from blkfs.jobs.target import target_options
 if TYPE_CHECKING:
     from blkfs.backend import BlockBackend
     from blkfs.jobs.manager import JobManager
+    from blkfs.layer import BlockLayer
 
 Sync = Literal["full", "top", "none"]
 Mode = Literal["background", "write-blocking"]
@@ -45,7 +47,7 @@ class MirrorJob(Job):
     """A mirror writes new data into its target."""
     writes_below = False
     """Whether the target lies below the source (a commit): then the job's filter lets it
-    write there (:mod:`drivers.job_filters`)."""
+    write there (:mod:`blkfs.jobs.filter`)."""
 
     def __init__(
         self,
@@ -74,14 +76,14 @@ class MirrorJob(Job):
         self.draining = False
 
     @property
-    def graph(self) -> Graph:
-        return self.manager.layer.graph
+    def layer(self) -> BlockLayer:
+        return self.manager.layer
 
     # -- the target -------------------------------------------------------------------------
 
     async def open_target(self) -> Node:
         """The node the job writes, with a reference for the job: a new node (a mirror)."""
-        return await self.graph.open_node(self.target_spec)
+        return await self.layer.open_node(self.target_spec)
 
     def attach_target(self) -> None:
         """The job's edge to the target: refused (EBUSY naming them) if the target's other
@@ -95,27 +97,21 @@ class MirrorJob(Job):
                 f"bytes) is smaller than {self.backend} "
                 f"({self.backend_obj.length()} bytes)",
             )
-        self.edge = self.target.attach(
-            None, f"job '{self.id}'", "target", FILTERED, self.target_perm, ALL & ~Perm.WRITE
+        self.edge = self.layer.attach_user(
+            self.target, f"job '{self.id}'", "target", self.target_perm, ALL & ~Perm.WRITE
         )
-        try:
-            self.graph.refresh_perms([self.target])
-        except BaseException:
-            self.detach_target()
-            raise
 
     def detach_target(self) -> None:
         if self.edge is not None:
             edge, self.edge = self.edge, None
-            edge.node.detach(edge)
-            self.graph.refresh_perms([edge.node])
+            self.layer.detach_user(edge)
 
     async def close_target(self) -> None:
         """Give up the target: the job's edge and its reference."""
         self.detach_target()
         target, self.target = self.target, None
         if target is not None:
-            await self.graph.unref(target)
+            await self.layer.release_node(target)
 
     # -- the work ---------------------------------------------------------------------------
 
@@ -123,7 +119,7 @@ class MirrorJob(Job):
         """Put the job's filter in front of the source, then open and take the target."""
         backend = self.backend_obj
         self.source = backend.root_node()
-        self.graph.registry("jobs")[self.id] = self
+        self.layer.registry("jobs")[self.id] = self
         await backend.change(
             {
                 "driver": self.filter_driver,
@@ -212,14 +208,14 @@ class MirrorJob(Job):
             f"node={new.name}", same_data=True, by=self, before_swap=last_copy
         )
         self.filtered = False
-        self.graph.registry("jobs").pop(self.id, None)
+        self.layer.registry("jobs").pop(self.id, None)
         await self.close_target()  # the job's reference: the backend holds its own
 
     async def abort(self) -> None:
         if self.filtered and self.source is not None:
             await self.backend_obj.change(f"node={self.source.name}", same_data=True, by=self)
             self.filtered = False
-        self.graph.registry("jobs").pop(self.id, None)
+        self.layer.registry("jobs").pop(self.id, None)
         await self.close_target()
 
 
@@ -243,7 +239,7 @@ class ActiveCommitJob(MirrorJob):
 
     async def open_target(self) -> Node:
         if self.was_read_only:
-            await self.graph.reopen(self.base.name, {"read-only": False})
+            await self.layer.reopen_node(self.base.name, {"read-only": False})
         self.base.refcnt += 1  # the job's reference
         return self.base
 
@@ -263,7 +259,7 @@ class ActiveCommitJob(MirrorJob):
     async def restore_base(self) -> None:
         """The base turns read-only again if the job made it writable."""
         if self.was_read_only and self.base.refcnt and not self.base.read_only:
-            await self.graph.reopen(self.base.name, {"read-only": True})
+            await self.layer.reopen_node(self.base.name, {"read-only": True})
 
 
 def check_node_target(
@@ -271,8 +267,7 @@ def check_node_target(
 ) -> None:
     """An existing node as target: not part of the source, and, for a mirror that copies
     only the top (which the backend then switches to), with a backing file of its own."""
-    graph = target.graph
-    if target in graph.subtree(backend.root_node()):
+    if target in backend.layer.subtree(backend.root_node()):
         raise BlockError(
             errno.EINVAL,
             f"{cls.type}: target node '{target.name}' is part of "
@@ -310,7 +305,7 @@ async def start_copy(
     job_id = manager.new_id(job_id, backend.name)
     options, created = await target_options(backend, target, fmt, sync, existing)
     if isinstance(options, str):
-        check_node_target(cls, backend, manager.layer.graph.find(options), sync)
+        check_node_target(cls, backend, manager.layer.find_node(options), sync)
     try:
         job = cls(manager, job_id, backend, options, sync, mode, speed)
         await manager.launch(job)
@@ -319,3 +314,10 @@ async def start_copy(
             os.unlink(target)
         raise
     return job
+
+
+class MirrorTopDriver(JobFilter):
+    """In front of a mirror's (or an active commit's) source: each write marks its range
+    dirty, or is copied to the target too (see :meth:`MirrorJob.intercept`)."""
+
+    name = "mirror-top"

@@ -24,7 +24,8 @@ from blkfs.image import create_image
 from blkfs.jobs.chain import chain, header_name
 
 if TYPE_CHECKING:
-    from blkfs.backend import BlockBackend, BlockLayer
+    from blkfs.backend import BlockBackend
+    from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.jobs")
 
@@ -85,7 +86,7 @@ async def snapshot(
     log.info("%s: snapshot: new overlay %s over %s", backend.name, overlay, image)
     if not active.read_only:
         try:
-            await layer.graph.reopen(active.name, {"read-only": True})
+            await layer.reopen_node(active.name, {"read-only": True})
         except BlockError as exc:  # it stays writable; nothing writes it but the overlay's
             log.warning("%s: snapshot: %s stays writable: %s", backend.name, image, exc)
 
@@ -95,7 +96,7 @@ async def snapshot_onto(layer: BlockLayer, backend: BlockBackend, overlay_name: 
     blockdev-snapshot), the backend's active image over its medium. Its header is made to
     name the image now active (QEMU leaves it as it is), so that the image file opens alone
     later; if the switch fails, the overlay gets its old header and no backing file again."""
-    overlay = layer.graph.find(overlay_name)
+    overlay = layer.find_node(overlay_name)
     backend.check_op("snapshot it")
     root = backend.root_node()
     active = chain(backend)[0]
@@ -107,8 +108,8 @@ async def snapshot_onto(layer: BlockLayer, backend: BlockBackend, overlay_name: 
         )
     if overlay.read_only and not backend.read_only:
         raise BlockError(errno.EROFS, f"{what} is read-only")
-    claims = layer.graph.registry("snapshot-overlays")  # two snapshots onto one overlay
-    if overlay.parents or overlay in layer.graph.subtree(root) or overlay.name in claims:
+    claims = layer.registry("snapshot-overlays")  # two snapshots onto one overlay
+    if overlay.parents or overlay in layer.subtree(root) or overlay.name in claims:
         raise BlockError(errno.EBUSY, f"{what} is already in use")
     if "backing" in overlay.children:
         raise BlockError(
@@ -139,14 +140,14 @@ async def snapshot_onto(layer: BlockLayer, backend: BlockBackend, overlay_name: 
 
     claims[overlay.name] = backend
     try:
-        await layer.graph.set_backing(
+        await layer.set_backing(
             overlay, root, (header_name(overlay.filename(), image), active.driver.name)
         )
         try:
             await backend.change({"node": overlay.name}, same_data=True, before_swap=still_ours)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await layer.graph.set_backing(overlay, None, previous)
+                await layer.set_backing(overlay, None, previous)
             raise
     finally:
         del claims[overlay.name]

@@ -27,6 +27,7 @@ from blkfs.block.request import is_zero
 from blkfs.errors import BlockError
 from blkfs.jobs.chain import backing_name, chain, find_layer
 from blkfs.jobs.copy import CHUNK, allocated_ranges, copy_range
+from blkfs.jobs.filter import JobFilter
 from blkfs.jobs.job import Job
 from blkfs.jobs.ranges import RangeSet
 
@@ -41,7 +42,7 @@ PIECE = 64 << 10
 class StreamJob(Job):
     type = "stream"
     writes_below = False
-    """It writes the active image only (see :mod:`drivers.job_filters`)."""
+    """It writes the active image only (see :mod:`blkfs.jobs.filter`)."""
 
     def __init__(
         self,
@@ -66,7 +67,7 @@ class StreamJob(Job):
 
     @property
     def registry(self) -> dict[str, Job]:
-        return self.manager.layer.graph.registry("jobs")
+        return self.manager.layer.registry("jobs")
 
     async def prepare(self) -> None:
         if self.rebase:  # the new base stays open until it is the backing file
@@ -139,7 +140,7 @@ class StreamJob(Job):
 
     async def finish(self) -> None:
         await self.remove_filter()
-        await self.manager.layer.graph.set_backing(
+        await self.manager.layer.set_backing(
             self.top, self.base, backing_name(self.top, self.base) if self.base else None
         )
         await self.release_base()
@@ -152,7 +153,7 @@ class StreamJob(Job):
         if self.holds_base:
             assert self.base is not None
             self.holds_base = False
-            await self.manager.layer.graph.unref(self.base)
+            await self.manager.layer.release_node(self.base)
 
     async def remove_filter(self) -> None:
         if self.filtered:
@@ -172,10 +173,10 @@ def stream(
         raise BlockError(
             errno.EINVAL, f"stream: {backend.name}'s image '{layers[0].name}' has no backing file"
         )
-    graph = manager.layer.graph
-    if base and base in graph.nodes and base not in (node.name for node in layers):
-        new_base = graph.find(base)
-        if new_base in graph.subtree(backend.root_node()) or layers[0] in graph.subtree(new_base):
+    layer = manager.layer
+    if base and layer.has_node(base) and base not in (node.name for node in layers):
+        new_base = layer.find_node(base)
+        if new_base in layer.subtree(backend.root_node()) or layers[0] in layer.subtree(new_base):
             raise BlockError(
                 errno.EINVAL,
                 f"stream: node '{base}' is part of {backend.name}'s tree: it cannot be its base",
@@ -207,3 +208,10 @@ def stream(
     return StreamJob(
         manager, manager.new_id(job_id, backend.name), backend, layers[0], base_node, speed
     )
+
+
+class StreamTopDriver(JobFilter):
+    """In front of a stream's medium: a write never runs at once with the job's copy of
+    the same range (see :meth:`StreamJob.intercept`)."""
+
+    name = "stream-top"

@@ -3,13 +3,13 @@
 Reference: QEMU block/qcow2-cache.c. Ground rules:
 
 * Each kind of metadata (refcount blocks, the refcount table, L2 tables, L1 entries, and the
-  deferred refcount decreases in :mod:`drivers.qcow2.refcount`) is a :class:`WriteBack` that
+  deferred refcount decreases in :mod:`blkfs_drivers.qcow2.refcount`) is a :class:`WriteBack` that
   names what must be durable before its own entries are written: ``depends_on``, QEMU's
   ``qcow2_cache_set_dependency``, and ``depends_on_flush``, QEMU's
   ``qcow2_cache_depends_on_flush`` (guest data written outside the cache must be durable
   first). Writing a kind back writes what it depends on, then a barrier, then its own dirty
   entries. The order is declared once, where the kinds are made
-  (:class:`drivers.qcow2.metadata.Metadata`), and nothing else names it.
+  (:class:`blkfs_drivers.qcow2.metadata.Metadata`), and nothing else names it.
 * A barrier is a flush of the image file. An entry is marked clean only after a barrier that
   follows its write succeeded; after a failed flush every entry stays dirty, since the host may
   have dropped the write (fsyncgate).

@@ -3,9 +3,9 @@ discard, growth, block status) over the pieces of this package.
 
 Ground rules:
 
-* Mapping is pure (:mod:`drivers.qcow2.mapping`), clusters and refcounts come from the
-  allocator (:mod:`drivers.qcow2.refcount`), and metadata reaches the image through the
-  metadata cache in the order :mod:`drivers.qcow2.metadata` declares. So a crash (or kill -9)
+* Mapping is pure (:mod:`blkfs_drivers.qcow2.mapping`), clusters and refcounts come from the
+  allocator (:mod:`blkfs_drivers.qcow2.refcount`), and metadata reaches the image through the
+  metadata cache in the order :mod:`blkfs_drivers.qcow2.metadata` declares. So a crash (or kill -9)
   at any point leaves at worst leaked clusters, never a reference to a cluster without a
   refcount, and guest data is durable before the L2 entry that points to it.
 * One metadata lock per image serialises mapping changes. Reads and in-place writes map from

@@ -6,7 +6,7 @@ Ground rules:
   blkfs cannot open (QEMU's qcow2_do_open): encryption, unknown incompatible features, tables
   out of bounds, and, for writing, an image marked corrupt or dirty.
 * The write-back order (docs/design.md, "Crash safety") is declared here, once, as the
-  dependencies of the metadata kinds (:mod:`drivers.qcow2.cache`): refcount blocks, then the
+  dependencies of the metadata kinds (:mod:`blkfs_drivers.qcow2.cache`): refcount blocks, then the
   refcount table that names them, then the L2 tables that use the clusters they count (after
   a barrier even when no refcount changed: guest data in new clusters comes first), then the
   L1 entries that name new L2 tables, then the refcount decreases of clusters those no longer

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from blkfs.backend import BlockBackend, BlockError, BlockLayer
+from blkfs.backend import BlockBackend, BlockError
+from blkfs.layer import BlockLayer
 from tests.compat.peers import KiB, MiB, qemu
 from tests.conftest import needs_qemu
 from tests.logreplay import FLUSH, MARK, Log, LogError, apply_to, crash_state, parse

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.compat.peers import MiB, create
 from tests.conftest import needs_qemu
 from tests.helpers import Mount, blkfs, wait_until

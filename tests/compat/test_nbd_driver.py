@@ -13,8 +13,9 @@ import pytest
 import trio
 from qemu.qmp import ExecuteError, QMPClient
 
-from blkfs.backend import BlockBackend, BlockLayer, Status
+from blkfs.backend import BlockBackend, Status
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.compat.peers import MiB, check, convert, source, to_raw
 from tests.conftest import needs_fuse
 from tests.helpers import Mount, MountError

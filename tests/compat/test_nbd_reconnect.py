@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.nbdpeers import needs_nbd_tools, qemu_nbd
 
 pytestmark = [needs_nbd_tools, pytest.mark.qemu]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from blkfs.backend import BlockLayer
+from blkfs.layer import BlockLayer
 from tests.compat.peers import MiB, create, make_matrix, qemu, qemu_io, to_raw
 from tests.conftest import needs_qemu
 from tests.helpers import blkfs

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from blkfs_drivers.qcow2.ondisk import EXT_BITMAPS, BitmapDirEntry, BitmapsExtension, Header
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.compat.peers import MiB, create, qemu, qemu_io, to_raw
 from tests.conftest import needs_fuse, needs_qemu
 from tests.helpers import Mount

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.compat.peers import MiB, convert, create, qemu, qemu_io
 from tests.conftest import needs_fuse, needs_qemu
 from tests.helpers import Mount

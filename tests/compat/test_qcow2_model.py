@@ -12,8 +12,8 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blkfs.backend import BlockLayer
 from blkfs.image import create_image
+from blkfs.layer import BlockLayer
 from tests.compat.peers import KiB, check, to_raw
 from tests.conftest import needs_qemu
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.backend import BlockLayer
+from blkfs.layer import BlockLayer
 from tests.compat.peers import MATRIX, convert, create, make_matrix, to_raw
 from tests.conftest import needs_fuse, needs_qemu
 from tests.helpers import Mount, force_unmount, mounted

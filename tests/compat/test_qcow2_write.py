@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.backend import BlockLayer
+from blkfs.layer import BlockLayer
 from tests.compat.peers import MiB, check, convert, create, qemu, qemu_io, source, to_raw
 from tests.conftest import needs_fuse, needs_qemu
 from tests.helpers import Mount, blkfs

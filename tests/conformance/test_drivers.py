@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.backend import BlockBackend, BlockLayer
+from blkfs.backend import BlockBackend
 from blkfs.block import Status
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.conformance.setups import SETUPS, SIZE, Setup, initial_data
 
 

@@ -24,11 +24,12 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from blkfs.backend import BlockBackend, BlockLayer
+from blkfs.backend import BlockBackend
 from blkfs.commands import Commands
 from blkfs.frontends.ctl import ControlFiles
 from blkfs.frontends.fuse.operations import BlkfsOperations
 from blkfs.image import create_image
+from blkfs.layer import BlockLayer
 
 MiB = 1 << 20
 SIZE = 32 * MiB

@@ -12,8 +12,9 @@ import pytest
 import trio
 from qemu.qmp import QMPClient
 
-from blkfs.backend import BlockLayer, IoError
+from blkfs.backend import IoError
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.conftest import needs_fuse, needs_qemu
 from tests.qmp.peer import drive
 from tests.qmp.test_monitor import Monitor, qcow2

@@ -45,7 +45,8 @@ import pytest
 import trio
 from blkfs_drivers.blklogwrites import BlklogwritesDriver
 
-from blkfs.backend import BlockBackend, BlockLayer
+from blkfs.backend import BlockBackend
+from blkfs.layer import BlockLayer
 from tests.compat.peers import KiB, MiB, qemu, qemu_io, to_raw
 from tests.conftest import needs_qemu
 from tests.logreplay import Entry, Log, apply_to, apply_to_file, crash_state, parse, undo

@@ -23,10 +23,10 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blkfs.backend import BlockLayer
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.frontends.ctl import VERBS, ControlFiles, parse
+from blkfs.layer import BlockLayer
 from tests.conftest import needs_fuse
 from tests.helpers import Mount, blkfs, pattern_image, without_stats
 from tests.jobs import jobs

@@ -19,8 +19,8 @@ import pytest
 import trio
 
 from blkfs import nbd
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.conftest import needs_fuse
 from tests.helpers import Mount
 from tests.nbdpeers import NbdClient, needs_nbd_tools

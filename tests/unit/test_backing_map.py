@@ -11,11 +11,13 @@ import pytest
 import trio
 import trio.testing
 
-from blkfs.backend import BlockBackend, BlockLayer
+from blkfs.backend import BlockBackend
 from blkfs.block import Node
 from blkfs.image import create_image
 from blkfs.jobs.commit import commit
+from blkfs.jobs.manager import JobManager
 from blkfs.jobs.stream import stream
+from blkfs.layer import BlockLayer
 
 CLUSTER = 64 << 10
 SIZE = 32 * CLUSTER
@@ -141,12 +143,13 @@ async def test_a_discard_in_a_lower_layer_is_seen(chain: Path) -> None:
 
 
 async def run_job(layer: BlockLayer, job_factory: object, *args: object) -> None:
+    jobs = JobManager(layer)
     async with trio.open_nursery() as nursery:
-        await nursery.start(layer.jobs.serve)
-        job = await layer.jobs.launch(job_factory(layer.jobs, *args))  # type: ignore[operator]
+        await nursery.start(jobs.serve)
+        job = await jobs.launch(job_factory(jobs, *args))  # type: ignore[operator]
         await job.wait()
         assert job.error is None, job.error
-        layer.jobs.stop()
+        jobs.stop()
 
 
 async def test_commit_of_the_middle_layer_keeps_reads_right(chain: Path) -> None:

@@ -15,9 +15,9 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blkfs.backend import BlockLayer
 from blkfs.block.registry import default_registry
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 
 KiB, MiB = 1 << 10, 1 << 20
 SECTOR = 512

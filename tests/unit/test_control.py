@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blkfs.backend import BlockLayer
 from blkfs.commands import COMMANDS, Commands
 from blkfs.errors import BlockError
 from blkfs.frontends.ctl import VERBS, ControlFiles, format_status, parse
+from blkfs.layer import BlockLayer
 from tests.helpers import without_stats
 
 

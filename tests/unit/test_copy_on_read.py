@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import trio
 
-from blkfs.backend import BlockLayer
 from blkfs.block import Status
 from blkfs.block.registry import default_registry
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 4 * MiB

@@ -10,8 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 
 BLOCK = 4096
 BLOCKS = 64

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.backend import BlockLayer
 from blkfs.block import Node
 from blkfs.image import create_image
+from blkfs.layer import BlockLayer
 from tests.conftest import needs_loop
 from tests.helpers import loop_device
 

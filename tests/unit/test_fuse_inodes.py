@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pyfuse3
 
-from blkfs.backend import BlockLayer
 from blkfs.commands import Commands
 from blkfs.frontends.ctl import ControlFiles
 from blkfs.frontends.fuse.operations import BlkfsOperations
+from blkfs.layer import BlockLayer
 
 
 async def test_every_new_backend_is_watched_and_its_inode_freed() -> None:

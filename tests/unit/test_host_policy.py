@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.conftest import needs_qemu
 
 

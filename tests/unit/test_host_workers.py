@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from blkfs.backend import BlockLayer
 from blkfs.block.workers import HostQueue
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 
 
 async def test_one_nodes_stuck_calls_hold_only_its_own_workers() -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from blkfs.backend import BlockLayer
 from blkfs.block.options import parse_options
 from blkfs.cli.main import UsageError, build_config, parser
 from blkfs.commands import Commands
@@ -22,6 +21,7 @@ from blkfs.errors import BlockError
 from blkfs.frontends.ctl import format_exports
 from blkfs.frontends.nbd import NbdFrontend
 from blkfs.frontends.nbd.export import parse_address
+from blkfs.layer import BlockLayer
 from blkfs.nbd import Address
 from tests.helpers import without_stats
 

@@ -1,4 +1,4 @@
-"""The metadata cache (:mod:`drivers.qcow2.cache`): the LRU against a model, and the
+"""The metadata cache (:mod:`blkfs_drivers.qcow2.cache`): the LRU against a model, and the
 write-back order the metadata kinds declare, over a file in memory that records every write
 and barrier.
 """

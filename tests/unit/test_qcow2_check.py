@@ -15,8 +15,8 @@ from blkfs_drivers.qcow2.ondisk import Header, get_refcount, set_refcount
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 
 CLUSTER = 4096
 

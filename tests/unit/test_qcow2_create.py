@@ -1,4 +1,4 @@
-"""Building the header of a new qcow2 image (:mod:`drivers.qcow2.create`) from qemu-img's
+"""Building the header of a new qcow2 image (:mod:`blkfs_drivers.qcow2.create`) from qemu-img's
 ``-o`` options: every valid combination gives the header it asks for, every invalid one is
 EINVAL naming the option.
 """

@@ -1,4 +1,4 @@
-"""Property tests for qcow2 cluster mapping (:mod:`drivers.qcow2.mapping`): indexes, entry
+"""Property tests for qcow2 cluster mapping (:mod:`blkfs_drivers.qcow2.mapping`): indexes, entry
 decoding, and the per-table mapping the driver's reads and writes use, checked against the
 spec (QEMU's docs/interop/qcow2.txt) and against each other, with no image.
 

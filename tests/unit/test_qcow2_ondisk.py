@@ -1,4 +1,4 @@
-"""Property tests for the qcow2 on-disk structures (:mod:`drivers.qcow2.ondisk`): each
+"""Property tests for the qcow2 on-disk structures (:mod:`blkfs_drivers.qcow2.ondisk`): each
 structure's pack and unpack are inverses, the header parser refuses damaged bytes with
 FormatError and nothing else, and refcount entries pack as QEMU packs them.
 """

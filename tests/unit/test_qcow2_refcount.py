@@ -1,4 +1,4 @@
-"""The refcount allocator (:mod:`drivers.qcow2.refcount`) over an image in memory: what it
+"""The refcount allocator (:mod:`blkfs_drivers.qcow2.refcount`) over an image in memory: what it
 allocates is counted once, what is dropped is freed only after write-back, the refcount
 structures grow as QEMU grows them, and the checker agrees after every run."""
 
@@ -19,9 +19,9 @@ from blkfs_drivers.qcow2.refcount import FreeClusters
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blkfs.backend import BlockLayer
 from blkfs.block import BlockError
 from blkfs.image import create_image
+from blkfs.layer import BlockLayer
 from tests.unit.test_qcow2_cache import RecordingFile
 
 

@@ -10,7 +10,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blkfs.backend import BlockLayer
+from blkfs.layer import BlockLayer
 
 HOST = 64 * 1024
 OFFSET, SIZE = 5000, 40000

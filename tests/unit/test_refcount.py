@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 
 
 async def test_a_deleted_backend_serves_its_references_then_flushes_and_closes(

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.backend import BlockLayer
 from blkfs.block.registry import DriverRegistry
 from blkfs.errors import BlockError, OptionError
+from blkfs.layer import BlockLayer
 
 QCOW2_MAGIC = b"QFI\xfb"
 

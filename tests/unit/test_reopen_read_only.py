@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.compat.peers import create
 from tests.conftest import needs_qemu
 from tests.locks import lock_bytes

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 
 FAILING_FLUSH = (
     "driver=blkdebug,node-name=dbg,inject-error.0.event=flush,"

@@ -11,10 +11,10 @@ import pytest
 import trio
 import trio.testing
 
-from blkfs.backend import BlockLayer
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.image import create_image
+from blkfs.layer import BlockLayer
 from tests.unit.test_snapshot_races import SIZE, files, slow_flushing
 
 

@@ -13,10 +13,11 @@ import pytest
 import trio
 import trio.testing
 
-from blkfs.backend import BlockBackend, BlockLayer
+from blkfs.backend import BlockBackend
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.image import create_image
+from blkfs.layer import BlockLayer
 
 SIZE = 4 << 20
 

@@ -12,10 +12,11 @@ import pytest
 import trio
 import trio.testing
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
 from blkfs.image import create_image
+from blkfs.jobs.manager import JobManager
 from blkfs.jobs.stream import stream
+from blkfs.layer import BlockLayer
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -64,6 +65,7 @@ async def test_what_a_rebase_refuses_changes_nothing(tmp_path: Path) -> None:
     vol = await layer.create("vol", str(tmp_path / "top.qcow2"))
     alone = await layer.create("alone", str(tmp_path / "alone.qcow2"))
     await layer.create("w", other(tmp_path, read_only=False))
+    jobs = JobManager(layer)
     own_file = vol.root_node().children["file"].node.name
     refused = {
         # a standalone image: its zeros are no zero clusters, a new base would show through
@@ -74,7 +76,7 @@ async def test_what_a_rebase_refuses_changes_nothing(tmp_path: Path) -> None:
     }
     for (backend, base), (code, message) in refused.items():
         with pytest.raises(BlockError) as err:
-            stream(layer.jobs, backend, None, base, 0)
+            stream(jobs, backend, None, base, 0)
         assert err.value.errno == code and message in err.value.message, (base, err.value)
     await layer.close()
     assert backing_file(tmp_path / "top.qcow2") == "base.qcow2"
@@ -107,13 +109,14 @@ async def test_the_new_base_outlives_its_backend_while_the_job_runs(
     layer = BlockLayer()
     vol = await layer.create("vol", str(tmp_path / "top.qcow2"))
     new = await layer.create("new", other(tmp_path))
+    jobs = JobManager(layer)
     async with trio.open_nursery() as nursery:
-        await nursery.start(layer.jobs.serve)
-        job = await layer.jobs.launch(stream(layer.jobs, vol, None, "new", MiB))  # 4 s
+        await nursery.start(jobs.serve)
+        job = await jobs.launch(stream(jobs, vol, None, "new", MiB))  # 4 s
         await trio.sleep(1)
         await new.eject(force=True)  # its backend lets go; the job still holds the node
         await job.wait()
-        layer.jobs.stop()
+        jobs.stop()
     assert job.error is None, job.error
     assert await vol.read(0, SIZE) == b"\x22" * MiB + b"\x11" * (SIZE - MiB)
     await layer.close()
@@ -125,14 +128,15 @@ async def test_a_new_speed_wakes_a_job_waiting_under_the_old_one(tmp_path: Path)
     await images(tmp_path)
     layer = BlockLayer()
     vol = await layer.create("vol", str(tmp_path / "top.qcow2"))
+    jobs = JobManager(layer)
     with trio.fail_after(30):  # a hang guard, not a timing
         async with trio.open_nursery() as nursery:
-            await nursery.start(layer.jobs.serve)
-            job = await layer.jobs.launch(stream(layer.jobs, vol, None, None, 1))
+            await nursery.start(jobs.serve)
+            job = await jobs.launch(stream(jobs, vol, None, None, 1))
             while job.done == 0:
                 await trio.sleep(0.01)
             job.set_speed(0)
             await job.wait()
-            layer.jobs.stop()
+            jobs.stop()
     assert job.error is None and job.done == job.total
     await layer.close()

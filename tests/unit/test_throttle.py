@@ -13,8 +13,8 @@ from blkfs_drivers.throttle import ThrottleGroup, parse_limits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 
 KiB, MiB = 1 << 10, 1 << 20
 

@@ -15,13 +15,13 @@ import logging
 import pyfuse3
 import trio
 
-from blkfs.backend import BlockLayer
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.frontends.ctl import ControlFiles
 from blkfs.frontends.fuse.compat import extra_ops
 from blkfs.frontends.fuse.compat.session_loop import POLL_MAX_NS
 from blkfs.frontends.fuse.operations import BlkfsOperations
+from blkfs.layer import BlockLayer
 
 __all__ = ["POLL_MAX_NS", "FuseFrontend"]
 

@@ -24,10 +24,11 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from blkfs.backend import BlockBackend, BlockLayer, Status
+from blkfs.backend import BlockBackend, Status
 from blkfs.errors import BlockError
 from blkfs.frontends.ctl import REPORTS, VERBS, ControlFiles
 from blkfs.frontends.fuse.compat import session_loop
+from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.fuse")
 

@@ -23,12 +23,13 @@ from typing import Any
 
 import trio
 
-from blkfs.backend import BlockBackend, BlockLayer
+from blkfs.backend import BlockBackend
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.frontends.nbd.export import Export, Listener, address, socket_mode
 from blkfs.frontends.nbd.session import Budget, Session
 from blkfs.info import ExportStatus
+from blkfs.layer import BlockLayer
 from blkfs.nbd import Address
 
 log = logging.getLogger("blkfs.nbd")

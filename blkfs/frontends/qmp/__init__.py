@@ -22,8 +22,7 @@ from typing import Any
 
 import trio
 
-from blkfs.backend import BlockLayer
-from blkfs.commands import Commands, watch_jobs
+from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.frontends.qmp.stream import ParseError, Splitter
 from blkfs.frontends.qmp.translate import (
@@ -35,6 +34,7 @@ from blkfs.frontends.qmp.translate import (
     job_event,
 )
 from blkfs.frontends.unix_socket import clear_stale_socket
+from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.qmp")
 
@@ -125,7 +125,9 @@ class QmpFrontend:
 
     async def serve(self, *, task_status: trio.TaskStatus[None]) -> None:
         listener = await self._listen()
-        unwatch = watch_jobs(self.layer, lambda event, job: self.emit(event, job_event(event, job)))
+        unwatch = self.commands.watch_jobs(
+            lambda event, job: self.emit(event, job_event(event, job))
+        )
         unwatch_errors = self.layer.watch_io_errors(
             lambda error: self.emit("BLOCK_IO_ERROR", io_error_event(error))
         )

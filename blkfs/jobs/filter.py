@@ -1,7 +1,9 @@
-"""The filters block jobs put in front of a live source: ``mirror-top`` (a mirror, an active
-commit) and ``copy-before-write`` (a backup), QEMU's names, and ``stream-top`` (a stream);
-and ``commit-top``, QEMU's too, which a commit below the active image puts between the
-images it commits and the overlay above them.
+"""What the filters block jobs put in front of a live source have in common. Each job's
+filter is declared beside the job: ``mirror-top`` (a mirror, an active commit,
+:mod:`blkfs.jobs.mirror`) and ``copy-before-write`` (a backup, :mod:`blkfs.jobs.backup`),
+QEMU's names, and ``stream-top`` (a stream, :mod:`blkfs.jobs.stream`); and ``commit-top``,
+QEMU's too, which a commit below the active image puts between the images it commits and the
+overlay above them (:mod:`blkfs.jobs.commit`).
 
 Each passes every request through, and hands each write, zero write and discard to its
 job first, which decides what happens around it: a mirror marks the range dirty, or in
@@ -23,7 +25,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from blkfs.block import REQUIRED, BlockDriver, Child, ChildSpec, Option, Perm
-from blkfs.block.perm import ALL, NO_PERM
 from blkfs.errors import BlockError
 
 
@@ -72,27 +73,3 @@ class JobFilter(BlockDriver):
 
     async def discard(self, offset: int, length: int) -> None:
         await self.job.intercept(offset, length, lambda: self.filtered.discard(offset, length))
-
-
-class MirrorTopDriver(JobFilter):
-    name = "mirror-top"
-
-
-class CopyBeforeWriteDriver(JobFilter):
-    name = "copy-before-write"
-
-
-class StreamTopDriver(JobFilter):
-    name = "stream-top"
-
-
-class CommitTopDriver(JobFilter):
-    """Over the top image of a commit below the active one: the overlay above reads through
-    it, and the images below are the job's (QEMU's commit_top needs nothing, shares all)."""
-
-    name = "commit-top"
-
-    def child_perm(
-        self, child: Child, writable: bool, perm: Perm, shared: Perm
-    ) -> tuple[Perm, Perm]:
-        return NO_PERM, ALL
