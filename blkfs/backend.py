@@ -724,6 +724,7 @@ def _describe(node: Node) -> dict[str, Any]:
         "options": node.given_options(),
         "info": node.driver.info(),
         "stats": node.stats.as_dict(),
+        "dirty-bitmaps": node.bitmaps.info(),
         "in-flight": node.in_flight,
         "oldest-ms": node.oldest_host_call_ms(),
         "children": {role: _describe(edge.node) for role, edge in node.children.items()},

@@ -36,6 +36,7 @@ from typing import (
 )
 from weakref import WeakKeyDictionary
 
+from blkfs import bitmaps
 from blkfs.backend import BlockBackend, BlockLayer, Medium, OptionError, parse_bool, parse_size
 from blkfs.error_policy import Policy
 from blkfs.errors import BlockError
@@ -67,6 +68,7 @@ class Kind(Enum):
     PATH = "PATH"  # an absolute host path: a word after the name
     TEXT = "text"  # key=text (a path, a host); shown as key=KEY
     RATE = "RATE"  # key=bytes per second, with QEMU's suffixes (0: no limit)
+    BYTES = "BYTES"  # key=bytes, with QEMU's suffixes
 
     @property
     def word(self) -> str:
@@ -96,6 +98,7 @@ Size = Annotated[int, Kind.SIZE]
 JobId = Annotated[str, Kind.JOB]
 HostPath = Annotated[str, Kind.PATH]
 Rate = Annotated[int, Kind.RATE]
+Bytes = Annotated[int, Kind.BYTES]
 OnChange = Literal["follow", "error"]
 
 
@@ -115,7 +118,7 @@ class Param:
     def convert(self, command: str, raw: Any) -> Any:
         """The typed value of ``raw``; EINVAL naming the argument if it is not one."""
         try:
-            if self.kind in (Kind.SIZE, Kind.RATE):
+            if self.kind in (Kind.SIZE, Kind.RATE, Kind.BYTES):
                 return parse_size(raw)
             if self.kind is Kind.FLAG:
                 return parse_bool(raw)
@@ -164,6 +167,7 @@ class Command:
                     Kind.CHOICE: "|".join(param.choices),
                     Kind.TEXT: param.name.upper(),
                     Kind.RATE: "RATE",
+                    Kind.BYTES: "BYTES",
                 }.get(param.kind, "on")
                 word = f"{param.name}={value}"
                 words.append(word if param.required else f"[{word}]")
@@ -682,3 +686,53 @@ async def node_add(layer: BlockLayer, node: NodeName, options: NodeOptions) -> N
 async def node_del(layer: BlockLayer, node: NodeName) -> None:
     """Close a node that node-add made (QEMU's blockdev-del); refused while in use."""
     await layer.delete_node(node)
+
+
+# -- dirty bitmaps --------------------------------------------------------------------------
+
+
+@command
+async def bitmap_add(
+    layer: BlockLayer,
+    node: NodeName,
+    name: str,
+    granularity: Bytes | None = None,
+    persistent: bool = False,
+    disabled: bool = False,
+) -> None:
+    """A dirty bitmap on the node (QEMU's block-dirty-bitmap-add): from now on it marks
+    what every write, write-zeroes and discard there changes, in chunks of granularity
+    (default 64K). persistent=on: stored in the image (qcow2) and loaded with it again;
+    disabled=on: it records nothing until bitmap-enable."""
+    await bitmaps.add(layer, node, name, granularity, persistent, disabled)
+
+
+@command
+async def bitmap_remove(layer: BlockLayer, node: NodeName, name: str) -> None:
+    """Drop a dirty bitmap (from its image too, if persistent)."""
+    await bitmaps.remove(layer, node, name)
+
+
+@command
+async def bitmap_clear(layer: BlockLayer, node: NodeName, name: str) -> None:
+    """Mark the whole bitmap clean."""
+    bitmaps.clear(layer, node, name)
+
+
+@command
+async def bitmap_enable(layer: BlockLayer, node: NodeName, name: str) -> None:
+    """The bitmap records writes again."""
+    bitmaps.enable(layer, node, name, True)
+
+
+@command
+async def bitmap_disable(layer: BlockLayer, node: NodeName, name: str) -> None:
+    """The bitmap stops recording (what it holds stays)."""
+    bitmaps.enable(layer, node, name, False)
+
+
+@command
+async def bitmap_merge(layer: BlockLayer, node: NodeName, target: str, bitmaps_: str) -> None:
+    """Mark in bitmap TARGET what the bitmaps named (comma-separated, of the same node)
+    have marked."""
+    bitmaps.merge(layer, node, target, [b for b in bitmaps_.split(",") if b])

@@ -225,6 +225,7 @@ def node_info(tree: Mapping[str, Any], limits: Mapping[str, float] | None = None
         "write_threshold": 0,
         "cache": {"writeback": True, "direct": False, "no-flush": False},
         "image": image_info(tree),
+        **({"dirty-bitmaps": tree["dirty-bitmaps"]} if tree["dirty-bitmaps"] else {}),
     }
 
 
@@ -323,6 +324,62 @@ async def query_blockstats(monitor: Monitor, args: dict[str, Any]) -> Any:
             entry["node-name"] = backend["tree"]["node-name"]
         result.append(entry)
     return result
+
+
+# -- dirty bitmaps ----------------------------------------------------------------------
+
+
+async def bitmap_node(monitor: Monitor, node: str) -> str:
+    """The node a bitmap command names: a node, or a device (its image, under filters)."""
+    for backend in (await status(monitor))["backends"]:
+        if backend["name"] == node and backend["tree"] and not backend["deleted"]:
+            return str(medium(backend["tree"])["node-name"])
+    return node
+
+
+@qmp(
+    "block-dirty-bitmap-add",
+    node="str",
+    name="str",
+    granularity="int?",
+    persistent="bool?",
+    disabled="bool?",
+)
+async def block_dirty_bitmap_add(monitor: Monitor, args: dict[str, Any]) -> Any:
+    await run(monitor, "bitmap-add", {**args, "node": await bitmap_node(monitor, args["node"])})
+    return {}
+
+
+def _bitmap_verb(verb: str) -> None:
+    @qmp(f"block-dirty-bitmap-{verb}", node="str", name="str")
+    async def handler(monitor: Monitor, args: dict[str, Any]) -> Any:
+        node = await bitmap_node(monitor, args["node"])
+        await run(monitor, f"bitmap-{verb}", {"node": node, "name": args["name"]})
+        return {}
+
+
+for _verb in ("remove", "clear", "enable", "disable"):
+    _bitmap_verb(_verb)
+
+
+@qmp("block-dirty-bitmap-merge", node="str", target="str", bitmaps="array")
+async def block_dirty_bitmap_merge(monitor: Monitor, args: dict[str, Any]) -> Any:
+    node = await bitmap_node(monitor, args["node"])
+    names = []
+    for source in args["bitmaps"]:
+        if isinstance(source, dict):  # {node, name}: blkfs merges bitmaps of one node
+            if await bitmap_node(monitor, str(source.get("node"))) != node:
+                raise generic("blkfs merges only bitmaps of the target's node")
+            source = source.get("name")
+        if not isinstance(source, str) or "," in source:
+            raise generic("Invalid parameter type for 'bitmaps', expected: array of names")
+        names.append(source)
+    await run(
+        monitor,
+        "bitmap-merge",
+        {"node": node, "target": args["target"], "bitmaps": ",".join(names)},
+    )
+    return {}
 
 
 # -- nodes and exports ------------------------------------------------------------------
