@@ -39,6 +39,8 @@ from blkfs.block import (
 )
 
 from .backing_map import BackingMap
+from .bitmap_directory import MAX_BITMAPS, MAX_GRANULARITY_BITS
+from .bitmap_store import BitmapStore
 from .check import check_child, repair_on_open
 from .create import write_image
 from .image_changes import ImageChanges
@@ -112,6 +114,7 @@ class Qcow2Driver(ImageChanges):
         """Where the backing chain holds the clusters this image leaves to it."""
         self._location_watchers: set[Callable[[], None]] = set()
         await self._load(not self.node.read_only, values)
+        await self._load_bitmaps(not self.node.read_only)
         if "backing" in children:  # the user's choice: options, a node name, or None
             await self._open_backing(children["backing"])
         elif self.header.backing_file:
@@ -137,6 +140,32 @@ class Qcow2Driver(ImageChanges):
         self.l1 = metadata.l1_table.entries
         self.l2_tables = metadata.l2_tables
         self.l2_cache = metadata.l2_tables.tables
+
+    async def _load_bitmaps(self, writable: bool) -> None:
+        """The image's persistent bitmaps onto the node (replacing those loaded before), in
+        use on disk from now if the image is open writable (see :mod:`.bitmap_store`)."""
+        self.bitmap_store = BitmapStore(self.metadata)
+        loaded = await self.bitmap_store.load(self.header.size)
+        for bitmap in self.node.bitmaps:
+            if bitmap.persistent:
+                self.node.bitmaps.remove(bitmap.name)
+        for bitmap in loaded:
+            self.node.bitmaps.add(bitmap)
+        if writable:
+            await self.bitmap_store.mark_in_use()
+
+    def check_new_bitmap(self, name: str, granularity: int) -> None:
+        if self.header.version < 3:
+            raise BlockError(errno.ENOTSUP, "qcow2: persistent bitmaps need a compat=1.1 image")
+        if sum(b.persistent for b in self.node.bitmaps) >= MAX_BITMAPS:
+            raise BlockError(errno.ENOSPC, f"qcow2: at most {MAX_BITMAPS} bitmaps")
+        if granularity > 1 << MAX_GRANULARITY_BITS:
+            raise BlockError(errno.EINVAL, "qcow2: a bitmap's granularity is at most 2 GiB")
+
+    async def _store_bitmaps(self) -> None:
+        """The node's persistent bitmaps into the image, their in-use flags cleared (lock
+        held; before the image turns read-only or closes)."""
+        await self.bitmap_store.store(self.node.bitmaps, self._write_back)
 
     async def _open_backing(self, backing: dict[str, Any] | str | None) -> None:
         if backing is None:
@@ -169,6 +198,7 @@ class Qcow2Driver(ImageChanges):
             return
         async with self.lock:
             if values["read-only"]:
+                await self._store_bitmaps()
                 await self._write_back()
                 return
             old = self.header
@@ -186,12 +216,14 @@ class Qcow2Driver(ImageChanges):
                     "medium to use it writable",
                 )
             await self._load(True, values)
+            await self._load_bitmaps(True)
 
     async def close(self) -> None:
         self.below.clear()
         self._locations_changed()
         if not self.node.read_only:
             async with self.lock:
+                await self._store_bitmaps()
                 await self._write_back()
 
     async def length(self) -> int:

@@ -22,6 +22,7 @@ from .mapping import (
     set_l2_entry,
     zeroed_entry,
 )
+from .metadata import MAINTAINED_AUTOCLEAR
 
 
 class WritableImage(MappedImage):
@@ -30,14 +31,16 @@ class WritableImage(MappedImage):
     # -- writing ----------------------------------------------------------------------------
 
     async def _changing(self) -> None:
-        """Before the image's first change (lock held): autoclear bits cleared, since blkfs
-        maintains none of what they vouch for (Metadata.clear_autoclear)."""
-        if self.header.autoclear_features:
+        """Before the image's first change (lock held): the autoclear bits blkfs does not
+        maintain cleared (Metadata.clear_autoclear)."""
+        if self.header.autoclear_features & ~MAINTAINED_AUTOCLEAR:
             await self.metadata.clear_autoclear()
 
     async def write(self, offset: int, data: memoryview) -> None:
         runs = (
-            None if self.header.autoclear_features else self._cached_in_place(offset, data.nbytes)
+            None
+            if self.header.autoclear_features & ~MAINTAINED_AUTOCLEAR
+            else self._cached_in_place(offset, data.nbytes)
         )
         if runs is None:
             async with self.lock:
