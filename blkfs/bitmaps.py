@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from blkfs.backend import BlockLayer
 from blkfs.block import Node
-from blkfs.block.dirty import DEFAULT_GRANULARITY, DirtyBitmap
+from blkfs.block.dirty import DEFAULT_GRANULARITY, DirtyBitmap, check_usable
 from blkfs.errors import BlockError
 
 
@@ -24,18 +24,7 @@ def find(layer: BlockLayer, node: str, name: str) -> tuple[Node, DirtyBitmap]:
 
 def usable(node: Node, bitmap: DirtyBitmap, changing: bool = True) -> DirtyBitmap:
     """``bitmap``, if it may be used (and, with ``changing``, changed)."""
-    if bitmap.inconsistent:
-        raise BlockError(
-            errno.EINVAL,
-            f"bitmap '{bitmap.name}' of node '{node.name}' is inconsistent (its image was not "
-            "closed cleanly) and cannot be used; remove it",
-        )
-    if changing and bitmap.busy:
-        raise BlockError(errno.EBUSY, f"bitmap '{bitmap.name}' is in use by a job or export")
-    if changing and bitmap.persistent and node.read_only:
-        raise BlockError(
-            errno.EROFS, f"bitmap '{bitmap.name}' is persistent and node '{node.name}' read-only"
-        )
+    check_usable(bitmap, node.name, node.read_only, changing)
     return bitmap
 
 

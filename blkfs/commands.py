@@ -40,7 +40,7 @@ from blkfs import bitmaps
 from blkfs.backend import BlockBackend, BlockLayer, Medium, OptionError, parse_bool, parse_size
 from blkfs.error_policy import Policy
 from blkfs.errors import BlockError
-from blkfs.jobs.backup import BackupJob
+from blkfs.jobs.backup import BackupJob, BitmapMode
 from blkfs.jobs.commit import commit as commit_job
 from blkfs.jobs.mirror import MirrorJob, start_copy
 from blkfs.jobs.snapshot import rollback as rollback_medium
@@ -395,7 +395,7 @@ async def query_status(layer: BlockLayer) -> dict[str, Any]:
 # -- snapshots and block jobs ---------------------------------------------------------------
 
 MirrorSync = Literal["full", "top", "none"]
-BackupSync = Literal["full", "top"]
+BackupSync = Literal["full", "top", "incremental", "bitmap"]
 MirrorMode = Literal["background", "write-blocking"]
 ImageFormat = Literal["qcow2", "raw"]
 
@@ -515,12 +515,16 @@ async def backup(
     existing: bool = False,
     speed: Rate = 0,
     job_id: str | None = None,
+    bitmap: str | None = None,
+    bitmap_mode: BitmapMode | None = None,
 ) -> None:
     """A job copying the medium as it is now to a new image at TARGET, while it is used.
 
     Writes meanwhile first save the old data to the target: it ends as a copy of the moment
     the job started. TARGET node=NODE-NAME: a node added with node-add, unused (QEMU's
-    blockdev-backup)."""
+    blockdev-backup). sync=incremental bitmap=B: only what dirty bitmap B marks, and B
+    starts afresh if the job succeeds; sync=bitmap with bitmap-mode=on-success|always|never
+    says what B keeps (QEMU's)."""
     await start_copy(
         BackupJob,
         layer.jobs,
@@ -532,6 +536,7 @@ async def backup(
         "background",
         existing,
         speed,
+        {"bitmap": bitmap, "bitmap_mode": bitmap_mode},
     )
 
 
@@ -612,8 +617,10 @@ class Exporter(Protocol):
         host: str | None,
         port: str | None,
         mode: str | None,
+        bitmap: str | None = None,
     ) -> None:
-        """Serve ``backend`` at the address given, or on the default server."""
+        """Serve ``backend`` at the address given, or on the default server; with its
+        dirty bitmap ``bitmap`` as the metadata context ``qemu:dirty-bitmap:NAME``."""
 
     async def remove(self, name: str, force: bool) -> None:
         """Stop serving the export ``name``, or every export of the backend ``name``."""
@@ -647,19 +654,29 @@ async def export(
     mode: str | None = None,
     writable: bool = False,
     export_name: str | None = None,
+    bitmap: str | None = None,
 ) -> None:
     """Serve the backend over NBD, to QEMU, nbd-client, nbdcopy or another blkfs.
 
     On the mount's NBD server (blkfs mount --nbd), or on a unix socket (socket=PATH, mode
     0600 unless mode= says otherwise) or TCP address (host= port=) of its own. Read-only
-    unless writable=on; clients ask for it by export-name (default: NAME)."""
+    unless writable=on; clients ask for it by export-name (default: NAME). bitmap=B: the
+    medium's dirty bitmap B is served as the metadata context qemu:dirty-bitmap:B (as
+    qemu-nbd -B), busy while exported."""
     backend = layer.find(name)
     if socket is not None and (host is not None or port is not None):
         raise BlockError(errno.EINVAL, "export: give socket=PATH or host= port=, not both")
     if writable and backend.read_only:
         raise BlockError(errno.EROFS, f"{name}: read-only medium; export it without writable=on")
     await _exporter(layer).add(
-        backend, export_name or name, writable, socket=socket, host=host, port=port, mode=mode
+        backend,
+        export_name or name,
+        writable,
+        socket=socket,
+        host=host,
+        port=port,
+        mode=mode,
+        bitmap=bitmap,
     )
 
 

@@ -17,8 +17,12 @@ from __future__ import annotations
 import errno
 import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from blkfs.errors import BlockError
+
+if TYPE_CHECKING:
+    from blkfs.block.node import Node
 
 MIN_GRANULARITY = 512
 MAX_GRANULARITY = 1 << 31
@@ -194,6 +198,39 @@ class DirtyBitmap:
             "persistent": self.persistent,
             **({"inconsistent": True} if self.inconsistent else {}),
         }
+
+
+def check_usable(bitmap: DirtyBitmap, node: str, read_only: bool, changing: bool) -> None:
+    """Raise unless ``bitmap`` of ``node`` may be used (and, with ``changing``, changed):
+    QEMU's rules (an inconsistent bitmap only removed, a busy one not changed, a persistent
+    one of a read-only node not changed)."""
+    if bitmap.inconsistent:
+        raise BlockError(
+            errno.EINVAL,
+            f"bitmap '{bitmap.name}' of node '{node}' is inconsistent (its image was not "
+            "closed cleanly) and cannot be used; remove it",
+        )
+    if changing and bitmap.busy:
+        raise BlockError(errno.EBUSY, f"bitmap '{bitmap.name}' is in use by a job or export")
+    if changing and bitmap.persistent and read_only:
+        raise BlockError(
+            errno.EROFS, f"bitmap '{bitmap.name}' is persistent and node '{node}' read-only"
+        )
+
+
+def find_below(node: Node, name: str) -> tuple[Node, DirtyBitmap]:
+    """The bitmap ``name`` on ``node`` or, as QEMU looks for an export's bitmap, down its
+    filters and backing chain; and the node that has it."""
+    at: Node | None = node
+    while at is not None:
+        found = at.bitmaps.by_name.get(name)
+        if found is not None:
+            return at, found
+        edge = at.driver.filtered if at.driver.is_filter else at.children.get("backing")
+        at = edge.node if edge is not None else None
+    raise BlockError(
+        errno.ENOENT, f"no dirty bitmap named '{name}' on node '{node.name}' or below it"
+    )
 
 
 class DirtyBitmaps:

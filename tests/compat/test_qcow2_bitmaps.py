@@ -18,7 +18,7 @@ import pytest
 from tests.compat.peers import MiB, create, qemu, qemu_io
 from tests.conftest import needs_fuse, needs_qemu
 from tests.fuse.test_bitmaps import bitmaps_of
-from tests.helpers import Mount, wait_until
+from tests.helpers import Mount, blkfs, wait_until
 from tests.nbdpeers import needs_nbd_tools, qemu_nbd
 
 pytestmark = [needs_qemu, needs_nbd_tools, needs_fuse, pytest.mark.fuse]
@@ -168,3 +168,19 @@ def test_a_read_only_open_leaves_the_bitmaps_as_they_are(
     assert mount.ctl_errno("bitmap-add", "img name=p persistent=on") == errno.EROFS
     mount.stop()
     assert image.read_bytes() == before
+
+
+def test_blkfs_image_bitmap_verbs_agree_with_qemu_img(images: Path) -> None:
+    image = create(images, "a.qcow2", size=16 * MiB)
+    blkfs("image", "bitmap", "--add", "-g", "4K", str(image), "x")
+    blkfs("image", "bitmap", "--add", str(image), "y")
+    qemu_io(image, "qcow2", "write 1M 4k")
+    blkfs("image", "bitmap", "--disable", "--merge", "y", str(image), "x")
+    found = stored(image)
+    assert (found["x"]["flags"], found["x"]["granularity"]) == ([], 4096)
+    assert found["y"]["flags"] == ["auto"]
+    failed = blkfs("image", "bitmap", "--remove", str(image), "nosuch", check=False)
+    assert failed.returncode == 1 and "no dirty bitmap named 'nosuch'" in failed.stderr
+    blkfs("image", "bitmap", "--remove", str(image), "y")
+    assert sorted(stored(image)) == ["x"]
+    check_clean(image)

@@ -66,8 +66,16 @@ def test_every_write_marks_the_chunks_it_touches(disk: Mount, tmp_path: Path) ->
     )
     disk.ctl("export", f"d writable=on socket={tmp_path / 'e.sock'}")
     subprocess.run(
-        ["qemu-io", "-f", "raw", "-c", "write -z 16M 4K", "-c", "write 20M 64K"]
-        + [f"nbd+unix:///d?socket={tmp_path / 'e.sock'}"],
+        [
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -z 16M 4K",
+            "-c",
+            "write 20M 64K",
+            f"nbd+unix:///d?socket={tmp_path / 'e.sock'}",
+        ],
         check=True,
         capture_output=True,
     )

@@ -22,6 +22,7 @@ from blkfs.frontends.unix_socket import clear_stale_socket
 from blkfs.nbd import (
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_PORT,
+    DIRTY_BITMAP,
     Address,
     Catalog,
     ExportInfo,
@@ -122,6 +123,8 @@ class Export:
     stats: ExportStats = field(default_factory=ExportStats)
     retired: bool = False
     """No longer offered (export-del, or its backend deleted); its clients may remain."""
+    bitmap: str | None = None
+    """The dirty bitmap served as ``qemu:dirty-bitmap:NAME``; busy while exported."""
 
     def info(self) -> ExportInfo:
         """What a client is told now; Refused if the backend has no medium to serve."""
@@ -143,6 +146,7 @@ class Export:
             preferred_block=preferred,
             max_payload=max(preferred, min(limits.max_transfer, DEFAULT_MAX_PAYLOAD)),
             description=f"blkfs backend {backend.name}",
+            meta_contexts=(DIRTY_BITMAP + self.bitmap,) if self.bitmap else (),
         )
 
     def status(self) -> dict[str, Any]:
@@ -150,6 +154,7 @@ class Export:
             "name": self.name,
             "backend": self.backend.name,
             "writable": self.writable,
+            **({"bitmap": self.bitmap} if self.bitmap else {}),
             "address": str(self.listener.address),
             "retired": self.retired,
             "clients": [s.status() for s in self.sessions],

@@ -413,14 +413,18 @@ async def blockdev_del(monitor: Monitor, args: dict[str, Any]) -> Any:
     writable="bool?",
     name="str?",
     mountpoint="str?",
+    bitmaps="array?",
 )
 async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
     kind, export_id = args["type"], args["id"]
     if kind not in ("fuse", "nbd"):
         raise generic(f"Invalid parameter 'type': blkfs exports fuse or nbd (got '{kind}')")
-    other = "name" if kind == "fuse" else "mountpoint"
-    if other in args:
-        raise generic(f"Parameter '{other}' is unexpected")
+    for other in ("name", "bitmaps") if kind == "fuse" else ("mountpoint",):
+        if other in args:
+            raise generic(f"Parameter '{other}' is unexpected")
+    bitmaps = args.get("bitmaps", [])
+    if len(bitmaps) > 1 or not all(isinstance(b, str) for b in bitmaps):
+        raise generic("blkfs exports at most one bitmap, by name")
     if kind == "fuse" and "mountpoint" in args:
         expected = f"{monitor.mountpoint or 'MOUNT'}/{export_id}"
         if args["mountpoint"].rstrip("/") != expected:
@@ -438,6 +442,7 @@ async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
                     "name": export_id,
                     "export-name": args.get("name", args["node-name"]),
                     "writable": args.get("writable", False),
+                    "bitmap": bitmaps[0] if bitmaps else None,
                 },
             )
         except BlockError:
@@ -726,7 +731,9 @@ async def block_stream(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-async def _copy(monitor: Monitor, args: dict[str, Any], verb: str) -> Any:
+async def _copy(
+    monitor: Monitor, args: dict[str, Any], verb: str, extra: Mapping[str, Any] | None = None
+) -> Any:
     name = await device(monitor, args, "device")
     mode = args.get("mode", "absolute-paths")
     if mode not in ("existing", "absolute-paths"):
@@ -742,6 +749,7 @@ async def _copy(monitor: Monitor, args: dict[str, Any], verb: str) -> Any:
             "existing": mode == "existing",
             "speed": args.get("speed"),
             "job-id": args.get("job-id"),
+            **(extra or {}),
         },
     )
     return {}
@@ -770,9 +778,12 @@ async def drive_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
     sync="str",
     mode="str?",
     speed="int?",
+    bitmap="str?",
+    bitmap_mode="str?",
 )
 async def drive_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
-    return await _copy(monitor, args, "backup")
+    bitmap = {"bitmap": args.get("bitmap"), "bitmap-mode": args.get("bitmap-mode")}
+    return await _copy(monitor, args, "backup", bitmap)
 
 
 def _node_target(node: str) -> str:
@@ -806,7 +817,16 @@ async def blockdev_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp("blockdev-backup", job_id="str?", device_="str", target="str", sync="str", speed="int?")
+@qmp(
+    "blockdev-backup",
+    job_id="str?",
+    device_="str",
+    target="str",
+    sync="str",
+    speed="int?",
+    bitmap="str?",
+    bitmap_mode="str?",
+)
 async def blockdev_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device")
     await run(
@@ -818,6 +838,8 @@ async def blockdev_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
             "sync": args["sync"],
             "speed": args.get("speed"),
             "job-id": args.get("job-id"),
+            "bitmap": args.get("bitmap"),
+            "bitmap-mode": args.get("bitmap-mode"),
         },
     )
     return {}
