@@ -171,22 +171,27 @@ class BitmapStore:
         await self.metadata.file.write(host, bytes(data) + bytes(-len(data) % cluster))
         return host
 
-    async def _store_one(self, bitmap: DirtyBitmap) -> StoredBitmap:
+    async def _store_one(self, bitmap: DirtyBitmap, in_use: bool) -> StoredBitmap:
         cluster = self.metadata.header.cluster_size
         table = array("Q")
         for start in range(0, len(bitmap.bits), cluster):
             part = bitmap.bits[start : start + cluster]
             table.append(await self._write_new(part) if any(part) else 0)
         host = await self._write_new(encode_table(table)) if table else 0
-        return directory.new_entry(
+        entry = directory.new_entry(
             bitmap.name, host, len(table), bitmap.granularity, bitmap.enabled
         )
+        return entry.with_flags(entry.entry.flags | FLAG_IN_USE) if in_use else entry
 
     async def store(
-        self, bitmaps: Iterable[DirtyBitmap], write_back: Callable[[], Awaitable[bool]]
+        self,
+        bitmaps: Iterable[DirtyBitmap],
+        write_back: Callable[[], Awaitable[bool]],
+        in_use: bool = False,
     ) -> None:
         """Store the persistent ones of ``bitmaps`` (lock held), in the order of the ground
-        rules; ``write_back`` is the driver's (metadata, then freed clusters released)."""
+        rules, ``in_use`` if the image stays open writable; ``write_back`` is the driver's
+        (metadata, then freed clusters released)."""
         persistent = [b for b in bitmaps if b.persistent]
         if not persistent and not self.stored:
             return
@@ -198,7 +203,7 @@ class BitmapStore:
                 entries.append(old[bitmap.name])  # as it was, in use
                 kept.add(bitmap.name)
             elif not bitmap.inconsistent:
-                entries.append(await self._store_one(bitmap))
+                entries.append(await self._store_one(bitmap, in_use))
         packed = directory.pack(entries)
         place = await self._write_new(packed) if entries else 0
         if not await write_back():

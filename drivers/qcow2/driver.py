@@ -162,6 +162,14 @@ class Qcow2Driver(ImageChanges):
         if granularity > 1 << MAX_GRANULARITY_BITS:
             raise BlockError(errno.EINVAL, "qcow2: a bitmap's granularity is at most 2 GiB")
 
+    async def remove_stored_bitmap(self, name: str) -> None:
+        """The directory stored again without it, the others still in use."""
+        if not any(stored.name == name for stored in self.bitmap_store.stored):
+            return  # added since the open: not in the image yet
+        async with self.lock:
+            others = [bitmap for bitmap in self.node.bitmaps if bitmap.name != name]
+            await self.bitmap_store.store(others, self._write_back, in_use=True)
+
     async def _store_bitmaps(self) -> None:
         """The node's persistent bitmaps into the image, their in-use flags cleared (lock
         held; before the image turns read-only or closes)."""
