@@ -485,6 +485,7 @@ def describe_tree(node: Node) -> NodeTree:
         "options": node.given_options(),
         "info": node.driver.info(),
         "stats": node.stats.as_dict(),
+        "dirty-bitmaps": node.bitmaps.info(),
         "in-flight": node.in_flight,
         "oldest-ms": node.oldest_host_call_ms(),
         "children": {role: describe_tree(edge.node) for role, edge in node.children.items()},

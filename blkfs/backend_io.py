@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from blkfs.block.dirty import check_usable, find_below
 from blkfs.block.driver import Extent
 from blkfs.block.node import Child, Node
 from blkfs.block.request import Requests
@@ -265,6 +266,26 @@ class BackendIO:
         node = self._medium()
         self._check_range(node, offset, length, write=False)
         return await node.block_status(offset, length)
+
+    async def dirty_extent(self, bitmap: str, offset: int, length: int) -> tuple[int, bool]:
+        """How many bytes from ``offset`` (at most ``length``) share the dirty state of
+        ``offset`` in the medium's bitmap ``bitmap``, and that state (an NBD export's
+        ``qemu:dirty-bitmap`` context)."""
+        node = self._medium()
+        self._check_range(node, offset, length, write=False)
+        return find_below(node, bitmap)[1].extent(offset, length)
+
+    def hold_bitmap(self, name: str) -> Callable[[], None]:
+        """Mark the medium's bitmap ``name`` busy (an export serves it: it must not change
+        under its clients); returns what releases it."""
+        node, bitmap = find_below(self._medium(), name)
+        check_usable(bitmap, node.name, node.read_only, changing=True)
+        bitmap.busy = True
+
+        def release() -> None:
+            bitmap.busy = False
+
+        return release
 
     def limits(self) -> Limits:
         """What a server should tell its clients about requests to this medium."""

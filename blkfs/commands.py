@@ -36,11 +36,12 @@ from typing import (
     get_type_hints,
 )
 
+from blkfs import bitmaps
 from blkfs.backend import BlockBackend, Medium, OptionError, parse_bool, parse_size
 from blkfs.error_policy import Policy
 from blkfs.errors import BlockError
 from blkfs.info import DaemonStatus, ExportStatus, JobInfo
-from blkfs.jobs.backup import BackupJob
+from blkfs.jobs.backup import BackupJob, BitmapMode
 from blkfs.jobs.commit import commit as commit_job
 from blkfs.jobs.manager import JobManager
 from blkfs.jobs.mirror import MirrorJob, start_copy
@@ -71,6 +72,7 @@ class Kind(Enum):
     TEXT = "text"  # key=text (a path, a host); shown as key=KEY
     RATE = "RATE"  # key=bytes per second, with QEMU's suffixes (0: no limit)
     COUNT = "N"  # key=a whole number, at least 1
+    BYTES = "BYTES"  # key=bytes, with QEMU's suffixes
 
     @property
     def word(self) -> str:
@@ -101,6 +103,7 @@ JobId = Annotated[str, Kind.JOB]
 HostPath = Annotated[str, Kind.PATH]
 Rate = Annotated[int, Kind.RATE]
 Count = Annotated[int, Kind.COUNT]
+Bytes = Annotated[int, Kind.BYTES]
 OnChange = Literal["follow", "error"]
 
 
@@ -120,7 +123,7 @@ class Param:
     def convert(self, command: str, raw: Any) -> Any:
         """The typed value of ``raw``; EINVAL naming the argument if it is not one."""
         try:
-            if self.kind in (Kind.SIZE, Kind.RATE):
+            if self.kind in (Kind.SIZE, Kind.RATE, Kind.BYTES):
                 return parse_size(raw)
             if self.kind is Kind.FLAG:
                 return parse_bool(raw)
@@ -184,6 +187,7 @@ class Command:
                     Kind.TEXT: param.name.upper(),
                     Kind.RATE: "RATE",
                     Kind.COUNT: "N",
+                    Kind.BYTES: "BYTES",
                 }.get(param.kind, "on")
                 word = f"{param.name}={value}"
                 words.append(word if param.required else f"[{word}]")
@@ -270,8 +274,10 @@ class Exporter(Protocol):
         host: str | None,
         port: str | None,
         mode: str | None,
+        bitmap: str | None = None,
     ) -> None:
-        """Serve ``backend`` at the address given, or on the default server."""
+        """Serve ``backend`` at the address given, or on the default server; with its
+        dirty bitmap ``bitmap`` as the metadata context ``qemu:dirty-bitmap:NAME``."""
 
     async def remove(self, name: str, force: bool) -> None:
         """Stop serving the export ``name``, or every export of the backend ``name``."""
@@ -534,7 +540,7 @@ async def query_status(layer: BlockLayer, *, exporter: Exporter | None) -> Daemo
 # -- snapshots and block jobs ---------------------------------------------------------------
 
 MirrorSync = Literal["full", "top", "none"]
-BackupSync = Literal["full", "top"]
+BackupSync = Literal["full", "top", "incremental", "bitmap"]
 MirrorMode = Literal["background", "write-blocking"]
 ImageFormat = Literal["qcow2", "raw"]
 
@@ -653,12 +659,16 @@ async def backup(
     existing: bool = False,
     speed: Rate = 0,
     job_id: str | None = None,
+    bitmap: str | None = None,
+    bitmap_mode: BitmapMode | None = None,
 ) -> None:
     """A job copying the medium as it is now to a new image at TARGET, while it is used.
 
     Writes meanwhile first save the old data to the target: it ends as a copy of the moment
     the job started. TARGET node=NODE-NAME: a node added with node-add, unused (QEMU's
-    blockdev-backup)."""
+    blockdev-backup). sync=incremental bitmap=B: only what dirty bitmap B marks, and B
+    starts afresh if the job succeeds; sync=bitmap with bitmap-mode=on-success|always|never
+    says what B keeps (QEMU's)."""
     await start_copy(
         BackupJob,
         jobs,
@@ -670,6 +680,7 @@ async def backup(
         "background",
         existing,
         speed,
+        {"bitmap": bitmap, "bitmap_mode": bitmap_mode},
     )
 
 
@@ -737,6 +748,7 @@ async def export(
     mode: str | None = None,
     writable: bool = False,
     export_name: str | None = None,
+    bitmap: str | None = None,
     *,
     exporter: Exporter | None,
 ) -> None:
@@ -744,14 +756,23 @@ async def export(
 
     On the mount's NBD server (blkfs mount --nbd), or on a unix socket (socket=PATH, mode
     0600 unless mode= says otherwise) or TCP address (host= port=) of its own. Read-only
-    unless writable=on; clients ask for it by export-name (default: NAME)."""
+    unless writable=on; clients ask for it by export-name (default: NAME). bitmap=B: the
+    medium's dirty bitmap B is served as the metadata context qemu:dirty-bitmap:B (as
+    qemu-nbd -B), busy while exported."""
     backend = layer.find(name)
     if socket is not None and (host is not None or port is not None):
         raise BlockError(errno.EINVAL, "export: give socket=PATH or host= port=, not both")
     if writable and backend.read_only:
         raise BlockError(errno.EROFS, f"{name}: read-only medium; export it without writable=on")
     await _serving(exporter).add(
-        backend, export_name or name, writable, socket=socket, host=host, port=port, mode=mode
+        backend,
+        export_name or name,
+        writable,
+        socket=socket,
+        host=host,
+        port=port,
+        mode=mode,
+        bitmap=bitmap,
     )
 
 
@@ -784,3 +805,53 @@ async def node_add(layer: BlockLayer, node: NodeName, options: NodeOptions) -> N
 async def node_del(layer: BlockLayer, node: NodeName) -> None:
     """Close a node that node-add made (QEMU's blockdev-del); refused while in use."""
     await layer.delete_node(node)
+
+
+# -- dirty bitmaps --------------------------------------------------------------------------
+
+
+@command
+async def bitmap_add(
+    layer: BlockLayer,
+    node: NodeName,
+    name: str,
+    granularity: Bytes | None = None,
+    persistent: bool = False,
+    disabled: bool = False,
+) -> None:
+    """A dirty bitmap on the node (QEMU's block-dirty-bitmap-add): from now on it marks
+    what every write, write-zeroes and discard there changes, in chunks of granularity
+    (default 64K). persistent=on: stored in the image (qcow2) and loaded with it again;
+    disabled=on: it records nothing until bitmap-enable."""
+    await bitmaps.add(layer, node, name, granularity, persistent, disabled)
+
+
+@command
+async def bitmap_remove(layer: BlockLayer, node: NodeName, name: str) -> None:
+    """Drop a dirty bitmap (from its image too, if persistent)."""
+    await bitmaps.remove(layer, node, name)
+
+
+@command
+async def bitmap_clear(layer: BlockLayer, node: NodeName, name: str) -> None:
+    """Mark the whole bitmap clean."""
+    bitmaps.clear(layer, node, name)
+
+
+@command
+async def bitmap_enable(layer: BlockLayer, node: NodeName, name: str) -> None:
+    """The bitmap records writes again."""
+    bitmaps.enable(layer, node, name, True)
+
+
+@command
+async def bitmap_disable(layer: BlockLayer, node: NodeName, name: str) -> None:
+    """The bitmap stops recording (what it holds stays)."""
+    bitmaps.enable(layer, node, name, False)
+
+
+@command
+async def bitmap_merge(layer: BlockLayer, node: NodeName, target: str, bitmaps_: str) -> None:
+    """Mark in bitmap TARGET what the bitmaps named (comma-separated, of the same node)
+    have marked."""
+    bitmaps.merge(layer, node, target, [b for b in bitmaps_.split(",") if b])

@@ -10,7 +10,7 @@ JSON out); this module imports nothing of blkfs, so frontends may import it.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 Counters = dict[str, int]
 """Request statistics, flat: ``read_ops``, ``read_bytes``, ``read_ns``, ..., ``errors``."""
@@ -38,13 +38,15 @@ NodeTree = TypedDict(
         "options": dict[str, Any],
         "info": dict[str, Any],
         "stats": Counters,
+        "dirty-bitmaps": list[dict[str, object]],
         "in-flight": int,
         "oldest-ms": int | None,
         "children": dict[str, "NodeTree"],
     },
 )
 """A node and its subtree: the options it was given, its driver's own report (``info``:
-each driver's keys, such as a throttle's ``limits``), its children by role."""
+each driver's keys, such as a throttle's ``limits``), its dirty bitmaps (as QEMU's
+BlockDirtyInfo), its children by role."""
 
 BackendStatus = TypedDict(
     "BackendStatus",
@@ -96,6 +98,8 @@ class ExportStatus(TypedDict):
     name: str
     backend: str
     writable: bool
+    bitmap: NotRequired[str]
+    """The dirty bitmap served as ``qemu:dirty-bitmap:NAME``, if one is."""
     address: str
     retired: bool
     clients: list[ClientStatus]

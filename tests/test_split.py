@@ -23,6 +23,7 @@ BACKEND_API = [
         "backend.py",
         "backend_io.py",
         "layer.py",
+        "bitmaps.py",
         "image.py",
         "info.py",
         "error_policy.py",

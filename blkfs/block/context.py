@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from blkfs.block.dirty import DirtyBitmaps
     from blkfs.block.node import Child
     from blkfs.block.perm import Role
 
@@ -24,6 +25,8 @@ class NodeContext(Protocol):
     probed: bool
     """The format was chosen by probing the image's first bytes."""
     children: dict[str, Child]
+    bitmaps: DirtyBitmaps
+    """The node's dirty bitmaps: a format that stores them loads and stores them here."""
 
     @property
     def read_only(self) -> bool: ...

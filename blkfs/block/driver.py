@@ -255,6 +255,15 @@ class BlockDriver:
         Generic: not supported."""
         raise BlockError(errno.ENOTSUP, f"{self.name} images name no backing file")
 
+    def check_new_bitmap(self, name: str, granularity: int) -> None:
+        """Raise unless the image can store a new persistent dirty bitmap (QEMU's
+        bdrv_can_store_new_dirty_bitmap); it is stored at close, with the others."""
+        raise BlockError(errno.ENOTSUP, f"{self.name} images cannot store dirty bitmaps")
+
+    async def remove_stored_bitmap(self, name: str) -> None:
+        """Drop a persistent bitmap from the image now (a stored one is gone at once, as
+        QEMU's block-dirty-bitmap-remove)."""
+
     def children_changed(self) -> None:
         """A child was replaced (a job's switch): forget what was learnt from the old one."""
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
+from blkfs.block.dirty import DirtyBitmaps
 from blkfs.block.driver import BlockDriver, Extent
 from blkfs.block.options import COMMON_OPTIONS
 from blkfs.block.perm import ALL, NO_PERM, Perm, Role, Use
@@ -139,6 +140,8 @@ class Node:
         """Requests in flight (for drain); a read that skips this node's request path
         (:meth:`BlockDriver.locate`) is admitted here instead."""
         self._write_ranges = RangeLocks()
+        self.bitmaps = DirtyBitmaps(name)
+        """Its dirty bitmaps: every write, write-zeroes and discard here marks them."""
 
     def __repr__(self) -> str:
         return f"<Node {self.name} {self.driver.name}>"
@@ -268,6 +271,7 @@ class Node:
 
     async def refresh_size(self) -> None:
         self.size = await self.driver.length()
+        self.bitmaps.resize(self.size)
 
     def drained(self) -> AbstractAsyncContextManager[None]:
         """Hold new requests to this node and wait for those in flight (for reopen)."""
@@ -317,6 +321,7 @@ class Node:
         if detect != "off" and length and is_zero(view):
             await self.write_zeroes(offset, length, unmap=detect == "unmap")
             return
+        self.bitmaps.mark(offset, length)
         await self._requests.run(self.stats.write, length, self._write, offset, view)
 
     async def _write(self, offset: int, view: memoryview) -> None:
@@ -350,10 +355,12 @@ class Node:
         self._check_write(offset, length)
         if self.values["discard"] == "ignore":
             return
+        self.bitmaps.mark(offset, length)
         await self._requests.run(self.stats.discard, length, self.driver.discard, offset, length)
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check_write(offset, length)
+        self.bitmaps.mark(offset, length)
         await self._requests.run(
             self.stats.zero,
             length,

@@ -68,6 +68,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     check.add_argument("file")
     check.set_defaults(func=cmd_check)
     image_jobs.add_parsers(verbs)
+    image_jobs.add_bitmap_parser(verbs)
 
 
 def parse_create_options(items: list[str]) -> dict[str, str]:

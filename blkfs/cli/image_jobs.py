@@ -1,6 +1,7 @@
 """``blkfs image commit``, ``rebase`` and ``convert``: qemu-img's verbs that copy data, run
 as the daemon's block jobs on a backend in this process (as qemu-img runs QEMU's commit
-job), through the same commands a mount takes."""
+job), through the same commands a mount takes; and ``bitmap``, qemu-img's offline bitmap
+verbs, through the mount's bitmap commands."""
 
 from __future__ import annotations
 
@@ -68,6 +69,54 @@ def add_parsers(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     convert.add_argument("source")
     convert.add_argument("target", help="a new file (never overwritten)")
     convert.set_defaults(func=cmd_convert)
+
+
+def add_bitmap_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bitmap = verbs.add_parser(
+        "bitmap",
+        help="add, remove, clear, enable, disable or merge a persistent dirty bitmap",
+        description="As qemu-img bitmap: the operations run in the order given.",
+    )
+    for verb in BITMAP_VERBS:
+        bitmap.add_argument(
+            f"--{verb}", dest="ops", action="append_const", const=(verb, None), help=verb
+        )
+    bitmap.add_argument(
+        "--merge",
+        dest="ops",
+        action="append",
+        type=lambda source: ("merge", source),
+        metavar="SOURCE",
+        help="mark what bitmap SOURCE of the same image marks",
+    )
+    bitmap.add_argument("-g", dest="granularity", help="granularity of --add (default 64K)")
+    bitmap.add_argument("file")
+    bitmap.add_argument("bitmap")
+    bitmap.set_defaults(func=cmd_bitmap)
+
+
+BITMAP_VERBS = ("add", "remove", "clear", "enable", "disable")
+
+
+def cmd_bitmap(args: argparse.Namespace) -> int:
+    if not args.ops:
+        raise BlockError(errno.EINVAL, "image bitmap: give an operation (--add, ...)")
+
+    async def bitmap(commands: Commands) -> None:
+        medium = {**file_medium(args.file), "node-name": NAME}
+        await commands.run("create", {"name": NAME, "medium": medium})
+        for verb, source in args.ops:
+            where = {"node": NAME}
+            if verb == "merge":
+                await commands.run(
+                    "bitmap-merge", {**where, "target": args.bitmap, "bitmaps": source}
+                )
+                continue
+            extra = {"persistent": True, "granularity": args.granularity} if verb == "add" else {}
+            await commands.run(f"bitmap-{verb}", {**where, "name": args.bitmap, **extra})
+
+    run_commands(bitmap)
+    return 0
 
 
 def cmd_commit(args: argparse.Namespace) -> int:

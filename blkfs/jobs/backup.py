@@ -3,18 +3,35 @@
 The job puts a ``copy-before-write`` filter in front of the source: a write to a range the
 job has not copied yet first copies the range's old data to the target, then goes on. In the
 background the job copies every range still to do (``sync=full``: all of it; ``top``: what
-the top image holds). So the target ends up with the data as it was when the job started,
-whatever the guest wrote meanwhile; then the filter goes. Cancelled or failed, the filter
-goes and the source is as it was; the target is incomplete.
+the top image holds; ``incremental`` and ``bitmap``: what a dirty bitmap marks). So the
+target ends up with the data as it was when the job started, whatever the guest wrote
+meanwhile; then the filter goes. Cancelled or failed, the filter goes and the source is as
+it was; the target is incomplete.
+
+With a bitmap (QEMU's rules): at the start its marks are taken over by the job and the
+bitmap starts afresh (recording what is written from then on, busy until the job ends).
+``bitmap-mode`` says what it holds at the end: ``on-success`` (the only mode of
+``sync=incremental``) gives the taken marks back unless the job succeeded, ``always``
+gives back only what the job did not copy, ``never`` gives them all back.
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
 
+from blkfs.block.dirty import DirtyBitmap, check_usable, find_below
+from blkfs.errors import BlockError
 from blkfs.jobs.copy import CHUNK, copy_range
 from blkfs.jobs.filter import JobFilter
 from blkfs.jobs.mirror import MirrorJob
+
+if TYPE_CHECKING:
+    from blkfs.backend import BlockBackend
+    from blkfs.jobs.manager import JobManager
+
+BitmapMode = Literal["on-success", "always", "never"]
 
 
 class BackupJob(MirrorJob):
@@ -22,9 +39,64 @@ class BackupJob(MirrorJob):
     needs_completion = False
     filter_driver = "copy-before-write"
 
+    def __init__(
+        self,
+        manager: JobManager,
+        job_id: str,
+        backend: BlockBackend,
+        target: dict[str, Any] | str,
+        *args: Any,
+        bitmap: str | None = None,
+        bitmap_mode: BitmapMode | None = None,
+    ) -> None:
+        super().__init__(manager, job_id, backend, target, *args)
+        if self.sync in ("incremental", "bitmap") and bitmap is None:
+            raise BlockError(errno.EINVAL, f"backup: sync={self.sync} needs bitmap=NAME")
+        if bitmap is None and bitmap_mode is not None:
+            raise BlockError(errno.EINVAL, "backup: bitmap-mode needs bitmap=NAME")
+        if self.sync == "incremental" and bitmap_mode not in (None, "on-success"):
+            raise BlockError(errno.EINVAL, "backup: sync=incremental takes bitmap-mode=on-success")
+        if self.sync == "bitmap" and bitmap_mode is None:
+            raise BlockError(errno.EINVAL, "backup: sync=bitmap needs a bitmap-mode")
+        self.bitmap_mode: BitmapMode = bitmap_mode or "on-success"
+        self.bitmap: DirtyBitmap | None = None
+        self.taken: DirtyBitmap | None = None
+        """The bitmap's marks as the job took them."""
+        if bitmap is not None:
+            node, self.bitmap = find_below(backend.root_node(), bitmap)
+            check_usable(self.bitmap, node.name, node.read_only, changing=True)
+
     async def work(self) -> None:
         await self.plan()
         await self.copy_dirty()
+
+    async def plan(self) -> None:
+        """The bitmap's marks taken over (in one step: no write between), then what to
+        copy by ``sync``."""
+        bitmap = self.bitmap
+        if bitmap is not None:
+            self.taken = DirtyBitmap(bitmap.name, bitmap.size, bitmap.granularity, bits=bitmap.bits)
+            bitmap.clear()
+            bitmap.busy = True
+        if self.sync in ("incremental", "bitmap"):
+            assert self.taken is not None
+            for start, length in self.taken.dirty_extents(0, self.taken.size):
+                self.total += self.dirty.add(start, start + length)
+        else:
+            await super().plan()
+
+    def _settle_bitmap(self, succeeded: bool) -> None:
+        """Give the bitmap back what ``bitmap-mode`` says it keeps; it is free again."""
+        bitmap, taken = self.bitmap, self.taken
+        if bitmap is None or taken is None:
+            return
+        self.taken = None
+        bitmap.busy = False
+        if self.bitmap_mode == "never" or (self.bitmap_mode == "on-success" and not succeeded):
+            bitmap.merge(taken)
+        elif self.bitmap_mode == "always" and not succeeded:
+            for start, end in self.dirty:  # what the job did not copy
+                bitmap.mark(start, end - start)
 
     async def intercept(
         self, offset: int, length: int, call: Callable[[], Awaitable[None]]
@@ -49,6 +121,11 @@ class BackupJob(MirrorJob):
         self.filtered = False
         self.layer.registry("jobs").pop(self.id, None)
         await self.close_target()
+        self._settle_bitmap(succeeded=True)
+
+    async def abort(self) -> None:
+        await super().abort()
+        self._settle_bitmap(succeeded=False)
 
 
 class CopyBeforeWriteDriver(JobFilter):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from blkfs.block import Child, Node, Perm, RangeLocks
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from blkfs.jobs.manager import JobManager
     from blkfs.layer import BlockLayer
 
-Sync = Literal["full", "top", "none"]
+Sync = Literal["full", "top", "none", "incremental", "bitmap"]
+"""What a job copies first: the last two, a bitmap's dirty ranges, are for backups."""
 Mode = Literal["background", "write-blocking"]
 GRANULARITY = 64 * 1024
 """Writes dirty whole units of this size."""
@@ -298,16 +299,17 @@ async def start_copy(
     mode: Mode,
     existing: bool,
     speed: int,
+    extra: Mapping[str, Any] | None = None,
 ) -> MirrorJob:
     """Start a mirror or a backup to the image ``target``, made for it unless ``existing``
-    or an existing node (``node=NAME``); if the job cannot start, an image made for it is
-    removed again."""
+    or an existing node (``node=NAME``), with ``extra`` arguments of the job's own; if the
+    job cannot start, an image made for it is removed again."""
     job_id = manager.new_id(job_id, backend.name)
     options, created = await target_options(backend, target, fmt, sync, existing)
     if isinstance(options, str):
         check_node_target(cls, backend, manager.layer.find_node(options), sync)
     try:
-        job = cls(manager, job_id, backend, options, sync, mode, speed)
+        job = cls(manager, job_id, backend, options, sync, mode, speed, **(extra or {}))
         await manager.launch(job)
     except BaseException:
         if created:

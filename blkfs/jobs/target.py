@@ -52,7 +52,7 @@ async def target_options(
     if existing:
         return ({"driver": fmt, "file": file} if fmt else {"file": file}), False
     fmt = fmt or (layers[0].driver.name if layers[0].driver.name in ("qcow2", "raw") else "raw")
-    below = layers[1] if len(layers) > 1 and sync != "full" else None
+    below = layers[1] if len(layers) > 1 and sync in ("top", "none") else None
     if below is not None and fmt != "qcow2":
         raise BlockError(
             errno.EINVAL,

@@ -359,11 +359,11 @@ class ServerHandshake(_Exchange):
             raise Refused(Rep.ERR_INVALID, str(exc)) from None
         if any(":" not in query for query in queries):
             raise Refused(Rep.ERR_INVALID, "a metadata context query needs a namespace")
-        self._export(name)  # refuses an unknown export
+        export = self._export(name)  # refuses an unknown export
         listing = opt == Opt.LIST_META_CONTEXT
         found = [
             c
-            for c in self.contexts
+            for c in self.contexts + export.meta_contexts
             if (listing and not queries) or any(_matches(q, c, listing) for q in queries)
         ]
         selected = {context: number for number, context in enumerate(found, 1)}

@@ -54,6 +54,8 @@ class ExportInfo:
     preferred_block: int = 4096
     max_payload: int = DEFAULT_MAX_PAYLOAD
     description: str = ""
+    meta_contexts: tuple[str, ...] = ()
+    """Metadata contexts it offers beyond the server's own (``qemu:dirty-bitmap:NAME``)."""
 
 
 def decode_string(data: bytes, what: str) -> str:
@@ -315,12 +317,16 @@ def offset_hole(cookie: int, offset: int, length: int, *, done: bool) -> bytes:
     return chunk(cookie, ReplyType.OFFSET_HOLE, HOLE.pack(offset, length), done=done)
 
 
-def block_status(cookie: int, context_id: int, extents: Iterable[tuple[int, int]]) -> bytes:
-    """A BLOCK_STATUS chunk of ``(length, flags)`` descriptors, the last of the reply."""
+def block_status(
+    cookie: int, context_id: int, extents: Iterable[tuple[int, int]], *, done: bool = True
+) -> bytes:
+    """A BLOCK_STATUS chunk of ``(length, flags)`` descriptors (one per context selected;
+    the last of the reply is ``done``)."""
     return chunk(
         cookie,
         ReplyType.BLOCK_STATUS,
         U32.pack(context_id) + b"".join(EXTENT.pack(length, flags) for length, flags in extents),
+        done=done,
     )
 
 

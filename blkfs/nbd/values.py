@@ -18,6 +18,9 @@ SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
 DEFAULT_PORT = 10809
 BASE_ALLOCATION = "base:allocation"
+DIRTY_BITMAP = "qemu:dirty-bitmap:"
+"""QEMU's context of a dirty bitmap: this, then the bitmap's name; flag 1 is dirty."""
+STATE_DIRTY = 1 << 0
 
 MAX_STRING = 4096
 """Longest string (export name, message) the spec allows."""

@@ -9,7 +9,9 @@ The pieces, after QEMU's block/qcow2*.c:
 * ``refcount``: the refcount allocator.
 * ``metadata``: an open image's metadata: loaded at open, the write-back order declared.
 * ``imagefile``: the image file as the metadata code sees it; header reads and writes.
-* ``driver``: the driver, whose requests use the pieces above.
+* ``mapped``, ``writes``, ``image_changes``, ``driver``: the driver in layers, each a class
+  over the one before: mapping and reads; writes, zeroing and write-back; emptying, a new
+  backing file and growth; opening, closing and the driver's declaration.
 * ``check``: ``qemu-img check`` and leak repair.
 * ``create``: new images.
 """

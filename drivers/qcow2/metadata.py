@@ -11,9 +11,10 @@ Ground rules:
   a barrier even when no refcount changed: guest data in new clusters comes first), then the
   L1 entries that name new L2 tables, then the refcount decreases of clusters those no longer
   reference; a barrier between each, and one at the end.
-* blkfs maintains no autoclear feature (bit 0 vouches for persistent dirty bitmaps): a
-  writable image clears the bits, durably, before its first change
-  (:meth:`Metadata.clear_autoclear`), as the spec requires of such a program.
+* blkfs maintains autoclear bit 0 (persistent dirty bitmaps,
+  :mod:`blkfs_drivers.qcow2.bitmap_store`) and no other autoclear feature: a writable image
+  clears the others, durably, before its first change (:meth:`Metadata.clear_autoclear`), as
+  the spec requires of such a program.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .cache import Barrier, CachedTables, L1Table, RefcountTable
 from .imagefile import ImageFile, read_header
 from .mapping import OFFSET_MASK, Geometry, corrupt
 from .ondisk import (
+    AUTOCLEAR_BITMAPS,
     AUTOCLEAR_OFFSET,
     EXT_BITMAPS,
     INCOMPAT_CORRUPT,
@@ -46,6 +48,9 @@ from .ondisk import (
     encode_table,
 )
 from .refcount import DeferredDecreases, RefcountAllocator
+
+MAINTAINED_AUTOCLEAR = AUTOCLEAR_BITMAPS
+"""The autoclear bits a writable open keeps: what they vouch for, blkfs maintains."""
 
 
 def _refcount_block(data: bytes | bytearray) -> bytearray:
@@ -123,19 +128,21 @@ class Metadata:
         return True
 
     async def clear_autoclear(self) -> None:
-        """Clear the autoclear feature bits before the image's first change (lock held):
-        on disk, behind a barrier, before anything else is written, so no crash leaves a
-        change beside bitmaps that claim to have recorded it. The stale bitmaps extension
-        then goes from the header, as QEMU drops it, and the bitmaps' clusters are freed
-        with the next write-back (QEMU leaves them leaked)."""
+        """Clear the autoclear feature bits blkfs does not maintain before the image's
+        first change (lock held): on disk, behind a barrier, before anything else is
+        written, so no crash leaves a change beside a structure that claims to have recorded
+        it. A bitmaps extension the header does not vouch for is stale: it goes from the
+        header, as QEMU drops it, and its clusters are freed with the next write-back (QEMU
+        leaves them leaked)."""
         header = self.header
-        await self.file.write(AUTOCLEAR_OFFSET, encode_entry(0))
+        maintained = header.autoclear_features & MAINTAINED_AUTOCLEAR
+        await self.file.write(AUTOCLEAR_OFFSET, encode_entry(maintained))
         await self.file.flush()
-        header.autoclear_features = 0  # only now: in-place writes wait while it is set
-        stale = [ext for ext in header.extensions if ext.type == EXT_BITMAPS]
+        header.autoclear_features = maintained  # only now: in-place writes wait till then
+        stale = [e for e in header.extensions if e.type == EXT_BITMAPS and not maintained]
         if not stale:
             return
-        clusters = await self._bitmap_clusters(stale[0]) if len(stale) == 1 else []
+        clusters = await self.bitmap_clusters(stale[0]) if len(stale) == 1 else []
         kept = header.extensions
         header.extensions = [ext for ext in kept if ext.type != EXT_BITMAPS]
         head = header.pack_cluster()
@@ -146,7 +153,7 @@ class Metadata:
         await self.file.flush()
         self.allocator.drop(clusters)
 
-    async def _bitmap_clusters(self, extension: HeaderExtension) -> list[int]:
+    async def bitmap_clusters(self, extension: HeaderExtension) -> list[int]:
         """The host clusters of the bitmaps (directory, tables, data), each once; none if
         anything about them is out of bounds or a refcount is not 1: they are then left
         leaked rather than freed while something else may use them."""

@@ -2,10 +2,10 @@
 spec says. Extended L2 entries and both compression types are read and written by the
 matrices of test_qcow2_read.py and test_qcow2_write.py; here are the rest:
 
-* autoclear bit 0 (persistent dirty bitmaps consistent): blkfs does not maintain bitmaps,
-  so it clears the bit, durably, before its first change of the image, and drops the
-  bitmaps (readers must not trust bitmaps that missed writes); a read-only open, or a
-  writable one that changes nothing, leaves them alone.
+* autoclear bit 0 (persistent dirty bitmaps consistent): blkfs maintains the bitmaps
+  (tests/compat/test_qcow2_bitmaps.py), so the bit stays; each bitmap is in use on disk
+  before blkfs's first change of the image (readers must not trust bitmaps that may miss
+  writes); a read-only open, or a writable one that changes nothing, leaves their data alone.
 * external data file (incompatible bit 2, with or without autoclear bit 1): refused.
 * dirty (incompatible bit 0, lazy refcounts) and corrupt (incompatible bit 1): open
   read-only only, as QEMU without repair.
@@ -72,7 +72,7 @@ def with_bitmap(directory: Path) -> Path:
 
 
 @needs_fuse
-def test_a_write_through_the_mount_makes_the_bitmaps_stale(
+def test_a_write_through_the_mount_keeps_the_bitmaps(
     mount_factory: Callable[..., Mount], images: Path
 ) -> None:
     image = with_bitmap(images)
@@ -100,19 +100,28 @@ def test_a_write_through_the_mount_makes_the_bitmaps_stale(
     written = (mount / "d").read_bytes()[8 * MiB : 9 * MiB]
     mount.stop()
 
-    assert bitmaps(image) == []
+    assert [(b["name"], b["flags"]) for b in bitmaps(image)] == [("b0", ["auto"])]
     _, warned = info(image)
-    assert "inconsistent" not in warned  # the bitmaps extension went with the bit
-    check_clean(image)  # the bitmaps' clusters were freed, not leaked
+    assert "inconsistent" not in warned
+    check_clean(image)  # the old bitmap clusters were freed, not leaked
     data = to_raw(image)
     assert data[:MiB] == b"\x11" * MiB and data[8 * MiB : 9 * MiB] == written
 
 
-async def test_the_bitmaps_are_stale_on_disk_before_any_other_write(images: Path) -> None:
-    """In the log of every write blkfs made: each one outside the header cluster comes
-    after a flush that made the header's cleared bit durable, so no power cut leaves data
-    the bitmaps missed beside bitmaps that claim to be consistent."""
+def directory_of(image: Path) -> int:
+    """Where the image's bitmap directory lies."""
+    with open(image, "rb") as f:
+        header = Header.unpack(f.read(65536))
+    (extension,) = (e for e in header.extensions if e.type == EXT_BITMAPS)
+    return BitmapsExtension.unpack(extension.data).bitmap_directory_offset
+
+
+async def test_the_bitmaps_are_in_use_on_disk_before_any_other_write(images: Path) -> None:
+    """In the log of every write blkfs made: the first rewrites the bitmap directory with
+    the in-use flag, and each later one comes after a flush that made it durable, so no
+    power cut leaves data the bitmaps missed beside bitmaps that claim to be consistent."""
     image = with_bitmap(images)
+    directory = directory_of(image)
     log_path = images / "writes.log"
     log_path.write_bytes(b"")
     layer = BlockLayer()
@@ -128,29 +137,30 @@ async def test_the_bitmaps_are_stale_on_disk_before_any_other_write(images: Path
     finally:
         await layer.close()
     log = parse(log_path.read_bytes())
-    cleared_at = None
+    in_use_at = None
     for index, entry in enumerate(log.entries):
         if not entry.changes_data:
             continue
-        offset, length = log.extent(entry)
-        if offset == 0 and cleared_at is None:
-            assert length > AUTOCLEAR_AT
-            (autoclear,) = struct.unpack_from(">Q", entry.data, AUTOCLEAR_AT)
-            assert not autoclear & 1, "the first write of the header must clear bit 0"
-            cleared_at = index
-        assert cleared_at is not None and (
-            index == cleared_at or log.durable_upto(index) > cleared_at
-        ), f"log entry {index} ({offset:#x}+{length:#x}) may reach the disk before the cleared bit"
-    assert cleared_at is not None
-    assert bitmaps(image) == []
+        offset, _length = log.extent(entry)
+        if in_use_at is None:
+            assert offset == directory, "the first write must mark the bitmaps in use"
+            flags = BitmapDirEntry.unpack(entry.data).flags
+            assert flags & 1, "in use"
+            in_use_at = index
+        assert index == in_use_at or log.durable_upto(index) > in_use_at, (
+            f"log entry {index} ({offset:#x}) may reach the disk before the in-use flag"
+        )
+    assert in_use_at is not None
+    assert [(b["name"], b["flags"]) for b in bitmaps(image)] == [("b0", ["auto"])]
     check_clean(image)
 
 
-async def test_bitmaps_pointing_at_live_metadata_are_dropped_but_nothing_is_freed(
+async def test_bitmaps_pointing_at_live_metadata_are_stored_anew_but_nothing_is_freed(
     images: Path,
 ) -> None:
-    """A bitmap table entry naming the L1 table (a hostile or broken image): the bitmaps
-    still go stale, but their clusters are left leaked, never freed under the L1 table."""
+    """A bitmap table entry naming the L1 table (a hostile or broken image): the bitmap is
+    stored anew at close, but the old clusters are left leaked, never freed under the L1
+    table."""
     image = with_bitmap(images)
     with open(image, "r+b") as f:
         header = Header.unpack(f.read(65536))
@@ -166,7 +176,7 @@ async def test_bitmaps_pointing_at_live_metadata_are_dropped_but_nothing_is_free
         await backend.write(4 * MiB, b"\x22" * 65536)
     finally:
         await layer.close()
-    assert bitmaps(image) == []
+    assert [b["name"] for b in bitmaps(image)] == ["b0"]
     report = json.loads(
         subprocess.run(
             ["qemu-img", "check", "--output=json", str(image)], capture_output=True, text=True

@@ -100,7 +100,11 @@ def test_every_command_is_declared_once_with_its_usage() -> None:
     assert COMMANDS["cont"].usage() == "[NAME]"
     assert COMMANDS["job-set-speed"].usage() == "JOB-ID speed=RATE"
     assert COMMANDS["backup"].usage() == (
-        "NAME PATH [sync=full|top] [format=qcow2|raw] [existing=on] [speed=RATE] [job-id=JOB-ID]"
+        "NAME PATH [sync=full|top|incremental|bitmap] [format=qcow2|raw] [existing=on] "
+        "[speed=RATE] [job-id=JOB-ID] [bitmap=BITMAP] [bitmap-mode=on-success|always|never]"
+    )
+    assert COMMANDS["bitmap-add"].usage() == (
+        "NODE-NAME name=NAME [granularity=BYTES] [persistent=on] [disabled=on]"
     )
     assert all(command.help for command in COMMANDS.values())
 

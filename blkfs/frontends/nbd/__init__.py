@@ -18,7 +18,7 @@ import errno
 import functools
 import logging
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -64,6 +64,8 @@ class NbdFrontend:
         self.exports: dict[str, Export] = {}
         self.retired: set[Export] = set()
         """Exports withdrawn while clients were connected, until those leave."""
+        self._releases: dict[Export, Callable[[], None]] = {}
+        """What frees the bitmap an export serves, when it is withdrawn."""
         self.budget = Budget(TOTAL_BYTES)
         self.sessions: set[Session] = set()
         """Every client, including those of sockets closed since they connected."""
@@ -157,6 +159,7 @@ class NbdFrontend:
         host: str | None,
         port: str | None,
         mode: str | None,
+        bitmap: str | None = None,
     ) -> None:
         if self._nursery is None or self._stopping.is_set():
             raise BlockError(errno.ESHUTDOWN, "the NBD frontend is not serving")
@@ -167,6 +170,33 @@ class NbdFrontend:
         permissions = socket_mode(mode)
         if mode is not None and socket is None:
             raise BlockError(errno.EINVAL, "mode= is for the export's own socket=PATH")
+        release = backend.hold_bitmap(bitmap) if bitmap is not None else None
+        try:
+            listener = await self._listener_for(socket, host, port, permissions)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        export = Export(export_name, backend, writable, listener, bitmap=bitmap)
+        if release is not None:
+            self._releases[export] = release
+        listener.exports[export_name] = export
+        self.exports[export_name] = export
+        if backend not in self._watched:
+            self._watched.add(backend)
+            backend.add_listener(self._on_change)
+        log.info(
+            "nbd: exporting %s as '%s' on %s%s",
+            backend.name,
+            export_name,
+            listener.address,
+            ", writable" if writable else "",
+        )
+
+    async def _listener_for(
+        self, socket: str | None, host: str | None, port: str | None, permissions: int
+    ) -> Listener:
+        """The listener an export goes on: the default server, or one of its own."""
         if socket is None and host is None and port is None:
             listener = self.default
             if listener is None:
@@ -180,19 +210,7 @@ class NbdFrontend:
             listener = self.listeners.get(where) or await self._listen(
                 where, permissions, permanent=False
             )
-        export = Export(export_name, backend, writable, listener)
-        listener.exports[export_name] = export
-        self.exports[export_name] = export
-        if backend not in self._watched:
-            self._watched.add(backend)
-            backend.add_listener(self._on_change)
-        log.info(
-            "nbd: exporting %s as '%s' on %s%s",
-            backend.name,
-            export_name,
-            listener.address,
-            ", writable" if writable else "",
-        )
+        return listener
 
     async def remove(self, name: str, force: bool) -> None:
         targets = (
@@ -229,6 +247,9 @@ class NbdFrontend:
         listener = export.listener
         del listener.exports[export.name]
         export.retired = True
+        release = self._releases.pop(export, None)
+        if release is not None:
+            release()
         if export.sessions:
             self.retired.add(export)
         if not listener.exports and not listener.permanent:

@@ -23,6 +23,7 @@ from blkfs.info import ExportStatus
 from blkfs.nbd import (
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_PORT,
+    DIRTY_BITMAP,
     Address,
     Catalog,
     ExportInfo,
@@ -123,6 +124,8 @@ class Export:
     stats: ExportStats = field(default_factory=ExportStats)
     retired: bool = False
     """No longer offered (export-del, or its backend deleted); its clients may remain."""
+    bitmap: str | None = None
+    """The dirty bitmap served as ``qemu:dirty-bitmap:NAME``; busy while exported."""
 
     def info(self) -> ExportInfo:
         """What a client is told now; Refused if the backend has no medium to serve."""
@@ -144,10 +147,11 @@ class Export:
             preferred_block=preferred,
             max_payload=max(preferred, min(limits.max_transfer, DEFAULT_MAX_PAYLOAD)),
             description=f"blkfs backend {backend.name}",
+            meta_contexts=(DIRTY_BITMAP + self.bitmap,) if self.bitmap else (),
         )
 
     def status(self) -> ExportStatus:
-        return {
+        status: ExportStatus = {
             "name": self.name,
             "backend": self.backend.name,
             "writable": self.writable,
@@ -156,6 +160,9 @@ class Export:
             "clients": [s.status() for s in self.sessions],
             "stats": self.stats.as_dict(),
         }
+        if self.bitmap:
+            status["bitmap"] = self.bitmap
+        return status
 
 
 class Listener(Catalog):

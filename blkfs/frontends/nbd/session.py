@@ -27,7 +27,9 @@ from blkfs.frontends.nbd.export import Export, Listener
 from blkfs.info import ClientStatus
 from blkfs.nbd import (
     BASE_ALLOCATION,
+    DIRTY_BITMAP,
     REQUEST,
+    STATE_DIRTY,
     Cmd,
     CmdFlag,
     Negotiated,
@@ -374,20 +376,32 @@ class Session:
         return segments
 
     async def _block_status(self, backend: BlockBackend, request: Request) -> None:
+        """One BLOCK_STATUS chunk per context the client selected: ``base:allocation``,
+        and the export's ``qemu:dirty-bitmap:NAME``."""
         assert self.negotiated is not None
         if not request.length:
             raise _Refusal(to_nbd_errno(errno.EINVAL), "block status of nothing")
-        descriptors: list[tuple[int, int]] = []
-        position, end = request.offset, request.offset + request.length
-        while position < end and len(descriptors) < MAX_DESCRIPTORS:
-            extent = await backend.block_status(position, end - position)
-            descriptors.append((extent.length, nbd_state(extent.status)))
-            position += extent.length
-            if request.flags & REQ_ONE:
-                break
-        context = self.negotiated.contexts[BASE_ALLOCATION]
+        chunks = []
+        for name, context in self.negotiated.contexts.items():
+            descriptors: list[tuple[int, int]] = []
+            position, end = request.offset, request.offset + request.length
+            while position < end and len(descriptors) < MAX_DESCRIPTORS:
+                if name == BASE_ALLOCATION:
+                    extent = await backend.block_status(position, end - position)
+                    length, flags = extent.length, nbd_state(extent.status)
+                else:
+                    bitmap = name.removeprefix(DIRTY_BITMAP)
+                    length, dirty = await backend.dirty_extent(bitmap, position, end - position)
+                    flags = STATE_DIRTY if dirty else 0
+                descriptors.append((length, flags))
+                position += length
+                if request.flags & REQ_ONE:
+                    break
+            chunks.append((context, merge_extents(descriptors)))
         self._count(request)
-        await self._send(block_status(request.cookie, context, merge_extents(descriptors)))
+        for index, (context, descriptors) in enumerate(chunks):
+            done = index == len(chunks) - 1
+            await self._send(block_status(request.cookie, context, descriptors, done=done))
 
     @staticmethod
     async def _reads_as_zeros(backend: BlockBackend, offset: int, length: int) -> bool:

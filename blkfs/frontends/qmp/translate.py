@@ -73,7 +73,7 @@ TYPES = {
     "array": (list, "array"),
 }
 """QMP's JSON types: the Python type of each, and its name in QEMU's messages."""
-NUMBERS = frozenset({Kind.SIZE, Kind.RATE, Kind.COUNT})
+NUMBERS = frozenset({Kind.SIZE, Kind.RATE, Kind.COUNT, Kind.BYTES})
 OBJECTS = frozenset({Kind.MEDIUM, Kind.NODE_OPTIONS})
 
 
@@ -107,7 +107,7 @@ class Arg:
         if not isinstance(value, pytype) or (pytype is int and isinstance(value, bool)):
             raise generic(f"Invalid parameter type for '{key}', expected: {word}")
         kind = self.param.kind if self.param else None
-        if isinstance(value, int) and kind in (Kind.SIZE, Kind.RATE) and value < 0:
+        if isinstance(value, int) and kind in (Kind.SIZE, Kind.RATE, Kind.BYTES) and value < 0:
             raise generic(f"Parameter '{key}' expects a non-negative value")
         if isinstance(value, int) and kind is Kind.COUNT and value < 1:
             raise generic(f"Parameter '{key}' expects a positive value")
@@ -304,6 +304,7 @@ def node_info(tree: NodeTree, limits: Mapping[str, float] | None = None) -> dict
         "write_threshold": 0,
         "cache": {"writeback": True, "direct": False, "no-flush": False},
         "image": image_info(tree),
+        **({"dirty-bitmaps": tree["dirty-bitmaps"]} if tree["dirty-bitmaps"] else {}),
     }
 
 
@@ -404,6 +405,63 @@ async def query_blockstats(monitor: Monitor, args: dict[str, Any]) -> Any:
     return result
 
 
+# -- dirty bitmaps ----------------------------------------------------------------------
+
+
+async def bitmap_node(monitor: Monitor, node: str) -> str:
+    """The node a bitmap command names: a node, or a device (its image, under filters)."""
+    for backend in (await status(monitor))["backends"]:
+        if backend["name"] == node and backend["tree"] and not backend["deleted"]:
+            return str(medium(backend["tree"])["node-name"])
+    return node
+
+
+@qmp(
+    "block-dirty-bitmap-add",
+    "bitmap-add",
+    node="node",
+    name="name",
+    granularity="granularity?",
+    persistent="persistent?",
+    disabled="disabled?",
+)
+async def block_dirty_bitmap_add(monitor: Monitor, args: dict[str, Any]) -> Any:
+    await run(monitor, "bitmap-add", {**args, "node": await bitmap_node(monitor, args["node"])})
+    return {}
+
+
+def _bitmap_verb(verb: str) -> None:
+    @qmp(f"block-dirty-bitmap-{verb}", f"bitmap-{verb}", node="node", name="name")
+    async def handler(monitor: Monitor, args: dict[str, Any]) -> Any:
+        node = await bitmap_node(monitor, args["node"])
+        await run(monitor, f"bitmap-{verb}", {"node": node, "name": args["name"]})
+        return {}
+
+
+for _verb in ("remove", "clear", "enable", "disable"):
+    _bitmap_verb(_verb)
+
+
+@qmp("block-dirty-bitmap-merge", "bitmap-merge", node="node", target="target", bitmaps=list)
+async def block_dirty_bitmap_merge(monitor: Monitor, args: dict[str, Any]) -> Any:
+    node = await bitmap_node(monitor, args["node"])
+    names = []
+    for source in args["bitmaps"]:
+        if isinstance(source, dict):  # {node, name}: blkfs merges bitmaps of one node
+            if await bitmap_node(monitor, str(source.get("node"))) != node:
+                raise generic("blkfs merges only bitmaps of the target's node")
+            source = source.get("name")
+        if not isinstance(source, str) or "," in source:
+            raise generic("Invalid parameter type for 'bitmaps', expected: array of names")
+        names.append(source)
+    await run(
+        monitor,
+        "bitmap-merge",
+        {"node": node, "target": args["target"], "bitmaps": ",".join(names)},
+    )
+    return {}
+
+
 # -- nodes and exports ------------------------------------------------------------------
 
 
@@ -436,12 +494,16 @@ async def blockdev_del(monitor: Monitor, args: dict[str, Any]) -> Any:
     writable="writable?",
     name="export-name?",
     mountpoint=str | None,
+    bitmaps=list | None,
 )
 async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
     kind, export_id = args["type"], args["id"]
-    other = "name" if kind == "fuse" else "mountpoint"
-    if other in args:
-        raise generic(f"Parameter '{other}' is unexpected")
+    for other in ("name", "bitmaps") if kind == "fuse" else ("mountpoint",):
+        if other in args:
+            raise generic(f"Parameter '{other}' is unexpected")
+    bitmaps = args.get("bitmaps", [])
+    if len(bitmaps) > 1 or not all(isinstance(b, str) for b in bitmaps):
+        raise generic("blkfs exports at most one bitmap, by name")
     if kind == "fuse" and "mountpoint" in args:
         expected = f"{monitor.mountpoint or 'MOUNT'}/{export_id}"
         if args["mountpoint"].rstrip("/") != expected:
@@ -459,6 +521,7 @@ async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
                     "name": export_id,
                     "export-name": args.get("name", args["node-name"]),
                     "writable": args.get("writable", False),
+                    "bitmap": bitmaps[0] if bitmaps else None,
                 },
             )
         except BlockError:
@@ -713,7 +776,9 @@ async def block_stream(monitor: Monitor, args: dict[str, Any]) -> Any:
     return {}
 
 
-async def _copy(monitor: Monitor, args: dict[str, Any], verb: str) -> Any:
+async def _copy(
+    monitor: Monitor, args: dict[str, Any], verb: str, extra: Mapping[str, Any] | None = None
+) -> Any:
     name = await device(monitor, args, "device")
     mode = args.get("mode", "absolute-paths")
     await run(
@@ -727,6 +792,7 @@ async def _copy(monitor: Monitor, args: dict[str, Any], verb: str) -> Any:
             "existing": mode == "existing",
             "speed": args.get("speed"),
             "job-id": args.get("job-id"),
+            **(extra or {}),
         },
     )
     return {}
@@ -757,9 +823,12 @@ async def drive_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
     sync="sync",
     mode=NewImageMode | None,
     speed="speed?",
+    bitmap="bitmap?",
+    bitmap_mode="bitmap-mode?",
 )
 async def drive_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
-    return await _copy(monitor, args, "backup")
+    bitmap = {"bitmap": args.get("bitmap"), "bitmap-mode": args.get("bitmap-mode")}
+    return await _copy(monitor, args, "backup", bitmap)
 
 
 def _node_target(node: str) -> str:
@@ -802,6 +871,8 @@ async def blockdev_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
     target=NodeName,
     sync="sync",
     speed="speed?",
+    bitmap="bitmap?",
+    bitmap_mode="bitmap-mode?",
 )
 async def blockdev_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
     name = await device(monitor, args, "device")
@@ -814,6 +885,8 @@ async def blockdev_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
             "sync": args["sync"],
             "speed": args.get("speed"),
             "job-id": args.get("job-id"),
+            "bitmap": args.get("bitmap"),
+            "bitmap-mode": args.get("bitmap-mode"),
         },
     )
     return {}
