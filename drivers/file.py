@@ -239,6 +239,7 @@ class FileDriver(BlockDriver):
             except BaseException:
                 os.close(fd)
                 raise
+            self.node.replace_host_file(self.fd, fd)
             os.close(self.fd)
             self.fd = fd
 

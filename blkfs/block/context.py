@@ -48,6 +48,10 @@ class NodeContext(Protocol):
     def reopen_host_file(self, path: str, writable: bool) -> int:
         """Another descriptor for the host file this node has open (another access mode)."""
 
+    def replace_host_file(self, old: int, new: int) -> None:
+        """The node uses ``new`` (from :meth:`reopen_host_file`) from now on, and closes
+        ``old`` itself."""
+
     def close_host_file(self, fd: int) -> None: ...
 
     def check_nbd_server(self, path: str | None, host: str | None, port: int) -> None:

@@ -644,6 +644,10 @@ class Graph:
         finally:
             _chain.reset(token)
 
+    def replace_host_file(self, old: int, new: int) -> None:
+        """``new`` is a descriptor of the same file as ``old``, in its place (a reopen)."""
+        self._host_keys[new] = self._host_keys.pop(old)
+
     def close_host_file(self, node: Node, fd: int) -> None:
         key = self._host_keys.pop(fd)
         host = self.host_files.get(key)

@@ -253,6 +253,9 @@ class Node:
     def reopen_host_file(self, path: str, writable: bool) -> int:
         return self.graph.policy.open(path, writable)
 
+    def replace_host_file(self, old: int, new: int) -> None:
+        self.graph.replace_host_file(old, new)
+
     def close_host_file(self, fd: int) -> None:
         self.graph.close_host_file(self, fd)
 
