@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from blkfs.block import Child, Node, Status
+from blkfs.block.host_copy import copy_between_hosts
 from blkfs.block.request import is_zero
 from blkfs.jobs.chain import format_node
 from blkfs.jobs.ranges import RangeSet
@@ -19,12 +20,16 @@ a job quadratic in the disk's size."""
 async def copy_range(source: Node, target: Child, start: int, end: int, buf: bytearray) -> None:
     """Copy [start, end), at most ``len(buf)`` bytes, from ``source`` to ``target``, extent
     by extent: what reads as zeros is written as zeros (no data), so a fresh target stays
-    sparse where the source is."""
+    sparse where the source is; data from host file to host file where both ends map to
+    one (copy_file_range), else through ``buf``."""
     while start < end:
         extent = await source.block_status(start, end - start)
         length = min(extent.length, end - start)
         view = memoryview(buf)[:length]
         if Status.DATA in extent.status:
+            if await copy_between_hosts(source, target, start, length):
+                start += length
+                continue
             await source.readinto(start, view)
         if Status.DATA not in extent.status or is_zero(view):
             await target.write_zeroes(start, length, unmap=True)

@@ -328,9 +328,12 @@ class Qcow2Driver(BlockDriver):
                     return
         await self.child("backing").readinto(guest, view)
 
-    def locate(self, offset: int, length: int) -> Located | None:
+    def locate(self, offset: int, length: int, *, write: bool = False) -> Located | None:
         """From cached L2 tables only: one run of data in the image file, zeros, or what
-        the backing chain says for a range this image leaves to it."""
+        the backing chain says for a range this image leaves to it. Not for a write: one
+        in place would need its clusters kept from being freed meanwhile (``in_flight``)."""
+        if write:
+            return None
         extents = self._cached_extents(offset, length)
         if extents is None or len(extents) != 1:
             return None
