@@ -14,7 +14,8 @@ write waiting for a copy in flight waits little."""
 STATUS_WINDOW = 8 << 20
 """Most one allocation query asks about: a format maps what it is asked, and a query that
 reaches to the end of the disk but is answered for a first short extent only made planning
-a job quadratic in the disk's size."""
+a job quadratic in the disk's size. After a short answer the next query asks twice as
+much, not more (an image of alternating 1 MiB extents was mapped eight times over)."""
 
 
 async def copy_range(source: Node, target: Child, start: int, end: int, buf: bytearray) -> None:
@@ -42,13 +43,13 @@ async def allocated_ranges(top: Node, base: Node | None, size: int, into: RangeS
     """Add to ``into`` what the images from ``top`` down to, not including, ``base`` hold
     in [0, size); returns how many bytes were new."""
     added = position = 0
+    window = STATUS_WINDOW
     while position < size:
-        length, held = await allocated_above(
-            top, base, position, min(size, position + STATUS_WINDOW)
-        )
+        length, held = await allocated_above(top, base, position, min(size, position + window))
         if held:
             added += into.add(position, position + length)
         position += length
+        window = min(STATUS_WINDOW, 2 * length)
     return added
 
 

@@ -330,10 +330,12 @@ class Qcow2Driver(BlockDriver):
 
     def locate(self, offset: int, length: int, *, write: bool = False) -> Located | None:
         """From cached L2 tables only: one run of data in the image file, zeros, or what
-        the backing chain says for a range this image leaves to it. Not for a write: one
-        in place would need its clusters kept from being freed meanwhile (``in_flight``)."""
+        the backing chain says for a range this image leaves to it. A write: one run of
+        allocated, unshared clusters that it may overwrite in place (as :meth:`write` does
+        with no lock); the caller writes the range alone, so nothing frees them meanwhile."""
         if write:
-            return None
+            runs = None if self.header.autoclear_features else self._cached_in_place(offset, length)
+            return Located(self.file, runs[0][0]) if runs is not None and len(runs) == 1 else None
         extents = self._cached_extents(offset, length)
         if extents is None or len(extents) != 1:
             return None
