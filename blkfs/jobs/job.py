@@ -140,7 +140,7 @@ class Job:
             return one_at_a_time if gated and self.speed else nullcontext()
 
         async def worker() -> None:
-            buffers = scratch()
+            buffers: T | None = None  # made once there is work (a ready mirror polls)
             while True:
                 async with admission():
                     while gated and self.paused:
@@ -148,6 +148,8 @@ class Job:
                     span = next_span()
                     if span is None:
                         return
+                    if buffers is None:
+                        buffers = scratch()
                     await copy(*span, buffers)
 
         try:
