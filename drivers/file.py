@@ -131,6 +131,17 @@ def pwrite_full(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwritev(fd, [data[done:]], offset + done)
 
 
+def copy_file_range_full(src: int, src_offset: int, dst: int, dst_offset: int, length: int) -> None:
+    """Copy all ``length`` bytes; past the end of the source file, zeros (as a read)."""
+    done = 0
+    while done < length:
+        got = os.copy_file_range(src, dst, length - done, src_offset + done, dst_offset + done)
+        if got == 0:
+            pwrite_full(dst, memoryview(bytes(length - done)), dst_offset + done)
+            return
+        done += got
+
+
 class FileDriver(BlockDriver):
     name = "file"
     growable = True
@@ -164,6 +175,9 @@ class FileDriver(BlockDriver):
     direct = False
     _bounce: list[mmap.mmap]
     flush_error: str | None = None
+    _can_copy = True
+    """The host copies between this file and others (copy_file_range; not across
+    filesystems of different kinds)."""
     _nowait_reads = True
     """The host filesystem answers RWF_NOWAIT reads (not tmpfs, not FUSE)."""
 
@@ -327,6 +341,29 @@ class FileDriver(BlockDriver):
                 await self._blocking(self._write_direct, offset, data)
             else:
                 await self._blocking(pwrite_full, self.fd, data, offset)
+
+    async def copy_from(
+        self, offset: int, source: BlockDriver, source_offset: int, length: int
+    ) -> bool:
+        """``copy_file_range`` from another host file, on a worker, with both ranges held as
+        a read and a write are; False if either file bypasses the page cache (its requests
+        are aligned through a bounce buffer) or the host cannot (another filesystem)."""
+        if not (isinstance(source, FileDriver) and self._can_copy) or self.direct or source.direct:
+            return False
+        async with (
+            source._changing.hold(source_offset, length),
+            self._changing.hold(offset, length),
+        ):
+            try:
+                await self.host.run(
+                    copy_file_range_full, source.fd, source_offset, self.fd, offset, length
+                )
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise self._error(exc) from None
+                self._can_copy = False
+                return False
+        return True
 
     # -- cache.direct=on -------------------------------------------------------------------
 

@@ -87,8 +87,11 @@ class RawDriver(BlockDriver):
     async def read(self, offset: int, buf: memoryview) -> None:
         await self.child("file").readinto(self.offset + offset, buf)
 
-    def locate(self, offset: int, length: int) -> Located:
-        """Always known, and never changes: the same range of the file, shifted."""
+    def locate(self, offset: int, length: int, *, write: bool = False) -> Located | None:
+        """Always known, and never changes: the same range of the file, shifted; a write
+        too, except one of a probed image's first sector, which :meth:`write` checks."""
+        if write and self.node.probed and offset < PROBE_SECTOR:
+            return None
         return Located(self.child("file"), self.offset + offset)
 
     async def write(self, offset: int, data: memoryview) -> None:

@@ -267,13 +267,25 @@ class BlockDriver:
     def children_changed(self) -> None:
         """A child was replaced (a job's switch): forget what was learnt from the old one."""
 
-    def locate(self, offset: int, length: int) -> Located | None:
+    def locate(self, offset: int, length: int, *, write: bool = False) -> Located | None:
         """Where the ``length`` bytes at ``offset`` lie, if the driver knows at once (no I/O,
         no await): a format over a backing chain reads them there instead of through each
-        layer (QEMU's block status with its ``map`` and ``file``). None when it cannot say
-        (metadata not in memory, compressed data, more than one run). A driver whose answers
-        can change tells those who watch them (:meth:`watch_locations`). Generic: None."""
+        layer (QEMU's block status with its ``map`` and ``file``), and a copy between host
+        files (:mod:`blkfs.block.host_copy`) finds both ends with it. None when it cannot say
+        (metadata not in memory, compressed data, more than one run). With ``write``: where
+        a write of the range may go instead, as it is, with nothing else for this driver to
+        do (no allocation, no metadata, no check of the data). A driver whose answers can
+        change tells those who watch them (:meth:`watch_locations`). Generic: None."""
         return None
+
+    async def copy_from(
+        self, offset: int, source: BlockDriver, source_offset: int, length: int
+    ) -> bool:
+        """Copy ``length`` bytes of ``source`` (at ``source_offset``) to ``offset`` without
+        them passing through the process, if both drivers hold their data the same way (two
+        host files: ``copy_file_range``); False, having done nothing, if they cannot. Called
+        by the layer for ranges :meth:`locate` mapped. Generic: False."""
+        return False
 
     def watch_locations(self, changed: Callable[[], None]) -> None:
         """Call ``changed`` (once) when an answer :meth:`locate` gave may no longer hold.

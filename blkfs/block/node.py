@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 from blkfs.block.dirty import DirtyBitmaps
@@ -347,6 +348,36 @@ class Node:
             await self.driver.read(start, memoryview(bounce))
             bounce[offset - start : offset - start + view.nbytes] = view
             await self.driver.write(start, memoryview(bounce))
+
+    async def copy_from(self, offset: int, source: Node, source_offset: int, length: int) -> bool:
+        """Write here ``length`` bytes of ``source`` without them passing through the process,
+        if the two drivers can (:meth:`BlockDriver.copy_from`): a write of this node and a
+        read of ``source``, each tracked by its request path and counted once done; False,
+        nothing done, if they cannot (or zeros would be detected here: a write sees them)."""
+        self._check_write(offset, length)
+        source._check(source_offset, length)
+        if self.values["detect-zeroes"] != "off":
+            return False
+        start = perf_counter_ns()
+        copied = await self._requests.run(
+            None,
+            0,
+            source._requests.run,
+            None,
+            0,
+            self.driver.copy_from,
+            offset,
+            source.driver,
+            source_offset,
+            length,
+        )
+        if copied:
+            took = perf_counter_ns() - start
+            self.stats.write.add(length, took)
+            source.stats.read.add(length, took)
+            if offset + length > self.size:  # a growable node grew
+                self.size = offset + length
+        return copied
 
     async def flush(self) -> None:
         await self._requests.run(self.stats.flush, 0, self.driver.flush)

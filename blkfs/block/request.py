@@ -89,6 +89,12 @@ class KindStats:
     bytes: int = 0
     ns: int = 0
 
+    def add(self, nbytes: int, ns: int) -> None:
+        """Count one request of ``nbytes`` that took ``ns``."""
+        self.ops += 1
+        self.bytes += nbytes
+        self.ns += ns
+
 
 @dataclass
 class RequestStats:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from enum import StrEnum
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import trio
 
@@ -33,6 +34,13 @@ if TYPE_CHECKING:
     from blkfs.jobs.manager import JobManager
 
 log = logging.getLogger("blkfs.jobs")
+
+IN_FLIGHT = 16
+"""Chunks a job copies at once, as QEMU's mirror keeps up to 16 requests in flight: a chunk
+waits for the host most of its time, so one at a time leaves both images idle in turn."""
+
+Span = tuple[int, int]
+T = TypeVar("T")
 
 
 class JobStatus(StrEnum):
@@ -112,6 +120,45 @@ class Job:
         while self.paused:
             await self._unpaused.wait()
         await trio.lowlevel.checkpoint()
+
+    async def copy_spans(
+        self,
+        next_span: Callable[[], Span | None],
+        copy: Callable[[int, int, T], Awaitable[None]],
+        scratch: Callable[[], T],
+        *,
+        gated: bool = True,
+    ) -> None:
+        """Copy every span ``next_span()`` hands out (None: nothing left now) with
+        ``copy(start, end, buffers)``, :data:`IN_FLIGHT` at once, each worker with buffers
+        of its own (made by ``scratch()``); ``copy`` counts its bytes. ``gated``: no span is taken
+        while the job is paused, and with a speed limit one chunk is in flight at a time (a
+        limit asks for a steady flow, not bursts of sixteen). Returns once every worker found
+        nothing left; the first failure ends the others and is raised as it is."""
+        one_at_a_time = trio.Lock()
+
+        def admission() -> AbstractAsyncContextManager[object]:
+            return one_at_a_time if gated and self.speed else nullcontext()
+
+        async def worker() -> None:
+            buffers: T | None = None  # made once there is work (a ready mirror polls)
+            while True:
+                async with admission():
+                    while gated and self.paused:
+                        await self._unpaused.wait()
+                    span = next_span()
+                    if span is None:
+                        return
+                    if buffers is None:
+                        buffers = scratch()
+                    await copy(*span, buffers)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(IN_FLIGHT):
+                    nursery.start_soon(worker)
+        except BaseExceptionGroup as group:
+            raise first_failure(group) from None
 
     def set_ready(self) -> None:
         self._set(JobStatus.STANDBY if self.paused else JobStatus.READY)
@@ -253,3 +300,18 @@ class Job:
             "error": self.error,
             "ready": self.ready,
         }
+
+
+def first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What a group of workers' exceptions amounts to for the job: the first that is not a
+    cancellation (a BlockError the job reports), else a cancellation (the job's or the
+    daemon's), which :meth:`Job.run` tells apart as it does for one task."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending[:0] = exc.exceptions
+        else:
+            leaves.append(exc)
+    return next((exc for exc in leaves if not isinstance(exc, trio.Cancelled)), leaves[0])

@@ -73,7 +73,6 @@ class MirrorJob(Job):
         self.edge: Child | None = None
         """The job's edge to the target, through which it writes."""
         self.filtered = False
-        self.buf = bytearray(CHUNK)
         self.draining = False
 
     @property
@@ -160,16 +159,26 @@ class MirrorJob(Job):
         return backing.node if backing is not None else None
 
     async def copy_dirty(self) -> None:
-        """Copy until nothing is dirty (new writes may add ranges meanwhile)."""
-        assert self.source is not None and self.edge is not None
-        while (span := self.dirty.pop_first(CHUNK)) is not None:
-            start, end = span
+        """Copy until nothing is dirty (new writes may add ranges meanwhile), several chunks
+        at once: each under the range lock a guest write to it takes too, so a write racing
+        a copy either lands before it (and is copied) or after it (and is dirty again)."""
+        source, edge = self.source, self.edge
+        assert source is not None and edge is not None
+
+        async def copy(start: int, end: int, buf: bytearray) -> None:
             async with self.locks.hold(start, end - start):
-                await copy_range(self.source, self.edge, start, end, self.buf)
+                await copy_range(source, edge, start, end, buf)
             if self.draining:  # the backend waits: no speed limit, no pause
                 self.done += end - start
             else:
                 await self.step(end - start)
+
+        await self.copy_spans(
+            lambda: self.dirty.pop_first(CHUNK),
+            copy,
+            lambda: bytearray(CHUNK),
+            gated=not self.draining,
+        )
 
     async def intercept(
         self, offset: int, length: int, call: Callable[[], Awaitable[None]]

@@ -99,22 +99,27 @@ class StreamJob(Job):
             self.total += await allocated_ranges(
                 below, self.base, min(self.top.size, below.size), todo
             )
-        buf = bytearray(CHUNK)
-        theirs = bytearray(CHUNK if self.rebase else 0)
-        while (span := todo.pop_first(CHUNK)) is not None:
-            start, end = span
-            async with self.locks.hold(start, end - start):
+
+        async def copy(start: int, end: int, buffers: tuple[bytearray, bytearray]) -> None:
+            span = end - start
+            async with self.locks.hold(start, span):
                 while start < end:
                     extent = await self.top.block_status(start, end - start)
                     stop = start + extent.length
                     if Status.ALLOCATED in extent.status:
                         pass  # the active image's own: it stays what the guest reads
                     elif self.rebase:
-                        await self.copy_differing(into, start, stop, buf, theirs)
+                        await self.copy_differing(into, start, stop, *buffers)
                     else:
-                        await copy_range(self.root, into, start, stop, buf)
+                        await copy_range(self.root, into, start, stop, buffers[0])
                     start = stop
-            await self.step(span[1] - span[0])
+            await self.step(span)
+
+        def scratch() -> tuple[bytearray, bytearray]:
+            """Ours, and for a rebase the new base's."""
+            return bytearray(CHUNK), bytearray(CHUNK if self.rebase else 0)
+
+        await self.copy_spans(lambda: todo.pop_first(CHUNK), copy, scratch)
 
     async def copy_differing(
         self, into: Child, start: int, end: int, buf: bytearray, theirs: bytearray

@@ -154,9 +154,12 @@ class MappedImage(BlockDriver):
                     return
         await self.child("backing").readinto(guest, view)
 
-    def locate(self, offset: int, length: int) -> Located | None:
+    def locate(self, offset: int, length: int, *, write: bool = False) -> Located | None:
         """From cached L2 tables only: one run of data in the image file, zeros, or what
-        the backing chain says for a range this image leaves to it."""
+        the backing chain says for a range this image leaves to it (a write: see
+        :class:`WritableImage`, which knows where one may go in place)."""
+        if write:
+            return None
         extents = self._cached_extents(offset, length)
         if extents is None or len(extents) != 1:
             return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from array import array
 
 from blkfs.block import BlockError
+from blkfs.block.driver import Located
 
 from .mapped import MappedImage
 from .mapping import (
@@ -55,6 +56,15 @@ class WritableImage(MappedImage):
                 done += length
         finally:
             self.in_flight -= 1
+
+    def locate(self, offset: int, length: int, *, write: bool = False) -> Located | None:
+        """For a write: one run of allocated, unshared clusters that it may overwrite in
+        place (as :meth:`write` does with no lock); the caller writes the range alone, so
+        nothing frees them meanwhile. Else as :meth:`MappedImage.locate`."""
+        if not write:
+            return super().locate(offset, length)
+        runs = None if self.header.autoclear_features else self._cached_in_place(offset, length)
+        return Located(self.file, runs[0][0]) if runs is not None and len(runs) == 1 else None
 
     def _cached_in_place(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         """(host offset, length) runs for a write that lands wholly in allocated clusters
