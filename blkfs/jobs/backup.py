@@ -21,11 +21,14 @@ import errno
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+import trio
+
 from blkfs.block.dirty import DirtyBitmap, check_usable, find_below
 from blkfs.errors import BlockError
 from blkfs.jobs.copy import CHUNK, copy_range
 from blkfs.jobs.filter import JobFilter
 from blkfs.jobs.mirror import MirrorJob
+from blkfs.jobs.ranges import RangeSet
 
 if TYPE_CHECKING:
     from blkfs.backend import BlockBackend
@@ -38,6 +41,7 @@ class BackupJob(MirrorJob):
     type = "backup"
     needs_completion = False
     filter_driver = "copy-before-write"
+    point_in_time = True
 
     def __init__(
         self,
@@ -65,10 +69,39 @@ class BackupJob(MirrorJob):
         if bitmap is not None:
             node, self.bitmap = find_below(backend.root_node(), bitmap)
             check_usable(self.bitmap, node.name, node.read_only, changing=True)
+        self.target_settled = trio.Event()
+        """Set once the target is taken, or the job failed before: a write that comes
+        between the filter going in and the target being open waits for it."""
+        self.claimed = RangeSet()
+        """Spans a copy worker took out of ``dirty`` and has not copied yet (it waits for
+        their range lock): a guest write copies what it finds of them first, as it does with
+        ``dirty``, so it never lands in a span whose copy has not read the old data."""
 
     async def work(self) -> None:
-        await self.plan()
-        await self.copy_dirty()
+        await self.copy_dirty()  # planned when the filter went in; done when copied
+
+    async def copy_dirty(self) -> None:
+        """Copy every span still to do, several at once; a worker claims its span, then
+        copies what is still claimed of it under the range lock (a guest write may have
+        copied part of it first, see :meth:`intercept`)."""
+        source, edge = self.source, self.edge
+        assert source is not None and edge is not None
+
+        def claim() -> tuple[int, int] | None:
+            span = self.dirty.pop_first(CHUNK)
+            if span is not None:
+                self.claimed.add(*span)
+            return span
+
+        async def copy(start: int, end: int, buf: bytearray) -> None:
+            copied = 0
+            async with self.locks.hold(start, end - start):
+                for lo, hi in self.claimed.take(start, end):
+                    await copy_range(source, edge, lo, hi, buf)
+                    copied += hi - lo
+            await self.step(copied)
+
+        await self.copy_spans(claim, copy, lambda: bytearray(CHUNK))
 
     async def plan(self) -> None:
         """The bitmap's marks taken over (in one step: no write between), then what to
@@ -101,16 +134,24 @@ class BackupJob(MirrorJob):
     async def intercept(
         self, offset: int, length: int, call: Callable[[], Awaitable[None]]
     ) -> None:
-        """Copy what the write is about to change, if not copied yet; then the write."""
-        assert self.source is not None and self.edge is not None
-        for start, end in self.dirty.take(offset, offset + length):
-            async with self.locks.hold(start, end - start):
-                while start < end:
-                    step = min(end, start + CHUNK)
+        """Copy what the write is about to change, if not copied yet; then the write. The
+        range lock is held from before the look at what is still to copy until the write is
+        done: between the two, another write to the range would find nothing to copy and
+        could land before the old data was read."""
+        if self.edge is None:
+            await self.target_settled.wait()
+            if self.edge is None:  # the job failed before it took its target
+                await call()
+                return
+        assert self.source is not None
+        end = offset + length
+        async with self.locks.hold(offset, length):
+            for start, stop in [*self.dirty.take(offset, end), *self.claimed.take(offset, end)]:
+                while start < stop:
+                    step = min(stop, start + CHUNK)
                     await copy_range(self.source, self.edge, start, step, bytearray(step - start))
                     self.done += step - start
                     start = step
-        async with self.locks.hold(offset, length):
             await call()
 
     async def finish(self) -> None:
@@ -123,7 +164,12 @@ class BackupJob(MirrorJob):
         await self.close_target()
         self._settle_bitmap(succeeded=True)
 
+    def attach_target(self) -> None:
+        super().attach_target()
+        self.target_settled.set()
+
     async def abort(self) -> None:
+        self.target_settled.set()  # before the filter goes: its drain waits for the writes
         await super().abort()
         self._settle_bitmap(succeeded=False)
 

@@ -44,6 +44,11 @@ class MirrorJob(Job):
     type = "mirror"
     needs_completion = True
     filter_driver = "mirror-top"
+    point_in_time = False
+    """The job copies the source as it was when its filter went in (a backup): it plans
+    what to copy then, with the backend drained, since every write the filter sees from
+    then on must find its range planned. A mirror plans later: a write only marks a range
+    dirty again."""
     target_perm = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
     """A mirror writes new data into its target."""
     writes_below = False
@@ -129,13 +134,15 @@ class MirrorJob(Job):
             },
             same_data=True,
             by=self,
+            before_swap=self.plan if self.point_in_time else None,
         )
         self.filtered = True
         self.target = await self.open_target()
         self.attach_target()
 
     async def work(self) -> None:
-        await self.plan()
+        if not self.point_in_time:
+            await self.plan()
         await self.copy_dirty()
         await self.wait_until_completed(self.copy_dirty)
 
