@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ceph import Cluster, cluster
 from tests.helpers import Mount, blkfs_mounts_under, force_unmount, mounts_in
 
 needs_fuse = pytest.mark.skipif(
@@ -96,3 +97,11 @@ def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
 def mount(mount_factory: Callable[..., Mount]) -> Mount:
     """A blkfs mount with no backends."""
     return mount_factory()
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One throwaway Ceph cluster for the whole run (tests/ceph.py): started at the first
+    test that asks, stopped at the end of the run even when tests fail."""
+    with cluster(tmp_path_factory.mktemp("ceph")) as running:
+        yield running

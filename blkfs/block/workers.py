@@ -56,9 +56,7 @@ class WorkerPool:
         self, call: Callable[..., Any], args: tuple[Any, ...], task: trio.lowlevel.Task
     ) -> None:
         """Run ``call(*args)`` on a worker; ``task`` is rescheduled with its outcome."""
-        if not self._reaping.get():
-            self._reaping.set(True)
-            trio.lowlevel.spawn_system_task(self._reap, name="blkfs host I/O completions")
+        self.expect()
         job = (call, args, task)
         with self._lock:
             if self._idle:
@@ -82,11 +80,23 @@ class WorkerPool:
             job = None
             result = outcome.capture(call, *args)
             with self._lock:
-                self._done.append((task, result))
-                wake = len(self._done) == 1
                 self._idle += 1
-            if wake:
-                os.eventfd_write(self._wakeup, 1)
+            self.deliver(task, result)
+
+    def expect(self) -> None:
+        """In the loop, before anything may :meth:`deliver`: the completions are reaped."""
+        if not self._reaping.get():
+            self._reaping.set(True)
+            trio.lowlevel.spawn_system_task(self._reap, name="blkfs host I/O completions")
+
+    def deliver(self, task: trio.lowlevel.Task, result: outcome.Outcome[Any]) -> None:
+        """From any thread (a worker, or a library's own completion thread): ``task`` is
+        rescheduled with ``result``, in a batch with the others that are done."""
+        with self._lock:
+            self._done.append((task, result))
+            wake = len(self._done) == 1
+        if wake:
+            os.eventfd_write(self._wakeup, 1)
 
     async def _reap(self) -> None:
         try:
@@ -112,6 +122,19 @@ def shared_pool() -> WorkerPool:
 
 def _abort(_: Any) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
+
+
+async def completion(start: Callable[[Callable[[outcome.Outcome[Any]], None]], None]) -> Any:
+    """Call ``start(done)``, which begins an operation that another thread ends by calling
+    ``done(outcome)`` once (a library's asynchronous API: librbd's completions), and sleep
+    until it does; the outcome's value is returned or its exception raised. Like a worker's
+    call, the sleep cannot be cancelled: the operation owns the caller's buffer until done.
+    If ``start`` raises, nothing was begun and its exception is raised here."""
+    pool = shared_pool()
+    pool.expect()
+    task = trio.lowlevel.current_task()
+    start(functools.partial(pool.deliver, task))
+    return await trio.lowlevel.wait_task_rescheduled(_abort)
 
 
 class HostQueue:
