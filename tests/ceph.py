@@ -5,7 +5,7 @@ run in the foreground as children of the test process and are killed on the way 
 when the start fails.
 
 Run it by hand with ``python -m tests.ceph DIR``: it prints the conf path and keeps the
-cluster up until Ctrl-C.
+cluster up until Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -99,6 +99,15 @@ class Cluster:
             raise AssertionError(f"{' '.join(args)}: {done.stderr.strip()}")
         return done.stdout
 
+    def run_bytes(self, *args: str) -> bytes:
+        """Like :meth:`run`, the output as bytes (``rbd export IMAGE -``)."""
+        done = subprocess.run(
+            [args[0], "--conf", str(self.conf), *args[1:]], capture_output=True, timeout=120
+        )
+        if done.returncode:
+            raise AssertionError(f"{' '.join(args)}: {done.stderr.decode(errors='replace')}")
+        return done.stdout
+
     def image(self, size: int | None = None) -> str:
         """A new image's name in pool ``rbd``; made empty with ``size`` bytes if given."""
         name = f"img{next(self._names)}"
@@ -113,7 +122,8 @@ class Cluster:
     def _daemon(self, name: str, *args: str) -> None:
         with open(self.top / "log" / f"{name}.out", "ab") as out:
             self.processes[name] = subprocess.Popen(
-                [*args, "-f", "--conf", str(self.conf)],
+                # SIGKILL when the test process ends, however it ends (setpriv's pdeathsig)
+                ["setpriv", "--pdeathsig", "KILL", *args, "-f", "--conf", str(self.conf)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -205,7 +215,13 @@ def cluster(top: Path) -> Iterator[Cluster]:
         running.stop()
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _interrupted)  # also when started in the background
+    signal.signal(signal.SIGTERM, _interrupted)
     with cluster(Path(sys.argv[1]).resolve()) as up:
         print(up.conf, flush=True)
         try:

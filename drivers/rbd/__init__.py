@@ -60,25 +60,22 @@ class RbdDriver(BlockDriver):
         ),
     }
 
+    @classmethod
+    async def create_volume(cls, values: Mapping[str, Any], size: int) -> None:
+        """A new image with the cluster's default format and features (``rbd create``)."""
+        if values["snapshot"] is not None:
+            raise BlockError(errno.EINVAL, f"rbd: {_spec(values)}: a snapshot is not created")
+        await HostQueue(1).run(_create, values, size)
+
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.where = _spec(values)
+        self.node.check_rbd_image(self.where)
         if values["snapshot"] is not None and not self.node.read_only:
             raise BlockError(
                 errno.EROFS, f"rbd: {self.where} is a snapshot; open it with read-only=on"
             )
-        settings = {"client_mount_timeout": f"{values['open-timeout']:g}"}
-        if values["io-timeout"]:
-            settings["rados_osd_op_timeout"] = f"{values['io-timeout']:g}"
-            settings["rados_mon_op_timeout"] = f"{values['io-timeout']:g}"
         self.queue = HostQueue(CONTROL_CALLS)
-        self.cluster = await self.queue.run(
-            librbd.Cluster,
-            values["conf"],
-            values["user"],
-            values["pool"],
-            values["namespace"],
-            settings,
-        )
+        self.cluster = await self.queue.run(_connect, values)
         try:
             self.image = await self.queue.run(
                 self.cluster.open, values["image"], values["snapshot"], self.node.read_only
@@ -106,6 +103,7 @@ class RbdDriver(BlockDriver):
         self.size = librbd.size(image)
         self.object_size = await self.queue.run(librbd.object_size, image)
         self.fast_diff = bool(self.features & librbd.FEATURE_FAST_DIFF)
+        self.snapshots = await self.queue.run(librbd.snapshots, image)
         _, rbd = librbd.libraries()
         self._rbd = rbd
         if self.node.read_only:
@@ -192,12 +190,39 @@ class RbdDriver(BlockDriver):
             "image": self.where,
             "object-size": self.object_size,
             "features": self.features,
+            "snapshots": [{"name": name, "size": size} for name, size in self.snapshots],
             "exclusive-lock": not self.node.read_only
             and bool(self.features & librbd.FEATURE_EXCLUSIVE_LOCK),
         }
 
     def host_call_ns(self) -> int | None:
         return self.queue.oldest_ns()
+
+
+def _connect(values: Mapping[str, Any]) -> librbd.Cluster:
+    """A connection to the cluster and pool the options name, bounded by their timeouts."""
+    settings = {"client_mount_timeout": f"{values['open-timeout']:g}"}
+    if values["io-timeout"]:
+        settings["rados_osd_op_timeout"] = f"{values['io-timeout']:g}"
+        settings["rados_mon_op_timeout"] = f"{values['io-timeout']:g}"
+    return librbd.Cluster(
+        values["conf"], values["user"], values["pool"], values["namespace"], settings
+    )
+
+
+def _create(values: Mapping[str, Any], size: int) -> None:
+    cluster = _connect(values)
+    try:
+        cluster.create(values["image"], size)
+    except BlockError as exc:
+        if exc.errno == errno.EEXIST:
+            raise BlockError(
+                errno.EEXIST,
+                f"rbd: {_spec(values)} exists; blkfs never overwrites an image (remove it first)",
+            ) from None
+        raise
+    finally:
+        cluster.close()
 
 
 def _spec(values: Mapping[str, Any]) -> str:

@@ -5,6 +5,7 @@ block status agrees with ``rbd diff``."""
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import subprocess
@@ -13,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from blkfs.backend import BlockLayer, Status
+from blkfs.errors import BlockError
 from tests.ceph import POOL, Cluster, needs_ceph
 from tests.compat.peers import MiB, qemu, source
+from tests.helpers import blkfs
 
 pytestmark = [needs_ceph, pytest.mark.qemu]
 SIZE = 8 * MiB
@@ -111,3 +114,52 @@ def merged(runs: Runs) -> Runs:
         else:
             out.append((offset, length))
     return out
+
+
+def test_image_create_and_info_and_qemu_img_agree(ceph: Cluster) -> None:
+    name = ceph.image()
+    blkfs("image", "create", "-f", "raw", ceph.spec(name), "24M")
+    info = json.loads(ceph.run("rbd", "info", "--format", "json", f"{POOL}/{name}"))
+    assert info["size"] == 24 * MiB
+    again = blkfs("image", "create", ceph.spec(name), "1M", check=False)
+    assert again.returncode and "exists" in again.stderr
+    assert json.loads(ceph.run("rbd", "info", "--format", "json", f"{POOL}/{name}"))["size"] == (
+        24 * MiB
+    )  # the failed create changed nothing
+    ceph.run("rbd", "snap", "create", f"{POOL}/{name}@monday")
+    ours = json.loads(blkfs("image", "info", "--json", ceph.spec(name)).stdout)
+    theirs = json.loads(qemu("qemu-img", "info", "--output=json", ceph.spec(name)))
+    assert (ours["format"], ours["virtual-size"]) == (theirs["format"], theirs["virtual-size"])
+    assert [s["name"] for s in ours["format-specific"]["snapshots"]] == [
+        s["name"] for s in theirs["snapshots"]
+    ]
+
+
+async def test_a_snapshot_reads_what_was_there_and_is_read_only(ceph: Cluster) -> None:
+    name = ceph.image(SIZE)
+    layer = BlockLayer()
+    try:
+        backend = await layer.create("d", ceph.spec(name))
+        await backend.write(0, b"before" * 1000)
+        await backend.flush()
+        ceph.run("rbd", "snap", "create", f"{POOL}/{name}@s1")
+        await backend.write(0, b"after!" * 1000)
+        await backend.flush()
+        with pytest.raises(BlockError) as refused:
+            await layer.create("s", ceph.spec(name, "@s1"))
+        assert refused.value.errno == errno.EROFS
+        assert "s" not in layer
+        snap = await layer.create("s", f"{ceph.spec(name, '@s1')},read-only=on")
+        assert await snap.read(0, 6000) == b"before" * 1000
+        assert await backend.read(0, 6000) == b"after!" * 1000
+        with pytest.raises(BlockError) as written:
+            await snap.write(0, b"x")
+        assert written.value.errno == errno.EROFS
+    finally:
+        await layer.close()
+    result = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", ceph.spec(name, "@s1"), "-F", "raw", ceph.spec(name)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr  # they differ at 0
