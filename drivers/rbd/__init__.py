@@ -8,9 +8,10 @@ fails with EIO; 0, the default, waits as long as librbd does, across OSD restart
 ``rbd:POOL[/NAMESPACE]/IMAGE[@SNAP][:conf=PATH][:id=USER]`` is the shorthand, as in QEMU.
 
 Data requests go through librbd's asynchronous API and come back to the loop from librbd's
-completion thread (see :mod:`.librbd`); a request is answered only when the cluster
-acknowledged it. Connecting, opening, resizing and ``diff_iterate`` may wait on the cluster,
-so they run on worker threads.
+completion thread (see :mod:`.librbd`); librbd's own write-back cache is off, so a write is
+answered only when the OSDs acknowledged it (flush is passed on all the same). Connecting,
+opening, resizing and ``diff_iterate`` may wait on the cluster, so they run on worker
+threads: a cluster that stops answering delays the requests to its images, never the loop.
 
 Ownership across hosts: a writable node takes the image's exclusive lock and keeps it, so a
 second writer (another blkfs, QEMU, ``rbd`` with a writing command) is refused with EBUSY
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from ctypes import c_void_p
 from typing import Any
 
 from blkfs.block import BlockDriver, BlockError, Extent, Option, Status
@@ -130,9 +132,21 @@ class RbdDriver(BlockDriver):
         await self.queue.run(librbd.close_image, self.image)
         await self.queue.run(self.cluster.close)
 
+    async def _aio(self, start: Callable[[c_void_p], int], what: str) -> int:
+        """One asynchronous request; a request the cluster did not answer within
+        ``io-timeout`` fails with EIO, as a disk that stopped answering does."""
+        try:
+            return await librbd.aio(start, what)
+        except BlockError as exc:
+            if exc.errno != errno.ETIMEDOUT:
+                raise
+            raise BlockError(
+                errno.EIO, f"{what}: no answer from the cluster within io-timeout"
+            ) from None
+
     async def read(self, offset: int, buf: memoryview) -> None:
         pointer, holder = librbd.address(buf)
-        await librbd.aio(
+        await self._aio(
             lambda c: self._rbd.rbd_aio_read(self.image, offset, buf.nbytes, pointer, c),
             f"rbd: {self.where}: read {offset}+{buf.nbytes}",
         )
@@ -140,20 +154,20 @@ class RbdDriver(BlockDriver):
 
     async def write(self, offset: int, data: memoryview) -> None:
         pointer, holder = librbd.address(data)
-        await librbd.aio(
+        await self._aio(
             lambda c: self._rbd.rbd_aio_write(self.image, offset, data.nbytes, pointer, c),
             f"rbd: {self.where}: write {offset}+{data.nbytes}",
         )
         del holder
 
     async def flush(self) -> None:
-        await librbd.aio(
+        await self._aio(
             lambda c: self._rbd.rbd_aio_flush(self.image, c), f"rbd: {self.where}: flush"
         )
 
     async def discard(self, offset: int, length: int) -> None:
         for start, count in _pieces(offset, length, MAX_REQUEST):
-            await librbd.aio(
+            await self._aio(
                 lambda c: self._rbd.rbd_aio_discard(self.image, start, count, c),  # noqa: B023
                 f"rbd: {self.where}: discard {start}+{count}",
             )
@@ -162,7 +176,7 @@ class RbdDriver(BlockDriver):
         """librbd's write-zeroes, which deallocates whole objects and zeroes the rest:
         a range reads as zeros afterwards either way (thin, as QEMU's rbd driver)."""
         for start, count in _pieces(offset, length, MAX_REQUEST):
-            await librbd.aio(
+            await self._aio(
                 lambda c: self._rbd.rbd_aio_write_zeroes(self.image, start, count, c, 0, 0),  # noqa: B023
                 f"rbd: {self.where}: write_zeroes {start}+{count}",
             )
@@ -201,7 +215,7 @@ class RbdDriver(BlockDriver):
 
 def _connect(values: Mapping[str, Any]) -> librbd.Cluster:
     """A connection to the cluster and pool the options name, bounded by their timeouts."""
-    settings = {"client_mount_timeout": f"{values['open-timeout']:g}"}
+    settings = {"client_mount_timeout": f"{values['open-timeout']:g}", "rbd_cache": "false"}
     if values["io-timeout"]:
         settings["rados_osd_op_timeout"] = f"{values['io-timeout']:g}"
         settings["rados_mon_op_timeout"] = f"{values['io-timeout']:g}"
