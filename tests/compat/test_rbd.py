@@ -17,7 +17,8 @@ from blkfs.backend import BlockLayer, Status
 from blkfs.errors import BlockError
 from tests.ceph import POOL, Cluster, needs_ceph
 from tests.compat.peers import MiB, qemu, source
-from tests.helpers import blkfs
+from tests.conftest import needs_fuse
+from tests.helpers import blkfs, run
 
 pytestmark = [needs_ceph, pytest.mark.qemu]
 SIZE = 8 * MiB
@@ -163,3 +164,24 @@ async def test_a_snapshot_reads_what_was_there_and_is_read_only(ceph: Cluster) -
         text=True,
     )
     assert result.returncode == 1, result.stdout + result.stderr  # they differ at 0
+
+
+@pytest.mark.fuse
+@needs_fuse
+async def test_rbd_fuse_reads_what_blkfs_wrote(ceph: Cluster, tmp_path: Path) -> None:
+    name = ceph.image(SIZE)
+    data = random.Random(4).randbytes(SIZE)
+    layer = BlockLayer()
+    try:
+        backend = await layer.create("d", ceph.spec(name))
+        await backend.write(0, data)
+        await backend.flush()
+    finally:
+        await layer.close()
+    where = tmp_path / "rbd-fuse"
+    where.mkdir()
+    run("rbd-fuse", "-c", str(ceph.conf), "-p", POOL, str(where))
+    try:
+        assert (where / name).read_bytes() == data
+    finally:
+        subprocess.run(["fusermount3", "-u", str(where)], check=True, timeout=60)
