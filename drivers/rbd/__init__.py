@@ -28,7 +28,6 @@ from ctypes import c_void_p
 from typing import Any
 
 from blkfs.block import BlockDriver, BlockError, Extent, Option, Status
-from blkfs.block.driver import ZERO_CHUNK
 from blkfs.block.options import REQUIRED
 from blkfs.block.workers import HostQueue
 
@@ -40,6 +39,8 @@ CONTROL_CALLS = 4
 """Blocking calls (open, resize, diff_iterate, close) of one node on workers at once."""
 MAX_REQUEST = 1 << 30
 """Longest discard or write-zeroes request handed to librbd at once."""
+STATUS_SPAN = 1 << 30
+"""Longest range one block status call asks ``diff_iterate`` about."""
 
 
 class RbdDriver(BlockDriver):
@@ -72,21 +73,11 @@ class RbdDriver(BlockDriver):
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.where = _spec(values)
         self.node.check_rbd_image(self.where)
-        if values["snapshot"] is not None and not self.node.read_only:
-            raise BlockError(
-                errno.EROFS, f"rbd: {self.where} is a snapshot; open it with read-only=on"
-            )
+        _, self._rbd = librbd.libraries()
         self.queue = HostQueue(CONTROL_CALLS)
         self.cluster = await self.queue.run(_connect, values)
         try:
-            self.image = await self.queue.run(
-                self.cluster.open, values["image"], values["snapshot"], self.node.read_only
-            )
-            try:
-                await self._set_up()
-            except BaseException:
-                await self.queue.run(librbd.close_image, self.image)
-                raise
+            self.image = await self._open_image(values)
         except BaseException:
             await self.queue.run(self.cluster.close)
             raise
@@ -99,17 +90,31 @@ class RbdDriver(BlockDriver):
             "" if self.node.read_only else ", exclusive lock held",
         )
 
-    async def _set_up(self) -> None:
-        image = self.image
-        self.features = librbd.features(image)
-        self.size = librbd.size(image)
-        self.object_size = await self.queue.run(librbd.object_size, image)
-        self.fast_diff = bool(self.features & librbd.FEATURE_FAST_DIFF)
-        self.snapshots = await self.queue.run(librbd.snapshots, image)
-        _, rbd = librbd.libraries()
-        self._rbd = rbd
-        if self.node.read_only:
-            return
+    async def _open_image(self, values: Mapping[str, Any]) -> c_void_p:
+        """The image opened as ``values`` say (read-only, or writable holding its lock),
+        its facts learnt."""
+        read_only = values["read-only"]
+        if values["snapshot"] is not None and not read_only:
+            raise BlockError(
+                errno.EROFS, f"rbd: {self.where} is a snapshot; open it with read-only=on"
+            )
+        image = await self.queue.run(
+            self.cluster.open, values["image"], values["snapshot"], read_only
+        )
+        try:
+            self.features = librbd.features(image)
+            self.size = librbd.size(image)
+            self.object_size = await self.queue.run(librbd.object_size, image)
+            self.fast_diff = bool(self.features & librbd.FEATURE_FAST_DIFF)
+            self.snapshots = await self.queue.run(librbd.snapshots, image)
+            if not read_only:
+                await self._lock(image)
+        except BaseException:
+            await self.queue.run(librbd.close_image, image)
+            raise
+        return image
+
+    async def _lock(self, image: c_void_p) -> None:
         if not self.features & librbd.FEATURE_EXCLUSIVE_LOCK:
             log.warning(
                 "rbd: %s has no exclusive-lock feature: nothing keeps another client from "
@@ -128,6 +133,16 @@ class RbdDriver(BlockDriver):
                 f"open it with read-only=on ({exc})",
             ) from None
 
+    async def reopen(self, values: Mapping[str, Any]) -> None:
+        """A switch of read-only opens the image anew in the other mode (taking the lock,
+        or letting it go with the old handle) before the old handle is closed, so a refused
+        switch changes nothing."""
+        await super().reopen(values)
+        if values["read-only"] != self.node.read_only:
+            image = await self._open_image(values)
+            old, self.image = self.image, image
+            await self.queue.run(librbd.close_image, old)
+
     async def close(self) -> None:
         await self.queue.run(librbd.close_image, self.image)
         await self.queue.run(self.cluster.close)
@@ -145,20 +160,18 @@ class RbdDriver(BlockDriver):
             ) from None
 
     async def read(self, offset: int, buf: memoryview) -> None:
-        pointer, holder = librbd.address(buf)
+        pointer, _kept = librbd.address(buf)  # alive until librbd is done with it
         await self._aio(
             lambda c: self._rbd.rbd_aio_read(self.image, offset, buf.nbytes, pointer, c),
             f"rbd: {self.where}: read {offset}+{buf.nbytes}",
         )
-        del holder
 
     async def write(self, offset: int, data: memoryview) -> None:
-        pointer, holder = librbd.address(data)
+        pointer, _kept = librbd.address(data)  # alive until librbd is done with it
         await self._aio(
             lambda c: self._rbd.rbd_aio_write(self.image, offset, data.nbytes, pointer, c),
             f"rbd: {self.where}: write {offset}+{data.nbytes}",
         )
-        del holder
 
     async def flush(self) -> None:
         await self._aio(
@@ -191,7 +204,7 @@ class RbdDriver(BlockDriver):
     async def block_status(self, offset: int, length: int) -> Extent:
         """Allocated or not, from ``diff_iterate`` (whole objects from the object map where
         the image has fast-diff, as QEMU asks); a hole reads as zeros."""
-        length = min(length, ZERO_CHUNK * 64)
+        length = min(length, STATUS_SPAN)
         start, count = await self.queue.run(
             librbd.first_extent, self.image, offset, length, self.fast_diff
         )

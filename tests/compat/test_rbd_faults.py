@@ -18,6 +18,7 @@ from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
 from tests.ceph import POOL, Cluster, cluster, free_port, needs_ceph
 from tests.compat.peers import MiB
+from tests.helpers import wait_until
 
 pytestmark = [needs_ceph, pytest.mark.qemu]
 SIZE = 4 * MiB
@@ -31,9 +32,22 @@ def osd_stopped(ceph: Cluster) -> Iterator[None]:
     osd = ceph.processes["osd.0"]
     osd.send_signal(signal.SIGSTOP)
     try:
+        wait_until(lambda: all_stopped(osd.pid), "every thread of the OSD to stop")
         yield
     finally:
         osd.send_signal(signal.SIGCONT)
+
+
+def all_stopped(pid: int) -> bool:
+    """Whether every thread of the process is stopped (SIGSTOP is delivered to each thread
+    on its way back to user space, not at once)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            states.append(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:  # a thread that just ended
+            continue
+    return all(state in "tT" for state in states)
 
 
 async def test_a_stopped_osd_delays_only_its_requests_and_loses_nothing(

@@ -86,3 +86,30 @@ def test_two_daemons_one_writer(ceph: Cluster, mount_factory: Callable[..., Moun
     second.ctl("create", f"r {ceph.spec(name)},read-only=on")
     assert (second / "r").read_bytes()[:4096] == data
     assert errno_of(lambda: (second / "r").write_bytes(b"x")) == errno.EROFS
+
+
+async def test_reopen_read_only_lets_the_lock_go_and_a_refused_switch_back_changes_nothing(
+    ceph: Cluster,
+) -> None:
+    name = ceph.image(SIZE)
+    first, second = BlockLayer(), BlockLayer()
+    try:
+        backend = await first.create("w", f"{ceph.spec(name)},node-name=img")
+        await backend.write(0, b"one" * 100)
+        await first.reopen("img", "read-only=on")
+        other = await second.create("w", ceph.spec(name))  # the lock is free now
+        await other.write(0, b"two" * 100)
+        await other.flush()
+        with pytest.raises(BlockError) as refused:
+            await first.reopen("img", "read-only=off")
+        assert refused.value.errno == errno.EBUSY
+        assert backend.read_only
+        assert await backend.read(0, 300) == b"two" * 100  # still reads, read-only
+        await second.close()
+        await first.reopen("img", "read-only=off")
+        await backend.write(0, b"three" * 100)
+        await backend.flush()
+    finally:
+        await second.close()
+        await first.close()
+    assert ceph.run_bytes("rbd", "export", f"{POOL}/{name}", "-")[:500] == b"three" * 100
