@@ -15,7 +15,7 @@ from typing import Any
 
 from blkfs.block.graph import Graph
 from blkfs.block.node import Node
-from blkfs.block.options import parse_size
+from blkfs.block.options import RBD_PREFIX, parse_options, parse_size, validate
 from blkfs.block.perm import ALL, IMAGE, Perm
 from blkfs.errors import BlockError
 
@@ -38,6 +38,9 @@ async def create_image(
     and it gives the size if ``size`` is None.
     """
     graph = Graph()
+    if is_volume_name(filename):
+        await _create_volume(graph, filename, fmt, size, backing, options)
+        return
     if fmt not in format_names(graph):
         raise BlockError(
             errno.EINVAL,
@@ -77,6 +80,37 @@ async def create_image(
         raise
 
 
+async def _create_volume(
+    graph: Graph,
+    name: str,
+    fmt: str,
+    size: int | str | None,
+    backing: str | None,
+    options: Mapping[str, str] | None,
+) -> None:
+    """A raw volume in a storage service (an ``rbd:`` image), made by its protocol driver."""
+    if fmt != "raw" or backing is not None or options:
+        raise BlockError(
+            errno.EINVAL, f"{name}: only raw volumes without options or backing file are made"
+        )
+    if size is None:
+        raise BlockError(errno.EINVAL, "a size is needed")
+    try:
+        size = parse_size(size)
+    except (TypeError, ValueError) as exc:
+        raise BlockError(errno.EINVAL, f"size {size!r}: {exc}") from None
+    tree = parse_options(name)
+    cls = graph.drivers.get(tree["driver"])
+    values = validate(cls.name, cls.options, cls.children, tree).values
+    await cls.create_volume(values, size)
+
+
+def is_volume_name(filename: str) -> bool:
+    """Whether ``filename`` names a volume in a storage service (``rbd:POOL/IMAGE``)
+    rather than a host file."""
+    return filename.startswith(RBD_PREFIX)
+
+
 def _fsync_directory(filename: str) -> None:
     fd = os.open(os.path.dirname(os.path.abspath(filename)), os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -94,7 +128,9 @@ async def _inspect_backing(
 ) -> tuple[str, int]:
     """The backing file's format and virtual size; it must open."""
     path = os.path.join(os.path.dirname(os.path.abspath(filename)), backing)  # noqa: ASYNC240 (no I/O)
-    file_options = {"driver": "file", "filename": path}
+    file_options: dict[str, Any] = (
+        parse_options(backing) if is_volume_name(backing) else {"driver": "file", "filename": path}
+    )
     tree: dict[str, Any] = {"file": file_options, "force-share": True}  # as qemu-img create:
     if backing_format:  # the backing file may be in use (the overlay goes on a live image)
         tree["driver"] = backing_format
@@ -130,6 +166,17 @@ async def image_info(filename: str, force_share: bool = False) -> dict[str, Any]
     hide the image's own facts: its layer is reported with the error.
     """
     graph = Graph()
+    if is_volume_name(filename):
+        node = await graph.open_node({**parse_options(filename), "read-only": True})
+        try:
+            return {
+                **await _describe_layer(node),
+                "filename": filename,
+                "format": "raw",
+                "backing-chain": [],
+            }
+        finally:
+            await graph.unref(node)
     file_node = await graph.open_node(
         {"driver": "file", "filename": filename, "read-only": True, "force-share": force_share}
     )

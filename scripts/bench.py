@@ -74,6 +74,10 @@ device, 1 and 4 jobs: IOPS of 4 jobs / 1 job (target >= 3.5).
 
 ``--jobs`` (off by default): also the block-job table of scripts/bench_jobs.py (commit,
 stream, mirror, convert against qemu-img and qsd), --rounds runs per side.
+
+``--rbd`` (off by default): also the RBD table of scripts/bench_rbd.py (blkfs's rbd driver
+against rbd-fuse and qemu-storage-daemon's rbd driver, on one image in the tests' throwaway
+single-node cluster; sequential, 4 KiB random 1 and 4 jobs), --rounds rounds.
 """
 
 from __future__ import annotations
@@ -1492,6 +1496,12 @@ def main() -> int:
         action="store_true",
         help="also the block-job table (scripts/bench_jobs.py), --rounds runs each",
     )
+    ap.add_argument(
+        "--rbd",
+        action="store_true",
+        help="also the RBD table (scripts/bench_rbd.py: blkfs vs rbd-fuse and qsd on one "
+        "image in a throwaway cluster), --rounds rounds",
+    )
     args = ap.parse_args()
 
     size = args.size or (256 * MiB if args.quick else GiB)
@@ -1726,6 +1736,17 @@ def main() -> int:
             results["jobs"] = jobs
             print()
             print(bench_jobs.job_table(jobs))
+        if args.rbd:
+            import bench_rbd  # scripts/ is on sys.path: this script's directory
+
+            log("RBD (scripts/bench_rbd.py)")
+            results["rbd"] = bench_rbd.run_rbd_bench(work / "rbd", size, runtime, rounds)
+            print()
+            print(
+                "RBD: blkfs's rbd driver vs rbd-fuse and qsd's rbd driver (FUSE export) on one "
+                "image, medians of the rounds:"
+            )
+            print(bench_rbd.rbd_table(results["rbd"]))
         if "samples" in results or failed:
             below = targets(results.get("samples", {}), images, peers, rss, failed)
             results["below_target"] = below

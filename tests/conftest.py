@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio.testing
 
+from tests.ceph import Cluster, cluster
 from tests.helpers import Mount, blkfs_mounts_under, force_unmount, mounts_in
 
 needs_fuse = pytest.mark.skipif(
@@ -106,3 +107,11 @@ def autojump_clock() -> trio.testing.MockClock:
     the moment the loop waits for one would fire a test's timers while the call is still
     under way, on a loaded machine even more so."""
     return trio.testing.MockClock(autojump_threshold=0.1)
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One throwaway Ceph cluster for the whole run (tests/ceph.py): started at the first
+    test that asks, stopped at the end of the run even when tests fail."""
+    with cluster(tmp_path_factory.mktemp("ceph")) as running:
+        yield running

@@ -57,6 +57,9 @@ class NodeContext(Protocol):
         """BlockError (EACCES) unless the host policy lets a node reach this NBD server
         (a unix socket ``path``, or ``host``:``port``)."""
 
+    def check_rbd_image(self, image: str) -> None:
+        """BlockError (EACCES) unless the host policy lets a node reach a Ceph cluster."""
+
     def probe_format(self, header: bytes) -> str:
         """The format an image starting with ``header`` would be probed as."""
 

@@ -119,6 +119,13 @@ class BlockDriver:
         raise BlockError(errno.ENOTSUP, f"{cls.name} cannot create images")
 
     @classmethod
+    async def create_volume(cls, values: Mapping[str, Any], size: int) -> None:
+        """Make the new, empty volume of ``size`` bytes that a node with the option
+        ``values`` would open (``qemu-img create rbd:POOL/IMAGE``); EEXIST if it exists. Only
+        protocols whose volumes live in a service rather than in a host file make them."""
+        raise BlockError(errno.ENOTSUP, f"{cls.name} cannot create volumes")
+
+    @classmethod
     async def check(cls, file: Child, repair: bool) -> dict[str, Any]:
         """Check the metadata of the image in ``file`` as ``qemu-img check`` does, and with
         ``repair`` lower leaked refcounts; returns qemu-img's JSON fields (``corruptions``,

@@ -259,6 +259,9 @@ class Node:
     def check_nbd_server(self, path: str | None, host: str | None, port: int) -> None:
         self.graph.policy.check_nbd_server(path, host, port)
 
+    def check_rbd_image(self, image: str) -> None:
+        self.graph.policy.check_rbd_image(image)
+
     def probe_format(self, header: bytes) -> str:
         return self.graph.probe_bytes(header)
 

@@ -237,7 +237,8 @@ COMMON_OPTIONS: Mapping[str, Option] = {
 def parse_options(text: str) -> Tree:
     """Parse any of the three spellings into a nested dict; raise OptionError if malformed.
     A path that is an NBD URI (``nbd://HOST[:PORT]/EXPORT``,
-    ``nbd+unix:///EXPORT?socket=PATH``) means an ``nbd`` node, as in QEMU."""
+    ``nbd+unix:///EXPORT?socket=PATH``) means an ``nbd`` node, and one that starts with
+    ``rbd:`` an ``rbd`` node (:func:`rbd_filename`), as in QEMU."""
     text = text.strip()
     if not text:
         raise OptionError("no options given: expected a path, key=value pairs or JSON")
@@ -247,6 +248,8 @@ def parse_options(text: str) -> Tree:
     head, rest = items[0], items[1:]
     if _NBD_URI_RE.match(head):
         return _nbd_uri(head, _nest(_pairs(rest)))
+    if head.startswith(RBD_PREFIX):
+        return {**rbd_filename(head), **_nest(_pairs(rest))}
     if "=" in head:
         return _nest(_pairs(items))
     tree = _nest(_pairs(rest))
@@ -283,6 +286,57 @@ def _nbd_uri(uri: str, tree: Tree) -> Tree:
         if port is not None:
             server["port"] = str(port)
     return {"driver": "nbd", "server": server, "export": export, **tree}
+
+
+RBD_PREFIX = "rbd:"
+_RBD_KEYS = {"conf": "conf", "id": "user"}
+"""The ``:key=value`` settings of an rbd filename, and the options they stand for."""
+
+
+def rbd_filename(name: str) -> Tree:
+    """The rbd node ``rbd:POOL[/NAMESPACE]/IMAGE[@SNAP][:conf=PATH][:id=USER]`` names
+    (QEMU's qemu_rbd_parse_filename); a backslash takes the next character literally."""
+    spec, rest = _rbd_token(name[len(RBD_PREFIX) :], ":")
+    pool, image = _rbd_token(spec, "/")
+    if image is None or not pool:
+        raise OptionError(f"invalid rbd name '{name}': expected rbd:POOL/IMAGE")
+    image, snapshot = _rbd_token(image, "@")
+    tree: Tree = {"driver": "rbd", "pool": _unescape(pool)}
+    namespace, image_rest = _rbd_token(image, "/")
+    if image_rest is not None:
+        tree["namespace"] = _unescape(namespace)
+        image = image_rest
+    tree["image"] = _unescape(image)
+    if not tree["image"]:
+        raise OptionError(f"invalid rbd name '{name}': the image name is empty")
+    if snapshot is not None:
+        tree["snapshot"] = _unescape(snapshot)
+    while rest is not None:
+        pair, rest = _rbd_token(rest, ":")
+        key, eq, value = _unescape(pair).partition("=")
+        if key not in _RBD_KEYS or not eq:
+            raise OptionError(
+                f"invalid rbd name '{name}': '{_unescape(pair)}' is not conf=PATH or id=USER"
+            )
+        tree[_RBD_KEYS[key]] = value
+    return tree
+
+
+def _rbd_token(text: str, sep: str) -> tuple[str, str | None]:
+    """The text before the first unescaped ``sep`` and the text after it (None: no ``sep``)."""
+    i = 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == sep:
+            return text[:i], text[i + 1 :]
+        i += 1
+    return text, None
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.?)", r"\1", text, flags=re.DOTALL)
 
 
 def _parse_json(text: str) -> Tree:

@@ -1,5 +1,5 @@
-"""Which host files and NBD servers the graph may open: the ``--image-dir`` allowlist, and
-with it the ``--allow-nbd`` one.
+"""Which host files, NBD servers and Ceph clusters the graph may open: the ``--image-dir``
+allowlist, and with it the ``--allow-nbd`` one.
 
 The check runs on the opened descriptor (``/proc/self/fd``), not only on the name, so a
 symlink or ``..`` swapped in between check and open cannot lead outside the allowlist. A hard
@@ -9,8 +9,8 @@ image names (backing files).
 
 A mount confined to image directories must not reach any server either: with them, an nbd
 node connects only to a unix socket inside an allowed socket directory or to an allowed
-``HOST:PORT`` (as written: ``localhost`` is not ``127.0.0.1``). Without image directories
-nothing is restricted.
+``HOST:PORT`` (as written: ``localhost`` is not ``127.0.0.1``), and an rbd node not at all.
+Without image directories nothing is restricted.
 """
 
 from __future__ import annotations
@@ -65,6 +65,16 @@ class HostPolicy:
             f"NBD server {where} is not allowed with image "
             f"directories; allow it with --allow-nbd {allow}",
         )
+
+    def check_rbd_image(self, image: str) -> None:
+        """EACCES if a node may not reach a Ceph cluster: a mount confined to image
+        directories reaches none (an rbd name may stand in an image's header)."""
+        if self.image_dirs is not None:
+            raise BlockError(
+                errno.EACCES,
+                f"rbd image {image} is not allowed with image directories "
+                "(a confined mount reaches no Ceph cluster)",
+            )
 
     def _inside(self, real: str) -> bool:
         """Whether an already resolved path lies inside the allowlist."""

@@ -70,15 +70,13 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._idle = 0
         """Threads waiting for a job that no submitted job has been promised to."""
-        self._done: list[tuple[HostCall, outcome.Outcome[Any]]] = []
+        self._done: list[tuple[Callable[[outcome.Outcome[Any]], None], outcome.Outcome[Any]]] = []
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._reaping: trio.lowlevel.RunVar[bool] = trio.lowlevel.RunVar("reaping", False)
 
     def submit(self, call: Callable[..., Any], args: tuple[Any, ...], host: HostCall) -> None:
         """Run ``call(*args)`` on a worker; ``host`` hears of its outcome in the loop."""
-        if not self._reaping.get():
-            self._reaping.set(True)
-            trio.lowlevel.spawn_system_task(self._reap, name="blkfs host I/O completions")
+        self.expect()
         job = (call, args, host)
         with self._lock:
             if self._idle:
@@ -102,11 +100,25 @@ class WorkerPool:
             job = None
             result = outcome.capture(call, *args)
             with self._lock:
-                self._done.append((host, result))
-                wake = len(self._done) == 1
                 self._idle += 1
-            if wake:
-                os.eventfd_write(self._wakeup, 1)
+            self.deliver(host.returned, result)
+
+    def expect(self) -> None:
+        """In the loop, before anything may :meth:`deliver`: the completions are reaped."""
+        if not self._reaping.get():
+            self._reaping.set(True)
+            trio.lowlevel.spawn_system_task(self._reap, name="blkfs host I/O completions")
+
+    def deliver(
+        self, done: Callable[[outcome.Outcome[Any]], None], result: outcome.Outcome[Any]
+    ) -> None:
+        """From any thread (a worker, or a library's own completion thread): ``done`` is
+        called with ``result`` in the loop, in a batch with the others that are done."""
+        with self._lock:
+            self._done.append((done, result))
+            wake = len(self._done) == 1
+        if wake:
+            os.eventfd_write(self._wakeup, 1)
 
     async def _reap(self) -> None:
         try:
@@ -118,8 +130,8 @@ class WorkerPool:
                     pass
                 with self._lock:
                     done, self._done = self._done, []
-                for host, result in done:
-                    host.returned(result)
+                for call, result in done:
+                    call(result)
         finally:
             self._reaping.set(False)
 
@@ -132,6 +144,19 @@ def shared_pool() -> WorkerPool:
 
 def _abort(_: Any) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
+
+
+async def completion(start: Callable[[Callable[[outcome.Outcome[Any]], None]], None]) -> Any:
+    """Call ``start(done)``, which begins an operation that another thread ends by calling
+    ``done(outcome)`` once (a library's asynchronous API: librbd's completions), and sleep
+    until it does; the outcome's value is returned or its exception raised. Like a worker's
+    call, the sleep cannot be cancelled: the operation owns the caller's buffer until done.
+    If ``start`` raises, nothing was begun and its exception is raised here."""
+    pool = shared_pool()
+    pool.expect()
+    task = trio.lowlevel.current_task()
+    start(functools.partial(pool.deliver, functools.partial(trio.lowlevel.reschedule, task)))
+    return await trio.lowlevel.wait_task_rescheduled(_abort)
 
 
 class HostQueue:

@@ -13,10 +13,11 @@ from typing import Any
 
 import trio
 
+from blkfs.backend import parse_options
 from blkfs.cli import progress
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
-from blkfs.image import image_info, set_backing_file
+from blkfs.image import create_image, image_info, is_volume_name, set_backing_file
 from blkfs.info import JobInfo
 from blkfs.jobs.manager import JobManager
 from blkfs.layer import BlockLayer
@@ -67,7 +68,7 @@ def add_parsers(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     convert.add_argument("-O", dest="output_format", default="raw", choices=("raw", "qcow2"))
     convert.add_argument("-p", dest="progress", action="store_true", help="show progress")
     convert.add_argument("source")
-    convert.add_argument("target", help="a new file (never overwritten)")
+    convert.add_argument("target", help="a new file or rbd: image (never overwritten)")
     convert.set_defaults(func=cmd_convert)
 
 
@@ -173,16 +174,25 @@ def in_chain(image: str, chain: list[dict[str, Any]], path: str) -> bool:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    target = os.path.abspath(args.target)
+    """A volume in a storage service (``rbd:``) as the target is made raw, of the source's
+    size, and copied into as an existing image."""
+    into_volume = is_volume_name(args.target)
+    target = args.target if into_volume else os.path.abspath(args.target)
 
     async def convert(commands: Commands) -> None:
         medium = {**file_medium(args.source), "read-only": True}
         if args.format:
             medium["driver"] = args.format
         await commands.run("create", {"name": NAME, "medium": medium})
-        await run_job(
-            commands, "backup", {"target": target, "format": args.output_format}, args.progress
-        )
+        job: dict[str, Any] = {"target": target, "format": args.output_format}
+        if into_volume:
+            if args.output_format != "raw":
+                raise BlockError(errno.EINVAL, f"{target}: only raw volumes are made (-O raw)")
+            status = await commands.run("query-status", {})
+            size = next(b["size"] for b in status["backends"] if b["name"] == NAME)
+            await create_image(target, "raw", size)
+            job = {"target": target, "existing": True}
+        await run_job(commands, "backup", job, args.progress)
 
     run_commands(convert)
     return 0
@@ -194,6 +204,9 @@ def absolute(image: str, name: str) -> str:
 
 
 def file_medium(path: str) -> dict[str, Any]:
+    """The medium of an image file, or of a raw volume in a storage service (``rbd:``)."""
+    if is_volume_name(path):
+        return {"driver": "raw", "file": parse_options(path)}
     return {"file": {"driver": "file", "filename": os.path.abspath(path)}}
 
 

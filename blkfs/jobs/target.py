@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from blkfs.block.options import parse_options
 from blkfs.errors import BlockError
-from blkfs.image import create_image
+from blkfs.image import create_image, is_volume_name
 from blkfs.jobs.chain import chain, header_name
 
 if TYPE_CHECKING:
@@ -23,14 +23,14 @@ async def target_options(
     made here).
 
     ``target`` is a path, the options of a node over an existing image (``driver=...``,
-    JSON: a target behind a filter, say), or ``node=NAME`` alone for a node opened already
-    (node-add), as QEMU's blockdev-mirror and blockdev-backup take it. A new image has
-    the medium's size and, unless the format is given, the active image's format (qcow2 or
-    raw). With ``sync=top`` or ``none`` a new qcow2 target takes the active
+    JSON: a target behind a filter, say; an ``rbd:`` image), or ``node=NAME`` alone for a
+    node opened already (node-add), as QEMU's blockdev-mirror and blockdev-backup take it. A
+    new image has the medium's size and, unless the format is given, the active image's
+    format (qcow2 or raw). With ``sync=top`` or ``none`` a new qcow2 target takes the active
     image's backing file as its own (the target holds only the top, as the source does), and
     shares the backend's node for it."""
-    if "=" in target or target.startswith("{"):
-        if fmt or existing:
+    if "=" in target or target.startswith("{") or is_volume_name(target):
+        if fmt or (existing and not is_volume_name(target)):
             raise BlockError(
                 errno.EINVAL,
                 "a target given as options names its image and "

@@ -37,6 +37,7 @@ from blkfs.block import (
     Option,
     Role,
 )
+from blkfs.block.options import RBD_PREFIX, rbd_filename
 
 from .backing_map import BackingMap
 from .bitmap_directory import MAX_BITMAPS, MAX_GRANULARITY_BITS
@@ -186,6 +187,9 @@ class Qcow2Driver(ImageChanges):
         directory, read-only, through the graph (so --image-dir applies), format from the
         header extension or probed; with the image file's cache.direct, as QEMU's backing
         files inherit it."""
+        if name.startswith(RBD_PREFIX):  # a base image in a Ceph cluster, as QEMU allows
+            fmt = self.header.backing_format or "raw"
+            return {"file": rbd_filename(name), "read-only": True, "driver": fmt}
         base = self.file.node.filename()
         if base and not os.path.isabs(name):
             name = os.path.join(os.path.dirname(base), name)

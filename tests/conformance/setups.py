@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blkfs.block.registry import default_registry
+from tests.ceph import POOL, Cluster
 
 SIZE = 1 << 20
 
@@ -24,8 +25,9 @@ def initial_data(size: int) -> bytes:
 @dataclass(frozen=True)
 class Setup:
     name: str
-    make: Callable[[Path], str]
-    """Writes whatever files the medium needs under the path; returns its options."""
+    make: Callable[..., str]
+    """Writes whatever files the medium needs under the path (and into the services it
+    ``uses``, given after it); returns its options."""
     keeps_data: bool = True
     resizable: bool = True
     shrinkable: bool = True
@@ -33,12 +35,21 @@ class Setup:
     host_file: str | None = "disk.img"
     """Where the data lands on the host, byte for byte (None if not a raw mapping)."""
     host_offset: int = 0
+    uses: tuple[str, ...] = ()
+    """Fixtures of the services the medium lives in (``ceph``: a throwaway cluster)."""
 
 
 def _raw_file(tmp: Path, size: int = SIZE, prefix: bytes = b"") -> Path:
     path = tmp / "disk.img"
     path.write_bytes(prefix + initial_data(size))
     return path
+
+
+def _rbd_image(tmp: Path, ceph: Cluster) -> str:
+    """An image in the test cluster holding the initial data (``rbd import``)."""
+    name = ceph.image()
+    ceph.run("rbd", "import", str(_raw_file(tmp)), f"{POOL}/{name}")
+    return ceph.spec(name)
 
 
 def _log(tmp: Path) -> Path:
@@ -95,6 +106,7 @@ SETUPS: list[Setup] = [
         host_offset=SLICE_OFFSET,
     ),
     Setup("null", lambda tmp: f"driver=null,size={SIZE}", keeps_data=False, host_file=None),
+    Setup("rbd", _rbd_image, host_file=None, uses=("ceph",)),
     Setup("qcow2", _qcow2_overlay, host_file=None, shrinkable=False),
     Setup(
         "qcow2-small-clusters",

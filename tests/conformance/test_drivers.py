@@ -13,18 +13,33 @@ from blkfs.backend import BlockBackend
 from blkfs.block import Status
 from blkfs.errors import BlockError
 from blkfs.layer import BlockLayer
+from tests.ceph import needs_ceph
 from tests.conformance.setups import SETUPS, SIZE, Setup, initial_data
 
 
-@pytest.fixture(params=SETUPS, ids=lambda s: s.name)
+@pytest.fixture(
+    params=[
+        pytest.param(s, marks=[needs_ceph, pytest.mark.qemu]) if "ceph" in s.uses else s
+        for s in SETUPS
+    ],
+    ids=lambda s: s.name,
+)
 def setup(request: pytest.FixtureRequest) -> Setup:
     return request.param
 
 
 @pytest.fixture
-async def medium(setup: Setup, tmp_path: Path) -> AsyncIterator[tuple[BlockBackend, Setup, Path]]:
+def options(setup: Setup, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """The options of a fresh medium of the setup (in the services it uses)."""
+    return setup.make(tmp_path, *(request.getfixturevalue(name) for name in setup.uses))
+
+
+@pytest.fixture
+async def medium(
+    setup: Setup, options: str, tmp_path: Path
+) -> AsyncIterator[tuple[BlockBackend, Setup, Path]]:
     layer = BlockLayer()
-    backend = await layer.create("disk", setup.make(tmp_path))
+    backend = await layer.create("disk", options)
     try:
         yield backend, setup, tmp_path
     finally:
@@ -98,15 +113,15 @@ async def test_out_of_range_requests_fail_and_change_nothing(medium) -> None:
     assert backend.stats.errors == 5
 
 
-async def test_read_only_refuses_writes(setup: Setup, tmp_path: Path) -> None:
+async def test_read_only_refuses_writes(setup: Setup, options: str) -> None:
     layer = BlockLayer()
     try:
         if not setup.can_be_read_only:
             with pytest.raises(BlockError) as refused:
-                await layer.create("ro", setup.make(tmp_path), read_only=True)
+                await layer.create("ro", options, read_only=True)
             assert refused.value.errno == errno.EINVAL and "ro" not in layer
             return
-        backend = await layer.create("ro", setup.make(tmp_path), read_only=True)
+        backend = await layer.create("ro", options, read_only=True)
         assert backend.read_only
         for request in (
             backend.write(0, b"x"),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import outcome
 import pytest
 import trio
 
-from blkfs.block.workers import HostQueue
+from blkfs.block.workers import HostQueue, completion
 from blkfs.errors import BlockError
 from blkfs.layer import BlockLayer
 
@@ -73,3 +76,45 @@ async def test_aio_other_than_threads_is_refused_and_nothing_opens(
     backend = await layer.create("d", f"driver=file,aio=threads,filename={path}")
     assert await backend.read(0, 4096) == bytes(4096)
     await layer.close()
+
+
+async def test_completions_from_a_librarys_own_threads_reach_their_tasks() -> None:
+    """blkfs.block.workers.completion: as librbd's callbacks do, other threads finish the
+    operations, in any order; each task gets its own outcome, an error is raised in it."""
+    gates = [threading.Event() for _ in range(8)]
+    results: dict[int, object] = {}
+
+    def start_on_a_thread(index: int) -> Callable[[Callable[[outcome.Outcome[Any]], None]], None]:
+        def start(done: Callable[[outcome.Outcome[Any]], None]) -> None:
+            def finish() -> None:
+                gates[index].wait()
+                if index == 5:
+                    done(outcome.Error(BlockError(errno.EIO, "the fifth failed")))
+                else:
+                    done(outcome.Value(index * 10))
+
+            threading.Thread(target=finish, daemon=True).start()
+
+        return start
+
+    async def call(index: int) -> None:
+        try:
+            results[index] = await completion(start_on_a_thread(index))
+        except BlockError as exc:
+            results[index] = exc.errno
+
+    async with trio.open_nursery() as nursery:
+        for index in range(8):
+            nursery.start_soon(call, index)
+        await trio.sleep(0.01)
+        for gate in reversed(gates):  # the last started finishes first
+            gate.set()
+    assert results == {i: (errno.EIO if i == 5 else i * 10) for i in range(8)}
+
+
+async def test_a_completion_that_cannot_start_raises_at_once() -> None:
+    def refuse(done: Callable[[outcome.Outcome[Any]], None]) -> None:
+        raise BlockError(errno.EINVAL, "not started")
+
+    with pytest.raises(BlockError, match="not started"):
+        await completion(refuse)
