@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.backend import BlockLayer, Status
+from blkfs.backend import Status
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.ceph import POOL, Cluster, needs_ceph
 from tests.compat.peers import MiB, qemu, source
 from tests.conftest import needs_fuse

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.ceph import POOL, Cluster, cluster, free_port, needs_ceph
 from tests.compat.peers import MiB
 from tests.helpers import wait_until

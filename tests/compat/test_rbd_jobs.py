@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.ceph import POOL, Cluster, needs_ceph
 from tests.compat.peers import MiB, check, qemu, to_raw
 from tests.conftest import needs_fuse

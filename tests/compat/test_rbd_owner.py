@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from blkfs.backend import BlockLayer
 from blkfs.errors import BlockError
+from blkfs.layer import BlockLayer
 from tests.ceph import POOL, Cluster, needs_ceph
 from tests.compat.peers import MiB
 from tests.conftest import needs_fuse
