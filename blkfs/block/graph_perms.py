@@ -139,7 +139,8 @@ class PermissionGraph:
                     errno.EROFS, f"node '{node.name}' is read-only, but {writer} needs to write it"
                 )
             writers = [use.who for use in uses if Perm.WRITE in use.perm]
-            if len(writers) > 1:  # a node has one writer (DESIGN.md), wherever QEMU shares
+            # one writer per node, where QEMU shares (docs/design.md, "Permissions between nodes")
+            if len(writers) > 1:
                 raise BlockError(
                     errno.EBUSY,
                     f"node '{node.name}' is already written by "
