@@ -65,7 +65,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             ("full", "top", "none"),
             "copy the live backend to a new image and switch to it",
         ),
-        ("backup", ("full", "top"), "point-in-time copy of the live backend"),
+        (
+            "backup",
+            ("full", "top", "incremental", "bitmap"),
+            "point-in-time copy of the live backend",
+        ),
     ):
         parser = sub.add_parser(verb, help=text)
         _mount_and_name(parser)
@@ -76,6 +80,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         if verb == "mirror":
             parser.add_argument(
                 "--mode", choices=("background", "write-blocking"), default="background"
+            )
+        else:
+            parser.add_argument("--bitmap", help="the dirty bitmap of an incremental backup")
+            parser.add_argument(
+                "--bitmap-mode",
+                choices=("on-success", "always", "never"),
+                help="what the bitmap keeps at the end (as QEMU's bitmap-mode)",
             )
         parser.add_argument(
             "--format",
@@ -88,6 +99,21 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             help="the target exists (at least as large as the backend)",
         )
         _job_options(parser, completes=verb == "mirror")
+
+    bitmap = sub.add_parser("bitmap", help="a node's dirty bitmaps (QEMU's block-dirty-bitmap-*)")
+    bitmap_verbs = bitmap.add_subparsers(dest="verb", required=True)
+    for verb, text in BITMAP_VERBS.items():
+        parser = bitmap_verbs.add_parser(verb, help=text)
+        parser.add_argument("mountpoint")
+        parser.add_argument("node", help="the node (a backend's image: its node-name)")
+        parser.add_argument("bitmap", help="the bitmap's name (merge: the target)")
+        if verb == "add":
+            parser.add_argument("--granularity", help="bytes per bit (default 64K)")
+            parser.add_argument("--persistent", action="store_true", help="stored in the image")
+            parser.add_argument("--disabled", action="store_true", help="records nothing yet")
+        if verb == "merge":
+            parser.add_argument("sources", nargs="+", help="the bitmaps merged into it")
+        parser.set_defaults(func=cmd_bitmap)
 
     job = sub.add_parser("job", help="list, follow and steer a mount's block jobs")
     verbs = job.add_subparsers(dest="verb", required=True)
@@ -147,6 +173,28 @@ def _job_options(parser: argparse.ArgumentParser, completes: bool) -> None:
 # -- the commands ---------------------------------------------------------------------------
 
 
+BITMAP_VERBS = {
+    "add": "a new dirty bitmap on the node",
+    "remove": "drop a bitmap (from its image too, if persistent)",
+    "clear": "mark the whole bitmap clean",
+    "enable": "the bitmap records writes again",
+    "disable": "the bitmap stops recording",
+    "merge": "mark in the bitmap what the source bitmaps have marked",
+}
+
+
+def cmd_bitmap(args: argparse.Namespace) -> int:
+    """``.ctl/bitmap-VERB NODE NAME ...``: the same command, spelled as a shell verb."""
+    words = [args.node, f"{'target' if args.verb == 'merge' else 'name'}={args.bitmap}"]
+    if args.verb == "add":
+        words += [f"granularity={args.granularity}"] if args.granularity else []
+        words += ["persistent=on"] * args.persistent + ["disabled=on"] * args.disabled
+    if args.verb == "merge":
+        words.append(f"bitmaps={','.join(args.sources)}")
+    send(args.mountpoint, f"bitmap-{args.verb}", " ".join(words))
+    return 0
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     words = [args.name, os.path.abspath(args.path)]
     if args.cluster_size:
@@ -170,7 +218,17 @@ def cmd_start_job(args: argparse.Namespace) -> int:
     if verb in ("mirror", "backup"):
         target = args.target
         words.append(target if "=" in target or target.startswith("{") else os.path.abspath(target))
-    for option in ("top", "base", "sync", "mode", "format", "speed", "job_id"):
+    for option in (
+        "top",
+        "base",
+        "sync",
+        "mode",
+        "format",
+        "speed",
+        "job_id",
+        "bitmap",
+        "bitmap_mode",
+    ):
         value = getattr(args, option, None)
         if value is not None:
             words.append(f"{option.replace('_', '-')}={_absolute_image(option, value)}")

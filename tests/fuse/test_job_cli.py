@@ -4,6 +4,7 @@ walk-through as written, and following jobs from the shell."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -197,3 +198,56 @@ def test_a_snapshot_takes_the_overlays_qcow2_options(mount_factory, images: Path
     assert info["cluster-size"] == 16384 and specific["extended-l2"] is True
     assert specific["compression-type"] == "zstd"
     assert info["backing-filename"] == source.name
+
+
+def test_an_incremental_backup_from_the_shell(mount_factory, images: Path) -> None:
+    """blkfs bitmap and blkfs backup --sync incremental: the second backup holds only what
+    was written after the first, and restores onto it to the backend's content."""
+    image = images / "d.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", image, "16M")
+    mount = mount_factory(
+        "--backend", f"d=driver=qcow2,node-name=img,file.driver=file,file.filename={image}"
+    )
+    with open(mount / "d", "r+b", buffering=0) as f:
+        os.pwrite(f.fileno(), b"A" * (4 * MiB), 0)
+    blkfs("bitmap", "add", str(mount.path), "img", "inc", "--persistent")
+    blkfs("backup", str(mount.path), "d", str(images / "full.qcow2"), "--bitmap", "inc")
+    with open(mount / "d", "r+b", buffering=0) as f:
+        os.pwrite(f.fileno(), b"B" * 65536, 8 * MiB)
+    blkfs(
+        "backup",
+        str(mount.path),
+        "d",
+        str(images / "inc.qcow2"),
+        "--sync",
+        "incremental",
+        "--bitmap",
+        "inc",
+        "--job-id",
+        "inc",
+    )
+    extents = json.loads(
+        run("qemu-img", "map", "--output=json", "-f", "qcow2", images / "inc.qcow2")
+    )
+    copied = sum(e["length"] for e in extents if e["data"] and e["depth"] == 0)
+    assert copied == 65536  # only what was written since the full backup
+    run(
+        "qemu-img",
+        "rebase",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        images / "full.qcow2",
+        "-F",
+        "qcow2",
+        images / "inc.qcow2",
+    )
+    run("qemu-img", "commit", "-q", "-f", "qcow2", images / "inc.qcow2")
+    with open(mount / "d", "rb") as f:
+        live = f.read()
+    restored = images / "restored.raw"
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", images / "full.qcow2", restored)
+    assert restored.read_bytes() == live
+    bad = blkfs("bitmap", "merge", str(mount.path), "img", "inc", "nosuch", check=False)
+    assert bad.returncode != 0 and "nosuch" in bad.stderr
