@@ -16,10 +16,11 @@ without blocking first; a read that misses the page cache completes by task work
 loop's own thread (DEFER_TASKRUN: the loop's eventfd wakes, and nothing else does), so a
 miss costs about what an inline blocking read did; a call that must block (an ext4 buffered
 write: ext4 does not write buffered without blocking, kernel 6.18; fdatasync) runs on the
-kernel's io-wq workers, which need no GIL. Measured against ``aio=threads`` in one run
-through the mount (docs/benchmarks.md, 2026-12-07): cold 4 KiB QD1 reads 1.7x (0.58 of
-inline reads), cold 4-job reads 1.8x, random writes the same (0.97x: both pay two
-wake-ups of idle vCPUs, about a third of inline writes), warm reads the same path (inline).
+kernel's io-wq workers, which need no GIL. Measured against ``aio=threads`` through the
+mount, interleaved (docs/benchmarks.md, 2026-12-07): cold 4 KiB QD1 reads 1.4-2.1x (0.70
+of inline reads, threads 0.48), cold 4-job reads 1.6-1.8x, random writes the same
+(0.85-1.08x: both pay two wake-ups of idle vCPUs, a quarter to a third of inline writes),
+warm reads the same path (inline).
 ``aio=threads`` (the fallback, and QEMU's default) runs them on
 :mod:`blkfs.block.workers`' threads: shared by all nodes, completions batched through one
 eventfd (21 us a round trip against 60 us for ``trio.to_thread.run_sync``). Either way at
