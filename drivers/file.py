@@ -5,24 +5,30 @@ device must not stall the other backends, the control files, QMP or NBD. A read 
 the page cache without waiting (``preadv`` with ``RWF_NOWAIT``): a hit is served inline, on the
 caller's buffer, as cheap as before; a miss (``EAGAIN``, or a short read), any read of a
 ``cache.direct=on`` node, and a read of a host filesystem that cannot answer ``RWF_NOWAIT``
-(tmpfs, FUSE) go to a worker thread, as do writes, fallocate (discard, write_zeroes), lseek
+(tmpfs, FUSE) leave the loop, as do writes, fallocate (discard, write_zeroes), lseek
 (block_status), ftruncate and fdatasync. Buffered writes are not tried with ``RWF_NOWAIT``:
-ext4 refuses that (EOPNOTSUPP, kernel 6.18), so they always go to a worker.
+ext4 refuses that (EOPNOTSUPP, kernel 6.18), so they always leave it.
 
-Workers are :mod:`blkfs.block.workers`: threads shared by all nodes, at most
-:data:`WORKERS_PER_NODE` calls of one node at once, completions batched through one eventfd:
-21 us a round trip at the median against 60 us for ``trio.to_thread.run_sync`` (and 9-12 us
-against 82-108 us a call with four callers), measured on the 2-vCPU benchmark VM
-(docs/benchmarks.md). Inside the daemon a cold 4 KiB read or a write pays two wake-ups of
-threads asleep on idle vCPUs, about 50 us each on that VM (its guest halts an idle vCPU at
-once): cold QD1 reads keep 44-100% of main's IOPS there and random writes 26-37%, swinging
-with the machine's load, the price of availability until a worker that needs no GIL exists
-(polling the completions from the FUSE busy-poll and pinning the workers were measured and
-did not help, docs/benchmarks.md).
-``aio=threads`` is QEMU's name for this; ``aio=io_uring`` and ``aio=native`` are refused, not
-implemented (an earlier io_uring trial lost to the extra wake-up per miss). fstat (length,
-allocated bytes) stays inline: it reads the inode, which every getattr of a backend file
-asks for.
+How a host call leaves the loop is QEMU's ``aio`` option. ``aio=io_uring``, the default
+where the system allows io_uring (:class:`blkfs.block.workers.RingDoor`): reads, writes and
+fdatasync go to the kernel's io_uring with no thread of ours. The kernel tries each one
+without blocking first; a read that misses the page cache completes by task work in the
+loop's own thread (DEFER_TASKRUN: the loop's eventfd wakes, and nothing else does), so a
+miss costs about what an inline blocking read did; a call that must block (an ext4 buffered
+write: ext4 does not write buffered without blocking, kernel 6.18; fdatasync) runs on the
+kernel's io-wq workers, which need no GIL. Measured against ``aio=threads`` through the
+mount, interleaved (docs/benchmarks.md, 2026-12-07): cold 4 KiB QD1 reads 1.4-2.1x (0.70
+of inline reads, threads 0.48), cold 4-job reads 1.6-1.8x, random writes the same
+(0.85-1.08x: both pay two wake-ups of idle vCPUs, a quarter to a third of inline writes),
+warm reads the same path (inline).
+``aio=threads`` (the fallback, and QEMU's default) runs them on
+:mod:`blkfs.block.workers`' threads: shared by all nodes, completions batched through one
+eventfd (21 us a round trip against 60 us for ``trio.to_thread.run_sync``). Either way at
+most :data:`WORKERS_PER_NODE` calls of one node run at once, and fallocate (discard,
+write_zeroes), lseek (block_status) and ftruncate always go to the threads; so do all calls
+of a ``cache.direct=on`` node (its bounce buffers). ``aio=native`` is refused, not
+implemented. fstat (length, allocated bytes) stays inline: it reads the inode, which every
+getattr of a backend file asks for.
 
 Discard and write_zeroes punch holes where the host filesystem can; block_status asks the
 host with SEEK_DATA/SEEK_HOLE so sparse images copy sparsely.
@@ -59,7 +65,7 @@ from blkfs.block import (
     Status,
 )
 from blkfs.block.request import align_up
-from blkfs.block.workers import HostQueue
+from blkfs.block.workers import HostCall, HostQueue, RingDoor, ring_door
 from blkfs.errors import from_oserror
 
 from .image_lock import ImageLocks, LockConflict, LocksUnsupported
@@ -162,9 +168,10 @@ class FileDriver(BlockDriver):
         ),
         "aio": Option(
             "enum",
-            "threads",
-            "how host calls that may block leave the event "
-            "loop, as QEMU's aio: threads (io_uring and native are not implemented)",
+            None,
+            "how host calls that may block leave the event loop, as QEMU's aio: "
+            "io_uring or threads (default: io_uring where the system allows it, else "
+            "threads; native is not implemented)",
             choices=("threads", "io_uring", "native"),
         ),
     }
@@ -183,12 +190,7 @@ class FileDriver(BlockDriver):
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         self.filename = values["filename"]
-        if values["aio"] != "threads":
-            raise OptionError(
-                f"'{self.filename}': aio={values['aio']} is not implemented; "
-                "use aio=threads (host calls that may block run on worker "
-                "threads)"
-            )
+        self.ring = self._ring(values["aio"])
         self.host = HostQueue(WORKERS_PER_NODE)
         self._changing = RangeLocks()
         """Ranges a worker reads or changes: two host calls on one range never overlap, as
@@ -209,6 +211,28 @@ class FileDriver(BlockDriver):
                 self.node.close_host_file(self.fd)
                 self.fd = -1
                 raise
+        if self.ring is not None:
+            self.ring.attach()
+
+    def _ring(self, aio: str | None) -> RingDoor | None:
+        """The io_uring of aio=io_uring (and of no aio, where the system allows it), None
+        for threads; an error if aio=io_uring cannot be had."""
+        if aio == "threads":
+            return None
+        if aio == "native":
+            raise OptionError(
+                f"'{self.filename}': aio=native is not implemented; use aio=io_uring or aio=threads"
+            )
+        try:
+            return ring_door(WORKERS_PER_NODE)
+        except OSError as exc:
+            if aio is None:
+                return None
+            raise OptionError(
+                f"'{self.filename}': aio=io_uring, but this system refuses io_uring "
+                f"({exc.strerror}: kernel.io_uring_disabled, a seccomp filter or an old "
+                "kernel); use aio=threads"
+            ) from None
 
     def _set_direct(self, fd: int) -> None:
         """O_DIRECT on ``fd``, or EINVAL saying the host filesystem cannot."""
@@ -299,6 +323,8 @@ class FileDriver(BlockDriver):
 
     def _close(self, fd: int) -> None:
         self.node.close_host_file(fd)
+        if self.ring is not None:
+            self.ring.detach()
         for bounce in self._bounce:
             bounce.close()
         self._bounce.clear()
@@ -332,6 +358,8 @@ class FileDriver(BlockDriver):
         async with self._changing.hold(offset, buf.nbytes):
             if self.direct:
                 await self._blocking(self._read_direct, offset, buf)
+            elif self.ring is not None:
+                await self._read_ring(self.ring, offset, buf)
             else:
                 await self._blocking(pread_full, self.fd, buf, offset)
 
@@ -339,6 +367,12 @@ class FileDriver(BlockDriver):
         async with self._changing.hold(offset, data.nbytes):
             if self.direct:
                 await self._blocking(self._write_direct, offset, data)
+            elif self.ring is not None:
+                done = 0
+                while done < data.nbytes:
+                    done += await self._in_ring(
+                        self.ring.write(self.fd, data[done:], offset + done)
+                    )
             else:
                 await self._blocking(pwrite_full, self.fd, data, offset)
 
@@ -364,6 +398,24 @@ class FileDriver(BlockDriver):
                 self._can_copy = False
                 return False
         return True
+
+    async def _in_ring(self, begin: Callable[[HostCall], None]) -> int:
+        """One io_uring request; an OSError becomes this file's BlockError."""
+        try:
+            done: int = await self.host.start(begin)
+        except OSError as exc:
+            raise self._error(exc) from None
+        return done
+
+    async def _read_ring(self, ring: RingDoor, offset: int, buf: memoryview) -> None:
+        """:func:`pread_full` through the ring."""
+        done = 0
+        while done < buf.nbytes:
+            got = await self._in_ring(ring.read(self.fd, buf[done:], offset + done))
+            if got == 0:
+                buf[done:] = bytes(buf.nbytes - done)
+                return
+            done += got
 
     # -- cache.direct=on -------------------------------------------------------------------
 
@@ -438,7 +490,10 @@ class FileDriver(BlockDriver):
                 "is changed (or ejected and inserted)",
             )
         try:
-            await self.host.run(os.fdatasync, self.fd)
+            if self.ring is not None:
+                await self.host.start(self.ring.fdatasync(self.fd))
+            else:
+                await self.host.run(os.fdatasync, self.fd)
         except OSError as exc:
             self.flush_error = os.strerror(exc.errno or errno.EIO)
             failed = self._error(exc)

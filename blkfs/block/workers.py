@@ -1,9 +1,11 @@
-"""Worker threads for host calls that may block (QEMU's thread pool, util/thread-pool.c).
+"""Where host calls that may block go: worker threads (QEMU's thread pool,
+util/thread-pool.c) or the kernel's io_uring (:class:`RingDoor`, QEMU's aio=io_uring).
 
 Ground rules: the event loop never waits on a device. A host call that may block (a read the
 page cache cannot serve at once, a write, fallocate, lseek, fdatasync, ftruncate) runs on a
-worker thread, and the task that asked sleeps until it returns. That sleep cannot be
-cancelled: the call cannot be taken back, and it owns the caller's buffer until it returns.
+worker thread or in the kernel's io_uring, and the task that asked sleeps until it returns.
+That sleep cannot be cancelled: the call cannot be taken back, and it owns the caller's
+buffer until it returns.
 The one exception is a node let go with force=on (:meth:`HostQueue.let_go`): its callers are
 answered with an error at once, and the node's host file stays open until the calls return.
 
@@ -23,6 +25,7 @@ against 82-108 us (2-vCPU VM, loaded; figures in docs/benchmarks.md).
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import queue
 import threading
@@ -33,6 +36,8 @@ from typing import Any, TypeVar
 
 import outcome
 import trio
+
+from .uring import FSYNC_DATASYNC, OP_FSYNC, OP_READ, OP_WRITE, Pinned, Ring
 
 T = TypeVar("T")
 
@@ -46,20 +51,26 @@ class HostCall:
     """One call on a worker: who waits for it (None once answered early, see
     :meth:`HostQueue.let_go`) and since when it runs."""
 
-    __slots__ = ("queue", "started", "task")
+    __slots__ = ("early", "queue", "started", "task", "waiting")
 
     def __init__(self, queue: HostQueue, task: trio.lowlevel.Task) -> None:
         self.queue = queue
         self.task: trio.lowlevel.Task | None = task
         self.started = perf_counter_ns()
+        self.waiting = False
+        self.early: outcome.Outcome[Any] | None = None
+        """The outcome, if it came while the call was being started (an io_uring request
+        the kernel completed during its submission): the task need not sleep."""
 
     def returned(self, result: outcome.Outcome[Any]) -> None:
         """The call came back (in the loop): wake its task, or only free its place if its
         task was answered already."""
-        if self.task is not None:
+        if self.task is None:
+            self.queue._finished(self)
+        elif self.waiting:
             trio.lowlevel.reschedule(self.task, result)
         else:
-            self.queue._finished(self)
+            self.early = result
 
 
 class WorkerPool:
@@ -142,6 +153,109 @@ def shared_pool() -> WorkerPool:
     return WorkerPool()
 
 
+class RingDoor:
+    """The loop's io_uring (:class:`~blkfs.block.uring.Ring`, one per trio run): reads,
+    writes and fdatasync go to the kernel with no thread of ours. A request the kernel
+    completes during its submission (a read from the page cache, a write that did not
+    block) is answered at once; the others are reaped by a system task woken by the ring's
+    eventfd. Each request's buffer stays pinned until its completion, whether or not its
+    caller was answered early (:meth:`HostQueue.let_go`)."""
+
+    def __init__(self, per_node: int) -> None:
+        self.ring = Ring()
+        self.per_node = per_node
+        self._nodes = 0
+        self._flight: dict[int, tuple[HostCall, Pinned | None]] = {}
+        self._keys = itertools.count()
+        try:
+            self.ring.limit_workers(per_node)  # refused by kernels before 5.15: no ring then
+        except OSError:
+            self.ring.close()
+            raise
+        trio.lowlevel.spawn_system_task(self._reap, name="blkfs io_uring completions")
+
+    def attach(self) -> None:
+        """One more node uses the ring: the kernel may run ``per_node`` more of its requests
+        on workers, so a node whose device hangs with all its requests on them leaves room
+        for every other node (as :class:`HostQueue` does for threads)."""
+        self._nodes += 1
+        self.ring.limit_workers(self.per_node * (self._nodes + 1))
+
+    def detach(self) -> None:
+        """A node that used the ring is closed and none of its requests is in flight."""
+        self._nodes -= 1
+
+    def read(self, fd: int, buf: memoryview, offset: int) -> Callable[[HostCall], None]:
+        """A read into ``buf`` at ``offset``; the outcome is the count read."""
+        return lambda host: self._begin(host, OP_READ, fd, buf, offset, 0)
+
+    def write(self, fd: int, data: memoryview, offset: int) -> Callable[[HostCall], None]:
+        """A write of ``data`` at ``offset``; the outcome is the count written."""
+        return lambda host: self._begin(host, OP_WRITE, fd, data, offset, 0)
+
+    def fdatasync(self, fd: int) -> Callable[[HostCall], None]:
+        return lambda host: self._begin(host, OP_FSYNC, fd, None, 0, FSYNC_DATASYNC)
+
+    def _begin(
+        self, host: HostCall, opcode: int, fd: int, buf: memoryview | None, offset: int, flags: int
+    ) -> None:
+        pin = None if buf is None else Pinned(buf, writable=opcode == OP_READ)
+        key = next(self._keys)
+        self._flight[key] = (host, pin)
+        try:
+            address, length = (0, 0) if pin is None else (pin.address, pin.length)
+            while not self.ring.push(opcode, fd, address, length, offset, flags, key):
+                self.ring.submit()
+            self.ring.submit()
+        except BaseException:
+            del self._flight[key]
+            if pin is not None:
+                pin.release()
+            raise
+        self._complete()
+
+    def _complete(self) -> None:
+        for key, result in self.ring.reap():
+            host, pin = self._flight.pop(key)
+            if pin is not None:
+                pin.release()
+            if result < 0:
+                host.returned(outcome.Error(OSError(-result, os.strerror(-result))))
+            else:
+                host.returned(outcome.Value(result))
+
+    async def _reap(self) -> None:
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self.ring.eventfd)
+                while True:
+                    try:  # cleared before looking: a completion after this signals again
+                        os.eventfd_read(self.ring.eventfd)
+                    except BlockingIOError:
+                        pass
+                    if not self.ring.waiting():
+                        break
+                    self._complete()  # posting held completions signals the eventfd
+        finally:
+            _ring.set(None)
+            if not self._flight:  # else the kernel may still fill their buffers: kept
+                self.ring.close()
+
+
+_ring: trio.lowlevel.RunVar[RingDoor | None] = trio.lowlevel.RunVar("ring", None)
+
+
+def ring_door(per_node: int) -> RingDoor:
+    """This trio run's ring, made at first use with room for ``per_node`` kernel workers per
+    node; OSError if the kernel refuses io_uring (``kernel.io_uring_disabled``, a seccomp
+    filter, a kernel without it)."""
+    door = _ring.get()
+    if door is None:
+        door = RingDoor(per_node)
+        _ring.set(door)
+    return door
+
+
 def _abort(_: Any) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
 
@@ -179,6 +293,13 @@ class HostQueue:
         """``call(*args)`` on a worker thread; its exception is raised here. Once the call
         has started, cancellation waits for it to return (see the module's ground rules),
         unless :meth:`let_go` answers it first."""
+        result: T = await self.start(lambda host: shared_pool().submit(call, args, host))
+        return result
+
+    async def start(self, begin: Callable[[HostCall], None]) -> Any:
+        """Wait for this node's turn, ``begin`` the call (on a worker thread, or in the
+        kernel: :class:`RingDoor`), and return its outcome once ``begin``'s
+        :class:`HostCall` has it."""
         if self.gone is not None:
             raise self.gone
         if self.running >= self.limit or self._waiting:
@@ -187,13 +308,15 @@ class HostQueue:
             self.running += 1
         host = HostCall(self, trio.lowlevel.current_task())
         self.calls[host] = None
-        shared_pool().submit(call, args, host)
         try:
-            result: T = await trio.lowlevel.wait_task_rescheduled(_abort)
+            begin(host)
+            if host.early is not None:
+                return host.early.unwrap()
+            host.waiting = True
+            return await trio.lowlevel.wait_task_rescheduled(_abort)
         finally:
             if host.task is not None:  # returned; else it keeps its place until it does
                 self._finished(host)
-        return result
 
     async def _wait_turn(self) -> None:
         task = trio.lowlevel.current_task()

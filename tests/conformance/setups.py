@@ -83,6 +83,8 @@ def _qcow2_chain(tmp: Path) -> str:
 
 SETUPS: list[Setup] = [
     Setup("file", lambda tmp: f"driver=file,filename={_raw_file(tmp)}"),
+    Setup("file-threads", lambda tmp: f"driver=file,aio=threads,filename={_raw_file(tmp)}"),
+    Setup("file-io_uring", lambda tmp: f"driver=file,aio=io_uring,filename={_raw_file(tmp)}"),
     Setup("raw", lambda tmp: f"driver=raw,file.driver=file,file.filename={_raw_file(tmp)}"),
     Setup("probed", lambda tmp: str(_raw_file(tmp))),
     Setup(

@@ -79,6 +79,14 @@ class HeldDisk:
         self.hold.unlink(missing_ok=True)
 
 
+@pytest.fixture(params=["threads", "io_uring"])
+def aio(request: pytest.FixtureRequest) -> str:
+    """How the ``file`` nodes hand host calls off: worker threads, or the kernel's io_uring
+    (whose blocked requests wait on io-wq's kernel workers)."""
+    param: str = request.param
+    return param
+
+
 @pytest.fixture
 def held_disk(tmp_path: Path) -> Iterator[HeldDisk]:
     """A qcow2 image (all clusters preallocated, so writes stay inside the fixed-size disk)
@@ -197,7 +205,11 @@ process the test starts (the child's close waits for the fsync's inode lock)."""
 
 @pytest.mark.parametrize("op", list(STUCK_OPS))
 def test_a_hung_device_stalls_only_its_own_backend(
-    op: str, held_disk: HeldDisk, mount_factory: Callable[..., Mount], tmp_path: Path
+    op: str,
+    aio: str,
+    held_disk: HeldDisk,
+    mount_factory: Callable[..., Mount],
+    tmp_path: Path,
 ) -> None:
     local_image = tmp_path / "local.raw"
     local = pattern_image(local_image, SIZE, 1)
@@ -205,9 +217,9 @@ def test_a_hung_device_stalls_only_its_own_backend(
         sockdir = Path(short)
         mount = mount_factory(
             "--backend",
-            f"local=driver=raw,file.driver=file,file.filename={local_image}",
+            f"local=driver=raw,file.driver=file,file.filename={local_image},file.aio={aio}",
             "--backend",
-            f"slow=driver=qcow2,file.driver=file,file.filename={held_disk.path}",
+            f"slow=driver=qcow2,file.driver=file,file.filename={held_disk.path},file.aio={aio}",
             "--qmp",
             f"unix:{sockdir / 'm'}",
             "--nbd",
@@ -265,7 +277,12 @@ LET_GO_OPS = {
     ("op", "verb"), [(op, "eject") for op in STUCK_OPS] + [("read", "change"), ("write", "delete")]
 )
 def test_a_hung_backend_is_let_go_with_force(
-    op: str, verb: str, held_disk: HeldDisk, mount_factory: Callable[..., Mount], tmp_path: Path
+    op: str,
+    verb: str,
+    aio: str,
+    held_disk: HeldDisk,
+    mount_factory: Callable[..., Mount],
+    tmp_path: Path,
 ) -> None:
     """eject, change or delete with force=on of a backend whose device does not answer
     returns; the stuck request fails with EIO; the image stays held (nothing reopens it for
@@ -273,10 +290,10 @@ def test_a_hung_backend_is_let_go_with_force(
     local_image, other = tmp_path / "local.raw", tmp_path / "other.raw"
     local = pattern_image(local_image, SIZE, 1)
     pattern_image(other, SIZE, 2)
-    slow = f"driver=qcow2,file.driver=file,file.filename={held_disk.path}"
+    slow = f"driver=qcow2,file.driver=file,file.filename={held_disk.path},file.aio={aio}"
     mount = mount_factory(
         "--backend",
-        f"local=driver=raw,file.driver=file,file.filename={local_image}",
+        f"local=driver=raw,file.driver=file,file.filename={local_image},file.aio={aio}",
         "--backend",
         f"slow={slow}",
     )
@@ -304,7 +321,7 @@ def test_a_hung_backend_is_let_go_with_force(
             "eject": ("eject", "slow force=on"),
             "change": (
                 "change",
-                f"slow driver=raw,file.driver=file,file.filename={other},force=on",
+                f"slow driver=raw,file.driver=file,file.filename={other},file.aio={aio},force=on",
             ),
             "delete": ("delete", "slow force=on"),
         }[verb]
@@ -332,15 +349,15 @@ def test_a_hung_backend_is_let_go_with_force(
 
 
 def test_umount_names_a_hung_backend_and_force_lets_it_go(
-    held_disk: HeldDisk, mount_factory: Callable[..., Mount], tmp_path: Path
+    aio: str, held_disk: HeldDisk, mount_factory: Callable[..., Mount], tmp_path: Path
 ) -> None:
     local_image = tmp_path / "local.raw"
     pattern_image(local_image, SIZE, 1)
     mount = mount_factory(
         "--backend",
-        f"local=driver=raw,file.driver=file,file.filename={local_image}",
+        f"local=driver=raw,file.driver=file,file.filename={local_image},file.aio={aio}",
         "--backend",
-        f"slow=driver=qcow2,file.driver=file,file.filename={held_disk.path}",
+        f"slow=driver=qcow2,file.driver=file,file.filename={held_disk.path},file.aio={aio}",
     )
     held_disk.pause()
     stuck = subprocess.Popen(

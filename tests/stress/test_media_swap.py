@@ -262,6 +262,19 @@ def daemon_usage(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def spelled_out(image: Path, aio: str) -> str:
+    """The options of a medium on ``image``, its format and its file node's aio named."""
+    fmt = "qcow2" if image.suffix == ".qcow2" else "raw"
+    return f"driver={fmt},file.driver=file,file.filename={image},file.aio={aio}"
+
+
+@pytest.fixture(params=["threads", "io_uring"])
+def aio(request: pytest.FixtureRequest) -> str:
+    """How the file nodes of the media hand host calls off."""
+    param: str = request.param
+    return param
+
+
 class Media:
     """The test's side of the seqlock: counter odd while a media command runs, the medium of
     every generation recorded, and the intervals during which the drive was empty."""
@@ -274,8 +287,12 @@ class Media:
         shared: Path,
         extra: str = "",
         force: bool = False,
+        aio: str = "threads",
     ) -> None:
         self.mount, self.name, self.images, self.extra = mount, name, images, extra
+        self.aio = aio
+        """The file nodes' aio wherever a medium is spelled out (a path alone gets the
+        default)."""
         self.force = force
         """Change and eject under writers, which only force=on may."""
         shared.write_bytes(bytes(16))
@@ -308,8 +325,7 @@ class Media:
         spelled = (
             f"{self.name} {image}"
             if self.changes % 2
-            else f"{self.name} driver={'qcow2' if image.suffix == '.qcow2' else 'raw'},"
-            f"file.driver=file,file.filename={image}"
+            else f"{self.name} {spelled_out(image, self.aio)}"
         )
         self.run("change", spelled + self.extra + (",force=on" if self.force else ""), index)
         self.changes += 1
@@ -319,7 +335,9 @@ class Media:
         start = time.monotonic()
         self.run("eject", self.name + (" force=on" if self.force else ""), None)
         time.sleep(pause)
-        self.run("insert", f"{self.name} {self.images[index]}{self.extra}", index)
+        self.run(
+            "insert", f"{self.name} {spelled_out(self.images[index], self.aio)}{self.extra}", index
+        )
         self.empty.append((start, time.monotonic()))
         self.ejects += 1
 
@@ -439,6 +457,7 @@ def check_usage(usage: dict[str, int]) -> None:
 
 
 def test_readers_see_one_intact_medium_across_hundreds_of_changes(
+    aio: str,
     mount_factory: Callable[..., Mount],
     images: Path,
     tmp_path: Path,
@@ -447,8 +466,8 @@ def test_readers_see_one_intact_medium_across_hundreds_of_changes(
     figures: dict[str, Any],
 ) -> None:
     paths = make_images(images, 3, qcow2=True)
-    mount = mount_factory("--backend", f"cd={paths[0]},read-only=on")
-    media = Media(mount, "cd", paths, tmp_path / "shared", extra=",read-only=on")
+    mount = mount_factory("--backend", f"cd={spelled_out(paths[0], aio)},read-only=on")
+    media = Media(mount, "cd", paths, tmp_path / "shared", extra=",read-only=on", aio=aio)
     try:
         base = {
             "path": str(mount / "cd"),
@@ -553,6 +572,7 @@ def check_final_image(data: bytes, index: int, image_id: int, writes: WriteLog) 
 
 
 def test_writes_land_in_the_medium_they_went_to(
+    aio: str,
     mount_factory: Callable[..., Mount],
     images: Path,
     tmp_path: Path,
@@ -561,8 +581,8 @@ def test_writes_land_in_the_medium_they_went_to(
     figures: dict[str, Any],
 ) -> None:
     paths = make_images(images, 3, qcow2=True)
-    mount = mount_factory("--backend", f"disk={paths[0]}")
-    media = Media(mount, "disk", paths, tmp_path / "shared", force=True)
+    mount = mount_factory("--backend", f"disk={spelled_out(paths[0], aio)}")
+    media = Media(mount, "disk", paths, tmp_path / "shared", force=True, aio=aio)
     nwriters = 2
     logs = [tmp_path / f"writer{w}.log" for w in range(nwriters)]
     try:
