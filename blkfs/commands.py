@@ -608,8 +608,12 @@ class Exporter(Protocol):
         host: str | None,
         port: str | None,
         mode: str | None,
+        tls_creds: str | None,
+        tls: bool | None,
+        tls_verify_peer: bool | None,
     ) -> None:
-        """Serve ``backend`` at the address given, or on the default server."""
+        """Serve ``backend`` at the address given, or on the default server, with the TLS
+        asked for (None: not said)."""
 
     async def remove(self, name: str, force: bool) -> None:
         """Stop serving the export ``name``, or every export of the backend ``name``."""
@@ -643,19 +647,34 @@ async def export(
     mode: str | None = None,
     writable: bool = False,
     export_name: str | None = None,
+    tls_creds: str | None = None,
+    tls: bool | None = None,
+    tls_verify_peer: bool | None = None,
 ) -> None:
     """Serve the backend over NBD, to QEMU, nbd-client, nbdcopy or another blkfs.
 
     On the mount's NBD server (blkfs mount --nbd), or on a unix socket (socket=PATH, mode
     0600 unless mode= says otherwise) or TCP address (host= port=) of its own. Read-only
-    unless writable=on; clients ask for it by export-name (default: NAME)."""
+    unless writable=on; clients ask for it by export-name (default: NAME). tls-creds=DIR
+    (ca-cert.pem, server-cert.pem, server-key.pem, as QEMU's tls-creds-x509) requires
+    clients to use TLS, tls-verify-peer=on also a client certificate signed by the CA; a
+    TCP address of its own needs tls-creds or an explicit tls=off."""
     backend = layer.find(name)
     if socket is not None and (host is not None or port is not None):
         raise BlockError(errno.EINVAL, "export: give socket=PATH or host= port=, not both")
     if writable and backend.read_only:
         raise BlockError(errno.EROFS, f"{name}: read-only medium; export it without writable=on")
     await _exporter(layer).add(
-        backend, export_name or name, writable, socket=socket, host=host, port=port, mode=mode
+        backend,
+        export_name or name,
+        writable,
+        socket=socket,
+        host=host,
+        port=port,
+        mode=mode,
+        tls_creds=tls_creds,
+        tls=tls,
+        tls_verify_peer=tls_verify_peer,
     )
 
 

@@ -2,8 +2,11 @@
 
 Options are QEMU's: ``server.type=inet`` with ``server.host`` and ``server.port`` (default
 10809), or ``server.type=unix`` with ``server.path``; ``export``; ``reconnect-delay`` and
-``open-timeout`` (seconds). ``nbd://HOST[:PORT]/EXPORT`` and
-``nbd+unix:///EXPORT?socket=PATH`` are shorthands for them where a path may be given.
+``open-timeout`` (seconds); ``tls-creds`` (a directory laid out as QEMU's tls-creds-x509:
+the server's certificate is checked against its ``ca-cert.pem``, ``client-cert.pem`` is
+sent where there is one) and ``tls-hostname``. ``nbd://HOST[:PORT]/EXPORT`` and
+``nbd+unix:///EXPORT?socket=PATH`` (``nbds`` for TLS) are shorthands for them where a path
+may be given.
 
 Requests share one connection, many in flight, each reply checked against its request by
 :class:`blkfs.nbd.ClientTransmission`. When the server goes away, the requests in flight and
@@ -20,8 +23,10 @@ import errno
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -42,11 +47,13 @@ from blkfs.nbd import (
     ProtocolError,
     ReceiveBuffer,
     Refused,
+    Rep,
     Reply,
     State,
     TransmissionFlag,
     unsent,
 )
+from blkfs.nbd.tls import CredentialsError, client_context
 
 log = logging.getLogger("blkfs.nbd")
 
@@ -91,14 +98,41 @@ class _Waiter:
         self.reply: Reply | None = None
 
 
+class Wire:
+    """A connection's bytes: the socket itself, or TLS over it once NBD_OPT_STARTTLS has
+    succeeded (a copy of each message, where plaintext sends from the caller's buffers)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.tls: trio.SSLStream[trio.SocketStream] | None = None
+
+    async def start_tls(self, context: ssl.SSLContext, hostname: str | None) -> None:
+        self.tls = trio.SSLStream(self.stream, context, server_hostname=hostname)
+        await self.tls.do_handshake()
+
+    async def send(self, header: bytes, data: memoryview | None = None) -> None:
+        """A header and its data in one ``sendmsg`` (resumed where a send stops short)."""
+        parts = [memoryview(header)] if data is None else [memoryview(header), data]
+        if self.tls is not None:
+            await self.tls.send_all(b"".join(parts))
+            return
+        while parts:
+            parts = unsent(parts, await self.stream.socket.sendmsg(parts))
+
+    async def recv_into(self, view: memoryview) -> int:
+        if self.tls is None:
+            return await self.stream.socket.recv_into(view)
+        data = await self.tls.receive_some(view.nbytes)
+        view[: len(data)] = data
+        return len(data)
+
+
 class Connection:
     """One negotiated connection: requests go out under a lock (a message is never
     interleaved with another), replies come in through :meth:`receive_replies`."""
 
-    def __init__(
-        self, stream: trio.SocketStream, negotiated: Negotiated, rx: ReceiveBuffer
-    ) -> None:
-        self.stream = stream
+    def __init__(self, wire: Wire, negotiated: Negotiated, rx: ReceiveBuffer) -> None:
+        self.wire = wire
         self.negotiated = negotiated
         self.transmission = ClientTransmission(negotiated)
         self.rx = rx
@@ -124,7 +158,7 @@ class Connection:
         try:
             async with self._send_lock:
                 try:
-                    await send_message(self.stream, header, data)
+                    await self.wire.send(header, data)
                 except BaseException as exc:  # half a message leaves the stream unusable
                     self.close(f"sending failed: {exc!r}")
                     raise
@@ -168,7 +202,7 @@ class Connection:
 
     async def _exactly(self, count: int) -> bytes:
         while (data := self.rx.take(count)) is None:
-            received = await self.stream.socket.recv_into(self.rx.space())
+            received = await self.wire.recv_into(self.rx.space())
             if not received:
                 raise EOFError("the server closed the connection")
             self.rx.filled(received)
@@ -177,7 +211,7 @@ class Connection:
     async def _fill(self, view: memoryview) -> None:
         done = self.rx.take_into(view)
         while done < view.nbytes:
-            received = await self.stream.socket.recv_into(view[done:])
+            received = await self.wire.recv_into(view[done:])
             if not received:
                 raise EOFError("the server closed the connection")
             done += received
@@ -187,7 +221,7 @@ class Connection:
         if self.lost is not None:
             return
         self.lost = why
-        self.stream.socket.close()
+        self.wire.stream.socket.close()
         self.transmission.abandon()
         for waiter in self._waiters.values():
             waiter.event.set()
@@ -200,29 +234,30 @@ class Connection:
             with trio.move_on_after(1):
                 try:
                     async with self._send_lock:
-                        await self.stream.send_all(header)
+                        await self.wire.send(header)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
         self.close(why)
 
 
-async def send_message(
-    stream: trio.SocketStream, header: bytes, data: memoryview | None = None
-) -> None:
-    """A header and its data in one ``sendmsg`` (resumed where a send stops short)."""
-    parts = [memoryview(header)] if data is None else [memoryview(header), data]
-    while parts:
-        parts = unsent(parts, await stream.socket.sendmsg(parts))
+@dataclass(frozen=True)
+class Tls:
+    """TLS as the node asks for it: the client's context (the CA, a client certificate if
+    the credentials hold one) and the name the server's certificate must carry."""
+
+    context: ssl.SSLContext
+    hostname: str | None
+    """None on a unix socket without tls-hostname: the CA is checked, no name (as QEMU)."""
 
 
-async def negotiate(address: Address, export: str) -> Connection:
+async def negotiate(address: Address, export: str, tls: Tls | None) -> Connection:
     """Connect and negotiate ``export``; BlockError saying what went wrong otherwise."""
     where = f"nbd: {address}"
     try:
         with trio.fail_after(NEGOTIATION_TIMEOUT):
             stream = await connect(address)
             try:
-                return await _handshake(stream, export)
+                return await _handshake(Wire(stream), export, tls)
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
@@ -232,33 +267,47 @@ async def negotiate(address: Address, export: str) -> Connection:
         ) from None
     except Refused as exc:
         listed = f" (the server has: {', '.join(exc.exports)})" if exc.exports else ""
-        raise Unavailable(errno.ENOENT, f"{where}: export '{export}': {exc}{listed}") from None
+        code = errno.EACCES if exc.reply in (Rep.ERR_TLS_REQD, Rep.ERR_POLICY) else errno.ENOENT
+        raise Unavailable(code, f"{where}: export '{export}': {exc}{listed}") from None
     except ProtocolError as exc:
         raise BlockError(errno.EPROTO, f"{where}: not a usable NBD server: {exc}") from None
-    except (OSError, trio.BrokenResourceError) as exc:
-        code = getattr(exc, "errno", None) or errno.ECONNRESET
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLError):
+            raise Unavailable(
+                errno.EACCES, f"{where}: TLS failed: {cause.reason or cause}"
+            ) from None
+        raise BlockError(errno.ECONNRESET, f"{where}: {os.strerror(errno.ECONNRESET)}") from None
+    except OSError as exc:
+        code = exc.errno or errno.ECONNRESET
         raise BlockError(code, f"{where}: {os.strerror(code)}") from None
 
 
-async def _handshake(stream: trio.SocketStream, export: str) -> Connection:
-    handshake = ClientHandshake(export)
+async def _handshake(wire: Wire, export: str, tls: Tls | None) -> Connection:
+    handshake = ClientHandshake(export, tls=tls is not None)
     rx = ReceiveBuffer()
     while not handshake.done:
         want = handshake.want()
         while (data := rx.take(want)) is None:
-            received = await stream.socket.recv_into(rx.space())
+            received = await wire.recv_into(rx.space())
             if not received:
                 raise ProtocolError("the server hung up during the handshake")
             rx.filled(received)
         try:
             out = handshake.receive(data)
         except Refused:
-            await stream.send_all(handshake.abort())
+            await wire.send(handshake.abort())
             raise
+        if handshake.upgrade:
+            assert tls is not None
+            if len(rx):
+                raise ProtocolError("the server sent data before the TLS handshake")
+            await wire.start_tls(tls.context, tls.hostname)
+            out = handshake.secured()
         if out:
-            await stream.send_all(out)
+            await wire.send(out)
     assert handshake.result is not None
-    return Connection(stream, handshake.result, rx)
+    return Connection(wire, handshake.result, rx)
 
 
 class Client:
@@ -271,9 +320,11 @@ class Client:
         reconnect_delay: float,
         open_timeout: float,
         writable: bool,
+        tls: Tls | None,
     ) -> None:
         self.address = address
         self.export = export
+        self.tls = tls
         self.reconnect_delay = reconnect_delay
         self.open_timeout = open_timeout
         self.writable = writable
@@ -316,7 +367,7 @@ class Client:
         pause = RETRY_FIRST
         while True:
             try:
-                return await negotiate(self.address, self.export)
+                return await negotiate(self.address, self.export, self.tls)
             except BlockError as exc:
                 if deadline is not None and (
                     isinstance(exc, Unavailable) or trio.current_time() + pause > deadline
@@ -449,17 +500,28 @@ class NbdDriver(BlockDriver):
         "open-timeout": Option(
             "duration", 0, "seconds to keep trying to connect when opening (0: one attempt)"
         ),
+        "tls-creds": Option(
+            "str",
+            None,
+            "connect over TLS with the x509 credentials in this directory (ca-cert.pem; "
+            "client-cert.pem and client-key.pem if the server checks clients)",
+        ),
+        "tls-hostname": Option(
+            "str", None, "the name the server's certificate must carry (default: server.host)"
+        ),
     }
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         address = _address(values)
         self.node.check_nbd_server(address.path, address.host, address.port)
+        tls = await _tls(values, address)
         self.client = Client(
             address,
             values["export"],
             values["reconnect-delay"],
             values["open-timeout"],
             writable=not self.node.read_only,
+            tls=tls,
         )
         await self.client.open()
         negotiated = self.client.negotiated
@@ -470,7 +532,7 @@ class NbdDriver(BlockDriver):
         self.request_alignment = export.min_block
         self._blocks = RangeLocks()
         self.block_status_context = BASE_ALLOCATION in negotiated.contexts
-        self.where = f"nbd: {address} export '{values['export']}'"
+        self.where = f"nbd: {address} export '{values['export']}'" + (" over TLS" if tls else "")
         log.info(
             "%s: %d bytes, flags %#x, block sizes %d/%d/%d%s",
             self.where,
@@ -612,7 +674,25 @@ class NbdDriver(BlockDriver):
             "connected": connection is not None and connection.lost is None,
             "reconnects": self.client.reconnects,
             "in-flight": connection.transmission.in_flight if connection else 0,
+            "tls": self.client.tls is not None,
         }
+
+
+async def _tls(values: Mapping[str, Any], address: Address) -> Tls | None:
+    """The node's TLS, its credentials read in a worker; EINVAL naming a bad file."""
+    creds, hostname = values["tls-creds"], values["tls-hostname"]
+    if creds is None:
+        if hostname is not None:
+            raise BlockError(errno.EINVAL, "nbd: tls-hostname needs tls-creds=DIR")
+        return None
+    if not os.path.isabs(creds):
+        raise BlockError(errno.EINVAL, f"nbd: tls-creds '{creds}' must be an absolute directory")
+    name = hostname or address.host
+    try:
+        context = await trio.to_thread.run_sync(client_context, creds, name is not None)
+    except CredentialsError as exc:
+        raise BlockError(errno.EINVAL, f"nbd: {exc}") from None
+    return Tls(context, name)
 
 
 def _address(values: Mapping[str, Any]) -> Address:

@@ -26,7 +26,15 @@ import trio
 from blkfs.backend import BlockBackend, BlockLayer
 from blkfs.commands import Commands, serve_exports
 from blkfs.errors import BlockError
-from blkfs.frontends.nbd.export import Export, Listener, address, socket_mode
+from blkfs.frontends.nbd.export import (
+    PLAINTEXT,
+    Export,
+    Listener,
+    Tls,
+    address,
+    socket_mode,
+    tls_setting,
+)
 from blkfs.frontends.nbd.session import Budget, Session
 from blkfs.nbd import Address
 
@@ -50,11 +58,14 @@ class NbdFrontend:
         server: Address | None = None,
         exports: Sequence[Mapping[str, Any]] = (),
         mode: int = 0o600,
+        tls: Tls = PLAINTEXT,
     ) -> None:
         self.commands = commands
         self.server = server
         """The mount's own NBD server (--nbd), where exports go by default."""
         self.mode = mode
+        self.tls = tls
+        """The TLS the mount's own server requires (--nbd-tls-creds)."""
         self.initial = list(exports)
         """``export`` commands to run at start (--export, the config)."""
         self.default: Listener | None = None
@@ -76,7 +87,9 @@ class NbdFrontend:
             self._nursery = nursery
             try:
                 if self.server is not None:
-                    self.default = await self._listen(self.server, self.mode, permanent=True)
+                    self.default = await self._listen(
+                        self.server, self.mode, permanent=True, tls=self.tls
+                    )
                 for args in self.initial:
                     await self.commands.run("export", args)
             except BlockError as exc:
@@ -105,13 +118,20 @@ class NbdFrontend:
 
     # -- listening -----------------------------------------------------------------------
 
-    async def _listen(self, where: Address, mode: int, permanent: bool) -> Listener:
+    async def _listen(self, where: Address, mode: int, permanent: bool, tls: Tls) -> Listener:
         assert self._nursery is not None
-        listener = Listener(where, permanent)
+        listener = Listener(where, permanent, tls)
         await listener.open(mode)
         self.listeners[listener.address] = listener
         self._nursery.start_soon(self._accept, listener)
-        log.info("nbd: listening on %s", listener.address)
+        log.info(
+            "nbd: listening on %s%s",
+            listener.address,
+            f" (TLS required, credentials in {tls.creds}"
+            + (", client certificates checked)" if tls.verify_peer else ")")
+            if tls.creds
+            else "",
+        )
         return listener
 
     async def _accept(self, listener: Listener) -> None:
@@ -156,6 +176,9 @@ class NbdFrontend:
         host: str | None,
         port: str | None,
         mode: str | None,
+        tls_creds: str | None,
+        tls: bool | None,
+        tls_verify_peer: bool | None,
     ) -> None:
         if self._nursery is None or self._stopping.is_set():
             raise BlockError(errno.ESHUTDOWN, "the NBD frontend is not serving")
@@ -174,10 +197,24 @@ class NbdFrontend:
                     "no NBD server to export on: give socket=PATH "
                     "or host=H port=P, or mount with --nbd",
                 )
+            where = listener.address
         else:
             where = address(socket, host, port)
-            listener = self.listeners.get(where) or await self._listen(
-                where, permissions, permanent=False
+        setting = (
+            listener.tls
+            if (listener := self.listeners.get(where)) is not None
+            and (tls_creds, tls, tls_verify_peer) == (None, None, None)
+            else tls_setting(where, tls_creds, tls, tls_verify_peer)
+        )
+        if listener is None:
+            listener = await self._listen(where, permissions, permanent=False, tls=setting)
+        elif setting != listener.tls:
+            raise BlockError(
+                errno.EINVAL,
+                f"{where} already serves other exports "
+                + (f"with TLS from {listener.tls.creds}" if listener.tls.creds else "in plaintext")
+                + (", client certificates checked" if listener.tls.verify_peer else "")
+                + ": an export there takes its TLS as it is",
             )
         export = Export(export_name, backend, writable, listener)
         listener.exports[export_name] = export
@@ -186,11 +223,12 @@ class NbdFrontend:
             self._watched.add(backend)
             backend.add_listener(self._on_change)
         log.info(
-            "nbd: exporting %s as '%s' on %s%s",
+            "nbd: exporting %s as '%s' on %s%s%s",
             backend.name,
             export_name,
             listener.address,
             ", writable" if writable else "",
+            ", over TLS" if listener.tls.creds else "",
         )
 
     async def remove(self, name: str, force: bool) -> None:

@@ -356,14 +356,15 @@ async def blockdev_del(monitor: Monitor, args: dict[str, Any]) -> Any:
     writable="bool?",
     name="str?",
     mountpoint="str?",
+    tls_creds="str?",
 )
 async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
     kind, export_id = args["type"], args["id"]
     if kind not in ("fuse", "nbd"):
         raise generic(f"Invalid parameter 'type': blkfs exports fuse or nbd (got '{kind}')")
-    other = "name" if kind == "fuse" else "mountpoint"
-    if other in args:
-        raise generic(f"Parameter '{other}' is unexpected")
+    for other in ("name", "tls-creds") if kind == "fuse" else ("mountpoint",):
+        if other in args:
+            raise generic(f"Parameter '{other}' is unexpected")
     if kind == "fuse" and "mountpoint" in args:
         expected = f"{monitor.mountpoint or 'MOUNT'}/{export_id}"
         if args["mountpoint"].rstrip("/") != expected:
@@ -381,6 +382,7 @@ async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
                     "name": export_id,
                     "export-name": args.get("name", args["node-name"]),
                     "writable": args.get("writable", False),
+                    "tls-creds": args.get("tls-creds"),
                 },
             )
         except BlockError:
