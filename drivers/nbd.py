@@ -253,13 +253,14 @@ class Tls:
 async def negotiate(address: Address, export: str, tls: Tls | None) -> Connection:
     """Connect and negotiate ``export``; BlockError saying what went wrong otherwise."""
     where = f"nbd: {address}"
+    wire: Wire | None = None
     try:
         with trio.fail_after(NEGOTIATION_TIMEOUT):
-            stream = await connect(address)
+            wire = Wire(await connect(address))
             try:
-                return await _handshake(Wire(stream), export, tls)
+                return await _handshake(wire, export, tls)
             except BaseException:
-                await trio.aclose_forcefully(stream)
+                await trio.aclose_forcefully(wire.stream)
                 raise
     except trio.TooSlowError:
         raise BlockError(
@@ -271,11 +272,21 @@ async def negotiate(address: Address, export: str, tls: Tls | None) -> Connectio
         raise Unavailable(code, f"{where}: export '{export}': {exc}{listed}") from None
     except ProtocolError as exc:
         raise BlockError(errno.EPROTO, f"{where}: not a usable NBD server: {exc}") from None
-    except trio.BrokenResourceError as exc:
+    except (EOFError, trio.BrokenResourceError) as exc:
         cause = exc.__cause__
         if isinstance(cause, ssl.SSLError):
             raise Unavailable(
                 errno.EACCES, f"{where}: TLS failed: {cause.reason or cause}"
+            ) from None
+        if wire is not None and wire.tls is not None:  # TLS 1.3 checks the client after
+            raise Unavailable(
+                errno.EACCES,
+                f"{where}: the server closed the TLS connection during the negotiation "
+                "(does it want a client certificate, or one signed by another CA?)",
+            ) from None
+        if isinstance(exc, EOFError):
+            raise BlockError(
+                errno.EPROTO, f"{where}: not a usable NBD server: the server hung up"
             ) from None
         raise BlockError(errno.ECONNRESET, f"{where}: {os.strerror(errno.ECONNRESET)}") from None
     except OSError as exc:
@@ -291,7 +302,7 @@ async def _handshake(wire: Wire, export: str, tls: Tls | None) -> Connection:
         while (data := rx.take(want)) is None:
             received = await wire.recv_into(rx.space())
             if not received:
-                raise ProtocolError("the server hung up during the handshake")
+                raise EOFError("the server hung up during the handshake")
             rx.filled(received)
         try:
             out = handshake.receive(data)

@@ -85,7 +85,12 @@ def make_credentials(directory: Path, hosts: tuple[str, ...] = HOSTS) -> Path:
     make_ca(directory)
     names = ",".join(f"IP:{h}" if h[0].isdigit() or ":" in h else f"DNS:{h}" for h in hosts)
     usage = ["basicConstraints=critical,CA:FALSE", "keyUsage=digitalSignature,keyEncipherment"]
-    _signed(directory, directory, "server", [*usage, "extendedKeyUsage=serverAuth", f"subjectAltName={names}"])
+    _signed(
+        directory,
+        directory,
+        "server",
+        [*usage, "extendedKeyUsage=serverAuth", f"subjectAltName={names}"],
+    )
     _signed(directory, directory, "client", [*usage, "extendedKeyUsage=clientAuth"])
     return directory
 

@@ -46,17 +46,24 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[BlockLayer, Commands, Nb
     await layer.close()
 
 
-@pytest.mark.parametrize("where", ["unix", "tcp"])
-async def test_blkfs_reads_and_writes_blkfs(served, tmp_path: Path, where: str) -> None:
+@pytest.mark.parametrize("where", ["unix", "tcp", "unix+tls", "tcp+tls"])
+async def test_blkfs_reads_and_writes_blkfs(
+    served, tmp_path: Path, credentials: Path, where: str
+) -> None:
     layer, commands, frontend = served
-    if where == "unix":
-        await commands.run("export", {"name": "d", "socket": str(tmp_path / "s"), "writable": "on"})
-        uri = f"nbd+unix:///d?socket={tmp_path / 's'}"
+    tls = where.endswith("+tls")
+    scheme = "nbds" if tls else "nbd"
+    if where.startswith("unix"):
+        args = {"socket": str(tmp_path / "s")}
     else:
-        await commands.run(
-            "export", {"name": "d", "host": "127.0.0.1", "port": "0", "writable": "on"}
-        )
-        uri = f"nbd://{frontend.exports['d'].listener.address}/d"
+        args = {"host": "127.0.0.1", "port": "0", "tls": "off"}  # plaintext TCP: said so
+    if tls:
+        args = {k: v for k, v in args.items() if k != "tls"} | {"tls-creds": str(credentials)}
+    await commands.run("export", {"name": "d", "writable": "on", **args})
+    where_ = frontend.exports["d"].listener.address
+    uri = (
+        f"{scheme}+unix:///d?socket={where_.path}" if where_.path else f"{scheme}://{where_}/d"
+    ) + (f",tls-creds={credentials}" if tls else "")
     local = layer.find("d")
     remote = await layer.create("r", uri)
     assert remote.length() == 4 * MiB
@@ -76,6 +83,7 @@ async def test_blkfs_reads_and_writes_blkfs(served, tmp_path: Path, where: str) 
             nursery.start_soon(remote.read, i * 4096, 65536)
     export = frontend.status()[0]
     assert len(export["clients"]) == 1 and export["stats"]["read_ops"] >= 100
+    assert export["tls"] == export["clients"][0]["tls"] == tls
     await layer.delete("r")
     with trio.fail_after(5):
         while frontend.status()[0]["clients"]:
@@ -98,10 +106,17 @@ async def test_read_only_exports_and_sockets_private_by_default(served, tmp_path
     assert write.value.errno == errno.EROFS
 
 
-async def test_a_failed_export_command_changes_nothing(served, tmp_path: Path) -> None:
+async def test_a_failed_export_command_changes_nothing(
+    served, tmp_path: Path, credentials: Path
+) -> None:
     _, commands, _ = served
     await commands.run("export", {"name": "d", "socket": str(tmp_path / "s")})
+    psk = tmp_path / "psk"
+    psk.mkdir()
+    (psk / "keys.psk").write_text("qemu:0123456789abcdef\n")
     before = without_stats(await commands.run("query-status", {}))
+    tcp = {"name": "d", "export-name": "x", "host": "127.0.0.1", "port": "0"}
+    unix = {"name": "d", "export-name": "x", "socket": str(tmp_path / "u")}
     for args, code in [
         ({"name": "nosuch"}, errno.ENOENT),
         ({"name": "d", "export-name": "y"}, errno.EINVAL),  # no --nbd server, no socket
@@ -113,7 +128,19 @@ async def test_a_failed_export_command_changes_nothing(served, tmp_path: Path) -
             errno.EINVAL,
         ),
         ({"name": "d", "export-name": "x", "port": "1"}, errno.EINVAL),
-        ({"name": "d", "export-name": "x", "host": "192.0.2.77", "port": "0"}, errno.EADDRNOTAVAIL),
+        (
+            {"name": "d", "export-name": "x", "host": "192.0.2.77", "port": "0", "tls": "off"},
+            errno.EADDRNOTAVAIL,
+        ),
+        (tcp, errno.EINVAL),  # plaintext TCP only when said
+        (tcp | {"tls": "on"}, errno.EINVAL),  # TLS without credentials
+        (tcp | {"tls": "off", "tls-creds": str(credentials)}, errno.EINVAL),
+        (unix | {"tls-verify-peer": "on"}, errno.EINVAL),
+        (unix | {"tls-creds": "creds"}, errno.EINVAL),  # relative
+        (unix | {"tls-creds": str(tmp_path / "nosuch")}, errno.EINVAL),
+        (unix | {"tls-creds": str(psk)}, errno.EINVAL),  # pre-shared keys: not on 3.11
+        (unix | {"tls-creds": str(tmp_path)}, errno.EINVAL),  # no certificate there
+        (unix | {"socket": str(tmp_path / "s"), "tls-creds": str(credentials)}, errno.EINVAL),
     ]:
         with pytest.raises(BlockError) as failed:
             await commands.run("export", args)
@@ -122,8 +149,9 @@ async def test_a_failed_export_command_changes_nothing(served, tmp_path: Path) -
         await commands.run("export-del", {"name": "x"})
     assert missing.value.errno == errno.ENOENT
     assert without_stats(await commands.run("query-status", {})) == before
-    assert sorted(os.listdir(tmp_path)) == ["d.img", "s"]
-    assert len(commands.errors) == 9
+    assert sorted(os.listdir(tmp_path)) == ["d.img", "psk", "s"]
+    assert len(commands.errors) == 18
+    assert any("Python 3.13" in error for error in commands.errors)
 
 
 async def test_export_del_and_delete_close_what_is_no_longer_offered(
