@@ -4,16 +4,17 @@ Options are QEMU's: ``server.type=inet`` with ``server.host`` and ``server.port`
 10809), or ``server.type=unix`` with ``server.path``; ``export``; ``reconnect-delay`` and
 ``open-timeout`` (seconds); ``tls-creds`` (a directory laid out as QEMU's tls-creds-x509:
 the server's certificate is checked against its ``ca-cert.pem``, ``client-cert.pem`` is
-sent where there is one) and ``tls-hostname``. ``nbd://HOST[:PORT]/EXPORT`` and
-``nbd+unix:///EXPORT?socket=PATH`` (``nbds`` for TLS) are shorthands for them where a path
-may be given.
+sent where there is one) and ``tls-hostname``. ``request-timeout`` is blkfs's own.
+``nbd://HOST[:PORT]/EXPORT`` and ``nbd+unix:///EXPORT?socket=PATH`` (``nbds`` for TLS) are
+shorthands for them where a path may be given.
 
 Requests share one connection, many in flight, each reply checked against its request by
-:class:`blkfs.nbd.ClientTransmission`. When the server goes away, the requests in flight and
-the new ones wait up to ``reconnect-delay`` seconds for a new connection and are sent again
-on it; past that they fail with EIO (and later ones at once) while reconnecting goes on in
-the background. With ``reconnect-delay=0``, the default, a lost connection fails the node
-until its medium is changed. A request succeeds only on the server's success reply, so
+:class:`blkfs.nbd.ClientTransmission`. When the server goes away, or a reply takes longer
+than ``request-timeout`` (a server that accepts and never answers), the requests in flight
+and the new ones wait up to ``reconnect-delay`` seconds for a new connection and are sent
+again on it; past that they fail with EIO (and later ones at once) while reconnecting goes
+on in the background. With ``reconnect-delay=0``, the default, a lost connection fails the
+node until its medium is changed. A request succeeds only on the server's success reply, so
 nothing is acknowledged that the server did not acknowledge.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import socket
 import ssl
@@ -138,6 +140,8 @@ class Connection:
         self.rx = rx
         self.lost: str | None = None
         """Why the connection went away, once it has."""
+        self.request_timeout = 0.0
+        """Seconds a reply may take before the connection is given up as hung (0: forever)."""
         self._send_lock = trio.Lock()
         self._waiters: dict[int, _Waiter] = {}
 
@@ -162,7 +166,13 @@ class Connection:
                 except BaseException as exc:  # half a message leaves the stream unusable
                     self.close(f"sending failed: {exc!r}")
                     raise
-            await waiter.event.wait()
+            with trio.move_on_after(self.request_timeout or math.inf) as timer:
+                await waiter.event.wait()
+            if timer.cancelled_caught:  # a server that accepts and never answers: hung
+                self.close(
+                    f"no reply to {kind.name} {offset}+{length} within "
+                    f"{self.request_timeout:g}s (request-timeout)"
+                )
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise Lost(self.lost) from None
         finally:
@@ -332,16 +342,20 @@ class Client:
         open_timeout: float,
         writable: bool,
         tls: Tls | None,
+        request_timeout: float,
     ) -> None:
         self.address = address
         self.export = export
         self.tls = tls
+        self.request_timeout = request_timeout
         self.reconnect_delay = reconnect_delay
         self.open_timeout = open_timeout
         self.writable = writable
         self.connection: Connection | None = None
         self.reconnects = 0
         self._lost_at = 0.0
+        self._why = ""
+        """Why the last connection was lost."""
         self._back = trio.Event()
         self._scope = trio.CancelScope()
         self._finished: trio.Event | None = None
@@ -378,7 +392,9 @@ class Client:
         pause = RETRY_FIRST
         while True:
             try:
-                return await negotiate(self.address, self.export, self.tls)
+                connection = await negotiate(self.address, self.export, self.tls)
+                connection.request_timeout = self.request_timeout
+                return connection
             except BlockError as exc:
                 if deadline is not None and (
                     isinstance(exc, Unavailable) or trio.current_time() + pause > deadline
@@ -427,6 +443,7 @@ class Client:
         if self.connection is connection:
             self.connection = None
             self._lost_at = trio.current_time()
+            self._why = connection.lost or "closed"
             self._back = trio.Event()
 
     async def _reconnect(self, before: Negotiated) -> Connection:
@@ -476,7 +493,7 @@ class Client:
             if trio.current_time() >= deadline or self._scope.cancel_called:
                 raise BlockError(
                     errno.EIO,
-                    f"nbd: {self.address}: the connection is lost "
+                    f"nbd: {self.address}: the connection is lost ({self._why}) "
                     + (
                         f"and did not come back within {self.reconnect_delay:g}s"
                         if self.reconnect_delay
@@ -511,6 +528,12 @@ class NbdDriver(BlockDriver):
         "open-timeout": Option(
             "duration", 0, "seconds to keep trying to connect when opening (0: one attempt)"
         ),
+        "request-timeout": Option(
+            "duration",
+            0,
+            "seconds a reply may take; past that the connection counts as lost, as if the "
+            "server had gone (0: wait forever)",
+        ),
         "tls-creds": Option(
             "str",
             None,
@@ -533,6 +556,7 @@ class NbdDriver(BlockDriver):
             values["open-timeout"],
             writable=not self.node.read_only,
             tls=tls,
+            request_timeout=values["request-timeout"],
         )
         await self.client.open()
         negotiated = self.client.negotiated
