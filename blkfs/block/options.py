@@ -262,6 +262,13 @@ def parse_options(text: str) -> Tree:
 _NBD_URI_RE = re.compile(r"^nbds?(\+tcp|\+unix)?://", re.IGNORECASE)
 
 
+def nbd_uri(text: str) -> Tree | None:
+    """The nbd node an NBD URI names, options and all (None if ``text`` is no NBD URI):
+    for names found in images, such as a qcow2's backing file, where no options may follow
+    (a comma is part of the URI, never the start of options an image could smuggle in)."""
+    return _nbd_uri(text, {}) if _NBD_URI_RE.match(text) else None
+
+
 def _nbd_uri(uri: str, tree: Tree) -> Tree:
     """The nbd node a URI names (QEMU's spelling), with the options after it."""
     if {"driver", "server", "export"} & set(tree):

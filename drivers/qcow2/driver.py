@@ -44,6 +44,7 @@ from blkfs.block import (
     Status,
 )
 from blkfs.block.driver import Located
+from blkfs.block.options import nbd_uri
 
 from .backing_map import BackingMap
 from .check import check_child, repair_on_open
@@ -175,13 +176,16 @@ class Qcow2Driver(BlockDriver):
         """Options for the backing file the header names: relative to the overlay's
         directory, read-only, through the graph (so --image-dir applies), format from the
         header extension or probed; with the image file's cache.direct, as QEMU's backing
-        files inherit it."""
-        base = self.file.node.filename()
-        if base and not os.path.isabs(name):
-            name = os.path.join(os.path.dirname(base), name)
-        file: dict[str, Any] = {"driver": "file", "filename": name}
-        if self.file.node.values.get("cache.direct"):
-            file["cache.direct"] = True
+        files inherit it. An NBD URI names an nbd node, as in QEMU, which the mount's
+        network policy (--allow-nbd with --image-dir) admits or refuses."""
+        file = nbd_uri(name)
+        if file is None:
+            base = self.file.node.filename()
+            if base and not os.path.isabs(name):
+                name = os.path.join(os.path.dirname(base), name)
+            file = {"driver": "file", "filename": name}
+            if self.file.node.values.get("cache.direct"):
+                file["cache.direct"] = True
         options: dict[str, Any] = {"file": file, "read-only": True}
         if self.header.backing_format:
             options["driver"] = self.header.backing_format

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from blkfs.backend import BlockLayer
-from blkfs.block.options import parse_options
+from blkfs.block.options import nbd_uri, parse_options
 from blkfs.cli import UsageError, build_config, parser
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
@@ -247,7 +247,16 @@ def test_nbd_uris_are_nbd_nodes() -> None:
         "server": {"type": "unix", "path": "/run/s.sock"},
         "export": "e",
     }
+    assert parse_options("nbds+unix:///e?socket=/s,tls-creds=/c")["tls-creds"] == "/c"
+    assert nbd_uri("nbd://h/e,read-only=off,server.host=x") == {  # a name, never options
+        "driver": "nbd",
+        "server": {"type": "inet", "host": "h"},
+        "export": "e,read-only=off,server.host=x",
+    }
+    assert nbd_uri("/srv/img/base.qcow2") is None and nbd_uri("nbd.img") is None
     for bad in (
+        "nbds://h/e",  # TLS needs credentials
+        "nbds+unix:///e?socket=/s",
         "nbd:///e",
         "nbd+unix:///e",
         "nbd+unix://h/e?socket=/s",
