@@ -321,11 +321,8 @@ async def test_an_nbd_uri_as_a_qcow2_backing_file(tmp_path: Path) -> None:
     before = base.read_bytes()
     with qemu_nbd(base, "raw", sockets / "s") as server:
         top = inside / "top.qcow2"
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", server.uri, "-F", "raw"]
-            + [str(top), str(SIZE)],
-            check=True,
-        )
+        create = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", server.uri]
+        subprocess.run([*create, str(top), str(SIZE)], check=True)
         confined = BlockLayer([str(inside)])
         try:
             with pytest.raises(BlockError) as refused:

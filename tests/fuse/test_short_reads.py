@@ -44,7 +44,9 @@ def first_difference(got: bytes, expected: bytes) -> int | None:
     """Where two byte strings part (None: equal), cheaper to report than a diff of MiBs."""
     if got == expected:
         return None
-    return next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), len(got))
+    return next(
+        (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), len(got)
+    )
 
 
 async def test_a_short_direct_read_mid_file_is_read_on(short_reads) -> None:
