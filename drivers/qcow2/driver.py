@@ -226,6 +226,15 @@ class Qcow2Driver(BlockDriver):
                 await self._write_back()
 
     async def length(self) -> int:
+        """The image's size; asked again when sizes are refreshed (children first), which
+        is when a backing node that changed size since is noted, so that reads past its
+        old end see what it holds now (QEMU's qcow2 asks bdrv_getlength of its backing)."""
+        backing = self.node.children.get("backing")
+        size = backing.node.size if backing is not None else 0
+        if size != self.backing_size:
+            self.backing_size = size
+            self.below.clear()
+            self._locations_changed()
         return self.header.size
 
     # -- mapping ----------------------------------------------------------------------------
