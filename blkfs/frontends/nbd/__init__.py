@@ -124,14 +124,7 @@ class NbdFrontend:
         await listener.open(mode)
         self.listeners[listener.address] = listener
         self._nursery.start_soon(self._accept, listener)
-        log.info(
-            "nbd: listening on %s%s",
-            listener.address,
-            f" (TLS required, credentials in {tls.creds}"
-            + (", client certificates checked)" if tls.verify_peer else ")")
-            if tls.creds
-            else "",
-        )
+        log.info("nbd: listening on %s %s", listener.address, tls)
         return listener
 
     async def _accept(self, listener: Listener) -> None:
@@ -200,21 +193,20 @@ class NbdFrontend:
             where = listener.address
         else:
             where = address(socket, host, port)
+        listener = self.listeners.get(where)
+        asked = (tls_creds, tls, tls_verify_peer) != (None, None, None)
         setting = (
-            listener.tls
-            if (listener := self.listeners.get(where)) is not None
-            and (tls_creds, tls, tls_verify_peer) == (None, None, None)
-            else tls_setting(where, tls_creds, tls, tls_verify_peer)
+            tls_setting(where, tls_creds, tls, tls_verify_peer)
+            if asked or listener is None
+            else listener.tls
         )
         if listener is None:
             listener = await self._listen(where, permissions, permanent=False, tls=setting)
         elif setting != listener.tls:
             raise BlockError(
                 errno.EINVAL,
-                f"{where} already serves other exports "
-                + (f"with TLS from {listener.tls.creds}" if listener.tls.creds else "in plaintext")
-                + (", client certificates checked" if listener.tls.verify_peer else "")
-                + ": an export there takes its TLS as it is",
+                f"{where} already serves exports {listener.tls}: an export there takes its "
+                "TLS as it is",
             )
         export = Export(export_name, backend, writable, listener)
         listener.exports[export_name] = export
@@ -228,7 +220,7 @@ class NbdFrontend:
             export_name,
             listener.address,
             ", writable" if writable else "",
-            ", over TLS" if listener.tls.creds else "",
+            f", {listener.tls}" if listener.tls.creds else "",
         )
 
     async def remove(self, name: str, force: bool) -> None:

@@ -100,6 +100,12 @@ class Tls:
     creds: str | None = None
     verify_peer: bool = False
 
+    def __str__(self) -> str:
+        if self.creds is None:
+            return "in plaintext"
+        checked = ", client certificates checked" if self.verify_peer else ""
+        return f"over TLS (credentials in {self.creds}{checked})"
+
     def context(self) -> ssl.SSLContext | None:
         """The server's TLS context, read from the files now; EINVAL naming a bad file."""
         if self.creds is None:
