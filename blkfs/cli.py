@@ -194,7 +194,9 @@ def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> FrontendFact
         tls = (
             tls_setting(
                 server,
-                args.nbd_tls_creds or data.get("nbd-tls-creds"),
+                os.path.abspath(args.nbd_tls_creds)
+                if args.nbd_tls_creds
+                else data.get("nbd-tls-creds"),
                 _flag(args.nbd_tls, data.get("nbd-tls")),
                 _flag(args.nbd_tls_verify_peer, data.get("nbd-tls-verify-peer")),
             )
@@ -202,7 +204,10 @@ def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> FrontendFact
             else PLAINTEXT
         )
     except BlockError as exc:
-        raise UsageError(f"--nbd: {exc.message}") from None
+        raise UsageError(
+            f"--nbd: {exc.message} (here: --nbd-tls-creds DIR, --nbd-tls-verify-peer on, "
+            "--nbd-tls off)"
+        ) from None
 
     def nbd(layer: BlockLayer, commands: Commands) -> NbdFrontend:
         return NbdFrontend(layer, commands, server, exports, mode, tls)
@@ -518,10 +523,11 @@ def cmd_ctl(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot read {folder / args.command}: {exc.strerror}") from None
         return 0
     words = [
-        f"socket={os.path.abspath(word[7:])}"
-        if args.command == "export" and word.startswith("socket=")
+        f"{key}={os.path.abspath(path)}"
+        if args.command == "export" and key in ("socket", "tls-creds") and sep
         else word
         for word in args.args
+        for key, sep, path in [word.partition("=")]
     ]
     text = absolute_filenames(" ".join(words)) if args.command in TREE_VERBS else " ".join(words)
     try:
