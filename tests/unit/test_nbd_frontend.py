@@ -305,6 +305,8 @@ export-name = "null"
         ("[exports]\nn = 1", ()),
         ("", ("--export", "n wrong=1")),
         ("", ("--nbd-mode", "999")),
+        ('nbd = "127.0.0.1:0"', ()),  # plaintext TCP, not said
+        ('nbd = "127.0.0.1:0"\nnbd-tls = "maybe"', ()),
     ]:
         with pytest.raises(UsageError):
             build_config(config(tmp_path, toml, *argv))
@@ -355,3 +357,23 @@ async def test_shutdown_lets_go_of_the_clients_of_a_closed_socket(tmp_path: Path
             frontend.stop()
     assert not frontend.sessions
     await layer.close()
+
+
+async def test_the_config_sets_the_servers_tls(tmp_path: Path, credentials: Path) -> None:
+    for toml, tls in [
+        (f'nbd-tls-creds = "{credentials}"\nnbd-tls-verify-peer = true', True),
+        ("nbd-tls = false", False),
+    ]:
+        daemon_config, _ = build_config(config(tmp_path, f'nbd = "127.0.0.1:0"\n{toml}'))
+        layer = BlockLayer()
+        frontend = daemon_config.frontends[1](layer, Commands(layer))
+        assert isinstance(frontend, NbdFrontend)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(frontend.serve)
+            assert frontend.default is not None
+            assert (frontend.default.tls_context is not None, frontend.default.tls.verify_peer) == (
+                tls,
+                tls,
+            )
+            frontend.stop()
+        await layer.close()
