@@ -37,6 +37,7 @@ from blkfs.block import (
     Option,
     Role,
 )
+from blkfs.block.options import nbd_uri
 
 from .backing_map import BackingMap
 from .bitmap_directory import MAX_BITMAPS, MAX_GRANULARITY_BITS
@@ -185,13 +186,16 @@ class Qcow2Driver(ImageChanges):
         """Options for the backing file the header names: relative to the overlay's
         directory, read-only, through the graph (so --image-dir applies), format from the
         header extension or probed; with the image file's cache.direct, as QEMU's backing
-        files inherit it."""
-        base = self.file.node.filename()
-        if base and not os.path.isabs(name):
-            name = os.path.join(os.path.dirname(base), name)
-        file: dict[str, Any] = {"driver": "file", "filename": name}
-        if self.file.node.values.get("cache.direct"):
-            file["cache.direct"] = True
+        files inherit it. An NBD URI names an nbd node, as in QEMU, which the mount's
+        network policy (--allow-nbd with --image-dir) admits or refuses."""
+        file = nbd_uri(name)
+        if file is None:
+            base = self.file.node.filename()
+            if base and not os.path.isabs(name):
+                name = os.path.join(os.path.dirname(base), name)
+            file = {"driver": "file", "filename": name}
+            if self.file.node.values.get("cache.direct"):
+                file["cache.direct"] = True
         options: dict[str, Any] = {"file": file, "read-only": True}
         if self.header.backing_format:
             options["driver"] = self.header.backing_format
@@ -235,6 +239,15 @@ class Qcow2Driver(ImageChanges):
                 await self._write_back()
 
     async def length(self) -> int:
+        """The image's size; asked again when sizes are refreshed (children first), which
+        is when a backing node that changed size since is noted, so that reads past its
+        old end see what it holds now (QEMU's qcow2 asks bdrv_getlength of its backing)."""
+        backing = self.node.children.get("backing")
+        size = backing.node.size if backing is not None else 0
+        if size != self.backing_size:
+            self.backing_size = size
+            self.below.clear()
+            self._locations_changed()
         return self.header.size
 
     def children_changed(self) -> None:
