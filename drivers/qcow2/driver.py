@@ -242,19 +242,18 @@ class Qcow2Driver(ImageChanges):
         """The image's size; asked again when sizes are refreshed (children first), which
         is when a backing node that changed size since is noted, so that reads past its
         old end see what it holds now (QEMU's qcow2 asks bdrv_getlength of its backing)."""
-        backing = self.node.children.get("backing")
-        size = backing.node.size if backing is not None else 0
-        if size != self.backing_size:
-            self.backing_size = size
-            self.below.clear()
-            self._locations_changed()
+        if self._backing_length() != self.backing_size:
+            self.children_changed()
         return self.header.size
 
     def children_changed(self) -> None:
-        backing = self.node.children.get("backing")
-        self.backing_size = backing.node.size if backing is not None else 0
+        self.backing_size = self._backing_length()
         self.below.clear()
         self._locations_changed()
+
+    def _backing_length(self) -> int:
+        backing = self.node.children.get("backing")
+        return backing.node.size if backing is not None else 0
 
     def info(self) -> dict[str, Any]:
         header = self.header
