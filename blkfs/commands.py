@@ -275,9 +275,13 @@ class Exporter(Protocol):
         port: str | None,
         mode: str | None,
         bitmap: str | None = None,
+        tls_creds: str | None = None,
+        tls: bool | None = None,
+        tls_verify_peer: bool | None = None,
     ) -> None:
         """Serve ``backend`` at the address given, or on the default server; with its
-        dirty bitmap ``bitmap`` as the metadata context ``qemu:dirty-bitmap:NAME``."""
+        dirty bitmap ``bitmap`` as the metadata context ``qemu:dirty-bitmap:NAME``, and the
+        TLS asked for (None: not said)."""
 
     async def remove(self, name: str, force: bool) -> None:
         """Stop serving the export ``name``, or every export of the backend ``name``."""
@@ -749,6 +753,9 @@ async def export(
     writable: bool = False,
     export_name: str | None = None,
     bitmap: str | None = None,
+    tls_creds: str | None = None,
+    tls: bool | None = None,
+    tls_verify_peer: bool | None = None,
     *,
     exporter: Exporter | None,
 ) -> None:
@@ -758,7 +765,10 @@ async def export(
     0600 unless mode= says otherwise) or TCP address (host= port=) of its own. Read-only
     unless writable=on; clients ask for it by export-name (default: NAME). bitmap=B: the
     medium's dirty bitmap B is served as the metadata context qemu:dirty-bitmap:B (as
-    qemu-nbd -B), busy while exported."""
+    qemu-nbd -B), busy while exported. tls-creds=DIR (ca-cert.pem, server-cert.pem,
+    server-key.pem, as QEMU's tls-creds-x509) requires clients to use TLS, tls-verify-peer=on
+    also a client certificate signed by the CA; a TCP address of its own needs tls-creds or
+    an explicit tls=off."""
     backend = layer.find(name)
     if socket is not None and (host is not None or port is not None):
         raise BlockError(errno.EINVAL, "export: give socket=PATH or host= port=, not both")
@@ -773,6 +783,9 @@ async def export(
         port=port,
         mode=mode,
         bitmap=bitmap,
+        tls_creds=tls_creds,
+        tls=tls,
+        tls_verify_peer=tls_verify_peer,
     )
 
 

@@ -87,8 +87,8 @@ JobInfo = TypedDict(
 )
 """A block job, with QMP's names (query-jobs): ``device`` is its backend's name."""
 
-ClientStatus = TypedDict("ClientStatus", {"peer": str, "since": int, "in-flight": int})
-"""An NBD client of an export."""
+ClientStatus = TypedDict("ClientStatus", {"peer": str, "since": int, "in-flight": int, "tls": bool})
+"""An NBD client of an export; ``tls``: it talks over TLS."""
 
 
 class ExportStatus(TypedDict):
@@ -101,6 +101,8 @@ class ExportStatus(TypedDict):
     bitmap: NotRequired[str]
     """The dirty bitmap served as ``qemu:dirty-bitmap:NAME``, if one is."""
     address: str
+    tls: bool
+    """Its listener requires TLS."""
     retired: bool
     clients: list[ClientStatus]
     stats: Counters

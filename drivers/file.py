@@ -123,12 +123,19 @@ def pread_full(fd: int, buf: memoryview, offset: int) -> None:
         done += got
 
 
-def pread_direct(fd: int, buf: memoryview, offset: int) -> None:
-    """One O_DIRECT read of all of ``buf``; a short one ends at the end of the file (the
-    rest reads as zeros: reading on from an unaligned end would fail)."""
-    got = os.preadv(fd, [buf], offset)
-    if got < buf.nbytes:
-        buf[got:] = bytes(buf.nbytes - got)
+def pread_direct(fd: int, buf: memoryview, offset: int, align: int) -> None:
+    """O_DIRECT reads of all of ``buf`` (aligned in memory, offset and length by ``align``).
+    A short read that stops on an alignment boundary is read on from (network filesystems
+    return them in the middle of a file); one that returns nothing or stops unaligned is the
+    end of the file, and the rest reads as zeros (reading on from an unaligned end would
+    fail)."""
+    done = 0
+    while done < buf.nbytes:
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        done += got
+        if not got or done % align:
+            break
+    buf[done:] = bytes(buf.nbytes - done)
 
 
 def pwrite_full(fd: int, data: memoryview, offset: int) -> None:
@@ -446,7 +453,7 @@ class FileDriver(BlockDriver):
                 start = position - position % align
                 stop = min(end, start + BOUNCE_SIZE)
                 length = align_up(stop - start, align)
-                pread_direct(self.fd, bounce[:length], start)
+                pread_direct(self.fd, bounce[:length], start, align)
                 buf[position - offset : stop - offset] = bounce[position - start : stop - start]
                 position = stop
 

@@ -2,15 +2,19 @@
 
 Options are QEMU's: ``server.type=inet`` with ``server.host`` and ``server.port`` (default
 10809), or ``server.type=unix`` with ``server.path``; ``export``; ``reconnect-delay`` and
-``open-timeout`` (seconds). ``nbd://HOST[:PORT]/EXPORT`` and
-``nbd+unix:///EXPORT?socket=PATH`` are shorthands for them where a path may be given.
+``open-timeout`` (seconds); ``tls-creds`` (a directory laid out as QEMU's tls-creds-x509:
+the server's certificate is checked against its ``ca-cert.pem``, ``client-cert.pem`` is
+sent where there is one) and ``tls-hostname``. ``request-timeout`` is blkfs's own.
+``nbd://HOST[:PORT]/EXPORT`` and ``nbd+unix:///EXPORT?socket=PATH`` (``nbds`` for TLS) are
+shorthands for them where a path may be given.
 
 Requests share one connection, many in flight, each reply checked against its request by
-:class:`blkfs.nbd.ClientTransmission`. When the server goes away, the requests in flight and
-the new ones wait up to ``reconnect-delay`` seconds for a new connection and are sent again
-on it; past that they fail with EIO (and later ones at once) while reconnecting goes on in
-the background. With ``reconnect-delay=0``, the default, a lost connection fails the node
-until its medium is changed. A request succeeds only on the server's success reply, so
+:class:`blkfs.nbd.ClientTransmission`. When the server goes away, or a reply takes longer
+than ``request-timeout`` (a server that accepts and never answers), the requests in flight
+and the new ones wait up to ``reconnect-delay`` seconds for a new connection and are sent
+again on it; past that they fail with EIO (and later ones at once) while reconnecting goes
+on in the background. With ``reconnect-delay=0``, the default, a lost connection fails the
+node until its medium is changed. A request succeeds only on the server's success reply, so
 nothing is acknowledged that the server did not acknowledge.
 """
 
@@ -18,10 +22,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import socket
+import ssl
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -42,11 +49,13 @@ from blkfs.nbd import (
     ProtocolError,
     ReceiveBuffer,
     Refused,
+    Rep,
     Reply,
     State,
     TransmissionFlag,
     unsent,
 )
+from blkfs.nbd.tls import CredentialsError, client_context
 
 log = logging.getLogger("blkfs.nbd")
 
@@ -91,19 +100,48 @@ class _Waiter:
         self.reply: Reply | None = None
 
 
+class Wire:
+    """A connection's bytes: the socket itself, or TLS over it once NBD_OPT_STARTTLS has
+    succeeded (a copy of each message, where plaintext sends from the caller's buffers)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.tls: trio.SSLStream[trio.SocketStream] | None = None
+
+    async def start_tls(self, context: ssl.SSLContext, hostname: str | None) -> None:
+        self.tls = trio.SSLStream(self.stream, context, server_hostname=hostname)
+        await self.tls.do_handshake()
+
+    async def send(self, header: bytes, data: memoryview | None = None) -> None:
+        """A header and its data in one ``sendmsg`` (resumed where a send stops short)."""
+        parts = [memoryview(header)] if data is None else [memoryview(header), data]
+        if self.tls is not None:
+            await self.tls.send_all(b"".join(parts))
+            return
+        while parts:
+            parts = unsent(parts, await self.stream.socket.sendmsg(parts))
+
+    async def recv_into(self, view: memoryview) -> int:
+        if self.tls is None:
+            return await self.stream.socket.recv_into(view)
+        data = await self.tls.receive_some(view.nbytes)
+        view[: len(data)] = data
+        return len(data)
+
+
 class Connection:
     """One negotiated connection: requests go out under a lock (a message is never
     interleaved with another), replies come in through :meth:`receive_replies`."""
 
-    def __init__(
-        self, stream: trio.SocketStream, negotiated: Negotiated, rx: ReceiveBuffer
-    ) -> None:
-        self.stream = stream
+    def __init__(self, wire: Wire, negotiated: Negotiated, rx: ReceiveBuffer) -> None:
+        self.wire = wire
         self.negotiated = negotiated
         self.transmission = ClientTransmission(negotiated)
         self.rx = rx
         self.lost: str | None = None
         """Why the connection went away, once it has."""
+        self.request_timeout = 0.0
+        """Seconds a reply may take before the connection is given up as hung (0: forever)."""
         self._send_lock = trio.Lock()
         self._waiters: dict[int, _Waiter] = {}
 
@@ -124,11 +162,17 @@ class Connection:
         try:
             async with self._send_lock:
                 try:
-                    await send_message(self.stream, header, data)
+                    await self.wire.send(header, data)
                 except BaseException as exc:  # half a message leaves the stream unusable
                     self.close(f"sending failed: {exc!r}")
                     raise
-            await waiter.event.wait()
+            with trio.move_on_after(self.request_timeout or math.inf) as timer:
+                await waiter.event.wait()
+            if timer.cancelled_caught:  # a server that accepts and never answers: hung
+                self.close(
+                    f"no reply to {kind.name} {offset}+{length} within "
+                    f"{self.request_timeout:g}s (request-timeout)"
+                )
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise Lost(self.lost) from None
         finally:
@@ -168,7 +212,7 @@ class Connection:
 
     async def _exactly(self, count: int) -> bytes:
         while (data := self.rx.take(count)) is None:
-            received = await self.stream.socket.recv_into(self.rx.space())
+            received = await self.wire.recv_into(self.rx.space())
             if not received:
                 raise EOFError("the server closed the connection")
             self.rx.filled(received)
@@ -177,7 +221,7 @@ class Connection:
     async def _fill(self, view: memoryview) -> None:
         done = self.rx.take_into(view)
         while done < view.nbytes:
-            received = await self.stream.socket.recv_into(view[done:])
+            received = await self.wire.recv_into(view[done:])
             if not received:
                 raise EOFError("the server closed the connection")
             done += received
@@ -187,7 +231,7 @@ class Connection:
         if self.lost is not None:
             return
         self.lost = why
-        self.stream.socket.close()
+        self.wire.stream.socket.close()
         self.transmission.abandon()
         for waiter in self._waiters.values():
             waiter.event.set()
@@ -200,31 +244,33 @@ class Connection:
             with trio.move_on_after(1):
                 try:
                     async with self._send_lock:
-                        await self.stream.send_all(header)
+                        await self.wire.send(header)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
         self.close(why)
 
 
-async def send_message(
-    stream: trio.SocketStream, header: bytes, data: memoryview | None = None
-) -> None:
-    """A header and its data in one ``sendmsg`` (resumed where a send stops short)."""
-    parts = [memoryview(header)] if data is None else [memoryview(header), data]
-    while parts:
-        parts = unsent(parts, await stream.socket.sendmsg(parts))
+@dataclass(frozen=True)
+class Tls:
+    """TLS as the node asks for it: the client's context (the CA, a client certificate if
+    the credentials hold one) and the name the server's certificate must carry."""
+
+    context: ssl.SSLContext
+    hostname: str | None
+    """None on a unix socket without tls-hostname: the CA is checked, no name (as QEMU)."""
 
 
-async def negotiate(address: Address, export: str) -> Connection:
+async def negotiate(address: Address, export: str, tls: Tls | None) -> Connection:
     """Connect and negotiate ``export``; BlockError saying what went wrong otherwise."""
     where = f"nbd: {address}"
+    wire: Wire | None = None
     try:
         with trio.fail_after(NEGOTIATION_TIMEOUT):
-            stream = await connect(address)
+            wire = Wire(await connect(address))
             try:
-                return await _handshake(stream, export)
+                return await _handshake(wire, export, tls)
             except BaseException:
-                await trio.aclose_forcefully(stream)
+                await trio.aclose_forcefully(wire.stream)
                 raise
     except trio.TooSlowError:
         raise BlockError(
@@ -232,33 +278,57 @@ async def negotiate(address: Address, export: str) -> Connection:
         ) from None
     except Refused as exc:
         listed = f" (the server has: {', '.join(exc.exports)})" if exc.exports else ""
-        raise Unavailable(errno.ENOENT, f"{where}: export '{export}': {exc}{listed}") from None
+        code = errno.EACCES if exc.reply in (Rep.ERR_TLS_REQD, Rep.ERR_POLICY) else errno.ENOENT
+        raise Unavailable(code, f"{where}: export '{export}': {exc}{listed}") from None
     except ProtocolError as exc:
         raise BlockError(errno.EPROTO, f"{where}: not a usable NBD server: {exc}") from None
-    except (OSError, trio.BrokenResourceError) as exc:
-        code = getattr(exc, "errno", None) or errno.ECONNRESET
+    except (EOFError, trio.BrokenResourceError) as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLError):
+            raise Unavailable(
+                errno.EACCES, f"{where}: TLS failed: {cause.reason or cause}"
+            ) from None
+        if wire is not None and wire.tls is not None:  # TLS 1.3 checks the client after
+            raise Unavailable(
+                errno.EACCES,
+                f"{where}: the server closed the TLS connection during the negotiation "
+                "(does it want a client certificate, or one signed by another CA?)",
+            ) from None
+        if isinstance(exc, EOFError):
+            raise BlockError(
+                errno.EPROTO, f"{where}: not a usable NBD server: the server hung up"
+            ) from None
+        raise BlockError(errno.ECONNRESET, f"{where}: {os.strerror(errno.ECONNRESET)}") from None
+    except OSError as exc:
+        code = exc.errno or errno.ECONNRESET
         raise BlockError(code, f"{where}: {os.strerror(code)}") from None
 
 
-async def _handshake(stream: trio.SocketStream, export: str) -> Connection:
-    handshake = ClientHandshake(export)
+async def _handshake(wire: Wire, export: str, tls: Tls | None) -> Connection:
+    handshake = ClientHandshake(export, tls=tls is not None)
     rx = ReceiveBuffer()
     while not handshake.done:
         want = handshake.want()
         while (data := rx.take(want)) is None:
-            received = await stream.socket.recv_into(rx.space())
+            received = await wire.recv_into(rx.space())
             if not received:
-                raise ProtocolError("the server hung up during the handshake")
+                raise EOFError("the server hung up during the handshake")
             rx.filled(received)
         try:
             out = handshake.receive(data)
         except Refused:
-            await stream.send_all(handshake.abort())
+            await wire.send(handshake.abort())
             raise
+        if handshake.upgrade:
+            assert tls is not None
+            if len(rx):
+                raise ProtocolError("the server sent data before the TLS handshake")
+            await wire.start_tls(tls.context, tls.hostname)
+            out = handshake.secured()
         if out:
-            await stream.send_all(out)
+            await wire.send(out)
     assert handshake.result is not None
-    return Connection(stream, handshake.result, rx)
+    return Connection(wire, handshake.result, rx)
 
 
 class Client:
@@ -271,15 +341,21 @@ class Client:
         reconnect_delay: float,
         open_timeout: float,
         writable: bool,
+        tls: Tls | None,
+        request_timeout: float,
     ) -> None:
         self.address = address
         self.export = export
+        self.tls = tls
+        self.request_timeout = request_timeout
         self.reconnect_delay = reconnect_delay
         self.open_timeout = open_timeout
         self.writable = writable
         self.connection: Connection | None = None
         self.reconnects = 0
         self._lost_at = 0.0
+        self._why = ""
+        """Why the last connection was lost."""
         self._back = trio.Event()
         self._scope = trio.CancelScope()
         self._finished: trio.Event | None = None
@@ -316,7 +392,9 @@ class Client:
         pause = RETRY_FIRST
         while True:
             try:
-                return await negotiate(self.address, self.export)
+                connection = await negotiate(self.address, self.export, self.tls)
+                connection.request_timeout = self.request_timeout
+                return connection
             except BlockError as exc:
                 if deadline is not None and (
                     isinstance(exc, Unavailable) or trio.current_time() + pause > deadline
@@ -365,6 +443,7 @@ class Client:
         if self.connection is connection:
             self.connection = None
             self._lost_at = trio.current_time()
+            self._why = connection.lost or "closed"
             self._back = trio.Event()
 
     async def _reconnect(self, before: Negotiated) -> Connection:
@@ -414,7 +493,7 @@ class Client:
             if trio.current_time() >= deadline or self._scope.cancel_called:
                 raise BlockError(
                     errno.EIO,
-                    f"nbd: {self.address}: the connection is lost "
+                    f"nbd: {self.address}: the connection is lost ({self._why}) "
                     + (
                         f"and did not come back within {self.reconnect_delay:g}s"
                         if self.reconnect_delay
@@ -449,17 +528,35 @@ class NbdDriver(BlockDriver):
         "open-timeout": Option(
             "duration", 0, "seconds to keep trying to connect when opening (0: one attempt)"
         ),
+        "request-timeout": Option(
+            "duration",
+            0,
+            "seconds a reply may take; past that the connection counts as lost, as if the "
+            "server had gone (0: wait forever)",
+        ),
+        "tls-creds": Option(
+            "str",
+            None,
+            "connect over TLS with the x509 credentials in this directory (ca-cert.pem; "
+            "client-cert.pem and client-key.pem if the server checks clients)",
+        ),
+        "tls-hostname": Option(
+            "str", None, "the name the server's certificate must carry (default: server.host)"
+        ),
     }
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
         address = _address(values)
         self.node.check_nbd_server(address.path, address.host, address.port)
+        tls = await _tls(values, address)
         self.client = Client(
             address,
             values["export"],
             values["reconnect-delay"],
             values["open-timeout"],
             writable=not self.node.read_only,
+            tls=tls,
+            request_timeout=values["request-timeout"],
         )
         await self.client.open()
         negotiated = self.client.negotiated
@@ -470,7 +567,7 @@ class NbdDriver(BlockDriver):
         self.request_alignment = export.min_block
         self._blocks = RangeLocks()
         self.block_status_context = BASE_ALLOCATION in negotiated.contexts
-        self.where = f"nbd: {address} export '{values['export']}'"
+        self.where = f"nbd: {address} export '{values['export']}'" + (" over TLS" if tls else "")
         log.info(
             "%s: %d bytes, flags %#x, block sizes %d/%d/%d%s",
             self.where,
@@ -612,7 +709,25 @@ class NbdDriver(BlockDriver):
             "connected": connection is not None and connection.lost is None,
             "reconnects": self.client.reconnects,
             "in-flight": connection.transmission.in_flight if connection else 0,
+            "tls": self.client.tls is not None,
         }
+
+
+async def _tls(values: Mapping[str, Any], address: Address) -> Tls | None:
+    """The node's TLS, its credentials read in a worker; EINVAL naming a bad file."""
+    creds, hostname = values["tls-creds"], values["tls-hostname"]
+    if creds is None:
+        if hostname is not None:
+            raise BlockError(errno.EINVAL, "nbd: tls-hostname needs tls-creds=DIR")
+        return None
+    if not os.path.isabs(creds):
+        raise BlockError(errno.EINVAL, f"nbd: tls-creds '{creds}' must be an absolute directory")
+    name = hostname or address.host
+    try:
+        context = await trio.to_thread.run_sync(client_context, creds, name is not None)
+    except CredentialsError as exc:
+        raise BlockError(errno.EINVAL, f"nbd: {exc}") from None
+    return Tls(context, name)
 
 
 def _address(values: Mapping[str, Any]) -> Address:

@@ -12,6 +12,7 @@ import trio.testing
 
 from tests.ceph import Cluster, cluster
 from tests.helpers import Mount, blkfs_mounts_under, force_unmount, mounts_in
+from tests.tls import make_credentials
 
 needs_fuse = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -28,7 +29,15 @@ MUST_RUN_IN_CI = ("fuse", "loop", "qemu")
 """Markers of tests that CI must run: under CI=true, skipping one of them fails it."""
 NBD_TOOLS = ("qemu-nbd", "nbdkit", "nbdinfo", "nbdcopy")
 """What the NBD client and export suites talk to (tests/nbdpeers.py)."""
-CI_TOOLS = ("fusermount3", "losetup", "qemu-img", "qemu-io", "qemu-storage-daemon", *NBD_TOOLS)
+CI_TOOLS = (
+    "fusermount3",
+    "losetup",
+    "qemu-img",
+    "qemu-io",
+    "qemu-storage-daemon",
+    "openssl",
+    *NBD_TOOLS,
+)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -84,6 +93,13 @@ def images(tmp_path: Path) -> Path:
     path = tmp_path / "img"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def credentials(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """x509 credentials for TLS (tests/tls.py), made once: a CA, a server certificate for
+    localhost and 127.0.0.1, a client certificate, in one directory."""
+    return make_credentials(tmp_path_factory.mktemp("tls") / "creds")
 
 
 @pytest.fixture

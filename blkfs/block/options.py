@@ -237,8 +237,9 @@ COMMON_OPTIONS: Mapping[str, Option] = {
 def parse_options(text: str) -> Tree:
     """Parse any of the three spellings into a nested dict; raise OptionError if malformed.
     A path that is an NBD URI (``nbd://HOST[:PORT]/EXPORT``,
-    ``nbd+unix:///EXPORT?socket=PATH``) means an ``nbd`` node, and one that starts with
-    ``rbd:`` an ``rbd`` node (:func:`rbd_filename`), as in QEMU."""
+    ``nbd+unix:///EXPORT?socket=PATH``; ``nbds`` and ``nbds+unix`` with ``tls-creds``)
+    means an ``nbd`` node, and one that starts with ``rbd:`` an ``rbd`` node
+    (:func:`rbd_filename`), as in QEMU."""
     text = text.strip()
     if not text:
         raise OptionError("no options given: expected a path, key=value pairs or JSON")
@@ -261,7 +262,14 @@ def parse_options(text: str) -> Tree:
     return tree
 
 
-_NBD_URI_RE = re.compile(r"^nbd(\+tcp|\+unix)?://", re.IGNORECASE)
+_NBD_URI_RE = re.compile(r"^nbds?(\+tcp|\+unix)?://", re.IGNORECASE)
+
+
+def nbd_uri(text: str) -> Tree | None:
+    """The nbd node an NBD URI names, options and all (None if ``text`` is no NBD URI):
+    for names found in images, such as a qcow2's backing file, where no options may follow
+    (a comma is part of the URI, never the start of options an image could smuggle in)."""
+    return _nbd_uri(text, {}) if _NBD_URI_RE.match(text) else None
 
 
 def _nbd_uri(uri: str, tree: Tree) -> Tree:
@@ -275,13 +283,19 @@ def _nbd_uri(uri: str, tree: Tree) -> Tree:
         raise OptionError(f"invalid NBD URI '{uri}': {exc}") from None
     query = parse_qs(parts.query, keep_blank_values=True)
     export = unquote(parts.path[1:])
-    if parts.scheme.lower() == "nbd+unix":
+    scheme = parts.scheme.lower()
+    if scheme.startswith("nbds") and "tls-creds" not in tree:
+        raise OptionError(
+            f"NBD URI '{uri}' asks for TLS: give tls-creds=DIR after it "
+            "(ca-cert.pem, and client-cert.pem/client-key.pem if the server checks clients)"
+        )
+    if scheme.endswith("+unix"):
         if parts.netloc or set(query) != {"socket"} or len(query["socket"]) != 1:
-            raise OptionError(f"invalid NBD URI '{uri}': expected nbd+unix:///EXPORT?socket=PATH")
+            raise OptionError(f"invalid NBD URI '{uri}': expected {scheme}:///EXPORT?socket=PATH")
         server = {"type": "unix", "path": query["socket"][0]}
     else:
         if not parts.hostname or query:
-            raise OptionError(f"invalid NBD URI '{uri}': expected nbd://HOST[:PORT]/EXPORT")
+            raise OptionError(f"invalid NBD URI '{uri}': expected {scheme}://HOST[:PORT]/EXPORT")
         server = {"type": "inet", "host": parts.hostname}
         if port is not None:
             server["port"] = str(port)

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from blkfs.backend import parse_options
+from blkfs.backend import parse_bool, parse_options
 from blkfs.cli import completion, image, jobs, mount_helper
 from blkfs.commands import COMMANDS, Commands
 from blkfs.daemon import Daemon, DaemonConfig, ExporterFactory, FrontendFactory
@@ -35,7 +35,7 @@ from blkfs.errors import BlockError
 from blkfs.frontends import ctl
 from blkfs.frontends.fuse import POLL_MAX_NS, FuseFrontend
 from blkfs.frontends.nbd import NbdFrontend
-from blkfs.frontends.nbd.export import parse_address, socket_mode
+from blkfs.frontends.nbd.export import PLAINTEXT, parse_address, socket_mode, tls_setting
 from blkfs.frontends.qmp import QmpFrontend
 from blkfs.frontends.qmp import parse_address as parse_qmp_address
 from blkfs.frontends.volumes import command as volume_command
@@ -54,6 +54,9 @@ CONFIG_KEYS = (
     "backends",
     "nbd",
     "nbd-mode",
+    "nbd-tls",
+    "nbd-tls-creds",
+    "nbd-tls-verify-peer",
     "exports",
     "qmp",
     "poll-max-ns",
@@ -202,13 +205,40 @@ def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> ExporterFact
     try:
         server = parse_address(where) if where else None
         mode = socket_mode(args.nbd_mode or data.get("nbd-mode"))
+        tls = (
+            tls_setting(
+                server,
+                os.path.abspath(args.nbd_tls_creds)
+                if args.nbd_tls_creds
+                else data.get("nbd-tls-creds"),
+                _flag(args.nbd_tls, data.get("nbd-tls")),
+                _flag(args.nbd_tls_verify_peer, data.get("nbd-tls-verify-peer")),
+            )
+            if server is not None
+            else PLAINTEXT
+        )
     except BlockError as exc:
-        raise UsageError(f"--nbd: {exc}") from None
+        raise UsageError(
+            f"--nbd: {exc.message} (here: --nbd-tls-creds DIR, --nbd-tls-verify-peer on, "
+            "--nbd-tls off)"
+        ) from None
 
     def nbd(layer: BlockLayer, commands: Commands) -> NbdFrontend:
-        return NbdFrontend(layer, commands, server, exports, mode)
+        return NbdFrontend(layer, commands, server, exports, mode, tls)
 
     return nbd
+
+
+def _flag(given: str | None, config: Any) -> bool | None:
+    """An on/off option from the command line, else the config's (a TOML boolean or
+    "on"/"off"); None if neither says."""
+    value = given if given is not None else config
+    if value is None:
+        return None
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise BlockError(errno.EINVAL, f"expected on or off, got {value!r}") from None
 
 
 def create_args(name: str, options: str | None, read_only: bool = False) -> dict[str, Any]:
@@ -555,10 +585,11 @@ def cmd_ctl(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot read {folder / args.command}: {exc.strerror}") from None
         return 0
     words = [
-        f"socket={os.path.abspath(word[7:])}"
-        if args.command == "export" and word.startswith("socket=")
+        f"{key}={os.path.abspath(path)}"
+        if args.command == "export" and key in ("socket", "tls-creds") and sep
         else word
         for word in args.args
+        for key, sep, path in [word.partition("=")]
     ]
     text = absolute_filenames(" ".join(words)) if args.command in TREE_VERBS else " ".join(words)
     try:
@@ -627,6 +658,22 @@ def parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "--nbd-mode", metavar="MODE", help="permissions of the --nbd unix socket (default 0600)"
+    )
+    mount.add_argument(
+        "--nbd-tls-creds",
+        metavar="DIR",
+        help="require TLS on the --nbd server, with the x509 credentials in DIR (ca-cert.pem, "
+        "server-cert.pem, server-key.pem, as QEMU's tls-creds-x509)",
+    )
+    mount.add_argument(
+        "--nbd-tls-verify-peer",
+        metavar="on|off",
+        help="with --nbd-tls-creds, require clients' certificates signed by DIR/ca-cert.pem",
+    )
+    mount.add_argument(
+        "--nbd-tls",
+        metavar="on|off",
+        help="off: serve a TCP --nbd in plaintext (refused otherwise without --nbd-tls-creds)",
     )
     mount.add_argument(
         "--export",

@@ -11,7 +11,8 @@ else, and a reply that raises leaves the client's state as it was.
 Names are the spec's (``doc/proto.md`` of github.com/NetworkBlockDevice/nbd), the ``NBD_``
 and category prefixes moved into the enum they belong to: ``NBD_OPT_GO`` is ``Opt.GO``,
 ``NBD_REPLY_TYPE_OFFSET_HOLE`` is ``ReplyType.OFFSET_HOLE``. Only fixed newstyle
-negotiation, without TLS or the experimental extensions.
+negotiation, with TLS (NBD_OPT_STARTTLS; the caller runs the TLS handshake) and without the
+experimental extensions.
 
 This module is the public face; :mod:`~blkfs.nbd.values` (the spec's values and wire
 layouts), :mod:`~blkfs.nbd.messages`, :mod:`~blkfs.nbd.handshake` and

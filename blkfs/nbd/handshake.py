@@ -73,19 +73,30 @@ class _Exchange:
 
 
 class ClientHandshake(_Exchange):
-    """A client's fixed newstyle negotiation of one export: structured replies, then the
-    metadata contexts asked for (if structured replies were agreed), then NBD_OPT_GO asking
-    for block sizes; NBD_OPT_EXPORT_NAME where the server has no GO. An export the server
-    refuses raises :class:`Refused` (listing the server's exports, if it lists them); send
-    :meth:`abort` then.
+    """A client's fixed newstyle negotiation of one export: NBD_OPT_STARTTLS first if ``tls``,
+    structured replies, then the metadata contexts asked for (if structured replies were
+    agreed), then NBD_OPT_GO asking for block sizes; NBD_OPT_EXPORT_NAME where the server has
+    no GO. An export the server refuses raises :class:`Refused` (listing the server's
+    exports, if it lists them), as does a server that will not do TLS when asked or that
+    demands it when not; send :meth:`abort` then.
+
+    When ``upgrade`` turns true the server has agreed to TLS: the caller runs the TLS
+    handshake over the connection, then sends what :meth:`secured` returns and goes on.
     """
 
     def __init__(
-        self, export: str, *, structured: bool = True, contexts: Sequence[str] = (BASE_ALLOCATION,)
+        self,
+        export: str,
+        *,
+        structured: bool = True,
+        contexts: Sequence[str] = (BASE_ALLOCATION,),
+        tls: bool = False,
     ) -> None:
         self.export = export
         self.structured = structured
         self.contexts = tuple(contexts)
+        self.tls = tls
+        self.upgrade = False
         self._want = GREETING.size
         self._step = self._greeting
         self._reply = (0, 0)
@@ -114,8 +125,18 @@ class ClientHandshake(_Exchange):
             raise ProtocolError("the server does not speak fixed newstyle negotiation")
         self._no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)
         client = ClientFlag.C_FIXED_NEWSTYLE | (ClientFlag.C_NO_ZEROES if self._no_zeroes else 0)
-        first = self._send(Opt.STRUCTURED_REPLY) if self.structured else self._send_go()
+        first = self._send(Opt.STARTTLS) if self.tls else self._first()
         return CLIENT_FLAGS.pack(client) + first
+
+    def _first(self) -> bytes:
+        return self._send(Opt.STRUCTURED_REPLY) if self.structured else self._send_go()
+
+    def secured(self) -> bytes:
+        """The TLS handshake is done: the negotiation starts over inside it."""
+        if not self.upgrade:
+            raise ValueError("secured() follows the server's agreement to NBD_OPT_STARTTLS")
+        self.upgrade = False
+        return self._first()
 
     def _send(self, opt: Opt, data: bytes = b"") -> bytes:
         self._want, self._step = OPTION_REPLY.size, self._reply_header
@@ -137,6 +158,10 @@ class ClientHandshake(_Exchange):
     def _reply_data(self, data: bytes) -> bytes:
         opt, reply = self._reply
         self._want, self._step = OPTION_REPLY.size, self._reply_header
+        if reply == Rep.ERR_TLS_REQD:
+            raise Refused(reply, "the server requires TLS (give tls-creds)")
+        if opt == Opt.STARTTLS:
+            return self._starttls(reply, data)
         if opt == Opt.STRUCTURED_REPLY:
             return self._structured_reply(reply)
         if opt == Opt.SET_META_CONTEXT:
@@ -146,6 +171,14 @@ class ClientHandshake(_Exchange):
         if opt == Opt.LIST and self._refusal is not None:
             return self._list(reply, data)
         raise ProtocolError(f"reply to option {opt}, which was not asked")
+
+    def _starttls(self, reply: int, data: bytes) -> bytes:
+        if reply != Rep.ACK:
+            message = decode_string(data, "the error message") if reply & REP_ERROR else ""
+            raise Refused(reply, f"the server does not do TLS ({message or f'reply {reply}'})")
+        self.upgrade = True
+        self._want, self._step = 0, _upgrading
+        return b""
 
     def _structured_reply(self, reply: int) -> bytes:
         if reply == Rep.ACK:
@@ -234,11 +267,23 @@ class ServerHandshake(_Exchange):
     or NBD_OPT_EXPORT_NAME succeeded: send what the last :meth:`receive` returned, then
     serve the export), or ``aborted`` (NBD_OPT_ABORT: send the ACK and hang up). A client
     that breaks the rules, floods options or asks NBD_OPT_EXPORT_NAME for an export there is
-    not gets :class:`ProtocolError` (hang up)."""
+    not gets :class:`ProtocolError` (hang up).
 
-    def __init__(self, catalog: Catalog, contexts: Sequence[str] = (BASE_ALLOCATION,)) -> None:
+    With ``tls`` the server requires TLS (the spec's FORCEDTLS): until NBD_OPT_STARTTLS has
+    succeeded, every other option but NBD_OPT_ABORT is refused with NBD_REP_ERR_TLS_REQD
+    (NBD_OPT_EXPORT_NAME, which cannot be refused, is hung up on). When ``upgrade`` turns
+    true, send the reply, run the TLS handshake, then call :meth:`secured`; the negotiation
+    starts over inside TLS, forgetting what was agreed before it."""
+
+    def __init__(
+        self, catalog: Catalog, contexts: Sequence[str] = (BASE_ALLOCATION,), tls: bool = False
+    ) -> None:
         self.catalog = catalog
         self.contexts = tuple(contexts)
+        self.tls = tls
+        self.secure = False
+        """TLS is up: NBD_OPT_STARTTLS succeeded and :meth:`secured` was called."""
+        self.upgrade = False
         self._want = CLIENT_FLAGS.size
         self._step = self._client_flags
         self._option = 0
@@ -258,6 +303,15 @@ class ServerHandshake(_Exchange):
         return GREETING.pack(
             NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
         )
+
+    def secured(self) -> bytes:
+        """The TLS handshake that NBD_OPT_STARTTLS agreed to is done."""
+        if not self.upgrade:
+            raise ValueError("secured() follows an agreed NBD_OPT_STARTTLS")
+        self.upgrade, self.secure = False, True
+        self._structured, self._selected = False, None
+        self._want, self._step = OPTION.size, self._option_header
+        return b""
 
     def _client_flags(self, data: bytes) -> bytes:
         (flags,) = CLIENT_FLAGS.unpack(data)
@@ -289,11 +343,17 @@ class ServerHandshake(_Exchange):
             return option_reply(opt, exc.reply, encode_string(str(exc)))
 
     def _answer(self, opt: int, data: bytes) -> bytes:
-        if opt == Opt.EXPORT_NAME:
-            return self._export_name(data)
         if opt == Opt.ABORT:
             self.aborted = True
             return option_reply(opt, Rep.ACK)
+        if opt == Opt.STARTTLS:
+            return self._starttls(data)
+        if self.tls and not self.secure:
+            if opt == Opt.EXPORT_NAME:
+                raise ProtocolError("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS: TLS is required")
+            raise Refused(Rep.ERR_TLS_REQD, "this server requires TLS: NBD_OPT_STARTTLS first")
+        if opt == Opt.EXPORT_NAME:
+            return self._export_name(data)
         if opt in (Opt.LIST, Opt.STRUCTURED_REPLY) and data:
             raise Refused(Rep.ERR_INVALID, "this option takes no data")
         if opt == Opt.LIST:
@@ -309,6 +369,17 @@ class ServerHandshake(_Exchange):
         if opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
             return self._meta_context(opt, data)
         raise Refused(Rep.ERR_UNSUP, f"option {opt} is not supported")
+
+    def _starttls(self, data: bytes) -> bytes:
+        if not self.tls:
+            raise Refused(Rep.ERR_POLICY, "this server does not do TLS")
+        if self.secure:
+            raise Refused(Rep.ERR_INVALID, "TLS is already up")
+        if data:
+            raise Refused(Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        self.upgrade = True
+        self._want, self._step = 0, _upgrading
+        return option_reply(Opt.STARTTLS, Rep.ACK)
 
     def _export(self, name: str) -> ExportInfo:
         export = self.catalog.lookup(name)
@@ -375,6 +446,10 @@ class ServerHandshake(_Exchange):
             )
             for context, number in selected.items()
         ) + option_reply(opt, Rep.ACK)
+
+
+def _upgrading(data: bytes) -> bytes:
+    raise ValueError("the TLS handshake comes first: then secured()")
 
 
 def _matches(query: str, context: str, listing: bool) -> bool:

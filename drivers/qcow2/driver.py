@@ -37,7 +37,7 @@ from blkfs.block import (
     Option,
     Role,
 )
-from blkfs.block.options import RBD_PREFIX, rbd_filename
+from blkfs.block.options import RBD_PREFIX, nbd_uri, rbd_filename
 
 from .backing_map import BackingMap
 from .bitmap_directory import MAX_BITMAPS, MAX_GRANULARITY_BITS
@@ -186,16 +186,20 @@ class Qcow2Driver(ImageChanges):
         """Options for the backing file the header names: relative to the overlay's
         directory, read-only, through the graph (so --image-dir applies), format from the
         header extension or probed; with the image file's cache.direct, as QEMU's backing
-        files inherit it."""
+        files inherit it. An NBD URI names an nbd node and an ``rbd:`` name an rbd node, as
+        in QEMU, which the mount's network policy (--allow-nbd with --image-dir, no cluster
+        under --image-dir) admits or refuses."""
         if name.startswith(RBD_PREFIX):  # a base image in a Ceph cluster, as QEMU allows
             fmt = self.header.backing_format or "raw"
             return {"file": rbd_filename(name), "read-only": True, "driver": fmt}
-        base = self.file.node.filename()
-        if base and not os.path.isabs(name):
-            name = os.path.join(os.path.dirname(base), name)
-        file: dict[str, Any] = {"driver": "file", "filename": name}
-        if self.file.node.values.get("cache.direct"):
-            file["cache.direct"] = True
+        file = nbd_uri(name)
+        if file is None:
+            base = self.file.node.filename()
+            if base and not os.path.isabs(name):
+                name = os.path.join(os.path.dirname(base), name)
+            file = {"driver": "file", "filename": name}
+            if self.file.node.values.get("cache.direct"):
+                file["cache.direct"] = True
         options: dict[str, Any] = {"file": file, "read-only": True}
         if self.header.backing_format:
             options["driver"] = self.header.backing_format
@@ -239,13 +243,21 @@ class Qcow2Driver(ImageChanges):
                 await self._write_back()
 
     async def length(self) -> int:
+        """The image's size; asked again when sizes are refreshed (children first), which
+        is when a backing node that changed size since is noted, so that reads past its
+        old end see what it holds now (QEMU's qcow2 asks bdrv_getlength of its backing)."""
+        if self._backing_length() != self.backing_size:
+            self.children_changed()
         return self.header.size
 
     def children_changed(self) -> None:
-        backing = self.node.children.get("backing")
-        self.backing_size = backing.node.size if backing is not None else 0
+        self.backing_size = self._backing_length()
         self.below.clear()
         self._locations_changed()
+
+    def _backing_length(self) -> int:
+        backing = self.node.children.get("backing")
+        return backing.node.size if backing is not None else 0
 
     def info(self) -> dict[str, Any]:
         header = self.header

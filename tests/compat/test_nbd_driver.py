@@ -309,3 +309,35 @@ def test_image_dir_confines_nbd_servers_to_those_allowed(tmp_path: Path, mount_f
         assert allowed.ctl_errno("create", f"e {tcp.replace('port=1', 'port=2')}") == errno.EACCES
         with pytest.raises(MountError, match="only together with --image-dir"):
             mount_factory("--allow-nbd", str(sockets))
+
+
+async def test_an_nbd_uri_as_a_qcow2_backing_file(tmp_path: Path) -> None:
+    """A qcow2 whose header names its backing file by an NBD URI (qemu-img create -b
+    nbd+unix://...) opens it as an nbd node, as QEMU does, under the mount's network policy:
+    with --image-dir the server must be one --allow-nbd names."""
+    inside, sockets = tmp_path / "img", tmp_path / "nbd"
+    inside.mkdir()
+    sockets.mkdir()
+    base = image(tmp_path, "raw")
+    before = base.read_bytes()
+    with qemu_nbd(base, "raw", sockets / "s") as server:
+        top = inside / "top.qcow2"
+        create = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", server.uri]
+        subprocess.run([*create, str(top), str(SIZE)], check=True)
+        confined = BlockLayer([str(inside)])
+        try:
+            with pytest.raises(BlockError) as refused:
+                await confined.create("t", str(top))
+            assert refused.value.errno == errno.EACCES and "--allow-nbd" in refused.value.message
+        finally:
+            await confined.close()
+        layer = BlockLayer([str(inside)], [str(sockets)])
+        try:
+            backend = await layer.create("t", str(top))
+            assert await backend.read(0, SIZE) == base.read_bytes()
+            await backend.write(MiB, b"overlay" * 100)
+            await backend.flush()
+        finally:
+            await layer.close()
+        check(top)
+        assert base.read_bytes() == before  # the writes stayed in the overlay

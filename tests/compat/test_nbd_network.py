@@ -1,6 +1,7 @@
 """A chain across a network: two network namespaces joined by a veth pair, with addresses of
 the test's own (TEST-NET-1, 192.0.2.0/24) and nothing else on the link. blkfs on host A
-exports a base image over TCP; blkfs on host B puts a local qcow2 overlay on top of it.
+exports a base image over TCP with TLS (client certificates checked, certificates made by
+the README's openssl commands); blkfs on host B puts a local qcow2 overlay on top of it.
 Writes stay in B's overlay, reads are the base's. The commands are the README's
 walk-through, run as written (only the directories differ), through ``nsenter --net``."""
 
@@ -31,19 +32,38 @@ pytestmark = [
 
 HOST_A, HOST_B = "192.0.2.1", "192.0.2.2"
 SIZE = 16 * MiB
+CERTIFICATES = [
+    "openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj /CN=blkfs-ca "
+    "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign "
+    "-keyout /srv/tls/ca-key.pem -out /srv/tls/ca-cert.pem",
+    f"printf 'subjectAltName=IP:{HOST_A}\\nextendedKeyUsage=serverAuth\\n' > /srv/tls/server.ext",
+    f"openssl req -newkey rsa:2048 -nodes -subj /CN={HOST_A} "
+    "-keyout /srv/tls/server-key.pem -out /srv/tls/server.csr",
+    "openssl x509 -req -days 365 -CA /srv/tls/ca-cert.pem -CAkey /srv/tls/ca-key.pem "
+    "-CAcreateserial -extfile /srv/tls/server.ext -in /srv/tls/server.csr "
+    "-out /srv/tls/server-cert.pem",
+    "printf 'extendedKeyUsage=clientAuth\\n' > /srv/tls/client.ext",
+    "openssl req -newkey rsa:2048 -nodes -subj /CN=host-b "
+    "-keyout /srv/tls/client-key.pem -out /srv/tls/client.csr",
+    "openssl x509 -req -days 365 -CA /srv/tls/ca-cert.pem -CAkey /srv/tls/ca-key.pem "
+    "-CAcreateserial -extfile /srv/tls/client.ext -in /srv/tls/client.csr "
+    "-out /srv/tls/client-cert.pem",
+]
+"""The README's commands that make a CA, host A's server certificate and host B's client
+certificate in /srv/tls, run by the shell as written (with the test's directory)."""
 WALKTHROUGH_A = [
     "blkfs mount /mnt/a --image-dir /srv/img --backend base=/srv/img/base.qcow2,read-only=on "
-    f"--nbd {HOST_A}:10809 --export base",
+    f"--nbd {HOST_A}:10809 --nbd-tls-creds /srv/tls --nbd-tls-verify-peer on --export base",
     "blkfs ctl /mnt/a status",
 ]
 WALKTHROUGH_B = [
     f"blkfs image create -f qcow2 /srv/img/top.qcow2 {SIZE >> 20}M",
     "blkfs mount /mnt/b --backend vm=driver=qcow2,file.driver=file,"
     "file.filename=/srv/img/top.qcow2,backing.driver=nbd,"
-    f"backing.server.host={HOST_A},backing.export=base",
+    f"backing.server.host={HOST_A},backing.export=base,backing.tls-creds=/srv/tls",
 ]
-"""Host A's and host B's commands as the README shows them, with /srv/img and /mnt/a,
-/mnt/b for the test's directories."""
+"""Host A's and host B's commands as the README shows them, with /srv/img, /srv/tls and
+/mnt/a, /mnt/b for the test's directories (both hosts read the one /srv/tls here)."""
 
 
 @contextmanager
@@ -135,8 +155,12 @@ def test_an_overlay_on_one_host_over_an_export_of_another(tmp_path: Path) -> Non
     base = convert(img_a, "base", size=SIZE)
     expected = bytearray(to_raw(base))
     before = digest(base)
-    paths_a = {"/srv/img": img_a, "/mnt/a": tmp_path / "a"}
-    paths_b = {"/srv/img": img_b, "/mnt/b": tmp_path / "b"}
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    for command in CERTIFICATES:
+        subprocess.run(command.replace("/srv/tls", str(tls)), shell=True, check=True, timeout=60)
+    paths_a = {"/srv/img": img_a, "/srv/tls": tls, "/mnt/a": tmp_path / "a"}
+    paths_b = {"/srv/img": img_b, "/srv/tls": tls, "/mnt/b": tmp_path / "b"}
     with two_hosts() as (netns_a, netns_b), daemons() as mount:
         server = mount(on_host(netns_a, WALKTHROUGH_A[0], paths_a), tmp_path / "a")
         subprocess.run(on_host(netns_b, WALKTHROUGH_B[0], paths_b), check=True, capture_output=True)
@@ -157,11 +181,19 @@ def test_an_overlay_on_one_host_over_an_export_of_another(tmp_path: Path) -> Non
             on_host(netns_a, WALKTHROUGH_A[1], paths_a), check=True, capture_output=True, text=True
         ).stdout
         assert f"{HOST_A}:10809" in status and f"base: client {HOST_B}" in status
-        assert subprocess.run(
-            ["ip", "netns", "exec", netns_a, "nbdinfo", "--size", f"nbd://{HOST_A}/base"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip() == str(SIZE)
+        assert export["tls"] and export["clients"][0]["tls"]
+        for uri, answer in [
+            (f"nbds://{HOST_A}/base?tls-certificates={tls}", str(SIZE)),
+            (f"nbd://{HOST_A}/base", ""),  # plaintext: refused
+        ]:
+            assert (
+                subprocess.run(
+                    ["ip", "netns", "exec", netns_b, "nbdinfo", "--size", uri],
+                    capture_output=True,
+                    text=True,
+                ).stdout.strip()
+                == answer
+            )
         overlay.stop()
         wait_until(lambda: not server.status()["exports"][0]["clients"], "B to disconnect")
     assert digest(base) == before  # the writes stayed on host B
@@ -178,5 +210,5 @@ def test_an_overlay_on_one_host_over_an_export_of_another(tmp_path: Path) -> Non
 
 def test_the_readme_shows_this_walk_through() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for command in WALKTHROUGH_A + WALKTHROUGH_B:
+    for command in CERTIFICATES + WALKTHROUGH_A + WALKTHROUGH_B:
         assert command in readme, command

@@ -14,7 +14,7 @@ import trio
 
 from blkfs.errors import BlockError
 from blkfs.layer import BlockLayer
-from tests.nbdpeers import needs_nbd_tools, qemu_nbd
+from tests.nbdpeers import nbdkit, needs_nbd_tools, qemu_nbd
 
 pytestmark = [needs_nbd_tools, pytest.mark.qemu]
 BLOCK, BLOCKS, WORKERS = 4096, 1024, 8
@@ -115,5 +115,25 @@ async def test_without_a_delay_a_lost_server_fails_the_node(disk: Path, tmp_path
             assert lost.value.errno == errno.EIO and "reconnect-delay=0" in str(lost.value)
             await backend.change(server.uri, force=True)  # a new medium: a new connection
             assert await backend.read(0, BLOCK) == bytes(BLOCK)
+        finally:
+            await layer.close()
+
+
+async def test_a_server_that_accepts_and_never_answers_fails_the_request(
+    tmp_path: Path,
+) -> None:
+    """reconnect-delay covers a server that goes away, keepalive a host that vanishes; a
+    server that holds the connection open and never replies is request-timeout's."""
+    with nbdkit(tmp_path / "s", "--filter=delay", "memory", "size=1M", "delay-read=600") as server:
+        layer = BlockLayer()
+        try:
+            backend = await layer.create("d", f"{server.uri},request-timeout=1")
+            await backend.write(0, b"w" * 4096)  # writes are answered at once
+            with trio.fail_after(60), pytest.raises(BlockError) as hung:
+                await backend.read(0, 4096)
+            assert hung.value.errno == errno.EIO
+            assert "no reply to READ 0+4096 within 1s (request-timeout)" in hung.value.message
+            with pytest.raises(BlockError):  # reconnect-delay=0: the node failed for good
+                await backend.write(0, b"x" * 4096)
         finally:
             await layer.close()

@@ -79,3 +79,31 @@ async def test_a_relative_backing_name_is_relative_to_the_image_behind_a_filter(
         assert bytes(await backend.read(0, backend.length())) == expected
     finally:
         await layer.close()
+
+
+async def test_a_backing_file_resized_on_the_host_is_seen_after_a_refresh(images: Path) -> None:
+    """An overlay longer than its backing file reads zeros past the backing file's end; when
+    the backing file grows on the host and the backend's size is refreshed (``resize NAME``
+    with no size, children first), reads past the old end see what the backing file holds
+    now, as QEMU's qcow2 does once its backing node's size is refreshed."""
+    base = images / "base.raw"
+    base.write_bytes(os.urandom(1 << 20))
+    top = images / "top.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(top), "4M"],
+        check=True,
+    )
+    layer = BlockLayer()
+    try:
+        backend = await layer.create("d", str(top))
+        assert await backend.read(1 << 20, 4096) == bytes(4096)  # past the backing file's end
+        grown = os.urandom(1 << 20)
+        with open(base, "ab") as f:
+            f.write(grown)
+        await backend.refresh_size()
+        assert backend.length() == 4 << 20
+        now = await backend.read(1 << 20, 1 << 20)
+        assert now[:16] == grown[:16] and now == grown  # (a diff of MiBs takes minutes)
+        assert await backend.read(2 << 20, 4096) == bytes(4096)
+    finally:
+        await layer.close()

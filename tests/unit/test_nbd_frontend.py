@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from blkfs.block.options import parse_options
+from blkfs.block.options import nbd_uri, parse_options
 from blkfs.cli.main import UsageError, build_config, parser
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
@@ -47,17 +47,24 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[BlockLayer, Commands, Nb
     await layer.close()
 
 
-@pytest.mark.parametrize("where", ["unix", "tcp"])
-async def test_blkfs_reads_and_writes_blkfs(served, tmp_path: Path, where: str) -> None:
+@pytest.mark.parametrize("where", ["unix", "tcp", "unix+tls", "tcp+tls"])
+async def test_blkfs_reads_and_writes_blkfs(
+    served, tmp_path: Path, credentials: Path, where: str
+) -> None:
     layer, commands, frontend = served
-    if where == "unix":
-        await commands.run("export", {"name": "d", "socket": str(tmp_path / "s"), "writable": "on"})
-        uri = f"nbd+unix:///d?socket={tmp_path / 's'}"
+    tls = where.endswith("+tls")
+    scheme = "nbds" if tls else "nbd"
+    if where.startswith("unix"):
+        args = {"socket": str(tmp_path / "s")}
     else:
-        await commands.run(
-            "export", {"name": "d", "host": "127.0.0.1", "port": "0", "writable": "on"}
-        )
-        uri = f"nbd://{frontend.exports['d'].listener.address}/d"
+        args = {"host": "127.0.0.1", "port": "0", "tls": "off"}  # plaintext TCP: said so
+    if tls:
+        args = {k: v for k, v in args.items() if k != "tls"} | {"tls-creds": str(credentials)}
+    await commands.run("export", {"name": "d", "writable": "on", **args})
+    where_ = frontend.exports["d"].listener.address
+    uri = (
+        f"{scheme}+unix:///d?socket={where_.path}" if where_.path else f"{scheme}://{where_}/d"
+    ) + (f",tls-creds={credentials}" if tls else "")
     local = layer.find("d")
     remote = await layer.create("r", uri)
     assert remote.length() == 4 * MiB
@@ -77,6 +84,7 @@ async def test_blkfs_reads_and_writes_blkfs(served, tmp_path: Path, where: str) 
             nursery.start_soon(remote.read, i * 4096, 65536)
     export = frontend.status()[0]
     assert len(export["clients"]) == 1 and export["stats"]["read_ops"] >= 100
+    assert export["tls"] == export["clients"][0]["tls"] == tls
     await layer.delete("r")
     with trio.fail_after(5):
         while frontend.status()[0]["clients"]:
@@ -99,10 +107,17 @@ async def test_read_only_exports_and_sockets_private_by_default(served, tmp_path
     assert write.value.errno == errno.EROFS
 
 
-async def test_a_failed_export_command_changes_nothing(served, tmp_path: Path) -> None:
+async def test_a_failed_export_command_changes_nothing(
+    served, tmp_path: Path, credentials: Path
+) -> None:
     _, commands, _ = served
     await commands.run("export", {"name": "d", "socket": str(tmp_path / "s")})
+    psk = tmp_path / "psk"
+    psk.mkdir()
+    (psk / "keys.psk").write_text("qemu:0123456789abcdef\n")
     before = without_stats(await commands.run("query-status", {}))
+    tcp = {"name": "d", "export-name": "x", "host": "127.0.0.1", "port": "0"}
+    unix = {"name": "d", "export-name": "x", "socket": str(tmp_path / "u")}
     for args, code in [
         ({"name": "nosuch"}, errno.ENOENT),
         ({"name": "d", "export-name": "y"}, errno.EINVAL),  # no --nbd server, no socket
@@ -114,7 +129,19 @@ async def test_a_failed_export_command_changes_nothing(served, tmp_path: Path) -
             errno.EINVAL,
         ),
         ({"name": "d", "export-name": "x", "port": "1"}, errno.EINVAL),
-        ({"name": "d", "export-name": "x", "host": "192.0.2.77", "port": "0"}, errno.EADDRNOTAVAIL),
+        (
+            {"name": "d", "export-name": "x", "host": "192.0.2.77", "port": "0", "tls": "off"},
+            errno.EADDRNOTAVAIL,
+        ),
+        (tcp, errno.EINVAL),  # plaintext TCP only when said
+        (tcp | {"tls": "on"}, errno.EINVAL),  # TLS without credentials
+        (tcp | {"tls": "off", "tls-creds": str(credentials)}, errno.EINVAL),
+        (unix | {"tls-verify-peer": "on"}, errno.EINVAL),
+        (unix | {"tls-creds": "creds"}, errno.EINVAL),  # relative
+        (unix | {"tls-creds": str(tmp_path / "nosuch")}, errno.EINVAL),
+        (unix | {"tls-creds": str(psk)}, errno.EINVAL),  # pre-shared keys: not on 3.11
+        (unix | {"tls-creds": str(tmp_path)}, errno.EINVAL),  # no certificate there
+        (unix | {"socket": str(tmp_path / "s"), "tls-creds": str(credentials)}, errno.EINVAL),
     ]:
         with pytest.raises(BlockError) as failed:
             await commands.run("export", args)
@@ -123,8 +150,9 @@ async def test_a_failed_export_command_changes_nothing(served, tmp_path: Path) -
         await commands.run("export-del", {"name": "x"})
     assert missing.value.errno == errno.ENOENT
     assert without_stats(await commands.run("query-status", {})) == before
-    assert sorted(os.listdir(tmp_path)) == ["d.img", "s"]
-    assert len(commands.errors) == 9
+    assert sorted(os.listdir(tmp_path)) == ["d.img", "psk", "s"]
+    assert len(commands.errors) == 18
+    assert any("Python 3.13" in error for error in commands.errors)
 
 
 async def test_export_del_and_delete_close_what_is_no_longer_offered(
@@ -222,7 +250,16 @@ def test_nbd_uris_are_nbd_nodes() -> None:
         "server": {"type": "unix", "path": "/run/s.sock"},
         "export": "e",
     }
+    assert parse_options("nbds+unix:///e?socket=/s,tls-creds=/c")["tls-creds"] == "/c"
+    assert nbd_uri("nbd://h/e,read-only=off,server.host=x") == {  # a name, never options
+        "driver": "nbd",
+        "server": {"type": "inet", "host": "h"},
+        "export": "e,read-only=off,server.host=x",
+    }
+    assert nbd_uri("/srv/img/base.qcow2") is None and nbd_uri("nbd.img") is None
     for bad in (
+        "nbds://h/e",  # TLS needs credentials
+        "nbds+unix:///e?socket=/s",
         "nbd:///e",
         "nbd+unix:///e",
         "nbd+unix://h/e?socket=/s",
@@ -273,6 +310,8 @@ export-name = "null"
         ("[exports]\nn = 1", ()),
         ("", ("--export", "n wrong=1")),
         ("", ("--nbd-mode", "999")),
+        ('nbd = "127.0.0.1:0"', ()),  # plaintext TCP, not said
+        ('nbd = "127.0.0.1:0"\nnbd-tls = "maybe"', ()),
     ]:
         with pytest.raises(UsageError):
             build_config(config(tmp_path, toml, *argv))
@@ -324,3 +363,24 @@ async def test_shutdown_lets_go_of_the_clients_of_a_closed_socket(tmp_path: Path
             frontend.stop()
     assert not frontend.sessions
     await layer.close()
+
+
+async def test_the_config_sets_the_servers_tls(tmp_path: Path, credentials: Path) -> None:
+    for toml, tls in [
+        (f'nbd-tls-creds = "{credentials}"\nnbd-tls-verify-peer = true', True),
+        ("nbd-tls = false", False),
+    ]:
+        daemon_config, _ = build_config(config(tmp_path, f'nbd = "127.0.0.1:0"\n{toml}'))
+        layer = BlockLayer()
+        assert daemon_config.exporter is not None
+        frontend = daemon_config.exporter(layer, Commands(layer))
+        assert isinstance(frontend, NbdFrontend)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(frontend.serve)
+            assert frontend.default is not None
+            assert (frontend.default.tls_context is not None, frontend.default.tls.verify_peer) == (
+                tls,
+                tls,
+            )
+            frontend.stop()
+        await layer.close()

@@ -26,7 +26,15 @@ import trio
 from blkfs.backend import BlockBackend
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
-from blkfs.frontends.nbd.export import Export, Listener, address, socket_mode
+from blkfs.frontends.nbd.export import (
+    PLAINTEXT,
+    Export,
+    Listener,
+    Tls,
+    address,
+    socket_mode,
+    tls_setting,
+)
 from blkfs.frontends.nbd.session import Budget, Session
 from blkfs.info import ExportStatus
 from blkfs.layer import BlockLayer
@@ -52,11 +60,14 @@ class NbdFrontend:
         server: Address | None = None,
         exports: Sequence[Mapping[str, Any]] = (),
         mode: int = 0o600,
+        tls: Tls = PLAINTEXT,
     ) -> None:
         self.commands = commands
         self.server = server
         """The mount's own NBD server (--nbd), where exports go by default."""
         self.mode = mode
+        self.tls = tls
+        """The TLS the mount's own server requires (--nbd-tls-creds)."""
         self.initial = list(exports)
         """``export`` commands to run at start (--export, the config)."""
         self.default: Listener | None = None
@@ -79,7 +90,9 @@ class NbdFrontend:
             self._nursery = nursery
             try:
                 if self.server is not None:
-                    self.default = await self._listen(self.server, self.mode, permanent=True)
+                    self.default = await self._listen(
+                        self.server, self.mode, permanent=True, tls=self.tls
+                    )
                 for args in self.initial:
                     await self.commands.run("export", args)
             except BlockError as exc:
@@ -108,13 +121,13 @@ class NbdFrontend:
 
     # -- listening -----------------------------------------------------------------------
 
-    async def _listen(self, where: Address, mode: int, permanent: bool) -> Listener:
+    async def _listen(self, where: Address, mode: int, permanent: bool, tls: Tls) -> Listener:
         assert self._nursery is not None
-        listener = Listener(where, permanent)
+        listener = Listener(where, permanent, tls)
         await listener.open(mode)
         self.listeners[listener.address] = listener
         self._nursery.start_soon(self._accept, listener)
-        log.info("nbd: listening on %s", listener.address)
+        log.info("nbd: listening on %s %s", listener.address, tls)
         return listener
 
     async def _accept(self, listener: Listener) -> None:
@@ -160,6 +173,9 @@ class NbdFrontend:
         port: str | None,
         mode: str | None,
         bitmap: str | None = None,
+        tls_creds: str | None = None,
+        tls: bool | None = None,
+        tls_verify_peer: bool | None = None,
     ) -> None:
         if self._nursery is None or self._stopping.is_set():
             raise BlockError(errno.ESHUTDOWN, "the NBD frontend is not serving")
@@ -172,7 +188,9 @@ class NbdFrontend:
             raise BlockError(errno.EINVAL, "mode= is for the export's own socket=PATH")
         release = backend.hold_bitmap(bitmap) if bitmap is not None else None
         try:
-            listener = await self._listener_for(socket, host, port, permissions)
+            listener = await self._listener_for(
+                socket, host, port, permissions, (tls_creds, tls, tls_verify_peer)
+            )
         except BaseException:
             if release is not None:
                 release()
@@ -186,17 +204,25 @@ class NbdFrontend:
             self._watched.add(backend)
             backend.add_listener(self._on_change)
         log.info(
-            "nbd: exporting %s as '%s' on %s%s",
+            "nbd: exporting %s as '%s' on %s%s%s",
             backend.name,
             export_name,
             listener.address,
             ", writable" if writable else "",
+            f", {listener.tls}" if listener.tls.creds else "",
         )
 
     async def _listener_for(
-        self, socket: str | None, host: str | None, port: str | None, permissions: int
+        self,
+        socket: str | None,
+        host: str | None,
+        port: str | None,
+        permissions: int,
+        asked_tls: tuple[str | None, bool | None, bool | None],
     ) -> Listener:
-        """The listener an export goes on: the default server, or one of its own."""
+        """The listener an export goes on: the default server, or one of its own; with the
+        TLS asked for (tls-creds, tls, tls-verify-peer; None: not said), which an existing
+        listener must already have."""
         if socket is None and host is None and port is None:
             listener = self.default
             if listener is None:
@@ -205,10 +231,22 @@ class NbdFrontend:
                     "no NBD server to export on: give socket=PATH "
                     "or host=H port=P, or mount with --nbd",
                 )
+            where = listener.address
         else:
             where = address(socket, host, port)
-            listener = self.listeners.get(where) or await self._listen(
-                where, permissions, permanent=False
+        listener = self.listeners.get(where)
+        setting = (
+            tls_setting(where, *asked_tls)
+            if asked_tls != (None, None, None) or listener is None
+            else listener.tls
+        )
+        if listener is None:
+            listener = await self._listen(where, permissions, permanent=False, tls=setting)
+        elif setting != listener.tls:
+            raise BlockError(
+                errno.EINVAL,
+                f"{where} already serves exports {listener.tls}: an export there takes its "
+                "TLS as it is",
             )
         return listener
 

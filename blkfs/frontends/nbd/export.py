@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from blkfs.nbd import (
     Rep,
     TransmissionFlag,
 )
+from blkfs.nbd.tls import CredentialsError, server_context
 
 if TYPE_CHECKING:
     from blkfs.frontends.nbd.session import Session
@@ -89,6 +91,57 @@ def socket_mode(text: str | None) -> int:
             errno.EINVAL, f"mode must be octal permission bits such as 0660 (got {text!r})"
         )
     return mode
+
+
+@dataclass(frozen=True)
+class Tls:
+    """How a socket's clients must secure their connection: TLS with the credentials in
+    ``creds`` (QEMU's tls-creds-x509 layout), client certificates checked if
+    ``verify_peer``; no TLS if ``creds`` is None."""
+
+    creds: str | None = None
+    verify_peer: bool = False
+
+    def __str__(self) -> str:
+        if self.creds is None:
+            return "in plaintext"
+        checked = ", client certificates checked" if self.verify_peer else ""
+        return f"over TLS (credentials in {self.creds}{checked})"
+
+    def context(self) -> ssl.SSLContext | None:
+        """The server's TLS context, read from the files now; EINVAL naming a bad file."""
+        if self.creds is None:
+            return None
+        try:
+            return server_context(self.creds, self.verify_peer)
+        except CredentialsError as exc:
+            raise BlockError(errno.EINVAL, str(exc)) from None
+
+
+PLAINTEXT = Tls()
+
+
+def tls_setting(
+    where: Address, creds: str | None, tls: bool | None, verify_peer: bool | None
+) -> Tls:
+    """The TLS a socket at ``where`` gets from the export command's words: plaintext TCP
+    only when ``tls=off`` says so, since anyone who reaches the port could read and write
+    the disk."""
+    if creds is not None and not os.path.isabs(creds):
+        raise BlockError(errno.EINVAL, f"tls-creds '{creds}' must be an absolute directory")
+    if tls is False and (creds is not None or verify_peer):
+        raise BlockError(errno.EINVAL, "tls=off cannot be given with tls-creds or tls-verify-peer")
+    if creds is None and (tls or verify_peer):
+        raise BlockError(
+            errno.EINVAL, "TLS needs tls-creds=DIR (ca-cert.pem, server-cert.pem, server-key.pem)"
+        )
+    if creds is None and where.host is not None and tls is None:
+        raise BlockError(
+            errno.EINVAL,
+            f"{where} is TCP: give tls-creds=DIR to require TLS, or tls=off to serve "
+            "plaintext that anyone reaching the port can read and write",
+        )
+    return Tls(creds, bool(verify_peer))
 
 
 @dataclass
@@ -156,6 +209,7 @@ class Export:
             "backend": self.backend.name,
             "writable": self.writable,
             "address": str(self.listener.address),
+            "tls": self.listener.tls_context is not None,
             "retired": self.retired,
             "clients": [s.status() for s in self.sessions],
             "stats": self.stats.as_dict(),
@@ -168,10 +222,13 @@ class Export:
 class Listener(Catalog):
     """One listening socket and the exports offered on it."""
 
-    def __init__(self, where: Address, permanent: bool) -> None:
+    def __init__(self, where: Address, permanent: bool, tls: Tls = PLAINTEXT) -> None:
         self.address = where
         self.permanent = permanent
         """The mount's own server (--nbd): it stays when its last export goes."""
+        self.tls = tls
+        self.tls_context: ssl.SSLContext | None = None
+        """What STARTTLS runs with (read by :meth:`open`); None: the socket is plaintext."""
         self.exports: dict[str, Export] = {}
         self.sessions: set[Session] = set()
         self.scope = trio.CancelScope()
@@ -194,7 +251,9 @@ class Listener(Catalog):
         ]
 
     async def open(self, mode: int) -> None:
-        """Bind and listen; a unix socket gets ``mode`` before anyone can connect."""
+        """Read the TLS credentials, bind and listen; a unix socket gets ``mode`` before
+        anyone can connect."""
+        self.tls_context = await trio.to_thread.run_sync(self.tls.context)
         try:
             if self.address.path is not None:
                 self.listeners = [await self._unix(self.address.path, mode)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 import struct
 import time
 
@@ -121,6 +122,8 @@ class Session:
         self.generation = 0
         self.in_flight = 0
         self.finished = trio.Event()
+        self.tls: trio.SSLStream[trio.SocketStream] | None = None
+        """The TLS stream over ``stream``, once NBD_OPT_STARTTLS has succeeded."""
         self._rx = ReceiveBuffer()
         self._reader = trio.CancelScope()
         self._send_lock = trio.Lock()
@@ -128,7 +131,12 @@ class Session:
         self._mine = Budget(SESSION_BYTES)
 
     def status(self) -> ClientStatus:
-        return {"peer": self.peer, "since": int(self.since), "in-flight": self.in_flight}
+        return {
+            "peer": self.peer,
+            "since": int(self.since),
+            "in-flight": self.in_flight,
+            "tls": self.tls is not None,
+        }
 
     def stop(self) -> None:
         """Take no more requests; those in flight are answered, then the client is let go."""
@@ -160,7 +168,8 @@ class Session:
 
     async def _negotiate(self) -> bool:
         """Agree on an export; False if the client left or took too long."""
-        handshake = ServerHandshake(self.listener, (BASE_ALLOCATION,))
+        context = self.listener.tls_context
+        handshake = ServerHandshake(self.listener, (BASE_ALLOCATION,), tls=context is not None)
         await self._send(handshake.greeting())
         with trio.move_on_after(HANDSHAKE_TIMEOUT) as timer:
             while not handshake.done:
@@ -168,6 +177,10 @@ class Session:
                 if handshake.result is not None:
                     self._attach(handshake.result)  # before the client hears it may start
                 await self._send(reply)
+                if handshake.upgrade:
+                    assert context is not None
+                    await self._start_tls(context)
+                    handshake.secured()
         if timer.cancelled_caught:
             log.info(
                 "nbd: %s on %s: no export chosen within %gs",
@@ -176,6 +189,17 @@ class Session:
                 HANDSHAKE_TIMEOUT,
             )
         return self.export is not None
+
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        """The TLS handshake NBD_OPT_STARTTLS agreed to; a client that sent more before it
+        is hung up on (what it sent cannot be trusted to belong to either side of TLS)."""
+        if len(self._rx):
+            raise ProtocolError("data after NBD_OPT_STARTTLS, before the TLS handshake")
+        self.tls = trio.SSLStream(self.stream, context, server_side=True)
+        try:
+            await self.tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            raise ProtocolError(f"TLS handshake failed: {exc.__cause__ or exc}") from None
 
     def _attach(self, negotiated: Negotiated) -> None:
         export = self.listener.exports[negotiated.export.name]
@@ -434,6 +458,9 @@ class Session:
         another reply's."""
         parts = [memoryview(header)] if data is None else [memoryview(header), data]
         async with self._send_lock:
+            if self.tls is not None:
+                await self.tls.send_all(b"".join(parts))
+                return
             while parts:
                 parts = unsent(parts, await self.stream.socket.sendmsg(parts))
 
@@ -445,7 +472,7 @@ class Session:
     async def _fill(self, view: memoryview) -> None:
         done = self._rx.take_into(view)
         while done < view.nbytes:
-            received = await self.stream.socket.recv_into(view[done:])
+            received = await self._recv_into(view[done:])
             if not received:
                 raise EOFError("the client hung up in the middle of a request")
             done += received
@@ -459,10 +486,17 @@ class Session:
             count -= piece.nbytes
 
     async def _receive_more(self) -> None:
-        received = await self.stream.socket.recv_into(self._rx.space())
+        received = await self._recv_into(self._rx.space())
         if not received:
             raise EOFError("the client hung up")
         self._rx.filled(received)
+
+    async def _recv_into(self, view: memoryview) -> int:
+        if self.tls is None:
+            return await self.stream.socket.recv_into(view)
+        data = await self.tls.receive_some(view.nbytes)
+        view[: len(data)] = data
+        return len(data)
 
 
 class _Refusal(Exception):

@@ -495,10 +495,11 @@ async def blockdev_del(monitor: Monitor, args: dict[str, Any]) -> Any:
     name="export-name?",
     mountpoint=str | None,
     bitmaps=list | None,
+    tls_creds="tls-creds?",
 )
 async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
     kind, export_id = args["type"], args["id"]
-    for other in ("name", "bitmaps") if kind == "fuse" else ("mountpoint",):
+    for other in ("name", "bitmaps", "tls-creds") if kind == "fuse" else ("mountpoint",):
         if other in args:
             raise generic(f"Parameter '{other}' is unexpected")
     bitmaps = args.get("bitmaps", [])
@@ -522,6 +523,7 @@ async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
                     "export-name": args.get("name", args["node-name"]),
                     "writable": args.get("writable", False),
                     "bitmap": bitmaps[0] if bitmaps else None,
+                    "tls-creds": args.get("tls-creds"),
                 },
             )
         except BlockError:

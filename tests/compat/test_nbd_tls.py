@@ -1,0 +1,193 @@
+"""NBD over TLS with the reference peers, certificates made by the test (tests/tls.py):
+qemu-nbd serving blkfs's nbd driver, and blkfs's TLS export read and written by qemu-img,
+qemu-io, nbdinfo and nbdcopy, its monitor's block-export-add with QEMU's tls-creds; the
+clients it must refuse (plaintext, no or a foreign client certificate) refused with the
+protocol's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from tests.compat.peers import MiB, convert
+from tests.conftest import needs_fuse
+from tests.helpers import Mount, MountError, blkfs
+from tests.nbdpeers import needs_nbd_tools, qemu_nbd
+from tests.qmp.peer import drive
+from tests.tls import client_of_another_ca
+
+pytestmark = [needs_nbd_tools, needs_fuse, pytest.mark.fuse, pytest.mark.qemu]
+SIZE = 8 * MiB
+
+
+def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, f"{args[0]}: {result.stdout}{result.stderr}"
+    return result
+
+
+def tls_object(credentials: Path, endpoint: str = "client") -> str:
+    return f"tls-creds-x509,id=tls0,dir={credentials},endpoint={endpoint}"
+
+
+def test_qemu_nbd_over_tls_serves_the_nbd_driver(
+    tmp_path: Path, credentials: Path, mount_factory
+) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(SIZE))
+    expected = bytearray(image.read_bytes())
+    sock = tmp_path / "q.sock"
+    server_tls = f"{tls_object(credentials, 'server')},verify-peer=on"
+    with qemu_nbd(image, "raw", sock, "--object", server_tls, "--tls-creds", "tls0"):
+        mount = mount_factory(
+            "--backend", f"r=nbds+unix:///disk0?socket={sock},tls-creds={credentials}"
+        )
+        payload = os.urandom(MiB)
+        expected[3 * MiB + 512 : 4 * MiB + 512] = payload
+        with open(mount / "r", "r+b") as f:
+            f.seek(3 * MiB + 512)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        assert (mount / "r").read_bytes() == expected
+        run("qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", image, mount / "r")
+        assert '"tls": true' in json.dumps(mount.backends()["r"])
+        plain = mount.ctl_errno("create", f"p nbd+unix:///disk0?socket={sock}")
+        assert plain != 0 and "requires TLS" in mount.last_error()
+    assert image.read_bytes() == expected
+
+
+@pytest.fixture
+def tls_mount(tmp_path: Path, credentials: Path, mount_factory) -> tuple[Mount, str, Path]:
+    """Backend d exported writable on the mount's TCP NBD server, which requires TLS and
+    client certificates; the server's ``HOST:PORT`` and the image."""
+    image = convert(tmp_path, "disk", size=SIZE)
+    mount = mount_factory(
+        "--backend",
+        f"d={image}",
+        "--nbd",
+        "127.0.0.1:0",
+        "--nbd-tls-creds",
+        str(credentials),
+        "--nbd-tls-verify-peer",
+        "on",
+        "--export",
+        "d writable=on",
+    )
+    (export,) = mount.status()["exports"]
+    assert export["tls"]
+    return mount, export["address"], image
+
+
+def test_qemu_img_and_qemu_io_over_tls(tls_mount, credentials: Path) -> None:
+    mount, where, _ = tls_mount
+    host, port = where.rsplit(":", 1)
+    opts = f"driver=nbd,server.type=inet,server.host={host},server.port={port},export=d"
+    tls = ("--object", tls_object(credentials))
+    run(
+        "qemu-io",
+        *tls,
+        "--image-opts",
+        "-c",
+        "write -P 0x5a 100000 300000",
+        "-c",
+        "flush",
+        f"{opts},tls-creds=tls0",
+    )
+    assert (mount / "d").read_bytes()[100000:400000] == b"\x5a" * 300000
+    copy = mount.path.parent / "copy.raw"
+    run("qemu-img", "convert", *tls, "--image-opts", f"{opts},tls-creds=tls0", "-O", "raw", copy)
+    assert copy.read_bytes() == (mount / "d").read_bytes()
+    plain = run("qemu-img", "info", "--image-opts", opts, check=False)
+    assert plain.returncode != 0 and "TLS" in plain.stderr, plain.stderr
+    assert mount.alive()
+
+
+def test_nbdinfo_and_nbdcopy_over_tls(tls_mount, credentials: Path, tmp_path: Path) -> None:
+    mount, where, _ = tls_mount
+    uri = f"nbds://{where}/d?tls-certificates={credentials}"
+    info = json.loads(run("nbdinfo", "--json", "--no-content", uri).stdout)
+    assert info["TLS"] is True and info["exports"][0]["export-size"] == SIZE
+    out = tmp_path / "out.raw"
+    run("nbdcopy", uri, out)
+    assert out.read_bytes() == (mount / "d").read_bytes()
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(MiB) + bytes(SIZE - 2 * MiB) + os.urandom(MiB))
+    run("nbdcopy", src, uri)
+    assert (mount / "d").read_bytes() == src.read_bytes()
+
+
+def test_clients_the_tls_export_refuses(tls_mount, credentials: Path, tmp_path: Path) -> None:
+    mount, where, _ = tls_mount
+    plain = subprocess.run(  # libnbd shows the server's error message only when debugging
+        ["nbdinfo", f"nbd://{where}/d"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LIBNBD_DEBUG": "1"},
+    )
+    assert plain.returncode != 0
+    assert "server error message: this server requires TLS" in plain.stderr, plain.stderr
+    rogue = client_of_another_ca(tmp_path / "rogue", credentials)
+    for certificates in (rogue, credentials.parent / "no-such-dir"):
+        refused = run("nbdinfo", f"nbds://{where}/d?tls-certificates={certificates}", check=False)
+        assert refused.returncode != 0, refused.stdout
+    (export,) = mount.status()["exports"]
+    assert export["stats"]["connections"] == 0 and mount.alive()
+    log = mount.log.read_text()
+    assert "Traceback" not in log and "TLS handshake failed" in log
+
+
+def test_a_tcp_server_needs_tls_or_says_plaintext(mount_factory, credentials: Path) -> None:
+    with pytest.raises(MountError, match="--nbd-tls off"):
+        mount_factory("--nbd", "127.0.0.1:0")
+    mount = mount_factory(
+        "--nbd", "127.0.0.1:0", "--nbd-tls", "off", "--backend", "n=driver=null,size=1M"
+    )
+    mount.ctl("export", "n")
+    (plain,) = mount.status()["exports"]
+    assert not plain["tls"] and plain["address"].startswith("127.0.0.1:")
+    # blkfs ctl makes relative paths absolute, as the daemon's directory is not the user's
+    blkfs(
+        "ctl",
+        str(mount.path),
+        "export",
+        "n",
+        "export-name=t",
+        "socket=t.sock",
+        f"tls-creds={credentials.name}",
+        cwd=credentials.parent,
+    )
+    secure = next(e for e in mount.status()["exports"] if e["name"] == "t")
+    assert secure["tls"] and secure["address"] == f"unix:{credentials.parent / 't.sock'}"
+    with pytest.raises(MountError, match="tls-creds"):
+        mount_factory("--nbd", "127.0.0.1:0", "--nbd-tls-verify-peer", "on")
+
+
+def test_block_export_add_with_tls_creds(mount_factory, credentials: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "qmp"
+    mount = mount_factory(
+        "--qmp", f"unix:{sock}", "--nbd", "127.0.0.1:0", "--nbd-tls-creds", str(credentials)
+    )
+    image = convert(tmp_path, "disk", size=SIZE)
+
+    async def body(client: QMPClient) -> None:
+        node = {"driver": "qcow2", "file": {"driver": "file", "filename": str(image)}}
+        await client.execute("blockdev-add", {"node-name": "n0", **node})
+        other = {"type": "nbd", "id": "e1", "node-name": "n0", "tls-creds": str(tmp_path)}
+        with pytest.raises(ExecuteError, match="TLS"):  # not the server's credentials
+            await client.execute("block-export-add", other)
+        export = {"type": "nbd", "id": "e0", "node-name": "n0", "name": "disk"}
+        await client.execute("block-export-add", export | {"tls-creds": str(credentials)})
+
+    drive(sock, body)
+    (export,) = mount.status()["exports"]
+    assert export["tls"] and export["name"] == "disk"
+    uri = f"nbds://{export['address']}/disk?tls-certificates={credentials}"
+    assert json.loads(run("nbdinfo", "--json", "--no-content", uri).stdout)["TLS"] is True
