@@ -154,9 +154,15 @@ async def run(d: Path, only: list[str]) -> None:
         return read
 
     raw = await layer.create("raw", f"driver=raw,file.driver=file,file.filename={d}/disk.raw")
-    qcow2 = await layer.create("qcow2", f"{d}/disk.qcow2")
+    # the written images' file nodes use threads: an io_uring write's count depends on whether
+    # the kernel has posted its completion when the submit returns, which varies run to run
+    qcow2 = await layer.create(
+        "qcow2", f"driver=qcow2,file.driver=file,file.filename={d}/disk.qcow2,file.aio=threads"
+    )
     chain = await layer.create("chain", f"{d}/top.qcow2")
-    empty = await layer.create("empty", f"{d}/empty.qcow2")
+    empty = await layer.create(
+        "empty", f"driver=qcow2,file.driver=file,file.filename={d}/empty.qcow2,file.aio=threads"
+    )
     swapped = await layer.create("swapped", f"{d}/base.qcow2,read-only=on")
     trim = await layer.create("trim", f"{d}/trim.qcow2")
     ops = BlkfsOperations(layer, ControlFiles(Commands(layer)))

@@ -95,9 +95,10 @@ def test_merge_marks_the_union(
     source, theirs = second
     into.merge(source)
     expected = set(model)
-    for chunk in theirs:
+    for chunk in theirs:  # a dirty chunk stands for the bytes of the disk it covers
         start = chunk * source.granularity
-        expected |= chunks_of(into.granularity, into.size, [(start, source.granularity)])
+        length = min(source.granularity, source.size - start)
+        expected |= chunks_of(into.granularity, into.size, [(start, length)])
     assert chunks_in(into) == expected
 
 
