@@ -752,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     args = top.parse_args(argv)
     try:
         status: int = args.func(args)
+        sys.stdout.flush()  # a pipe's buffer: a reader that went away shows here, not at exit
         return status
     except (UsageError, BlockError, jobs.JobError) as exc:
         fail(str(exc))

@@ -325,6 +325,8 @@ def test_a_reader_that_goes_away_ends_the_output_quietly(images: Path) -> None:
             stderr=subprocess.PIPE,
             text=True,
             timeout=60,
+            # buffered, as stdout into a pipe is unless PYTHONUNBUFFERED says otherwise
+            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
         )
     finally:
         os.close(write)
