@@ -48,6 +48,8 @@ class Dockerd:
         self.log = directory / "dockerd.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.containerd: subprocess.Popen[bytes] | None = None
+        self.served = False
+        """dockerd answered once (a dockerd that never started is not restarted to stop)."""
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """The docker command against this dockerd; with ``check``, a failure says why."""
@@ -101,6 +103,7 @@ class Dockerd:
         )
         if process.poll() is not None:
             pytest.skip(f"dockerd cannot start here: {self.log.read_text().splitlines()[-1:]}")
+        self.served = True
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Stop dockerd (SIGTERM stops its containers too; SIGKILL leaves them running)."""
@@ -108,19 +111,22 @@ class Dockerd:
         _end(self.process, signum)
 
     def shut_down(self) -> None:
-        """Containers, dockerd, containerd, and the mounts they leave, all gone."""
-        if self.process is not None:
-            if self.process.poll() is not None:  # killed by the test: its containers run on
-                self.start()
-            containers = self.docker("ps", "-aq", check=False).stdout.split()
-            self.docker("rm", "--force", *containers, check=False)
-            self.stop()
-        if self.containerd is not None:
-            _end(self.containerd, signal.SIGTERM)
-        with open("/proc/mounts") as f:
-            left = [line.split()[1] for line in f if str(self.directory) in line.split()[1]]
-        for where in reversed(left):
-            subprocess.run(["umount", "-l", where], check=False)
+        """Containers, dockerd, containerd, and the mounts they leave, all gone (containerd
+        too when dockerd never served)."""
+        try:
+            if self.process is not None and self.served:
+                if self.process.poll() is not None:  # killed by the test: containers run on
+                    self.start()
+                containers = self.docker("ps", "-aq", check=False).stdout.split()
+                self.docker("rm", "--force", *containers, check=False)
+                self.stop()
+        finally:
+            if self.containerd is not None:
+                _end(self.containerd, signal.SIGTERM)
+            with open("/proc/mounts") as f:
+                left = [line.split()[1] for line in f if str(self.directory) in line.split()[1]]
+            for where in reversed(left):
+                subprocess.run(["umount", "-l", where], check=False)
 
 
 def _end(process: subprocess.Popen[bytes], signum: int) -> None:
