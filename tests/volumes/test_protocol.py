@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,6 @@ pytestmark = [
     pytest.mark.loop,
     pytest.mark.qemu,
 ]
-
-
-@pytest.fixture
-def plugin(tmp_path: Path) -> Iterator[Plugin]:
-    with running_plugin(tmp_path) as started:
-        yield started
 
 
 def mounts_of(where: str) -> int:

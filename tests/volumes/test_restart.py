@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import needs_fuse, needs_loop, needs_qemu
 from tests.helpers import BLKFS, mounted, run
-from tests.volumes.plugin import Plugin, loops_of, running_plugin
+from tests.volumes.plugin import Plugin, loops_of
 
 pytestmark = [
     needs_fuse,
@@ -22,12 +21,6 @@ pytestmark = [
     pytest.mark.loop,
     pytest.mark.qemu,
 ]
-
-
-@pytest.fixture
-def plugin(tmp_path: Path) -> Iterator[Plugin]:
-    with running_plugin(tmp_path) as started:
-        yield started
 
 
 def write(where: str, name: str, data: bytes) -> None:

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from tests.conftest import needs_fuse, needs_loop, needs_qemu
 from tests.helpers import run, wait_until
-from tests.volumes.plugin import Plugin, loops_of, running_plugin
+from tests.volumes.plugin import Plugin, loops_of
 
 pytestmark = [
     needs_fuse,
@@ -25,12 +24,6 @@ pytestmark = [
     pytest.mark.loop,
     pytest.mark.qemu,
 ]
-
-
-@pytest.fixture
-def plugin(tmp_path: Path) -> Iterator[Plugin]:
-    with running_plugin(tmp_path) as started:
-        yield started
 
 
 def write(where: str, name: str, text: str) -> None:
