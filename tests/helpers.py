@@ -111,12 +111,21 @@ class MountError(Exception):
 
 
 def pid_alive(pid: int) -> bool:
-    """True while the process runs (a zombie waiting for its reaper has finished)."""
+    """True while any thread of the process runs. A zombie waiting for its reaper has finished;
+    but a killed thread-group leader shows as a zombie while its other threads still exit, and
+    the last of them is the one that closes the process's files (a FUSE connection ends there)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return True
+        except OSError:
+            continue  # that thread is gone
+    return False
 
 
 def kill_daemon(pid: int, timeout: float = 30.0) -> None:

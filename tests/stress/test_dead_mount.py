@@ -15,17 +15,14 @@ import pytest
 
 from blkfs.frontends.fuse.operations import ATTR_TIMEOUT
 from tests.conftest import needs_fuse
-from tests.helpers import Mount, blkfs, errno_of, mounted, pid_alive
+from tests.helpers import Mount, blkfs, errno_of, mounted, wait_until
 
 pytestmark = [needs_fuse]
 
 
 def kill_9(mount: Mount) -> None:
     os.kill(mount.pid, signal.SIGKILL)
-    for _ in range(1000):
-        if not pid_alive(mount.pid):
-            break
-        os.sched_yield()
+    wait_until(lambda: not mount.alive(), "the daemon's last thread to exit")
 
 
 def test_umount_of_a_dead_mount_unmounts_lazily_and_says_so(
