@@ -18,11 +18,8 @@ from pathlib import Path
 import trio
 
 from blkfs.cli import progress
+from blkfs.cli.errors import JobError
 from blkfs.info import JobInfo
-
-
-class JobError(Exception):
-    """A command or a job failed; the message says why."""
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

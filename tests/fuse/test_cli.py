@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.cli.main import flush_backends
+from blkfs.cli.umount import flush_backends
 from tests.conftest import needs_fuse
 from tests.helpers import BLKFS, Mount, blkfs, mounted, pattern_image, wait_until
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from blkfs.cli.main import loop_devices
+from blkfs.cli.umount import loop_devices
 from tests.compat.peers import qemu, to_raw
 from tests.conftest import needs_fuse, needs_loop, needs_qemu
 from tests.helpers import BLKFS, blkfs, force_unmount, kill_daemon, mounted, run

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blkfs.cli.main import _commands, parser
+from blkfs.cli.main import VERBS, parser
 from blkfs.cli.mount_helper import (
     MOUNT_OPTIONS,
     OPTIONS,
@@ -16,7 +16,7 @@ from blkfs.cli.mount_helper import (
     mount_argv,
 )
 
-COMMANDS = set(_commands(parser()))
+COMMANDS = set(VERBS)
 
 
 def test_a_file_where_a_command_would_be_is_a_mount() -> None:

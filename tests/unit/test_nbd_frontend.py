@@ -15,7 +15,9 @@ import pytest
 import trio
 
 from blkfs.block.options import nbd_uri, parse_options
-from blkfs.cli.main import UsageError, build_config, parser
+from blkfs.cli.errors import UsageError
+from blkfs.cli.main import parser
+from blkfs.cli.mount_config import build_config
 from blkfs.commands import Commands
 from blkfs.errors import BlockError
 from blkfs.frontends.ctl import format_exports
