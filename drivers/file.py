@@ -337,7 +337,8 @@ class FileDriver(BlockDriver):
         self._bounce.clear()
 
     def let_go(self, error: BlockError) -> int:
-        return self.host.let_go(LastingError(error.errno, f"'{self.filename}': {error.message}"))
+        message = f"'{self.filename}': {error.message}"
+        return self.host.let_go(lambda: LastingError(error.errno, message))
 
     def _error(self, exc: OSError) -> BlockError:
         return from_oserror(exc, f"'{self.filename}'")

@@ -286,8 +286,8 @@ class HostQueue:
         self.calls: dict[HostCall, None] = {}
         """The calls on workers, oldest first (answered ones included until they return)."""
         self._returned: Callable[[], None] | None = None
-        self.gone: BaseException | None = None
-        """Set by :meth:`let_go`: every later call fails with it at once."""
+        self.gone: Callable[[], BaseException] | None = None
+        """Set by :meth:`let_go`: every later call fails at once with an exception it makes."""
 
     async def run(self, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)`` on a worker thread; its exception is raised here. Once the call
@@ -301,7 +301,7 @@ class HostQueue:
         kernel: :class:`RingDoor`), and return its outcome once ``begin``'s
         :class:`HostCall` has it."""
         if self.gone is not None:
-            raise self.gone
+            raise self.gone()
         if self.running >= self.limit or self._waiting:
             await self._wait_turn()
         else:
@@ -338,25 +338,25 @@ class HostQueue:
             returned, self._returned = self._returned, None
             returned()
 
-    def let_go(self, error: BaseException) -> int:
-        """If a call is in flight, answer it and every call waiting its turn with ``error``
-        now, and every later one (a device that does not answer, given up with force=on:
-        the node is on its way out, and its close must not wait on the device either). The
-        calls
-        themselves cannot be taken back: they keep their threads and buffers until they
-        return. A queue with nothing in flight is left as it is. Returns how many requests
-        were answered."""
+    def let_go(self, error: Callable[[], BaseException]) -> int:
+        """If a call is in flight, answer it and every call waiting its turn with an
+        exception ``error()`` makes, now, and every later one too (a device that does not
+        answer, given up with force=on: the node is on its way out, and its close must not
+        wait on the device either). Each caller gets an exception of its own: one instance
+        raised again and again would grow its traceback at every raise. The calls themselves
+        cannot be taken back: they keep their threads and buffers until they return. A queue
+        with nothing in flight is left as it is. Returns how many requests were answered."""
         if not self.calls and not self._waiting:
             return 0
         self.gone = error
         answered = 0
         for host in self.calls:
             if host.task is not None:
-                trio.lowlevel.reschedule(host.task, outcome.Error(error))
+                trio.lowlevel.reschedule(host.task, outcome.Error(error()))
                 host.task = None
                 answered += 1
         while self._waiting:
-            trio.lowlevel.reschedule(self._waiting.popleft(), outcome.Error(error))
+            trio.lowlevel.reschedule(self._waiting.popleft(), outcome.Error(error()))
             answered += 1
         return answered
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,10 @@ from typing import Any
 import outcome
 import pytest
 import trio
+import trio.testing
 
 from blkfs.block.workers import HostQueue, completion
-from blkfs.errors import BlockError
+from blkfs.errors import BlockError, LastingError
 from blkfs.layer import BlockLayer
 
 
@@ -59,6 +61,37 @@ async def test_a_failed_call_raises_in_the_caller_and_frees_its_turn() -> None:
     with pytest.raises(OSError, match="injected"):
         await queue.run(fail)
     assert queue.running == 0 and await queue.run(lambda: 7) == 7
+
+
+async def test_calls_after_let_go_each_fail_with_an_exception_of_their_own() -> None:
+    """A queue let go answers the call in flight, the one waiting its turn and every later
+    call each with a new exception: one instance raised again and again would carry every
+    raise's frames in its traceback, and each catcher's changes to it to the next."""
+    queue = HostQueue(limit=1)
+    release = threading.Event()
+    caught: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            await queue.run(release.wait)
+        except BlockError as exc:
+            caught.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        try:  # the device answers only at the end, even if the test fails
+            nursery.start_soon(call)
+            nursery.start_soon(call)
+            await trio.testing.wait_all_tasks_blocked()
+            assert queue.let_go(lambda: LastingError(errno.EIO, "let go")) == 2
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in range(2):
+                await call()
+        finally:
+            release.set()
+    assert [exc.errno for exc in caught] == [errno.EIO] * 4  # type: ignore[attr-defined]
+    assert len({id(exc) for exc in caught}) == 4
+    depths = [len(traceback.extract_tb(exc.__traceback__)) for exc in caught[2:]]
+    assert depths[0] == depths[1]
 
 
 async def test_aio_native_is_refused_and_nothing_opens(tmp_path: Path) -> None:

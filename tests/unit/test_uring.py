@@ -123,7 +123,7 @@ async def test_a_request_let_go_keeps_its_buffer_until_the_kernel_answers() -> N
             nursery.start_soon(read)
             await trio.testing.wait_all_tasks_blocked()
             assert queue.oldest_ns() is not None
-            assert queue.let_go(LastingError(errno.EIO, "let go")) == 1
+            assert queue.let_go(lambda: LastingError(errno.EIO, "let go")) == 1
         assert errors == [errno.EIO]
         with pytest.raises(BufferError):
             buf.extend(b"!")  # still the kernel's
