@@ -739,19 +739,10 @@ async def blockdev_snapshot(monitor: Monitor, args: dict[str, Any]) -> Any:
     speed="speed?",
 )
 async def block_commit(monitor: Monitor, args: dict[str, Any]) -> Any:
-    name = await device(monitor, args, "device", klass="DeviceNotFound")  # as QEMU's
-    await run(
-        monitor,
-        "commit",
-        {
-            "name": name,
-            "top": args.get("top-node", args.get("top")),
-            "base": args.get("base-node", args.get("base")),
-            "speed": args.get("speed"),
-            "job-id": args.get("job-id"),
-        },
-    )
-    return {}
+    top = args.get("top-node", args.get("top"))
+    base = args.get("base-node", args.get("base"))
+    fields = {"top": top, "base": base}
+    return await _job(monitor, args, "commit", fields, klass="DeviceNotFound")  # as QEMU's
 
 
 @qmp(
@@ -764,40 +755,40 @@ async def block_commit(monitor: Monitor, args: dict[str, Any]) -> Any:
     speed="speed?",
 )
 async def block_stream(monitor: Monitor, args: dict[str, Any]) -> Any:
-    name = await device(monitor, args, "device")
-    await run(
-        monitor,
-        "stream",
-        {
-            "name": name,
-            "base": args.get("base-node", args.get("base")),
-            "speed": args.get("speed"),
-            "job-id": args.get("job-id"),
-        },
-    )
+    return await _job(monitor, args, "stream", {"base": args.get("base-node", args.get("base"))})
+
+
+async def _job(
+    monitor: Monitor,
+    args: Mapping[str, Any],
+    verb: str,
+    fields: Mapping[str, Any],
+    klass: str = "GenericError",
+) -> Any:
+    """Start job ``verb`` with ``fields`` on the backend ``args`` names as its device, with
+    the speed and job id ``args`` give; QMP's empty reply."""
+    name = await device(monitor, args, "device", klass=klass)
+    job = {"name": name, **fields, "speed": args.get("speed"), "job-id": args.get("job-id")}
+    await run(monitor, verb, job)
     return {}
+
+
+def _bitmap(args: Mapping[str, Any]) -> dict[str, Any]:
+    """A backup's bitmap and bitmap mode, as ``args`` give them."""
+    return {key: args.get(key) for key in ("bitmap", "bitmap-mode")}
 
 
 async def _copy(
     monitor: Monitor, args: dict[str, Any], verb: str, extra: Mapping[str, Any] | None = None
 ) -> Any:
-    name = await device(monitor, args, "device")
-    mode = args.get("mode", "absolute-paths")
-    await run(
-        monitor,
-        verb,
-        {
-            "name": name,
-            "target": args["target"],
-            "sync": args["sync"],
-            "format": args.get("format"),
-            "existing": mode == "existing",
-            "speed": args.get("speed"),
-            "job-id": args.get("job-id"),
-            **(extra or {}),
-        },
-    )
-    return {}
+    fields = {
+        "target": args["target"],
+        "sync": args["sync"],
+        "format": args.get("format"),
+        "existing": args.get("mode", "absolute-paths") == "existing",
+        **(extra or {}),
+    }
+    return await _job(monitor, args, verb, fields)
 
 
 @qmp(
@@ -829,8 +820,7 @@ async def drive_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
     bitmap_mode="bitmap-mode?",
 )
 async def drive_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
-    bitmap = {"bitmap": args.get("bitmap"), "bitmap-mode": args.get("bitmap-mode")}
-    return await _copy(monitor, args, "backup", bitmap)
+    return await _copy(monitor, args, "backup", _bitmap(args))
 
 
 def _node_target(node: str) -> str:
@@ -849,20 +839,9 @@ def _node_target(node: str) -> str:
     copy_mode="mode?",
 )
 async def blockdev_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
-    name = await device(monitor, args, "device")
-    await run(
-        monitor,
-        "mirror",
-        {
-            "name": name,
-            "target": _node_target(args["target"]),
-            "sync": args["sync"],
-            "mode": args.get("copy-mode"),
-            "speed": args.get("speed"),
-            "job-id": args.get("job-id"),
-        },
-    )
-    return {}
+    target = _node_target(args["target"])
+    fields = {"target": target, "sync": args["sync"], "mode": args.get("copy-mode")}
+    return await _job(monitor, args, "mirror", fields)
 
 
 @qmp(
@@ -877,21 +856,8 @@ async def blockdev_mirror(monitor: Monitor, args: dict[str, Any]) -> Any:
     bitmap_mode="bitmap-mode?",
 )
 async def blockdev_backup(monitor: Monitor, args: dict[str, Any]) -> Any:
-    name = await device(monitor, args, "device")
-    await run(
-        monitor,
-        "backup",
-        {
-            "name": name,
-            "target": _node_target(args["target"]),
-            "sync": args["sync"],
-            "speed": args.get("speed"),
-            "job-id": args.get("job-id"),
-            "bitmap": args.get("bitmap"),
-            "bitmap-mode": args.get("bitmap-mode"),
-        },
-    )
-    return {}
+    fields = {"target": _node_target(args["target"]), "sync": args["sync"], **_bitmap(args)}
+    return await _job(monitor, args, "backup", fields)
 
 
 def job_info(job: JobInfo) -> dict[str, Any]:
