@@ -115,7 +115,9 @@ from benchlib import (
     on_signal,
     parse_size,
     proc_stats,
+    qcow2_overlay,
     run,
+    stop_process,
 )
 
 Results = dict[str, Any]
@@ -245,37 +247,8 @@ def make_images(d: Path, size: int, which: list[str]) -> dict[str, Path]:
         c = src / "chain"
         c.mkdir(exist_ok=True)
         copy_image(out["qcow2"], c / "base.qcow2")
-        # relative backing names, so a copy of the directory is a working chain
-        run(
-            [
-                "qemu-img",
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "mid.qcow2",
-            ],
-            cwd=c,
-        )
-        run(
-            [
-                "qemu-img",
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "mid.qcow2",
-                "-F",
-                "qcow2",
-                "top.qcow2",
-            ],
-            cwd=c,
-        )
+        qcow2_overlay(c, "base.qcow2", "mid.qcow2")
+        qcow2_overlay(c, "mid.qcow2", "top.qcow2")
         step = size // 8
         for name, pattern, offsets in (
             ("mid.qcow2", 0x11, (1, 3, 5)),
@@ -374,13 +347,7 @@ def qsd_start(
 
 
 def qsd_stop(q: Qsd) -> None:
-    if q.proc.poll() is None:
-        q.proc.send_signal(signal.SIGTERM)
-        try:
-            q.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            q.proc.kill()
-            q.proc.wait()
+    stop_process(q.proc)
     for f in q.files:
         lazy_unmount(f)
 
@@ -490,13 +457,7 @@ def fuse_stop(servers: FuseServers) -> None:
     for f in servers.files:
         lazy_unmount(os.path.dirname(f))
     for proc in servers.procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=30)
 
 
 STOPS: dict[str, Any] = {"blkfs": blkfs_umount, "qsd": qsd_stop, "fuse": fuse_stop}
@@ -728,21 +689,7 @@ def many_backends_rss(work: Path, count: int) -> Results:
     try:
         run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / "base.qcow2"), "64M"])
         run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x5a 0 8M", str(d / "base.qcow2")])
-        run(
-            [
-                "qemu-img",
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "o0.qcow2",
-            ],
-            cwd=d,
-        )
+        qcow2_overlay(d, "base.qcow2", "o0.qcow2")
         for i in range(1, count):
             shutil.copyfile(d / "o0.qcow2", d / f"o{i}.qcow2")
         t0 = time.monotonic()

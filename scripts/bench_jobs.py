@@ -61,6 +61,7 @@ from benchlib import (
     md_table,
     on_signal,
     parse_size,
+    qcow2_overlay,
     run,
 )
 
@@ -109,10 +110,7 @@ def make_images(d: Path, size: int) -> int:
     run(
         ["qemu-io", "-f", "qcow2", *(a for w in writes for a in ("-c", w)), str(base)], timeout=1800
     )
-    run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top)],
-        cwd=d,
-    )
+    qcow2_overlay(d, base.name, top.name)
     offsets = range(0, size, 2 * MiB)
     writes = [f"write -P 0xc3 {off} {MiB}" for off in offsets]
     run(["qemu-io", "-f", "qcow2", *(a for w in writes for a in ("-c", w)), str(top)], timeout=1800)

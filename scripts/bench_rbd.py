@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from benchlib import (
     lazy_unmount,
     log,
     md_table,
+    stop_process,
 )
 from benchlib import parse_size as size_arg
 from benchlib import run as run_cmd
@@ -82,12 +82,7 @@ def test_cluster(d: Path) -> Iterator[Path]:
             raise Failed(f"the test cluster did not start: {(d / 'cluster.log').read_text()}")
         yield Path(line)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @contextlib.contextmanager
@@ -130,12 +125,7 @@ def serving(peer: str, d: Path, conf: Path) -> Iterator[str]:
             time.sleep(0.05)
         yield str(path)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         lazy_unmount(mnt)
 
 

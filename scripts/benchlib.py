@@ -1,5 +1,6 @@
-"""What scripts/bench.py and scripts/bench_jobs.py share: running commands, sizes, the page
-cache, mounts, daemons' figures, the machine's description and markdown tables.
+"""What scripts/bench.py, bench_jobs.py and bench_rbd.py share: running commands and
+stopping them, sizes, qcow2 chains, the page cache, mounts, daemons' figures, the machine's
+description and markdown tables.
 
 Ground rules: one way to do each thing, here; a failed command raises ``Failed`` with the
 command and the tail of its output; nothing here leaves a process or a mount behind it.
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BLKFS = str(REPO / ".venv" / "bin" / "blkfs")
@@ -91,6 +93,27 @@ def stop_pid(pid: int) -> None:
             time.sleep(0.1)
             os.kill(pid, 0)
         os.kill(pid, signal.SIGKILL)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 60) -> None:
+    """SIGTERM, up to ``timeout`` seconds to exit, then SIGKILL; one that has exited is
+    only reaped."""
+    proc.send_signal(signal.SIGTERM)  # nothing is sent to a process that has exited
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def qcow2_overlay(directory: Path, backing: str, name: str) -> None:
+    """``qemu-img create`` qcow2 image ``name`` in ``directory`` over the qcow2 image
+    ``backing`` beside it, both named relatively: a copy of the directory is a working
+    chain."""
+    run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", name],
+        cwd=directory,
+    )
 
 
 def lazy_unmount(path: Path | str) -> None:
