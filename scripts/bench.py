@@ -1370,6 +1370,13 @@ def targets(
 # -- main ------------------------------------------------------------------------------------
 
 
+def require(ap: argparse.ArgumentParser, *tools: str) -> None:
+    """Stop with a usage error if one of ``tools`` is not installed."""
+    for tool in tools:
+        if not shutil.which(tool):
+            ap.error(f"{tool} is not installed (scripts/setup installs it)")
+
+
 def main() -> int:
     doc = __doc__ or ""
     ap = argparse.ArgumentParser(
@@ -1468,17 +1475,11 @@ def main() -> int:
         ap.error("--rounds must be at least 1")
     if os.geteuid() != 0:
         ap.error("must run as root (drops the page cache and mounts FUSE)")
-    for tool in ("fio", "qemu-img", "qemu-io", "qemu-storage-daemon", "fusermount3"):
-        if not shutil.which(tool):
-            ap.error(f"{tool} is not installed (scripts/setup installs it)")
+    require(ap, "fio", "qemu-img", "qemu-io", "qemu-storage-daemon", "fusermount3")
     if "nbdfuse" in peers:
-        for tool in ("nbdfuse", "nbdkit", "qemu-nbd"):
-            if not shutil.which(tool):
-                ap.error(f"{tool} is not installed (scripts/setup installs it)")
+        require(ap, "nbdfuse", "nbdkit", "qemu-nbd")
     if "limit" in peers:
-        for tool in ("gcc", "pkg-config"):
-            if not shutil.which(tool):
-                ap.error(f"{tool} is not installed (scripts/setup installs it)")
+        require(ap, "gcc", "pkg-config")
 
     signal.signal(signal.SIGINT, on_signal)  # also when started with SIGINT ignored (&)
     signal.signal(signal.SIGTERM, on_signal)
@@ -1491,6 +1492,12 @@ def main() -> int:
     CLEANUP.add("dir", str(work))
     free = shutil.disk_usage(work).free
     only_one = args.sparse_rss or args.throttle or args.nbd or args.slow
+
+    def wanted(check: str) -> bool:
+        """Whether a check after the table runs: if named (--nbd: only the checks named),
+        or if none is named and it is not left out (--no-nbd)."""
+        return bool(getattr(args, check)) or not (getattr(args, f"no_{check}") or only_one)
+
     need = size * (1 + 2 * len(images) + 3 * 3) if not only_one else 4 * GiB
     if free < need:
         log(
@@ -1605,10 +1612,8 @@ def main() -> int:
                 "seqwrite copies):"
             )
             print(daemon_table(bench.daemons, images))
-        if args.nbd or not (args.no_nbd or args.sparse_rss or args.throttle or args.slow):
-            for tool in ("qemu-nbd", "nbdfuse", "nbdcopy"):
-                if not shutil.which(tool):
-                    ap.error(f"{tool} is not installed (scripts/setup installs it)")
+        if wanted("nbd"):
+            require(ap, "qemu-nbd", "nbdfuse", "nbdcopy")
             log("NBD: blkfs's driver vs nbdfuse, blkfs's export vs qemu-nbd")
             results["nbd"] = nbd_check(work, size, runtime)
             print()
@@ -1617,7 +1622,7 @@ def main() -> int:
                 "qemu-nbd); blkfs's export vs qemu-nbd -r, both read by nbdcopy:"
             )
             print(nbd_table(results["nbd"]))
-        if args.sparse_rss or not (args.no_sparse_rss or args.throttle or args.nbd or args.slow):
+        if wanted("sparse_rss"):
             log("sparse 1 TiB qcow2 RSS check")
             sp = sparse_rss(work, runtime)
             results["sparse_rss"] = sp
@@ -1648,7 +1653,7 @@ def main() -> int:
                     f"{mb.get('mount_s', '?')}s"
                     + (f"; error: {mb['error']}" if "error" in mb else "")
                 )
-        if args.throttle or not (args.no_throttle or args.sparse_rss or args.nbd or args.slow):
+        if wanted("throttle"):
             log("throttle real-time check")
             th = throttle_check(work, args.throttle_rate)
             results["throttle"] = th
@@ -1663,10 +1668,8 @@ def main() -> int:
                 f"within {THROTTLE_TOLERANCE:.0%}: {'OK' if th['ok'] else 'FAILED'}"
                 + (f"; error: {th['error']}" if "error" in th else "")
             )
-        if args.slow or not (args.no_slow or args.sparse_rss or args.throttle or args.nbd):
-            for tool in ("nbdfuse", "nbdkit"):
-                if not shutil.which(tool):
-                    ap.error(f"{tool} is not installed (scripts/setup installs it)")
+        if wanted("slow"):
+            require(ap, "nbdfuse", "nbdkit")
             log("slow devices: a neighbour of a 50 ms device; 1 vs 4 jobs on slow devices")
             results["slow"] = slow_check(work, size, runtime)
             print()
