@@ -234,16 +234,16 @@ def tmpfs(where: Path, size: str) -> Iterator[Path]:
 
 
 @contextmanager
-def flaky_disk(directory: Path, size: int = 64 << 20) -> Iterator[tuple[Path, Path]]:
-    """A host file whose fdatasync fails while a trigger file exists: nbdfuse serving a file
-    through nbdkit's eval plugin, whose flush fails with EIO then (nbdkit 1.32's error filter
-    cannot fail flushes). Yields (disk, trigger); the FUSE mount and nbdkit are gone
-    afterwards, even on failure."""
-    mnt, trigger, store = directory / "flaky", directory / "flaky-trigger", directory / "store"
+def eval_disk(
+    mnt: Path, store: Path, size: int, *, before: str = "", flush: str = "exit 0"
+) -> Iterator[Path]:
+    """A host file ``mnt/disk`` of ``size`` bytes kept in ``store``: nbdfuse serving nbdkit's
+    eval plugin, which runs shell command ``before`` ahead of each read and write, and
+    ``flush`` as each flush (a plugin that can flush, for nbdfuse to pass fsync on). The FUSE
+    mount and nbdkit are gone afterwards, even on failure."""
+    first = f"{before}; " if before else ""
     mnt.mkdir()
-    with open(store, "wb") as f:
-        f.truncate(size)
-    log = directory / "flaky.log"
+    log = mnt.with_name(f"{mnt.name}.log")
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [
@@ -254,10 +254,11 @@ def flaky_disk(directory: Path, size: int = 64 << 20) -> Iterator[tuple[Path, Pa
                 "-s",
                 "eval",
                 f"get_size=echo {size}",
-                f"pread=dd if={store} skip=$4 count=$3 iflag=count_bytes,skip_bytes status=none",
-                f"pwrite=dd of={store} seek=$4 conv=notrunc oflag=seek_bytes status=none",
+                f"pread={first}dd if={store} skip=$4 count=$3 iflag=count_bytes,skip_bytes "
+                "status=none",
+                f"pwrite={first}dd of={store} seek=$4 conv=notrunc oflag=seek_bytes status=none",
                 "can_flush=exit 0",
-                f"flush=if [ -e {trigger} ]; then echo EIO injected >&2; exit 1; fi",
+                f"flush={flush}",
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -266,7 +267,7 @@ def flaky_disk(directory: Path, size: int = 64 << 20) -> Iterator[tuple[Path, Pa
     try:
         wait_until(lambda: mounted(mnt) or proc.poll() is not None, "nbdfuse to mount")
         assert mounted(mnt), log.read_text()
-        yield mnt / "disk", trigger
+        yield mnt / "disk"
     finally:
         force_unmount(mnt)
         try:
@@ -274,6 +275,19 @@ def flaky_disk(directory: Path, size: int = 64 << 20) -> Iterator[tuple[Path, Pa
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def flaky_disk(directory: Path, size: int = 64 << 20) -> Iterator[tuple[Path, Path]]:
+    """A host file whose fdatasync fails while a trigger file exists: an :func:`eval_disk`
+    whose flush fails with EIO then (nbdkit 1.32's error filter cannot fail flushes). Yields
+    (disk, trigger); the FUSE mount and nbdkit are gone afterwards, even on failure."""
+    mnt, trigger, store = directory / "flaky", directory / "flaky-trigger", directory / "store"
+    with open(store, "wb") as f:
+        f.truncate(size)
+    fail = f"if [ -e {trigger} ]; then echo EIO injected >&2; exit 1; fi"
+    with eval_disk(mnt, store, size, flush=fail) as disk:
+        yield disk, trigger
 
 
 def wait_until(condition: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
@@ -291,6 +305,7 @@ __all__ = [
     "blkfs",
     "errno",
     "errno_of",
+    "eval_disk",
     "flaky_disk",
     "force_unmount",
     "loop_device",

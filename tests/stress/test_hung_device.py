@@ -28,7 +28,7 @@ from qemu.qmp import QMPClient
 from tests.helpers import (
     Mount,
     blkfs,
-    force_unmount,
+    eval_disk,
     mounted,
     pattern_image,
     run,
@@ -99,41 +99,12 @@ def held_disk(tmp_path: Path) -> Iterator[HeldDisk]:
     with open(store, "r+b") as f:
         f.truncate(2 * SIZE)
     wait = f"while [ -e {hold} ]; do sleep 0.01; done"
-    mnt.mkdir()
-    log = tmp_path / "nbdfuse.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                "nbdfuse",
-                f"{mnt}/disk",
-                "--command",
-                "nbdkit",
-                "-s",
-                "eval",
-                f"get_size=echo {2 * SIZE}",
-                f"pread={wait}; dd if={store} skip=$4 count=$3 iflag=count_bytes,skip_bytes "
-                "status=none",
-                f"pwrite={wait}; dd of={store} seek=$4 conv=notrunc oflag=seek_bytes status=none",
-                "can_flush=exit 0",
-                f"flush={wait}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    disk = HeldDisk(mnt / "disk", hold)
-    try:
-        wait_until(lambda: mounted(mnt) or proc.poll() is not None, "nbdfuse to mount")
-        assert mounted(mnt), log.read_text()
-        yield disk
-    finally:
-        disk.resume()
-        force_unmount(mnt)
+    with eval_disk(mnt, store, 2 * SIZE, before=wait, flush=wait) as path:
+        disk = HeldDisk(path, hold)
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            yield disk
+        finally:
+            disk.resume()
 
 
 def file_node(tree: dict[str, Any]) -> dict[str, Any]:
