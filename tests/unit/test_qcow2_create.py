@@ -20,34 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blkfs.block import BlockError
+from tests.unit.test_qcow2_ondisk import FIELDS
 
 FAST = settings(max_examples=60, deadline=None)
 
 cluster_bits_st = st.integers(min_value=9, max_value=21)
 names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=60)
-
-FIELDS = (
-    "version",
-    "backing_file_offset",
-    "backing_file_size",
-    "cluster_bits",
-    "size",
-    "crypt_method",
-    "l1_size",
-    "l1_table_offset",
-    "refcount_table_offset",
-    "refcount_table_clusters",
-    "nb_snapshots",
-    "snapshots_offset",
-    "incompatible_features",
-    "compatible_features",
-    "autoclear_features",
-    "refcount_order",
-    "header_length",
-    "compression_type",
-    "backing_file",
-    "backing_format",
-)
 
 
 # -- build_header ---------------------------------------------------------------------------

@@ -105,6 +105,7 @@ FIELDS = (
     "backing_file",
     "backing_format",
 )
+"""The fields of a :class:`Header` the image holds: a pack and unpack keeps them."""
 
 
 @FAST
