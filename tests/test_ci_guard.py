@@ -14,6 +14,8 @@ import pytest
 from tests.conftest import CI_TOOLS
 
 ROOT = Path(__file__).resolve().parent.parent
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+"""A pytest run of its own, in this interpreter."""
 
 
 def run_pytest(tmp_path: Path, ci: str) -> subprocess.CompletedProcess[str]:
@@ -37,19 +39,7 @@ def run_pytest(tmp_path: Path, ci: str) -> subprocess.CompletedProcess[str]:
     )
     env = {**os.environ, "CI": ci, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-p",
-            "no:randomly",
-            "--rootdir",
-            str(tmp_path),
-            str(tmp_path),
-        ],
+        [*PYTEST, "--rootdir", str(tmp_path), str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,
@@ -81,17 +71,7 @@ def test_a_missing_nbd_peer_fails_the_run_under_ci(tmp_path: Path, tool: str) ->
             (bin_dir / other).symlink_to(found)
     env = {**os.environ, "CI": "true", "PATH": str(bin_dir), "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-p",
-            "no:randomly",
-            str(ROOT / "tests" / "test_split.py"),
-        ],
+        [*PYTEST, str(ROOT / "tests" / "test_split.py")],
         capture_output=True,
         text=True,
         env=env,
