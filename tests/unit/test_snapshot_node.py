@@ -18,6 +18,16 @@ from blkfs.layer import BlockLayer
 from tests.unit.test_snapshot_races import SIZE, files, slow_flushing
 
 
+async def add_overlay(commands: Commands, image: Path) -> None:
+    """Node ``ov``: the qcow2 ``image`` with no backing node, for snapshot-node to put on top."""
+    options = {
+        "driver": "qcow2",
+        "backing": None,
+        "file": {"driver": "file", "filename": str(image)},
+    }
+    await commands.run("node-add", {"node": "ov", "options": options})
+
+
 async def test_a_snapshot_onto_a_node_that_lost_the_race_is_undone(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -26,17 +36,7 @@ async def test_a_snapshot_onto_a_node_that_lost_the_race_is_undone(
     layer = BlockLayer()
     commands = Commands(layer)
     await commands.run("create", {"name": "vol", "medium": slow_flushing(tmp_path / "top.qcow2")})
-    await commands.run(
-        "node-add",
-        {
-            "node": "ov",
-            "options": {
-                "driver": "qcow2",
-                "backing": None,
-                "file": {"driver": "file", "filename": str(tmp_path / "ov.qcow2")},
-            },
-        },
-    )
+    await add_overlay(commands, tmp_path / "ov.qcow2")
     ov = layer.graph.find("ov")
 
     async with trio.open_nursery() as nursery:
@@ -68,17 +68,7 @@ async def test_one_overlay_goes_onto_one_backend(
         await commands.run(
             "create", {"name": name, "medium": slow_flushing(tmp_path / f"{name}.qcow2")}
         )
-    await commands.run(
-        "node-add",
-        {
-            "node": "ov",
-            "options": {
-                "driver": "qcow2",
-                "backing": None,
-                "file": {"driver": "file", "filename": str(tmp_path / "ov.qcow2")},
-            },
-        },
-    )
+    await add_overlay(commands, tmp_path / "ov.qcow2")
     refused: list[BlockError] = []
 
     async def snapshot(name: str) -> None:
