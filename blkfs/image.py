@@ -53,12 +53,7 @@ async def create_image(
             graph, filename, backing, backing_format
         )
         size = backing_size if size is None else size
-    if size is None:
-        raise BlockError(errno.EINVAL, "a size is needed (or a backing file to take it from)")
-    try:
-        size = parse_size(size)
-    except (TypeError, ValueError) as exc:
-        raise BlockError(errno.EINVAL, f"size {size!r}: {exc}") from None
+    length = _bytes(size, "a size is needed (or a backing file to take it from)")
     try:
         file = open(filename, "xb")  # noqa: SIM115 (closed below, and removed on failure)
     except FileExistsError:
@@ -71,7 +66,7 @@ async def create_image(
         ) from None
     try:
         with file:
-            cls.create(file, size, dict(options or {}), backing, backing_format)
+            cls.create(file, length, dict(options or {}), backing, backing_format)
             file.flush()
             os.fsync(file.fileno())
         _fsync_directory(filename)  # the new name survives a power cut too
@@ -93,16 +88,21 @@ async def _create_volume(
         raise BlockError(
             errno.EINVAL, f"{name}: only raw volumes without options or backing file are made"
         )
-    if size is None:
-        raise BlockError(errno.EINVAL, "a size is needed")
-    try:
-        size = parse_size(size)
-    except (TypeError, ValueError) as exc:
-        raise BlockError(errno.EINVAL, f"size {size!r}: {exc}") from None
+    length = _bytes(size, "a size is needed")
     tree = parse_options(name)
     cls = graph.drivers.get(tree["driver"])
     values = validate(cls.name, cls.options, cls.children, tree).values
-    await cls.create_volume(values, size)
+    await cls.create_volume(values, length)
+
+
+def _bytes(size: int | str | None, missing: str) -> int:
+    """A new image's ``size`` in bytes; EINVAL saying ``missing`` if none is given."""
+    if size is None:
+        raise BlockError(errno.EINVAL, missing)
+    try:
+        return parse_size(size)
+    except (TypeError, ValueError) as exc:
+        raise BlockError(errno.EINVAL, f"size {size!r}: {exc}") from None
 
 
 def is_volume_name(filename: str) -> bool:
