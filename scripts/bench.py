@@ -181,20 +181,28 @@ class Cleanup:
     def add(self, kind: str, obj: Any) -> None:
         self.items.append((kind, obj))
 
+    def new_dir(self, d: Path) -> Path:
+        """Make scratch directory ``d``, removed at the end if not before."""
+        d.mkdir(parents=True)
+        self.add("dir", str(d))
+        return d
+
     def remove(self, kind: str, obj: Any) -> None:
         try:
             self.items.remove((kind, obj))
         except ValueError:
             pass
 
+    def stop(self, kind: str, obj: Any) -> None:
+        """Tear down one thing added (stop a peer, remove a directory) now."""
+        self.remove(kind, obj)
+        _tear_down(kind, obj)
+
     def run(self) -> None:
         while self.items:
             kind, obj = self.items.pop()
             try:
-                if kind in STOPS:
-                    STOPS[kind](obj)
-                elif kind == "dir":
-                    shutil.rmtree(obj, ignore_errors=True)
+                _tear_down(kind, obj)
             except BaseException as exc:  # keep cleaning the rest
                 log(f"cleanup of {kind} {obj}: {exc}")
 
@@ -202,13 +210,18 @@ class Cleanup:
         """Stop every peer living in ``d`` and remove ``d``."""
         for kind, obj in list(self.items):
             if kind in STOPS and peer_path(kind, obj).startswith(str(d)):
-                self.remove(kind, obj)
                 try:
-                    STOPS[kind](obj)
+                    self.stop(kind, obj)
                 except Exception as exc:
                     log(f"cleanup: {exc}")
-        self.remove("dir", str(d))
-        shutil.rmtree(d, ignore_errors=True)
+        self.stop("dir", str(d))
+
+
+def _tear_down(kind: str, obj: Any) -> None:
+    if kind in STOPS:
+        STOPS[kind](obj)
+    elif kind == "dir":
+        shutil.rmtree(obj, ignore_errors=True)
 
 
 CLEANUP = Cleanup()
@@ -295,10 +308,8 @@ def blkfs_direct_options(image: Path, fmt: str) -> str:
 
 def drop_scratch_mount(mnt: Path, d: Path) -> None:
     """Unmount a check's own mount and remove its scratch directory."""
-    CLEANUP.remove("blkfs", str(mnt))
-    blkfs_umount(mnt)
-    CLEANUP.remove("dir", str(d))
-    shutil.rmtree(d, ignore_errors=True)
+    CLEANUP.stop("blkfs", str(mnt))
+    CLEANUP.stop("dir", str(d))
 
 
 class Qsd:
@@ -365,8 +376,7 @@ def probe_qsd(work: Path, cfg: QsdConfig) -> str | None:
             with open(d / "p", "rb") as f:
                 f.read(4096)
         finally:
-            CLEANUP.remove("qsd", q)
-            qsd_stop(q)
+            CLEANUP.stop("qsd", q)
         return None
     except (OSError, RuntimeError) as exc:
         return str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
@@ -461,7 +471,7 @@ def fuse_stop(servers: FuseServers) -> None:
 
 
 STOPS: dict[str, Any] = {"blkfs": blkfs_umount, "qsd": qsd_stop, "fuse": fuse_stop}
-"""How to stop each kind of started peer (Cleanup and run_peer use it)."""
+"""How to stop each kind of started peer (Cleanup uses it)."""
 
 
 def peer_path(kind: str, obj: Any) -> str:
@@ -595,9 +605,7 @@ class Bench:
 
     def run_peer(self, peer: str, image: str, src: Path, rnd: int) -> None:
         """All workloads of one peer on one image, on fresh copies: one sample each."""
-        d = self.work / f"{image}-{peer}-{rnd}"
-        d.mkdir(parents=True)
-        CLEANUP.add("dir", str(d))
+        d = CLEANUP.new_dir(self.work / f"{image}-{peer}-{rnd}")
         try:
             self._run_peer(peer, image, src, d)
         finally:
@@ -681,9 +689,7 @@ class Bench:
 def many_backends_rss(work: Path, count: int) -> Results:
     """One blkfs daemon with ``count`` backends, each a qcow2 overlay over one shared base
     (so every backend opens two qcow2 and two file nodes); 64 KiB read from each."""
-    d = work / "many"
-    d.mkdir(parents=True)
-    CLEANUP.add("dir", str(d))
+    d = CLEANUP.new_dir(work / "many")
     out: Results = {"backends": count}
     mnt = d / "mnt"
     try:
@@ -723,9 +729,7 @@ def many_backends_rss(work: Path, count: int) -> Results:
 
 
 def sparse_rss(work: Path, runtime: float) -> Results:
-    d = work / "sparse"
-    d.mkdir(parents=True)
-    CLEANUP.add("dir", str(d))
+    d = CLEANUP.new_dir(work / "sparse")
     size = 1 << 40
     img = d / "sparse.qcow2"
     run([BLKFS, "image", "create", "-f", "qcow2", str(img), "1T"])
@@ -776,9 +780,7 @@ THROTTLE_TOLERANCE = 0.10
 def throttle_check(work: Path, rate: int) -> Results:
     """The throttle filter in real time: a first dd at ``rate``, then a retune to rate/2
     through .ctl/reopen while a second dd runs."""
-    d = work / "throttle"
-    d.mkdir(parents=True)
-    CLEANUP.add("dir", str(d))
+    d = CLEANUP.new_dir(work / "throttle")
     img = d / "sparse.img"  # holes read at host speed: the filter is what is measured
     with open(img, "wb") as host_file:
         host_file.truncate(4 * rate * int(THROTTLE_SECONDS) + 64 * MiB)
@@ -870,9 +872,7 @@ NBD_WORKLOADS = ["seqread-warm", "randread", "randread4", "randwrite"]
 def nbd_check(work: Path, size: int, runtime: float) -> Results:
     """blkfs's nbd driver against nbdfuse, both clients of one qemu-nbd; and blkfs's NBD
     export against qemu-nbd, both read whole by nbdcopy. On a raw and a qcow2 image."""
-    d = work / "nbd"
-    d.mkdir(parents=True)
-    CLEANUP.add("dir", str(d))
+    d = CLEANUP.new_dir(work / "nbd")
     srcs = make_images(d, size, ["qcow2"])
     out: Results = {}
     try:
@@ -902,10 +902,8 @@ def nbd_check(work: Path, size: int, runtime: float) -> Results:
                     f"  nbd {fmt:5} {wl:12} blkfs {rows[wl]['blkfs']:10.1f}  nbdfuse "
                     f"{rows[wl]['nbdfuse']:10.1f} {UNITS[wl]}"
                 )
-            CLEANUP.remove("blkfs", str(mnt))
-            blkfs_umount(str(mnt))
-            CLEANUP.remove("fuse", nbd)
-            fuse_stop(nbd)
+            CLEANUP.stop("blkfs", str(mnt))
+            CLEANUP.stop("fuse", nbd)
             rows["nbdcopy"] = export_reads(d, img, fmt, size)
             log(
                 f"  nbd {fmt:5} nbdcopy      blkfs {rows['nbdcopy']['blkfs']:10.1f}  qemu-nbd "
@@ -925,9 +923,7 @@ SLOW_SIZE = 256 * MiB
 
 def slow_check(work: Path, size: int, runtime: float) -> Results:
     """The neighbour and slow-device rows (see the module docstring), for blkfs and qsd."""
-    d = work / "slow"
-    d.mkdir(parents=True)
-    CLEANUP.add("dir", str(d))
+    d = CLEANUP.new_dir(work / "slow")
     local = make_images(d, size, [])["raw"]
     out: Results = {}
     devices = FuseServers(d)
@@ -985,8 +981,7 @@ def slow_check(work: Path, size: int, runtime: float) -> Results:
                 "blkfs", {n: str(mnt / n) for n in names}, local, size, runtime
             )
         finally:
-            CLEANUP.remove("blkfs", str(mnt))
-            blkfs_umount(mnt)
+            CLEANUP.stop("blkfs", str(mnt))
         qd = d / "qsd"
         qd.mkdir()
         q = qsd_start(
@@ -999,14 +994,12 @@ def slow_check(work: Path, size: int, runtime: float) -> Results:
         try:
             out["qsd"] = slow_rows("qsd", {n: str(qd / n) for n in names}, local, size, runtime)
         finally:
-            CLEANUP.remove("qsd", q)
-            qsd_stop(q)
+            CLEANUP.stop("qsd", q)
     except Exception as exc:
         out["error"] = str(exc)[-1000:]
         log(f"  slow devices FAILED: {exc}")
     finally:
-        CLEANUP.remove("fuse", devices)
-        fuse_stop(devices)
+        CLEANUP.stop("fuse", devices)
         CLEANUP.stop_under(d)
     return out
 
@@ -1122,10 +1115,8 @@ def export_reads(d: Path, img: Path, fmt: str, size: int) -> dict[str, float]:
         t0 = time.monotonic()
         run(["nbdcopy", uri, "null:"], timeout=3600)
         rates[peer] = size / (time.monotonic() - t0) / 1e6
-    CLEANUP.remove("blkfs", str(mnt))
-    blkfs_umount(str(mnt))
-    CLEANUP.remove("fuse", nbd)
-    fuse_stop(nbd)
+    CLEANUP.stop("blkfs", str(mnt))
+    CLEANUP.stop("fuse", nbd)
     return rates
 
 
