@@ -25,9 +25,22 @@ from blkfs.jobs.chain import chain, header_name
 
 if TYPE_CHECKING:
     from blkfs.backend import BlockBackend
+    from blkfs.block import Node
     from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.jobs")
+
+
+def _backing_file(backend: BlockBackend, active: Node) -> str:
+    """The file of ``active``, the backend's active image, which the overlay's header names
+    as its backing file; EINVAL if it has none."""
+    image = active.filename()
+    if image is None:
+        raise BlockError(
+            errno.EINVAL,
+            f"snapshot: {backend.name}'s medium has no image file to name as backing file",
+        )
+    return image
 
 
 async def snapshot(
@@ -44,12 +57,7 @@ async def snapshot(
     backend.check_op("snapshot it")  # before the overlay's file is made
     root = backend.root_node()
     active = chain(backend)[0]
-    image = active.filename()
-    if image is None:
-        raise BlockError(
-            errno.EINVAL,
-            f"snapshot: {backend.name}'s medium has no image file to name as backing file",
-        )
+    image = _backing_file(backend, active)
     await create_image(
         overlay,
         "qcow2",
@@ -100,7 +108,6 @@ async def snapshot_onto(layer: BlockLayer, backend: BlockBackend, overlay_name: 
     backend.check_op("snapshot it")
     root = backend.root_node()
     active = chain(backend)[0]
-    image = active.filename()
     what = f"snapshot: overlay '{overlay.name}'"
     if overlay.driver.name != "qcow2":
         raise BlockError(
@@ -121,11 +128,7 @@ async def snapshot_onto(layer: BlockLayer, backend: BlockBackend, overlay_name: 
             f"{what} has {overlay.size} bytes, {backend.name} "
             f"{backend.length()}: they must be the same size",
         )
-    if image is None:
-        raise BlockError(
-            errno.EINVAL,
-            f"snapshot: {backend.name}'s medium has no image file to name as backing file",
-        )
+    image = _backing_file(backend, active)
     info = overlay.driver.info()
     previous = (
         (info["backing-filename"], info["backing-format"]) if info.get("backing-filename") else None

@@ -83,3 +83,24 @@ async def test_one_overlay_goes_onto_one_backend(
     assert [exc.errno for exc in refused] == [errno.EBUSY]
     assert files(layer.find("a"))[0] == "ov.qcow2" or files(layer.find("b"))[0] == "ov.qcow2"
     assert await layer.close() == []
+
+
+async def test_a_medium_with_no_image_file_is_refused(tmp_path: Path) -> None:
+    """A snapshot, or a snapshot onto a node, of a medium with no host file (a null node, as
+    an nbd or rbd one) is EINVAL: no header could name it as backing file. The snapshot makes
+    no overlay file."""
+    await create_image(str(tmp_path / "ov.qcow2"), "qcow2", SIZE)
+    layer = BlockLayer()
+    commands = Commands(layer)
+    await commands.run("create", {"name": "vol", "medium": {"driver": "null", "size": SIZE}})
+    await add_overlay(commands, tmp_path / "ov.qcow2")
+    for verb, args in (
+        ("snapshot", {"path": str(tmp_path / "s1.qcow2")}),
+        ("snapshot-node", {"overlay": "ov"}),
+    ):
+        with pytest.raises(BlockError) as refused:
+            await commands.run(verb, {"name": "vol", **args})
+        assert refused.value.errno == errno.EINVAL
+        assert "vol's medium has no image file" in str(refused.value)
+    assert not (tmp_path / "s1.qcow2").exists()
+    assert await layer.close() == []
