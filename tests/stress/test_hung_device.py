@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,31 @@ class HeldDisk:
 
     def resume(self) -> None:
         self.hold.unlink(missing_ok=True)
+
+    @contextmanager
+    def stuck(
+        self, file: Path, code: str, flags: int = os.O_RDWR
+    ) -> Iterator[subprocess.Popen[bytes]]:
+        """A process of its own (see :data:`STUCK_OPS`) running ``code`` on ``f``, ``file``
+        opened with ``flags``, while the disk holds its requests; afterwards the disk answers
+        again and the process is gone, even on failure."""
+        self.pause()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"import os, sys\nSTUCK = {STUCK}\nf = os.open({str(file)!r}, {flags})\n{code}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            yield proc
+        finally:
+            self.resume()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture(params=["threads", "io_uring"])
@@ -202,27 +228,11 @@ def test_a_hung_device_stalls_only_its_own_backend(
         if op == "fdatasync":
             with open(mount / "slow", "r+b", buffering=0) as f:
                 os.pwrite(f.fileno(), expected, STUCK)  # for the flush to write out
-        held_disk.pause()
-        stuck = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                f"import os, sys\nSTUCK = {STUCK}\n"
-                f"f = os.open({str(mount / 'slow')!r}, os.O_RDWR)\n{STUCK_OPS[op]}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
+        with held_disk.stuck(mount / "slow", STUCK_OPS[op]) as stuck:
             neighbours_answer(mount, sockdir, local)
             held_disk.resume()
             out, err = stuck.communicate(timeout=HUNG)
             assert stuck.returncode == 0, err.decode()
-        finally:
-            held_disk.resume()
-            if stuck.poll() is None:
-                stuck.kill()
-                stuck.wait()
         if op == "read":
             assert out == expected
         with open(mount / "slow", "rb") as f:
@@ -271,18 +281,7 @@ def test_a_hung_backend_is_let_go_with_force(
     if op == "fdatasync":
         with open(mount / "slow", "r+b", buffering=0) as f:
             os.pwrite(f.fileno(), b"F" * 4096, STUCK)
-    held_disk.pause()
-    stuck = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import os, sys\nSTUCK = {STUCK}\n"
-            f"f = os.open({str(mount / 'slow')!r}, os.O_RDWR)\n{LET_GO_OPS[op]}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with held_disk.stuck(mount / "slow", LET_GO_OPS[op]) as stuck:
         wait_until(
             lambda: bool(file_node(mount.backends()["slow"]["tree"])["in-flight"]),
             "the stuck request to show in status.json",
@@ -307,11 +306,6 @@ def test_a_hung_backend_is_let_go_with_force(
         if verb == "change":
             with open(mount / "slow", "rb") as f:
                 assert f.read(4096) == other.read_bytes()[:4096]
-    finally:
-        held_disk.resume()
-        if stuck.poll() is None:
-            stuck.kill()
-            stuck.wait()
     # once the device answers, the old tree closes and the image can be used again
     wait_until(lambda: mount.ctl_errno("create", f"again {slow}") == 0, "the image to be free")
     mount.ctl("delete", "again")
@@ -330,18 +324,7 @@ def test_umount_names_a_hung_backend_and_force_lets_it_go(
         "--backend",
         f"slow=driver=qcow2,file.driver=file,file.filename={held_disk.path},file.aio={aio}",
     )
-    held_disk.pause()
-    stuck = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import os, sys\nSTUCK = {STUCK}\n"
-            f"f = os.open({str(mount / 'slow')!r}, os.O_RDONLY)\n{LET_GO_OPS['read']}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with held_disk.stuck(mount / "slow", LET_GO_OPS["read"], os.O_RDONLY) as stuck:
         wait_until(
             lambda: (file_node(mount.backends()["slow"]["tree"])["oldest-ms"] or 0) >= 5000,
             "the stuck read to have waited five seconds",
@@ -361,8 +344,3 @@ def test_umount_names_a_hung_backend_and_force_lets_it_go(
         assert not mounted(mount.path)
         _, err = stuck.communicate(timeout=HUNG)
         assert stuck.returncode == 1 and "Input/output error" in err.decode(), err.decode()
-    finally:
-        held_disk.resume()
-        if stuck.poll() is None:
-            stuck.kill()
-            stuck.wait()
