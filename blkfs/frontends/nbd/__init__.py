@@ -260,9 +260,9 @@ class NbdFrontend:
             raise BlockError(
                 errno.ENOENT, f"no export named '{name}', and no export of a backend named '{name}'"
             )
-        busy = [e for e in targets if e.sessions]
+        busy = [e for e in targets if any(not s.hung_up() for s in e.sessions)]
         if busy and not force:
-            clients = ", ".join(s.peer for e in busy for s in e.sessions)
+            clients = ", ".join(s.peer for e in busy for s in e.sessions if not s.hung_up())
             raise BlockError(
                 errno.EBUSY,
                 f"export '{busy[0].name}' has clients ({clients}); force=on disconnects them",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -141,6 +142,16 @@ class Session:
     def stop(self) -> None:
         """Take no more requests; those in flight are answered, then the client is let go."""
         self._reader.cancel()
+
+    def hung_up(self) -> bool:
+        """True once the client has closed its end, even if this session has not read that yet
+        (a script's ``nbdcopy`` has exited: its export is not in use any more)."""
+        fd = self.stream.socket.fileno()
+        if fd < 0:  # closed here already: the session is on its way out
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLRDHUP)
+        return bool(poller.poll(0))
 
     async def run(self) -> None:
         self.listener.sessions.add(self)
