@@ -183,7 +183,8 @@ class BackendIO:
         self._check_range(node, offset, buf.nbytes, write=False)
         while True:
             try:
-                await node.readinto(offset, buf)
+                if not node.read_now(offset, buf):  # the short path, see Node.read_now
+                    await node.readinto(offset, buf)
                 return
             except BlockError as exc:
                 if not await self._failed(node, "read", offset, exc):

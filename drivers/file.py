@@ -349,19 +349,26 @@ class FileDriver(BlockDriver):
         except OSError as exc:
             raise self._error(exc) from None
 
+    def read_now(self, offset: int, buf: memoryview) -> bool:
+        """From the page cache (``RWF_NOWAIT``), if it has it all and no change of the range
+        is on a worker."""
+        if not self._nowait_reads or self.direct or self._changing.busy(offset, buf.nbytes):
+            return False
+        try:
+            return os.preadv(self.fd, [buf], offset, RWF_NOWAIT) == buf.nbytes
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise self._error(exc) from None
+            self._nowait_reads = False
+            return False
+
     async def read(self, offset: int, buf: memoryview) -> None:
-        """Inline if the page cache has it all and no change of the range is on a worker,
-        else on a worker, whole: a read is never half before and half after a write."""
-        if self._nowait_reads and not self.direct and not self._changing.busy(offset, buf.nbytes):
-            try:
-                if os.preadv(self.fd, [buf], offset, RWF_NOWAIT) == buf.nbytes:
-                    return
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                if exc.errno != errno.EOPNOTSUPP:
-                    raise self._error(exc) from None
-                self._nowait_reads = False
+        """Inline if :meth:`read_now` can, else on a worker, whole: a read is never half
+        before and half after a write."""
+        if self.read_now(offset, buf):
+            return
         async with self._changing.hold(offset, buf.nbytes):
             if self.direct:
                 await self._blocking(self._read_direct, offset, buf)

@@ -195,6 +195,14 @@ class BlockDriver:
             raise NotImplementedError(f"{self.name} cannot read")
         await self.filtered.readinto(offset, buf)
 
+    def read_now(self, offset: int, buf: memoryview) -> bool:
+        """Fill ``buf`` with the bytes at ``offset`` without awaiting, if that cannot block
+        (a host file whose page cache holds them, with no host call on the range in
+        flight); False, ``buf`` in any state, if not. The request path's short path
+        (:meth:`Node.read_now`) ends here, at the driver where :meth:`locate` stops.
+        Generic: False."""
+        return False
+
     async def write(self, offset: int, data: memoryview) -> None:
         """Store ``data`` at ``offset``."""
         if not self.is_filter:

@@ -308,6 +308,29 @@ class Node:
         )
         await self._requests.run(self.stats.read, length, read, offset, buf)
 
+    def read_now(self, offset: int, buf: memoryview) -> bool:
+        """The request path's short path: fill ``buf`` at once if the range maps, through
+        this node and those below (:meth:`BlockDriver.locate`), to zeros or to a driver that
+        reads it without blocking (:meth:`BlockDriver.read_now`: a host file's page cache);
+        False, ``buf`` in any state, if not, or if a node on the way is drained (the read
+        then takes the request path, and waits at that node's door). Nothing awaits in
+        between, so no mapping changes and no drain begins under the read: the nodes it
+        skips need not count it in flight, and a write in flight on the host range is
+        seen by the host file's range locks."""
+        node, length = self, buf.nbytes
+        while not node.tracker.quiesced:
+            located = node.driver.locate(offset, length)
+            if located is None:
+                return node.request_alignment == 1 and node.driver.read_now(offset, buf)
+            for passed in located.passed:
+                if passed.tracker.quiesced:
+                    return False
+            if located.child is None:
+                buf[:] = bytes(length)
+                return True
+            node, offset = located.child.node, located.offset
+        return False
+
     async def _read_unaligned(self, offset: int, buf: memoryview) -> None:
         """Read the ``request_alignment`` blocks around the range and copy out of them."""
         align = self.request_alignment
