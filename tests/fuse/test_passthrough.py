@@ -1,0 +1,179 @@
+"""Kernel FUSE passthrough (``passthrough=on``): opens of a raw-over-file backend are served
+by the kernel straight from the host file, and the backend is held still while they live.
+
+Each test makes a real mount and reads and writes with dd, cat and plain descriptors. That the
+kernel, not blkfs, served the I/O shows in the backend's statistics, which count no request
+that passthrough served (and count those blkfs served when an open falls back).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_fuse
+from tests.helpers import Mount, blkfs, pattern_image, without_stats
+
+pytestmark = [needs_fuse, pytest.mark.fuse]
+
+MiB = 1 << 20
+PASSTHROUGH = "werror=report,passthrough=on"
+
+
+def raw_over_file(image: Path, extra: str = PASSTHROUGH) -> str:
+    return (
+        f"driver=raw,node-name=fmt,file.driver=file,file.node-name=host,"
+        f"file.filename={image},{extra}"
+    )
+
+
+def served(mount: Mount, name: str = "d0") -> tuple[int, int]:
+    """(reads, writes) that blkfs itself served for the backend."""
+    stats = mount.backends()[name]["stats"]
+    return stats["read_ops"], stats["write_ops"]
+
+
+def test_dd_and_cat_get_the_host_files_bytes_and_writes_land(mount: Mount, images: Path) -> None:
+    image = images / "a.raw"
+    data = pattern_image(image, 4 * MiB, 1)
+    mount.ctl("create", f"d0 {raw_over_file(image)}")
+    assert mount.backends()["d0"]["passthrough"] == {"on": True, "open": 0, "why-not": None}
+
+    cat = subprocess.run(["cat", mount / "d0"], capture_output=True, check=True)
+    assert cat.stdout == data
+    dd = subprocess.run(
+        ["dd", f"if={mount / 'd0'}", "bs=4k", "skip=100", "count=3", "status=none"],
+        capture_output=True,
+        check=True,
+    )
+    assert dd.stdout == data[100 * 4096 : 103 * 4096]
+    new = os.urandom(8192)
+    subprocess.run(
+        ["dd", f"of={mount / 'd0'}", "bs=4k", "seek=7", "conv=notrunc", "status=none"],
+        input=new,
+        check=True,
+    )
+    assert image.read_bytes()[7 * 4096 : 9 * 4096] == new
+    with open(mount / "d0", "r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
+        assert mapped[7 * 4096 : 9 * 4096] == new
+        assert mount.backends()["d0"]["passthrough"]["open"] == 1
+    assert served(mount) == (0, 0)  # the kernel served every read and write
+    assert mount.backends()["d0"]["passthrough"]["open"] == 0
+
+
+def test_every_change_is_refused_while_a_passthrough_file_is_open(
+    mount: Mount, images: Path
+) -> None:
+    image, other = images / "a.raw", images / "b.raw"
+    pattern_image(image, 4 * MiB, 1)
+    pattern_image(other, 4 * MiB, 2)
+    mount.ctl("create", f"d0 {raw_over_file(image)}")
+    refused = [
+        ("change", f"d0 driver=raw,file.driver=file,file.filename={other}"),
+        ("change", "d0 driver=throttle,file=fmt"),  # a filter put in
+        ("eject", "d0 force=on"),
+        ("delete", "d0 force=on"),
+        ("resize", "d0 8M"),
+        ("snapshot", f"d0 {images / 's.qcow2'}"),
+        ("backup", f"d0 {images / 'backup.raw'} format=raw"),
+        ("throttle", "d0 bps-read=1M"),
+        ("bitmap-add", "host name=b0"),
+        ("reopen", "host cache.direct=on"),
+        ("set", "d0 werror=stop"),
+    ]
+    with open(mount / "d0", "r+b") as f:
+        before = without_stats(mount.status())
+        for verb, text in refused:
+            assert mount.ctl_errno(verb, text) == errno.EBUSY, (verb, text)
+            assert "open with kernel passthrough (1 file" in mount.last_error(), verb
+        with pytest.raises(OSError) as truncated:
+            os.truncate(mount / "d0", 8 * MiB)
+        assert truncated.value.errno == errno.EBUSY
+        assert without_stats(mount.status()) == before
+        assert not (images / "s.qcow2").exists()
+        f.seek(4096)
+        f.write(b"still written")
+        f.flush()
+    assert image.read_bytes()[4096:4109] == b"still written"
+    mount.ctl("change", f"d0 driver=raw,file.driver=file,file.filename={other}")
+    assert (mount / "d0").read_bytes() == other.read_bytes()
+
+
+def test_several_opens_share_the_host_file(mount: Mount, images: Path) -> None:
+    image = images / "a.raw"
+    data = pattern_image(image, MiB, 1)
+    mount.ctl("create", f"d0 {raw_over_file(image)}")
+    first = os.open(mount / "d0", os.O_RDONLY)
+    second = os.open(mount / "d0", os.O_RDWR)
+    try:
+        assert mount.backends()["d0"]["passthrough"]["open"] == 2
+        os.pwrite(second, b"written by the second", 8192)
+        assert os.pread(first, 21, 8192) == b"written by the second"
+        os.close(first)
+        first = -1
+        assert mount.ctl_errno("eject", "d0") == errno.EBUSY  # one is still open
+        assert os.pread(second, 4096, 0) == data[:4096]
+    finally:
+        for fd in (first, second):
+            if fd >= 0:
+                os.close(fd)
+    assert served(mount) == (0, 0)
+    mount.ctl("eject", "d0")
+
+
+@pytest.mark.parametrize(
+    ("medium", "says"),
+    [
+        ("{image},werror=report", "this raw image was probed"),
+        ("{raw}", "it needs werror=report and rerror=report"),
+        (
+            "driver=raw,offset=4096,file.driver=file,file.filename={image},werror=report",
+            "shows part of its file",
+        ),
+        (
+            "driver=raw,size=1M,file.driver=file,file.filename={image},werror=report",
+            "shows part of its file",
+        ),
+        (
+            "driver=throttle,file.driver=raw,file.file.driver=file,"
+            "file.file.filename={image},werror=report",
+            "the medium is throttle (file: raw (file: file))",
+        ),
+        ("{qcow2},werror=report", "the medium is qcow2 (file: file)"),
+    ],
+)
+def test_a_medium_that_does_not_qualify_is_refused(
+    mount: Mount, images: Path, medium: str, says: str
+) -> None:
+    image, qcow2 = images / "a.raw", images / "a.qcow2"
+    pattern_image(image, 4 * MiB, 1)
+    blkfs("image", "create", "-f", "qcow2", str(qcow2), "4M")
+    text = medium.format(image=image, qcow2=qcow2, raw=raw_over_file(image, "").rstrip(","))
+    assert mount.ctl_errno("create", f"d0 {text},passthrough=on") == errno.EINVAL
+    assert "cannot serve it with passthrough=on" in mount.last_error()
+    assert says in mount.last_error()
+    assert mount.backends() == {}
+
+
+def test_an_open_is_served_by_blkfs_while_the_tree_does_not_qualify(
+    mount: Mount, images: Path
+) -> None:
+    image = images / "a.raw"
+    data = pattern_image(image, MiB, 1)
+    mount.ctl("create", f"d0 {raw_over_file(image)}")
+    mount.ctl("set", "d0 werror=stop")  # no passthrough file is open: allowed
+    assert "werror=report" in mount.backends()["d0"]["passthrough"]["why-not"]
+    with open(mount / "d0", "rb") as f:
+        assert f.read(4096) == data[:4096]
+        assert mount.backends()["d0"]["passthrough"]["open"] == 0
+        mount.ctl("resize", "d0 2M")  # nothing holds the backend
+    assert served(mount)[0] >= 1
+    mount.ctl("set", "d0 werror=report")
+    reads = served(mount)[0]
+    assert (mount / "d0").read_bytes()[: len(data)] == data
+    assert served(mount)[0] == reads
