@@ -9,9 +9,11 @@ that passthrough served (and count those blkfs served when an open falls back).
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,47 @@ def test_an_open_is_served_by_blkfs_while_the_tree_does_not_qualify(
     reads = served(mount)[0]
     assert (mount / "d0").read_bytes()[: len(data)] == data
     assert served(mount)[0] == reads
+
+
+IN_A_USER_NAMESPACE = """
+import json, sys
+from pathlib import Path
+from tests.helpers import Mount
+mount = Mount.start(Path(sys.argv[1]))
+try:
+    mount.ctl("create", "d0 " + sys.argv[2])
+    read = (mount / "d0").read_bytes()
+    status = mount.backends()["d0"]
+finally:
+    mount.stop()
+print(json.dumps({"read": read.hex(), "status": status, "log": mount.log.read_text()}))
+"""
+
+
+def test_a_kernel_that_refuses_passthrough_leaves_the_opens_to_blkfs(
+    tmp_path: Path, images: Path
+) -> None:
+    """In a user namespace the daemon is root there but lacks CAP_SYS_ADMIN where the kernel
+    looks (the initial namespace), so the kernel refuses its backing files: a real kernel
+    refusal, as a kernel without passthrough gives another."""
+    image = images / "a.raw"
+    data = pattern_image(image, MiB, 1)
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run(
+        [
+            *("unshare", "--user", "--map-root-user", "--mount"),
+            *(sys.executable, "-c", IN_A_USER_NAMESPACE, tmp_path / "mnt", raw_over_file(image)),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        cwd=Path(__file__).parents[2],
+    )
+    seen = json.loads(result.stdout)
+    assert bytes.fromhex(seen["read"]) == data
+    assert seen["status"]["stats"]["read_ops"] >= 1  # blkfs served the reads
+    assert seen["status"]["passthrough"]["open"] == 0
+    refused = "the kernel requires CAP_SYS_ADMIN, which the daemon lacks"
+    assert f"FUSE passthrough: {refused}" in seen["log"]
+    assert f"d0: opened without passthrough: {refused}" in seen["log"]

@@ -373,7 +373,7 @@ class BlkfsOperations(pyfuse3.Operations):
         """The kernel backing id for one more passthrough open of ``backend`` (the backend
         then holds still until it is released), or None (the reason logged): the open is
         then served by blkfs as usual."""
-        why = backend.passthrough_refusal() or self.passthrough.why_not(session_loop.fuse_fd())
+        why = backend.passthrough_refusal() or self.passthrough.unavailable
         if why is not None:
             log.info("%s: opened without passthrough: %s", backend.name, why)
             return None

@@ -113,10 +113,10 @@ class Passthrough:
     """Passthrough for the one FUSE session of this process."""
 
     def __init__(self) -> None:
-        self.unavailable: str | None = "the session has not started"
-        """Why opens cannot be passthrough, as far as INIT tells (see :meth:`why_not`)."""
+        self.unavailable: str | None = "the session has not answered INIT yet"
+        """Why opens cannot be passthrough (None: they can), known once INIT is answered."""
         self.fd = -1
-        """The /dev/fuse descriptor, once :meth:`why_not` has probed it."""
+        """The /dev/fuse descriptor (libfuse's, seen in the INIT reply)."""
         self._slot = _writev_slot()
         self._thread = threading.get_ident()
         self._pending: dict[int, int] = {}
@@ -126,35 +126,13 @@ class Passthrough:
         self._hook_address = ctypes.cast(self._hook, ctypes.c_void_p).value or 0
 
     def negotiate(self) -> None:
-        """Ask for passthrough in the INIT reply: call once mounted, before the session
-        reads its first request."""
+        """Ask for passthrough in the INIT reply: call on the trio thread before that reply
+        is sent (pyfuse3's ``Operations.init`` is such a place)."""
         if self._slot is None:
             self.unavailable = "libfuse's reply path was not found (see the log)"
             return
         self._thread = threading.get_ident()
         self._patch()
-
-    def why_not(self, fuse_fd: int | None) -> str | None:
-        """Why opens cannot be passthrough, or None if they can. Call once the session
-        serves (INIT is answered); the first call probes the kernel on ``fuse_fd``."""
-        if self.fd >= 0:
-            return self.unavailable
-        if not self._init_seen:
-            return self.unavailable if self._slot is None else "the INIT reply was not seen"
-        if self.unavailable is not None or fuse_fd is None:
-            return self.unavailable or "no /dev/fuse descriptor"
-        self.fd = fuse_fd
-        try:  # id 0 is invalid: EINVAL if passthrough is on, EPERM if not, ENOTTY if unknown
-            fcntl.ioctl(fuse_fd, FUSE_DEV_IOC_BACKING_CLOSE, struct.pack("<I", 0))
-        except OSError as exc:
-            if exc.errno == errno.EPERM:
-                self.unavailable = "the daemon lacks CAP_SYS_ADMIN, which the kernel requires"
-            elif exc.errno == errno.ENOTTY:
-                self.unavailable = "the kernel has no FUSE passthrough (it needs Linux 6.9+)"
-            elif exc.errno != errno.EINVAL:
-                self.unavailable = f"the kernel refused its passthrough ioctl: {exc.strerror}"
-        log.info("FUSE passthrough: %s", self.unavailable or "available")
-        return self.unavailable
 
     def open_backing(self, host_fd: int) -> int:
         """Register the host file behind ``host_fd`` with the kernel; its backing id."""
@@ -175,7 +153,7 @@ class Passthrough:
     def forget(self, fh: int) -> bool:
         """``fh`` is released; True if its open reply was never edited (a bug)."""
         missed = self._pending.pop(fh, None) is not None
-        if not self._pending and self._init_seen:
+        if not self._pending:
             self._restore()
         return missed
 
@@ -190,22 +168,25 @@ class Passthrough:
 
     def _writev(self, fd: int, iov: int, count: int) -> int:
         """libfuse's writev while patched; never raises (ctypes would only print it)."""
+        init = False
         try:
             if count == 2 and threading.get_ident() == self._thread:
                 vec = (_Iovec * 2).from_address(iov)
                 length, error, _ = _HEADER.unpack(ctypes.string_at(vec[0].base, _HEADER.size))
                 if error == 0 and length == _HEADER.size + vec[1].len:
                     if not self._init_seen:
+                        init = self._init_seen = True
                         self._edit_init(vec[1])
                     elif vec[1].len == _OPEN_OUT.size:
                         self._edit_open(vec[1])
         except Exception:
             log.exception("passthrough: editing a reply failed")
         result: int = _libc_writev(fd, iov, count)
+        if init:
+            self._probe(fd)
         return result
 
     def _edit_init(self, arg: _Iovec) -> None:
-        self._init_seen = True
         if not self._pending:
             self._restore()
         if arg.len != _INIT_OUT_SIZE:
@@ -214,7 +195,7 @@ class Passthrough:
         out = (ctypes.c_char * arg.len).from_address(arg.base)
         (flags,) = struct.unpack_from("<I", out, _INIT_FLAGS)
         if not flags & FUSE_INIT_EXT:  # libfuse sets it only if the kernel offered it
-            self.unavailable = "the kernel offers no FUSE passthrough (it needs Linux 6.9+)"
+            self.unavailable = "the kernel has no FUSE passthrough (it needs Linux 6.9+)"
             return
         if flags & FUSE_WRITEBACK_CACHE:
             self.unavailable = "the mount uses writeback caching"
@@ -224,6 +205,23 @@ class Passthrough:
             "<II", out, _INIT_FLAGS2, flags2 | FUSE_PASSTHROUGH_FLAGS2, MAX_STACK_DEPTH
         )
         self.unavailable = None
+
+    def _probe(self, fuse_fd: int) -> None:
+        """Right after the INIT reply (which the kernel has taken in by now), ask whether
+        the kernel took passthrough: closing backing id 0 fails with EINVAL if it did,
+        EPERM if it did not or the daemon lacks CAP_SYS_ADMIN, ENOTTY on an older kernel."""
+        self.fd = fuse_fd
+        if self.unavailable is None:
+            try:
+                fcntl.ioctl(fuse_fd, FUSE_DEV_IOC_BACKING_CLOSE, struct.pack("<I", 0))
+            except OSError as exc:
+                if exc.errno == errno.EPERM:
+                    self.unavailable = "the kernel requires CAP_SYS_ADMIN, which the daemon lacks"
+                elif exc.errno == errno.ENOTTY:
+                    self.unavailable = "the kernel has no FUSE passthrough (it needs Linux 6.9+)"
+                elif exc.errno != errno.EINVAL:
+                    self.unavailable = f"the kernel refused its passthrough ioctl: {exc.strerror}"
+        log.info("FUSE passthrough: %s", self.unavailable or "available")
 
     def _edit_open(self, arg: _Iovec) -> None:
         out = (ctypes.c_char * arg.len).from_address(arg.base)
