@@ -66,6 +66,10 @@ def test_dd_and_cat_get_the_host_files_bytes_and_writes_land(mount: Mount, image
         assert mount.backends()["d0"]["passthrough"]["open"] == 1
     assert served(mount) == (0, 0)  # the kernel served every read and write
     assert mount.backends()["d0"]["passthrough"]["open"] == 0
+    # what the kernel still sends to blkfs: fallocate (a zeroed range), fsync
+    subprocess.run(["fallocate", "-z", "-o", "8192", "-l", "4096", mount / "d0"], check=True)
+    assert image.read_bytes()[8192:12288] == bytes(4096)
+    assert mount.backends()["d0"]["stats"]["zero_ops"] == 1
 
 
 def test_every_change_is_refused_while_a_passthrough_file_is_open(
