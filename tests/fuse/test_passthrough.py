@@ -135,6 +135,8 @@ def test_several_opens_share_the_host_file(pt_mount: Mount, images: Path) -> Non
     second = os.open(pt_mount / "d0", os.O_RDWR)
     try:
         assert pt_mount.backends()["d0"]["passthrough"]["open"] == 2
+        status = (pt_mount / ".ctl" / "status").read_text()
+        assert "d0: passthrough=on, 2 file(s) served by the kernel" in status
         os.pwrite(second, b"written by the second", 8192)
         assert os.pread(first, 21, 8192) == b"written by the second"
         os.close(first)
