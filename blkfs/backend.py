@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from blkfs import passthrough
 from blkfs.backend_io import BackendIO, IoError, Limits
 from blkfs.block.driver import Extent, Status
 from blkfs.block.node import Child, Node
@@ -94,6 +95,7 @@ class BlockBackend(BackendIO):
         on_change: str = "follow",
         werror: Policy = "enospc",
         rerror: Policy = "report",
+        passthrough: bool = False,
     ) -> None:
         super().__init__(werror, rerror)
         self.layer = layer
@@ -113,6 +115,11 @@ class BlockBackend(BackendIO):
         self._read_only = read_only
         self._graph_lock = trio.Lock()
         self._listeners: list[Listener] = []
+        self.passthrough = passthrough
+        """Whether a frontend may have the kernel serve opens from the host file (see
+        :mod:`blkfs.passthrough`)."""
+        self.passthrough_opens = 0
+        """Opens the kernel serves now: while there are any, the backend is held still."""
 
     def __repr__(self) -> str:
         return f"<BlockBackend {self.name}>"
@@ -190,6 +197,52 @@ class BlockBackend(BackendIO):
                 "lose what it has not written yet. Unmount and "
                 "close it first, or add force=on",
             )
+
+    # -- kernel passthrough (blkfs.passthrough) ---------------------------------------------
+
+    def passthrough_refusal(self) -> str | None:
+        """Why a new open may not be served by the kernel from the host file (None: it
+        may). While such opens live the tree is held still, so it still qualifies."""
+        if not self.passthrough:
+            return "passthrough=off"
+        return None if self.passthrough_opens else passthrough.refusal(self)
+
+    async def hold_passthrough(self) -> int:
+        """One more open served by the kernel: the backend is held still until the last
+        is released (:meth:`release_passthrough`). Returns a new read-only descriptor of
+        the host file, which the caller closes; BlockError if the tree does not qualify."""
+        reason = self.passthrough_refusal()
+        if reason is not None:
+            raise BlockError(errno.EINVAL, f"{self.name}: no passthrough: {reason}")
+        node = passthrough.host_node(self)
+        self._count_passthrough(+1)
+        try:
+            return await passthrough.open_host_file(self.layer, node)
+        except BaseException:
+            self._count_passthrough(-1)
+            raise
+
+    def release_passthrough(self) -> None:
+        self._count_passthrough(-1)
+
+    def _count_passthrough(self, step: int) -> None:
+        self.passthrough_opens += step
+        if self.passthrough_opens:
+            reason = passthrough.holder_reason(self.passthrough_opens)
+            self.layer.block(self, passthrough.HOLDER, reason, "once they are closed")
+        else:
+            self.layer.unblock(self, passthrough.HOLDER)
+
+    def set_policies(
+        self, werror: Policy | None, rerror: Policy | None, on_change: str | None
+    ) -> None:
+        """Change the error policies and on-change live; a policy passthrough opens cannot
+        follow is refused while they live."""
+        if self.passthrough_opens and {werror or "report", rerror or "report"} != {"report"}:
+            self.check_op("set werror or rerror to other than report")
+        self.werror = werror or self.werror
+        self.rerror = rerror or self.rerror
+        self.on_change = on_change or self.on_change
 
     # -- references ----------------------------------------------------------------------
 
@@ -446,6 +499,11 @@ class BlockBackend(BackendIO):
             "on-change": self.on_change,
             "werror": self.werror,
             "rerror": self.rerror,
+            "passthrough": {
+                "on": self.passthrough,
+                "open": self.passthrough_opens,
+                "why-not": self.passthrough_refusal() if self.passthrough else None,
+            },
             "io-status": self._pause.io_status if self._pause else "ok",
             "paused": self._pause.as_dict() if self._pause else None,
             "stats": self.stats.as_dict(),

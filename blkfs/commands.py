@@ -380,14 +380,20 @@ async def create(
     on_change: OnChange = "follow",
     werror: Policy = "enospc",
     rerror: Policy = "report",
+    passthrough: bool = False,
 ) -> None:
     """A new backend with that medium, or an empty drive.
 
     on-change=error: files opened before a media change fail with ESTALE until opened
     again (default: they follow the new medium, as a drive's users do). werror and rerror:
     what a write or read the medium fails does (QEMU's): report it, ignore it, or stop
-    (pause the backend until cont); enospc stops on a full host and reports the rest."""
-    await layer.create(name, medium, on_change=on_change, werror=werror, rerror=rerror)
+    (pause the backend until cont); enospc stops on a full host and reports the rest.
+    passthrough=on: the kernel serves opens of the backend's file straight from the host
+    file (FUSE passthrough) for raw over a file with werror=report; while such a file is
+    open, every change of the backend is refused (EBUSY)."""
+    await layer.create(
+        name, medium, on_change=on_change, werror=werror, rerror=rerror, passthrough=passthrough
+    )
 
 
 @command
@@ -458,10 +464,7 @@ async def set_(
     on_change: OnChange | None = None,
 ) -> None:
     """Change a backend's own options live: its error policies and on-change."""
-    backend = layer.find(name)
-    backend.werror = werror or backend.werror
-    backend.rerror = rerror or backend.rerror
-    backend.on_change = on_change or backend.on_change
+    layer.find(name).set_policies(werror, rerror, on_change)
 
 
 @command
