@@ -5,9 +5,11 @@ Each operation runs ``WARMUP`` times (the interpreter specialises its bytecode, 
 its L2 tables), then ``count`` times between two calls of the marker ``os.getppid``, which
 callgrind is told to dump its counters before: the dump between two markers holds exactly
 the instructions of those ``count`` operations, interpreter start-up and image set-up
-excluded. Everything is deterministic: fixed offsets from a seeded generator, one task, no
-worker threads (media are read-only where a flush would reach a thread), and the hash seed
-fixed by the caller.
+excluded. Everything is deterministic: fixed offsets from a seeded generator, one task, and
+the hash seed fixed by the caller. Only the event loop's thread is counted: worker threads
+start and end by the wall clock (an idle one exits after seconds), so on a loaded machine
+their start-up and exit would land in whichever operation runs then (a full suite on a busy
+machine saw a chain read cost 2.3x its baseline from that alone).
 """
 
 from __future__ import annotations
