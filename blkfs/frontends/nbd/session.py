@@ -316,16 +316,14 @@ class Session:
         elif kind == Cmd.TRIM:
             await backend.discard(offset, length)
         elif kind == Cmd.WRITE_ZEROES:
-            no_hole = bool(flags & NO_HOLE)
-            if flags & FAST_ZERO:
-                if no_hole or not await self._reads_as_zeros(backend, offset, length):
-                    raise _Refusal(
-                        to_nbd_errno(errno.ENOTSUP),
-                        "zeroing this range is no faster than writing it",
-                    )
-            else:
-                await backend.write_zeroes(offset, length, unmap=not no_hole)
-        if fua and kind in (Cmd.TRIM, Cmd.WRITE_ZEROES):
+            await backend.write_zeroes(
+                offset,
+                length,
+                unmap=not flags & NO_HOLE,
+                fua=fua,
+                fast=bool(flags & FAST_ZERO),
+            )
+        if fua and kind == Cmd.TRIM:
             await backend.flush()
         self._count(request)
         await self._send(simple_reply(request.cookie))
@@ -426,20 +424,6 @@ class Session:
         for index, (context, descriptors) in enumerate(chunks):
             done = index == len(chunks) - 1
             await self._send(block_status(request.cookie, context, descriptors, done=done))
-
-    @staticmethod
-    async def _reads_as_zeros(backend: BlockBackend, offset: int, length: int) -> bool:
-        """Whether the range already reads as zeros, asked in a few block status calls: what
-        makes a fast zero fast here (the backend API cannot say whether zeroing is)."""
-        position, end = offset, offset + length
-        for _ in range(MAX_SEGMENTS):
-            if position >= end:
-                return True
-            extent = await backend.block_status(position, end - position)
-            if Status.ZERO not in extent.status:
-                return False
-            position += extent.length
-        return position >= end
 
     async def _reply_error(self, request: Request, error: int, message: str) -> None:
         assert self.negotiated is not None
