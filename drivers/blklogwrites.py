@@ -56,7 +56,7 @@ ZERO_CHUNK = 1 << 20
 
 def _logged(flags: WriteFlags) -> int:
     """A write's entry flags: FUA for a write durable when done (dm-log-writes' REQ_FUA)."""
-    return FUA if flags & WriteFlags.FUA else 0
+    return FUA if flags and flags & WriteFlags.FUA else 0
 
 
 def sector_size_valid(size: int) -> bool:

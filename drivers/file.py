@@ -378,7 +378,8 @@ class FileDriver(BlockDriver):
     ) -> None:
         """With FUA, a buffered write is made with ``RWF_DSYNC`` (durable in the one call,
         as O_DSYNC would make it); a cache.direct=on one is followed by a flush."""
-        dsync = RWF_DSYNC if flags & WriteFlags.FUA and not self.direct else 0
+        fua = bool(flags) and bool(flags & WriteFlags.FUA)  # no Flag arithmetic without flags
+        dsync = RWF_DSYNC if fua and not self.direct else 0
         try:
             async with self._changing.hold(offset, data.nbytes):
                 if self.direct:
@@ -395,7 +396,7 @@ class FileDriver(BlockDriver):
             if dsync and exc.errno == errno.EIO:
                 raise self._flush_failed(exc) from None
             raise
-        if flags & WriteFlags.FUA and self.direct:
+        if fua and self.direct:
             await self.flush()
 
     async def copy_from(

@@ -762,7 +762,7 @@ def _write_flags(flags: TransmissionFlag) -> WriteFlags:
 
 
 def _fua(flags: WriteFlags) -> CmdFlag:
-    return CmdFlag.FUA if flags & WriteFlags.FUA else NO_FLAGS
+    return CmdFlag.FUA if flags and flags & WriteFlags.FUA else NO_FLAGS
 
 
 def _address(values: Mapping[str, Any]) -> Address:

@@ -355,6 +355,7 @@ class Node:
         return flags if self.driver.is_filter else flags & self.driver.supported_write_flags
 
     async def _write(self, offset: int, view: memoryview, flags: WriteFlags) -> None:
+        # most writes have no flags: no Flag arithmetic for them (each is a Python call)
         own = self._own_flags(flags) if flags else flags
         align = self.request_alignment
         if align == 1:
@@ -363,7 +364,7 @@ class Node:
             await self._write_aligned(offset, view, align, own)
         if offset + view.nbytes > self.size:  # a growable node grew
             self.size = offset + view.nbytes
-        if flags & ~own & WriteFlags.FUA:
+        if flags and _layers_fua(flags, own):
             await self.driver.flush()
 
     async def _write_aligned(
@@ -427,7 +428,7 @@ class Node:
         self, offset: int, length: int, unmap: bool = False, flags: WriteFlags = WriteFlags.NONE
     ) -> None:
         self._check_write(offset, length)
-        if flags & WriteFlags.NO_FALLBACK and not self._zeroes_fast(offset, length):
+        if flags and flags & WriteFlags.NO_FALLBACK and not self._zeroes_fast(offset, length):
             await self._requests.run(None, 0, self._zeroed_already, offset, length)
             return
         self.bitmaps.mark(offset, length)
@@ -486,7 +487,7 @@ class Node:
                 await self.driver.write_zeroes(head, tail - head, unmap, own)
             if tail < end:
                 await self._write_aligned(tail, memoryview(bytes(end - tail)), align, own)
-        if flags & ~own & WriteFlags.FUA:
+        if flags and _layers_fua(flags, own):
             await self.driver.flush()
 
     async def truncate(self, length: int) -> None:
@@ -500,3 +501,8 @@ class Node:
     async def block_status(self, offset: int, length: int) -> Extent:
         self._check(offset, length)
         return await self.driver.block_status(offset, length)
+
+
+def _layers_fua(flags: WriteFlags, own: WriteFlags) -> bool:
+    """Whether FUA was asked and the driver left it to the layer (a flush after the write)."""
+    return bool(flags & WriteFlags.FUA) and not own & WriteFlags.FUA
