@@ -24,13 +24,14 @@ import trio
 
 from blkfs.backend import BlockBackend, Status
 from blkfs.errors import BlockError
-from blkfs.frontends.nbd.export import Export, Listener
+from blkfs.frontends.nbd.export import Export, Listener, Unauthorized
 from blkfs.info import ClientStatus
 from blkfs.nbd import (
     BASE_ALLOCATION,
     DIRTY_BITMAP,
     REQUEST,
     STATE_DIRTY,
+    Catalog,
     Cmd,
     CmdFlag,
     Negotiated,
@@ -52,6 +53,7 @@ from blkfs.nbd import (
     to_nbd_errno,
     unsent,
 )
+from blkfs.nbd.authz import allowed, distinguished_name
 
 log = logging.getLogger("blkfs.nbd")
 
@@ -181,6 +183,7 @@ class Session:
                     assert context is not None
                     await self._start_tls(context)
                     handshake.secured()
+                    handshake.catalog = self._authorized()
         if timer.cancelled_caught:
             log.info(
                 "nbd: %s on %s: no export chosen within %gs",
@@ -200,6 +203,24 @@ class Session:
             await self.tls.do_handshake()
         except trio.BrokenResourceError as exc:
             raise ProtocolError(f"TLS handshake failed: {exc.__cause__ or exc}") from None
+
+    def _authorized(self) -> Catalog:
+        """What the client may choose from, now that its certificate (if the listener
+        checks them) is verified: the listener's exports, or nothing if a tls-authz file
+        is given and none of its lines matches the certificate's distinguished name."""
+        patterns = self.listener.tls_allowed
+        if patterns is None:
+            return self.listener
+        assert self.tls is not None
+        certificate = self.tls.getpeercert()  # verified: the context requires one
+        assert certificate is not None
+        name = distinguished_name(certificate["subject"])
+        if allowed(patterns, name):
+            log.info(
+                "nbd: %s on %s: client certificate '%s'", self.peer, self.listener.address, name
+            )
+            return self.listener
+        return Unauthorized(self.listener, self.peer, name)
 
     def _attach(self, negotiated: Negotiated) -> None:
         export = self.listener.exports[negotiated.export.name]
