@@ -485,7 +485,7 @@ def _kept_over(limits: list[Node], tree: Medium) -> Medium:
     for node in reversed(limits):
         options = node.given_options()
         if "node-name" not in node.options:  # generated: the new filter gets its own
-            del options["node-name"]
+            options.pop("node-name", None)
         tree = {**options, "driver": node.driver.name, "file": tree}
     return tree
 

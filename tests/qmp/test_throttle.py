@@ -124,9 +124,9 @@ def test_a_snapshot_goes_under_the_throttle_and_a_commit_keeps_it(
     puts the overlay under them, and an active commit's switch keeps them."""
     mount, path = monitor
     mount.ctl("create", f"d {qcow2(images / 'base.qcow2')}")
-    limits = ({"bps-write": 64 * MiB}, "g")
 
     async def body(client: QMPClient) -> None:
+        limits = ({"bps-write": 64 * MiB}, "g")
         (mount / "d").write_bytes(b"b" * MiB)
         await client.execute(
             "block_set_io_throttle", {**OFF, "id": "d", "bps_wr": 64 * MiB, "group": "g"}
@@ -135,13 +135,16 @@ def test_a_snapshot_goes_under_the_throttle_and_a_commit_keeps_it(
             "blockdev-snapshot-sync", {"device": "d", "snapshot-file": str(images / "top.qcow2")}
         )
         assert chain_of(monitor) == [limits, "top.qcow2", "base.qcow2"]
+        retuned = {**OFF, "id": "d", "bps_wr": 32 * MiB, "group": "g"}
+        await client.execute("block_set_io_throttle", retuned)  # in place: kept as retuned
+        limits = ({"bps-write": 32 * MiB}, "g")
         with (mount / "d").open("r+b") as disk:
             disk.seek(MiB)
             disk.write(b"t" * MiB)
         await client.execute("block-commit", {"device": "d", "job-id": "c"})
         while (await client.events.get())["event"] != "BLOCK_JOB_READY":
             pass
-        assert chain_of(monitor)[:2] == [limits, "mirror-top"]  # the job filter of an active commit
+        assert chain_of(monitor)[:2] == [limits, "mirror-top"]  # an active commit's filter
         await client.execute("job-complete", {"id": "c"})
         while (await client.events.get())["event"] != "BLOCK_JOB_COMPLETED":
             pass
