@@ -6,6 +6,7 @@ protocol's errors."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -249,8 +250,14 @@ def test_tls_authz_lets_in_only_the_certificates_it_names(
         env={**os.environ, "LIBNBD_DEBUG": "1"},
     )
     assert listed.returncode != 0 and f"server error message: {said}" in listed.stderr
+    driver = f"nbds://{export['address']}/d,tls-creds="  # blkfs's own nbd driver
+    assert mount.ctl_errno("create", f"m {driver}{mallory}") == errno.EACCES
+    assert said in mount.last_error()
+    mount.ctl("create", f"a {driver}{alice}")
+    assert (mount / "a").read_bytes() == (mount / "d").read_bytes()
+    mount.ctl("delete", "a")
     (export,) = mount.status()["exports"]
-    assert export["stats"]["connections"] == 2 and mount.alive()
+    assert export["stats"]["connections"] == 3 and mount.alive()
     assert (mount / "d").read_bytes()[: 64 * 1024] == b"a" * 64 * 1024
     log = mount.log.read_text()
     assert "Traceback" not in log and f"client certificate '{ALICE}'" in log
