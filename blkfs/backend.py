@@ -73,6 +73,8 @@ Options = str | Mapping[str, Any]
 Medium = str | Mapping[str, Any]
 """A validated medium: an option tree, or the name of an existing node."""
 ON_CHANGE_CHOICES = ("follow", "error")
+LIMITS_DRIVER = "throttle"
+"""The driver of the filters that hold a backend's I/O limits (see :func:`_limits`)."""
 LET_GO_SECONDS = 1.0
 """How long eject, change and delete with force=on wait for the outgoing medium's requests
 and its flush before they let a device that does not answer go (``BlockBackend.letting_go``)."""
@@ -267,9 +269,12 @@ class BlockBackend(BackendIO):
             log.info("%s: closed", self.name)
 
     def root_node(self) -> Node:
-        """The medium's root node: for block jobs and snapshots (the core), never a
-        frontend, which knows no nodes."""
-        return self._medium()
+        """The top of the medium under the backend's I/O limits (see :func:`_limits`): what
+        block jobs and snapshots work on, never a frontend, which knows no nodes."""
+        node = self._medium()
+        while node.driver.name == LIMITS_DRIVER:
+            node = node.driver.filtered.node
+        return node
 
     async def rewind(self, call: Callable[[], Awaitable[None]], force: bool = False) -> None:
         """Run ``call``, which changes what the medium holds beneath its users (a rollback),
@@ -388,6 +393,8 @@ class BlockBackend(BackendIO):
         A block job's switch passes ``same_data`` (the new medium holds the same data: not a
         media change, whoever writes), ``by`` (itself: the one holder the change may pass)
         and may run ``before_swap`` while the backend is drained (a mirror's last copy).
+        Such a switch keeps the backend's I/O limits over the new tree (:func:`_limits`):
+        ``options`` describe what goes under them, from :meth:`root_node` down.
         """
         tree = self.layer.parse(options)
         async with self._graph_lock:
@@ -412,6 +419,8 @@ class BlockBackend(BackendIO):
             await before_swap()
         if old is not None:
             await self._flush_outgoing(force)
+            if same_data:
+                tree = _kept_over(_limits(old.node), tree)
 
         def allow(old: Node, new: Node) -> None:
             if not (force or same_data) and not _same_medium(old, new):
@@ -513,6 +522,30 @@ class BlockBackend(BackendIO):
 
 def _spelled(medium: Medium) -> str:
     return f"node {medium}" if isinstance(medium, str) else format_options(medium)
+
+
+def _limits(root: Node) -> list[Node]:
+    """The throttle filters at the top of a medium, top first: the backend's I/O limits
+    (``throttle``, QEMU's block_set_io_throttle). QEMU keeps them in its BlockBackend, so a
+    snapshot's overlay goes under them and a job's switch keeps them; blkfs's switches
+    (:meth:`BlockBackend.change` with ``same_data``) put them back over the new tree."""
+    found = []
+    while root.driver.name == LIMITS_DRIVER:
+        found.append(root)
+        root = root.driver.filtered.node
+    return found
+
+
+def _kept_over(limits: list[Node], tree: Medium) -> Medium:
+    """``tree`` under new filters with the options of ``limits`` as they are now (a name
+    the user gave, the limits, the throttle group); a filter's own bucket starts afresh,
+    a group's is shared and stays."""
+    for node in reversed(limits):
+        options = node.given_options()
+        if "node-name" not in node.options:  # generated: the new filter gets its own
+            options.pop("node-name", None)
+        tree = {**options, "driver": node.driver.name, "file": tree}
+    return tree
 
 
 def _same_medium(old: Node, new: Node) -> bool:

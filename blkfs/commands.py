@@ -278,6 +278,7 @@ class Exporter(Protocol):
         tls_creds: str | None = None,
         tls: bool | None = None,
         tls_verify_peer: bool | None = None,
+        tls_authz: str | None = None,
     ) -> None:
         """Serve ``backend`` at the address given, or on the default server; with its
         dirty bitmap ``bitmap`` as the metadata context ``qemu:dirty-bitmap:NAME``, and the
@@ -759,6 +760,7 @@ async def export(
     tls_creds: str | None = None,
     tls: bool | None = None,
     tls_verify_peer: bool | None = None,
+    tls_authz: str | None = None,
     *,
     exporter: Exporter | None,
 ) -> None:
@@ -770,8 +772,9 @@ async def export(
     medium's dirty bitmap B is served as the metadata context qemu:dirty-bitmap:B (as
     qemu-nbd -B), busy while exported. tls-creds=DIR (ca-cert.pem, server-cert.pem,
     server-key.pem, as QEMU's tls-creds-x509) requires clients to use TLS, tls-verify-peer=on
-    also a client certificate signed by the CA; a TCP address of its own needs tls-creds or
-    an explicit tls=off."""
+    also a client certificate signed by the CA, tls-authz=FILE also one whose distinguished
+    name a line of FILE matches (a glob); a TCP address of its own needs tls-creds or an
+    explicit tls=off."""
     backend = layer.find(name)
     if socket is not None and (host is not None or port is not None):
         raise BlockError(errno.EINVAL, "export: give socket=PATH or host= port=, not both")
@@ -789,6 +792,7 @@ async def export(
         tls_creds=tls_creds,
         tls=tls,
         tls_verify_peer=tls_verify_peer,
+        tls_authz=tls_authz,
     )
 
 

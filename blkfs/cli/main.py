@@ -57,6 +57,7 @@ CONFIG_KEYS = (
     "nbd-tls",
     "nbd-tls-creds",
     "nbd-tls-verify-peer",
+    "nbd-tls-authz",
     "exports",
     "qmp",
     "poll-max-ns",
@@ -213,6 +214,9 @@ def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> ExporterFact
                 else data.get("nbd-tls-creds"),
                 _flag(args.nbd_tls, data.get("nbd-tls")),
                 _flag(args.nbd_tls_verify_peer, data.get("nbd-tls-verify-peer")),
+                os.path.abspath(args.nbd_tls_authz)
+                if args.nbd_tls_authz
+                else data.get("nbd-tls-authz"),
             )
             if server is not None
             else PLAINTEXT
@@ -220,7 +224,7 @@ def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> ExporterFact
     except BlockError as exc:
         raise UsageError(
             f"--nbd: {exc.message} (here: --nbd-tls-creds DIR, --nbd-tls-verify-peer on, "
-            "--nbd-tls off)"
+            "--nbd-tls-authz FILE, --nbd-tls off)"
         ) from None
 
     def nbd(layer: BlockLayer, commands: Commands) -> NbdFrontend:
@@ -586,7 +590,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         return 0
     words = [
         f"{key}={os.path.abspath(path)}"
-        if args.command == "export" and key in ("socket", "tls-creds") and sep
+        if args.command == "export" and key in ("socket", "tls-creds", "tls-authz") and sep
         else word
         for word in args.args
         for key, sep, path in [word.partition("=")]
@@ -669,6 +673,12 @@ def parser() -> argparse.ArgumentParser:
         "--nbd-tls-verify-peer",
         metavar="on|off",
         help="with --nbd-tls-creds, require clients' certificates signed by DIR/ca-cert.pem",
+    )
+    mount.add_argument(
+        "--nbd-tls-authz",
+        metavar="FILE",
+        help="with --nbd-tls-creds, let in only clients whose certificate's distinguished name "
+        "a line of FILE matches (a glob, such as CN=host*.example.com,O=Example)",
     )
     mount.add_argument(
         "--nbd-tls",
