@@ -73,7 +73,6 @@ def measure(work: Path, only: list[str] | None = None) -> dict[str, int]:
             "valgrind",
             "--tool=callgrind",
             "--dump-before=getppid",
-            "--separate-threads=yes",
             "--dump-instr=no",
             "--compress-strings=no",
             f"--callgrind-out-file={out}",
@@ -97,9 +96,8 @@ def measure(work: Path, only: list[str] | None = None) -> dict[str, int]:
     per_op = {op.name: op.count for op in OPERATIONS}
     for i, name in enumerate(names):
         # dump 1 ends at the first marker; then each operation's measured run ends with a
-        # dump, and the next one's warm-up with another; "-01": the loop's thread (see
-        # tests.perf.workload)
-        text = Path(f"{out}.{2 * i + 2}-01").read_text()
+        # dump, and the next one's warm-up with another
+        text = Path(f"{out}.{2 * i + 2}").read_text()
         total = int(re.search(r"^totals:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
         counts[name] = round(total / per_op[name])
     return counts
