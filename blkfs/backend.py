@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from blkfs import passthrough
 from blkfs.backend_io import BackendIO, IoError, Limits
 from blkfs.block.driver import Extent, Status
 from blkfs.block.node import Child, Node
@@ -72,6 +73,8 @@ Options = str | Mapping[str, Any]
 Medium = str | Mapping[str, Any]
 """A validated medium: an option tree, or the name of an existing node."""
 ON_CHANGE_CHOICES = ("follow", "error")
+LIMITS_DRIVER = "throttle"
+"""The driver of the filters that hold a backend's I/O limits (see :func:`_limits`)."""
 LET_GO_SECONDS = 1.0
 """How long eject, change and delete with force=on wait for the outgoing medium's requests
 and its flush before they let a device that does not answer go (``BlockBackend.letting_go``)."""
@@ -94,6 +97,7 @@ class BlockBackend(BackendIO):
         on_change: str = "follow",
         werror: Policy = "enospc",
         rerror: Policy = "report",
+        passthrough: bool = False,
     ) -> None:
         super().__init__(werror, rerror)
         self.layer = layer
@@ -113,6 +117,11 @@ class BlockBackend(BackendIO):
         self._read_only = read_only
         self._graph_lock = trio.Lock()
         self._listeners: list[Listener] = []
+        self.passthrough = passthrough
+        """Whether a frontend may have the kernel serve opens from the host file (see
+        :mod:`blkfs.passthrough`)."""
+        self.passthrough_opens = 0
+        """Opens the kernel serves now: while there are any, the backend is held still."""
 
     def __repr__(self) -> str:
         return f"<BlockBackend {self.name}>"
@@ -191,6 +200,52 @@ class BlockBackend(BackendIO):
                 "close it first, or add force=on",
             )
 
+    # -- kernel passthrough (blkfs.passthrough) ---------------------------------------------
+
+    def passthrough_refusal(self) -> str | None:
+        """Why a new open may not be served by the kernel from the host file (None: it
+        may). While such opens live the tree is held still, so it still qualifies."""
+        if not self.passthrough:
+            return "passthrough=off"
+        return None if self.passthrough_opens else passthrough.refusal(self)
+
+    async def hold_passthrough(self) -> int:
+        """One more open served by the kernel: the backend is held still until the last
+        is released (:meth:`release_passthrough`). Returns a new read-only descriptor of
+        the host file, which the caller closes; BlockError if the tree does not qualify."""
+        reason = self.passthrough_refusal()
+        if reason is not None:
+            raise BlockError(errno.EINVAL, f"{self.name}: no passthrough: {reason}")
+        node = passthrough.host_node(self)
+        self._count_passthrough(+1)
+        try:
+            return await passthrough.open_host_file(self.layer, node)
+        except BaseException:
+            self._count_passthrough(-1)
+            raise
+
+    def release_passthrough(self) -> None:
+        self._count_passthrough(-1)
+
+    def _count_passthrough(self, step: int) -> None:
+        self.passthrough_opens += step
+        if self.passthrough_opens:
+            reason = passthrough.holder_reason(self.passthrough_opens)
+            self.layer.block(self, passthrough.HOLDER, reason, "once they are closed")
+        else:
+            self.layer.unblock(self, passthrough.HOLDER)
+
+    def set_policies(
+        self, werror: Policy | None, rerror: Policy | None, on_change: str | None
+    ) -> None:
+        """Change the error policies and on-change live; a policy passthrough opens cannot
+        follow is refused while they live."""
+        if self.passthrough_opens and {werror or "report", rerror or "report"} != {"report"}:
+            self.check_op("set werror or rerror to other than report")
+        self.werror = werror or self.werror
+        self.rerror = rerror or self.rerror
+        self.on_change = on_change or self.on_change
+
     # -- references ----------------------------------------------------------------------
 
     def ref(self, writer: bool = False) -> None:
@@ -214,9 +269,12 @@ class BlockBackend(BackendIO):
             log.info("%s: closed", self.name)
 
     def root_node(self) -> Node:
-        """The medium's root node: for block jobs and snapshots (the core), never a
-        frontend, which knows no nodes."""
-        return self._medium()
+        """The top of the medium under the backend's I/O limits (see :func:`_limits`): what
+        block jobs and snapshots work on, never a frontend, which knows no nodes."""
+        node = self._medium()
+        while node.driver.name == LIMITS_DRIVER:
+            node = node.driver.filtered.node
+        return node
 
     async def rewind(self, call: Callable[[], Awaitable[None]], force: bool = False) -> None:
         """Run ``call``, which changes what the medium holds beneath its users (a rollback),
@@ -335,6 +393,8 @@ class BlockBackend(BackendIO):
         A block job's switch passes ``same_data`` (the new medium holds the same data: not a
         media change, whoever writes), ``by`` (itself: the one holder the change may pass)
         and may run ``before_swap`` while the backend is drained (a mirror's last copy).
+        Such a switch keeps the backend's I/O limits over the new tree (:func:`_limits`):
+        ``options`` describe what goes under them, from :meth:`root_node` down.
         """
         tree = self.layer.parse(options)
         async with self._graph_lock:
@@ -359,6 +419,8 @@ class BlockBackend(BackendIO):
             await before_swap()
         if old is not None:
             await self._flush_outgoing(force)
+            if same_data:
+                tree = _kept_over(_limits(old.node), tree)
 
         def allow(old: Node, new: Node) -> None:
             if not (force or same_data) and not _same_medium(old, new):
@@ -446,6 +508,11 @@ class BlockBackend(BackendIO):
             "on-change": self.on_change,
             "werror": self.werror,
             "rerror": self.rerror,
+            "passthrough": {
+                "on": self.passthrough,
+                "open": self.passthrough_opens,
+                "why-not": self.passthrough_refusal() if self.passthrough else None,
+            },
             "io-status": self._pause.io_status if self._pause else "ok",
             "paused": self._pause.as_dict() if self._pause else None,
             "stats": self.stats.as_dict(),
@@ -455,6 +522,30 @@ class BlockBackend(BackendIO):
 
 def _spelled(medium: Medium) -> str:
     return f"node {medium}" if isinstance(medium, str) else format_options(medium)
+
+
+def _limits(root: Node) -> list[Node]:
+    """The throttle filters at the top of a medium, top first: the backend's I/O limits
+    (``throttle``, QEMU's block_set_io_throttle). QEMU keeps them in its BlockBackend, so a
+    snapshot's overlay goes under them and a job's switch keeps them; blkfs's switches
+    (:meth:`BlockBackend.change` with ``same_data``) put them back over the new tree."""
+    found = []
+    while root.driver.name == LIMITS_DRIVER:
+        found.append(root)
+        root = root.driver.filtered.node
+    return found
+
+
+def _kept_over(limits: list[Node], tree: Medium) -> Medium:
+    """``tree`` under new filters with the options of ``limits`` as they are now (a name
+    the user gave, the limits, the throttle group); a filter's own bucket starts afresh,
+    a group's is shared and stays."""
+    for node in reversed(limits):
+        options = node.given_options()
+        if "node-name" not in node.options:  # generated: the new filter gets its own
+            options.pop("node-name", None)
+        tree = {**options, "driver": node.driver.name, "file": tree}
+    return tree
 
 
 def _same_medium(old: Node, new: Node) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from blkfs.block.dirty import check_usable, find_below
-from blkfs.block.driver import Extent
+from blkfs.block.driver import Extent, WriteFlags
 from blkfs.block.node import Child, Node
 from blkfs.block.request import Requests
 from blkfs.error_policy import Action, Operation, Pause, Policy, action
@@ -183,7 +183,8 @@ class BackendIO:
         self._check_range(node, offset, buf.nbytes, write=False)
         while True:
             try:
-                await node.readinto(offset, buf)
+                if not node.read_now(offset, buf):  # the short path, see Node.read_now
+                    await node.readinto(offset, buf)
                 return
             except BlockError as exc:
                 if not await self._failed(node, "read", offset, exc):
@@ -194,21 +195,22 @@ class BackendIO:
     ) -> None:
         """Write all of ``data`` at ``offset``; past the end is ENOSPC, as on a disk. With
         ``fua`` (NBD's force unit access), the write is durable when this returns."""
-        await self._requests.run(self.stats.write, len(data), self._write, offset, data, fua)
+        flags = WriteFlags.FUA if fua else WriteFlags.NONE
+        await self._requests.run(self.stats.write, len(data), self._write, offset, data, flags)
 
-    async def _write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+    async def _write(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> None:
         node = self._medium()
         self._check_write(node, offset, len(data))
         while True:
             try:
-                await node.write(offset, data)
+                await node.write(offset, data, flags)
                 break
             except BlockError as exc:
                 if not await self._failed(node, "write", offset, exc):
                     return
         self.changed_ns = time.time_ns()
-        if fua:
-            await self._flush()
 
     async def flush(self) -> None:
         """Make every acknowledged write durable in the host files."""
@@ -232,17 +234,38 @@ class BackendIO:
         """Tell the medium the range is unused (advisory: it may read as before or as
         zeros afterwards); it may give the space back."""
         await self._requests.run(
-            self.stats.discard, length, self._zero_or_discard, offset, length, None
+            self.stats.discard,
+            length,
+            self._zero_or_discard,
+            offset,
+            length,
+            None,
+            WriteFlags.NONE,
         )
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+    async def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        unmap: bool = False,
+        *,
+        fua: bool = False,
+        fast: bool = False,
+    ) -> None:
         """Make the range read as zeros; with ``unmap`` (may-unmap), the medium may give
-        its space back, as a discard."""
+        its space back, as a discard. With ``fua``, durable when this returns; with
+        ``fast`` (NBD's fast zero), ENOTSUP at once, nothing changed, where the medium
+        would have to write the zeros."""
+        flags = (WriteFlags.FUA if fua else WriteFlags.NONE) | (
+            WriteFlags.NO_FALLBACK if fast else WriteFlags.NONE
+        )
         await self._requests.run(
-            self.stats.zero, length, self._zero_or_discard, offset, length, unmap
+            self.stats.zero, length, self._zero_or_discard, offset, length, unmap, flags
         )
 
-    async def _zero_or_discard(self, offset: int, length: int, unmap: bool | None) -> None:
+    async def _zero_or_discard(
+        self, offset: int, length: int, unmap: bool | None, flags: WriteFlags
+    ) -> None:
         node = self._medium()
         self._check_write(node, offset, length)
         while True:
@@ -250,9 +273,11 @@ class BackendIO:
                 if unmap is None:
                     await node.discard(offset, length)
                 else:
-                    await node.write_zeroes(offset, length, unmap)
+                    await node.write_zeroes(offset, length, unmap, flags)
                 break
             except BlockError as exc:
+                if flags & WriteFlags.NO_FALLBACK and exc.errno == errno.ENOTSUP:
+                    raise  # a refusal the caller asked for, not a failure of the medium
                 if not await self._failed(node, "write", offset, exc):
                     return
         self.changed_ns = time.time_ns()

@@ -37,6 +37,7 @@ async def add(
     disabled: bool,
 ) -> None:
     found = layer.find_node(node)
+    layer.check_node_op(found, f"add dirty bitmap '{name}'")
     granularity = granularity or DEFAULT_GRANULARITY
     bitmap = DirtyBitmap(name, found.size, granularity, persistent=persistent, enabled=not disabled)
     if persistent:

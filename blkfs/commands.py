@@ -278,6 +278,7 @@ class Exporter(Protocol):
         tls_creds: str | None = None,
         tls: bool | None = None,
         tls_verify_peer: bool | None = None,
+        tls_authz: str | None = None,
     ) -> None:
         """Serve ``backend`` at the address given, or on the default server; with its
         dirty bitmap ``bitmap`` as the metadata context ``qemu:dirty-bitmap:NAME``, and the
@@ -380,14 +381,20 @@ async def create(
     on_change: OnChange = "follow",
     werror: Policy = "enospc",
     rerror: Policy = "report",
+    passthrough: bool = False,
 ) -> None:
     """A new backend with that medium, or an empty drive.
 
     on-change=error: files opened before a media change fail with ESTALE until opened
     again (default: they follow the new medium, as a drive's users do). werror and rerror:
     what a write or read the medium fails does (QEMU's): report it, ignore it, or stop
-    (pause the backend until cont); enospc stops on a full host and reports the rest."""
-    await layer.create(name, medium, on_change=on_change, werror=werror, rerror=rerror)
+    (pause the backend until cont); enospc stops on a full host and reports the rest.
+    passthrough=on: the kernel serves opens of the backend's file straight from the host
+    file (FUSE passthrough) for raw over a file with werror=report; while such a file is
+    open, every change of the backend is refused (EBUSY)."""
+    await layer.create(
+        name, medium, on_change=on_change, werror=werror, rerror=rerror, passthrough=passthrough
+    )
 
 
 @command
@@ -458,10 +465,7 @@ async def set_(
     on_change: OnChange | None = None,
 ) -> None:
     """Change a backend's own options live: its error policies and on-change."""
-    backend = layer.find(name)
-    backend.werror = werror or backend.werror
-    backend.rerror = rerror or backend.rerror
-    backend.on_change = on_change or backend.on_change
+    layer.find(name).set_policies(werror, rerror, on_change)
 
 
 @command
@@ -756,6 +760,7 @@ async def export(
     tls_creds: str | None = None,
     tls: bool | None = None,
     tls_verify_peer: bool | None = None,
+    tls_authz: str | None = None,
     *,
     exporter: Exporter | None,
 ) -> None:
@@ -767,8 +772,9 @@ async def export(
     medium's dirty bitmap B is served as the metadata context qemu:dirty-bitmap:B (as
     qemu-nbd -B), busy while exported. tls-creds=DIR (ca-cert.pem, server-cert.pem,
     server-key.pem, as QEMU's tls-creds-x509) requires clients to use TLS, tls-verify-peer=on
-    also a client certificate signed by the CA; a TCP address of its own needs tls-creds or
-    an explicit tls=off."""
+    also a client certificate signed by the CA, tls-authz=FILE also one whose distinguished
+    name a line of FILE matches (a glob); a TCP address of its own needs tls-creds or an
+    explicit tls=off."""
     backend = layer.find(name)
     if socket is not None and (host is not None or port is not None):
         raise BlockError(errno.EINVAL, "export: give socket=PATH or host= port=, not both")
@@ -786,6 +792,7 @@ async def export(
         tls_creds=tls_creds,
         tls=tls,
         tls_verify_peer=tls_verify_peer,
+        tls_authz=tls_authz,
     )
 
 

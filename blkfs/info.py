@@ -48,6 +48,10 @@ NodeTree = TypedDict(
 each driver's keys, such as a throttle's ``limits``), its dirty bitmaps (as QEMU's
 BlockDirtyInfo), its children by role."""
 
+PassthroughStatus = TypedDict("PassthroughStatus", {"on": bool, "open": int, "why-not": str | None})
+"""Kernel passthrough (``passthrough=on``): files open with it now, and why new opens are
+not served by it (None: they are; the frontend may have reasons of its own)."""
+
 BackendStatus = TypedDict(
     "BackendStatus",
     {
@@ -63,6 +67,7 @@ BackendStatus = TypedDict(
         "on-change": str,
         "werror": str,
         "rerror": str,
+        "passthrough": PassthroughStatus,
         "io-status": str,
         "paused": PauseInfo | None,
         "stats": Counters,

@@ -12,6 +12,8 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import trio
+
 from blkfs.backend import (
     NAME_RE,
     ON_CHANGE_CHOICES,
@@ -29,6 +31,7 @@ from blkfs.block.policy import HostPolicy
 from blkfs.error_policy import POLICIES, Policy
 from blkfs.errors import BlockError, NotFound, OptionError
 from blkfs.info import BackendStatus, NodeTree
+from blkfs.passthrough import refusal as passthrough_refusal
 
 log = logging.getLogger("blkfs.backend")
 
@@ -72,6 +75,14 @@ class BlockLayer:
         """Who holds ``backend`` still, with why and until when."""
         return self._holders.get(backend, {})
 
+    def check_node_op(self, node: Node, what: str) -> None:
+        """EBUSY if ``node`` lies in the tree of a backend with kernel passthrough opens: a
+        change of one of its nodes (a reopen, a new dirty bitmap) changes what they bypass."""
+        for backend in [*self._backends.values(), *self._deleted]:
+            root = backend._root
+            if backend.passthrough_opens and root and node in self.graph.subtree(root.node):
+                backend.check_op(what)
+
     def parse(self, options: Options) -> Medium:
         """Parse (if text) and validate options for a medium; OptionError if they are bad.
         ``node=NAME`` alone names an existing node as the whole medium (as QMP's
@@ -112,9 +123,11 @@ class BlockLayer:
         on_change: str = "follow",
         werror: Policy = "enospc",
         rerror: Policy = "report",
+        passthrough: bool = False,
     ) -> BlockBackend:
         """A new backend, with a medium from ``options`` or empty; nothing is left behind
-        if the medium cannot be opened."""
+        if the medium cannot be opened, nor if ``passthrough`` is asked for a medium that
+        does not qualify (:func:`blkfs.passthrough.refusal`)."""
         if not NAME_RE.match(name):
             raise BlockError(
                 errno.EINVAL,
@@ -130,13 +143,19 @@ class BlockLayer:
         for key, policy in (("werror", werror), ("rerror", rerror)):
             if policy not in POLICIES:
                 raise OptionError(f"{key} must be {', '.join(POLICIES)} (got {policy!r})")
-        backend = BlockBackend(self, name, read_only, on_change, werror, rerror)
+        backend = BlockBackend(self, name, read_only, on_change, werror, rerror, passthrough)
         self._backends[name] = backend  # reserve the name while the medium opens
         try:
             if options is not None:
                 await backend.insert(options)
+            refused = passthrough_refusal(backend) if passthrough and options is not None else None
+            if refused is not None:
+                raise OptionError(f"{name}: cannot serve it with passthrough=on: {refused}")
         except BaseException:
             del self._backends[name]
+            if backend.has_medium:
+                with trio.CancelScope(shield=True):
+                    await backend.unref()
             raise
         log.info("%s: created", name)
         return backend
@@ -191,6 +210,7 @@ class BlockLayer:
         before the node turns read-only, and writes again once the node is writable."""
         tree = parse_options(options) if isinstance(options, str) else dict(options)
         node = self.graph.find(node_name)
+        self.check_node_op(node, f"reopen node '{node_name}'")
         roots = [b for b in self if b._root is not None and b._root.node is node]
         try:
             to_read_only = parse_bool(tree.get("read-only", node.read_only))
@@ -300,6 +320,7 @@ class BlockLayer:
 
     async def reopen_node(self, name: str, options: Mapping[str, Any]) -> None:
         """Change the options of a node no backend has as its root (see :meth:`reopen`)."""
+        self.check_node_op(self.graph.find(name), f"reopen node '{name}'")
         await self.graph.reopen(name, options)
 
     async def set_backing(

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import trio
 
-from blkfs.block import BlockDriver, BlockError, ChildSpec, Option
+from blkfs.block import BlockDriver, BlockError, ChildSpec, Option, WriteFlags
 
 Event = Literal["read", "write", "flush", "discard"]
 EVENTS = ("read", "write", "flush", "discard")
@@ -181,19 +181,23 @@ class BlkdebugDriver(BlockDriver):
         await self._enter("read", offset, buf.nbytes)
         await self.filtered.readinto(offset, buf)
 
-    async def write(self, offset: int, data: memoryview) -> None:
+    async def write(
+        self, offset: int, data: memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         await self._enter("write", offset, data.nbytes)
         if self.drop_writes:
             self.dropped += 1
             return
-        await self.filtered.write(offset, data)
+        await self.filtered.write(offset, data, flags)
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         await self._enter("write", offset, length)
         if self.drop_writes:
             self.dropped += 1
             return
-        await self.filtered.write_zeroes(offset, length, unmap)
+        await self.filtered.write_zeroes(offset, length, unmap, flags)
 
     async def discard(self, offset: int, length: int) -> None:
         await self._enter("discard", offset, length)

@@ -19,6 +19,9 @@ What a replay may rely on:
 * Zero writes are logged as writes of zeros (flags 0), as QEMU does. A flush with nothing
   logged since the last flush entry is passed on but not logged, as QEMU's block layer drops
   such a flush before the driver sees it; so QEMU and blkfs log a workload alike.
+* A write or zero write made with FUA is passed on with FUA and its entry carries the FUA
+  flag, as dm-log-writes logs REQ_FUA: it was durable when logged. (QEMU's filter takes no
+  FUA: its block layer writes, then flushes, and logs a flush entry after the write.)
 * The super block is rewritten, and the log flushed, at every flush entry and every
   ``log-super-update-interval`` entries; also at close, so no entry is left uncounted.
 
@@ -36,7 +39,7 @@ from typing import Any
 
 import trio
 
-from blkfs.block import BlockDriver, BlockError, ChildSpec, Option, Role
+from blkfs.block import BlockDriver, BlockError, ChildSpec, Option, Role, WriteFlags
 
 # reference: struct log_write_super, struct log_write_entry (dm-log-writes)
 SUPER = struct.Struct("<QQQI")
@@ -49,6 +52,11 @@ FLUSH, FUA, DISCARD, MARK = 1, 2, 4, 8
 KNOWN_FLAGS = FLUSH | FUA | DISCARD | MARK
 DEFAULT_SECTOR = 512
 ZERO_CHUNK = 1 << 20
+
+
+def _logged(flags: WriteFlags) -> int:
+    """A write's entry flags: FUA for a write durable when done (dm-log-writes' REQ_FUA)."""
+    return FUA if flags and flags & WriteFlags.FUA else 0
 
 
 def sector_size_valid(size: int) -> bool:
@@ -214,15 +222,17 @@ class BlklogwritesDriver(BlockDriver):
 
     # -- data path ----------------------------------------------------------------------
 
-    async def write(self, offset: int, data: memoryview) -> None:
-        await self.file.write(offset, data)
+    async def write(
+        self, offset: int, data: memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
+        await self.file.write(offset, data, flags)
         length = data.nbytes
         if (offset | length) & (self.sector_size - 1):
-            await self._append_readback(offset, length)
+            await self._append_readback(offset, length, _logged(flags))
         else:
-            await self._append(offset, length, 0, data)
+            await self._append(offset, length, _logged(flags), data)
 
-    async def _append_readback(self, offset: int, length: int) -> None:
+    async def _append_readback(self, offset: int, length: int, flags: int) -> None:
         """Log an unaligned write (the layer's read-modify-write stops at the end of the
         file) as the whole sectors it touched, read back from the child: past the child's
         end they read as zeros, as a replay of the log will see them."""
@@ -233,22 +243,24 @@ class BlklogwritesDriver(BlockDriver):
         have = min(end, self.file.node.size) - start
         if have > 0:
             await self.file.readinto(start, memoryview(sectors)[:have])
-        await self._put(at, start, end - start, 0, sectors)
+        await self._put(at, start, end - start, flags, sectors)
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         mask = self.sector_size - 1
         head, tail = (offset + mask) & ~mask, (offset + length) & ~mask
         if head >= tail:  # within one or two sectors: no whole sector to zero
-            await self._zero_partial(offset, length)
+            await self._zero_partial(offset, length, flags)
             return
         if head > offset:
-            await self._zero_partial(offset, head - offset)
-        await self.file.write_zeroes(head, tail - head, unmap)
-        await self._append(head, tail - head, 0)
+            await self._zero_partial(offset, head - offset, flags)
+        await self.file.write_zeroes(head, tail - head, unmap, flags)
+        await self._append(head, tail - head, _logged(flags))
         if tail < offset + length:
-            await self._zero_partial(tail, offset + length - tail)
+            await self._zero_partial(tail, offset + length - tail, flags)
 
-    async def _zero_partial(self, offset: int, length: int) -> None:
+    async def _zero_partial(self, offset: int, length: int, flags: WriteFlags) -> None:
         """Zeros in part of a sector: read-modify-write, logged as a write."""
         mask = self.sector_size - 1
         start = offset & ~mask
@@ -259,7 +271,7 @@ class BlklogwritesDriver(BlockDriver):
             if have > 0:
                 await self.file.readinto(start, memoryview(merged)[:have])
             merged[offset - start : offset - start + length] = bytes(length)
-            await self.write(start, memoryview(merged))
+            await self.write(start, memoryview(merged), flags)
 
     async def discard(self, offset: int, length: int) -> None:
         mask = self.sector_size - 1

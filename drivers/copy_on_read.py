@@ -16,7 +16,16 @@ import errno
 from collections.abc import Mapping
 from typing import Any
 
-from blkfs.block import BlockDriver, BlockError, Child, ChildSpec, Perm, RangeLocks, Status
+from blkfs.block import (
+    BlockDriver,
+    BlockError,
+    Child,
+    ChildSpec,
+    Perm,
+    RangeLocks,
+    Status,
+    WriteFlags,
+)
 
 
 class CopyOnReadDriver(BlockDriver):
@@ -79,13 +88,17 @@ class CopyOnReadDriver(BlockDriver):
         passthrough = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
         return (perm & passthrough) | (Perm.WRITE_UNCHANGED if writable else Perm(0)), shared
 
-    async def write(self, offset: int, data: memoryview) -> None:
+    async def write(
+        self, offset: int, data: memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         async with self.locks.hold(offset, data.nbytes):
-            await self.filtered.write(offset, data)
+            await self.filtered.write(offset, data, flags)
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         async with self.locks.hold(offset, length):
-            await self.filtered.write_zeroes(offset, length, unmap)
+            await self.filtered.write_zeroes(offset, length, unmap, flags)
 
     async def discard(self, offset: int, length: int) -> None:
         async with self.locks.hold(offset, length):

@@ -63,6 +63,7 @@ from blkfs.block import (
     Perm,
     RangeLocks,
     Status,
+    WriteFlags,
 )
 from blkfs.block.request import align_up
 from blkfs.block.workers import HostCall, HostQueue, RingDoor, ring_door
@@ -88,6 +89,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 T = TypeVar("T")
 
 RWF_NOWAIT = os.RWF_NOWAIT
+RWF_DSYNC = os.RWF_DSYNC
 WORKERS_PER_NODE = 16
 """Host calls of one node that run at once (QEMU's thread pool has 64 for all its nodes):
 a device that stops answering holds at most this many worker threads."""
@@ -138,10 +140,10 @@ def pread_direct(fd: int, buf: memoryview, offset: int, align: int) -> None:
     buf[done:] = bytes(buf.nbytes - done)
 
 
-def pwrite_full(fd: int, data: memoryview, offset: int) -> None:
-    done = os.pwritev(fd, [data], offset)
+def pwrite_full(fd: int, data: memoryview, offset: int, flags: int = 0) -> None:
+    done = os.pwritev(fd, [data], offset, flags)
     while done < data.nbytes:
-        done += os.pwritev(fd, [data[done:]], offset + done)
+        done += os.pwritev(fd, [data[done:]], offset + done, flags)
 
 
 def copy_file_range_full(src: int, src_offset: int, dst: int, dst_offset: int, length: int) -> None:
@@ -158,6 +160,7 @@ def copy_file_range_full(src: int, src_offset: int, dst: int, dst_offset: int, l
 class FileDriver(BlockDriver):
     name = "file"
     growable = True
+    supported_write_flags = WriteFlags.FUA | WriteFlags.NO_FALLBACK
     options = {
         "filename": Option("str", REQUIRED, "path of the host image file"),
         "locking": Option(
@@ -350,19 +353,26 @@ class FileDriver(BlockDriver):
         except OSError as exc:
             raise self._error(exc) from None
 
+    def read_now(self, offset: int, buf: memoryview) -> bool:
+        """From the page cache (``RWF_NOWAIT``), if it has it all and no change of the range
+        is on a worker."""
+        if not self._nowait_reads or self.direct or self._changing.busy(offset, buf.nbytes):
+            return False
+        try:
+            return os.preadv(self.fd, [buf], offset, RWF_NOWAIT) == buf.nbytes
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise self._error(exc) from None
+            self._nowait_reads = False
+            return False
+
     async def read(self, offset: int, buf: memoryview) -> None:
-        """Inline if the page cache has it all and no change of the range is on a worker,
-        else on a worker, whole: a read is never half before and half after a write."""
-        if self._nowait_reads and not self.direct and not self._changing.busy(offset, buf.nbytes):
-            try:
-                if os.preadv(self.fd, [buf], offset, RWF_NOWAIT) == buf.nbytes:
-                    return
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                if exc.errno != errno.EOPNOTSUPP:
-                    raise self._error(exc) from None
-                self._nowait_reads = False
+        """Inline if :meth:`read_now` can, else on a worker, whole: a read is never half
+        before and half after a write."""
+        if self.read_now(offset, buf):
+            return
         async with self._changing.hold(offset, buf.nbytes):
             if self.direct:
                 await self._blocking(self._read_direct, offset, buf)
@@ -371,18 +381,31 @@ class FileDriver(BlockDriver):
             else:
                 await self._blocking(pread_full, self.fd, buf, offset)
 
-    async def write(self, offset: int, data: memoryview) -> None:
-        async with self._changing.hold(offset, data.nbytes):
-            if self.direct:
-                await self._blocking(self._write_direct, offset, data)
-            elif self.ring is not None:
-                done = 0
-                while done < data.nbytes:
-                    done += await self._in_ring(
-                        self.ring.write(self.fd, data[done:], offset + done)
-                    )
-            else:
-                await self._blocking(pwrite_full, self.fd, data, offset)
+    async def write(
+        self, offset: int, data: memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
+        """With FUA, a buffered write is made with ``RWF_DSYNC`` (durable in the one call,
+        as O_DSYNC would make it); a cache.direct=on one is followed by a flush."""
+        fua = bool(flags) and bool(flags & WriteFlags.FUA)  # no Flag arithmetic without flags
+        dsync = RWF_DSYNC if fua and not self.direct else 0
+        try:
+            async with self._changing.hold(offset, data.nbytes):
+                if self.direct:
+                    await self._blocking(self._write_direct, offset, data)
+                elif self.ring is not None:
+                    done = 0
+                    while done < data.nbytes:
+                        done += await self._in_ring(
+                            self.ring.write(self.fd, data[done:], offset + done, dsync)
+                        )
+                else:
+                    await self._blocking(pwrite_full, self.fd, data, offset, dsync)
+        except BlockError as exc:
+            if dsync and exc.errno == errno.EIO:
+                raise self._flush_failed(exc) from None
+            raise
+        if fua and self.direct:
+            await self.flush()
 
     async def copy_from(
         self, offset: int, source: BlockDriver, source_offset: int, length: int
@@ -503,9 +526,13 @@ class FileDriver(BlockDriver):
             else:
                 await self.host.run(os.fdatasync, self.fd)
         except OSError as exc:
-            self.flush_error = os.strerror(exc.errno or errno.EIO)
-            failed = self._error(exc)
-            raise LastingError(failed.errno, failed.message) from None
+            raise self._flush_failed(self._error(exc)) from None
+
+    def _flush_failed(self, failed: BlockError) -> LastingError:
+        """A failed fdatasync, or a failed ``RWF_DSYNC`` write (whose writeback error the
+        kernel reports there, and to no later fdatasync): every later flush fails too."""
+        self.flush_error = os.strerror(failed.errno)
+        return LastingError(failed.errno, failed.message)
 
     def reusable(self) -> bool:
         return self.flush_error is None
@@ -526,17 +553,28 @@ class FileDriver(BlockDriver):
                     raise self._error(exc) from None
                 self._can_punch = False
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
+        """fallocate (a hole with ``unmap``, else zeroed extents), then a flush for FUA;
+        where the host cannot, zeros written, or ENOTSUP for NO_FALLBACK."""
         if not self._is_block_device:
             mode = (FALLOC_FL_PUNCH_HOLE if unmap else FALLOC_FL_ZERO_RANGE) | FALLOC_FL_KEEP_SIZE
             try:
                 async with self._changing.hold(offset, length):
                     await self.host.run(fallocate, self.fd, mode, offset, length)
-                return
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise self._error(exc) from None
-        await super().write_zeroes(offset, length, unmap)
+            else:
+                if flags & WriteFlags.FUA:
+                    await self.flush()
+                return
+        if flags & WriteFlags.NO_FALLBACK:
+            raise BlockError(
+                errno.ENOTSUP, f"'{self.filename}': the host cannot zero without writing zeros"
+            )
+        await super().write_zeroes(offset, length, unmap, flags)
 
     async def length(self) -> int:
         if self._is_block_device:

@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from blkfs.block import BlockDriver, BlockError, Extent, Option, RangeLocks, Status
+from blkfs.block import BlockDriver, BlockError, Extent, Option, RangeLocks, Status, WriteFlags
 from blkfs.block.driver import ZERO_CHUNK
 from blkfs.block.request import align_down, align_up
 from blkfs.nbd import (
@@ -562,6 +562,7 @@ class NbdDriver(BlockDriver):
         negotiated = self.client.negotiated
         export = negotiated.export
         self.flags = export.flags
+        self.supported_write_flags = _write_flags(export.flags)
         self.size = export.size
         self.max_payload = min(export.max_payload, MAX_EFFECT)
         self.request_alignment = export.min_block
@@ -620,14 +621,20 @@ class NbdDriver(BlockDriver):
                 Cmd.READ, start, length, buf=buf[start - offset : start - offset + length]
             )
 
-    async def write(self, offset: int, data: memoryview) -> None:
+    async def write(
+        self, offset: int, data: memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         async with self._hold(offset, data.nbytes):
-            await self._write(offset, data)
+            await self._write(offset, data, _fua(flags))
 
-    async def _write(self, offset: int, data: memoryview) -> None:
+    async def _write(self, offset: int, data: memoryview, flags: CmdFlag = NO_FLAGS) -> None:
         for start, length in self._pieces(offset, data.nbytes, self.max_payload):
             await self._call(
-                Cmd.WRITE, start, length, data=data[start - offset : start - offset + length]
+                Cmd.WRITE,
+                start,
+                length,
+                flags,
+                data=data[start - offset : start - offset + length],
             )
 
     def _hold(self, offset: int, length: int) -> AbstractAsyncContextManager[Any]:
@@ -650,35 +657,47 @@ class NbdDriver(BlockDriver):
             for piece, size in self._pieces(start, end - start, MAX_EFFECT):
                 await self._call(Cmd.TRIM, piece, size)
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         """NBD_CMD_WRITE_ZEROES where the server has it (NO_HOLE unless ``unmap`` allows a
-        hole), else zeros written; parts of blocks at the edges are read-modify-written."""
+        hole; FAST_ZERO for NO_FALLBACK, which the server answers with ENOTSUP where it
+        would be slow), else zeros written; parts of blocks at the edges are
+        read-modify-written."""
         align = self.request_alignment
         start, end = align_up(offset, align), align_down(offset + length, align)
+        fua = _fua(flags)
+        if flags & WriteFlags.NO_FALLBACK and (start != offset or end != offset + length):
+            raise BlockError(
+                errno.ENOTSUP, f"{self.where}: a fast zero of part of a block ({offset}+{length})"
+            )
         if start >= end:
-            await self._zero_edge(offset, length)
+            await self._zero_edge(offset, length, fua)
             return
         if offset < start:
-            await self._zero_edge(offset, start - offset)
+            await self._zero_edge(offset, start - offset, fua)
         if self.flags & TransmissionFlag.SEND_WRITE_ZEROES:
-            flags = NO_FLAGS if unmap else CmdFlag.NO_HOLE
+            command = fua | (NO_FLAGS if unmap else CmdFlag.NO_HOLE)
+            if flags & WriteFlags.NO_FALLBACK:
+                command |= CmdFlag.FAST_ZERO
             for piece, size in self._pieces(start, end - start, MAX_EFFECT):
-                await self._call(Cmd.WRITE_ZEROES, piece, size, flags)
+                await self._call(Cmd.WRITE_ZEROES, piece, size, command)
         else:
             zeros = memoryview(bytes(min(end - start, ZERO_CHUNK)))
             for piece, size in self._pieces(start, end - start, ZERO_CHUNK):
-                await self.write(piece, zeros[:size])
+                async with self._hold(piece, size):
+                    await self._write(piece, zeros[:size], fua)
         if end < offset + length:
-            await self._zero_edge(end, offset + length - end)
+            await self._zero_edge(end, offset + length - end, fua)
 
-    async def _zero_edge(self, offset: int, length: int) -> None:
+    async def _zero_edge(self, offset: int, length: int, fua: CmdFlag) -> None:
         align = self.request_alignment
         start, end = align_down(offset, align), min(align_up(offset + length, align), self.size)
         async with self._blocks.hold(start, end - start):
             block = bytearray(end - start)
             await self.read(start, memoryview(block))
             block[offset - start : offset - start + length] = bytes(length)
-            await self._write(start, memoryview(block))
+            await self._write(start, memoryview(block), fua)
 
     async def length(self) -> int:
         return self.size
@@ -728,6 +747,22 @@ async def _tls(values: Mapping[str, Any], address: Address) -> Tls | None:
     except CredentialsError as exc:
         raise BlockError(errno.EINVAL, f"nbd: {exc}") from None
     return Tls(context, name)
+
+
+def _write_flags(flags: TransmissionFlag) -> WriteFlags:
+    """The write flags a server takes: FUA as NBD_CMD_FLAG_FUA, NO_FALLBACK as
+    NBD_CMD_FLAG_FAST_ZERO; without them the layer writes then flushes, or refuses a fast
+    zero at once."""
+    supported = WriteFlags.NONE
+    if flags & TransmissionFlag.SEND_FUA:
+        supported |= WriteFlags.FUA
+    if flags & TransmissionFlag.SEND_WRITE_ZEROES and flags & TransmissionFlag.SEND_FAST_ZERO:
+        supported |= WriteFlags.NO_FALLBACK
+    return supported
+
+
+def _fua(flags: WriteFlags) -> CmdFlag:
+    return CmdFlag.FUA if flags and flags & WriteFlags.FUA else NO_FLAGS
 
 
 def _address(values: Mapping[str, Any]) -> Address:

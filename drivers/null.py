@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from blkfs.block import BlockDriver, Extent, Option, Status
+from blkfs.block import BlockDriver, Extent, Option, Status, WriteFlags
 
 
 class NullDriver(BlockDriver):
     name = "null"
+    supported_write_flags = WriteFlags.FUA | WriteFlags.NO_FALLBACK  # nothing to make durable
     options = {"size": Option("size", 1 << 30, "the size it claims")}
 
     async def open(self, values: Mapping[str, Any], children: Mapping[str, Any]) -> None:
@@ -18,10 +19,14 @@ class NullDriver(BlockDriver):
     async def read(self, offset: int, buf: memoryview) -> None:
         buf[:] = bytes(buf.nbytes)
 
-    async def write(self, offset: int, data: memoryview) -> None:
+    async def write(
+        self, offset: int, data: memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         pass
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         pass
 
     async def flush(self) -> None:

@@ -16,7 +16,17 @@ import errno
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-from blkfs.block import BlockDriver, BlockError, Child, ChildSpec, Extent, Option, Perm, Role
+from blkfs.block import (
+    BlockDriver,
+    BlockError,
+    Child,
+    ChildSpec,
+    Extent,
+    Option,
+    Perm,
+    Role,
+    WriteFlags,
+)
 from blkfs.block.driver import Located
 from blkfs.block.perm import child_perm
 
@@ -26,6 +36,7 @@ PROBE_SECTOR = 512
 class RawDriver(BlockDriver):
     name = "raw"
     is_format = True
+    supported_write_flags = WriteFlags.FUA | WriteFlags.NO_FALLBACK  # the file's to honour
     options = {
         "offset": Option("size", 0, "where the exposed range starts in the child"),
         "size": Option("size", None, "length of the exposed range (default: to the end)"),
@@ -94,7 +105,9 @@ class RawDriver(BlockDriver):
             return None
         return Located(self.child("file"), self.offset + offset)
 
-    async def write(self, offset: int, data: memoryview) -> None:
+    async def write(
+        self, offset: int, data: memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         if self.node.probed and offset == 0:  # aligned: the whole first sector
             fmt = self.node.probe_format(bytes(data[:PROBE_SECTOR]))
             if fmt != self.name:
@@ -106,13 +119,15 @@ class RawDriver(BlockDriver):
                     "format (driver=raw) for a disk that may hold "
                     "any data",
                 )
-        await self.child("file").write(self.offset + offset, data)
+        await self.child("file").write(self.offset + offset, data, flags)
 
     async def discard(self, offset: int, length: int) -> None:
         await self.child("file").discard(self.offset + offset, length)
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        await self.child("file").write_zeroes(self.offset + offset, length, unmap)
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
+        await self.child("file").write_zeroes(self.offset + offset, length, unmap, flags)
 
     async def length(self) -> int:
         if self.size is not None:

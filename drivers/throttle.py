@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import trio
 
-from blkfs.block import BlockDriver, BlockError, ChildSpec, Option
+from blkfs.block import BlockDriver, BlockError, ChildSpec, Option, WriteFlags
 
 Kind = Literal["read", "write"]
 RESOLUTION = 1e-9  # seconds; a wait shorter than this is rounding, not throttling
@@ -209,13 +209,17 @@ class ThrottleDriver(BlockDriver):
         await self._throttle("read", buf.nbytes)
         await self.filtered.readinto(offset, buf)
 
-    async def write(self, offset: int, data: memoryview) -> None:
+    async def write(
+        self, offset: int, data: memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         await self._throttle("write", data.nbytes)
-        await self.filtered.write(offset, data)
+        await self.filtered.write(offset, data, flags)
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         await self._throttle("write", length)
-        await self.filtered.write_zeroes(offset, length, unmap)
+        await self.filtered.write_zeroes(offset, length, unmap, flags)
 
     async def discard(self, offset: int, length: int) -> None:
         await self._throttle("write", length)

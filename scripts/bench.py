@@ -10,6 +10,8 @@ images    raw      random data, SIZE bytes
                    written by qemu-io
 peers     blkfs         ``blkfs mount`` (one daemon per image, one backend per copy)
           blkfs-direct  the same with ``file.cache.direct=on`` (O_DIRECT on the image files)
+          blkfs-passthrough  the same with ``passthrough=on`` (raw only): the kernel serves
+                        the FUSE files' reads and writes from the image files (FUSE passthrough)
           qsd           ``qemu-storage-daemon --export type=fuse``, QEMU's defaults (aio=threads)
           qsd-uring     the same with aio=io_uring and an iothread
           qsd-direct    aio=io_uring, an iothread and cache.direct=on
@@ -142,9 +144,21 @@ WORKLOADS = [
 UNITS = {wl: "MB/s" if wl.startswith("seq") else "IOPS" for wl in WORKLOADS}
 RANDOM = [wl for wl in WORKLOADS if wl.startswith("rand")]
 IMAGES = ["raw", "qcow2", "chain"]
-PEERS = ["blkfs", "blkfs-direct", "qsd", "qsd-uring", "qsd-direct", "nbdfuse", "limit", "host"]
+PEERS = [
+    "blkfs",
+    "blkfs-direct",
+    "blkfs-passthrough",
+    "qsd",
+    "qsd-uring",
+    "qsd-direct",
+    "nbdfuse",
+    "limit",
+    "host",
+]
 RAW_ONLY = ("limit", "host")
 """Peers measured on the raw image only; their figures stand in every image's rows."""
+RAW_IMAGE_ONLY = ("blkfs-passthrough",)
+"""Peers that serve the raw image only, shown on its rows alone."""
 
 PAGE_CACHED = ("qsd", "qsd-uring", "qsd-direct", "nbdfuse")
 """Peers whose FUSE files the kernel caches (no direct_io: nbdfuse, and qsd's FUSE export in
@@ -304,6 +318,11 @@ def blkfs_mount(mnt: Path, backends: dict[str, Path | str], *extra: str) -> int:
 def blkfs_direct_options(image: Path, fmt: str) -> str:
     """IMAGE opened with cache.direct=on on its file node (backing files inherit it)."""
     return f"driver={fmt},file.driver=file,file.filename={image},file.cache.direct=on"
+
+
+def blkfs_passthrough_options(image: Path) -> str:
+    """IMAGE as raw over its file, served by the kernel's FUSE passthrough."""
+    return f"driver=raw,file.driver=file,file.filename={image},werror=report,passthrough=on"
 
 
 def drop_scratch_mount(mnt: Path, d: Path) -> None:
@@ -628,11 +647,14 @@ class Bench:
         pid = None
         if peer == "host":
             files = {g: str(p) for g, p in imgs.items()}
-        elif peer in ("blkfs", "blkfs-direct"):
+        elif peer in ("blkfs", "blkfs-direct", "blkfs-passthrough"):
             mnt = d / "mnt"
             backends: dict[str, Path | str] = dict(imgs.items())
             if peer == "blkfs-direct":
                 backends = {g: blkfs_direct_options(p, fmt) for g, p in imgs.items()}
+            if peer == "blkfs-passthrough":
+                assert image == "raw"
+                backends = {g: blkfs_passthrough_options(p) for g, p in imgs.items()}
             pid = blkfs_mount(mnt, backends)
             files = {g: str(mnt / g) for g in imgs}
         elif peer in self.qsd:
@@ -1214,6 +1236,7 @@ def summarize(samples: Samples, images: list[str], peers: list[str]) -> list[Res
                     "qsd_best": best[0] if best else None,
                     "blkfs/qsd-best": div(m.get("blkfs"), best[1] if best else None),
                     "blkfs/limit": div(m.get("blkfs"), m.get("limit")),
+                    "blkfs-passthrough/limit": div(m.get("blkfs-passthrough"), m.get("limit")),
                     "blkfs/host": div(m.get("blkfs"), m.get("host")),
                     "blkfs-direct/qsd-direct": div(m.get("blkfs-direct"), m.get("qsd-direct")),
                 }
@@ -1227,6 +1250,7 @@ def table(samples: Samples, images: list[str], peers: list[str]) -> str:
         (a, b)
         for a, b in (
             ("blkfs", "limit"),
+            ("blkfs-passthrough", "limit"),
             ("blkfs", "host"),
             ("blkfs", "nbdfuse"),
             ("blkfs-direct", "qsd-direct"),
@@ -1549,7 +1573,12 @@ def main() -> int:
             log("making images")
             srcs = make_images(work, size, images)
             bench = Bench(work, size, runtime, ramp, limit_bin, qsd, {}, {}, [])
-            units = [(p, i) for i in images for p in peers if p not in RAW_ONLY]
+            units = [
+                (p, i)
+                for i in images
+                for p in peers
+                if p not in RAW_ONLY and (p not in RAW_IMAGE_ONLY or i == "raw")
+            ]
             units += [(p, "raw") for p in peers if p in RAW_ONLY]
             rng = random.Random(seed)
             for rnd in range(rounds):

@@ -27,6 +27,7 @@ BACKEND_API = [
         "image.py",
         "info.py",
         "error_policy.py",
+        "passthrough.py",
     )
 ]
 """The backend API: what frontends may import from the core (over the driver API)."""

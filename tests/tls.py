@@ -16,8 +16,9 @@ def _openssl(*args: str | Path) -> None:
     subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
 
 
-def _signed(directory: Path, ca: Path, who: str, extensions: list[str]) -> None:
-    """``WHO-key.pem`` and ``WHO-cert.pem`` signed by ``ca`` (a directory with its key)."""
+def _signed(directory: Path, ca: Path, who: str, extensions: list[str], subject: str = "") -> None:
+    """``WHO-key.pem`` and ``WHO-cert.pem`` signed by ``ca`` (a directory with its key), for
+    ``subject`` (openssl's /KEY=VALUE form; default /CN=blkfs test WHO)."""
     request = directory / f"{who}.csr"
     _openssl(
         "req",
@@ -29,7 +30,7 @@ def _signed(directory: Path, ca: Path, who: str, extensions: list[str]) -> None:
         "-out",
         request,
         "-subj",
-        f"/CN=blkfs test {who}",
+        subject or f"/CN=blkfs test {who}",
     )
     config = directory / f"{who}.ext"
     config.write_text("\n".join(extensions) + "\n")
@@ -102,5 +103,15 @@ def client_of_another_ca(directory: Path, credentials: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     usage = ["basicConstraints=critical,CA:FALSE", "keyUsage=digitalSignature,keyEncipherment"]
     _signed(directory, rogue, "client", [*usage, "extendedKeyUsage=clientAuth"])
+    (directory / "ca-cert.pem").write_bytes((credentials / "ca-cert.pem").read_bytes())
+    return directory
+
+
+def client_named(directory: Path, credentials: Path, subject: str) -> Path:
+    """A client's directory with a certificate for ``subject`` (openssl's /KEY=VALUE form)
+    signed by the CA of ``credentials``, which it trusts."""
+    directory.mkdir(parents=True, exist_ok=True)
+    usage = ["basicConstraints=critical,CA:FALSE", "keyUsage=digitalSignature,keyEncipherment"]
+    _signed(directory, credentials, "client", [*usage, "extendedKeyUsage=clientAuth"], subject)
     (directory / "ca-cert.pem").write_bytes((credentials / "ca-cert.pem").read_bytes())
     return directory

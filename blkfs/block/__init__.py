@@ -1,7 +1,7 @@
 """The block driver API: nodes, children, drivers and the graph. For drivers and the block
 layer only; frontends use :mod:`blkfs.backend`."""
 
-from blkfs.block.driver import BlockDriver, Extent, Status
+from blkfs.block.driver import BlockDriver, Extent, Status, WriteFlags
 from blkfs.block.graph import Graph
 from blkfs.block.node import Child, Node
 from blkfs.block.options import REQUIRED, ChildSpec, Option
@@ -27,4 +27,5 @@ __all__ = [
     "RangeLocks",
     "Role",
     "Status",
+    "WriteFlags",
 ]

@@ -28,6 +28,18 @@ if TYPE_CHECKING:
 ZERO_CHUNK = 1 << 20
 
 
+class WriteFlags(Flag):
+    """How a write or a zero write must be done (QEMU's BdrvRequestFlags, the two that NBD
+    carries)."""
+
+    NONE = 0
+    FUA = 1
+    """Durable when the request returns (NBD_CMD_FLAG_FUA; O_DSYNC for this write only)."""
+    NO_FALLBACK = 2
+    """Zero writes only: ENOTSUP at once, nothing changed, where zeroing would be no faster
+    than writing zeros (NBD_CMD_FLAG_FAST_ZERO; QEMU's BDRV_REQ_NO_FALLBACK)."""
+
+
 class Status(Flag):
     """What block_status knows of a range (QEMU's BDRV_BLOCK_* bits, simplified)."""
 
@@ -81,6 +93,12 @@ class BlockDriver:
 
     discard_granularity: int = 1
     """Smallest unit a discard frees (a qcow2 cluster): what users of the medium are told."""
+
+    supported_write_flags: WriteFlags = WriteFlags.NONE
+    """The :class:`WriteFlags` the driver honours itself; the layer passes only those on and
+    does the rest: FUA as the request then a flush of the node, NO_FALLBACK as ENOTSUP at
+    once unless the range reads as zeros already. A filter gets every flag, and passes it
+    on with the request."""
 
     def __init__(self, node: NodeContext) -> None:
         self.node = node
@@ -195,11 +213,21 @@ class BlockDriver:
             raise NotImplementedError(f"{self.name} cannot read")
         await self.filtered.readinto(offset, buf)
 
-    async def write(self, offset: int, data: memoryview) -> None:
-        """Store ``data`` at ``offset``."""
+    def read_now(self, offset: int, buf: memoryview) -> bool:
+        """Fill ``buf`` with the bytes at ``offset`` without awaiting, if that cannot block
+        (a host file whose page cache holds them, with no host call on the range in
+        flight); False, ``buf`` in any state, if not. The request path's short path
+        (:meth:`Node.read_now`) ends here, at the driver where :meth:`locate` stops.
+        Generic: False."""
+        return False
+
+    async def write(
+        self, offset: int, data: memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
+        """Store ``data`` at ``offset``; ``flags`` holds only :attr:`supported_write_flags`."""
         if not self.is_filter:
             raise BlockError(errno.EROFS, f"{self.name} does not support writing")
-        await self.filtered.write(offset, data)
+        await self.filtered.write(offset, data, flags)
 
     async def flush(self) -> None:
         """Make acknowledged writes durable; generic: flush every child."""
@@ -213,16 +241,19 @@ class BlockDriver:
         if self.is_filter:
             await self.filtered.discard(offset, length)
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        """Make the range read as zeros; generic: write zeros (unmap is a hint)."""
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
+        """Make the range read as zeros; generic: write zeros (unmap is a hint). A driver
+        that supports NO_FALLBACK never gets here with it."""
         if self.is_filter:
-            await self.filtered.write_zeroes(offset, length, unmap)
+            await self.filtered.write_zeroes(offset, length, unmap, flags)
             return
         zeros = memoryview(bytes(min(length, ZERO_CHUNK)))
         end = offset + length
         while offset < end:
             chunk = min(end - offset, len(zeros))
-            await self.write(offset, zeros[:chunk])
+            await self.write(offset, zeros[:chunk], flags)
             offset += chunk
 
     async def length(self) -> int:

@@ -15,10 +15,10 @@ import errno
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from time import perf_counter_ns
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from blkfs.block.dirty import DirtyBitmaps
-from blkfs.block.driver import BlockDriver, Extent
+from blkfs.block.driver import BlockDriver, Extent, Status, WriteFlags
 from blkfs.block.options import COMMON_OPTIONS
 from blkfs.block.perm import ALL, NO_PERM, Perm, Role, Use
 from blkfs.block.request import RangeLocks, Requests, align_down, align_up, is_aligned, is_zero
@@ -26,6 +26,21 @@ from blkfs.errors import BlockError
 
 if TYPE_CHECKING:
     from blkfs.block.graph_build import BuildingGraph
+
+FAST_ZERO_EXTENTS = 16
+"""Block status calls a fast zero the driver cannot do may take to find the range zeroed
+already: more would not be fast."""
+
+
+class WriteCall(Protocol):
+    """:meth:`Node.write`, as a child edge holds it."""
+
+    async def __call__(
+        self,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        flags: WriteFlags = WriteFlags.NONE,
+    ) -> None: ...
 
 
 class Child:
@@ -41,7 +56,7 @@ class Child:
 
     readinto: Callable[[int, memoryview], Awaitable[None]]
     """Fill the buffer with the child's bytes at the offset."""
-    write: Callable[[int, bytes | bytearray | memoryview], Awaitable[None]]
+    write: WriteCall
     """Write the data at the offset of the child."""
 
     def __init__(
@@ -94,8 +109,10 @@ class Child:
     async def discard(self, offset: int, length: int) -> None:
         await self.node.discard(offset, length)
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
-        await self.node.write_zeroes(offset, length, unmap)
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool = False, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
+        await self.node.write_zeroes(offset, length, unmap, flags)
 
     async def truncate(self, length: int) -> None:
         await self.node.truncate(length)
@@ -308,6 +325,29 @@ class Node:
         )
         await self._requests.run(self.stats.read, length, read, offset, buf)
 
+    def read_now(self, offset: int, buf: memoryview) -> bool:
+        """The request path's short path: fill ``buf`` at once if the range maps, through
+        this node and those below (:meth:`BlockDriver.locate`), to zeros or to a driver that
+        reads it without blocking (:meth:`BlockDriver.read_now`: a host file's page cache);
+        False, ``buf`` in any state, if not, or if a node on the way is drained (the read
+        then takes the request path, and waits at that node's door). Nothing awaits in
+        between, so no mapping changes and no drain begins under the read: the nodes it
+        skips need not count it in flight, and a write in flight on the host range is
+        seen by the host file's range locks."""
+        node, length = self, buf.nbytes
+        while not node.tracker.quiesced:
+            located = node.driver.locate(offset, length)
+            if located is None:
+                return node.request_alignment == 1 and node.driver.read_now(offset, buf)
+            for passed in located.passed:
+                if passed.tracker.quiesced:
+                    return False
+            if located.child is None:
+                buf[:] = bytes(length)
+                return True
+            node, offset = located.child.node, located.offset
+        return False
+
     async def _read_unaligned(self, offset: int, buf: memoryview) -> None:
         """Read the ``request_alignment`` blocks around the range and copy out of them."""
         align = self.request_alignment
@@ -317,27 +357,42 @@ class Node:
         await self.driver.read(start, memoryview(bounce))
         buf[:] = bounce[offset - start : offset - start + length]
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    async def write(
+        self,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        flags: WriteFlags = WriteFlags.NONE,
+    ) -> None:
         view = data if isinstance(data, memoryview) else memoryview(data)
         length = view.nbytes
         self._check_write(offset, length)
         detect = self.values["detect-zeroes"]
         if detect != "off" and length and is_zero(view):
-            await self.write_zeroes(offset, length, unmap=detect == "unmap")
+            await self.write_zeroes(offset, length, unmap=detect == "unmap", flags=flags)
             return
         self.bitmaps.mark(offset, length)
-        await self._requests.run(self.stats.write, length, self._write, offset, view)
+        await self._requests.run(self.stats.write, length, self._write, offset, view, flags)
 
-    async def _write(self, offset: int, view: memoryview) -> None:
+    def _own_flags(self, flags: WriteFlags) -> WriteFlags:
+        """What of ``flags`` the driver does itself (the rest is the layer's to do)."""
+        return flags if self.driver.is_filter else flags & self.driver.supported_write_flags
+
+    async def _write(self, offset: int, view: memoryview, flags: WriteFlags) -> None:
+        # most writes have no flags: no Flag arithmetic for them (each is a Python call)
+        own = self._own_flags(flags) if flags else flags
         align = self.request_alignment
         if align == 1:
-            await self.driver.write(offset, view)
+            await self.driver.write(offset, view, own)
         else:
-            await self._write_aligned(offset, view, align)
+            await self._write_aligned(offset, view, align, own)
         if offset + view.nbytes > self.size:  # a growable node grew
             self.size = offset + view.nbytes
+        if flags and _layers_fua(flags, own):
+            await self.driver.flush()
 
-    async def _write_aligned(self, offset: int, view: memoryview, align: int) -> None:
+    async def _write_aligned(
+        self, offset: int, view: memoryview, align: int, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         """Write whole ``align`` blocks, read-modify-writing the ones ``view`` covers only
         in part. Writes to overlapping blocks run one at a time, so a write landing between
         a read-modify-write's read and its write is not overwritten by the stale merge."""
@@ -345,12 +400,12 @@ class Node:
         end = min(align_up(offset + view.nbytes, align), max(self.size, offset + view.nbytes))
         async with self._write_ranges.hold(start, end - start):
             if start == offset and end == offset + view.nbytes:
-                await self.driver.write(offset, view)
+                await self.driver.write(offset, view, flags)
                 return
             bounce = bytearray(end - start)
             await self.driver.read(start, memoryview(bounce))
             bounce[offset - start : offset - start + view.nbytes] = view
-            await self.driver.write(start, memoryview(bounce))
+            await self.driver.write(start, memoryview(bounce), flags)
 
     async def copy_from(self, offset: int, source: Node, source_offset: int, length: int) -> bool:
         """Write here ``length`` bytes of ``source`` without them passing through the process,
@@ -392,8 +447,13 @@ class Node:
         self.bitmaps.mark(offset, length)
         await self._requests.run(self.stats.discard, length, self.driver.discard, offset, length)
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool = False, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         self._check_write(offset, length)
+        if flags and flags & WriteFlags.NO_FALLBACK and not self._zeroes_fast(offset, length):
+            await self._requests.run(None, 0, self._zeroed_already, offset, length)
+            return
         self.bitmaps.mark(offset, length)
         await self._requests.run(
             self.stats.zero,
@@ -402,28 +462,56 @@ class Node:
             offset,
             length,
             unmap and self.values["discard"] == "unmap",
+            flags,
         )
 
-    async def _write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    def _zeroes_fast(self, offset: int, length: int) -> bool:
+        """Whether the driver may be asked to zero the range with NO_FALLBACK: it takes the
+        flag, and the range has no part-block ends to read-modify-write."""
+        align = self.request_alignment
+        return bool(self._own_flags(WriteFlags.NO_FALLBACK)) and is_aligned(offset, length, align)
+
+    async def _zeroed_already(self, offset: int, length: int) -> None:
+        """A fast zero the driver cannot do succeeds, doing nothing, where the range reads
+        as zeros already, and is ENOTSUP elsewhere (as QEMU's qcow2 does at part-cluster
+        ends); a format's block status answers this from its metadata, in a few calls."""
+        position, end = offset, offset + length
+        for _ in range(FAST_ZERO_EXTENTS):
+            if position >= end:
+                return
+            extent = await self.driver.block_status(position, end - position)
+            if Status.ZERO not in extent.status:
+                break
+            position += extent.length
+        if position < end:
+            raise BlockError(
+                errno.ENOTSUP,
+                f"node '{self.name}': zeroing {offset}+{length} would be no faster "
+                "than writing zeros",
+            )
+
+    async def _write_zeroes(self, offset: int, length: int, unmap: bool, flags: WriteFlags) -> None:
         """The driver zeroes whole ``request_alignment`` blocks; the blocks at either end
         that the range covers only in part are written as zeros, read-modify-written like
         any unaligned write (QEMU's bdrv_co_do_pwrite_zeroes)."""
+        own = self._own_flags(flags) if flags else flags
         align = self.request_alignment
         end = offset + length
         head = min(end, align_up(offset, align))
         tail = max(head, align_down(end, align))
         if head == offset and tail == end:  # aligned (always, with an alignment of 1)
-            await self.driver.write_zeroes(offset, length, unmap)
-            return
-        if head == tail:  # no whole block inside: one read-modify-write, as QEMU's
-            await self._write_aligned(offset, memoryview(bytes(length)), align)
-            return
-        if offset < head:
-            await self._write_aligned(offset, memoryview(bytes(head - offset)), align)
-        if head < tail:
-            await self.driver.write_zeroes(head, tail - head, unmap)
-        if tail < end:
-            await self._write_aligned(tail, memoryview(bytes(end - tail)), align)
+            await self.driver.write_zeroes(offset, length, unmap, own)
+        elif head == tail:  # no whole block inside: one read-modify-write, as QEMU's
+            await self._write_aligned(offset, memoryview(bytes(length)), align, own)
+        else:
+            if offset < head:
+                await self._write_aligned(offset, memoryview(bytes(head - offset)), align, own)
+            if head < tail:
+                await self.driver.write_zeroes(head, tail - head, unmap, own)
+            if tail < end:
+                await self._write_aligned(tail, memoryview(bytes(end - tail)), align, own)
+        if flags and _layers_fua(flags, own):
+            await self.driver.flush()
 
     async def truncate(self, length: int) -> None:
         if self.read_only:
@@ -436,3 +524,8 @@ class Node:
     async def block_status(self, offset: int, length: int) -> Extent:
         self._check(offset, length)
         return await self.driver.block_status(offset, length)
+
+
+def _layers_fua(flags: WriteFlags, own: WriteFlags) -> bool:
+    """Whether FUA was asked and the driver left it to the layer (a flush after the write)."""
+    return bool(flags & WriteFlags.FUA) and not own & WriteFlags.FUA

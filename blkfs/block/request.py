@@ -23,24 +23,24 @@ T = TypeVar("T")
 class Tracker:
     """Counts requests in flight; :meth:`drained` holds new ones and waits for the rest."""
 
-    __slots__ = ("_idle", "_quiesced", "_resume", "in_flight")
+    __slots__ = ("_idle", "_resume", "in_flight", "quiesced")
 
     def __init__(self) -> None:
         self.in_flight = 0
-        self._quiesced = 0
+        self.quiesced = 0
         self._idle: trio.Event | None = None
         self._resume = trio.Event()
 
     async def enter(self) -> None:
         """Admit one request, waiting while the tracker is drained (:meth:`Requests.run`
         does the same inline)."""
-        while self._quiesced:
+        while self.quiesced:
             await self._resume.wait()
         self.in_flight += 1
 
     def try_enter(self) -> bool:
         """Admit one request if the tracker is not drained (no waiting)."""
-        if self._quiesced:
+        if self.quiesced:
             return False
         self.in_flight += 1
         return True
@@ -53,13 +53,13 @@ class Tracker:
     def hold(self) -> None:
         """Hold new requests at the door until :meth:`release`, without waiting for those
         inside (a paused backend: they wait themselves)."""
-        if self._quiesced == 0:
+        if self.quiesced == 0:
             self._resume = trio.Event()
-        self._quiesced += 1
+        self.quiesced += 1
 
     def release(self) -> None:
-        self._quiesced -= 1
-        if self._quiesced == 0:
+        self.quiesced -= 1
+        if self.quiesced == 0:
             self._resume.set()
 
     async def idle(self) -> None:
@@ -142,7 +142,7 @@ class Requests:
         Every request of every node passes here, so :meth:`Tracker.enter` and
         :meth:`Tracker.leave` are written out: the same steps without a call each."""
         tracker = self.tracker
-        while tracker._quiesced:
+        while tracker.quiesced:
             await tracker._resume.wait()
         tracker.in_flight += 1
         start = perf_counter_ns()

@@ -189,9 +189,12 @@ class RingDoor:
         """A read into ``buf`` at ``offset``; the outcome is the count read."""
         return lambda host: self._begin(host, OP_READ, fd, buf, offset, 0)
 
-    def write(self, fd: int, data: memoryview, offset: int) -> Callable[[HostCall], None]:
-        """A write of ``data`` at ``offset``; the outcome is the count written."""
-        return lambda host: self._begin(host, OP_WRITE, fd, data, offset, 0)
+    def write(
+        self, fd: int, data: memoryview, offset: int, flags: int = 0
+    ) -> Callable[[HostCall], None]:
+        """A write of ``data`` at ``offset`` with pwritev2's ``flags``; the outcome is the
+        count written."""
+        return lambda host: self._begin(host, OP_WRITE, fd, data, offset, flags)
 
     def fdatasync(self, fd: int) -> Callable[[HostCall], None]:
         return lambda host: self._begin(host, OP_FSYNC, fd, None, 0, FSYNC_DATASYNC)

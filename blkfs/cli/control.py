@@ -49,7 +49,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         return 0
     words = [
         f"{key}={os.path.abspath(path)}"
-        if args.command == "export" and key in ("socket", "tls-creds") and sep
+        if args.command == "export" and key in ("socket", "tls-creds", "tls-authz") and sep
         else word
         for word in args.args
         for key, sep, path in [word.partition("=")]

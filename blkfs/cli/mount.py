@@ -77,6 +77,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="with --nbd-tls-creds, require clients' certificates signed by DIR/ca-cert.pem",
     )
     mount.add_argument(
+        "--nbd-tls-authz",
+        metavar="FILE",
+        help="with --nbd-tls-creds, let in only clients whose certificate's distinguished name "
+        "a line of FILE matches (a glob, such as CN=host*.example.com,O=Example)",
+    )
+    mount.add_argument(
         "--nbd-tls",
         metavar="on|off",
         help="off: serve a TCP --nbd in plaintext (refused otherwise without --nbd-tls-creds)",

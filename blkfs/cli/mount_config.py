@@ -34,6 +34,7 @@ CONFIG_KEYS = (
     "nbd-tls",
     "nbd-tls-creds",
     "nbd-tls-verify-peer",
+    "nbd-tls-authz",
     "exports",
     "qmp",
     "poll-max-ns",
@@ -180,6 +181,9 @@ def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> ExporterFact
                 else data.get("nbd-tls-creds"),
                 _flag(args.nbd_tls, data.get("nbd-tls")),
                 _flag(args.nbd_tls_verify_peer, data.get("nbd-tls-verify-peer")),
+                os.path.abspath(args.nbd_tls_authz)
+                if args.nbd_tls_authz
+                else data.get("nbd-tls-authz"),
             )
             if server is not None
             else PLAINTEXT
@@ -187,7 +191,7 @@ def nbd_frontend(data: dict[str, Any], args: argparse.Namespace) -> ExporterFact
     except BlockError as exc:
         raise UsageError(
             f"--nbd: {exc.message} (here: --nbd-tls-creds DIR, --nbd-tls-verify-peer on, "
-            "--nbd-tls off)"
+            "--nbd-tls-authz FILE, --nbd-tls off)"
         ) from None
 
     def nbd(layer: BlockLayer, commands: Commands) -> NbdFrontend:

@@ -138,12 +138,20 @@ def format_status(backends: list[BackendStatus]) -> str:
         for b in backends
         if b["paused"]
     )
+    lines.extend(_passthrough_line(b) for b in backends if b["passthrough"]["on"])
     for b in backends:
         if b["tree"]:
             lines.append("")
             lines.append(f"{b['name']}:")
             lines.extend(_tree_lines(b["tree"], "  ", "root"))
     return "\n".join(lines) + "\n"
+
+
+def _passthrough_line(b: BackendStatus) -> str:
+    p = b["passthrough"]
+    if p["open"]:
+        return f"{b['name']}: passthrough=on, {p['open']} file(s) served by the kernel"
+    return f"{b['name']}: passthrough=on" + (f", not now: {p['why-not']}" if p["why-not"] else "")
 
 
 def format_exports(exports: list[ExportStatus]) -> str:

@@ -24,7 +24,7 @@ import errno
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from blkfs.block import REQUIRED, BlockDriver, Child, ChildSpec, Option, Perm
+from blkfs.block import REQUIRED, BlockDriver, Child, ChildSpec, Option, Perm, WriteFlags
 from blkfs.errors import BlockError
 
 
@@ -63,12 +63,18 @@ class JobFilter(BlockDriver):
             return nperm & ~Perm.CONSISTENT_READ, nshared | Perm.WRITE
         return nperm, nshared
 
-    async def write(self, offset: int, data: memoryview) -> None:
-        await self.job.intercept(offset, data.nbytes, lambda: self.filtered.write(offset, data))
-
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def write(
+        self, offset: int, data: memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         await self.job.intercept(
-            offset, length, lambda: self.filtered.write_zeroes(offset, length, unmap)
+            offset, data.nbytes, lambda: self.filtered.write(offset, data, flags)
+        )
+
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
+        await self.job.intercept(
+            offset, length, lambda: self.filtered.write_zeroes(offset, length, unmap, flags)
         )
 
     async def discard(self, offset: int, length: int) -> None:

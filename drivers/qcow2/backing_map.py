@@ -37,16 +37,17 @@ CAPACITY = 1 << 15
 
 
 class Route:
-    """How a located read goes: from ``file`` (None: zeros), admitted by ``trackers``, as a
-    request in flight in ``layers``."""
+    """How a located read goes: from ``file`` (None: zeros), past the nodes ``passed``
+    (admitted by their ``trackers``), as a request in flight in ``layers``."""
 
-    __slots__ = ("file", "layers", "trackers")
+    __slots__ = ("file", "layers", "passed", "trackers")
 
     def __init__(
-        self, file: Child | None, trackers: tuple[Tracker, ...], layers: tuple[Qcow2Driver, ...]
+        self, file: Child | None, passed: tuple[Node, ...], layers: tuple[Qcow2Driver, ...]
     ) -> None:
         self.file = file
-        self.trackers = trackers
+        self.passed = passed
+        self.trackers: tuple[Tracker, ...] = tuple(node.tracker for node in passed)
         self.layers = layers
 
     def enter(self) -> bool:
@@ -120,4 +121,4 @@ class BackingMap:
                 self._watched.append(driver)
             if isinstance(driver, self._layer_type):
                 layers.append(driver)
-        return Route(located.child, tuple(node.tracker for node in passed), tuple(layers))
+        return Route(located.child, passed, tuple(layers))

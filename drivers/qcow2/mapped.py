@@ -14,15 +14,19 @@ import zstandard
 from blkfs.block import BlockDriver, Child, Extent, Status
 from blkfs.block.driver import Located
 
-from .backing_map import BackingMap
+from .backing_map import BackingMap, Route
 from .cache import CachedTables, L1Table, TableCache
 from .mapping import (
     OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_ZERO,
+    UNALLOCATED,
     ClusterMapping,
     Extents,
     Geometry,
     Kind,
     corrupt,
+    decode,
     map_table,
 )
 from .metadata import Metadata
@@ -125,59 +129,103 @@ class MappedImage(BlockDriver):
             else:
                 view[:] = bytes(length)
 
+    def _below(self, guest: int, length: int) -> tuple[Route, int] | None:
+        """Where the backing chain holds the ``length`` bytes at ``guest`` (one cluster at
+        most): the route and the host offset of ``guest``, from the backing map (learnt now
+        if it can be); None if the range crosses a cluster or the chain cannot say."""
+        bits = self.geometry.cluster_bits
+        cluster = guest >> bits
+        if (guest + length - 1) >> bits != cluster:
+            return None
+        found = self.below.entries.get(cluster)
+        if found is None:
+            start = cluster << bits
+            found = self.below.learn(
+                cluster,
+                self.child("backing"),
+                start,
+                min(start + self.cluster_size, self.backing_size) - start,
+            )
+            if found is None:
+                return None
+        return found[0], found[1] + guest - (cluster << bits)
+
     async def _read_backing(self, guest: int, view: memoryview) -> None:
         """Read from the backing chain: in one step where the backing map knows (or can
         learn at once) which layer holds the cluster, else through the backing file's
         request path (a read across clusters, a chain that cannot say, a drained layer)."""
-        bits = self.geometry.cluster_bits
-        cluster = guest >> bits
-        if (guest + view.nbytes - 1) >> bits == cluster:
-            found = self.below.entries.get(cluster)
-            if found is None:
-                start = cluster << bits
-                found = self.below.learn(
-                    cluster,
-                    self.child("backing"),
-                    start,
-                    min(start + self.cluster_size, self.backing_size) - start,
-                )
-            if found is not None:
-                route, host = found
-                if route.enter():
-                    try:
-                        if route.file is None:
-                            view[:] = bytes(view.nbytes)
-                        else:
-                            await route.file.readinto(host + guest - (cluster << bits), view)
-                    finally:
-                        route.leave()
-                    return
+        found = self._below(guest, view.nbytes)
+        if found is not None:
+            route, host = found
+            if route.enter():
+                try:
+                    if route.file is None:
+                        view[:] = bytes(view.nbytes)
+                    else:
+                        await route.file.readinto(host, view)
+                finally:
+                    route.leave()
+                return
         await self.child("backing").readinto(guest, view)
 
     def locate(self, offset: int, length: int, *, write: bool = False) -> Located | None:
         """From cached L2 tables only: one run of data in the image file, zeros, or what
         the backing chain says for a range this image leaves to it (a write: see
-        :class:`WritableImage`, which knows where one may go in place)."""
+        :class:`WritableImage`, which knows where one may go in place).
+
+        Every read's short path asks this first (:meth:`Node.read_now`), so a range inside
+        one cluster of a standard L2 table, every 4 KiB read's, is answered from its one
+        entry: data or unallocated without a :class:`ClusterMapping` or the extents of
+        :meth:`_cached_extents` (which cost as much as the rest of such a read)."""
         if write:
             return None
-        extents = self._cached_extents(offset, length)
-        if extents is None or len(extents) != 1:
-            return None
-        mapping = extents[0][2]
+        geometry = self.geometry
+        bits = geometry.cluster_bits
+        if geometry.extended_l2 or (offset ^ (offset + length - 1)) >> bits:
+            extents = self._cached_extents(offset, length)
+            if extents is None or len(extents) != 1:
+                return None
+            mapping = extents[0][2]
+        else:
+            l1_index = offset >> geometry.l1_shift
+            l1 = self.l1
+            table_offset = l1[l1_index] & OFFSET_MASK if l1_index < len(l1) else 0
+            if table_offset:
+                table = self.l2_cache.get(table_offset)
+                if table is None:
+                    return None
+                entry = table[(offset >> bits) & (geometry.l2_entries - 1)]
+                if entry & (OFLAG_COMPRESSED | OFLAG_ZERO):
+                    mapping = decode(entry, 0, geometry, 0)
+                elif entry & OFFSET_MASK:
+                    return self._located_data(entry & OFFSET_MASK, offset, length)
+                else:
+                    mapping = UNALLOCATED
+            else:
+                mapping = UNALLOCATED
         kind = mapping.kind
         if kind is Kind.NORMAL:
-            host = mapping.host + offset % self.cluster_size
-            if host + length > self.file.node.size:
-                return None  # the request path reports the corruption
-            return Located(self.file, host)
+            return self._located_data(mapping.host, offset, length)
         if kind is Kind.ZERO or (kind is Kind.UNALLOCATED and offset >= self.backing_size):
             return Located(None, 0)
         if kind is Kind.UNALLOCATED and offset + length <= self.backing_size:
+            found = self._below(offset, length)
+            if found is not None:
+                return Located(found[0].file, found[1], found[0].passed)
             backing = self.child("backing")
             below = backing.node.driver.locate(offset, length)
             if below is not None:
                 return Located(below.child, below.offset, (backing.node, *below.passed))
         return None
+
+    def _located_data(self, cluster: int, offset: int, length: int) -> Located | None:
+        """Guest ``offset`` in the data cluster at host ``cluster``; None where it lies past
+        the end of the image file (the request path reports the corruption)."""
+        self.geometry.check_cluster(cluster, "data cluster")
+        host = cluster + offset % self.cluster_size
+        if host + length > self.file.node.size:
+            return None
+        return Located(self.file, host)
 
     def watch_locations(self, changed: Callable[[], None]) -> None:
         self._location_watchers.add(changed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from array import array
 
-from blkfs.block import BlockError
+from blkfs.block import BlockError, WriteFlags
 from blkfs.block.driver import Located
 
 from .mapped import MappedImage
@@ -37,7 +37,9 @@ class WritableImage(MappedImage):
         if self.header.autoclear_features & ~MAINTAINED_AUTOCLEAR:
             await self.metadata.clear_autoclear()
 
-    async def write(self, offset: int, data: memoryview) -> None:
+    async def write(
+        self, offset: int, data: memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         runs = (
             None
             if self.header.autoclear_features & ~MAINTAINED_AUTOCLEAR
@@ -182,7 +184,9 @@ class WritableImage(MappedImage):
 
     # -- zeroing and discard ----------------------------------------------------------------
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         async with self.lock:
             await self._changing()
             await self._zero(offset, length, unmap, write=True)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from ctypes import c_void_p
 from typing import Any
 
-from blkfs.block import BlockDriver, BlockError, Extent, Option, Status
+from blkfs.block import BlockDriver, BlockError, Extent, Option, Status, WriteFlags
 from blkfs.block.options import REQUIRED
 from blkfs.block.workers import HostQueue
 
@@ -166,7 +166,9 @@ class RbdDriver(BlockDriver):
             f"rbd: {self.where}: read {offset}+{buf.nbytes}",
         )
 
-    async def write(self, offset: int, data: memoryview) -> None:
+    async def write(
+        self, offset: int, data: memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         pointer, _kept = librbd.address(data)  # alive until librbd is done with it
         await self._aio(
             lambda c: self._rbd.rbd_aio_write(self.image, offset, data.nbytes, pointer, c),
@@ -185,7 +187,9 @@ class RbdDriver(BlockDriver):
                 f"rbd: {self.where}: discard {start}+{count}",
             )
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         """librbd's write-zeroes, which deallocates whole objects and zeroes the rest:
         a range reads as zeros afterwards either way (thin, as QEMU's rbd driver)."""
         for start, count in _pieces(offset, length, MAX_REQUEST):

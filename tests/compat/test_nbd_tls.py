@@ -6,6 +6,7 @@ protocol's errors."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from tests.conftest import needs_fuse
 from tests.helpers import Mount, MountError, blkfs
 from tests.nbdpeers import needs_nbd_tools, qemu_nbd
 from tests.qmp.peer import drive
-from tests.tls import client_of_another_ca
+from tests.tls import client_named, client_of_another_ca
 
 pytestmark = [needs_nbd_tools, needs_fuse, pytest.mark.fuse, pytest.mark.qemu]
 SIZE = 8 * MiB
@@ -191,3 +192,169 @@ def test_block_export_add_with_tls_creds(mount_factory, credentials: Path, tmp_p
     assert export["tls"] and export["name"] == "disk"
     uri = f"nbds://{export['address']}/disk?tls-certificates={credentials}"
     assert json.loads(run("nbdinfo", "--json", "--no-content", uri).stdout)["TLS"] is True
+
+
+ALICE = "O=blkfs tests,CN=alice.example.com"
+"""A client certificate's distinguished name as QEMU's tls-authz objects match it."""
+
+
+@pytest.fixture
+def clients(tmp_path: Path, credentials: Path) -> tuple[Path, Path]:
+    """Two clients' directories, certificates signed by the server's CA: alice's and
+    mallory's."""
+    alice = client_named(tmp_path / "alice", credentials, "/O=blkfs tests/CN=alice.example.com")
+    mallory = client_named(tmp_path / "mallory", credentials, "/O=blkfs tests/CN=mallory")
+    return alice, mallory
+
+
+def test_tls_authz_lets_in_only_the_certificates_it_names(
+    tmp_path: Path, credentials: Path, clients: tuple[Path, Path], mount_factory
+) -> None:
+    """qemu-io, qemu-img and nbdinfo with certificates of one CA: the client whose name a
+    line of the tls-authz file matches reads and writes; another is refused with
+    NBD_REP_ERR_POLICY, logged with the backend and its name; the daemon lives."""
+    alice, mallory = clients
+    authz = tmp_path / "allowed"
+    authz.write_text("# who may connect\n\nO=blkfs tests,CN=alice.*\nO=blkfs tests,CN=bob\n")
+    image = convert(tmp_path, "disk", size=SIZE)
+    mount = mount_factory(
+        "--backend",
+        f"d={image}",
+        "--nbd",
+        "127.0.0.1:0",
+        "--nbd-tls-creds",
+        str(credentials),
+        "--nbd-tls-authz",
+        str(authz),
+        "--export",
+        "d writable=on",
+    )
+    (export,) = mount.status()["exports"]
+    host, port = export["address"].rsplit(":", 1)
+    opts = f"driver=nbd,server.type=inet,server.host={host},server.port={port},export=d"
+    write = ("-c", "write -P 0x61 0 64k")
+    run("qemu-io", "--object", tls_object(alice), "--image-opts", *write, f"{opts},tls-creds=tls0")
+    assert (mount / "d").read_bytes()[: 64 * 1024] == b"a" * 64 * 1024
+    uri = f"nbds://{export['address']}/d?tls-certificates="
+    assert json.loads(run("nbdinfo", "--json", f"{uri}{alice}").stdout)["TLS"] is True
+
+    said = "client certificate 'O=blkfs tests,CN=mallory' is not allowed by tls-authz"
+    mallory_opts = ("--object", tls_object(mallory), "--image-opts", f"{opts},tls-creds=tls0")
+    refused = run("qemu-io", *mallory_opts, *write, check=False)
+    assert refused.returncode != 0 and f"server reported: {said}" in refused.stderr, refused
+    listed = subprocess.run(  # libnbd shows the server's error message only when debugging
+        ["nbdinfo", "--list", f"{uri}{mallory}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LIBNBD_DEBUG": "1"},
+    )
+    assert listed.returncode != 0 and f"server error message: {said}" in listed.stderr
+    driver = f"nbds://{export['address']}/d,tls-creds="  # blkfs's own nbd driver
+    assert mount.ctl_errno("create", f"m {driver}{mallory}") == errno.EACCES
+    assert said in mount.last_error()
+    mount.ctl("create", f"a {driver}{alice}")
+    assert (mount / "a").read_bytes() == (mount / "d").read_bytes()
+    mount.ctl("delete", "a")
+    (export,) = mount.status()["exports"]
+    assert export["stats"]["connections"] == 3 and mount.alive()
+    assert (mount / "d").read_bytes()[: 64 * 1024] == b"a" * 64 * 1024
+    log = mount.log.read_text()
+    assert "Traceback" not in log and f"client certificate '{ALICE}'" in log
+    assert "d: nbd: 127.0.0.1:" in log and f"refused export 'd': {said} {authz}" in log
+    assert f"refused the export list: {said} {authz}" in log
+
+
+def test_qemu_names_a_certificate_as_tls_authz_does(
+    tmp_path: Path, credentials: Path, clients: tuple[Path, Path]
+) -> None:
+    """The name a tls-authz line matches is the one QEMU's authz objects match: qemu-nbd
+    with authz-simple for ALICE lets alice in and refuses mallory."""
+    alice, mallory = clients
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(MiB))
+    sock = tmp_path / "q.sock"
+    identity = ALICE.replace(",", ",,")
+    with qemu_nbd(
+        image,
+        "raw",
+        sock,
+        "--object",
+        f"{tls_object(credentials, 'server')},verify-peer=on",
+        "--object",
+        f"authz-simple,id=authz0,identity={identity}",
+        "--tls-creds",
+        "tls0",
+        "--tls-authz",
+        "authz0",
+    ):
+        opts = (
+            f"driver=nbd,server.type=unix,server.path={sock},export=disk0,"
+            "tls-creds=tls0,tls-hostname=localhost"
+        )
+        run("qemu-img", "info", "--object", tls_object(alice), "--image-opts", opts)
+        refused = run(
+            "qemu-img", "info", "--object", tls_object(mallory), "--image-opts", opts, check=False
+        )
+        assert refused.returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("words", "says"),
+    [
+        ("tls-authz=allowed", "must be an absolute file name"),
+        ("tls-authz={dir}/nosuch", "tls-authz {dir}/nosuch: No such file or directory"),
+        ("tls-authz={dir}/empty", "no distinguished name is allowed"),
+        ("tls-authz={dir}/allowed tls-verify-peer=off", "cannot be given with tls-verify-peer=off"),
+        ("tls-authz={dir}/allowed tls=off", "tls=off cannot be given"),
+    ],
+)
+def test_a_bad_tls_authz_exports_nothing(
+    mount_factory, credentials: Path, tmp_path: Path, words: str, says: str
+) -> None:
+    (tmp_path / "allowed").write_text(ALICE + "\n")
+    (tmp_path / "empty").write_text("# nobody\n")
+    mount = mount_factory("--backend", "n=driver=null,size=1M")
+    sock = tmp_path / "e.sock"
+    given = words.format(dir=tmp_path)
+    assert mount.ctl_errno("export", f"n socket={sock} tls-creds={credentials} {given}") != 0
+    assert says.format(dir=tmp_path) in mount.last_error()
+    assert mount.status()["exports"] == [] and not sock.exists()
+
+
+def test_block_export_add_with_tls_authz(
+    mount_factory, credentials: Path, clients: tuple[Path, Path], tmp_path: Path
+) -> None:
+    alice, mallory = clients
+    authz = tmp_path / "allowed"
+    authz.write_text(ALICE + "\n")
+    sock = tmp_path / "qmp"
+    mount = mount_factory(
+        "--qmp",
+        f"unix:{sock}",
+        "--nbd",
+        "127.0.0.1:0",
+        "--nbd-tls-creds",
+        str(credentials),
+        "--nbd-tls-authz",
+        str(authz),
+    )
+    image = convert(tmp_path, "disk", size=SIZE)
+
+    async def body(client: QMPClient) -> None:
+        node = {"driver": "qcow2", "file": {"driver": "file", "filename": str(image)}}
+        await client.execute("blockdev-add", {"node-name": "n0", **node})
+        export = {"type": "nbd", "id": "e0", "node-name": "n0", "tls-creds": str(credentials)}
+        with pytest.raises(ExecuteError, match="takes its TLS as it is"):  # not the server's
+            await client.execute("block-export-add", export)
+        with pytest.raises(ExecuteError, match="'tls-authz' is unexpected"):
+            await client.execute(
+                "block-export-add", {"type": "fuse", "id": "f", "node-name": "n0", "tls-authz": "x"}
+            )
+        await client.execute("block-export-add", export | {"tls-authz": str(authz)})
+
+    drive(sock, body)
+    (export,) = mount.status()["exports"]
+    uri = f"nbds://{export['address']}/n0?tls-certificates="
+    assert json.loads(run("nbdinfo", "--json", f"{uri}{alice}").stdout)["TLS"] is True
+    assert run("nbdinfo", f"{uri}{mallory}", check=False).returncode != 0

@@ -97,3 +97,58 @@ def test_refused_throttles_change_nothing(monitor: Monitor, images: Path) -> Non
         assert not mount.backends()["empty"]["medium"]
 
     drive(path, body)
+
+
+def chain_of(monitor: Monitor) -> list[Any]:
+    """The backend's tree from the root down: a throttle filter's limits and group, a job
+    filter's driver, an image's name."""
+    seen: list[Any] = []
+    at = tree(monitor)
+    while at is not None:
+        if at["driver"] == "throttle":
+            seen.append((at["info"]["limits"], at["info"]["throttle-group"]))
+            at = at["children"]["file"]
+        elif at["driver"] != "qcow2":  # a job's filter
+            seen.append(at["driver"])
+            at = at["children"]["file"]
+        else:
+            seen.append(Path(at["children"]["file"]["options"]["filename"]).name)
+            at = at["children"].get("backing")
+    return seen
+
+
+def test_a_snapshot_goes_under_the_throttle_and_a_commit_keeps_it(
+    monitor: Monitor, images: Path
+) -> None:
+    """The limits belong to the device, as in QEMU's BlockBackend: blockdev-snapshot-sync
+    puts the overlay under them, and an active commit's switch keeps them."""
+    mount, path = monitor
+    mount.ctl("create", f"d {qcow2(images / 'base.qcow2')}")
+
+    async def body(client: QMPClient) -> None:
+        limits = ({"bps-write": 64 * MiB}, "g")
+        (mount / "d").write_bytes(b"b" * MiB)
+        await client.execute(
+            "block_set_io_throttle", {**OFF, "id": "d", "bps_wr": 64 * MiB, "group": "g"}
+        )
+        await client.execute(
+            "blockdev-snapshot-sync", {"device": "d", "snapshot-file": str(images / "top.qcow2")}
+        )
+        assert chain_of(monitor) == [limits, "top.qcow2", "base.qcow2"]
+        retuned = {**OFF, "id": "d", "bps_wr": 32 * MiB, "group": "g"}
+        await client.execute("block_set_io_throttle", retuned)  # in place: kept as retuned
+        limits = ({"bps-write": 32 * MiB}, "g")
+        with (mount / "d").open("r+b") as disk:
+            disk.seek(MiB)
+            disk.write(b"t" * MiB)
+        await client.execute("block-commit", {"device": "d", "job-id": "c"})
+        while (await client.events.get())["event"] != "BLOCK_JOB_READY":
+            pass
+        assert chain_of(monitor)[:2] == [limits, "mirror-top"]  # an active commit's filter
+        await client.execute("job-complete", {"id": "c"})
+        while (await client.events.get())["event"] != "BLOCK_JOB_COMPLETED":
+            pass
+        assert chain_of(monitor) == [limits, "base.qcow2"]
+
+    drive(path, body)
+    assert (mount / "d").read_bytes()[: 2 * MiB] == b"b" * MiB + b"t" * MiB

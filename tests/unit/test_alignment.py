@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from blkfs.block import BlockDriver, ChildSpec, Graph
+from blkfs.block import BlockDriver, ChildSpec, Graph, WriteFlags
 from blkfs.block.registry import DriverRegistry
 
 ALIGN = 4096
@@ -39,10 +39,12 @@ class AlignedDriver(BlockDriver):
             await self.gate.wait()
         await self.child("file").readinto(offset, buf)
 
-    async def write(self, offset: int, data: memoryview) -> None:
+    async def write(
+        self, offset: int, data: memoryview, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         self._record("write", offset, data.nbytes)
         await trio.sleep(0)
-        await self.child("file").write(offset, data)
+        await self.child("file").write(offset, data, flags)
 
     async def length(self) -> int:
         return self.child("file").node.size

@@ -95,7 +95,7 @@ def test_every_command_is_declared_once_with_its_usage() -> None:
     assert COMMANDS["create"].usage() == (
         "NAME [OPTIONS] [on-change=follow|error] "
         "[werror=report|ignore|enospc|stop] "
-        "[rerror=report|ignore|enospc|stop]"
+        "[rerror=report|ignore|enospc|stop] [passthrough=on]"
     )
     assert COMMANDS["cont"].usage() == "[NAME]"
     assert COMMANDS["job-set-speed"].usage() == "JOB-ID speed=RATE"

@@ -179,6 +179,18 @@ async def test_export_del_and_delete_close_what_is_no_longer_offered(
             await trio.sleep(0.01)
 
 
+async def test_a_client_that_has_hung_up_does_not_hold_its_export(served, tmp_path: Path) -> None:
+    """A script that runs ``nbdcopy`` and then ``export-del`` is not refused because the server
+    has not yet read the hang-up of the client that just left."""
+    layer, commands, frontend = served
+    sock = tmp_path / "s"
+    await commands.run("export", {"name": "d", "socket": str(sock)})
+    await layer.create("r", f"nbd+unix:///d?socket={sock},read-only=on")
+    await layer.delete("r")  # disconnects; the export's session has not run since
+    await commands.run("export-del", {"name": "d"})
+    assert not frontend.status() and not sock.exists()
+
+
 async def test_the_mounts_server_stays_without_exports(tmp_path: Path) -> None:
     layer = BlockLayer()
     commands = Commands(layer)

@@ -28,6 +28,7 @@ from blkfs.backend import BlockBackend, Status
 from blkfs.errors import BlockError
 from blkfs.frontends.ctl import REPORTS, VERBS, ControlFiles
 from blkfs.frontends.fuse.compat import session_loop
+from blkfs.frontends.fuse.compat.passthrough import Passthrough
 from blkfs.layer import BlockLayer
 
 log = logging.getLogger("blkfs.fuse")
@@ -82,6 +83,8 @@ class BackendHandle:
     generation: int
     """The backend's media generation when it was opened (see on-change=error)."""
     dirty: bool = False
+    passthrough: bool = False
+    """The kernel serves its reads and writes from the host file (FUSE passthrough)."""
 
     def current(self) -> BlockBackend:
         """The backend, unless its medium changed since the open and it asks its users to
@@ -149,6 +152,9 @@ class BlkfsOperations(pyfuse3.Operations):
         self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1000)
         self.nursery: trio.Nursery | None = None
         """Where requests pyfuse3 does not dispatch (fallocate, lseek) run."""
+        self.passthrough = Passthrough()
+        self.backings: dict[BlockBackend, tuple[int, int]] = {}
+        """Kernel backing id of each backend with passthrough opens, and how many."""
 
     def spawn(self, request: Callable[[], Awaitable[None]]) -> None:
         """Run a fallocate or lseek request (see :mod:`blkfs.frontends.fuse.compat.extra_ops`)."""
@@ -156,8 +162,10 @@ class BlkfsOperations(pyfuse3.Operations):
         self.nursery.start_soon(request)
 
     def init(self) -> None:
-        """The session is mounted and serving: take requests the faster way from now on."""
+        """The session is mounted and INIT is being answered: take requests the faster way
+        from now on, and ask for passthrough in the reply."""
         session_loop.install(self.poll_max_ns)
+        self.passthrough.negotiate()
 
     # -- change notification -------------------------------------------------------------
 
@@ -349,10 +357,56 @@ class BlkfsOperations(pyfuse3.Operations):
             raise BlockError(errno.ENOMEDIUM, f"{backend.name}: no medium")
         if writable and backend.read_only:
             raise BlockError(errno.EROFS, f"{backend.name}: read-only medium")
+        backing_id = await self._passthrough_backing(backend) if backend.passthrough else None
         backend.ref(writer=writable)  # the open file keeps the backend alive when deleted
         # O_TRUNC is ignored: a backend file is a disk, and `dd of=` must not empty it.
         handle = BackendHandle(backend, writable, backend.generation)
-        return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, keep_cache=False)
+        fh = self._new_handle(handle)
+        if backing_id is None:
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        handle.passthrough = True
+        handle.dirty = writable  # its writes are not seen: its close flushes the host file
+        self.passthrough.reply_open(fh, backing_id)  # the reply follows at once
+        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False)
+
+    async def _passthrough_backing(self, backend: BlockBackend) -> int | None:
+        """The kernel backing id for one more passthrough open of ``backend`` (the backend
+        then holds still until it is released), or None (the reason logged): the open is
+        then served by blkfs as usual."""
+        why = backend.passthrough_refusal() or self.passthrough.unavailable
+        if why is not None:
+            log.info("%s: opened without passthrough: %s", backend.name, why)
+            return None
+        host_fd = await backend.hold_passthrough()
+        try:
+            backing_id, opens = self.backings.get(backend, (0, 0))
+            if not opens:
+                backing_id = self.passthrough.open_backing(host_fd)
+        except OSError as exc:
+            backend.release_passthrough()
+            log.warning(
+                "%s: opened without passthrough: the kernel refused the host file: %s",
+                backend.name,
+                exc.strerror,
+            )
+            return None
+        finally:
+            os.close(host_fd)
+        self.backings[backend] = (backing_id, opens + 1)
+        return backing_id
+
+    def _release_passthrough(self, fh: int, backend: BlockBackend) -> None:
+        if self.passthrough.forget(fh):
+            log.error("%s: an open reply was not made passthrough (a bug)", backend.name)
+        backing_id, opens = self.backings.pop(backend)
+        if opens > 1:
+            self.backings[backend] = (backing_id, opens - 1)
+        else:
+            try:
+                self.passthrough.close_backing(backing_id)
+            except OSError as exc:
+                log.warning("%s: closing backing id %d: %s", backend.name, backing_id, exc)
+        backend.release_passthrough()
 
     async def _open_control(self, name: str, flags: int) -> pyfuse3.FileInfo:
         writing = flags & os.O_ACCMODE != os.O_RDONLY
@@ -488,6 +542,8 @@ class BlkfsOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
         if isinstance(handle, BackendHandle):
+            if handle.passthrough:
+                self._release_passthrough(fh, handle.backend)
             await handle.backend.unref(writer=handle.writable)
             if handle.backend.refcnt == 0:
                 self.inodes.forget(handle.backend)

@@ -176,6 +176,7 @@ class NbdFrontend:
         tls_creds: str | None = None,
         tls: bool | None = None,
         tls_verify_peer: bool | None = None,
+        tls_authz: str | None = None,
     ) -> None:
         if self._nursery is None or self._stopping.is_set():
             raise BlockError(errno.ESHUTDOWN, "the NBD frontend is not serving")
@@ -189,7 +190,7 @@ class NbdFrontend:
         release = backend.hold_bitmap(bitmap) if bitmap is not None else None
         try:
             listener = await self._listener_for(
-                socket, host, port, permissions, (tls_creds, tls, tls_verify_peer)
+                socket, host, port, permissions, (tls_creds, tls, tls_verify_peer, tls_authz)
             )
         except BaseException:
             if release is not None:
@@ -218,11 +219,11 @@ class NbdFrontend:
         host: str | None,
         port: str | None,
         permissions: int,
-        asked_tls: tuple[str | None, bool | None, bool | None],
+        asked_tls: tuple[str | None, bool | None, bool | None, str | None],
     ) -> Listener:
         """The listener an export goes on: the default server, or one of its own; with the
-        TLS asked for (tls-creds, tls, tls-verify-peer; None: not said), which an existing
-        listener must already have."""
+        TLS asked for (tls-creds, tls, tls-verify-peer, tls-authz; None: not said), which an
+        existing listener must already have."""
         if socket is None and host is None and port is None:
             listener = self.default
             if listener is None:
@@ -237,7 +238,7 @@ class NbdFrontend:
         listener = self.listeners.get(where)
         setting = (
             tls_setting(where, *asked_tls)
-            if asked_tls != (None, None, None) or listener is None
+            if asked_tls != (None, None, None, None) or listener is None
             else listener.tls
         )
         if listener is None:
@@ -260,9 +261,9 @@ class NbdFrontend:
             raise BlockError(
                 errno.ENOENT, f"no export named '{name}', and no export of a backend named '{name}'"
             )
-        busy = [e for e in targets if e.sessions]
+        busy = [e for e in targets if any(not s.hung_up() for s in e.sessions)]
         if busy and not force:
-            clients = ", ".join(s.peer for e in busy for s in e.sessions)
+            clients = ", ".join(s.peer for e in busy for s in e.sessions if not s.hung_up())
             raise BlockError(
                 errno.EBUSY,
                 f"export '{busy[0].name}' has clients ({clients}); force=on disconnects them",

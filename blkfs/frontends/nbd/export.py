@@ -9,11 +9,12 @@ the backend at the moment it asks: its size, whether it is writable, its limits.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import ssl
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
@@ -32,10 +33,13 @@ from blkfs.nbd import (
     Rep,
     TransmissionFlag,
 )
+from blkfs.nbd.authz import AuthzError, read_allowed
 from blkfs.nbd.tls import CredentialsError, server_context
 
 if TYPE_CHECKING:
     from blkfs.frontends.nbd.session import Session
+
+log = logging.getLogger("blkfs.nbd")
 
 SERVED = TransmissionFlag.SEND_FLUSH | TransmissionFlag.CAN_MULTI_CONN
 """Offered on every export: one backend serves every connection, so a flush on one covers
@@ -101,12 +105,15 @@ class Tls:
 
     creds: str | None = None
     verify_peer: bool = False
+    authz: str | None = None
+    """The tls-authz file (:mod:`blkfs.nbd.authz`): the client certificates let in."""
 
     def __str__(self) -> str:
         if self.creds is None:
             return "in plaintext"
         checked = ", client certificates checked" if self.verify_peer else ""
-        return f"over TLS (credentials in {self.creds}{checked})"
+        allowed = f", allowed by {self.authz}" if self.authz else ""
+        return f"over TLS (credentials in {self.creds}{checked}{allowed})"
 
     def context(self) -> ssl.SSLContext | None:
         """The server's TLS context, read from the files now; EINVAL naming a bad file."""
@@ -117,21 +124,44 @@ class Tls:
         except CredentialsError as exc:
             raise BlockError(errno.EINVAL, str(exc)) from None
 
+    def allowed(self) -> tuple[str, ...] | None:
+        """The tls-authz file's patterns, read now; None: any verified certificate."""
+        if self.authz is None:
+            return None
+        try:
+            return read_allowed(self.authz)
+        except AuthzError as exc:
+            raise BlockError(errno.EINVAL, str(exc)) from None
+
 
 PLAINTEXT = Tls()
 
 
 def tls_setting(
-    where: Address, creds: str | None, tls: bool | None, verify_peer: bool | None
+    where: Address,
+    creds: str | None,
+    tls: bool | None,
+    verify_peer: bool | None,
+    authz: str | None = None,
 ) -> Tls:
     """The TLS a socket at ``where`` gets from the export command's words: plaintext TCP
     only when ``tls=off`` says so, since anyone who reaches the port could read and write
-    the disk."""
+    the disk. A tls-authz file checks client certificates, so it needs them verified."""
     if creds is not None and not os.path.isabs(creds):
         raise BlockError(errno.EINVAL, f"tls-creds '{creds}' must be an absolute directory")
-    if tls is False and (creds is not None or verify_peer):
-        raise BlockError(errno.EINVAL, "tls=off cannot be given with tls-creds or tls-verify-peer")
-    if creds is None and (tls or verify_peer):
+    if authz is not None and not os.path.isabs(authz):
+        raise BlockError(errno.EINVAL, f"tls-authz '{authz}' must be an absolute file name")
+    if authz is not None and verify_peer is False:
+        raise BlockError(
+            errno.EINVAL,
+            "tls-authz checks the client's certificate: it cannot be given with "
+            "tls-verify-peer=off",
+        )
+    if tls is False and (creds is not None or verify_peer or authz is not None):
+        raise BlockError(
+            errno.EINVAL, "tls=off cannot be given with tls-creds, tls-verify-peer or tls-authz"
+        )
+    if creds is None and (tls or verify_peer or authz is not None):
         raise BlockError(
             errno.EINVAL, "TLS needs tls-creds=DIR (ca-cert.pem, server-cert.pem, server-key.pem)"
         )
@@ -141,7 +171,7 @@ def tls_setting(
             f"{where} is TCP: give tls-creds=DIR to require TLS, or tls=off to serve "
             "plaintext that anyone reaching the port can read and write",
         )
-    return Tls(creds, bool(verify_peer))
+    return Tls(creds, bool(verify_peer) or authz is not None, authz)
 
 
 @dataclass
@@ -229,15 +259,22 @@ class Listener(Catalog):
         self.tls = tls
         self.tls_context: ssl.SSLContext | None = None
         """What STARTTLS runs with (read by :meth:`open`); None: the socket is plaintext."""
+        self.tls_allowed: tuple[str, ...] | None = None
+        """The patterns of the tls-authz file (read by :meth:`open`); None: no such file."""
         self.exports: dict[str, Export] = {}
         self.sessions: set[Session] = set()
         self.scope = trio.CancelScope()
         self.listeners: list[trio.SocketListener] = []
 
-    def lookup(self, name: str) -> ExportInfo:
+    def find(self, name: str) -> Export | None:
+        """The export a client names: the empty name is the only export, if there is one."""
         export = self.exports.get(name)
         if export is None and not name and len(self.exports) == 1:
             export = next(iter(self.exports.values()))
+        return export
+
+    def lookup(self, name: str) -> ExportInfo:
+        export = self.find(name)
         if export is None:
             raise Refused(Rep.ERR_UNKNOWN, f"no export named '{name}' here")
         return export.info()
@@ -251,9 +288,10 @@ class Listener(Catalog):
         ]
 
     async def open(self, mode: int) -> None:
-        """Read the TLS credentials, bind and listen; a unix socket gets ``mode`` before
-        anyone can connect."""
+        """Read the TLS credentials and tls-authz file, bind and listen; a unix socket gets
+        ``mode`` before anyone can connect."""
         self.tls_context = await trio.to_thread.run_sync(self.tls.context)
+        self.tls_allowed = await trio.to_thread.run_sync(self.tls.allowed)
         try:
             if self.address.path is not None:
                 self.listeners = [await self._unix(self.address.path, mode)]
@@ -295,3 +333,37 @@ class Listener(Catalog):
                 os.unlink(self.address.path)
             except FileNotFoundError:
                 pass
+
+
+class Unauthorized(Catalog):
+    """What a listener offers a client whose verified certificate its tls-authz file does
+    not allow: nothing. Each export asked for is refused with NBD_REP_ERR_POLICY (the
+    client's tools show the message) and logged once with its backend and the certificate's
+    name (QEMU asks for an export's contexts before it goes to it); so is the export list,
+    which would tell what the socket serves."""
+
+    def __init__(self, listener: Listener, peer: str, name: str) -> None:
+        self.listener, self.peer, self.name = listener, peer, name
+        self.reason = f"client certificate '{name}' is not allowed by tls-authz"
+        self._logged: set[str] = set()
+
+    def lookup(self, name: str) -> ExportInfo:
+        export = self.listener.find(name)
+        self._refused(f"export '{name}'", export.backend.name if export else None)
+
+    def list(self) -> list[ExportInfo]:
+        self._refused("the export list", None)
+
+    def _refused(self, what: str, backend: str | None) -> NoReturn:
+        if what not in self._logged:
+            self._logged.add(what)
+            log.warning(
+                "%snbd: %s on %s refused %s: %s %s",
+                f"{backend}: " if backend else "",
+                self.peer,
+                self.listener.address,
+                what,
+                self.reason,
+                self.listener.tls.authz,
+            )
+        raise Refused(Rep.ERR_POLICY, self.reason)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -24,13 +25,14 @@ import trio
 
 from blkfs.backend import BlockBackend, Status
 from blkfs.errors import BlockError
-from blkfs.frontends.nbd.export import Export, Listener
+from blkfs.frontends.nbd.export import Export, Listener, Unauthorized
 from blkfs.info import ClientStatus
 from blkfs.nbd import (
     BASE_ALLOCATION,
     DIRTY_BITMAP,
     REQUEST,
     STATE_DIRTY,
+    Catalog,
     Cmd,
     CmdFlag,
     Negotiated,
@@ -52,6 +54,7 @@ from blkfs.nbd import (
     to_nbd_errno,
     unsent,
 )
+from blkfs.nbd.authz import allowed, distinguished_name
 
 log = logging.getLogger("blkfs.nbd")
 
@@ -142,6 +145,16 @@ class Session:
         """Take no more requests; those in flight are answered, then the client is let go."""
         self._reader.cancel()
 
+    def hung_up(self) -> bool:
+        """True once the client has closed its end, even if this session has not read that yet
+        (a script's ``nbdcopy`` has exited: its export is not in use any more)."""
+        fd = self.stream.socket.fileno()
+        if fd < 0:  # closed here already: the session is on its way out
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLRDHUP)
+        return bool(poller.poll(0))
+
     async def run(self) -> None:
         self.listener.sessions.add(self)
         try:
@@ -181,6 +194,7 @@ class Session:
                     assert context is not None
                     await self._start_tls(context)
                     handshake.secured()
+                    handshake.catalog = self._authorized()
         if timer.cancelled_caught:
             log.info(
                 "nbd: %s on %s: no export chosen within %gs",
@@ -200,6 +214,24 @@ class Session:
             await self.tls.do_handshake()
         except trio.BrokenResourceError as exc:
             raise ProtocolError(f"TLS handshake failed: {exc.__cause__ or exc}") from None
+
+    def _authorized(self) -> Catalog:
+        """What the client may choose from, now that its certificate (if the listener
+        checks them) is verified: the listener's exports, or nothing if a tls-authz file
+        is given and none of its lines matches the certificate's distinguished name."""
+        patterns = self.listener.tls_allowed
+        if patterns is None:
+            return self.listener
+        assert self.tls is not None
+        certificate = self.tls.getpeercert()  # verified: the context requires one
+        assert certificate is not None
+        name = distinguished_name(certificate["subject"])
+        if allowed(patterns, name):
+            log.info(
+                "nbd: %s on %s: client certificate '%s'", self.peer, self.listener.address, name
+            )
+            return self.listener
+        return Unauthorized(self.listener, self.peer, name)
 
     def _attach(self, negotiated: Negotiated) -> None:
         export = self.listener.exports[negotiated.export.name]
@@ -316,16 +348,14 @@ class Session:
         elif kind == Cmd.TRIM:
             await backend.discard(offset, length)
         elif kind == Cmd.WRITE_ZEROES:
-            no_hole = bool(flags & NO_HOLE)
-            if flags & FAST_ZERO:
-                if no_hole or not await self._reads_as_zeros(backend, offset, length):
-                    raise _Refusal(
-                        to_nbd_errno(errno.ENOTSUP),
-                        "zeroing this range is no faster than writing it",
-                    )
-            else:
-                await backend.write_zeroes(offset, length, unmap=not no_hole)
-        if fua and kind in (Cmd.TRIM, Cmd.WRITE_ZEROES):
+            await backend.write_zeroes(
+                offset,
+                length,
+                unmap=not flags & NO_HOLE,
+                fua=fua,
+                fast=bool(flags & FAST_ZERO),
+            )
+        if fua and kind == Cmd.TRIM:
             await backend.flush()
         self._count(request)
         await self._send(simple_reply(request.cookie))
@@ -426,20 +456,6 @@ class Session:
         for index, (context, descriptors) in enumerate(chunks):
             done = index == len(chunks) - 1
             await self._send(block_status(request.cookie, context, descriptors, done=done))
-
-    @staticmethod
-    async def _reads_as_zeros(backend: BlockBackend, offset: int, length: int) -> bool:
-        """Whether the range already reads as zeros, asked in a few block status calls: what
-        makes a fast zero fast here (the backend API cannot say whether zeroing is)."""
-        position, end = offset, offset + length
-        for _ in range(MAX_SEGMENTS):
-            if position >= end:
-                return True
-            extent = await backend.block_status(position, end - position)
-            if Status.ZERO not in extent.status:
-                return False
-            position += extent.length
-        return position >= end
 
     async def _reply_error(self, request: Request, error: int, message: str) -> None:
         assert self.negotiated is not None

@@ -496,10 +496,13 @@ async def blockdev_del(monitor: Monitor, args: dict[str, Any]) -> Any:
     mountpoint=str | None,
     bitmaps=list | None,
     tls_creds="tls-creds?",
+    tls_authz="tls-authz?",
 )
 async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
     kind, export_id = args["type"], args["id"]
-    for other in ("name", "bitmaps", "tls-creds") if kind == "fuse" else ("mountpoint",):
+    for other in (
+        ("name", "bitmaps", "tls-creds", "tls-authz") if kind == "fuse" else ("mountpoint",)
+    ):
         if other in args:
             raise generic(f"Parameter '{other}' is unexpected")
     bitmaps = args.get("bitmaps", [])
@@ -524,6 +527,7 @@ async def block_export_add(monitor: Monitor, args: dict[str, Any]) -> Any:
                     "writable": args.get("writable", False),
                     "bitmap": bitmaps[0] if bitmaps else None,
                     "tls-creds": args.get("tls-creds"),
+                    "tls-authz": args.get("tls-authz"),
                 },
             )
         except BlockError:

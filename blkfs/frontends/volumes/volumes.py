@@ -248,8 +248,7 @@ class Volumes:
         if frozen:
             host.freeze(where)
         try:
-            with self._throttle_lifted(volume):
-                self.blkfs.send("snapshot", f"{volume.key} {overlay}")
+            self.blkfs.send("snapshot", f"{volume.key} {overlay}")
         finally:
             if frozen:
                 host.thaw(where)
@@ -298,15 +297,14 @@ class Volumes:
             if len(volume.chain) < 2:
                 raise BlockError(errno.EINVAL, f"volume {name!r} has no image to commit into")
             top, base = volume.chain[0], volume.chain[1]
-            with self._throttle_lifted(volume):  # the job's switch would drop the filter
-                self.blkfs.blkfs(
-                    "commit",
-                    str(self.blkfs.path),
-                    volume.key,
-                    "--base",
-                    base,
-                    what=f"volume {name}: commit",
-                )
+            self.blkfs.blkfs(
+                "commit",
+                str(self.blkfs.path),
+                volume.key,
+                "--base",
+                base,
+                what=f"volume {name}: commit",
+            )
             self._refresh(volume)
             self.store.save(volume)
             if top not in volume.chain and self._owns(volume, top):
@@ -353,28 +351,6 @@ class Volumes:
             host.detach(device)
             host.wait_detached(backing, seconds=5)
         volume.loop = None
-
-    @contextmanager
-    def _throttle_lifted(self, volume: Volume) -> Iterator[None]:
-        """The volume's throttle filter taken out for the body and put back over whatever
-        the body made the top of the tree, so that a snapshot's overlay goes under the
-        throttle rather than over it (changes that take over the nodes: no reopen, no stop)."""
-        if not volume.throttle:
-            yield
-            return
-        backend = self.blkfs.backend(volume.key)
-        assert backend is not None and backend["tree"]["driver"] == "throttle"
-        self.blkfs.send(
-            "change", f"{volume.key} node={backend['tree']['children']['file']['node-name']}"
-        )
-        try:
-            yield
-        finally:
-            backend = self.blkfs.backend(volume.key)
-            assert backend is not None
-            limits = ",".join(f"limits.{k}={v}" for k, v in sorted(volume.throttle.items()))
-            top = backend["tree"]["node-name"]
-            self.blkfs.send("change", f"{volume.key} driver=throttle,{limits},file={top}")
 
     def _medium_spec(self, volume: Volume) -> str:
         image = f"driver={_format_of(volume.active)},file.driver=file,file.filename={volume.active}"
