@@ -5,6 +5,7 @@ passes."""
 
 from __future__ import annotations
 
+import errno
 import itertools
 import random
 import shutil
@@ -15,6 +16,7 @@ import pytest
 import trio
 
 from blkfs.backend import BlockBackend
+from blkfs.block import BlockError
 from blkfs.layer import BlockLayer
 from tests.compat.peers import MiB, check, to_raw
 from tests.compat.test_qcow2_write import VARIANTS
@@ -107,6 +109,46 @@ async def test_a_flush_while_an_allocation_is_in_flight_leaves_an_image_that_lea
     assert to_raw(crashed)[3 * MiB : 3 * MiB + 64 * KiB] == bytes(64 * KiB)
     check(image)
     qemu_reads(image, bytes(3 * MiB) + b"\7" * (64 * KiB), [(3 * MiB, 64 * KiB)])
+
+
+async def test_a_failed_allocation_frees_its_cluster_and_the_write_waiting_for_it_goes_on(
+    images: Path,
+) -> None:
+    """The first host write fails (the data of the first write, in flight, held 50 ms),
+    while a second write into the same cluster waits for that allocation: the first fails
+    with EIO, the second then allocates and writes, and the failed one's cluster is freed
+    (no leak)."""
+    image = VARIANTS["v3-64k"](images)
+    layer = BlockLayer()
+    failed: list[int] = []
+
+    async def write_failing(offset: int, data: bytes) -> None:
+        try:
+            await backend.write(offset, data)
+        except BlockError as exc:
+            failed.append(exc.errno)
+
+    try:
+        backend = await layer.create(
+            "d",
+            "driver=qcow2,file.driver=blkdebug,file.delay.write=50ms,"
+            "file.inject-error.0.event=write,file.inject-error.0.once=on,"
+            f"file.image.driver=file,file.image.filename={image}",
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_failing, 2 * MiB, b"\1" * (4 * KiB))
+            await trio.sleep(0.01)
+            nursery.start_soon(backend.write, 2 * MiB + 32 * KiB, b"\2" * (4 * KiB))
+        await backend.flush()
+    finally:
+        await layer.close()
+    assert failed == [errno.EIO]
+    assert "leaked" not in check(image)
+    model = bytearray(to_raw(image))
+    assert model[2 * MiB : 2 * MiB + 64 * KiB] == bytes(32 * KiB) + b"\2" * (4 * KiB) + bytes(
+        28 * KiB
+    )
+    qemu_reads(image, model, [(2 * MiB, 64 * KiB)])
 
 
 def shared_cluster_writes(rng: random.Random, size: int, cluster: int) -> list[tuple[int, int]]:
