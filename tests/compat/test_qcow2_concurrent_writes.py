@@ -10,6 +10,7 @@ import itertools
 import random
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,10 @@ import trio
 from blkfs.backend import BlockBackend
 from blkfs.block import BlockError
 from blkfs.layer import BlockLayer
-from tests.compat.peers import MiB, check, to_raw
+from tests.compat.peers import MiB, check, qemu, to_raw
 from tests.compat.test_qcow2_write import VARIANTS
-from tests.conftest import needs_qemu
+from tests.conftest import needs_fuse, needs_qemu
+from tests.helpers import Mount
 
 pytestmark = [needs_qemu]
 
@@ -237,3 +239,46 @@ async def test_overlapping_allocating_writes_leave_one_or_the_other(images: Path
     check(image)
     assert to_raw(image) == got
     qemu_reads(image, got, [(100 * KiB, 50 * KiB)])
+
+
+@needs_fuse
+@pytest.mark.parametrize("variant", ["v3-64k", "overlay"])
+def test_qemu_io_writes_in_flight_over_nbd_sharing_clusters_match_qemu_img_compare(
+    mount_factory: Callable[..., Mount], images: Path, variant: str
+) -> None:
+    """QEMU's NBD client keeps qemu-io's aio_writes in flight together (the FUSE file
+    cannot: the kernel serialises direct writes to one file): 24 KiB slices, each in a
+    64 KiB cluster that other slices share, over a backing file too, every host write
+    held 1 ms as a disk's would be. The image qemu-img compares with a raw file given the
+    same writes, and checks clean."""
+    image = VARIANTS[variant](images)
+    reference = bytearray(to_raw(image))
+    sock = images / "nbd.sock"
+    mount = mount_factory(
+        "--backend",
+        "d=driver=qcow2,file.driver=blkdebug,file.delay.write=1ms,"
+        f"file.image.driver=file,file.image.filename={image}",
+        "--nbd",
+        f"unix:{sock}",
+        "--export",
+        "d writable=on",
+    )
+    slice_ = 24 * KiB
+    commands: list[str] = []
+    for number, offset in enumerate(range(0, len(reference) - slice_ + 1, slice_)):
+        pattern = number % 250 + 1
+        commands += ["-c", f"aio_write -P {pattern} {offset} {slice_}"]
+        reference[offset : offset + slice_] = bytes([pattern]) * slice_
+    result = subprocess.run(
+        ["qemu-io", "-f", "raw", *commands, "-c", "aio_flush", f"nbd+unix:///d?socket={sock}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "fail" not in result.stdout.lower(), result.stdout
+    mount.stop()
+    (images / "reference.raw").write_bytes(reference)
+    check(image)
+    assert "Images are identical" in qemu(
+        "qemu-img", "compare", "-f", "raw", "-F", "qcow2", images / "reference.raw", image
+    )
