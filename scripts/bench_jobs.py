@@ -10,18 +10,22 @@ Images (made once per run of this script, copied fresh for every measured run):
 
 Jobs (median seconds over --runs; MiB/s counts the bytes the job has to copy):
     offline commit   blkfs image commit top.qcow2         vs qemu-img commit top.qcow2
-    offline convert  blkfs image convert -O qcow2 top out vs qemu-img convert -O qcow2 top out
+    offline convert  blkfs image convert -O qcow2 top out vs qemu-img convert -t writeback ...
+    convert unsafe   blkfs image convert -t unsafe ...     vs qemu-img convert -O qcow2 top out
     live mirror      blkfs mirror MNT vol m.qcow2          vs qsd blockdev-mirror sync=full
     live stream      blkfs stream MNT vol                  vs qsd block-stream
     live commit      blkfs commit MNT vol (active commit)  vs qsd block-commit + job-complete
 Live jobs time the job only (mount or daemon start excluded): for blkfs the whole `blkfs
 mirror|stream|commit` command (its start-up included, shown in a note), for qsd from the QMP
-command to the job's conclusion event. qsd runs with the default aio and, where it accepts it,
-with aio=io_uring on its file nodes. Every blkfs result is verified (qemu-img check, and
-qemu-img compare with the source's data); a failed check replaces its figure. The page cache is
-dropped before every measured run of either side, when that is possible. Flushing is each
-tool's own: qemu-img convert (target cache mode "unsafe" by default) ends without an fdatasync of
-the data it wrote, blkfs's convert fdatasyncs its target.
+command to the job's conclusion event. blkfs's times without the command's start-up are
+reported beside them: a live job's from the mount's log (start to conclusion), an offline
+job's in-process (the CLI's ``main`` timed after its imports, as ``IN_PROCESS`` runs it).
+qsd runs with the default aio and, where it accepts it, with aio=io_uring on its file nodes.
+Every blkfs result is verified (qemu-img check, and qemu-img compare with the source's data); a
+failed check replaces its figure. The page cache is dropped before every measured run of either
+side, when that is possible. Both sides of a
+convert row use the same target cache mode: writeback (blkfs's default: the target is flushed
+at the end) and unsafe (qemu-img's default: never flushed).
 
 Usage: .venv/bin/python scripts/bench_jobs.py [--size 512M] [--runs 3] [--dir SCRATCH]
                                               [--json FILE] [--keep]
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import re
 import shutil
@@ -71,6 +76,17 @@ CHUNK = 64 * MiB
 PEERS = ("blkfs", "peer", "io_uring")
 """The columns of a row: blkfs, qemu-img or qsd with its default aio, qsd with io_uring."""
 
+
+IN_PROCESS = (
+    "import sys, time\n"
+    "from blkfs.cli import image_jobs, main\n"
+    "start = time.perf_counter()\n"
+    "status = main.main(sys.argv[1:])\n"
+    "print(f'job seconds: {time.perf_counter() - start:.6f}', file=sys.stderr)\n"
+    "sys.exit(status)\n"
+)
+"""``python -c IN_PROCESS ARGS`` runs ``blkfs ARGS`` and prints the seconds it took after
+its imports (the command's start-up): what an offline job costs where start-up dominates."""
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -333,6 +349,10 @@ def io_uring_works(work: Path) -> str | None:
 # -- the measurements ------------------------------------------------------------------------
 
 
+CONVERT_ROWS = {"writeback": "offline convert", "unsafe": "convert unsafe"}
+"""The convert rows, by the target cache mode both sides use."""
+
+
 class Bench:
     """One benchmark's settings and images; each ``*_blkfs``, ``*_qemu`` and ``live_qsd``
     method measures one run of one side on fresh copies in ``d`` and returns its seconds."""
@@ -341,8 +361,8 @@ class Bench:
         self.work, self.size, self.drop = work, size, drop
         self.master = work / "master"
         self.timeout = max(600.0, 4 * size / MiB)
-        self.log_times: dict[str, list[float]] = {}
-        """Per blkfs verb, each run's job time as the mount's log has it (no CLI start-up)."""
+        self.job_times: dict[str, list[float]] = {}
+        """Per row, each blkfs run's job time without the command's start-up."""
 
     def before(self) -> None:
         if self.drop:
@@ -350,9 +370,19 @@ class Bench:
 
     # offline ------------------------------------------------------------------------------
 
+    def blkfs_offline(self, row: str, *args: str) -> float:
+        """Seconds ``blkfs ARGS`` took; its time after start-up goes to ``job_times``."""
+        start = time.perf_counter()
+        proc = run([sys.executable, "-c", IN_PROCESS, *args], self.timeout)
+        took = time.perf_counter() - start
+        job = re.search(r"job seconds: (\S+)", proc.stderr)
+        if job is not None:
+            self.job_times.setdefault(row, []).append(float(job.group(1)))
+        return took
+
     def commit_blkfs(self, d: Path) -> float:
         self.before()
-        took = timed([BLKFS, "image", "commit", str(d / "top.qcow2")], self.timeout)
+        took = self.blkfs_offline("offline commit", "image", "commit", str(d / "top.qcow2"))
         check(d / "base.qcow2", d / "top.qcow2")
         compare(d / "base.qcow2", self.master / "top.qcow2")
         compare(d / "top.qcow2", self.master / "top.qcow2")
@@ -362,11 +392,12 @@ class Bench:
         self.before()
         return timed(["qemu-img", "commit", "-q", str(d / "top.qcow2")], self.timeout)
 
-    def convert_blkfs(self, d: Path) -> float:
+    def convert_blkfs(self, d: Path, cache: str) -> float:
         self.before()
         out = d / "out.qcow2"
-        took = timed(
-            [BLKFS, "image", "convert", "-O", "qcow2", str(d / "top.qcow2"), str(out)], self.timeout
+        took = self.blkfs_offline(
+            CONVERT_ROWS[cache],
+            *("image", "convert", "-t", cache, "-O", "qcow2", str(d / "top.qcow2"), str(out)),
         )
         check(out)
         compare(out, self.master / "top.qcow2")
@@ -374,12 +405,10 @@ class Bench:
             raise Failed(f"{out.name} has a backing file: {backing_of(out)}")
         return took
 
-    def convert_qemu(self, d: Path) -> float:
+    def convert_qemu(self, d: Path, cache: str) -> float:
         self.before()
-        return timed(
-            ["qemu-img", "convert", "-O", "qcow2", str(d / "top.qcow2"), str(d / "out.qcow2")],
-            self.timeout,
-        )
+        top, out = str(d / "top.qcow2"), str(d / "out.qcow2")
+        return timed(["qemu-img", "convert", "-t", cache, "-O", "qcow2", top, out], self.timeout)
 
     # live ---------------------------------------------------------------------------------
 
@@ -391,7 +420,7 @@ class Bench:
             took = timed([BLKFS, verb, str(mnt), "vol", *args], self.timeout)
         job = logged_job_time(d / "blkfs.log")
         if job is not None:
-            self.log_times.setdefault(verb, []).append(job)
+            self.job_times.setdefault(f"live {verb}", []).append(job)
         return took
 
     def mirror_blkfs(self, d: Path) -> float:
@@ -503,6 +532,12 @@ def run_job_bench(work: Path, size: int, runs: int) -> dict[str, Any]:
             sides["io_uring"] = lambda d: bench.live_qsd(d, "io_uring", verb)
         return sides
 
+    def convert_sides(cache: str) -> dict[str, Callable[[Path], float]]:
+        return {
+            "blkfs": functools.partial(bench.convert_blkfs, cache=cache),
+            "peer": functools.partial(bench.convert_qemu, cache=cache),
+        }
+
     plan: list[tuple[str, str, int, dict[str, Callable[[Path], float]]]] = [
         (
             "offline commit",
@@ -510,12 +545,7 @@ def run_job_bench(work: Path, size: int, runs: int) -> dict[str, Any]:
             top_bytes,
             {"blkfs": bench.commit_blkfs, "peer": bench.commit_qemu},
         ),
-        (
-            "offline convert",
-            "qemu-img",
-            size,
-            {"blkfs": bench.convert_blkfs, "peer": bench.convert_qemu},
-        ),
+        *((row, "qemu-img", size, convert_sides(cache)) for cache, row in CONVERT_ROWS.items()),
         ("live mirror", "qsd", size, {"blkfs": bench.mirror_blkfs, **qsd_sides("blockdev-mirror")}),
         (
             "live stream",
@@ -534,10 +564,10 @@ def run_job_bench(work: Path, size: int, runs: int) -> dict[str, Any]:
     for job, peer, nbytes, sides in plan:
         log(f"{job}: {fmt_size(nbytes)} to copy, {runs} run(s) per side")
         result = measure(bench, job, sides, runs)
-        logged = bench.log_times.get(job.split()[-1], []) if job.startswith("live") else []
-        if logged and not result["blkfs"]["error"]:
-            result["blkfs"]["log_job_s"] = logged
-            result["blkfs"]["log_job_mib_s"] = nbytes / MiB / statistics.median(logged)
+        alone = bench.job_times.get(job, [])
+        if alone and not result["blkfs"]["error"]:
+            result["blkfs"]["job_s"] = alone
+            result["blkfs"]["job_mib_s"] = nbytes / MiB / statistics.median(alone)
         for r in result.values():
             if r["times"] and not r["error"]:
                 r["median_s"] = statistics.median(r["times"])
@@ -602,15 +632,17 @@ def job_table(results: dict[str, Any]) -> str:
         "size: the bytes the job copies (commit: top's data, stream: base's data "
         "top lacks). blkfs ÷ peer is against qemu-img or qsd's default aio.",
     ]
-    logged = [
-        f"{row['job']} {row['sides']['blkfs']['log_job_mib_s']:.0f} MiB/s"
+    alone = [
+        f"{row['job']} {blkfs['job_mib_s']:.0f} MiB/s"
+        + (f" ({blkfs['job_mib_s'] / peer['mib_s']:.2f} of the peer)" if "mib_s" in peer else "")
         for row in results["rows"]
-        if "log_job_mib_s" in row["sides"]["blkfs"]
+        for blkfs, peer in [(row["sides"]["blkfs"], row["sides"].get("peer", {}))]
+        if "job_mib_s" in blkfs
     ]
-    if logged:
+    if alone:
         lines.append(
-            "blkfs live jobs timed by the mount's log (job start to conclusion, no CLI "
-            f"start-up): {', '.join(logged)}."
+            "blkfs's jobs without the command's start-up (live: the mount's log, job start "
+            f"to conclusion; offline: in-process): {', '.join(alone)}."
         )
     lines += [f"note: {n}" for n in results["notes"]]
     lines += [f"FAILED {f}" for f in failures]

@@ -245,6 +245,8 @@ class Node:
         The child's permissions follow from ``role`` and this node's."""
         if self.values["force-share"] and isinstance(options, dict):
             options = {**options, "force-share": True}  # the children share as it does
+        if self.values["cache.no-flush"] and isinstance(options, dict):
+            options = {"cache.no-flush": True, **options}  # unless they say otherwise
         if Role.COW in role:
             with self.graph.opening_backing_of(self):
                 child = await self.graph.open_node(options, read_only=True)
@@ -438,6 +440,8 @@ class Node:
         return copied
 
     async def flush(self) -> None:
+        if self.values["cache.no-flush"] and not self.children:
+            return  # a leaf (host file, server) skips what makes data durable
         await self._requests.run(self.stats.flush, 0, self.driver.flush)
 
     async def discard(self, offset: int, length: int) -> None:

@@ -228,6 +228,13 @@ COMMON_OPTIONS: Mapping[str, Option] = {
         "pass discard requests down (unmap) or drop them",
         choices=("ignore", "unmap"),
     ),
+    "cache.no-flush": Option(
+        "bool",
+        False,
+        "flushes write back what is cached but ask no host to make it durable (QEMU's "
+        "cache.no-flush, its cache=unsafe; the children inherit it): for copies that are "
+        "thrown away after a host crash",
+    ),
 }
 
 

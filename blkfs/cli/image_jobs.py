@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -66,10 +67,42 @@ def add_parsers(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     convert = verbs.add_parser("convert", help="copy an image (and its chain) into a new one")
     convert.add_argument("-f", dest="format", help="the source's format (default: probed)")
     convert.add_argument("-O", dest="output_format", default="raw", choices=("raw", "qcow2"))
+    convert.add_argument(
+        "-t",
+        dest="cache",
+        default="writeback",
+        choices=CACHE_MODES,
+        help="the target's cache mode, as qemu-img's: writeback flushes it at the end "
+        "(the default; qemu-img's is unsafe, which never does), none bypasses the host's "
+        "page cache and flushes, unsafe never flushes",
+    )
+    convert.add_argument(
+        "-T",
+        dest="source_cache",
+        default="writeback",
+        choices=("none", "writeback"),
+        help="the source's cache mode: none reads past the host's page cache",
+    )
     convert.add_argument("-p", dest="progress", action="store_true", help="show progress")
     convert.add_argument("source")
     convert.add_argument("target", help="a new file or rbd: image (never overwritten)")
     convert.set_defaults(func=cmd_convert)
+
+
+CACHE_MODES = ("none", "unsafe", "writeback")
+"""``convert -t``'s cache modes (QEMU's bdrv_parse_cache_mode; writethrough and directsync
+are not offered)."""
+
+
+def cached_medium(path: str, fmt: str, cache: str) -> dict[str, Any]:
+    """The options of a new image opened in cache mode ``cache`` (a volume in a storage
+    service has no host page cache to bypass)."""
+    options = {"driver": fmt, **file_medium(path)}
+    if cache == "none" and not is_volume_name(path):
+        options["file"] = {**options["file"], "cache.direct": True}
+    elif cache == "unsafe":
+        options["cache.no-flush"] = True
+    return options
 
 
 def add_bitmap_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -183,15 +216,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
         medium = {**file_medium(args.source), "read-only": True}
         if args.format:
             medium["driver"] = args.format
+        if args.source_cache == "none" and not is_volume_name(args.source):
+            medium["file"]["cache.direct"] = True
         await commands.run("create", {"name": NAME, "medium": medium})
         job: dict[str, Any] = {"target": target, "format": args.output_format}
-        if into_volume:
-            if args.output_format != "raw":
+        if into_volume or args.cache != "writeback":
+            if into_volume and args.output_format != "raw":
                 raise BlockError(errno.EINVAL, f"{target}: only raw volumes are made (-O raw)")
             status = await commands.run("query-status", {})
             size = next(b["size"] for b in status["backends"] if b["name"] == NAME)
-            await create_image(target, "raw", size)
+            await create_image(target, args.output_format, size)
             job = {"target": target, "existing": True}
+            if args.cache != "writeback":  # opened by options, which name its format
+                medium = cached_medium(target, args.output_format, args.cache)
+                job = {"target": json.dumps(medium)}
         await run_job(commands, "backup", job, args.progress)
 
     run_commands(convert)

@@ -39,6 +39,7 @@ from blkfs.block import (
 )
 from blkfs.block.options import RBD_PREFIX, nbd_uri, rbd_filename
 
+from .allocations import Allocations
 from .backing_map import BackingMap
 from .bitmap_directory import MAX_BITMAPS, MAX_GRANULARITY_BITS
 from .bitmap_store import BitmapStore
@@ -107,9 +108,10 @@ class Qcow2Driver(ImageChanges):
         self.file = self.child("file")
         self.lock = trio.Lock()
         self.in_flight = 0
-        """Reads and in-place writes in flight (and direct reads of overlays through this
+        """Reads, writes and allocations in flight (and direct reads of overlays through this
         image, see BackingMap): each may have mapped a cluster that has since been dropped,
         so freed clusters are punched and reused only while there are none."""
+        self.allocations = Allocations()
         self.backing_size = 0
         self.below = BackingMap(Qcow2Driver)
         """Where the backing chain holds the clusters this image leaves to it."""

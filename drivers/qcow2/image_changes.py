@@ -24,7 +24,7 @@ class ImageChanges(WritableImage):
         if self.node.read_only:  # before anything changes, even in memory
             raise BlockError(errno.EROFS, f"node '{self.node.name}' is read-only")
         extended = self.geometry.extended_l2
-        async with self.lock:
+        async with self._settled(0, self.header.size):
             await self._changing()
             for l1_index, entry in enumerate(self.l1):
                 if not entry & OFFSET_MASK:

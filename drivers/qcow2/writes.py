@@ -4,15 +4,20 @@ discard, and the write-back that makes them durable."""
 from __future__ import annotations
 
 from array import array
+from contextlib import AbstractAsyncContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 from blkfs.block import BlockError, WriteFlags
 from blkfs.block.driver import Located
 
+from .allocations import Allocations, ClusterAllocation, Settled
 from .mapped import MappedImage
 from .mapping import (
     ALL_ALLOCATED,
     OFFSET_MASK,
     OFLAG_COPIED,
+    Extents,
     Kind,
     allocation_run,
     host_clusters,
@@ -26,8 +31,24 @@ from .mapping import (
 from .metadata import MAINTAINED_AUTOCLEAR
 
 
+@dataclass
+class NewClusters:
+    """The clusters an allocating write took, and what it writes into them."""
+
+    allocation: ClusterAllocation
+    within: int
+    """Where the write begins in the first cluster."""
+    length: int
+    """The bytes of the write the clusters take."""
+    around: list[tuple[int, int, Extents]]
+    """The first cluster's old bytes [lo, hi) the write does not cover, mapped (QEMU's COW
+    regions): a small write over a backing file reads little of it."""
+
+
 class WritableImage(MappedImage):
     """Writes, zeroing, discard and write-back over the mapped image."""
+
+    allocations: Allocations
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -46,9 +67,9 @@ class WritableImage(MappedImage):
             else self._cached_in_place(offset, data.nbytes)
         )
         if runs is None:
-            async with self.lock:
-                await self._changing()
-                await self._write_locked(offset, data)
+            position, end = offset, offset + data.nbytes
+            while position < end:
+                position += await self._write_step(position, data[position - offset :])
             return
         done = 0
         self.in_flight += 1
@@ -85,78 +106,152 @@ class WritableImage(MappedImage):
             offset += run[1]
         return runs
 
+    async def _write_step(self, position: int, data: memoryview) -> int:
+        """Write a prefix of ``data`` at ``position``, holding the lock only to map it: one
+        run in place, or one allocation (:mod:`.allocations`). Returns its length, or 0
+        after waiting for an allocation in flight over the same cluster (then map again)."""
+        async with self.lock:
+            await self._changing()
+            step = await self._plan_write(position, position + data.nbytes)
+            if not isinstance(step, ClusterAllocation):  # written without the lock: no
+                self.in_flight += 1  # cluster it maps may be reused meanwhile
+        if isinstance(step, ClusterAllocation):  # another write's, over the same cluster
+            await step.done.wait()
+            return 0
+        try:
+            if isinstance(step, NewClusters):
+                return await self._write_new(step, data, self.lock)
+            host, length = step
+            await self.file.write(host, data[:length])
+            return length
+        finally:
+            self.in_flight -= 1
+
     async def _write_locked(self, offset: int, data: memoryview) -> None:
+        """As :meth:`write`, all of it with the lock held (by a change of the range that
+        waited for the allocations in flight over it)."""
         end = offset + data.nbytes
         position = offset
         while position < end:
-            table_offset, table = await self._l2_for_write(self.geometry.l1_index(position))
-            run = in_place_run(self.geometry, table, position, end)
-            if run is not None:
-                host, chunk = run
-                await self.file.write(host, data[position - offset : position - offset + chunk])
+            step = await self._plan_write(position, end)
+            assert not isinstance(step, ClusterAllocation), "the range has settled"
+            chunk = data[position - offset :]
+            if isinstance(step, NewClusters):
+                position += await self._write_new(step, chunk, nullcontext())
             else:
-                chunk = await self._write_allocating(
-                    position, end, data[position - offset :], table_offset, table
-                )
-            position += chunk
+                await self.file.write(step[0], chunk[: step[1]])
+                position += step[1]
 
-    async def _write_allocating(
-        self, position: int, end: int, data: memoryview, table_offset: int, table: array[int]
-    ) -> int:
-        """Write into new clusters: as many consecutive ones of this L2 table as the request
-        covers. Only the first may be partial (further clusters are taken only whole); it is
-        merged with its old contents, and the rest is written straight from ``data``. A
-        cluster that keeps an unshared host cluster (zeroed without unmap) is written there
-        instead, alone: its L2 entry reads zeros until the new one is written back after the
-        data, as a new cluster's does."""
-        cluster = self.cluster_size
-        extended = self.geometry.extended_l2
-        index = self.geometry.l2_index(position)
+    async def _plan_write(
+        self, position: int, end: int
+    ) -> tuple[int, int] | NewClusters | ClusterAllocation:
+        """How a write from ``position`` to ``end`` starts (lock held): (host offset,
+        length) of a run it may write in place; new clusters for as many consecutive ones
+        of this L2 table as it covers, taken and registered in flight; or the allocation in
+        flight over its first cluster, to wait for.
+
+        Only the first new cluster may be partial (further ones are taken only whole, and
+        never up to an allocation in flight); the old bytes around the write in it are
+        mapped now, read with the data's write. A cluster that keeps an unshared host
+        cluster (zeroed without unmap) is written there instead, alone: its L2 entry reads
+        zeros until the new one is linked after the data, as a new cluster's does."""
+        geometry, cluster = self.geometry, self.cluster_size
+        table = (await self._l2_for_write(geometry.l1_index(position)))[1]
+        run = in_place_run(geometry, table, position, end)
+        if run is not None:
+            return run
         start = position - position % cluster
-        reused = reusable_host(l2_entry(table, index, extended)[0])
+        blocking = self.allocations.blocking(start, start + cluster)
+        if blocking is not None:
+            return blocking
+        end = self.allocations.clip(start, end)
+        index = geometry.l2_index(position)
+        reused = reusable_host(l2_entry(table, index, geometry.extended_l2)[0])
         if reused:  # a zeroed cluster that kept its host cluster: no new space
-            self.geometry.check_cluster(reused, "data cluster")
+            geometry.check_cluster(reused, "data cluster")
             count, host = 1, reused
         else:
             host, count = await self.allocator.allocate_run(
-                allocation_run(self.geometry, table, index, start, end)
+                allocation_run(geometry, table, index, start, end)
             )
         head, tail = position - start, min(end, start + count * cluster) - start
-        whole_from = 0
+        around: list[tuple[int, int, Extents]] = []
+        for lo, hi in ((0, head), (tail, cluster)):
+            if lo < hi:
+                around.append((lo, hi, await self._extents(start + lo, hi - lo)))
+        allocation = self.allocations.begin(start, start + count * cluster, host, bool(reused))
+        return NewClusters(allocation, head, tail - head, around)
+
+    async def _write_new(
+        self, new: NewClusters, data: memoryview, lock: AbstractAsyncContextManager[Any]
+    ) -> int:
+        """Write the data of ``new`` and link its clusters under ``lock`` (the image's
+        lock, or nothing if it is held); if the data cannot be written, nothing points to
+        the new clusters: they are freed (no leak). Returns the bytes of ``data`` written."""
+        allocation = new.allocation
         try:
-            if head or tail < cluster:
-                whole_from = min(tail, cluster)
-                await self._write_merged(start, host, head, data[: whole_from - head])
-            if whole_from < tail:
-                await self.file.write(host + whole_from, data[whole_from - head : tail - head])
-        except BlockError:  # nothing points to the new clusters: free them (no leak)
-            self.allocator.drop(host + i * cluster for i in range(count))
-            raise
-        for i in range(count):
+            try:
+                await self._write_data(new, data)
+            except BlockError:
+                async with lock:
+                    if not allocation.reused:
+                        self.allocator.drop(
+                            range(
+                                allocation.host,
+                                allocation.host + allocation.end - allocation.start,
+                                self.cluster_size,
+                            )
+                        )
+                raise
+            l1_index = self.geometry.l1_index(allocation.start)
+            cached = None if self.lock.locked() else self._cached_l2(l1_index)
+            if cached is not None:  # nothing can interleave: no await (see _cached_extents)
+                self._link(allocation, *cached)
+            else:
+                async with lock:
+                    self._link(allocation, *await self._l2_for_write(l1_index))
+        finally:
+            self.allocations.finish(allocation)
+        return new.length
+
+    async def _write_data(self, new: NewClusters, data: memoryview) -> None:
+        """The first cluster merged with its old bytes where the write covers it in part,
+        the rest straight from ``data``."""
+        host, start = new.allocation.host, new.allocation.start
+        within, tail = new.within, new.within + new.length
+        whole_from = within
+        if new.around:
+            whole_from = min(tail, self.cluster_size)
+            view = memoryview(bytearray(self.cluster_size))
+            for lo, hi, extents in new.around:
+                await self._read_extents(start + lo, view[lo:hi], extents)
+            view[within:whole_from] = data[: whole_from - within]
+            await self.file.write(host, view)
+        if whole_from < tail:
+            await self.file.write(host + whole_from, data[whole_from - within : new.length])
+
+    def _cached_l2(self, l1_index: int) -> tuple[int, array[int]] | None:
+        """The unshared L2 table of ``l1_index`` and its offset, if it is cached."""
+        entry = self.l1[l1_index]
+        table = self.l2_cache.get(entry & OFFSET_MASK) if entry & OFLAG_COPIED else None
+        return None if table is None else (entry & OFFSET_MASK, table)
+
+    def _link(self, allocation: ClusterAllocation, table_offset: int, table: array[int]) -> None:
+        """Point the L2 entries of an allocation's guest clusters, in ``table`` (looked up
+        again: it may have left the cache meanwhile), at its host clusters, whose data is
+        written, and drop what they held (QEMU's qcow2_alloc_cluster_link_l2). The lock is
+        held, or free and nothing awaits before the entries are set."""
+        geometry, cluster = self.geometry, self.cluster_size
+        extended = geometry.extended_l2
+        index = geometry.l2_index(allocation.start)
+        for i in range((allocation.end - allocation.start) // cluster):
             old, _ = l2_entry(table, index + i, extended)
-            set_l2_entry(
-                table, index + i, extended, (host + i * cluster) | OFLAG_COPIED, ALL_ALLOCATED
-            )
-            if not reused:
-                self.allocator.drop(host_clusters(self.geometry, old))
+            entry = (allocation.host + i * cluster) | OFLAG_COPIED
+            set_l2_entry(table, index + i, extended, entry, ALL_ALLOCATED)
+            if not allocation.reused:
+                self.allocator.drop(host_clusters(geometry, old))
         self.l2_cache.mark_dirty(table_offset)
         self._locations_changed()
-        return tail - head
-
-    async def _write_merged(self, start: int, host: int, within: int, data: memoryview) -> None:
-        """Write the guest cluster at ``start`` to the new cluster ``host``: ``data`` at
-        ``within``, and around it only the old bytes the write does not cover (QEMU's COW
-        regions), so a small write over a backing file reads little of it."""
-        merged = bytearray(self.cluster_size)
-        view = memoryview(merged)
-        edge = within + data.nbytes
-        for lo, hi in ((0, within), (edge, self.cluster_size)):
-            if lo < hi:
-                await self._read_extents(
-                    start + lo, view[lo:hi], await self._extents(start + lo, hi - lo)
-                )
-        view[within:edge] = data
-        await self.file.write(host, view)
 
     async def _l2_for_write(self, l1_index: int) -> tuple[int, array[int]]:
         """The L2 table for ``l1_index``, allocated (or copied, if shared) as needed."""
@@ -184,16 +279,23 @@ class WritableImage(MappedImage):
 
     # -- zeroing and discard ----------------------------------------------------------------
 
+    def _settled(self, offset: int, length: int) -> Settled:
+        """The lock, once no allocation in flight overlaps the range: a change of its
+        clusters comes after the data and L2 entries of those."""
+        return Settled(
+            self.lock, self.allocations, offset - offset % self.cluster_size, offset + length
+        )
+
     async def write_zeroes(
         self, offset: int, length: int, unmap: bool, flags: WriteFlags = WriteFlags.NONE
     ) -> None:
-        async with self.lock:
+        async with self._settled(offset, length):
             await self._changing()
             await self._zero(offset, length, unmap, write=True)
 
     async def discard(self, offset: int, length: int) -> None:
         """Whole clusters only: discard is advisory."""
-        async with self.lock:
+        async with self._settled(offset, length):
             await self._changing()
             await self._zero(offset, length, unmap=True, write=False)
 

@@ -53,6 +53,22 @@ def test_convert_reads_what_qemu_img_reads(images: Path, fmt: str) -> None:
         assert data_in(out) < 8 * MiB  # the zeroed range stayed sparse
 
 
+@pytest.mark.parametrize(
+    ("cache", "fmt"), [("unsafe", "qcow2"), ("none", "raw"), ("none", "qcow2")]
+)
+def test_convert_in_each_cache_mode_reads_what_qemu_img_reads(
+    images: Path, cache: str, fmt: str
+) -> None:
+    """-t and -T as qemu-img's: the same image whatever the cache modes."""
+    _, _, top = chain3(images)
+    out = images / f"out.{fmt}"
+    blkfs("image", "convert", "-t", cache, "-T", "none", "-O", fmt, str(top), str(out))
+    assert to_raw(out) == to_raw(top)
+    if fmt == "qcow2":
+        qemu("qemu-img", "check", out)
+        assert data_in(out) < 8 * MiB
+
+
 def test_commit_matches_qemu_img_commit(images: Path) -> None:
     base, mid, top = chain3(images)
     expected = to_raw(top)

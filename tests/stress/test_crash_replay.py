@@ -194,15 +194,22 @@ async def run_workload(options: str, initial: bytes, seed: int, reuse: bool = Fa
                 size = SIZE
                 op.end = logger.entries
                 work.ops.append(op)
-            op = next_op(rng, written, size)
-            op.start = logger.entries
-            await _do(backend, op, rng)
-            op.end = logger.entries
-            work.ops.append(op)
-            if op.kind in ("write", "zero", "discard"):
-                work.model[op.offset : op.offset + op.length] = op.data
-                if op.kind == "write":
-                    written.append((op.offset, op.length))
+            start = logger.entries
+            if rng.random() < 0.1:  # the reuse workload writes within a quarter of the disk
+                batch = _together(rng, size // 4 if reuse else size)
+                async with trio.open_nursery() as nursery:
+                    for op in batch:
+                        nursery.start_soon(backend.write, op.offset, op.data)
+            else:
+                batch = [next_op(rng, written, size)]
+                await _do(backend, batch[0], rng)
+            for op in batch:
+                op.start, op.end = start, logger.entries
+                work.ops.append(op)
+                if op.kind in ("write", "zero", "discard"):
+                    work.model[op.offset : op.offset + op.length] = op.data
+                    if op.kind == "write":
+                        written.append((op.offset, op.length))
         final = Op("fsync", start=logger.entries)
         await backend.flush()
         final.end = logger.entries
@@ -229,6 +236,20 @@ def _next_op(rng: random.Random, written: list[tuple[int, int]], size: int) -> O
         return Op("discard", _offset(rng, length, size), length)
     length = _length(rng)
     return Op("write", _offset(rng, length, size), length)
+
+
+def _together(rng: random.Random, size: int) -> list[Op]:
+    """Two to four writes in flight at once, over other bytes of the same or other
+    clusters (qcow2 allocations in flight: drivers/qcow2/allocations.py); their data is
+    drawn here, so the seed alone decides it, whatever order they run in."""
+    ops: list[Op] = []
+    count = rng.randint(2, 4)
+    while len(ops) < count:
+        length = _length(rng)
+        offset = _offset(rng, length, size)
+        if all(offset + length <= o.offset or o.offset + o.length <= offset for o in ops):
+            ops.append(Op("write", offset, length, rng.randbytes(length)))
+    return ops
 
 
 def _reuse_op(rng: random.Random, written: list[tuple[int, int]], size: int) -> Op:
