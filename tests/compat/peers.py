@@ -17,11 +17,18 @@ KiB, MiB = 1 << 10, 1 << 20
 SIZE = 4 * MiB
 
 
+def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a peer's tool (qemu-img, nbdinfo, ...); with ``check``, an AssertionError carrying
+    what it printed if it fails."""
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, f"{args[0]} failed: {result.stdout}{result.stderr}"
+    return result
+
+
 def qemu(*args: str | Path) -> str:
     """Run a QEMU tool; its stdout, or an AssertionError carrying what it printed."""
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{args[0]} failed: {result.stdout}{result.stderr}"
-    return result.stdout
+    return run(*args).stdout
 
 
 def qemu_io(image: Path, fmt: str, *commands: str) -> None:

@@ -16,20 +16,13 @@ from pathlib import Path
 import pytest
 
 from blkfs import nbd
-from tests.compat.peers import MiB, convert
+from tests.compat.peers import MiB, convert, run
 from tests.conftest import needs_fuse
 from tests.helpers import Mount, errno_of, loop_device, wait_until
 from tests.nbdpeers import NbdClient, nbd_map, needs_nbd_tools, qemu_map
 
 pytestmark = [needs_nbd_tools, needs_fuse, pytest.mark.fuse, pytest.mark.qemu]
 SIZE = 8 * MiB
-
-
-def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, f"{args[0]}: {result.stdout}{result.stderr}"
-    return result
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from tests.compat.peers import MiB, convert
+from tests.compat.peers import MiB, convert, run
 from tests.conftest import needs_fuse
 from tests.helpers import Mount, MountError, blkfs
 from tests.nbdpeers import needs_nbd_tools, qemu_nbd
@@ -24,13 +24,6 @@ from tests.tls import client_named, client_of_another_ca
 
 pytestmark = [needs_nbd_tools, needs_fuse, pytest.mark.fuse, pytest.mark.qemu]
 SIZE = 8 * MiB
-
-
-def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, f"{args[0]}: {result.stdout}{result.stderr}"
-    return result
 
 
 def tls_object(credentials: Path, endpoint: str = "client") -> str:
