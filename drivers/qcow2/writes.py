@@ -8,7 +8,9 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from blkfs.block import BlockError, WriteFlags
+import trio
+
+from blkfs.block import WriteFlags
 from blkfs.block.driver import Located
 
 from .allocations import Allocations, ClusterAllocation, Settled
@@ -174,35 +176,29 @@ class WritableImage(MappedImage):
             host, count = await self.allocator.allocate_run(
                 allocation_run(geometry, table, index, start, end)
             )
+        allocation = self.allocations.begin(start, start + count * cluster, host, bool(reused))
         head, tail = position - start, min(end, start + count * cluster) - start
         around: list[tuple[int, int, Extents]] = []
-        for lo, hi in ((0, head), (tail, cluster)):
-            if lo < hi:
-                around.append((lo, hi, await self._extents(start + lo, hi - lo)))
-        allocation = self.allocations.begin(start, start + count * cluster, host, bool(reused))
+        try:
+            for lo, hi in ((0, head), (tail, cluster)):
+                if lo < hi:
+                    around.append((lo, hi, await self._extents(start + lo, hi - lo)))
+        except BaseException:
+            self._free(allocation)
+            self.allocations.finish(allocation)
+            raise
         return NewClusters(allocation, head, tail - head, around)
 
     async def _write_new(
         self, new: NewClusters, data: memoryview, lock: AbstractAsyncContextManager[Any]
     ) -> int:
         """Write the data of ``new`` and link its clusters under ``lock`` (the image's
-        lock, or nothing if it is held); if the data cannot be written, nothing points to
-        the new clusters: they are freed (no leak). Returns the bytes of ``data`` written."""
+        lock, or nothing if it is held). If the data or the link fails, or the write is
+        cancelled (a failed job ends its other copies mid-write), nothing points to the new
+        clusters: they are freed, never leaked. Returns the bytes of ``data`` written."""
         allocation = new.allocation
         try:
-            try:
-                await self._write_data(new, data)
-            except BlockError:
-                async with lock:
-                    if not allocation.reused:
-                        self.allocator.drop(
-                            range(
-                                allocation.host,
-                                allocation.host + allocation.end - allocation.start,
-                                self.cluster_size,
-                            )
-                        )
-                raise
+            await self._write_data(new, data)
             l1_index = self.geometry.l1_index(allocation.start)
             cached = None if self.lock.locked() else self._cached_l2(l1_index)
             if cached is not None:  # nothing can interleave: no await (see _cached_extents)
@@ -210,9 +206,25 @@ class WritableImage(MappedImage):
             else:
                 async with lock:
                     self._link(allocation, *await self._l2_for_write(l1_index))
+        except BaseException:
+            with trio.CancelScope(shield=True):  # cancelled: the lock is still waited for
+                async with lock:
+                    self._free(allocation)
+            raise
         finally:
             self.allocations.finish(allocation)
         return new.length
+
+    def _free(self, allocation: ClusterAllocation) -> None:
+        """Give back the new clusters of an allocation that will not be linked."""
+        if not allocation.reused:
+            self.allocator.drop(
+                range(
+                    allocation.host,
+                    allocation.host + allocation.end - allocation.start,
+                    self.cluster_size,
+                )
+            )
 
     async def _write_data(self, new: NewClusters, data: memoryview) -> None:
         """The first cluster merged with its old bytes where the write covers it in part,
