@@ -294,27 +294,39 @@ class _GotSlot:
             self._write(self.original)
 
 
-def _locate() -> tuple[_GotSlot, _Fuse, int] | None:
-    """pyfuse3's GOT slot for fuse_session_new, its libfuse and the real function's address;
-    None (with a warning logged) if any of them is not as expected."""
-    so = os.path.realpath(pyfuse3.__file__ or "")
+def got_slot(
+    path: str, symbol: bytes, who: str
+) -> tuple[_Slot, _GotSlot, list[tuple[int, int, str, int]]] | None:
+    """The GOT slot through which the loaded library at ``path`` calls ``symbol``: its
+    relocation, the slot, and the library's mappings; None, with a warning logged under
+    ``who``, if the library cannot be read or the slot is not mapped."""
     try:
-        slot = _find_slot(so, b"fuse_session_new")
+        slot = _find_slot(path, symbol)
     except (OSError, struct.error, ValueError, IndexError) as exc:
-        log.warning("fuseops: cannot read %s: %s", so, exc)
+        log.warning("%s: cannot read %s: %s", who, path, exc)
         return None
     if slot is None:
-        log.warning("fuseops: no fuse_session_new relocation in %s", so)
+        log.warning("%s: no %s relocation in %s", who, symbol.decode(), path)
         return None
-    maps = _mappings(so)
+    maps = _mappings(path)
     base = next((start - slot.load_vaddr for start, _, _, offset in maps if offset == 0), None)
     address = None if base is None else base + slot.vaddr
     permissions = next(
         (p for start, end, p, _ in maps if address is not None and start <= address < end), None
     )
     if address is None or permissions is None:
-        log.warning("fuseops: fuse_session_new's GOT slot is not mapped")
+        log.warning("%s: %s's GOT slot in %s is not mapped", who, symbol.decode(), path)
         return None
+    return slot, _GotSlot(address, permissions), maps
+
+
+def _locate() -> tuple[_GotSlot, _Fuse, int] | None:
+    """pyfuse3's GOT slot for fuse_session_new, its libfuse and the real function's address;
+    None (with a warning logged) if any of them is not as expected."""
+    found = got_slot(os.path.realpath(pyfuse3.__file__ or ""), b"fuse_session_new", "fuseops")
+    if found is None:
+        return None
+    slot, got, maps = found
     try:
         fuse = _Fuse(slot.library or "libfuse3.so.3")
     except (OSError, AttributeError) as exc:
@@ -324,10 +336,11 @@ def _locate() -> tuple[_GotSlot, _Fuse, int] | None:
         log.warning("fuseops: libfuse version %d is not supported", fuse.version)
         return None
     real = fuse.symbol("fuse_session_new", slot.version)
-    got = _GotSlot(address, permissions)
     lazy = any(start <= got.original < end for start, end, _, _ in maps)  # PLT stub
     if real is None or (got.original != real and not lazy):
-        log.warning("fuseops: GOT slot %#x holds %#x, not fuse_session_new", address, got.original)
+        log.warning(
+            "fuseops: GOT slot %#x holds %#x, not fuse_session_new", got.address, got.original
+        )
         return None
     return got, fuse, real
 

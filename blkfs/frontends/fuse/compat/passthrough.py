@@ -43,7 +43,7 @@ import os
 import struct
 import threading
 
-from blkfs.frontends.fuse.compat.extra_ops import _find_slot, _GotSlot, _mappings
+from blkfs.frontends.fuse.compat.extra_ops import _GotSlot, got_slot
 
 log = logging.getLogger("blkfs.fuse")
 
@@ -88,25 +88,8 @@ def _writev_slot() -> _GotSlot | None:
     if path is None:
         log.warning("passthrough: libfuse3 is not loaded")
         return None
-    try:
-        slot = _find_slot(path, b"writev")
-    except (OSError, struct.error, ValueError, IndexError) as exc:
-        log.warning("passthrough: cannot read %s: %s", path, exc)
-        return None
-    if slot is None:
-        log.warning("passthrough: no writev relocation in %s", path)
-        return None
-    maps = _mappings(path)
-    base = next((start - slot.load_vaddr for start, _, _, off in maps if off == 0), None)
-    if base is None:
-        log.warning("passthrough: %s is not mapped", path)
-        return None
-    address = base + slot.vaddr
-    permissions = next((p for start, end, p, _ in maps if start <= address < end), None)
-    if permissions is None:
-        log.warning("passthrough: libfuse's writev slot is not mapped")
-        return None
-    return _GotSlot(address, permissions)
+    found = got_slot(path, b"writev", "passthrough")
+    return None if found is None else found[1]
 
 
 class Passthrough:
