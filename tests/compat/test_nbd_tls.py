@@ -57,10 +57,11 @@ def test_qemu_nbd_over_tls_serves_the_nbd_driver(
     assert image.read_bytes() == expected
 
 
-@pytest.fixture
-def tls_mount(tmp_path: Path, credentials: Path, mount_factory) -> tuple[Mount, str, Path]:
-    """Backend d exported writable on the mount's TCP NBD server, which requires TLS and
-    client certificates; the server's ``HOST:PORT`` and the image."""
+def tls_export(
+    mount_factory, tmp_path: Path, credentials: Path, *tls: str
+) -> tuple[Mount, str, Path]:
+    """Backend d exported writable on the mount's TCP NBD server, which requires TLS with
+    ``credentials`` and the mount options ``tls``; the server's ``HOST:PORT`` and the image."""
     image = convert(tmp_path, "disk", size=SIZE)
     mount = mount_factory(
         "--backend",
@@ -69,14 +70,19 @@ def tls_mount(tmp_path: Path, credentials: Path, mount_factory) -> tuple[Mount, 
         "127.0.0.1:0",
         "--nbd-tls-creds",
         str(credentials),
-        "--nbd-tls-verify-peer",
-        "on",
+        *tls,
         "--export",
         "d writable=on",
     )
     (export,) = mount.status()["exports"]
     assert export["tls"]
     return mount, export["address"], image
+
+
+@pytest.fixture
+def tls_mount(tmp_path: Path, credentials: Path, mount_factory) -> tuple[Mount, str, Path]:
+    """:func:`tls_export` with client certificates verified."""
+    return tls_export(mount_factory, tmp_path, credentials, "--nbd-tls-verify-peer", "on")
 
 
 def test_qemu_img_and_qemu_io_over_tls(tls_mount, credentials: Path) -> None:
@@ -209,26 +215,15 @@ def test_tls_authz_lets_in_only_the_certificates_it_names(
     alice, mallory = clients
     authz = tmp_path / "allowed"
     authz.write_text("# who may connect\n\nO=blkfs tests,CN=alice.*\nO=blkfs tests,CN=bob\n")
-    image = convert(tmp_path, "disk", size=SIZE)
-    mount = mount_factory(
-        "--backend",
-        f"d={image}",
-        "--nbd",
-        "127.0.0.1:0",
-        "--nbd-tls-creds",
-        str(credentials),
-        "--nbd-tls-authz",
-        str(authz),
-        "--export",
-        "d writable=on",
+    mount, address, _ = tls_export(
+        mount_factory, tmp_path, credentials, "--nbd-tls-authz", str(authz)
     )
-    (export,) = mount.status()["exports"]
-    host, port = export["address"].rsplit(":", 1)
+    host, port = address.rsplit(":", 1)
     opts = f"driver=nbd,server.type=inet,server.host={host},server.port={port},export=d"
     write = ("-c", "write -P 0x61 0 64k")
     run("qemu-io", "--object", tls_object(alice), "--image-opts", *write, f"{opts},tls-creds=tls0")
     assert (mount / "d").read_bytes()[: 64 * 1024] == b"a" * 64 * 1024
-    uri = f"nbds://{export['address']}/d?tls-certificates="
+    uri = f"nbds://{address}/d?tls-certificates="
     assert json.loads(run("nbdinfo", "--json", f"{uri}{alice}").stdout)["TLS"] is True
 
     said = "client certificate 'O=blkfs tests,CN=mallory' is not allowed by tls-authz"
@@ -243,7 +238,7 @@ def test_tls_authz_lets_in_only_the_certificates_it_names(
         env={**os.environ, "LIBNBD_DEBUG": "1"},
     )
     assert listed.returncode != 0 and f"server error message: {said}" in listed.stderr
-    driver = f"nbds://{export['address']}/d,tls-creds="  # blkfs's own nbd driver
+    driver = f"nbds://{address}/d,tls-creds="  # blkfs's own nbd driver
     assert mount.ctl_errno("create", f"m {driver}{mallory}") == errno.EACCES
     assert said in mount.last_error()
     mount.ctl("create", f"a {driver}{alice}")
