@@ -37,6 +37,9 @@ class TableCache(Generic[T]):
     def __init__(self, capacity: int) -> None:
         self.capacity = max(capacity, 2)
         self._tables: OrderedDict[int, T] = OrderedDict()
+        self._newest: int | None = None
+        """The most recently used table's offset: getting it again needs no reordering, and
+        one L2 table maps every cluster of a small image's reads."""
         self.dirty: set[int] = set()
 
     def __len__(self) -> int:
@@ -44,13 +47,15 @@ class TableCache(Generic[T]):
 
     def get(self, offset: int) -> T | None:
         table = self._tables.get(offset)
-        if table is not None:
+        if table is not None and offset != self._newest:
             self._tables.move_to_end(offset)
+            self._newest = offset
         return table
 
     def put(self, offset: int, table: T, dirty: bool = False) -> None:
         self._tables[offset] = table
         self._tables.move_to_end(offset)
+        self._newest = offset
         if dirty:
             self.dirty.add(offset)
 
@@ -68,6 +73,8 @@ class TableCache(Generic[T]):
         return next(iter(self._tables))
 
     def pop(self, offset: int) -> T | None:
+        if offset == self._newest:
+            self._newest = None
         self.dirty.discard(offset)
         return self._tables.pop(offset, None)
 

@@ -19,14 +19,15 @@ from .cache import CachedTables, L1Table, TableCache
 from .mapping import (
     OFFSET_MASK,
     OFLAG_COMPRESSED,
+    OFLAG_COPIED,
     OFLAG_ZERO,
-    UNALLOCATED,
     ClusterMapping,
     Extents,
     Geometry,
     Kind,
     corrupt,
     decode,
+    in_place_run,
     map_table,
 )
 from .metadata import Metadata
@@ -94,6 +95,23 @@ class MappedImage(BlockDriver):
                     return None
             offset = map_table(extents, geometry, offset, end, table)
         return extents
+
+    def _cached_in_place(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """(host offset, length) runs for a write that lands wholly in allocated clusters
+        of cached, unshared L2 tables; None if anything must be allocated or loaded."""
+        runs: list[tuple[int, int]] = []
+        end = offset + length
+        geometry, l1, cache = self.geometry, self.l1, self.l2_cache
+        while offset < end:
+            l1_index = geometry.l1_index(offset)
+            entry = l1[l1_index] if l1_index < len(l1) else 0
+            table = cache.get(entry & OFFSET_MASK) if entry & OFLAG_COPIED else None
+            run = None if table is None else in_place_run(geometry, table, offset, end)
+            if run is None:
+                return None
+            runs.append(run)
+            offset += run[1]
+        return runs
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -170,62 +188,72 @@ class MappedImage(BlockDriver):
 
     def locate(self, offset: int, length: int, *, write: bool = False) -> Located | None:
         """From cached L2 tables only: one run of data in the image file, zeros, or what
-        the backing chain says for a range this image leaves to it (a write: see
-        :class:`WritableImage`, which knows where one may go in place).
+        the backing chain says for a range this image leaves to it; for a write, one run of
+        allocated, unshared clusters it may overwrite in place (as :meth:`write` does with no
+        lock: the caller writes the range alone, so nothing frees them meanwhile).
 
         Every read's short path asks this first (:meth:`Node.read_now`), so a range inside
         one cluster of a standard L2 table, every 4 KiB read's, is answered from its one
-        entry: data or unallocated without a :class:`ClusterMapping` or the extents of
-        :meth:`_cached_extents` (which cost as much as the rest of such a read)."""
+        entry, with no call on the way to a data cluster (a read's whole cost in the block
+        layer is a few of them). An entry that is not plainly valid is left to the request
+        path, which reports the corruption."""
         if write:
-            return None
+            runs = None if self.header.autoclear_features else self._cached_in_place(offset, length)
+            return Located(self.file, runs[0][0]) if runs is not None and len(runs) == 1 else None
         geometry = self.geometry
         bits = geometry.cluster_bits
         if geometry.extended_l2 or (offset ^ (offset + length - 1)) >> bits:
             extents = self._cached_extents(offset, length)
             if extents is None or len(extents) != 1:
                 return None
-            mapping = extents[0][2]
-        else:
-            l1_index = offset >> geometry.l1_shift
-            l1 = self.l1
-            table_offset = l1[l1_index] & OFFSET_MASK if l1_index < len(l1) else 0
-            if table_offset:
-                table = self.l2_cache.get(table_offset)
-                if table is None:
-                    return None
-                entry = table[(offset >> bits) & (geometry.l2_entries - 1)]
-                if entry & (OFLAG_COMPRESSED | OFLAG_ZERO):
-                    mapping = decode(entry, 0, geometry, 0)
-                elif entry & OFFSET_MASK:
-                    return self._located_data(entry & OFFSET_MASK, offset, length)
-                else:
-                    mapping = UNALLOCATED
-            else:
-                mapping = UNALLOCATED
-        kind = mapping.kind
-        if kind is Kind.NORMAL:
-            return self._located_data(mapping.host, offset, length)
-        if kind is Kind.ZERO or (kind is Kind.UNALLOCATED and offset >= self.backing_size):
-            return Located(None, 0)
-        if kind is Kind.UNALLOCATED and offset + length <= self.backing_size:
-            found = self._below(offset, length)
-            if found is not None:
-                return Located(found[0].file, found[1], found[0].passed)
-            backing = self.child("backing")
-            below = backing.node.driver.locate(offset, length)
-            if below is not None:
-                return Located(below.child, below.offset, (backing.node, *below.passed))
-        return None
-
-    def _located_data(self, cluster: int, offset: int, length: int) -> Located | None:
-        """Guest ``offset`` in the data cluster at host ``cluster``; None where it lies past
-        the end of the image file (the request path reports the corruption)."""
-        self.geometry.check_cluster(cluster, "data cluster")
-        host = cluster + offset % self.cluster_size
-        if host + length > self.file.node.size:
+            return self._located(extents[0][2], offset, length)
+        try:
+            table_offset = self.l1[offset >> geometry.l1_shift] & OFFSET_MASK
+        except IndexError:  # an L1 table shorter than the image is refused at open
+            return None
+        if not table_offset:
+            return self._located_below(offset, length)
+        table = self.l2_cache.get(table_offset)
+        if table is None:
+            return None
+        entry = table[(offset >> bits) & (geometry.l2_entries - 1)]
+        if entry & (OFLAG_COMPRESSED | OFLAG_ZERO):
+            return self._located(decode(entry, 0, geometry, 0), offset, length)
+        cluster = entry & OFFSET_MASK
+        if not cluster:
+            return self._located_below(offset, length)
+        within = geometry.cluster_size - 1
+        host = cluster + (offset & within)
+        if cluster & within or cluster <= within or host + length > self.file.node.size:
             return None
         return Located(self.file, host)
+
+    def _located(self, mapping: ClusterMapping, offset: int, length: int) -> Located | None:
+        """:meth:`locate` of a read that ``mapping`` maps whole."""
+        kind = mapping.kind
+        if kind is Kind.NORMAL:
+            host = mapping.host + offset % self.cluster_size
+            return Located(self.file, host) if host + length <= self.file.node.size else None
+        if kind is Kind.UNALLOCATED:
+            return self._located_below(offset, length)
+        return Located(None, 0) if kind is Kind.ZERO else None
+
+    def _located_below(self, offset: int, length: int) -> Located | None:
+        """:meth:`locate` of a read this image leaves to its backing chain (zeros past its
+        end): from the backing map, or as the backing file's driver tells."""
+        if offset >= self.backing_size:
+            return Located(None, 0)
+        if offset + length > self.backing_size:
+            return None
+        found = self._below(offset, length)
+        if found is not None:
+            route, host = found
+            return Located(route.file, host, route.passed)
+        backing = self.child("backing")
+        below = backing.node.driver.locate(offset, length)
+        if below is None:
+            return None
+        return Located(below.child, below.offset, (backing.node, *below.passed))
 
     def watch_locations(self, changed: Callable[[], None]) -> None:
         self._location_watchers.add(changed)

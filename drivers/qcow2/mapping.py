@@ -17,9 +17,8 @@ from __future__ import annotations
 import errno
 from array import array
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from functools import cached_property
 from typing import NamedTuple
 
 from blkfs.block import BlockError
@@ -52,37 +51,36 @@ class Kind(Enum):
 class Geometry:
     """The numbers every mapping needs, from cluster_bits and the L2 entry width.
 
-    Derived values are cached: every request computes indexes from them."""
+    Derived values are plain fields, computed once: every request computes indexes from
+    them, and an attribute the interpreter can specialise costs a quarter of a cached
+    property's."""
 
     cluster_bits: int
     extended_l2: bool = False
+    cluster_size: int = field(init=False)
+    l2_entry_size: int = field(init=False)
+    l2_entries: int = field(init=False)
+    """Guest clusters one L2 table maps."""
+    subcluster_size: int = field(init=False)
+    csize_shift: int = field(init=False)
+    """Where the sector count starts in a compressed descriptor (spec: x = 62 - (b - 8))."""
+    l1_shift: int = field(init=False)
+    """log2 of the guest bytes one L2 table maps."""
 
-    @cached_property
-    def cluster_size(self) -> int:
-        return 1 << self.cluster_bits
-
-    @cached_property
-    def l2_entry_size(self) -> int:
-        return 16 if self.extended_l2 else 8
-
-    @cached_property
-    def l2_entries(self) -> int:
-        """Guest clusters one L2 table maps."""
-        return self.cluster_size // self.l2_entry_size
-
-    @cached_property
-    def subcluster_size(self) -> int:
-        return self.cluster_size // SUBCLUSTERS if self.extended_l2 else self.cluster_size
-
-    @cached_property
-    def csize_shift(self) -> int:
-        """Where the sector count starts in a compressed descriptor (spec: x = 62 - (b - 8))."""
-        return 62 - (self.cluster_bits - 8)
-
-    @cached_property
-    def l1_shift(self) -> int:
-        """log2 of the guest bytes one L2 table maps."""
-        return self.cluster_bits + self.cluster_bits - (4 if self.extended_l2 else 3)
+    def __post_init__(self) -> None:
+        bits, extended = self.cluster_bits, self.extended_l2
+        cluster_size = 1 << bits
+        entry_size = 16 if extended else 8
+        derived = {
+            "cluster_size": cluster_size,
+            "l2_entry_size": entry_size,
+            "l2_entries": cluster_size // entry_size,
+            "subcluster_size": cluster_size // SUBCLUSTERS if extended else cluster_size,
+            "csize_shift": 62 - (bits - 8),
+            "l1_shift": bits + bits - (4 if extended else 3),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
     def l1_index(self, offset: int) -> int:
         return offset >> self.l1_shift

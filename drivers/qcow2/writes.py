@@ -11,7 +11,6 @@ from typing import Any
 import trio
 
 from blkfs.block import WriteFlags
-from blkfs.block.driver import Located
 
 from .allocations import Allocations, ClusterAllocation, Settled
 from .mapped import MappedImage
@@ -81,32 +80,6 @@ class WritableImage(MappedImage):
                 done += length
         finally:
             self.in_flight -= 1
-
-    def locate(self, offset: int, length: int, *, write: bool = False) -> Located | None:
-        """For a write: one run of allocated, unshared clusters that it may overwrite in
-        place (as :meth:`write` does with no lock); the caller writes the range alone, so
-        nothing frees them meanwhile. Else as :meth:`MappedImage.locate`."""
-        if not write:
-            return super().locate(offset, length)
-        runs = None if self.header.autoclear_features else self._cached_in_place(offset, length)
-        return Located(self.file, runs[0][0]) if runs is not None and len(runs) == 1 else None
-
-    def _cached_in_place(self, offset: int, length: int) -> list[tuple[int, int]] | None:
-        """(host offset, length) runs for a write that lands wholly in allocated clusters
-        of cached, unshared L2 tables; None if anything must be allocated or loaded."""
-        runs: list[tuple[int, int]] = []
-        end = offset + length
-        geometry, l1, cache = self.geometry, self.l1, self.l2_cache
-        while offset < end:
-            l1_index = geometry.l1_index(offset)
-            entry = l1[l1_index] if l1_index < len(l1) else 0
-            table = cache.get(entry & OFFSET_MASK) if entry & OFLAG_COPIED else None
-            run = None if table is None else in_place_run(geometry, table, offset, end)
-            if run is None:
-                return None
-            runs.append(run)
-            offset += run[1]
-        return runs
 
     async def _write_step(self, position: int, data: memoryview) -> int:
         """Write a prefix of ``data`` at ``position``, holding the lock only to map it: one
