@@ -166,7 +166,14 @@ class Connection:
                 except BaseException as exc:  # half a message leaves the stream unusable
                     self.close(f"sending failed: {exc!r}")
                     raise
-            with trio.move_on_after(self.request_timeout or math.inf) as timer:
+            # Sent, it cannot be taken back: a write left to land later could overwrite what
+            # the caller did next (a qcow2 reuses the clusters of a cancelled allocating
+            # write). So its reply is awaited even by a cancelled caller, as a host file's
+            # call is (blkfs.block.workers); the request timeout and a lost connection end it.
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(self.request_timeout or math.inf) as timer,
+            ):
                 await waiter.event.wait()
             if timer.cancelled_caught:  # a server that accepts and never answers: hung
                 self.close(
@@ -175,8 +182,8 @@ class Connection:
                 )
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise Lost(self.lost) from None
-        finally:
-            if self._waiters.pop(cookie, None) is not None:  # cancelled: nobody takes it
+        finally:  # unanswered (cancelled before it went, or timed out): nobody takes it
+            if self._waiters.pop(cookie, None) is not None:
                 self.transmission.forget(cookie)
         if waiter.reply is None:
             raise Lost(self.lost)

@@ -185,6 +185,38 @@ async def test_server_errors_reach_the_caller_and_the_connection_stays(tmp_path:
             await layer.close()
 
 
+async def test_a_cancelled_write_returns_only_once_the_server_has_answered(
+    tmp_path: Path,
+) -> None:
+    """A request sent cannot be taken back: a write abandoned in flight could land after
+    what it wrote was reused (a qcow2 frees the clusters of a cancelled allocating write). So
+    cancelling a write the server holds (the delay filter, under the log filter) returns only
+    after the server's reply, as cancelling a host file's write waits for the call."""
+    log = tmp_path / "requests.log"
+    with nbdkit(
+        tmp_path / "s",
+        "--filter=log",
+        "--filter=delay",
+        "memory",
+        "1M",
+        "delay-write=2",
+        f"logfile={log}",
+    ) as server:
+        layer = BlockLayer()
+        try:
+            backend = await layer.create("d", server.uri)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(backend.write, 0, b"\x11" * 4096)
+                while " Write id=" not in log.read_text():  # sent, and held by the server
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+            seen = log.read_text()
+            assert set(await backend.read(0, 4096)) == {0x11}
+        finally:
+            await layer.close()
+    assert " ...Write id=" in seen
+
+
 async def test_a_server_with_a_minimum_block_size(tmp_path: Path) -> None:
     """nbdkit refusing requests not aligned to 512 bytes, taking at most 64 KiB at once: the
     layer read-modify-writes, the driver splits and aligns what it sends."""
