@@ -31,8 +31,11 @@ FAST_ZERO_EXTENTS = 16
 """Block status calls a fast zero the driver cannot do may take to find the range zeroed
 already: more would not be fast."""
 BOUNCE_KEPT = 2 << 20
-"""The largest read-modify-write buffer a node keeps for the next one (a 1 MiB write that
-the kernel split at a user buffer's page offset, with its two blocks)."""
+"""The largest read-modify-write buffer kept for the next one (a 1 MiB write that the
+kernel split at a user buffer's page offset, with its two blocks)."""
+_spare_bounce: list[bytearray] = []
+"""The buffer of the last read-modify-write of any node, for the next (:meth:`Node._bounce`):
+one for the process, so that a thousand backends hold no more than one."""
 
 
 class WriteCall(Protocol):
@@ -161,8 +164,6 @@ class Node:
         """Requests in flight (for drain); a read that skips this node's request path
         (:meth:`BlockDriver.locate`) is admitted here instead."""
         self._write_ranges = RangeLocks()
-        self._spare_bounce = bytearray()
-        """The buffer of the last read-modify-write, for the next (:meth:`_bounce`)."""
         self.bitmaps = DirtyBitmaps(name)
         """Its dirty bitmaps: every write, write-zeroes and discard here marks them."""
 
@@ -427,14 +428,15 @@ class Node:
             # kept only once the write is done (a cancelled one may still be reading it)
             spare = bounce.obj
             assert isinstance(spare, bytearray)
-            if len(spare) <= BOUNCE_KEPT:
-                self._spare_bounce = spare
+            if len(spare) <= BOUNCE_KEPT and not _spare_bounce:
+                _spare_bounce.append(spare)
 
-    def _bounce(self, length: int) -> memoryview:
+    @staticmethod
+    def _bounce(length: int) -> memoryview:
         """A buffer for a read-modify-write: the spare one if it is large enough (a new
         1 MiB buffer costs as much again as the copy into it: each page is zeroed at its
         first touch), which is taken, so two writes never share it."""
-        spare, self._spare_bounce = self._spare_bounce, bytearray()
+        spare = _spare_bounce.pop() if _spare_bounce else bytearray()
         return memoryview(spare if len(spare) >= length else bytearray(length))[:length]
 
     async def copy_from(self, offset: int, source: Node, source_offset: int, length: int) -> bool:
