@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import needs_fuse
-from tests.helpers import Mount, errno_of, pattern_image
+from tests.helpers import Mount, errno_of, node, pattern_image
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 MiB = 1 << 20
@@ -205,3 +205,36 @@ def test_the_kernel_sends_requests_of_one_mebibyte(disk) -> None:
     stats = mount.backends()["disk0"]["stats"]
     assert stats["write_bytes"] == len(data) and stats["write_ops"] == len(data) // MiB
     assert stats["read_bytes"] == len(data) and stats["read_ops"] == len(data) // MiB
+
+
+def test_writes_from_a_buffer_off_a_page_boundary_read_back_only_their_edge_sectors(
+    disk,
+) -> None:
+    """fio's buffers sit 16 bytes into a page, so the kernel splits each 1 MiB write at its
+    256-page limit into 1 MiB - 16 bytes and 16 bytes, neither in whole sectors. A probed
+    raw image is written in whole sectors (its first one is checked): each piece reads
+    back the sector it covers in part, not its whole range, and the data arrive whole,
+    durable at fsync."""
+    mount, image, data = disk
+    payload = os.urandom(4 * MiB)
+    buf = mmap.mmap(-1, MiB + mmap.PAGESIZE)
+    view = memoryview(buf)[16 : 16 + MiB]
+    fd = os.open(mount / "disk0", os.O_WRONLY)
+    try:
+        before = mount.backends()["disk0"]
+        for i in range(4):
+            view[:] = payload[i * MiB : (i + 1) * MiB]
+            assert os.pwrite(fd, view, MiB + i * MiB) == MiB
+        os.fsync(fd)
+        after = mount.backends()["disk0"]
+    finally:
+        view.release()
+        os.close(fd)
+    host = node(after["tree"], "#node0")["stats"]
+    host_before = node(before["tree"], "#node0")["stats"]
+    assert after["stats"]["write_ops"] - before["stats"]["write_ops"] == 8  # split in two
+    assert host["read_bytes"] - host_before["read_bytes"] <= 8 * 512
+    assert host["write_bytes"] - host_before["write_bytes"] == 4 * (MiB + 512)  # a sector twice
+    expected = data[:MiB] + payload + data[5 * MiB :]
+    assert image.read_bytes() == expected
+    assert (mount / "disk0").read_bytes() == expected

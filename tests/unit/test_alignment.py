@@ -116,3 +116,24 @@ async def test_an_aligned_write_during_a_read_modify_write_is_not_lost(aligned) 
     buf = bytearray(ALIGN)
     await node.readinto(0, memoryview(buf))
     assert bytes(buf) == whole  # the aligned write waited, then won
+
+
+async def test_a_large_unaligned_write_reads_only_its_edge_blocks(aligned) -> None:
+    """The blocks between the edges are written from the caller's buffer as they are: a
+    1 MiB write split by the kernel at a user buffer's page offset (fio's buffers sit 16
+    bytes into a page) must not read back its whole range."""
+    node, model = aligned
+    driver = node.driver
+    offset, length = 100, 10 * ALIGN
+    payload = os.urandom(length)
+    await node.write(offset, payload)
+    model[offset : offset + length] = payload
+    end = offset + length
+    assert [r for r in driver.requests if r[0] == "read"] == [
+        ("read", 0, ALIGN),
+        ("read", end - end % ALIGN, ALIGN),
+    ]
+    assert sum(n for kind, _, n in driver.requests if kind == "write") == 11 * ALIGN
+    whole = bytearray(len(model))
+    await node.readinto(0, memoryview(whole))
+    assert whole == model
