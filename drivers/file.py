@@ -58,6 +58,7 @@ from blkfs.block import (
     BlockError,
     Extent,
     LastingError,
+    Node,
     Option,
     OptionError,
     Perm,
@@ -407,21 +408,21 @@ class FileDriver(BlockDriver):
         if fua and self.direct:
             await self.flush()
 
-    async def copy_from(
-        self, offset: int, source: BlockDriver, source_offset: int, length: int
-    ) -> bool:
+    async def copy_from(self, offset: int, source: Node, source_offset: int, length: int) -> bool:
         """``copy_file_range`` from another host file, on a worker, with both ranges held as
         a read and a write are; False if either file bypasses the page cache (its requests
         are aligned through a bounce buffer) or the host cannot (another filesystem)."""
-        if not (isinstance(source, FileDriver) and self._can_copy) or self.direct or source.direct:
+        if not self.copies_from(source):
             return False
+        host = source.driver
+        assert isinstance(host, FileDriver)
         async with (
-            source._changing.hold(source_offset, length),
+            host._changing.hold(source_offset, length),
             self._changing.hold(offset, length),
         ):
             try:
                 await self.host.run(
-                    copy_file_range_full, source.fd, source_offset, self.fd, offset, length
+                    copy_file_range_full, host.fd, source_offset, self.fd, offset, length
                 )
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS):
@@ -429,6 +430,10 @@ class FileDriver(BlockDriver):
                 self._can_copy = False
                 return False
         return True
+
+    def copies_from(self, source: Node) -> bool:
+        host = source.driver
+        return isinstance(host, FileDriver) and self._can_copy and not (self.direct or host.direct)
 
     async def _in_ring(self, begin: Callable[[HostCall], None]) -> int:
         """One io_uring request; an OSError becomes this file's BlockError."""

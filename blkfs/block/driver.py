@@ -316,13 +316,18 @@ class BlockDriver:
         change tells those who watch them (:meth:`watch_locations`). Generic: None."""
         return None
 
-    async def copy_from(
-        self, offset: int, source: BlockDriver, source_offset: int, length: int
-    ) -> bool:
-        """Copy ``length`` bytes of ``source`` (at ``source_offset``) to ``offset`` without
+    async def copy_from(self, offset: int, source: Node, source_offset: int, length: int) -> bool:
+        """Copy ``length`` bytes of the node ``source`` (at ``source_offset``) to ``offset`` without
         them passing through the process, if both drivers hold their data the same way (two
-        host files: ``copy_file_range``); False, having done nothing, if they cannot. Called
-        by the layer for ranges :meth:`locate` mapped. Generic: False."""
+        host files: ``copy_file_range``; a format whose image file can, allocating as a
+        write would); False if they cannot, having written nothing a write of the range
+        would not have. Called by the layer for ranges :meth:`locate` mapped the source of,
+        and the target of as far as it could. Generic: False."""
+        return False
+
+    def copies_from(self, source: Node) -> bool:
+        """Whether :meth:`copy_from` may copy from ``source`` (known at once, no I/O; it may
+        still find out it cannot). Generic: False."""
         return False
 
     def watch_locations(self, changed: Callable[[], None]) -> None:

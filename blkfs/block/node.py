@@ -12,6 +12,7 @@ may hold the WRITE permission, and none may if the node is read-only.
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from time import perf_counter_ns
@@ -442,29 +443,26 @@ class Node:
     async def copy_from(self, offset: int, source: Node, source_offset: int, length: int) -> bool:
         """Write here ``length`` bytes of ``source`` without them passing through the process,
         if the two drivers can (:meth:`BlockDriver.copy_from`): a write of this node and a
-        read of ``source``, each tracked by its request path and counted once done; False,
-        nothing done, if they cannot (or zeros would be detected here: a write sees them)."""
+        read of ``source``, each tracked by its request path and counted once done; False
+        if they cannot (or zeros would be detected here: a write sees them). A format copies
+        through its image file's ``copy_from``: the read is tracked and counted there, where
+        the bytes move (tracked twice, a drain of ``source`` between would wait for itself)."""
         self._check_write(offset, length)
         source._check(source_offset, length)
         if self.values["detect-zeroes"] != "off":
             return False
+        self.bitmaps.mark(offset, length)
         start = perf_counter_ns()
-        copied = await self._requests.run(
-            None,
-            0,
-            source._requests.run,
-            None,
-            0,
-            self.driver.copy_from,
-            offset,
-            source.driver,
-            source_offset,
-            length,
-        )
+        copy = functools.partial(self.driver.copy_from, offset, source, source_offset, length)
+        if self.children:
+            copied = await self._requests.run(None, 0, copy)
+        else:
+            copied = await self._requests.run(None, 0, source._requests.run, None, 0, copy)
         if copied:
             took = perf_counter_ns() - start
             self.stats.write.add(length, took)
-            source.stats.read.add(length, took)
+            if not self.children:
+                source.stats.read.add(length, took)
             if offset + length > self.size:  # a growable node grew
                 self.size = offset + length
         return copied

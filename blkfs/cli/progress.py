@@ -28,7 +28,11 @@ from blkfs.frontends.text import human_size
 from blkfs.info import JobInfo
 
 POLL = 0.1
-"""Seconds between two looks at a job."""
+"""Most seconds between two looks at a job."""
+SOON = 0.01
+"""Fewest seconds between two looks: once a job is about to end, or to go ready, or has
+been told to complete, the next look comes this soon (a look every POLL would add half of
+POLL to every job, a quarter of what `blkfs image convert` of 512 MiB takes)."""
 
 
 class JobProgress:
@@ -99,6 +103,7 @@ async def follow(
     ``until_ready``: someone else completes or cancels it). Shows the progress if ``show``;
     returns the job's last entry."""
     completed = False
+    started = trio.current_time()
     with JobProgress(label) if show else contextlib.nullcontext() as display:
         while True:
             job = await entry()
@@ -111,7 +116,19 @@ async def follow(
                     return job
                 await complete()
                 completed = True
-            await trio.sleep(POLL)
+            await trio.sleep(next_look(job, trio.current_time() - started, completed))
+
+
+def next_look(job: JobInfo, elapsed: float, completed: bool) -> float:
+    """Seconds until the next look at ``job``, followed for ``elapsed`` seconds: SOON once
+    it was told to complete, POLL while it waits ready for someone else; else the time its
+    copy needs to end at the rate it has kept, within [SOON, POLL]."""
+    if completed:
+        return SOON
+    done, left = job["current-progress"], job["total-progress"] - job["current-progress"]
+    if job["ready"] or done <= 0:
+        return POLL
+    return min(POLL, max(SOON, left * elapsed / done))
 
 
 def job_failure(job: JobInfo) -> BlockError | None:

@@ -4,12 +4,13 @@ backing file (snapshots), and growing it."""
 from __future__ import annotations
 
 import errno
+from array import array
 from dataclasses import replace
 
 from blkfs.block import BlockError
 
 from .imagefile import write_header
-from .mapping import OFFSET_MASK, host_clusters, l2_entry, set_l2_entry
+from .mapping import OFFSET_MASK, host_clusters
 from .ondisk import MAX_BACKING_NAME, MAX_L1_BYTES
 from .writes import WritableImage
 
@@ -23,17 +24,17 @@ class ImageChanges(WritableImage):
         tables stay). The freeing follows the usual barrier: L2 tables first."""
         if self.node.read_only:  # before anything changes, even in memory
             raise BlockError(errno.EROFS, f"node '{self.node.name}' is read-only")
-        extended = self.geometry.extended_l2
+        step = 2 if self.geometry.extended_l2 else 1  # an entry, and its bitmap if extended
         async with self._settled(0, self.header.size):
             await self._changing()
             for l1_index, entry in enumerate(self.l1):
                 if not entry & OFFSET_MASK:
                     continue
                 table_offset, table = await self._l2_for_write(l1_index)
-                for index in range(self.geometry.l2_entries):
-                    old, _ = l2_entry(table, index, extended)
-                    set_l2_entry(table, index, extended, 0, 0)
-                    self.allocator.drop(host_clusters(self.geometry, old))
+                for old in table[::step]:
+                    if old:
+                        self.allocator.drop(host_clusters(self.geometry, old))
+                table[:] = array("Q", bytes(table.itemsize * len(table)))
                 self.l2_cache.mark_dirty(table_offset)
                 self._locations_changed()
             await self._write_back()

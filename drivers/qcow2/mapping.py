@@ -179,6 +179,15 @@ def data_run(table: Sequence[int], index: int, limit: int, host: int, cluster_si
     return count
 
 
+def unallocated_run(table: Sequence[int], index: int, limit: int) -> int:
+    """How many standard L2 entries from ``index`` up to ``limit`` are 0 (unallocated): a
+    large request over a hole maps it in one step instead of one :func:`decode` per cluster."""
+    count = 0
+    while index + count < limit and not table[index + count]:
+        count += 1
+    return count
+
+
 def host_runs(hosts: Iterable[int], cluster_size: int) -> list[tuple[int, int]]:
     """Host clusters as (offset, length) runs of clusters back to back on disk, in order:
     freeing a whole image gives its space back in a few discards instead of one per
@@ -269,7 +278,7 @@ def map_table(
     while offset < stop:
         span = min(unit - offset % unit, stop - offset)
         if table is None:
-            mapping = UNALLOCATED
+            mapping, span = UNALLOCATED, stop - offset
         else:
             index = geometry.l2_index(offset)
             entry, bitmap = l2_entry(table, index, extended)
@@ -286,6 +295,10 @@ def map_table(
                         cluster_size,
                     )
                     span = min(stop - offset, span + run * cluster_size)
+            elif not entry and not extended and offset + span < stop:
+                more = -(-(stop - offset - span) // cluster_size)
+                run = unallocated_run(table, index + 1, index + 1 + more)
+                span = min(stop - offset, span + run * cluster_size)
         if extents:
             last_off, last_len, last = extents[-1]
             kind = mapping.kind

@@ -129,13 +129,12 @@ class RefcountAllocator:
             self.next_free += count * self.cluster_size
         else:
             host, count = reused
-        for i in range(count):
-            value = await self.update_refcount(host + i * self.cluster_size, 1)
-            if reused is not None and value != 1:
-                raise corrupt(
-                    f"freed cluster at {host + i * self.cluster_size} has "
-                    f"refcount {value} when reused"
-                )
+        hosts = range(host, host + count * self.cluster_size, self.cluster_size)
+        values = await self.update_refcounts(hosts, 1)
+        if reused is not None:
+            for at, value in zip(hosts, values, strict=True):
+                if value != 1:
+                    raise corrupt(f"freed cluster at {at} has refcount {value} when reused")
         return host, count
 
     def reuse(self, hosts: Iterable[int]) -> None:
@@ -154,8 +153,7 @@ class RefcountAllocator:
     async def apply_dropped(self) -> None:
         """Lower the refcounts of the dropped references (once nothing durable holds them)."""
         dropped, self.dropped = self.dropped, []
-        for host in dropped:
-            await self.update_refcount(host, -1)
+        await self.update_refcounts(dropped, -1)
 
     async def refcount(self, host: int) -> int:
         """The refcount of the host cluster at ``host``."""
@@ -168,10 +166,43 @@ class RefcountAllocator:
         return get_refcount(await self.blocks.load(block_offset), index, self.header.refcount_order)
 
     async def update_refcount(self, host: int, delta: int) -> int:
-        """Add ``delta`` to the refcount of the host cluster at ``host``, making room in the
-        refcount structures first if they do not cover it yet; the new refcount."""
-        cluster = host // self.cluster_size
-        block_index, index = divmod(cluster, self.block_entries)
+        """Add ``delta`` to the refcount of the host cluster at ``host``; the new refcount."""
+        return (await self.update_refcounts((host,), delta))[0]
+
+    async def update_refcounts(self, hosts: Iterable[int], delta: int) -> list[int]:
+        """Add ``delta`` to the refcount of each host cluster at ``hosts``, in order, making
+        room in the refcount structures first where they do not cover one yet; the new
+        refcounts. Hosts one after another in one refcount block look it up once: nothing
+        awaits between them, so it cannot leave the cache meanwhile."""
+        values: list[int] = []
+        order = self.header.refcount_order
+        block_index = -1
+        block_offset, block = 0, bytearray()
+        for host in hosts:
+            cluster = host // self.cluster_size
+            in_block, index = divmod(cluster, self.block_entries)
+            if in_block != block_index:
+                block_index = in_block
+                block_offset, block = await self._refcount_block(block_index)
+            value = get_refcount(block, index, order) + delta
+            if value < 0:
+                raise corrupt(f"refcount of cluster {cluster} would drop below zero")
+            try:
+                set_refcount(block, index, order, value)
+            except OverflowError:
+                raise BlockError(
+                    errno.ENOSPC,
+                    f"qcow2: refcount of cluster {cluster} would "
+                    f"exceed {self.header.refcount_bits} bits",
+                ) from None
+            self.blocks.tables.mark_dirty(block_offset)
+            if value == 0:
+                self.freed.append(host)
+            values.append(value)
+        return values
+
+    async def _refcount_block(self, block_index: int) -> tuple[int, bytearray]:
+        """(offset, contents) of refcount block ``block_index``, made if there is none."""
         if block_index >= self.table.room:
             await self._grow_table(block_index + 1)
         entries = self.table.entries
@@ -181,23 +212,7 @@ class RefcountAllocator:
         if not block_offset:
             block_offset = await self._new_block(block_index)
         self.geometry.check_cluster(block_offset, "refcount block")
-        block = await self.blocks.load(block_offset)
-        order = self.header.refcount_order
-        value = get_refcount(block, index, order) + delta
-        if value < 0:
-            raise corrupt(f"refcount of cluster {cluster} would drop below zero")
-        try:
-            set_refcount(block, index, order, value)
-        except OverflowError:
-            raise BlockError(
-                errno.ENOSPC,
-                f"qcow2: refcount of cluster {cluster} would "
-                f"exceed {self.header.refcount_bits} bits",
-            ) from None
-        self.blocks.tables.mark_dirty(block_offset)
-        if value == 0:
-            self.freed.append(host)
-        return value
+        return block_offset, await self.blocks.load(block_offset)
 
     async def _new_block(self, block_index: int) -> int:
         """A new refcount block at the end of the image; it counts itself where it can

@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 
-from blkfs.block import WriteFlags
+from blkfs.block import Node, WriteFlags
 
 from .allocations import Allocations, ClusterAllocation, Settled
 from .mapped import MappedImage
@@ -30,6 +30,31 @@ from .mapping import (
     zeroed_entry,
 )
 from .metadata import MAINTAINED_AUTOCLEAR
+
+
+@dataclass(frozen=True)
+class HostRange:
+    """The data of a copy into the image (:meth:`WritableImage.copy_from`): ``nbytes`` bytes
+    of the host file node ``source`` at ``offset``, which the image file copies from."""
+
+    source: Node
+    offset: int
+    nbytes: int
+
+
+Data = memoryview | HostRange
+"""What a write puts into the image: bytes, or a range of a host file to copy."""
+
+
+class NotCopied(Exception):
+    """The image file could not copy from a copy's source after all."""
+
+
+def after(data: Data, skip: int) -> Data:
+    """``data`` without its first ``skip`` bytes."""
+    if isinstance(data, memoryview):
+        return data[skip:]
+    return HostRange(data.source, data.offset + skip, data.nbytes - skip)
 
 
 @dataclass
@@ -68,9 +93,7 @@ class WritableImage(MappedImage):
             else self._cached_in_place(offset, data.nbytes)
         )
         if runs is None:
-            position, end = offset, offset + data.nbytes
-            while position < end:
-                position += await self._write_step(position, data[position - offset :])
+            await self._write_steps(offset, data)
             return
         done = 0
         self.in_flight += 1
@@ -81,7 +104,35 @@ class WritableImage(MappedImage):
         finally:
             self.in_flight -= 1
 
-    async def _write_step(self, position: int, data: memoryview) -> int:
+    async def _write_steps(self, offset: int, data: Data) -> None:
+        position, end = offset, offset + data.nbytes
+        while position < end:
+            position += await self._write_step(position, after(data, position - offset))
+
+    async def copy_from(self, offset: int, source: Node, source_offset: int, length: int) -> bool:
+        """A copy from a host file the image file can copy from: written as a write is (in
+        place, or into new clusters linked after their data), the data copied by the image
+        file (``copy_file_range``), never through the process. Whole clusters only (a write
+        into part of a new cluster merges the old bytes around it); False if not, or if the
+        image file finds it cannot copy after all (what was copied by then is written as
+        a write leaves it, and new clusters not yet linked are freed)."""
+        cluster = self.cluster_size
+        if offset % cluster or length % cluster or not self.file.node.driver.copies_from(source):
+            return False
+        try:
+            await self._write_steps(offset, HostRange(source, source_offset, length))
+        except NotCopied:
+            return False
+        return True
+
+    async def _put(self, host: int, data: Data, length: int) -> None:
+        """The first ``length`` bytes of ``data`` into the image file at ``host``."""
+        if isinstance(data, memoryview):
+            await self.file.write(host, data[:length])
+        elif not await self.file.node.copy_from(host, data.source, data.offset, length):
+            raise NotCopied
+
+    async def _write_step(self, position: int, data: Data) -> int:
         """Write a prefix of ``data`` at ``position``, holding the lock only to map it: one
         run in place, or one allocation (:mod:`.allocations`). Returns its length, or 0
         after waiting for an allocation in flight over the same cluster (then map again)."""
@@ -97,7 +148,7 @@ class WritableImage(MappedImage):
             if isinstance(step, NewClusters):
                 return await self._write_new(step, data, self.lock)
             host, length = step
-            await self.file.write(host, data[:length])
+            await self._put(host, data, length)
             return length
         finally:
             self.in_flight -= 1
@@ -163,7 +214,7 @@ class WritableImage(MappedImage):
         return NewClusters(allocation, head, tail - head, around)
 
     async def _write_new(
-        self, new: NewClusters, data: memoryview, lock: AbstractAsyncContextManager[Any]
+        self, new: NewClusters, data: Data, lock: AbstractAsyncContextManager[Any]
     ) -> int:
         """Write the data of ``new`` and link its clusters under ``lock`` (the image's
         lock, or nothing if it is held). If the data or the link fails, or the write is
@@ -199,13 +250,14 @@ class WritableImage(MappedImage):
                 )
             )
 
-    async def _write_data(self, new: NewClusters, data: memoryview) -> None:
-        """The first cluster merged with its old bytes where the write covers it in part,
-        the rest straight from ``data``."""
+    async def _write_data(self, new: NewClusters, data: Data) -> None:
+        """The first cluster merged with its old bytes where the write covers it in part
+        (bytes only: a copy is of whole clusters), the rest straight from ``data``."""
         host, start = new.allocation.host, new.allocation.start
         within, tail = new.within, new.within + new.length
         whole_from = within
         if new.around:
+            assert isinstance(data, memoryview), "a copy is of whole clusters"
             whole_from = min(tail, self.cluster_size)
             view = memoryview(bytearray(self.cluster_size))
             for lo, hi, extents in new.around:
@@ -213,7 +265,7 @@ class WritableImage(MappedImage):
             view[within:whole_from] = data[: whole_from - within]
             await self.file.write(host, view)
         if whole_from < tail:
-            await self.file.write(host + whole_from, data[whole_from - within : new.length])
+            await self._put(host + whole_from, after(data, whole_from - within), tail - whole_from)
 
     def _cached_l2(self, l1_index: int) -> tuple[int, array[int]] | None:
         """The unshared L2 table of ``l1_index`` and its offset, if it is cached."""

@@ -12,7 +12,7 @@ import pytest
 from tests.compat.peers import qemu, qemu_io, to_raw
 from tests.conftest import needs_fuse, needs_qemu
 from tests.helpers import blkfs, node, wait_until
-from tests.jobs import MiB, ModelWriter, wait_job
+from tests.jobs import MiB, ModelWriter, qemu_check_clean, wait_job
 
 pytestmark = [needs_fuse, pytest.mark.fuse, needs_qemu]
 SIZE = 32 * MiB
@@ -89,12 +89,14 @@ def test_a_sparse_source_stays_sparse(mount_factory, images: Path) -> None:
     assert allocated(mirrored) <= held
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_a_copy_between_host_files_gives_the_bytes_the_plain_path_gives(
-    mount_factory, images: Path
+    mount_factory, images: Path, fmt: str
 ) -> None:
-    """The same chain backed up to raw twice: once straight (each data extent goes from
-    host file to host file, so the image nodes read nothing), once with every image file
-    behind blkdebug (a filter that must see each request: the plain path)."""
+    """The same chain backed up to a new image twice: once straight (each data extent goes
+    from host file to host file, into a qcow2 target's new clusters too, so the image nodes
+    read nothing), once with every image file behind blkdebug (a filter that must see each
+    request: the plain path)."""
     for d in ("direct", "plain"):
         (images / d).mkdir()
         base, top = images / d / "base.qcow2", images / d / "top.qcow2"
@@ -114,7 +116,7 @@ def test_a_copy_between_host_files_gives_the_bytes_the_plain_path_gives(
         f"backing.file.image.driver=file,backing.file.image.filename={plain / 'base.qcow2'}",
     )
     for name in ("direct", "plain"):
-        mount.ctl("backup", f"{name} {images / name}.raw format=raw")
+        mount.ctl("backup", f"{name} {images / name}.{fmt} format={fmt}")
     for name in ("direct", "plain"):
         assert wait_job(mount, name, "concluded")["error"] is None
 
@@ -125,5 +127,8 @@ def test_a_copy_between_host_files_gives_the_bytes_the_plain_path_gives(
     assert read_bytes("plain", "plain-top") > 0 and read_bytes("plain", "plain-base") > 0
     mount.stop()
     expected = to_raw(direct / "top.qcow2")
-    assert (images / "direct.raw").read_bytes() == expected
-    assert (images / "plain.raw").read_bytes() == expected
+    for name in ("direct", "plain"):
+        target = images / f"{name}.{fmt}"
+        if fmt == "qcow2":
+            qemu_check_clean(str(target))
+        assert to_raw(target) == expected

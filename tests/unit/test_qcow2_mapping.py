@@ -35,6 +35,7 @@ from blkfs_drivers.qcow2.mapping import (
     map_table,
     reusable_host,
     set_l2_entry,
+    unallocated_run,
     zero_entry,
     zeroed_entry,
 )
@@ -214,6 +215,21 @@ def test_a_data_run_counts_what_decode_calls_contiguous_data(
         expected += 1
         host += g.cluster_size
     assert data_run(table, 0, limit, start, g.cluster_size) == expected
+
+
+@FAST
+@given(st.lists(st.sampled_from([0, 0, 0, OFLAG_ZERO, 1 << 16]), max_size=40), st.integers(0, 45))
+def test_an_unallocated_run_counts_what_decode_calls_unallocated(
+    table: list[int], limit: int
+) -> None:
+    g = Geometry(16)
+    limit = min(limit, len(table))
+    expected = 0
+    for entry in table[:limit]:
+        if decode(entry, 0, g, 0).kind is not Kind.UNALLOCATED:
+            break
+        expected += 1
+    assert unallocated_run(table, 0, limit) == expected
 
 
 @FAST
