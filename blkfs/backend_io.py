@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -173,10 +173,12 @@ class BackendIO:
         await self.readinto(offset, memoryview(buf))
         return buf
 
-    async def readinto(self, offset: int, buf: memoryview) -> None:
+    def readinto(self, offset: int, buf: memoryview) -> Awaitable[None]:
         """Fill ``buf`` with the bytes at ``offset`` (every byte is written, so a reused
-        buffer needs no clearing); the whole range must lie within the medium."""
-        await self._requests.run(self.stats.read, buf.nbytes, self._readinto, offset, buf)
+        buffer needs no clearing); the whole range must lie within the medium. (This and
+        :meth:`write` hand back the request's coroutine rather than await it in one of
+        their own: a coroutine less per request.)"""
+        return self._requests.run(self.stats.read, buf.nbytes, self._readinto, offset, buf)
 
     async def _readinto(self, offset: int, buf: memoryview) -> None:
         node = self._medium()
@@ -190,13 +192,13 @@ class BackendIO:
                 if not await self._failed(node, "read", offset, exc):
                     return
 
-    async def write(
+    def write(
         self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False
-    ) -> None:
+    ) -> Awaitable[None]:
         """Write all of ``data`` at ``offset``; past the end is ENOSPC, as on a disk. With
         ``fua`` (NBD's force unit access), the write is durable when this returns."""
         flags = WriteFlags.FUA if fua else WriteFlags.NONE
-        await self._requests.run(self.stats.write, len(data), self._write, offset, data, flags)
+        return self._requests.run(self.stats.write, len(data), self._write, offset, data, flags)
 
     async def _write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
