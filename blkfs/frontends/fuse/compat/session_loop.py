@@ -122,14 +122,14 @@ class FuseWait:
             # other task can take the request this poll saw.
             if self._poll.poll(0):
                 self._streak += 1
-                return self._take(task)
+                return self._take(task, served)
             self._streak = 0
             if self._epoll_waiter:
                 await self._park(served)
                 continue
             began = time.perf_counter_ns()
             if self._busy_poll(began):
-                return self._take(task)
+                return self._take(task, served)
             self._epoll_waiter = True
             try:
                 await trio.lowlevel.wait_readable(self.fd)
@@ -144,10 +144,11 @@ class FuseWait:
                 self._wake_one()
         return False
 
-    def _take(self, task: trio.lowlevel.Task) -> bool:
-        """``task`` reads the request that is there."""
-        self._served.add(task)
-        if not self._epoll_waiter:
+    def _take(self, task: trio.lowlevel.Task, served: bool) -> bool:
+        """``task`` (which has ``served`` before) reads the request that is there."""
+        if not served:
+            self._served.add(task)
+        if self._parked and not self._epoll_waiter:
             self._wake_one()  # someone must watch for the next request
         return True
 
