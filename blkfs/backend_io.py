@@ -11,8 +11,9 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from blkfs.block.dirty import check_usable, find_below
@@ -175,28 +176,55 @@ class BackendIO:
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the bytes at ``offset`` (every byte is written, so a reused
-        buffer needs no clearing); the whole range must lie within the medium."""
-        await self._requests.run(self.stats.read, buf.nbytes, self._readinto, offset, buf)
+        buffer needs no clearing); the whole range must lie within the medium.
 
-    async def _readinto(self, offset: int, buf: memoryview) -> None:
+        The path's first step is the short path (:meth:`Node.read_now`), taken before the
+        request's coroutines are made (they were a seventh of a 4 KiB read's instructions):
+        nothing awaits in it, so no drain can begin while it runs and the request is counted
+        in the statistics only. What it does not serve (the backend drained or paused, no
+        medium, out of range, data not at hand, an error) goes the whole way, which tells
+        the refusal or applies the error policy."""
+        root = self._root
+        tried = False
+        if root is not None and not self._requests.tracker.quiesced:
+            node = root.node
+            length = buf.nbytes
+            if offset >= 0 and offset + length <= node.size:
+                start = perf_counter_ns()
+                tried = True
+                try:
+                    done = node.read_now(offset, buf)
+                except BlockError:  # the whole way meets it again
+                    done = False
+                if done:
+                    self.stats.read.add(length, perf_counter_ns() - start)
+                    return
+        await self._requests.run(self.stats.read, buf.nbytes, self._readinto, offset, buf, tried)
+
+    async def _readinto(self, offset: int, buf: memoryview, tried: bool) -> None:
+        """The rest of the way; ``tried``: the short path has just been tried (nothing
+        awaited since), so the first attempt skips it."""
         node = self._medium()
         self._check_range(node, offset, buf.nbytes, write=False)
         while True:
             try:
-                if not node.read_now(offset, buf):  # the short path, see Node.read_now
+                if tried or not node.read_now(offset, buf):
                     await node.readinto(offset, buf)
                 return
             except BlockError as exc:
                 if not await self._failed(node, "read", offset, exc):
                     return
+            tried = False
 
-    async def write(
+    def write(
         self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False
-    ) -> None:
+    ) -> Awaitable[None]:
         """Write all of ``data`` at ``offset``; past the end is ENOSPC, as on a disk. With
-        ``fua`` (NBD's force unit access), the write is durable when this returns."""
+        ``fua`` (NBD's force unit access), the write is durable when this returns. (It hands
+        back the request's coroutine rather than await it in one of its own: a coroutine
+        less per write.)"""
         flags = WriteFlags.FUA if fua else WriteFlags.NONE
-        await self._requests.run(self.stats.write, len(data), self._write, offset, data, flags)
+        return self._requests.run(self.stats.write, len(data), self._write, offset, data, flags)
 
     async def _write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags

@@ -348,13 +348,14 @@ class Node:
             located = node.driver.locate(offset, length)
             if located is None:
                 return node.request_alignment == 1 and node.driver.read_now(offset, buf)
-            for passed in located.passed:
-                if passed.tracker.quiesced:
+            child, offset, passed = located  # one unpacking costs less than three lookups
+            for skipped in passed:
+                if skipped.tracker.quiesced:
                     return False
-            if located.child is None:
+            if child is None:
                 buf[:] = bytes(length)
                 return True
-            node, offset = located.child.node, located.offset
+            node = child.node
         return False
 
     async def _read_unaligned(self, offset: int, buf: memoryview) -> None:

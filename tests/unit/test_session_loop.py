@@ -113,6 +113,71 @@ async def test_a_cancelled_parked_worker_is_never_woken(pipe: tuple[int, int]) -
     assert sorted(results) == ["spare ended", "watcher", "watcher ended"]
 
 
+class StepCounter(trio.abc.Instrument):
+    """Counts the steps trio runs of each task."""
+
+    def __init__(self) -> None:
+        self.steps: dict[trio.lowlevel.Task, int] = {}
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task] = self.steps.get(task, 0) + 1
+
+
+async def test_a_request_served_at_once_wakes_no_other_worker(pipe: tuple[int, int]) -> None:
+    """The taker comes back and watches itself: waking another worker, which would only
+    park again, cost a third of a request's instructions."""
+    wait = FuseWait(pipe[0])
+    results: list[trio.lowlevel.Task] = []
+
+    async def take() -> None:
+        while await wait():
+            os.read(pipe[0], 1)
+            results.append(trio.lowlevel.current_task())
+
+    counter = StepCounter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(take)
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.add_instrument(counter)
+        for _ in range(5):
+            os.write(pipe[1], b"x")
+            await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.remove_instrument(counter)
+        assert len(results) == 5 and len(set(results)) == 1
+        taker = results[0]
+        assert {task for task in counter.steps if task.name.endswith("take")} == {taker}
+        wait.close()
+        trio.lowlevel.notify_closing(pipe[0])
+
+
+async def test_a_request_that_suspends_has_another_worker_watch(pipe: tuple[int, int]) -> None:
+    """Requests whose handlers wait (a read from the disk) are served side by side."""
+    wait = FuseWait(pipe[0])
+    release = trio.Event()
+    inside: list[trio.lowlevel.Task] = []
+
+    async def take() -> None:
+        while await wait():
+            os.read(pipe[0], 1)
+            inside.append(trio.lowlevel.current_task())
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(take)
+        await trio.testing.wait_all_tasks_blocked()
+        for taken in range(1, 4):
+            os.write(pipe[1], b"x")
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(inside) == taken  # one more request taken while the others wait
+        assert len(set(inside)) == 3
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        wait.close()
+        trio.lowlevel.notify_closing(pipe[0])
+
+
 async def _record(wait: FuseWait, results: list[bool]) -> None:
     results.append(await wait())
 

@@ -53,25 +53,16 @@ DATA_PATH = ("read", "write", "fallocate")
 
 
 def fuse_handler(method: Handler) -> Handler:
-    """Wrap a FUSE handler: BlockError becomes FUSEError with its errno (one log line: a
-    user's mistake is no traceback); any other exception is a bug, logged with its traceback
-    and answered with EIO, because an exception escaping a handler would end pyfuse3's loop."""
+    """Wrap a FUSE handler so that what it raises reaches pyfuse3 as a FUSEError
+    (:meth:`BlkfsOperations.fuse_error`). read and write catch for themselves instead: a
+    wrapping coroutine would cost every request of the data path a frame and a call."""
 
     @functools.wraps(method)
-    async def wrapper(*args: Any) -> Any:
+    async def wrapper(ops: BlkfsOperations, *args: Any) -> Any:
         try:
-            return await method(*args)
-        except pyfuse3.FUSEError:
-            raise
-        except BlockError as exc:
-            if exc.errno in REFUSALS and method.__name__ in DATA_PATH:
-                args[0].refused(method.__name__, args[1], exc)
-            else:
-                log.info("%s: %s", method.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except Exception:
-            log.exception("%s: internal error", method.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            return await method(ops, *args)
+        except Exception as exc:
+            raise ops.fuse_error(method.__name__, args[0], exc) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -89,14 +80,16 @@ class BackendHandle:
     def current(self) -> BlockBackend:
         """The backend, unless its medium changed since the open and it asks its users to
         open it again (ESTALE), as a reader that must never mix two media does."""
-        if self.backend.stale(self.generation):
+        backend = self.backend
+        # the generation first: while it holds (nearly always), no call
+        if backend.generation != self.generation and backend.stale(self.generation):
             raise BlockError(
                 errno.ESTALE,
-                f"{self.backend.name}: the medium changed since "
+                f"{backend.name}: the medium changed since "
                 "this file was opened (on-change=error); open it "
                 "again",
             )
-        return self.backend
+        return backend
 
 
 @dataclass
@@ -146,7 +139,7 @@ class BlkfsOperations(pyfuse3.Operations):
         self.poll_max_ns = poll_max_ns
         self.inodes = Inodes()
         self.handles: dict[int, BackendHandle | ControlHandle] = {}
-        self.reply_buffers: dict[trio.lowlevel.Task, bytearray] = {}
+        self.reply_buffers: dict[trio.lowlevel.Task, memoryview] = {}
         self._fh = itertools.count(1)
         self._started_ns = time.time_ns()
         self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](1000)
@@ -155,6 +148,23 @@ class BlkfsOperations(pyfuse3.Operations):
         self.passthrough = Passthrough()
         self.backings: dict[BlockBackend, tuple[int, int]] = {}
         """Kernel backing id of each backend with passthrough opens, and how many."""
+
+    def fuse_error(self, handler: str, fh: int, exc: Exception) -> pyfuse3.FUSEError:
+        """What a handler raised (``fh``: its first argument, for the data path a file
+        handle), as pyfuse3 answers it: a BlockError is its errno, with one log line, or for
+        a rule refusing a backend file's I/O a line in ``.ctl/error`` (a user's mistake is
+        no traceback); any other exception is a bug, logged with its traceback and answered
+        with EIO, because an exception escaping a handler would end pyfuse3's loop."""
+        if isinstance(exc, pyfuse3.FUSEError):
+            return exc
+        if isinstance(exc, BlockError):
+            if exc.errno in REFUSALS and handler in DATA_PATH:
+                self.refused(handler, fh, exc)
+            else:
+                log.info("%s: %s", handler, exc)
+            return pyfuse3.FUSEError(exc.errno)
+        log.error("%s: internal error", handler, exc_info=exc)
+        return pyfuse3.FUSEError(errno.EIO)
 
     def spawn(self, request: Callable[[], Awaitable[None]]) -> None:
         """Run a fallocate or lseek request (see :mod:`blkfs.frontends.fuse.compat.extra_ops`)."""
@@ -417,22 +427,27 @@ class BlkfsOperations(pyfuse3.Operations):
             handle.text = (await self.control.read(name)).encode()
         return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, nonseekable=False)
 
-    @fuse_handler
     async def read(  # type: ignore[override]  # pyfuse3 replies with any buffer
         self, fh: int, off: int, size: int
     ) -> bytes | memoryview:
-        handle = self.handles[fh]
-        if isinstance(handle, ControlHandle):
-            return handle.text[off : off + size]
-        backend = handle.current()
-        end = min(off + size, backend.length())
-        if off >= end:
-            if not backend.has_medium:
-                raise BlockError(errno.ENOMEDIUM, f"{backend.name}: no medium")
-            return b""
-        buf = self._reply_buffer(end - off)
-        await backend.readinto(off, buf)
-        return buf
+        try:
+            handle = self.handles[fh]
+            if isinstance(handle, ControlHandle):
+                return handle.text[off : off + size]
+            backend = handle.current()
+            end = off + size
+            length = backend.length()
+            if end > length:  # not min(): a slow call
+                end = length
+            if off >= end:
+                if not backend.has_medium:
+                    raise BlockError(errno.ENOMEDIUM, f"{backend.name}: no medium")
+                return b""
+            buf = self._reply_buffer(end - off)
+            await backend.readinto(off, buf)
+            return buf
+        except Exception as exc:
+            raise self.fuse_error("read", fh, exc) from None
 
     def _reply_buffer(self, size: int) -> memoryview:
         """A buffer for a read reply, one per pyfuse3 worker task and reused by it: pyfuse3
@@ -440,24 +455,26 @@ class BlkfsOperations(pyfuse3.Operations):
         again by then, and a new buffer's zero-fill (7% of a 1 MiB read) is saved."""
         task = trio.lowlevel.current_task()
         buf = self.reply_buffers.get(task)
-        if buf is None or len(buf) < size:
-            buf = self.reply_buffers[task] = bytearray(size)
-        return memoryview(buf)[:size]
+        if buf is None or buf.nbytes < size:
+            buf = self.reply_buffers[task] = memoryview(bytearray(size))
+        return buf if buf.nbytes == size else buf[:size]
 
-    @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self.handles[fh]
-        if isinstance(handle, ControlHandle):
-            await self.control.write(handle.name, buf)
-            return len(buf)
-        backend = handle.current()
-        length = backend.length()
-        data = memoryview(buf)
-        if off < length < off + len(buf):  # a disk takes what fits, then says ENOSPC
-            data = data[: length - off]
-        await backend.write(off, data)
-        handle.dirty = True
-        return data.nbytes
+        try:
+            handle = self.handles[fh]
+            if isinstance(handle, ControlHandle):
+                await self.control.write(handle.name, buf)
+                return len(buf)
+            backend = handle.current()
+            length = backend.length()
+            data = memoryview(buf)
+            if off < length < off + len(buf):  # a disk takes what fits, then says ENOSPC
+                data = data[: length - off]
+            await backend.write(off, data)
+            handle.dirty = True
+            return data.nbytes
+        except Exception as exc:
+            raise self.fuse_error("write", fh, exc) from None
 
     def refused(self, what: str, fh: int, exc: BlockError) -> None:
         """Keep the reason a backend file's I/O was refused for ``.ctl/error`` and the log

@@ -25,6 +25,7 @@ reader on the other CPU, 57k on the same one; polling: 23.5k).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -71,17 +72,20 @@ class AdaptivePoll:
             self.ns = min(self.max_ns, self.ns * 2 if self.ns else self.START_NS)
 
 
-class FuseWait:
+class FuseWait(trio.abc.Instrument):
     """pyfuse3's ``_wait_fuse_readable``, faster: True once a request can be read without
     blocking, False when the session ends.
 
-    One task at a time waits in epoll (trio allows one reader per fd); the others park, and
-    the waiter wakes one when it leaves. No worker ends while the session lives: pyfuse3
-    starts a new worker after every request it reads while none is inside its own wait
-    (with this wait, always), up to its ``max_tasks``, so a worker that ended would be
-    replaced by a new task for the next request. Workers that have served park above those
-    that have not and are woken first, so a few take turns and few 1 MiB request buffers
-    are ever touched.
+    One task at a time waits in epoll (trio allows one reader per fd); the others park. A
+    worker that takes a request wakes another to watch for the next one only if its
+    request suspends (trio's ``after_task_step`` for a worker that has not come back here):
+    one served at once (the short path) comes back and watches itself, and a worker woken
+    for nothing, which only parks again, cost a third of a request's instructions. No
+    worker ends while the session lives: pyfuse3 starts a new worker after every request it
+    reads while none is inside its own wait (with this wait, always), up to its
+    ``max_tasks``, so a worker that ended would be replaced by a new task for the next
+    request. Workers that have served park above those that have not and are woken first,
+    so a few take turns and few 1 MiB request buffers are ever touched.
     """
 
     def __init__(self, fd: int, poll_max_ns: int = POLL_MAX_NS) -> None:
@@ -97,15 +101,30 @@ class FuseWait:
         self._served: set[trio.lowlevel.Task] = set()
         self._closed = False
         self._streak = 0
+        self._taker: trio.lowlevel.Task | None = None
+        """The worker that took the last request and has not come back for another."""
+        trio.lowlevel.add_instrument(self)
 
     def close(self) -> None:
         """The session ends: every wait, now and later, returns False."""
         self._closed = True
         while self._parked:
             self._wake_one()
+        with contextlib.suppress(KeyError, RuntimeError):  # closed twice, or outside trio
+            trio.lowlevel.remove_instrument(self)
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        """A worker's request suspended before it came back: someone must watch for the
+        next one."""
+        if task is self._taker:
+            self._taker = None
+            if not self._epoll_waiter:
+                self._wake_one()
 
     async def __call__(self) -> bool:
         task = trio.lowlevel.current_task()
+        if self._taker is task:
+            self._taker = None
         if self._streak >= FAIR_SPAN:
             self._streak = 0
             self._yielding += 1  # this one comes back: parked workers need not step in
@@ -122,14 +141,14 @@ class FuseWait:
             # other task can take the request this poll saw.
             if self._poll.poll(0):
                 self._streak += 1
-                return self._take(task)
+                return self._take(task, served)
             self._streak = 0
             if self._epoll_waiter:
                 await self._park(served)
                 continue
             began = time.perf_counter_ns()
             if self._busy_poll(began):
-                return self._take(task)
+                return self._take(task, served)
             self._epoll_waiter = True
             try:
                 await trio.lowlevel.wait_readable(self.fd)
@@ -137,18 +156,14 @@ class FuseWait:
             except trio.ClosedResourceError:  # pyfuse3.terminate() closing the fd
                 self.close()
             finally:
-                # Wake one even when this task goes on to take the request itself: with
-                # several requests queued, two workers start at once (without it, 4 jobs of
-                # random reads lost a quarter of their rate).
                 self._epoll_waiter = False
-                self._wake_one()
         return False
 
-    def _take(self, task: trio.lowlevel.Task) -> bool:
-        """``task`` reads the request that is there."""
-        self._served.add(task)
-        if not self._epoll_waiter:
-            self._wake_one()  # someone must watch for the next request
+    def _take(self, task: trio.lowlevel.Task, served: bool) -> bool:
+        """``task`` (which has ``served`` before) reads the request that is there."""
+        if not served:
+            self._served.add(task)
+        self._taker = task
         return True
 
     def _busy_poll(self, began: int) -> bool:
