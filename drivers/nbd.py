@@ -65,6 +65,9 @@ RETRY_FIRST, RETRY_MAX = 0.1, 2.0
 """Seconds between connection attempts: doubling from the first up to the most."""
 KEEPALIVE = (30, 10, 3)
 """TCP keepalive: probes after 30 s idle, every 10 s, 3 unanswered ones end the connection."""
+CANCELLED_WAIT = 30.0
+"""Longest a cancelled caller waits for the reply to its request without a request-timeout
+(:meth:`Connection._settle`)."""
 MAX_EFFECT = 1 << 30
 """Longest trim, write-zeroes or block status request: the length field has 32 bits."""
 
@@ -166,15 +169,13 @@ class Connection:
                 except BaseException as exc:  # half a message leaves the stream unusable
                     self.close(f"sending failed: {exc!r}")
                     raise
-            # Sent, it cannot be taken back: a write left to land later could overwrite what
-            # the caller did next (a qcow2 reuses the clusters of a cancelled allocating
-            # write). So its reply is awaited even by a cancelled caller, as a host file's
-            # call is (blkfs.block.workers); the request timeout and a lost connection end it.
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(self.request_timeout or math.inf) as timer,
-            ):
-                await waiter.event.wait()
+            with trio.move_on_after(self.request_timeout or math.inf) as timer:
+                try:
+                    await waiter.event.wait()
+                except trio.Cancelled:
+                    if not timer.cancel_called:  # the caller's cancel, not request-timeout
+                        await self._settle(waiter, f"{kind.name} {offset}+{length}")
+                    raise
             if timer.cancelled_caught:  # a server that accepts and never answers: hung
                 self.close(
                     f"no reply to {kind.name} {offset}+{length} within "
@@ -191,6 +192,19 @@ class Connection:
             await self.disconnect("the server is shutting down")
             raise Lost(self.lost)
         return waiter.reply
+
+    async def _settle(self, waiter: _Waiter, what: str) -> None:
+        """A request sent cannot be taken back: a write left to land later could overwrite
+        what a cancelled caller's caller did next (a qcow2 reuses the clusters of a
+        cancelled allocating write). So a cancelled caller waits for the reply, as a host
+        file's call is waited for (blkfs.block.workers), but for ``request-timeout`` or
+        :data:`CANCELLED_WAIT` at most: past that the connection is given up, so that a
+        server that stopped answering cannot hold a shutdown for ever."""
+        limit = self.request_timeout or CANCELLED_WAIT
+        with trio.CancelScope(shield=True), trio.move_on_after(limit):
+            await waiter.event.wait()
+        if not waiter.event.is_set():
+            self.close(f"no reply to the cancelled {what} within {limit:g}s")
 
     async def receive_replies(self) -> None:
         """Hand every reply to its waiter until the connection goes; returns then."""

@@ -217,6 +217,38 @@ async def test_a_cancelled_write_returns_only_once_the_server_has_answered(
     assert " ...Write id=" in seen
 
 
+async def test_a_cancelled_caller_waits_no_longer_than_the_request_timeout(
+    tmp_path: Path,
+) -> None:
+    """A server that holds a cancelled write past request-timeout (30 s without one) does
+    not hold its caller, nor a shutdown, for ever: the connection is given up instead, as
+    for a request that timed out (nbdkit then ends the held write without writing)."""
+    log = tmp_path / "requests.log"
+    with nbdkit(
+        tmp_path / "s",
+        "--filter=log",
+        "--filter=delay",
+        "memory",
+        "1M",
+        "delay-write=60",
+        f"logfile={log}",
+    ) as server:
+        layer = BlockLayer()
+        try:
+            backend = await layer.create("d", f"{server.uri},request-timeout=1")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(backend.write, 0, b"\x11" * 4096)
+                while " Write id=" not in log.read_text():
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+            seen = log.read_text()
+            info = (await backend.status())["tree"]["info"]
+        finally:
+            await layer.close()
+    assert not info["connected"]
+    assert " ...Write id=1 return=0" not in seen  # given up before the server wrote it
+
+
 async def test_a_server_with_a_minimum_block_size(tmp_path: Path) -> None:
     """nbdkit refusing requests not aligned to 512 bytes, taking at most 64 KiB at once: the
     layer read-modify-writes, the driver splits and aligns what it sends."""
