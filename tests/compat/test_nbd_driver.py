@@ -7,6 +7,8 @@ import errno
 import os
 import random
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -185,13 +187,13 @@ async def test_server_errors_reach_the_caller_and_the_connection_stays(tmp_path:
             await layer.close()
 
 
-async def test_a_cancelled_write_returns_only_once_the_server_has_answered(
-    tmp_path: Path,
-) -> None:
-    """A request sent cannot be taken back: a write abandoned in flight could land after
-    what it wrote was reused (a qcow2 frees the clusters of a cancelled allocating write). So
-    cancelling a write the server holds (the delay filter, under the log filter) returns only
-    after the server's reply, as cancelling a host file's write waits for the call."""
+@asynccontextmanager
+async def a_cancelled_held_write(
+    tmp_path: Path, hold: int, options: str = ""
+) -> AsyncIterator[tuple[BlockBackend, str]]:
+    """A backend over nbdkit, whose delay filter holds every write ``hold`` seconds under its
+    log filter, once a write of 0x11 at 0 was cancelled while the server held it; and what
+    the log said when the cancel returned."""
     log = tmp_path / "requests.log"
     with nbdkit(
         tmp_path / "s",
@@ -199,21 +201,31 @@ async def test_a_cancelled_write_returns_only_once_the_server_has_answered(
         "--filter=delay",
         "memory",
         "1M",
-        "delay-write=2",
+        f"delay-write={hold}",
         f"logfile={log}",
     ) as server:
         layer = BlockLayer()
         try:
-            backend = await layer.create("d", server.uri)
+            backend = await layer.create("d", server.uri + options)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(backend.write, 0, b"\x11" * 4096)
                 while " Write id=" not in log.read_text():  # sent, and held by the server
                     await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()
-            seen = log.read_text()
-            assert set(await backend.read(0, 4096)) == {0x11}
+            yield backend, log.read_text()
         finally:
             await layer.close()
+
+
+async def test_a_cancelled_write_returns_only_once_the_server_has_answered(
+    tmp_path: Path,
+) -> None:
+    """A request sent cannot be taken back: a write abandoned in flight could land after
+    what it wrote was reused (a qcow2 frees the clusters of a cancelled allocating write). So
+    cancelling a write the server holds returns only after the server's reply, as
+    cancelling a host file's write waits for the call."""
+    async with a_cancelled_held_write(tmp_path, 2) as (backend, seen):
+        assert set(await backend.read(0, 4096)) == {0x11}
     assert " ...Write id=" in seen
 
 
@@ -223,28 +235,8 @@ async def test_a_cancelled_caller_waits_no_longer_than_the_request_timeout(
     """A server that holds a cancelled write past request-timeout (30 s without one) does
     not hold its caller, nor a shutdown, for ever: the connection is given up instead, as
     for a request that timed out (nbdkit then ends the held write without writing)."""
-    log = tmp_path / "requests.log"
-    with nbdkit(
-        tmp_path / "s",
-        "--filter=log",
-        "--filter=delay",
-        "memory",
-        "1M",
-        "delay-write=60",
-        f"logfile={log}",
-    ) as server:
-        layer = BlockLayer()
-        try:
-            backend = await layer.create("d", f"{server.uri},request-timeout=1")
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(backend.write, 0, b"\x11" * 4096)
-                while " Write id=" not in log.read_text():
-                    await trio.sleep(0.01)
-                nursery.cancel_scope.cancel()
-            seen = log.read_text()
-            info = (await backend.status())["tree"]["info"]
-        finally:
-            await layer.close()
+    async with a_cancelled_held_write(tmp_path, 60, ",request-timeout=1") as (backend, seen):
+        info = (await backend.status())["tree"]["info"]
     assert not info["connected"]
     assert " ...Write id=1 return=0" not in seen  # given up before the server wrote it
 
